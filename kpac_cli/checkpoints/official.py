@@ -1,0 +1,142 @@
+"""Import the authors' released TensorLayer checkpoints (``single_2level.npz`` etc.).
+
+Their format: a zip with one member ``params.npy`` holding a 1-D NumPy *object* array of
+float32 arrays in the order the TensorFlow variables were created; assignment is purely
+positional. An object array can only be stored as a pickle, so reading it means
+unpickling - which can run arbitrary code. :func:`read_official_npz` therefore uses a
+restricted unpickler that admits only the three NumPy globals needed to rebuild plain
+arrays and refuses everything else with :class:`UnsafeCheckpointError`.
+
+Layouts: convolution weights are HWIO, transposed-convolution weights (kh, kw, out, in);
+both map onto PyTorch with ``transpose(3, 2, 0, 1)`` and no kernel flip.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model import KPACConfig, KPACNet, build_model
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file asks the unpickler for something other than plain NumPy arrays."""
+
+
+class CheckpointMismatchError(ValueError):
+    """The arrays do not fit any known architecture (or the declared one)."""
+
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),  # spelling used by files re-saved with NumPy 2
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise UnsafeCheckpointError(
+                f"refusing to load {module}.{name}: an official KPAC checkpoint holds only NumPy arrays"
+            )
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):  # pragma: no cover - never in a valid file
+        raise UnsafeCheckpointError("refusing persistent ids in an official KPAC checkpoint")
+
+
+def _parse_npy_header(f: io.BufferedIOBase) -> dict:
+    magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        raise CheckpointMismatchError("params.npy is not a .npy file")
+    major, _minor = f.read(2)
+    hlen = int.from_bytes(f.read(2 if major == 1 else 4), "little")
+    header = ast.literal_eval(f.read(hlen).decode("latin1"))
+    if not isinstance(header, dict) or {"descr", "fortran_order", "shape"} - set(header):
+        raise CheckpointMismatchError("params.npy has a malformed header")
+    return header
+
+
+def read_official_npz(path: str | Path) -> list[np.ndarray]:
+    """Read the positional list of float32 arrays from an authors' ``.npz`` checkpoint.
+
+    Never executes pickle code beyond rebuilding NumPy arrays. Raises
+    :class:`UnsafeCheckpointError` for a crafted pickle and :class:`CheckpointMismatchError`
+    for anything that is not such a checkpoint.
+    """
+    path = Path(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointMismatchError(f"{path}: not an official KPAC .npz checkpoint ({e})") from None
+    with zf:
+        if "params.npy" not in zf.namelist():
+            raise CheckpointMismatchError(f"{path}: no 'params.npy' member (found {zf.namelist()[:5]})")
+        with zf.open("params.npy") as f:
+            header = _parse_npy_header(f)
+            if header["descr"] == "|O":
+                try:
+                    obj = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+                except UnsafeCheckpointError:
+                    raise
+                except Exception as e:  # truncated or corrupt pickle stream
+                    raise CheckpointMismatchError(f"{path}: corrupt params.npy ({type(e).__name__}: {e})") from None
+            else:
+                raise CheckpointMismatchError(f"{path}: params.npy is not an object array (descr {header['descr']!r})")
+    items = list(obj) if isinstance(obj, np.ndarray) else obj
+    if not isinstance(items, list) or not all(isinstance(a, np.ndarray) for a in items):
+        raise CheckpointMismatchError(f"{path}: params.npy does not hold a list of arrays")
+    return [np.ascontiguousarray(a, dtype=np.float32) for a in items]
+
+
+def _tf_shape(param_name: str, p: torch.Tensor) -> tuple[int, ...]:
+    """The shape the authors' checkpoint stores for one of our parameters."""
+    if p.ndim == 4:
+        return tuple(p.permute(2, 3, 1, 0).shape)  # OIHW -> HWIO; (in,out,kh,kw) -> (kh,kw,out,in)
+    return tuple(p.shape)
+
+
+def detect_config(arrays: list[np.ndarray]) -> KPACConfig:
+    """Find the paper configuration whose parameter list matches these arrays' shapes."""
+    shapes = [tuple(a.shape) for a in arrays]
+    for levels in (2, 3):
+        for in_views in (1, 2):
+            cfg = KPACConfig(levels=levels, in_views=in_views)
+            model = build_model(cfg)
+            expected = [_tf_shape(n, p) for n, p in model.named_parameters()]
+            if expected == shapes:
+                return cfg
+    raise CheckpointMismatchError(
+        f"the {len(arrays)} arrays (first shape {shapes[0] if shapes else None}) match none of the "
+        "authors' released variants (2-level, 3-level, dual)"
+    )
+
+
+def model_from_official_arrays(arrays: list[np.ndarray], config: KPACConfig | None = None) -> KPACNet:
+    """Build a model and assign the arrays positionally, as the authors' loader does."""
+    config = config or detect_config(arrays)
+    model = build_model(config)
+    params = list(model.named_parameters())
+    if len(params) != len(arrays):
+        raise CheckpointMismatchError(f"expected {len(params)} arrays for {config}, got {len(arrays)}")
+    with torch.no_grad():
+        for (name, p), a in zip(params, arrays):
+            t = torch.from_numpy(a)
+            if p.ndim == 4:
+                t = t.permute(3, 2, 0, 1)
+            if tuple(t.shape) != tuple(p.shape):
+                raise CheckpointMismatchError(f"{name}: checkpoint shape {a.shape} does not fit {tuple(p.shape)}")
+            p.copy_(t)
+    return model.eval()
+
+
+def load_official_npz(path: str | Path) -> KPACNet:
+    return model_from_official_arrays(read_official_npz(path))

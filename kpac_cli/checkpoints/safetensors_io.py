@@ -1,0 +1,141 @@
+"""kpac's one checkpoint format: safetensors weights + config + provenance in the metadata.
+
+Loading never unpickles anything. The metadata (all strings, as safetensors requires):
+
+* ``format``: ``"kpac"``, and ``format_version``
+* ``config``: the :class:`~kpac_cli.model.KPACConfig` as JSON - the model is built from it
+* ``provenance``: JSON, free-form but conventionally ``name``, ``description``,
+  ``trained_on``, ``iterations``, ``scores``, ``kpac_version``, ``source``
+
+A ``.pt``/``.pth`` file from elsewhere is accepted only through ``torch.load(weights_only=True)``
+and must hold a state dict plus a ``config`` entry; nothing else is trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from .. import __version__
+from ..model import KPACConfig, KPACNet, build_model
+from .official import CheckpointMismatchError
+
+FORMAT = "kpac"
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class Checkpoint:
+    """A model's config, weights and provenance, as stored in one file."""
+
+    config: KPACConfig
+    state_dict: dict[str, torch.Tensor]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, dtype: torch.dtype = torch.float32) -> KPACNet:
+        model = build_model(self.config)
+        load_state_dict_checked(model, self.state_dict)
+        return model.to(dtype).eval()
+
+
+def load_state_dict_checked(model: KPACNet, state: dict[str, torch.Tensor]) -> None:
+    """Load weights, turning any mismatch into one clear error instead of a PyTorch traceback."""
+    own = dict(model.state_dict())
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+        if wrong:
+            parts.append(f"{len(wrong)} wrong shapes (e.g. {wrong[0]})")
+        raise CheckpointMismatchError(f"weights do not fit the declared architecture {model.config.to_json()}: " + "; ".join(parts))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: KPACNet,
+    provenance: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write ``model`` atomically (temp file + rename) as a kpac safetensors checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prov = {"kpac_version": __version__, **(provenance or {})}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_json(),
+        "provenance": json.dumps(prov, sort_keys=True),
+    }
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metadata(path: str | Path) -> tuple[KPACConfig, dict[str, Any]]:
+    """Config and provenance of a checkpoint, without reading its tensors."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointMismatchError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise CheckpointMismatchError(
+            f"{path}: safetensors file without kpac metadata (no architecture config); "
+            "convert the authors' .npz with `kpac convert` or save with kpac_cli.checkpoints.save_checkpoint"
+        )
+    try:
+        config = KPACConfig.from_json(meta["config"])
+        provenance = json.loads(meta.get("provenance", "{}"))
+    except (ValueError, TypeError) as e:
+        raise CheckpointMismatchError(f"{path}: invalid kpac metadata ({e})") from None
+    return config, provenance
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a kpac checkpoint: ``.safetensors`` (preferred), or ``.pt``/``.pth`` (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    if path.suffix in (".pt", ".pth"):
+        return _load_torch_weights_only(path)
+    config, provenance = read_metadata(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointMismatchError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+    return Checkpoint(config, state, provenance)
+
+
+def _load_torch_weights_only(path: Path) -> Checkpoint:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses arbitrary classes with an UnpicklingError
+        raise CheckpointMismatchError(f"{path}: refused or unreadable torch file ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or "config" not in obj or "model" not in obj:
+        raise CheckpointMismatchError(f"{path}: a .pt checkpoint must hold {{'config': dict, 'model': state_dict}}")
+    cfg = obj["config"]
+    config = KPACConfig.from_json(cfg) if isinstance(cfg, str) else KPACConfig.from_dict(dict(cfg))
+    return Checkpoint(config, dict(obj["model"]), dict(obj.get("provenance", {})))

@@ -1,0 +1,6 @@
+"""KPAC network definition and its architecture config."""
+
+from .config import PAPER_CONFIGS, KPACConfig
+from .network import Bottleneck, KPACBlock, KPACNet, build_model, count_parameters
+
+__all__ = ["PAPER_CONFIGS", "Bottleneck", "KPACBlock", "KPACConfig", "KPACNet", "build_model", "count_parameters"]
