@@ -1,0 +1,102 @@
+"""The shipped models: every ``*.safetensors`` in the weights folder is a model named by its stem.
+
+Nothing is downloaded, so there are no dead links: the weights ship with the package. Each
+file's integrity is checked against ``SHA256SUMS`` beside it (a truncated file or a Git LFS
+pointer is reported as such, not as a cryptic load error). A model's architecture and
+provenance come from its own metadata, never from its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..model import KPACConfig
+from .official import CheckpointMismatchError
+from .safetensors_io import read_metadata
+
+DEFAULT_MODEL = "kpac-3level"
+DEFAULT_DUAL_MODEL = "kpac-dual"
+
+
+def weights_dirs() -> list[Path]:
+    """Where shipped weights are looked for: $KPAC_WEIGHTS_DIR, the installed package, the checkout."""
+    here = Path(__file__).resolve().parents[1]
+    dirs = [Path(os.environ["KPAC_WEIGHTS_DIR"])] if os.environ.get("KPAC_WEIGHTS_DIR") else []
+    dirs += [here / "weights", here.parent / "weights"]
+    return [d for d in dirs if d.is_dir()]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: Path
+    config: KPACConfig
+    provenance: dict[str, Any]
+
+    @property
+    def default(self) -> bool:
+        return self.name in (DEFAULT_MODEL, DEFAULT_DUAL_MODEL)
+
+
+def _expected_digests(folder: Path) -> dict[str, str]:
+    sums = folder / "SHA256SUMS"
+    if not sums.is_file():
+        return {}
+    out = {}
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            out[parts[1].lstrip("*")] = parts[0]
+    return out
+
+
+def verify_file(path: Path) -> None:
+    """Check a shipped file against SHA256SUMS (when listed there)."""
+    expected = _expected_digests(path.parent).get(path.name)
+    if expected is None:
+        return
+    head = path.read_bytes()[:200]
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointMismatchError(f"{path} is a Git LFS pointer, not the weights: run `git lfs pull`")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected:
+        raise CheckpointMismatchError(f"{path} is damaged: SHA-256 {digest[:12]}... does not match SHA256SUMS ({expected[:12]}...)")
+
+
+def list_models() -> list[ModelInfo]:
+    seen: dict[str, ModelInfo] = {}
+    for folder in weights_dirs():
+        for path in sorted(folder.glob("*.safetensors")):
+            if path.stem in seen:
+                continue
+            try:
+                config, provenance = read_metadata(path)
+            except CheckpointMismatchError:
+                continue
+            seen[path.stem] = ModelInfo(path.stem, path, config, provenance)
+    return list(seen.values())
+
+
+def resolve_model(spec: str | Path, dual: bool = False) -> tuple[Path, str]:
+    """A model name (shipped) or a file path -> (path, display name).
+
+    ``"default"`` is the default single-image model (or the dual-pixel one with ``dual``).
+    """
+    spec_s = str(spec)
+    if spec_s == "default":
+        spec_s = DEFAULT_DUAL_MODEL if dual else DEFAULT_MODEL
+    path = Path(spec_s)
+    if path.suffix in (".safetensors", ".pt", ".pth", ".npz") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        return path, path.stem
+    for info in list_models():
+        if info.name == spec_s:
+            verify_file(info.path)
+            return info.path, info.name
+    names = ", ".join(m.name for m in list_models()) or "none installed"
+    raise FileNotFoundError(f"unknown model {spec_s!r} (shipped models: {names}); pass a .safetensors path to use your own")

@@ -1,0 +1,46 @@
+"""`kpac convert`: import the authors' released TensorLayer checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..checkpoints import CheckpointMismatchError, UnsafeCheckpointError, load_official_npz, save_checkpoint
+from ..model import count_parameters
+from .common import EXIT_FAILED, emit_json, err_console, print_error
+
+
+def convert(
+    src: Path = typer.Argument(..., help="The authors' .npz (single_2level.npz, single_3level.npz or dual.npz)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Destination .safetensors file."),
+    name: str = typer.Option("", "--name", help="Model name stored in the metadata (default: the output's stem)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON record on stdout."),
+) -> None:
+    """Convert an official KPAC checkpoint to a kpac .safetensors model (no pickle code is run).
+
+    Example: kpac convert single_3level.npz -o kpac-official-3level.safetensors
+    """
+    if output.exists() and not overwrite:
+        print_error(f"{output}: exists (use --overwrite)")
+        raise typer.Exit(EXIT_FAILED)
+    try:
+        model = load_official_npz(src)
+    except (UnsafeCheckpointError, CheckpointMismatchError, OSError) as e:
+        print_error(str(e))
+        raise typer.Exit(EXIT_FAILED) from None
+    cfg = model.config
+    variant = "dual" if cfg.in_views == 2 else f"single_{cfg.levels}level"
+    prov = {"name": name or output.stem, "source": f"converted from the authors' release format ({src.name})",
+            "variant": variant, "trained_on": "as released by the authors"}
+    save_checkpoint(output, model, prov)
+    record = {"input": str(src), "output": str(output), "variant": variant, "parameters": count_parameters(model)}
+    if json_out:
+        emit_json(record)
+    else:
+        err_console.print(f"{src} -> {output}: {variant}, {record['parameters']:,} parameters")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("convert")(convert)

@@ -1,0 +1,195 @@
+"""`kpac deblur`: parse, call the engine, report."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..engine import Deblurrer, EngineOptions
+from ..engine.batch import STDIO, JobResult, OutputOptions, PlanError, plan_dual, plan_single, run_batch
+from ..images import DEFAULT_MAX_PIXELS, RawOptions
+from .common import EXIT_FAILED, EXIT_OK, emit_json, err_console, print_error, progress_bar, show_progress, usage_error
+
+EXAMPLES = """
+Examples:
+
+  kpac deblur photos/ -o out/                      # every image in photos/, same formats and bit depths
+
+  kpac deblur IMG_0042.CR2 -o sharp.tif            # camera RAW -> 16-bit TIFF
+
+  cat a.png | kpac deblur - -o - > b.png           # in a pipeline
+
+  kpac deblur --left L/ --right R/ -o out/         # dual-pixel pairs matched by file name
+"""
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: stop like Ctrl-C, with exit code 143."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Terminated()
+
+
+def _tile_option(value: str) -> int | str | None:
+    v = value.strip().lower()
+    if v == "auto":
+        return "auto"
+    if v in ("0", "none", "off"):
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise typer.BadParameter("use auto, 0 (no tiling) or a tile size in pixels") from None
+    if n < 0:
+        raise typer.BadParameter("tile size must be positive")
+    return n
+
+
+def deblur(
+    inputs: list[str] = typer.Argument(None, help="Image files or folders, or '-' for stdin.", show_default=False),
+    output: str = typer.Option(..., "-o", "--output", help="Output folder, file (for one input), or '-' for stdout."),
+    model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`) or a .safetensors file."),
+    left: Optional[str] = typer.Option(None, "--left", help="Dual-pixel left view(s): a file or a folder (or a DPDD root)."),
+    right: Optional[str] = typer.Option(None, "--right", help="Dual-pixel right view(s)."),
+    center: Optional[str] = typer.Option(None, "--center", help="Dual-pixel centre view(s); default: mean of left and right."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders (their structure is kept)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    fp32: bool = typer.Option(False, "--fp32", help="Shorthand for --precision fp32."),
+    tile: str = typer.Option("auto", "--tile", help="Tile size in pixels, 'auto' (from free memory) or 0 (whole image). Tiling is exact."),
+    fmt: Optional[str] = typer.Option(None, "--format", "--ext", help="Output format: png, tiff or jpeg (default: the input's; RAW -> tiff)."),
+    bit_depth: Optional[int] = typer.Option(None, "--bit-depth", help="8 or 16 (default: the input's; JPEG is always 8)."),
+    suffix: str = typer.Option("", "--suffix", help="Added to output file names, e.g. _sharp."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Leave existing outputs alone (resume a batch)."),
+    jpeg_quality: int = typer.Option(95, "--jpeg-quality", min=1, max=100),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images larger than this (decompression-bomb guard)."),
+    raw_wb: str = typer.Option("camera", "--raw-wb", help="RAW white balance: camera, auto or daylight."),
+    raw_demosaic: str = typer.Option("ahd", "--raw-demosaic", help="RAW demosaic: ahd, linear, vng, ppg, dht or aahd."),
+    raw_half_size: bool = typer.Option(False, "--raw-half-size", help="Develop RAW at half size (fast previews)."),
+    raw_exposure: float = typer.Option(0.0, "--raw-exposure", help="RAW exposure shift in EV."),
+    raw_linear: bool = typer.Option(False, "--raw-linear", help="Develop RAW to linear gamma instead of sRGB."),
+    save_blurmap: bool = typer.Option(False, "--save-blurmap", help="Also write the blur-detection map (block 1, dilation 1) beside each output."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON record per image to stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+) -> None:
+    """Remove defocus blur from photos (PNG/TIFF 8/16-bit, JPEG, camera RAW, dual-pixel pairs)."""
+    inputs = inputs or []
+    dual = left is not None or right is not None
+    if dual and (left is None or right is None):
+        raise usage_error("dual-pixel input needs both --left and --right")
+    if dual and inputs:
+        raise usage_error("give either INPUTS or --left/--right, not both")
+    if not dual and not inputs:
+        raise usage_error("no inputs given (files, folders, or '-' for stdin)")
+    if overwrite and skip_existing:
+        raise usage_error("--overwrite and --skip-existing contradict each other")
+    if json_out and output == STDIO:
+        raise usage_error("--json cannot be combined with -o - (stdout carries the image)")
+    if fmt is not None:
+        fmt = {"tif": "tiff", "jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
+        if fmt not in ("png", "tiff", "jpeg"):
+            raise usage_error(f"unknown --format {fmt!r} (png, tiff or jpeg)")
+    if bit_depth not in (None, 8, 16):
+        raise usage_error("--bit-depth must be 8 or 16")
+    try:
+        tile_value = _tile_option(tile)
+    except typer.BadParameter as e:
+        raise usage_error(f"--tile: {e}") from None
+    out_opts = OutputOptions(fmt, bit_depth, suffix, overwrite, skip_existing, jpeg_quality)
+    raw_opts = RawOptions(white_balance=raw_wb, half_size=raw_half_size, demosaic=raw_demosaic, gamma="linear" if raw_linear else "srgb", exposure=raw_exposure)
+
+    try:
+        if dual:
+            jobs = plan_dual(left, right, center, output, out_opts)
+        else:
+            stdin = sys.stdin.buffer.read() if inputs == [STDIO] else None
+            jobs = plan_single(inputs, output, recursive, out_opts, stdin)
+        engine_opts = EngineOptions(device=device, precision="fp32" if fp32 else precision, tile=tile_value)
+        from ..checkpoints.registry import resolve_model
+
+        model_path, _ = resolve_model(model, dual=dual)
+        deblurrer = Deblurrer(model_path, engine_opts)
+    except (PlanError, ValueError, FileNotFoundError) as e:
+        raise usage_error(str(e)) from None
+    if (deblurrer.config.in_views == 2) != dual:
+        kind = "dual-pixel (use --left/--right)" if deblurrer.config.in_views == 2 else "single-image (use INPUTS, not --left/--right)"
+        raise usage_error(f"model {deblurrer.name} is a {kind} model")
+
+    after_run = None
+    if save_blurmap:
+        from ..blurmap import save_blurmaps
+
+        def after_run(job, result, info):  # same inference pass
+            if job.output is None:
+                return None
+            path = job.output.with_name(job.output.stem + "_blurmap.png")
+            save_blurmaps(path, result, deblurrer.config, info.size, overwrite=overwrite)
+            return {"blurmap": str(path)}
+
+    interactive = show_progress(quiet) and output != STDIO
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    exit_code = EXIT_OK
+    with progress_bar(interactive) as progress:
+        overall = progress.add_task("images", total=len(jobs)) if progress else None
+        tile_task = None
+
+        def on_start(job):
+            nonlocal tile_task
+            if progress is None:
+                return None
+            if tile_task is not None:
+                progress.remove_task(tile_task)
+            tile_task = progress.add_task(f"  {job.name[:30]}", total=None)
+
+            def cb(stage: str, done: int, total: int) -> None:
+                progress.update(tile_task, description=f"  {job.name[:24]} {stage}", completed=done, total=total)
+
+            return cb
+
+        def on_result(res: JobResult) -> None:
+            counts[res.status] += 1
+            if res.status == "failed":
+                print_error(res.error or "failed")
+            if json_out:
+                emit_json(res.record(deblurrer))
+            if progress is not None:
+                progress.advance(overall)
+
+        def sink(data: bytes) -> None:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+
+        try:
+            run_batch(
+                deblurrer, jobs, out_opts, max_pixels=max_pixels, raw_options=raw_opts,
+                on_result=on_result, on_start=on_start, stdout_sink=sink, after_run=after_run,
+            )
+        except KeyboardInterrupt:
+            exit_code = 130
+        except Terminated:
+            exit_code = 143
+        finally:
+            signal.signal(signal.SIGTERM, previous_term)
+    if exit_code == EXIT_OK and counts["failed"]:
+        exit_code = EXIT_FAILED
+    if not quiet:
+        done = f"{counts['ok']} deblurred, {counts['skipped']} skipped, {counts['failed']} failed"
+        if exit_code in (130, 143):
+            err_console.print(f"interrupted: {done}, {len(jobs) - sum(counts.values())} not started; rerun with --skip-existing to finish")
+        elif output != STDIO or counts["failed"]:
+            err_console.print(done)
+    raise typer.Exit(exit_code)
+
+
+deblur.__doc__ = (deblur.__doc__ or "") + "\n" + EXAMPLES
+
+
+def register(app: typer.Typer) -> None:
+    app.command("deblur", help=deblur.__doc__)(deblur)

@@ -1,0 +1,19 @@
+"""Inference engine: device and precision choice, exact tiled inference, the Deblurrer API."""
+
+from .deblurrer import Deblurrer, EngineOptions, RunStats, tqdm_progress
+from .device import resolve_device, resolve_precision
+from .tiled import InferenceResult, TiledInference, pad_to_multiple, plan_tiles, receptive_halos
+
+__all__ = [
+    "Deblurrer",
+    "EngineOptions",
+    "InferenceResult",
+    "RunStats",
+    "TiledInference",
+    "pad_to_multiple",
+    "plan_tiles",
+    "receptive_halos",
+    "resolve_device",
+    "resolve_precision",
+    "tqdm_progress",
+]

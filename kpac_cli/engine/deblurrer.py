@@ -1,0 +1,218 @@
+"""Load a model once, deblur many images: the engine's public face.
+
+>>> from kpac_cli.engine import Deblurrer
+>>> d = Deblurrer("kpac-3level")                      # doctest: +SKIP
+>>> sharp = d.deblur(image)                           # HxWx3 float32 in [0, 1]  # doctest: +SKIP
+
+Conventions: images are float32 ``HxWxC`` arrays, RGB, values in [0, 1]. Single-image models
+take ``HxWx3``; dual-pixel models take ``HxWx6`` (left RGB then right RGB) and an optional
+centre view (default: the mean of left and right). Outputs are clipped to [0, 1]; the raw,
+unclipped network output is available through :meth:`Deblurrer.run`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..checkpoints import Checkpoint, load_checkpoint
+from ..checkpoints.registry import resolve_model
+from ..model import KPACNet
+from .device import autocast, available_memory, is_out_of_memory, resolve_device, resolve_precision
+from .tiled import InferenceResult, ProgressFn, TiledInference, receptive_halos
+
+MIN_TILE = 128
+#: Activation bytes per pixel of a widened tile, per channel of the model's width, measured
+#: on the CPU in fp32 with some margin (the decoder's last concat dominates).
+_BYTES_PER_PIXEL_PER_CHANNEL = 40
+
+
+@dataclass
+class EngineOptions:
+    """How to run a model.
+
+    device : ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``
+    precision : ``auto`` (fp16 on CUDA, fp32 elsewhere) | ``fp32`` | ``fp16`` | ``bf16``
+    tile : ``"auto"`` (from the memory available), an int (tile side in pixels), or ``None``/0
+        for the whole image at once. Tiling is exact: it never changes the output beyond
+        float rounding.
+    channels_last : use the NHWC memory layout (faster convolutions on CPU and GPU).
+    memory_budget : bytes that ``tile="auto"`` may plan for (default: a share of what is free).
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+    tile: int | str | None = "auto"
+    channels_last: bool = True
+    memory_budget: int | None = None
+
+
+@dataclass
+class RunStats:
+    tile: int | None = None  # tile side actually used (None: whole image)
+    precision: str = "fp32"
+    fell_back_to_fp32: bool = False  # a half-precision run gave non-finite values and was redone
+    tile_reductions: int = 0  # times the tile was halved after running out of memory
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class Deblurrer:
+    """A loaded model on a device, ready to deblur images of any size."""
+
+    def __init__(self, model: KPACNet | Checkpoint | str | Path = "default", options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
+        self.device = resolve_device(self.options.device)
+        self.dtype = resolve_precision(self.options.precision, self.device)
+        self.name, self.provenance = "model", {}
+        if isinstance(model, (str, Path)):
+            path, self.name = resolve_model(model)
+            model = load_checkpoint(path)
+        if isinstance(model, Checkpoint):
+            self.provenance = dict(model.provenance)
+            self.name = self.provenance.get("name", self.name)
+            model = model.build()
+        self.model = model.eval().to(self.device)
+        if self.options.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.config = self.model.config
+        self.last_stats = RunStats()
+
+    # -- planning ---------------------------------------------------------------------------
+    def bytes_per_pixel(self) -> int:
+        return _BYTES_PER_PIXEL_PER_CHANNEL * self.config.channels
+
+    def plan_tile(self, height: int, width: int) -> int | None:
+        """Tile side for ``tile="auto"``: the whole image if it fits the budget, else the
+        largest stride-aligned tile whose widened size fits."""
+        opt = self.options.tile
+        if opt in (None, 0, "0", "none", "whole"):
+            return None
+        if opt != "auto":
+            return max(MIN_TILE, int(opt))
+        budget = self.options.memory_budget
+        if budget is None:
+            free = available_memory(self.device)
+            budget = int(free * 0.6) if self.device.type == "cuda" else min(int(free * 0.25), 1 << 30)
+        bpp = self.bytes_per_pixel()
+        if height * width * bpp <= budget:
+            return None
+        halo = max(receptive_halos(self.config))
+        side = int(math.sqrt(budget / bpp)) - 2 * halo
+        stride = self.config.stride
+        return max(MIN_TILE, side // stride * stride)
+
+    # -- running ----------------------------------------------------------------------------
+    def _as_tensors(self, image: np.ndarray, center: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        cin = self.config.in_channels
+        if image.ndim != 3 or image.shape[2] != cin:
+            kind = "HxWx3 RGB" if cin == 3 else "HxWx6 (left RGB, right RGB)"
+            raise ValueError(f"this model takes {kind} images, got shape {image.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None] * 2 - 1
+        if center is not None:
+            if center.shape != image.shape[:2] + (3,):
+                raise ValueError(f"centre view must be {image.shape[:2] + (3,)}, got {center.shape}")
+            ref = torch.from_numpy(np.ascontiguousarray(center, dtype=np.float32)).permute(2, 0, 1)[None] * 2 - 1
+        else:
+            ref = self.model.default_reference(x)
+        return x, ref
+
+    def run(
+        self,
+        image: np.ndarray,
+        center: np.ndarray | None = None,
+        progress: ProgressFn | None = None,
+        keep_attention: bool = False,
+    ) -> InferenceResult:
+        """Raw inference: output (1, 3, H, W) in [-1, 1] units, unclipped, plus attention maps.
+
+        Runs out-of-memory-safe (the tile is halved and the image retried) and half-precision-
+        safe (non-finite values make it redo the image in fp32); :attr:`last_stats` says what
+        happened.
+        """
+        x, ref = self._as_tensors(image, center)
+        h, w = x.shape[-2:]
+        stats = RunStats(tile=self.plan_tile(h, w), precision=_DTYPE_NAMES[self.dtype])
+        t0 = time.perf_counter()
+        dtype = self.dtype
+        while True:
+            engine = TiledInference(self.model, self.device, lambda: autocast(self.device, dtype), self.options.channels_last)
+            try:
+                result = engine(x, ref, stats.tile, progress, keep_attention)
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
+                if not is_out_of_memory(e):
+                    raise
+                current = stats.tile or max(h, w)
+                if current <= MIN_TILE:
+                    raise MemoryError(f"out of memory even with {MIN_TILE}px tiles on {self.device}") from e
+                stats.tile = max(MIN_TILE, current // 2)
+                stats.tile_reductions += 1
+                stats.notes.append(f"out of memory: tile reduced to {stats.tile}")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            if dtype != torch.float32 and not torch.isfinite(result.output).all():
+                # fp16 overflow would otherwise become black or NaN pixels in the photo
+                stats.fell_back_to_fp32 = True
+                stats.notes.append(f"non-finite values in {_DTYPE_NAMES[dtype]}: redone in fp32")
+                dtype = torch.float32
+                stats.precision = "fp32"
+                continue
+            break
+        stats.seconds = time.perf_counter() - t0
+        self.last_stats = stats
+        return result
+
+    def deblur(self, image: np.ndarray, center: np.ndarray | None = None, progress: ProgressFn | bool | None = None) -> np.ndarray:
+        """Deblur one image (see the module docstring for conventions); returns HxWx3 in [0, 1].
+
+        ``progress=True`` shows a tqdm bar (for notebooks and scripts); a callable receives
+        ``(stage, done, total)``.
+        """
+        if progress is True:
+            with tqdm_progress() as cb:
+                result = self.run(image, center, cb)
+        else:
+            result = self.run(image, center, progress or None)
+        out = ((result.output[0].permute(1, 2, 0) + 1) * 0.5).clamp_(0, 1)
+        return out.numpy()
+
+    def scale_attention(self, image: np.ndarray, center: np.ndarray | None = None) -> list[np.ndarray | None]:
+        """Per KPAC block, the scale-attention maps alpha: (len(dilations), h, w) at the blocks'
+        resolution (1/stride of the image, cropped to ceil(H/stride) x ceil(W/stride))."""
+        x_h, x_w = image.shape[:2]
+        result = self.run(image, center, keep_attention=True)
+        s = self.config.stride
+        hh, ww = -(-x_h // s), -(-x_w // s)
+        return [None if a is None else a[0, :, :hh, :ww].numpy() for a in result.scale_attention]
+
+
+class tqdm_progress:
+    """A progress callback that drives tqdm bars (one per stage)."""
+
+    def __enter__(self) -> Callable[[str, int, int], None]:
+        from tqdm.auto import tqdm
+
+        self._bars: dict[str, object] = {}
+
+        def cb(stage: str, done: int, total: int) -> None:
+            bar = self._bars.get(stage)
+            if bar is None:
+                bar = self._bars[stage] = tqdm(total=total, desc=stage, leave=False)
+            bar.n = done
+            bar.refresh()
+
+        return cb
+
+    def __exit__(self, *exc) -> None:
+        for bar in self._bars.values():
+            bar.close()

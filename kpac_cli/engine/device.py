@@ -1,0 +1,87 @@
+"""Choosing a device and a numeric precision, and what memory is available there."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import ContextManager
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> the first CUDA GPU, else Apple's MPS, else the CPU; or an explicit name.
+
+    Raises ValueError for a device that is not available here, naming what is.
+    """
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available (this PyTorch build: {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' requested but Apple MPS is not available")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}")
+    return dev
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` = fp16 on CUDA, fp32 elsewhere; fp16 only where the device supports it."""
+    name = (name or "auto").lower()
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r} (use one of {', '.join(PRECISIONS)})")
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 is not supported for inference on the CPU; use bf16 or fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bf16; use fp16 or fp32")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
+    """Mixed precision for everything but fp32 (convolutions in ``dtype``, sums in fp32)."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that inference may use on ``device`` now (free GPU memory, or available RAM)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for CUDA OOM and for the CPU allocator's 'can't allocate memory' errors."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    msg = str(err).lower()
+    return isinstance(err, (RuntimeError, MemoryError)) and ("out of memory" in msg or "can't allocate memory" in msg or isinstance(err, MemoryError))

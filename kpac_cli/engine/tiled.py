@@ -1,0 +1,238 @@
+"""Exact tiled inference.
+
+Whole-image output and tiled output are the same function of the image (up to float
+rounding, ~1e-6): tiling is an implementation detail, never an approximation. How:
+
+1. The image is padded once to a multiple of the encoder stride (reflect padding at the
+   bottom/right; cropped off at the end).
+2. **Encoder pass**: the encoder runs tile by tile, each tile widened by a halo that covers
+   the encoder's receptive field, and only the low-resolution encoder output (1/stride of
+   the image in each direction) is kept.
+3. **Bottleneck**: the KPAC blocks (the only large receptive field, and the only global
+   operation: shape attention's mean) and the dense-concat convolutions run once on the
+   whole low-resolution map.
+4. **Decoder pass**: per tile, with a halo covering the decoder's receptive field, the
+   encoder's skip features are recomputed for the widened tile and the decoder combines
+   them with the matching slice of the bottleneck output; the tile's interior is kept.
+
+Tiles and halos are multiples of the stride, so every stride-2 layer samples the same grid
+as it does on the whole image, and zero padding appears only at the true image border.
+Peak memory is bounded by one widened tile's activations plus the low-resolution maps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..model import KPACNet
+from ..model.config import KPACConfig
+
+#: progress(stage, done, total); stages: "encode", "attention", "decode"
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _back_same(iv: tuple[int, int], r: int) -> tuple[int, int]:
+    return iv[0] - r, iv[1] + r
+
+
+def _back_stride2(iv: tuple[int, int]) -> tuple[int, int]:
+    # 3x3, stride 2, padded 0 before / 1 after: output i reads inputs 2i .. 2i+2
+    return 2 * iv[0], 2 * iv[1] + 2
+
+
+def _back_upconv(iv: tuple[int, int]) -> tuple[int, int]:
+    # 4x4, stride 2, padding 1: input i writes outputs 2i-1 .. 2i+2
+    return -((2 - iv[0]) // 2), (iv[1] + 1) // 2
+
+
+def _back_encoder(iv: tuple[int, int], level: int) -> tuple[int, int]:
+    """Image interval that encoder features at ``level`` (0 = f1, full resolution) read."""
+    for lv in range(level, 0, -1):
+        iv = _back_stride2(_back_same(iv, 1))  # c*_2 (3x3), then the stride-2 conv
+    return _back_same(_back_same(iv, 1), 2)  # c0_2 (3x3), c0 (5x5)
+
+
+def receptive_halos(config: KPACConfig) -> tuple[int, int]:
+    """Exact halos (full-resolution pixels, rounded up to the stride) of the two tiled passes.
+
+    Computed by propagating an index interval back through every layer: a same-padded
+    k x k convolution widens it by (k-1)/2, a stride-2 convolution maps output i to inputs
+    2i..2i+2, a stride-2 transposed convolution maps output o to inputs (o-2)/2..(o+1)/2.
+    The encoder halo makes a tile's low-resolution encoder output exact; the decoder halo
+    makes the tile's output exact given the bottleneck features (computed on the whole map).
+    """
+    s, levels = config.stride, config.levels
+    tile = 4 * s  # any multiple of the stride gives the same halo (shift equivariance)
+    lo, hi = _back_encoder((0, tile // s - 1), levels)
+    encoder_halo = max(-lo, hi - (tile - 1))
+
+    need_lo, need_hi = 0, tile - 1
+    iv = _back_same((0, tile - 1), 2)  # d2_2 (5x5) reads [d2, f1]
+    for level in range(levels):
+        f_lo, f_hi = _back_encoder(iv, level)
+        need_lo, need_hi = min(need_lo, f_lo), max(need_hi, f_hi)
+        iv = _back_upconv(iv)  # the transposed conv that produced this level's upsampled half
+        if level < levels - 1:
+            iv = _back_same(iv, 1)  # d*_2 (3x3) of the next level down
+    # iv is now the interval of bottleneck cells the decoder reads; slicing by cells of s pixels
+    need_lo, need_hi = min(need_lo, iv[0] * s), max(need_hi, (iv[1] + 1) * s - 1)
+    decoder_halo = max(-need_lo, need_hi - (tile - 1))
+    return math.ceil(encoder_halo / s) * s, math.ceil(decoder_halo / s) * s
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Pad bottom/right to a multiple (reflect where the image is large enough, else replicate)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+@dataclass(frozen=True)
+class Tile:
+    y0: int
+    y1: int
+    x0: int
+    x1: int  # the tile's own region
+    iy0: int
+    iy1: int
+    ix0: int
+    ix1: int  # the region it reads (own region + halo, clipped to the image)
+
+
+def plan_tiles(height: int, width: int, tile: int, halo: int) -> list[Tile]:
+    tiles = []
+    for y0 in range(0, height, tile):
+        for x0 in range(0, width, tile):
+            y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
+            tiles.append(Tile(y0, y1, x0, x1, max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo)))
+    return tiles
+
+
+@dataclass
+class InferenceResult:
+    output: Tensor  # (1, 3, H, W) float32 on the CPU, unclipped, in [-1, 1] units
+    scale_attention: list[Tensor | None] = field(default_factory=list)  # per block, (1, n, H/stride', W/stride') padded grid
+    padded_size: tuple[int, int] = (0, 0)
+
+
+class TiledInference:
+    """Runs a :class:`KPACNet` on one image of any size, whole or in exact tiles.
+
+    ``tile`` is the tile side in pixels (rounded down to a multiple of the stride, at least
+    the stride), or ``None`` for the whole image at once.
+    """
+
+    def __init__(
+        self,
+        model: KPACNet,
+        device: torch.device,
+        run_context: Callable[[], object],
+        channels_last: bool = True,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.run_context = run_context  # e.g. autocast; entered around every model call
+        self.channels_last = channels_last
+        self.config = model.config
+        self.halos = receptive_halos(self.config)
+
+    def _to_device(self, t: Tensor) -> Tensor:
+        t = t.to(self.device, non_blocking=True)
+        return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t.contiguous()
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        x: Tensor,
+        reference: Tensor,
+        tile: int | None,
+        progress: ProgressFn | None = None,
+        keep_attention: bool = False,
+    ) -> InferenceResult:
+        """``x``: (1, C, H, W) network input in [-1, 1] on the CPU; ``reference``: (1, 3, H, W)."""
+        if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected input (1, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        stride = self.config.stride
+        xp = pad_to_multiple(x.float(), stride)
+        refp = pad_to_multiple(reference.float(), stride)
+        hp, wp = xp.shape[-2:]
+        report = progress or (lambda stage, done, total: None)
+        if tile is not None:
+            tile = max(stride, tile // stride * stride)
+        if tile is None or (tile >= hp and tile >= wp):
+            out, alphas = self._whole(xp, refp, report, keep_attention)
+        else:
+            out, alphas = self._tiled(xp, refp, tile, report, keep_attention)
+        return InferenceResult(out[..., :h, :w].contiguous(), alphas, (hp, wp))
+
+    def _whole(self, xp: Tensor, refp: Tensor, report: ProgressFn, keep_attention: bool):
+        report("encode", 0, 1)
+        with self.run_context():
+            skips, encoded = self.model.encode(self._to_device(xp))
+            report("encode", 1, 1)
+            mid = self.model.bottleneck(encoded)
+            report("attention", 1, 1)
+            residual = self.model.decode(mid.features, skips)
+        out = residual.float().cpu() + refp
+        report("decode", 1, 1)
+        return out, self._alphas(mid, keep_attention)
+
+    def _alphas(self, mid, keep: bool) -> list[Tensor | None]:
+        if not keep:
+            return []
+        return [None if a is None else a.float().cpu() for a in mid.scale_attention]
+
+    def _tiled(self, xp: Tensor, refp: Tensor, tile: int, report: ProgressFn, keep_attention: bool):
+        stride = self.config.stride
+        hp, wp = xp.shape[-2:]
+        enc_halo, dec_halo = self.halos
+
+        # 2. encoder pass: only the low-resolution encoder output is kept
+        enc_tiles = plan_tiles(hp, wp, tile, enc_halo)
+        encoded = None
+        for i, t in enumerate(enc_tiles):
+            with self.run_context():
+                _, e = self.model.encode(self._to_device(xp[..., t.iy0 : t.iy1, t.ix0 : t.ix1]))
+            if encoded is None:
+                encoded = torch.empty((1, e.shape[1], hp // stride, wp // stride), dtype=e.dtype, device=e.device)
+                if self.channels_last:
+                    encoded = encoded.contiguous(memory_format=torch.channels_last)
+            oy, ox = (t.y0 - t.iy0) // stride, (t.x0 - t.ix0) // stride
+            ty, tx = (t.y1 - t.y0) // stride, (t.x1 - t.x0) // stride
+            encoded[..., t.y0 // stride : t.y1 // stride, t.x0 // stride : t.x1 // stride] = e[..., oy : oy + ty, ox : ox + tx]
+            del e
+            report("encode", i + 1, len(enc_tiles))
+
+        # 3. the KPAC blocks once, on the whole low-resolution map
+        with self.run_context():
+            mid = self.model.bottleneck(encoded)
+        features = mid.features
+        alphas = self._alphas(mid, keep_attention)
+        del encoded, mid
+        report("attention", 1, 1)
+
+        # 4. decoder pass, recomputing the skip features per widened tile
+        out = torch.empty_like(refp)
+        dec_tiles = plan_tiles(hp, wp, tile, dec_halo)
+        for i, t in enumerate(dec_tiles):
+            with self.run_context():
+                skips, _ = self.model.encode(self._to_device(xp[..., t.iy0 : t.iy1, t.ix0 : t.ix1]), skips_only=True)
+                f = features[..., t.iy0 // stride : t.iy1 // stride, t.ix0 // stride : t.ix1 // stride]
+                residual = self.model.decode(f, skips)
+            oy, ox = t.y0 - t.iy0, t.x0 - t.ix0
+            ty, tx = t.y1 - t.y0, t.x1 - t.x0
+            out[..., t.y0 : t.y1, t.x0 : t.x1] = residual[..., oy : oy + ty, ox : ox + tx].float().cpu() + refp[..., t.y0 : t.y1, t.x0 : t.x1]
+            del skips, residual
+            report("decode", i + 1, len(dec_tiles))
+        return out, alphas
+

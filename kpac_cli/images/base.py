@@ -1,0 +1,138 @@
+"""Shared types and pixel conventions of :mod:`kpac_cli.images`.
+
+Conventions (hold for every reader and writer in this package)
+---------------------------------------------------------------
+* Arrays are ``float32``, ``H x W x C`` (row-major, channels last), channel order RGB.
+* Values lie in ``[0, 1]``. An integer sample ``k`` of a ``b``-bit source becomes
+  ``float32(k) / float32(2**b - 1)`` (a correctly rounded IEEE division).
+* Writing quantises with round-half-up, ``floor(clip(v, 0, 1) * (2**b - 1) + 0.5)``, evaluated
+  in float64; NaN counts as 0. Together with the reader rule this makes read -> write at the
+  same bit depth bit-exact (the float32 error of ``k / maxval`` is far below half a step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: Decompression-bomb guard: images with more pixels than this are refused from their header,
+#: before any pixel memory is allocated (~2.4 GB as float32 RGB).
+DEFAULT_MAX_PIXELS = 200_000_000
+
+#: Camera RAW file extensions (lowercase, no dot) that are developed with LibRaw (rawpy).
+RAW_EXTENSIONS: frozenset[str] = frozenset(
+    {
+        "dng", "cr2", "cr3", "crw", "nef", "nrw", "arw", "srf", "sr2", "orf", "rw2", "raf",
+        "pef", "srw", "x3f", "3fr", "fff", "iiq", "mos", "mrw", "erf", "kdc", "dcr", "rwl",
+        "raw", "mef", "gpr",
+    }
+)
+
+#: Extensions of the formats this package reads and writes (lowercase, no dot).
+STANDARD_EXTENSIONS: frozenset[str] = frozenset({"png", "tif", "tiff", "jpg", "jpeg"})
+
+#: Output format names accepted by ``write_image`` (plus the aliases in ``FORMAT_ALIASES``).
+FORMATS = ("png", "tiff", "jpeg")
+FORMAT_ALIASES = {"tif": "tiff", "jpg": "jpeg", "png": "png", "tiff": "tiff", "jpeg": "jpeg"}
+
+
+class ImageError(Exception):
+    """A user-facing, one-line error that names the file and the problem.
+
+    Raised for everything that is wrong with an image (missing, unreadable, corrupt,
+    unsupported, too large, mismatched dual-pixel partners). Programming errors (wrong array
+    shape passed to a writer, unknown option value) raise ``ValueError`` instead.
+    """
+
+    def __init__(self, source: object, problem: str):
+        self.source = describe(source)
+        # Keep it one line: library messages sometimes carry newlines or bytes reprs.
+        self.problem = " ".join(str(problem).split())
+        super().__init__(f"{self.source}: {self.problem}")
+
+
+def describe(source: object) -> str:
+    """Name of an image source for messages: the path, or ``<stdin>`` for in-memory bytes."""
+    if source is None or isinstance(source, (bytes, bytearray, memoryview)):
+        return "<stdin>"
+    return str(source)
+
+
+@dataclass
+class ImageInfo:
+    """Everything the writer needs to write an output "the way the input came".
+
+    Attributes
+    ----------
+    path : str or None
+        Source path, or None for stdin bytes / arrays.
+    format : str
+        Source format: ``'png'``, ``'tiff'``, ``'jpeg'`` or ``'raw'`` (lowercase).
+    bit_depth : int
+        Bits per integer sample of the source: 8 or 16. Floating-point TIFF gives 32 (written
+        as 16-bit by default). RAW gives 16 (LibRaw develops to 16 bits). Sources with other
+        integer depths are rescaled: 1/2/4-bit -> 8, 12/14-bit TIFF -> 16.
+    channels : int
+        Channels of the source: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA (palette images count as
+        3 or 4 after expansion).
+    alpha : ndarray or None
+        ``H x W`` float32 alpha in ``[0, 1]`` (same value rule as colour), split off the
+        source and passed through unchanged; written back bit-exactly at the same bit depth.
+    icc_profile : bytes or None
+        Embedded ICC profile, copied verbatim.
+    exif : bytes or None
+        EXIF as a JPEG APP1 payload: ``b"Exif\\0\\0"`` + TIFF-structured data, with the
+        Orientation tag reset to 1 when the pixels were rotated on read.
+    orientation_applied : int
+        EXIF orientation (1-8) that was applied to the pixels on read (1 = none).
+    size : tuple of int
+        ``(height, width)`` of the returned array, i.e. after orientation.
+    frames : int
+        Frames/pages in the source (multi-page TIFF, APNG, MPO). Only the first is read.
+    """
+
+    path: str | None
+    format: str
+    bit_depth: int
+    channels: int
+    alpha: np.ndarray | None
+    icc_profile: bytes | None
+    exif: bytes | None
+    orientation_applied: int
+    size: tuple[int, int]
+    frames: int = 1
+
+
+def to_float(arr: np.ndarray, maxval: int | float) -> np.ndarray:
+    """Integer samples -> float32 ``k / maxval`` (correctly rounded), same shape."""
+    out = arr.astype(np.float32)
+    out /= np.float32(maxval)
+    return out
+
+
+def quantize(img: np.ndarray, bit_depth: int) -> np.ndarray:
+    """Float image in ``[0, 1]`` -> unsigned integers, ``floor(clip(v) * maxval + 0.5)``.
+
+    Computed in float64 in blocks of rows so that a large image never needs a full float64
+    copy. NaN maps to 0, values outside ``[0, 1]`` are clipped.
+    """
+    maxval = (1 << bit_depth) - 1
+    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    out = np.empty(img.shape, dtype=dtype)
+    rows = max(1, (1 << 22) // max(1, int(np.prod(img.shape[1:], dtype=np.int64))))
+    for y in range(0, img.shape[0], rows):
+        block = np.asarray(img[y : y + rows], dtype=np.float64)
+        block = np.nan_to_num(block, nan=0.0, posinf=1.0, neginf=0.0)
+        np.clip(block, 0.0, 1.0, out=block)
+        block *= maxval
+        block += 0.5
+        np.floor(block, out=block)
+        out[y : y + rows] = block
+    return out
+
+
+def path_ext(path: str | Path) -> str:
+    """Lowercase extension without the dot (``''`` when none)."""
+    return Path(path).suffix.lower().lstrip(".")

@@ -1,0 +1,157 @@
+"""EXIF helpers: orientation read/reset on raw EXIF bytes, and pixel re-orientation.
+
+EXIF is kept as a JPEG APP1 payload (``b"Exif\\0\\0"`` + TIFF structure) and edited in place
+(only the Orientation value changes), so maker notes with absolute offsets stay valid; a
+full re-serialisation (e.g. ``PIL.Image.Exif.tobytes``) would break them.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+EXIF_PREFIX = b"Exif\x00\x00"
+ORIENTATION_TAG = 0x0112
+
+#: IFD0 tags copied when EXIF is rebuilt from a TIFF's own tags (descriptive ones only;
+#: structural tags such as StripOffsets would be wrong in any other file).
+DESCRIPTIVE_TAGS = {
+    270: "ImageDescription",
+    271: "Make",
+    272: "Model",
+    305: "Software",
+    306: "DateTime",
+    315: "Artist",
+    33432: "Copyright",
+}
+_SUB_IFDS = (0x8769, 0x8825)  # Exif IFD, GPS IFD
+
+
+def normalize_exif(data: bytes | None) -> bytes | None:
+    """Return EXIF with the ``Exif\\0\\0`` prefix, or None when it is not TIFF-structured."""
+    if not data:
+        return None
+    data = bytes(data)
+    body = data[6:] if data.startswith(EXIF_PREFIX) else data
+    if body[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    return EXIF_PREFIX + body
+
+
+def _orientation_entry(exif: bytes) -> tuple[int, str, int] | None:
+    """Locate IFD0's Orientation entry: (absolute offset of its value, byte order, type)."""
+    base = 6 if exif.startswith(EXIF_PREFIX) else 0
+    head = exif[base : base + 8]
+    if len(head) < 8 or head[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    bo = "<" if head[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(bo + "I", head[4:8])
+    pos = base + ifd
+    if pos + 2 > len(exif):
+        return None
+    (n,) = struct.unpack(bo + "H", exif[pos : pos + 2])
+    for i in range(n):
+        e = pos + 2 + 12 * i
+        if e + 12 > len(exif):
+            return None
+        tag, typ, count = struct.unpack(bo + "HHI", exif[e : e + 8])
+        if tag == ORIENTATION_TAG and count == 1 and typ in (3, 4):  # SHORT or LONG
+            return e + 8, bo, typ
+    return None
+
+
+def read_orientation(exif: bytes | None) -> int:
+    """EXIF Orientation (1-8) from raw EXIF bytes; 1 when absent or invalid."""
+    if not exif:
+        return 1
+    found = _orientation_entry(bytes(exif))
+    if found is None:
+        return 1
+    off, bo, typ = found
+    value = struct.unpack(bo + ("H" if typ == 3 else "I"), exif[off : off + (2 if typ == 3 else 4)])[0]
+    return value if 1 <= value <= 8 else 1
+
+
+def reset_orientation(exif: bytes) -> bytes:
+    """Copy of ``exif`` with the Orientation value set to 1 (unchanged when absent)."""
+    found = _orientation_entry(exif)
+    if found is None:
+        return exif
+    off, bo, typ = found
+    out = bytearray(exif)
+    out[off : off + (2 if typ == 3 else 4)] = struct.pack(bo + ("H" if typ == 3 else "I"), 1)
+    return bytes(out)
+
+
+def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Re-orient ``arr`` (H x W [x C]) so that it displays upright, per EXIF ``orientation``.
+
+    1 identity, 2 mirror left-right, 3 rotate 180, 4 mirror top-bottom, 5 transpose,
+    6 rotate 90 clockwise, 7 transverse, 8 rotate 90 counter-clockwise (the same as
+    ``PIL.ImageOps.exif_transpose``). Returns a C-contiguous array.
+    """
+    if orientation == 2:
+        arr = arr[:, ::-1]
+    elif orientation == 3:
+        arr = arr[::-1, ::-1]
+    elif orientation == 4:
+        arr = arr[::-1]
+    elif orientation == 5:
+        arr = arr.swapaxes(0, 1)
+    elif orientation == 6:
+        arr = np.rot90(arr, -1)
+    elif orientation == 7:
+        arr = arr.swapaxes(0, 1)[::-1, ::-1]
+    elif orientation == 8:
+        arr = np.rot90(arr, 1)
+    return np.ascontiguousarray(arr)
+
+
+def oriented_size(h: int, w: int, orientation: int) -> tuple[int, int]:
+    """``(h, w)`` after applying ``orientation`` (5-8 swap the axes)."""
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def exif_from_pil(im) -> bytes | None:
+    """EXIF rebuilt from an open Pillow image's tags (used for TIFF sources).
+
+    Keeps the descriptive IFD0 tags plus the Exif and GPS sub-IFDs; drops structural tags and
+    Orientation (the pixels are re-oriented on read). Returns None when nothing is left.
+    """
+    try:
+        ex = im.getexif()
+        for tag in _SUB_IFDS:  # load sub-IFDs while the file is still open
+            if tag in ex:
+                ex.get_ifd(tag)
+        for tag in list(ex):
+            if tag not in DESCRIPTIVE_TAGS and tag not in _SUB_IFDS:
+                del ex[tag]
+        if not len(ex):
+            return None
+        return EXIF_PREFIX + ex.tobytes()
+    except Exception:  # metadata is best-effort: a broken EXIF block must not fail the read
+        return None
+
+
+def descriptive_tags(exif: bytes | None) -> dict[int, str]:
+    """The ASCII descriptive IFD0 tags of ``exif`` (Make, Model, DateTime, ...) as strings."""
+    if not exif:
+        return {}
+    try:
+        from PIL import Image
+
+        ex = Image.Exif()
+        ex.load(exif)
+        out = {}
+        for tag in DESCRIPTIVE_TAGS:
+            v = ex.get(tag)
+            if isinstance(v, bytes):
+                v = v.decode("latin-1")
+            if isinstance(v, str):
+                v = v.replace("\x00", "").strip()
+                if v and v.isascii():
+                    out[tag] = v
+        return out
+    except Exception:  # best-effort metadata
+        return {}

@@ -1,0 +1,249 @@
+"""What a training run does: :class:`TrainConfig` (defaults = the paper's recipe).
+
+The paper's recipe (Son et al., ICCV 2021, Sec. 5 and Appendix G):
+
+* stage ``l1``: Adam (beta1 0.9, beta2 0.99), fixed learning rate 1e-4, batch 4, random
+  512x512 crops with flips and Gaussian noise (sigma uniform in [0, 3%]) added to the input,
+  L1 loss, 200k iterations;
+* stage ``perceptual``: initialised from the L1 model, loss L1 + 7e-4 x MSE of VGG-19
+  conv4_4 (after ReLU) features, learning rate 5e-5, 100k iterations.
+
+Conventions: ``batch`` is per process (under ``torchrun`` the global batch is
+``batch * world_size``); iterations count batches drawn, including batches skipped for a
+non-finite loss; ``crop`` is a :class:`CropSchedule` string (``"512"`` or
+``"128:20000,256:60000,512"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..model import KPACConfig
+
+STAGES = ("l1", "perceptual")
+STAGE_DEFAULTS = {"l1": {"iterations": 200_000, "lr": 1e-4}, "perceptual": {"iterations": 100_000, "lr": 5e-5}}
+
+
+class CropSchedule:
+    """Crop size as a function of the iteration: ``"SIZE:UNTIL,SIZE:UNTIL,...,SIZE"``.
+
+    ``"128:20000,256:60000,512"`` trains on 128x128 crops for iterations [0, 20000), 256x256
+    for [20000, 60000) and 512x512 afterwards. A plain ``"512"`` is a constant size.
+    """
+
+    def __init__(self, spec: str | int) -> None:
+        self.spec = str(spec).replace(" ", "")
+        self.stages: list[tuple[int, int | None]] = []  # (size, until) ; until None = forever
+        parts = [p for p in self.spec.split(",") if p]
+        if not parts:
+            raise ValueError("empty crop schedule")
+        last_until = 0
+        for i, part in enumerate(parts):
+            size_s, _, until_s = part.partition(":")
+            try:
+                size = int(size_s)
+                until = int(until_s) if until_s else None
+            except ValueError:
+                raise ValueError(f"bad crop schedule {self.spec!r}: expected SIZE or SIZE:UNTIL, got {part!r}") from None
+            if size < 8:
+                raise ValueError(f"bad crop schedule {self.spec!r}: crop size {size} is too small")
+            if until is None and i != len(parts) - 1:
+                raise ValueError(f"bad crop schedule {self.spec!r}: only the last entry may omit ':UNTIL'")
+            if until is not None:
+                if until <= last_until:
+                    raise ValueError(f"bad crop schedule {self.spec!r}: iterations must increase")
+                last_until = until
+            self.stages.append((size, until))
+        if self.stages[-1][1] is not None:
+            self.stages.append((self.stages[-1][0], None))  # the last size continues
+
+    def size_at(self, step: int) -> int:
+        for size, until in self.stages:
+            if until is None or step < until:
+                return size
+        raise AssertionError("unreachable")
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({s for s, _ in self.stages})
+
+    @property
+    def max_size(self) -> int:
+        return max(self.sizes)
+
+    def check_multiple(self, stride: int) -> None:
+        bad = [s for s in self.sizes if s % stride]
+        if bad:
+            raise ValueError(f"crop sizes must be multiples of the model stride {stride}, got {bad}")
+
+    def __str__(self) -> str:
+        return self.spec
+
+    def __repr__(self) -> str:
+        return f"CropSchedule({self.spec!r})"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; the defaults are the paper's recipe.
+
+    Data (exactly one kind): ``data`` (a DPDD folder), ``source``/``target`` (paired folders),
+    or synthetic pairs from ``synthetic`` folders of sharp photos, ``skimage`` images and/or
+    ``procedural`` dead-leaves scenes. ``model=None`` means the paper's 3-level network
+    (single-image, or dual-pixel with ``dual``), or the architecture of ``init``.
+    ``iterations``/``lr`` of None take the stage's default (200k/1e-4 for ``l1``,
+    100k/5e-5 for ``perceptual``). ``resume`` continues from ``out/last.pt``.
+    """
+
+    out: Path = Path("runs/kpac")
+    # data
+    data: Path | None = None
+    source: Path | None = None
+    target: Path | None = None
+    val_source: Path | None = None
+    val_target: Path | None = None
+    synthetic: tuple[Path, ...] = ()
+    skimage: bool = False
+    procedural: int = 0
+    allow_count_mismatch: bool = False
+    bit_depth: int = 8
+    dual: bool = False
+    cache: str = "auto"  # auto | yes | no: keep decoded training images in memory
+    max_radius: float = 12.0  # synthetic blur
+    aperture: str = "disc"
+    # model
+    model: KPACConfig | None = None
+    init: Path | None = None
+    # recipe
+    stage: str = "l1"
+    iterations: int | None = None
+    lr: float | None = None
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    batch: int = 4
+    crop: str = "512"
+    noise_max: float = 0.03
+    flips: bool = True
+    perceptual_weight: float = 7e-4
+    vgg_weights: Path | None = None
+    grad_clip: float = 0.0
+    max_nonfinite: int = 20
+    seed: int = 0
+    # validation, logging, checkpoints
+    val_every: int = 5000
+    val_count: int = 8
+    val_crop: int = 512  # centre crop of each validation image; 0 = whole image
+    save_every: int = 1000
+    log_every: int = 100
+    resume: bool = False
+    tensorboard: bool = True
+    # execution
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool | None = None  # None: on for CUDA
+    workers: int = -1  # -1: automatic
+    threads: int | None = None
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("out", "data", "source", "target", "val_source", "val_target", "init", "vgg_weights"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, Path):
+                setattr(self, name, Path(v))
+        self.synthetic = tuple(Path(p) for p in self.synthetic)
+        if isinstance(self.model, dict):
+            self.model = KPACConfig.from_dict(self.model)
+
+    # -- derived -----------------------------------------------------------------------
+    @property
+    def total_iterations(self) -> int:
+        return int(self.iterations if self.iterations is not None else STAGE_DEFAULTS[self.stage]["iterations"])
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.lr if self.lr is not None else STAGE_DEFAULTS[self.stage]["lr"])
+
+    @property
+    def crop_schedule(self) -> CropSchedule:
+        return CropSchedule(self.crop)
+
+    @property
+    def data_kind(self) -> str:
+        """``dpdd``, ``paired`` or ``synthetic``."""
+        if self.data is not None:
+            return "dpdd"
+        if self.source is not None or self.target is not None:
+            return "paired"
+        return "synthetic"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent setting."""
+        kinds = [self.data is not None, self.source is not None or self.target is not None,
+                 bool(self.synthetic) or self.skimage or self.procedural > 0]
+        if sum(kinds) == 0:
+            raise ValueError("no training data: give a DPDD folder (data), source+target folders, or synthetic sources")
+        if sum(kinds) > 1:
+            raise ValueError("give only one kind of training data: a DPDD folder, source+target folders, or synthetic sources")
+        if (self.source is None) != (self.target is None):
+            raise ValueError("source and target folders must be given together")
+        if (self.val_source is None) != (self.val_target is None):
+            raise ValueError("val_source and val_target must be given together")
+        if self.data_kind == "paired" and self.dual:
+            raise ValueError("dual-pixel training needs the DPDD layout (left/right views) or synthetic data")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.bit_depth not in (8, 16):
+            raise ValueError(f"bit depth must be 8 or 16, got {self.bit_depth}")
+        if self.cache not in ("auto", "yes", "no"):
+            raise ValueError(f"cache must be auto, yes or no, got {self.cache!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("batch", "save_every", "log_every", "val_every", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.total_iterations < 0:
+            raise ValueError("iterations must be >= 0")
+        if self.learning_rate <= 0:
+            raise ValueError("learning rate must be > 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("Adam betas must lie in [0, 1)")
+        if self.noise_max < 0:
+            raise ValueError("noise-max must be >= 0")
+        if self.val_count < 0 or self.val_crop < 0 or self.procedural < 0:
+            raise ValueError("val-count, val-crop and procedural must be >= 0")
+        sched = self.crop_schedule  # raises on a bad schedule
+        if self.model is not None:
+            sched.check_multiple(self.model.stride)
+            if self.val_crop:
+                if self.val_crop % self.model.stride:
+                    raise ValueError(f"val-crop must be a multiple of the model stride {self.model.stride}")
+            if self.dual and self.model.in_views != 2:
+                raise ValueError("dual-pixel training needs a model with in_views=2")
+            if not self.dual and self.model.in_views != 1:
+                raise ValueError("a dual-pixel model (in_views=2) needs dual-pixel data (dual=True)")
+
+    # -- (de)serialisation, for the checkpoint ------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in list(d.items()):
+            if isinstance(v, Path):
+                d[k] = str(v)
+        d["synthetic"] = [str(p) for p in self.synthetic]
+        d["model"] = None if self.model is None else self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "synthetic" in kw:
+            kw["synthetic"] = tuple(kw["synthetic"])
+        return cls(**kw)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return replace(self, **changes)

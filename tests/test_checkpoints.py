@@ -1,0 +1,114 @@
+"""Checkpoints: safetensors with config + provenance; the authors' .npz without running pickle code."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from kpac_cli.checkpoints import (
+    CheckpointMismatchError,
+    UnsafeCheckpointError,
+    load_checkpoint,
+    load_official_npz,
+    read_metadata,
+    read_official_npz,
+    save_checkpoint,
+)
+from kpac_cli.model import KPACConfig, build_model
+
+
+def _npz_with_pickle(path, payload: bytes) -> None:
+    """A .npz whose params.npy is an object array header followed by ``payload``."""
+    header = "{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+    header = header + " " * (63 - len(header) % 64) + "\n"
+    npy = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + payload
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("params.npy", npy)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > should_not_exist",))
+
+
+def test_crafted_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.npz"
+    _npz_with_pickle(path, pickle.dumps([_RunsCode()], protocol=2))
+    with pytest.raises(UnsafeCheckpointError, match="posix.system|os.system|refusing"):
+        read_official_npz(path)
+    assert not (tmp_path / "should_not_exist").exists()
+
+
+def test_truncated_and_foreign_npz_are_clear_errors(tmp_path):
+    good = tmp_path / "good.npz"
+    arrays = np.empty(2, dtype=object)
+    arrays[0], arrays[1] = np.zeros((2, 2), np.float32), np.ones(3, np.float32)
+    np.savez(good, params=arrays)
+    assert [a.shape for a in read_official_npz(good)] == [(2, 2), (3,)]
+    bad = tmp_path / "truncated.npz"
+    bad.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(CheckpointMismatchError):
+        read_official_npz(bad)
+    with pytest.raises(CheckpointMismatchError, match="match none"):
+        load_official_npz(good)  # readable, but no KPAC variant has these shapes
+
+
+def test_official_npz_needs_latin1_and_we_read_it(shared_dir):
+    path = shared_dir / "reference" / "official-tf-3level" / "single_3level.npz"
+    with pytest.raises(ValueError):
+        np.load(path)["params"]  # object arrays are refused without allow_pickle
+    arrays = read_official_npz(path)
+    assert len(arrays) == 66 and all(a.dtype == np.float32 for a in arrays)
+
+
+def test_safetensors_round_trip_keeps_config_and_provenance(tmp_path):
+    cfg = KPACConfig(levels=2, blocks=3, dilations=(1, 2, 4), shape_attention=False)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    path = save_checkpoint(tmp_path / "m.safetensors", model, {"name": "test", "iterations": 12})
+    config, prov = read_metadata(path)
+    assert config == cfg and prov["iterations"] == 12 and "kpac_version" in prov
+    loaded = load_checkpoint(path).build()
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_weights_that_do_not_fit_the_declared_architecture(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", build_model(KPACConfig(levels=2)))
+    # rewrite the metadata to claim a 3-level model
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    meta["config"] = KPACConfig(levels=3).to_json()
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    with pytest.raises(CheckpointMismatchError, match="do not fit"):
+        load_checkpoint(path).build()
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", build_model(KPACConfig(levels=2, channels=8)))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointMismatchError):
+        load_checkpoint(path)
+
+
+def test_torch_files_load_only_with_weights_only(tmp_path):
+    model = build_model(KPACConfig(levels=2, channels=8))
+    ok = tmp_path / "ok.pt"
+    torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, ok)
+    assert load_checkpoint(ok).config == model.config
+    evil = tmp_path / "evil.pt"
+    torch.save({"config": model.config.to_dict(), "model": model.state_dict(), "x": _RunsCode()}, evil)
+    with pytest.raises(CheckpointMismatchError, match="refused|unreadable"):
+        load_checkpoint(evil)

@@ -1,0 +1,138 @@
+"""Tiled inference equals whole-image inference, for every model variant and tile size."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+from kpac_cli.engine import Deblurrer, EngineOptions, TiledInference, pad_to_multiple, receptive_halos
+from kpac_cli.model import KPACConfig, build_model
+
+ATOL = 1e-5
+VARIANTS = {
+    "2level": KPACConfig(levels=2),
+    "3level": KPACConfig(levels=3),
+    "dual": KPACConfig(levels=3, in_views=2),
+    "ablation": KPACConfig(levels=2, blocks=1, kernel_size=3, dilations=(1, 3), shared_kernel=False, shape_attention=False),
+}
+
+
+def _model(cfg: KPACConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # non-zero biases, so that zero padding at a wrong place shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("tile", [128, 136, 200, 256])
+def test_tiled_equals_whole(variant, tile):
+    cfg = VARIANTS[variant]
+    engine = TiledInference(_model(cfg), torch.device("cpu"), nullcontext, channels_last=False)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(1, cfg.in_channels, 301, 390, generator=gen) * 2 - 1  # not multiples of 8
+    ref = torch.rand(1, 3, 301, 390, generator=gen) * 2 - 1
+    whole = engine(x, ref, None).output
+    tiled = engine(x, ref, tile).output
+    assert tiled.shape == (1, 3, 301, 390)
+    assert (tiled - whole).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("variant", ["2level", "3level"])
+def test_halo_is_tight_and_needed(variant):
+    """One stride less of decoder halo breaks exactness: the halo is computed, not guessed."""
+    cfg = VARIANTS[variant]
+    engine = TiledInference(_model(cfg), torch.device("cpu"), nullcontext, channels_last=False)
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    whole = engine(x, x, None).output
+    exact_error = (engine(x, x, 128).output - whole).abs().max().item()
+    enc, dec = receptive_halos(cfg)
+    engine.halos = (enc, dec - cfg.stride)
+    short_error = (engine(x, x, 128).output - whole).abs().max().item()
+    assert exact_error < 1e-6 and short_error > 10 * max(exact_error, 1e-7)
+
+
+def test_padding_handles_tiny_images():
+    x = torch.rand(1, 3, 1, 1)
+    p = pad_to_multiple(x, 8)
+    assert p.shape[-2:] == (8, 8) and torch.all(p == x[0, :, 0, 0].view(1, 3, 1, 1))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 13), (64, 64), (129, 77)])
+def test_any_size_is_accepted_and_cropped_back(size):
+    d = Deblurrer(_model(VARIANTS["3level"]), EngineOptions(tile=None, channels_last=False))
+    img = np.random.default_rng(0).random(size + (3,), dtype=np.float32)
+    out = d.deblur(img)
+    assert out.shape == size + (3,) and out.dtype == np.float32
+    assert 0 <= out.min() and out.max() <= 1
+
+
+def test_channels_last_and_auto_tile_match_reference_path():
+    model = _model(VARIANTS["3level"])
+    img = np.random.default_rng(3).random((150, 230, 3), dtype=np.float32)
+    ref = Deblurrer(model, EngineOptions(tile=None, channels_last=False)).deblur(img)
+    fast = Deblurrer(model, EngineOptions(tile=128, channels_last=True)).deblur(img)
+    auto = Deblurrer(model, EngineOptions(tile="auto", memory_budget=40 << 20)).deblur(img)
+    assert np.abs(fast - ref).max() < ATOL and np.abs(auto - ref).max() < ATOL
+
+
+def test_auto_tile_plans_from_the_budget():
+    d = Deblurrer(_model(VARIANTS["3level"]), EngineOptions(tile="auto", memory_budget=256 << 20))
+    assert d.plan_tile(100, 100) is None  # fits: whole image, no recomputation
+    t = d.plan_tile(4000, 6000)
+    assert t is not None and t % 8 == 0 and t >= 128
+    halo = max(receptive_halos(d.config))
+    assert (t + 2 * halo) ** 2 * d.bytes_per_pixel() <= 256 << 20
+
+
+def test_out_of_memory_halves_the_tile(monkeypatch):
+    model = _model(VARIANTS["2level"])
+    d = Deblurrer(model, EngineOptions(tile=512, channels_last=False))
+    img = np.random.default_rng(4).random((300, 300, 3), dtype=np.float32)
+    expected = Deblurrer(model, EngineOptions(tile=None, channels_last=False)).deblur(img)
+    real_encode = model.encode
+
+    def encode_failing_on_big_tiles(x, skips_only=False):
+        if x.shape[-1] > 200:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return real_encode(x, skips_only=skips_only)
+
+    monkeypatch.setattr(model, "encode", encode_failing_on_big_tiles)
+    out = d.deblur(img)
+    assert d.last_stats.tile_reductions >= 1 and d.last_stats.tile <= 256
+    assert np.abs(out - expected).max() < ATOL
+
+
+def test_bf16_on_cpu_is_close_to_fp32():
+    """How far bf16 autocast on the CPU is from fp32 (reported as PSNR between the outputs)."""
+    model = _model(VARIANTS["3level"])
+    img = np.random.default_rng(5).random((128, 160, 3), dtype=np.float32)
+    a = Deblurrer(model, EngineOptions(tile=None)).deblur(img)
+    b = Deblurrer(model, EngineOptions(tile=None, precision="bf16")).deblur(img)
+    psnr = 10 * np.log10(1.0 / np.mean((a - b) ** 2))
+    print(f"bf16 vs fp32 on CPU: PSNR {psnr:.1f} dB")
+    assert psnr > 40
+
+
+def test_half_precision_overflow_falls_back_to_fp32(monkeypatch):
+    """Non-finite values from a half-precision run never reach the photo: the image is redone in fp32."""
+    model = _model(VARIANTS["2level"])
+    img = np.random.default_rng(6).random((40, 40, 3), dtype=np.float32)
+    expected = Deblurrer(model, EngineOptions(tile=None, channels_last=False)).deblur(img)
+    real_decode = model.decode
+
+    def decode_overflowing_in_half(features, skips):
+        out = real_decode(features, skips)
+        return out * float("inf") if torch.is_autocast_enabled("cpu") else out
+
+    monkeypatch.setattr(model, "decode", decode_overflowing_in_half)
+    d = Deblurrer(model, EngineOptions(tile=None, precision="bf16", channels_last=False))
+    out = d.deblur(img)
+    assert d.last_stats.fell_back_to_fp32 and d.last_stats.precision == "fp32"
+    assert np.isfinite(out).all() and np.abs(out - expected).max() < ATOL
