@@ -1,0 +1,247 @@
+"""Writing a synthetic training/test set in the DPDD directory layout: :func:`write_dataset`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .render import SynthSettings, synthesize
+from .sources import Source
+
+__all__ = ["write_dataset", "dataset_dirs"]
+
+
+def dataset_dirs(split: str, dual_pixel: bool) -> dict[str, str]:
+    """Relative directories of a DPDD-style split, by role.
+
+    ``blurred``: ``{split}_c/source``, ``sharp``: ``{split}_c/target``, ``radius``:
+    ``{split}_c/radius`` and, for dual pixel, ``left``: ``{split}_l/source``, ``right``:
+    ``{split}_r/source`` (the layout of the DPDD dataset of Abuolaim & Brown, ECCV 2020).
+    """
+    dirs = {"blurred": f"{split}_c/source", "sharp": f"{split}_c/target", "radius": f"{split}_c/radius"}
+    if dual_pixel:
+        dirs.update(left=f"{split}_l/source", right=f"{split}_r/source")
+    return dirs
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same directory, then rename over ``path``:
+    readers (or a crash) never see a half-written file."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_image(path: Path, image: np.ndarray, bit_depth: int) -> None:
+    if bit_depth == 8:
+        import imageio.v3 as iio
+
+        q = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+        _atomic(path, lambda p: iio.imwrite(p, q, extension=".png"))
+    else:
+        import tifffile
+
+        q = np.round(np.clip(image, 0.0, 1.0) * 65535.0).astype(np.uint16)
+        _atomic(path, lambda p: tifffile.imwrite(p, q, photometric="rgb"))
+
+
+def _write_radius(path: Path, radius: np.ndarray) -> None:
+    import tifffile
+
+    _atomic(path, lambda p: tifffile.imwrite(p, np.ascontiguousarray(radius, np.float32)))
+
+
+def _fit(image: np.ndarray, depth: np.ndarray | None, max_side: int | None):
+    """Downscale so the long side is at most ``max_side`` (anti-aliased; depth by nearest
+    neighbour so occlusion edges stay sharp). Large photos are softer per pixel than they are
+    at a reduced size, and a smaller image makes a sharper target."""
+    h, w = image.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return image, depth
+    from skimage.transform import resize
+
+    scale = max_side / max(h, w)
+    shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+    image = resize(image, shape, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+    if depth is not None:
+        depth = resize(depth, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.float32)
+    return image, depth
+
+
+def _assign(n_sources: int, count: int, seed: int) -> list[int]:
+    """Source index of each sample: every source is used once per round, rounds shuffled."""
+    order: list[int] = []
+    rnd = 0
+    while len(order) < count:
+        order.extend(int(i) for i in np.random.default_rng([seed, 1, rnd]).permutation(n_sources))
+        rnd += 1
+    return order[:count]
+
+
+def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop: int | None, seed: int,
+                  settings: SynthSettings, split: str = "train", bit_depth: int = 8,
+                  max_side: int | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Synthesise ``count`` pairs from ``sources`` and write them in the DPDD layout.
+
+    Files (``NAME = {index:05d}_{source name}``, the same in every directory):
+
+    * ``{split}_c/source/NAME.png``: the defocused input (centre view for dual pixel)
+    * ``{split}_c/target/NAME.png``: the sharp target
+    * ``{split}_c/radius/NAME.tiff``: float32 signed blur radius in pixels (positive behind focus)
+    * dual pixel only: ``{split}_l/source/NAME.png`` and ``{split}_r/source/NAME.png``
+    * ``synth_{split}.json``: the summary (settings, seed, files, per-sample draws)
+
+    Images are 8-bit PNG (as the paper's DPDD conversion) or, with ``bit_depth=16``, 16-bit
+    RGB TIFF (``.tiff``; the PNG writer available here cannot store 16-bit colour).
+
+    Parameters
+    ----------
+    sources : sequence of Source
+        Sharp images (:func:`~kpac_cli.synth.sources.sharp_sources`). Each is used once per
+        round of ``len(sources)`` samples, in a shuffled order, and loaded once.
+    out_dir : Path
+        Root of the dataset (created if needed; existing files of the same names are replaced).
+    count : int
+        Number of samples to write.
+    crop : int, optional
+        Size of the square crop taken at a random position of each (downscaled) source; a
+        source smaller than ``crop`` gives a smaller crop (never upscaled). The blur is
+        computed on the crop plus a margin of ``ceil(max_radius) + 1`` pixels where the
+        source has it, so the crop's borders see the out-of-crop content like a real lens.
+        None: whole images.
+    seed : int
+        Non-negative. Sample ``i`` draws everything from ``numpy.random.default_rng([seed, i])``:
+        the same seed, sources and settings give byte-identical files.
+    settings : SynthSettings
+        Optics (``settings.dual_pixel`` selects the dual-pixel views).
+    split : str
+        Directory prefix, e.g. ``train``, ``val``, ``test``.
+    bit_depth : {8, 16}
+        Bit depth of the image files.
+    max_side : int, optional
+        Downscale sources whose long side is larger than this first.
+    progress : callable, optional
+        Called as ``progress(done, count)`` after each sample.
+
+    Returns
+    -------
+    dict
+        ``count`` (written), ``requested``, ``seed``, ``split``, ``crop``, ``bit_depth``,
+        ``max_side``, ``settings`` (dict), ``dirs``, ``files`` (paths relative to ``out_dir``),
+        ``samples`` (name, source, crop box ``[y, x, h, w]``, focus, strength),
+        ``failed`` (sources that could not be loaded: their samples are skipped) and
+        ``out_dir``.
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    if crop is not None and crop < 1:
+        raise ValueError(f"crop must be >= 1, got {crop}")
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    if not sources:
+        raise ValueError("no sources to synthesise from")
+    if not split or "/" in split or "\\" in split or split.startswith("."):
+        raise ValueError(f"split must be a plain name, got {split!r}")
+
+    out_dir = Path(out_dir)
+    dirs = dataset_dirs(split, settings.dual_pixel)
+    for d in dirs.values():
+        (out_dir / d).mkdir(parents=True, exist_ok=True)
+    ext = ".png" if bit_depth == 8 else ".tiff"
+    width = max(5, len(str(max(count - 1, 0))))
+    margin = int(math.ceil(settings.max_radius)) + 1
+
+    assignment = _assign(len(sources), count, seed)
+    by_source: dict[int, list[int]] = {}
+    for i, s in enumerate(assignment):
+        by_source.setdefault(s, []).append(i)
+
+    records: dict[int, dict[str, Any]] = {}
+    files: dict[int, list[str]] = {}
+    failed: list[dict[str, str]] = []
+    done = 0
+    for s_idx in sorted(by_source, key=lambda k: by_source[k][0]):
+        src = sources[s_idx]
+        indices = by_source[s_idx]
+        try:
+            image, depth = src.load_with_depth()
+            if depth is not None and depth.shape != image.shape[:2]:
+                raise ValueError(f"depth map {depth.shape} does not match image {image.shape[:2]}")
+            image, depth = _fit(image, depth, max_side)
+        except Exception as exc:  # one unreadable source must not stop the set
+            failed.append({"source": src.name, "origin": src.origin, "error": f"{type(exc).__name__}: {exc}"})
+            done += len(indices)
+            if progress is not None:
+                progress(done, count)
+            continue
+        h, w = image.shape[:2]
+        for i in indices:
+            rng = np.random.default_rng([seed, i])
+            ch, cw = (h, w) if crop is None else (min(crop, h), min(crop, w))
+            y0 = int(rng.integers(0, h - ch + 1))
+            x0 = int(rng.integers(0, w - cw + 1))
+            # Window = crop + margin (where the source has it); blur it, keep the crop.
+            wy0, wx0 = max(y0 - margin, 0), max(x0 - margin, 0)
+            wy1, wx1 = min(y0 + ch + margin, h), min(x0 + cw + margin, w)
+            win = (slice(wy0, wy1), slice(wx0, wx1))
+            sample = synthesize(image[win], rng, settings, None if depth is None else depth[win])
+            keep = (slice(y0 - wy0, y0 - wy0 + ch), slice(x0 - wx0, x0 - wx0 + cw))
+            name = f"{i:0{width}d}_{src.name}"
+            rel = {
+                "blurred": f"{dirs['blurred']}/{name}{ext}",
+                "sharp": f"{dirs['sharp']}/{name}{ext}",
+                "radius": f"{dirs['radius']}/{name}.tiff",
+            }
+            _write_image(out_dir / rel["blurred"], sample.blurred[keep], bit_depth)
+            _write_image(out_dir / rel["sharp"], sample.sharp[keep], bit_depth)
+            _write_radius(out_dir / rel["radius"], sample.radius[keep])
+            if settings.dual_pixel:
+                rel["left"] = f"{dirs['left']}/{name}{ext}"
+                rel["right"] = f"{dirs['right']}/{name}{ext}"
+                _write_image(out_dir / rel["left"], sample.left[keep], bit_depth)
+                _write_image(out_dir / rel["right"], sample.right[keep], bit_depth)
+            files[i] = list(rel.values())
+            records[i] = {
+                "name": name, "source": src.name, "crop": [y0, x0, ch, cw],
+                "focus": sample.info.get("focus"), "strength": sample.info.get("strength"),
+                "rotation": sample.info.get("rotation"),
+            }
+            done += 1
+            if progress is not None:
+                progress(done, count)
+
+    order = sorted(records)
+    summary: dict[str, Any] = {
+        "count": len(order),
+        "requested": count,
+        "seed": seed,
+        "split": split,
+        "crop": crop,
+        "bit_depth": bit_depth,
+        "max_side": max_side,
+        "settings": asdict(settings),
+        "dirs": dirs,
+        "files": [f for i in order for f in files[i]],
+        "samples": [records[i] for i in order],
+        "failed": failed,
+    }
+    # The manifest carries no time or absolute path, so reruns are byte-identical.
+    text = json.dumps(summary, indent=1, sort_keys=True) + "\n"
+    _atomic(out_dir / f"synth_{split}.json", lambda p: p.write_text(text, encoding="utf-8"))
+    summary["out_dir"] = str(out_dir)
+    return summary
