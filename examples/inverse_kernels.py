@@ -18,12 +18,18 @@ Usage: python examples/inverse_kernels.py
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from skimage import data
 
-from kpac_cli.inverse import blend_accuracy, dilation_psnr, scale_equivariance_psnr
+try:
+    from kpac_cli.inverse import blend_accuracy, dilation_psnr, scale_equivariance_psnr
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kpac_cli.inverse import blend_accuracy, dilation_psnr, scale_equivariance_psnr
 
 RADIUS = 3.0
 SNR = 100.0
@@ -49,7 +55,7 @@ def main() -> None:
         print(f"  ours, rescaled with {method:7s}, blur = disc 2r     {v:5.1f} dB")
 
     print("\nEq. 5 / Fig. 2  blend of two inverse-kernel scales vs the exact inverse of an in-between blur")
-    print("  accuracy := 1 - ||x_blend - x_exact|| / ||x_exact - blurred||  (ours; the paper's definition differs)")
+  XX
     print("  paper: alpha = 0.5 -> 87.4 %,  least-squares weights -> 92.5 %")
     print("  scales (x r)   SNR   scale 1   scale 2   alpha=.5    NNLS   (weights)      PSNR exact/blend/blurred")
     for snr in (SNR, 30.0):

@@ -63,7 +63,7 @@ def deblur(
     fp32: bool = typer.Option(False, "--fp32", help="Shorthand for --precision fp32."),
     tile: str = typer.Option("auto", "--tile", help="Tile size in pixels, 'auto' (from free memory) or 0 (whole image). Tiling is exact."),
     fmt: Optional[str] = typer.Option(None, "--format", "--ext", help="Output format: png, tiff or jpeg (default: the input's; RAW -> tiff)."),
-    bit_depth: Optional[int] = typer.Option(None, "--bit-depth", help="8 or 16 (default: the input's; JPEG is always 8)."),
+    bit_depth: Optional[int] = typer.Option(None, "--bit-depth", help="8 or 16 (default: the input's; JPEG is always 8); 32 = float32 TIFF of the unclipped network output."),
     suffix: str = typer.Option("", "--suffix", help="Added to output file names, e.g. _sharp."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Leave existing outputs alone (resume a batch)."),
@@ -95,8 +95,10 @@ def deblur(
         fmt = {"tif": "tiff", "jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
         if fmt not in ("png", "tiff", "jpeg"):
             raise usage_error(f"unknown --format {fmt!r} (png, tiff or jpeg)")
-    if bit_depth not in (None, 8, 16):
-        raise usage_error("--bit-depth must be 8 or 16")
+    if bit_depth not in (None, 8, 16, 32):
+        raise usage_error("--bit-depth must be 8, 16 or 32 (float TIFF)")
+    if bit_depth == 32 and fmt not in (None, "tiff"):
+        raise usage_error("--bit-depth 32 (float) is written as TIFF only")
     try:
         tile_value = _tile_option(tile)
     except typer.BadParameter as e:

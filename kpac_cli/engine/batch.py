@@ -28,6 +28,7 @@ from ..images import (
     ImageError,
     ImageInfo,
     RawOptions,
+    atomic_write_bytes,
     cleanup_stale_temps,
     is_image_path,
     pair_dual_pixel,
@@ -49,7 +50,7 @@ class PlanError(ValueError):
 @dataclass
 class OutputOptions:
     format: str | None = None  # png | tiff | jpeg; default: the input's (RAW -> tiff)
-    bit_depth: int | None = None  # 8 | 16; default: the input's
+    bit_depth: int | None = None  # 8 | 16 | 32 (float32 TIFF, unclipped); default: the input's
     suffix: str = ""
     overwrite: bool = False
     skip_existing: bool = False
@@ -91,6 +92,8 @@ class JobResult:
 
 
 def _output_ext(source_path: Path | None, options: OutputOptions) -> str:
+    if options.bit_depth == 32:
+        return ".tif"
     if options.format:
         return _EXT_FOR_FORMAT[options.format]
     if source_path is None:
@@ -263,7 +266,9 @@ def run_batch(
                 image, center, info = fut.result()
                 progress = on_start(job) if on_start else None
                 result = deblurrer.run(image, center, progress, keep_attention=after_run is not None)
-                out = ((result.output[0].permute(1, 2, 0) + 1) * 0.5).clamp_(0, 1).numpy()
+                out = (result.output[0].permute(1, 2, 0) + 1) * 0.5
+                # float output is the raw network output; integer formats are clipped to [0, 1]
+                out = (out if options.bit_depth == 32 else out.clamp_(0, 1)).numpy()
                 extra = (after_run(job, result, info) or {}) if after_run else {}
             except (ImageError, ValueError, MemoryError, OSError) as e:
                 finish_write()
@@ -291,6 +296,8 @@ def _write(job: Job, image: np.ndarray, info: ImageInfo, options: OutputOptions)
         if job.output.exists() and not options.overwrite:
             # another process created it since the preflight: never clobber
             raise ImageError(f"{job.output}: appeared while processing; not overwritten (use --overwrite)")
+    if options.bit_depth == 32:
+        return _write_float_tiff(job.output, image)
     fmt = options.format
     if fmt is None and job.output is not None:
         suffix = job.output.suffix.lower()
@@ -298,6 +305,20 @@ def _write(job: Job, image: np.ndarray, info: ImageInfo, options: OutputOptions)
     if fmt is None and info.format == "raw":
         fmt = "tiff"
     return write_image(job.output, image, info, format=fmt, bit_depth=options.bit_depth, jpeg_quality=options.jpeg_quality)
+
+
+def _write_float_tiff(path: Path | None, image: np.ndarray) -> bytes | None:
+    """float32 RGB TIFF of the unclipped output (values in [0, 1] units, may exceed them)."""
+    import io
+
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.ascontiguousarray(image, dtype=np.float32), photometric="rgb", compression="zlib")
+    if path is None:
+        return buf.getvalue()
+    atomic_write_bytes(path, buf.getvalue())
+    return None
 
 
 def _one_line(err: BaseException, label: object) -> str:

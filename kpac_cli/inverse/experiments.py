@@ -152,10 +152,10 @@ def blend_accuracy(
     pixels), where ``x_A`` is the approximation and ``b`` the blurred image: the
     fraction of the exact inverse kernel's correction that the approximation
     reproduces (1 = identical to the exact result, 0 = no closer than the blurry input,
-    negative = worse). This is *our* definition; the paper's (Fig. 2: 87.4 % with
-    ``alpha = 0.5``, 92.5 % with optimised weights) is not spelled out the same way, so
-    the numbers are comparable in trend (blend beats either scale, fitted beats fixed),
-    not in value. Note that comparing the kernels themselves pixel by pixel is
+    negative = worse). This is *our* definition, not the paper's (Fig. 2: 87.4 % with
+    ``alpha = 0.5``, 92.5 % with optimised weights), which we do not reproduce; compare
+    the trend (the blend beats either scale, fitted weights beat fixed ones), not the
+    values. Note that comparing the kernels themselves pixel by pixel is
     meaningless here: inverse kernels of different radii ring at different
     frequencies and are nearly orthogonal.
     """

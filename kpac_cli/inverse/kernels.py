@@ -206,17 +206,19 @@ def _output_half_width(n: int, s: float) -> tuple[int, bool]:
 def _fourier_weights(n: int, t: np.ndarray) -> np.ndarray:
     """Trigonometric (periodic band-limited) interpolation weights, shape (len(t), n).
 
-    Sample ``j`` (centred index ``j - n // 2``) gets weight ``D(t - (j - n // 2))`` where
-    ``D`` is the Dirichlet kernel of period ``n``; for even ``n`` the Nyquist term is split
-    symmetrically so that the interpolant of a real sequence is real.
+    Sample ``j`` (centred index ``j - n // 2``) gets weight ``D(t - (j - n // 2))``, with
+    ``D`` the periodic sinc (Dirichlet kernel) of period ``n``: ``sin(pi x) / (n sin(pi x
+    / n))`` for odd ``n``, and ``sin(pi x) / (n tan(pi x / n))`` for even ``n`` (the
+    Nyquist term split symmetrically, so a real kernel stays real). This is what
+    zero-padding the DFT computes, evaluated at arbitrary positions.
     """
     c = n // 2
-    offs = t[:, None] - (np.arange(n) - c)[None, :]
-    freqs = np.fft.fftfreq(n) * n  # integer frequencies, -n/2 included once for even n
-    # Real part of the inverse DFT: for odd n the imaginary parts cancel exactly; for even
-    # n, cos() of the single Nyquist term equals the symmetric split of it.
-    phase = (2 * np.pi / n) * offs[..., None] * freqs[None, None, :]
-    return np.cos(phase).sum(-1) / n
+    x = t[:, None] - (np.arange(n) - c)[None, :]
+    num = np.sin(np.pi * x)
+    den = n * (np.sin(np.pi * x / n) if n % 2 else np.tan(np.pi * x / n))
+    near = np.abs(den) < 1e-12  # x a multiple of n: the limit is 1
+    w = np.divide(num, den, out=np.ones_like(x), where=~near)
+    return w
 
 
 def _lanczos_weights(n: int, t: np.ndarray, a: int = 3) -> np.ndarray:

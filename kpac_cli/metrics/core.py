@@ -1,0 +1,122 @@
+"""Full-reference image metrics with stated conventions: PSNR, SSIM, MAE, quantisation.
+
+Conventions (the ones the DPDD defocus-deblurring literature uses, e.g. IFAN, Restormer,
+DRBNet, LaKDNet):
+
+* Images are float arrays in [0, 1], ``(H, W, C)`` with channels last (or ``(H, W)``
+  grey); ``pred`` and ``target`` must have the same shape. The data range is 1.
+* PSNR and MAE pool all pixels *and* channels of one image; a data set's score is the
+  mean of the per-image scores.
+* SSIM is scikit-image's :func:`skimage.metrics.structural_similarity` with
+  ``data_range=1`` and ``channel_axis=-1`` (per-channel SSIM, averaged): by default its
+  7x7 uniform window with the sample covariance (``window='uniform'``); optionally the
+  Gaussian window of Wang et al. 2004 (``window='gaussian'``: ``gaussian_weights=True,
+  sigma=1.5, use_sample_covariance=False``). The two give different numbers, so always
+  report which one was used.
+* The paper evaluates 8-bit images: :func:`quantize` both images to 8 bits first
+  (16 bits or none are options).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from skimage.metrics import structural_similarity
+
+__all__ = ["mae", "psnr", "quantize", "ssim", "to_float", "SSIM_WINDOWS"]
+
+SSIM_WINDOWS = ("uniform", "gaussian")
+
+
+def to_float(image: np.ndarray) -> np.ndarray:
+    """Convert an image to float64 in [0, 1] by its integer dtype's full range.
+
+    ``uint8`` is divided by 255, ``uint16`` by 65535 (other unsigned integer types by
+    their maximum); floating-point input is returned as float64 unchanged (assumed to be
+    in [0, 1] already); booleans become 0/1.
+    """
+    img = np.asarray(image)
+    if img.dtype == np.bool_:
+        return img.astype(np.float64)
+    if np.issubdtype(img.dtype, np.unsignedinteger):
+        return img.astype(np.float64) / np.iinfo(img.dtype).max
+    if np.issubdtype(img.dtype, np.floating):
+        return img.astype(np.float64, copy=False)
+    raise TypeError(f"unsupported image dtype {img.dtype}: use unsigned integers or floats in [0, 1]")
+
+
+def quantize(image: np.ndarray, bit_depth: int | None = 8) -> np.ndarray:
+    """Quantise a [0, 1] float image to ``bit_depth`` bits and back to [0, 1].
+
+    Values are clipped to [0, 1], scaled by ``2**bit_depth - 1`` and rounded half up
+    (``floor(x + 0.5)``, so 0.5 -> 1, as writing an image file with ``x * 255 + 0.5``
+    does), then divided again. ``bit_depth=None`` returns the float image unchanged
+    (not even clipped), for evaluating raw network outputs.
+    """
+    img = to_float(image)
+    if bit_depth is None:
+        return img
+    if int(bit_depth) != bit_depth or not 1 <= bit_depth <= 32:
+        raise ValueError(f"bit_depth must be an integer in 1..32 or None, got {bit_depth}")
+    peak = float(2 ** int(bit_depth) - 1)
+    return np.floor(np.clip(img, 0.0, 1.0) * peak + 0.5) / peak
+
+
+def _pair(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p, t = to_float(pred), to_float(target)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction {p.shape} and target {t.shape} have different shapes")
+    if p.ndim not in (2, 3):
+        raise ValueError(f"images must be (H, W) or (H, W, C), got shape {p.shape}")
+    return p, t
+
+
+def psnr(pred: np.ndarray, target: np.ndarray, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB: ``10 log10(data_range**2 / MSE)``.
+
+    The MSE is over all pixels and channels. Identical images give ``inf``. Equals
+    :func:`skimage.metrics.peak_signal_noise_ratio` with the same ``data_range``.
+    """
+    p, t = _pair(pred, target)
+    mse = float(np.mean((p - t) ** 2))
+    if mse == 0.0:
+        return math.inf
+    return 10.0 * math.log10(data_range**2 / mse)
+
+
+def mae(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean absolute error over all pixels and channels (in units of the data range 1)."""
+    p, t = _pair(pred, target)
+    return float(np.mean(np.abs(p - t)))
+
+
+def ssim(pred: np.ndarray, target: np.ndarray, window: str = "uniform", data_range: float = 1.0) -> float:
+    """Structural similarity (mean SSIM) via scikit-image.
+
+    Parameters
+    ----------
+    pred, target : (H, W, C) or (H, W) array_like
+        Float images in [0, 1] (or unsigned integers, converted by :func:`to_float`).
+        Both sides must be at least 7 pixels (uniform) or 11 pixels (Gaussian).
+    window : {'uniform', 'gaussian'}
+        ``'uniform'`` (default): 7x7 uniform window with the sample covariance, as
+        scikit-image does by default and as IFAN/Restormer/DRBNet/LaKDNet report.
+        ``'gaussian'``: 11x11 Gaussian window, sigma 1.5, population covariance
+        (Wang et al. 2004, MATLAB ``ssim``).
+    data_range : float
+        Dynamic range of the images (1 for [0, 1]); sets ``C1 = (0.01 L)**2`` and
+        ``C2 = (0.03 L)**2``.
+
+    Returns
+    -------
+    float
+        Mean SSIM over the valid (uncropped) pixels, averaged over channels.
+    """
+    p, t = _pair(pred, target)
+    kwargs: dict = {"data_range": data_range, "channel_axis": -1 if p.ndim == 3 else None}
+    if window == "gaussian":
+        kwargs.update(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    elif window != "uniform":
+        raise ValueError(f"window must be one of {SSIM_WINDOWS}, got {window!r}")
+    return float(structural_similarity(p, t, **kwargs))

@@ -1,0 +1,283 @@
+"""Pairing predictions with ground truth: plain folders, the DPDD layout, split labels.
+
+Names: a pair's ``name`` is the file stem (file name without its image extension).
+Sorting: "sorted order" is plain lexicographic order of the file names (``sorted()`` on
+the names, as the DPDD/KPAC evaluation scripts do with their file lists).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+from .errors import PairingError
+
+__all__ = [
+    "DPDD_COUNTS",
+    "IMAGE_EXTENSIONS",
+    "DPDDPair",
+    "Pair",
+    "list_images",
+    "pair_dpdd",
+    "pair_folders",
+    "pair_predictions_dpdd",
+    "read_labels",
+]
+
+#: File extensions taken as images (case-insensitive).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".ppm", ".pgm"})
+
+#: Number of image pairs per split of the DPDD data set (Abuolaim & Brown, ECCV 2020).
+DPDD_COUNTS = {"train": 350, "val": 74, "test": 76}
+
+_MAX_LISTED = 5  # names quoted in an error message
+
+
+class Pair(NamedTuple):
+    """One prediction/target pair of file paths (unpacks as ``name, pred, target``)."""
+
+    name: str
+    pred: Path
+    target: Path
+
+
+class DPDDPair(NamedTuple):
+    """One DPDD sample: the centre (combined) view, its target, and the dual-pixel views.
+
+    ``left``/``right`` are ``None`` unless dual-pixel views were asked for. ``name`` is
+    the stem of the *source* (input) file, which is what a deblurred output is named after.
+    """
+
+    name: str
+    source: Path
+    target: Path
+    left: Path | None = None
+    right: Path | None = None
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly inside ``folder`` (not recursive, hidden files skipped), sorted by name."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise PairingError(f"not a folder: {d}")
+    return sorted((p for p in d.iterdir() if _is_image(p)), key=lambda p: p.name)
+
+
+def _quote(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
+
+
+def _by_stem(files: list[Path], folder: Path) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for f in files:
+        if f.stem in out:
+            raise PairingError(f"{folder}: two images share the name {f.stem!r} ({out[f.stem].name}, {f.name})")
+        out[f.stem] = f
+    return out
+
+
+def pair_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, by: str = "name") -> list[Pair]:
+    """Pair the images of two folders.
+
+    Parameters
+    ----------
+    pred_dir, target_dir : path-like
+        Folders of predictions (e.g. deblurred outputs) and of ground-truth images.
+    by : {'name', 'order'}
+        ``'name'``: files with the same stem pair up (``a.png`` with ``a.tif``); every
+        image on either side must have a partner. ``'order'``: the i-th file of each
+        folder in sorted order pair up; the counts must be equal. Use ``'order'`` only
+        when names differ systematically (as in DPDD).
+
+    Returns
+    -------
+    list of Pair
+        ``(name, pred, target)``, sorted by name; ``name`` is the prediction's stem.
+
+    Raises
+    ------
+    PairingError
+        A folder is missing or empty, counts differ (``'order'``), names are missing on
+        one side or appear twice in one folder (``'name'``). The message names them.
+    """
+    pdir, tdir = Path(pred_dir), Path(target_dir)
+    preds, targets = list_images(pdir), list_images(tdir)
+    if not preds:
+        raise PairingError(f"no images in {pdir}")
+    if not targets:
+        raise PairingError(f"no images in {tdir}")
+    if by == "order":
+        if len(preds) != len(targets):
+            raise PairingError(
+                f"cannot pair by order: {len(preds)} images in {pdir} but {len(targets)} in {tdir}"
+            )
+        return [Pair(p.stem, p, t) for p, t in zip(preds, targets)]
+    if by != "name":
+        raise ValueError(f"by must be 'name' or 'order', got {by!r}")
+    pmap, tmap = _by_stem(preds, pdir), _by_stem(targets, tdir)
+    no_target = sorted(set(pmap) - set(tmap))
+    no_pred = sorted(set(tmap) - set(pmap))
+    if no_target or no_pred:
+        parts = []
+        if no_target:
+            parts.append(f"{len(no_target)} prediction(s) without a target in {tdir}: {_quote(no_target)}")
+        if no_pred:
+            parts.append(f"{len(no_pred)} target(s) without a prediction in {pdir}: {_quote(no_pred)}")
+        raise PairingError("cannot pair by name: " + "; ".join(parts))
+    return [Pair(n, pmap[n], tmap[n]) for n in sorted(pmap)]
+
+
+def _split_dir(root: Path, split: str, view: str, kind: str) -> Path:
+    return root / f"{split}_{view}" / kind
+
+
+def pair_dpdd(
+    root: str | os.PathLike,
+    split: str = "test",
+    *,
+    dual: bool = False,
+    expected_count: int | None | str = "auto",
+) -> list[DPDDPair]:
+    """Pair inputs and targets of the DPDD data set (Canon dual-pixel defocus pairs).
+
+    Layout under ``root``::
+
+        {split}_c/source/*.png   blurry centre ("combined") views (the single-image input)
+        {split}_c/target/*.png   all-in-focus ground truth
+        {split}_l/source/*.png   left dual-pixel views   (only read with dual=True)
+        {split}_r/source/*.png   right dual-pixel views  (only read with dual=True)
+
+    In DPDD the source and target files of a pair have *different names* (e.g. source
+    ``1P0A0917.png`` goes with target ``1P0A0916.png``: separate exposures), so pairing is
+    by sorted order within the split; the counts are checked against the published split
+    sizes (350 train, 74 val, 76 test). The left/right views share the source names and
+    are matched by name.
+
+    Parameters
+    ----------
+    root : path-like
+        The data set folder (holding ``test_c`` etc.).
+    split : {'train', 'val', 'test'} or other
+        Split prefix of the folders.
+    dual : bool
+        Also pair the left/right views (for the dual-pixel model).
+    expected_count : int, None or 'auto'
+        ``'auto'``: the published count of a known split (any count for an unknown
+        split name); an int: that count; ``None``: no count check (for subsets).
+
+    Returns
+    -------
+    list of DPDDPair
+        Sorted by source file name.
+
+    Raises
+    ------
+    PairingError
+        Missing folders, differing source/target counts, a count other than expected, or
+        missing left/right views.
+    """
+    root = Path(root)
+    src_dir, tgt_dir = _split_dir(root, split, "c", "source"), _split_dir(root, split, "c", "target")
+    for d in (src_dir, tgt_dir):
+        if not d.is_dir():
+            raise PairingError(f"DPDD folder missing: {d} (expected {split}_c/source and {split}_c/target under {root})")
+    sources, targets = list_images(src_dir), list_images(tgt_dir)
+    if len(sources) != len(targets):
+        raise PairingError(f"DPDD {split}: {len(sources)} sources in {src_dir} but {len(targets)} targets in {tgt_dir}")
+    want = DPDD_COUNTS.get(split) if expected_count == "auto" else expected_count
+    if want is not None and len(sources) != want:
+        raise PairingError(
+            f"DPDD {split}: found {len(sources)} pairs, expected {want} (pass expected_count=None to allow a subset)"
+        )
+    if not sources:
+        raise PairingError(f"DPDD {split}: no images in {src_dir}")
+    lefts: dict[str, Path] = {}
+    rights: dict[str, Path] = {}
+    if dual:
+        for view, store in (("l", lefts), ("r", rights)):
+            d = _split_dir(root, split, view, "source")
+            if not d.is_dir():
+                raise PairingError(f"DPDD folder missing: {d} (needed for dual-pixel input)")
+            store.update(_by_stem(list_images(d), d))
+            missing = sorted({s.stem for s in sources} - set(store))
+            if missing:
+                raise PairingError(f"DPDD {split}: {len(missing)} source(s) without a view in {d}: {_quote(missing)}")
+    return [
+        DPDDPair(s.stem, s, t, lefts.get(s.stem), rights.get(s.stem))
+        for s, t in zip(sources, targets)
+    ]
+
+
+def pair_predictions_dpdd(
+    pred_dir: str | os.PathLike,
+    root: str | os.PathLike,
+    split: str = "test",
+    *,
+    expected_count: int | None | str = "auto",
+) -> list[Pair]:
+    """Pair deblurred DPDD outputs (named after their *source* files) with the targets.
+
+    Predictions are matched to sources by name, and sources to targets by sorted order
+    (:func:`pair_dpdd`). Every source needs a prediction and vice versa.
+    """
+    samples = pair_dpdd(root, split, expected_count=expected_count)
+    pdir = Path(pred_dir)
+    pmap = _by_stem(list_images(pdir), pdir)
+    names = {s.name for s in samples}
+    missing = sorted(names - set(pmap))
+    extra = sorted(set(pmap) - names)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} DPDD {split} source(s) without a prediction in {pdir}: {_quote(missing)}")
+        if extra:
+            parts.append(f"{len(extra)} prediction(s) not named after a DPDD {split} source: {_quote(extra)}")
+        raise PairingError("; ".join(parts))
+    return [Pair(s.name, pmap[s.name], s.target) for s in samples]
+
+
+def _strip_ext(name: str) -> str:
+    p = Path(name)
+    return p.stem if p.suffix.lower() in IMAGE_EXTENSIONS else p.name
+
+
+def read_labels(path: str | os.PathLike) -> dict[str, str]:
+    """Read a split-label file: one ``name,label`` per line (e.g. ``1P0A0917,indoor``).
+
+    Format: CSV (comma; a tab also works); blank lines and lines starting with ``#`` are
+    skipped; a first (non-comment) line ``name,label`` is taken as a header. Names may carry an image
+    extension (``a.png`` and ``a`` are the same image). Surrounding spaces are trimmed.
+
+    Raises
+    ------
+    ValueError
+        A line without exactly two fields, an empty name/label, or one name with two
+        different labels (the message gives the line number).
+    """
+    out: dict[str, str] = {}
+    first = True
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            delim = "," if "," in line else "\t"
+            fields = [f.strip() for f in next(csv.reader([line], delimiter=delim))]
+            if len(fields) != 2 or not all(fields):
+                raise ValueError(f"{path}:{lineno}: expected 'name,label', got {line!r}")
+            is_header = first and [f.lower() for f in fields] == ["name", "label"]
+            first = False
+            if is_header:
+                continue
+            name, label = _strip_ext(fields[0]), fields[1]
+            if out.get(name, label) != label:
+                raise ValueError(f"{path}:{lineno}: {name!r} labelled both {out[name]!r} and {label!r}")
+            out[name] = label
+    return out

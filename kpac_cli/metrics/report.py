@@ -1,0 +1,238 @@
+"""Evaluation reports: per-image rows, means overall and per split, JSON/CSV/Markdown.
+
+Means are plain averages of the per-image values (the DPDD convention), overall and for
+every split label (e.g. indoor/outdoor read by :func:`~kpac_cli.metrics.read_labels`).
+LPIPS is either a number for every image or absent for all of them, in which case the
+report carries the reason (``lpips_unavailable``) and prints ``unavailable: <reason>``;
+no number is ever substituted.
+
+File formats:
+
+* JSON: ``{"title", "conventions", "lpips_unavailable", "summary", "images", "failures",
+  "notes"}``; ``summary`` is ``{"overall": {...}, "splits": {label: {...}}}`` with
+  ``count, psnr, ssim, mae, lpips`` each; non-finite numbers (PSNR of identical images)
+  are written as the strings ``"inf"``/``"nan"`` and missing LPIPS as ``null``.
+* CSV: header ``name,split,psnr,ssim,mae,lpips`` and one row per image (empty field for
+  no split / no LPIPS; ``inf`` parses with ``float()``).
+* Markdown: summary table with the paper's Table 4 rows beside ours, per-split and
+  per-image tables, and the conventions used.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .paper import PAPER_TABLE4_DPDD, PAPER_TABLE4_LABEL
+
+__all__ = ["ImageResult", "Report", "METRIC_NAMES"]
+
+METRIC_NAMES = ("psnr", "ssim", "mae", "lpips")
+_CSV_FIELDS = ("name", "split", "psnr", "ssim", "mae", "lpips")
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """Metrics of one image (see :mod:`kpac_cli.metrics.core` for the conventions)."""
+
+    name: str
+    psnr: float
+    ssim: float
+    mae: float
+    lpips: float | None = None
+    split: str | None = None
+
+
+def _json_num(v: float | None) -> float | str | None:
+    if v is None:
+        return None
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+
+
+def _mean(values: Iterable[float]) -> float:
+    vals = list(values)
+    return math.fsum(vals) / len(vals) if vals else math.nan
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    if v is None:
+        return "n/a"
+    if not math.isfinite(v):
+        return "inf" if v > 0 else str(v)
+    return f"{v:.{digits}f}"
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+@dataclass
+class Report:
+    """Per-image results plus what is needed to read them.
+
+    Attributes
+    ----------
+    rows : list of ImageResult
+    conventions : dict of str to str
+        How the numbers were computed (data range, bit depth, SSIM window, LPIPS
+        variant and weights...); written into every output.
+    lpips_unavailable : str or None
+        Why there is no LPIPS (None when LPIPS was computed).
+    title : str
+    failures : list of (name, message)
+        Images that could not be evaluated (not part of any mean).
+    notes : list of str
+        Anything else worth reading next to the numbers (e.g. unlabelled images).
+    """
+
+    rows: list[ImageResult] = field(default_factory=list)
+    conventions: dict[str, str] = field(default_factory=dict)
+    lpips_unavailable: str | None = None
+    title: str = "kpac evaluation"
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ summary
+
+    @property
+    def has_lpips(self) -> bool:
+        return bool(self.rows) and all(r.lpips is not None for r in self.rows)
+
+    def _means(self, rows: list[ImageResult]) -> dict[str, Any]:
+        out: dict[str, Any] = {"count": len(rows)}
+        for m in ("psnr", "ssim", "mae"):
+            out[m] = _mean(getattr(r, m) for r in rows)
+        out["lpips"] = _mean(r.lpips for r in rows) if rows and all(r.lpips is not None for r in rows) else None
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """``{"overall": means, "splits": {label: means}}``; means hold ``count`` too."""
+        labels = sorted({r.split for r in self.rows if r.split is not None})
+        return {
+            "overall": self._means(self.rows),
+            "splits": {lab: self._means([r for r in self.rows if r.split == lab]) for lab in labels},
+        }
+
+    # ------------------------------------------------------------------ writers
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (non-finite numbers as strings, see the module doc)."""
+        summ = self.summary()
+
+        def conv(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: (_json_num(v) if isinstance(v, float) else v) for k, v in d.items()}
+
+        return {
+            "title": self.title,
+            "conventions": dict(self.conventions),
+            "lpips_unavailable": self.lpips_unavailable,
+            "summary": {"overall": conv(summ["overall"]), "splits": {k: conv(v) for k, v in summ["splits"].items()}},
+            "images": [
+                {k: (_json_num(v) if isinstance(v, float) else v) for k, v in asdict(r).items()} for r in self.rows
+            ],
+            "failures": [{"name": n, "error": e} for n, e in self.failures],
+            "notes": list(self.notes),
+            "paper": {
+                "source": PAPER_TABLE4_LABEL,
+                "rows": [row._asdict() for row in PAPER_TABLE4_DPDD],
+            },
+        }
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        _write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+
+    def csv_text(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(_CSV_FIELDS)
+        for r in self.rows:
+            w.writerow(
+                [
+                    r.name,
+                    r.split or "",
+                    repr(r.psnr) if math.isfinite(r.psnr) else ("inf" if r.psnr > 0 else "nan"),
+                    repr(r.ssim),
+                    repr(r.mae),
+                    "" if r.lpips is None else repr(r.lpips),
+                ]
+            )
+        return buf.getvalue()
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        _write_text(path, self.csv_text())
+
+    def markdown(self) -> str:
+        """The Markdown report as a string (see :meth:`to_markdown`)."""
+        summ = self.summary()
+        lp_note = f"unavailable: {self.lpips_unavailable}" if self.lpips_unavailable else None
+        lines = [f"# {_md_escape(self.title)}", ""]
+
+        lines += ["## Summary", ""]
+        lines += [
+            "| method | source | images | PSNR (dB) ↑ | SSIM ↑ | MAE ↓ | LPIPS ↓ |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+
+        def our_row(label: str, m: dict[str, Any]) -> str:
+            lp = _fmt(m["lpips"], 3) if m["lpips"] is not None else (lp_note or "n/a")
+            return (
+                f"| {_md_escape(label)} | measured | {m['count']} | {_fmt(m['psnr'], 2)} | {_fmt(m['ssim'], 3)}"
+                f" | {_fmt(m['mae'], 3)} | {_md_escape(lp)} |"
+            )
+
+        lines.append(our_row("ours (all images)", summ["overall"]))
+        for lab, m in summ["splits"].items():
+            lines.append(our_row(f"ours ({lab})", m))
+        for p in PAPER_TABLE4_DPDD:
+            lines.append(
+                f"| {p.method} | {PAPER_TABLE4_LABEL} | 76 | {p.psnr:.2f} | {p.ssim:.3f} | {p.mae:.3f} | {p.lpips:.3f} |"
+            )
+        lines.append("")
+        if lp_note:
+            lines += [f"LPIPS: {_md_escape(lp_note)}", ""]
+        lines += [
+            "The paper's rows are the published numbers on the full DPDD test set; ours are comparable",
+            "only when computed on those same 76 images with the same conventions (listed below).",
+            "",
+        ]
+
+        lines += ["## Conventions", ""]
+        for k, v in self.conventions.items():
+            lines.append(f"- **{k}**: {v}")
+        lines.append(f"- **means**: average of the per-image values (PSNR averaged in dB)")
+        lines.append("")
+
+        if self.failures:
+            lines += ["## Failures (not in any mean)", "", "| name | error |", "|---|---|"]
+            lines += [f"| {_md_escape(n)} | {_md_escape(e)} |" for n, e in self.failures]
+            lines.append("")
+        if self.notes:
+            lines += ["## Notes", ""] + [f"- {_md_escape(n)}" for n in self.notes] + [""]
+
+        lines += ["## Per image", ""]
+        lines += ["| name | split | PSNR (dB) | SSIM | MAE | LPIPS |", "|---|---|---:|---:|---:|---:|"]
+        for r in self.rows:
+            lp = _fmt(r.lpips, 4) if r.lpips is not None else ("unavailable" if lp_note else "n/a")
+            lines.append(
+                f"| {_md_escape(r.name)} | {_md_escape(r.split or '')} | {_fmt(r.psnr, 2)} | {_fmt(r.ssim, 4)}"
+                f" | {_fmt(r.mae, 4)} | {lp} |"
+            )
+        return "\n".join(lines) + "\n"
+
+    def to_markdown(self, path: str | os.PathLike) -> None:
+        """Write the Markdown report: ours next to the paper's Table 4, conventions, per image."""
+        _write_text(path, self.markdown())
+
+
+def _write_text(path: str | os.PathLike, text: str) -> None:
+    # Write to a temporary file and rename, so an interrupted run never leaves half a report.
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    os.replace(tmp, p)

@@ -1,0 +1,178 @@
+"""`kpac deblur` end to end: parity through the CLI, formats, pipelines, batches, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from typer.testing import CliRunner
+
+from kpac_cli.checkpoints import save_checkpoint
+from kpac_cli.cli import app
+from kpac_cli.images import ImageInfo, read_image, write_image
+from kpac_cli.model import KPACConfig, build_model
+
+runner = CliRunner()
+
+
+def invoke(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Small random-weight models that exercise the plumbing (they are not deblurring models)."""
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    single = save_checkpoint(folder / "single.safetensors", build_model(KPACConfig(levels=2, channels=8)), {"name": "tiny"})
+    dual = save_checkpoint(folder / "dual.safetensors", build_model(KPACConfig(levels=2, channels=8, in_views=2)), {"name": "tiny-dual"})
+    return single, dual
+
+
+def _write(path: Path, arr: np.ndarray, bit_depth: int, channels: int = 3, fmt: str = "png") -> Path:
+    info = ImageInfo(path=None, format=fmt, bit_depth=bit_depth, channels=channels, alpha=None, icc_profile=None, exif=None, orientation_applied=1, size=arr.shape[:2])
+    write_image(path, arr, info)
+    return path
+
+
+@pytest.mark.parametrize(
+    "folder,ckpt,inputs,expected",
+    [
+        ("official-tf-2level", "single_2level.npz", ["single_2level_input.png"], "single_2level_expected.npy"),
+        ("official-tf-2level", "single_2level.npz", ["single_2level_96x144_input.png"], "single_2level_96x144_expected.npy"),
+        ("official-tf-3level", "single_3level.npz", ["single_3level_input.png"], "single_3level_expected.npy"),
+        ("official-tf-dual", "dual.npz", ["dual_input_l.png", "dual_input_r.png", "dual_input_c.png"], "dual_expected.npy"),
+    ],
+)
+def test_convert_then_deblur_reproduces_the_authors_outputs(shared_dir, tmp_path, folder, ckpt, inputs, expected):
+    ref = shared_dir / "reference" / folder
+    model = tmp_path / "m.safetensors"
+    assert invoke("convert", ref / ckpt, "-o", model).exit_code == 0
+    out = tmp_path / "out.tif"
+    if len(inputs) == 1:
+        args = [ref / inputs[0]]
+    else:
+        args = ["--left", ref / inputs[0], "--right", ref / inputs[1], "--center", ref / inputs[2]]
+    for tile in ("0", "128"):
+        res = invoke("deblur", *args, "-o", out, "--model", model, "--bit-depth", "32", "--tile", tile, "--overwrite", "--device", "cpu")
+        assert res.exit_code == 0, res.output
+        y = tifffile.imread(out) * 2 - 1  # back to the network's [-1, 1] units
+        assert np.abs(y - np.load(ref / expected)).max() < 1e-5
+
+
+def test_sixteen_bit_png_stays_sixteen_bit(tmp_path, tiny_models):
+    rng = np.random.default_rng(0)
+    src = _write(tmp_path / "in16.png", rng.integers(0, 65536, (40, 52, 3)).astype(np.float32) / 65535, 16)
+    res = invoke("deblur", src, "-o", tmp_path / "out", "--model", tiny_models[0])
+    assert res.exit_code == 0, res.output
+    img, info = read_image(tmp_path / "out" / "in16.png")
+    assert info.bit_depth == 16 and info.format == "png" and img.shape == (40, 52, 3)
+    # and the values are not 8-bit values in disguise
+    assert np.any(np.abs(img * 255 - np.round(img * 255)) > 1e-3)
+
+
+def test_alpha_passes_through_unchanged(tmp_path, tiny_models):
+    rng = np.random.default_rng(1)
+    alpha = rng.integers(0, 256, (33, 47)).astype(np.float32) / 255
+    info = ImageInfo(path=None, format="png", bit_depth=8, channels=4, alpha=alpha, icc_profile=None, exif=None, orientation_applied=1, size=(33, 47))
+    write_image(tmp_path / "rgba.png", rng.random((33, 47, 3), dtype=np.float32), info)
+    assert invoke("deblur", tmp_path / "rgba.png", "-o", tmp_path / "o", "--model", tiny_models[0]).exit_code == 0
+    _, out_info = read_image(tmp_path / "o" / "rgba.png")
+    assert out_info.channels == 4 and np.array_equal(out_info.alpha, alpha)
+
+
+def test_stdin_to_stdout_pipeline(tmp_path, tiny_models):
+    src = _write(tmp_path / "a.png", np.random.default_rng(2).random((30, 30, 3), dtype=np.float32), 8)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kpac_cli", "deblur", "-", "-o", "-", "--model", str(tiny_models[0])],
+        input=src.read_bytes(), capture_output=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout[:8] == b"\x89PNG\r\n\x1a\n"
+    img, info = read_image(proc.stdout)
+    assert img.shape == (30, 30, 3) and info.bit_depth == 8
+    assert proc.stderr == b""  # quiet when piped
+
+
+def test_batch_json_records_exit_codes_and_resume(tmp_path, tiny_models):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        _write(photos / f"p{i}.png", np.random.default_rng(i).random((24, 24, 3), dtype=np.float32), 8)
+    (photos / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+    res = invoke("deblur", photos, "-o", out, "--model", tiny_models[0], "--json", "--suffix", "_sharp")
+    assert res.exit_code == 1  # one image failed, the others were still done
+    records = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["status"] for r in records) == ["failed", "ok", "ok", "ok"]
+    failed = next(r for r in records if r["status"] == "failed")
+    assert "broken.png" in failed["error"] and "\n" not in failed["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["p0_sharp.png", "p1_sharp.png", "p2_sharp.png"]
+    ok = next(r for r in records if r["status"] == "ok")
+    assert {"input", "output", "width", "height", "model", "device", "precision", "seconds", "error"} <= set(ok)
+    before = (out / "p0_sharp.png").stat().st_mtime_ns
+    (photos / "broken.png").unlink()
+    res = invoke("deblur", photos, "-o", out, "--model", tiny_models[0], "--suffix", "_sharp")
+    assert res.exit_code == 1 and "exists" in res.output  # never overwrites silently
+    res = invoke("deblur", photos, "-o", out, "--model", tiny_models[0], "--suffix", "_sharp", "--skip-existing")
+    assert res.exit_code == 0
+    assert (out / "p0_sharp.png").stat().st_mtime_ns == before
+
+
+def test_output_equal_to_input_is_refused(tmp_path, tiny_models):
+    src = _write(tmp_path / "x.png", np.random.default_rng(3).random((16, 16, 3), dtype=np.float32), 8)
+    data = src.read_bytes()
+    res = invoke("deblur", src, "-o", src, "--model", tiny_models[0], "--overwrite")
+    assert res.exit_code == 1 and src.read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["deblur", "-o", "out"],  # no inputs
+        ["deblur", "nonexistent.png", "-o", "out"],
+        ["deblur", "x.png", "-o", "out", "--tile", "banana"],
+        ["deblur", "x.png", "-o", "out", "--bit-depth", "12"],
+        ["deblur", "--left", "l.png", "-o", "out"],
+        ["deblur", "x.png", "-o", "out", "--overwrite", "--skip-existing"],
+    ],
+)
+def test_usage_errors_exit_2(tmp_path, args, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "x.png", np.zeros((8, 8, 3), np.float32), 8)
+    assert invoke(*args).exit_code == 2
+
+
+def test_dual_pixel_folders_matched_by_name(tmp_path, tiny_models):
+    rng = np.random.default_rng(4)
+    for side in ("L", "R"):
+        (tmp_path / side).mkdir()
+        for name in ("a.png", "b.png"):
+            _write(tmp_path / side / name, rng.random((24, 32, 3), dtype=np.float32), 8)
+    res = invoke("deblur", "--left", tmp_path / "L", "--right", tmp_path / "R", "-o", tmp_path / "out", "--model", tiny_models[1])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
+    (tmp_path / "R" / "b.png").unlink()
+    res = invoke("deblur", "--left", tmp_path / "L", "--right", tmp_path / "R", "-o", tmp_path / "out2", "--model", tiny_models[1])
+    assert res.exit_code == 2 and "b.png" in res.output
+
+
+def test_single_model_refuses_dual_input_and_vice_versa(tmp_path, tiny_models):
+    src = _write(tmp_path / "x.png", np.zeros((16, 16, 3), np.float32), 8)
+    assert invoke("deblur", src, "-o", tmp_path / "o", "--model", tiny_models[1]).exit_code == 2
+    assert invoke("deblur", "--left", src, "--right", src, "-o", tmp_path / "o2", "--model", tiny_models[0]).exit_code == 2
+
+
+def test_version_help_and_module_entry_point():
+    assert invoke("--version").stdout.startswith("kpac ")
+    for cmd in ("deblur", "models", "convert"):
+        res = invoke(cmd, "--help")
+        assert res.exit_code == 0 and "Example" in res.stdout, cmd
+    proc = subprocess.run([sys.executable, "-m", "kpac_cli", "--version"], capture_output=True, text=True, check=True)
+    assert proc.stdout.startswith("kpac ")

@@ -1,0 +1,569 @@
+"""Metrics (PSNR/SSIM/MAE/LPIPS), pairing, image reading and reports (kpac_cli.metrics)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio
+
+from kpac_cli import metrics as M
+from kpac_cli.metrics import lpips_net
+
+RNG = np.random.default_rng(1234)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def ssim_uniform_reference(x: np.ndarray, y: np.ndarray, L: float = 1.0, w: int = 7) -> float:
+    """SSIM written out window by window (Wang et al. formula, 7x7 uniform, sample covariance)."""
+    C1, C2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+    n = w * w
+    vals = []
+    for c in range(x.shape[2]):
+        for i in range(x.shape[0] - w + 1):
+            for j in range(x.shape[1] - w + 1):
+                a = x[i : i + w, j : j + w, c]
+                b = y[i : i + w, j : j + w, c]
+                ma, mb = a.mean(), b.mean()
+                va, vb = a.var(ddof=1), b.var(ddof=1)
+                cov = ((a - ma) * (b - mb)).sum() / (n - 1)
+                vals.append(((2 * ma * mb + C1) * (2 * cov + C2)) / ((ma**2 + mb**2 + C1) * (va + vb + C2)))
+    return float(np.mean(vals))
+
+
+def png_bytes(a: np.ndarray, depth: int, filters=(0, 1, 2, 3, 4)) -> bytes:
+    """A PNG encoder written directly from the spec, cycling through the row filters."""
+
+    def paeth(p_a, p_b, p_c):
+        p = p_a + p_b - p_c
+        pa, pb, pc = abs(p - p_a), abs(p - p_b), abs(p - p_c)
+        return p_a if pa <= pb and pa <= pc else (p_b if pb <= pc else p_c)
+
+    h, w = a.shape[:2]
+    ch = 1 if a.ndim == 2 else a.shape[2]
+    rows = a.reshape(h, -1).astype(">u2" if depth == 16 else "u1").view(np.uint8).reshape(h, -1).astype(int)
+    bpp = ch * depth // 8
+    out = []
+    for r in range(h):
+        t = filters[r % len(filters)]
+        cur, prev = rows[r], (rows[r - 1] if r else np.zeros_like(rows[r]))
+        line = []
+        for i in range(len(cur)):
+            A = cur[i - bpp] if i >= bpp else 0
+            B = prev[i]
+            C = prev[i - bpp] if i >= bpp else 0
+            line.append((cur[i] - [0, A, B, (A + B) // 2, paeth(A, B, C)][t]) % 256)
+        out.append(bytes([t] + line))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ctype = {1: 0, 2: 4, 3: 2, 4: 6}[ch]
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, ctype, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"".join(out))) + chunk(b"IEND", b"")
+
+
+def save_png8(path, a):
+    Image.fromarray(np.asarray(a, dtype=np.uint8)).save(path)
+
+
+# ------------------------------------------------------------------------------ PSNR / MAE / SSIM
+
+
+def test_psnr_constant_offset_is_20db():
+    t = np.full((16, 16, 3), 0.3)
+    assert M.psnr(t + 0.1, t) == pytest.approx(20.0, abs=1e-9)
+    assert M.psnr(t, t + 0.1) == pytest.approx(20.0, abs=1e-9)
+    assert M.psnr(t + 0.01, t) == pytest.approx(40.0, abs=1e-9)
+
+
+def test_psnr_matches_skimage_and_identical_is_inf():
+    for _ in range(3):
+        a, b = RNG.random((20, 24, 3)), RNG.random((20, 24, 3))
+        assert M.psnr(a, b) == pytest.approx(peak_signal_noise_ratio(b, a, data_range=1.0), abs=1e-10)
+    a = RNG.random((8, 8, 3))
+    assert M.psnr(a, a) == math.inf
+    assert M.psnr(a * 255, (a + 0.1) * 255, data_range=255) == pytest.approx(20.0)
+
+
+def test_mae_known_values():
+    pred = np.zeros((2, 2, 3))
+    target = np.zeros((2, 2, 3))
+    target[0, 0] = [0.3, 0.6, 0.9]  # |diff| sum 1.8 over 12 values
+    assert M.mae(pred, target) == pytest.approx(0.15)
+    assert M.mae(target, pred) == pytest.approx(0.15)
+    assert M.mae(np.full((3, 3, 3), 0.25), np.full((3, 3, 3), 0.75)) == pytest.approx(0.5)
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="different shapes"):
+        M.psnr(np.zeros((4, 4, 3)), np.zeros((4, 5, 3)))
+
+
+def test_uint_inputs_are_scaled():
+    a8 = np.full((8, 8, 3), 51, np.uint8)
+    assert M.mae(a8, np.zeros((8, 8, 3))) == pytest.approx(0.2)
+    a16 = np.full((8, 8, 3), 65535, np.uint16)
+    assert M.mae(a16, np.zeros((8, 8, 3))) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("window", ["uniform", "gaussian"])
+def test_ssim_identical_is_one(window):
+    a = RNG.random((32, 32, 3))
+    assert M.ssim(a, a, window=window) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_ssim_uniform_matches_hand_computation():
+    x = RNG.random((12, 14, 3))
+    y = np.clip(x + RNG.normal(0, 0.1, x.shape), 0, 1)
+    ours = M.ssim(x, y)
+    assert ours == pytest.approx(ssim_uniform_reference(x, y), abs=1e-6)
+    assert 0 < ours < 1
+
+
+def test_ssim_windows_differ_and_window_checked():
+    x = RNG.random((32, 32, 3))
+    y = np.clip(x + RNG.normal(0, 0.1, x.shape), 0, 1)
+    u, g = M.ssim(x, y, "uniform"), M.ssim(x, y, "gaussian")
+    assert abs(u - g) > 1e-3
+    with pytest.raises(ValueError):
+        M.ssim(x, y, "box")
+
+
+def test_ssim_grey_images():
+    x = RNG.random((16, 16))
+    assert M.ssim(x, x) == pytest.approx(1.0)
+
+
+def test_quantize_rounds_half_up():
+    x = np.array([0.0, 0.5 / 255, 1.49 / 255, 1.5 / 255, 254.5 / 255, 1.0, 1.2, -0.1])
+    q = M.quantize(x, 8) * 255
+    np.testing.assert_allclose(q, [0, 1, 1, 2, 255, 255, 255, 0], atol=1e-9)
+    q16 = M.quantize(np.array([0.5 / 65535, 100.5 / 65535]), 16) * 65535
+    np.testing.assert_allclose(q16, [1, 101], atol=1e-6)
+    y = RNG.random(50)
+    assert M.quantize(y, None) is not None and np.array_equal(M.quantize(y, None), y)
+    np.testing.assert_array_equal(M.quantize(M.quantize(y, 8), 8), M.quantize(y, 8))  # idempotent
+    with pytest.raises(ValueError):
+        M.quantize(y, 0)
+
+
+# ------------------------------------------------------------------------------ LPIPS
+
+
+@pytest.fixture(scope="module")
+def rand_lpips():
+    torch.manual_seed(0)
+    return M.LPIPS()
+
+
+def test_lpips_wiring_with_random_weights(rand_lpips):
+    base = RNG.random((64, 64, 3)).astype(np.float32)
+    assert M.lpips(base, base, rand_lpips) == pytest.approx(0.0, abs=1e-7)
+    dists = []
+    for sigma in (0.02, 0.1, 0.3):
+        noisy = np.clip(base + RNG.normal(0, sigma, base.shape), 0, 1).astype(np.float32)
+        d01, d10 = M.lpips(base, noisy, rand_lpips), M.lpips(noisy, base, rand_lpips)
+        assert d01 == pytest.approx(d10, rel=1e-5)  # symmetric by construction
+        dists.append(d01)
+    assert 0 < dists[0] < dists[1] < dists[2]
+
+
+def test_lpips_rejects_bad_input(rand_lpips):
+    with pytest.raises(ValueError):
+        M.lpips(np.zeros((16, 16, 3)), np.zeros((16, 16, 3)), rand_lpips)
+    with pytest.raises(ValueError):
+        M.lpips(np.zeros((64, 64, 3)), np.zeros((64, 64)), rand_lpips)
+
+
+@pytest.fixture
+def no_lpips_weights(tmp_path, monkeypatch):
+    """An empty hub cache, no env var, no lpips package: LPIPS must be unavailable."""
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(hub))
+    monkeypatch.delenv(M.LPIPS_ENV, raising=False)
+    monkeypatch.setattr(lpips_net, "_lpips_package_weights", lambda: None)
+    yield hub / "checkpoints"
+    torch.hub.set_dir(old)
+
+
+def _official_style_files(folder, model: M.LPIPS):
+    """Write the two published files' layouts: torchvision AlexNet + lpips linear layers."""
+    sd = model.state_dict()
+    backbone = {k: v.clone() for k, v in sd.items() if k.startswith("features.")}
+    backbone["classifier.1.weight"] = torch.zeros(2, 2)  # the real file has the classifier too; ignored
+    lins = {f"lin{i}.model.1.weight": sd[f"lins.{i}.weight"].clone() for i in range(5)}
+    torch.save(backbone, folder / lpips_net.BACKBONE_FILE)
+    torch.save(lins, folder / lpips_net.LINEAR_FILE)
+
+
+def test_load_lpips_without_weights_raises(no_lpips_weights):
+    with pytest.raises(M.MetricUnavailable) as exc:
+        M.load_lpips()
+    msg = str(exc.value)
+    assert "alex.pth" in msg and "alexnet-owt-7be5be79.pth" in msg and str(no_lpips_weights) in msg
+    with pytest.raises(M.MetricUnavailable):
+        M.load_lpips(no_lpips_weights / "nope.pth")
+
+
+def test_load_lpips_from_hub_cache_and_folder(no_lpips_weights, rand_lpips, tmp_path):
+    _official_style_files(no_lpips_weights, rand_lpips)
+    loaded = M.load_lpips()
+    for k, v in rand_lpips.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    a = RNG.random((48, 48, 3)).astype(np.float32)
+    b = np.clip(a + 0.1, 0, 1).astype(np.float32)
+    assert M.lpips(a, b, loaded) == pytest.approx(M.lpips(a, b, rand_lpips), rel=1e-6)
+    assert len(loaded.sources) == 2
+
+    other = tmp_path / "weights"
+    other.mkdir()
+    _official_style_files(other, rand_lpips)
+    assert M.load_lpips(other).sources[0].startswith(str(other.resolve()))
+
+
+def test_load_lpips_combined_lpips_package_layout(no_lpips_weights, rand_lpips, tmp_path):
+    # The lpips.LPIPS module's own state_dict naming: net.sliceK.N.* and linK.model.1.weight.
+    sd = rand_lpips.state_dict()
+    slice_of = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
+    combined = {}
+    for k, v in sd.items():
+        if k.startswith("features."):
+            idx = int(k.split(".")[1])
+            combined[f"net.slice{slice_of[idx]}.{idx}.{k.split('.')[2]}"] = v
+        else:
+            combined[f"lin{k.split('.')[1]}.model.1.weight"] = v
+    combined["scaling_layer.shift"] = torch.tensor([-0.030, -0.088, -0.188])
+    f = tmp_path / "lpips_full.pth"
+    torch.save(combined, f)
+    loaded = M.load_lpips(f)
+    for k, v in sd.items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    # our own save() round-trips too
+    g = tmp_path / "ours.pth"
+    rand_lpips.save(g)
+    assert torch.equal(M.load_lpips(g).lins[2].weight, rand_lpips.lins[2].weight)
+
+
+def test_load_lpips_refuses_partial_mismatched_or_unsafe(no_lpips_weights, rand_lpips, tmp_path):
+    only_lin = tmp_path / "alex.pth"
+    chans = (64, 192, 384, 256, 256)
+    torch.save({f"lin{i}.model.1.weight": torch.ones(1, c, 1, 1) for i, c in enumerate(chans)}, only_lin)
+    with pytest.raises(M.MetricUnavailable, match="AlexNet backbone"):
+        M.load_lpips(only_lin)
+    bad = {k: v for k, v in rand_lpips.state_dict().items()}
+    bad["lins.0.weight"] = torch.ones(1, 3, 1, 1)
+    f = tmp_path / "bad.pth"
+    torch.save(bad, f)
+    with pytest.raises(M.MetricUnavailable, match="shape"):
+        M.load_lpips(f)
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": object()}, evil)  # needs a full unpickler: weights_only refuses it
+    with pytest.raises(M.MetricUnavailable, match="cannot read"):
+        M.load_lpips(evil)
+
+
+def test_evaluate_reports_lpips_unavailable_not_a_number(no_lpips_weights, tmp_path):
+    a = RNG.random((40, 40, 3))
+    report = M.evaluate([("a", a, a * 0.9)], lpips_model="auto")
+    assert report.rows[0].lpips is None
+    assert report.lpips_unavailable and "alex.pth" in report.lpips_unavailable
+    assert report.summary()["overall"]["lpips"] is None
+    md = report.markdown()
+    assert "unavailable: LPIPS weights not available" in md
+    d = report.to_dict()
+    assert d["summary"]["overall"]["lpips"] is None and d["images"][0]["lpips"] is None
+
+
+def test_evaluate_with_lpips_model(rand_lpips):
+    a = RNG.random((40, 40, 3))
+    report = M.evaluate([("a", a, np.clip(a + 0.05, 0, 1))], lpips_model=rand_lpips)
+    assert report.rows[0].lpips is not None and report.rows[0].lpips > 0
+    assert report.lpips_unavailable is None
+    assert "random (untrained)" in report.conventions["LPIPS"]
+
+
+# ------------------------------------------------------------------------------ image reading
+
+
+@pytest.mark.parametrize("depth", [8, 16])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_read_png_exact_all_filters(tmp_path, depth, channels):
+    dt = np.uint16 if depth == 16 else np.uint8
+    shape = (7, 9) if channels == 1 else (7, 9, channels)
+    a = RNG.integers(0, np.iinfo(dt).max + 1, shape).astype(dt)
+    f = tmp_path / "x.png"
+    f.write_bytes(png_bytes(a, depth))
+    out = M.read_png(f)
+    assert out.dtype == dt and np.array_equal(out, a)
+    img = M.read_image(f)
+    expect = a[..., :3] if channels == 4 else a  # alpha dropped
+    np.testing.assert_allclose(img, expect / np.iinfo(dt).max)
+
+
+def test_read_image_8bit_matches_pillow(tmp_path):
+    from skimage import data
+
+    a = data.astronaut()[:64, :80]
+    save_png8(tmp_path / "a.png", a)
+    np.testing.assert_array_equal(M.read_png(tmp_path / "a.png"), a)
+    np.testing.assert_allclose(M.read_image(tmp_path / "a.png"), a / 255.0)
+
+
+# ------------------------------------------------------------------------------ pairing
+
+
+def _touch_images(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        save_png8(folder / n, np.zeros((2, 2, 3)))
+
+
+def test_pair_folders_by_name(tmp_path):
+    _touch_images(tmp_path / "p", ["b.png", "a.png", "c.jpg"])
+    _touch_images(tmp_path / "t", ["a.png", "c.png", "b.tif"])
+    (tmp_path / "p" / "notes.txt").write_text("not an image")
+    pairs = M.pair_folders(tmp_path / "p", tmp_path / "t")
+    assert [p.name for p in pairs] == ["a", "b", "c"]
+    name, pred, target = pairs[2]
+    assert pred.name == "c.jpg" and target.name == "c.png"
+
+
+def test_pair_folders_by_name_reports_missing(tmp_path):
+    _touch_images(tmp_path / "p", ["a.png", "b.png", "x.png"])
+    _touch_images(tmp_path / "t", ["a.png", "b.png", "y.png"])
+    with pytest.raises(M.PairingError) as exc:
+        M.pair_folders(tmp_path / "p", tmp_path / "t")
+    msg = str(exc.value)
+    assert "x" in msg and "y" in msg and "without a target" in msg and "without a prediction" in msg
+
+
+def test_pair_folders_duplicate_stem(tmp_path):
+    _touch_images(tmp_path / "p", ["a.png", "a.jpg"])
+    _touch_images(tmp_path / "t", ["a.png"])
+    with pytest.raises(M.PairingError, match="share the name"):
+        M.pair_folders(tmp_path / "p", tmp_path / "t")
+
+
+def test_pair_folders_by_order(tmp_path):
+    _touch_images(tmp_path / "p", ["img_2.png", "img_1.png", "img_3.png"])
+    _touch_images(tmp_path / "t", ["gt_b.png", "gt_a.png", "gt_c.png"])
+    pairs = M.pair_folders(tmp_path / "p", tmp_path / "t", by="order")
+    assert [(p.pred.name, p.target.name) for p in pairs] == [
+        ("img_1.png", "gt_a.png"),
+        ("img_2.png", "gt_b.png"),
+        ("img_3.png", "gt_c.png"),
+    ]
+    _touch_images(tmp_path / "t", ["gt_d.png"])
+    with pytest.raises(M.PairingError, match="3 images .* but 4"):
+        M.pair_folders(tmp_path / "p", tmp_path / "t", by="order")
+
+
+def test_pair_folders_empty_or_missing(tmp_path):
+    (tmp_path / "p").mkdir()
+    _touch_images(tmp_path / "t", ["a.png"])
+    with pytest.raises(M.PairingError, match="no images"):
+        M.pair_folders(tmp_path / "p", tmp_path / "t")
+    with pytest.raises(M.PairingError, match="not a folder"):
+        M.pair_folders(tmp_path / "missing", tmp_path / "t")
+    with pytest.raises(ValueError):
+        M.pair_folders(tmp_path / "t", tmp_path / "t", by="size")
+
+
+def _dpdd_tree(root, split, n, dual=False):
+    # DPDD-like names: the target of source N is N-1 (a separate exposure)
+    src = [f"1P0A{917 + 2 * i:04d}.png" for i in range(n)]
+    tgt = [f"1P0A{916 + 2 * i:04d}.png" for i in range(n)]
+    _touch_images(root / f"{split}_c" / "source", src)
+    _touch_images(root / f"{split}_c" / "target", tgt)
+    if dual:
+        _touch_images(root / f"{split}_l" / "source", src)
+        _touch_images(root / f"{split}_r" / "source", src)
+    return src, tgt
+
+
+def test_pair_dpdd_by_sorted_order_with_counts(tmp_path):
+    src, tgt = _dpdd_tree(tmp_path, "test", 76, dual=True)
+    pairs = M.pair_dpdd(tmp_path, "test")
+    assert len(pairs) == 76
+    assert pairs[0].name == "1P0A0917" and pairs[0].source.name == "1P0A0917.png"
+    assert pairs[0].target.name == "1P0A0916.png" and pairs[0].left is None
+    assert all(p.source.name == s and p.target.name == t for p, s, t in zip(pairs, src, tgt))
+    dual = M.pair_dpdd(tmp_path, "test", dual=True)
+    assert dual[5].left.parent.parent.name == "test_l" and dual[5].right.name == src[5]
+
+
+def test_pair_dpdd_count_checks(tmp_path):
+    _dpdd_tree(tmp_path, "val", 10)
+    with pytest.raises(M.PairingError, match="expected 74"):
+        M.pair_dpdd(tmp_path, "val")
+    assert len(M.pair_dpdd(tmp_path, "val", expected_count=None)) == 10
+    (tmp_path / "val_c" / "target" / "1P0A0916.png").unlink()
+    with pytest.raises(M.PairingError, match="10 sources .* but 9 targets"):
+        M.pair_dpdd(tmp_path, "val", expected_count=None)
+    with pytest.raises(M.PairingError, match="folder missing"):
+        M.pair_dpdd(tmp_path, "train")
+    with pytest.raises(M.PairingError, match="val_c/source and val_c/target"):
+        M.pair_dpdd(tmp_path / "nowhere", "val")
+
+
+def test_pair_dpdd_dual_views_missing(tmp_path):
+    src, _ = _dpdd_tree(tmp_path, "test", 3, dual=True)
+    (tmp_path / "test_r" / "source" / src[1]).unlink()
+    with pytest.raises(M.PairingError, match="without a view"):
+        M.pair_dpdd(tmp_path, "test", dual=True, expected_count=None)
+
+
+def test_pair_predictions_dpdd(tmp_path):
+    src, tgt = _dpdd_tree(tmp_path / "dpdd", "test", 4)
+    _touch_images(tmp_path / "out", src)
+    pairs = M.pair_predictions_dpdd(tmp_path / "out", tmp_path / "dpdd", expected_count=None)
+    assert [(p.pred.name, p.target.name) for p in pairs] == list(zip(src, tgt))
+    (tmp_path / "out" / src[0]).unlink()
+    with pytest.raises(M.PairingError, match="without a prediction"):
+        M.pair_predictions_dpdd(tmp_path / "out", tmp_path / "dpdd", expected_count=None)
+
+
+def test_read_labels(tmp_path):
+    f = tmp_path / "labels.csv"
+    f.write_text("# DPDD scene types\nname,label\n1P0A0917.png, indoor\n1P0A0919,outdoor\n\nx\toutdoor\n")
+    assert M.read_labels(f) == {"1P0A0917": "indoor", "1P0A0919": "outdoor", "x": "outdoor"}
+    f.write_text("a,indoor\na,outdoor\n")
+    with pytest.raises(ValueError, match=":2:"):
+        M.read_labels(f)
+    f.write_text("a,indoor,extra\n")
+    with pytest.raises(ValueError, match="expected 'name,label'"):
+        M.read_labels(f)
+
+
+# ------------------------------------------------------------------------------ reports
+
+
+@pytest.fixture
+def folder_report(tmp_path):
+    names = ["im1", "im2", "im3", "im4"]
+    for n in names:
+        t = RNG.integers(0, 256, (24, 32, 3))
+        p = np.clip(t + RNG.integers(-20, 21, t.shape), 0, 255)
+        _touch = tmp_path / "pred"
+        _touch.mkdir(exist_ok=True)
+        (tmp_path / "gt").mkdir(exist_ok=True)
+        save_png8(tmp_path / "pred" / f"{n}.png", p)
+        save_png8(tmp_path / "gt" / f"{n}.png", t)
+    save_png8(tmp_path / "gt" / "same.png", np.full((24, 32, 3), 7))
+    save_png8(tmp_path / "pred" / "same.png", np.full((24, 32, 3), 7))
+    labels = {"im1": "indoor", "im2": "indoor", "im3": "outdoor", "same": "outdoor"}
+    pairs = M.pair_folders(tmp_path / "pred", tmp_path / "gt")
+    calls = []
+    report = M.evaluate(pairs, labels=labels, lpips_model=None, progress=lambda i, n, name: calls.append((i, n)))
+    assert calls[-1] == (5, 5)
+    return report, tmp_path
+
+
+def test_report_values_and_splits(folder_report):
+    report, root = folder_report
+    assert [r.name for r in report.rows] == ["im1", "im2", "im3", "im4", "same"]
+    same = report.rows[-1]
+    assert same.psnr == math.inf and same.ssim == pytest.approx(1.0) and same.mae == 0.0
+    im1 = report.rows[0]
+    p = np.asarray(Image.open(root / "pred" / "im1.png")) / 255.0
+    t = np.asarray(Image.open(root / "gt" / "im1.png")) / 255.0
+    assert im1.psnr == pytest.approx(M.psnr(p, t)) and im1.mae == pytest.approx(M.mae(p, t))
+    s = report.summary()
+    assert s["overall"]["count"] == 5
+    assert s["splits"]["indoor"]["count"] == 2
+    assert s["splits"]["indoor"]["psnr"] == pytest.approx((report.rows[0].psnr + report.rows[1].psnr) / 2)
+    assert s["splits"]["outdoor"]["psnr"] == math.inf
+    assert any("im4" in n for n in report.notes)  # unlabelled image reported
+
+
+def test_report_files_parse_and_hold_every_image(folder_report):
+    report, root = folder_report
+    names = {r.name for r in report.rows}
+    report.to_json(root / "r.json")
+    report.to_csv(root / "r.csv")
+    report.to_markdown(root / "r.md")
+
+    d = json.loads((root / "r.json").read_text())  # strict JSON: no NaN/Infinity literals
+    assert {im["name"] for im in d["images"]} == names
+    assert d["images"][-1]["psnr"] == "inf"
+    assert d["summary"]["splits"]["indoor"]["count"] == 2
+    assert d["conventions"]["SSIM"].startswith("scikit-image")
+    assert d["paper"]["source"] == "paper, Table 4 (DPDD, 8-bit)"
+
+    with open(root / "r.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["name"] for r in rows] == [r.name for r in report.rows]
+    assert float(rows[-1]["psnr"]) == math.inf and rows[3]["split"] == "" and rows[0]["lpips"] == ""
+    assert float(rows[0]["ssim"]) == pytest.approx(report.rows[0].ssim, rel=1e-15)
+
+    md = (root / "r.md").read_text()
+    table_rows = [ln for ln in md.splitlines() if ln.startswith("|")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table_rows]
+    assert all(len(c) == len(cells[0]) or len(c) == 6 for c in cells)
+    per_image = {c[0] for c in cells if len(c) == 6}
+    assert names <= per_image
+    assert "paper, Table 4 (DPDD, 8-bit)" in md
+    kpac3 = next(c for c in cells if c[0] == "KPAC 3-level")
+    assert kpac3[3:] == ["25.24", "0.774", "0.040", "0.225"]
+    assert "ours (indoor)" in md and "7x7 uniform window" in md and "8-bit" in md
+
+
+def test_paper_constants():
+    rows = {r.method: r for r in M.PAPER_TABLE4_DPDD}
+    assert rows["DPDNet (single)"] == ("DPDNet (single)", 24.39, 0.749, 0.041, 0.277)
+    assert rows["KPAC 2-level"][1:] == (25.21, 0.774, 0.040, 0.227)
+    assert rows["KPAC 3-level"][1:] == (25.24, 0.774, 0.040, 0.225)
+    assert rows["DPDNet (dual-pixel)"][1:] == (25.13, 0.786, 0.041, 0.223)
+
+
+def test_evaluate_bit_depth_and_failures(tmp_path):
+    t = RNG.integers(0, 255, (16, 16, 3)) / 255.0  # on the 8-bit grid
+    p = t + 0.3 / 255  # below half a level: vanishes at 8 bits, not in float
+    r8 = M.evaluate([("a", p, t)], lpips_model=None)
+    rf = M.evaluate([("a", p, t)], bit_depth=None, lpips_model=None)
+    assert rf.rows[0].psnr == pytest.approx(20 * math.log10(255 / 0.3))
+    assert r8.rows[0].psnr == math.inf
+    assert "8-bit" in r8.conventions["quantisation"] and "none" in rf.conventions["quantisation"]
+    bad = [("ok", t, t * 0.5), ("bad", t, t[:8])]
+    with pytest.raises(ValueError, match="bad"):
+        M.evaluate(bad, lpips_model=None)
+    rep = M.evaluate(bad, lpips_model=None, on_error="skip")
+    assert [r.name for r in rep.rows] == ["ok"] and rep.failures[0][0] == "bad"
+    assert "Failures" in rep.markdown()
+
+
+def test_core_does_not_import_cli_libraries():
+    import subprocess
+    import sys
+
+    code = "import sys, kpac_cli.metrics, kpac_cli.inverse; print('typer' in sys.modules or 'rich' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_evaluate_reads_16bit_png_at_full_depth(tmp_path):
+    target16 = RNG.integers(0, 65536, (20, 24, 3)).astype(np.uint16)
+    pred8 = RNG.integers(0, 256, (20, 24, 3)).astype(np.uint8)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "p").mkdir()
+    (tmp_path / "t" / "a.png").write_bytes(png_bytes(target16, 16))
+    save_png8(tmp_path / "p" / "a.png", pred8)
+    pairs = M.pair_folders(tmp_path / "p", tmp_path / "t")
+    rep = M.evaluate(pairs, bit_depth=None, lpips_model=None)
+    expect = M.psnr(pred8 / 255.0, target16 / 65535.0)
+    assert rep.rows[0].psnr == pytest.approx(expect, abs=1e-4)  # float32 readers allowed
+    # the same through our own decoder
+    rep2 = M.evaluate(pairs, bit_depth=None, lpips_model=None, reader=M.read_image)
+    assert rep2.rows[0].psnr == pytest.approx(expect, abs=1e-9)
