@@ -32,8 +32,9 @@ _active_lock = threading.Lock()
 def _new_temp(dest: Path) -> Path:
     """Create (O_EXCL) and return an empty temporary file next to ``dest``."""
     folder = dest.parent
+    base = dest.name[:180]  # stay under NAME_MAX (255) with the suffixes added
     while True:
-        tmp = folder / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        tmp = folder / f".{base}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
         try:
             # 0o666 & ~umask, like an ordinary new file (mkstemp would give 0o600).
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -41,13 +42,13 @@ def _new_temp(dest: Path) -> Path:
             continue
         os.close(fd)
         with _active_lock:
-            _active.add(str(tmp))
+            _active.add(os.path.abspath(tmp))
         return tmp
 
 
 def _release(tmp: Path, remove: bool) -> None:
     with _active_lock:
-        _active.discard(str(tmp))
+        _active.discard(os.path.abspath(tmp))
     if remove:
         try:
             tmp.unlink()
@@ -193,7 +194,7 @@ def cleanup_stale_temps(folder: str | os.PathLike) -> int:
         if not (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)):
             continue
         path = root / entry.name
-        if str(path) in active:
+        if os.path.abspath(path) in active:
             continue
         try:
             if not entry.is_file(follow_symlinks=False):

@@ -12,7 +12,7 @@ Conventions (hold for every reader and writer in this package)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +46,21 @@ class ImageError(Exception):
     shape passed to a writer, unknown option value) raise ``ValueError`` instead.
     """
 
-    def __init__(self, source: object, problem: str):
-        self.source = describe(source)
-        # Keep it one line: library messages sometimes carry newlines or bytes reprs.
-        self.problem = " ".join(str(problem).split())
-        super().__init__(f"{self.source}: {self.problem}")
+    def __init__(self, source: object, problem: str | None = None):
+        # ImageError(source, problem) -> "source: problem"; ImageError(message) is accepted
+        # too, for callers that format the message themselves.
+        if problem is None:
+            self.source, self.problem = None, " ".join(str(source).split())
+            message = self.problem
+        else:
+            self.source = describe(source)
+            # Keep it one line: library messages sometimes carry newlines or bytes reprs.
+            self.problem = " ".join(str(problem).split())
+            message = f"{self.source}: {self.problem}"
+        super().__init__(message)
+
+    def __reduce__(self):  # picklable (e.g. across worker processes) with the 1-arg form
+        return (type(self), (str(self),))
 
 
 def describe(source: object) -> str:
@@ -97,7 +107,7 @@ class ImageInfo:
     format: str
     bit_depth: int
     channels: int
-    alpha: np.ndarray | None
+    alpha: np.ndarray | None = field(compare=False)  # arrays have no single truth value
     icc_profile: bytes | None
     exif: bytes | None
     orientation_applied: int

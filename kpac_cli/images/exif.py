@@ -32,8 +32,9 @@ def normalize_exif(data: bytes | None) -> bytes | None:
     """Return EXIF with the ``Exif\\0\\0`` prefix, or None when it is not TIFF-structured."""
     if not data:
         return None
-    data = bytes(data)
-    body = data[6:] if data.startswith(EXIF_PREFIX) else data
+    body = bytes(data)
+    while body.startswith(EXIF_PREFIX):  # tolerate a doubled prefix (a common tool bug)
+        body = body[6:]
     if body[:4] not in (b"II*\x00", b"MM\x00*"):
         return None
     return EXIF_PREFIX + body
@@ -127,9 +128,12 @@ def exif_from_pil(im) -> bytes | None:
         for tag in list(ex):
             if tag not in DESCRIPTIVE_TAGS and tag not in _SUB_IFDS:
                 del ex[tag]
+        desc = ex.get(270)
+        if isinstance(desc, str) and desc.startswith('{"shape"'):
+            del ex[270]  # tifffile's private JSON metadata, not a description
         if not len(ex):
             return None
-        return EXIF_PREFIX + ex.tobytes()
+        return normalize_exif(ex.tobytes())  # Pillow >= 8 already prefixes "Exif\0\0"
     except Exception:  # metadata is best-effort: a broken EXIF block must not fail the read
         return None
 

@@ -152,6 +152,19 @@ def _iccp(data: bytes) -> bytes | None:
         return None
 
 
+def check_idat_size(png: PngFile, name) -> None:
+    """Refuse image data too short to hold the image, before the pixel buffer is allocated.
+
+    Deflate expands at most 1032:1, so fewer compressed bytes than ``raw_size / 1032`` cannot
+    be a complete image: a tiny file with a big (but allowed) IHDR would otherwise cost a
+    large allocation before failing.
+    """
+    bits = png.bit_depth * CHANNELS[png.color_type]
+    raw_lower_bound = png.height * ((png.width * bits) // 8)
+    if sum(len(d) for d in png.idat) * 1032 < raw_lower_bound:
+        raise ImageError(name, "PNG image data are truncated (far too short for the image size)")
+
+
 def decode16(png: PngFile, name) -> np.ndarray:
     """Decode a 16-bit PNG's IDAT data losslessly to ``uint16`` H x W x C (C = 1, 2, 3, 4).
 

@@ -131,6 +131,10 @@ def read_raw(source, name, *, max_pixels: int | None, options: RawOptions | None
         pixels = h * w if not opts.half_size else (h // 2) * (w // 2)
         if max_pixels is not None and pixels > max_pixels:
             raise ImageError(name, f"image is too large: {w}x{h} = {pixels:,} pixels exceeds the limit of {max_pixels:,}")
+        try:
+            raw.unpack()  # before reading daylight_whitebalance: LibRaw needs the unpacked data
+        except rawpy.LibRawError as exc:
+            raise ImageError(name, f"cannot decode camera RAW (LibRaw: {_libraw_message(exc)})") from None
         kwargs: dict = dict(
             output_bps=16,
             half_size=opts.half_size,
@@ -148,7 +152,6 @@ def read_raw(source, name, *, max_pixels: int | None, options: RawOptions | None
         else:
             kwargs["user_wb"] = list(raw.daylight_whitebalance)
         try:
-            raw.unpack()
             rgb = raw.postprocess(**kwargs)
         except rawpy.NotSupportedError as exc:
             raise ImageError(name, f"demosaic '{opts.demosaic}' is not supported by this LibRaw build ({exc})") from None

@@ -1,0 +1,891 @@
+"""Read and write PNG, TIFF, JPEG and camera RAW images with their bit depth and metadata.
+
+Pixel conventions (see :mod:`.base`): ``float32`` ``H x W x 3`` RGB in ``[0, 1]``; an integer
+sample ``k`` of a ``b``-bit source reads as ``float32(k) / (2**b - 1)``; writing uses
+``floor(clip(v, 0, 1) * (2**b - 1) + 0.5)``; read -> write at the same depth is bit-exact.
+
+Format notes
+------------
+PNG
+    1/2/4/8-bit and palette images via Pillow (palette -> RGB or RGBA, low depths scaled to
+    8 bits). 16-bit via :mod:`.png` (Pillow would truncate 16-bit RGB to 8 bits). A tRNS colour
+    key becomes an alpha channel. iCCP and eXIf are read and written. APNG: the default image
+    (what a non-animated viewer shows) is read, ``info.frames`` tells how many frames exist.
+TIFF
+    tifffile: 1/2/4/8/16-bit integer (9-15-bit rescaled to 16), float (clipped to ``[0, 1]``,
+    ``bit_depth == 32``), gray, RGB, palette, min-is-white, contiguous or planar, first extra
+    sample = alpha (associated alpha is un-premultiplied). Multi-page: the first page is read,
+    ``info.frames`` counts the pages. CMYK, YCbCr and Lab are refused with an :class:`ImageError`
+    (no colour-managed conversion is available, and a naive one would silently shift colours).
+    LZW/JPEG/PackBits compression needs the optional ``imagecodecs`` package in tifffile;
+    without it 8-bit and 16-bit gray such files are read through Pillow, others are refused
+    with a message that says so. Written with Deflate + horizontal predictor, ICC profile and
+    the descriptive EXIF tags (Make, Model, DateTime, Artist, Copyright, Software,
+    ImageDescription) as TIFF tags; the EXIF sub-IFD is not written to TIFF.
+JPEG
+    Pillow; gray and RGB (CMYK/YCCK refused). MPO (multi-picture) reads the first picture.
+    Written 8-bit, 4:4:4 chroma, with ICC (APP2) and EXIF (APP1; dropped if over 64 KB).
+RAW
+    :mod:`.raw` (LibRaw), developed to 16-bit RGB; written as 16-bit TIFF by default.
+Others
+    GIF, BMP, WebP, HEIF, JPEG 2000, ... are refused with an :class:`ImageError` naming the
+    detected format.
+
+EXIF orientation is applied to the pixels on read (``info.orientation_applied``) and the
+Orientation tag of the kept EXIF is reset to 1, so outputs display the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from . import exif as exif_mod
+from . import png as png_mod
+from .atomic import atomic_write_bytes
+from .base import (
+    DEFAULT_MAX_PIXELS,
+    FORMAT_ALIASES,
+    RAW_EXTENSIONS,
+    STANDARD_EXTENSIONS,
+    ImageError,
+    ImageInfo,
+    path_ext,
+    quantize,
+    to_float,
+)
+from .raw import RawOptions, probe_raw, read_raw
+
+_OTHER_MAGIC = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"8BPS", "Photoshop PSD"),
+    (b"\x76\x2f\x31\x01", "OpenEXR"),
+    (b"#?RADIANCE", "Radiance HDR"),
+    (b"%PDF", "PDF"),
+    (b"\xff\x0a", "JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+    (b"qoif", "QOI"),
+)
+_RAW_MAGIC = (
+    b"FUJIFILMCCD-RAW",  # RAF
+    b"IIRO", b"IIRS", b"MMOR",  # ORF
+    b"IIU\x00",  # RW2
+    b"\x00MRM",  # MRW
+    b"FOVb",  # X3F
+)
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+# --------------------------------------------------------------------------------------------
+# sources and format detection
+
+
+class _Src:
+    """An image source: a file path or in-memory bytes (stdin), opened lazily."""
+
+    def __init__(self, source):
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self.path: Path | None = None
+            self.data: bytes | None = bytes(source)
+            self.name = "<stdin>"
+            if not self.data:
+                raise ImageError(None, "no image data (input is empty)")
+            self.head = self.data[:64]
+        elif isinstance(source, (str, os.PathLike)):
+            self.path = Path(source)
+            self.data = None
+            self.name = str(source)
+            try:
+                with open(self.path, "rb") as fh:
+                    self.head = fh.read(64)
+            except FileNotFoundError:
+                raise ImageError(source, "no such file") from None
+            except IsADirectoryError:
+                raise ImageError(source, "is a directory, not an image file") from None
+            except PermissionError:
+                raise ImageError(source, "permission denied") from None
+            except OSError as exc:
+                raise ImageError(source, f"cannot read ({exc.strerror or exc})") from None
+            if not self.head:
+                raise ImageError(source, "file is empty (0 bytes)")
+        else:
+            raise TypeError(f"image source must be a path or bytes, not {type(source).__name__}")
+
+    def open(self) -> BinaryIO:
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        try:
+            return open(self.path, "rb")
+        except OSError as exc:
+            raise ImageError(self.name, f"cannot read ({exc.strerror or exc})") from None
+
+    @property
+    def lib_arg(self):
+        """What to hand to Pillow / tifffile: the path (they open and close it) or a BytesIO."""
+        return io.BytesIO(self.data) if self.data is not None else self.path
+
+    @property
+    def ext(self) -> str:
+        return path_ext(self.path) if self.path is not None else ""
+
+    @property
+    def raw_arg(self):
+        return self.data if self.data is not None else self.path
+
+
+def _sniff(src: _Src) -> str:
+    """Format from the content's magic bytes: 'png' | 'jpeg' | 'tiff' | 'raw'.
+
+    The extension only matters for camera RAW: a RAW extension sends TIFF-structured and
+    unknown content to LibRaw (most RAW formats are TIFF-based).
+    """
+    head = src.head
+    if head.startswith(png_mod.SIGNATURE):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[4:12] == b"ftypcrx ":
+        return "raw"  # Canon CR3 (ISO base media)
+    if any(head.startswith(m) for m in _RAW_MAGIC):
+        return "raw"
+    if head[:4] in _TIFF_MAGIC:
+        if src.ext in RAW_EXTENSIONS or head[8:10] == b"CR":  # CR2 marker
+            return "raw"
+        return "tiff"
+    if src.ext in RAW_EXTENSIONS:
+        return "raw"
+    for magic, label in _OTHER_MAGIC:
+        if head.startswith(magic):
+            raise ImageError(src.name, f"{label} images are not supported (use PNG, TIFF, JPEG or camera RAW)")
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        raise ImageError(src.name, "WebP images are not supported (use PNG, TIFF, JPEG or camera RAW)")
+    if head[4:8] == b"ftyp":
+        raise ImageError(src.name, "HEIF/AVIF images are not supported (use PNG, TIFF, JPEG or camera RAW)")
+    raise ImageError(src.name, "not a recognised image (content is not PNG, TIFF, JPEG or camera RAW)")
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    """True when ``path`` has an image extension this package reads (case-insensitive).
+
+    PNG, TIF/TIFF, JPG/JPEG and :data:`RAW_EXTENSIONS`. Hidden files (``.name``) and our
+    temporary files are excluded. Only the name is looked at, not the content.
+    """
+    p = Path(path)
+    if p.name.startswith("."):
+        return False
+    ext = path_ext(p)
+    return ext in STANDARD_EXTENSIONS or ext in RAW_EXTENSIONS
+
+
+def _check_pixels(name, w: int, h: int, max_pixels: int | None) -> None:
+    if w <= 0 or h <= 0:
+        raise ImageError(name, f"image has zero size ({w}x{h})")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(name, f"image is too large: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+
+
+def _allow_pillow(pixels: int) -> None:
+    # Our own limit was already checked from the header; lift Pillow's (smaller, global)
+    # bomb limit just enough that it neither warns nor refuses what the caller allowed.
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = pixels
+
+
+@contextlib.contextmanager
+def _quiet_pil():
+    # Pillow warns (UserWarning) about each damaged tag of a corrupt file; the outcome is
+    # reported as an ImageError or the metadata are dropped, so the warnings are only noise.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        yield
+
+
+def _decode_error(name, what: str, exc: Exception) -> ImageError:
+    msg = str(exc) or type(exc).__name__
+    if isinstance(exc, MemoryError):
+        msg = "out of memory"
+    return ImageError(name, f"cannot decode {what} ({msg})")
+
+
+# --------------------------------------------------------------------------------------------
+# per-format readers: return (int or float array H x W x C, bit_depth, channels, icc, exif,
+# orientation, frames); C includes alpha as the last channel when channels is 2 or 4.
+
+
+def _read_png(src: _Src, max_pixels):
+    with src.open() as fh:
+        png = png_mod.parse(fh, src.name, max_pixels=max_pixels)
+    png_mod.check_idat_size(png, src.name)
+    icc, exif = png.icc_profile, exif_mod.normalize_exif(png.exif)
+    if png.bit_depth == 16:
+        arr = png_mod.decode16(png, src.name)
+        depth = 16
+    else:
+        arr = _pillow_png(src, png)
+        depth = 8
+    return arr, depth, icc, exif, exif_mod.read_orientation(exif), png.frames
+
+
+def _pillow_png(src: _Src, png: png_mod.PngFile) -> np.ndarray:
+    from PIL import Image
+
+    _allow_pillow(png.width * png.height)
+    try:
+        with Image.open(src.lib_arg, formats=["PNG"]) as im:
+            im.load()
+            trns = im.info.get("transparency")
+            mode = im.mode
+            if mode == "P" or mode == "PA":
+                im = im.convert("RGBA" if (trns is not None or mode == "PA") else "RGB")
+            elif mode == "1":
+                im = im.convert("L")
+            elif mode not in ("L", "LA", "RGB", "RGBA"):
+                raise ImageError(src.name, f"unsupported PNG pixel mode {mode}")
+            arr = np.asarray(im)
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise _decode_error(src.name, "PNG image data", exc) from None
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[:2] != (png.height, png.width):
+        raise ImageError(src.name, "corrupt PNG (decoded size differs from the header)")
+    if mode in ("L", "1", "RGB") and trns is not None:
+        # tRNS colour key -> alpha. Pillow scales 1/2/4-bit gray pixels to 0..255 but keeps
+        # the key unscaled.
+        if mode in ("L", "1") and isinstance(trns, int):
+            if png.bit_depth < 8:
+                trns = trns * (255 // ((1 << png.bit_depth) - 1))
+            key = np.array([trns], np.uint8)
+        elif mode == "RGB" and isinstance(trns, tuple) and len(trns) == 3:
+            key = np.array(trns, np.uint8)
+        else:
+            key = None
+        if key is not None:
+            alpha = np.where((arr == key).all(axis=-1), 0, 255).astype(np.uint8)
+            arr = np.concatenate([arr, alpha[..., None]], axis=-1)
+    return arr
+
+
+def _jpeg_size(fh: BinaryIO) -> tuple[int, int] | None:
+    """``(width, height)`` from the first SOF marker, or None when not found.
+
+    Needed before Pillow opens the file: Pillow applies its own (global, smaller) bomb limit
+    inside ``Image.open``.
+    """
+    if fh.read(2) != b"\xff\xd8":
+        return None
+    while True:
+        b = fh.read(1)
+        if not b:
+            return None
+        if b != b"\xff":
+            continue  # entropy-coded data or padding: scan for the next marker
+        m = fh.read(1)
+        while m == b"\xff":
+            m = fh.read(1)
+        if not m:
+            return None
+        marker = m[0]
+        if marker == 0x00 or marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            continue  # stuffed byte / standalone markers
+        if marker == 0xD9:
+            return None
+        seg = fh.read(2)
+        if len(seg) != 2:
+            return None
+        length = struct.unpack(">H", seg)[0]
+        if length < 2:
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            sof = fh.read(5)
+            if len(sof) != 5:
+                return None
+            _, h, w = struct.unpack(">BHH", sof)
+            return w, h
+        fh.seek(length - 2, 1)
+
+
+def _read_jpeg(src: _Src, max_pixels):
+    from PIL import Image
+
+    with src.open() as fh:
+        size = _jpeg_size(fh)
+    if size is not None:
+        _check_pixels(src.name, *size, max_pixels)
+        _allow_pillow(size[0] * size[1])
+    try:
+        im = Image.open(src.lib_arg, formats=["JPEG", "MPO"])
+    except Image.DecompressionBombError as exc:
+        raise ImageError(src.name, f"image is too large ({exc})") from None
+    except Exception as exc:
+        raise _decode_error(src.name, "JPEG", exc) from None
+    with im:
+        w, h = im.size
+        _check_pixels(src.name, w, h, max_pixels)
+        _allow_pillow(w * h)
+        if im.mode not in ("L", "RGB"):
+            if im.mode == "CMYK":
+                raise ImageError(src.name, "CMYK JPEG is not supported; convert it to RGB first")
+            raise ImageError(src.name, f"unsupported JPEG pixel mode {im.mode}")
+        frames = int(getattr(im, "n_frames", 1) or 1)
+        icc = im.info.get("icc_profile") or None
+        exif = exif_mod.normalize_exif(im.info.get("exif"))
+        try:
+            im.load()
+            arr = np.asarray(im)
+        except Exception as exc:
+            raise _decode_error(src.name, "JPEG image data", exc) from None
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    return arr, 8, icc, exif, exif_mod.read_orientation(exif), frames
+
+
+def _tiff_is_raw(tif) -> bool:
+    import tifffile
+
+    raw_kinds = (tifffile.PHOTOMETRIC.CFA, tifffile.PHOTOMETRIC.LINEAR_RAW)
+    page = tif.pages.first
+    if 50706 in page.tags:  # DNGVersion
+        return True
+    if page.photometric in raw_kinds:
+        return True
+    for sub in page.pages or ():
+        if getattr(sub, "photometric", None) in raw_kinds:
+            return True
+    return False
+
+
+def _read_tiff(src: _Src, max_pixels, raw_options):
+    """TIFF via tifffile. May hand over to the RAW reader (DNG and other TIFF-based RAW)."""
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(src.lib_arg)
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise _decode_error(src.name, "TIFF", exc) from None
+    with tif:
+        try:
+            if not tif.pages:
+                raise ImageError(src.name, "TIFF has no images")
+            frames = len(tif.pages)
+            if _tiff_is_raw(tif):
+                return None  # caller develops it as RAW
+            page = tif.pages.first
+            h, w = int(page.imagelength), int(page.imagewidth)
+            _check_pixels(src.name, w, h, max_pixels)
+            spp = int(page.samplesperpixel)
+            if spp > 16:
+                raise ImageError(src.name, f"unsupported TIFF with {spp} samples per pixel")
+            photometric = page.photometric
+            P = tifffile.PHOTOMETRIC
+            if photometric == P.SEPARATED:
+                raise ImageError(src.name, "CMYK TIFF is not supported; convert it to RGB first")
+            if photometric not in (P.MINISBLACK, P.MINISWHITE, P.RGB, P.PALETTE, P.YCBCR):
+                raise ImageError(src.name, f"unsupported TIFF colour space ({getattr(photometric, 'name', photometric)})")
+            if photometric == P.YCBCR and page.compression != tifffile.COMPRESSION.JPEG:
+                raise ImageError(src.name, "YCbCr TIFF is not supported; convert it to RGB first")
+            bps = page.bitspersample
+            tags = page.tags
+            orientation = int(tags[274].value) if 274 in tags else 1
+            orientation = orientation if 1 <= orientation <= 8 else 1
+            icc = tags[34675].value if 34675 in tags else None
+            icc = bytes(icc) if isinstance(icc, (bytes, bytearray)) and icc else None
+            has_exif = any(t in tags for t in (34665, 34853, *exif_mod.DESCRIPTIVE_TAGS))
+            extrasamples = tuple(int(e) for e in (page.extrasamples or ()))
+            colormap = page.colormap if photometric == P.PALETTE else None  # before the file closes
+            try:
+                arr = page.asarray()
+                axes = page.axes
+            except (KeyError, ValueError) as exc:
+                if "imagecodecs" not in str(exc):
+                    raise
+                # tifffile without its optional codec package (LZW, JPEG, ...)
+                arr, axes = _tiff_via_pillow(src, page), None
+                # Pillow has already applied palette / min-is-white; alpha comes out straight.
+                photometric = P.MINISBLACK if arr.shape[2] in (1, 2) else P.RGB
+                extrasamples = (2,)
+                bps = 16 if arr.dtype == np.uint16 else 8  # already scaled (1-bit -> 0/255)
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise _decode_error(src.name, "TIFF image data", exc) from None
+    if axes is not None:
+        if set(axes) - set("YXS") or "Y" not in axes or "X" not in axes:
+            raise ImageError(src.name, f"unsupported TIFF layout (axes {axes})")
+        arr = arr.transpose([axes.index(c) for c in "YXS" if c in axes])
+        if "S" not in axes:
+            arr = arr[..., None]
+    if arr.shape[:2] != (h, w):
+        raise ImageError(src.name, "corrupt TIFF (decoded size differs from the header)")
+    P = tifffile.PHOTOMETRIC
+    if photometric == P.PALETTE:
+        arr, depth = _apply_colormap(src, colormap, arr)
+        color = 3
+    else:
+        color = 1 if photometric in (P.MINISBLACK, P.MINISWHITE) else 3
+        if arr.shape[2] < color:
+            raise ImageError(src.name, f"corrupt TIFF ({arr.shape[2]} samples for an RGB image)")
+        arr, depth = _tiff_normalize(src, arr, bps)
+        if photometric == P.MINISWHITE:
+            top = 1.0 if arr.dtype.kind == "f" else (1 << depth) - 1
+            arr[..., :color] = top - arr[..., :color]
+    if arr.shape[2] > color:
+        arr = arr[..., : color + 1]  # first extra sample = alpha; further ones are dropped
+        if extrasamples[:1] == (1,):  # associated (premultiplied) alpha -> straight
+            arr = _unpremultiply(arr, depth)
+    else:
+        arr = arr[..., :color]
+    exif = None
+    if has_exif:
+        exif = _tiff_exif(src)
+    return arr, depth, icc, exif, orientation, frames
+
+
+def _tiff_via_pillow(src: _Src, page) -> np.ndarray:
+    """Fallback when tifffile lacks a codec (no ``imagecodecs``): Pillow, if lossless."""
+    from PIL import Image
+
+    bps = page.bitspersample
+    codec = getattr(page.compression, "name", str(page.compression))
+    lossless = bps in (1, 8) or (bps == 16 and page.samplesperpixel == 1)
+    if not lossless:
+        raise ImageError(src.name, f"reading {bps}-bit {codec}-compressed TIFF needs the 'imagecodecs' package (pip install imagecodecs)")
+    _allow_pillow(int(page.imagelength) * int(page.imagewidth))
+    with Image.open(src.lib_arg, formats=["TIFF"]) as im:
+        im.load()
+        if im.mode == "1":
+            im = im.convert("L")
+        if im.mode == "P":
+            im = im.convert("RGB")
+        if im.mode not in ("L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I;16L"):
+            raise ImageError(src.name, f"reading {codec}-compressed TIFF ({im.mode}) needs the 'imagecodecs' package (pip install imagecodecs)")
+        arr = np.asarray(im)
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
+        arr = arr.astype(np.uint16)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _tiff_normalize(src: _Src, arr: np.ndarray, bps) -> tuple[np.ndarray, int]:
+    """TIFF samples -> (uint8 / uint16 exact, or float32 in [0, 1]; nominal bit depth)."""
+    bits = int(bps[0] if isinstance(bps, tuple) else bps)
+    kind, size = arr.dtype.kind, arr.dtype.itemsize
+    if kind == "b":
+        return arr.astype(np.uint8) * np.uint8(255), 8
+    if kind == "f":
+        out = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        np.clip(out, 0.0, 1.0, out=out)
+        return out, 32
+    if kind == "u" and size == 1:
+        if bits < 8:  # 2/4-bit gray: scale exactly to 8 bits
+            return arr * np.uint8(255 // ((1 << bits) - 1)), 8
+        return arr, 8
+    if kind == "u" and size == 2:
+        arr = arr.astype(np.uint16)  # native byte order
+        if bits < 16:  # 9..15-bit samples: rescale (as float) to the 16-bit range
+            return to_float(np.minimum(arr, (1 << bits) - 1), (1 << bits) - 1), 16
+        return arr, 16
+    raise ImageError(src.name, f"unsupported TIFF sample format ({arr.dtype}, {bits}-bit)")
+
+
+def _apply_colormap(src: _Src, cmap, arr: np.ndarray) -> tuple[np.ndarray, int]:
+    if cmap is None or arr.dtype.kind != "u":
+        raise ImageError(src.name, "corrupt palette TIFF (no colour map)")
+    cmap = np.asarray(cmap, dtype=np.uint16)
+    if cmap.ndim != 2 or cmap.shape[0] != 3:
+        raise ImageError(src.name, "corrupt palette TIFF (bad colour map)")
+    idx = np.minimum(arr[..., 0], cmap.shape[1] - 1)
+    rgb = cmap.T[idx]
+    # 8-bit palettes are stored scaled to 16 bits, as v * 257 (libtiff) or v << 8 (Pillow).
+    if not (cmap % 257).any():
+        return (rgb // 257).astype(np.uint8), 8
+    if not (cmap & 0xFF).any():
+        return (rgb >> 8).astype(np.uint8), 8
+    return rgb, 16
+
+
+def _unpremultiply(arr: np.ndarray, depth: int) -> np.ndarray:
+    maxval = 1.0 if arr.dtype.kind == "f" else float((1 << depth) - 1)
+    f = arr.astype(np.float64) / maxval
+    a = f[..., -1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        color = np.where(a > 0, f[..., :-1] / a, 0.0)
+    f[..., :-1] = np.clip(color, 0.0, 1.0)
+    if arr.dtype.kind == "f":
+        return f.astype(np.float32)
+    return quantize(f, depth)
+
+
+def _tiff_exif(src: _Src) -> bytes | None:
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns about every damaged tag
+            with Image.open(src.lib_arg, formats=["TIFF"]) as im:
+                return exif_mod.exif_from_pil(im)
+    except Exception:  # metadata is best-effort
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def _dispatch(src: _Src, fmt: str, max_pixels, raw_options):
+    """Run the reader for ``fmt``; returns ``(format, reader result)``."""
+    if fmt == "png":
+        return fmt, _read_png(src, max_pixels)
+    if fmt == "jpeg":
+        return fmt, _read_jpeg(src, max_pixels)
+    if fmt == "tiff":
+        res = _read_tiff(src, max_pixels, raw_options)
+        if res is not None:
+            return fmt, res
+    arr, orientation = read_raw(src.raw_arg, src.name, max_pixels=max_pixels, options=raw_options)
+    return "raw", (arr, 16, None, None, orientation, 1)  # LibRaw has already rotated the pixels
+
+
+def read_image(
+    source: str | os.PathLike | bytes,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    raw_options: RawOptions | None = None,
+) -> tuple[np.ndarray, ImageInfo]:
+    """Read an image as float32 RGB plus the record needed to write it back alike.
+
+    Parameters
+    ----------
+    source : str, PathLike or bytes
+        A file path, or the file's bytes (e.g. stdin). The format is always detected from
+        the content's magic bytes, never from the name (except that a RAW extension routes
+        TIFF-structured data to LibRaw).
+    max_pixels : int or None
+        Refuse images with more than ``height * width`` pixels, checked from the header
+        before pixel memory is allocated. None disables the check.
+    raw_options : RawOptions, optional
+        How camera RAW files are developed (default ``RawOptions()``).
+
+    Returns
+    -------
+    image : ndarray
+        ``float32``, shape ``(H, W, 3)``, RGB, C-contiguous, values in ``[0, 1]``, exactly
+        ``k / (2**bit_depth - 1)`` for integer sources. Gray is replicated to three
+        channels; alpha is split off into ``info.alpha``; EXIF orientation is applied.
+    info : ImageInfo
+        Source format, bit depth, channels, alpha, ICC profile, EXIF, orientation, size.
+
+    Raises
+    ------
+    ImageError
+        Missing/empty/unreadable file, unsupported or corrupt content, too many pixels.
+        The message is one line and names the file.
+    """
+    src = _Src(source)
+    fmt = _sniff(src)
+    try:
+        with _quiet_pil():
+            res = _dispatch(src, fmt, max_pixels, raw_options)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError(src.name, "out of memory while decoding") from None
+    except Exception as exc:  # any other library failure on bad data is a bad-image error
+        raise _decode_error(src.name, fmt.upper(), exc) from None
+    fmt, (arr, depth, icc, exif, orientation, frames) = res
+    if fmt != "raw":
+        arr = exif_mod.apply_orientation(arr, orientation)
+        if exif is not None and orientation != 1:
+            exif = exif_mod.reset_orientation(exif)
+    channels = int(arr.shape[2])
+    if arr.dtype.kind == "f":  # float TIFF / rescaled 9-15-bit: already in [0, 1]
+        f = np.ascontiguousarray(arr, dtype=np.float32)
+    else:
+        f = to_float(arr, (1 << depth) - 1)
+    alpha = None
+    if channels in (2, 4):
+        alpha = np.ascontiguousarray(f[..., -1])
+        f = f[..., :-1]
+    if f.shape[2] == 1:
+        f = np.repeat(f, 3, axis=2)
+    f = np.ascontiguousarray(f)
+    info = ImageInfo(
+        path=None if src.path is None else str(src.path),
+        format=fmt,
+        bit_depth=depth,
+        channels=channels,
+        alpha=alpha,
+        icc_profile=icc,
+        exif=exif,
+        orientation_applied=orientation,
+        size=(int(f.shape[0]), int(f.shape[1])),
+        frames=frames,
+    )
+    return f, info
+
+
+def probe_size(source: str | os.PathLike | bytes) -> tuple[int, int]:
+    """``(height, width)`` that :func:`read_image` would return, from the header only.
+
+    Cheap: no pixel data are decoded. EXIF orientation is taken into account (5-8 swap the
+    axes). For RAW it is the full-size development (``half_size`` would halve it).
+
+    Raises
+    ------
+    ImageError
+        As for :func:`read_image` when the header cannot be read.
+    """
+    src = _Src(source)
+    fmt = _sniff(src)
+    try:
+        with _quiet_pil():
+            return _probe(src, fmt)
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise _decode_error(src.name, f"{fmt.upper()} header", exc) from None
+
+
+def _probe(src: _Src, fmt: str) -> tuple[int, int]:
+    if fmt == "png":
+        with src.open() as fh:
+            png = png_mod.parse(fh, src.name, max_pixels=None, header_only=True)
+        o = exif_mod.read_orientation(png.exif)
+        return exif_mod.oriented_size(png.height, png.width, o)
+    if fmt == "jpeg":
+        from PIL import Image
+
+        with src.open() as fh:
+            size = _jpeg_size(fh)
+        if size is not None:
+            _allow_pillow(size[0] * size[1])
+        with Image.open(src.lib_arg, formats=["JPEG", "MPO"]) as im:
+            w, h = im.size
+            o = exif_mod.read_orientation(exif_mod.normalize_exif(im.info.get("exif")))
+        _check_pixels(src.name, w, h, None)
+        return exif_mod.oriented_size(h, w, o)
+    if fmt == "tiff":
+        import tifffile
+
+        with tifffile.TiffFile(src.lib_arg) as tif:
+            if not tif.pages:
+                raise ImageError(src.name, "TIFF has no images")
+            if not _tiff_is_raw(tif):
+                page = tif.pages.first
+                h, w = int(page.imagelength), int(page.imagewidth)
+                o = int(page.tags[274].value) if 274 in page.tags else 1
+                _check_pixels(src.name, w, h, None)
+                return exif_mod.oriented_size(h, w, o)
+    return probe_raw(src.raw_arg, src.name)
+
+
+def _probe_depth(source) -> tuple[tuple[int, int], int]:
+    """``((h, w), bit_depth)`` from the header (used by dual-pixel pairing)."""
+    size = probe_size(source)
+    src = _Src(source)
+    fmt = _sniff(src)
+    if fmt == "png":
+        with src.open() as fh:
+            png = png_mod.parse(fh, src.name, max_pixels=None, header_only=True)
+        return size, 16 if png.bit_depth == 16 else 8
+    if fmt == "tiff":
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(src.lib_arg) as tif:
+                if not _tiff_is_raw(tif):
+                    page = tif.pages.first
+                    if page.dtype is not None and page.dtype.kind == "f":
+                        return size, 32
+                    bits = page.bitspersample
+                    return size, 8 if bits <= 8 else 16
+        except Exception as exc:
+            raise _decode_error(src.name, "TIFF header", exc) from None
+    return size, 8 if fmt == "jpeg" else 16
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def _resolve_format(path, fmt: str | None, info: ImageInfo) -> str:
+    if fmt is not None:
+        key = str(fmt).lower().lstrip(".")
+        if key == "raw" or key in RAW_EXTENSIONS:
+            raise ImageError(path, "cannot write camera RAW; write TIFF (16-bit) instead")
+        if key not in FORMAT_ALIASES:
+            raise ValueError(f"unknown output format {fmt!r}; use png, tiff or jpeg")
+        return FORMAT_ALIASES[key]
+    if path is not None:
+        ext = path_ext(path)
+        if ext in FORMAT_ALIASES:
+            return FORMAT_ALIASES[ext]
+        if ext in RAW_EXTENSIONS:
+            raise ImageError(path, f"cannot write camera RAW (.{ext}); use a .tif/.png/.jpg name")
+    return "tiff" if info.format == "raw" else FORMAT_ALIASES.get(info.format, "png")
+
+
+def write_image(
+    path: str | os.PathLike | None,
+    image: np.ndarray,
+    info: ImageInfo,
+    *,
+    format: str | None = None,
+    bit_depth: int | None = None,
+    jpeg_quality: int = 95,
+) -> bytes | None:
+    """Encode ``image`` the way ``info``'s source came, and write it atomically.
+
+    Parameters
+    ----------
+    path : str, PathLike or None
+        Destination. None returns the encoded bytes instead (e.g. for stdout).
+    image : ndarray
+        Float ``(H, W, 3)`` RGB in ``[0, 1]`` (also ``(H, W)`` / ``(H, W, 1)`` gray). Values
+        are clipped, NaN counts as 0, then rounded half-up: ``floor(v * maxval + 0.5)``.
+    info : ImageInfo
+        From :func:`read_image`. Gray sources (1 or 2 channels) are written gray (the mean of
+        the three channels); ``info.alpha`` is re-attached when the format has alpha (PNG,
+        TIFF; JPEG drops it) and must be ``H x W``; ICC and EXIF are copied where the format
+        allows (see the module notes).
+    format : {'png', 'tiff', 'jpeg'}, optional
+        Default: from the path's extension when it is one of png/tif/tiff/jpg/jpeg, else the
+        source format (RAW -> TIFF).
+    bit_depth : {8, 16, 32}, optional
+        Default: the source's (float TIFF -> 16, RAW -> 16). JPEG is always 8. 32 writes a
+        float32 TIFF (TIFF only).
+    jpeg_quality : int
+        1-100, JPEG only.
+
+    Returns
+    -------
+    bytes or None
+        The encoded file when ``path`` is None, else None.
+
+    Raises
+    ------
+    ImageError
+        The destination cannot be written (the message names it); an existing file is then
+        left unchanged and no temporary file remains.
+    ValueError
+        Bad arguments (array shape, option values).
+    """
+    fmt = _resolve_format(path, format, info)
+    if fmt == "jpeg":
+        depth = 8
+    elif bit_depth is None:
+        depth = info.bit_depth if info.bit_depth in (8, 16) else 16
+    else:
+        depth = int(bit_depth)
+        if depth not in (8, 16, 32):
+            raise ValueError(f"bit_depth must be 8, 16 or 32; got {bit_depth!r}")
+        if depth == 32 and fmt != "tiff":
+            raise ValueError("bit_depth 32 (float) is only available for TIFF")
+    if not (1 <= int(jpeg_quality) <= 100):
+        raise ValueError(f"jpeg_quality must be in 1..100; got {jpeg_quality!r}")
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3) or img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"image must be H x W x 3 (or H x W gray); got shape {np.shape(image)}")
+    if img.dtype.kind != "f":
+        raise ValueError(f"image must be floating point in [0, 1]; got dtype {img.dtype}")
+    gray = info.channels in (1, 2) or img.shape[2] == 1
+    if gray and img.shape[2] == 3:
+        # float64 mean: exact for replicated gray (3v/3 == v), so gray round-trips bit-exactly.
+        img = img.mean(axis=2, dtype=np.float64, keepdims=True)
+    planes = [img]
+    alpha = info.alpha if fmt in ("png", "tiff") else None
+    if alpha is not None:
+        alpha = np.asarray(alpha)
+        if alpha.shape != img.shape[:2]:
+            raise ValueError(f"info.alpha is {alpha.shape} but the image is {img.shape[:2]}")
+        planes.append(alpha[..., None])
+    if depth == 32:
+        arr = np.concatenate([np.clip(np.nan_to_num(p.astype(np.float32), nan=0.0), 0, 1) for p in planes], axis=2)
+    else:
+        arr = np.concatenate([quantize(p, depth) for p in planes], axis=2)
+    data = _encode(fmt, arr, depth, info, jpeg_quality)
+    if path is None:
+        return data
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise ImageError(path, f"cannot write ({exc.strerror or exc})") from None
+    return None
+
+
+def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int) -> bytes:
+    """Encode integer (or float32 for depth 32) H x W x C to file bytes."""
+    exif = exif_mod.normalize_exif(info.exif)
+    icc = info.icc_profile or None
+    if fmt == "png":
+        if depth == 16:
+            return png_mod.encode16(arr, icc_profile=icc, exif=exif)
+        return _pillow_save(arr, "PNG", icc=icc, exif=exif, compress_level=6)
+    if fmt == "jpeg":
+        return _pillow_save(arr, "JPEG", icc=icc, exif=exif, quality=int(quality), subsampling=0)
+    return _encode_tiff(arr, depth, icc, exif)
+
+
+def _pillow_save(arr: np.ndarray, fmt: str, *, icc, exif, **opts) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+    if icc:
+        opts["icc_profile"] = icc
+    if exif:
+        opts["exif"] = exif
+    buf = io.BytesIO()
+    try:
+        im.save(buf, fmt, **opts)
+    except ValueError:
+        if "exif" not in opts:
+            raise
+        # JPEG APP1 holds at most 64 KB: keep the pixels and the ICC, drop the EXIF.
+        opts.pop("exif")
+        buf = io.BytesIO()
+        im.save(buf, fmt, **opts)
+    return buf.getvalue()
+
+
+def _encode_tiff(arr: np.ndarray, depth: int, icc, exif) -> bytes:
+    import tifffile
+
+    channels = arr.shape[2]
+    color = 1 if channels in (1, 2) else 3
+    tags = exif_mod.descriptive_tags(exif)
+    description = tags.pop(270, None)
+    extratags = [(code, "s", 0, value, True) for code, value in sorted(tags.items())]
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tifffile warns about harmless tag choices
+        tifffile.imwrite(
+            buf,
+            arr if channels > 1 else arr[..., 0],
+            photometric="rgb" if color == 3 else "minisblack",
+            extrasamples=["unassalpha"] if channels in (2, 4) else None,
+            compression="zlib",
+            predictor=depth != 32,  # horizontal differencing; the float predictor needs imagecodecs
+            iccprofile=icc,
+            description=description,
+            software=False,
+            metadata=None,
+            extratags=extratags,
+        )
+    return buf.getvalue()

@@ -1,0 +1,172 @@
+"""Dual-pixel input: pairing left/right (and optional centre) views, and reading them.
+
+Views are matched by file *stem* after removing a trailing view marker (``_l``, ``_r``,
+``_c``, ``_left``, ``_right``, ``_center``, ``_centre``, case-insensitive; also with ``-``),
+so ``left/005.png`` pairs with ``right/005.png`` and ``005_left.png`` with ``005_right.png``.
+The DPDD dataset layout (``<root>/<split>_l/source``, ``_r/source``, ``_c/source``) is
+recognised by :func:`dpdd_dual_dirs` and by :func:`pair_dual_pixel` when given the root.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .base import DEFAULT_MAX_PIXELS, ImageError, ImageInfo
+from .io import _probe_depth, is_image_path, read_image
+
+_VIEW_SUFFIX = re.compile(r"[_-](l|r|c|left|right|center|centre)$", re.IGNORECASE)
+
+
+@dataclass
+class DualPixelTriple:
+    """One dual-pixel sample: the two views, an optional centre image, and a name.
+
+    ``name`` is the shared stem without a view marker (e.g. ``'005'``), for naming outputs.
+    """
+
+    left: Path
+    right: Path
+    center: Path | None
+    name: str
+
+
+def _name(path: Path) -> str:
+    return _VIEW_SUFFIX.sub("", path.stem) or path.stem
+
+
+def _key(path: Path) -> str:
+    return _name(path).lower()
+
+
+def dpdd_dual_dirs(root: str | Path, split: str = "test") -> tuple[Path, Path, Path]:
+    """The DPDD folders of ``split``: ``(root/{split}_l/source, root/{split}_r/source,
+    root/{split}_c/source)``. Existence is not checked."""
+    root = Path(root)
+    return (root / f"{split}_l" / "source", root / f"{split}_r" / "source", root / f"{split}_c" / "source")
+
+
+def _index(folder: Path) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p))
+    except OSError as exc:
+        raise ImageError(folder, f"cannot list folder ({exc.strerror or exc})") from None
+    for p in files:
+        k = _key(p)
+        if k in out:
+            raise ImageError(p, f"ambiguous dual-pixel view: {out[k].name} and {p.name} have the same name")
+        out[k] = p
+    return out
+
+
+def pair_dual_pixel(left: str | Path, right: str | Path | None = None, center: str | Path | None = None) -> list[DualPixelTriple]:
+    """Pair dual-pixel views given as files or folders.
+
+    Parameters
+    ----------
+    left, right : path
+        Two image files, or two folders whose images are matched by name (see the module
+        notes). With ``right=None``, ``left`` must be a DPDD root: its ``test_l/source``,
+        ``test_r/source`` and (if present) ``test_c/source`` are used.
+    center : path, optional
+        A file or folder of centre (combined) images matched the same way.
+
+    Returns
+    -------
+    list of DualPixelTriple
+        Sorted by name. Sizes and bit depths are checked from the headers.
+
+    Raises
+    ------
+    ImageError
+        Missing partner, size or bit-depth mismatch, empty folder; the message names the
+        file(s).
+    """
+    left = Path(left)
+    if right is None:
+        l_dir, r_dir, c_dir = dpdd_dual_dirs(left)
+        if not (l_dir.is_dir() and r_dir.is_dir()):
+            raise ImageError(left, "no right view given and not a DPDD folder (expected test_l/source and test_r/source)")
+        left, right = l_dir, r_dir
+        if center is None and c_dir.is_dir():
+            center = c_dir
+    right = Path(right)
+    center = Path(center) if center is not None else None
+    for p in (left, right, center):
+        if p is not None and not p.exists():
+            raise ImageError(p, "no such file or folder")
+    if left.is_dir() != right.is_dir() or (center is not None and center.is_dir() != left.is_dir()):
+        raise ImageError(left, f"dual-pixel views must all be files or all be folders ({left}, {right})")
+
+    if not left.is_dir():
+        triples = [DualPixelTriple(left, right, center, _name(left))]
+    else:
+        li, ri = _index(left), _index(right)
+        ci = _index(center) if center is not None else None
+        if not li:
+            raise ImageError(left, "folder contains no images")
+        triples = []
+        for k in sorted(set(li) | set(ri)):
+            if k not in ri:
+                raise ImageError(li[k], f"no right view for it in {right}")
+            if k not in li:
+                raise ImageError(ri[k], f"no left view for it in {left}")
+            c = None
+            if ci is not None:
+                if k not in ci:
+                    raise ImageError(li[k], f"no centre image for it in {center}")
+                c = ci[k]
+            triples.append(DualPixelTriple(li[k], ri[k], c, _name(li[k])))
+    for t in triples:
+        _check_partners(t)
+    return triples
+
+
+def _check_partners(t: DualPixelTriple) -> None:
+    (ls, ld) = _probe_depth(t.left)
+    (rs, rd) = _probe_depth(t.right)
+    _same(t.left, t.right, ls, rs, ld, rd)
+    if t.center is not None:
+        (cs, cd) = _probe_depth(t.center)
+        _same(t.left, t.center, ls, cs, ld, cd)
+
+
+def _same(a: Path, b: Path, sa, sb, da: int, db: int) -> None:
+    if sa != sb:
+        raise ImageError(a, f"size {sa[1]}x{sa[0]} differs from its partner {b} ({sb[1]}x{sb[0]})")
+    if da != db:
+        raise ImageError(a, f"bit depth {da} differs from its partner {b} ({db}-bit)")
+
+
+def read_dual_pixel(triple: DualPixelTriple, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray, ImageInfo]:
+    """Read a dual-pixel sample.
+
+    Returns
+    -------
+    views : ndarray
+        ``float32`` ``(H, W, 6)``: left RGB then right RGB, each in ``[0, 1]`` (the
+        :func:`read_image` conventions).
+    center : ndarray
+        ``float32`` ``(H, W, 3)``: the centre image, or ``(left + right) / 2`` without one.
+    info : ImageInfo
+        The left view's record (use it to write outputs).
+
+    Raises
+    ------
+    ImageError
+        A view cannot be read, or sizes / bit depths differ (names both files).
+    """
+    left, info = read_image(triple.left, max_pixels=max_pixels)
+    right, rinfo = read_image(triple.right, max_pixels=max_pixels)
+    _same(triple.left, triple.right, info.size, rinfo.size, info.bit_depth, rinfo.bit_depth)
+    if triple.center is not None:
+        center, cinfo = read_image(triple.center, max_pixels=max_pixels)
+        _same(triple.left, triple.center, info.size, cinfo.size, info.bit_depth, cinfo.bit_depth)
+    else:
+        center = (left + right) * np.float32(0.5)
+    views = np.concatenate([left, right], axis=2)
+    return views, center, info

@@ -1,0 +1,955 @@
+"""Tests of kpac_cli.images: formats, bit-exactness, metadata, limits, atomic writes, RAW, pairing."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image, ImageOps
+
+import kpac_cli.images as images
+import kpac_cli.images.io as images_io
+from kpac_cli.images import (
+    DEFAULT_MAX_PIXELS,
+    RAW_EXTENSIONS,
+    DualPixelTriple,
+    ImageError,
+    ImageInfo,
+    RawOptions,
+    atomic_output,
+    atomic_write_bytes,
+    cleanup_stale_temps,
+    dpdd_dual_dirs,
+    is_image_path,
+    pair_dual_pixel,
+    probe_size,
+    read_dual_pixel,
+    read_image,
+    write_image,
+)
+from kpac_cli.images.exif import read_orientation
+
+RNG = np.random.default_rng(1234)
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+def rand(shape, bits=8):
+    return RNG.integers(0, 1 << bits, shape).astype(np.uint8 if bits == 8 else np.uint16)
+
+
+def ihdr(data: bytes) -> tuple[int, int, int, int]:
+    """(width, height, bit depth, colour type) straight from the bytes of a PNG."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    w, h, depth, ctype = struct.unpack(">IIBB", data[16:26])
+    return w, h, depth, ctype
+
+
+def chunk(ctype: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + ctype + data + struct.pack(">I", zlib.crc32(ctype + data))
+
+
+def ref_png(arr: np.ndarray, bit_depth: int, *, interlace: bool = False, extra: bytes = b"") -> bytes:
+    """Independent, spec-literal PNG encoder (pure Python filters, cycling all five types)."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    h, w, c = arr.shape
+    ctype = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    bpp = max(1, c * bit_depth // 8)
+    dt = ">u2" if bit_depth == 16 else np.uint8
+
+    def scanlines(sub: np.ndarray, ftype0: int) -> bytes:
+        out = bytearray()
+        prev = bytes(sub.shape[1] * c * bit_depth // 8)
+        for y in range(sub.shape[0]):
+            row = np.ascontiguousarray(sub[y], dtype=dt).tobytes()
+            ft = (ftype0 + y) % 5
+            res = bytearray()
+            for i, x in enumerate(row):
+                a = row[i - bpp] if i >= bpp else 0
+                b = prev[i]
+                cc = prev[i - bpp] if i >= bpp else 0
+                if ft == 0:
+                    pred = 0
+                elif ft == 1:
+                    pred = a
+                elif ft == 2:
+                    pred = b
+                elif ft == 3:
+                    pred = (a + b) // 2
+                else:
+                    p = a + b - cc
+                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - cc)
+                    pred = a if pa <= pb and pa <= pc else (b if pb <= pc else cc)
+                res.append((x - pred) & 0xFF)
+            out += bytes([ft]) + res
+            prev = row
+        return bytes(out)
+
+    if interlace:
+        raw = b""
+        for k, (x0, y0, dx, dy) in enumerate(
+            [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+        ):
+            sub = arr[y0::dy, x0::dx]
+            if sub.size:
+                raw += scanlines(sub, k)
+    else:
+        raw = scanlines(arr, 0)
+    head = struct.pack(">IIBBBBB", w, h, bit_depth, ctype, 0, 0, int(interlace))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + extra + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+
+
+def pil_bytes(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def tiff_bytes(arr, **kw) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **kw)
+    return buf.getvalue()
+
+
+def as_int(img: np.ndarray, bits: int) -> np.ndarray:
+    return np.floor(img.astype(np.float64) * ((1 << bits) - 1) + 0.5).astype(np.int64)
+
+
+def make_exif(orientation: int | None = None, make: str | None = None) -> bytes:
+    ex = Image.Exif()
+    if orientation is not None:
+        ex[0x0112] = orientation
+    if make is not None:
+        ex[0x010F] = make
+    return ex.tobytes()
+
+
+def no_temps(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if p.name.endswith(".kpac-tmp")]
+
+
+# ------------------------------------------------------------------------------------------
+# bit-exact round trips
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_png16_color_roundtrip_bit_exact(tmp_path, channels):
+    a = rand((23, 31, channels), 16)
+    a[0, 0] = 0
+    a[0, 1] = 65535
+    info = ImageInfo(None, "png", 16, channels, None, None, None, 1, (23, 31))
+    img = images_io.to_float(a[..., :3], 65535)
+    if channels == 4:
+        info.alpha = images_io.to_float(a[..., 3], 65535)
+    out = tmp_path / "x.png"
+    write_image(out, img, info)
+    data = out.read_bytes()
+    assert ihdr(data) == (31, 23, 16, 2 if channels == 3 else 6)
+    back, binfo = read_image(out)
+    assert binfo.bit_depth == 16 and binfo.channels == channels and binfo.format == "png"
+    assert back.dtype == np.float32 and back.shape == (23, 31, 3)
+    assert np.array_equal(as_int(back, 16), a[..., :3])
+    if channels == 4:
+        assert np.array_equal(as_int(binfo.alpha, 16), a[..., 3])
+    # Independent decoder: Pillow keeps the high byte of 16-bit colour PNGs.
+    with Image.open(out) as im:
+        assert np.array_equal(np.asarray(im), (a >> 8).astype(np.uint8))
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_png16_gray_roundtrip_and_pillow_agrees(tmp_path, channels):
+    a = rand((17, 9, channels), 16)
+    src = tmp_path / "g.png"
+    src.write_bytes(ref_png(a, 16))
+    img, info = read_image(src)
+    assert info.channels == channels and info.bit_depth == 16
+    assert np.array_equal(as_int(img[..., 0], 16), a[..., 0])
+    assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2])
+    out = tmp_path / "o.png"
+    write_image(out, img, info)
+    assert ihdr(out.read_bytes())[2:] == (16, 0 if channels == 1 else 4)
+    back, binfo = read_image(out)
+    assert np.array_equal(back, img) and binfo.channels == channels
+    if channels == 2:
+        assert np.array_equal(binfo.alpha, info.alpha)
+    else:
+        with Image.open(out) as im:  # Pillow reads 16-bit gray losslessly
+            assert np.array_equal(np.asarray(im).astype(np.uint16), a[..., 0])
+
+
+@pytest.mark.parametrize("channels,bits,interlace", [(3, 16, False), (4, 16, True), (1, 16, True), (2, 16, False), (3, 8, True), (4, 8, False)])
+def test_png_decoder_against_reference_encoder(channels, bits, interlace):
+    # All five filter types and Adam7 interlacing, encoded by the spec-literal helper.
+    a = rand((13, 11, channels), bits)
+    img, info = read_image(ref_png(a, bits, interlace=interlace))
+    assert info.bit_depth == bits
+    color = a[..., : 1 if channels in (1, 2) else 3]
+    assert np.array_equal(as_int(img[..., : color.shape[2]], bits), color)
+    if channels in (2, 4):
+        assert np.array_equal(as_int(info.alpha, bits), a[..., -1])
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA"])
+def test_png8_roundtrip_and_pillow_agrees(tmp_path, mode):
+    n = len(mode)
+    a = rand((19, 14, n)) if n > 1 else rand((19, 14))
+    src = tmp_path / "s.png"
+    Image.fromarray(a, mode).save(src)
+    img, info = read_image(src)
+    assert info.bit_depth == 8 and info.channels == n
+    out = tmp_path / "o.png"
+    write_image(out, img, info)
+    with Image.open(out) as im:
+        assert im.mode == mode
+        assert np.array_equal(np.asarray(im), a)
+
+
+@pytest.mark.parametrize("dtype,channels", [(np.uint8, 3), (np.uint16, 3), (np.uint16, 4), (np.uint8, 1), (np.uint16, 2)])
+def test_tiff_roundtrip_bit_exact(tmp_path, dtype, channels):
+    bits = 8 if dtype == np.uint8 else 16
+    a = rand((12, 15, channels), bits)
+    kw = dict(photometric="rgb" if channels >= 3 else "minisblack")
+    if channels in (2, 4):
+        kw["extrasamples"] = ["unassalpha"]
+    src = tmp_path / "s.tif"
+    tifffile.imwrite(src, a if channels > 1 else a[..., 0], **kw)
+    img, info = read_image(src)
+    assert (info.format, info.bit_depth, info.channels) == ("tiff", bits, channels)
+    out = tmp_path / "o.tiff"
+    write_image(out, img, info)
+    back = tifffile.imread(out)
+    assert back.dtype == dtype
+    assert np.array_equal(back.reshape(a.shape), a)
+
+
+def test_tiff_big_endian_planar_miniswhite_palette(tmp_path):
+    a = rand((8, 10, 3), 16)
+    p = tmp_path / "planar.tif"
+    tifffile.imwrite(p, np.moveaxis(a, 2, 0), photometric="rgb", planarconfig="separate", byteorder=">")
+    img, info = read_image(p)
+    assert np.array_equal(as_int(img, 16), a)
+
+    g = rand((8, 10))
+    p = tmp_path / "white.tif"
+    tifffile.imwrite(p, g, photometric="miniswhite")
+    img, info = read_image(p)
+    assert np.array_equal(as_int(img[..., 0], 8), 255 - g.astype(np.int64))
+
+    idx = rand((8, 10))
+    cmap = (RNG.integers(0, 256, (3, 256)) * 257).astype(np.uint16)
+    p = tmp_path / "pal.tif"
+    tifffile.imwrite(p, idx, photometric="palette", colormap=cmap)
+    img, info = read_image(p)
+    assert info.bit_depth == 8 and info.channels == 3
+    assert np.array_equal(as_int(img, 8), (cmap.T[idx] // 257).astype(np.int64))
+
+
+def test_tiff_without_imagecodecs_falls_back_or_explains(tmp_path):
+    # LZW needs imagecodecs in tifffile; 8-bit and 16-bit gray go through Pillow losslessly.
+    for mode, arr in [("RGB", rand((5, 6, 3))), ("L", rand((5, 6))), ("I;16", rand((5, 6), 16))]:
+        data = pil_bytes(Image.fromarray(arr), "TIFF", compression="tiff_lzw")
+        img, info = read_image(data)
+        bits = 16 if mode == "I;16" else 8
+        assert info.bit_depth == bits
+        n = 1 if arr.ndim == 2 else 3
+        assert np.array_equal(as_int(img[..., :n], bits), arr.reshape(5, 6, n))
+    bw = rand((5, 6)) > 127
+    img, info = read_image(pil_bytes(Image.fromarray(bw), "TIFF", compression="tiff_lzw"))
+    assert np.array_equal(img[..., 0] == 1.0, bw)
+    # 16-bit RGB with LZW cannot be read losslessly without imagecodecs: a clear refusal.
+    data = bytearray(tiff_bytes(rand((5, 6, 3), 16), photometric="rgb"))
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as t:
+        off = t.pages[0].tags[259].valueoffset
+    data[off : off + 2] = struct.pack("<H", 5)  # claim LZW compression
+    try:
+        import imagecodecs  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImageError, match="imagecodecs"):
+            read_image(bytes(data))
+
+
+def test_tiff_associated_alpha_is_unpremultiplied(tmp_path):
+    color = np.full((4, 4, 3), 200, np.uint8)
+    alpha = np.full((4, 4), 128, np.uint8)
+    alpha[0, 0] = 0
+    pre = np.round(color * (alpha[..., None] / 255.0)).astype(np.uint8)
+    p = tmp_path / "assoc.tif"
+    tifffile.imwrite(p, np.dstack([pre, alpha]), photometric="rgb", extrasamples=["assocalpha"])
+    img, info = read_image(p)
+    assert abs(img[1, 1, 0] * 255 - 200) < 2.5
+    assert img[0, 0].tolist() == [0, 0, 0]
+    assert np.array_equal(as_int(info.alpha, 8), alpha)
+
+
+def test_float_tiff(tmp_path):
+    f = RNG.random((6, 7, 3)).astype(np.float32) * 1.4 - 0.2
+    f[0, 0, 0] = np.nan
+    p = tmp_path / "f.tif"
+    tifffile.imwrite(p, f, photometric="rgb")
+    img, info = read_image(p)
+    assert info.bit_depth == 32
+    expect = np.clip(np.nan_to_num(f, nan=0.0), 0, 1)
+    assert np.array_equal(img, expect)
+    out = tmp_path / "o.tif"
+    write_image(out, img, info)  # default for float input: 16-bit
+    assert tifffile.imread(out).dtype == np.uint16
+    write_image(out, img, info, bit_depth=32)
+    back = tifffile.imread(out)
+    assert back.dtype == np.float32 and np.array_equal(back, expect)
+    with pytest.raises(ValueError):
+        write_image(tmp_path / "o.png", img, info, bit_depth=32)
+
+
+def test_jpeg_read_write(tmp_path):
+    a = np.clip(RNG.normal(128, 30, (32, 40, 3)), 0, 255).astype(np.uint8)
+    src = tmp_path / "s.jpg"
+    Image.fromarray(a).save(src, quality=95)
+    img, info = read_image(src)
+    assert (info.format, info.bit_depth, info.channels) == ("jpeg", 8, 3)
+    with Image.open(src) as im:
+        assert np.array_equal(as_int(img, 8), np.asarray(im))
+    out = tmp_path / "o.jpeg"
+    write_image(out, img, info, bit_depth=16)  # JPEG is always 8-bit
+    back, binfo = read_image(out)
+    assert binfo.bit_depth == 8
+    assert np.abs(back - img).mean() < 0.02
+    small = write_image(None, img, info, jpeg_quality=10)
+    assert len(small) < out.stat().st_size
+    with pytest.raises(ValueError):
+        write_image(None, img, info, jpeg_quality=0)
+
+
+def test_gray_jpeg_stays_gray(tmp_path):
+    src = tmp_path / "g.jpg"
+    Image.fromarray(rand((10, 12)), "L").save(src)
+    img, info = read_image(src)
+    assert info.channels == 1 and img.shape == (10, 12, 3)
+    data = write_image(None, img, info)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "L"
+
+
+def test_palette_and_low_bit_png(tmp_path):
+    rgb = rand((9, 9, 3))
+    pal = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    img, info = read_image(pil_bytes(pal, "PNG"))
+    assert info.channels == 3 and info.bit_depth == 8 and info.alpha is None
+    assert np.array_equal(as_int(img, 8), np.asarray(pal.convert("RGB")))
+
+    pal.info["transparency"] = 0
+    img, info = read_image(pil_bytes(pal, "PNG", transparency=0))
+    assert info.channels == 4
+    expect = np.asarray(pal.convert("RGBA"))
+    assert np.array_equal(as_int(info.alpha, 8), expect[..., 3])
+
+    bw = Image.fromarray(rand((5, 13)) > 127)
+    img, info = read_image(pil_bytes(bw, "PNG"))
+    assert info.bit_depth == 8 and set(np.unique(as_int(img, 8))) <= {0, 255}
+
+    # 4-bit gray with a tRNS key: values scale by 17, the key follows.
+    g4 = RNG.integers(0, 16, (3, 8)).astype(np.uint8)
+    g4[0, 0] = 5
+    packed = np.zeros((3, 4), np.uint8)
+    packed[:] = (g4[:, 0::2] << 4) | g4[:, 1::2]
+    raw = b"".join(b"\x00" + r.tobytes() for r in packed)
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 3, 4, 0, 0, 0, 0))
+        + chunk(b"tRNS", struct.pack(">H", 5))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+    img, info = read_image(data)
+    assert np.array_equal(as_int(img[..., 0], 8), g4.astype(np.int64) * 17)
+    assert np.array_equal(info.alpha == 0, g4 == 5)
+
+
+def test_trns_colour_key_16bit():
+    a = rand((4, 5, 3), 16)
+    a[1, 2] = (1, 2, 3)
+    img, info = read_image(ref_png(a, 16, extra=chunk(b"tRNS", struct.pack(">3H", 1, 2, 3))))
+    assert info.channels == 4
+    assert info.alpha[1, 2] == 0 and (info.alpha == 0).sum() == 1
+
+
+def test_gray_source_written_gray_and_alpha_passthrough(tmp_path):
+    a = rand((6, 6, 2), 16)
+    img, info = read_image(ref_png(a, 16))
+    for name, fmt in [("o.png", "png"), ("o.tif", "tiff")]:
+        write_image(tmp_path / name, img, info)
+        back, binfo = read_image(tmp_path / name)
+        assert binfo.channels == 2, fmt
+        assert np.array_equal(back, img) and np.array_equal(binfo.alpha, info.alpha)
+    # JPEG cannot hold alpha: dropped, still gray.
+    back, binfo = read_image(write_image(None, img, info, format="jpg"))
+    assert binfo.channels == 1 and binfo.alpha is None
+
+
+def test_alpha_converted_between_bit_depths(tmp_path):
+    a = rand((5, 5, 4), 16)
+    img, info = read_image(ref_png(a, 16))
+    back, binfo = read_image(write_image(None, img, info, bit_depth=8))
+    assert binfo.bit_depth == 8
+    assert np.array_equal(as_int(binfo.alpha, 8), as_int(info.alpha, 8))
+
+
+def test_quantization_rule():
+    info = ImageInfo(None, "png", 8, 1, None, None, None, 1, (1, 8))
+    v = np.array([0.0, 0.5 / 255, 0.5 / 255 - 1e-9, 1.0, 1.7, -3.0, np.nan, 254.5 / 255], np.float64)
+    img = np.repeat(v[None, :, None], 3, axis=2)
+    back, _ = read_image(write_image(None, img, info))
+    assert as_int(back[0, :, 0], 8).tolist() == [0, 1, 0, 255, 255, 0, 0, 255]
+
+
+def test_write_validates_arguments(tmp_path):
+    info = ImageInfo(None, "png", 8, 3, None, None, None, 1, (2, 2))
+    with pytest.raises(ValueError):
+        write_image(None, np.zeros((2, 2, 4), np.float32), info)
+    with pytest.raises(ValueError):
+        write_image(None, np.zeros((2, 2, 3), np.uint8), info)
+    with pytest.raises(ValueError):
+        write_image(None, np.zeros((2, 2, 3), np.float32), info, format="bmp")
+    with pytest.raises(ImageError):
+        write_image(tmp_path / "x.nef", np.zeros((2, 2, 3), np.float32), info)
+    bad = ImageInfo(None, "png", 8, 4, np.zeros((3, 3), np.float32), None, None, 1, (2, 2))
+    with pytest.raises(ValueError):
+        write_image(None, np.zeros((2, 2, 3), np.float32), bad)
+
+
+def test_output_format_from_extension_and_defaults(tmp_path):
+    img = RNG.random((4, 4, 3)).astype(np.float32)
+    info = ImageInfo(None, "png", 16, 3, None, None, None, 1, (4, 4))
+    write_image(tmp_path / "a.TIF", img, info)
+    assert tifffile.imread(tmp_path / "a.TIF").dtype == np.uint16
+    write_image(tmp_path / "a.jpg", img, info)
+    assert (tmp_path / "a.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+    assert ihdr(write_image(None, img, info))[2] == 16  # stdout: the source format
+    raw_info = ImageInfo(None, "raw", 16, 3, None, None, None, 1, (4, 4))
+    data = write_image(None, img, raw_info)
+    assert data[:4] in (b"II*\x00", b"MM\x00*")
+    assert tifffile.imread(io.BytesIO(data)).dtype == np.uint16
+    write_image(tmp_path / "noext", img, info, format="TIFF", bit_depth=8)
+    assert tifffile.imread(tmp_path / "noext").dtype == np.uint8
+
+
+def test_stdin_bytes_sniffed_not_named(tmp_path):
+    a = rand((5, 6, 3))
+    src = tmp_path / "actually_png.jpg"
+    Image.fromarray(a).save(src, format="PNG")
+    img, info = read_image(src)
+    assert info.format == "png" and info.path == str(src)
+    img2, info2 = read_image(src.read_bytes())
+    assert info2.path is None and np.array_equal(img, img2)
+
+
+# ------------------------------------------------------------------------------------------
+# metadata
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_applied_and_reset(tmp_path, orientation):
+    a = rand((4, 7, 3))
+    src = tmp_path / "o.png"
+    Image.fromarray(a).save(src, exif=make_exif(orientation, "KpacCam"))
+    img, info = read_image(src)
+    with Image.open(src) as im:
+        expect = np.asarray(ImageOps.exif_transpose(im))
+    assert np.array_equal(as_int(img, 8), expect)
+    assert info.orientation_applied == orientation
+    assert info.size == img.shape[:2] == probe_size(src)
+    assert read_orientation(info.exif) == 1
+    for fmt in ("png", "jpeg"):
+        with Image.open(io.BytesIO(write_image(None, img, info, format=fmt))) as im:
+            ex = im.getexif()
+            assert ex.get(0x0112, 1) == 1 and ex.get(0x010F) == "KpacCam"
+            assert im.size == (img.shape[1], img.shape[0])
+
+
+def test_jpeg_orientation_probe_and_read(tmp_path):
+    src = tmp_path / "r.jpg"
+    Image.fromarray(rand((10, 30, 3))).save(src, exif=make_exif(6))
+    assert probe_size(src) == (30, 10)
+    img, info = read_image(src)
+    assert img.shape == (30, 10, 3) and info.orientation_applied == 6
+
+
+def test_tiff_orientation_tag(tmp_path):
+    a = rand((3, 5, 3))
+    p = tmp_path / "o.tif"
+    tifffile.imwrite(p, a, photometric="rgb", extratags=[(274, "H", 1, 8, True)])
+    img, info = read_image(p)
+    assert info.orientation_applied == 8 and img.shape == (5, 3, 3)
+    assert np.array_equal(as_int(img, 8), np.rot90(a, 1))
+    assert probe_size(p) == (5, 3)
+
+
+def test_icc_and_exif_copied(tmp_path):
+    icc = b"\x00\x00\x02\x0cfake-icc-profile" * 20
+    exif = make_exif(None, "KpacCam")
+    a = rand((6, 5, 3))
+    # 8-bit PNG and JPEG via Pillow
+    for fmt, ext in (("PNG", "png"), ("JPEG", "jpg")):
+        src = tmp_path / f"s.{ext}"
+        Image.fromarray(a).save(src, icc_profile=icc, exif=exif)
+        img, info = read_image(src)
+        assert info.icc_profile == icc and info.exif is not None and info.exif.startswith(b"Exif\x00\x00")
+        for out_fmt in ("png", "jpeg", "tiff"):
+            data = write_image(None, img, info, format=out_fmt)
+            back, binfo = read_image(data)
+            assert binfo.icc_profile == icc, (fmt, out_fmt)
+            if out_fmt == "tiff":
+                with tifffile.TiffFile(io.BytesIO(data)) as t:
+                    assert t.pages[0].tags[271].value == "KpacCam"
+            else:
+                with Image.open(io.BytesIO(data)) as im:
+                    assert im.getexif().get(0x010F) == "KpacCam"
+    # 16-bit PNG: our own iCCP / eXIf chunks, read by Pillow too
+    img, info = read_image(tmp_path / "s.png")
+    data = write_image(None, img, info, bit_depth=16)
+    assert ihdr(data)[2] == 16
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.info.get("icc_profile") == icc and im.getexif().get(0x010F) == "KpacCam"
+    # TIFF source: ICC tag and descriptive tags become EXIF
+    p = tmp_path / "s.tif"
+    tifffile.imwrite(p, a, photometric="rgb", iccprofile=icc, extratags=[(271, "s", 0, "TiffCam", True)])
+    img, info = read_image(p)
+    assert info.icc_profile == icc
+    with Image.open(io.BytesIO(write_image(None, img, info, format="jpeg"))) as im:
+        assert im.getexif().get(0x010F) == "TiffCam"
+
+
+def test_huge_exif_dropped_for_jpeg_only():
+    ex = Image.Exif()
+    ex[0x010E] = "x" * 70000  # ImageDescription larger than a JPEG APP1 segment
+    info = ImageInfo(None, "png", 8, 3, None, None, ex.tobytes(), 1, (2, 2))
+    img = np.zeros((2, 2, 3), np.float32)
+    back, binfo = read_image(write_image(None, img, info, format="jpeg"))
+    assert binfo.exif is None
+    back, binfo = read_image(write_image(None, img, info, format="png"))
+    assert binfo.exif is not None
+
+
+# ------------------------------------------------------------------------------------------
+# refusals, multi-frame, errors
+
+
+def test_cmyk_refused(tmp_path):
+    p = tmp_path / "cmyk.tif"
+    tifffile.imwrite(p, rand((4, 4, 4)), photometric="separated")
+    with pytest.raises(ImageError, match="CMYK") as e:
+        read_image(p)
+    assert str(p) in str(e.value)
+    p = tmp_path / "cmyk.jpg"
+    Image.fromarray(rand((4, 4, 4)), "CMYK").save(p)
+    with pytest.raises(ImageError, match="CMYK"):
+        read_image(p)
+
+
+def test_multipage_tiff_and_apng_first_frame(tmp_path):
+    a, b = rand((4, 5, 3)), rand((4, 5, 3))
+    p = tmp_path / "multi.tif"
+    with tifffile.TiffWriter(p) as tw:
+        tw.write(a, photometric="rgb")
+        tw.write(b, photometric="rgb")
+    img, info = read_image(p)
+    assert info.frames == 2 and np.array_equal(as_int(img, 8), a)
+
+    p = tmp_path / "anim.png"
+    Image.fromarray(a).save(p, save_all=True, append_images=[Image.fromarray(b)])
+    img, info = read_image(p)
+    assert info.frames == 2 and np.array_equal(as_int(img, 8), a)
+    with Image.open(io.BytesIO(write_image(None, img, info))) as im:
+        assert getattr(im, "n_frames", 1) == 1
+
+
+@pytest.mark.parametrize("fmt,label", [("GIF", "GIF"), ("BMP", "BMP"), ("WEBP", "WebP")])
+def test_other_formats_refused(tmp_path, fmt, label):
+    p = tmp_path / f"x.{fmt.lower()}"
+    try:
+        Image.fromarray(rand((4, 4, 3))).save(p, fmt)
+    except (KeyError, OSError):
+        pytest.skip(f"Pillow cannot write {fmt} here")
+    with pytest.raises(ImageError, match=label):
+        read_image(p)
+
+
+def _errors(tmp_path):
+    png = pil_bytes(Image.fromarray(rand((20, 20, 3))), "PNG")
+    jpg = pil_bytes(Image.fromarray(rand((20, 20, 3))), "JPEG")
+    tif = tiff_bytes(rand((20, 20, 3)), photometric="rgb")
+    zero = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    cases = {
+        "empty.png": b"",
+        "text.png": b"hello, I am not an image\n",
+        "zero.png": zero,
+        "trunc.png": png[: len(png) // 2],
+        "trunc.jpg": jpg[: len(jpg) // 3],
+        "trunc.tif": tif[: len(tif) // 2],
+        "noidat.png": png[:33] + chunk(b"IEND", b""),
+        "badcrc.png": png[:29] + b"\x00\x00\x00\x00" + png[33:],
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    return list(cases)
+
+
+def test_bad_files_raise_one_line_image_error_naming_file(tmp_path):
+    for name in _errors(tmp_path):
+        p = tmp_path / name
+        with pytest.raises(ImageError) as e:
+            read_image(p)
+        msg = str(e.value)
+        assert str(p) in msg and "\n" not in msg, msg
+        if name != "empty.png":
+            with pytest.raises(ImageError) as e:
+                read_image(p.read_bytes())
+            assert str(e.value).startswith("<stdin>: ")
+    with pytest.raises(ImageError, match="no such file"):
+        read_image(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="directory"):
+        read_image(tmp_path)
+    with pytest.raises(ImageError, match="empty"):
+        read_image(b"")
+    with pytest.raises(ImageError, match="zero size"):
+        probe_size(tmp_path / "zero.png")
+
+
+def test_image_error_forms():
+    e = ImageError(Path("/x/a.png"), "corrupt\n  data")
+    assert str(e) == "/x/a.png: corrupt data" and e.source == "/x/a.png" and e.problem == "corrupt data"
+    assert str(ImageError(b"..", "bad")) == "<stdin>: bad"
+    assert str(ImageError("out.png: exists")) == "out.png: exists"  # preformatted message
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(e))) == str(e)
+
+
+def test_decompression_bomb_png_refused_before_allocation():
+    # A valid IHDR claiming 100000 x 100000 RGB (30 GB as uint8), followed by a tiny IDAT.
+    head = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    data = (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ImageError, match="too large"):
+            read_image(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - t0 < 1.0
+    assert peak < 10 << 20
+    assert probe_size(data) == (100_000, 100_000)  # probing is allowed: it reads the header only
+    for d in (16,):  # same for the 16-bit path
+        head = struct.pack(">IIBBBBB", 100_000, 100_000, d, 6, 0, 0, 0)
+        with pytest.raises(ImageError, match="too large"):
+            read_image(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", b"x"))
+
+
+def test_tiny_idat_with_big_allowed_header_refused_early():
+    # 10000 x 10000 is under the pixel limit, but 100 bytes of deflate cannot hold it.
+    head = struct.pack(">IIBBBBB", 10_000, 10_000, 16, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(b"\x00" * 100))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match="truncated"):
+            read_image(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 << 20
+    # ... while a legitimately extreme compression ratio passes the check.
+    raw = b"".join(b"\x00" + bytes(375) for _ in range(3000))  # 3000 x 3000, 1-bit, all black
+    comp = zlib.compress(raw, 9)
+    assert len(raw) / len(comp) > 900
+    png = images.png.PngFile(3000, 3000, 1, 0, 0, idat=[comp])
+    images.png.check_idat_size(png, "x")
+
+
+def test_max_pixels_other_formats(tmp_path):
+    jpg = bytearray(pil_bytes(Image.fromarray(rand((8, 8, 3))), "JPEG"))
+    sof = jpg.index(b"\xff\xc0")
+    jpg[sof + 5 : sof + 9] = struct.pack(">HH", 60000, 60000)  # 3.6 G pixels in the header
+    with pytest.raises(ImageError, match="too large"):
+        read_image(bytes(jpg))
+    tif = tiff_bytes(rand((30, 30, 3)), photometric="rgb")
+    with pytest.raises(ImageError, match="too large"):
+        read_image(tif, max_pixels=899)
+    img, _ = read_image(tif, max_pixels=900)
+    assert img.shape == (30, 30, 3)
+    assert DEFAULT_MAX_PIXELS == 200_000_000
+
+
+def test_core_does_not_import_cli_libraries():
+    code = "import sys, kpac_cli.images; assert not {'typer', 'rich'} & set(sys.modules), sys.modules.keys()"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_is_image_path_and_raw_extensions():
+    for name in ("a.png", "b.TIF", "c.tiff", "d.JPG", "e.jpeg", "f.dng", "g.CR2", "h.nef", "i.arw", "j.cr3", "k.RAF"):
+        assert is_image_path(name), name
+    for name in ("a.txt", "b.gif", "c", ".hidden.png", ".x.png.123.ab.kpac-tmp", "d.png.kpac-tmp"):
+        assert not is_image_path(name), name
+    assert {"dng", "cr2", "cr3", "nef", "arw", "orf", "rw2", "raf", "pef", "srw"} <= RAW_EXTENSIONS
+    assert all(e == e.lower() and not e.startswith(".") for e in RAW_EXTENSIONS)
+
+
+def test_probe_size_formats(tmp_path):
+    a = rand((7, 9, 3))
+    assert probe_size(pil_bytes(Image.fromarray(a), "PNG")) == (7, 9)
+    assert probe_size(pil_bytes(Image.fromarray(a), "JPEG")) == (7, 9)
+    assert probe_size(tiff_bytes(a, photometric="rgb")) == (7, 9)
+    assert probe_size(ref_png(rand((7, 9, 3), 16), 16)) == (7, 9)
+
+
+# ------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def test_write_failure_in_encoder_leaves_destination(tmp_path, monkeypatch):
+    dest = tmp_path / "out.png"
+    dest.write_bytes(b"previous content")
+    img = np.zeros((4, 4, 3), np.float32)
+    info = ImageInfo(None, "png", 16, 3, None, None, None, 1, (4, 4))
+
+    def boom(*a, **k):
+        raise RuntimeError("encoder exploded")
+
+    monkeypatch.setattr(images.png, "encode16", boom)
+    with pytest.raises(RuntimeError):
+        write_image(dest, img, info)
+    assert dest.read_bytes() == b"previous content" and no_temps(tmp_path)
+    new = tmp_path / "new.png"
+    with pytest.raises(RuntimeError):
+        write_image(new, img, info)
+    assert not new.exists() and no_temps(tmp_path)
+
+
+def test_write_failure_mid_write_cleans_temp(tmp_path, monkeypatch):
+    dest = tmp_path / "out.tif"
+    dest.write_bytes(b"previous content")
+    seen = []
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):
+        seen.extend(p.name for p in tmp_path.iterdir() if p.name.endswith(".kpac-tmp"))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    info = ImageInfo(None, "tiff", 8, 3, None, None, None, 1, (4, 4))
+    with pytest.raises(ImageError, match="No space left") as e:
+        write_image(dest, np.zeros((4, 4, 3), np.float32), info)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert str(dest) in str(e.value)
+    assert dest.read_bytes() == b"previous content" and no_temps(tmp_path)
+    assert seen and seen[0].startswith(".out.tif.") and seen[0].endswith(".kpac-tmp")
+    assert f".{os.getpid()}." in seen[0]
+
+
+def test_atomic_helpers(tmp_path):
+    dest = tmp_path / "f.bin"
+    atomic_write_bytes(dest, b"one")
+    dest.chmod(0o640)
+    atomic_write_bytes(dest, b"two")
+    assert dest.read_bytes() == b"two" and (dest.stat().st_mode & 0o777) == 0o640
+    with atomic_output(dest) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(".kpac-tmp") and tmp.name.startswith(".")
+        tmp.write_bytes(b"three")
+        assert dest.read_bytes() == b"two"
+    assert dest.read_bytes() == b"three"
+    with pytest.raises(KeyError):
+        with atomic_output(dest) as tmp:
+            tmp.write_bytes(b"partial")
+            raise KeyError("fail")
+    assert dest.read_bytes() == b"three" and no_temps(tmp_path)
+    long_name = tmp_path / ("n" * 250)
+    atomic_write_bytes(long_name, b"long")  # the temp name must stay under NAME_MAX
+    assert long_name.read_bytes() == b"long"
+    with pytest.raises(OSError):
+        atomic_write_bytes(tmp_path / "nodir" / "x", b"")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(OSError):
+        atomic_write_bytes(tmp_path / "adir", b"x")
+    assert no_temps(tmp_path)
+    with pytest.raises(ImageError):
+        write_image(tmp_path / "adir", np.zeros((2, 2, 3), np.float32), ImageInfo(None, "png", 8, 3, None, None, None, 1, (2, 2)), format="png")
+    assert no_temps(tmp_path)
+
+
+def test_cleanup_stale_temps(tmp_path, monkeypatch):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead_pid = proc.pid
+    dead = tmp_path / f".a.png.{dead_pid}.deadbeef.kpac-tmp"
+    live = tmp_path / f".b.png.{os.getpid()}.cafe0001.kpac-tmp"
+    old = tmp_path / f".c.png.{os.getpid()}.cafe0002.kpac-tmp"
+    weird = tmp_path / ".d.kpac-tmp"  # no pid: only the age rule applies
+    keep = tmp_path / "e.png.kpac-tmp"  # not hidden: not ours
+    for p in (dead, live, old, weird, keep):
+        p.write_bytes(b"x")
+    past = time.time() - 120
+    os.utime(old, (past, past))
+    with atomic_output(tmp_path / "f.png") as active:
+        os.utime(active, (past, past))
+        monkeypatch.chdir(tmp_path)  # a relative folder name must still spare the live temp
+        assert cleanup_stale_temps(".") == 2
+        assert active.exists()
+    assert not dead.exists() and not old.exists()
+    assert live.exists() and weird.exists() and keep.exists()
+    assert cleanup_stale_temps(tmp_path / "missing") == 0
+
+
+# ------------------------------------------------------------------------------------------
+# camera RAW (real DNGs from ../shared)
+
+
+@pytest.mark.shared
+def test_raw_dng_canon(shared_dir):
+    p = shared_dir / "samples" / "raw" / "canon_eos_6d.dng"
+    img, info = read_image(p)
+    assert (info.format, info.bit_depth, info.channels) == ("raw", 16, 3)
+    assert img.dtype == np.float32 and img.shape == (816, 1224, 3)
+    assert 0.0 <= img.min() and img.max() <= 1.0 and img.std() > 0.01
+    assert info.size == (816, 1224) == probe_size(p)
+    # stdin bytes take the same route (sniffed as TIFF-structured DNG).
+    img2, info2 = read_image(p.read_bytes())
+    assert info2.format == "raw" and np.array_equal(img, img2)
+    # RAW input -> 16-bit TIFF by default, bit-exact
+    data = write_image(None, img, info)
+    back = tifffile.imread(io.BytesIO(data))
+    assert back.dtype == np.uint16 and np.array_equal(back.astype(np.int64), as_int(img, 16))
+    lin, _ = read_image(p, raw_options=RawOptions(gamma="linear", white_balance="daylight", demosaic="linear"))
+    assert lin.mean() < img.mean()
+
+
+@pytest.mark.shared
+def test_raw_dng_blackmagic_half_size(shared_dir):
+    p = shared_dir / "samples" / "raw" / "Blackmagic.dng"
+    img, info = read_image(p, raw_options=RawOptions(half_size=True, white_balance="auto", exposure=1.0))
+    assert info.format == "raw" and img.shape == (1088, 2064, 3)
+    assert probe_size(p) == (2176, 4128)
+    with pytest.raises(ImageError, match="too large"):
+        read_image(p, max_pixels=1_000_000)
+
+
+@pytest.mark.shared
+def test_raw_errors(tmp_path, shared_dir):
+    data = (shared_dir / "samples" / "raw" / "canon_eos_6d.dng").read_bytes()
+    p = tmp_path / "cut.dng"
+    p.write_bytes(data[:5000])
+    with pytest.raises(ImageError) as e:
+        read_image(p)
+    assert str(p) in str(e.value)
+    q = tmp_path / "junk.nef"
+    q.write_bytes(b"not a raw file at all" * 10)
+    with pytest.raises(ImageError, match="RAW"):
+        read_image(q)
+
+
+def test_raw_options_validation():
+    assert RawOptions() == RawOptions("camera", False, "ahd", "srgb", "srgb", True, 0.0)
+    for bad in (dict(white_balance="tungsten"), dict(demosaic="amaze"), dict(output_colorspace="p3"), dict(gamma="2.2"), dict(exposure=5)):
+        with pytest.raises(ValueError):
+            RawOptions(**bad)
+
+
+# ------------------------------------------------------------------------------------------
+# dual-pixel pairing
+
+
+def _dp_folder(root: Path, names, shape=(6, 8), bits=16, suffix=("", "")):
+    l, r = root / "L", root / "R"
+    l.mkdir(parents=True)
+    r.mkdir()
+    for n in names:
+        (l / f"{n}{suffix[0]}.png").write_bytes(ref_png(rand((*shape, 3), bits), bits))
+        (r / f"{n}{suffix[1]}.png").write_bytes(ref_png(rand((*shape, 3), bits), bits))
+    return l, r
+
+
+def test_pair_folders_and_read(tmp_path):
+    l, r = _dp_folder(tmp_path, ["002", "001"])
+    (l / "notes.txt").write_text("ignored")
+    triples = pair_dual_pixel(l, r, None)
+    assert [t.name for t in triples] == ["001", "002"]
+    assert triples[0] == DualPixelTriple(l / "001.png", r / "001.png", None, "001")
+    views, center, info = read_dual_pixel(triples[0])
+    left, _ = read_image(l / "001.png")
+    right, _ = read_image(r / "001.png")
+    assert views.shape == (6, 8, 6) and views.dtype == np.float32
+    assert np.array_equal(views[..., :3], left) and np.array_equal(views[..., 3:], right)
+    assert np.allclose(center, (left + right) / 2) and center.dtype == np.float32
+    assert info.path == str(l / "001.png") and info.bit_depth == 16
+
+
+def test_pair_suffixes_files_and_center(tmp_path):
+    l, r = _dp_folder(tmp_path, ["005"], suffix=("_left", "_Right"))
+    c = tmp_path / "C"
+    c.mkdir()
+    (c / "005_c.png").write_bytes(ref_png(rand((6, 8, 3), 16), 16))
+    (t,) = pair_dual_pixel(l, r, c)
+    assert t.name == "005" and t.center == c / "005_c.png"
+    _, center, _ = read_dual_pixel(t)
+    assert np.array_equal(center, read_image(c / "005_c.png")[0])
+    (t,) = pair_dual_pixel(l / "005_left.png", r / "005_Right.png", None)
+    assert t.name == "005" and t.center is None
+
+
+def test_pair_errors(tmp_path):
+    l, r = _dp_folder(tmp_path / "a", ["1", "2"])
+    (r / "2.png").unlink()
+    with pytest.raises(ImageError, match="no right view") as e:
+        pair_dual_pixel(l, r)
+    assert "2.png" in str(e.value)
+    l, r = _dp_folder(tmp_path / "b", ["1"])
+    (r / "1.png").write_bytes(ref_png(rand((6, 9, 3), 16), 16))
+    with pytest.raises(ImageError, match="size") as e:
+        pair_dual_pixel(l, r)
+    assert str(l / "1.png") in str(e.value) and str(r / "1.png") in str(e.value)
+    (r / "1.png").write_bytes(ref_png(rand((6, 8, 3), 8), 8))
+    with pytest.raises(ImageError, match="bit depth"):
+        pair_dual_pixel(l, r)
+    with pytest.raises(ImageError, match="bit depth"):
+        read_dual_pixel(DualPixelTriple(l / "1.png", r / "1.png", None, "1"))
+    with pytest.raises(ImageError, match="all be files or all be folders"):
+        pair_dual_pixel(l, r / "1.png")
+    with pytest.raises(ImageError, match="no such"):
+        pair_dual_pixel(l, tmp_path / "nothing")
+    with pytest.raises(ImageError, match="DPDD"):
+        pair_dual_pixel(l)
+
+
+def test_dpdd_layout(tmp_path):
+    ld, rd, cd = dpdd_dual_dirs(tmp_path, "test")
+    assert (ld, rd, cd) == (tmp_path / "test_l/source", tmp_path / "test_r/source", tmp_path / "test_c/source")
+    assert dpdd_dual_dirs(tmp_path, "train")[0] == tmp_path / "train_l/source"
+    for d in (ld, rd, cd):
+        d.mkdir(parents=True)
+        (d / "1P0A1031.png").write_bytes(ref_png(rand((4, 4, 3), 16), 16))
+    (t,) = pair_dual_pixel(tmp_path)
+    assert (t.left, t.right, t.center, t.name) == (ld / "1P0A1031.png", rd / "1P0A1031.png", cd / "1P0A1031.png", "1P0A1031")
+
+
+@pytest.mark.shared
+def test_pixel4_dual_pixel_sample(shared_dir):
+    root = shared_dir / "samples" / "defocused" / "dp_pixel4"
+    (t,) = pair_dual_pixel(root / "left", root / "right", None)
+    views, center, info = read_dual_pixel(t)
+    assert views.shape == (1512, 2016, 6) and info.bit_depth == 16 and info.channels == 1
+    assert np.array_equal(views[..., 0], views[..., 2])
