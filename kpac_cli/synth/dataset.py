@@ -30,35 +30,25 @@ def dataset_dirs(split: str, dual_pixel: bool) -> dict[str, str]:
     return dirs
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same directory, then rename over ``path``:
-    readers (or a crash) never see a half-written file."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_image(path: Path, image: np.ndarray, bit_depth: int) -> None:
-    if bit_depth == 8:
-        import imageio.v3 as iio
+    """8- or 16-bit RGB PNG, written atomically by the project's image writer."""
+    from ..images import ImageInfo, write_image
 
-        q = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-        _atomic(path, lambda p: iio.imwrite(p, q, extension=".png"))
-    else:
-        import tifffile
-
-        q = np.round(np.clip(image, 0.0, 1.0) * 65535.0).astype(np.uint16)
-        _atomic(path, lambda p: tifffile.imwrite(p, q, photometric="rgb"))
+    info = ImageInfo(path=None, format="png", bit_depth=bit_depth, channels=3, alpha=None, icc_profile=None,
+                     exif=None, orientation_applied=1, size=image.shape[:2])
+    write_image(path, image, info, format="png", bit_depth=bit_depth)
 
 
 def _write_radius(path: Path, radius: np.ndarray) -> None:
+    import io
+
     import tifffile
 
-    _atomic(path, lambda p: tifffile.imwrite(p, np.ascontiguousarray(radius, np.float32)))
+    from ..images import atomic_write_bytes
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.ascontiguousarray(radius, np.float32))
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _fit(image: np.ndarray, depth: np.ndarray | None, max_side: int | None):
@@ -103,7 +93,7 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
     * ``synth_{split}.json``: the summary (settings, seed, files, per-sample draws)
 
     Images are 8-bit PNG (as the paper's DPDD conversion) or, with ``bit_depth=16``, 16-bit
-    RGB TIFF (``.tiff``; the PNG writer available here cannot store 16-bit colour).
+    RGB PNG (as DPDD itself is distributed).
 
     Parameters
     ----------
@@ -162,7 +152,7 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
     dirs = dataset_dirs(split, settings.dual_pixel)
     for d in dirs.values():
         (out_dir / d).mkdir(parents=True, exist_ok=True)
-    ext = ".png" if bit_depth == 8 else ".tiff"
+    ext = ".png"
     width = max(5, len(str(max(count - 1, 0))))
     margin = int(math.ceil(settings.max_radius)) + 1
 
@@ -242,6 +232,8 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
     }
     # The manifest carries no time or absolute path, so reruns are byte-identical.
     text = json.dumps(summary, indent=1, sort_keys=True) + "\n"
-    _atomic(out_dir / f"synth_{split}.json", lambda p: p.write_text(text, encoding="utf-8"))
+    from ..images import atomic_write_bytes
+
+    atomic_write_bytes(out_dir / f"synth_{split}.json", text.encode("utf-8"))
     summary["out_dir"] = str(out_dir)
     return summary

@@ -48,14 +48,17 @@ def encode(linear: np.ndarray, gamma: float) -> np.ndarray:
 
 
 def boost_highlights(linear: np.ndarray, encoded: np.ndarray, boost: float,
-                     lo: float = 0.95, hi: float = 0.99) -> np.ndarray:
+                     lo: float = 0.98, hi: float = 1.0) -> np.ndarray:
     """Give clipped highlights back some of the radiance the sensor cut off.
 
     A photo stores a light bulb or a specular glint as 1.0, but the scene was brighter, and
     when it is defocused its energy spreads into a bright bokeh disc instead of a grey smudge.
     Pixels whose brightest *encoded* channel is ``>= hi`` are multiplied (all channels, so the
     hue is kept) by ``boost`` in linear light; between ``lo`` and ``hi`` the factor ramps
-    linearly from 1, so there is no seam. ``boost <= 1`` returns ``linear`` unchanged.
+    linearly from 1, so there is no seam (and JPEG-fuzzed clipped areas, 250..255, still count).
+    The ramp is kept narrow because an in-focus boosted pixel is clipped back to 1.0 by the
+    sensor, i.e. it ends up up to ``1 - lo`` brighter than in the target. ``boost <= 1``
+    returns ``linear`` unchanged.
 
     Parameters
     ----------
@@ -171,8 +174,8 @@ def layer_levels(rmin: float, rmax: float, layers: int) -> np.ndarray:
 def layer_weights(radius: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split each pixel between the two levels bracketing its radius (linear interpolation).
 
-    Returns ``(lo, w_hi)`` as the index of the lower level per pixel and the weight of the
-    upper one (the lower gets ``1 - w_hi``), plus a per-level "is used" flag. Interpolating
+    Returns ``(lo, w_hi, used)``: the index of the lower level per pixel, the weight of the
+    upper one (the lower gets ``1 - w_hi``), and per level whether any pixel uses it. Interpolating
     instead of rounding avoids visible bands where a smooth depth ramp crosses a level.
     """
     r = np.clip(radius, levels[0], levels[-1])
@@ -240,27 +243,34 @@ def render_defocus(linear: np.ndarray, radius: np.ndarray, *, layers: int = 8, a
         image of a dual-pixel sensor (the centre view).
     """
     h, w = radius.shape
-    img = np.ascontiguousarray(linear, dtype=np.float32).transpose(2, 0, 1)  # 3xHxW
+    img = np.ascontiguousarray(np.asarray(linear, dtype=np.float32).transpose(2, 0, 1))  # 3xHxW
     levels = layer_levels(float(radius.min()), float(radius.max()), layers)
     lo, w_hi, used = layer_weights(radius, levels)
-    pad = int(math.ceil(max(abs(levels[0]), abs(levels[-1])))) + 1
-    # Zero padding of >= pad rows/cols after the image keeps the circular FFT convolution linear.
-    shape = (sfft.next_fast_len(max(h + pad, 2 * pad + 1), real=True),
-             sfft.next_fast_len(max(w + pad, 2 * pad + 1), real=True))
     n_views = 2 if dual_pixel else 1
     colour = [np.zeros((3, h, w), np.float32) for _ in range(n_views)]
     cover = [np.zeros((h, w), np.float32) for _ in range(n_views)]
-    stack = np.zeros((4, h, w), np.float32)
     for k in range(len(levels) - 1, -1, -1):  # far to near
         if not used[k]:
             continue
         mask = np.where(lo == k, 1.0 - w_hi, 0.0).astype(np.float32)
         if k > 0:
             mask += np.where(lo == k - 1, w_hi, 0.0)
-        stack[:3] = img * mask
-        stack[3] = mask
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if rows.size == 0:
+            continue
         r = float(levels[k])
-        if abs(r) < _DELTA_RADIUS:
+        delta = abs(r) < _DELTA_RADIUS
+        p = 0 if delta else int(math.ceil(abs(r))) + 1
+        # Only the layer's bounding box grown by the PSF radius can change: convolve just that
+        # (object layers are often small, and small radii need little padding).
+        y0, y1 = max(int(rows[0]) - p, 0), min(int(rows[-1]) + 1 + p, h)
+        x0, x1 = max(int(cols[0]) - p, 0), min(int(cols[-1]) + 1 + p, w)
+        box = (slice(y0, y1), slice(x0, x1))
+        bh, bw = y1 - y0, x1 - x0
+        stack = np.empty((4, bh, bw), np.float32)
+        stack[3] = mask[box]
+        np.multiply(img[:, y0:y1, x0:x1], stack[3], out=stack[:3])
+        if delta:
             outs = [stack] * n_views  # a delta PSF: no convolution, same for both views
         else:
             if dual_pixel:
@@ -270,20 +280,27 @@ def render_defocus(linear: np.ndarray, radius: np.ndarray, *, layers: int = 8, a
                         for s in halves]
             else:
                 psfs = [aperture_psf(r, aperture=aperture, blades=blades, rotation=rotation)]
+            # >= p zero rows/cols after the box keep the circular FFT convolution linear.
+            shape = (sfft.next_fast_len(max(bh + p, 2 * p + 1), real=True),
+                     sfft.next_fast_len(max(bw + p, 2 * p + 1), real=True))
             spec = sfft.rfft2(stack, s=shape, workers=1)
-            outs = [sfft.irfft2(spec * _kernel_spectrum(p, shape), s=shape, workers=1)[:, :h, :w]
-                    for p in psfs]
+            outs = [sfft.irfft2(spec * _kernel_spectrum(psf, shape), s=shape, workers=1,
+                                overwrite_x=True)[:, :bh, :bw] for psf in psfs]
         for v, out in enumerate(outs):
             a = np.clip(out[3], 0.0, 1.0)  # FFT round-off can leave tiny negatives
             keep = 1.0 - a
-            colour[v] *= keep
-            colour[v] += out[:3]
-            cover[v] *= keep
-            cover[v] += a
+            cv, av = colour[v][:, y0:y1, x0:x1], cover[v][box]
+            cv *= keep
+            cv += out[:3]
+            av *= keep
+            av += a
     result = []
     for v in range(n_views):
         c = colour[v] / np.maximum(cover[v], 1e-6)
-        result.append(np.ascontiguousarray(np.maximum(c, 0.0).transpose(1, 2, 0), dtype=np.float32))
+        # Zero the float32 FFT round-off (~1e-7) where there is no light: the tone curve would
+        # otherwise lift it to ~1e-4 in encoded values.
+        c[c < 1e-6] = 0.0
+        result.append(np.ascontiguousarray(c.transpose(1, 2, 0), dtype=np.float32))
     return result
 
 

@@ -57,6 +57,10 @@ class SynthSettings:
         Also render the left and right dual-pixel views.
     gamma : float
         Exponent of the power-law tone curve between encoded and linear values.
+    snap_depth : bool
+        When a random depth map is drawn for a photo, snap its object silhouettes to the
+        photo's superpixels so blur edges follow image edges (see
+        :func:`~kpac_cli.synth.scenes.random_depth`; costs ~5 ms per sample).
     """
 
     max_radius: float = 12.0
@@ -68,6 +72,7 @@ class SynthSettings:
     highlight_boost: float = 3.0
     dual_pixel: bool = False
     gamma: float = 2.2
+    snap_depth: bool = True
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.min_radius <= self.max_radius) or not math.isfinite(self.max_radius):
@@ -98,8 +103,10 @@ class SynthSample:
         The defocused, noisy input, encoded. With dual-pixel views this is the centre view:
         ``decode(blurred) == (decode(left) + decode(right)) / 2`` (up to float round-off).
     radius : (H, W) ndarray of float32
-        Signed blur radius in pixels used at each pixel: positive behind the focal plane,
-        negative in front of it, 0 in focus.
+        Signed blur radius in pixels of the surface seen at each pixel of ``sharp``: positive
+        behind the focal plane, negative in front of it, 0 in focus. (Near a defocused
+        foreground, a pixel of in-focus background has radius 0 yet is covered by the
+        foreground's blur.)
     left, right : (H, W, 3) ndarray of float32 in [0, 1], or None
         Dual-pixel views (``settings.dual_pixel`` only): the images seen through the left and
         right halves of the aperture, each normalised to full brightness (so each is as bright
@@ -122,15 +129,20 @@ class SynthSample:
 def as_float_rgb(image: np.ndarray) -> np.ndarray:
     """An image as ``HxWx3`` float32 in [0, 1].
 
-    Integer images are scaled by their dtype's maximum, floats are clipped, booleans map to
-    {0, 1}; grey (``HxW`` or ``HxWx1``) is replicated to 3 channels, an alpha channel is
-    dropped (grey+alpha keeps the grey).
+    Integer images are scaled by their dtype's maximum (wider-than-16-bit integers by 255 or
+    65535, whichever their values fit), floats are clipped, booleans map to {0, 1}; grey
+    (``HxW`` or ``HxWx1``) is replicated to 3 channels, an alpha channel is dropped
+    (grey+alpha keeps the grey).
     """
     a = np.asarray(image)
     if a.dtype == bool:
         a = a.astype(np.float32)
     elif np.issubdtype(a.dtype, np.integer):
-        a = a.astype(np.float32) / np.float32(np.iinfo(a.dtype).max)
+        top = np.iinfo(a.dtype).max
+        if top > 65535:  # e.g. Pillow's 32-bit 'I' mode holding 8- or 16-bit data
+            m = int(a.max()) if a.size else 0
+            top = 255 if m <= 255 else 65535 if m <= 65535 else top
+        a = a.astype(np.float32) / np.float32(top)
     else:
         a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
     if a.ndim == 2:
@@ -148,9 +160,10 @@ def defocus_radius(depth: np.ndarray, focus: float, strength: float, max_radius:
     """Signed thin-lens blur radius from a depth map.
 
     For a thin lens focused at distance ``F``, a point at distance ``Z`` is imaged as a circle of
-    confusion of radius ``k * |1/F - 1/Z|`` with ``k = A f F / (2 (F - f))`` for aperture
-    diameter ``A`` and focal length ``f``: the same for every pixel. So the signed radius is ``k * (1/F - 1/Z)``: positive
-    behind focus, negative in front. ``k`` is set so that the 99.9th percentile of ``|radius|``
+    confusion of radius ``k * |1/F - 1/Z|`` pixels, with ``k = A f F / (2 (F - f) p)`` for
+    aperture diameter ``A``, focal length ``f`` and pixel pitch ``p``: the same ``k`` for every
+    pixel. So the signed radius is ``k * (1/F - 1/Z)``: positive behind focus, negative in
+    front, linear in inverse depth. ``k`` is set so that the 99.9th percentile of ``|radius|``
     equals ``strength`` (robust to a few outlier depths), then the map is clipped to
     ``+-max_radius`` (default ``strength``).
 
@@ -170,20 +183,26 @@ def defocus_radius(depth: np.ndarray, focus: float, strength: float, max_radius:
     -------
     radius : (H, W) ndarray of float32
     """
-    d = np.asarray(depth, dtype=np.float64)
+    d = np.asarray(depth, dtype=np.float32)
     if d.ndim != 2:
         raise ValueError(f"depth must be HxW, got shape {d.shape}")
-    top = float(np.nanmax(d)) if d.size else 1.0
-    if not math.isfinite(top) or top <= 0:
+    finite = np.isfinite(d)
+    top = float(d[finite].max()) if finite.any() else 0.0
+    if top <= 0:
         raise ValueError("depth must contain positive finite distances")
     floor = 1e-6 * top
-    d = np.clip(np.nan_to_num(d, nan=top, posinf=top), floor, None)
-    c = 1.0 / max(float(focus), floor) - 1.0 / d
-    ref = float(np.percentile(np.abs(c), 99.9))
+    if not finite.all():
+        d = np.where(finite, d, np.float32(top))
+    d = np.maximum(d, np.float32(floor))
+    c = np.float32(1.0 / max(float(focus), floor)) - np.reciprocal(d)
+    mag = np.abs(c).ravel()
+    kth = int(0.999 * (mag.size - 1))
+    ref = float(np.partition(mag, kth)[kth])  # ~99.9th percentile, without sorting
     if ref <= 1e-12 or strength <= 0:
         return np.zeros(d.shape, np.float32)
     lim = strength if max_radius is None else max_radius
-    return np.clip(c * (strength / ref), -lim, lim).astype(np.float32)
+    c *= np.float32(strength / ref)
+    return np.clip(c, -lim, lim).astype(np.float32, copy=False)
 
 
 def synthesize(sharp: np.ndarray, rng: np.random.Generator, settings: SynthSettings = SynthSettings(),
@@ -234,7 +253,7 @@ def synthesize(sharp: np.ndarray, rng: np.random.Generator, settings: SynthSetti
         rad = np.clip(np.nan_to_num(rad), -s.max_radius, s.max_radius).astype(np.float32)
     else:
         if depth is None:
-            depth = random_depth((h, w), rng)
+            depth = random_depth((h, w), rng, image=img if s.snap_depth else None)
             info["depth"] = "random"
         else:
             depth = np.asarray(depth, dtype=np.float32)

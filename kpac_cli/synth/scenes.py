@@ -14,7 +14,7 @@ import math
 import numpy as np
 import scipy.fft as sfft
 
-__all__ = ["random_depth", "dead_leaves", "smooth_field", "pink_noise"]
+__all__ = ["random_depth", "dead_leaves", "smooth_field", "pink_noise", "superpixels"]
 
 
 def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +38,10 @@ def smooth_field(shape: tuple[int, int], rng: np.random.Generator, *, waves: int
         f = rng.uniform(0.3, max_freq)
         th = rng.uniform(0, 2 * math.pi)
         ph = rng.uniform(0, 2 * math.pi)
-        out += np.cos(np.float32(2 * math.pi * f) * (x * math.cos(th) + y * math.sin(th)) + ph, dtype=np.float32)
+        # cos(a + b) = cos a cos b - sin a sin b: two outer products instead of HxW cosines.
+        a = np.float32(2 * math.pi * f * math.cos(th)) * x
+        b = np.float32(2 * math.pi * f * math.sin(th)) * y + np.float32(ph)
+        out += np.cos(b) * np.cos(a) - np.sin(b) * np.sin(a)
     return out * np.float32(math.sqrt(2.0 / waves))
 
 
@@ -79,7 +82,30 @@ def _box_mask(cy: float, cx: float, r: float, rng: np.random.Generator,
     return (np.abs(u) < a) & (np.abs(v) < b)
 
 
-def random_depth(shape: tuple[int, int], rng: np.random.Generator, *, max_objects: int = 4) -> np.ndarray:
+def superpixels(image: np.ndarray, *, work_side: int = 128, segments: int = 120) -> np.ndarray:
+    """SLIC superpixel labels of ``image`` (HxW int), computed at a reduced size for speed.
+
+    The image is resampled so its long side is at most ``work_side`` and the labels are
+    scaled back by nearest neighbour, so label edges follow the image's strong edges to within
+    ``long side / work_side`` pixels. Deterministic.
+    """
+    from skimage.segmentation import slic
+
+    h, w = image.shape[:2]
+    step = max(1.0, max(h, w) / work_side)
+    sh, sw = max(1, round(h / step)), max(1, round(w / step))
+    yi = np.minimum((np.arange(sh) * (h / sh) + 0.5 * h / sh).astype(np.intp), h - 1)
+    xi = np.minimum((np.arange(sw) * (w / sw) + 0.5 * w / sw).astype(np.intp), w - 1)
+    small = np.ascontiguousarray(image[yi][:, xi], dtype=np.float64)
+    labels = slic(small, n_segments=segments, compactness=8.0, max_num_iter=5, start_label=0,
+                  channel_axis=-1 if small.ndim == 3 else None)
+    ys = np.minimum((np.arange(h) * (sh / h)).astype(np.intp), sh - 1)
+    xs = np.minimum((np.arange(w) * (sw / w)).astype(np.intp), sw - 1)
+    return np.ascontiguousarray(labels[ys][:, xs])
+
+
+def random_depth(shape: tuple[int, int], rng: np.random.Generator, *, max_objects: int = 4,
+                 image: np.ndarray | None = None) -> np.ndarray:
     """A random, plausible depth map: a tilted background plane plus nearer objects.
 
     * Background: a plane in inverse depth ``d = d0 + gx x + gy y`` (usually nearer at the
@@ -88,6 +114,10 @@ def random_depth(shape: tuple[int, int], rng: np.random.Generator, *, max_object
       behind it, with a small tilt of its own. Their silhouettes are sharp depth
       discontinuities (occlusion boundaries); where objects overlap, the nearer one wins.
       Some objects are "standing": their silhouette continues to the bottom edge.
+    * With ``image``, each object's silhouette is snapped to the image's superpixels
+      (:func:`superpixels`: a superpixel joins the object when the random shape covers more
+      than half of it), so depth edges, and hence blur edges, run along the photo's own
+      edges as they do in a real photo, rather than cutting through a face or a wall.
 
     Parameters
     ----------
@@ -97,6 +127,8 @@ def random_depth(shape: tuple[int, int], rng: np.random.Generator, *, max_object
         Source of randomness (the map is a deterministic function of its state).
     max_objects : int
         Upper bound on the number of objects.
+    image : (H, W, 3) ndarray, optional
+        The photo the map is for; its edges guide the object silhouettes.
 
     Returns
     -------
@@ -111,19 +143,44 @@ def random_depth(shape: tuple[int, int], rng: np.random.Generator, *, max_object
     disp = d0 + gy * y + gx * x + (0.08 * d0) * smooth_field((h, w), rng, waves=4, max_freq=2.0)
     disp = np.maximum(disp, 0.2 * d0).astype(np.float32)
     n_obj = int(rng.integers(0, max_objects + 1))
+    scale = max(h, w)
+    labels = seg_size = None
+    if image is not None and n_obj > 0:
+        if image.shape[:2] != (h, w):
+            raise ValueError(f"image {image.shape[:2]} does not match the depth map {shape}")
+        labels = superpixels(image)
+        seg_size = np.bincount(labels.ravel())
     for _ in range(n_obj):
-        cy, cx = rng.uniform(-0.4, 0.4), rng.uniform(-0.45, 0.45) * w / max(h, w)
+        cy, cx = rng.uniform(-0.4, 0.4), rng.uniform(-0.45, 0.45) * w / scale
         r = rng.uniform(0.06, 0.3)
-        mask = _blob_mask(cy, cx, r, rng, y, x) if rng.random() < 0.6 else _box_mask(cy, cx, r, rng, y, x)
-        if rng.random() < 0.35:  # standing on the ground: extend down to the bottom edge
-            mask |= (np.abs(x - cx) < r * rng.uniform(0.3, 0.8)) & (y > cy)
+        blob = rng.random() < 0.6
+        standing = rng.random() < 0.35  # standing on the ground: extends down to the bottom edge
+        # Work in the object's bounding box (shapes reach at most ~2.2 r from their centre).
+        ext = 2.3 * r * scale
+        py, px = cy * scale + (h - 1) / 2, cx * scale + (w - 1) / 2
+        y0, y1 = max(int(py - ext), 0), h if standing else min(int(py + ext) + 2, h)
+        x0, x1 = max(int(px - ext), 0), min(int(px + ext) + 2, w)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yb, xb = y[y0:y1], x[:, x0:x1]
+        mask = _blob_mask(cy, cx, r, rng, yb, xb) if blob else _box_mask(cy, cx, r, rng, yb, xb)
+        if standing:
+            mask |= (np.abs(xb - cx) < r * rng.uniform(0.3, 0.8)) & (yb > cy)
         if not mask.any():
             continue
-        base = float(disp[mask].max())
-        near = base * rng.uniform(1.3, 6.0)
+        if labels is not None:
+            inside = np.bincount(labels[y0:y1, x0:x1][mask], minlength=seg_size.size)
+            keep = inside > 0.5 * seg_size
+            if keep.any():
+                full = keep[labels]
+                rows, cols = np.flatnonzero(full.any(axis=1)), np.flatnonzero(full.any(axis=0))
+                y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+                yb, xb, mask = y[y0:y1], x[:, x0:x1], full[y0:y1, x0:x1]
+        sub = disp[y0:y1, x0:x1]
+        near = float(sub[mask].max()) * rng.uniform(1.3, 6.0)
         tilt_y, tilt_x = near * rng.uniform(-0.3, 0.3), near * rng.uniform(-0.3, 0.3)
-        obj = (near + tilt_y * (y - cy) + tilt_x * (x - cx)).astype(np.float32)
-        disp = np.where(mask, np.maximum(disp, obj), disp)
+        obj = (near + tilt_y * (yb - cy) + tilt_x * (xb - cx)).astype(np.float32)
+        sub[mask] = np.maximum(sub, obj)[mask]
     return (1.0 / disp).astype(np.float32)
 
 
@@ -224,7 +281,8 @@ def dead_leaves(size: tuple[int, int], rng: np.random.Generator, *, return_depth
         else:  # regular polygon
             m = int(rng.integers(3, 8))
             ang = rng.uniform(0, 2 * math.pi) + np.arange(m) * (2 * math.pi / m)
-            sdist = np.max(xx[..., None] * np.cos(ang) + yy[..., None] * np.sin(ang), axis=-1) - r * math.cos(math.pi / m)
+            proj = xx[..., None] * np.cos(ang) + yy[..., None] * np.sin(ang)
+            sdist = proj.max(axis=-1) - r * math.cos(math.pi / m)
         alpha = np.clip(0.5 - sdist, 0.0, 1.0).astype(np.float32)
         if not alpha.any():
             continue

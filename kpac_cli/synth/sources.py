@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +33,8 @@ class Source:
         Unique, file-name-safe name (letters, digits, ``_``, ``-``).
     origin : str
         Where it comes from: a file path, ``skimage:NAME`` or ``procedural:INDEX``.
+
+    Sources are picklable (for data-loader worker processes) and hold no pixels.
     """
 
     name: str
@@ -53,39 +56,28 @@ class Source:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Read a PNG/JPEG/TIFF file as ``HxWx3`` float32 in [0, 1] (see :func:`as_float_rgb`).
+    """Read an image file as ``HxWx3`` float32 in [0, 1] with the project's reader
+    (16-bit PNG/TIFF at full precision, EXIF orientation applied, alpha dropped)."""
+    from ..images import read_image
 
-    8- and 16-bit files are scaled by their maximum code value; float TIFFs are clipped. Only
-    the first frame/page of multi-image files is used.
-    """
-    path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        a = tifffile.imread(path, key=0)
-        if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[2] not in (1, 2, 3, 4):
-            a = np.moveaxis(a, 0, -1)  # planar (CxHxW) storage
-    else:
-        import imageio.v3 as iio
-
-        a = iio.imread(path, index=0)
-    return as_float_rgb(a)
+    return read_image(path)[0]
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "image"
 
 
-def _skimage_loader(name: str) -> Callable[[], tuple[np.ndarray, np.ndarray | None]]:
-    def load() -> tuple[np.ndarray, np.ndarray | None]:
-        import skimage.data
+def _load_file(path: str) -> tuple[np.ndarray, None]:
+    return read_rgb(path), None
 
-        if name != "motorcycle":
-            return getattr(skimage.data, name)(), None
-        left, _right, disp = skimage.data.stereo_motorcycle()
-        return left, _disparity_to_depth(disp)
 
-    return load
+def _load_skimage(name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    import skimage.data
+
+    if name != "motorcycle":
+        return getattr(skimage.data, name)(), None
+    left, _right, disp = skimage.data.stereo_motorcycle()
+    return left, _disparity_to_depth(disp)
 
 
 def _disparity_to_depth(disp: np.ndarray) -> np.ndarray:
@@ -103,12 +95,9 @@ def _disparity_to_depth(disp: np.ndarray) -> np.ndarray:
     return (1.0 / d).astype(np.float32)
 
 
-def _procedural_loader(index: int, size: tuple[int, int], seed: int) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
-    def load() -> tuple[np.ndarray, np.ndarray]:
-        # Seeded per scene, so a scene is the same whatever else is in the list.
-        return dead_leaves(size, np.random.default_rng([seed, index]), return_depth=True)
-
-    return load
+def _load_procedural(index: int, size: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    # Seeded per scene, so a scene is the same whatever else is in the list.
+    return dead_leaves(size, np.random.default_rng([seed, index]), return_depth=True)
 
 
 def sharp_sources(paths_or_dirs: list[Path] | None, include_skimage: bool = True, procedural: int = 0, *,
@@ -148,9 +137,6 @@ def sharp_sources(paths_or_dirs: list[Path] | None, include_skimage: bool = True
         seen[base] = n
         out.append(Source(base if n == 1 else f"{base}_{n}", origin, loader))
 
-    def file_loader(p: Path):
-        return lambda: (read_rgb(p), None)
-
     for entry in paths_or_dirs or []:
         p = Path(entry)
         if p.is_dir():
@@ -160,14 +146,14 @@ def sharp_sources(paths_or_dirs: list[Path] | None, include_skimage: bool = True
                 key=lambda f: f.relative_to(p).as_posix(),
             )
             for f in files:
-                add(f.relative_to(p).with_suffix("").as_posix(), str(f), file_loader(f))
+                add(f.relative_to(p).with_suffix("").as_posix(), str(f), partial(_load_file, str(f)))
         elif p.is_file():
-            add(p.stem, str(p), file_loader(p))
+            add(p.stem, str(p), partial(_load_file, str(p)))
         else:
             raise FileNotFoundError(f"no such file or directory: {p}")
     if include_skimage:
         for name in SKIMAGE_PHOTOS:
-            add(f"skimage_{name}", f"skimage:{name}", _skimage_loader(name))
+            add(f"skimage_{name}", f"skimage:{name}", partial(_load_skimage, name))
     for i in range(int(procedural)):
-        add(f"leaves_{i:04d}", f"procedural:{i}", _procedural_loader(i, tuple(procedural_size), procedural_seed))
+        add(f"leaves_{i:04d}", f"procedural:{i}", partial(_load_procedural, i, tuple(procedural_size), procedural_seed))
     return out

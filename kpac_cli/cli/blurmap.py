@@ -1,0 +1,387 @@
+"""`kpac blurmap`: blur-detection and blur-size maps from the model's scale attention."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from .common import EXIT_FAILED, EXIT_OK, emit_json, err_console, print_error, progress_bar, show_progress, usage_error
+
+_HELP = """Write the scale-attention maps of a KPAC model as blur-detection / blur-size maps.
+
+Each KPAC block weighs its atrous branches (dilations 1..5) per pixel; the first block's dilation-1 weight marks blurred regions of almost any blur size (the paper's blur detector), dilation 5 only large blur. Maps are resampled to the image size and written per image into OUT:
+
+  NAME_blurmap.png        chosen map (--block, --dilation), 16-bit grey
+  NAME_blurmap_bB_dD.png  with --all: every block x dilation (raw attention)
+  NAME_defocus.png        --defocus-map: weighted mean dilation / max dilation
+  NAME_mask.png           --threshold T: 8-bit, 255 = blurred
+  NAME_overlay.png        --overlay: colour map over the photo
+  NAME_sheet.png          --sheet: every map of every block on one page
+
+--format tiff writes float32 TIFF instead (the defocus map then in dilation units). --eval-masks DIR scores the detection map against ground-truth masks with the same file stem (CUHK convention: white = blurred) and prints them beside the paper's CUHK figures.
+
+Examples:
+
+  kpac blurmap photos/ -o maps/ --overlay --threshold 0.5
+
+  kpac blurmap cuhk/image/ --eval-masks cuhk/gt/ --upsample 2 -o maps/
+"""
+
+
+def _tile_option(value: str) -> int | str | None:
+    v = value.strip().lower()
+    if v == "auto":
+        return "auto"
+    if v in ("0", "none", "off"):
+        return None
+    n = int(v)  # ValueError -> usage error by the caller
+    if n < 0:
+        raise ValueError("tile size must be positive")
+    return n
+
+
+@dataclass
+class _Item:
+    name: str  # output stem
+    label: str  # shown in messages and records
+    source: Any  # Path or DualPixelTriple
+    out_dir: Path | None
+    mask: Path | None = None
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+def _index_masks(folder: Path) -> dict[str, Path]:
+    from ..images import is_image_path
+
+    index: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and is_image_path(p) and not p.name.startswith("."):
+            index.setdefault(p.stem, p)
+    return index
+
+
+def _find_mask(index: dict[str, Path], stem: str) -> Path | None:
+    if stem in index:
+        return index[stem]
+    # common ground-truth naming: <stem>_gt, <stem>_mask, gt_<stem>
+    for cand in (f"{stem}_gt", f"{stem}_mask", f"{stem}-gt", f"gt_{stem}"):
+        if cand in index:
+            return index[cand]
+    return None
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise _Terminated()
+
+
+def blurmap(
+    inputs: Optional[List[str]] = typer.Argument(None, help="Image files or folders.", show_default=False),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (created). Optional with --eval-masks.", show_default=False),
+    model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`) or a .safetensors file."),
+    block: int = typer.Option(1, "--block", help="KPAC block of the chosen map (1 = first)."),
+    dilation: int = typer.Option(1, "--dilation", help="Dilation rate of the chosen map (1 = the blur detector)."),
+    all_maps: bool = typer.Option(False, "--all", help="Write every block x dilation map instead of the chosen one."),
+    fmt: str = typer.Option("png", "--format", help="png (16-bit grey) or tiff (float32) for maps, masks and the defocus map."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write the detection map colour-mapped over the photo (8-bit PNG)."),
+    sheet: bool = typer.Option(False, "--sheet", help="Also write a contact sheet of all maps (8-bit PNG)."),
+    defocus: bool = typer.Option(False, "--defocus-map", help="Also write the blur-size estimate (attention-weighted mean dilation of --block)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Also write a binary mask: detection map >= T is blurred (255)."),
+    invert: bool = typer.Option(False, "--invert", help="Flip the detection map (1 - map), for a model whose attention is high on sharp regions but whose checkpoint does not declare it."),
+    upsample: int = typer.Option(1, "--upsample", help="Enlarge the input N times before inference (the paper's Appendix F trick for small photos)."),
+    eval_masks: Optional[Path] = typer.Option(None, "--eval-masks", help="Score the detection map against masks in this folder, paired by file stem.", show_default=False),
+    masks_sharp_white: bool = typer.Option(False, "--masks-sharp-white", help="Ground-truth masks are white where sharp (default: white = blurred, as CUHK)."),
+    left: Optional[str] = typer.Option(None, "--left", help="Dual-pixel left view(s): a file or a folder."),
+    right: Optional[str] = typer.Option(None, "--right", help="Dual-pixel right view(s)."),
+    center: Optional[str] = typer.Option(None, "--center", help="Dual-pixel centre view(s); default: mean of left and right."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders (their structure is kept)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    tile: str = typer.Option("auto", "--tile", help="Tile size in pixels, 'auto' or 0 (whole image). Maps do not depend on it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Leave existing outputs alone (resume a batch)."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Refuse images larger than this (decompression-bomb guard)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON record per image (and a summary with --eval-masks) to stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+) -> None:
+    # Imported here so that `kpac --help` stays fast.
+    from ..blurmap import BLUR_POLARITY, PAPER_CUHK, attention_maps
+    from ..engine import Deblurrer, EngineOptions
+    from ..engine.batch import PlanError, collect_inputs
+    from ..images import DEFAULT_MAX_PIXELS, ImageError, pair_dual_pixel
+
+    inputs = inputs or []
+    dual = left is not None or right is not None
+    if dual and (left is None or right is None):
+        raise usage_error("dual-pixel input needs both --left and --right")
+    if dual and inputs:
+        raise usage_error("give either INPUTS or --left/--right, not both")
+    if not dual and not inputs:
+        raise usage_error("no inputs given (image files or folders)")
+    if "-" in inputs:
+        raise usage_error("blurmap reads files, not stdin")
+    if overwrite and skip_existing:
+        raise usage_error("--overwrite and --skip-existing contradict each other")
+    fmt = {"tif": "tiff"}.get(fmt.lower(), fmt.lower())
+    if fmt not in ("png", "tiff"):
+        raise usage_error(f"unknown --format {fmt!r} (png or tiff)")
+    if upsample < 1 or upsample > 8:
+        raise usage_error(f"--upsample must be 1..8, got {upsample}")
+    if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise usage_error(f"--threshold must be in [0, 1], got {threshold}")
+    if output is None and eval_masks is None:
+        raise usage_error("-o OUT is required (it may be left out only with --eval-masks)")
+    if output is not None and output.exists() and not output.is_dir():
+        raise usage_error(f"-o {output}: not a folder")
+    if eval_masks is not None and not eval_masks.is_dir():
+        raise usage_error(f"--eval-masks {eval_masks}: not a folder")
+    try:
+        tile_value = _tile_option(tile)
+    except ValueError:
+        raise usage_error("--tile: use auto, 0 (no tiling) or a tile size in pixels") from None
+
+    # -- plan ------------------------------------------------------------------------------
+    items: list[_Item] = []
+    try:
+        if dual:
+            triples = pair_dual_pixel(Path(left), Path(right), Path(center) if center else None)
+            for t in triples:
+                stem = Path(t.name).stem
+                items.append(_Item(stem, str(t.left), t, output))
+        else:
+            for src, rel in collect_inputs(inputs, recursive):
+                items.append(_Item(rel.stem, str(src), src, None if output is None else output / rel.parent))
+    except (PlanError, ImageError) as e:
+        raise usage_error(str(e)) from None
+    if not items:
+        raise usage_error("no images found in the inputs")
+
+    try:
+        from ..checkpoints.registry import resolve_model
+
+        model_path, _ = resolve_model(model, dual=dual)
+        deblurrer = Deblurrer(model_path, EngineOptions(device=device, precision=precision, tile=tile_value))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise usage_error(" ".join(str(e).split())) from None
+    cfg = deblurrer.config
+    if (cfg.in_views == 2) != dual:
+        kind = "dual-pixel (use --left/--right)" if cfg.in_views == 2 else "single-image (use INPUTS, not --left/--right)"
+        raise usage_error(f"model {deblurrer.name} is a {kind} model")
+    if not cfg.scale_attention:
+        raise usage_error(f"model {deblurrer.name} has no scale attention (built with scale_attention=False)")
+    if not 1 <= block <= cfg.blocks:
+        raise usage_error(f"--block must be 1..{cfg.blocks} for model {deblurrer.name}")
+    if dilation not in cfg.dilations:
+        raise usage_error(f"--dilation must be one of {list(cfg.dilations)} for model {deblurrer.name}")
+
+    ext = ".png" if fmt == "png" else ".tif"
+    claimed: dict[Path, str] = {}
+    for it in items:
+        if it.out_dir is None:
+            continue
+        base = it.out_dir / it.name
+        if all_maps:
+            for b in range(1, cfg.blocks + 1):
+                for d in cfg.dilations:
+                    it.outputs[f"b{b}_d{d}"] = Path(f"{base}_blurmap_b{b}_d{d}{ext}")
+        else:
+            it.outputs["blurmap"] = Path(f"{base}_blurmap{ext}")
+        if defocus:
+            it.outputs["defocus"] = Path(f"{base}_defocus{ext}")
+        if threshold is not None:
+            it.outputs["mask"] = Path(f"{base}_mask{ext}")
+        if overlay:
+            it.outputs["overlay"] = Path(f"{base}_overlay.png")
+        if sheet:
+            it.outputs["sheet"] = Path(f"{base}_sheet.png")
+        for p in it.outputs.values():
+            if p in claimed:
+                raise usage_error(f"{it.label} and {claimed[p]} would both be written to {p}")
+            claimed[p] = it.label
+
+    mask_index: dict[str, Path] = {}
+    if eval_masks is not None:
+        mask_index = _index_masks(eval_masks)
+        for it in items:
+            it.mask = _find_mask(mask_index, it.name)
+
+    # -- run -------------------------------------------------------------------------------
+    limit = max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    all_scores: list[tuple[str, Any]] = []
+    exit_code = EXIT_OK
+    previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with progress_bar(show_progress(quiet)) as progress:
+            overall = progress.add_task("images", total=len(items)) if progress else None
+            for it in items:
+                rec = _process(
+                    it, deblurrer, attention_maps, limit, block=block, dilation=dilation, all_maps=all_maps, fmt=fmt,
+                    defocus=defocus, threshold=threshold, invert=invert, upsample=upsample, overwrite=overwrite,
+                    skip_existing=skip_existing, evaluate=eval_masks is not None, blurred_value=0 if masks_sharp_white else 255,
+                    progress=progress,
+                )
+                counts[rec["status"]] += 1
+                if rec["status"] == "failed":
+                    print_error(rec["error"])
+                if rec.get("scores") is not None:
+                    all_scores.append((it.label, rec.pop("_scores")))
+                rec.pop("_scores", None)
+                if json_out:
+                    emit_json(rec)
+                if progress is not None:
+                    progress.advance(overall)
+    except KeyboardInterrupt:
+        exit_code = 130
+    except _Terminated:
+        exit_code = 143
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+
+    if eval_masks is not None and exit_code == EXIT_OK:
+        from ..blurmap import F_BETA2, summarize
+
+        summary = summarize(s for _, s in all_scores)
+        if json_out:
+            emit_json({"summary": summary, "paper_cuhk": PAPER_CUHK, "f_beta2": F_BETA2, "block": block, "dilation": dilation,
+                       "invert": invert, "upsample": upsample, "threshold": 0.5 if threshold is None else threshold, "model": deblurrer.name})
+        if not quiet:
+            _print_table(all_scores, summary, PAPER_CUHK, F_BETA2, block, dilation, invert, BLUR_POLARITY,
+                         0.5 if threshold is None else threshold)
+    if exit_code == EXIT_OK and counts["failed"]:
+        exit_code = EXIT_FAILED
+    if not quiet:
+        done = f"{counts['ok']} done, {counts['skipped']} skipped, {counts['failed']} failed"
+        if exit_code in (130, 143):
+            err_console.print(f"interrupted: {done}; rerun with --skip-existing to finish")
+        else:
+            err_console.print(done)
+    raise typer.Exit(exit_code)
+
+
+def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: int, dilation: int, all_maps: bool, fmt: str,
+             defocus: bool, threshold: float | None, invert: bool, upsample: int, overwrite: bool, skip_existing: bool,
+             evaluate: bool, blurred_value: int, progress) -> dict[str, Any]:
+    """Maps, files and scores of one image; never raises for a per-image problem."""
+    from ..blurmap import blur_mask, contact_sheet, encode_map, encode_mask, encode_rgb, mask_from_image, score_detection, write_file
+    from ..blurmap import overlay as make_overlay
+    from ..images import DualPixelTriple, ImageError, read_dual_pixel, read_image
+
+    t0 = time.perf_counter()
+    rec: dict[str, Any] = {
+        "input": it.label, "status": "ok", "error": None, "outputs": {k: str(p) for k, p in it.outputs.items()},
+        "model": deblurrer.name, "device": str(deblurrer.device), "block": block, "dilation": dilation, "upsample": upsample,
+        "invert": invert, "polarity": None,
+    }
+    existing = {k for k, p in it.outputs.items() if p.exists()}
+    if existing and not overwrite and not skip_existing:
+        first = it.outputs[sorted(existing)[0]]
+        rec.update(status="failed", error=f"{first}: exists (use --overwrite to replace it or --skip-existing to keep it)")
+        return rec
+    todo = {k: p for k, p in it.outputs.items() if overwrite or k not in existing}
+    if evaluate and it.mask is None:
+        # a failure of this image, but its maps are still written
+        rec.update(status="failed", error=f"{it.label}: no ground-truth mask named {it.name}.* in --eval-masks")
+        evaluate = False
+        if not todo:
+            return rec
+    if not todo and not evaluate:
+        rec["status"] = "skipped"
+        return rec
+    task = progress.add_task(f"  {it.name[:30]}", total=None) if progress is not None else None
+    try:
+        if isinstance(it.source, DualPixelTriple):
+            image, center, info = read_dual_pixel(it.source, max_pixels=max_pixels)
+            photo = center
+        else:
+            image, info = read_image(it.source, max_pixels=max_pixels)
+            center, photo = None, image
+        rec["height"], rec["width"] = image.shape[:2]
+        maps = attention_maps(deblurrer, image, center, upsample=upsample)
+        rec["polarity"] = maps.polarity
+        detect = maps.detection(block, dilation, invert=invert)
+        rec["mean_detection"] = round(float(detect.mean()), 6)
+        written: dict[str, str] = {}
+        for key, path in todo.items():
+            if key == "blurmap":
+                data = encode_map(detect, fmt)
+            elif key.startswith("b") and "_d" in key:
+                b, d = (int(v) for v in key[1:].split("_d"))
+                data = encode_map(maps.map(b, d), fmt)
+            elif key == "defocus":
+                size = maps.defocus(block)
+                data = encode_map(size, fmt, scale=max(maps.dilations))
+                rec["mean_defocus"] = round(float(size.mean()), 6)
+            elif key == "mask":
+                m = blur_mask(detect, threshold)
+                rec["blurred_fraction"] = round(float(m.mean()), 6)
+                data = encode_mask(m, fmt)
+            elif key == "overlay":
+                data = encode_rgb(make_overlay(photo, detect), info.icc_profile)
+            elif key == "sheet":
+                data = encode_rgb(contact_sheet(photo, maps), info.icc_profile)
+            else:  # pragma: no cover - the planner only makes the keys above
+                raise AssertionError(key)
+            write_file(path, data, overwrite=overwrite)
+            written[key] = str(path)
+        rec["written"] = written
+        if evaluate and it.mask is not None:
+            gt_img, _ = read_image(it.mask, max_pixels=max_pixels)
+            gt = mask_from_image(gt_img, blurred_value)
+            if gt.shape != detect.shape:
+                raise ValueError(f"{it.mask}: mask is {gt.shape[1]}x{gt.shape[0]} but the image is {detect.shape[1]}x{detect.shape[0]}")
+            scores = score_detection(detect, gt, 0.5 if threshold is None else threshold)
+            rec["mask"] = str(it.mask)
+            rec["scores"] = scores.to_dict()
+            rec["_scores"] = scores
+    except (ImageError, ValueError, MemoryError, OSError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        rec.update(status="failed", error=msg if it.label in msg or (it.mask and str(it.mask) in msg) else f"{it.label}: {msg}")
+    finally:
+        if task is not None:
+            progress.remove_task(task)
+    rec["seconds"] = round(time.perf_counter() - t0, 4)
+    return rec
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
+
+
+def _print_table(rows, summary, paper, beta2, block, dilation, invert, polarity, threshold) -> None:
+    from rich.table import Table
+
+    title = f"Blur detection: block {block}, dilation {dilation}{' (inverted)' if invert else ''}, threshold {threshold:g}"
+    table = Table(title=title, title_justify="left")
+    for col in ("image", "F-measure", "accuracy", "precision", "recall", "AUC"):
+        table.add_column(col, justify="left" if col == "image" else "right")
+    if len(rows) <= 50:
+        for label, s in rows:
+            table.add_row(Path(label).name, _fmt(s.f_measure), _fmt(s.accuracy, True), _fmt(s.precision), _fmt(s.recall), _fmt(s.auc))
+        table.add_section()
+    table.add_row(f"mean of {summary['images']} images", _fmt(summary["f_measure"]), _fmt(summary["accuracy"], True),
+                  _fmt(summary["precision"]), _fmt(summary["recall"]), _fmt(summary["auc"]), style="bold")
+    table.add_row("paper, CUHK", _fmt(paper["f_measure"]), _fmt(paper["accuracy"], True), "-", "-", "-", style="dim")
+    err_console.print(table)
+    auc = summary.get("auc")
+    note = (f"F-measure with beta^2 = {beta2}; means over images; the paper's figures use block 1, dilation 1. "
+            "Masks: white = blurred unless --masks-sharp-white.")
+    if auc is not None and auc < 0.5:
+        note += f" AUC below 0.5: the map is reversed for this model (its attention is high on sharp regions, not {polarity} ones); try --invert."
+    err_console.print(note)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``blurmap`` command to ``app``."""
+    app.command("blurmap", help=_HELP, no_args_is_help=True)(blurmap)

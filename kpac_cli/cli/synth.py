@@ -1,0 +1,115 @@
+"""`kpac synth`: write a synthetic defocus dataset (DPDD layout) from sharp images."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import EXIT_FAILED, emit_json, err_console, print_error, progress_bar, show_progress, usage_error
+
+_HELP = """Synthesise defocused/sharp training pairs from sharp photos, in the DPDD layout.
+
+The blur is rendered the way a lens makes it: in linear light, with a disc or polygonal aperture whose size follows a random depth map (thin-lens model), occlusion-aware, with blooming highlights and sensor noise. --dual adds the left/right dual-pixel views.
+
+SOURCES are image files or folders (searched recursively for png/jpg/tif). scikit-image's bundled photos are added unless --no-skimage; --procedural N adds N dead-leaves scenes (they depend on --seed).
+
+Writes OUT/{split}_c/source (blurred), OUT/{split}_c/target (sharp), OUT/{split}_c/radius (float32 TIFF: signed blur radius in pixels, positive behind focus), with --dual OUT/{split}_l/source and OUT/{split}_r/source, and the summary OUT/synth_{split}.json. The same --seed gives byte-identical files.
+
+Example:
+
+  kpac synth photos/ -o synth/ --count 1000 --crop 512 --dual --procedural 50
+"""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``synth`` command to ``app``."""
+    app.command("synth", help=_HELP, no_args_is_help=True)(synth)
+
+
+def synth(
+    sources: Optional[List[Path]] = typer.Argument(None, help="Sharp image files or folders.", show_default=False),
+    out: Path = typer.Option(..., "-o", "--out", help="Output dataset folder.", show_default=False),
+    count: int = typer.Option(100, "--count", "-n", help="Number of samples to write."),
+    crop: Optional[int] = typer.Option(None, "--crop", help="Square crop size (default: whole images)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed: byte-identical files)."),
+    max_radius: float = typer.Option(12.0, "--max-radius", help="Largest blur radius in pixels."),
+    min_radius: float = typer.Option(0.0, "--min-radius", help="Smallest per-sample blur strength in pixels."),
+    aperture: str = typer.Option("disc", "--aperture", help="Aperture shape: disc or polygon."),
+    blades: int = typer.Option(6, "--blades", help="Sides of the polygonal aperture."),
+    layers: int = typer.Option(8, "--layers", help="Depth layers (more: finer blur steps, slower)."),
+    noise: float = typer.Option(0.005, "--noise", help="Sensor noise std at white, linear light."),
+    highlight_boost: float = typer.Option(3.0, "--highlight-boost", help="Gain of saturated highlights (1: off)."),
+    dual: bool = typer.Option(False, "--dual", help="Also write dual-pixel left/right views."),
+    procedural: int = typer.Option(0, "--procedural", help="Add N procedural dead-leaves scenes."),
+    procedural_size: int = typer.Option(512, "--procedural-size", help="Size of procedural scenes."),
+    no_skimage: bool = typer.Option(False, "--no-skimage", help="Do not use scikit-image's bundled photos."),
+    split: str = typer.Option("train", "--split", help="Split name: train, val, test, ..."),
+    bit_depth: int = typer.Option(8, "--bit-depth", help="8 (PNG) or 16 (16-bit TIFF)."),
+    max_side: Optional[int] = typer.Option(None, "--max-side", help="Downscale sources larger than this first."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON summary object to stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+) -> None:
+    # Imported here so that `kpac --help` stays fast.
+    from ..synth import SynthSettings, sharp_sources, write_dataset
+
+    if count < 1:
+        raise usage_error(f"--count must be >= 1, got {count}")
+    if crop is not None and crop < 8:
+        raise usage_error(f"--crop must be >= 8, got {crop}")
+    if bit_depth not in (8, 16):
+        raise usage_error(f"--bit-depth must be 8 or 16, got {bit_depth}")
+    if seed < 0:
+        raise usage_error(f"--seed must be >= 0, got {seed}")
+    if procedural < 0 or procedural_size < 8:
+        raise usage_error("--procedural must be >= 0 and --procedural-size >= 8")
+    if not split or "/" in split or "\\" in split or split.startswith("."):
+        raise usage_error(f"--split must be a plain name like train, val or test, got {split!r}")
+    if max_side is not None and max_side < 8:
+        raise usage_error(f"--max-side must be >= 8, got {max_side}")
+    try:
+        settings = SynthSettings(max_radius=max_radius, min_radius=min_radius, aperture=aperture, blades=blades,
+                                 layers=layers, noise_sigma=noise, highlight_boost=highlight_boost, dual_pixel=dual)
+    except ValueError as exc:
+        raise usage_error(str(exc))
+    try:
+        srcs = sharp_sources(list(sources or []), include_skimage=not no_skimage, procedural=procedural,
+                             procedural_size=(procedural_size, procedural_size), procedural_seed=seed)
+    except FileNotFoundError as exc:
+        raise usage_error(str(exc))
+    if not srcs:
+        raise usage_error("no sharp sources: give image files/folders, drop --no-skimage, or use --procedural N")
+
+    t0 = time.perf_counter()
+    try:
+        with progress_bar(show_progress(quiet)) as bar:
+            task = bar.add_task("synth", total=count) if bar is not None else None
+
+            def tick(done: int, total: int) -> None:
+                if bar is not None:
+                    bar.update(task, completed=done)
+
+            summary = write_dataset(srcs, out, count=count, crop=crop, seed=seed, settings=settings, split=split,
+                                    bit_depth=bit_depth, max_side=max_side, progress=tick)
+    except KeyboardInterrupt:  # files are written atomically: nothing half-written is left
+        print_error("interrupted")
+        raise typer.Exit(130)
+    except (OSError, ValueError) as exc:
+        print_error(f"cannot write the dataset: {exc}")
+        raise typer.Exit(EXIT_FAILED)
+    elapsed = time.perf_counter() - t0
+    summary["elapsed_s"] = round(elapsed, 3)
+
+    for f in summary["failed"]:
+        print_error(f"{f['origin']}: {f['error']}")
+    if not quiet:
+        per = elapsed / max(summary["count"], 1)
+        err_console.print(
+            f"wrote {summary['count']}/{count} samples ({len(summary['files'])} files, {len(srcs)} sources) "
+            f"to {out} in {elapsed:.1f} s ({per * 1000:.0f} ms/sample)", soft_wrap=True)
+    if json_out:
+        emit_json(summary)
+    if summary["failed"] or summary["count"] < count:
+        raise typer.Exit(EXIT_FAILED)

@@ -1,0 +1,610 @@
+"""Blur maps from scale attention: geometry, blur-size estimate, scoring, files, the command.
+
+There are no trained weights in a fresh checkout, so most tests use a *hand-set* KPAC model
+whose first block's scale attention has a known meaning: its encoder computes the local
+high-frequency energy E of the photo (|image - 3x3 mean|, averaged down to the blocks'
+grid) and the attention for the i-th dilation is ``sigmoid(k * (1 - E / t_i))`` with
+thresholds halving from ``t_1`` = 0.7 x the energy of a sharp texture. So dilation 1 switches
+on for any blur, dilation 5 only for large blur (the behaviour the paper reports for the
+trained network), and the weighted mean dilation grows with the blur. Everything after the
+weights (the real network code, the exact tiled engine, resampling, scoring, files, the
+command line) is the production path. The shipped model, when present, is checked on the
+same synthetic photo.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from scipy.stats import spearmanr
+
+from kpac_cli.blurmap import (
+    BLUR_POLARITY,
+    PAPER_CUHK,
+    AttentionMaps,
+    attention_maps,
+    blur_mask,
+    defocus_map,
+    maps_from_attention,
+    mask_from_image,
+    resample_to_image,
+    roc_auc,
+    save_blurmaps,
+    score_detection,
+    summarize,
+)
+from kpac_cli.engine import Deblurrer, EngineOptions
+from kpac_cli.model import KPACConfig, build_model
+
+RADII = (1, 2, 3, 4, 5, 6)  # blur bands of the synthetic photo, left to right after the sharp half
+
+
+# --- synthetic photos ---------------------------------------------------------------------
+
+
+def texture(h: int, w: int, seed: int) -> np.ndarray:
+    """Broadband random texture (several scales of smoothed noise), RGB in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.float32)
+    for s in (0.6, 1.2, 2.5, 5.0):
+        img += ndi.gaussian_filter(rng.standard_normal((h, w, 3)).astype(np.float32), (s, s, 0)) * s
+    img -= img.mean()
+    img /= 4 * img.std()
+    return np.clip(img + 0.5, 0, 1)
+
+
+def disc_kernel(r: float) -> np.ndarray:
+    """Anti-aliased disc of radius r (8x8 supersampling), summing to 1."""
+    R, ss = int(np.ceil(r)), 8
+    yy, xx = (np.mgrid[0 : (2 * R + 1) * ss, 0 : (2 * R + 1) * ss] + 0.5) / ss - R - 0.5
+    k = (yy**2 + xx**2 <= r * r).reshape(2 * R + 1, ss, 2 * R + 1, ss).mean((1, 3))
+    return (k / k.sum()).astype(np.float32)
+
+
+def disc_blur(img: np.ndarray, r: float) -> np.ndarray:
+    if r == 0:
+        return img
+    k = disc_kernel(r)
+    return np.stack([ndi.convolve(img[..., c], k, mode="reflect") for c in range(3)], -1)
+
+
+def banded_photo(h: int = 128, w: int = 256, seed: int = 7, radii=RADII):
+    """Sharp left half; the right half in vertical bands of increasing disc-blur radius.
+
+    Returns the photo and the true radius of every pixel (0 = sharp).
+    """
+    sharp = texture(h, w, seed)
+    radius = np.zeros((h, w), np.int32)
+    half = w // 2
+    edges = np.linspace(half, w, len(radii) + 1).round().astype(int)
+    for r, x0, x1 in zip(radii, edges[:-1], edges[1:]):
+        radius[:, x0:x1] = r
+    photo = sharp.copy()
+    for r in radii:
+        m = radius == r
+        photo[m] = disc_blur(sharp, r)[m]
+    return photo, radius
+
+
+def band_means(values: np.ndarray, radius: np.ndarray, margin: int = 6) -> dict[int, float]:
+    """Mean of ``values`` per true radius, away from band borders and the image border."""
+    h, w = values.shape
+    inner = np.zeros_like(radius, dtype=bool)
+    inner[margin : h - margin, margin : w - margin] = True
+    border = np.zeros_like(inner)
+    border[:, 1:] |= radius[:, 1:] != radius[:, :-1]
+    border = ndi.binary_dilation(border, iterations=margin)
+    keep = inner & ~border
+    return {int(r): float(values[keep & (radius == r)].mean()) for r in np.unique(radius)}
+
+
+# --- a hand-set model whose attention means "local energy is low" ---------------------------
+
+
+def _energy_encoder(model) -> None:
+    """Channel 0 of the encoder output := local mean of |gray - 3x3 mean| (all else zero)."""
+    e = model.encoder
+    hp = -torch.full((3, 3), 1 / 27)
+    hp[1, 1] += 1 / 3
+    for c in range(3):
+        e.c0.weight[0, c, 1:4, 1:4] = hp  # + high-pass of the grey image
+        e.c0.weight[1, c, 1:4, 1:4] = -hp  # - high-pass
+    e.c0_2.weight[0, 0, 1, 1] = 1  # lrelu(x) + lrelu(-x) = 0.8 |x|
+    e.c0_2.weight[0, 1, 1, 1] = 1
+    for conv in (e.c2, e.c3):  # stride-2 3x3 box means
+        conv.weight[0, 0] = 1 / 9
+    for conv in (e.c2_2, e.c3_2):
+        conv.weight[0, 0, 1, 1] = 1
+
+
+def detector_model(t1: float | None = None, k: float = 4.0, ratio: float = 0.5, in_views: int = 1, smooth: bool = True):
+    """KPAC (2 levels, 16 channels) whose block-1 attention is sigmoid(k (1 - E / t_i)).
+
+    ``t_i = t1 * ratio**i``; without ``t1`` it is calibrated as 0.7 x the energy of a sharp
+    texture (a different one from the test photos). With ``smooth`` the energy is averaged
+    over 5x5 cells (dilation 2) of the blocks' grid first. All other weights are zero, so the
+    model's output is its input and block 2's attention is a constant 0.5.
+    """
+    cfg = KPACConfig(levels=2, channels=16, in_views=in_views)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        _energy_encoder(model)
+        blk = model.blocks[0]
+        if smooth:
+            blk.scale[0].weight[0, 0] = 1 / 25  # 5x5 (dilation 2) mean of E on the blocks' grid
+        else:
+            blk.scale[0].weight[0, 0, 2, 2] = 1
+        for conv in blk.scale[1:]:
+            conv.weight[0, 0, 2, 2] = 1
+        if t1 is None:
+            cal = torch.from_numpy(texture(96, 96, seed=1)).permute(2, 0, 1)[None] * 2 - 1
+            _, enc = model.encode(cal)
+            energy = blk.scale[0](enc)[0, 0, 4:-4, 4:-4]
+            t1 = 0.7 * float(energy.median())
+        for i in range(len(cfg.dilations)):
+            t = t1 * ratio**i
+            blk.scale_out.weight[i, 0, 2, 2] = -k / t
+            blk.scale_out.bias[i] = k
+    return model
+
+
+def random_model(cfg: KPACConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return Deblurrer(detector_model(), EngineOptions(device="cpu", precision="fp32", tile=None))
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return banded_photo()
+
+
+# --- scoring ------------------------------------------------------------------------------
+
+
+def test_auc_hand_computed():
+    # positives 0.35, 0.8; negatives 0.1, 0.4: pairs won 0.35>0.1, 0.8>0.1, 0.8>0.4 -> 3/4
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # ties count one half: positives {0.5, 0.9}, negatives {0.2, 0.5, 0.1} -> (1 + .5 + 1 + 3) / 6
+    assert roc_auc([0.2, 0.5, 0.5, 0.9, 0.1], [0, 1, 0, 1, 0]) == pytest.approx(5.5 / 6)
+    assert roc_auc([1, 2, 3], [0, 1, 1]) == 1.0
+    assert roc_auc([3, 2, 1], [0, 1, 1]) == 0.0
+    assert np.isnan(roc_auc([0.1, 0.2], [1, 1]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.booleans()), min_size=2, max_size=40))
+def test_auc_equals_pairwise_count(pairs):
+    s = np.array([p[0] for p in pairs], float) / 6
+    y = np.array([p[1] for p in pairs])
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        assert np.isnan(roc_auc(s, y))
+        return
+    brute = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    assert roc_auc(s, y) == pytest.approx(brute, abs=1e-12)
+
+
+def test_f_measure_precision_recall_accuracy_known_values():
+    # tp = 3, fp = 1, fn = 2, tn = 4 at threshold 0.5
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.1, 0.3, 0.4, 0.0, 0.45])
+    blurred = np.array([1, 1, 1, 0, 1, 1, 0, 0, 0, 0], bool)
+    s = score_detection(scores, blurred, threshold=0.5)
+    assert s.precision == pytest.approx(0.75)
+    assert s.recall == pytest.approx(0.6)
+    assert s.f_measure == pytest.approx(1.3 * 0.75 * 0.6 / (0.3 * 0.75 + 0.6))  # beta^2 = 0.3: 0.70909
+    assert s.f_measure == pytest.approx(0.709090909)
+    assert s.accuracy == pytest.approx(0.7)
+    assert s.blurred_fraction == pytest.approx(0.5)
+    assert summarize([s, s])["f_measure"] == pytest.approx(s.f_measure)
+    # nothing called blurred: precision 0 by convention, F 0
+    none = score_detection(np.zeros(4), np.array([1, 0, 1, 0], bool))
+    assert (none.precision, none.recall, none.f_measure, none.accuracy) == (0.0, 0.0, 0.0, 0.5)
+    assert PAPER_CUHK == {"f_measure": 0.832, "accuracy": 0.784}
+
+
+def test_mask_conventions():
+    u8 = np.array([[0, 255], [128, 127]], np.uint8)
+    assert mask_from_image(u8).tolist() == [[False, True], [True, False]]  # 255 = blurred (CUHK)
+    assert mask_from_image(u8, blurred_value=0).tolist() == [[True, False], [False, True]]
+    rgb = np.repeat((u8 / 255.0).astype(np.float32)[..., None], 3, axis=2)  # as read_image gives it
+    assert (mask_from_image(rgb) == mask_from_image(u8)).all()
+    assert blur_mask(np.array([0.2, 0.5, 0.7]), 0.5).tolist() == [False, True, True]
+
+
+# --- geometry -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stride", [4, 8])
+def test_resampling_puts_cells_at_their_network_centres(stride):
+    low = np.arange(6, dtype=np.float32)[None, :].repeat(3, 0)  # value = cell index along x
+    up = resample_to_image(low, (3 * stride, 6 * stride), stride)
+    for i in range(6):
+        assert up[0, stride * i + stride - 1] == pytest.approx(i)  # cell i sits on pixel s*i + s-1
+    # between centres: linear; before the first centre: the edge cell extended
+    assert up[0, stride + stride // 2 - 1] == pytest.approx(0.5)
+    assert (up[:, : stride - 1] == 0).all()
+    # with the input enlarged f times, pixel y sits at (y + 0.5) f - 0.5 of the network input
+    up2 = resample_to_image(low, (3 * stride // 2, 3 * stride), stride, upsample=2)
+    y = np.arange(3 * stride)
+    expect = np.clip(((y + 0.5) * 2 - 0.5 - (stride - 1)) / stride, 0, 5)
+    assert np.allclose(up2[1], expect, atol=1e-6)
+
+
+def test_cell_centres_match_the_network():
+    """A faint vertical line at column p: the map's response is centred on p, as the
+    resampling assumes (a (s-1)/2 pixel error would break the symmetry checks)."""
+    detector = Deblurrer(detector_model(t1=0.02, smooth=False), EngineOptions(device="cpu", precision="fp32", tile=None))
+    s = detector.config.stride
+    for p, centred in ((4 * 14 + 3, True), (4 * 14 + 1, False)):  # on a cell centre / half-way
+        img = np.full((64, 128, 3), 0.5, np.float32)
+        img[:, p] += 0.05
+        maps = attention_maps(detector, img)
+        row = maps.low_res[0][0, 8]  # dilation-1 weights along x on the blocks' grid
+        j = (p - (s - 1)) // s
+        if centred:
+            assert row[j] < row[j - 1] and row[j - 1] == pytest.approx(row[j + 1], abs=1e-6)
+        else:
+            assert row[j] == pytest.approx(row[j + 1], abs=1e-6)
+        full = maps.map(1, 1)[32]
+        lowest = np.flatnonzero(full <= full.min() + 1e-6)  # one pixel, or a plateau between two cells
+        assert lowest.mean() == p and len(lowest) == (1 if centred else s + 1)
+
+
+def test_maps_have_image_size_and_unit_range():
+    model = random_model(KPACConfig(levels=2, channels=16))
+    d = Deblurrer(model, EngineOptions(device="cpu", precision="fp32", tile=None))
+    img = np.random.default_rng(0).random((37, 53, 3), dtype=np.float32)
+    for f in (1, 2, 3):
+        maps = attention_maps(d, img, upsample=f)
+        assert maps.size == (37, 53) and maps.blocks == 2 and maps.dilations == (1, 2, 3, 4, 5)
+        assert maps.low_res[0].shape == (5, -(-37 * f // 4), -(-53 * f // 4))
+        for b, dil, m in maps.items():
+            assert m.shape == (37, 53) and m.dtype == np.float32
+            assert 0.0 <= m.min() and m.max() <= 1.0
+        assert maps.block(2).shape == (5, 37, 53)
+        assert np.allclose(maps.detection(2, 3, invert=True), 1 - maps.map(2, 3))
+        assert maps.polarity == BLUR_POLARITY == "blurred" and (maps.detection(2, 3) == maps.map(2, 3)).all()
+    with pytest.raises(ValueError):
+        maps.map(3, 1)
+    with pytest.raises(ValueError):
+        maps.map(1, 7)
+
+
+def test_tiled_maps_equal_whole_maps():
+    model = random_model(KPACConfig(levels=2, channels=16), seed=3)
+    img = np.random.default_rng(1).random((300, 262, 3), dtype=np.float32)
+    whole = attention_maps(Deblurrer(model, EngineOptions(device="cpu", precision="fp32", tile=None)), img)
+    tiled_engine = Deblurrer(model, EngineOptions(device="cpu", precision="fp32", tile=128))
+    tiled = attention_maps(tiled_engine, img)
+    assert tiled_engine.last_stats.tile == 128
+    for a, b in zip(whole.low_res, tiled.low_res):
+        assert np.abs(a - b).max() < 1e-5
+    # the same maps from a deblurring run's result (what `kpac deblur --save-blurmap` uses)
+    result = tiled_engine.run(img, keep_attention=True)
+    again = maps_from_attention(result.scale_attention, img.shape[:2], model.config)
+    assert np.abs(again.map(2, 4) - whole.map(2, 4)).max() < 1e-5
+
+
+# --- blur-size estimate -------------------------------------------------------------------
+
+
+def test_defocus_map_is_the_weighted_mean_dilation():
+    dil = (1, 2, 3, 4, 5)
+    maps = np.zeros((5, 2, 3), np.float32)
+    maps[0, 0, 0] = 1.0  # only dilation 1
+    maps[4, 0, 1] = 0.3  # only dilation 5
+    maps[:, 0, 2] = [0.5, 0, 0, 0, 0.5]  # halfway -> 3
+    maps[:, 1, 0] = [0.2, 0.4, 0, 0, 0]  # (0.2 + 0.8) / 0.6
+    # (1, 1): all zero -> the mean dilation; (1, 2): uniform -> 3
+    maps[:, 1, 2] = 0.7
+    out = defocus_map(maps, dil)
+    assert out.tolist()[0] == pytest.approx([1.0, 5.0, 3.0])
+    assert out[1].tolist() == pytest.approx([1.0 / 0.6, 3.0, 3.0])
+    # the fast path of AttentionMaps (resample sums, then divide) equals the definition
+    rng = np.random.default_rng(2)
+    am = AttentionMaps([rng.random((5, 6, 7), dtype=np.float32)], dil, (23, 27), stride=4)
+    assert np.allclose(am.defocus(1), defocus_map(am.block(1), dil), atol=1e-5)
+
+
+# --- behaviour on a photo with a known blur map ---------------------------------------------
+
+
+def test_detection_separates_blur_and_size_estimate_grows(detector, photo):
+    img, radius = photo
+    maps = attention_maps(detector, img)
+    detect = maps.detection(1, 1)
+    blurred = radius > 0
+    auc = roc_auc(detect, blurred)
+    assert auc > 0.9, auc  # chance is 0.5
+    scores = score_detection(detect, blurred)
+    assert scores.accuracy > 0.8 and scores.f_measure > 0.8, scores
+
+    size = band_means(maps.defocus(1), radius)
+    radii = sorted(size)
+    rho = spearmanr(radii, [size[r] for r in radii]).statistic
+    assert rho > 0.95, size
+    assert size[0] < 1.2 and size[6] > size[0] + 1.0, size
+    # dilation 5 responds only to large blur, dilation 1 to blur of any size (paper, Fig. 8)
+    d1, d5 = band_means(maps.map(1, 1), radius), band_means(maps.map(1, 5), radius)
+    assert d1[0] < 0.3 and min(d1[r] for r in RADII) > 0.6, d1
+    assert max(d5[r] for r in (0, 1, 2)) < 0.1 and d5[6] > 0.1, d5
+
+
+def test_upsampled_input_keeps_the_separation(detector, photo):
+    img, radius = photo
+    maps = attention_maps(detector, img, upsample=2)
+    assert maps.map().shape == img.shape[:2]
+    assert roc_auc(maps.detection(), radius > 0) > 0.85
+    # enlarging makes blur (and interpolated sharp detail) look larger: more weight on big dilations
+    plain = band_means(attention_maps(detector, img).defocus(1), radius)
+    up = band_means(maps.defocus(1), radius)
+    assert up[3] > plain[3]
+
+
+def test_shipped_model_on_synthetic_photo():
+    try:
+        d = Deblurrer("kpac-3level", EngineOptions(device="cpu", precision="fp32"))
+    except FileNotFoundError:
+        pytest.skip("shipped model kpac-3level not installed")
+    img, radius = banded_photo(192, 384, seed=11)
+    maps = attention_maps(d, img)
+    auc = roc_auc(maps.detection(1, 1), radius > 0)
+    # BLUR_POLARITY records what a trained model does: high dilation-1 weight = blurred
+    assert BLUR_POLARITY == "blurred"
+    assert auc > 0.7, (
+        f"AUC {auc:.3f} of the block-1 / dilation-1 detection map against the true blur mask; below 0.3 means "
+        "this model's attention is high on sharp regions: declare provenance blurmap_polarity='sharp'"
+    )
+    size = band_means(maps.defocus(1), radius)
+    radii = sorted(size)
+    assert spearmanr(radii, [size[r] for r in radii]).statistic > 0.6, size
+
+
+# --- files --------------------------------------------------------------------------------
+
+
+def _read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.array(im)
+
+
+def test_save_blurmaps_from_a_deblurring_run(detector, photo, tmp_path):
+    img, _ = photo
+    result = detector.run(img, keep_attention=True)
+    out = tmp_path / "x_blurmap.png"
+    written = save_blurmaps(out, result, detector.config, img.shape[:2])
+    assert written == [out]
+    with Image.open(out) as im:
+        assert im.mode == "I;16" and im.size == (img.shape[1], img.shape[0])
+    expect = attention_maps(detector, img).map(1, 1)
+    assert np.abs(_read_png(out) / 65535.0 - expect).max() <= 0.5 / 65535 + 1e-6
+    with pytest.raises(FileExistsError):
+        save_blurmaps(out, result, detector.config, img.shape[:2])
+    many = save_blurmaps(tmp_path / "y.tif", result, detector.config, img.shape[:2], all_maps=True)
+    assert len(many) == 10 and many[0].name == "y_b1_d1.tif"
+    import tifffile
+
+    assert np.allclose(tifffile.imread(many[0]), expect, atol=1e-6)
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    import typer
+    from typer.testing import CliRunner
+
+    from kpac_cli.checkpoints import save_checkpoint
+    from kpac_cli.cli.blurmap import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """kpac"""
+
+    register(app)
+    folder = tmp_path_factory.mktemp("models")
+    model_path = save_checkpoint(folder / "detector.safetensors", detector_model(), {"name": "detector"})
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(app, ["blurmap", "--model", str(model_path), "--device", "cpu", *args])
+
+    return run
+
+
+def _save_rgb(path: Path, img: np.ndarray) -> Path:
+    Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)).save(path)
+    return path
+
+
+def test_cli_writes_maps_mask_overlay_sheet_and_json(cli, photo, tmp_path):
+    img, radius = photo
+    src = _save_rgb(tmp_path / "scene.png", img[:100, :210])  # not a multiple of the stride
+    out = tmp_path / "out"
+    res = cli(str(src), "-o", str(out), "--threshold", "0.5", "--overlay", "--sheet", "--defocus-map", "--json")
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout.strip().splitlines()[0])
+    assert rec["status"] == "ok" and (rec["width"], rec["height"]) == (210, 100)
+    assert set(rec["outputs"]) == {"blurmap", "defocus", "mask", "overlay", "sheet"}
+    for name in ("scene_blurmap.png", "scene_defocus.png"):
+        with Image.open(out / name) as im:
+            assert im.mode == "I;16" and im.size == (210, 100)  # 16-bit grey at image size
+    with Image.open(out / "scene_mask.png") as im:
+        assert im.mode == "L" and set(np.unique(np.array(im))) <= {0, 255}
+    with Image.open(out / "scene_overlay.png") as im:
+        assert im.mode == "RGB" and im.size == (210, 100)
+    with Image.open(out / "scene_sheet.png") as im:
+        assert im.mode == "RGB" and im.size[0] > 210
+    mask = _read_png(out / "scene_mask.png") == 255
+    assert mask[:, 150:].mean() > 0.8 and mask[:, 10:90].mean() < 0.2  # blurred right, sharp left
+    assert rec["blurred_fraction"] == pytest.approx(mask.mean(), abs=1e-6)
+    defocus = _read_png(out / "scene_defocus.png") / 65535.0 * 5  # back to dilation units
+    assert defocus[:, 190:].mean() > defocus[:, 10:90].mean() + 0.5
+
+
+def test_cli_all_maps_as_float_tiff(cli, photo, tmp_path, detector):
+    import tifffile
+
+    img, _ = photo
+    src = _save_rgb(tmp_path / "p.png", img[:64, :96])
+    res = cli(str(src), "-o", str(tmp_path / "o"), "--all", "--format", "tiff", "-q")
+    assert res.exit_code == 0, res.output
+    files = sorted((tmp_path / "o").glob("p_blurmap_b*_d*.tif"))
+    assert len(files) == 10
+    read, _ = __import__("kpac_cli.images", fromlist=["read_image"]).read_image(src)
+    maps = attention_maps(detector, read)
+    got = tifffile.imread(tmp_path / "o" / "p_blurmap_b1_d3.tif")
+    assert got.dtype == np.float32 and got.shape == (64, 96)
+    assert np.abs(got - maps.map(1, 3)).max() < 1e-5
+
+
+def test_cli_never_overwrites_unless_asked(cli, photo, tmp_path):
+    img, _ = photo
+    src = _save_rgb(tmp_path / "a.png", img[:48, :64])
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "a_blurmap.png").write_bytes(b"precious")
+    res = cli(str(src), "-o", str(out), "--json", "-q")
+    assert res.exit_code == 1
+    assert json.loads(res.stdout)["status"] == "failed"
+    assert (out / "a_blurmap.png").read_bytes() == b"precious"
+    res = cli(str(src), "-o", str(out), "--skip-existing", "--json", "-q")
+    assert res.exit_code == 0 and json.loads(res.stdout)["status"] == "skipped"
+    assert (out / "a_blurmap.png").read_bytes() == b"precious"
+    # --skip-existing still writes the outputs that are missing
+    res = cli(str(src), "-o", str(out), "--skip-existing", "--overlay", "-q")
+    assert res.exit_code == 0 and (out / "a_overlay.png").exists()
+    assert (out / "a_blurmap.png").read_bytes() == b"precious"
+    res = cli(str(src), "-o", str(out), "--overwrite", "-q")
+    assert res.exit_code == 0
+    with Image.open(out / "a_blurmap.png") as im:
+        assert im.mode == "I;16"
+    assert cli(str(src), "-o", str(out), "--overwrite", "--skip-existing").exit_code == 2
+    assert not list(out.glob(".*kpac-tmp"))
+
+
+def test_cli_eval_masks_scores_and_summary(cli, tmp_path):
+    imgs, masks = tmp_path / "img", tmp_path / "gt"
+    imgs.mkdir()
+    masks.mkdir()
+    for i, seed in enumerate((3, 4)):
+        img, radius = banded_photo(96, 160, seed=seed)
+        _save_rgb(imgs / f"{i:04d}.png", img)
+        Image.fromarray(np.where(radius > 0, 255, 0).astype(np.uint8)).save(masks / f"{i:04d}.png")  # white = blurred
+    _save_rgb(imgs / "nomask.png", banded_photo(96, 160, seed=5)[0])
+    res = cli(str(imgs), "--eval-masks", str(masks), "--json")
+    assert res.exit_code == 1  # one image has no mask: it fails, the others are scored
+    lines = [json.loads(x) for x in res.stdout.strip().splitlines()]
+    per_image = {Path(r["input"]).name: r for r in lines if "input" in r}
+    summary = next(r for r in lines if "summary" in r)
+    assert per_image["nomask.png"]["status"] == "failed" and "no ground-truth mask" in per_image["nomask.png"]["error"]
+    for name in ("0000.png", "0001.png"):
+        s = per_image[name]["scores"]
+        assert s["auc"] > 0.85 and 0 <= s["f_measure"] <= 1 and 0 <= s["accuracy"] <= 1
+    assert summary["summary"]["images"] == 2
+    assert summary["paper_cuhk"] == PAPER_CUHK and summary["f_beta2"] == 0.3
+    assert "paper" in res.stderr and "0.832" in res.stderr and "78.4%" in res.stderr
+    # masks drawn the other way round, declared as such, give the same scores
+    inv = tmp_path / "gt_inv"
+    inv.mkdir()
+    for p in masks.iterdir():
+        Image.fromarray(255 - _read_png(p)).save(inv / p.name)
+    res2 = cli(str(imgs / "0000.png"), "--eval-masks", str(inv), "--masks-sharp-white", "--json", "-q")
+    assert res2.exit_code == 0
+    assert json.loads(res2.stdout.splitlines()[0])["scores"]["auc"] == pytest.approx(per_image["0000.png"]["scores"]["auc"])
+
+
+def test_polarity_declared_by_the_checkpoint(tmp_path, photo):
+    """A checkpoint whose attention is high on sharp regions says so; detection maps follow."""
+    from kpac_cli.checkpoints import save_checkpoint
+
+    img, radius = photo
+    path = save_checkpoint(tmp_path / "rev.safetensors", detector_model(), {"blurmap_polarity": "sharp"})
+    maps = attention_maps(Deblurrer(path, EngineOptions(device="cpu", precision="fp32", tile=None)), img)
+    assert maps.polarity == "sharp"
+    assert np.allclose(maps.detection(), 1 - maps.map(1, 1))
+    assert roc_auc(maps.detection(), radius > 0) < 0.1  # this model is not really reversed...
+    assert roc_auc(maps.detection(invert=True), radius > 0) > 0.9  # ...so flipping by hand undoes it
+    with pytest.raises(ValueError):
+        AttentionMaps(maps.low_res, maps.dilations, maps.size, maps.stride, polarity="up")
+
+
+def test_cli_dual_pixel(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from kpac_cli.checkpoints import save_checkpoint
+    from kpac_cli.cli.blurmap import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """kpac"""
+
+    register(app)
+    model_path = save_checkpoint(tmp_path / "dual.safetensors", random_model(KPACConfig(levels=2, channels=16, in_views=2)))
+    (tmp_path / "L").mkdir()
+    (tmp_path / "R").mkdir()
+    rng = np.random.default_rng(0)
+    for side in "LR":
+        _save_rgb(tmp_path / side / "005.png", rng.random((40, 56, 3)))
+    res = CliRunner().invoke(app, ["blurmap", "--model", str(model_path), "--device", "cpu", "--left", str(tmp_path / "L"),
+                                   "--right", str(tmp_path / "R"), "-o", str(tmp_path / "o"), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    with Image.open(tmp_path / "o" / "005_blurmap.png") as im:
+        assert im.size == (56, 40) and im.mode == "I;16"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--dilation", "7"),
+        ("--block", "3"),
+        ("--format", "jpeg"),
+        ("--upsample", "0"),
+        ("--threshold", "1.5"),
+    ],
+)
+def test_cli_usage_errors(cli, tmp_path, args):
+    src = _save_rgb(tmp_path / "a.png", np.zeros((16, 16, 3)))
+    assert cli(str(src), "-o", str(tmp_path / "o"), *args).exit_code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_needs_an_output_unless_evaluating(cli, tmp_path):
+    src = _save_rgb(tmp_path / "a.png", np.zeros((16, 16, 3)))
+    res = cli(str(src))
+    assert res.exit_code == 2 and "-o" in res.stderr
+
+
+def test_core_does_not_import_the_cli_stack():
+    import subprocess
+    import sys
+
+    code = "import sys, kpac_cli.blurmap; print(sorted(m for m in ('typer', 'rich', 'click') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"

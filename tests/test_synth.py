@@ -1,0 +1,472 @@
+"""Synthetic defocus (kpac_cli.synth): the optics behave like a lens, files come out in the DPDD layout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+
+from kpac_cli.images import read_image
+
+from kpac_cli.synth import (
+    SynthSettings,
+    aperture_psf,
+    dataset_dirs,
+    dead_leaves,
+    decode,
+    defocus_radius,
+    random_depth,
+    sharp_sources,
+    synthesize,
+    write_dataset,
+)
+from kpac_cli.synth.optics import layer_levels
+
+CLEAN = SynthSettings(noise_sigma=0.0, highlight_boost=1.0)  # no noise, no bloom: pure optics
+
+
+def hf_energy(img: np.ndarray) -> float:
+    """Mean squared discrete Laplacian of the luminance: the fine detail a blur destroys."""
+    g = img.mean(axis=2)
+    lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+    return float((lap ** 2).mean())
+
+
+@pytest.fixture(scope="module")
+def texture() -> np.ndarray:
+    """A sharp, detailed 96x128 scene (dead leaves with small leaves)."""
+    return dead_leaves((96, 128), np.random.default_rng(7), min_leaf=2.0, max_leaf=12.0)
+
+
+def centroid_x(img: np.ndarray) -> float:
+    w = img.sum(axis=0)
+    return float((w * np.arange(img.shape[1])).sum() / w.sum())
+
+
+# --- brightness -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings", [
+    CLEAN,
+    SynthSettings(noise_sigma=0.0, highlight_boost=1.0, aperture="polygon", blades=5),
+    SynthSettings(noise_sigma=0.0, highlight_boost=1.0, dual_pixel=True),
+])
+def test_flat_colour_stays_flat(settings):
+    flat = np.full((48, 64, 3), [0.2, 0.5, 0.8], np.float32)
+    out = synthesize(flat, np.random.default_rng(0), replace(settings, min_radius=6.0))
+    assert np.abs(out.radius).max() > 1  # there was blur to preserve brightness through
+    np.testing.assert_allclose(out.blurred, flat, atol=1e-4)  # incl. borders and depth edges
+    if settings.dual_pixel:
+        np.testing.assert_allclose(out.left, flat, atol=1e-4)
+        np.testing.assert_allclose(out.right, flat, atol=1e-4)
+
+
+def test_flat_colour_mean_preserved_with_noise():
+    flat = np.full((64, 64, 3), 0.5, np.float32)
+    out = synthesize(flat, np.random.default_rng(1), SynthSettings(noise_sigma=0.01))
+    assert abs(out.blurred.mean() / 0.5 - 1) < 0.01
+    assert out.blurred.std() > 1e-3  # the noise is there
+
+
+def test_point_light_energy_is_conserved_in_linear_light():
+    img = np.zeros((61, 61, 3), np.float32)
+    img[30, 30] = 0.8
+    out = synthesize(img, np.random.default_rng(0), CLEAN, radius=np.full((61, 61), 7.0, np.float32))
+    lin = decode(out.blurred, CLEAN.gamma)
+    assert lin[..., 0].sum() == pytest.approx(0.8 ** CLEAN.gamma, rel=1e-3)
+    assert lin[30, 30, 0] < 0.01 * 0.8 ** CLEAN.gamma  # spread out over ~pi 7^2 pixels
+
+
+# --- blur size --------------------------------------------------------------------------
+
+
+def test_blur_follows_the_radius_map(texture):
+    h, w = texture.shape[:2]
+    radius = np.zeros((h, w), np.float32)
+    radius[:, w // 2:] = 8.0  # left half in focus, right half far behind
+    out = synthesize(texture, np.random.default_rng(0), CLEAN, radius=radius)
+    m = 8 + 2  # stay clear of the boundary, where blur from the right half may spill
+    left_ratio = hf_energy(out.blurred[:, :w // 2 - m]) / hf_energy(texture[:, :w // 2 - m])
+    right_ratio = hf_energy(out.blurred[:, w // 2 + m:]) / hf_energy(texture[:, w // 2 + m:])
+    assert left_ratio == pytest.approx(1.0, abs=1e-3)  # exactly sharp without noise
+    assert right_ratio < 0.05
+
+
+def test_sharpness_drops_monotonically_with_radius(texture):
+    h, w = texture.shape[:2]
+    energies = []
+    for r in (0.0, 1.0, 2.0, 4.0, 8.0):
+        out = synthesize(texture, np.random.default_rng(0), CLEAN, radius=np.full((h, w), -r, np.float32))
+        energies.append(hf_energy(out.blurred))
+    assert energies[0] == pytest.approx(hf_energy(texture), rel=1e-4)
+    assert all(a > 1.5 * b for a, b in zip(energies, energies[1:])), energies
+
+
+def test_sign_does_not_change_single_view_blur_amount(texture):
+    h, w = texture.shape[:2]
+    a = synthesize(texture, np.random.default_rng(0), CLEAN, radius=np.full((h, w), 5.0, np.float32))
+    b = synthesize(texture, np.random.default_rng(0), CLEAN, radius=np.full((h, w), -5.0, np.float32))
+    np.testing.assert_allclose(a.blurred, b.blurred, atol=1e-5)  # a disc is symmetric
+
+
+# --- occlusion ------------------------------------------------------------------------
+
+
+def _scene_with_square(h=80, w=80, stripes=True):
+    """Green/blue fine stripes (or flat) in the background, a red square object in the middle."""
+    img = np.zeros((h, w, 3), np.float32)
+    img[..., 1] = 0.3 + 0.4 * (np.arange(w) % 4 < 2)[None, :] if stripes else 0.5
+    img[..., 2] = 0.4
+    obj = np.zeros((h, w), bool)
+    obj[25:55, 25:55] = True
+    img[obj] = [0.9, 0.1, 0.1]
+    return img, obj
+
+
+def test_defocused_foreground_spreads_over_sharp_background():
+    img, obj = _scene_with_square()
+    radius = np.where(obj, -6.0, 0.0).astype(np.float32)  # object in front of focus, background sharp
+    out = synthesize(img, np.random.default_rng(0), CLEAN, radius=radius)
+    ring = np.zeros_like(obj)
+    ring[22:58, 22:58] = True
+    ring &= ~obj  # 3 px just outside the silhouette
+    assert (out.blurred[ring, 0] - img[ring, 0]).mean() > 0.1  # the red blur covers the background there
+    far = np.zeros_like(obj)
+    far[:, :12] = True  # > 6 px away: untouched
+    np.testing.assert_allclose(out.blurred[far], img[far], atol=1e-5)
+
+
+def test_sharp_foreground_keeps_a_crisp_edge_over_blurred_background():
+    img, obj = _scene_with_square()
+    radius = np.where(obj, 0.0, 6.0).astype(np.float32)  # object in focus, background far
+    out = synthesize(img, np.random.default_rng(0), CLEAN, radius=radius)
+    np.testing.assert_allclose(out.blurred[obj], img[obj], atol=1e-5)  # up to its very edge
+    ring = np.zeros_like(obj)
+    ring[23:57, 23:57] = True
+    ring &= ~obj
+    # No red from the sharp object leaks onto the background behind it...
+    assert np.abs(out.blurred[ring, 0] - img[ring, 0]).max() < 1e-4
+    # The background itself is blurred: its stripes are gone.
+    assert out.blurred[:20, :, 1].std() < 0.2 * img[:20, :, 1].std()
+    # No dark halo where the object hides part of the background's blur (normalised layers).
+    flat, _ = _scene_with_square(stripes=False)
+    out = synthesize(flat, np.random.default_rng(0), CLEAN, radius=radius)
+    np.testing.assert_allclose(out.blurred[~obj], flat[~obj], atol=1e-4)
+
+
+# --- highlights and noise -------------------------------------------------------------
+
+
+def test_saturated_highlights_bloom():
+    img = np.full((64, 64, 3), 0.1, np.float32)
+    yy, xx = np.mgrid[:64, :64]
+    img[(yy - 32) ** 2 + (xx - 32) ** 2 <= 4] = 1.0  # a small clipped light
+    radius = np.full((64, 64), 8.0, np.float32)
+    plain = synthesize(img, np.random.default_rng(0), CLEAN, radius=radius)
+    bloom = synthesize(img, np.random.default_rng(0), SynthSettings(noise_sigma=0, highlight_boost=6.0), radius=radius)
+    # The bokeh disc of a boosted light stays bright; without the boost it is a dim smudge.
+    assert bloom.blurred[32, 32, 0] > plain.blurred[32, 32, 0] + 0.15
+    # Non-saturated pixels are not boosted: far from the light both are the same.
+    np.testing.assert_allclose(bloom.blurred[:10, :10], plain.blurred[:10, :10], atol=1e-5)
+
+
+def test_noise_level_matches_the_model():
+    grey = np.full((128, 128, 3), 0.5, np.float32)
+    sigma = 0.02
+    out = synthesize(grey, np.random.default_rng(0), SynthSettings(noise_sigma=sigma, highlight_boost=1),
+                     radius=np.zeros((128, 128), np.float32))
+    x = 0.5 ** 2.2
+    expected = sigma * np.sqrt(0.9 * x + 0.1)
+    assert decode(out.blurred, 2.2).std() == pytest.approx(expected, rel=0.1)
+
+
+# --- dual pixel ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r,left_is_left", [(6.0, True), (-6.0, False)])
+def test_dual_pixel_disparity_flips_across_focal_plane(r, left_is_left):
+    img = np.zeros((41, 61, 3), np.float32)
+    img[20, 30] = 0.9  # a point light
+    s = SynthSettings(noise_sigma=0, highlight_boost=1, dual_pixel=True)
+    out = synthesize(img, np.random.default_rng(0), s, radius=np.full((41, 61), r, np.float32))
+    lx = centroid_x(decode(out.left, 2.2)[..., 0])
+    rx = centroid_x(decode(out.right, 2.2)[..., 0])
+    cx = centroid_x(decode(out.blurred, 2.2)[..., 0])
+    shift = 4 * abs(r) / (3 * np.pi)  # centroid of a half disc
+    assert (lx < rx) == left_is_left
+    assert abs(lx - 30) == pytest.approx(shift, abs=0.1) and abs(rx - 30) == pytest.approx(shift, abs=0.1)
+    assert cx == pytest.approx(30, abs=1e-3)
+
+
+def test_dual_pixel_views_average_to_centre(texture):
+    s = SynthSettings(dual_pixel=True, noise_sigma=0.01)
+    out = synthesize(texture, np.random.default_rng(3), s)
+    mean = (decode(out.left, 2.2) + decode(out.right, 2.2)) / 2
+    np.testing.assert_allclose(mean, decode(out.blurred, 2.2), atol=1e-5)
+    assert np.abs(out.left - out.right).max() > 0.05  # the views really differ (disparity)
+    # In-focus pixels look the same in both views; defocused ones do not.
+    h, w = texture.shape[:2]
+    radius = np.zeros((h, w), np.float32)
+    radius[:, w // 2:] = 6.0
+    clean = synthesize(texture, np.random.default_rng(0), SynthSettings(dual_pixel=True, noise_sigma=0), radius=radius)
+    assert np.abs(clean.left - clean.right)[:, :w // 2 - 8].max() < 1e-5
+    assert np.abs(clean.left - clean.right)[:, w // 2 + 8:].mean() > 0.01
+
+
+def test_dual_pixel_centre_equals_single_view_on_a_single_layer(texture):
+    h, w = texture.shape[:2]
+    radius = np.full((h, w), 5.0, np.float32)
+    single = synthesize(texture, np.random.default_rng(0), CLEAN, radius=radius)
+    dual = synthesize(texture, np.random.default_rng(0), replace(CLEAN, dual_pixel=True), radius=radius)
+    # Away from the image borders (where each view is normalised on its own) they agree.
+    np.testing.assert_allclose(dual.blurred[6:-6, 6:-6], single.blurred[6:-6, 6:-6], atol=1e-4)
+    assert single.left is None and single.right is None
+
+
+# --- PSFs, depth, scenes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aperture", ["disc", "polygon"])
+def test_psf_halves_sum_to_the_full_aperture(aperture):
+    full = aperture_psf(5.3, aperture=aperture, blades=6, rotation=0.3)
+    left = aperture_psf(5.3, aperture=aperture, blades=6, rotation=0.3, half="left")
+    right = aperture_psf(5.3, aperture=aperture, blades=6, rotation=0.3, half="right")
+    for k in (full, left, right):
+        assert k.sum() == pytest.approx(1.0, abs=1e-5) and k.min() >= 0
+    np.testing.assert_allclose((left + right) / 2, full, atol=1e-6)
+    c = full.shape[1] // 2
+    assert left[:, c + 1:].sum() == 0 and right[:, :c].sum() == 0
+
+
+def test_polygon_aperture_differs_from_disc_and_fits_in_it():
+    disc = aperture_psf(8, aperture="disc")
+    hexa = aperture_psf(8, aperture="polygon", blades=6)
+    assert np.abs(disc - hexa).max() > 1e-3
+    assert ((hexa > 0) <= (disc > 0)).all()  # inscribed in the circle of the same radius
+    assert (hexa > 0).sum() < (disc > 0).sum()
+    delta = aperture_psf(0.3)
+    assert delta.sum() == delta[delta.shape[0] // 2, delta.shape[1] // 2] == 1.0  # in focus: a delta
+
+
+def test_layer_levels_include_the_focal_plane():
+    lv = layer_levels(-3.0, 12.0, 8)
+    assert 0.0 in lv and np.all(np.diff(lv) > 0) and lv[0] == -3.0 and lv[-1] == 12.0
+    assert len(lv) <= 8
+    assert np.all(np.diff(np.abs(lv[lv > 0])) > 0)
+    assert len(layer_levels(2.0, 2.0, 8)) == 1
+
+
+def test_thin_lens_radius_sign_and_scale():
+    depth = np.linspace(1.0, 10.0, 100, dtype=np.float32)[None, :].repeat(4, 0)
+    r = defocus_radius(depth, focus=3.0, strength=10.0)
+    assert np.all(np.diff(r[0]) > 0)  # farther -> more positive
+    assert r[0, 0] < 0 < r[0, -1]  # in front of focus negative, behind positive
+    assert np.abs(r).max() == pytest.approx(10.0, rel=0.02)
+    near = np.argmin(np.abs(depth[0] - 3.0))
+    assert abs(r[0, near]) < 0.2
+
+
+def test_random_depth_and_sample_radius():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        d = random_depth((40, 60), rng)
+        assert d.shape == (40, 60) and d.dtype == np.float32 and np.isfinite(d).all() and (d > 0).all()
+    img = np.random.default_rng(0).random((40, 60, 3), dtype=np.float32)
+    s = SynthSettings(max_radius=5.0, min_radius=4.0)
+    out = synthesize(img, np.random.default_rng(2), s)
+    assert out.radius.shape == (40, 60) and out.radius.dtype == np.float32
+    assert np.abs(out.radius).max() <= 5.0
+    assert out.info["depth"] == "random" and 4.0 <= out.info["strength"] <= 5.0
+
+
+def test_random_depth_edges_follow_the_photo():
+    from kpac_cli.synth.scenes import superpixels
+
+    img = dead_leaves((96, 96), np.random.default_rng(5), min_leaf=6.0, texture=False)
+    labels = superpixels(img)
+    same = labels[:, 1:] == labels[:, :-1]
+    jumps = 0
+    for seed in range(6):
+        d = 1.0 / random_depth((96, 96), np.random.default_rng(seed), image=img)
+        rel = np.abs(np.diff(d, axis=1)) / d[:, 1:]
+        assert rel[same].max() < 0.05  # inside a superpixel: smooth (a tilted plane at most)
+        jumps += int((rel[~same] > 0.2).sum())  # the occlusion edges are between superpixels
+    assert jumps > 0
+
+
+def test_dead_leaves_scene_statistics():
+    img, depth = dead_leaves((128, 128), np.random.default_rng(0), return_depth=True)
+    assert img.shape == (128, 128, 3) and img.dtype == np.float32
+    assert 0 <= img.min() and img.max() <= 1 and depth.shape == (128, 128) and (depth > 0).all()
+    # Natural images have a ~1/f^2 power spectrum: fit the radially averaged slope.
+    g = img.mean(axis=2) - img.mean()
+    p = np.abs(np.fft.fft2(g)) ** 2
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(128), np.fft.fftfreq(128), indexing="ij"))
+    sel = (f > 0.02) & (f < 0.3)
+    slope = np.polyfit(np.log(f[sel]), np.log(p[sel]), 1)[0]
+    assert -3.0 < slope < -1.3, slope
+    assert len(np.unique(depth)) > 10  # many leaves at their own depths
+
+
+# --- determinism ----------------------------------------------------------------------
+
+
+def test_synthesize_is_deterministic(texture):
+    s = SynthSettings(dual_pixel=True, aperture="polygon")
+    a = synthesize(texture, np.random.default_rng(11), s)
+    b = synthesize(texture, np.random.default_rng(11), s)
+    c = synthesize(texture, np.random.default_rng(12), s)
+    for f in ("blurred", "radius", "left", "right"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    assert not np.array_equal(a.blurred, c.blurred)
+    np.testing.assert_array_equal(a.sharp, texture)  # the target is the clean input
+
+
+# --- sources and datasets -------------------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_sharp_sources_enumerates_files_skimage_and_procedural(tmp_path):
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    iio.imwrite(tmp_path / "a" / "x.png", np.full((20, 30, 3), 200, np.uint8))
+    iio.imwrite(tmp_path / "a" / "sub" / "y.JPG", np.full((20, 30), 100, np.uint8))  # grey
+    tifffile.imwrite(tmp_path / "a" / "z.tif", np.full((20, 30, 3), 65535, np.uint16))
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    iio.imwrite(tmp_path / "x.png", np.zeros((10, 10, 3), np.uint8))  # same stem as a/x.png
+    srcs = sharp_sources([tmp_path / "a", tmp_path / "x.png"], include_skimage=True, procedural=2,
+                         procedural_size=(32, 48))
+    names = [s.name for s in srcs]
+    assert names[:4] == ["sub_y", "x", "z", "x_2"]
+    assert "skimage_astronaut" in names and names[-2:] == ["leaves_0000", "leaves_0001"]
+    assert len(set(names)) == len(names)
+    grey = srcs[0].load()
+    assert grey.shape == (20, 30, 3) and grey.dtype == np.float32 and np.allclose(grey, 100 / 255, atol=0.02)
+    assert np.allclose(srcs[2].load(), 1.0)
+    img, depth = srcs[-1].load_with_depth()
+    assert img.shape == (32, 48, 3) and depth.shape == (32, 48)
+    np.testing.assert_array_equal(img, srcs[-1].load())  # procedural scenes are reproducible
+    with pytest.raises(FileNotFoundError):
+        sharp_sources([tmp_path / "missing"])
+    clone = pickle.loads(pickle.dumps(srcs))  # data-loader workers get them pickled
+    assert [s.name for s in clone] == names
+    np.testing.assert_array_equal(clone[1].load(), srcs[1].load())
+
+
+def test_write_dataset_dpdd_layout_and_determinism(tmp_path):
+    srcs = sharp_sources(None, include_skimage=False, procedural=2, procedural_size=(72, 90))
+    s = SynthSettings(dual_pixel=True, max_radius=6)
+    kw = dict(count=5, crop=48, seed=3, settings=s, split="val")
+    summary = write_dataset(srcs, tmp_path / "a", **kw)
+    write_dataset(srcs, tmp_path / "b", **kw)
+    other = write_dataset(srcs, tmp_path / "c", **{**kw, "seed": 4})
+
+    a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert a == b  # byte-identical, manifest included
+    assert a != _tree(tmp_path / "c") and other["count"] == 5
+    assert summary["count"] == 5 and summary["failed"] == [] and summary["seed"] == 3
+    dirs = dataset_dirs("val", True)
+    assert set(dirs.values()) == {"val_c/source", "val_c/target", "val_c/radius", "val_l/source", "val_r/source"}
+    stems = None
+    for role, d in dirs.items():
+        files = sorted((tmp_path / "a" / d).iterdir())
+        assert len(files) == 5
+        names = [f.stem for f in files]
+        stems = stems or names
+        assert names == stems  # matching names across directories
+    assert {n.split("_", 1)[1] for n in stems} == {"leaves_0000", "leaves_0001"}  # both sources used
+    assert len(summary["files"]) == 25 and all((tmp_path / "a" / f).is_file() for f in summary["files"])
+    assert not list((tmp_path / "a").rglob(".*"))  # no temporary files left behind
+
+    name = stems[0]
+    blurred = iio.imread(tmp_path / "a" / "val_c" / "source" / f"{name}.png")
+    sharp = iio.imread(tmp_path / "a" / "val_c" / "target" / f"{name}.png")
+    radius = tifffile.imread(tmp_path / "a" / "val_c" / "radius" / f"{name}.tiff")
+    assert blurred.shape == sharp.shape == (48, 48, 3) and blurred.dtype == np.uint8
+    assert radius.shape == (48, 48) and radius.dtype == np.float32 and np.abs(radius).max() <= 6
+    manifest = json.loads((tmp_path / "a" / "synth_val.json").read_text())
+    assert manifest["count"] == 5 and manifest["settings"]["dual_pixel"] is True
+    assert [r["name"] for r in manifest["samples"]] == [Path(f).stem for f in summary["files"][::5]]
+
+
+def test_write_dataset_16_bit_and_unreadable_source(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    srcs = sharp_sources([bad], include_skimage=False, procedural=1, procedural_size=(40, 40))
+    summary = write_dataset(srcs, tmp_path / "out", count=4, crop=64, seed=0, settings=CLEAN, bit_depth=16)
+    assert summary["count"] == 2 and summary["requested"] == 4
+    assert [f["source"] for f in summary["failed"]] == ["bad"]
+    files = sorted((tmp_path / "out" / "train_c" / "source").iterdir())
+    assert len(files) == 2 and all(f.suffix == ".png" for f in files)
+    img, info = read_image(files[0])
+    assert info.bit_depth == 16 and img.shape == (40, 40, 3)  # smaller than the crop: not upscaled
+    assert not (tmp_path / "out" / "train_l").exists()
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError):
+        SynthSettings(min_radius=5, max_radius=2)
+    with pytest.raises(ValueError):
+        SynthSettings(aperture="triangle")
+    with pytest.raises(ValueError):
+        synthesize(np.zeros((8, 8, 3), np.float32), np.random.default_rng(0), depth=np.ones((4, 4)))
+
+
+def test_core_does_not_import_the_cli_stack():
+    code = "import sys, kpac_cli.synth; print(sorted(m for m in ('typer', 'rich') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
+
+
+# --- the command ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runner_app():
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    return CliRunner(), app
+
+
+def test_cli_synth_json(runner_app, tmp_path):
+    runner, app = runner_app
+    out = tmp_path / "ds"
+    res = runner.invoke(app, ["synth", "-o", str(out), "--count", "3", "--crop", "40", "--no-skimage",
+                              "--procedural", "2", "--procedural-size", "56", "--dual", "--max-radius", "5",
+                              "--aperture", "polygon", "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["count"] == 3 and summary["settings"]["aperture"] == "polygon"
+    for d in ("train_c/source", "train_c/target", "train_l/source", "train_r/source"):
+        assert len(list((out / d).glob("*.png"))) == 3
+
+
+def test_cli_synth_errors(runner_app, tmp_path):
+    runner, app = runner_app
+    res = runner.invoke(app, ["synth", "-o", str(tmp_path / "x"), "--no-skimage"])
+    assert res.exit_code == 2  # nothing to synthesise from
+    res = runner.invoke(app, ["synth", "-o", str(tmp_path / "x"), "--procedural", "1", "--bit-depth", "12"])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["synth", str(tmp_path / "missing"), "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    res = runner.invoke(app, ["synth", str(bad), "-o", str(tmp_path / "x"), "--no-skimage", "--count", "1"])
+    assert res.exit_code == 1
+    res = runner.invoke(app, ["synth", "--help"])
+    assert res.exit_code == 0 and "Example" in res.output
