@@ -47,7 +47,7 @@ def synth(
     procedural_size: int = typer.Option(512, "--procedural-size", help="Size of procedural scenes."),
     no_skimage: bool = typer.Option(False, "--no-skimage", help="Do not use scikit-image's bundled photos."),
     split: str = typer.Option("train", "--split", help="Split name: train, val, test, ..."),
-    bit_depth: int = typer.Option(8, "--bit-depth", help="8 (PNG) or 16 (16-bit TIFF)."),
+    bit_depth: int = typer.Option(8, "--bit-depth", help="8- or 16-bit PNG."),
     max_side: Optional[int] = typer.Option(None, "--max-side", help="Downscale sources larger than this first."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary object to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),

@@ -1,4 +1,15 @@
-"""Evaluate prediction/target pairs into a :class:`~kpac_cli.metrics.Report`."""
+"""Evaluate prediction/target pairs into a :class:`~kpac_cli.metrics.Report`.
+
+Images given as paths are read with the project's reader, :func:`kpac_cli.images.read_image`
+(every sample ``k`` of a ``b``-bit file becomes ``k / (2**b - 1)``; 16-bit PNG and TIFF at
+full depth; grey replicated to RGB; alpha dropped).
+
+Two ways in:
+
+* :func:`evaluate` scores a list of ``(name, pred, target)`` pairs in one call;
+* :class:`Evaluator` scores one pair at a time (:meth:`Evaluator.score`), for callers that
+  produce predictions on the fly (running a model) and must not hold every image in memory.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +19,21 @@ from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
+from ..images import ImageError
+from ..images import read_image as _images_read_image
 from .core import SSIM_WINDOWS, mae, psnr, quantize, ssim, to_float
 from .errors import MetricUnavailable
-from .imread import read_image
 from .lpips_net import LPIPS, describe, load_lpips, lpips
 from .report import ImageResult, Report
 
-__all__ = ["evaluate", "conventions"]
+__all__ = ["Evaluator", "conventions", "evaluate", "read_for_metrics"]
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
 Progress = Callable[[int, int, str], None]
+
+#: Errors a pair can fail with (unreadable file, different shapes, ...): recorded as a
+#: failure with ``on_error='skip'``.
+PAIR_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, ImageError)
 
 
 def conventions(bit_depth: int | None, ssim_window: str, lpips_text: str) -> dict[str, str]:
@@ -38,7 +54,7 @@ def conventions(bit_depth: int | None, ssim_window: str, lpips_text: str) -> dic
         else "none: float images as read (not quantised, not clipped)"
     )
     return {
-        "images": "RGB (alpha dropped), float in [0, 1]; 8-bit files / 255, 16-bit files / 65535",
+        "images": "RGB (alpha dropped, grey replicated), float in [0, 1]; 8-bit files / 255, 16-bit files / 65535",
         "quantisation": bits,
         "data range": "1",
         "PSNR": "10*log10(1/MSE), MSE over all pixels and channels of an image",
@@ -48,8 +64,21 @@ def conventions(bit_depth: int | None, ssim_window: str, lpips_text: str) -> dic
     }
 
 
+def read_for_metrics(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file for scoring: :func:`kpac_cli.images.read_image`'s pixels only.
+
+    ``float32 (H, W, 3)`` in [0, 1] at the file's full bit depth.
+
+    Raises
+    ------
+    kpac_cli.images.ImageError
+        The file is missing, unreadable or not an image (the message names it).
+    """
+    return _images_read_image(path)[0]
+
+
 def _resolve_lpips(spec: LPIPS | str | os.PathLike | None | bool) -> tuple[LPIPS | None, str | None, str]:
-    """(model, unavailable-reason, description) for the ``lpips`` argument of evaluate."""
+    """(model, unavailable-reason, description) for the ``lpips_model`` argument."""
     if spec is None or spec is False:
         return None, "not requested", "not computed"
     if isinstance(spec, LPIPS):
@@ -61,27 +90,90 @@ def _resolve_lpips(spec: LPIPS | str | os.PathLike | None | bool) -> tuple[LPIPS
     return model, None, describe(model) + "; inputs mapped to [-1, 1]"
 
 
-def _default_reader() -> tuple[Callable[[Path], np.ndarray], tuple[type[BaseException], ...]]:
-    """The project's image reader (:mod:`kpac_cli.images`) if present, else our own.
+class Evaluator:
+    """Scores pairs one at a time and collects them into a :class:`Report`.
 
-    Both read 16-bit PNGs at full depth; returns the reader and its error types.
+    Parameters are those of :func:`evaluate`. Use :meth:`score` per pair, :meth:`fail`
+    for a pair that could not be produced, then :meth:`finish` for the report.
+
+    >>> ev = Evaluator(lpips_model=None)                     # doctest: +SKIP
+    >>> row = ev.score("a", "pred/a.png", "gt/a.png")        # doctest: +SKIP
+    >>> report = ev.finish()                                 # doctest: +SKIP
     """
-    try:
-        from ..images import ImageError
-        from ..images import read_image as images_read_image
-    except ImportError:
-        return read_image, ()
 
-    def read(path: Path) -> np.ndarray:
-        return images_read_image(path)[0]
+    def __init__(
+        self,
+        *,
+        bit_depth: int | None = 8,
+        ssim_window: str = "uniform",
+        lpips_model: LPIPS | str | os.PathLike | None | bool = "auto",
+        labels: Mapping[str, str] | None = None,
+        reader: Callable[[Path], np.ndarray] | None = None,
+        title: str = "kpac evaluation",
+    ) -> None:
+        if ssim_window not in SSIM_WINDOWS:
+            raise ValueError(f"ssim_window must be one of {SSIM_WINDOWS}, got {ssim_window!r}")
+        if bit_depth is not None:
+            quantize(np.zeros(1), bit_depth)  # validate early
+        self.bit_depth = bit_depth
+        self.ssim_window = ssim_window
+        self.labels = labels
+        self.reader = reader if reader is not None else read_for_metrics
+        self.lpips_model, unavailable, lpips_text = _resolve_lpips(lpips_model)
+        self.report = Report(
+            conventions=conventions(bit_depth, ssim_window, lpips_text),
+            lpips_unavailable=unavailable,
+            title=title,
+        )
+        self._unlabelled: list[str] = []
 
-    return read, (ImageError,)
+    def load(self, x: ImageLike) -> np.ndarray:
+        """A path (read with the reader) or an array, as float64 in [0, 1], not quantised."""
+        if isinstance(x, np.ndarray):
+            return to_float(x)
+        return to_float(self.reader(Path(x)))
 
+    def prepare(self, x: ImageLike) -> np.ndarray:
+        """:meth:`load` then quantise to the evaluation bit depth."""
+        return quantize(self.load(x), self.bit_depth)
 
-def _load(x: ImageLike, reader: Callable[[Path], np.ndarray]) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return to_float(x)
-    return to_float(reader(Path(x)))
+    def score(self, name: str, pred: ImageLike, target: ImageLike) -> ImageResult:
+        """Score one pair and add it to the report.
+
+        Raises
+        ------
+        ValueError
+            Different shapes (or an image too small for SSIM/LPIPS).
+        OSError, kpac_cli.images.ImageError
+            A file cannot be read.
+        """
+        p = self.prepare(pred)
+        t = self.prepare(target)
+        if p.shape != t.shape:
+            raise ValueError(f"prediction {p.shape} and target {t.shape} have different shapes")
+        lp = lpips(p, t, self.lpips_model) if self.lpips_model is not None else None
+        split = None
+        if self.labels is not None:
+            split = self.labels.get(name)
+            if split is None:
+                self._unlabelled.append(name)
+        row = ImageResult(name, psnr(p, t), ssim(p, t, self.ssim_window), mae(p, t), lp, split)
+        self.report.rows.append(row)
+        return row
+
+    def fail(self, name: str, message: str) -> None:
+        """Record a pair that could not be scored (left out of every mean)."""
+        self.report.failures.append((name, message))
+
+    def finish(self) -> Report:
+        """The report, with a note listing images without a split label (when labels were given)."""
+        if self._unlabelled:
+            u = self._unlabelled
+            shown = ", ".join(u[:5]) + (f" (+{len(u) - 5} more)" if len(u) > 5 else "")
+            note = f"{len(u)} image(s) have no split label: {shown}"
+            if note not in self.report.notes:
+                self.report.notes.append(note)
+        return self.report
 
 
 def evaluate(
@@ -102,7 +194,9 @@ def evaluate(
     ----------
     pairs : iterable of (name, pred, target)
         e.g. from :func:`~kpac_cli.metrics.pair_folders`; ``pred``/``target`` are paths
-        or arrays (uint8/uint16, or float in [0, 1]), ``(H, W, 3)``.
+        or arrays (uint8/uint16, or float in [0, 1]), ``(H, W, 3)``. A sized collection
+        gives ``progress`` its total; a generator is consumed one pair at a time (the
+        total passed to ``progress`` is then 0).
     bit_depth : int or None
         Quantise both images to this many bits first (8 = the paper's setting; 16; or
         None to score the float images as they are).
@@ -116,9 +210,8 @@ def evaluate(
         e.g. from :func:`~kpac_cli.metrics.read_labels`; images without a label are
         counted overall only, and listed in the report's notes.
     reader : callable, optional
-        ``reader(path) -> ndarray``; default: :func:`kpac_cli.images.read_image` when
-        that package is available, else :func:`~kpac_cli.metrics.read_image` (both read
-        at full bit depth, 16-bit PNG included).
+        ``reader(path) -> ndarray`` for paths; default :func:`read_for_metrics`
+        (:func:`kpac_cli.images.read_image`, full bit depth, 16-bit PNG included).
     on_error : {'raise', 'skip'}
         What a pair that cannot be read or compared does (e.g. shapes differ):
         raise, or be recorded in ``report.failures`` and left out of the means.
@@ -129,49 +222,25 @@ def evaluate(
     -------
     Report
     """
-    if ssim_window not in SSIM_WINDOWS:
-        raise ValueError(f"ssim_window must be one of {SSIM_WINDOWS}, got {ssim_window!r}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if bit_depth is not None:
-        quantize(np.zeros(1), bit_depth)  # validate early
-    read, read_errors = (reader, ()) if reader is not None else _default_reader()
-    catch = (OSError, ValueError) + read_errors
-    model, unavailable, lpips_text = _resolve_lpips(lpips_model)
-    items = list(pairs)
-    report = Report(
-        conventions=conventions(bit_depth, ssim_window, lpips_text),
-        lpips_unavailable=unavailable,
-        title=title,
+    ev = Evaluator(
+        bit_depth=bit_depth, ssim_window=ssim_window, lpips_model=lpips_model,
+        labels=labels, reader=reader, title=title,
     )
-    unlabelled = []
-    for i, item in enumerate(items, start=1):
+    total = len(pairs) if hasattr(pairs, "__len__") else 0  # type: ignore[arg-type]
+    for i, item in enumerate(pairs, start=1):
         name, pred, target = item[0], item[1], item[2]
         try:
-            p = quantize(_load(pred, read), bit_depth)
-            t = quantize(_load(target, read), bit_depth)
-            if p.shape != t.shape:
-                raise ValueError(f"prediction {p.shape} and target {t.shape} have different shapes")
-            lp = lpips(p, t, model) if model is not None else None
-            split = None
-            if labels is not None:
-                split = labels.get(name)
-                if split is None:
-                    unlabelled.append(name)
-            report.rows.append(
-                ImageResult(name, psnr(p, t), ssim(p, t, ssim_window), mae(p, t), lp, split)
-            )
-        except catch as e:
+            ev.score(name, pred, target)
+        except PAIR_ERRORS as e:
             if on_error == "raise":
-                if isinstance(e, ValueError) and type(e) is ValueError:
+                if type(e) is ValueError:
                     raise ValueError(f"{name}: {e}") from e  # say which pair
                 if hasattr(e, "add_note"):  # Python >= 3.11
                     e.add_note(f"while evaluating {name!r}")
                 raise
-            report.failures.append((name, str(e)))
+            ev.fail(name, str(e))
         if progress is not None:
-            progress(i, len(items), name)
-    if unlabelled:
-        shown = ", ".join(unlabelled[:5]) + (f" (+{len(unlabelled) - 5} more)" if len(unlabelled) > 5 else "")
-        report.notes.append(f"{len(unlabelled)} image(s) have no split label: {shown}")
-    return report
+            progress(i, total, name)
+    return ev.finish()
