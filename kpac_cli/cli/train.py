@@ -1,0 +1,307 @@
+"""`kpac train`: train a KPAC network (the paper's recipe by default), resume, export."""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, emit_json, err_console, print_error, show_progress, usage_error
+
+_HELP = """Train a KPAC network: the paper's recipe by default (Adam 0.9/0.99, lr 1e-4, batch 4, 512x512 crops, L1, 200k iterations; then --stage perceptual from the L1 model).
+
+Data: a DPDD folder (--data), paired folders (--source/--target), or defocus synthesised on the fly from sharp photos (--synthetic DIR, repeatable; --skimage; --procedural N).
+
+Writes OUT/log.jsonl, OUT/last.pt and OUT/best.pt (training checkpoints; Ctrl-C saves one and stops) and, at the end, OUT/model.safetensors for `kpac deblur --model`.
+
+Examples:
+
+  kpac train --data DPDD --out runs/l1
+
+  kpac train --data DPDD --out runs/perc --stage perceptual --init runs/l1/model.safetensors
+
+  kpac train --synthetic photos/ --skimage --crop 128:20000,256:60000,512 --out runs/synth
+
+  kpac train --resume runs/l1   (continue where it stopped)
+
+  kpac train --export-only --resume runs/l1 --from best -o kpac-l1.safetensors
+
+  torchrun --nproc_per_node=4 -m kpac_cli train --data DPDD --out runs/l1
+"""
+
+# Flags that may differ when resuming: they change how the run executes, not what it computes
+# (data paths are included because a dataset may have moved).
+_RESUMABLE = {
+    "iterations", "save_every", "val_every", "log_every", "workers", "threads", "device", "precision",
+    "channels_last", "description", "tensorboard", "max_nonfinite", "data", "source", "target",
+    "val_source", "val_target", "synthetic", "cache",
+}
+_RUN_ONLY = {"resume", "export_only", "export_from", "output", "json_out", "quiet", "out"}
+
+
+def _dilations(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise usage_error(f"--dilations must be comma-separated integers, got {text!r}") from None
+    return vals
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return f"{d}d{h:02d}h" if d else (f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s")
+
+
+class _Reporter:
+    """Renders TrainEvents: a rich progress line on a terminal, periodic lines otherwise."""
+
+    def __init__(self, quiet: bool, log_every: int) -> None:
+        self.quiet, self.log_every = quiet, log_every
+        self.live = show_progress(quiet)
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self.load_task: Any = None
+        self._last_line = 0.0
+
+    def __enter__(self) -> "_Reporter":
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("lr {task.fields[lr]}"),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta {task.fields[eta]}"),
+                console=err_console,
+            )
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def print(self, text: str) -> None:
+        if not self.quiet:
+            (self.progress.console if self.progress else err_console).print(text, soft_wrap=True)
+
+    def __call__(self, ev: Any) -> None:
+        d = ev.data
+        if ev.kind == "message":
+            style = {"warning": "[yellow]warning:[/] "}.get(d.get("level"), "")
+            self.print(style + d["text"])
+        elif ev.kind == "load":
+            if self.progress is not None:
+                if self.load_task is None:
+                    self.load_task = self.progress.add_task("decode", total=d["total"], loss="", lr="", rate="", eta="")
+                self.progress.update(self.load_task, completed=d["done"])
+                if d["done"] == d["total"]:
+                    self.progress.remove_task(self.load_task)
+        elif ev.kind == "start":
+            resumed = f", resuming at {ev.step}" if d.get("resumed_from") is not None else ""
+            self.print(
+                f"{d['description']}\n{d['params']:,} parameters on {d['device']} ({d['precision']}"
+                f"{', %d processes' % d['world_size'] if d['world_size'] > 1 else ''}), "
+                f"{d['workers']} data worker(s), {d['threads']} thread(s){resumed}"
+            )
+            if self.progress is not None:
+                self.task = self.progress.add_task("train", total=ev.total, completed=ev.step, loss="-", lr="-", rate="", eta="?")
+        elif ev.kind == "step":
+            fields = dict(loss=f"{d['loss']:.4f}", lr=f"{d['lr']:.2g}", rate=f"{d['it_s']:.2f} it/s", eta=_fmt_time(d["eta_s"]))
+            if self.progress is not None and self.task is not None:
+                self.progress.update(self.task, completed=ev.step, **fields)
+            elif not self.quiet and (ev.step % self.log_every == 0 or ev.step == ev.total):
+                self.print(f"iter {ev.step}/{ev.total}  loss {fields['loss']}  lr {fields['lr']}  {fields['rate']}  eta {fields['eta']}")
+        elif ev.kind == "nonfinite":
+            self.print(f"[yellow]warning:[/] iteration {ev.step}: non-finite loss ({d['loss']}), batch skipped ({d['consecutive']} in a row)")
+        elif ev.kind == "val":
+            self.print(f"iter {ev.step}: validation PSNR {d['psnr']:.3f} dB  SSIM {d['ssim']:.4f}  (best {d['best_psnr']:.3f})")
+        elif ev.kind == "checkpoint" and self.progress is None and not self.quiet and d["kind"] == "best":
+            self.print(f"iter {ev.step}: new best -> {d['path']}")
+
+
+def train_command(
+    ctx: typer.Context,
+    # data
+    data: Optional[Path] = typer.Option(None, "--data", help="DPDD folder (train_c/source, train_c/target, val_c/..., train_l/, train_r/).", rich_help_panel="Data"),
+    source: Optional[Path] = typer.Option(None, "--source", help="Folder of blurred inputs, paired with --target by file name.", rich_help_panel="Data"),
+    target: Optional[Path] = typer.Option(None, "--target", help="Folder of sharp targets.", rich_help_panel="Data"),
+    val_source: Optional[Path] = typer.Option(None, "--val-source", help="Validation inputs for --source/--target (default: hold out every 10th pair).", rich_help_panel="Data"),
+    val_target: Optional[Path] = typer.Option(None, "--val-target", help="Validation targets.", rich_help_panel="Data"),
+    synthetic: Optional[list[Path]] = typer.Option(None, "--synthetic", help="Folder of sharp photos to synthesise defocus from on the fly (repeatable).", rich_help_panel="Data"),
+    skimage: bool = typer.Option(False, "--skimage", help="Add scikit-image's sample photos as synthetic sources.", rich_help_panel="Data"),
+    procedural: int = typer.Option(0, "--procedural", min=0, help="Add N procedural dead-leaves scenes as synthetic sources.", rich_help_panel="Data"),
+    allow_count_mismatch: bool = typer.Option(False, "--allow-count-mismatch", help="Accept a DPDD copy whose split sizes differ from 350/74/76.", rich_help_panel="Data"),
+    bit_depth: int = typer.Option(8, "--bit-depth", help="Quantise training images to 8 bits (paper) or keep 16.", rich_help_panel="Data"),
+    dual: bool = typer.Option(False, "--dual", help="Dual-pixel training (left+right views in, 6 channels).", rich_help_panel="Data"),
+    cache: str = typer.Option("auto", "--cache", help="Keep decoded images in memory: auto (if they fit), yes, no.", rich_help_panel="Data"),
+    max_radius: float = typer.Option(12.0, "--max-radius", help="Synthetic data: largest blur radius in pixels.", rich_help_panel="Data"),
+    aperture: str = typer.Option("disc", "--aperture", help="Synthetic data: aperture shape, disc or polygon.", rich_help_panel="Data"),
+    # model
+    levels: Optional[int] = typer.Option(None, "--levels", help="Encoder levels, 2 or 3 [default: 3].", rich_help_panel="Model"),
+    channels: Optional[int] = typer.Option(None, "--channels", help="Base width [default: 48].", rich_help_panel="Model"),
+    blocks: Optional[int] = typer.Option(None, "--blocks", help="KPAC blocks [default: 2].", rich_help_panel="Model"),
+    kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="Atrous kernel size [default: 5].", rich_help_panel="Model"),
+    dilations: Optional[str] = typer.Option(None, "--dilations", help="Dilation rates [default: 1,2,3,4,5].", rich_help_panel="Model"),
+    unshared_kernels: bool = typer.Option(False, "--unshared-kernels", help="One atrous kernel per dilation (ablation).", rich_help_panel="Model"),
+    no_scale_attention: bool = typer.Option(False, "--no-scale-attention", help="Disable scale attention (ablation).", rich_help_panel="Model"),
+    no_shape_attention: bool = typer.Option(False, "--no-shape-attention", help="Disable shape attention (ablation).", rich_help_panel="Model"),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from these weights (.safetensors, a last.pt/best.pt or a run folder).", rich_help_panel="Model"),
+    # recipe
+    stage: str = typer.Option("l1", "--stage", help="l1, or perceptual (L1 + VGG-19 conv4_4 loss; use with --init).", rich_help_panel="Recipe"),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Iterations [default: 200000 for l1, 100000 for perceptual].", rich_help_panel="Recipe"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Fixed learning rate [default: 1e-4 for l1, 5e-5 for perceptual].", rich_help_panel="Recipe"),
+    beta1: float = typer.Option(0.9, "--beta1", help="Adam beta1.", rich_help_panel="Recipe"),
+    beta2: float = typer.Option(0.99, "--beta2", help="Adam beta2.", rich_help_panel="Recipe"),
+    batch: int = typer.Option(4, "--batch", help="Batch size per process.", rich_help_panel="Recipe"),
+    crop: str = typer.Option("512", "--crop", help="Crop size, or a schedule SIZE:UNTIL,...,SIZE (e.g. 128:20000,256:60000,512).", rich_help_panel="Recipe"),
+    noise_max: float = typer.Option(0.03, "--noise-max", help="Input noise augmentation: sigma uniform in [0, this].", rich_help_panel="Recipe"),
+    no_flips: bool = typer.Option(False, "--no-flips", help="Disable random flips.", rich_help_panel="Recipe"),
+    perceptual_weight: float = typer.Option(7e-4, "--perceptual-weight", help="Weight of the VGG feature MSE.", rich_help_panel="Recipe"),
+    vgg_weights: Optional[Path] = typer.Option(None, "--vgg-weights", help="torchvision's vgg19-dcbb9e9d.pth [default: torch hub cache].", rich_help_panel="Recipe"),
+    grad_clip: float = typer.Option(0.0, "--grad-clip", help="Clip the gradient norm (0: off).", rich_help_panel="Recipe"),
+    max_nonfinite: int = typer.Option(20, "--max-nonfinite", help="Stop after this many non-finite losses in a row.", rich_help_panel="Recipe"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights and of every random draw of the data.", rich_help_panel="Recipe"),
+    # run
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder [default: runs/kpac].", rich_help_panel="Run"),
+    val_every: int = typer.Option(5000, "--val-every", help="Validate every N iterations.", rich_help_panel="Run"),
+    val_count: int = typer.Option(8, "--val-count", help="Validation images (a fixed subset).", rich_help_panel="Run"),
+    val_crop: int = typer.Option(512, "--val-crop", help="Centre crop of validation images (0: whole images).", rich_help_panel="Run"),
+    save_every: int = typer.Option(1000, "--save-every", help="Write last.pt every N iterations.", rich_help_panel="Run"),
+    log_every: int = typer.Option(100, "--log-every", help="Log the mean loss every N iterations.", rich_help_panel="Run"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last.pt.", rich_help_panel="Run"),
+    export_only: bool = typer.Option(False, "--export-only", help="Only export --resume's model to -o, do not train.", rich_help_panel="Run"),
+    export_from: str = typer.Option("last", "--from", help="With --export-only: last or best checkpoint.", rich_help_panel="Run"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="With --export-only: the .safetensors to write.", rich_help_panel="Run"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel="Run"),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU, else fp32), fp32, bf16, fp16.", rich_help_panel="Run"),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Channels-last memory layout [default: on for CUDA].", rich_help_panel="Run"),
+    workers: int = typer.Option(-1, "--workers", help="DataLoader worker processes (-1: 1 on CPU, up to 8 on GPU).", rich_help_panel="Run"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the model [default: all cores, shared among local processes].", rich_help_panel="Run"),
+    description: str = typer.Option("", "--description", help="Description stored in the exported model.", rich_help_panel="Run"),
+    no_tensorboard: bool = typer.Option(False, "--no-tensorboard", help="Do not write TensorBoard logs even if it is installed.", rich_help_panel="Run"),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as a JSON record on stdout.", rich_help_panel="Run"),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress or messages (errors only).", rich_help_panel="Run"),
+) -> None:
+    from ..model import KPACConfig
+    from ..train import (
+        CheckpointError, DataError, ImageReadError, TrainConfig, TrainingError, VGGWeightsMissing, export_model, load_state, train,
+    )
+
+    if export_only:
+        if resume is None:
+            raise usage_error("--export-only needs --resume RUN (the run folder or checkpoint to export)")
+        if export_from not in ("last", "best"):
+            raise usage_error("--from must be last or best")
+        try:
+            path = export_model(resume, output, export_from)
+        except (CheckpointError, TrainingError, OSError) as e:
+            print_error(str(e))
+            raise typer.Exit(EXIT_FAILED) from None
+        if json_out:
+            emit_json({"exported": str(path), "from": str(resume), "checkpoint": export_from})
+        elif not quiet:
+            err_console.print(f"exported {resume} ({export_from}) -> {path}")
+        raise typer.Exit(EXIT_OK)
+
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) is not None
+             and ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    arch_flags = {"levels", "channels", "blocks", "kernel_size", "dilations", "unshared_kernels", "no_scale_attention", "no_shape_attention"}
+
+    model_cfg = None
+    if given & arch_flags or dual:
+        kw: dict[str, Any] = {"in_views": 2 if dual else 1}
+        for name in ("levels", "channels", "blocks", "kernel_size"):
+            if ctx.params[name] is not None:
+                kw[name] = ctx.params[name]
+        if dilations is not None:
+            kw["dilations"] = _dilations(dilations)
+        kw["shared_kernel"] = not unshared_kernels
+        kw["scale_attention"] = not no_scale_attention
+        kw["shape_attention"] = not no_shape_attention
+        try:
+            model_cfg = KPACConfig(**kw)
+        except ValueError as e:
+            raise usage_error(str(e)) from None
+        if init is not None and not (given & arch_flags):
+            model_cfg = None  # --dual alone: the architecture comes from --init
+
+    values = dict(
+        out=out or Path("runs/kpac"), data=data, source=source, target=target, val_source=val_source, val_target=val_target,
+        synthetic=tuple(synthetic or ()), skimage=skimage, procedural=procedural, allow_count_mismatch=allow_count_mismatch,
+        bit_depth=bit_depth, dual=dual, cache=cache, max_radius=max_radius, aperture=aperture, model=model_cfg, init=init,
+        stage=stage, iterations=iterations, lr=lr, beta1=beta1, beta2=beta2, batch=batch, crop=crop, noise_max=noise_max,
+        flips=not no_flips, perceptual_weight=perceptual_weight, vgg_weights=vgg_weights, grad_clip=grad_clip,
+        max_nonfinite=max_nonfinite, seed=seed, val_every=val_every, val_count=val_count, val_crop=val_crop,
+        save_every=save_every, log_every=log_every, device=device, precision=precision, channels_last=channels_last,
+        workers=workers, threads=threads, description=description, tensorboard=not no_tensorboard,
+    )
+    if resume is not None:
+        if out is not None and out.resolve() != resume.resolve():
+            raise usage_error("--resume RUN continues in RUN; drop --out")
+        try:
+            state = load_state(resume / "last.pt" if resume.is_dir() else resume)
+        except CheckpointError as e:
+            raise usage_error(str(e)) from None
+        cfg = TrainConfig.from_dict(state["train_config"])
+        # Map CLI names onto TrainConfig fields to see which were changed on this command line.
+        cli_to_field = {"no_flips": "flips", "no_tensorboard": "tensorboard"}
+        changed = []
+        for name in sorted(given - _RUN_ONLY):
+            field_name = cli_to_field.get(name, name)
+            if name in arch_flags:
+                changed.append("--" + name.replace("_", "-"))
+            elif field_name in _RESUMABLE:
+                cfg = cfg.replace(**{field_name: values[field_name]})
+            elif field_name in values and values[field_name] != getattr(cfg, field_name, values[field_name]):
+                changed.append("--" + name.replace("_", "-"))
+        if changed:
+            raise usage_error(
+                f"{', '.join(changed)} cannot change when resuming (the run would no longer be what its checkpoint says); "
+                "start a new run with --init instead"
+            )
+        cfg = cfg.replace(out=resume if resume.is_dir() else resume.parent, resume=True)
+    else:
+        try:
+            cfg = TrainConfig(**values)
+            cfg.validate()
+        except ValueError as e:
+            raise usage_error(str(e)) from None
+        if (cfg.out / "last.pt").exists():
+            raise usage_error(f"{cfg.out} already holds a run (last.pt); continue it with --resume {cfg.out} or choose another --out")
+
+    try:
+        with _Reporter(quiet, cfg.log_every) as reporter:
+            result = train(cfg, callback=reporter)
+    except (DataError, ImageReadError, VGGWeightsMissing) as e:
+        print_error(str(e))
+        raise typer.Exit(EXIT_USAGE) from None
+    except (TrainingError, CheckpointError) as e:
+        print_error(str(e))
+        raise typer.Exit(EXIT_FAILED) from None
+
+    if json_out:
+        emit_json({"event": "train", **result.to_dict()})
+    if result.interrupted:
+        if not quiet:
+            err_console.print(f"stopped at iteration {result.step}; checkpoint {result.last_checkpoint}; continue with: kpac train --resume {cfg.out}")
+        raise typer.Exit(128 + (result.signal or signal.SIGINT))
+    if not quiet:
+        sc = result.scores
+        score = f", validation PSNR {sc['psnr']:.3f} dB / SSIM {sc['ssim']:.4f}" if sc else ""
+        err_console.print(f"done: {result.step} iterations in {_fmt_time(result.wall_clock_s)}{score}; model -> {result.model_path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", help=_HELP, no_args_is_help=True)(train_command)

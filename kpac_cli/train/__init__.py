@@ -1,0 +1,43 @@
+"""Training KPAC networks: the paper's recipe on DPDD, paired folders or synthetic defocus.
+
+Public API::
+
+    from kpac_cli.train import TrainConfig, train, export_model
+    result = train(TrainConfig(data=Path("DPDD"), out=Path("runs/l1")), callback=print)
+
+Core only: no typer/rich here; progress is reported through ``callback(TrainEvent)``.
+"""
+
+from .config import STAGE_DEFAULTS, CropSchedule, TrainConfig
+from .data import DPDD_COUNTS, DataError, dpdd_split, folder_pairs
+from .imread import ImageReadError, read_array
+from .loop import TrainEvent, TrainingError, TrainResult, export_model, psnr, ssim, train, validate
+from .state import CheckpointError, load_state
+from .vgg import VGG19Features, VGGWeightsMissing, default_weights_path, find_vgg_weights, load_vgg19
+
+__all__ = [
+    "CheckpointError",
+    "CropSchedule",
+    "DPDD_COUNTS",
+    "DataError",
+    "ImageReadError",
+    "STAGE_DEFAULTS",
+    "TrainConfig",
+    "TrainEvent",
+    "TrainResult",
+    "TrainingError",
+    "VGG19Features",
+    "VGGWeightsMissing",
+    "default_weights_path",
+    "dpdd_split",
+    "export_model",
+    "find_vgg_weights",
+    "folder_pairs",
+    "load_state",
+    "load_vgg19",
+    "psnr",
+    "read_array",
+    "ssim",
+    "train",
+    "validate",
+]

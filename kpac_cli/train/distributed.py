@@ -1,0 +1,89 @@
+"""Multi-process training under ``torchrun``: detection, process group, agreement between ranks.
+
+``torchrun --nproc_per_node=N -m kpac_cli train ...`` sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``); :func:`setup` reads them, joins the
+process group (NCCL for CUDA, gloo for the CPU) and picks ``cuda:LOCAL_RANK``. Without
+them, or with ``WORLD_SIZE=1``, training is single-process and nothing here does anything.
+
+Conventions: only rank 0 logs, validates and writes files; every rank must take the same
+decisions at the same step (skip a non-finite batch, stop on a signal), which
+:func:`agree` settles with one tiny all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    owns_group: bool = False  # True when setup() created the process group (and must destroy it)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_info() -> DistInfo:
+    """Ranks from the environment (torchrun's variables); single-process when absent."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return DistInfo(rank, world, local, local_world)
+
+
+def setup(device: torch.device) -> DistInfo:
+    """Join the process group described by the environment (no-op for a single process)."""
+    info = env_info()
+    if not info.enabled:
+        return info
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), info.local_rank, info.local_world_size, False)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), info.local_rank, info.local_world_size, True)
+
+
+def teardown(info: DistInfo) -> None:
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def agree(info: DistInfo, flags: list[bool], device: torch.device) -> list[bool]:
+    """Logical OR of each flag over all ranks (identity for a single process)."""
+    if not info.enabled:
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def broadcast_object(info: DistInfo, obj: object) -> object:
+    """Rank 0's ``obj`` on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,645 @@
+"""The training loop: :func:`train` and :func:`export_model`.
+
+Conventions
+-----------
+* Progress goes to ``callback(TrainEvent)`` (the CLI draws it; the core has no UI) and,
+  on rank 0, to ``OUT/log.jsonl`` (one JSON object per line, ``event`` names the kind;
+  TensorBoard scalars too when ``torch.utils.tensorboard`` is importable).
+* Checkpoints ``OUT/last.pt`` (every ``save_every`` iterations, on a signal, at the end) and
+  ``OUT/best.pt`` (best validation PSNR) are written atomically by rank 0 and restore the
+  run exactly: resuming at step s gives bit-for-bit the weights of an uninterrupted run.
+* A non-finite loss skips its batch (no optimiser step, on every rank); after
+  ``max_nonfinite`` in a row training stops with :class:`TrainingError` and the previous
+  checkpoint stays as it was. Weights are checked finite before every write.
+* SIGINT/SIGTERM: the current iteration finishes, ``last.pt`` is saved, and :func:`train`
+  returns with ``interrupted=True`` (a second SIGINT raises KeyboardInterrupt at once).
+* At the end the model is exported as ``OUT/model.safetensors`` (kpac's checkpoint format,
+  loadable by ``kpac deblur --model``) with the run's provenance in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import __version__
+from ..checkpoints import load_checkpoint, save_checkpoint
+from ..checkpoints.safetensors_io import load_state_dict_checked
+from ..model import KPACConfig, KPACNet, build_model, count_parameters
+from . import distributed as D
+from .config import TrainConfig
+from .data import DataBundle, StepBatchSampler, build_data, collate, worker_init
+from .state import FORMAT, VERSION, atomic_save, capture_rng, load_state, resolve_checkpoint, restore_rng, weights_finite
+from .vgg import PerceptualLoss, find_vgg_weights, load_vgg19
+
+
+class TrainingError(Exception):
+    """Training cannot start or cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class TrainEvent:
+    """One progress report. ``kind``: message, load, start, step, nonfinite, val, checkpoint, end.
+
+    ``data`` by kind: message ``{text, level}``; load ``{done, total}`` (decoding images);
+    start ``{description, device, precision, params, world_size, resumed_from}``;
+    step ``{loss, lr, it_s, eta_s, crop}``; nonfinite ``{loss, consecutive}``;
+    val ``{psnr, ssim, best_psnr}``; checkpoint ``{path, kind}``; end ``{result}``.
+    """
+
+    kind: str
+    step: int = 0
+    total: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Callback = Callable[[TrainEvent], None]
+
+
+@dataclass
+class TrainResult:
+    """What a call of :func:`train` did."""
+
+    out_dir: Path
+    step: int
+    total: int
+    interrupted: bool = False
+    signal: int | None = None
+    model_path: Path | None = None
+    last_checkpoint: Path | None = None
+    best_checkpoint: Path | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    best_scores: dict[str, float] = field(default_factory=dict)
+    wall_clock_s: float = 0.0
+    losses: list[float] = field(default_factory=list)  # per iteration of this call, nan when skipped
+    skipped: int = 0
+    model: KPACNet | None = field(default=None, repr=False)  # the trained network (unwrapped, on its device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir), "step": self.step, "total": self.total, "interrupted": self.interrupted,
+            "signal": self.signal, "model_path": None if self.model_path is None else str(self.model_path),
+            "last_checkpoint": None if self.last_checkpoint is None else str(self.last_checkpoint),
+            "best_checkpoint": None if self.best_checkpoint is None else str(self.best_checkpoint),
+            "scores": self.scores, "best_scores": self.best_scores, "wall_clock_s": round(self.wall_clock_s, 3),
+            "skipped": self.skipped,
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Losses and metrics
+# --------------------------------------------------------------------------------------
+
+
+def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
+    return (pred.float() - target.float()).abs().mean()
+
+
+def psnr(pred: np.ndarray, target: np.ndarray) -> float:
+    """PSNR in dB of images in [0, 1] (infinite for identical images)."""
+    mse = float(np.mean((pred.astype(np.float64) - target.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def ssim(pred: np.ndarray, target: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(pred, target, channel_axis=-1, data_range=1.0))
+
+
+# --------------------------------------------------------------------------------------
+# Setup helpers
+# --------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str, dist_info: D.DistInfo) -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist_info.local_rank if dist_info.enabled else torch.cuda.current_device())
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(f"device {name!r} asked for, but CUDA is not available (PyTorch {torch.__version__})")
+        if dist_info.enabled and dev.index is None:
+            dev = torch.device("cuda", dist_info.local_rank)
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise TrainingError("device 'mps' asked for, but Apple MPS is not available")
+    elif dev.type != "cpu":
+        raise TrainingError(f"unsupported device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
+    return dev
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on GPUs that support it, else fp32. fp16 uses loss scaling and needs CUDA."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if name == "fp16" and device.type != "cuda":
+        raise TrainingError("fp16 training needs a CUDA GPU (it relies on loss scaling); use bf16 or fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError("this GPU does not support bf16; use fp16 or fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_summary(device: torch.device, world: int) -> dict[str, Any]:
+    hw: dict[str, Any] = {"device": device.type, "processes": world, "cpu": _cpu_name(),
+                          "cpu_count": _cpu_count(), "torch": str(torch.__version__)}
+    if device.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(device)
+    return hw
+
+
+def _init_weights(path: Path) -> tuple[KPACConfig, dict[str, Tensor]]:
+    """Weights to start from: a kpac .safetensors, or a training checkpoint (last.pt/best.pt)."""
+    try:
+        if path.is_dir():
+            path = resolve_checkpoint(path, "last")
+        ck = load_checkpoint(path)
+    except Exception as e:  # noqa: BLE001
+        raise TrainingError(f"cannot initialise from {path}: {e}") from None
+    return ck.config, ck.state_dict
+
+
+def _provenance(cfg: TrainConfig, bundle_desc: str, step: int, scores: dict, best: dict, elapsed: float,
+                hw: dict, model_cfg: KPACConfig, world: int) -> dict[str, Any]:
+    loss = "L1" if cfg.stage == "l1" else f"L1 + {cfg.perceptual_weight:g} x MSE(VGG-19 relu4_4)"
+    prov = {
+        "name": cfg.out.name,
+        "description": cfg.description or f"KPAC ({model_cfg.levels}-level{', dual-pixel' if model_cfg.in_views == 2 else ''}) trained with kpac train, {cfg.stage} stage",
+        "trained_on": bundle_desc,
+        "iterations": step,
+        "stage": cfg.stage,
+        "loss": loss,
+        "crop": cfg.crop,
+        "batch": cfg.batch,
+        "global_batch": cfg.batch * world,
+        "optimizer": f"Adam(lr={cfg.learning_rate:g}, betas=({cfg.beta1:g}, {cfg.beta2:g}))",
+        "noise_augmentation": cfg.noise_max,
+        "bit_depth": cfg.bit_depth,
+        "init": None if cfg.init is None else str(cfg.init),
+        "seed": cfg.seed,
+        "scores": scores,
+        "best_scores": best,
+        "wall_clock_s": round(elapsed, 1),
+        "hardware": hw,
+        "source": "kpac train",
+        "kpac_version": __version__,
+    }
+    # Plain JSON types only: the training checkpoint must load with weights_only=True.
+    return json.loads(json.dumps(prov, default=str))
+
+
+class _Signals:
+    """First SIGINT/SIGTERM asks the loop to stop; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> "_Signals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _pad_to(x: Tensor, stride: int) -> tuple[Tensor, int, int]:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % stride, (-w) % stride
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    return x, h, w
+
+
+@torch.no_grad()
+def validate(model: KPACNet, samples: list[dict[str, np.ndarray]], device: torch.device, dtype: torch.dtype,
+             channels_last: bool = False) -> dict[str, float]:
+    """Mean PSNR/SSIM of the model's outputs (clipped to [0, 1]) over fixed samples."""
+    if not samples:
+        return {}
+    was_training = model.training
+    model.eval()
+    ps, ss = [], []
+    stride = model.config.stride
+    for s in samples:
+        x = torch.from_numpy(s["input"])[None].to(device) * 2 - 1
+        x, h, w = _pad_to(x, stride)
+        ref = None
+        if "reference" in s:
+            ref, _, _ = _pad_to(torch.from_numpy(s["reference"])[None].to(device) * 2 - 1, stride)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, dtype):
+            y = model(x, ref)
+        out = ((y.float()[0, :, :h, :w] + 1) * 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        tgt = np.ascontiguousarray(s["target"].transpose(1, 2, 0))
+        ps.append(psnr(out, tgt))
+        ss.append(ssim(out, tgt))
+    model.train(was_training)
+    return {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss))}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        from contextlib import nullcontext
+
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+class _Log:
+    """Rank 0's JSONL (+ optional TensorBoard) log."""
+
+    def __init__(self, out: Path | None, tensorboard: bool) -> None:
+        self.f = None
+        self.tb = None
+        if out is None:
+            return
+        self.f = open(out / "log.jsonl", "a", buffering=1, encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except Exception:  # noqa: BLE001 - optional
+                self.tb = None
+
+    def write(self, event: str, **fields: Any) -> None:
+        if self.f is None:
+            return
+        rec = {"event": event, "time": round(time.time(), 3), **fields}
+        self.f.write(json.dumps(rec, default=str) + "\n")
+        if self.tb is not None and "step" in fields:
+            for k, v in fields.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{event}/{k}", v, fields["step"])
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
+    """Train (or resume training) a KPAC network as ``cfg`` describes; see the module docs.
+
+    Raises TrainingError (and DataError / VGGWeightsMissing, subclasses of Exception with
+    one-line messages) for problems a user can fix.
+    """
+    emit = callback or (lambda _e: None)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+
+    dist0 = D.env_info()
+    device = resolve_device(cfg.device, dist0)
+    dist_info = D.setup(device)
+    old_threads = torch.get_num_threads()
+    try:
+        return _train(cfg, emit, device, dist_info)
+    finally:
+        torch.set_num_threads(old_threads)
+        D.teardown(dist_info)
+
+
+def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.DistInfo) -> TrainResult:
+    main = dist_info.is_main
+    out = cfg.out
+    total = cfg.total_iterations
+
+    def message(text: str, level: str = "info") -> None:
+        if main:
+            emit(TrainEvent("message", data={"text": text, "level": level}))
+
+    dtype = resolve_precision(cfg.precision, device)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+
+    # -- where we start from: a checkpoint to resume, weights to initialise from, or nothing
+    ckpt: dict[str, Any] | None = None
+    if cfg.resume:
+        last = out / "last.pt"
+        if not last.is_file():
+            raise TrainingError(f"nothing to resume: {last} does not exist")
+        ckpt = load_state(last)
+    init_state: dict[str, Tensor] | None = None
+    model_cfg = cfg.model
+    if ckpt is not None:
+        saved = KPACConfig.from_dict(ckpt["config"])
+        if model_cfg is not None and model_cfg != saved:
+            raise TrainingError(f"the architecture differs from the checkpoint being resumed ({saved.to_json()})")
+        model_cfg = saved
+    elif cfg.init is not None:
+        init_cfg, init_state = _init_weights(cfg.init)
+        if model_cfg is not None and model_cfg != init_cfg:
+            raise TrainingError(f"the architecture flags differ from the model in {cfg.init} ({init_cfg.to_json()}); drop them")
+        model_cfg = init_cfg
+    if model_cfg is None:
+        model_cfg = KPACConfig(in_views=2 if cfg.dual else 1)
+    try:
+        cfg.replace(model=model_cfg).validate()
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+
+    # -- the perceptual stage needs VGG weights: fail now, not after loading the data
+    perceptual: PerceptualLoss | None = None
+    if cfg.stage == "perceptual":
+        find_vgg_weights(cfg.vgg_weights)  # raises VGGWeightsMissing with where to put the file
+        perceptual = PerceptualLoss(load_vgg19(cfg.vgg_weights), cfg.perceptual_weight).to(device)
+        if cfg.init is None and ckpt is None:
+            message("the perceptual stage normally starts from an L1-trained model (--init PATH)", "warning")
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.pt.*.tmp"):  # left by a writer killed mid-way (kill -9, power loss)
+            stale.unlink(missing_ok=True)
+
+    # -- threads and workers. On a CPU a model step costs 10-100x a sample (see
+    # benchmarks/train_throughput.py), so one mostly idle worker suffices and the model keeps
+    # every core of this rank; a GPU eats samples much faster and needs several workers.
+    cpus = max(1, _cpu_count() // dist_info.local_world_size)
+    kind = cfg.data_kind
+    heavy_workers = kind == "synthetic" or cfg.cache == "no"
+    workers = cfg.workers
+    if workers < 0:
+        if device.type == "cpu":
+            workers = 1
+        else:
+            workers = min(8, max(1, cpus - 1)) if heavy_workers else min(4, cpus)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads or min(torch.get_num_threads(), cpus))
+    elif cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    # -- data
+    bundle: DataBundle = build_data(
+        cfg, model_cfg.stride, rank=dist_info.rank, local_world=dist_info.local_world_size, log=message,
+        load_progress=(lambda d, n: emit(TrainEvent("load", data={"done": d, "total": n}))) if main else None,
+    )
+
+    # -- model, optimiser, loss scaling
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every rerun
+    model = build_model(model_cfg)
+    if init_state is not None:
+        load_state_dict_checked(model, init_state)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+    start = 0
+    elapsed0 = 0.0
+    best: dict[str, float] = {}
+    scores: dict[str, float] = {}
+    if ckpt is not None:
+        load_state_dict_checked(model, ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for g in optimizer.param_groups:  # the recipe's lr, even if a flag changed it
+            g["lr"] = cfg.learning_rate
+        if ckpt.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        start = int(ckpt["step"])
+        elapsed0 = float(ckpt.get("elapsed_s", 0.0))
+        best = dict(ckpt.get("best") or {})
+        scores = dict(ckpt.get("scores") or {})
+        restore_rng(ckpt["rng"])
+        smp = ckpt.get("sampler") or {}
+        if smp and (smp.get("seed") != cfg.seed or smp.get("batch") != cfg.batch or smp.get("world_size") != dist_info.world_size):
+            message("seed, batch or number of processes differ from the interrupted run: the data order will not be the same", "warning")
+
+    hw = hardware_summary(device, dist_info.world_size)
+    ddp_model: nn.Module = model
+    if dist_info.enabled:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    log = _Log(out if main else None, cfg.tensorboard)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    result = TrainResult(out_dir=out, step=start, total=total, scores=scores, best_scores=dict(best), model=model)
+    t0 = time.monotonic()
+
+    def elapsed() -> float:
+        return elapsed0 + time.monotonic() - t0
+
+    def save(path: Path, step: int, kind_: str) -> None:
+        if not main:
+            return
+        state = model.state_dict()
+        if not weights_finite(state):
+            raise TrainingError(f"refusing to write {path.name}: the weights are not finite (step {step})")
+        obj = {
+            "format": FORMAT, "version": VERSION,
+            "config": model_cfg.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in state.items()},
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "step": step,
+            "rng": capture_rng(),
+            "sampler": {"next_step": step, "seed": cfg.seed, "batch": cfg.batch, "world_size": dist_info.world_size},
+            "train_config": cfg.replace(model=model_cfg, resume=False).to_dict(),
+            "scores": scores, "best": best, "elapsed_s": elapsed(),
+            "provenance": _provenance(cfg, bundle.description, step, scores, best, elapsed(), hw, model_cfg, dist_info.world_size),
+        }
+        atomic_save(obj, path)
+        log.write("checkpoint", step=step, path=str(path), kind=kind_)
+        emit(TrainEvent("checkpoint", step, total, {"path": str(path), "kind": kind_}))
+
+    def run_validation(step: int) -> None:
+        nonlocal scores, best
+        if not main or not bundle.val:
+            return
+        scores = validate(model, bundle.val, device, dtype, channels_last)
+        scores["step"] = step
+        improved = not best or scores["psnr"] > best.get("psnr", -math.inf)
+        if improved:
+            best = dict(scores)
+        log.write("val", step=step, psnr=scores["psnr"], ssim=scores["ssim"], best_psnr=best["psnr"])
+        emit(TrainEvent("val", step, total, {"psnr": scores["psnr"], "ssim": scores["ssim"], "best_psnr": best["psnr"]}))
+        result.scores, result.best_scores = dict(scores), dict(best)
+        if improved:
+            save(best_path, step, "best")
+            result.best_checkpoint = best_path
+
+    if main:
+        for n in bundle.notes:
+            log.write("note", text=n)
+        log.write("start", step=start, total=total, resumed=ckpt is not None, data=bundle.description, device=str(device),
+                  precision=str(dtype).replace("torch.", ""), world_size=dist_info.world_size, workers=workers,
+                  threads=torch.get_num_threads(), config=cfg.replace(model=model_cfg).to_dict(),
+                  params=count_parameters(model), kpac_version=__version__)
+        emit(TrainEvent("start", start, total, {
+            "description": bundle.description, "device": str(device), "precision": str(dtype).replace("torch.", ""),
+            "params": count_parameters(model), "world_size": dist_info.world_size, "resumed_from": start if ckpt else None,
+            "workers": workers, "threads": torch.get_num_threads(), "cached": bundle.cached,
+        }))
+
+    sampler = StepBatchSampler(start, total, cfg.batch, cfg.crop_schedule.size_at, dist_info.rank, dist_info.world_size)
+    loader = torch.utils.data.DataLoader(
+        bundle.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", worker_init_fn=worker_init if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+    model.train()
+    consecutive = 0
+    window: deque[float] = deque(maxlen=50)  # timestamps of recent iterations, for it/s
+    window.append(time.monotonic())
+    log_losses: list[float] = []
+    step = start
+    try:
+        with _Signals() as signals:
+            for step_i, batch in zip(range(start, total), loader):
+                x = batch["input"].to(device, non_blocking=True) * 2 - 1
+                target = batch["target"].to(device, non_blocking=True) * 2 - 1
+                ref = batch["reference"].to(device, non_blocking=True) * 2 - 1 if "reference" in batch else None
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, dtype):
+                    pred = ddp_model(x, ref)
+                    loss = l1_loss(pred, target)
+                    if perceptual is not None:
+                        loss = loss + perceptual(pred, target)
+                loss_value = float(loss.detach())
+                nonfinite, stop = D.agree(dist_info, [not math.isfinite(loss_value), signals.received is not None], device)
+                if not nonfinite:
+                    scaler.scale(loss).backward()
+                    if cfg.grad_clip > 0:
+                        scaler.unscale_(optimizer)
+                        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        nonfinite = not bool(torch.isfinite(norm)) and not scaler.is_enabled()
+                    if not nonfinite:
+                        scaler.step(optimizer)
+                        scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step = step_i + 1
+                result.step = step
+                if nonfinite:
+                    consecutive += 1
+                    result.skipped += 1
+                    result.losses.append(float("nan"))
+                    if main:
+                        log.write("nonfinite", step=step, loss=loss_value, consecutive=consecutive)
+                        emit(TrainEvent("nonfinite", step, total, {"loss": loss_value, "consecutive": consecutive}))
+                    if consecutive >= cfg.max_nonfinite:
+                        keep = f"; the last good checkpoint is {last_path}" if last_path.is_file() else ""
+                        raise TrainingError(
+                            f"stopped at iteration {step}: {consecutive} non-finite losses in a row "
+                            f"(try a lower --lr, --precision fp32 or --grad-clip){keep}"
+                        )
+                else:
+                    consecutive = 0
+                    result.losses.append(loss_value)
+                    log_losses.append(loss_value)
+                now = time.monotonic()
+                window.append(now)
+                it_s = (len(window) - 1) / max(1e-9, window[-1] - window[0])
+                if main:
+                    emit(TrainEvent("step", step, total, {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                                                          "it_s": it_s, "eta_s": (total - step) / it_s if it_s > 0 else None,
+                                                          "crop": int(x.shape[-1])}))
+                    if step % cfg.log_every == 0 or step == total:
+                        if log_losses:
+                            log.write("train", step=step, loss=float(np.mean(log_losses)), lr=optimizer.param_groups[0]["lr"],
+                                      it_s=round(it_s, 4), crop=int(x.shape[-1]), elapsed_s=round(elapsed(), 2))
+                        log_losses = []
+                if step % cfg.val_every == 0 and step != total:
+                    run_validation(step)
+                if stop:
+                    result.interrupted = True
+                    result.signal = signals.received
+                    break
+                if step % cfg.save_every == 0 and step != total:
+                    save(last_path, step, "last")
+                    result.last_checkpoint = last_path
+
+        result.wall_clock_s = elapsed()
+        if result.interrupted:
+            save(last_path, step, "last")
+            result.last_checkpoint = last_path
+            if main:
+                log.write("interrupted", step=step, signal=result.signal)
+        else:
+            if step >= total and (not scores or scores.get("step") != step):
+                run_validation(step)
+            save(last_path, step, "last")
+            result.last_checkpoint = last_path
+            if main:
+                prov = _provenance(cfg, bundle.description, step, scores, best, elapsed(), hw, model_cfg, dist_info.world_size)
+                result.model_path = save_checkpoint(out / "model.safetensors", model, prov)
+                log.write("end", step=step, model=str(result.model_path), scores=scores, wall_clock_s=round(elapsed(), 2))
+        result.wall_clock_s = elapsed()
+        if main:
+            emit(TrainEvent("end", step, total, {"result": result.to_dict()}))
+        return result
+    finally:
+        log.close()
+
+
+def export_model(run: str | Path, output: str | Path | None = None, which: str = "last") -> Path:
+    """Export a run's ``last.pt``/``best.pt`` (or a checkpoint file) as a kpac safetensors model.
+
+    ``output`` defaults to ``RUN/model.safetensors`` (``RUN/model-best.safetensors`` for best).
+    """
+    path = resolve_checkpoint(run, which)
+    state = load_state(path)
+    model = build_model(KPACConfig.from_dict(state["config"]))
+    load_state_dict_checked(model, state["model"])
+    if not weights_finite(model.state_dict()):
+        raise TrainingError(f"{path}: the weights are not finite; refusing to export")
+    if output is None:
+        output = path.parent / ("model.safetensors" if path.stem == "last" else f"model-{path.stem}.safetensors")
+    prov = dict(state.get("provenance") or {})
+    prov["iterations"] = int(state["step"])
+    prov["exported_from"] = path.name
+    return save_checkpoint(output, model, prov)

@@ -1,0 +1,514 @@
+"""Training: data pairing, augmentation, the loop, checkpoints, resume, export, the CLI.
+
+Everything runs on tiny models (2 levels, 8 channels) and tiny crops on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import uniform_filter, zoom
+from typer.testing import CliRunner
+
+from kpac_cli.checkpoints import load_checkpoint
+from kpac_cli.model import KPACConfig
+from kpac_cli.train import (
+    CropSchedule,
+    DataError,
+    TrainConfig,
+    TrainingError,
+    VGGWeightsMissing,
+    dpdd_split,
+    export_model,
+    folder_pairs,
+    load_state,
+    read_array,
+    train,
+)
+from kpac_cli.train import data as D
+from kpac_cli.train import loop as L
+from kpac_cli.train import state as S
+
+TINY = KPACConfig(levels=2, channels=8)
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------
+# Fixtures: a tiny DPDD-layout dataset of 16-bit PNGs
+# --------------------------------------------------------------------------------------
+
+
+def _paeth(a, b, c):
+    p = a + b - c
+    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+
+
+def write_png(path: Path, img: np.ndarray, filters: str = "none", rng: np.random.Generator | None = None) -> None:
+    """A minimal PNG encoder (8/16-bit grey/RGB/RGBA); ``filters='random'`` uses all 5 row filters."""
+    h, w, c = img.shape
+    bits = 16 if img.dtype == np.uint16 else 8
+    data = img.astype(">u2" if bits == 16 else "u1").reshape(h, -1).view(np.uint8).astype(np.int32)
+    bpp = c * bits // 8
+    rows, prev = [], np.zeros(data.shape[1], np.int32)
+    for y in range(h):
+        x = data[y]
+        a = np.concatenate([np.zeros(bpp, np.int32), x[:-bpp]])
+        cc = np.concatenate([np.zeros(bpp, np.int32), prev[:-bpp]])
+        ft = int(rng.integers(5)) if filters == "random" else 0
+        pred = [0 * x, a, prev, (a + prev) // 2, _paeth(a, prev, cc)][ft]
+        rows.append(bytes([ft]) + ((x - pred) % 256).astype(np.uint8).tobytes())
+        prev = x
+
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, bits, {1: 0, 3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"".join(rows), 1)) + chunk(b"IEND", b""))
+
+
+def _to16(a: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(a, 0, 1) * 65535).astype(np.uint16)
+
+
+def make_dpdd(root: Path, counts=None, size=(48, 64), dual=False, seed=0) -> Path:
+    """DPDD layout; sharp = blocky random texture, source = its box blur. Names differ like DPDD's."""
+    counts = counts or {"train": 6, "val": 2}
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        views = ["c", "l", "r"] if dual else ["c"]
+        for v in views:
+            for sub in (["source", "target"] if v == "c" else ["source"]):
+                (root / f"{split}_{v}" / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            sharp = zoom(rng.random((size[0] // 4, size[1] // 4, 3)), (4, 4, 1), order=0)
+            blur = uniform_filter(sharp, size=(5, 5, 1), mode="reflect")
+            write_png(root / f"{split}_c/source/IMG{2 * i + 1:04d}.png", _to16(blur))
+            write_png(root / f"{split}_c/target/IMG{2 * i:04d}.png", _to16(sharp))
+            if dual:
+                write_png(root / f"{split}_l/source/IMG{2 * i + 1:04d}_L.png", _to16(np.roll(blur, 1, 1)))
+                write_png(root / f"{split}_r/source/IMG{2 * i + 1:04d}_R.png", _to16(np.roll(blur, -1, 1)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def dpdd(tmp_path_factory) -> Path:
+    return make_dpdd(tmp_path_factory.mktemp("dpdd"))
+
+
+def tiny_cfg(out: Path, data: Path, **kw) -> TrainConfig:
+    base = dict(out=out, data=data, allow_count_mismatch=True, model=TINY, iterations=12, batch=2, crop="32", lr=1e-3,
+                val_every=1000, val_count=2, val_crop=32, save_every=1000, log_every=5, workers=0, tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_state(path)["model"]
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# --------------------------------------------------------------------------------------
+# Reading, pairing, augmentation
+# --------------------------------------------------------------------------------------
+
+
+def test_16bit_png_read_exactly_with_all_row_filters(tmp_path):
+    rng = np.random.default_rng(1)
+    for c in (3, 4, 1):
+        a = (rng.random((23, 37, c)) * 65535).astype(np.uint16)
+        a[:10] = np.linspace(0, 65535, 37).astype(np.uint16)[None, :, None]  # smooth rows: filters matter
+        write_png(tmp_path / "x.png", a, "random", rng)
+        got = read_array(tmp_path / "x.png")
+        assert got.dtype == np.uint16
+        want = np.repeat(a[:, :, :1], 3, 2) if c == 1 else a[:, :, :3]
+        np.testing.assert_array_equal(got, want)
+    b = (rng.random((9, 11, 3)) * 255).astype(np.uint8)
+    write_png(tmp_path / "y.png", b, "random", rng)
+    np.testing.assert_array_equal(read_array(tmp_path / "y.png"), b)
+
+
+def test_quantise_to_8_bits_rounds():
+    a = np.array([0, 128, 129, 257, 385, 386, 65535], np.uint16)
+    np.testing.assert_array_equal(D.quantise(a, 8), np.round(a / 257).astype(np.uint8))
+    assert D.quantise(a, 16) is a
+
+
+def test_crop_schedule():
+    s = CropSchedule("128:20000,256:60000,512")
+    assert [s.size_at(i) for i in (0, 19999, 20000, 59999, 60000, 10**7)] == [128, 128, 256, 256, 512, 512]
+    assert CropSchedule("64").size_at(5) == 64 and CropSchedule("64:10").size_at(11) == 64
+    for bad in ("", "abc", "128,256", "128:10,64:5,32", "4"):
+        with pytest.raises(ValueError):
+            CropSchedule(bad)
+    with pytest.raises(ValueError, match="multiples"):
+        CropSchedule("60").check_multiple(8)
+
+
+def test_dpdd_pairs_by_sorted_order_and_checks_counts(tmp_path):
+    root = make_dpdd(tmp_path / "d", {"train": 3}, size=(8, 8))
+    pairs = dpdd_split(root, "train", allow_count_mismatch=True)
+    assert [(p.source.name, p.target.name) for p in pairs] == [
+        ("IMG0001.png", "IMG0000.png"), ("IMG0003.png", "IMG0002.png"), ("IMG0005.png", "IMG0004.png")]
+    # Not the published 350: refused unless allowed, and the message says why.
+    with pytest.raises(DataError, match=r"3 image pairs.*350.*--allow-count-mismatch"):
+        dpdd_split(root, "train")
+    # A missing target: refused even when other counts are allowed, naming both folders.
+    (root / "train_c/target/IMG0002.png").unlink()
+    with pytest.raises(DataError, match=r"train_c/source has 3, train_c/target has 2"):
+        dpdd_split(root, "train", allow_count_mismatch=True)
+    with pytest.raises(DataError, match="train_l/source is missing"):
+        dpdd_split(root, "train", dual=True, allow_count_mismatch=True)
+
+
+def test_folder_pairs_by_name_then_sorted_order(tmp_path):
+    img = np.zeros((8, 8, 3), np.uint8)
+    src, tgt = tmp_path / "s", tmp_path / "t"
+    src.mkdir(), tgt.mkdir()
+    for n in ("b", "a"):
+        write_png(src / f"{n}.png", img)
+        write_png(tgt / f"{n}.png", img)
+    assert [(p.source.name, p.target.name) for p in folder_pairs(src, tgt)] == [("a.png", "a.png"), ("b.png", "b.png")]
+    write_png(src / "c.png", img)
+    with pytest.raises(DataError, match=r"1 image\(s\) in .* have no target of the same name \(e.g. c.png\)"):
+        folder_pairs(src, tgt)
+    t2 = tmp_path / "t2"
+    t2.mkdir()
+    for n in ("x", "y", "z"):
+        write_png(t2 / f"{n}.png", img)
+    notes = []
+    pairs = folder_pairs(src, t2, log=notes.append)
+    assert [(p.source.stem, p.target.stem) for p in pairs] == [("a", "x"), ("b", "y"), ("c", "z")]
+    assert "sorted order" in notes[0]
+    (t2 / "z.png").unlink()
+    with pytest.raises(DataError, match="counts differ"):
+        folder_pairs(src, t2)
+
+
+def test_samples_are_a_function_of_key_and_augmented(dpdd):
+    store = D.PairStore(dpdd_split(dpdd, "train", allow_count_mismatch=True), 8)
+    ds = D.PairedDataset(store, seed=3, noise_max=0.03)
+    a, b = ds[(5, 16)], ds[(5, 16)]
+    assert a["input"].shape == (3, 16, 16) and a["target"].dtype == np.float32
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(ds[(6, 16)]["target"], a["target"])
+    # Without noise the input is exactly the (quantised) source crop; noise only touches the input.
+    clean = D.PairedDataset(store, seed=3, noise_max=0.0)[(5, 16)]
+    np.testing.assert_array_equal(clean["target"], a["target"])
+    np.testing.assert_allclose(np.round(clean["input"] * 255), clean["input"] * 255, atol=1e-3)  # 8-bit values
+    assert not np.array_equal(clean["input"], a["input"])
+    # Every epoch visits every image once.
+    assert sorted(ds.order(k) for k in range(6)) == list(range(6))
+
+
+def test_hflip_swaps_dual_pixel_views():
+    left, right = np.arange(12.0).reshape(2, 2, 3), -np.arange(12.0).reshape(2, 2, 3)
+    out = D.flip_views({"left": left, "right": right}, hflip=True, vflip=False)
+    np.testing.assert_array_equal(out["left"], right[:, ::-1])
+    np.testing.assert_array_equal(out["right"], left[:, ::-1])
+
+
+def test_ranks_draw_disjoint_samples():
+    crop = CropSchedule("32").size_at
+    s0, s1 = (D.StepBatchSampler(0, 5, 4, crop, rank=r, world=2) for r in (0, 1))
+    k0 = {k for b in s0 for k, _ in b}
+    k1 = {k for b in s1 for k, _ in b}
+    assert not k0 & k1 and k0 | k1 == set(range(40))
+    resumed = list(D.StepBatchSampler(3, 5, 4, crop, rank=1, world=2))
+    assert resumed == list(s1)[3:]
+
+
+def test_synthetic_samples_deterministic_and_dual():
+    from kpac_cli.synth import SynthSettings, sharp_sources
+
+    srcs = sharp_sources([], include_skimage=False, procedural=2, procedural_size=(64, 64))
+    ds = D.SyntheticDataset(srcs, SynthSettings(max_radius=4, dual_pixel=True, layers=3), seed=1, dual=True)
+    a, b = ds[(3, 24)], ds[(3, 24)]
+    assert a["input"].shape == (6, 24, 24) and a["reference"].shape == (3, 24, 24) and a["target"].shape == (3, 24, 24)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(ds[(4, 24)]["input"], a["input"])
+
+
+# --------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------
+
+
+def test_training_reduces_the_loss_and_exports(tmp_path, dpdd):
+    events = []
+    cfg = tiny_cfg(tmp_path / "run", dpdd, iterations=60, lr=3e-3, val_every=30, val_crop=0, save_every=25)
+    res = train(cfg, callback=events.append)
+    assert res.step == 60 and not res.interrupted and res.skipped == 0
+    assert np.mean(res.losses[-8:]) < 0.9 * np.mean(res.losses[:8])
+    kinds = [e.kind for e in events]
+    assert kinds[0] in ("load", "start") and kinds[-1] == "end" and kinds.count("step") == 60 and kinds.count("val") == 2
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["event"] == "train"] == list(range(5, 61, 5))
+    assert [r["step"] for r in log if r["event"] == "val"] == [30, 60]
+    assert [r["step"] for r in log if r["event"] == "checkpoint" and r["kind"] == "last"] == [25, 50, 60]
+    # The exported model is kpac's checkpoint format and holds the final weights.
+    ck = load_checkpoint(res.model_path)
+    assert ck.config == TINY
+    assert_same_tensors(ck.state_dict, weights(res.last_checkpoint))
+    prov = ck.provenance
+    assert prov["iterations"] == 60 and prov["stage"] == "l1" and prov["batch"] == 2 and prov["crop"] == "32"
+    assert "DPDD" in prov["trained_on"] and prov["scores"]["psnr"] == pytest.approx(res.scores["psnr"])
+    assert prov["hardware"]["device"] == "cpu" and prov["wall_clock_s"] >= 0
+    model = ck.build()
+    x = torch.zeros(1, 3, 16, 16)
+    assert model(x).shape == x.shape
+    # last.pt is also readable by the generic loader (config + model keys).
+    assert load_checkpoint(res.last_checkpoint).config == TINY
+
+
+def test_resume_after_sigterm_is_bit_exact(tmp_path, dpdd):
+    straight = train(tiny_cfg(tmp_path / "a", dpdd, iterations=10, val_every=4))
+
+    def stop_at_5(ev):
+        if ev.kind == "step" and ev.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # noticed at the next iteration, which then completes
+
+    part = train(tiny_cfg(tmp_path / "b", dpdd, iterations=10, val_every=4), callback=stop_at_5)
+    assert part.interrupted and part.signal == signal.SIGTERM and part.step == 5 and part.model_path is None
+    assert load_state(tmp_path / "b/last.pt")["step"] == 5
+    # Resume with a DataLoader worker this time: samples do not depend on who draws them.
+    done = train(tiny_cfg(tmp_path / "b", dpdd, iterations=10, val_every=4, resume=True, workers=1))
+    assert done.step == 10 and len(done.losses) == 5
+    assert done.losses == straight.losses[5:]
+    a, b = load_state(tmp_path / "a/last.pt"), load_state(tmp_path / "b/last.pt")
+    assert_same_tensors(a["model"], b["model"])
+    for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert ka == kb and all(torch.equal(va[n], vb[n]) for n in va)
+    assert_same_tensors(load_checkpoint(straight.model_path).state_dict, load_checkpoint(done.model_path).state_dict)
+
+
+def test_nonfinite_loss_skips_the_batch(tmp_path, dpdd, monkeypatch):
+    calls = {"n": 0}
+    real = L.l1_loss
+
+    def flaky(pred, target):
+        calls["n"] += 1
+        loss = real(pred, target)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss
+
+    monkeypatch.setattr(L, "l1_loss", flaky)
+    events = []
+    res = train(tiny_cfg(tmp_path / "r", dpdd, iterations=8), callback=events.append)
+    assert res.step == 8 and res.skipped == 2
+    assert np.isnan(res.losses[2]) and np.isnan(res.losses[3]) and np.isfinite(res.losses[4])
+    assert [e.step for e in events if e.kind == "nonfinite"] == [3, 4]
+    st = load_state(tmp_path / "r/last.pt")
+    assert all(int(s["step"]) == 6 for s in st["optimizer"]["state"].values())  # 8 batches, 6 optimiser steps
+    assert all(torch.isfinite(t).all() for t in st["model"].values())
+
+
+def test_persistent_nonfinite_loss_stops_without_writing(tmp_path, dpdd, monkeypatch):
+    train(tiny_cfg(tmp_path / "r", dpdd, iterations=4))
+    before = (tmp_path / "r/last.pt").read_bytes()
+    (tmp_path / "r/model.safetensors").unlink()
+    monkeypatch.setattr(L, "l1_loss", lambda p, t: (p - t).abs().mean() * float("inf"))
+    with pytest.raises(TrainingError, match=r"3 non-finite losses in a row.*last good checkpoint"):
+        train(tiny_cfg(tmp_path / "r", dpdd, iterations=20, resume=True, max_nonfinite=3))
+    assert (tmp_path / "r/last.pt").read_bytes() == before
+    assert not (tmp_path / "r/model.safetensors").exists()
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, dpdd, monkeypatch):
+    train(tiny_cfg(tmp_path / "r", dpdd, iterations=4))
+    good = weights(tmp_path / "r/last.pt")
+
+    def torn(obj, f):  # as if killed half-way through the write
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(S, "_write", torn)
+    with pytest.raises(OSError, match="disk full"):
+        train(tiny_cfg(tmp_path / "r", dpdd, iterations=8, save_every=2, resume=True))
+    st = load_state(tmp_path / "r/last.pt")
+    assert st["step"] == 4
+    assert_same_tensors(st["model"], good)
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+    # A writer killed with SIGKILL cannot clean up; its temp file goes at the next start.
+    monkeypatch.undo()
+    (tmp_path / "r/.last.pt.99999.tmp").write_bytes(b"torn")
+    train(tiny_cfg(tmp_path / "r", dpdd, iterations=5, resume=True))
+    assert load_state(tmp_path / "r/last.pt")["step"] == 5 and not (tmp_path / "r/.last.pt.99999.tmp").exists()
+
+
+def test_perceptual_stage_without_vgg_weights_stops_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cfg = tiny_cfg(tmp_path / "p", tmp_path / "no-such-dataset", stage="perceptual")
+    t0 = time.monotonic()
+    with pytest.raises(VGGWeightsMissing) as e:
+        train(cfg)
+    msg = str(e.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth") in msg and "--vgg-weights" in msg
+    assert time.monotonic() - t0 < 5 and not (tmp_path / "p").exists()
+    with pytest.raises(VGGWeightsMissing, match="not found"):
+        train(cfg.replace(vgg_weights=tmp_path / "missing.pth"))
+
+
+def _fake_vgg19(path: Path) -> None:
+    """A file in torchvision's vgg19 layout (random values; the shapes are what matters)."""
+    from kpac_cli.train.vgg import VGG19Features
+
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in VGG19Features().state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(2, 2)  # extra keys are ignored
+    torch.save(state, path)
+
+
+def test_perceptual_stage_runs_from_an_l1_model(tmp_path, dpdd):
+    l1 = train(tiny_cfg(tmp_path / "l1", dpdd, iterations=3, val_count=0))
+    _fake_vgg19(tmp_path / "vgg.pth")
+    res = train(tiny_cfg(tmp_path / "perc", dpdd, model=None, stage="perceptual", init=l1.model_path, iterations=3,
+                         vgg_weights=tmp_path / "vgg.pth", val_count=0))
+    ck = load_checkpoint(res.model_path)
+    assert ck.config == TINY and ck.provenance["stage"] == "perceptual" and "VGG" in ck.provenance["loss"]
+    assert ck.provenance["init"] == str(l1.model_path)
+    assert load_state(tmp_path / "perc/last.pt")["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    assert TrainConfig(stage="perceptual").learning_rate == 5e-5 and TrainConfig(stage="perceptual").total_iterations == 100_000
+
+
+def test_synthetic_training_runs(tmp_path):
+    res = train(TrainConfig(out=tmp_path / "s", procedural=3, model=TINY, iterations=3, batch=1, crop="32", max_radius=3,
+                            val_count=1, val_crop=32, workers=0, tensorboard=False))
+    assert res.step == 3 and "psnr" in res.scores
+    assert "synthetic" in load_checkpoint(res.model_path).provenance["trained_on"]
+
+
+def test_dual_pixel_dpdd_training(tmp_path):
+    root = make_dpdd(tmp_path / "dual", {"train": 2, "val": 1}, size=(32, 32), dual=True)
+    pairs = dpdd_split(root, "train", dual=True, allow_count_mismatch=True)
+    assert pairs[0].left.name == "IMG0001_L.png" and pairs[0].right.name == "IMG0001_R.png"
+    sample = D.PairedDataset(D.PairStore(pairs), noise_max=0, dual=True)[(0, 16)]
+    assert sample["input"].shape == (6, 16, 16) and sample["reference"].shape == (3, 16, 16)
+    res = train(tiny_cfg(tmp_path / "r", root, dual=True, model=None, iterations=2, val_crop=16))
+    cfg = load_checkpoint(res.model_path).config
+    assert cfg.in_views == 2 and cfg.levels == 3 and "psnr" in res.scores  # --dual alone: the paper's dual model
+
+
+def test_paired_folders_16bit_uncached_with_holdout(tmp_path, dpdd):
+    src, tgt = tmp_path / "blurred", tmp_path / "sharp"
+    src.mkdir(), tgt.mkdir()
+    files = sorted((dpdd / "train_c/source").iterdir())[:5] + sorted((dpdd / "val_c/source").iterdir())
+    targets = sorted((dpdd / "train_c/target").iterdir())[:5] + sorted((dpdd / "val_c/target").iterdir())
+    for i, (a, b) in enumerate(zip(files * 2, targets * 2)):  # 14 pairs
+        (src / f"p{i:02d}.png").write_bytes(a.read_bytes())
+        (tgt / f"p{i:02d}.png").write_bytes(b.read_bytes())
+    notes = []
+    res = train(tiny_cfg(tmp_path / "r", None, source=src, target=tgt, bit_depth=16, cache="no", iterations=2),
+                callback=lambda e: notes.append(e.data.get("text", "")) if e.kind == "message" else None)
+    assert any("holding out 1" in n for n in notes) and "psnr" in res.scores
+    assert "paired folders" in load_checkpoint(res.model_path).provenance["trained_on"]
+    store = D.PairStore(folder_pairs(src, tgt), 16)
+    assert store.load(0)["source"].dtype == np.uint16
+
+
+def test_bf16_and_channels_last_on_cpu(tmp_path, dpdd):
+    res = train(tiny_cfg(tmp_path / "r", dpdd, iterations=2, precision="bf16", channels_last=True))
+    assert res.skipped == 0 and all(np.isfinite(res.losses))
+    with pytest.raises(TrainingError, match="fp16 training needs a CUDA GPU"):
+        train(tiny_cfg(tmp_path / "r2", dpdd, precision="fp16"))
+
+
+def test_config_errors(tmp_path, dpdd):
+    with pytest.raises(TrainingError, match="no training data"):
+        train(TrainConfig(out=tmp_path / "x"))
+    with pytest.raises(TrainingError, match="multiples of the model stride 4"):
+        train(tiny_cfg(tmp_path / "x", dpdd, crop="30"))
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train(tiny_cfg(tmp_path / "x", dpdd, resume=True))
+    with pytest.raises(DataError, match="350"):
+        train(tiny_cfg(tmp_path / "x", dpdd, allow_count_mismatch=False))
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli():
+    from kpac_cli.cli import app
+
+    return app
+
+
+def test_cli_train_resume_and_export(tmp_path, dpdd, cli):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    common = ["--levels", "2", "--channels", "8", "--batch", "2", "--crop", "32", "--val-crop", "32",
+              "--val-count", "2", "--workers", "0", "--no-tensorboard"]
+    r = runner.invoke(cli, ["train", "--data", str(dpdd), "--allow-count-mismatch", "--out", str(run),
+                            "--iterations", "3", "--json", *common])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rec["step"] == 3 and rec["model_path"] == str(run / "model.safetensors")
+    # A finished run is not overwritten by accident.
+    r = runner.invoke(cli, ["train", "--data", str(dpdd), "--allow-count-mismatch", "--out", str(run), *common])
+    assert r.exit_code == 2 and "--resume" in r.output
+    # Resuming takes the stored recipe; only execution settings may change.
+    r = runner.invoke(cli, ["train", "--resume", str(run), "--lr", "0.5"])
+    assert r.exit_code == 2 and "--lr cannot change" in r.output
+    r = runner.invoke(cli, ["train", "--resume", str(run), "--iterations", "5", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 5
+    out = tmp_path / "exported.safetensors"
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(run), "--from", "best", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    ck = load_checkpoint(out)
+    assert ck.config == TINY and ck.provenance["exported_from"] == "best.pt"
+    assert export_model(run).name == "model.safetensors"
+
+
+def test_cli_usage_errors(tmp_path, dpdd, cli):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["train", "--data", str(dpdd), "--out", str(tmp_path / "r"), "--levels", "2", "--channels", "8"])
+    assert r.exit_code == 2 and "350" in r.output
+    r = runner.invoke(cli, ["train", "--source", str(dpdd)])
+    assert r.exit_code == 2 and "together" in r.output
+    r = runner.invoke(cli, ["train", "--data", str(dpdd), "--levels", "4"])
+    assert r.exit_code == 2 and "levels" in r.output
+
+
+def test_cli_help_has_an_example():
+    r = subprocess.run([sys.executable, "-m", "kpac_cli", "train", "--help"], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    assert r.returncode == 0 and "kpac train --data DPDD --out runs/l1" in r.stdout and "--crop" in r.stdout
+
+
+def test_cli_ctrl_c_saves_and_exits_130(tmp_path, dpdd):
+    """A real SIGINT to the real command (with a DataLoader worker) saves last.pt and exits 130."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "kpac_cli", "train", "--data", str(dpdd), "--allow-count-mismatch", "--out", str(run),
+           "--levels", "2", "--channels", "8", "--batch", "1", "--crop", "32", "--iterations", "1000000", "--val-count", "0",
+           "--workers", "1", "--threads", "1", "--log-every", "1", "--no-tensorboard"]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    log = run / "log.jsonl"
+    while time.monotonic() < deadline and not (log.exists() and '"train"' in log.read_text()):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    st = load_state(run / "last.pt")
+    assert st["step"] >= 1 and "--resume" in err
