@@ -1,4 +1,4 @@
-"""Metrics (PSNR/SSIM/MAE/LPIPS), pairing, image reading and reports (kpac_cli.metrics)."""
+"""Metrics (PSNR/SSIM/MAE/LPIPS), pairing, reading for evaluation, reports, crops, speed (kpac_cli.metrics)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 from kpac_cli import metrics as M
+from kpac_cli.images import ImageError
+from kpac_cli.metrics import crops as C
 from kpac_cli.metrics import lpips_net
+from kpac_cli.metrics import speed as S
+from kpac_cli.metrics.evaluate import Evaluator, read_for_metrics
 
 RNG = np.random.default_rng(1234)
 
@@ -299,26 +303,39 @@ def test_evaluate_with_lpips_model(rand_lpips):
 
 @pytest.mark.parametrize("depth", [8, 16])
 @pytest.mark.parametrize("channels", [1, 3, 4])
-def test_read_png_exact_all_filters(tmp_path, depth, channels):
+def test_evaluation_reads_png_exactly_all_filters(tmp_path, depth, channels):
+    # PNGs written straight from the spec (every row filter) are read at full depth by the
+    # project's reader (kpac_cli.images.read_image), which evaluation uses.
     dt = np.uint16 if depth == 16 else np.uint8
     shape = (7, 9) if channels == 1 else (7, 9, channels)
     a = RNG.integers(0, np.iinfo(dt).max + 1, shape).astype(dt)
     f = tmp_path / "x.png"
     f.write_bytes(png_bytes(a, depth))
-    out = M.read_png(f)
-    assert out.dtype == dt and np.array_equal(out, a)
-    img = M.read_image(f)
-    expect = a[..., :3] if channels == 4 else a  # alpha dropped
-    np.testing.assert_allclose(img, expect / np.iinfo(dt).max)
+    img = read_for_metrics(f)
+    assert img.shape == (7, 9, 3)  # grey replicated, alpha dropped
+    expect = np.repeat(a[..., None], 3, axis=2) if channels == 1 else a[..., :3]
+    np.testing.assert_allclose(img, expect / np.iinfo(dt).max, rtol=0, atol=1e-7)
+    rep = M.evaluate([("x", f, expect / np.iinfo(dt).max)], bit_depth=depth, lpips_model=None)
+    assert rep.rows[0].psnr == math.inf  # exact at the file's own bit depth
 
 
-def test_read_image_8bit_matches_pillow(tmp_path):
+def test_evaluation_reads_8bit_like_pillow(tmp_path):
     from skimage import data
 
     a = data.astronaut()[:64, :80]
     save_png8(tmp_path / "a.png", a)
-    np.testing.assert_array_equal(M.read_png(tmp_path / "a.png"), a)
-    np.testing.assert_allclose(M.read_image(tmp_path / "a.png"), a / 255.0)
+    np.testing.assert_allclose(read_for_metrics(tmp_path / "a.png"), a / 255.0, rtol=0, atol=1e-7)
+
+
+def test_evaluation_read_errors_name_the_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ImageError, match="broken.png"):
+        read_for_metrics(bad)
+    with pytest.raises(ImageError, match="broken.png"):
+        M.evaluate([("b", bad, np.zeros((8, 8, 3)))], lpips_model=None)
+    rep = M.evaluate([("b", bad, np.zeros((8, 8, 3)))], lpips_model=None, on_error="skip")
+    assert rep.failures[0][0] == "b" and "broken.png" in rep.failures[0][1]
 
 
 # ------------------------------------------------------------------------------ pairing
@@ -548,7 +565,10 @@ def test_core_does_not_import_cli_libraries():
     import subprocess
     import sys
 
-    code = "import sys, kpac_cli.metrics, kpac_cli.inverse; print('typer' in sys.modules or 'rich' in sys.modules)"
+    code = (
+        "import sys, kpac_cli.metrics, kpac_cli.metrics.crops, kpac_cli.metrics.speed, kpac_cli.inverse; "
+        "print('typer' in sys.modules or 'rich' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -563,7 +583,109 @@ def test_evaluate_reads_16bit_png_at_full_depth(tmp_path):
     pairs = M.pair_folders(tmp_path / "p", tmp_path / "t")
     rep = M.evaluate(pairs, bit_depth=None, lpips_model=None)
     expect = M.psnr(pred8 / 255.0, target16 / 65535.0)
-    assert rep.rows[0].psnr == pytest.approx(expect, abs=1e-4)  # float32 readers allowed
-    # the same through our own decoder
-    rep2 = M.evaluate(pairs, bit_depth=None, lpips_model=None, reader=M.read_image)
+    assert rep.rows[0].psnr == pytest.approx(expect, abs=1e-4)  # the reader gives float32
+    # a custom reader returning integers is scaled by its dtype's range, exactly
+
+    def reader(path):
+        return target16 if path.parent.name == "t" else pred8
+
+    rep2 = M.evaluate(pairs, bit_depth=None, lpips_model=None, reader=reader)
     assert rep2.rows[0].psnr == pytest.approx(expect, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------ streaming evaluation
+
+
+def test_evaluator_scores_one_pair_at_a_time():
+    pairs = [(f"im{i}", RNG.random((24, 24, 3)), RNG.random((24, 24, 3))) for i in range(3)]
+    ev = Evaluator(lpips_model=None, labels={"im0": "indoor"})
+    for name, p, t in pairs[:2]:
+        row = ev.score(name, p, t)
+        assert row.psnr == pytest.approx(M.psnr(M.quantize(p), M.quantize(t)), abs=1e-12)
+    ev.fail("im2", "could not run")
+    rep = ev.finish()
+    assert [r.name for r in rep.rows] == ["im0", "im1"] and rep.failures == [("im2", "could not run")]
+    assert rep.summary()["splits"]["indoor"]["count"] == 1 and any("im1" in n for n in rep.notes)
+    with pytest.raises(ValueError, match="different shapes"):
+        ev.score("x", np.zeros((8, 8, 3)), np.zeros((8, 9, 3)))
+    # evaluate() consumes generators lazily and gives the same numbers as lists
+    seen = []
+    gen = ((n, p, t) for n, p, t in pairs)
+    a = M.evaluate(gen, lpips_model=None, progress=lambda i, n, name: seen.append((i, n)))
+    b = M.evaluate(pairs, lpips_model=None)
+    assert [r.psnr for r in a.rows] == [r.psnr for r in b.rows] and seen[-1] == (3, 0)
+    with pytest.raises(ValueError):
+        Evaluator(ssim_window="box")
+
+
+# ------------------------------------------------------------------------------ comparison crops
+
+
+def test_best_window_finds_the_planted_region():
+    score = RNG.normal(0, 0.01, (40, 60))
+    score[22:30, 35:43] += 1.0
+    assert C.best_window(score, 8) == (22, 35)
+    with pytest.raises(ValueError):
+        C.best_window(score, 41)
+
+
+def test_compose_comparison_layout_and_crop_choice():
+    h, w = 40, 64
+    target = RNG.random((h, w, 3)).astype(np.float32)
+    inp = np.full_like(target, 0.5)
+    out = inp.copy()
+    out[4:20, 30:46] = target[4:20, 30:46]  # the output fixes only this region
+    comp = C.compose_comparison(out, target, inp, crop=16)
+    assert comp.box == (4, 30, 16) and comp.zoom == 2 and comp.score > 0
+    assert comp.image.shape == (h + C.PANEL_GAP + 32, 3 * w + 2 * C.PANEL_GAP, 3)
+    assert comp.image.dtype == np.float32 and 0 <= comp.image.min() and comp.image.max() <= 1
+    # the zoomed target crop is the target's window enlarged by nearest neighbour
+    x0 = 2 * (w + C.PANEL_GAP) + (w - 32) // 2
+    zoomed = comp.image[h + C.PANEL_GAP :, x0 : x0 + 32]
+    np.testing.assert_array_equal(zoomed[::2, ::2], target[4:20, 30:46])
+    labelled = C.compose_comparison(out, target, inp, labels=["in", "out", "gt"])
+    assert labelled.image.shape[1] == 3 * w + 2 * C.PANEL_GAP and labelled.image.shape[0] > h + C.PANEL_GAP
+    two = C.compose_comparison(out, target)  # no input: output | target, crop where the error is largest
+    assert two.image.shape[1] == 2 * w + C.PANEL_GAP
+    with pytest.raises(ValueError, match="different shapes"):
+        C.compose_comparison(out, target[:20])
+    with pytest.raises(ValueError, match="labels"):
+        C.compose_comparison(out, target, inp, labels=["a", "b"])
+
+
+# ------------------------------------------------------------------------------ speed
+
+
+@pytest.fixture(scope="module")
+def tiny_deblurrer():
+    from kpac_cli.engine import Deblurrer, EngineOptions
+    from kpac_cli.model import KPACConfig, build_model
+
+    torch.manual_seed(0)
+    return Deblurrer(build_model(KPACConfig(levels=2, channels=8)), EngineOptions(device="cpu"))
+
+
+def test_measure_speed_counts_and_times(tiny_deblurrer):
+    from kpac_cli.model import count_parameters
+    from kpac_cli.model.flops import count_flops
+
+    ticks = iter(range(100))
+    res = S.measure_speed(tiny_deblurrer, width=36, height=20, warmup=1, runs=3, clock=lambda: 0.5 * next(ticks))
+    assert res.times == [0.5, 0.5, 0.5] and res.seconds == 0.5 and res.seconds_median == 0.5
+    assert res.params == count_parameters(tiny_deblurrer.model)
+    assert res.flops == count_flops(tiny_deblurrer.config, 20, 36)["total"]  # size padded to the stride inside
+    assert res.device == "cpu" and res.precision == "fp32" and res.threads >= 1
+    d = res.to_dict()
+    assert d["gflops_per_s"] == pytest.approx(res.flops / 0.5 / 1e9) and json.dumps(d)
+    with pytest.raises(ValueError):
+        S.measure_speed(tiny_deblurrer, runs=0)
+
+
+def test_flops_unavailable_is_reported_not_invented(tiny_deblurrer, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "kpac_cli.model.flops", None)  # as if the module were absent
+    flops, note = S.count_model_flops(tiny_deblurrer.config, 720, 1280)
+    assert flops is None and note.startswith("unavailable")
+    res = S.measure_speed(tiny_deblurrer, width=16, height=16, warmup=0, runs=1)
+    assert res.flops is None and res.gflops_per_s is None

@@ -17,8 +17,7 @@ This package does not import Typer or rich.
 
 from .core import SSIM_WINDOWS, mae, psnr, quantize, ssim, to_float
 from .errors import MetricUnavailable, PairingError
-from .evaluate import conventions, evaluate
-from .imread import read_image, read_png
+from .evaluate import Evaluator, conventions, evaluate, read_for_metrics
 from .lpips_net import LPIPS, LPIPS_ENV, load_lpips, lpips
 from .pairing import (
     DPDD_COUNTS,
@@ -35,6 +34,8 @@ from .paper import PAPER_TABLE4_DPDD, PAPER_TABLE4_LABEL, PaperRow
 from .report import METRIC_NAMES, ImageResult, Report
 
 __all__ = [
+    "Evaluator",
+    "read_for_metrics",
     "DPDD_COUNTS",
     "DPDDPair",
     "IMAGE_EXTENSIONS",
@@ -61,9 +62,7 @@ __all__ = [
     "pair_predictions_dpdd",
     "psnr",
     "quantize",
-    "read_image",
     "read_labels",
-    "read_png",
     "ssim",
     "to_float",
 ]

@@ -1,0 +1,669 @@
+"""`kpac eval`: score a model, a baseline or existing results against ground truth; measure speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import typer
+
+from .common import EXIT_FAILED, EXIT_OK, emit_json, err_console, print_error, progress_bar, show_progress, usage_error
+
+EXAMPLES = """
+Examples:
+
+  kpac eval --data DPDD/ --model kpac-3level --report dpdd.md    # the paper's Table 4 setting
+
+  kpac eval --data DPDD/ --method identity                      # the blurry input as a baseline
+
+  kpac eval --pred results/ --target DPDD/test_c/target --pair-by order
+
+  kpac eval --speed --model kpac-2level --device cuda            # Table 5: params, FLOPs, seconds
+"""
+
+METHODS = ("kpac", "identity", "wiener")
+REPORT_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown", ".markdown": "markdown"}
+PER_IMAGE_TABLE_MAX = 30  # per-image rows are shown on the terminal up to this many images
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: stop like Ctrl-C, with exit code 143."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Terminated()
+
+
+@dataclass
+class Item:
+    """One thing to score: a prediction file, or an input that a method turns into one."""
+
+    name: str
+    target: Path
+    source: Path | None = None  # the blurry input (centre view for dual-pixel data)
+    pred: Path | None = None  # an existing result (--pred mode)
+    left: Path | None = None
+    right: Path | None = None
+
+
+def _tile_option(value: str) -> int | str | None:
+    v = value.strip().lower()
+    if v == "auto":
+        return "auto"
+    if v in ("0", "none", "off"):
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise typer.BadParameter("use auto, 0 (no tiling) or a tile size in pixels") from None
+    if n < 0:
+        raise typer.BadParameter("tile size must be positive")
+    return n
+
+
+def _size_option(value: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"expected WIDTHxHEIGHT (e.g. 1280x720), got {value!r}") from None
+    if w < 1 or h < 1:
+        raise typer.BadParameter(f"size must be positive, got {value!r}")
+    return w, h
+
+
+def _num(v: float | None) -> float | str | None:
+    """JSON-safe number (inf/nan as strings, like the report files)."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+
+
+def _si(n: float) -> str:
+    """1.23 G / 45.6 M / 789 k style."""
+    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:g}"
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    if v is None:
+        return "n/a"
+    if math.isnan(v):
+        return "n/a"
+    if math.isinf(v):
+        return "inf"
+    return f"{v:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------- planning
+
+
+def _check_dpdd_count(n: int, split: str, root: Path, allow_subset: bool) -> None:
+    from ..metrics import DPDD_COUNTS
+
+    want = DPDD_COUNTS.get(split)
+    if want is not None and n != want and not allow_subset:
+        raise usage_error(
+            f"DPDD {split}: found {n} pairs under {root}, the published split has {want}; "
+            "pass --allow-subset to evaluate a partial or custom copy"
+        )
+
+
+def _plan(
+    data: Path | None, split: str, allow_subset: bool, pred: Path | None, target: Path | None,
+    source: Path | None, pair_by: str, dual: bool,
+) -> list[Item]:
+    """Pair everything up front (so a mismatch is a usage error before any work)."""
+    from ..metrics import pair_dpdd, pair_folders, pair_predictions_dpdd
+
+    if pred is not None:
+        if data is not None:
+            samples = pair_dpdd(data, split, expected_count=None)
+            _check_dpdd_count(len(samples), split, data, allow_subset)
+            pairs = pair_predictions_dpdd(pred, data, split, expected_count=None)
+            src = {s.name: s.source for s in samples}
+            return [Item(p.name, p.target, source=src[p.name], pred=p.pred) for p in pairs]
+        pairs = pair_folders(pred, target, by=pair_by)
+        src = {}
+        if source is not None:
+            src = {p.name: p.target for p in pair_folders(pred, source, by=pair_by)}
+        return [Item(p.name, p.target, source=src.get(p.name), pred=p.pred) for p in pairs]
+    if data is not None:
+        samples = pair_dpdd(data, split, dual=dual, expected_count=None)
+        _check_dpdd_count(len(samples), split, data, allow_subset)
+        return [Item(s.name, s.target, source=s.source, left=s.left, right=s.right) for s in samples]
+    return [Item(p.name, p.target, source=p.pred) for p in pair_folders(source, target, by=pair_by)]
+
+
+# ---------------------------------------------------------------------------------- methods
+
+
+class _Runner:
+    """Turns an :class:`Item` into (input for display, output, extra record fields)."""
+
+    def __init__(self, method: str | None, deblurrer: Any, wiener_radius: float | None, wiener_snr: float) -> None:
+        self.method = method
+        self.deblurrer = deblurrer
+        self.wiener_radius = wiener_radius
+        self.wiener_snr = wiener_snr
+
+    def __call__(self, item: Item, read: Callable[[Path], np.ndarray]) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
+        extra: dict[str, Any] = {}
+        if self.method is None:  # existing predictions
+            inp = read(item.source) if item.source is not None else None
+            return inp, read(item.pred), extra
+        if self.method == "kpac" and item.left is not None:
+            from ..images import DualPixelTriple, read_dual_pixel
+
+            views, centre, _ = read_dual_pixel(DualPixelTriple(item.left, item.right, item.source, item.name))
+            t0 = time.perf_counter()
+            out = self.deblurrer.deblur(views, centre)
+            extra["seconds"] = time.perf_counter() - t0
+            extra.update(self._engine_notes())
+            return centre, out, extra
+        inp = read(item.source)
+        t0 = time.perf_counter()
+        if self.method == "kpac":
+            out = self.deblurrer.deblur(inp)
+        elif self.method == "identity":
+            out = inp
+        else:
+            from ..inverse import disc_psf, estimate_disc_radius, wiener_deconvolve
+
+            radius = self.wiener_radius if self.wiener_radius is not None else estimate_disc_radius(inp)
+            out = np.clip(wiener_deconvolve(inp, disc_psf(radius), self.wiener_snr), 0.0, 1.0).astype(np.float32)
+            extra["wiener_radius"] = radius
+        extra["seconds"] = time.perf_counter() - t0
+        if self.method == "kpac":
+            extra.update(self._engine_notes())
+        return inp, out, extra
+
+    def _engine_notes(self) -> dict[str, Any]:
+        stats = self.deblurrer.last_stats
+        out: dict[str, Any] = {"precision": stats.precision, "tile": stats.tile}
+        if stats.notes:
+            out["engine_notes"] = list(stats.notes)
+        return out
+
+
+def _precision_name(deblurrer: Any) -> str:
+    import torch
+
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(deblurrer.dtype, str(deblurrer.dtype))
+
+
+def _method_text(method: str | None, deblurrer: Any, wiener_radius: float | None, wiener_snr: float, dual: bool) -> str:
+    if method is None:
+        return "existing predictions read from files"
+    if method == "identity":
+        return "identity: the blurry input itself" + (" (DPDD centre view)" if dual else "")
+    if method == "wiener":
+        r = f"radius {wiener_radius:g} px" if wiener_radius is not None else "radius estimated per image (estimate_disc_radius)"
+        return f"Wiener deconvolution with a uniform disc PSF, {r}, snr {wiener_snr:g}"
+    kind = "dual-pixel (left+right views, centre view as reference)" if deblurrer.config.in_views == 2 else "single image"
+    return (
+        f"KPAC model {deblurrer.name} ({deblurrer.config.levels}-level, {kind}) on {deblurrer.device}, "
+        f"{_precision_name(deblurrer)}, tile {deblurrer.options.tile}; output scored in memory (float, clipped to [0, 1]) "
+        "and quantised as stated, i.e. as if written to a file of that bit depth"
+    )
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def _crop_info(shape: tuple[int, ...]):
+    from ..images import ImageInfo
+
+    return ImageInfo(path=None, format="png", bit_depth=8, channels=3, alpha=None, icc_profile=None,
+                     exif=None, orientation_applied=1, size=(int(shape[0]), int(shape[1])))
+
+
+def _summary_record(report, run: dict[str, Any], speed: Any) -> dict[str, Any]:
+    summ = report.summary()
+
+    def conv(m: dict[str, Any]) -> dict[str, Any]:
+        return {k: (_num(v) if isinstance(v, float) else v) for k, v in m.items()}
+
+    rec: dict[str, Any] = {"summary": True, **run}
+    rec.update(conv(summ["overall"]))
+    rec["failed"] = len(report.failures)
+    rec["failures"] = [{"name": n, "error": e} for n, e in report.failures]
+    rec["lpips_unavailable"] = report.lpips_unavailable
+    rec["splits"] = {k: conv(v) for k, v in summ["splits"].items()}
+    rec["conventions"] = dict(report.conventions)
+    if speed is not None:
+        rec["speed"] = speed.to_dict()
+    return rec
+
+
+def _speed_markdown(speed: Any) -> str:
+    d = speed.to_dict()
+    flops = f"{d['flops'] / 1e9:.1f}" if d["flops"] is not None else d["flops_note"]
+    gfs = f"{d['gflops_per_s']:.1f}" if d["gflops_per_s"] is not None else "n/a"
+    from ..metrics.speed import describe_method
+
+    return "\n".join([
+        "## Speed", "",
+        "| model | device | precision | input | params (M) | GFLOPs | seconds (mean) | seconds (median) | GFLOP/s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        f"| {d['model']} | {d['device']} ({d['device_name']}) | {d['precision']} | {d['width']}x{d['height']} "
+        f"| {d['params'] / 1e6:.3f} | {flops} | {d['seconds']:.4f} | {d['seconds_median']:.4f} | {gfs} |",
+        "",
+        f"Measured: {describe_method()}; {d['warmup']} warm-up and {d['runs']} timed runs. FLOPs: {d['flops_note']}.",
+        "",
+    ])
+
+
+def _write_reports(paths: list[Path], report, run: dict[str, Any], speed: Any) -> list[str]:
+    """Write every --report file; returns error messages (empty when all were written)."""
+    from ..images import atomic_write_bytes
+
+    errors = []
+    for path in paths:
+        kind = REPORT_FORMATS[path.suffix.lower()]
+        if kind == "json":
+            d = report.to_dict()
+            d["run"] = run
+            if speed is not None:
+                d["speed"] = speed.to_dict()
+            text = json.dumps(d, indent=2, allow_nan=False, default=str) + "\n"
+        elif kind == "csv":
+            text = report.csv_text()
+        else:
+            run_md = ["## Run", ""] + [f"- **{k}**: {v}" for k, v in run.items() if v is not None] + [""]
+            text = report.markdown() + "\n" + "\n".join(run_md) + ("\n" + _speed_markdown(speed) if speed is not None else "")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, text.encode("utf-8"))
+        except OSError as e:
+            errors.append(f"cannot write report {path}: {e.strerror or e}")
+    return errors
+
+
+def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per_image: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..metrics import PAPER_TABLE4_DPDD, PAPER_TABLE4_LABEL
+
+    console = Console(highlight=False)
+    lp_missing = report.lpips_unavailable
+    if report.rows and per_image:
+        t = Table(title="per image", title_justify="left")
+        for col, j in (("name", "left"), ("split", "left"), ("PSNR (dB)", "right"), ("SSIM", "right"), ("MAE", "right"), ("LPIPS", "right")):
+            t.add_column(col, justify=j)
+        for r in report.rows:
+            t.add_row(r.name, r.split or "", _fmt(r.psnr, 2), _fmt(r.ssim, 4), _fmt(r.mae, 4),
+                      _fmt(r.lpips, 4) if r.lpips is not None else "n/a")
+        console.print(t)
+    if report.rows or report.failures:
+        summ = report.summary()
+        t = Table(title=f"summary: {run.get('method_label', '')}", title_justify="left")
+        t.add_column("", no_wrap=True)
+        for col in ("images", "PSNR (dB) ↑", "SSIM ↑", "MAE ↓", "LPIPS ↓"):
+            t.add_column(col, justify="right", no_wrap=True)
+
+        def row(label: str, m: dict[str, Any]) -> None:
+            lp = _fmt(m["lpips"], 3) if m["lpips"] is not None else ("unavailable" if lp_missing else "n/a")
+            t.add_row(label, str(m["count"]), _fmt(m["psnr"], 2), _fmt(m["ssim"], 3), _fmt(m["mae"], 3), lp)
+
+        row("all", summ["overall"])
+        for lab, m in summ["splits"].items():
+            row(lab, m)
+        if show_paper:
+            t.add_section()
+            for p in PAPER_TABLE4_DPDD:
+                t.add_row(f"[dim]{p.method}[/]", "[dim]76[/]", f"[dim]{p.psnr:.2f}[/]", f"[dim]{p.ssim:.3f}[/]",
+                          f"[dim]{p.mae:.3f}[/]", f"[dim]{p.lpips:.3f}[/]")
+        console.print(t)
+        c = report.conventions
+        q = c.get("quantisation", "").split(":")[0]
+        ssim_w = "7x7 uniform window" if "uniform" in c.get("SSIM", "") else "11x11 Gaussian window (sigma 1.5)"
+        footer = (
+            f"Conventions: {q} quantisation (round half up), data range 1; PSNR/MAE over all pixels and channels; "
+            f"SSIM: scikit-image, {ssim_w}, per channel; means of per-image values"
+        )
+        if lp_missing == "not requested":
+            footer += "; LPIPS: not computed (--no-lpips)"
+        else:
+            footer += f"; LPIPS: unavailable: {lp_missing}" if lp_missing else f"; LPIPS: {c.get('LPIPS', '')}"
+        if show_paper:
+            footer += f". Rows below the line: {PAPER_TABLE4_LABEL}, comparable only on all 76 test images."
+        console.print(f"[dim]{footer}[/]", soft_wrap=True)
+        if report.failures:
+            names = ", ".join(n for n, _ in report.failures[:10]) + (" ..." if len(report.failures) > 10 else "")
+            console.print(f"[red]{len(report.failures)} failed (not in any mean):[/] {names}", soft_wrap=True)
+        for note in report.notes:
+            console.print(f"note: {note}", soft_wrap=True)
+    if speed is not None:
+        from ..metrics.speed import PAPER_SIZE, describe_method
+
+        d = speed.to_dict()
+        title = "speed (the paper's Table 5 setting)" if (d["width"], d["height"]) == PAPER_SIZE else "speed"
+        t = Table(title=title, title_justify="left", show_header=False)
+        t.add_column("quantity", no_wrap=True)
+        t.add_column("value")
+        flops = f"{_si(d['flops'])} ({_si(d['flops'] / 2)} multiply-adds)" if d["flops"] is not None else d["flops_note"]
+        for k, v in (
+            ("model", d["model"]),
+            ("device", f"{d['device']} ({d['device_name']}), {d['precision']}"),
+            ("input", f"{d['width']}x{d['height']}"),
+            ("parameters", f"{d['params']:,} ({d['params'] / 1e6:.3f} M)"),
+            ("FLOPs per image", flops),
+            ("seconds per image", f"{d['seconds']:.4f} mean, {d['seconds_median']:.4f} median, {d['seconds_min']:.4f} min"),
+            ("throughput", f"{d['gflops_per_s']:.1f} GFLOP/s" if d["gflops_per_s"] is not None else "n/a"),
+        ):
+            t.add_row(k, v)
+        console.print(t)
+        threads = f", {d['threads']} torch threads" if d["threads"] else ""
+        console.print(f"[dim]Measured: {describe_method()}; {d['warmup']} warm-up + {d['runs']} timed runs{threads}. "
+                      f"FLOPs: {d['flops_note']}.[/]", soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------- command
+
+
+def eval_command(
+    data: Optional[Path] = typer.Option(None, "--data", help="DPDD data set folder (holding test_c/, test_l/, test_r/ ...)."),
+    split: str = typer.Option("test", "--split", help="DPDD split: test (76 pairs), val (74) or train (350)."),
+    allow_subset: bool = typer.Option(False, "--allow-subset", help="Accept a DPDD split with another number of pairs than published."),
+    pred: Optional[Path] = typer.Option(None, "--pred", help="Folder of existing results (of any method) to score."),
+    target: Optional[Path] = typer.Option(None, "--target", help="Folder of ground-truth images (with --pred or --source)."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Folder of blurry inputs (paired with --target); with --pred: inputs shown in --save-crops."),
+    pair_by: str = typer.Option("name", "--pair-by", help="Pair folders by file name (stem) or by sorted order."),
+    method: Optional[str] = typer.Option(None, "--method", help="kpac (the model, default), identity (the input itself) or wiener."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Shipped model name (see `kpac models`) or a .safetensors file."),
+    dual: bool = typer.Option(False, "--dual", help="Dual-pixel input (DPDD test_l/test_r, test_c as centre); default: from the model."),
+    wiener_radius: Optional[float] = typer.Option(None, "--wiener-radius", help="Disc PSF radius in pixels for --method wiener (default: estimated per image)."),
+    wiener_snr: float = typer.Option(300.0, "--wiener-snr", help="Signal-to-noise power ratio of the Wiener filter."),
+    bit_depth: int = typer.Option(8, "--bit-depth", help="Quantise both images to 8 bits (the paper) or 16 before scoring; 0 = no quantisation."),
+    ssim_window: str = typer.Option("uniform", "--ssim", help="SSIM window: uniform (7x7, the DPDD literature) or gaussian (Wang et al.)."),
+    lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="LPIPS weights (file or folder); default: $KPAC_LPIPS_WEIGHTS or the torch hub cache, else unavailable."),
+    no_lpips: bool = typer.Option(False, "--no-lpips", help="Do not compute LPIPS."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV of name,label (e.g. indoor/outdoor) for per-split averages."),
+    report: Optional[list[Path]] = typer.Option(None, "--report", help="Write a report: .json, .csv or .md (repeatable)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N pairs (quick looks)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    tile: str = typer.Option("auto", "--tile", help="Tile size in pixels, 'auto' or 0 (whole image). Tiling is exact."),
+    speed: bool = typer.Option(False, "--speed", help="Measure parameters, FLOPs and seconds per 1280x720 image (paper Table 5)."),
+    speed_size: str = typer.Option("1280x720", "--speed-size", help="Input size for --speed, WIDTHxHEIGHT."),
+    speed_runs: int = typer.Option(10, "--speed-runs", help="Timed runs for --speed (after the warm-up runs)."),
+    speed_warmup: int = typer.Option(3, "--speed-warmup", help="Untimed warm-up runs for --speed."),
+    save_crops: Optional[Path] = typer.Option(None, "--save-crops", help="Folder for one PNG per image: input | output | target plus zoomed crops."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON record per image on stdout, then a summary record."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or messages on stderr."),
+) -> None:
+    """Score deblurring results (PSNR, SSIM, MAE, LPIPS) against ground truth, and measure speed.
+
+    Results to score come from running a model on the DPDD test set (--data --model), from a baseline (--method identity|wiener with --data or --source/--target), or from files (--pred with --target or --data). Exit codes: 0 ok, 1 some pair failed (the others are still scored and the failures listed), 2 usage error.
+    """
+    reports = list(report or [])
+    # ---- options that do not depend on the file system
+    if pair_by not in ("name", "order"):
+        raise usage_error(f"--pair-by must be name or order, got {pair_by!r}")
+    if method is not None and method not in METHODS:
+        raise usage_error(f"unknown --method {method!r} (kpac, identity or wiener)")
+    if ssim_window not in ("uniform", "gaussian"):
+        raise usage_error(f"--ssim must be uniform or gaussian, got {ssim_window!r}")
+    if bit_depth not in (0, 8, 16):
+        raise usage_error("--bit-depth must be 8 (the paper), 16, or 0 (no quantisation)")
+    if limit is not None and limit < 1:
+        raise usage_error("--limit must be at least 1")
+    if wiener_radius is not None and not wiener_radius > 0:
+        raise usage_error("--wiener-radius must be positive")
+    if not wiener_snr > 0:
+        raise usage_error("--wiener-snr must be positive")
+    if speed_runs < 1 or speed_warmup < 0:
+        raise usage_error("--speed-runs must be at least 1 and --speed-warmup at least 0")
+    for path in reports:
+        if path.suffix.lower() not in REPORT_FORMATS:
+            raise usage_error(f"--report {path}: use a .json, .csv or .md file name")
+    if no_lpips and lpips_weights is not None:
+        raise usage_error("--no-lpips and --lpips-weights contradict each other")
+    try:
+        tile_value = _tile_option(tile)
+        speed_wh = _size_option(speed_size)
+    except typer.BadParameter as e:
+        raise usage_error(str(e)) from None
+
+    # ---- which mode
+    if pred is not None:
+        if method is not None:
+            raise usage_error("--method computes results; --pred scores existing ones: give one of them")
+        if model is not None and not speed:
+            raise usage_error("--model runs a model; with --pred the results already exist (use --speed to time the model)")
+        if (data is None) == (target is None):
+            raise usage_error("--pred needs the ground truth: give --target DIR or --data DPDD_ROOT (one of them)")
+        if data is not None and source is not None:
+            raise usage_error("--source is not needed with --data (the DPDD inputs are used)")
+        if dual:
+            raise usage_error("--dual applies to running a model, not to --pred")
+    elif data is not None or source is not None or target is not None:
+        if data is not None and (source is not None or target is not None):
+            raise usage_error("give either --data DPDD_ROOT or --source/--target folders, not both")
+        if data is None and (source is None or target is None):
+            raise usage_error("paired folders need both --source DIR and --target DIR")
+        method = method or "kpac"
+        if method != "kpac" and model is not None and not speed:
+            raise usage_error(f"--model is not used by --method {method} (add --speed to time the model)")
+        if method != "kpac" and dual:
+            raise usage_error(f"--dual applies to --method kpac; {method} uses the centre (combined) view")
+    elif not speed:
+        raise usage_error("nothing to evaluate: give --data DPDD_ROOT, --source/--target, --pred with --target, or --speed")
+    elif method is not None:
+        raise usage_error("--method needs data (--data or --source/--target)")
+    has_data = pred is not None or data is not None or source is not None
+    if not has_data and (reports or save_crops is not None or labels is not None or limit is not None):
+        raise usage_error("--report/--save-crops/--labels/--limit need data to evaluate")
+
+    from ..metrics import MetricUnavailable, PairingError, load_lpips, read_labels
+
+    label_map = None
+    if labels is not None:
+        try:
+            label_map = read_labels(labels)
+        except (OSError, ValueError) as e:
+            raise usage_error(f"--labels: {e}") from None
+
+    # ---- the model (for --method kpac and --speed)
+    deblurrer = None
+    need_model = method == "kpac" or speed
+    if need_model:
+        from ..checkpoints.registry import resolve_model
+        from ..engine import Deblurrer, EngineOptions
+
+        try:
+            model_path, _ = resolve_model(model or "default", dual=dual)
+            deblurrer = Deblurrer(model_path, EngineOptions(device=device, precision=precision, tile=tile_value))
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise usage_error(str(e)) from None
+        model_dual = deblurrer.config.in_views == 2
+        if method == "kpac":
+            if dual and not model_dual:
+                raise usage_error(f"--dual given but model {deblurrer.name} is a single-image model")
+            dual = model_dual
+            if dual and data is None:
+                raise usage_error(f"model {deblurrer.name} is a dual-pixel model: it needs --data (DPDD layout with {split}_l/{split}_r)")
+
+    # ---- pairs
+    items: list[Item] = []
+    if has_data:
+        try:
+            items = _plan(data, split, allow_subset, pred, target, source, pair_by, dual and method == "kpac")
+        except PairingError as e:
+            raise usage_error(str(e)) from None
+        if limit is not None:
+            items = items[:limit]
+
+    # ---- LPIPS
+    lpips_spec: Any = "auto"
+    if no_lpips:
+        lpips_spec = None
+    elif lpips_weights is not None:
+        try:
+            lpips_spec = load_lpips(lpips_weights)
+        except MetricUnavailable as e:
+            raise usage_error(f"--lpips-weights: {e}") from None
+
+    mode_label = (
+        f"{deblurrer.name}" if method == "kpac" else (method or f"predictions in {pred}")
+    ) if has_data else (deblurrer.name if deblurrer else "")
+    where = f"DPDD {split} ({data})" if data is not None else (f"{target}" if target is not None else "")
+    run: dict[str, Any] = {
+        "method": method or "predictions",
+        "method_label": mode_label,
+        "model": deblurrer.name if deblurrer is not None else None,
+        "device": str(deblurrer.device) if deblurrer is not None else None,
+        "precision": _precision_name(deblurrer) if deblurrer is not None else None,
+        "data": where or None,
+        "pairing": ("DPDD: sources and targets by sorted order" if data is not None else f"folders by {pair_by}") if has_data else None,
+        "images": len(items),
+        "limit": limit,
+        "bit_depth": bit_depth or None,
+        "ssim_window": ssim_window,
+    }
+    exit_code = EXIT_OK
+    report_obj = None
+    crop_failures = 0
+    speed_result = None
+    previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if has_data:
+            report_obj, crop_failures = _evaluate_items(
+                items, method, deblurrer, wiener_radius, wiener_snr, dual, bit_depth or None, ssim_window,
+                lpips_spec, label_map, save_crops, json_out, quiet, title=f"kpac eval: {mode_label}" + (f" on {where}" if where else ""),
+            )
+            report_obj.conventions["method"] = _method_text(method, deblurrer, wiener_radius, wiener_snr, dual)
+        if speed:
+            from ..metrics.speed import measure_speed
+
+            if not quiet:
+                err_console.print(f"measuring speed of {deblurrer.name} on {deblurrer.device} at {speed_wh[0]}x{speed_wh[1]} ...")
+            try:
+                speed_result = measure_speed(deblurrer, width=speed_wh[0], height=speed_wh[1], warmup=speed_warmup, runs=speed_runs)
+            except (RuntimeError, MemoryError) as e:
+                print_error(f"speed measurement failed: {' '.join(str(e).split())}")
+                exit_code = EXIT_FAILED
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise typer.Exit(130) from None
+    except Terminated:
+        err_console.print("terminated")
+        raise typer.Exit(143) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+
+    if report_obj is not None:
+        if report_obj.failures or crop_failures:
+            exit_code = EXIT_FAILED
+        for msg in _write_reports(reports, report_obj, {k: v for k, v in run.items() if k != "method_label"}, speed_result):
+            print_error(msg)
+            exit_code = EXIT_FAILED
+    record_run = {k: v for k, v in run.items() if k != "method_label"}
+    if json_out:
+        if report_obj is not None:
+            emit_json(_summary_record(report_obj, record_run, speed_result))
+        else:
+            emit_json({"summary": True, **record_run, "speed": speed_result.to_dict() if speed_result else None})
+    else:
+        show_paper = data is not None and split == "test" and bit_depth == 8
+        if report_obj is not None:
+            _print_tables(report_obj, run, speed_result, show_paper, len(report_obj.rows) <= PER_IMAGE_TABLE_MAX)
+        elif speed_result is not None:
+            from ..metrics import Report
+
+            _print_tables(Report(), run, speed_result, False, False)
+    if not quiet and reports and report_obj is not None:
+        err_console.print("reports: " + ", ".join(str(p) for p in reports))
+    raise typer.Exit(exit_code)
+
+
+def _evaluate_items(
+    items: list[Item], method: str | None, deblurrer: Any, wiener_radius: float | None, wiener_snr: float, dual: bool,
+    bit_depth: int | None, ssim_window: str, lpips_spec: Any, label_map: dict[str, str] | None,
+    save_crops: Path | None, json_out: bool, quiet: bool, title: str,
+):
+    from ..images import ImageError
+    from ..metrics.evaluate import Evaluator
+
+    ev = Evaluator(bit_depth=bit_depth, ssim_window=ssim_window, lpips_model=lpips_spec, labels=label_map, title=title)
+    runner = _Runner(method, deblurrer, wiener_radius, wiener_snr)
+    if save_crops is not None:
+        save_crops.mkdir(parents=True, exist_ok=True)
+    errors = (ImageError, OSError, ValueError, RuntimeError, MemoryError)
+    crop_errors: list[str] = []
+    with progress_bar(show_progress(quiet)) as progress:
+        task = progress.add_task("evaluating", total=len(items)) if progress else None
+        for item in items:
+            rec: dict[str, Any] = {
+                "name": item.name,
+                "input": str(item.source) if item.source is not None else None,
+                "prediction": str(item.pred) if item.pred is not None else None,
+                "target": str(item.target),
+            }
+            try:
+                inp, out, extra = runner(item, ev.reader)
+                target_img = ev.load(item.target)
+                row = ev.score(item.name, out, target_img)
+            except errors as e:
+                msg = _one_line(e, item.name)
+                ev.fail(item.name, msg)
+                rec.update(status="failed", error=msg)
+                print_error(msg)
+            else:
+                rec.update(status="ok", split=row.split, psnr=_num(row.psnr), ssim=_num(row.ssim), mae=_num(row.mae),
+                           lpips=_num(row.lpips), **{k: (_num(v) if isinstance(v, float) else v) for k, v in extra.items()})
+                if save_crops is not None:
+                    try:
+                        crop_path, box = _save_crops(save_crops, item.name, inp, out, target_img, row.psnr, method, ev)
+                        rec.update(crops=str(crop_path), crop_box=list(box))
+                    except errors as e:
+                        msg = f"crops not written: {_one_line(e, item.name)}"
+                        crop_errors.append(msg)
+                        rec["crops_error"] = msg
+                        print_error(msg)
+            if json_out:
+                emit_json(rec)
+            if progress is not None:
+                progress.advance(task)
+    report = ev.finish()
+    report.notes.extend(crop_errors)
+    return report, len(crop_errors)
+
+
+def _one_line(err: BaseException, name: str) -> str:
+    msg = " ".join(str(err).split()) or type(err).__name__
+    return msg if name in msg else f"{name}: {msg}"
+
+
+def _save_crops(folder: Path, name: str, inp, out, target_img, out_psnr: float, method: str | None, ev) -> tuple[Path, tuple[int, int, int]]:
+    """Write ``folder/name.png``: input | output | target with zoomed crops (see kpac_cli.metrics.crops)."""
+    from ..images import write_image
+    from ..metrics import psnr
+    from ..metrics.crops import compose_comparison
+
+    t_q = ev.prepare(target_img)
+    labels = [f"{'output' if method is not None else 'prediction'} {_fmt(out_psnr, 2)} dB", "target"]
+    if inp is not None:
+        labels.insert(0, f"input {_fmt(psnr(ev.prepare(inp), t_q), 2)} dB")
+    f32 = lambda a: None if a is None else np.asarray(a, dtype=np.float32)  # noqa: E731
+    comp = compose_comparison(f32(out), f32(target_img), f32(inp), labels=labels)
+    path = folder / f"{name}.png"
+    write_image(path, comp.image, _crop_info(comp.image.shape), format="png", bit_depth=8)
+    return path, comp.box
+
+
+eval_command.__doc__ = (eval_command.__doc__ or "") + "\n" + EXAMPLES
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval", help=eval_command.__doc__)(eval_command)

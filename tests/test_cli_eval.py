@@ -1,0 +1,370 @@
+"""`kpac eval` end to end: scores equal the library's, baselines, reports, pairing errors, speed, crops."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kpac_cli import metrics as M
+from kpac_cli.checkpoints import save_checkpoint
+from kpac_cli.cli import app
+from kpac_cli.engine import Deblurrer, EngineOptions
+from kpac_cli.images import ImageInfo, read_image, write_image
+from kpac_cli.inverse import convolve, disc_psf, gaussian_psf
+from kpac_cli.metrics import lpips_net
+from kpac_cli.metrics.crops import PANEL_GAP
+from kpac_cli.model import KPACConfig, build_model, count_parameters
+
+runner = CliRunner()
+H, W = 48, 64
+
+
+def invoke(*args):
+    return runner.invoke(app, ["eval", *[str(a) for a in args]], catch_exceptions=False)
+
+
+def records(res) -> list[dict]:
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def _write(path: Path, arr: np.ndarray, bit_depth: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = ImageInfo(path=None, format="png", bit_depth=bit_depth, channels=3, alpha=None, icc_profile=None, exif=None,
+                     orientation_applied=1, size=arr.shape[:2])
+    write_image(path, np.asarray(arr, np.float32), info)
+    return path
+
+
+def _scene(rng, h=H, w=W) -> np.ndarray:
+    """A textured image: smoothed noise plus a few sharp edges."""
+    img = convolve(rng.random((h, w, 3)), gaussian_psf(1.2))
+    img[h // 3 : h // 2, w // 4 : w // 2] += 0.3
+    return np.clip(img, 0, 1)
+
+
+def _read(path) -> np.ndarray:
+    return read_image(path)[0]
+
+
+@pytest.fixture(autouse=True)
+def no_lpips_weights(tmp_path, monkeypatch):
+    """No LPIPS weights anywhere (empty hub cache, no env var, no lpips package)."""
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(hub))
+    monkeypatch.delenv(M.LPIPS_ENV, raising=False)
+    monkeypatch.setattr(lpips_net, "_lpips_package_weights", lambda: None)
+    yield
+    torch.hub.set_dir(old)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Small random-weight models that exercise the plumbing (they are not deblurring models)."""
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    single = save_checkpoint(folder / "single.safetensors", build_model(KPACConfig(levels=2, channels=8)), {"name": "tiny"})
+    dual = save_checkpoint(folder / "dual.safetensors", build_model(KPACConfig(levels=2, channels=8, in_views=2)), {"name": "tiny-dual"})
+    return single, dual
+
+
+@pytest.fixture(scope="module")
+def dpdd(tmp_path_factory) -> Path:
+    """A 3-pair DPDD-layout test split (16-bit PNGs; source N goes with target N-1, as in DPDD)."""
+    root = tmp_path_factory.mktemp("dpdd")
+    rng = np.random.default_rng(7)
+    for i in range(3):
+        sharp = _scene(rng)
+        blurred = convolve(sharp, disc_psf(2.0))
+        src, tgt = f"1P0A{917 + 2 * i:04d}", f"1P0A{916 + 2 * i:04d}"
+        _write(root / "test_c" / "target" / f"{tgt}.png", sharp, 16)
+        _write(root / "test_c" / "source" / f"{src}.png", blurred, 16)
+        _write(root / "test_l" / "source" / f"{src}.png", np.clip(blurred + 0.02, 0, 1), 16)
+        _write(root / "test_r" / "source" / f"{src}.png", np.clip(blurred - 0.02, 0, 1), 16)
+    return root
+
+
+@pytest.fixture
+def folders(tmp_path) -> Path:
+    """pred/, gt/ and src/ folders with three same-named 8-bit images."""
+    rng = np.random.default_rng(3)
+    for n in ("a", "b", "c"):
+        t = _scene(rng)
+        _write(tmp_path / "gt" / f"{n}.png", t)
+        _write(tmp_path / "src" / f"{n}.png", convolve(t, disc_psf(2.5)))
+        _write(tmp_path / "pred" / f"{n}.png", np.clip(t + rng.normal(0, 0.03, t.shape), 0, 1))
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+def test_pred_target_scores_equal_the_library(folders):
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--json")
+    assert res.exit_code == 0, res.output
+    recs = records(res)
+    per_image, summary = recs[:-1], recs[-1]
+    expect = M.evaluate(M.pair_folders(folders / "pred", folders / "gt"), lpips_model=None)
+    assert [r["name"] for r in per_image] == [r.name for r in expect.rows] == ["a", "b", "c"]
+    for got, want in zip(per_image, expect.rows):
+        assert got["status"] == "ok"
+        assert got["psnr"] == pytest.approx(want.psnr, abs=1e-12)
+        assert got["ssim"] == pytest.approx(want.ssim, abs=1e-12)
+        assert got["mae"] == pytest.approx(want.mae, abs=1e-12)
+    # and the same as computing the metrics by hand on 8-bit-quantised images
+    p, t = M.quantize(_read(folders / "pred" / "b.png")), M.quantize(_read(folders / "gt" / "b.png"))
+    assert per_image[1]["psnr"] == pytest.approx(M.psnr(p, t), abs=1e-12)
+    assert per_image[1]["ssim"] == pytest.approx(M.ssim(p, t), abs=1e-12)
+    assert summary["summary"] is True and summary["count"] == 3 and summary["failed"] == 0
+    assert summary["psnr"] == pytest.approx(expect.summary()["overall"]["psnr"], abs=1e-12)
+    # Gaussian SSIM and 16-bit scoring are passed through
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--json", "--ssim", "gaussian", "--bit-depth", "16")
+    g = records(res)[1]
+    p16, t16 = M.quantize(_read(folders / "pred" / "b.png"), 16), M.quantize(_read(folders / "gt" / "b.png"), 16)
+    assert g["ssim"] == pytest.approx(M.ssim(p16, t16, "gaussian"), abs=1e-12)
+
+
+def test_terminal_tables_and_conventions_footer(folders):
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt")
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert "per image" in out and "summary" in out
+    for name in ("a", "b", "c"):
+        assert any(line.strip("│┃ ").startswith(name) for line in out.splitlines())
+    assert "8-bit quantisation" in out and "7x7 uniform window" in out and "LPIPS: unavailable" in out
+
+
+def test_identity_psnr_is_psnr_of_source(folders):
+    res = invoke("--source", folders / "src", "--target", folders / "gt", "--method", "identity", "--json")
+    assert res.exit_code == 0, res.output
+    recs = records(res)
+    for r in recs[:-1]:
+        s = M.quantize(_read(folders / "src" / f"{r['name']}.png"))
+        t = M.quantize(_read(folders / "gt" / f"{r['name']}.png"))
+        assert r["psnr"] == pytest.approx(M.psnr(s, t), abs=1e-12)
+        assert r["mae"] == pytest.approx(M.mae(s, t), abs=1e-12)
+    assert recs[-1]["method"] == "identity" and recs[-1]["model"] is None
+
+
+def test_wiener_beats_identity_on_a_disc_blurred_pair(tmp_path):
+    rng = np.random.default_rng(11)
+    sharp = _scene(rng, 96, 96)
+    blurred = np.clip(convolve(sharp, disc_psf(3.0)) + rng.normal(0, 0.3 / 255, sharp.shape), 0, 1)
+    _write(tmp_path / "gt" / "x.png", sharp, 16)
+    _write(tmp_path / "src" / "x.png", blurred, 16)
+    args = ("--source", tmp_path / "src", "--target", tmp_path / "gt", "--json")
+    ident = records(invoke(*args, "--method", "identity"))[0]
+    given = records(invoke(*args, "--method", "wiener", "--wiener-radius", "3"))[0]
+    est = records(invoke(*args, "--method", "wiener"))[0]
+    assert given["wiener_radius"] == 3.0 and given["psnr"] > ident["psnr"] + 3
+    assert abs(est["wiener_radius"] - 3.0) <= 0.5 and est["psnr"] > ident["psnr"] + 2
+
+
+def test_dpdd_single_and_dual_models(dpdd, tiny_models):
+    single, dual = tiny_models
+    res = invoke("--data", dpdd, "--allow-subset", "--model", single, "--device", "cpu", "--limit", "2", "--json")
+    assert res.exit_code == 0, res.output
+    recs = records(res)
+    assert [r["name"] for r in recs[:-1]] == ["1P0A0917", "1P0A0919"]  # named after the sources
+    assert recs[0]["target"].endswith("1P0A0916.png") and recs[-1]["images"] == 2
+    d = Deblurrer(single, EngineOptions(device="cpu"))
+    out = d.deblur(_read(dpdd / "test_c" / "source" / "1P0A0917.png"))
+    assert recs[0]["psnr"] == pytest.approx(M.psnr(M.quantize(out), M.quantize(_read(dpdd / "test_c" / "target" / "1P0A0916.png"))), abs=1e-9)
+
+    # the dual model is inferred from its config: left/right views in, centre view as reference
+    res = invoke("--data", dpdd, "--allow-subset", "--model", dual, "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    recs = records(res)
+    assert len(recs) == 4 and all(r["status"] == "ok" for r in recs[:-1])
+    d = Deblurrer(dual, EngineOptions(device="cpu"))
+    name = "1P0A0921"
+    views = np.concatenate([_read(dpdd / v / "source" / f"{name}.png") for v in ("test_l", "test_r")], axis=2)
+    out = d.deblur(views, _read(dpdd / "test_c" / "source" / f"{name}.png"))
+    want = M.psnr(M.quantize(out), M.quantize(_read(dpdd / "test_c" / "target" / "1P0A0920.png")))
+    assert recs[2]["name"] == name and recs[2]["psnr"] == pytest.approx(want, abs=1e-9)
+    # a single-image model refuses --dual; a dual model needs the DPDD layout
+    assert invoke("--data", dpdd, "--allow-subset", "--model", single, "--dual").exit_code == 2
+    assert invoke("--source", dpdd / "test_c" / "source", "--target", dpdd / "test_c" / "target",
+                  "--pair-by", "order", "--model", dual).exit_code == 2
+
+
+def test_dpdd_count_is_checked(dpdd):
+    res = invoke("--data", dpdd, "--method", "identity")
+    assert res.exit_code == 2
+    assert "found 3 pairs" in res.output and "76" in res.output and "--allow-subset" in res.output
+    res = invoke("--data", dpdd, "--method", "identity", "--allow-subset", "--json")
+    assert res.exit_code == 0 and records(res)[-1]["count"] == 3
+
+
+def test_pred_with_dpdd_ground_truth(dpdd, tmp_path):
+    # results named after the DPDD sources, scored against the (differently named) targets
+    for p in sorted((dpdd / "test_c" / "source").iterdir()):
+        _write(tmp_path / "out" / p.name, _read(p))
+    res = invoke("--pred", tmp_path / "out", "--data", dpdd, "--allow-subset", "--json")
+    assert res.exit_code == 0, res.output
+    ident = records(invoke("--data", dpdd, "--allow-subset", "--method", "identity", "--json"))
+    got = records(res)
+    for a, b in zip(got[:-1], ident[:-1]):
+        assert a["name"] == b["name"]
+        assert a["psnr"] == pytest.approx(b["psnr"], abs=0.05)  # 8-bit copy of a 16-bit input
+    (tmp_path / "out" / "1P0A0919.png").unlink()
+    res = invoke("--pred", tmp_path / "out", "--data", dpdd, "--allow-subset")
+    assert res.exit_code == 2 and "1P0A0919" in res.output
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def test_reports_parse_and_hold_every_image(folders, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("name,label\na,indoor\nb,outdoor\nc,outdoor\n")
+    out = tmp_path / "reports"
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--labels", labels,
+                 "--report", out / "r.json", "--report", out / "r.csv", "--report", out / "r.md", "--quiet")
+    assert res.exit_code == 0, res.output
+    names = {"a", "b", "c"}
+
+    d = json.loads((out / "r.json").read_text())
+    assert {im["name"] for im in d["images"]} == names
+    assert d["summary"]["splits"]["outdoor"]["count"] == 2
+    assert d["run"]["method"] == "predictions" and d["run"]["images"] == 3
+    assert "method" in d["conventions"]
+
+    with open(out / "r.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["name"] for r in rows} == names and {r["split"] for r in rows} == {"indoor", "outdoor"}
+    assert all(math.isfinite(float(r["psnr"])) for r in rows)
+
+    md = (out / "r.md").read_text()
+    cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in md.splitlines() if ln.startswith("|")]
+    assert names <= {c[0] for c in cells}
+    assert any(c[0] == "ours (indoor)" for c in cells)
+    assert "## Run" in md
+
+
+def test_lpips_without_weights_is_unavailable_not_a_number(folders, tmp_path):
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--report", tmp_path / "r.json",
+                 "--report", tmp_path / "r.md", "--json")
+    assert res.exit_code == 0, res.output
+    recs = records(res)
+    assert all(r["lpips"] is None for r in recs[:-1])
+    assert recs[-1]["lpips"] is None and "LPIPS weights not available" in recs[-1]["lpips_unavailable"]
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert d["lpips_unavailable"] and all(im["lpips"] is None for im in d["images"])
+    assert "unavailable: LPIPS weights not available" in (tmp_path / "r.md").read_text()
+    # a missing explicit weights file is a usage error, not a silent "unavailable"
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--lpips-weights", tmp_path / "nope.pth")
+    assert res.exit_code == 2 and "nope.pth" in res.output
+
+
+def test_lpips_weights_file_gives_numbers(folders, tmp_path):
+    torch.manual_seed(1)
+    net = M.LPIPS()
+    net.save(tmp_path / "lpips.pth")  # random weights: checks the wiring only
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--lpips-weights", tmp_path / "lpips.pth", "--json")
+    assert res.exit_code == 0, res.output
+    rec = records(res)[0]
+    p, t = M.quantize(_read(folders / "pred" / "a.png")), M.quantize(_read(folders / "gt" / "a.png"))
+    assert rec["lpips"] == pytest.approx(M.lpips(p, t, M.load_lpips(tmp_path / "lpips.pth")), rel=1e-6)
+    assert records(res)[-1]["lpips_unavailable"] is None
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_mismatched_pairing_exits_2_naming_the_files(folders):
+    (folders / "pred" / "c.png").rename(folders / "pred" / "extra_pred.png")
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt")
+    assert res.exit_code == 2
+    assert "extra_pred" in res.output and "c" in res.output.split("without a prediction")[1]
+    (folders / "pred" / "zz.png").write_bytes((folders / "pred" / "a.png").read_bytes())
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--pair-by", "order")
+    assert res.exit_code == 2 and "4 images" in res.output and "but 3" in res.output
+
+
+def test_failed_pair_exits_1_and_the_others_are_scored(folders):
+    (folders / "pred" / "b.png").write_bytes(b"not an image")
+    _write(folders / "pred" / "c.png", np.zeros((H // 2, W, 3)))  # wrong size
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--json")
+    assert res.exit_code == 1
+    recs = records(res)
+    status = {r["name"]: r["status"] for r in recs[:-1]}
+    assert status == {"a": "ok", "b": "failed", "c": "failed"}
+    assert recs[-1]["count"] == 1 and recs[-1]["failed"] == 2
+    assert {f["name"] for f in recs[-1]["failures"]} == {"b", "c"}
+    assert "different shapes" in next(r for r in recs if r["name"] == "c")["error"]
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt")
+    assert res.exit_code == 1 and "2 failed" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--pred", "pred"],
+        ["--pred", "pred", "--target", "gt", "--method", "identity"],
+        ["--source", "src", "--target", "gt", "--method", "magic"],
+        ["--source", "src"],
+        ["--pred", "pred", "--target", "gt", "--report", "r.txt"],
+        ["--pred", "pred", "--target", "gt", "--bit-depth", "12"],
+        ["--pred", "pred", "--target", "gt", "--ssim", "box"],
+        ["--pred", "pred", "--target", "gt", "--limit", "0"],
+        ["--source", "src", "--target", "gt", "--method", "wiener", "--wiener-radius", "-1"],
+        ["--pred", "pred", "--target", "nowhere"],
+        ["--speed", "--model", "no-such-model"],
+        ["--speed", "--model", "m.safetensors", "--speed-size", "big"],
+    ],
+)
+def test_usage_errors_exit_2(folders, monkeypatch, args):
+    monkeypatch.chdir(folders)
+    assert invoke(*args).exit_code == 2
+
+
+# ------------------------------------------------------------------------------------------ speed, crops
+
+
+def test_speed_record(tiny_models):
+    res = invoke("--speed", "--model", tiny_models[0], "--device", "cpu", "--speed-size", "64x48",
+                 "--speed-runs", "2", "--speed-warmup", "1", "--json")
+    assert res.exit_code == 0, res.output
+    (rec,) = records(res)
+    sp = rec["summary"] and rec["speed"]
+    assert {"params", "flops", "seconds", "seconds_median", "times", "device", "precision"} <= set(sp)
+    cfg = KPACConfig(levels=2, channels=8)
+    assert sp["params"] == count_parameters(build_model(cfg))
+    assert (sp["width"], sp["height"], sp["runs"], len(sp["times"])) == (64, 48, 2, 2)
+    from kpac_cli.model.flops import count_flops
+
+    assert sp["flops"] == count_flops(cfg, 48, 64)["total"]
+    res = invoke("--speed", "--model", tiny_models[0], "--device", "cpu", "--speed-size", "64x48", "--speed-runs", "1")
+    assert res.exit_code == 0 and "parameters" in res.stdout and "FLOPs" in res.stdout
+
+
+def test_save_crops_writes_one_png_per_image(folders, tmp_path):
+    crops = tmp_path / "crops"
+    res = invoke("--source", folders / "src", "--target", folders / "gt", "--method", "wiener", "--wiener-radius", "2.5",
+                 "--save-crops", crops, "--json")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in crops.iterdir()) == ["a.png", "b.png", "c.png"]
+    img, info = read_image(crops / "a.png")
+    assert info.format == "png" and info.bit_depth == 8
+    assert img.shape[1] == 3 * W + 2 * PANEL_GAP and img.shape[0] > H
+    rec = records(res)[0]
+    assert rec["crops"].endswith("a.png") and len(rec["crop_box"]) == 3
+    # existing predictions without inputs: prediction | target
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--save-crops", tmp_path / "c2", "--quiet")
+    assert res.exit_code == 0
+    assert read_image(tmp_path / "c2" / "b.png")[0].shape[1] == 2 * W + PANEL_GAP
+
+
+def test_help_has_examples():
+    res = invoke("--help")
+    assert res.exit_code == 0 and "Example" in res.stdout and "--save-crops" in res.stdout
