@@ -176,3 +176,25 @@ def test_version_help_and_module_entry_point():
         assert res.exit_code == 0 and "Example" in res.stdout, cmd
     proc = subprocess.run([sys.executable, "-m", "kpac_cli", "--version"], capture_output=True, text=True, check=True)
     assert proc.stdout.startswith("kpac ")
+
+
+def test_torchrun_ranks_share_the_files_and_match_a_single_process(tmp_path, tiny_models):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(5):
+        _write(photos / f"p{i}.png", np.random.default_rng(10 + i).random((28, 36, 3), dtype=np.float32), 8)
+    single = invoke("deblur", photos, "-o", tmp_path / "single", "--model", tiny_models[0], "--device", "cpu")
+    assert single.exit_code == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "kpac_cli", "deblur", str(photos), "-o", str(tmp_path / "multi"), "--model", str(tiny_models[0]), "--json"],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(Path(r["input"]).name for r in records) == [f"p{i}.png" for i in range(5)]  # each file once
+    for i in range(5):
+        a, _ = read_image(tmp_path / "single" / f"p{i}.png")
+        b, _ = read_image(tmp_path / "multi" / f"p{i}.png")
+        assert np.array_equal(a, b)
+    assert proc.stderr.count("5 deblurred, 0 skipped, 0 failed") == 1  # one summary, from rank 0, over all ranks

@@ -7,12 +7,29 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 
 from ..engine import Deblurrer, EngineOptions
 from ..engine.batch import STDIO, JobResult, OutputOptions, PlanError, plan_dual, plan_single, run_batch
 from ..images import DEFAULT_MAX_PIXELS, RawOptions
-from .common import EXIT_FAILED, EXIT_OK, emit_json, err_console, print_error, progress_bar, show_progress, usage_error
+from ..train.distributed import env_info
+from ..train.distributed import setup as setup_distributed
+from ..train.distributed import teardown as teardown_distributed
+from .common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    device_option,
+    dual_pixel_mode,
+    emit_json,
+    err_console,
+    parse_tile,
+    precision_option,
+    print_error,
+    progress_bar,
+    show_progress,
+    usage_error,
+)
 
 EXAMPLES = """
 Examples:
@@ -35,21 +52,6 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
     raise Terminated()
 
 
-def _tile_option(value: str) -> int | str | None:
-    v = value.strip().lower()
-    if v == "auto":
-        return "auto"
-    if v in ("0", "none", "off"):
-        return None
-    try:
-        n = int(v)
-    except ValueError:
-        raise typer.BadParameter("use auto, 0 (no tiling) or a tile size in pixels") from None
-    if n < 0:
-        raise typer.BadParameter("tile size must be positive")
-    return n
-
-
 def deblur(
     inputs: list[str] = typer.Argument(None, help="Image files or folders, or '-' for stdin.", show_default=False),
     output: str = typer.Option(..., "-o", "--output", help="Output folder, file (for one input), or '-' for stdout."),
@@ -58,8 +60,8 @@ def deblur(
     right: Optional[str] = typer.Option(None, "--right", help="Dual-pixel right view(s)."),
     center: Optional[str] = typer.Option(None, "--center", help="Dual-pixel centre view(s); default: mean of left and right."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders (their structure is kept)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    device: str = device_option(),
+    precision: str = precision_option(),
     fp32: bool = typer.Option(False, "--fp32", help="Shorthand for --precision fp32."),
     tile: str = typer.Option("auto", "--tile", help="Tile size in pixels, 'auto' (from free memory) or 0 (whole image). Tiling is exact."),
     fmt: Optional[str] = typer.Option(None, "--format", "--ext", help="Output format: png, tiff or jpeg (default: the input's; RAW -> tiff)."),
@@ -80,13 +82,7 @@ def deblur(
 ) -> None:
     """Remove defocus blur from photos (PNG/TIFF 8/16-bit, JPEG, camera RAW, dual-pixel pairs)."""
     inputs = inputs or []
-    dual = left is not None or right is not None
-    if dual and (left is None or right is None):
-        raise usage_error("dual-pixel input needs both --left and --right")
-    if dual and inputs:
-        raise usage_error("give either INPUTS or --left/--right, not both")
-    if not dual and not inputs:
-        raise usage_error("no inputs given (files, folders, or '-' for stdin)")
+    dual = dual_pixel_mode(inputs, left, right, "no inputs given (files, folders, or '-' for stdin)")
     if overwrite and skip_existing:
         raise usage_error("--overwrite and --skip-existing contradict each other")
     if json_out and output == STDIO:
@@ -100,8 +96,8 @@ def deblur(
     if bit_depth == 32 and fmt not in (None, "tiff"):
         raise usage_error("--bit-depth 32 (float) is written as TIFF only")
     try:
-        tile_value = _tile_option(tile)
-    except typer.BadParameter as e:
+        tile_value = parse_tile(tile)
+    except ValueError as e:
         raise usage_error(f"--tile: {e}") from None
     out_opts = OutputOptions(fmt, bit_depth, suffix, overwrite, skip_existing, jpeg_quality)
     raw_opts = RawOptions(white_balance=raw_wb, half_size=raw_half_size, demosaic=raw_demosaic, gamma="linear" if raw_linear else "srgb", exposure=raw_exposure)
@@ -112,11 +108,17 @@ def deblur(
         else:
             stdin = sys.stdin.buffer.read() if inputs == [STDIO] else None
             jobs = plan_single(inputs, output, recursive, out_opts, stdin)
+        dist_info = env_info()
+        if dist_info.enabled and device == "auto":
+            # under torchrun each rank takes its own GPU (or shares the CPU)
+            device = f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu"
         engine_opts = EngineOptions(device=device, precision="fp32" if fp32 else precision, tile=tile_value)
         from ..checkpoints.registry import resolve_model
 
         model_path, _ = resolve_model(model, dual=dual)
         deblurrer = Deblurrer(model_path, engine_opts)
+        dist_info = setup_distributed(deblurrer.device)
+        jobs = jobs[dist_info.rank :: dist_info.world_size]  # each rank its share of the files
     except (PlanError, ValueError, FileNotFoundError) as e:
         raise usage_error(str(e)) from None
     if (deblurrer.config.in_views == 2) != dual:
@@ -134,7 +136,7 @@ def deblur(
             save_blurmaps(path, result, deblurrer.config, info.size, overwrite=overwrite)
             return {"blurmap": str(path)}
 
-    interactive = show_progress(quiet) and output != STDIO
+    interactive = show_progress(quiet) and output != STDIO and dist_info.is_main
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
     exit_code = EXIT_OK
@@ -179,12 +181,23 @@ def deblur(
             exit_code = 143
         finally:
             signal.signal(signal.SIGTERM, previous_term)
+    if dist_info.enabled:  # totals over all ranks; the worst exit code wins
+        totals = torch.tensor([counts["ok"], counts["skipped"], counts["failed"], len(jobs)], dtype=torch.int64)
+        torch.distributed.all_reduce(totals)
+        counts = dict(zip(("ok", "skipped", "failed"), totals[:3].tolist()))
+        worst = torch.tensor([exit_code])
+        torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+        exit_code, total_jobs = int(worst.item()), int(totals[3].item())
+        teardown_distributed(dist_info)
+        quiet = quiet or not dist_info.is_main
+    else:
+        total_jobs = len(jobs)
     if exit_code == EXIT_OK and counts["failed"]:
         exit_code = EXIT_FAILED
     if not quiet:
         done = f"{counts['ok']} deblurred, {counts['skipped']} skipped, {counts['failed']} failed"
         if exit_code in (130, 143):
-            err_console.print(f"interrupted: {done}, {len(jobs) - sum(counts.values())} not started; rerun with --skip-existing to finish")
+            err_console.print(f"interrupted: {done}, {total_jobs - sum(counts.values())} not started; rerun with --skip-existing to finish")
         elif output != STDIO or counts["failed"]:
             err_console.print(done)
     raise typer.Exit(exit_code)
