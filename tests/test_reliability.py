@@ -1,0 +1,756 @@
+"""kpac survives whatever it is fed and never destroys data.
+
+For every hostile input (see ``hostile.py``): a one-line error on stderr that names the file
+and the problem, exit code 1, the rest of the batch still processed, no traceback and no
+partial output. Also: decompression bombs, dual-pixel pairs that do not fit, unreadable
+inputs, unwritable or full output folders, outputs that would clobber inputs, and model files
+that are malicious or broken. Interruptions and concurrent runs are in ``test_signals.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+import kpac_cli.images.atomic as atomic_mod
+from hostile import (
+    PNG_SIGNATURE,
+    bomb_png,
+    dual_pixel_cases,
+    evil_npz,
+    evil_pt,
+    fuzz_seeds,
+    image_cases,
+    malformed_pt_cases,
+    mismatched_checkpoint,
+    png_bytes,
+    smooth_rgb,
+    truncated_checkpoint,
+    write_cases,
+)
+from kpac_cli.checkpoints import save_checkpoint
+from kpac_cli.cli import app
+from kpac_cli.images import ImageError, read_image
+from kpac_cli.model import KPACConfig, build_model
+
+runner = CliRunner()
+TINY = {"levels": 2, "channels": 8}
+IS_ROOT_LIKE = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(autouse=True)
+def _wide_stderr(monkeypatch):
+    # Error lines are checked for content here; whether the console wraps long lines at the
+    # terminal width is checked on its own (test_long_messages_are_never_wrapped).
+    monkeypatch.setenv("COLUMNS", "10000")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny random-weight models: they exercise the plumbing, not the deblurring."""
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    single = build_model(KPACConfig(**TINY))
+    return {
+        "single": save_checkpoint(folder / "single.safetensors", single, {"name": "tiny"}),
+        "dual": save_checkpoint(folder / "dual.safetensors", build_model(KPACConfig(**TINY, in_views=2)), {"name": "tiny-dual"}),
+        "state_dict": single.state_dict(),
+    }
+
+
+def kpac(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+def deblur(model, *args, input=None):
+    return kpac("deblur", *args, "--model", model, "--device", "cpu", input=input)
+
+
+def stderr_lines(res) -> list[str]:
+    return [line for line in res.stderr.splitlines() if line.strip()]
+
+
+def error_lines(res) -> list[str]:
+    return [line for line in stderr_lines(res) if line.startswith("error:")]
+
+
+def assert_no_traceback(res) -> None:
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, res.stderr
+
+
+def assert_one_error(res, name: str, match: str = "") -> str:
+    """Exactly one stderr line mentions ``name``: an ``error:`` line matching ``match``."""
+    lines = [line for line in stderr_lines(res) if name in line]
+    assert len(lines) == 1, f"expected one line naming {name}, got:\n{res.stderr}"
+    assert lines[0].startswith("error:"), lines[0]
+    if match:
+        assert re.search(match, lines[0], re.IGNORECASE), f"{lines[0]!r} does not match {match!r}"
+    return lines[0]
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files (hidden ``*.kpac-tmp``) under ``folder``."""
+    return sorted(str(p) for p in folder.rglob("*") if p.name.endswith(".kpac-tmp"))
+
+
+def out_name(src_name: str) -> str:
+    p = Path(src_name)
+    ext = p.suffix.lower()
+    return p.stem + (ext if ext in (".png", ".tif", ".tiff", ".jpg", ".jpeg") else ".tif")
+
+
+def write_png(path: Path, h: int = 24, w: int = 32, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(smooth_rgb(h, w, seed)))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# the hostile image corpus
+
+
+def test_hostile_corpus_in_one_batch(tmp_path, models):
+    """Every bad file fails alone with its own one-line error; every good one is deblurred."""
+    cases = image_cases()
+    paths = write_cases(tmp_path / "in", cases)
+    control = write_png(tmp_path / "in" / "control.png")
+    out = tmp_path / "out"
+    res = deblur(models["single"], *paths.values(), control, "-o", out)
+    assert res.exit_code == 1, res.stderr
+    assert_no_traceback(res)
+
+    produced = {p.name for p in out.iterdir()}
+    expected_outputs = {"control.png"}
+    failed = 0
+    for c in cases:
+        src, dst = paths[c.name], out / out_name(c.name)
+        mentions = [line for line in stderr_lines(res) if str(src) in line]
+        succeeded = not mentions
+        if c.ok is not None:
+            assert succeeded == c.ok, f"{c.name} ({c.why}): {mentions or 'succeeded'}"
+        if succeeded:
+            expected_outputs.add(dst.name)
+            img, info = read_image(dst)  # complete and decodable
+            assert img.shape[:2] == read_image(src)[1].size and info.frames == 1, c.name
+        else:
+            failed += 1
+            assert_one_error(res, str(src), c.match)
+            assert not dst.exists(), f"partial output for {c.name}"
+    assert produced == expected_outputs
+    assert leftovers(tmp_path) == []
+    summary = stderr_lines(res)[-1]
+    assert summary == f"{len(expected_outputs)} deblurred, 0 skipped, {failed} failed"
+    assert len(error_lines(res)) == failed  # nothing else on stderr
+    assert len(stderr_lines(res)) == failed + 1
+
+
+def test_odd_but_valid_images_come_out_right(tmp_path, models):
+    names = ["one_by_one.png", "gray_alpha.png", "palette.png", "float.tif", "animated.png", "multipage.tif"]
+    cases = [c for c in image_cases() if c.name in names]
+    paths = write_cases(tmp_path / "in", cases)
+    out = tmp_path / "out"
+    res = deblur(models["single"], *paths.values(), "-o", out)
+    assert res.exit_code == 0, res.stderr
+
+    img, _ = read_image(out / "one_by_one.png")
+    assert img.shape == (1, 1, 3)
+    _, src_info = read_image(paths["gray_alpha.png"])
+    _, info = read_image(out / "gray_alpha.png")
+    assert info.channels == 2 and np.array_equal(info.alpha, src_info.alpha)  # alpha untouched
+    _, info = read_image(out / "palette.png")
+    assert info.channels == 3 and info.bit_depth == 8
+    img, info = read_image(out / "float.tif")  # NaN / inf in the input: finite output
+    assert info.bit_depth == 16 and np.isfinite(img).all()
+    for name in ("animated.png", "multipage.tif"):  # the first frame / page
+        assert read_image(paths[name])[1].frames == 3
+        img, info = read_image(out / name)
+        assert img.shape == (24, 32, 3) and info.frames == 1
+
+
+@pytest.mark.parametrize("case", image_cases(), ids=lambda c: c.name)
+def test_hostile_bytes_on_stdin(case, models):
+    """The same corpus through a pipe: an image on stdout, or nothing and one error line."""
+    res = deblur(models["single"], "-", "-o", "-", input=case.data)
+    assert_no_traceback(res)
+    assert res.exit_code in (0, 1), res.stderr
+    by_name = case.name.endswith(".dng")  # without a file name there is no RAW extension
+    if case.ok is not None and not by_name:
+        assert (res.exit_code == 0) == case.ok, res.stderr
+    if res.exit_code == 0:
+        assert res.stderr == ""
+        img, info = read_image(res.stdout_bytes)
+        assert img.shape[:2] == read_image(case.data)[1].size
+        if case.data.startswith(PNG_SIGNATURE):
+            assert info.format == "png"
+    else:
+        assert res.stdout_bytes == b""  # never a partial image on stdout
+        line = assert_one_error(res, "<stdin>", "" if by_name else case.match)
+        assert "\n" not in line
+        assert stderr_lines(res)[-1] == "0 deblurred, 0 skipped, 1 failed"
+
+
+def test_empty_stdin(models):
+    res = deblur(models["single"], "-", "-o", "-", input=b"")
+    assert res.exit_code == 1 and res.stdout_bytes == b""
+    assert_one_error(res, "<stdin>", "empty|no image data")
+
+
+# --------------------------------------------------------------------------------------------
+# decompression bombs
+
+
+def _run_measured(args: list[str], timeout: float = 120.0) -> tuple[int, str, int, float]:
+    """Run ``args``; returns (exit code, stderr, the child's own peak RSS in bytes, seconds)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as err:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        watchdog = threading.Timer(timeout, proc.kill)
+        watchdog.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # rusage of this very child
+        finally:
+            watchdog.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.monotonic() - t0
+        err.seek(0)
+        stderr = err.read().decode("utf-8", "replace")
+    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return proc.returncode, stderr, rss, seconds
+
+
+@pytest.mark.skipif(not hasattr(os, "wait4"), reason="needs os.wait4 to measure a child's peak memory")
+def test_decompression_bomb_refused_before_allocation(tmp_path, models):
+    """A 30 GB PNG (by its header) costs no more memory or time than a 16x16 one."""
+    good = write_png(tmp_path / "small.png", 16, 16)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bomb_png(100_000, 100_000))
+    base = [sys.executable, "-m", "kpac_cli", "deblur", "--model", str(models["single"]), "--device", "cpu"]
+
+    rc, err, base_rss, base_s = _run_measured(base + [str(good), "-o", str(tmp_path / "o1")])
+    assert rc == 0, err
+    rc, err, rss, secs = _run_measured(base + [str(bomb), "-o", str(tmp_path / "o2")])
+    assert rc == 1 and "Traceback" not in err
+    assert re.search(rf"error: {re.escape(str(bomb))}: image is too large: 100000x100000", err), err
+    assert rss < base_rss + (64 << 20), f"peak RSS {rss >> 20} MiB vs {base_rss >> 20} MiB for a 16x16 image"
+    assert secs < base_s + 10
+    # Raising --max-pixels past the header does not open the door: 64 bytes of image data
+    # cannot hold the image, and that is noticed before the pixel buffer is allocated.
+    rc, err, rss, _ = _run_measured(base + [str(bomb), "-o", str(tmp_path / "o3"), "--max-pixels", str(10**11)])
+    assert rc == 1 and "Traceback" not in err and str(bomb) in err, err
+    assert rss < base_rss + (64 << 20), f"peak RSS {rss >> 20} MiB vs {base_rss >> 20} MiB"
+    assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())
+
+
+def test_max_pixels_is_overridable(tmp_path, models):
+    src = write_png(tmp_path / "p.png", 30, 40)  # 1200 pixels
+    res = deblur(models["single"], src, "-o", tmp_path / "a", "--max-pixels", "1199")
+    assert res.exit_code == 1
+    assert_one_error(res, str(src), r"too large: 40x30 = 1,200 pixels exceeds the limit of 1,199")
+    res = deblur(models["single"], src, "-o", tmp_path / "b", "--max-pixels", "1200")
+    assert res.exit_code == 0, res.stderr
+    assert read_image(tmp_path / "b" / "p.png")[0].shape == (30, 40, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# dual-pixel pairs
+
+
+def _dual_files(root: Path, case: str, stem: str = "x") -> tuple[Path, Path]:
+    left_bytes, right_bytes = dual_pixel_cases()[case]
+    left, right = root / "L" / f"{stem}.png", root / "R" / f"{stem}.png"
+    left.parent.mkdir(parents=True, exist_ok=True)
+    right.parent.mkdir(parents=True, exist_ok=True)
+    left.write_bytes(left_bytes)
+    if right_bytes is not None:
+        right.write_bytes(right_bytes)
+    return left, right
+
+
+DUAL_PROBLEMS = [
+    ("size_mismatch", r"size 32x24 differs from its partner .*30x24"),
+    ("depth_mismatch", r"bit depth 8 differs from its partner .*16-bit"),
+    ("missing_partner", r"no such file|no right view"),
+    ("broken_right", r"not a recognised image"),
+]
+
+
+@pytest.mark.parametrize("case,match", DUAL_PROBLEMS)
+def test_dual_pixel_pair_problems_are_clear_errors(tmp_path, models, case, match):
+    left, right = _dual_files(tmp_path, case)
+    out = tmp_path / "out.png"
+    res = deblur(models["dual"], "--left", left, "--right", right, "-o", out)
+    assert res.exit_code in (1, 2)
+    assert_no_traceback(res)
+    errors = error_lines(res)
+    assert len(errors) == 1 and re.search(match, errors[0]), res.stderr
+    assert str(left) in errors[0] or str(right) in errors[0]
+    assert not out.exists()
+    # folders: the same, matched by name
+    res = deblur(models["dual"], "--left", left.parent, "--right", right.parent, "-o", tmp_path / "o")
+    assert res.exit_code in (1, 2)
+    assert_no_traceback(res)
+    errors = error_lines(res)
+    assert len(errors) == 1 and re.search(match, errors[0]) and "x.png" in errors[0], res.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="pairs are checked while planning, so one bad pair stops the whole batch "
+                   "(exit 2); patch: pair_dual_pixel(check=False) in plan_dual, read_dual_pixel checks each pair")
+@pytest.mark.parametrize("case", ["size_mismatch", "depth_mismatch", "broken_right"])
+def test_a_bad_dual_pixel_pair_fails_alone(tmp_path, models, case):
+    _dual_files(tmp_path, "good", "a")
+    left, right = _dual_files(tmp_path, case, "b")
+    _dual_files(tmp_path, "good", "c")
+    out = tmp_path / "out"
+    res = deblur(models["dual"], "--left", tmp_path / "L", "--right", tmp_path / "R", "-o", out)
+    assert_no_traceback(res)
+    assert res.exit_code == 1, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png"]
+    line = error_lines(res)[0]
+    assert len(error_lines(res)) == 1 and ("b.png" in line)
+
+
+# --------------------------------------------------------------------------------------------
+# file-system trouble
+
+
+def test_unreadable_input(tmp_path, models):
+    a = write_png(tmp_path / "in" / "a.png")
+    write_png(tmp_path / "in" / "b.png", seed=1)
+    a.chmod(0)
+    try:
+        try:
+            with open(a, "rb"):
+                pytest.skip("file permissions do not apply here (running as root): chmod 000 does not block reads")
+        except PermissionError:
+            pass
+        res = deblur(models["single"], tmp_path / "in", "-o", tmp_path / "out")
+        assert res.exit_code == 1
+        assert_no_traceback(res)
+        assert_one_error(res, str(a), "permission denied")
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.png"]
+    finally:
+        a.chmod(0o644)
+
+
+def test_unwritable_output_folder(tmp_path, models):
+    src = write_png(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        try:
+            (out / "probe").touch()
+            (out / "probe").unlink()
+            pytest.skip("file permissions do not apply here (running as root): a 0o500 folder is writable")
+        except PermissionError:
+            pass
+        res = deblur(models["single"], src, "-o", out)
+        assert res.exit_code == 1
+        assert_no_traceback(res)
+        assert_one_error(res, str(out / "a.png"), "permission denied|cannot write")
+        assert list(out.iterdir()) == []
+    finally:
+        out.chmod(0o755)
+
+
+def test_output_folder_below_a_regular_file(tmp_path, models):
+    """Cannot be created (works as root too): a one-line error per image, nothing written."""
+    srcs = [write_png(tmp_path / "in" / f"{n}.png", seed=i) for i, n in enumerate("ab")]
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("precious")
+    res = deblur(models["single"], tmp_path / "in", "-o", blocker / "out")
+    assert res.exit_code == 1
+    assert_no_traceback(res)
+    for src in srcs:
+        assert_one_error(res, str(blocker / "out" / src.name), "not a directory|cannot")
+    assert blocker.read_text() == "precious"
+
+
+class _FullDisk:
+    """A file object that takes half of what it is given, then fails like a full disk."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def write(self, data):
+        self._fh.write(bytes(data[: len(data) // 2]))
+        self._fh.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+def _fail_writes_of(monkeypatch, victim: str, where: str) -> None:
+    """Make writing output files whose name contains ``victim`` fail with ENOSPC."""
+    import builtins
+
+    real_open, real_fsync, real_replace = builtins.open, os.fsync, os.replace
+
+    def full_open(file, mode="r", *args, **kwargs):
+        fh = real_open(file, mode, *args, **kwargs)
+        return _FullDisk(fh) if "w" in mode and victim in str(file) else fh
+
+    def full_fsync(fd):
+        if victim in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    def failing_replace(src, dst, **kwargs):
+        if victim in str(dst):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        return real_replace(src, dst, **kwargs)
+
+    if where == "write":  # the temporary file is half written when the disk fills up
+        monkeypatch.setattr(atomic_mod, "open", full_open, raising=False)
+    elif where == "fsync":  # delayed allocation: the error only surfaces at fsync
+        if not Path("/proc/self/fd").is_dir():
+            pytest.skip("needs /proc/self/fd")
+        monkeypatch.setattr(os, "fsync", full_fsync)
+    else:  # the rename itself fails (quota)
+        monkeypatch.setattr(os, "replace", failing_replace)
+
+
+@pytest.mark.parametrize("where", ["write", "fsync", "replace"])
+def test_disk_full_fails_that_image_only_and_leaves_nothing_behind(tmp_path, models, monkeypatch, where):
+    for i, n in enumerate("abc"):
+        write_png(tmp_path / "in" / f"{n}.png", seed=i)
+    out = tmp_path / "out"
+    _fail_writes_of(monkeypatch, "b.png", where)
+    res = deblur(models["single"], tmp_path / "in", "-o", out)
+    assert res.exit_code == 1
+    assert_no_traceback(res)
+    assert_one_error(res, str(out / "b.png"), "cannot write|no space|quota")
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png"]  # no temp file, no b.png
+    for name in ("a.png", "c.png"):
+        read_image(out / name)
+    assert stderr_lines(res)[-1] == "2 deblurred, 0 skipped, 1 failed"
+
+
+@pytest.mark.parametrize("where", ["write", "fsync", "replace"])
+def test_disk_full_with_overwrite_keeps_the_old_output(tmp_path, models, monkeypatch, where):
+    src = write_png(tmp_path / "in" / "b.png")
+    out = tmp_path / "out"
+    old = write_png(out / "b.png", seed=9)
+    before = old.read_bytes()
+    _fail_writes_of(monkeypatch, "b.png", where)
+    res = deblur(models["single"], src, "-o", out, "--overwrite")
+    assert res.exit_code == 1
+    assert_no_traceback(res)
+    assert_one_error(res, str(old), "cannot write|no space|quota")
+    assert old.read_bytes() == before
+    assert [p.name for p in out.iterdir()] == ["b.png"]
+
+
+def test_output_path_that_is_an_existing_directory(tmp_path, models):
+    write_png(tmp_path / "in" / "a.png")
+    write_png(tmp_path / "in" / "b.png", seed=1)
+    out = tmp_path / "out"
+    (out / "a.png").mkdir(parents=True)
+    (out / "a.png" / "keep.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        res = deblur(models["single"], tmp_path / "in", "-o", out, *extra)
+        assert res.exit_code == 1
+        assert_no_traceback(res)
+        assert_one_error(res, str(out / "a.png"), "existing directory")
+        assert (out / "a.png" / "keep.txt").read_text() == "keep me"
+        read_image(out / "b.png")
+
+
+def test_output_never_replaces_its_input(tmp_path, models):
+    photos = tmp_path / "photos"
+    srcs = [write_png(photos / f"{n}.png", seed=i) for i, n in enumerate("ab")]
+    originals = {p: p.read_bytes() for p in srcs}
+
+    # the folder onto itself
+    res = deblur(models["single"], photos, "-o", photos, "--overwrite")
+    assert res.exit_code == 1
+    assert_no_traceback(res)
+    for p in srcs:
+        assert_one_error(res, str(p), "is the input file")
+    # through a symlinked folder
+    link = tmp_path / "link"
+    link.symlink_to(photos, target_is_directory=True)
+    res = deblur(models["single"], photos, "-o", link, "--overwrite")
+    assert res.exit_code == 1
+    assert len(error_lines(res)) == 2 and all("is the input file" in e for e in error_lines(res))
+    # an output that is a hard link to the input
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(srcs[0], out / "a.png")
+    res = deblur(models["single"], srcs[0], "-o", out, "--overwrite")
+    assert res.exit_code == 1
+    assert_one_error(res, str(out / "a.png"), "is the input file")
+    # a single file onto itself
+    res = deblur(models["single"], srcs[1], "-o", srcs[1], "--overwrite")
+    assert res.exit_code == 1
+    assert {p: p.read_bytes() for p in srcs} == originals
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_outputs_are_kept_without_overwrite(tmp_path, models):
+    src = write_png(tmp_path / "in" / "a.png")
+    old = write_png(tmp_path / "out" / "a.png", seed=5)
+    before = old.read_bytes()
+    res = deblur(models["single"], src, "-o", tmp_path / "out")
+    assert res.exit_code == 1
+    assert_one_error(res, str(old), "exists")
+    assert old.read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------------
+# untrusted model files
+
+
+def test_untrusted_model_files_never_run_code(tmp_path, models, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    img = write_png(tmp_path / "a.png")
+    marker = tmp_path / "CODE_RAN"
+    npz = evil_npz(tmp_path / "evil.npz", marker)
+    pt = evil_pt(tmp_path / "evil.pt", marker, models["state_dict"], TINY)
+    for model in (npz, pt):
+        res = kpac("deblur", img, "-o", tmp_path / "o.png", "--model", model, "--device", "cpu")
+        assert res.exit_code in (1, 2), res.stderr
+        assert_no_traceback(res)
+        assert len(error_lines(res)) == 1
+        assert not marker.exists() and not (tmp_path / "o.png").exists()
+    res = kpac("convert", npz, "-o", tmp_path / "c.safetensors")
+    assert res.exit_code == 1
+    assert_no_traceback(res)
+    assert not marker.exists() and not (tmp_path / "c.safetensors").exists()
+
+    # the payloads are live: an unrestricted loader would have run them
+    import zipfile
+
+    canary = tmp_path / "canary"
+    with zipfile.ZipFile(evil_npz(tmp_path / "canary.npz", canary)) as zf:
+        npy = zf.read("params.npy")
+    pickle.loads(npy[10 + int.from_bytes(npy[8:10], "little") :])
+    assert canary.exists()
+    canary.unlink()
+    torch.load(evil_pt(tmp_path / "canary.pt", canary, {}, TINY), weights_only=False)
+    assert canary.exists()
+
+
+def _bad_model(kind: str, tmp_path: Path, models) -> tuple[list[str], Path]:
+    """(kpac arguments, the model file) for one kind of bad model file."""
+    img = write_png(tmp_path / "a.png")
+    path = tmp_path / f"{kind}.safetensors"
+    if kind == "evil_npz":
+        path = evil_npz(tmp_path / "evil.npz", tmp_path / "CODE_RAN")
+    elif kind == "convert_evil_npz":
+        path = evil_npz(tmp_path / "evil.npz", tmp_path / "CODE_RAN")
+        return ["convert", str(path), "-o", str(tmp_path / "c.safetensors")], path
+    elif kind == "evil_pt":
+        path = evil_pt(tmp_path / "evil.pt", tmp_path / "CODE_RAN", models["state_dict"], TINY)
+    elif kind == "mismatched":
+        mismatched_checkpoint(path)
+    elif kind.startswith("truncated"):
+        truncated_checkpoint(models["single"], path, {"truncated_half": 0.5, "truncated_header": 0.001}[kind])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
+    elif kind.startswith("pt_"):
+        path = tmp_path / f"{kind}.pt"
+        torch.save(malformed_pt_cases(models["state_dict"], TINY)[kind[3:]], path)
+    else:
+        raise AssertionError(kind)
+    return ["deblur", str(img), "-o", str(tmp_path / "o.png"), "--model", str(path), "--device", "cpu"], path
+
+
+_PATCH = "see the proposed patch to kpac_cli/checkpoints"
+BAD_MODELS = [
+    "evil_npz",
+    pytest.param("convert_evil_npz", marks=pytest.mark.xfail(strict=True, reason=f"the refusal does not name the file; {_PATCH}/official.py")),
+    pytest.param("evil_pt", marks=pytest.mark.xfail(strict=True, reason=f"torch's multi-line explanation is passed through; {_PATCH}/safetensors_io.py")),
+    pytest.param("mismatched", marks=pytest.mark.xfail(strict=True, reason=f"the message does not name the file; {_PATCH}/safetensors_io.py")),
+    "truncated_half",
+    "truncated_header",
+    "empty",
+    "text",
+    pytest.param("pt_not_tensors", marks=pytest.mark.xfail(strict=True, reason=f"AttributeError traceback; {_PATCH}/safetensors_io.py")),
+    pytest.param("pt_config_is_int", marks=pytest.mark.xfail(strict=True, reason=f"TypeError traceback; {_PATCH}/safetensors_io.py")),
+    pytest.param("pt_config_bad_field_type", marks=pytest.mark.xfail(strict=True, reason=f"TypeError traceback; {_PATCH}/safetensors_io.py")),
+    pytest.param("pt_model_is_list", marks=pytest.mark.xfail(strict=True, reason=f"TypeError traceback; {_PATCH}/safetensors_io.py")),
+    "pt_not_a_dict",
+]
+
+
+@pytest.mark.parametrize("kind", BAD_MODELS)
+def test_bad_model_file_gives_one_line_naming_it(tmp_path, models, kind):
+    args, path = _bad_model(kind, tmp_path, models)
+    res = kpac(*args)
+    assert res.exit_code in (1, 2), res.stderr
+    assert_no_traceback(res)
+    lines = stderr_lines(res)
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert str(path) in lines[0], lines[0]
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "c.safetensors").exists()
+    assert not (tmp_path / "CODE_RAN").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# how errors are printed
+
+
+@pytest.mark.xfail(strict=True, reason="messages are printed as rich markup: '[bold]' in a path vanishes and '[/]' "
+                   "raises MarkupError; patch: escape() in kpac_cli/cli/common.py print_error/usage_error")
+@pytest.mark.parametrize("rel", ["draft[bold]v2.png", "x[/]y.png"])
+def test_file_names_that_look_like_markup_are_printed_verbatim(tmp_path, models, rel):
+    bad = tmp_path / rel
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(b"not an image")
+    good = write_png(tmp_path / "good.png")
+    res = deblur(models["single"], good, bad, "-o", tmp_path / "out")
+    assert res.exit_code == 1
+    assert_one_error(res, str(bad), "not a recognised image")
+    res = deblur(models["single"], tmp_path / ("missing" + rel), "-o", tmp_path / "out2")  # a usage error
+    assert res.exit_code == 2
+    assert_one_error(res, str(tmp_path / ("missing" + rel)), "not found")
+
+
+def test_file_names_that_are_not_utf8(tmp_path, models):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good, bad = os.fsencode(folder) + b"/caf\xe9.png", os.fsencode(folder) + b"/bad\xff.png"
+    try:
+        with open(good, "wb") as fh:
+            fh.write(png_bytes(smooth_rgb(8, 8)))
+        with open(bad, "wb") as fh:
+            fh.write(b"not an image")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system only takes UTF-8 names")
+    out = tmp_path / "out"
+    res = deblur(models["single"], folder, "-o", out)
+    assert res.exit_code == 1
+    assert_no_traceback(res)
+    errors = error_lines(res)
+    assert len(errors) == 1 and "bad" in errors[0] and "not a recognised image" in errors[0]
+    assert os.listdir(os.fsencode(out)) == [b"caf\xe9.png"]  # the same (byte) name as its input
+
+
+_WRAPPED = pytest.mark.xfail(strict=True, reason="rich wraps these at 80 columns when stderr is not a terminal (logs, CI); "
+                             "patch: soft_wrap=True in usage_error (kpac_cli/cli/common.py) and the summary (cli/deblur.py)")
+
+
+@pytest.mark.parametrize("what", ["image_error", pytest.param("usage_error", marks=_WRAPPED),
+                                  pytest.param("interrupted_summary", marks=_WRAPPED)])
+def test_long_messages_are_never_wrapped(tmp_path, models, monkeypatch, what):
+    monkeypatch.setenv("COLUMNS", "80")  # what rich assumes when stderr is a pipe or a file
+    deep = tmp_path / ("a_rather_long_folder_name_" * 4)
+    bad = deep / "broken.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image")
+    if what == "image_error":
+        res = deblur(models["single"], bad, "-o", tmp_path / "out")
+        assert res.exit_code == 1
+        assert_one_error(res, str(bad), "not a recognised image")
+    elif what == "usage_error":
+        res = deblur(models["single"], deep / "missing.png", "-o", tmp_path / "out")
+        assert res.exit_code == 2
+        assert_one_error(res, str(deep / "missing.png"), "not found")
+    else:
+        import kpac_cli.cli.deblur as deblur_cmd
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(deblur_cmd, "run_batch", interrupted)
+        res = deblur(models["single"], write_png(deep / "good.png"), "-o", tmp_path / "out")
+        assert res.exit_code == 130
+        lines = stderr_lines(res)
+        assert len(lines) == 1 and lines[0].startswith("interrupted:") and "--skip-existing" in lines[0], res.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="tifffile logs its own warnings ('<tifffile.TiffPage 0 @8> incorrect "
+                   "StripByteCounts ...') to stderr; patch: quiet the 'tifffile' logger in kpac_cli/cli/common.py")
+def test_stderr_carries_only_error_lines_and_the_summary(tmp_path, models):
+    cases = [c for c in image_cases() if c.name in ("bomb.tif", "tiff_bad_ifd.tif", "truncated.tif")]
+    paths = write_cases(tmp_path / "in", cases)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kpac_cli", "deblur", *map(str, paths.values()), str(write_png(tmp_path / "ok.png")),
+         "-o", str(tmp_path / "out"), "--model", str(models["single"]), "--device", "cpu"],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "10000", "OMP_NUM_THREADS": "1"}, timeout=120,
+    )
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1] == "1 deblurred, 0 skipped, 3 failed"
+    assert all(line.startswith("error: ") for line in lines[:-1]), proc.stderr
+    assert len(lines) == 4
+
+
+# --------------------------------------------------------------------------------------------
+# property-based: any bytes through the pipe
+
+
+SEEDS = fuzz_seeds()
+
+
+@st.composite
+def mutated_images(draw) -> bytes:
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(0, 6))):
+        op = draw(st.sampled_from(["flip", "set", "cut", "insert", "dup"]))
+        if not data:
+            break
+        i = draw(st.integers(0, len(data) - 1))
+        if op == "flip":
+            data[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set":
+            data[i] = draw(st.sampled_from([0, 1, 0x7F, 0x80, 0xFF]))
+        elif op == "cut":
+            del data[i : i + draw(st.integers(1, 64))]
+        elif op == "insert":
+            data[i:i] = draw(st.binary(min_size=1, max_size=16))
+        else:
+            j = draw(st.integers(i, min(len(data), i + 64)))
+            data[j:j] = data[i:j]
+    return bytes(data)
+
+
+@settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(data=st.one_of(mutated_images(), st.binary(max_size=256)))
+def test_any_bytes_through_the_pipe(models, data):
+    res = deblur(models["single"], "-", "-o", "-", "--max-pixels", str(1 << 20), input=data)
+    assert_no_traceback(res)
+    if res.exit_code == 0:
+        img, info = read_image(res.stdout_bytes)
+        assert img.shape[:2] == read_image(data, max_pixels=1 << 20)[1].size
+        if data.startswith(PNG_SIGNATURE):
+            assert res.stdout_bytes.startswith(PNG_SIGNATURE)
+    else:
+        assert res.exit_code == 1, res.stderr
+        assert res.stdout_bytes == b""
+        lines = stderr_lines(res)
+        assert len(lines) == 2 and lines[0].startswith("error:") and "<stdin>" in lines[0], res.stderr
+        with pytest.raises(ImageError):  # it fails because the image is bad, not because of kpac
+            read_image(data, max_pixels=1 << 20)

@@ -1,0 +1,271 @@
+"""Interrupted and concurrent `kpac deblur` runs never leave a damaged output.
+
+Real processes (``python -m kpac_cli``) over a batch big enough to take a few seconds (a
+random-weight model wider than the test models elsewhere, each image ~0.3 s on one core):
+
+* SIGINT / SIGTERM mid-batch: exit 130 / 143, a summary on stderr, every output present is
+  complete (byte-identical to an uninterrupted run), and ``--skip-existing`` finishes the job;
+* SIGKILL while an output is half written: only a hidden temporary file remains, never a
+  truncated file under the final name, and the next run removes it;
+* two processes writing into the same folder (different inputs, or the same inputs with and
+  without ``--overwrite``) produce exactly the files a single run produces.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from hostile import png_bytes, smooth_rgb
+from kpac_cli.checkpoints import save_checkpoint
+from kpac_cli.images import is_image_path, read_image
+from kpac_cli.model import KPACConfig, build_model
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+N_IMAGES = 12
+TIMEOUT = 120  # seconds for any one run; generous for loaded CI machines
+TEMP_RE = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.[0-9a-f]+\.kpac-tmp$")
+
+
+@dataclass
+class Workload:
+    root: Path
+    inputs: Path
+    model: Path
+    reference: dict[str, bytes]  # output name -> bytes of an uninterrupted single run
+
+
+def _env() -> dict[str, str]:
+    # One thread per process: predictable timing on shared CI machines, deterministic output.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _cmd(model: Path, *args, prelude: str | None = None) -> list[str]:
+    head = [sys.executable, "-m", "kpac_cli"] if prelude is None else [sys.executable, "-c", prelude]
+    return head + ["deblur", *map(str, args), "--model", str(model), "--device", "cpu"]
+
+
+def start(w: Workload, *args, prelude: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(_cmd(w.model, *args, prelude=prelude), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**_env(), **(env or {})})
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """Wait for ``proc``; returns its stderr."""
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"kpac did not finish within {TIMEOUT} s; stderr:\n{err}")
+    assert "Traceback" not in err, err
+    return err
+
+
+def wait_until(predicate, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"kpac exited ({proc.returncode}) before {what}; stderr:\n{proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def finals(folder: Path) -> dict[str, bytes]:
+    """Outputs under their final names (not hidden temporary files)."""
+    if not folder.is_dir():
+        return {}
+    return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")}
+
+
+def temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.is_dir() else []
+
+
+def assert_complete(outputs: dict[str, bytes], w: Workload) -> None:
+    """Each output is exactly what an uninterrupted single run writes (so it is complete)."""
+    for name, data in outputs.items():
+        assert name in w.reference, name
+        assert data == w.reference[name], f"{name} differs from the single-process run"
+        read_image(data)  # and it decodes
+
+
+def summary(err: str) -> str:
+    return " ".join(err.split())  # whitespace-normalised (line wrapping is tested elsewhere)
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory) -> Workload:
+    root = tmp_path_factory.mktemp("signals")
+    inputs = root / "in"
+    inputs.mkdir()
+    for i in range(N_IMAGES):
+        (inputs / f"img{i:02d}.png").write_bytes(png_bytes(smooth_rgb(320, 384, seed=i)))
+    torch.manual_seed(0)
+    model = save_checkpoint(root / "wide.safetensors", build_model(KPACConfig(levels=2, channels=32)), {"name": "wide"})
+    w = Workload(root, inputs, model, {})
+    ref = root / "reference"
+    proc = start(w, inputs, "-o", ref)
+    finish(proc)
+    assert proc.returncode == 0
+    w.reference = finals(ref)
+    assert sorted(w.reference) == sorted(p.name for p in inputs.iterdir())
+    return w
+
+
+# --------------------------------------------------------------------------------------------
+# SIGINT / SIGTERM
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_batch_keeps_complete_outputs_and_resumes(workload, tmp_path, sig, code):
+    out = tmp_path / "out"
+    proc = start(workload, workload.inputs, "-o", out)
+    wait_until(lambda: len(finals(out)) >= 2, proc, "two outputs")
+    proc.send_signal(sig)
+    err = finish(proc)
+    assert proc.returncode == code, err
+    m = re.search(r"interrupted: (\d+) deblurred, 0 skipped, 0 failed, (\d+) not started; "
+                  r"rerun with --skip-existing to finish", summary(err))
+    assert m, err
+    done = finals(out)
+    assert 2 <= len(done) < N_IMAGES, "the signal did not arrive mid-batch"
+    assert int(m.group(1)) <= len(done) <= int(m.group(1)) + 1  # + at most the write in flight
+    assert_complete(done, workload)
+    assert temps(out) == []  # the write in flight was finished, not abandoned
+
+    proc = start(workload, workload.inputs, "-o", out, "--skip-existing")
+    err = finish(proc)
+    assert proc.returncode == 0, err
+    assert f"{N_IMAGES - len(done)} deblurred, {len(done)} skipped, 0 failed" in summary(err)
+    assert finals(out) == workload.reference
+    assert temps(out) == []
+
+
+# --------------------------------------------------------------------------------------------
+# SIGKILL half-way through writing a file
+
+# Runs kpac with the third output's write stalling half-way (as on a hung disk), so that the
+# test can SIGKILL it at exactly that point.
+STALL_THIRD_WRITE = r"""
+import builtins, os, sys, time
+import kpac_cli.images.atomic as atomic
+
+real_open = builtins.open
+writes = [0]
+
+class Stalled:
+    def __init__(self, fh):
+        self.fh = fh
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.fh.close()
+    def write(self, data):
+        self.fh.write(data[: len(data) // 2])
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        real_open(os.environ["KPAC_TEST_STALLED"], "w").close()  # tell the test
+        time.sleep(600)
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+def stalling_open(file, mode="r", *args, **kwargs):
+    fh = real_open(file, mode, *args, **kwargs)
+    if "w" in mode and str(file).endswith(".kpac-tmp"):
+        writes[0] += 1
+        if writes[0] == 3:
+            return Stalled(fh)
+    return fh
+
+atomic.open = stalling_open
+from kpac_cli.cli import main
+sys.argv[0] = "kpac"
+main()
+"""
+
+
+def test_sigkill_mid_write_leaves_only_a_hidden_temp_that_the_next_run_removes(workload, tmp_path):
+    out = tmp_path / "out"
+    stalled = tmp_path / "stalled"
+    proc = start(workload, workload.inputs, "-o", out, prelude=STALL_THIRD_WRITE, env={"KPAC_TEST_STALLED": str(stalled)})
+    wait_until(stalled.exists, proc, "the third output to be half written")
+    proc.kill()
+    proc.wait(TIMEOUT)
+    proc.stdout.close()
+    proc.stderr.close()
+
+    done = finals(out)
+    assert len(done) == 2  # the two complete writes, nothing else under a final name
+    assert_complete(done, workload)
+    leftover = temps(out)
+    assert len(leftover) == 1
+    m = TEMP_RE.match(leftover[0])
+    assert m and int(m.group("pid")) == proc.pid, leftover
+    assert m.group("final") in workload.reference and m.group("final") not in done
+    assert 0 < (out / leftover[0]).stat().st_size < len(workload.reference[m.group("final")])
+    assert not is_image_path(out / leftover[0])  # never taken for an input by a later run
+
+    proc = start(workload, workload.inputs, "-o", out, "--skip-existing")
+    err = finish(proc)
+    assert proc.returncode == 0, err
+    assert f"{N_IMAGES - 2} deblurred, 2 skipped, 0 failed" in summary(err)
+    assert temps(out) == []  # the dead run's temporary file was removed
+    assert finals(out) == workload.reference
+
+
+# --------------------------------------------------------------------------------------------
+# two processes, one output folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["different_inputs", "same_inputs_overwrite", "same_inputs"])
+def test_two_processes_writing_one_folder(workload, tmp_path, mode):
+    names = sorted(workload.reference)[:8]
+    out = tmp_path / "out"
+    if mode == "different_inputs":
+        halves = [tmp_path / "a", tmp_path / "b"]
+        for i, name in enumerate(names):
+            halves[i % 2].mkdir(exist_ok=True)
+            shutil.copy(workload.inputs / name, halves[i % 2] / name)
+        runs = [[halves[0], "-o", out], [halves[1], "-o", out]]
+    else:
+        src = tmp_path / "in"
+        src.mkdir()
+        for name in names:
+            shutil.copy(workload.inputs / name, src / name)
+        extra = ["--overwrite"] if mode == "same_inputs_overwrite" else []
+        runs = [[src, "-o", out, *extra], [src, "-o", out, *extra]]
+        if extra:  # stale, damaged outputs from some earlier run: both processes replace them
+            out.mkdir()
+            for name in names:
+                (out / name).write_bytes(workload.reference[name][:100])
+
+    procs = [start(workload, *args) for args in runs]
+    errs = [finish(p) for p in procs]
+    codes = [p.returncode for p in procs]
+
+    assert finals(out) == {name: workload.reference[name] for name in names}
+    assert temps(out) == []
+    if mode == "same_inputs":
+        # whoever comes second refuses to clobber: skipped as existing, or noticed at write time
+        assert set(codes) <= {0, 1}, errs
+        for err in errs:
+            for line in err.splitlines():
+                if line.startswith("error:"):
+                    assert re.search(r"exists|appeared while processing", line), line
+    else:
+        assert codes == [0, 0], errs
