@@ -99,15 +99,15 @@ def time_png16_decode() -> float:
 
     data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1680, 1120, 16, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b""))
-    from kpac_cli.train.imread import read_array
+    from kpac_cli.images import read_image_codes
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "x.png"
         p.write_bytes(data)
-        read_array(p)
+        read_image_codes(p)
         t0 = time.perf_counter()
         for _ in range(3):
-            read_array(p)
+            read_image_codes(p)
         return (time.perf_counter() - t0) / 3
 
 

@@ -78,7 +78,17 @@ def test_safetensors_round_trip_keeps_config_and_provenance(tmp_path):
     loaded = load_checkpoint(path).build()
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.kpac-tmp"))
+
+
+def test_saved_checkpoint_is_world_readable(tmp_path):
+    # An exported model is meant to be shared: normal permissions, not a temp file's 0600.
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "m.safetensors", build_model(KPACConfig(levels=2, channels=8)))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o044 == 0o044
 
 
 def test_weights_that_do_not_fit_the_declared_architecture(tmp_path):

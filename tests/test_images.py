@@ -31,10 +31,12 @@ from kpac_cli.images import (
     cleanup_stale_temps,
     dpdd_dual_dirs,
     is_image_path,
+    list_images,
     pair_dual_pixel,
     probe_size,
     read_dual_pixel,
     read_image,
+    read_image_codes,
     write_image,
 )
 from kpac_cli.images.exif import read_orientation
@@ -708,6 +710,75 @@ def test_is_image_path_and_raw_extensions():
         assert not is_image_path(name), name
     assert {"dng", "cr2", "cr3", "nef", "arw", "orf", "rw2", "raf", "pef", "srw"} <= RAW_EXTENSIONS
     assert all(e == e.lower() and not e.startswith(".") for e in RAW_EXTENSIONS)
+
+
+def test_list_images(tmp_path):
+    for rel in ("b.png", "A.TIF", "c.cr2", "a.jpg", "notes.txt", "d.gif", ".hidden.png", "e.png.kpac-tmp",
+                "sub/x.png", "sub/deeper/y.tiff", ".cache/z.png", "sub/.w.png", "a-b/v.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "dir.png").mkdir()  # a folder with an image name is not an image
+    assert [p.name for p in list_images(tmp_path)] == ["A.TIF", "a.jpg", "b.png", "c.cr2"]
+    rel = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)]
+    assert rel == ["A.TIF", "a-b/v.png", "a.jpg", "b.png", "c.cr2", "sub/deeper/y.tiff", "sub/x.png"]
+    assert all(p.parent.is_relative_to(tmp_path) for p in list_images(str(tmp_path), recursive=True))
+    for recursive in (False, True):
+        with pytest.raises(FileNotFoundError):
+            list_images(tmp_path / "missing", recursive=recursive)
+        with pytest.raises(NotADirectoryError):
+            list_images(tmp_path / "b.png", recursive=recursive)
+
+
+def test_read_image_codes_are_read_image_as_integers(tmp_path):
+    rgba16 = rand((5, 7, 4), 16)
+    la8 = rand((6, 4, 2))
+    f = RNG.random((4, 5, 3)).astype(np.float32) * 1.4 - 0.2
+    f[0, 0, 0] = np.nan
+    files = {
+        "rgba16.png": ref_png(rgba16, 16),
+        "la8.png": ref_png(la8, 8),
+        "float.tif": tiff_bytes(f, photometric="rgb"),
+        "rot.jpg": pil_bytes(Image.fromarray(rand((6, 9, 3))), "JPEG", exif=make_exif(6)),
+        "planar16.tif": tiff_bytes(np.moveaxis(rand((3, 4, 3), 16), 2, 0), photometric="rgb", planarconfig="separate"),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        img, info = read_image(tmp_path / name)
+        codes, depth = read_image_codes(tmp_path / name)
+        assert codes.shape == img.shape and codes.flags.c_contiguous, name
+        assert codes.dtype == (np.uint8 if depth == 8 else np.uint16), name
+        assert depth == min(info.bit_depth, 16), name
+        assert np.array_equal(codes, as_int(img, depth)), name  # the writer's rule: bit-exact for integer sources
+        if info.bit_depth != 32:
+            assert np.array_equal(images_io.to_float(codes, (1 << depth) - 1), img), name
+        assert np.array_equal(read_image_codes(files[name])[0], codes), name  # bytes too
+    codes, _ = read_image_codes(tmp_path / "rgba16.png")
+    assert np.array_equal(codes, rgba16[..., :3])  # alpha dropped, values untouched
+    codes, _ = read_image_codes(tmp_path / "la8.png")
+    assert np.array_equal(codes, np.repeat(la8[..., :1], 3, axis=2))
+    assert read_image_codes(tmp_path / "rot.jpg")[0].shape == (9, 6, 3)  # orientation applied
+
+
+def test_read_image_codes_bit_depth(tmp_path):
+    k = np.array([0, 128, 129, 257, 385, 386, 32767, 32768, 65535], np.uint16)
+    (tmp_path / "16.png").write_bytes(ref_png(np.repeat(k[None, :, None], 3, 2), 16))
+    codes, depth = read_image_codes(tmp_path / "16.png", bit_depth=8)
+    assert depth == 8 and codes.dtype == np.uint8
+    assert np.array_equal(codes[0, :, 0], np.round(k / 257).astype(np.uint8))
+    assert np.array_equal(codes[0, :, 0], as_int(read_image(tmp_path / "16.png")[0], 8)[0, :, 0])
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    (tmp_path / "all.png").write_bytes(ref_png(every, 16))
+    assert np.array_equal(read_image_codes(tmp_path / "all.png", bit_depth=8)[0][..., 0],
+                          as_int(read_image(tmp_path / "all.png")[0], 8)[..., 0])  # every 16-bit code
+    b = rand((3, 4, 3))
+    (tmp_path / "8.png").write_bytes(ref_png(b, 8))
+    assert np.array_equal(read_image_codes(tmp_path / "8.png", bit_depth=8)[0], b)
+    wide, depth = read_image_codes(tmp_path / "8.png", bit_depth=16)
+    assert depth == 16 and np.array_equal(wide, b.astype(np.uint16) * 257)
+    with pytest.raises(ValueError):
+        read_image_codes(tmp_path / "8.png", bit_depth=12)
+    with pytest.raises(ImageError, match="missing.png"):
+        read_image_codes(tmp_path / "missing.png")
 
 
 def test_probe_size_formats(tmp_path):

@@ -22,6 +22,7 @@ from scipy.ndimage import uniform_filter, zoom
 from typer.testing import CliRunner
 
 from kpac_cli.checkpoints import load_checkpoint
+from kpac_cli.images import ImageError, read_image, read_image_codes
 from kpac_cli.model import KPACConfig
 from kpac_cli.train import (
     CropSchedule,
@@ -33,7 +34,6 @@ from kpac_cli.train import (
     export_model,
     folder_pairs,
     load_state,
-    read_array,
     train,
 )
 from kpac_cli.train import data as D
@@ -135,19 +135,49 @@ def test_16bit_png_read_exactly_with_all_row_filters(tmp_path):
         a = (rng.random((23, 37, c)) * 65535).astype(np.uint16)
         a[:10] = np.linspace(0, 65535, 37).astype(np.uint16)[None, :, None]  # smooth rows: filters matter
         write_png(tmp_path / "x.png", a, "random", rng)
-        got = read_array(tmp_path / "x.png")
-        assert got.dtype == np.uint16
+        got, depth = read_image_codes(tmp_path / "x.png")
+        assert got.dtype == np.uint16 and depth == 16
         want = np.repeat(a[:, :, :1], 3, 2) if c == 1 else a[:, :, :3]
         np.testing.assert_array_equal(got, want)
     b = (rng.random((9, 11, 3)) * 255).astype(np.uint8)
     write_png(tmp_path / "y.png", b, "random", rng)
-    np.testing.assert_array_equal(read_array(tmp_path / "y.png"), b)
+    np.testing.assert_array_equal(read_image_codes(tmp_path / "y.png")[0], b)
 
 
-def test_quantise_to_8_bits_rounds():
+def test_quantise_to_8_bits_rounds(tmp_path):
     a = np.array([0, 128, 129, 257, 385, 386, 65535], np.uint16)
-    np.testing.assert_array_equal(D.quantise(a, 8), np.round(a / 257).astype(np.uint8))
-    assert D.quantise(a, 16) is a
+    b = np.array([0, 1, 127, 128, 254, 255, 7], np.uint8)
+    for folder in ("s", "t"):
+        (tmp_path / folder).mkdir()
+        for name, img in (("a", a), ("b", b)):
+            write_png(tmp_path / folder / f"{name}.png", np.repeat(img[None, :, None], 3, 2))
+    pairs = folder_pairs(tmp_path / "s", tmp_path / "t")
+    eight, sixteen = D.PairStore(pairs, 8), D.PairStore(pairs, 16)
+    np.testing.assert_array_equal(eight.load(0)["source"][0, :, 0], np.round(a / 257).astype(np.uint8))
+    np.testing.assert_array_equal(sixteen.load(0)["source"][0, :, 0], a)
+    for store in (eight, sixteen):  # 8-bit data stays as it is at either training depth
+        got = store.load(1)["target"]
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got[0, :, 0], b)
+    # Training sees exactly the pixels kpac's reader gives (16-bit) or their 8-bit rounding.
+    clean = D.paired_validation(sixteen, [0], 0, dual=False)[0]["input"].transpose(1, 2, 0)
+    np.testing.assert_array_equal(clean, read_image(tmp_path / "s/a.png")[0])
+    np.testing.assert_array_equal(D.paired_validation(eight, [0], 0, dual=False)[0]["input"][0, 0],
+                                  np.round(a / 257).astype(np.float32) / np.float32(255))
+
+
+def test_unreadable_training_image_names_the_file(tmp_path, dpdd, cli):
+    src, tgt = tmp_path / "blurred", tmp_path / "sharp"
+    src.mkdir(), tgt.mkdir()
+    for i, (a, b) in enumerate(zip(sorted((dpdd / "train_c/source").iterdir()), sorted((dpdd / "train_c/target").iterdir()))):
+        (src / f"p{i:02d}.png").write_bytes(a.read_bytes())
+        (tgt / f"p{i:02d}.png").write_bytes(b.read_bytes())
+    (tgt / "p03.png").write_bytes((tgt / "p03.png").read_bytes()[:200])  # truncated
+    with pytest.raises(ImageError, match="p03.png"):
+        train(tiny_cfg(tmp_path / "r", None, source=src, target=tgt, cache="yes", iterations=2))
+    r = CliRunner().invoke(cli, ["train", "--source", str(src), "--target", str(tgt), "--out", str(tmp_path / "r2"),
+                                 "--levels", "2", "--channels", "8", "--crop", "32", "--cache", "yes", "--workers", "0"])
+    assert r.exit_code == 2 and "p03.png" in r.output and "Traceback" not in r.output
 
 
 def test_crop_schedule():
@@ -345,7 +375,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, dpdd, monkeypa
     st = load_state(tmp_path / "r/last.pt")
     assert st["step"] == 4
     assert_same_tensors(st["model"], good)
-    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith((".tmp", ".kpac-tmp"))]
     # A writer killed with SIGKILL cannot clean up; its temp file goes at the next start.
     monkeypatch.undo()
     (tmp_path / "r/.last.pt.99999.tmp").write_bytes(b"torn")

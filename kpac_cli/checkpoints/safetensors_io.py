@@ -14,18 +14,17 @@ and must hold a state dict plus a ``config`` entry; nothing else is trusted.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from safetensors import safe_open
 
 from .. import __version__
+from ..images import atomic_write_bytes
 from ..model import KPACConfig, KPACNet, build_model
 from .official import CheckpointMismatchError
 
@@ -71,7 +70,8 @@ def save_checkpoint(
     provenance: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write ``model`` atomically (temp file + rename) as a kpac safetensors checkpoint."""
+    """Write ``model`` atomically (:func:`kpac_cli.images.atomic_write_bytes`: temp file, fsync,
+    rename; permissions as for any new file) as a kpac safetensors checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prov = {"kpac_version": __version__, **(provenance or {})}
@@ -82,14 +82,9 @@ def save_checkpoint(
         "provenance": json.dumps(prov, sort_keys=True),
     }
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Serialised in memory (models are a few MB): safetensors' own save_file renames a 0600
+    # temp file into place, and an exported model should have ordinary permissions.
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
     return path
 
 

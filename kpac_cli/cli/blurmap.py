@@ -11,7 +11,20 @@ from typing import Any, List, Optional
 
 import typer
 
-from .common import EXIT_FAILED, EXIT_OK, emit_json, err_console, print_error, progress_bar, show_progress, usage_error
+from .common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    device_option,
+    dual_pixel_mode,
+    emit_json,
+    err_console,
+    parse_tile,
+    precision_option,
+    print_error,
+    progress_bar,
+    show_progress,
+    usage_error,
+)
 
 _HELP = """Write the scale-attention maps of a KPAC model as blur-detection / blur-size maps.
 
@@ -34,18 +47,6 @@ Examples:
 """
 
 
-def _tile_option(value: str) -> int | str | None:
-    v = value.strip().lower()
-    if v == "auto":
-        return "auto"
-    if v in ("0", "none", "off"):
-        return None
-    n = int(v)  # ValueError -> usage error by the caller
-    if n < 0:
-        raise ValueError("tile size must be positive")
-    return n
-
-
 @dataclass
 class _Item:
     name: str  # output stem
@@ -57,12 +58,11 @@ class _Item:
 
 
 def _index_masks(folder: Path) -> dict[str, Path]:
-    from ..images import is_image_path
+    from ..images import list_images
 
     index: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and is_image_path(p) and not p.name.startswith("."):
-            index.setdefault(p.stem, p)
+    for p in list_images(folder):
+        index.setdefault(p.stem, p)
     return index
 
 
@@ -104,8 +104,8 @@ def blurmap(
     right: Optional[str] = typer.Option(None, "--right", help="Dual-pixel right view(s)."),
     center: Optional[str] = typer.Option(None, "--center", help="Dual-pixel centre view(s); default: mean of left and right."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders (their structure is kept)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    device: str = device_option(),
+    precision: str = precision_option(),
     tile: str = typer.Option("auto", "--tile", help="Tile size in pixels, 'auto' or 0 (whole image). Maps do not depend on it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Leave existing outputs alone (resume a batch)."),
@@ -120,13 +120,7 @@ def blurmap(
     from ..images import DEFAULT_MAX_PIXELS, ImageError, pair_dual_pixel
 
     inputs = inputs or []
-    dual = left is not None or right is not None
-    if dual and (left is None or right is None):
-        raise usage_error("dual-pixel input needs both --left and --right")
-    if dual and inputs:
-        raise usage_error("give either INPUTS or --left/--right, not both")
-    if not dual and not inputs:
-        raise usage_error("no inputs given (image files or folders)")
+    dual = dual_pixel_mode(inputs, left, right, "no inputs given (image files or folders)")
     if "-" in inputs:
         raise usage_error("blurmap reads files, not stdin")
     if overwrite and skip_existing:
@@ -145,7 +139,7 @@ def blurmap(
     if eval_masks is not None and not eval_masks.is_dir():
         raise usage_error(f"--eval-masks {eval_masks}: not a folder")
     try:
-        tile_value = _tile_option(tile)
+        tile_value = parse_tile(tile)
     except ValueError:
         raise usage_error("--tile: use auto, 0 (no tiling) or a tile size in pixels") from None
 

@@ -30,6 +30,50 @@ def usage_error(message: str) -> typer.Exit:
     return typer.Exit(EXIT_USAGE)
 
 
+def device_option(**kwargs: Any) -> Any:
+    """The ``--device`` option of every command that runs a model."""
+    return typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.", **kwargs)
+
+
+def precision_option() -> Any:
+    """The ``--precision`` option of the inference commands (``kpac train`` has its own auto)."""
+    return typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
+
+
+def parse_tile(value: str) -> int | str | None:
+    """``--tile``: ``'auto'``, None for whole images (``0``/``none``/``off``), or a size in pixels.
+
+    Raises ValueError with a message for the user (without the option's name).
+    """
+    v = value.strip().lower()
+    if v == "auto":
+        return "auto"
+    if v in ("0", "none", "off"):
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError("use auto, 0 (no tiling) or a tile size in pixels") from None
+    if n < 0:
+        raise ValueError("tile size must be positive")
+    return n
+
+
+def dual_pixel_mode(inputs: list[str], left: str | None, right: str | None, no_inputs: str) -> bool:
+    """Whether INPUTS or ``--left``/``--right`` were given (True: dual-pixel); usage errors otherwise.
+
+    ``no_inputs`` is the message when neither was given.
+    """
+    dual = left is not None or right is not None
+    if dual and (left is None or right is None):
+        raise usage_error("dual-pixel input needs both --left and --right")
+    if dual and inputs:
+        raise usage_error("give either INPUTS or --left/--right, not both")
+    if not dual and not inputs:
+        raise usage_error(no_inputs)
+    return dual
+
+
 def print_error(message: str) -> None:
     err_console.print(f"[red]error:[/] {message}", soft_wrap=True)
 

@@ -13,7 +13,19 @@ from typing import Any, Callable, Optional
 import numpy as np
 import typer
 
-from .common import EXIT_FAILED, EXIT_OK, emit_json, err_console, print_error, progress_bar, show_progress, usage_error
+from .common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    device_option,
+    emit_json,
+    err_console,
+    parse_tile,
+    precision_option,
+    print_error,
+    progress_bar,
+    show_progress,
+    usage_error,
+)
 
 EXAMPLES = """
 Examples:
@@ -50,21 +62,6 @@ class Item:
     pred: Path | None = None  # an existing result (--pred mode)
     left: Path | None = None
     right: Path | None = None
-
-
-def _tile_option(value: str) -> int | str | None:
-    v = value.strip().lower()
-    if v == "auto":
-        return "auto"
-    if v in ("0", "none", "off"):
-        return None
-    try:
-        n = int(v)
-    except ValueError:
-        raise typer.BadParameter("use auto, 0 (no tiling) or a tile size in pixels") from None
-    if n < 0:
-        raise typer.BadParameter("tile size must be positive")
-    return n
 
 
 def _size_option(value: str) -> tuple[int, int]:
@@ -391,8 +388,8 @@ def eval_command(
     labels: Optional[Path] = typer.Option(None, "--labels", help="CSV of name,label (e.g. indoor/outdoor) for per-split averages."),
     report: Optional[list[Path]] = typer.Option(None, "--report", help="Write a report: .json, .csv or .md (repeatable)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N pairs (quick looks)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    device: str = device_option(),
+    precision: str = precision_option(),
     tile: str = typer.Option("auto", "--tile", help="Tile size in pixels, 'auto' or 0 (whole image). Tiling is exact."),
     speed: bool = typer.Option(False, "--speed", help="Measure parameters, FLOPs and seconds per 1280x720 image (paper Table 5)."),
     speed_size: str = typer.Option("1280x720", "--speed-size", help="Input size for --speed, WIDTHxHEIGHT."),
@@ -430,9 +427,9 @@ def eval_command(
     if no_lpips and lpips_weights is not None:
         raise usage_error("--no-lpips and --lpips-weights contradict each other")
     try:
-        tile_value = _tile_option(tile)
+        tile_value = parse_tile(tile)
         speed_wh = _size_option(speed_size)
-    except typer.BadParameter as e:
+    except (ValueError, typer.BadParameter) as e:
         raise usage_error(str(e)) from None
 
     # ---- which mode

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, emit_json, err_console, print_error, show_progress, usage_error
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, device_option, emit_json, err_console, print_error, show_progress, usage_error
 
 _HELP = """Train a KPAC network: the paper's recipe by default (Adam 0.9/0.99, lr 1e-4, batch 4, 512x512 crops, L1, 200k iterations; then --stage perceptual from the L1 model).
 
@@ -184,7 +184,7 @@ def train_command(
     export_only: bool = typer.Option(False, "--export-only", help="Only export --resume's model to -o, do not train.", rich_help_panel="Run"),
     export_from: str = typer.Option("last", "--from", help="With --export-only: last or best checkpoint.", rich_help_panel="Run"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="With --export-only: the .safetensors to write.", rich_help_panel="Run"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel="Run"),
+    device: str = device_option(rich_help_panel="Run"),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU, else fp32), fp32, bf16, fp16.", rich_help_panel="Run"),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Channels-last memory layout [default: on for CUDA].", rich_help_panel="Run"),
     workers: int = typer.Option(-1, "--workers", help="DataLoader worker processes (-1: 1 on CPU, up to 8 on GPU).", rich_help_panel="Run"),
@@ -194,9 +194,10 @@ def train_command(
     json_out: bool = typer.Option(False, "--json", help="Print the result as a JSON record on stdout.", rich_help_panel="Run"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress or messages (errors only).", rich_help_panel="Run"),
 ) -> None:
+    from ..images import ImageError
     from ..model import KPACConfig
     from ..train import (
-        CheckpointError, DataError, ImageReadError, TrainConfig, TrainingError, VGGWeightsMissing, export_model, load_state, train,
+        CheckpointError, DataError, TrainConfig, TrainingError, VGGWeightsMissing, export_model, load_state, train,
     )
 
     if export_only:
@@ -284,7 +285,7 @@ def train_command(
     try:
         with _Reporter(quiet, cfg.log_every) as reporter:
             result = train(cfg, callback=reporter)
-    except (DataError, ImageReadError, VGGWeightsMissing) as e:
+    except (DataError, ImageError, VGGWeightsMissing) as e:
         print_error(str(e))
         raise typer.Exit(EXIT_USAGE) from None
     except (TrainingError, CheckpointError) as e:

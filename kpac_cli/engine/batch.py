@@ -30,7 +30,7 @@ from ..images import (
     RawOptions,
     atomic_write_bytes,
     cleanup_stale_temps,
-    is_image_path,
+    list_images,
     pair_dual_pixel,
     read_dual_pixel,
     read_image,
@@ -108,8 +108,10 @@ def collect_inputs(inputs: list[str], recursive: bool) -> list[tuple[Path, Path]
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            pattern = "**/*" if recursive else "*"
-            files = sorted(f for f in p.glob(pattern) if f.is_file() and is_image_path(f) and not f.name.startswith("."))
+            try:
+                files = list_images(p, recursive=recursive)
+            except OSError as e:
+                raise PlanError(f"cannot list {item} ({e.strerror or e})") from None
             found += [(f, f.relative_to(p)) for f in files]
         elif p.exists():
             found.append((p, Path(p.name)))

@@ -5,6 +5,10 @@ Conventions
 * :func:`read_image` returns ``float32`` ``(H, W, 3)`` RGB (channels last) in ``[0, 1]``; an
   integer sample ``k`` of a ``b``-bit source becomes ``k / (2**b - 1)``. Gray is replicated to
   three channels; alpha goes to ``ImageInfo.alpha``; EXIF orientation is applied.
+  :func:`read_image_codes` decodes the same way but returns the integer code values
+  (``uint8``/``uint16``) and their bit depth, for memory-lean caches.
+* :func:`list_images` lists the files of a folder that :func:`is_image_path` accepts (the
+  formats this package reads); every folder listing in kpac goes through it.
 * :func:`write_image` clips to ``[0, 1]`` and rounds half-up, ``floor(v * (2**b - 1) + 0.5)``,
   so reading and writing back at the same bit depth is bit-exact (16-bit PNG included).
 * Every user-facing failure is an :class:`ImageError` whose one-line message names the file.
@@ -15,7 +19,7 @@ This package does not import typer or rich.
 
 from .atomic import atomic_output, atomic_write_bytes, cleanup_stale_temps
 from .base import DEFAULT_MAX_PIXELS, RAW_EXTENSIONS, ImageError, ImageInfo
-from .io import is_image_path, probe_size, read_image, write_image
+from .io import is_image_path, list_images, probe_size, read_image, read_image_codes, write_image
 from .pairing import DualPixelTriple, dpdd_dual_dirs, pair_dual_pixel, read_dual_pixel
 from .raw import RawOptions
 
@@ -31,9 +35,11 @@ __all__ = [
     "cleanup_stale_temps",
     "dpdd_dual_dirs",
     "is_image_path",
+    "list_images",
     "pair_dual_pixel",
     "probe_size",
     "read_dual_pixel",
     "read_image",
+    "read_image_codes",
     "write_image",
 ]

@@ -561,6 +561,41 @@ def _dispatch(src: _Src, fmt: str, max_pixels, raw_options):
     return "raw", (arr, 16, None, None, orientation, 1)  # LibRaw has already rotated the pixels
 
 
+def _decode(source, max_pixels, raw_options):
+    """The decoding step :func:`read_image` and :func:`read_image_codes` share.
+
+    Returns ``(src, format, arr, bit_depth, icc, exif, orientation, frames)`` with ``arr``
+    ``H x W x C`` as the format reader gave it (uint8 / uint16 codes, or float32 in [0, 1] for
+    float and 9-15-bit TIFF; alpha last when C is 2 or 4), EXIF orientation applied.
+    """
+    src = _Src(source)
+    fmt = _sniff(src)
+    try:
+        with _quiet_pil():
+            res = _dispatch(src, fmt, max_pixels, raw_options)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError(src.name, "out of memory while decoding") from None
+    except Exception as exc:  # any other library failure on bad data is a bad-image error
+        raise _decode_error(src.name, fmt.upper(), exc) from None
+    fmt, (arr, depth, icc, exif, orientation, frames) = res
+    if fmt != "raw":
+        arr = exif_mod.apply_orientation(arr, orientation)
+        if exif is not None and orientation != 1:
+            exif = exif_mod.reset_orientation(exif)
+    return src, fmt, arr, depth, icc, exif, orientation, frames
+
+
+def _color(arr: np.ndarray) -> np.ndarray:
+    """Drop the alpha channel (last of 2 or 4) and replicate gray to RGB."""
+    if arr.shape[2] in (2, 4):
+        arr = arr[..., :-1]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
 def read_image(
     source: str | os.PathLike | bytes,
     *,
@@ -596,22 +631,7 @@ def read_image(
         Missing/empty/unreadable file, unsupported or corrupt content, too many pixels.
         The message is one line and names the file.
     """
-    src = _Src(source)
-    fmt = _sniff(src)
-    try:
-        with _quiet_pil():
-            res = _dispatch(src, fmt, max_pixels, raw_options)
-    except ImageError:
-        raise
-    except MemoryError:
-        raise ImageError(src.name, "out of memory while decoding") from None
-    except Exception as exc:  # any other library failure on bad data is a bad-image error
-        raise _decode_error(src.name, fmt.upper(), exc) from None
-    fmt, (arr, depth, icc, exif, orientation, frames) = res
-    if fmt != "raw":
-        arr = exif_mod.apply_orientation(arr, orientation)
-        if exif is not None and orientation != 1:
-            exif = exif_mod.reset_orientation(exif)
+    src, fmt, arr, depth, icc, exif, orientation, frames = _decode(source, max_pixels, raw_options)
     channels = int(arr.shape[2])
     if arr.dtype.kind == "f":  # float TIFF / rescaled 9-15-bit: already in [0, 1]
         f = np.ascontiguousarray(arr, dtype=np.float32)
@@ -620,10 +640,7 @@ def read_image(
     alpha = None
     if channels in (2, 4):
         alpha = np.ascontiguousarray(f[..., -1])
-        f = f[..., :-1]
-    if f.shape[2] == 1:
-        f = np.repeat(f, 3, axis=2)
-    f = np.ascontiguousarray(f)
+    f = _color(f)
     info = ImageInfo(
         path=None if src.path is None else str(src.path),
         format=fmt,
@@ -637,6 +654,85 @@ def read_image(
         frames=frames,
     )
     return f, info
+
+
+def read_image_codes(
+    source: str | os.PathLike | bytes,
+    *,
+    bit_depth: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    raw_options: RawOptions | None = None,
+) -> tuple[np.ndarray, int]:
+    """Read an image as integer code values, decoded exactly as :func:`read_image` decodes it.
+
+    For memory-lean caches (training data): ``uint8`` takes a quarter of ``read_image``'s
+    float32, and ``to_float(codes, 2**depth - 1)`` gives back exactly ``read_image``'s pixels.
+
+    Parameters
+    ----------
+    source : str, PathLike or bytes
+        As for :func:`read_image`.
+    bit_depth : {None, 8, 16}
+        None keeps the source's depth (8 or 16). 8 rounds 16-bit codes to 8 bits with the
+        writer's rule, ``floor(k / 65535 * 255 + 0.5)``; 16 widens 8-bit codes exactly
+        (``k * 257``).
+    max_pixels, raw_options
+        As for :func:`read_image`.
+
+    Returns
+    -------
+    codes : ndarray
+        ``(H, W, 3)`` ``uint8`` (depth 8) or ``uint16`` (depth 16), C-contiguous, RGB. Gray is
+        replicated to three channels, alpha is dropped, EXIF orientation is applied. Float
+        TIFF and 9-15-bit TIFF samples are rounded to 16-bit codes (the writer's rule).
+    depth : int
+        8 or 16: the codes' bit depth.
+
+    Raises
+    ------
+    ImageError
+        As for :func:`read_image`.
+    """
+    if bit_depth not in (None, 8, 16):
+        raise ValueError(f"bit_depth must be None, 8 or 16; got {bit_depth!r}")
+    _src, _fmt, arr, depth, _icc, _exif, _orientation, _frames = _decode(source, max_pixels, raw_options)
+    arr = _color(arr)
+    if arr.dtype.kind == "f":
+        arr, depth = quantize(arr, 16), 16
+    if bit_depth == 8 and depth == 16:
+        # round(k * 255 / 65535) in integers: the writer's rule (quantize(k / 65535, 8)) for
+        # every 16-bit k, without a float copy of the image.
+        arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    elif bit_depth == 16 and depth == 8:
+        arr = arr.astype(np.uint16) * np.uint16(257)
+    return arr, bit_depth or depth
+
+
+def list_images(folder: str | os.PathLike, *, recursive: bool = False) -> list[Path]:
+    """The image files in ``folder`` (those :func:`is_image_path` accepts), sorted.
+
+    Hidden files are skipped, and with ``recursive`` so are hidden sub-folders (and what is
+    in them); symbolic links to folders are not followed. Sorted by the path relative to
+    ``folder`` (``/``-separated), i.e. by name when not recursive.
+
+    Raises
+    ------
+    OSError
+        ``folder`` is missing, not a folder or cannot be listed (sub-folders that cannot be
+        listed are passed over).
+    """
+    root = Path(folder)
+    names = os.listdir(root)  # raises for the folder itself; os.walk would stay silent
+    if recursive:
+        found = []
+        for here, subdirs, files in os.walk(root):
+            subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+            found += [Path(here, f) for f in files]
+    else:
+        found = [root / n for n in names]
+    return sorted(
+        (p for p in found if is_image_path(p) and p.is_file()), key=lambda p: p.relative_to(root).as_posix()
+    )
 
 
 def probe_size(source: str | os.PathLike | bytes) -> tuple[int, int]:

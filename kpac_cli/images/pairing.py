@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import DEFAULT_MAX_PIXELS, ImageError, ImageInfo
-from .io import _probe_depth, is_image_path, read_image
+from .io import _probe_depth, list_images, read_image
 
 _VIEW_SUFFIX = re.compile(r"[_-](l|r|c|left|right|center|centre)$", re.IGNORECASE)
 
@@ -52,7 +52,7 @@ def dpdd_dual_dirs(root: str | Path, split: str = "test") -> tuple[Path, Path, P
 def _index(folder: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     try:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p))
+        files = list_images(folder)
     except OSError as exc:
         raise ImageError(folder, f"cannot list folder ({exc.strerror or exc})") from None
     for p in files:

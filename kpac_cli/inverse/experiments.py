@@ -5,12 +5,13 @@ Each function blurs a sharp image with a disc PSF, deblurs it with Wiener invers
 close the two results are. ``examples/inverse_kernels.py`` prints them next to the
 paper's numbers.
 
-Shared conventions: images are float, ``(H, W)`` or ``(H, W, C)``, in [0, 1]; PSNR uses a
-data range of 1 and is computed on the unclipped results; the "larger blur" of scale
-``s`` is, by default, the analytic disc of radius ``s * radius`` (the same lens blur at
-``s`` times the size), or with ``large_blur='upsampled'`` the stretched small disc
-``(k↑s) / s**2`` exactly as written in Eq. 4. Inverse kernels are computed on a grid of
-about ``20 * radius * s`` pixels so that their slowly decaying ringing is not truncated.
+Shared conventions: images are float, ``(H, W)`` or ``(H, W, C)``, in [0, 1]; PSNR is
+:func:`kpac_cli.metrics.psnr` (data range 1) computed on the unclipped results; the
+"larger blur" of scale ``s`` is, by default, the analytic disc of radius ``s * radius``
+(the same lens blur at ``s`` times the size), or with ``large_blur='upsampled'`` the
+stretched small disc ``(k↑s) / s**2`` exactly as written in Eq. 4. Inverse kernels are
+computed on a grid of about ``20 * radius * s`` pixels so that their slowly decaying
+ringing is not truncated.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import nnls
 
+from ..metrics import psnr
 from .deconv import convolve
 from .kernels import dilate_kernel, disc_psf, upsample_kernel, wiener_inverse
 
@@ -30,11 +32,6 @@ __all__ = [
     "dilation_psnr",
     "scale_equivariance_psnr",
 ]
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
 def _grid(radius: float, s: float) -> int:
@@ -71,7 +68,7 @@ def scale_equivariance_psnr(
     k_large = _large_blur(radius, s, large_blur, method)
     direct = wiener_inverse(k_large, snr, size=max(stretched.shape[0], _grid(radius, s)))
     blurred = convolve(image, k_large)
-    return _psnr(convolve(blurred, direct), convolve(blurred, stretched))
+    return psnr(convolve(blurred, direct), convolve(blurred, stretched))
 
 
 def dilation_psnr(
@@ -96,7 +93,7 @@ def dilation_psnr(
     stretched = upsample_kernel(kinv, d, method) / d**2
     dilated = dilate_kernel(kinv, d)
     blurred = convolve(image, _large_blur(radius, d, large_blur, method))
-    return _psnr(convolve(blurred, stretched), convolve(blurred, dilated))
+    return psnr(convolve(blurred, stretched), convolve(blurred, dilated))
 
 
 @dataclass(frozen=True)
@@ -180,9 +177,9 @@ def blend_accuracy(
         accuracy_alpha=acc(x_alpha),
         accuracy_nnls=acc(x_fit),
         weights_nnls=(float(w[0]), float(w[1])),
-        psnr_exact=_psnr(x_t, sharp),
-        psnr_blurred=_psnr(blurred, sharp),
-        psnr_single=(_psnr(x1, sharp), _psnr(x2, sharp)),
-        psnr_alpha=_psnr(x_alpha, sharp),
-        psnr_nnls=_psnr(x_fit, sharp),
+        psnr_exact=psnr(x_t, sharp),
+        psnr_blurred=psnr(blurred, sharp),
+        psnr_single=(psnr(x1, sharp), psnr(x2, sharp)),
+        psnr_alpha=psnr(x_alpha, sharp),
+        psnr_nnls=psnr(x_fit, sharp),
     )

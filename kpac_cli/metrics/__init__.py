@@ -21,10 +21,8 @@ from .evaluate import Evaluator, conventions, evaluate, read_for_metrics
 from .lpips_net import LPIPS, LPIPS_ENV, load_lpips, lpips
 from .pairing import (
     DPDD_COUNTS,
-    IMAGE_EXTENSIONS,
     DPDDPair,
     Pair,
-    list_images,
     pair_dpdd,
     pair_folders,
     pair_predictions_dpdd,
@@ -38,7 +36,6 @@ __all__ = [
     "read_for_metrics",
     "DPDD_COUNTS",
     "DPDDPair",
-    "IMAGE_EXTENSIONS",
     "ImageResult",
     "LPIPS",
     "LPIPS_ENV",
@@ -53,7 +50,6 @@ __all__ = [
     "SSIM_WINDOWS",
     "conventions",
     "evaluate",
-    "list_images",
     "load_lpips",
     "lpips",
     "mae",

@@ -1,6 +1,7 @@
 """Pairing predictions with ground truth: plain folders, the DPDD layout, split labels.
 
 Names: a pair's ``name`` is the file stem (file name without its image extension).
+Images: the files :func:`kpac_cli.images.list_images` lists (the formats the reader reads).
 Sorting: "sorted order" is plain lexicographic order of the file names (``sorted()`` on
 the names, as the DPDD/KPAC evaluation scripts do with their file lists).
 """
@@ -12,22 +13,18 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from ..images import is_image_path, list_images
 from .errors import PairingError
 
 __all__ = [
     "DPDD_COUNTS",
-    "IMAGE_EXTENSIONS",
     "DPDDPair",
     "Pair",
-    "list_images",
     "pair_dpdd",
     "pair_folders",
     "pair_predictions_dpdd",
     "read_labels",
 ]
-
-#: File extensions taken as images (case-insensitive).
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".ppm", ".pgm"})
 
 #: Number of image pairs per split of the DPDD data set (Abuolaim & Brown, ECCV 2020).
 DPDD_COUNTS = {"train": 350, "val": 74, "test": 76}
@@ -57,16 +54,15 @@ class DPDDPair(NamedTuple):
     right: Path | None = None
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside ``folder`` (not recursive, hidden files skipped), sorted by name."""
+def _images_in(folder: str | os.PathLike) -> list[Path]:
+    """:func:`kpac_cli.images.list_images` of ``folder``, failing with a :class:`PairingError`."""
     d = Path(folder)
     if not d.is_dir():
         raise PairingError(f"not a folder: {d}")
-    return sorted((p for p in d.iterdir() if _is_image(p)), key=lambda p: p.name)
+    try:
+        return list_images(d)
+    except OSError as e:
+        raise PairingError(f"cannot list {d} ({e.strerror or e})") from None
 
 
 def _quote(names: list[str]) -> str:
@@ -108,7 +104,7 @@ def pair_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, by:
         one side or appear twice in one folder (``'name'``). The message names them.
     """
     pdir, tdir = Path(pred_dir), Path(target_dir)
-    preds, targets = list_images(pdir), list_images(tdir)
+    preds, targets = _images_in(pdir), _images_in(tdir)
     if not preds:
         raise PairingError(f"no images in {pdir}")
     if not targets:
@@ -188,7 +184,7 @@ def pair_dpdd(
     for d in (src_dir, tgt_dir):
         if not d.is_dir():
             raise PairingError(f"DPDD folder missing: {d} (expected {split}_c/source and {split}_c/target under {root})")
-    sources, targets = list_images(src_dir), list_images(tgt_dir)
+    sources, targets = _images_in(src_dir), _images_in(tgt_dir)
     if len(sources) != len(targets):
         raise PairingError(f"DPDD {split}: {len(sources)} sources in {src_dir} but {len(targets)} targets in {tgt_dir}")
     want = DPDD_COUNTS.get(split) if expected_count == "auto" else expected_count
@@ -205,7 +201,7 @@ def pair_dpdd(
             d = _split_dir(root, split, view, "source")
             if not d.is_dir():
                 raise PairingError(f"DPDD folder missing: {d} (needed for dual-pixel input)")
-            store.update(_by_stem(list_images(d), d))
+            store.update(_by_stem(_images_in(d), d))
             missing = sorted({s.stem for s in sources} - set(store))
             if missing:
                 raise PairingError(f"DPDD {split}: {len(missing)} source(s) without a view in {d}: {_quote(missing)}")
@@ -229,7 +225,7 @@ def pair_predictions_dpdd(
     """
     samples = pair_dpdd(root, split, expected_count=expected_count)
     pdir = Path(pred_dir)
-    pmap = _by_stem(list_images(pdir), pdir)
+    pmap = _by_stem(_images_in(pdir), pdir)
     names = {s.name for s in samples}
     missing = sorted(names - set(pmap))
     extra = sorted(set(pmap) - names)
@@ -245,7 +241,7 @@ def pair_predictions_dpdd(
 
 def _strip_ext(name: str) -> str:
     p = Path(name)
-    return p.stem if p.suffix.lower() in IMAGE_EXTENSIONS else p.name
+    return p.stem if is_image_path(p) else p.name
 
 
 def read_labels(path: str | os.PathLike) -> dict[str, str]:

@@ -26,9 +26,9 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
+from ..images import atomic_write_bytes
 from .paper import PAPER_TABLE4_DPDD, PAPER_TABLE4_LABEL
 
 __all__ = ["ImageResult", "Report", "METRIC_NAMES"]
@@ -231,8 +231,5 @@ class Report:
 
 
 def _write_text(path: str | os.PathLike, text: str) -> None:
-    # Write to a temporary file and rename, so an interrupted run never leaves half a report.
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="")
-    os.replace(tmp, p)
+    # Atomic, so an interrupted run never leaves half a report.
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -13,9 +13,7 @@ import numpy as np
 from .render import as_float_rgb
 from .scenes import dead_leaves
 
-__all__ = ["Source", "sharp_sources", "read_rgb", "IMAGE_SUFFIXES", "SKIMAGE_PHOTOS"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+__all__ = ["Source", "sharp_sources", "read_rgb", "SKIMAGE_PHOTOS"]
 
 # Natural photographs bundled with scikit-image (no download needed). Grey ones are
 # replicated to RGB: they add texture variety (grass, gravel, brick) rather than colour.
@@ -107,9 +105,9 @@ def sharp_sources(paths_or_dirs: list[Path] | None, include_skimage: bool = True
     Parameters
     ----------
     paths_or_dirs : list of Path, optional
-        Image files (loaded whatever their suffix) and directories (searched recursively for
-        ``.png .jpg .jpeg .tif .tiff``, any case; hidden files skipped), in the given order,
-        each directory's files sorted by relative path.
+        Image files (loaded whatever their suffix) and directories (searched recursively with
+        :func:`kpac_cli.images.list_images`: the formats the reader reads, hidden files and
+        folders skipped), in the given order, each directory's files sorted by relative path.
     include_skimage : bool
         Add scikit-image's bundled photos (:data:`SKIMAGE_PHOTOS`), named ``skimage_NAME``.
     procedural : int
@@ -140,12 +138,9 @@ def sharp_sources(paths_or_dirs: list[Path] | None, include_skimage: bool = True
     for entry in paths_or_dirs or []:
         p = Path(entry)
         if p.is_dir():
-            files = sorted(
-                (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                 and not any(part.startswith(".") for part in f.relative_to(p).parts)),
-                key=lambda f: f.relative_to(p).as_posix(),
-            )
-            for f in files:
+            from ..images import list_images
+
+            for f in list_images(p, recursive=True):
                 add(f.relative_to(p).with_suffix("").as_posix(), str(f), partial(_load_file, str(f)))
         elif p.is_file():
             add(p.stem, str(p), partial(_load_file, str(p)))

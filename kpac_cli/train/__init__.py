@@ -9,18 +9,15 @@ Core only: no typer/rich here; progress is reported through ``callback(TrainEven
 """
 
 from .config import STAGE_DEFAULTS, CropSchedule, TrainConfig
-from .data import DPDD_COUNTS, DataError, dpdd_split, folder_pairs
-from .imread import ImageReadError, read_array
-from .loop import TrainEvent, TrainingError, TrainResult, export_model, psnr, ssim, train, validate
+from .data import DataError, dpdd_split, folder_pairs
+from .loop import TrainEvent, TrainingError, TrainResult, export_model, train, validate
 from .state import CheckpointError, load_state
 from .vgg import VGG19Features, VGGWeightsMissing, default_weights_path, find_vgg_weights, load_vgg19
 
 __all__ = [
     "CheckpointError",
     "CropSchedule",
-    "DPDD_COUNTS",
     "DataError",
-    "ImageReadError",
     "STAGE_DEFAULTS",
     "TrainConfig",
     "TrainEvent",
@@ -35,9 +32,6 @@ __all__ = [
     "folder_pairs",
     "load_state",
     "load_vgg19",
-    "psnr",
-    "read_array",
-    "ssim",
     "train",
     "validate",
 ]

@@ -29,10 +29,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .imread import ImageReadError, list_images, quantise, read_array, to_float
-
-#: Published DPDD split sizes (Abuolaim & Brown, ECCV 2020).
-DPDD_COUNTS = {"train": 350, "val": 74, "test": 76}
+from ..images import list_images, probe_size, read_image_codes
+from ..images.base import to_float as _codes_to_float
+from ..metrics.pairing import DPDD_COUNTS
 
 STREAM_TRAIN, STREAM_VAL, STREAM_EPOCH = 0, 1, 2
 
@@ -40,7 +39,11 @@ Log = Callable[[str], None]
 
 
 class DataError(Exception):
-    """Training data that cannot be used as given; the message says what and where."""
+    """Training data that cannot be used as given; the message says what and where.
+
+    An image file that cannot be read raises :class:`kpac_cli.images.ImageError` instead
+    (``path: problem``).
+    """
 
 
 def _silent(_msg: str) -> None:
@@ -162,41 +165,16 @@ def folder_pairs(source: str | Path, target: str | Path, log: Log = _silent) -> 
 # --------------------------------------------------------------------------------------
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the file header, without decoding the pixels."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        with tifffile.TiffFile(path) as tf:
-            shape = tf.pages[0].shape
-        return (shape[0], shape[1]) if len(shape) == 2 or shape[-1] in (1, 3, 4) else (shape[1], shape[2])
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except Exception as e:  # noqa: BLE001
-        raise ImageReadError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from None
-    return h, w
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+def _as_float(a: np.ndarray) -> np.ndarray:
+    """Cached codes -> float32 in [0, 1], exactly as :func:`kpac_cli.images.read_image` reads them."""
+    return _codes_to_float(a, np.iinfo(a.dtype).max)
 
 
 class PairStore:
     """Decoded image pairs at the training bit depth, in memory or read on demand.
 
+    Images are held as integer codes (:func:`kpac_cli.images.read_image_codes`): 8-bit
+    training rounds 16-bit sources to 8 bits, 16-bit training keeps 8-bit sources at 8 bits.
     Cached arrays are loaded before the DataLoader workers start, so forked workers share
     them (copy-on-write; the pixel buffers are never written) instead of each decoding its
     own copy.
@@ -216,7 +194,7 @@ class PairStore:
         per = 1 if self.bit_depth == 8 else 2
         for pair in self.pairs:
             for p in pair.roles().values():
-                h, w = image_size(p)
+                h, w = probe_size(p)
                 total += h * w * 3 * per
         return total
 
@@ -226,8 +204,10 @@ class PairStore:
             return False
         if mode == "yes":
             return True
+        from ..engine.device import available_ram
+
         need = self.estimate_bytes()
-        budget = _available_memory() // (2 * max(1, share))
+        budget = available_ram() // (2 * max(1, share))
         if need <= budget:
             return True
         log(f"not caching the training images ({need / 2**30:.1f} GiB decoded, {budget / 2**30:.1f} GiB budget); decoding each sample")
@@ -237,7 +217,8 @@ class PairStore:
         if self._cache is not None:
             return self._cache[i]
         pair = self.pairs[i]
-        arrays = {role: quantise(read_array(p), self.bit_depth) for role, p in pair.roles().items()}
+        depth = 8 if self.bit_depth == 8 else None
+        arrays = {role: read_image_codes(p, bit_depth=depth)[0] for role, p in pair.roles().items()}
         shapes = {role: a.shape for role, a in arrays.items()}
         if len(set(shapes.values())) > 1:
             listing = ", ".join(f"{pair.roles()[r].name} {s[1]}x{s[0]}" for r, s in shapes.items())
@@ -353,7 +334,7 @@ class PairedDataset:
         y, x = random_window(arrays["source"].shape, crop, rng)
         hflip, vflip = (bool(rng.random() < 0.5), bool(rng.random() < 0.5)) if self.flips else (False, False)
         views = {r: a[y : y + crop, x : x + crop] for r, a in arrays.items()}
-        views = {r: to_float(a) for r, a in flip_views(views, hflip, vflip).items()}
+        views = {r: _as_float(a) for r, a in flip_views(views, hflip, vflip).items()}
         return make_sample(views, rng, self.noise_max, self.dual)
 
 
@@ -492,7 +473,7 @@ def evenly_spaced(n: int, k: int) -> list[int]:
 def paired_validation(store: PairStore, indices: Sequence[int], crop: int, dual: bool) -> list[dict[str, np.ndarray]]:
     out = []
     for i in indices:
-        views = {r: to_float(_centre(a, crop)) for r, a in store.load(i).items()}
+        views = {r: _as_float(_centre(a, crop)) for r, a in store.load(i).items()}
         out.append(make_sample(views, np.random.default_rng(0), 0.0, dual))
     return out
 

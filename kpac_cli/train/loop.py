@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import signal
 import threading
 import time
@@ -39,6 +38,10 @@ from torch import Tensor, nn
 from .. import __version__
 from ..checkpoints import load_checkpoint, save_checkpoint
 from ..checkpoints.safetensors_io import load_state_dict_checked
+from ..engine.device import autocast, cpu_name
+from ..engine.device import resolve_device as _engine_device
+from ..images import cleanup_stale_temps
+from ..metrics import psnr, ssim
 from ..model import KPACConfig, KPACNet, build_model, count_parameters
 from . import distributed as D
 from .config import TrainConfig
@@ -101,24 +104,12 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------
-# Losses and metrics
+# Losses (validation scores are kpac_cli.metrics' psnr/ssim: data range 1, 7x7 uniform SSIM)
 # --------------------------------------------------------------------------------------
 
 
 def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     return (pred.float() - target.float()).abs().mean()
-
-
-def psnr(pred: np.ndarray, target: np.ndarray) -> float:
-    """PSNR in dB of images in [0, 1] (infinite for identical images)."""
-    mse = float(np.mean((pred.astype(np.float64) - target.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
-
-
-def ssim(pred: np.ndarray, target: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(pred, target, channel_axis=-1, data_range=1.0))
 
 
 # --------------------------------------------------------------------------------------
@@ -127,22 +118,24 @@ def ssim(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 def resolve_device(name: str, dist_info: D.DistInfo) -> torch.device:
+    """The inference engine's device choice, with what training adds.
+
+    Under DDP, ``auto`` and a plain ``cuda`` mean this process's GPU (its local rank); a
+    single process's ``auto`` names the current GPU. ``auto`` trains on CUDA or the CPU,
+    never on MPS unless asked for, as training always has.
+    """
     name = (name or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_info.local_rank if dist_info.enabled else torch.cuda.current_device())
+    if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError(f"device {name!r} asked for, but CUDA is not available (PyTorch {torch.__version__})")
-        if dist_info.enabled and dev.index is None:
+    try:
+        dev = _engine_device(name)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    if dev.type == "cuda" and dev.index is None:
+        if dist_info.enabled:
             dev = torch.device("cuda", dist_info.local_rank)
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise TrainingError("device 'mps' asked for, but Apple MPS is not available")
-    elif dev.type != "cpu":
-        raise TrainingError(f"unsupported device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
+        elif name == "auto":
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -165,19 +158,8 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def hardware_summary(device: torch.device, world: int) -> dict[str, Any]:
-    hw: dict[str, Any] = {"device": device.type, "processes": world, "cpu": _cpu_name(),
+    hw: dict[str, Any] = {"device": device.type, "processes": world, "cpu": cpu_name(),
                           "cpu_count": _cpu_count(), "torch": str(torch.__version__)}
     if device.type == "cuda":
         hw["gpu"] = torch.cuda.get_device_name(device)
@@ -248,6 +230,8 @@ class _Signals:
 
 
 def _pad_to(x: Tensor, stride: int) -> tuple[Tensor, int, int]:
+    # Replicate padding, not the engine's reflect (pad_to_multiple): validation scores stay
+    # comparable with the runs (and best.pt choices) made so far.
     h, w = x.shape[-2:]
     ph, pw = (-h) % stride, (-w) % stride
     if ph or pw:
@@ -273,7 +257,7 @@ def validate(model: KPACNet, samples: list[dict[str, np.ndarray]], device: torch
             ref, _, _ = _pad_to(torch.from_numpy(s["reference"])[None].to(device) * 2 - 1, stride)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             y = model(x, ref)
         out = ((y.float()[0, :, :h, :w] + 1) * 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
         tgt = np.ascontiguousarray(s["target"].transpose(1, 2, 0))
@@ -281,14 +265,6 @@ def validate(model: KPACNet, samples: list[dict[str, np.ndarray]], device: torch
         ss.append(ssim(out, tgt))
     model.train(was_training)
     return {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss))}
-
-
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        from contextlib import nullcontext
-
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -401,7 +377,10 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.pt.*.tmp"):  # left by a writer killed mid-way (kill -9, power loss)
+        # Temp files left by a checkpoint writer killed mid-way (kill -9, power loss); the
+        # ".*.pt.*.tmp" ones are from kpac versions before state.atomic_save used images.atomic.
+        cleanup_stale_temps(out)
+        for stale in out.glob(".*.pt.*.tmp"):
             stale.unlink(missing_ok=True)
 
     # -- threads and workers. On a CPU a model step costs 10-100x a sample (see
@@ -545,7 +524,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                 ref = batch["reference"].to(device, non_blocking=True) * 2 - 1 if "reference" in batch else None
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(device, dtype):
+                with autocast(device, dtype):
                     pred = ddp_model(x, ref)
                     loss = l1_loss(pred, target)
                     if perceptual is not None:

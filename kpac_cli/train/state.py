@@ -16,19 +16,20 @@ as code). Keys:
   wall-clock so far), ``provenance`` (what an exported model will carry)
 
 Writes go to a temporary file in the same folder, are fsync'ed, then renamed over the old
-file: a crash or ``kill -9`` at any moment leaves either the old or the new checkpoint,
-never a torn one.
+file (:mod:`kpac_cli.images.atomic`): a crash or ``kill -9`` at any moment leaves either the
+old or the new checkpoint, never a torn one.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+
+from ..images import atomic_output
 
 FORMAT = "kpac-train"
 VERSION = 1
@@ -39,27 +40,11 @@ def _write(obj: Any, f: BinaryIO) -> None:
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` through a temp file + ``os.replace``."""
+    """``torch.save`` to ``path`` atomically (:func:`kpac_cli.images.atomic_output`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            _write(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (best effort; not possible everywhere)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        _write(obj, f)
     return path
 
 
