@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +200,12 @@ def test_torchrun_ranks_share_the_files_and_match_a_single_process(tmp_path, tin
         b, _ = read_image(tmp_path / "multi" / f"p{i}.png")
         assert np.array_equal(a, b)
     assert proc.stderr.count("5 deblurred, 0 skipped, 0 failed") == 1  # one summary, from rank 0, over all ranks
+
+
+def test_output_that_is_not_a_regular_file_is_refused(tmp_path, tiny_models):
+    src = _write(tmp_path / "x.png", np.random.default_rng(5).random((16, 16, 3), dtype=np.float32), 8)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    res = invoke("deblur", src, "-o", fifo, "--model", tiny_models[0], "--overwrite")
+    assert res.exit_code == 1 and "not a regular file" in res.output
+    assert stat.S_ISFIFO(fifo.stat().st_mode)

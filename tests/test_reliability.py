@@ -314,8 +314,6 @@ def test_dual_pixel_pair_problems_are_clear_errors(tmp_path, models, case, match
     assert len(errors) == 1 and re.search(match, errors[0]) and "x.png" in errors[0], res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="pairs are checked while planning, so one bad pair stops the whole batch "
-                   "(exit 2); patch: pair_dual_pixel(check=False) in plan_dual, read_dual_pixel checks each pair")
 @pytest.mark.parametrize("case", ["size_mismatch", "depth_mismatch", "broken_right"])
 def test_a_bad_dual_pixel_pair_fails_alone(tmp_path, models, case):
     _dual_files(tmp_path, "good", "a")
@@ -587,20 +585,19 @@ def _bad_model(kind: str, tmp_path: Path, models) -> tuple[list[str], Path]:
     return ["deblur", str(img), "-o", str(tmp_path / "o.png"), "--model", str(path), "--device", "cpu"], path
 
 
-_PATCH = "see the proposed patch to kpac_cli/checkpoints"
 BAD_MODELS = [
     "evil_npz",
-    pytest.param("convert_evil_npz", marks=pytest.mark.xfail(strict=True, reason=f"the refusal does not name the file; {_PATCH}/official.py")),
-    pytest.param("evil_pt", marks=pytest.mark.xfail(strict=True, reason=f"torch's multi-line explanation is passed through; {_PATCH}/safetensors_io.py")),
-    pytest.param("mismatched", marks=pytest.mark.xfail(strict=True, reason=f"the message does not name the file; {_PATCH}/safetensors_io.py")),
+    "convert_evil_npz",
+    "evil_pt",
+    "mismatched",
     "truncated_half",
     "truncated_header",
     "empty",
     "text",
-    pytest.param("pt_not_tensors", marks=pytest.mark.xfail(strict=True, reason=f"AttributeError traceback; {_PATCH}/safetensors_io.py")),
-    pytest.param("pt_config_is_int", marks=pytest.mark.xfail(strict=True, reason=f"TypeError traceback; {_PATCH}/safetensors_io.py")),
-    pytest.param("pt_config_bad_field_type", marks=pytest.mark.xfail(strict=True, reason=f"TypeError traceback; {_PATCH}/safetensors_io.py")),
-    pytest.param("pt_model_is_list", marks=pytest.mark.xfail(strict=True, reason=f"TypeError traceback; {_PATCH}/safetensors_io.py")),
+    "pt_not_tensors",
+    "pt_config_is_int",
+    "pt_config_bad_field_type",
+    "pt_model_is_list",
     "pt_not_a_dict",
 ]
 
@@ -622,8 +619,6 @@ def test_bad_model_file_gives_one_line_naming_it(tmp_path, models, kind):
 # how errors are printed
 
 
-@pytest.mark.xfail(strict=True, reason="messages are printed as rich markup: '[bold]' in a path vanishes and '[/]' "
-                   "raises MarkupError; patch: escape() in kpac_cli/cli/common.py print_error/usage_error")
 @pytest.mark.parametrize("rel", ["draft[bold]v2.png", "x[/]y.png"])
 def test_file_names_that_look_like_markup_are_printed_verbatim(tmp_path, models, rel):
     bad = tmp_path / rel
@@ -658,12 +653,7 @@ def test_file_names_that_are_not_utf8(tmp_path, models):
     assert os.listdir(os.fsencode(out)) == [b"caf\xe9.png"]  # the same (byte) name as its input
 
 
-_WRAPPED = pytest.mark.xfail(strict=True, reason="rich wraps these at 80 columns when stderr is not a terminal (logs, CI); "
-                             "patch: soft_wrap=True in usage_error (kpac_cli/cli/common.py) and the summary (cli/deblur.py)")
-
-
-@pytest.mark.parametrize("what", ["image_error", pytest.param("usage_error", marks=_WRAPPED),
-                                  pytest.param("interrupted_summary", marks=_WRAPPED)])
+@pytest.mark.parametrize("what", ["image_error", "usage_error", "interrupted_summary"])
 def test_long_messages_are_never_wrapped(tmp_path, models, monkeypatch, what):
     monkeypatch.setenv("COLUMNS", "80")  # what rich assumes when stderr is a pipe or a file
     deep = tmp_path / ("a_rather_long_folder_name_" * 4)
@@ -691,8 +681,6 @@ def test_long_messages_are_never_wrapped(tmp_path, models, monkeypatch, what):
         assert len(lines) == 1 and lines[0].startswith("interrupted:") and "--skip-existing" in lines[0], res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="tifffile logs its own warnings ('<tifffile.TiffPage 0 @8> incorrect "
-                   "StripByteCounts ...') to stderr; patch: quiet the 'tifffile' logger in kpac_cli/cli/common.py")
 def test_stderr_carries_only_error_lines_and_the_summary(tmp_path, models):
     cases = [c for c in image_cases() if c.name in ("bomb.tif", "tiff_bad_ifd.tif", "truncated.tif")]
     paths = write_cases(tmp_path / "in", cases)

@@ -85,8 +85,8 @@ def read_official_npz(path: str | Path) -> list[np.ndarray]:
             if header["descr"] == "|O":
                 try:
                     obj = _ArraysOnlyUnpickler(f, encoding="latin1").load()
-                except UnsafeCheckpointError:
-                    raise
+                except UnsafeCheckpointError as e:
+                    raise UnsafeCheckpointError(f"{path}: {e}") from None
                 except Exception as e:  # truncated or corrupt pickle stream
                     raise CheckpointMismatchError(f"{path}: corrupt params.npy ({type(e).__name__}: {e})") from None
             else:

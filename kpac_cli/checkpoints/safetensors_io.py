@@ -14,6 +14,7 @@ and must hold a state dict plus a ``config`` entry; nothing else is trusted.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,24 @@ class Checkpoint:
     config: KPACConfig
     state_dict: dict[str, torch.Tensor]
     provenance: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None  # the file it was read from (named in error messages)
 
     def build(self, dtype: torch.dtype = torch.float32) -> KPACNet:
         model = build_model(self.config)
-        load_state_dict_checked(model, self.state_dict)
+        try:
+            load_state_dict_checked(model, self.state_dict)
+        except CheckpointMismatchError as e:
+            if self.path is None:
+                raise
+            raise CheckpointMismatchError(f"{self.path}: {e}") from None
         return model.to(dtype).eval()
 
 
 def load_state_dict_checked(model: KPACNet, state: dict[str, torch.Tensor]) -> None:
     """Load weights, turning any mismatch into one clear error instead of a PyTorch traceback."""
+    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointMismatchError(f"{len(not_tensors)} entries are not tensors (e.g. {not_tensors[0]!r})")
     own = dict(model.state_dict())
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -121,16 +131,28 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointMismatchError(f"{path}: truncated or corrupt safetensors file ({e})") from None
-    return Checkpoint(config, state, provenance)
+    return Checkpoint(config, state, provenance, path)
 
 
 def _load_torch_weights_only(path: Path) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses arbitrary classes with an UnpicklingError
-        raise CheckpointMismatchError(f"{path}: refused or unreadable torch file ({type(e).__name__}: {e})") from None
+        # torch's explanation spans many lines (and suggests weights_only=False): keep the gist.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(e).split()))
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            raise CheckpointMismatchError(
+                f"{path}: refused: it asks to load {found.group(1)}, which is not a tensor (only plain weights are loaded from .pt files)"
+            ) from None
+        raise CheckpointMismatchError(f"{path}: unreadable torch file ({type(e).__name__}: {text[:200]})") from None
     if not isinstance(obj, dict) or "config" not in obj or "model" not in obj:
         raise CheckpointMismatchError(f"{path}: a .pt checkpoint must hold {{'config': dict, 'model': state_dict}}")
-    cfg = obj["config"]
-    config = KPACConfig.from_json(cfg) if isinstance(cfg, str) else KPACConfig.from_dict(dict(cfg))
-    return Checkpoint(config, dict(obj["model"]), dict(obj.get("provenance", {})))
+    try:
+        cfg = obj["config"]
+        config = KPACConfig.from_json(cfg) if isinstance(cfg, str) else KPACConfig.from_dict(dict(cfg))
+        state = dict(obj["model"])
+        provenance = dict(obj.get("provenance") or {})
+    except (TypeError, ValueError) as e:
+        raise CheckpointMismatchError(f"{path}: invalid .pt checkpoint ({' '.join(str(e).split())})") from None
+    return Checkpoint(config, state, provenance, path)

@@ -11,12 +11,14 @@ Conventions (all subcommands):
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -24,9 +26,19 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 err_console = Console(stderr=True, highlight=False)
 
 
+# tifffile logs its own complaints about a damaged file (without naming it); kpac reports the
+# outcome as one error line per file, so these would only be stray lines on stderr.
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+
+
+def one_line(message: object) -> str:
+    """``message`` on one line, with rich markup escaped (file names may contain '[...]')."""
+    return escape(" ".join(str(message).split()))
+
+
 def usage_error(message: str) -> typer.Exit:
     """Print a one-line usage error and return the Exit to raise (code 2)."""
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {one_line(message)}", soft_wrap=True)
     return typer.Exit(EXIT_USAGE)
 
 
@@ -75,7 +87,7 @@ def dual_pixel_mode(inputs: list[str], left: str | None, right: str | None, no_i
 
 
 def print_error(message: str) -> None:
-    err_console.print(f"[red]error:[/] {message}", soft_wrap=True)
+    err_console.print(f"[red]error:[/] {one_line(message)}", soft_wrap=True)
 
 
 def emit_json(record: dict[str, Any]) -> None:

@@ -197,9 +197,9 @@ def deblur(
     if not quiet:
         done = f"{counts['ok']} deblurred, {counts['skipped']} skipped, {counts['failed']} failed"
         if exit_code in (130, 143):
-            err_console.print(f"interrupted: {done}, {total_jobs - sum(counts.values())} not started; rerun with --skip-existing to finish")
+            err_console.print(f"interrupted: {done}, {total_jobs - sum(counts.values())} not started; rerun with --skip-existing to finish", soft_wrap=True)
         elif output != STDIO or counts["failed"]:
-            err_console.print(done)
+            err_console.print(done, soft_wrap=True)
     raise typer.Exit(exit_code)
 
 

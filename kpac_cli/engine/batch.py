@@ -127,7 +127,7 @@ def plan_single(inputs: list[str], output: str, recursive: bool, options: Output
             raise PlanError("'-' (stdin) cannot be mixed with other inputs")
         if output != STDIO and Path(output).is_dir():
             raise PlanError("with stdin input, -o must be '-' or a file path")
-        return [Job("stdin", stdin if stdin is not None else b"", None if output == STDIO else Path(output), "-")]
+        return [Job("stdin", stdin if stdin is not None else b"", None if output == STDIO else Path(output), "<stdin>")]
     files = collect_inputs(inputs, recursive)
     if not files:
         raise PlanError("no images found in the inputs")
@@ -153,7 +153,8 @@ def plan_single(inputs: list[str], output: str, recursive: bool, options: Output
 
 def plan_dual(left: str, right: str, center: str | None, output: str, options: OutputOptions) -> list[Job]:
     try:
-        triples = pair_dual_pixel(Path(left), Path(right), Path(center) if center else None)
+        # sizes and bit depths are checked per pair when it is read: a bad pair fails alone
+        triples = pair_dual_pixel(Path(left), Path(right), Path(center) if center else None, check=False)
     except ImageError as e:
         raise PlanError(str(e)) from None
     if output == STDIO:
@@ -186,6 +187,9 @@ def preflight(job: Job, options: OutputOptions) -> JobResult | None:
             return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: output path is the input file; refusing to overwrite the original")
     if job.output.is_dir():
         return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: output path is an existing directory")
+    if job.output.exists() and not job.output.is_file():
+        # e.g. a device or a FIFO: replacing it by renaming a file over it would destroy it
+        return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: output path exists and is not a regular file")
     if job.output.exists():
         if options.skip_existing:
             return JobResult(job.input_label, str(job.output), "skipped")

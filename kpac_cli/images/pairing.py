@@ -63,7 +63,9 @@ def _index(folder: Path) -> dict[str, Path]:
     return out
 
 
-def pair_dual_pixel(left: str | Path, right: str | Path | None = None, center: str | Path | None = None) -> list[DualPixelTriple]:
+def pair_dual_pixel(
+    left: str | Path, right: str | Path | None = None, center: str | Path | None = None, *, check: bool = True
+) -> list[DualPixelTriple]:
     """Pair dual-pixel views given as files or folders.
 
     Parameters
@@ -121,8 +123,9 @@ def pair_dual_pixel(left: str | Path, right: str | Path | None = None, center: s
                     raise ImageError(li[k], f"no centre image for it in {center}")
                 c = ci[k]
             triples.append(DualPixelTriple(li[k], ri[k], c, _name(li[k])))
-    for t in triples:
-        _check_partners(t)
+    if check:  # with check=False, read_dual_pixel checks each pair, so a bad pair fails alone
+        for t in triples:
+            _check_partners(t)
     return triples
 
 

@@ -1,0 +1,156 @@
+"""`kpac bench`: the machine's convolution ceiling, the model's efficiency, throughput, tiles."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import typer
+
+from .common import emit_json, err_console, usage_error
+
+EXAMPLES = """
+Examples:
+
+  kpac bench                                  # 1280x720, CPU or the first GPU
+
+  kpac bench --size 1920x1080 --rounds 9      # more rounds on a busy machine
+
+  kpac bench --json | jq .efficiency          # for scripts
+
+  kpac bench --backends fast,compile --configs single_3level --tiles whole
+"""
+
+
+def _parse_tiles(text: str) -> list[int | None]:
+    out: list[int | None] = []
+    for part in text.split(","):
+        p = part.strip().lower()
+        if not p:
+            continue
+        if p in ("whole", "none", "0"):
+            out.append(None)
+            continue
+        try:
+            n = int(p)
+        except ValueError:
+            raise ValueError(f"tile sizes are integers or 'whole', got {part!r}") from None
+        if n <= 0:
+            raise ValueError(f"tile sizes must be positive, got {n}")
+        out.append(n)
+    if not out:
+        raise ValueError("no tile sizes given")
+    return out
+
+
+def bench(
+    size: str = typer.Option("1280x720", "--size", help="Image size WxH for every measurement."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    rounds: int = typer.Option(5, "--rounds", min=1, help="Timed rounds (median reported); each round runs every candidate once, interleaved."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed calls of each candidate first."),
+    backends: str = typer.Option("auto", "--backends", help="Model backends for the efficiency: auto, or a list of eager, channels_last, fast, onnxruntime, compile."),
+    configs: str = typer.Option("all", "--configs", help="Model configs for throughput: all, or a list of single_2level, single_3level, dual."),
+    tiles: str = typer.Option("256,512,1024,whole", "--tiles", help="Tile sizes to sweep (the engine path), 'whole' = no tiling."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: PyTorch's choice)."),
+    retain_memory: bool = typer.Option(True, "--retain-memory/--no-retain-memory", help="Keep freed memory in the process (glibc), as `kpac deblur` does on Linux."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout (efficiency under 'efficiency')."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages on stderr."),
+) -> None:
+    """Measure how close the model runs to this machine's convolution speed, and pick a tile size.
+
+    The ceiling is a dense 3x3 conv (96 -> 96 channels, 360x640), the best of PyTorch NCHW, channels_last and onnxruntime; efficiency = model GFLOP/s / ceiling GFLOP/s, FLOPs counted analytically (kpac_cli.model.flops). Candidates run interleaved and every ratio is a median over rounds, so a busy machine slows both sides alike.
+    """
+    import torch
+
+    from .. import bench as core
+    from ..model import PAPER_CONFIGS
+    from ..model.fast import retain_freed_memory
+    from .export import _parse_size
+
+    try:
+        width, height = _parse_size(size)
+        tile_list = _parse_tiles(tiles)
+        from ..engine import resolve_device
+
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise usage_error(str(e)) from None
+    if backends == "auto":
+        backend_list = ["fast", "channels_last"]
+        if dev.type == "cpu":
+            try:
+                import onnxruntime  # noqa: F401
+
+                backend_list.append("onnxruntime")
+            except ImportError:
+                pass
+    else:
+        backend_list = [b.strip() for b in backends.split(",") if b.strip()]
+        bad = [b for b in backend_list if b not in core.MODEL_BACKENDS]
+        if bad or not backend_list:
+            raise usage_error(f"unknown backend(s) {', '.join(bad) or '(none)'}: use {', '.join(core.MODEL_BACKENDS)}")
+        if "onnxruntime" in backend_list and dev.type != "cpu":
+            raise usage_error("the onnxruntime backend runs on the CPU only")
+    if configs == "all":
+        config_map = dict(PAPER_CONFIGS)
+    else:
+        names = [c.strip() for c in configs.split(",") if c.strip()]
+        bad = [c for c in names if c not in PAPER_CONFIGS]
+        if bad:
+            raise usage_error(f"unknown config(s) {', '.join(bad)}: use {', '.join(PAPER_CONFIGS)}")
+        config_map = {c: PAPER_CONFIGS[c] for c in names}
+    if threads:
+        torch.set_num_threads(threads)
+    retained = retain_freed_memory() if (retain_memory and dev.type == "cpu") else False
+
+    def say(msg: str) -> None:
+        if not quiet:
+            err_console.print(f"[dim]measuring {msg}...[/]")
+
+    report = core.run_benchmark(height, width, str(dev), rounds, warmup, tile_list, config_map, backend_list, say)
+    report["machine"]["retain_freed_memory"] = retained
+    if json_out:
+        emit_json(report)
+        return
+    _print_report(report)
+
+
+def _print_report(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    m = r["machine"]
+    con.print(f"[bold]kpac bench[/] on {m['device']} ({m['cpu'] if m['device'] == 'cpu' else m.get('gpu', '')}), "
+              f"{m['threads']} threads, torch {m['torch']}, image {r['size'][0]}x{r['size'][1]}")
+    c = r["ceiling"]
+    by = ", ".join(f"{k} {v:.0f}" for k, v in c["by_backend"].items())
+    con.print(f"ceiling (dense 3x3 conv 96->96 at 360x640): {c['gflops_per_s']:.0f} GFLOP/s, best {c['backend']}  [{by}]")
+    t = Table(title=f"3-level model ({r['model_flops'] / 1e9:.2f} GFLOP per image)")
+    for col in ("backend", "seconds", "GFLOP/s", "efficiency"):
+        t.add_column(col, justify="right" if col != "backend" else "left")
+    for b, e in r["backends"].items():
+        t.add_row(b, f"{e['seconds']:.3f}", f"{e['gflops_per_s']:.0f}", f"{e['efficiency']:.2f}")
+    con.print(t)
+    con.print(f"[bold]efficiency {r['efficiency']:.2f}[/] ({r['efficiency_backend']})")
+    t = Table(title="throughput (whole image)")
+    for col in ("config", "precision", "seconds", "MP/s"):
+        t.add_column(col)
+    for row in r["configs"]:
+        t.add_row(row["config"], row["precision"], f"{row['seconds']:.3f}", f"{row['megapixels_per_s']:.2f}")
+    con.print(t)
+    t = Table(title="tile sweep (engine, 3-level, fp32)")
+    for col in ("tile", "seconds", "MP/s"):
+        t.add_column(col)
+    for row in r["tiles"]:
+        label = row["tile"] + (" (= whole)" if row["tile"] != "whole" and row["effective_tile"] is None else "")
+        t.add_row(label, f"{row['seconds']:.3f}", f"{row['megapixels_per_s']:.2f}")
+    con.print(t)
+    con.print(f"recommended tile: [bold]{r['recommended_tile']}[/] (the smallest within 5% of the fastest)")
+
+
+bench.__doc__ = inspect.cleandoc(bench.__doc__ or "") + "\n" + EXAMPLES
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench", help=bench.__doc__)(bench)

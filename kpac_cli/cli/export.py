@@ -1,0 +1,109 @@
+"""`kpac export`: write a model as ONNX, optionally checked against PyTorch."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import EXIT_FAILED, emit_json, err_console, print_error, usage_error
+
+EXAMPLES = """
+Examples:
+
+  kpac export --onnx kpac-3level.onnx                     # default model, dynamic size
+
+  kpac export --onnx dual.onnx -m kpac-dual --check       # + diff and speed vs PyTorch
+
+  kpac export --onnx net.onnx --config single_2level      # random weights (tests)
+"""
+
+
+def _load_model(model: str, config: Optional[str]):
+    from ..model import PAPER_CONFIGS, build_model
+
+    if config is not None:
+        if config not in PAPER_CONFIGS:
+            raise ValueError(f"unknown --config {config!r} (one of {', '.join(PAPER_CONFIGS)})")
+        import torch
+
+        torch.manual_seed(0)
+        return build_model(PAPER_CONFIGS[config]).eval(), f"random {config}"
+    from ..checkpoints import load_checkpoint
+    from ..checkpoints.registry import resolve_model
+
+    path, name = resolve_model(model)
+    return load_checkpoint(path).build().eval(), name
+
+
+def export(
+    onnx_path: Path = typer.Option(..., "--onnx", help="Destination .onnx file."),
+    model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`) or a .safetensors file."),
+    config: Optional[str] = typer.Option(None, "--config", help="Export random weights of a paper config instead (single_2level, single_3level, dual)."),
+    opset: int = typer.Option(17, "--opset", min=13, help="ONNX opset version."),
+    static: Optional[str] = typer.Option(None, "--static", help="Fix the input size to WxH instead of dynamic height/width."),
+    check: bool = typer.Option(False, "--check", help="Run onnxruntime and PyTorch on a random image: max abs diff and times."),
+    check_size: str = typer.Option("1280x720", "--check-size", help="WxH of the --check image."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON record on stdout."),
+) -> None:
+    """Export a model to ONNX (inputs 'input' and 'reference', output 'output'; NCHW float32 in [-1, 1]).
+
+    Height and width of the dynamic graph must be multiples of the model's stride (8 for 3-level models, 4 for 2-level); pad first, as kpac's engine does.
+    """
+    from ..export import check_export, export_onnx
+
+    if onnx_path.exists() and not overwrite:
+        raise usage_error(f"{onnx_path}: exists (use --overwrite)")
+    try:
+        sample = _parse_size(static) if static else (96, 64)
+        cw, ch = _parse_size(check_size)
+        net, name = _load_model(model, config)
+    except (ValueError, FileNotFoundError) as e:
+        raise usage_error(str(e)) from None
+    try:
+        data = export_onnx(net, onnx_path, opset=opset, dynamic=static is None, sample_hw=(sample[1], sample[0]))
+    except ImportError as e:
+        print_error(f"{e} (pip install 'kpac[onnx]')")
+        raise typer.Exit(EXIT_FAILED) from None
+    record: dict = {"model": name, "onnx": str(onnx_path), "bytes": len(data), "opset": opset,
+                    "dynamic": static is None, "config": net.config.to_dict()}
+    if check:
+        if static:
+            cw, ch = sample
+        try:
+            record["check"] = check_export(net, data, ch, cw)
+        except ImportError as e:
+            print_error(str(e))
+            raise typer.Exit(EXIT_FAILED) from None
+    if json_out:
+        emit_json(record)
+        return
+    typer.echo(f"wrote {onnx_path} ({len(data) / 1e6:.1f} MB, opset {opset}, {'dynamic' if static is None else 'static'} size) from {name}")
+    if check:
+        c = record["check"]
+        typer.echo(f"check at {c['width']}x{c['height']}: max abs diff {c['max_abs_diff']:.2e} (onnxruntime vs PyTorch, fp32)")
+        typer.echo(f"  PyTorch channels_last {c['torch_seconds']:.3f} s, onnxruntime {c['onnxruntime_seconds']:.3f} s "
+                   f"(onnxruntime {c['onnxruntime_speedup']:.2f}x)")
+        if c["max_abs_diff"] > 1e-4:
+            err_console.print("[yellow]warning:[/] difference above 1e-4")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    """'1280x720' -> (1280, 720) = (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must be WxH, e.g. 1280x720, got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return w, h
+
+
+export.__doc__ = inspect.cleandoc(export.__doc__ or "") + "\n" + EXAMPLES
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export", help=export.__doc__)(export)
