@@ -209,3 +209,34 @@ def test_output_that_is_not_a_regular_file_is_refused(tmp_path, tiny_models):
     res = invoke("deblur", src, "-o", fifo, "--model", tiny_models[0], "--overwrite")
     assert res.exit_code == 1 and "not a regular file" in res.output
     assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_camera_raw_to_sixteen_bit_tiff(shared_dir, tmp_path, tiny_models):
+    dng = shared_dir / "samples" / "raw" / "canon_eos_6d.dng"
+    res = invoke("deblur", dng, "-o", tmp_path / "out", "--model", tiny_models[0], "--raw-half-size", "--json")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out" / "canon_eos_6d.tif"
+    img, info = read_image(out)
+    assert info.format == "tiff" and info.bit_depth == 16 and img.ndim == 3 and min(img.shape[:2]) > 100
+
+
+def test_python_api_deblurs_files_like_the_cli(tmp_path, tiny_models):
+    from kpac_cli.engine import Deblurrer, EngineOptions, OutputOptions, deblur_file
+
+    src = _write(tmp_path / "in16.png", np.random.default_rng(8).random((20, 28, 3), dtype=np.float32), 16)
+    d = Deblurrer(tiny_models[0], EngineOptions(device="cpu"))
+    first = deblur_file(d, src, tmp_path / "out.png")
+    assert first.status == "ok" and read_image(tmp_path / "out.png")[1].bit_depth == 16
+    again = deblur_file(d, src, tmp_path / "out.png")
+    assert again.status == "failed" and "exists" in again.error
+    assert deblur_file(d, src, tmp_path / "out.png", OutputOptions(overwrite=True)).status == "ok"
+    cli = invoke("deblur", src, "-o", tmp_path / "cli.png", "--model", tiny_models[0])
+    assert cli.exit_code == 0
+    assert np.array_equal(read_image(tmp_path / "cli.png")[0], read_image(tmp_path / "out.png")[0])
+
+
+@pytest.mark.parametrize("command", ["deblur", "train", "eval", "blurmap", "models", "convert", "synth", "bench", "export"])
+def test_every_command_has_help_with_an_example(command):
+    res = invoke(command, "--help")
+    assert res.exit_code == 0, res.output
+    assert "example" in res.stdout.lower()

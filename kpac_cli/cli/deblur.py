@@ -13,9 +13,9 @@ import typer
 from ..engine import Deblurrer, EngineOptions
 from ..engine.batch import STDIO, JobResult, OutputOptions, PlanError, plan_dual, plan_single, run_batch
 from ..images import DEFAULT_MAX_PIXELS, RawOptions
-from ..train.distributed import env_info
-from ..train.distributed import setup as setup_distributed
-from ..train.distributed import teardown as teardown_distributed
+from ..distributed import env_info
+from ..distributed import setup as setup_distributed
+from ..distributed import teardown as teardown_distributed
 from .common import (
     EXIT_FAILED,
     EXIT_OK,

@@ -336,3 +336,25 @@ def _one_line(err: BaseException, label: object) -> str:
 def iter_records(results: list[JobResult], deblurrer: Deblurrer) -> Iterator[dict[str, Any]]:
     for r in results:
         yield r.record(deblurrer)
+
+
+def deblur_file(
+    deblurrer: Deblurrer,
+    source: str | Path,
+    output: str | Path,
+    options: OutputOptions | None = None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    raw_options: RawOptions | None = None,
+) -> JobResult:
+    """Deblur one file into ``output`` with the same guarantees as ``kpac deblur``.
+
+    >>> deblur_file(Deblurrer("kpac-3level"), "IMG_0042.CR2", "sharp.tif")   # doctest: +SKIP
+
+    Format and bit depth follow the input (or ``options``); the write is atomic and an
+    existing ``output`` is kept unless ``options.overwrite``. Failures are returned, not
+    raised: check ``result.status`` and ``result.error``.
+    """
+    source, output = Path(source), Path(output)
+    job = Job(source.stem, source, output, str(source))
+    return run_batch(deblurrer, [job], options or OutputOptions(), max_pixels=max_pixels, raw_options=raw_options)[0]

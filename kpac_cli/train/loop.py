@@ -43,7 +43,7 @@ from ..engine.device import resolve_device as _engine_device
 from ..images import cleanup_stale_temps
 from ..metrics import psnr, ssim
 from ..model import KPACConfig, KPACNet, build_model, count_parameters
-from . import distributed as D
+from .. import distributed as D
 from .config import TrainConfig
 from .data import DataBundle, StepBatchSampler, build_data, collate, worker_init
 from .state import FORMAT, VERSION, atomic_save, capture_rng, load_state, resolve_checkpoint, restore_rng, weights_finite

@@ -1,4 +1,4 @@
-"""Multi-process training under ``torchrun``: detection, process group, agreement between ranks.
+"""Multi-process runs under ``torchrun`` (training and batch deblurring): detection, process group, agreement.
 
 ``torchrun --nproc_per_node=N -m kpac_cli train ...`` sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``); :func:`setup` reads them, joins the
