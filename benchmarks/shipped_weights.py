@@ -18,12 +18,16 @@ against the target (the target is on a different intensity scale), and PSNR is c
 linear light with data range 1 after normalising the target by its maximum.
 
 Usage: python benchmarks/shipped_weights.py [--model kpac-3level] [--dual-model kpac-dual]
-       [--per-level 6] [--crop 256] [--json out.json]
+       [--per-level 6] [--crop 256] [--json out.json] [--publish]
+
+``--publish`` writes the measured scores (and this command) into the model file's provenance,
+where `kpac models` shows them, and refreshes weights/SHA256SUMS.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -31,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kpac_cli.checkpoints import update_provenance
+from kpac_cli.checkpoints.registry import resolve_model
 from kpac_cli.engine import Deblurrer, EngineOptions
 from kpac_cli.images import read_image
 from kpac_cli.inverse import disc_psf, estimate_disc_radius, wiener_deconvolve
@@ -148,6 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-pixel4", action="store_true")
+    ap.add_argument("--publish", action="store_true", help="store the scores in the model file and refresh SHA256SUMS")
     args = ap.parse_args(argv)
     opts = EngineOptions(device="cpu", precision="fp32")
     single = Deblurrer(args.model, opts)
@@ -157,7 +164,36 @@ def main(argv=None) -> int:
         result["pixel4"] = pixel4_benchmark(single, dual)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
+    if args.publish:
+        publish(args, result)
     return 0
+
+
+def publish(args, result: dict) -> None:
+    """Scores into the model's provenance (shown by `kpac models`), then SHA256SUMS."""
+    rows = result["synthetic"]
+    scores = {
+        "heldout_synthetic_psnr_gain_db": round(float(np.mean([r["model_psnr"] - r["input_psnr"] for r in rows])), 2),
+        "heldout_synthetic": [
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows
+        ],
+    }
+    if "pixel4" in result and "skipped" not in result["pixel4"]:
+        scores["pixel4_dual_pixel_capture"] = {k: round(v, 2) for k, v in result["pixel4"].items() if not k.endswith("seconds")}
+    command = "python benchmarks/shipped_weights.py " + " ".join(
+        a for a in (f"--model {args.model}", f"--dual-model {args.dual_model}" if args.dual_model else "",
+                    f"--per-level {args.per_level}", f"--crop {args.crop}") if a
+    )
+    for spec in filter(None, (args.model, args.dual_model)):
+        path, _ = resolve_model(spec)
+        update_provenance(path, scores=scores, scores_command=command)
+        write_checksums(path.parent)
+        print(f"published scores into {path}", flush=True)
+
+
+def write_checksums(folder: Path) -> None:
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}" for p in sorted(folder.glob("*.safetensors"))]
+    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from kpac_cli.checkpoints import (
     read_metadata,
     read_official_npz,
     save_checkpoint,
+    update_provenance,
 )
 from kpac_cli.model import KPACConfig, build_model
 
@@ -122,3 +123,14 @@ def test_torch_files_load_only_with_weights_only(tmp_path):
     torch.save({"config": model.config.to_dict(), "model": model.state_dict(), "x": _RunsCode()}, evil)
     with pytest.raises(CheckpointMismatchError, match="refused|unreadable"):
         load_checkpoint(evil)
+
+
+def test_update_provenance_keeps_weights_and_merges_fields(tmp_path):
+    torch.manual_seed(1)
+    model = build_model(KPACConfig(levels=2, channels=8))
+    path = save_checkpoint(tmp_path / "m.safetensors", model, {"name": "m", "iterations": 5})
+    update_provenance(path, scores={"psnr_gain_db": 1.5})
+    config, prov = read_metadata(path)
+    assert prov["iterations"] == 5 and prov["scores"] == {"psnr_gain_db": 1.5} and config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), load_checkpoint(path).build().state_dict().items()):
+        assert torch.equal(a, b), k

@@ -8,7 +8,7 @@ from .official import (
     model_from_official_arrays,
     read_official_npz,
 )
-from .safetensors_io import Checkpoint, load_checkpoint, load_state_dict_checked, read_metadata, save_checkpoint
+from .safetensors_io import Checkpoint, load_checkpoint, load_state_dict_checked, read_metadata, save_checkpoint, update_provenance
 
 __all__ = [
     "Checkpoint",
@@ -22,4 +22,5 @@ __all__ = [
     "read_metadata",
     "read_official_npz",
     "save_checkpoint",
+    "update_provenance",
 ]

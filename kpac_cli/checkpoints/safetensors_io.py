@@ -98,6 +98,17 @@ def save_checkpoint(
     return path
 
 
+def update_provenance(path: str | Path, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into a checkpoint's provenance (e.g. scores measured after training),
+    rewriting the file atomically; the weights and config are untouched. Returns the new provenance."""
+    ckpt = load_checkpoint(path)
+    model = ckpt.build()
+    provenance = {**ckpt.provenance, **fields}
+    dtype = next(iter(ckpt.state_dict.values())).dtype
+    save_checkpoint(path, model, provenance, dtype=dtype)
+    return provenance
+
+
 def read_metadata(path: str | Path) -> tuple[KPACConfig, dict[str, Any]]:
     """Config and provenance of a checkpoint, without reading its tensors."""
     path = Path(path)
