@@ -24,14 +24,15 @@ def models(json_out: bool = typer.Option(False, "--json", help="One JSON record 
         return
     table = Table(title="kpac models")
     for col in ("name", "kind", "params", "trained on", "iterations", "scores"):
-        table.add_column(col)
+        table.add_column(col, max_width=48 if col in ("trained on", "scores") else None)
     for m in infos:
         p = m.provenance
         kind = f"{m.config.levels}-level" + (", dual-pixel" if m.config.in_views == 2 else "")
         scores = p.get("scores", {})
-        score_s = ", ".join(f"{k} {v}" for k, v in scores.items()) if isinstance(scores, dict) else str(scores)
+        # the headline figures only; `kpac models --json` has everything
+        score_s = ", ".join(f"{k} {v}" for k, v in scores.items() if not isinstance(v, (dict, list))) if isinstance(scores, dict) else str(scores)
         table.add_row(m.name + (" (default)" if m.default else ""), kind, f"{count_parameters(build_model(m.config)) / 1e6:.2f} M",
-                      str(p.get("trained_on", "?")), str(p.get("iterations", "?")), score_s or "-")
+                      str(p.get("trained_on", "?")).split(";")[0], str(p.get("iterations", "?")), score_s or "-")
     Console().print(table)
     if not infos:
         typer.echo("no shipped models found", err=True)
