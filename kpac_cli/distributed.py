@@ -63,6 +63,9 @@ def setup(device: torch.device) -> DistInfo:
 
 def teardown(info: DistInfo) -> None:
     if info.owns_group and dist.is_initialized():
+        # every rank leaves together: a rank that destroys the group while another still
+        # talks to it aborts in gloo's threads ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -96,14 +96,14 @@ def test_out_of_memory_halves_the_tile(monkeypatch):
     d = Deblurrer(model, EngineOptions(tile=512, channels_last=False))
     img = np.random.default_rng(4).random((300, 300, 3), dtype=np.float32)
     expected = Deblurrer(model, EngineOptions(tile=None, channels_last=False)).deblur(img)
-    real_encode = model.encode
+    real_encode = d.network.encode
 
     def encode_failing_on_big_tiles(x, skips_only=False):
         if x.shape[-1] > 200:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
         return real_encode(x, skips_only=skips_only)
 
-    monkeypatch.setattr(model, "encode", encode_failing_on_big_tiles)
+    monkeypatch.setattr(d.network, "encode", encode_failing_on_big_tiles)
     out = d.deblur(img)
     assert d.last_stats.tile_reductions >= 1 and d.last_stats.tile <= 256
     assert np.abs(out - expected).max() < ATOL
@@ -125,14 +125,14 @@ def test_half_precision_overflow_falls_back_to_fp32(monkeypatch):
     model = _model(VARIANTS["2level"])
     img = np.random.default_rng(6).random((40, 40, 3), dtype=np.float32)
     expected = Deblurrer(model, EngineOptions(tile=None, channels_last=False)).deblur(img)
-    real_decode = model.decode
+    d = Deblurrer(model, EngineOptions(tile=None, precision="bf16", channels_last=False))
+    real_decode = d.network.decode
 
     def decode_overflowing_in_half(features, skips):
         out = real_decode(features, skips)
         return out * float("inf") if torch.is_autocast_enabled("cpu") else out
 
-    monkeypatch.setattr(model, "decode", decode_overflowing_in_half)
-    d = Deblurrer(model, EngineOptions(tile=None, precision="bf16", channels_last=False))
+    monkeypatch.setattr(d.network, "decode", decode_overflowing_in_half)
     out = d.deblur(img)
     assert d.last_stats.fell_back_to_fp32 and d.last_stats.precision == "fp32"
     assert np.isfinite(out).all() and np.abs(out - expected).max() < ATOL

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 
-import typer
+# Transparent huge pages for PyTorch's CPU allocator: ~10% faster inference with no memory
+# cost (measured in benchmarks/allocator.py). Read when torch is first imported, so it is set
+# here, before any command module imports torch; a user's own setting wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from .. import __version__
+import typer  # noqa: E402
+
+from .. import __version__  # noqa: E402
 
 app = typer.Typer(
     name="kpac",

@@ -52,7 +52,7 @@ def bench(
     configs: str = typer.Option("all", "--configs", help="Model configs for throughput: all, or a list of single_2level, single_3level, dual."),
     tiles: str = typer.Option("256,512,1024,whole", "--tiles", help="Tile sizes to sweep (the engine path), 'whole' = no tiling."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: PyTorch's choice)."),
-    retain_memory: bool = typer.Option(True, "--retain-memory/--no-retain-memory", help="Keep freed memory in the process (glibc), as `kpac deblur` does on Linux."),
+    retain_memory: bool = typer.Option(True, "--retain-memory/--no-retain-memory", help="Keep freed memory in the process instead of unmapping it (glibc; kpac_cli.model.fast.retain_freed_memory): large CPU activations are then not zero-filled again on every pass."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout (efficiency under 'efficiency')."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages on stderr."),
 ) -> None:

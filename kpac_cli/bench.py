@@ -1,0 +1,488 @@
+"""Benchmarks of the machine and of the KPAC engines (the core of ``kpac bench``; no CLI here).
+
+Conventions:
+
+* **FLOPs** follow :mod:`kpac_cli.model.flops` (2 per multiply-add, each atrous branch a full
+  convolution, transposed convolutions at the input size). Rates are "useful" GFLOP/s: a
+  formulation that executes extra arithmetic is charged only the model's own FLOPs.
+* **The machine's ceiling** is the rate of one dense 3x3 'same' convolution, 96 -> 96
+  channels on a 360x640 map (38.22 GFLOP), the best of PyTorch NCHW, PyTorch channels_last
+  and onnxruntime (when installed) with the same number of threads.
+* **Efficiency** = model rate / ceiling rate. Shared and noisy machines make absolute times
+  unreliable, so every comparison here is measured *interleaved*: each round runs every
+  candidate once (in a rotated order), and a ratio is computed per round; the reported
+  value is the median over rounds. A burst of load from another process then slows both
+  sides of a ratio instead of biasing it.
+* Timings are wall-clock seconds after ``warmup`` untimed calls; CUDA work is synchronised
+  before the clock is read.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import KPACConfig, KPACNet, build_model
+from .model.config import PAPER_CONFIGS
+from .model.flops import count_flops, dense_conv_flops
+
+#: The reference dense convolution: (height, width, channels) of its input, 3x3 kernel.
+CEILING_SHAPE = (360, 640, 96)
+DEFAULT_SIZE = (1280, 720)  # width x height, as photos are described
+DEFAULT_TILES: tuple[int | None, ...] = (256, 512, 1024, None)
+MODEL_BACKENDS = ("eager", "channels_last", "fast", "onnxruntime", "compile")
+
+Runner = Callable[[], object]
+
+
+# --- timing ---------------------------------------------------------------------------------
+def _sync_for(device: torch.device | str | None) -> Callable[[], None]:
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        return lambda: torch.cuda.synchronize(dev)
+    return lambda: None
+
+
+def time_interleaved(
+    runners: Mapping[str, Runner],
+    rounds: int = 5,
+    warmup: int = 1,
+    repeat: Mapping[str, int] | None = None,
+    device: torch.device | str | None = None,
+    setup: Mapping[str, Callable[[], object]] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of every runner, ``rounds`` samples each, measured interleaved.
+
+    Each round calls every runner ``repeat[name]`` times (default 1) and records the mean;
+    the order of the runners rotates from round to round. ``setup[name]``, when given, runs
+    untimed before each of that runner's samples (e.g. to switch a process-wide setting).
+    """
+    sync = _sync_for(device)
+    names = list(runners)
+    repeat = dict(repeat or {})
+    setup = dict(setup or {})
+    for name in names:
+        for _ in range(warmup):
+            if name in setup:
+                setup[name]()
+            runners[name]()
+    sync()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            n = max(1, repeat.get(name, 1))
+            if name in setup:
+                setup[name]()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                runners[name]()
+            sync()
+            times[name].append((time.perf_counter() - t0) / n)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+# --- the machine's ceiling ------------------------------------------------------------------
+def _onnx_conv_session(channels: int, threads: int, weight: np.ndarray, bias: np.ndarray):
+    """An onnxruntime session holding one 3x3 'same' convolution (None if onnxruntime is absent)."""
+    try:
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    from .export import make_session  # onnxruntime is imported lazily there
+
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    graph = helper.make_graph(
+        [node], "dense_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, "h", "w_"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, "h", "w_"])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 8)  # readable by older onnxruntime releases too
+    try:
+        return make_session(model.SerializeToString(), threads=threads)
+    except ImportError:
+        return None
+
+
+def ceiling_runners(
+    device: torch.device | str = "cpu",
+    threads: int | None = None,
+    shape: tuple[int, int, int] = CEILING_SHAPE,
+    include_onnx: bool = True,
+) -> dict[str, Runner]:
+    """Callables running the reference dense conv on each backend available here (fp32)."""
+    dev = torch.device(device)
+    h, w, c = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, c, h, w, generator=gen)
+    weight = torch.randn(c, c, 3, 3, generator=gen) * (1 / (9 * c)) ** 0.5
+    bias = torch.randn(c, generator=gen) * 0.1
+    xd, wd, bd = x.to(dev), weight.to(dev), bias.to(dev)
+    xc = xd.contiguous(memory_format=torch.channels_last)
+    wc = wd.contiguous(memory_format=torch.channels_last)
+
+    def nchw() -> object:
+        with torch.inference_mode():
+            return F.conv2d(xd, wd, bd, padding=1)
+
+    def channels_last() -> object:
+        with torch.inference_mode():
+            return F.conv2d(xc, wc, bd, padding=1)
+
+    runners: dict[str, Runner] = {"torch_nchw": nchw, "torch_channels_last": channels_last}
+    if include_onnx and dev.type == "cpu":
+        sess = _onnx_conv_session(c, threads or torch.get_num_threads(), weight.numpy(), bias.numpy())
+        if sess is not None:
+            from .export import bound_runner
+
+            runners["onnxruntime"] = bound_runner(sess, {"x": x.numpy()}, "y", (1, c, h, w))
+    return runners
+
+
+# --- model runners ------------------------------------------------------------------------
+@dataclass
+class PreparedRunner:
+    run: Runner
+    setup_seconds: float = 0.0  # export/compile/prepack time, before the first timed call
+    note: str = ""
+
+
+def random_model(config: KPACConfig, seed: int = 0) -> KPACNet:
+    """A model with seeded random weights (speed does not depend on the weights)."""
+    torch.manual_seed(seed)
+    return build_model(config).eval()
+
+
+def model_runner(
+    model: KPACNet,
+    backend: str,
+    height: int,
+    width: int,
+    device: torch.device | str = "cpu",
+    precision: torch.dtype = torch.float32,
+    threads: int | None = None,
+) -> PreparedRunner:
+    """A callable running the whole network once on a random ``height x width`` image.
+
+    ``backend``: ``eager`` (NCHW), ``channels_last``, ``fast`` (:mod:`kpac_cli.model.fast`,
+    channels_last), ``onnxruntime`` (CPU, fp32) or ``compile`` (``torch.compile``, inductor;
+    the compile time is ``setup_seconds``).
+    """
+    dev = torch.device(device)
+    cfg = model.config
+    s = cfg.stride
+    h, w = -(-height // s) * s, -(-width // s) * s
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(1, cfg.in_channels, h, w, generator=gen) * 2 - 1
+    autocast = (
+        torch.autocast(device_type=dev.type, dtype=precision) if precision != torch.float32 else None
+    )
+    t0 = time.perf_counter()
+
+    if backend == "onnxruntime":
+        if dev.type != "cpu" or precision != torch.float32:
+            raise ValueError("the onnxruntime backend runs on the CPU in fp32")
+        from .export import OnnxBackend
+
+        onnx_backend = OnnxBackend(copy.deepcopy(model).cpu(), threads=threads)
+        xn = x.numpy()
+        ref = onnx_backend.default_reference(xn)
+        return PreparedRunner(lambda: onnx_backend.run(xn, ref), time.perf_counter() - t0)
+
+    model = copy.deepcopy(model)  # the layouts below convert parameters in place
+    if backend == "eager":
+        net: Any = model.to(dev).to(memory_format=torch.contiguous_format)
+        xd = x.to(dev)
+    elif backend in ("channels_last", "compile"):
+        net = model.to(dev).to(memory_format=torch.channels_last)
+        xd = x.to(dev).contiguous(memory_format=torch.channels_last)
+    elif backend == "fast":
+        from .model.fast import FastKPACNet
+
+        net = FastKPACNet(model.to(dev).to(memory_format=torch.channels_last))
+        xd = x.to(dev).contiguous(memory_format=torch.channels_last)
+    else:
+        raise ValueError(f"unknown backend {backend!r} (one of {', '.join(MODEL_BACKENDS)})")
+
+    if backend == "compile":
+        net = torch.compile(net, dynamic=False)
+
+    def run() -> object:
+        with torch.inference_mode():
+            if autocast is None:
+                return net(xd)
+            with autocast:
+                return net(xd)
+
+    setup = 0.0
+    if backend in ("compile", "fast"):
+        run()  # compiles / prepacks; counted as setup, not as the first timed call
+        _sync_for(dev)()
+        setup = time.perf_counter() - t0
+    return PreparedRunner(run, setup)
+
+
+# --- efficiency -----------------------------------------------------------------------------
+@dataclass
+class EfficiencyReport:
+    """Model rate over the machine's ceiling, measured interleaved in one process."""
+
+    efficiency: float  # median over rounds of (model rate / best ceiling rate of that round)
+    model_seconds: float
+    model_gflops_per_s: float
+    ceiling_gflops_per_s: float  # median over rounds of the best ceiling backend
+    ceiling_backend: str  # the backend that was best most often
+    ceiling_by_backend: dict[str, float]  # median GFLOP/s per backend
+    model_flops: int
+    rounds: int
+    per_round: list[float] = field(default_factory=list)
+
+
+def efficiency_from_times(
+    model_times: Sequence[float], ceiling_times: Mapping[str, Sequence[float]], model_flops: int, conv_flops: int
+) -> EfficiencyReport:
+    """Per round r: (model_flops / model_times[r]) / max over backends of conv_flops / ceiling_times[b][r]."""
+    rounds = len(model_times)
+    per_round, best_names = [], []
+    for r in range(rounds):
+        rates = {b: conv_flops / t[r] for b, t in ceiling_times.items()}
+        best = max(rates, key=rates.get)
+        best_names.append(best)
+        per_round.append((model_flops / model_times[r]) / rates[best])
+    by_backend = {b: conv_flops / median(t) / 1e9 for b, t in ceiling_times.items()}
+    best_rates = [max(conv_flops / t[r] for t in ceiling_times.values()) for r in range(rounds)]
+    m = median(model_times)
+    return EfficiencyReport(
+        efficiency=median(per_round),
+        model_seconds=m,
+        model_gflops_per_s=model_flops / m / 1e9,
+        ceiling_gflops_per_s=median(best_rates) / 1e9,
+        ceiling_backend=max(set(best_names), key=best_names.count),
+        ceiling_by_backend=by_backend,
+        model_flops=model_flops,
+        rounds=rounds,
+        per_round=per_round,
+    )
+
+
+def measure_efficiency(
+    model: KPACNet,
+    height: int = 720,
+    width: int = 1280,
+    backends: Sequence[str] = ("channels_last",),
+    device: torch.device | str = "cpu",
+    rounds: int = 5,
+    warmup: int = 1,
+    threads: int | None = None,
+    include_onnx_ceiling: bool = True,
+) -> dict[str, EfficiencyReport]:
+    """Efficiency of each model backend, all interleaved with the ceiling convolutions."""
+    flops = count_flops(model.config, height, width)["total"]
+    h, w, c = CEILING_SHAPE
+    conv_flops = dense_conv_flops(h, w, c, c)
+    ceiling = ceiling_runners(device, threads, include_onnx=include_onnx_ceiling)
+    models = {f"model:{b}": model_runner(model, b, height, width, device, threads=threads).run for b in backends}
+    # a conv call is ~1/15 of a model call: repeat it so both are timed over similar spans
+    repeat = {name: 3 for name in ceiling}
+    times = time_interleaved({**ceiling, **models}, rounds, warmup, repeat, device)
+    ceil_times = {k: times[k] for k in ceiling}
+    return {b: efficiency_from_times(times[f"model:{b}"], ceil_times, flops, conv_flops) for b in backends}
+
+
+# --- precisions, configs, tiles --------------------------------------------------------------
+def available_precisions(device: torch.device | str) -> list[str]:
+    """Precisions the engine accepts on ``device`` (see :func:`kpac_cli.engine.resolve_precision`)."""
+    from .engine import resolve_precision
+
+    out = []
+    for p in ("fp32", "bf16", "fp16"):
+        try:
+            resolve_precision(p, torch.device(device))
+        except ValueError:
+            continue
+        out.append(p)
+    return out
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def config_throughput(
+    configs: Mapping[str, KPACConfig] | None = None,
+    height: int = 720,
+    width: int = 1280,
+    device: torch.device | str = "cpu",
+    precisions: Sequence[str] | None = None,
+    backend: str = "channels_last",
+    rounds: int = 3,
+    warmup: int = 1,
+) -> list[dict[str, Any]]:
+    """Whole-image throughput of every config x precision (interleaved within a config)."""
+    configs = dict(configs or PAPER_CONFIGS)
+    precisions = list(precisions or available_precisions(device))
+    rows = []
+    for name, cfg in configs.items():
+        model = random_model(cfg)
+        runners = {p: model_runner(model, backend, height, width, device, _DTYPES[p]).run for p in precisions}
+        times = time_interleaved(runners, rounds, warmup, device=device)
+        flops = count_flops(cfg, height, width)["total"]
+        for p in precisions:
+            t = median(times[p])
+            rows.append({
+                "config": name, "precision": p, "backend": backend, "seconds": t,
+                "megapixels_per_s": height * width / t / 1e6, "gflops_per_s": flops / t / 1e9,
+            })
+    return rows
+
+
+def tile_sweep(
+    model: KPACNet,
+    height: int = 720,
+    width: int = 1280,
+    tiles: Sequence[int | None] = DEFAULT_TILES,
+    device: str = "cpu",
+    precision: str = "fp32",
+    rounds: int = 3,
+    warmup: int = 1,
+) -> list[dict[str, Any]]:
+    """Time :class:`~kpac_cli.engine.Deblurrer` (the real engine path) with each tile size.
+
+    ``None`` is the whole image. Tiles not smaller than the image are the whole image too
+    and are reported as such (``effective_tile``).
+    """
+    from .engine import Deblurrer, EngineOptions
+
+    rng = np.random.default_rng(0)
+    image = rng.random((height, width, model.config.in_channels), dtype=np.float32)
+    runners, effective = {}, {}
+    for t in tiles:
+        d = Deblurrer(model, EngineOptions(device=device, precision=precision, tile=t or None))
+        key = "whole" if t is None else str(t)
+        eff = d.plan_tile(height, width)
+        s = model.config.stride
+        if eff is not None and eff // s * s >= max(-(-height // s) * s, -(-width // s) * s):
+            eff = None
+        effective[key] = eff
+        runners[key] = (lambda d=d: d.run(image))
+    times = time_interleaved(runners, rounds, warmup, device=device)
+    rows = []
+    for key, ts in times.items():
+        t = median(ts)
+        rows.append({"tile": key, "effective_tile": effective[key], "seconds": t,
+                     "megapixels_per_s": height * width / t / 1e6})
+    return rows
+
+
+def recommend_tile(rows: Sequence[Mapping[str, Any]], tolerance: float = 0.05) -> str:
+    """The tile to use: the smallest (least memory) within ``tolerance`` of the fastest."""
+    best = min(r["seconds"] for r in rows)
+
+    def size(r: Mapping[str, Any]) -> float:
+        return math.inf if r["tile"] == "whole" else int(r["tile"])
+
+    ok = [r for r in rows if r["seconds"] <= best * (1 + tolerance)]
+    return min(ok, key=size)["tile"]
+
+
+# --- everything, for `kpac bench` ---------------------------------------------------------------
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    dev = torch.device(device)
+    info: dict[str, Any] = {
+        "device": str(dev),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu": _cpu_name(),
+        "loadavg": _loadavg(),
+    }
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        info["onnxruntime"] = None
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def run_benchmark(
+    height: int = 720,
+    width: int = 1280,
+    device: str = "cpu",
+    rounds: int = 5,
+    warmup: int = 1,
+    tiles: Sequence[int | None] = DEFAULT_TILES,
+    configs: Mapping[str, KPACConfig] | None = None,
+    backends: Sequence[str] = ("channels_last",),
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The whole ``kpac bench`` report as a JSON-ready dict (``efficiency`` at the top level)."""
+    from .engine import resolve_device
+
+    say = progress or (lambda msg: None)
+    dev = resolve_device(device)
+    report: dict[str, Any] = {"machine": machine_info(dev), "size": [width, height]}
+
+    say("efficiency (3-level model vs the dense-conv ceiling)")
+    model = random_model(PAPER_CONFIGS["single_3level"])
+    eff = measure_efficiency(model, height, width, backends, dev, rounds, warmup)
+    main = max(eff.values(), key=lambda e: e.efficiency)
+    report["efficiency"] = round(main.efficiency, 4)
+    report["efficiency_backend"] = next(b for b, e in eff.items() if e is main)
+    report["ceiling"] = {
+        "gflops_per_s": round(main.ceiling_gflops_per_s, 1),
+        "backend": main.ceiling_backend,
+        "by_backend": {k: round(v, 1) for k, v in main.ceiling_by_backend.items()},
+        "shape": {"height": CEILING_SHAPE[0], "width": CEILING_SHAPE[1], "channels": CEILING_SHAPE[2], "kernel": 3},
+    }
+    report["backends"] = {
+        b: {"efficiency": round(e.efficiency, 4), "seconds": e.model_seconds, "gflops_per_s": round(e.model_gflops_per_s, 1)}
+        for b, e in eff.items()
+    }
+    report["model_flops"] = main.model_flops
+
+    say("throughput per model config and precision")
+    report["configs"] = config_throughput(configs, height, width, dev, None, backends[0], max(2, rounds // 2), warmup)
+
+    say("tile sweep (3-level model, engine path)")
+    sweep = tile_sweep(model, height, width, tiles, str(dev), "fp32", max(2, rounds // 2), warmup)
+    report["tiles"] = sweep
+    report["recommended_tile"] = recommend_tile(sweep)
+    report["machine"]["loadavg_after"] = _loadavg()
+    return report

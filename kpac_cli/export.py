@@ -1,0 +1,244 @@
+"""ONNX export of a KPAC network and an onnxruntime backend that runs it.
+
+Conventions of the exported graph (``export_onnx``):
+
+* inputs ``input`` (N, C, H, W) float32 in [-1, 1] (C = 3, or 6 for dual-pixel models:
+  left RGB then right RGB) and ``reference`` (N, 3, H, W): the image the residual is added
+  to (the input itself for single-image models, the centre view for dual-pixel ones);
+* output ``output`` (N, 3, H, W) = residual + reference, unclipped, in [-1, 1] units;
+* H and W are dynamic but must be multiples of the encoder stride (8 for 3-level models,
+  4 for 2-level): the graph does no padding. :class:`OnnxBackend` pads like the engine
+  (reflect at the bottom/right, cropped after), so it accepts any size;
+* the model's :class:`~kpac_cli.model.KPACConfig` is stored as JSON in the model's
+  metadata (key ``kpac_config``), so a file is self-describing.
+
+The graph is the whole network, not three sub-graphs (encoder, bottleneck, decoder): the
+engine tiles only images that do not fit in memory, and those run on PyTorch, whose tiled
+path is exact. One graph lets onnxruntime fuse and plan across the whole network, and the
+file is usable from any ONNX runtime without knowing about tiling. Measured on a 2-core
+AVX-512 CPU (1280x720, 1 thread, interleaved), onnxruntime 1.53 s was slower than PyTorch
+channels_last 1.21 s and the fast path 0.96 s (:mod:`kpac_cli.model.fast`) once PyTorch's
+allocator keeps its memory, so PyTorch stays the CPU engine; this backend is for
+deployment and cross-checking.
+
+onnxruntime and onnx are optional dependencies (``pip install kpac[onnx]``); they are
+imported only when used.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .model import KPACConfig, KPACNet
+
+INPUT, REFERENCE, OUTPUT = "input", "reference", "output"
+CONFIG_KEY = "kpac_config"
+
+
+class _WithReference(nn.Module):
+    """The network with an explicit reference input (what the graph exports)."""
+
+    def __init__(self, model: KPACNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, reference: Tensor) -> Tensor:
+        skips, encoded = self.model.encode(x)
+        return self.model.decode(self.model.bottleneck(encoded).features, skips) + reference
+
+
+def _onnx_bytes(model: KPACNet, opset: int, dynamic: bool, sample_hw: tuple[int, int]) -> bytes:
+    model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
+    cfg = model.config
+    h, w = (-(-v // cfg.stride) * cfg.stride for v in sample_hw)
+    x = torch.zeros(1, cfg.in_channels, h, w)
+    ref = torch.zeros(1, 3, h, w)
+    axes = {name: {0: "batch", 2: "height", 3: "width"} for name in (INPUT, REFERENCE, OUTPUT)} if dynamic else None
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # the TorchScript-based exporter: it needs no onnxscript, and the graph is plain convs
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _WithReference(model), (x, ref), buf, dynamo=False, opset_version=opset,
+            input_names=[INPUT, REFERENCE], output_names=[OUTPUT], dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+    import onnx
+
+    proto = onnx.load_from_string(buf.getvalue())
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CONFIG_KEY, cfg.to_json()
+    proto.producer_name = "kpac"
+    return proto.SerializeToString()
+
+
+def export_onnx(
+    model: KPACNet,
+    path: str | Path | None,
+    opset: int = 17,
+    dynamic: bool = True,
+    sample_hw: tuple[int, int] = (64, 96),
+) -> bytes:
+    """Export ``model`` (fp32, CPU copy) to ONNX at ``path``; returns the serialized model.
+
+    ``dynamic``: height, width and batch are symbolic (multiples of the stride, see the module
+    docstring); otherwise the graph is fixed to ``sample_hw``. ``path=None`` only returns the
+    bytes.
+    """
+    data = _onnx_bytes(model, opset, dynamic, sample_hw)
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
+
+
+def read_config(model: str | Path | bytes) -> KPACConfig:
+    """The KPACConfig stored in an exported file (ValueError if it has none)."""
+    import onnx
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
+    for entry in proto.metadata_props:
+        if entry.key == CONFIG_KEY:
+            return KPACConfig.from_json(entry.value)
+    raise ValueError(f"{model if not isinstance(model, bytes) else 'model'} has no {CONFIG_KEY} metadata: not exported by kpac")
+
+
+def make_session(model: str | Path | bytes, threads: int | None = None):
+    """An onnxruntime CPU session with full graph optimisation and ``threads`` intra-op threads
+    (default: PyTorch's thread count, so comparisons use the same threads)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError("onnxruntime is not installed: pip install 'kpac[onnx]'") from e
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+def bound_runner(session, feeds: Mapping[str, np.ndarray], output: str, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
+    """A callable running ``session`` on fixed inputs into a preallocated output buffer.
+
+    I/O binding keeps onnxruntime from allocating (and the OS from zero-filling) a fresh
+    output array on every call, as a long-running process reusing buffers would.
+    """
+    binding = session.io_binding()
+    for name, arr in feeds.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=np.float32))
+    out = np.empty(shape, dtype=np.float32)
+    binding.bind_output(output, "cpu", 0, np.float32, list(shape), out.ctypes.data)
+
+    def run() -> np.ndarray:
+        session.run_with_iobinding(binding)
+        return out
+
+    return run
+
+
+class OnnxBackend:
+    """Run an exported KPAC network with onnxruntime, like the engine's whole-image path.
+
+    >>> backend = OnnxBackend("kpac-3level.onnx")            # doctest: +SKIP
+    >>> out = backend.run(x, reference)                     # doctest: +SKIP
+
+    ``path_or_model``: an ``.onnx`` file written by :func:`export_onnx`, its bytes, or a
+    :class:`~kpac_cli.model.KPACNet` (exported in memory). :meth:`run` takes NCHW float32
+    arrays (or CPU tensors) in the model's [-1, 1] units, pads them to the stride as the
+    engine does, and returns the unclipped output of the same type and size.
+    """
+
+    def __init__(self, path_or_model: str | Path | bytes | KPACNet, threads: int | None = None, opset: int = 17) -> None:
+        if isinstance(path_or_model, KPACNet):
+            self.config = path_or_model.config
+            data: bytes | str | Path = export_onnx(path_or_model, None, opset=opset)
+        else:
+            data = path_or_model
+            self.config = read_config(data)
+        self.session = make_session(data, threads)
+
+    def default_reference(self, x: np.ndarray) -> np.ndarray:
+        """The input itself, or for dual-pixel input the mean of the left and right views."""
+        return x if self.config.in_views == 1 else 0.5 * (x[:, :3] + x[:, 3:])
+
+    def run(self, x: np.ndarray | Tensor, reference: np.ndarray | Tensor | None = None) -> np.ndarray | Tensor:
+        as_tensor = isinstance(x, Tensor)
+        xt = torch.as_tensor(x).float().cpu()
+        cfg = self.config
+        if xt.ndim != 4 or xt.shape[1] != cfg.in_channels:
+            raise ValueError(f"expected input of shape (N, {cfg.in_channels}, H, W), got {tuple(xt.shape)}")
+        if reference is None:
+            rt = xt if cfg.in_views == 1 else 0.5 * (xt[:, :3] + xt[:, 3:])
+        else:
+            rt = torch.as_tensor(reference).float().cpu()
+        if rt.shape != (xt.shape[0], 3) + tuple(xt.shape[-2:]):
+            raise ValueError(f"reference must be {(xt.shape[0], 3) + tuple(xt.shape[-2:])}, got {tuple(rt.shape)}")
+        from .engine.tiled import pad_to_multiple
+
+        h, w = xt.shape[-2:]
+        xp = pad_to_multiple(xt, cfg.stride).contiguous().numpy()
+        rp = pad_to_multiple(rt, cfg.stride).contiguous().numpy()
+        out = self.session.run([OUTPUT], {INPUT: xp, REFERENCE: rp})[0][..., :h, :w]
+        out = np.ascontiguousarray(out)
+        return torch.from_numpy(out) if as_tensor else out
+
+    __call__ = run
+
+
+def check_export(
+    model: KPACNet,
+    onnx_model: str | Path | bytes,
+    height: int = 128,
+    width: int = 192,
+    rounds: int = 3,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Max abs difference of onnxruntime vs PyTorch on a random image, and their times.
+
+    PyTorch runs the model as the engine does on the CPU (channels_last) and through the
+    fast path (:class:`~kpac_cli.model.fast.FastKPACNet`); times are medians of ``rounds``
+    interleaved calls after one warm-up, all with the same number of threads.
+    """
+    from .bench import median, time_interleaved
+    from .model.fast import FastKPACNet
+
+    cfg = model.config
+    h, w = (-(-v // cfg.stride) * cfg.stride for v in (height, width))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, cfg.in_channels, h, w, generator=gen) * 2 - 1
+    net = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.channels_last)
+    fast = FastKPACNet(net)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    backend = OnnxBackend(onnx_model, threads=threads)
+    xn = x.numpy()
+
+    def torch_run() -> Tensor:
+        with torch.inference_mode():
+            return net(xc)
+
+    def fast_run() -> Tensor:
+        with torch.inference_mode():
+            return fast(xc)
+
+    expected = torch_run().contiguous().numpy()
+    got = backend.run(xn)
+    times = time_interleaved({"torch": torch_run, "fast": fast_run, "onnxruntime": lambda: backend.run(xn)}, rounds=rounds, warmup=1)
+    t_torch, t_fast, t_ort = median(times["torch"]), median(times["fast"]), median(times["onnxruntime"])
+    return {
+        "height": h, "width": w,
+        "max_abs_diff": float(np.abs(got - expected).max()),
+        "torch_seconds": t_torch, "torch_fast_seconds": t_fast, "onnxruntime_seconds": t_ort,
+        "onnxruntime_speedup": t_torch / t_ort, "onnxruntime_vs_fast": t_fast / t_ort,
+    }
+
+
+__all__ = ["OnnxBackend", "bound_runner", "check_export", "export_onnx", "make_session", "read_config"]

@@ -1,0 +1,135 @@
+"""ONNX export and the onnxruntime backend agree with PyTorch (fp32, within 1e-5)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from kpac_cli.engine import TiledInference  # noqa: E402
+from kpac_cli.export import OnnxBackend, export_onnx, read_config  # noqa: E402
+from kpac_cli.model import PAPER_CONFIGS, KPACConfig, build_model  # noqa: E402
+
+ATOL = 1e-5
+
+
+def make_model(cfg: KPACConfig):
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def rand(shape, seed=1):
+    return (torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1)
+
+
+@pytest.fixture(scope="module", params=list(PAPER_CONFIGS))
+def exported(request, tmp_path_factory):
+    cfg = PAPER_CONFIGS[request.param]
+    model = make_model(cfg)
+    path = tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx"
+    export_onnx(model, path)
+    return model, path
+
+
+def test_dynamic_sizes_match_pytorch(exported):
+    model, path = exported
+    backend = OnnxBackend(path, threads=1)
+    cfg = model.config
+    for h, w in [(64, 96), (48, 136)]:  # multiples of 8: the graph is used as is
+        x = rand((1, cfg.in_channels, h, w))
+        with torch.inference_mode():
+            expected = model(x).numpy()
+        got = backend.run(x.numpy())
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+
+
+def test_config_travels_in_the_file(exported):
+    model, path = exported
+    assert read_config(path) == model.config
+
+
+def test_any_size_is_padded_like_the_engine(exported):
+    """run() pads to the stride (reflect, bottom/right) and crops, as the engine's whole path."""
+    model, path = exported
+    cfg = model.config
+    x = rand((1, cfg.in_channels, 50, 75))
+    ref = rand((1, 3, 50, 75), seed=2) if cfg.in_views == 2 else x
+    expected = TiledInference(model, torch.device("cpu"), torch.no_grad, channels_last=False)(x, ref, None).output
+    got = OnnxBackend(path, threads=1).run(x, ref)  # tensors in, tensor out
+    assert isinstance(got, torch.Tensor) and got.shape == (1, 3, 50, 75)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_dual_default_reference_is_the_mean_view():
+    model = make_model(PAPER_CONFIGS["dual"])
+    backend = OnnxBackend(model, threads=1)  # exported in memory
+    x = rand((1, 6, 32, 48))
+    with torch.inference_mode():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(backend.run(x.numpy()), expected, atol=ATOL, rtol=0)
+
+
+def test_batch_axis_is_dynamic():
+    model = make_model(PAPER_CONFIGS["single_2level"])
+    backend = OnnxBackend(model, threads=1)
+    x = rand((2, 3, 32, 48))
+    with torch.inference_mode():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(backend.run(x.numpy()), expected, atol=ATOL, rtol=0)
+
+
+def test_wrong_channels_is_an_error():
+    backend = OnnxBackend(make_model(PAPER_CONFIGS["single_2level"]), threads=1)
+    with pytest.raises(ValueError, match="expected input"):
+        backend.run(np.zeros((1, 6, 32, 32), np.float32))
+
+
+def test_static_export_has_fixed_size(tmp_path):
+    import onnx
+
+    model = make_model(PAPER_CONFIGS["single_2level"])
+    path = tmp_path / "static.onnx"
+    export_onnx(model, path, dynamic=False, sample_hw=(40, 56))
+    dims = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 40, 56]
+
+
+def cli_app():
+    """A Typer app holding just this command (independent of the other commands' modules)."""
+    import typer
+
+    from kpac_cli.cli import export
+
+    app = typer.Typer()
+    app.callback()(lambda: None)  # a group, so the command is addressed by name as in `kpac`
+    export.register(app)
+    return app
+
+
+def test_export_cli_check(tmp_path):
+    from typer.testing import CliRunner
+
+    app = cli_app()
+
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(app, ["export", "--onnx", str(out), "--config", "single_2level", "--check",
+                                   "--check-size", "96x64", "--json"])
+    assert res.exit_code == 0, res.output
+    record = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out.is_file() and record["dynamic"] is True
+    assert record["check"]["max_abs_diff"] < ATOL
+    assert record["check"]["onnxruntime_seconds"] > 0
+    # refuses to overwrite without --overwrite (usage error)
+    res = CliRunner().invoke(app, ["export", "--onnx", str(out), "--config", "single_2level"])
+    assert res.exit_code == 2
