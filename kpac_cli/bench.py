@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .engine.device import cpu_name
 from .model import KPACConfig, KPACNet, build_model
 from .model.config import PAPER_CONFIGS
 from .model.flops import count_flops, dense_conv_flops
@@ -409,7 +409,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "loadavg": _loadavg(),
     }
     if dev.type == "cuda":
@@ -421,17 +421,6 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     except ImportError:
         info["onnxruntime"] = None
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _loadavg() -> list[float] | None:

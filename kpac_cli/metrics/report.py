@@ -205,7 +205,7 @@ class Report:
         lines += ["## Conventions", ""]
         for k, v in self.conventions.items():
             lines.append(f"- **{k}**: {v}")
-        lines.append(f"- **means**: average of the per-image values (PSNR averaged in dB)")
+        lines.append("- **means**: average of the per-image values (PSNR averaged in dB)")
         lines.append("")
 
         if self.failures:
