@@ -79,10 +79,12 @@ def wiener_scores(blurred: np.ndarray, sharp: np.ndarray, level: float) -> tuple
 
 
 def synthetic_benchmark(deblurrer: Deblurrer, per_level: int, crop: int, seed: int = 2024) -> list[dict]:
+    """Per blur level; a dual-pixel model gets the rendered left/right views and the centre view."""
+    dual = deblurrer.config.in_views == 2
     sources = held_out_sources()
     rows = []
     for li, level in enumerate(LEVELS):
-        settings = SynthSettings(max_radius=level, min_radius=level)
+        settings = SynthSettings(max_radius=level, min_radius=level, dual_pixel=dual)
         acc = {k: [] for k in ("input", "wiener", "wiener_oracle", "model")}
         for i in range(per_level):
             src = sources[(li * per_level + i) % len(sources)]
@@ -93,7 +95,11 @@ def synthetic_benchmark(deblurrer: Deblurrer, per_level: int, crop: int, seed: i
             w_est, w_best = wiener_scores(sample.blurred, sample.sharp, level)
             acc["wiener"].append(w_est)
             acc["wiener_oracle"].append(w_best)
-            acc["model"].append(score(deblurrer.deblur(sample.blurred), sample.sharp))
+            if dual:
+                out = deblurrer.deblur(np.concatenate([sample.left, sample.right], axis=2), sample.blurred)
+            else:
+                out = deblurrer.deblur(sample.blurred)
+            acc["model"].append(score(out, sample.sharp))
         row = {"max_radius": level, "images": per_level}
         for k, v in acc.items():
             row[f"{k}_psnr"] = float(np.mean([a for a, _ in v]))
@@ -160,6 +166,9 @@ def main(argv=None) -> int:
     single = Deblurrer(args.model, opts)
     dual = Deblurrer(args.dual_model, opts) if args.dual_model else None
     result = {"model": single.name, "provenance": single.provenance, "synthetic": synthetic_benchmark(single, args.per_level, args.crop)}
+    if dual is not None:
+        print("dual-pixel model on held-out synthetic dual-pixel views:", flush=True)
+        result["synthetic_dual"] = synthetic_benchmark(dual, args.per_level, args.crop)
     if not args.no_pixel4:
         result["pixel4"] = pixel4_benchmark(single, dual)
     if args.json:
@@ -169,22 +178,29 @@ def main(argv=None) -> int:
     return 0
 
 
-def publish(args, result: dict) -> None:
-    """Scores into the model's provenance (shown by `kpac models`), then SHA256SUMS."""
-    rows = result["synthetic"]
-    scores = {
+def _scores(rows: list[dict]) -> dict:
+    return {
         "heldout_synthetic_psnr_gain_db": round(float(np.mean([r["model_psnr"] - r["input_psnr"] for r in rows])), 2),
         "heldout_synthetic": [
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows
         ],
     }
+
+
+def publish(args, result: dict) -> None:
+    """Scores into each model's provenance (shown by `kpac models`), then SHA256SUMS."""
+    per_model = {args.model: _scores(result["synthetic"])}
+    if args.dual_model:
+        per_model[args.dual_model] = _scores(result["synthetic_dual"])
     if "pixel4" in result and "skipped" not in result["pixel4"]:
-        scores["pixel4_dual_pixel_capture"] = {k: round(v, 2) for k, v in result["pixel4"].items() if not k.endswith("seconds")}
+        p4 = {k: round(v, 2) for k, v in result["pixel4"].items() if not k.endswith("seconds")}
+        for scores in per_model.values():
+            scores["pixel4_dual_pixel_capture"] = p4
     command = "python benchmarks/shipped_weights.py " + " ".join(
         a for a in (f"--model {args.model}", f"--dual-model {args.dual_model}" if args.dual_model else "",
                     f"--per-level {args.per_level}", f"--crop {args.crop}") if a
     )
-    for spec in filter(None, (args.model, args.dual_model)):
+    for spec, scores in per_model.items():
         path, _ = resolve_model(spec)
         update_provenance(path, scores=scores, scores_command=command)
         write_checksums(path.parent)
