@@ -47,6 +47,18 @@ def env_info() -> DistInfo:
     return DistInfo(rank, world, local, local_world)
 
 
+def device_for_rank(name: str, info: DistInfo) -> str:
+    """Under ``torchrun``, ``auto`` and a plain ``cuda`` mean this rank's own GPU
+    (``cuda:LOCAL_RANK``), and ``auto`` without CUDA means the CPU; an explicit index, any
+    other name and a single process are left as they are."""
+    name = (name or "auto").lower()
+    if not info.enabled or name not in ("auto", "cuda"):
+        return name
+    if torch.cuda.is_available():
+        return f"cuda:{info.local_rank}"
+    return "cpu" if name == "auto" else name
+
+
 def setup(device: torch.device) -> DistInfo:
     """Join the process group described by the environment (no-op for a single process)."""
     info = env_info()

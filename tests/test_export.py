@@ -105,22 +105,11 @@ def test_static_export_has_fixed_size(tmp_path):
     assert dims == [1, 3, 40, 56]
 
 
-def cli_app():
-    """A Typer app holding just this command (independent of the other commands' modules)."""
-    import typer
-
-    from kpac_cli.cli import export
-
-    app = typer.Typer()
-    app.callback()(lambda: None)  # a group, so the command is addressed by name as in `kpac`
-    export.register(app)
-    return app
-
-
 def test_export_cli_check(tmp_path):
     from typer.testing import CliRunner
 
-    app = cli_app()
+    from kpac_cli.cli import app
+
 
     out = tmp_path / "m.onnx"
     res = CliRunner().invoke(app, ["export", "--onnx", str(out), "--config", "single_2level", "--check",

@@ -81,3 +81,17 @@ def test_torchrun_cli(tmp_path):
     from kpac_cli.checkpoints import load_checkpoint
 
     assert load_checkpoint(out / "model.safetensors").provenance["hardware"]["processes"] == 2
+
+
+def test_each_rank_gets_its_own_gpu_for_auto_and_plain_cuda(monkeypatch):
+    from kpac_cli.distributed import DistInfo, device_for_rank
+
+    two_ranks = DistInfo(rank=1, world_size=2, local_rank=1, local_world_size=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_for_rank("auto", two_ranks) == "cuda:1"
+    assert device_for_rank("cuda", two_ranks) == "cuda:1"  # not every rank on cuda:0
+    assert device_for_rank("cuda:0", two_ranks) == "cuda:0"  # an explicit index is kept
+    assert device_for_rank("cpu", two_ranks) == "cpu"
+    assert device_for_rank("cuda", DistInfo()) == "cuda"  # a single process is unchanged
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_for_rank("auto", two_ranks) == "cpu"

@@ -12,7 +12,7 @@ import typer
 from ..engine import Deblurrer, EngineOptions
 from ..engine.batch import STDIO, JobResult, OutputOptions, PlanError, plan_dual, plan_single, run_batch
 from ..images import DEFAULT_MAX_PIXELS, RawOptions
-from ..distributed import env_info
+from ..distributed import device_for_rank, env_info
 from ..distributed import setup as setup_distributed
 from ..distributed import teardown as teardown_distributed
 from .common import (
@@ -108,9 +108,7 @@ def deblur(
             stdin = sys.stdin.buffer.read() if inputs == [STDIO] else None
             jobs = plan_single(inputs, output, recursive, out_opts, stdin)
         dist_info = env_info()
-        if dist_info.enabled and device == "auto":
-            # under torchrun each rank takes its own GPU (or shares the CPU)
-            device = f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu"
+        device = device_for_rank(device, dist_info)  # under torchrun each rank takes its own GPU
         engine_opts = EngineOptions(device=device, precision="fp32" if fp32 else precision, tile=tile_value)
         from ..checkpoints.registry import resolve_model
 

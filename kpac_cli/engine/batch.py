@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -332,10 +332,6 @@ def _one_line(err: BaseException, label: object) -> str:
     label = str(label)
     return msg if label in msg else f"{label}: {msg}"
 
-
-def iter_records(results: list[JobResult], deblurrer: Deblurrer) -> Iterator[dict[str, Any]]:
-    for r in results:
-        yield r.record(deblurrer)
 
 
 def deblur_file(

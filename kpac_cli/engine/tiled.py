@@ -121,7 +121,6 @@ def plan_tiles(height: int, width: int, tile: int, halo: int) -> list[Tile]:
 class InferenceResult:
     output: Tensor  # (1, 3, H, W) float32 on the CPU, unclipped, in [-1, 1] units
     scale_attention: list[Tensor | None] = field(default_factory=list)  # per block, (1, n, H/stride', W/stride') padded grid
-    padded_size: tuple[int, int] = (0, 0)
 
 
 class TiledInference:
@@ -173,7 +172,7 @@ class TiledInference:
             out, alphas = self._whole(xp, refp, report, keep_attention)
         else:
             out, alphas = self._tiled(xp, refp, tile, report, keep_attention)
-        return InferenceResult(out[..., :h, :w].contiguous(), alphas, (hp, wp))
+        return InferenceResult(out[..., :h, :w].contiguous(), alphas)
 
     def _whole(self, xp: Tensor, refp: Tensor, report: ProgressFn, keep_attention: bool):
         report("encode", 0, 1)

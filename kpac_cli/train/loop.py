@@ -124,18 +124,15 @@ def resolve_device(name: str, dist_info: D.DistInfo) -> torch.device:
     single process's ``auto`` names the current GPU. ``auto`` trains on CUDA or the CPU,
     never on MPS unless asked for, as training always has.
     """
-    name = (name or "auto").lower()
+    name = D.device_for_rank(name, dist_info)
     if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     try:
         dev = _engine_device(name)
     except ValueError as e:
         raise TrainingError(str(e)) from None
-    if dev.type == "cuda" and dev.index is None:
-        if dist_info.enabled:
-            dev = torch.device("cuda", dist_info.local_rank)
-        elif name == "auto":
-            dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "cuda" and dev.index is None and name == "auto":
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
