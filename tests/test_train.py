@@ -27,6 +27,7 @@ from kpac_cli.model import KPACConfig
 from kpac_cli.train import (
     CropSchedule,
     DataError,
+    LRSchedule,
     TrainConfig,
     TrainingError,
     VGGWeightsMissing,
@@ -189,6 +190,61 @@ def test_crop_schedule():
             CropSchedule(bad)
     with pytest.raises(ValueError, match="multiples"):
         CropSchedule("60").check_multiple(8)
+
+
+def test_lr_schedule_parses_and_steps():
+    s = LRSchedule("2e-4:100,1e-4:200,5e-5")
+    assert [s.at(i) for i in (0, 99, 100, 199, 200, 10**6)] == [2e-4, 2e-4, 1e-4, 1e-4, 5e-5, 5e-5]
+    assert LRSchedule(1e-4).at(7) == 1e-4
+    for bad in ("", "x", "1e-4,1e-5", "1e-4:10,1e-5:5,1e-6", "0", "-1e-4", "nan"):
+        with pytest.raises(ValueError):
+            LRSchedule(bad)
+    with pytest.raises(ValueError, match="learning-rate"):
+        TrainConfig(procedural=1, lr="1e-4:5,0").validate()
+
+
+def test_training_follows_the_lr_schedule_and_a_resume_may_retune_it(tmp_path, dpdd):
+    res = train(tiny_cfg(tmp_path / "a", dpdd, iterations=10, lr="1e-3:5,2e-4", log_every=5, save_every=5))
+    rows = [json.loads(line) for line in (tmp_path / "a/log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["lr"]) for r in rows if r["event"] == "train"] == [(5, 1e-3), (10, 2e-4)]
+    assert load_state(tmp_path / "a/last.pt")["optimizer"]["param_groups"][0]["lr"] == 2e-4
+    assert "2e-4" in load_checkpoint(res.model_path).provenance["optimizer"]
+    # Resume for 5 more iterations with a new rate for the iterations still to come.
+    train(tiny_cfg(tmp_path / "a", dpdd, iterations=15, lr="1e-3:5,2e-4:10,5e-5", log_every=5, resume=True))
+    assert load_state(tmp_path / "a/last.pt")["optimizer"]["param_groups"][0]["lr"] == 5e-5
+
+
+def test_cli_resume_accepts_a_new_lr_schedule_but_not_a_new_seed(tmp_path, dpdd):
+    from kpac_cli.cli import app
+
+    train(tiny_cfg(tmp_path / "r", dpdd, iterations=4))
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "--resume", str(tmp_path / "r"), "--iterations", "6", "--lr", "1e-3:5,1e-5", "--quiet"])
+    assert r.exit_code == 0, r.output
+    state = load_state(tmp_path / "r/last.pt")
+    assert state["step"] == 6 and state["optimizer"]["param_groups"][0]["lr"] == 1e-5
+    r = runner.invoke(app, ["train", "--resume", str(tmp_path / "r"), "--iterations", "8", "--seed", "3"])
+    assert r.exit_code == 2 and "--seed cannot change" in r.output
+
+
+def test_init_carries_weights_to_fewer_levels_and_to_dual_pixel(tmp_path, dpdd):
+    three = train(tiny_cfg(tmp_path / "three", dpdd, model=KPACConfig(levels=3, channels=8), iterations=2, crop="32",
+                           val_count=0))
+    src = load_checkpoint(three.model_path).state_dict
+    messages = []
+    two = train(tiny_cfg(tmp_path / "two", dpdd, model=TINY, init=three.model_path, iterations=0, val_count=0),
+                callback=lambda ev: messages.append(ev.data.get("text", "")) if ev.kind == "message" else None)
+    got = load_checkpoint(two.model_path)
+    assert got.config == TINY and all(torch.equal(v, src[k]) for k, v in got.state_dict.items())
+    assert any("carried the weights" in m for m in messages)
+    dual = train(tiny_cfg(tmp_path / "dual", None, procedural=2, max_radius=3, model=None, dual=True, init=three.model_path,
+                          iterations=0, val_count=0))
+    w = load_checkpoint(dual.model_path).state_dict["encoder.c0.weight"]
+    assert load_checkpoint(dual.model_path).config.in_views == 2
+    assert torch.equal(w[:, :3], src["encoder.c0.weight"] / 2) and torch.equal(w[:, 3:], w[:, :3])
+    with pytest.raises(TrainingError, match="channels"):
+        train(tiny_cfg(tmp_path / "wide", dpdd, model=KPACConfig(levels=2, channels=12), init=three.model_path,
+                       iterations=0, val_count=0))
 
 
 def test_dpdd_pairs_by_sorted_order_and_checks_counts(tmp_path):
@@ -496,9 +552,9 @@ def test_cli_train_resume_and_export(tmp_path, dpdd, cli):
     # A finished run is not overwritten by accident.
     r = runner.invoke(cli, ["train", "--data", str(dpdd), "--allow-count-mismatch", "--out", str(run), *common])
     assert r.exit_code == 2 and "--resume" in r.output
-    # Resuming takes the stored recipe; only execution settings may change.
-    r = runner.invoke(cli, ["train", "--resume", str(run), "--lr", "0.5"])
-    assert r.exit_code == 2 and "--lr cannot change" in r.output
+    # Resuming takes the stored recipe; only execution settings (and the schedules) may change.
+    r = runner.invoke(cli, ["train", "--resume", str(run), "--batch", "3"])
+    assert r.exit_code == 2 and "--batch cannot change" in r.output
     r = runner.invoke(cli, ["train", "--resume", str(run), "--iterations", "5", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 5

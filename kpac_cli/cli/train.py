@@ -33,12 +33,14 @@ Examples:
   torchrun --nproc_per_node=4 -m kpac_cli train --data DPDD --out runs/l1
 """
 
-# Flags that may differ when resuming: they change how the run executes, not what it computes
-# (data paths are included because a dataset may have moved).
+# Flags that may differ when resuming: they change how the run executes (data paths are
+# included because a dataset may have moved), or, for the lr and crop schedules, only the
+# iterations still to come; resuming without them continues the run bit for bit.
 _RESUMABLE = {
     "iterations", "save_every", "val_every", "log_every", "workers", "threads", "device", "precision",
     "channels_last", "description", "tensorboard", "max_nonfinite", "data", "source", "target",
     "val_source", "val_target", "synthetic", "cache",
+    "lr", "crop",  # schedules may be extended or retuned for the iterations still to come
 }
 _RUN_ONLY = {"resume", "export_only", "export_from", "output", "json_out", "quiet", "out"}
 
@@ -161,7 +163,7 @@ def train_command(
     # recipe
     stage: str = typer.Option("l1", "--stage", help="l1, or perceptual (L1 + VGG-19 conv4_4 loss; use with --init).", rich_help_panel="Recipe"),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Iterations [default: 200000 for l1, 100000 for perceptual].", rich_help_panel="Recipe"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Fixed learning rate [default: 1e-4 for l1, 5e-5 for perceptual].", rich_help_panel="Recipe"),
+    lr: Optional[str] = typer.Option(None, "--lr", help="Learning rate, or a step schedule RATE:UNTIL,...,RATE (e.g. 2e-4:100000,1e-4) [default: 1e-4 for l1, 5e-5 for perceptual, fixed].", rich_help_panel="Recipe"),
     beta1: float = typer.Option(0.9, "--beta1", help="Adam beta1.", rich_help_panel="Recipe"),
     beta2: float = typer.Option(0.99, "--beta2", help="Adam beta2.", rich_help_panel="Recipe"),
     batch: int = typer.Option(4, "--batch", help="Batch size per process.", rich_help_panel="Recipe"),

@@ -8,7 +8,7 @@ Public API::
 Core only: no typer/rich here; progress is reported through ``callback(TrainEvent)``.
 """
 
-from .config import STAGE_DEFAULTS, CropSchedule, TrainConfig
+from .config import STAGE_DEFAULTS, CropSchedule, LRSchedule, TrainConfig
 from .data import DataError, dpdd_split, folder_pairs
 from .loop import TrainEvent, TrainingError, TrainResult, export_model, train, validate
 from .state import CheckpointError, load_state
@@ -17,6 +17,7 @@ from .vgg import VGG19Features, VGGWeightsMissing, default_weights_path, find_vg
 __all__ = [
     "CheckpointError",
     "CropSchedule",
+    "LRSchedule",
     "DataError",
     "STAGE_DEFAULTS",
     "TrainConfig",

@@ -11,11 +11,13 @@ The paper's recipe (Son et al., ICCV 2021, Sec. 5 and Appendix G):
 Conventions: ``batch`` is per process (under ``torchrun`` the global batch is
 ``batch * world_size``); iterations count batches drawn, including batches skipped for a
 non-finite loss; ``crop`` is a :class:`CropSchedule` string (``"512"`` or
-``"128:20000,256:60000,512"``).
+``"128:20000,256:60000,512"``) and ``lr`` a number or an :class:`LRSchedule` string
+(``"2e-4:12000,1e-4"``, step decay; the paper keeps it fixed).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -26,48 +28,82 @@ STAGES = ("l1", "perceptual")
 STAGE_DEFAULTS = {"l1": {"iterations": 200_000, "lr": 1e-4}, "perceptual": {"iterations": 100_000, "lr": 5e-5}}
 
 
-class CropSchedule:
-    """Crop size as a function of the iteration: ``"SIZE:UNTIL,SIZE:UNTIL,...,SIZE"``.
+class StepSchedule:
+    """A value as a function of the iteration: ``"VALUE:UNTIL,VALUE:UNTIL,...,VALUE"``.
 
-    ``"128:20000,256:60000,512"`` trains on 128x128 crops for iterations [0, 20000), 256x256
-    for [20000, 60000) and 512x512 afterwards. A plain ``"512"`` is a constant size.
+    ``"128:20000,256:60000,512"`` is 128 for iterations [0, 20000), 256 for [20000, 60000)
+    and 512 afterwards; a plain ``"512"`` is a constant. Used for the crop size and the
+    learning rate (``"2e-4:12000,1e-4"``: step decay).
     """
 
-    def __init__(self, spec: str | int) -> None:
+    what = "schedule"
+
+    def __init__(self, spec: str | float) -> None:
         self.spec = str(spec).replace(" ", "")
-        self.stages: list[tuple[int, int | None]] = []  # (size, until) ; until None = forever
+        self.stages: list[tuple[Any, int | None]] = []  # (value, until) ; until None = forever
         parts = [p for p in self.spec.split(",") if p]
         if not parts:
-            raise ValueError("empty crop schedule")
+            raise ValueError(f"empty {self.what}")
         last_until = 0
         for i, part in enumerate(parts):
-            size_s, _, until_s = part.partition(":")
+            value_s, _, until_s = part.partition(":")
             try:
-                size = int(size_s)
+                value = self.parse(value_s)
                 until = int(until_s) if until_s else None
             except ValueError:
-                raise ValueError(f"bad crop schedule {self.spec!r}: expected SIZE or SIZE:UNTIL, got {part!r}") from None
-            if size < 8:
-                raise ValueError(f"bad crop schedule {self.spec!r}: crop size {size} is too small")
+                raise ValueError(f"bad {self.what} {self.spec!r}: expected VALUE or VALUE:UNTIL, got {part!r}") from None
+            self.check(value)
             if until is None and i != len(parts) - 1:
-                raise ValueError(f"bad crop schedule {self.spec!r}: only the last entry may omit ':UNTIL'")
+                raise ValueError(f"bad {self.what} {self.spec!r}: only the last entry may omit ':UNTIL'")
             if until is not None:
                 if until <= last_until:
-                    raise ValueError(f"bad crop schedule {self.spec!r}: iterations must increase")
+                    raise ValueError(f"bad {self.what} {self.spec!r}: iterations must increase")
                 last_until = until
-            self.stages.append((size, until))
+            self.stages.append((value, until))
         if self.stages[-1][1] is not None:
-            self.stages.append((self.stages[-1][0], None))  # the last size continues
+            self.stages.append((self.stages[-1][0], None))  # the last value continues
 
-    def size_at(self, step: int) -> int:
-        for size, until in self.stages:
+    def parse(self, text: str) -> Any:
+        return float(text)
+
+    def check(self, value: Any) -> None:
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"bad {self.what} {self.spec!r}: values must be positive, got {value}")
+
+    def at(self, step: int) -> Any:
+        for value, until in self.stages:
             if until is None or step < until:
-                return size
+                return value
         raise AssertionError("unreachable")
 
     @property
+    def values(self) -> list[Any]:
+        return sorted({v for v, _ in self.stages})
+
+    def __str__(self) -> str:
+        return self.spec
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+
+class CropSchedule(StepSchedule):
+    """Crop size (pixels, square) as a function of the iteration; see :class:`StepSchedule`."""
+
+    what = "crop schedule"
+
+    def parse(self, text: str) -> int:
+        return int(text)
+
+    def check(self, value: int) -> None:
+        if value < 8:
+            raise ValueError(f"bad crop schedule {self.spec!r}: crop size {value} is too small")
+
+    size_at = StepSchedule.at
+
+    @property
     def sizes(self) -> list[int]:
-        return sorted({s for s, _ in self.stages})
+        return self.values
 
     @property
     def max_size(self) -> int:
@@ -78,11 +114,11 @@ class CropSchedule:
         if bad:
             raise ValueError(f"crop sizes must be multiples of the model stride {stride}, got {bad}")
 
-    def __str__(self) -> str:
-        return self.spec
 
-    def __repr__(self) -> str:
-        return f"CropSchedule({self.spec!r})"
+class LRSchedule(StepSchedule):
+    """Learning rate as a function of the iteration; see :class:`StepSchedule`."""
+
+    what = "learning-rate schedule"
 
 
 @dataclass
@@ -119,7 +155,7 @@ class TrainConfig:
     # recipe
     stage: str = "l1"
     iterations: int | None = None
-    lr: float | None = None
+    lr: float | str | None = None  # a number or an LRSchedule string
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8
@@ -165,8 +201,13 @@ class TrainConfig:
         return int(self.iterations if self.iterations is not None else STAGE_DEFAULTS[self.stage]["iterations"])
 
     @property
+    def lr_schedule(self) -> LRSchedule:
+        return LRSchedule(self.lr if self.lr is not None else STAGE_DEFAULTS[self.stage]["lr"])
+
+    @property
     def learning_rate(self) -> float:
-        return float(self.lr if self.lr is not None else STAGE_DEFAULTS[self.stage]["lr"])
+        """The learning rate at the first iteration."""
+        return float(self.lr_schedule.at(0))
 
     @property
     def crop_schedule(self) -> CropSchedule:
@@ -208,8 +249,7 @@ class TrainConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.total_iterations < 0:
             raise ValueError("iterations must be >= 0")
-        if self.learning_rate <= 0:
-            raise ValueError("learning rate must be > 0")
+        self.lr_schedule  # raises on a bad schedule or a rate <= 0
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("Adam betas must lie in [0, 1)")
         if self.noise_max < 0:

@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +42,7 @@ from ..engine.device import autocast, cpu_name
 from ..engine.device import resolve_device as _engine_device
 from ..images import cleanup_stale_temps
 from ..metrics import psnr, ssim
-from ..model import KPACConfig, KPACNet, build_model, count_parameters
+from ..model import KPACConfig, KPACNet, build_model, count_parameters, transfer_state
 from .. import distributed as D
 from .config import TrainConfig
 from .data import DataBundle, StepBatchSampler, build_data, collate, worker_init
@@ -187,7 +187,7 @@ def _provenance(cfg: TrainConfig, bundle_desc: str, step: int, scores: dict, bes
         "crop": cfg.crop,
         "batch": cfg.batch,
         "global_batch": cfg.batch * world,
-        "optimizer": f"Adam(lr={cfg.learning_rate:g}, betas=({cfg.beta1:g}, {cfg.beta2:g}))",
+        "optimizer": f"Adam(lr={cfg.lr_schedule}, betas=({cfg.beta1:g}, {cfg.beta2:g}))",
         "noise_augmentation": cfg.noise_max,
         "bit_depth": cfg.bit_depth,
         "init": None if cfg.init is None else str(cfg.init),
@@ -354,9 +354,16 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         model_cfg = saved
     elif cfg.init is not None:
         init_cfg, init_state = _init_weights(cfg.init)
-        if model_cfg is not None and model_cfg != init_cfg:
-            raise TrainingError(f"the architecture flags differ from the model in {cfg.init} ({init_cfg.to_json()}); drop them")
-        model_cfg = init_cfg
+        if model_cfg is None:  # the architecture of --init, with the views --dual asks for
+            model_cfg = replace(init_cfg, in_views=2 if cfg.dual else 1)
+        if model_cfg != init_cfg:
+            torch.manual_seed(cfg.seed)  # the same fresh weights the model below starts from
+            try:
+                init_state, fresh = transfer_state(init_state, init_cfg, model_cfg, build_model(model_cfg).state_dict())
+            except ValueError as e:
+                raise TrainingError(f"cannot start from {cfg.init} ({init_cfg.to_json()}): {e}") from None
+            message(f"carried the weights of {cfg.init} over to {model_cfg.to_json()}"
+                    + (f"; {len(fresh)} tensors start fresh ({', '.join(fresh)})" if fresh else ""))
     if model_cfg is None:
         model_cfg = KPACConfig(in_views=2 if cfg.dual else 1)
     try:
@@ -422,8 +429,6 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
     if ckpt is not None:
         load_state_dict_checked(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        for g in optimizer.param_groups:  # the recipe's lr, even if a flag changed it
-            g["lr"] = cfg.learning_rate
         if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         start = int(ckpt["step"])
@@ -500,6 +505,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
             "workers": workers, "threads": torch.get_num_threads(), "cached": bundle.cached,
         }))
 
+    lr_at = cfg.lr_schedule.at
     sampler = StepBatchSampler(start, total, cfg.batch, cfg.crop_schedule.size_at, dist_info.rank, dist_info.world_size)
     loader = torch.utils.data.DataLoader(
         bundle.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
@@ -521,6 +527,8 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                 ref = batch["reference"].to(device, non_blocking=True) * 2 - 1 if "reference" in batch else None
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
+                for g in optimizer.param_groups:  # the schedule's rate, also right after a resume
+                    g["lr"] = lr_at(step_i)
                 with autocast(device, dtype):
                     pred = ddp_model(x, ref)
                     loss = l1_loss(pred, target)
