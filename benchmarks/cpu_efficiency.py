@@ -7,11 +7,13 @@ Prints:
 
 1. **efficiency** = (226.09 GFLOP / 3-level model time at 1280x720) / best dense 3x3 conv
    rate (96 -> 96 on 360x640, PyTorch NCHW / channels_last / onnxruntime, same threads),
-   interleaved in one process, median of per-round ratios. For the engine's current model
-   path (``KPACNet``, channels_last) and for ``FastKPACNet``, both with
+   interleaved in one process, median of per-round ratios. For ``FastKPACNet`` (what the
+   engine runs on the CPU) and the plain ``KPACNet`` (channels_last), both with
    ``retain_freed_memory()``; ``benchmarks/allocator.py`` compares allocator settings.
 2. **tiling overhead** = time(tile=512) / time(whole image) - 1, 3-level, on a 12-megapixel
-   image (4000x3000) through ``Deblurrer`` (the real engine path), interleaved. When the whole
+   image (4000x3000) through ``Deblurrer`` (the real engine path), interleaved: with every
+   skip map recomputed in the decoder pass, with the default memory budget, and with every
+   skip map kept from the encoder pass. When the whole
    image does not fit comfortably (estimated peak above half of the available memory) the
    largest 4:3 image that does is used instead, and the script says so.
 3. **peak RSS** of deblurring a 6000x4000 image with the default tiling (``tile="auto"``) in
@@ -143,8 +145,8 @@ def main() -> None:
         conv_flops = dense_conv_flops(ch, cw, cc, cc)
         ceiling = ceiling_runners("cpu")
         runners = {
-            "engine(channels_last)": model_runner(model, "channels_last", h, w).run,
-            "fast": model_runner(model, "fast", h, w).run,
+            "plain KPACNet (channels_last)": model_runner(model, "channels_last", h, w).run,
+            "fast (the engine's CPU path)": model_runner(model, "fast", h, w).run,
         }
         retain_freed_memory(True)
         times = time_interleaved({**ceiling, **runners}, args.rounds, 1, {k: 3 for k in ceiling})
@@ -180,21 +182,34 @@ def main() -> None:
                   f"({w * h / 1e6:.1f} MP) instead. Once an image spans several tiles the overhead depends on the tile "
                   f"and halo sizes, not on the image size.")
         image = np.random.default_rng(0).random((h, w, 3), dtype=np.float32)
-        for label, net in (("fast", FastKPACNet(model)), ("engine(channels_last)", model)):
-            d_tiled = Deblurrer(net, EngineOptions(device="cpu", tile=512))
-            d_whole = Deblurrer(net, EngineOptions(device="cpu", tile=None))
-            times = time_interleaved({"tiled": lambda: d_tiled.run(image), "whole": lambda: d_whole.run(image)},
-                                     args.tile_rounds, 1)
-            ratios = [a / b for a, b in zip(times["tiled"], times["whole"])]
-            print(f"   {label:22s} tile 512: {median(times['tiled']):6.2f} s, whole: {median(times['whole']):6.2f} s, "
-                  f"overhead {median(ratios) - 1:+.1%} (median per round; rounds {' '.join(f'{r - 1:+.0%}' for r in ratios)})",
-                  flush=True)
-            if label == "fast":
-                from kpac_cli.engine import receptive_halos
+        from kpac_cli.engine import receptive_halos
+        from kpac_cli.engine.tiled import skip_bytes
 
-                enc, dec = receptive_halos(model.config)
-                print(f"   (halos {enc}/{dec} px; the decoder pass recomputes the encoder's full-resolution skips per tile)")
-            del d_tiled, d_whole
+        all_skips = sum(skip_bytes(model.config, h, w))
+        engines = {
+            "whole": Deblurrer(model, EngineOptions(device="cpu", tile=None)),
+            "tile 512, skips recomputed": Deblurrer(model, EngineOptions(device="cpu", tile=512, memory_budget=0)),
+            "tile 512, default budget": Deblurrer(model, EngineOptions(device="cpu", tile=512)),
+            "tile 512, all skips kept": Deblurrer(model, EngineOptions(device="cpu", tile=512, memory_budget=all_skips)),
+        }
+        kept = {}
+
+        def runner(name):
+            def run():
+                engines[name].run(image)
+                kept[name] = engines[name].last_stats.kept_skips
+            return run
+
+        times = time_interleaved({name: runner(name) for name in engines}, args.tile_rounds, 1)
+        enc, dec = receptive_halos(model.config)
+        print(f"   engine path (FastKPACNet on the CPU), halos {enc}/{dec} px, {args.tile_rounds} interleaved rounds; "
+              f"whole image {median(times['whole']):.2f} s")
+        for name in list(engines)[1:]:
+            ratios = [a / b for a, b in zip(times[name], times["whole"])]
+            print(f"   {name:28s} {median(times[name]):6.2f} s, {kept[name]} of {model.config.levels} skip maps kept "
+                  f"({sum(skip_bytes(model.config, h, w)[model.config.levels - kept[name]:]) / 2**20:.0f} MiB): "
+                  f"overhead {median(ratios) - 1:+.1%} (rounds {' '.join(f'{r - 1:+.0%}' for r in ratios)})", flush=True)
+        del engines
 
     # 3. peak RSS ------------------------------------------------------------------------------------
     if not args.skip_rss:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kpac_cli.engine import Deblurrer, EngineOptions, TiledInference, pad_to_multiple, receptive_halos
+from kpac_cli.engine import Deblurrer, EngineOptions, TiledInference, pad_to_multiple, receptive_halos, skips_that_fit
+from kpac_cli.engine.tiled import skip_bytes
 from kpac_cli.model import KPACConfig, build_model
 
 ATOL = 1e-5
@@ -42,6 +43,35 @@ def test_tiled_equals_whole(variant, tile):
     tiled = engine(x, ref, tile).output
     assert tiled.shape == (1, 3, 301, 390)
     assert (tiled - whole).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kept_skip_maps_give_the_same_output_as_recomputed_ones(variant):
+    cfg = VARIANTS[variant]
+    model = _model(cfg)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(1, cfg.in_channels, 283, 347, generator=gen) * 2 - 1
+    ref = torch.rand(1, 3, 283, 347, generator=gen) * 2 - 1
+    whole = TiledInference(model, torch.device("cpu"), nullcontext, channels_last=False)(x, ref, None).output
+    for kept in range(cfg.levels + 1):
+        for channels_last in (False, True):
+            engine = TiledInference(model, torch.device("cpu"), nullcontext, channels_last, kept_skips=kept)
+            assert (engine(x, ref, 136).output - whole).abs().max().item() < ATOL, (kept, channels_last)
+    with pytest.raises(ValueError, match="kept_skips"):
+        TiledInference(model, torch.device("cpu"), nullcontext, kept_skips=cfg.levels + 1)
+
+
+def test_kept_skips_are_planned_deepest_first_within_the_budget():
+    cfg = VARIANTS["3level"]
+    f1, f2, f3 = skip_bytes(cfg, 3000, 4000)
+    assert (f1, f2, f3) == (48 * 3000 * 4000 * 4, 48 * 1500 * 2000 * 4, 96 * 750 * 1000 * 4)
+    assert skips_that_fit(cfg, 3000, 4000, f3 - 1) == 0
+    assert skips_that_fit(cfg, 3000, 4000, f3 + f2) == 2
+    assert skips_that_fit(cfg, 3000, 4000, f1 + f2 + f3) == 3
+    assert skips_that_fit(cfg, 3000, 4000, f1 + f2 + f3, itemsize=2) == 3
+    d = Deblurrer(_model(cfg), EngineOptions(tile=128, memory_budget=skip_bytes(cfg, 300, 300)[2] + 1))
+    d.run(np.random.default_rng(0).random((300, 300, 3), dtype=np.float32))
+    assert d.last_stats.tile == 128 and d.last_stats.kept_skips == 1
 
 
 @pytest.mark.parametrize("variant", ["2level", "3level"])
@@ -98,14 +128,14 @@ def test_out_of_memory_halves_the_tile(monkeypatch):
     expected = Deblurrer(model, EngineOptions(tile=None, channels_last=False)).deblur(img)
     real_encode = d.network.encode
 
-    def encode_failing_on_big_tiles(x, skips_only=False):
+    def encode_failing_on_big_tiles(x, skip_levels=None):
         if x.shape[-1] > 200:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
-        return real_encode(x, skips_only=skips_only)
+        return real_encode(x, skip_levels=skip_levels)
 
     monkeypatch.setattr(d.network, "encode", encode_failing_on_big_tiles)
     out = d.deblur(img)
-    assert d.last_stats.tile_reductions >= 1 and d.last_stats.tile <= 256
+    assert d.last_stats.tile_reductions >= 1 and d.last_stats.tile <= 256 and d.last_stats.kept_skips == 0
     assert np.abs(out - expected).max() < ATOL
 
 

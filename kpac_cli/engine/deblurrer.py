@@ -26,7 +26,7 @@ from ..checkpoints.registry import resolve_model
 from ..model import KPACNet
 from ..model.fast import FastKPACNet
 from .device import autocast, available_memory, is_out_of_memory, resolve_device, resolve_precision
-from .tiled import InferenceResult, ProgressFn, TiledInference, receptive_halos
+from .tiled import InferenceResult, ProgressFn, TiledInference, receptive_halos, skips_that_fit
 
 MIN_TILE = 128
 #: Peak activation bytes per pixel of a widened tile, per channel of the model's width:
@@ -45,7 +45,10 @@ class EngineOptions:
         for the whole image at once. Tiling is exact: it never changes the output beyond
         float rounding.
     channels_last : use the NHWC memory layout (faster convolutions on CPU and GPU).
-    memory_budget : bytes that ``tile="auto"`` may plan for (default: a share of what is free).
+    memory_budget : bytes the engine may plan for, twice over: the working set of one tile
+        (``tile="auto"``) and, when tiling, the encoder's skip feature maps kept between the
+        two passes instead of recomputed (the deepest, smallest first). Default: a share of
+        what is free (on the CPU a quarter, at most 1 GiB).
     """
 
     device: str = "auto"
@@ -61,6 +64,7 @@ class RunStats:
     precision: str = "fp32"
     fell_back_to_fp32: bool = False  # a half-precision run gave non-finite values and was redone
     tile_reductions: int = 0  # times the tile was halved after running out of memory
+    kept_skips: int = 0  # skip feature maps kept between the tiled passes (0: all recomputed)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -96,6 +100,17 @@ class Deblurrer:
     def bytes_per_pixel(self) -> int:
         return _BYTES_PER_PIXEL_PER_CHANNEL * self.config.channels
 
+    def memory_budget(self) -> int:
+        if self.options.memory_budget is not None:
+            return int(self.options.memory_budget)
+        free = available_memory(self.device)
+        return int(free * 0.6) if self.device.type == "cuda" else min(int(free * 0.25), 1 << 30)
+
+    def plan_kept_skips(self, height: int, width: int, dtype: torch.dtype) -> int:
+        """How many skip maps a tiled run keeps between its passes (see :class:`TiledInference`)."""
+        itemsize = torch.finfo(dtype).bits // 8
+        return skips_that_fit(self.config, height, width, self.memory_budget(), itemsize)
+
     def plan_tile(self, height: int, width: int) -> int | None:
         """Tile side for ``tile="auto"``: the whole image if it fits the budget, else the
         largest stride-aligned tile whose widened size fits."""
@@ -104,10 +119,7 @@ class Deblurrer:
             return None
         if opt != "auto":
             return max(MIN_TILE, int(opt))
-        budget = self.options.memory_budget
-        if budget is None:
-            free = available_memory(self.device)
-            budget = int(free * 0.6) if self.device.type == "cuda" else min(int(free * 0.25), 1 << 30)
+        budget = self.memory_budget()
         bpp = self.bytes_per_pixel()
         if height * width * bpp <= budget:
             return None
@@ -149,8 +161,10 @@ class Deblurrer:
         stats = RunStats(tile=self.plan_tile(h, w), precision=_DTYPE_NAMES[self.dtype])
         t0 = time.perf_counter()
         dtype = self.dtype
+        stats.kept_skips = self.plan_kept_skips(h, w, dtype) if stats.tile is not None else 0
         while True:
-            engine = TiledInference(self.network, self.device, lambda: autocast(self.device, dtype), self.options.channels_last)
+            engine = TiledInference(self.network, self.device, lambda: autocast(self.device, dtype),
+                                    self.options.channels_last, stats.kept_skips)
             try:
                 result = engine(x, ref, stats.tile, progress, keep_attention)
             except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
@@ -161,7 +175,8 @@ class Deblurrer:
                     raise MemoryError(f"out of memory even with {MIN_TILE}px tiles on {self.device}") from e
                 stats.tile = max(MIN_TILE, current // 2)
                 stats.tile_reductions += 1
-                stats.notes.append(f"out of memory: tile reduced to {stats.tile}")
+                stats.kept_skips = 0  # memory first: recompute every skip map
+                stats.notes.append(f"out of memory: tile reduced to {stats.tile}, skip maps recomputed")
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
@@ -171,6 +186,7 @@ class Deblurrer:
                 stats.notes.append(f"non-finite values in {_DTYPE_NAMES[dtype]}: redone in fp32")
                 dtype = torch.float32
                 stats.precision = "fp32"
+                stats.kept_skips = min(stats.kept_skips, self.plan_kept_skips(h, w, dtype))
                 continue
             break
         stats.seconds = time.perf_counter() - t0

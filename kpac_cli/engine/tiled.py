@@ -12,12 +12,15 @@ rounding, ~1e-6): tiling is an implementation detail, never an approximation. Ho
    operation: shape attention's mean) and the dense-concat convolutions run once on the
    whole low-resolution map.
 4. **Decoder pass**: per tile, with a halo covering the decoder's receptive field, the
-   encoder's skip features are recomputed for the widened tile and the decoder combines
-   them with the matching slice of the bottleneck output; the tile's interior is kept.
+   decoder combines the encoder's skip features for the widened tile with the matching
+   slice of the bottleneck output; the tile's interior is kept. Skip features are either
+   kept from the encoder pass (whole-image maps, as memory allows; the deepest first, as
+   they are the smallest) or recomputed for the widened tile.
 
 Tiles and halos are multiples of the stride, so every stride-2 layer samples the same grid
 as it does on the whole image, and zero padding appears only at the true image border.
-Peak memory is bounded by one widened tile's activations plus the low-resolution maps.
+Peak memory is bounded by one widened tile's activations plus the low-resolution maps and
+the kept skip maps.
 """
 
 from __future__ import annotations
@@ -127,7 +130,9 @@ class TiledInference:
     """Runs a :class:`KPACNet` on one image of any size, whole or in exact tiles.
 
     ``tile`` is the tile side in pixels (rounded down to a multiple of the stride, at least
-    the stride), or ``None`` for the whole image at once.
+    the stride), or ``None`` for the whole image at once. ``kept_skips``: how many of the
+    deepest skip feature maps the encoder pass stores for the decoder pass instead of the
+    decoder pass recomputing them (memory for time; see :func:`skips_that_fit`).
     """
 
     def __init__(
@@ -136,6 +141,7 @@ class TiledInference:
         device: torch.device,
         run_context: Callable[[], object],
         channels_last: bool = True,
+        kept_skips: int = 0,
     ) -> None:
         self.model = model
         self.device = device
@@ -143,6 +149,9 @@ class TiledInference:
         self.channels_last = channels_last
         self.config = model.config
         self.halos = receptive_halos(self.config)
+        if not 0 <= kept_skips <= self.config.levels:
+            raise ValueError(f"kept_skips must be in 0..{self.config.levels}, got {kept_skips}")
+        self.kept_skips = kept_skips
 
     def _to_device(self, t: Tensor) -> Tensor:
         t = t.to(self.device, non_blocking=True)
@@ -192,25 +201,25 @@ class TiledInference:
         return [None if a is None else a.float().cpu() for a in mid.scale_attention]
 
     def _tiled(self, xp: Tensor, refp: Tensor, tile: int, report: ProgressFn, keep_attention: bool):
-        stride = self.config.stride
+        stride, levels = self.config.stride, self.config.levels
         hp, wp = xp.shape[-2:]
         enc_halo, dec_halo = self.halos
+        keep = self.kept_skips  # the deepest `keep` skip features are stored, the rest recomputed
+        recompute = levels - keep
 
-        # 2. encoder pass: only the low-resolution encoder output is kept
+        # 2. encoder pass: the low-resolution encoder output is kept, and the deepest skips
         enc_tiles = plan_tiles(hp, wp, tile, enc_halo)
-        encoded = None
+        stored: dict[int, Tensor] = {}  # skip level (0 = f1) -> map of the whole padded image
         for i, t in enumerate(enc_tiles):
             with self.run_context():
-                _, e = self.model.encode(self._to_device(xp[..., t.iy0 : t.iy1, t.ix0 : t.ix1]))
-            if encoded is None:
-                encoded = torch.empty((1, e.shape[1], hp // stride, wp // stride), dtype=e.dtype, device=e.device)
-                if self.channels_last:
-                    encoded = encoded.contiguous(memory_format=torch.channels_last)
-            oy, ox = (t.y0 - t.iy0) // stride, (t.x0 - t.ix0) // stride
-            ty, tx = (t.y1 - t.y0) // stride, (t.x1 - t.x0) // stride
-            encoded[..., t.y0 // stride : t.y1 // stride, t.x0 // stride : t.x1 // stride] = e[..., oy : oy + ty, ox : ox + tx]
-            del e
+                skips, e = self.model.encode(self._to_device(xp[..., t.iy0 : t.iy1, t.ix0 : t.ix1]))
+            for level, f in list(enumerate(skips))[recompute:] + [(levels, e)]:
+                if level not in stored:
+                    stored[level] = self._empty_map(f, hp >> level, wp >> level)
+                _put_interior(stored[level], f, t, 1 << level)
+            del skips, e
             report("encode", i + 1, len(enc_tiles))
+        encoded = stored.pop(levels)
 
         # 3. the KPAC blocks once, on the whole low-resolution map
         with self.run_context():
@@ -220,12 +229,16 @@ class TiledInference:
         del encoded, mid
         report("attention", 1, 1)
 
-        # 4. decoder pass, recomputing the skip features per widened tile
+        # 4. decoder pass: the shallow skips recomputed per widened tile, the kept ones sliced
         out = torch.empty_like(refp)
         dec_tiles = plan_tiles(hp, wp, tile, dec_halo)
         for i, t in enumerate(dec_tiles):
             with self.run_context():
-                skips, _ = self.model.encode(self._to_device(xp[..., t.iy0 : t.iy1, t.ix0 : t.ix1]), skips_only=True)
+                skips = []
+                if recompute:
+                    skips, _ = self.model.encode(self._to_device(xp[..., t.iy0 : t.iy1, t.ix0 : t.ix1]), skip_levels=recompute)
+                skips += [stored[level][..., t.iy0 >> level : t.iy1 >> level, t.ix0 >> level : t.ix1 >> level]
+                          for level in range(recompute, levels)]
                 f = features[..., t.iy0 // stride : t.iy1 // stride, t.ix0 // stride : t.ix1 // stride]
                 residual = self.model.decode(f, skips)
             oy, ox = t.y0 - t.iy0, t.x0 - t.ix0
@@ -235,3 +248,30 @@ class TiledInference:
             report("decode", i + 1, len(dec_tiles))
         return out, alphas
 
+    def _empty_map(self, like: Tensor, height: int, width: int) -> Tensor:
+        m = torch.empty((1, like.shape[1], height, width), dtype=like.dtype, device=like.device)
+        return m.contiguous(memory_format=torch.channels_last) if self.channels_last else m
+
+
+def _put_interior(dst: Tensor, src: Tensor, t: Tile, scale: int) -> None:
+    """Copy the part of a widened tile's feature map ``src`` (at 1/scale) that is the tile's own."""
+    oy, ox = (t.y0 - t.iy0) // scale, (t.x0 - t.ix0) // scale
+    ty, tx = (t.y1 - t.y0) // scale, (t.x1 - t.x0) // scale
+    dst[..., t.y0 // scale : t.y1 // scale, t.x0 // scale : t.x1 // scale] = src[..., oy : oy + ty, ox : ox + tx]
+
+
+def skip_bytes(config: KPACConfig, height: int, width: int, itemsize: int = 4) -> list[int]:
+    """Bytes of each skip feature map (f1, f2[, f3]) of a ``height`` x ``width`` image."""
+    widths = [config.channels, config.channels, 2 * config.channels][: config.levels]
+    h, w = -(-height // config.stride) * config.stride, -(-width // config.stride) * config.stride
+    return [c * (h >> level) * (w >> level) * itemsize for level, c in enumerate(widths)]
+
+
+def skips_that_fit(config: KPACConfig, height: int, width: int, budget: int, itemsize: int = 4) -> int:
+    """How many of the deepest skip maps fit in ``budget`` bytes together (0..levels)."""
+    sizes, total, keep = skip_bytes(config, height, width, itemsize), 0, 0
+    for size in reversed(sizes):  # the deepest maps are the smallest and save the most per byte
+        if total + size > budget:
+            break
+        total, keep = total + size, keep + 1
+    return keep

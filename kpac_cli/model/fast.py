@@ -244,17 +244,16 @@ def kpac_block_forward(block: KPACBlock, x: Tensor) -> tuple[Tensor, Tensor | No
 
 
 # --- the network ----------------------------------------------------------------------------------
-def fast_encode(model: KPACNet, x: Tensor, skips_only: bool = False) -> tuple[list[Tensor], Tensor | None]:
+def fast_encode(model: KPACNet, x: Tensor, skip_levels: int | None = None) -> tuple[list[Tensor], Tensor | None]:
     """:meth:`KPACNet.encode`, fused."""
-    e = model.encoder
-    f1 = same_conv_lrelu(same_conv_lrelu(x, e.c0), e.c0_2)
-    f2 = same_conv_lrelu(stride2_conv(f1, e.c2), e.c2_2)
-    f3 = same_conv_lrelu(stride2_conv(f2, e.c3), e.c3_2)
-    if e.levels == 2:
-        return [f1, f2], (None if skips_only else f3)
-    if skips_only:
-        return [f1, f2, f3], None
-    return [f1, f2, f3], same_conv_lrelu(stride2_conv(f3, e.c4), e.c4_2)
+    stages = model.encoder.stages()
+    feats = []
+    for i, (first, second) in enumerate(stages[: len(stages) if skip_levels is None else skip_levels]):
+        x = same_conv_lrelu(same_conv_lrelu(x, first) if i == 0 else stride2_conv(x, first), second)
+        feats.append(x)
+    if skip_levels is None:
+        return feats[:-1], feats[-1]
+    return feats, None
 
 
 def fast_bottleneck(model: KPACNet, encoded: Tensor) -> Bottleneck:
@@ -304,8 +303,8 @@ class FastKPACNet(nn.Module):
     def check_input(self, x: Tensor, reference: Tensor | None = None) -> None:
         self.model.check_input(x, reference)
 
-    def encode(self, x: Tensor, skips_only: bool = False) -> tuple[list[Tensor], Tensor | None]:
-        return fast_encode(self.model, x, skips_only)
+    def encode(self, x: Tensor, skip_levels: int | None = None) -> tuple[list[Tensor], Tensor | None]:
+        return fast_encode(self.model, x, skip_levels)
 
     def bottleneck(self, encoded: Tensor) -> Bottleneck:
         return fast_bottleneck(self.model, encoded)

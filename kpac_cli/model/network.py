@@ -76,20 +76,25 @@ class Encoder(nn.Module):
             self.c4 = StrideTwoConv(2 * ch, 2 * ch)
             self.c4_2 = same_conv(2 * ch, 2 * ch, 3)
 
-    def forward(self, x: Tensor, skips_only: bool = False) -> tuple[list[Tensor], Tensor | None]:
+    def stages(self) -> list[tuple[nn.Module, nn.Module]]:
+        """The (first, second) convolution of each level, full resolution first."""
+        names = ["c0", "c2", "c3", "c4"][: self.levels + 1]
+        return [(getattr(self, n), getattr(self, n + "_2")) for n in names]
+
+    def forward(self, x: Tensor, skip_levels: int | None = None) -> tuple[list[Tensor], Tensor | None]:
         """Return the skip features (f1, f2[, f3]) and the encoder output.
 
-        With ``skips_only`` the deepest level (not needed by the decoder) is skipped and
-        ``None`` is returned in its place.
+        With ``skip_levels=k`` only the first k skip features are computed (the tiled
+        engine recomputes just the ones it did not keep) and ``None`` is returned in place
+        of the encoder output.
         """
-        f1 = lrelu(self.c0_2(lrelu(self.c0(x))))
-        f2 = lrelu(self.c2_2(lrelu(self.c2(f1))))
-        f3 = lrelu(self.c3_2(lrelu(self.c3(f2))))
-        if self.levels == 2:
-            return [f1, f2], (None if skips_only else f3)
-        if skips_only:
-            return [f1, f2, f3], None
-        return [f1, f2, f3], lrelu(self.c4_2(lrelu(self.c4(f3))))
+        feats = []
+        for first, second in self.stages()[: self.levels + 1 if skip_levels is None else skip_levels]:
+            x = lrelu(second(lrelu(first(x))))
+            feats.append(x)
+        if skip_levels is None:
+            return feats[:-1], feats[-1]
+        return feats, None
 
 
 class KPACBlock(nn.Module):
@@ -229,8 +234,8 @@ class KPACNet(nn.Module):
         if reference is not None and (reference.shape[0] != x.shape[0] or reference.shape[1] != 3 or reference.shape[-2:] != x.shape[-2:]):
             raise ValueError(f"reference must be (N, 3, {h}, {w}), got {tuple(reference.shape)}")
 
-    def encode(self, x: Tensor, skips_only: bool = False) -> tuple[list[Tensor], Tensor | None]:
-        return self.encoder(x, skips_only=skips_only)
+    def encode(self, x: Tensor, skip_levels: int | None = None) -> tuple[list[Tensor], Tensor | None]:
+        return self.encoder(x, skip_levels=skip_levels)
 
     def bottleneck(self, encoded: Tensor) -> Bottleneck:
         """KPAC blocks, dense concat [encoder output, block outputs...], cm_1, cm_2."""
