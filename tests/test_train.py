@@ -241,6 +241,8 @@ def test_init_carries_weights_to_fewer_levels_and_to_dual_pixel(tmp_path, dpdd):
                           iterations=0, val_count=0))
     w = load_checkpoint(dual.model_path).state_dict["encoder.c0.weight"]
     assert load_checkpoint(dual.model_path).config.in_views == 2
+    assert load_checkpoint(dual.model_path).provenance["balance_views"] is True  # synthetic views: no vignetting
+    assert "balance_views" not in load_checkpoint(two.model_path).provenance
     assert torch.equal(w[:, :3], src["encoder.c0.weight"] / 2) and torch.equal(w[:, 3:], w[:, :3])
     with pytest.raises(TrainingError, match="channels"):
         train(tiny_cfg(tmp_path / "wide", dpdd, model=KPACConfig(levels=2, channels=12), init=three.model_path,

@@ -6,7 +6,8 @@
 
 Conventions: images are float32 ``HxWxC`` arrays, RGB, values in [0, 1]. Single-image models
 take ``HxWx3``; dual-pixel models take ``HxWx6`` (left RGB then right RGB) and an optional
-centre view (default: the mean of left and right). Outputs are clipped to [0, 1]; the raw,
+centre view (default: the mean of left and right; a dual model whose checkpoint asks for it gets
+its views balanced first, see :mod:`kpac_cli.engine.dualpixel`). Outputs are clipped to [0, 1]; the raw,
 unclipped network output is available through :meth:`Deblurrer.run`.
 """
 
@@ -25,6 +26,7 @@ from ..checkpoints import Checkpoint, load_checkpoint
 from ..checkpoints.registry import resolve_model
 from ..model import KPACNet
 from ..model.fast import FastKPACNet
+from .dualpixel import balance_views
 from .device import autocast, available_memory, is_out_of_memory, resolve_device, resolve_precision
 from .tiled import InferenceResult, ProgressFn, TiledInference, receptive_halos, skips_that_fit
 
@@ -91,6 +93,9 @@ class Deblurrer:
         if self.options.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.config = self.model.config
+        # A dual-pixel model trained on vignetting-free views gets its views balanced
+        # (see engine.dualpixel); its checkpoint says so. Other models see the views as given.
+        self.balance_views = self.config.in_views == 2 and bool(self.provenance.get("balance_views"))
         # What the engine runs: on the CPU the same function restructured for oneDNN (fused
         # activations, no skip concatenations, a GEMM-friendly last layer; exact to ~2e-7).
         self.network = FastKPACNet(self.model) if self.device.type == "cpu" else self.model
@@ -135,6 +140,10 @@ class Deblurrer:
             kind = "HxWx3 RGB" if cin == 3 else "HxWx6 (left RGB, right RGB)"
             raise ValueError(f"this model takes {kind} images, got shape {image.shape}")
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None] * 2 - 1
+        if self.balance_views and center is None:
+            center = image.reshape(image.shape[:2] + (2, 3)).mean(axis=2)  # the views as captured
+        if self.balance_views:
+            x = torch.from_numpy(balance_views(image)).permute(2, 0, 1)[None] * 2 - 1
         if center is not None:
             if center.shape != image.shape[:2] + (3,):
                 raise ValueError(f"centre view must be {image.shape[:2] + (3,)}, got {center.shape}")

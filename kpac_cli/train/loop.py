@@ -199,6 +199,8 @@ def _provenance(cfg: TrainConfig, bundle_desc: str, step: int, scores: dict, bes
         "source": "kpac train",
         "kpac_version": __version__,
     }
+    if model_cfg.in_views == 2 and cfg.data_kind == "synthetic":
+        prov["balance_views"] = True  # trained on vignetting-free views: balance real ones (engine.dualpixel)
     # Plain JSON types only: the training checkpoint must load with weights_only=True.
     return json.loads(json.dumps(prov, default=str))
 
