@@ -240,3 +240,22 @@ def test_every_command_has_help_with_an_example(command):
     res = invoke(command, "--help")
     assert res.exit_code == 0, res.output
     assert "example" in res.stdout.lower()
+
+
+@pytest.mark.slow
+def test_compile_flag_gives_the_same_images_and_reports_compile_time(tmp_path, tiny_models):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(11)
+    for i in range(2):  # same size: the second photo reuses the compiled shapes
+        _write(photos / f"p{i}.png", rng.random((90, 120, 3), dtype=np.float32), 16)
+    plain = invoke("deblur", photos, "-o", tmp_path / "plain", "--model", tiny_models[0], "--tile", "64", "--quiet")
+    res = invoke("deblur", photos, "-o", tmp_path / "compiled", "--model", tiny_models[0], "--tile", "64", "--compile", "--json")
+    assert plain.exit_code == 0 and res.exit_code == 0, res.output
+    records = sorted((json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")), key=lambda r: r["input"])
+    assert records[0]["compile_seconds"] > 0 and records[1]["compile_seconds"] == 0
+    assert "torch.compile:" in res.stderr
+    for i in range(2):
+        a = read_image(tmp_path / "plain" / f"p{i}.png")[0]
+        b = read_image(tmp_path / "compiled" / f"p{i}.png")[0]
+        assert np.abs(a - b).max() <= 1.5 / 65535  # at most one 16-bit code (float rounding)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kpac_cli.engine import Deblurrer, EngineOptions, TiledInference, pad_to_multiple, receptive_halos, skips_that_fit
+from kpac_cli.engine import Deblurrer, EngineOptions, TiledInference, pad_to_multiple, plan_tiles, receptive_halos, skips_that_fit
 from kpac_cli.engine.tiled import skip_bytes
 from kpac_cli.model import KPACConfig, build_model
 
@@ -166,3 +166,37 @@ def test_half_precision_overflow_falls_back_to_fp32(monkeypatch):
     out = d.deblur(img)
     assert d.last_stats.fell_back_to_fp32 and d.last_stats.precision == "fp32"
     assert np.isfinite(out).all() and np.abs(out - expected).max() < ATOL
+
+
+@pytest.mark.parametrize("height,width,tile,halo", [(304, 392, 128, 24), (96, 392, 128, 24), (512, 512, 200, 16), (40, 40, 8, 24)])
+def test_static_tile_plans_read_one_shape_and_cover_every_halo(height, width, tile, halo):
+    static, plain = plan_tiles(height, width, tile, halo, static=True), plan_tiles(height, width, tile, halo)
+    assert [(t.y0, t.y1, t.x0, t.x1) for t in static] == [(t.y0, t.y1, t.x0, t.x1) for t in plain]
+    assert len({(t.iy1 - t.iy0, t.ix1 - t.ix0) for t in static}) == 1
+    for s, p in zip(static, plain):  # reads at least what the tile needs, inside the image
+        assert 0 <= s.iy0 <= p.iy0 and p.iy1 <= s.iy1 <= height and 0 <= s.ix0 <= p.ix0 and p.ix1 <= s.ix1 <= width
+
+
+@pytest.mark.parametrize("variant", ["3level", "dual"])
+def test_static_tile_shapes_give_the_same_output(variant):
+    cfg = VARIANTS[variant]
+    model = _model(cfg)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.rand(1, cfg.in_channels, 250, 333, generator=gen) * 2 - 1
+    ref = torch.rand(1, 3, 250, 333, generator=gen) * 2 - 1
+    whole = TiledInference(model, torch.device("cpu"), nullcontext, channels_last=False)(x, ref, None).output
+    for kept in (0, cfg.levels):
+        engine = TiledInference(model, torch.device("cpu"), nullcontext, True, kept_skips=kept, static_shapes=True)
+        assert (engine(x, ref, 128).output - whole).abs().max().item() < ATOL
+
+
+@pytest.mark.slow
+def test_compiled_engine_matches_and_reports_its_compile_time():
+    model = _model(KPACConfig(levels=2, channels=8))
+    img = np.random.default_rng(7).random((150, 230, 3), dtype=np.float32)
+    expected = Deblurrer(model, EngineOptions(tile=None)).deblur(img)
+    d = Deblurrer(model, EngineOptions(tile=64, compile=True))
+    first = d.deblur(img)
+    assert d.last_stats.compile_seconds > 0 and np.abs(first - expected).max() < ATOL
+    second = d.deblur(img)  # same shapes: nothing new to compile
+    assert d.last_stats.compile_seconds == 0 and np.array_equal(first, second)

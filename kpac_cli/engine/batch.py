@@ -86,7 +86,7 @@ class JobResult:
             "seconds": round(self.seconds, 4),
         }
         if deblurrer is not None:
-            rec.update(model=deblurrer.name, device=str(deblurrer.device), precision=deblurrer.last_stats.precision)
+            rec.update(model=deblurrer.name, device=str(deblurrer.device))
         rec.update(self.extra)
         return rec
 
@@ -283,9 +283,12 @@ def run_batch(
                 if on_result:
                     on_result(res)
                 continue
-            stats = deblurrer.last_stats
+            stats = deblurrer.last_stats  # this image's run (records are reported later, after its write)
+            extra["precision"] = stats.precision
             if stats.notes:
                 extra["notes"] = list(stats.notes)
+            if deblurrer.options.compile:
+                extra["compile_seconds"] = round(stats.compile_seconds, 3)
             res = JobResult(job.input_label, "-" if job.output is None else str(job.output), "ok", size=tuple(out.shape[:2]), seconds=time.perf_counter() - t0, extra=extra)
             finish_write()  # keep at most one write in flight, and results in order
             pending_write = (job, res, writer.submit(_write, job, out, info, options))

@@ -111,12 +111,26 @@ class Tile:
     ix1: int  # the region it reads (own region + halo, clipped to the image)
 
 
-def plan_tiles(height: int, width: int, tile: int, halo: int) -> list[Tile]:
+def plan_tiles(height: int, width: int, tile: int, halo: int, static: bool = False) -> list[Tile]:
+    """Tiles of ``tile`` pixels covering the image, each reading its own region plus ``halo``.
+
+    With ``static`` every tile reads a region of the same size, ``min(tile + 2 halo, side)``:
+    a border tile's region is shifted inward instead of clipped (it reads more than it needs,
+    which changes nothing), so that compiled kernels and CUDA graphs see one shape.
+    """
+    def span(a0: int, a1: int, side: int) -> tuple[int, int]:
+        if not static:
+            return max(0, a0 - halo), min(side, a1 + halo)
+        size = min(side, tile + 2 * halo)
+        start = min(max(0, a0 - halo), side - size)
+        return start, start + size
+
     tiles = []
     for y0 in range(0, height, tile):
         for x0 in range(0, width, tile):
             y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
-            tiles.append(Tile(y0, y1, x0, x1, max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo)))
+            (iy0, iy1), (ix0, ix1) = span(y0, y1, height), span(x0, x1, width)
+            tiles.append(Tile(y0, y1, x0, x1, iy0, iy1, ix0, ix1))
     return tiles
 
 
@@ -133,6 +147,7 @@ class TiledInference:
     the stride), or ``None`` for the whole image at once. ``kept_skips``: how many of the
     deepest skip feature maps the encoder pass stores for the decoder pass instead of the
     decoder pass recomputing them (memory for time; see :func:`skips_that_fit`).
+    ``static_shapes``: every tile the same shape (see :func:`plan_tiles`), for compiled stages.
     """
 
     def __init__(
@@ -142,6 +157,7 @@ class TiledInference:
         run_context: Callable[[], object],
         channels_last: bool = True,
         kept_skips: int = 0,
+        static_shapes: bool = False,
     ) -> None:
         self.model = model
         self.device = device
@@ -152,6 +168,7 @@ class TiledInference:
         if not 0 <= kept_skips <= self.config.levels:
             raise ValueError(f"kept_skips must be in 0..{self.config.levels}, got {kept_skips}")
         self.kept_skips = kept_skips
+        self.static_shapes = static_shapes
 
     def _to_device(self, t: Tensor) -> Tensor:
         t = t.to(self.device, non_blocking=True)
@@ -208,7 +225,7 @@ class TiledInference:
         recompute = levels - keep
 
         # 2. encoder pass: the low-resolution encoder output is kept, and the deepest skips
-        enc_tiles = plan_tiles(hp, wp, tile, enc_halo)
+        enc_tiles = plan_tiles(hp, wp, tile, enc_halo, self.static_shapes)
         stored: dict[int, Tensor] = {}  # skip level (0 = f1) -> map of the whole padded image
         for i, t in enumerate(enc_tiles):
             with self.run_context():
@@ -231,7 +248,7 @@ class TiledInference:
 
         # 4. decoder pass: the shallow skips recomputed per widened tile, the kept ones sliced
         out = torch.empty_like(refp)
-        dec_tiles = plan_tiles(hp, wp, tile, dec_halo)
+        dec_tiles = plan_tiles(hp, wp, tile, dec_halo, self.static_shapes)
         for i, t in enumerate(dec_tiles):
             with self.run_context():
                 skips = []
