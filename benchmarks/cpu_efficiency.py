@@ -13,9 +13,9 @@ Prints:
 2. **tiling overhead** = time(tile=512) / time(whole image) - 1, 3-level, on a 12-megapixel
    image (4000x3000) through ``Deblurrer`` (the real engine path), interleaved: with every
    skip map recomputed in the decoder pass, with the default memory budget, and with every
-   skip map kept from the encoder pass. When the whole
-   image does not fit comfortably (estimated peak above half of the available memory) the
-   largest 4:3 image that does is used instead, and the script says so.
+   skip map kept from the encoder pass. When the whole image does not fit comfortably
+   (estimated peak above half of the available memory) the largest 4:3 image that does is
+   used instead, and the script says so.
 3. **peak RSS** of deblurring a 6000x4000 image with the default tiling (``tile="auto"``) in
    a fresh subprocess, read with ``getrusage(RUSAGE_CHILDREN).ru_maxrss``; also as bytes per
    pixel and as a multiple of the float32 image itself.
@@ -173,12 +173,11 @@ def main() -> None:
         print(f"\n2. tiling overhead: a whole-image pass needs ~{per_px['fast-retain']:.0f} B/pixel (fast path) and "
               f"~{per_px['engine-retain']:.0f} B/pixel (engine's current path), measured at 1280x720; {w}x{h} would need "
               f"~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available", flush=True)
-        if need > avail / 3:
-            px = avail / 3 / worst
+        if need > avail / 2:
+            px = avail / 2 / worst
             w = int(math.sqrt(px * 4 / 3)) // 8 * 8
             h = w * 3 // 4 // 8 * 8
-            print(f"   -> does not fit comfortably (more than a third of the available memory, on a machine shared "
-                  f"with other jobs; a first attempt at 12 MP was killed by the OOM killer); measuring on {w}x{h} "
+            print(f"   -> does not fit comfortably (more than half of the available memory); measuring on {w}x{h} "
                   f"({w * h / 1e6:.1f} MP) instead. Once an image spans several tiles the overhead depends on the tile "
                   f"and halo sizes, not on the image size.")
         image = np.random.default_rng(0).random((h, w, 3), dtype=np.float32)

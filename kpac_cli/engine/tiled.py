@@ -171,6 +171,11 @@ class TiledInference:
         self.static_shapes = static_shapes
 
     def _to_device(self, t: Tensor) -> Tensor:
+        if self.device.type == "cuda":
+            # A pinned host copy lets the upload run asynchronously: the CPU goes on slicing the
+            # next tile while the GPU works (PyTorch caches pinned blocks, so same-sized tiles
+            # do not pay cudaHostAlloc again).
+            t = t.contiguous().pin_memory()
         t = t.to(self.device, non_blocking=True)
         return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t.contiguous()
 
