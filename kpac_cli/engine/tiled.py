@@ -108,7 +108,7 @@ class Tile:
     iy0: int
     iy1: int
     ix0: int
-    ix1: int  # the region it reads (own region + halo, clipped to the image)
+    ix1: int  # the region it reads: own region + halo, inside the image (see plan_tiles)
 
 
 def plan_tiles(height: int, width: int, tile: int, halo: int, static: bool = False) -> list[Tile]:
