@@ -31,6 +31,16 @@ def _model(cfg: KPACConfig, seed: int = 0):
     return model
 
 
+def _case(cfg: KPACConfig, height: int, width: int, seed: int):
+    """A model with non-zero biases, a random input and reference, and its whole-image output."""
+    model = _model(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, cfg.in_channels, height, width, generator=gen) * 2 - 1
+    ref = torch.rand(1, 3, height, width, generator=gen) * 2 - 1
+    whole = TiledInference(model, torch.device("cpu"), nullcontext, channels_last=False)(x, ref, None).output
+    return model, x, ref, whole
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("tile", [128, 136, 200, 256])
 def test_tiled_equals_whole(variant, tile):
@@ -48,11 +58,7 @@ def test_tiled_equals_whole(variant, tile):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_kept_skip_maps_give_the_same_output_as_recomputed_ones(variant):
     cfg = VARIANTS[variant]
-    model = _model(cfg)
-    gen = torch.Generator().manual_seed(5)
-    x = torch.rand(1, cfg.in_channels, 283, 347, generator=gen) * 2 - 1
-    ref = torch.rand(1, 3, 283, 347, generator=gen) * 2 - 1
-    whole = TiledInference(model, torch.device("cpu"), nullcontext, channels_last=False)(x, ref, None).output
+    model, x, ref, whole = _case(cfg, 283, 347, seed=5)
     for kept in range(cfg.levels + 1):
         for channels_last in (False, True):
             engine = TiledInference(model, torch.device("cpu"), nullcontext, channels_last, kept_skips=kept)
@@ -180,11 +186,7 @@ def test_static_tile_plans_read_one_shape_and_cover_every_halo(height, width, ti
 @pytest.mark.parametrize("variant", ["3level", "dual"])
 def test_static_tile_shapes_give_the_same_output(variant):
     cfg = VARIANTS[variant]
-    model = _model(cfg)
-    gen = torch.Generator().manual_seed(6)
-    x = torch.rand(1, cfg.in_channels, 250, 333, generator=gen) * 2 - 1
-    ref = torch.rand(1, 3, 250, 333, generator=gen) * 2 - 1
-    whole = TiledInference(model, torch.device("cpu"), nullcontext, channels_last=False)(x, ref, None).output
+    model, x, ref, whole = _case(cfg, 250, 333, seed=6)
     for kept in (0, cfg.levels):
         engine = TiledInference(model, torch.device("cpu"), nullcontext, True, kept_skips=kept, static_shapes=True)
         assert (engine(x, ref, 128).output - whole).abs().max().item() < ATOL
