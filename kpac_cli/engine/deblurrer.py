@@ -148,11 +148,12 @@ class Deblurrer:
         if image.ndim != 3 or image.shape[2] != cin:
             kind = "HxWx3 RGB" if cin == 3 else "HxWx6 (left RGB, right RGB)"
             raise ValueError(f"this model takes {kind} images, got shape {image.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None] * 2 - 1
-        if self.balance_views and center is None:
-            center = image.reshape(image.shape[:2] + (2, 3)).mean(axis=2)  # the views as captured
+        views = image
         if self.balance_views:
-            x = torch.from_numpy(balance_views(image)).permute(2, 0, 1)[None] * 2 - 1
+            if center is None:
+                center = image.reshape(image.shape[:2] + (2, 3)).mean(axis=2)  # the views as captured
+            views = balance_views(image)
+        x = torch.from_numpy(np.ascontiguousarray(views, dtype=np.float32)).permute(2, 0, 1)[None] * 2 - 1
         if center is not None:
             if center.shape != image.shape[:2] + (3,):
                 raise ValueError(f"centre view must be {image.shape[:2] + (3,)}, got {center.shape}")
