@@ -37,8 +37,8 @@ import numpy as np
 
 from kpac_cli.checkpoints import update_provenance
 from kpac_cli.checkpoints.registry import resolve_model
+from kpac_cli.metrics.dualpixel_capture import psnr_with_gain, read_dual_pixel_capture
 from kpac_cli.engine import Deblurrer, EngineOptions
-from kpac_cli.images import read_image
 from kpac_cli.inverse import disc_psf, estimate_disc_radius, wiener_deconvolve
 from kpac_cli.metrics import psnr, quantize, ssim
 from kpac_cli.synth import SynthSettings, sharp_sources, synthesize
@@ -117,18 +117,7 @@ def synthetic_benchmark(deblurrer: Deblurrer, per_level: int, crop: int, seed: i
 
 def _pixel4_views():
     root = SHARED / "samples" / "defocused" / "dp_pixel4"
-    if not root.is_dir():
-        return None
-    raw = lambda p: read_image(p)[0][..., 0] * 65535.0  # noqa: E731 - 16-bit codes of the green channel
-    left, right = (np.clip(raw(root / side / "005.png") - 1024, 0, None) / (2**14 - 1) for side in ("left", "right"))
-    target = read_image(root / "target" / "005.png")[0][..., 0]
-    return left, right, target / target.max()
-
-
-def _linear_psnr_with_gain(linear: np.ndarray, target: np.ndarray) -> float:
-    crop = linear[252:1260, 336:1680]
-    gain = float(np.sum(crop * target) / np.sum(crop * crop))
-    return psnr(np.clip(gain * crop, 0, 1), target)
+    return read_dual_pixel_capture(root) if root.is_dir() else None
 
 
 def pixel4_benchmark(single: Deblurrer | None, dual: Deblurrer | None) -> dict:
@@ -140,14 +129,14 @@ def pixel4_benchmark(single: Deblurrer | None, dual: Deblurrer | None) -> dict:
     scale = float(np.percentile(combined, 99.9))
     enc = lambda lin: np.repeat((np.clip(lin / scale, 0, 1) ** (1 / 2.2))[..., None], 3, axis=2).astype(np.float32)  # noqa: E731
     dec = lambda img: (np.clip(img.mean(axis=2), 0, 1) ** 2.2) * scale  # noqa: E731
-    out = {"input_psnr": _linear_psnr_with_gain(combined, target)}
+    out = {"input_psnr": psnr_with_gain(combined, target)}
     if single is not None:
         t0 = time.perf_counter()
-        out["single_psnr"] = _linear_psnr_with_gain(dec(single.deblur(enc(combined))), target)
+        out["single_psnr"] = psnr_with_gain(dec(single.deblur(enc(combined))), target)
         out["single_seconds"] = time.perf_counter() - t0
     if dual is not None:
         views6 = np.concatenate([enc(2 * left), enc(2 * right)], axis=2)
-        out["dual_psnr"] = _linear_psnr_with_gain(dec(dual.deblur(views6, enc(combined))), target)
+        out["dual_psnr"] = psnr_with_gain(dec(dual.deblur(views6, enc(combined))), target)
     print("pixel4 dual-pixel capture (linear PSNR after gain fit):", {k: round(v, 2) for k, v in out.items()}, flush=True)
     return out
 

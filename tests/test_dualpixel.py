@@ -10,9 +10,8 @@ from scipy.ndimage import gaussian_filter
 from kpac_cli.checkpoints import Checkpoint
 from kpac_cli.engine import Deblurrer, EngineOptions
 from kpac_cli.engine.dualpixel import balance_views
-from kpac_cli.images import read_image
 from kpac_cli.model import KPACConfig, build_model
-from kpac_cli.metrics import psnr
+from kpac_cli.metrics.dualpixel_capture import psnr_with_gain, read_dual_pixel_capture
 from kpac_cli.synth import SynthSettings, dead_leaves, synthesize
 
 
@@ -86,21 +85,13 @@ def test_shipped_dual_model_improves_the_real_pixel4_capture(shared_dir):
     root = shared_dir / "samples" / "defocused" / "dp_pixel4"
     if not root.is_dir():
         pytest.skip("dp_pixel4 capture not in the reference material")
-    left, right = (np.clip(read_image(root / v / "005.png")[0][..., 0] * 65535 - 1024, 0, None) / (2**14 - 1)
-                   for v in ("left", "right"))
-    target = read_image(root / "target" / "005.png")[0][..., 0]
-    target = target / target.max()
+    left, right, target = read_dual_pixel_capture(root)
     combined = left + right
     scale = float(np.percentile(combined, 99.9))
     enc = lambda lin: np.repeat((np.clip(lin / scale, 0, 1) ** (1 / 2.2))[..., None], 3, axis=2).astype(np.float32)  # noqa: E731
 
-    def score(linear: np.ndarray) -> float:
-        crop = linear[252:1260, 336:1680]
-        gain = float(np.sum(crop * target) / np.sum(crop * crop))
-        return psnr(np.clip(gain * crop, 0, 1), target)
-
     torch.set_num_threads(2)
     out = Deblurrer("kpac-dual", EngineOptions(tile=512)).deblur(np.concatenate([enc(2 * left), enc(2 * right)], 2), enc(combined))
     torch.set_num_threads(1)
-    gained = score((np.clip(out.mean(axis=2), 0, 1) ** 2.2) * scale) - score(combined)
+    gained = psnr_with_gain((np.clip(out.mean(axis=2), 0, 1) ** 2.2) * scale, target) - psnr_with_gain(combined, target)
     assert gained > 0.1, f"kpac-dual changes PSNR by {gained:+.2f} dB on the real capture"

@@ -689,3 +689,16 @@ def test_flops_unavailable_is_reported_not_invented(tiny_deblurrer, monkeypatch)
     assert flops is None and note.startswith("unavailable")
     res = S.measure_speed(tiny_deblurrer, width=16, height=16, warmup=0, runs=1)
     assert res.flops is None and res.gflops_per_s is None
+
+
+def test_psnr_with_gain_scores_the_centre_crop_whatever_the_brightness():
+    from kpac_cli.metrics import psnr
+    from kpac_cli.metrics.dualpixel_capture import psnr_with_gain
+
+    rng = np.random.default_rng(3)
+    frame = rng.random((60, 80)) * 0.5
+    target = np.clip(frame[10:50, 20:60] * 1.7 + rng.normal(0, 0.01, (40, 40)), 0, 1)
+    expected = psnr(np.clip(frame[10:50, 20:60] * 1.7, 0, 1), target)
+    assert abs(psnr_with_gain(frame, target) - expected) < 0.05  # the fitted gain is ~1.7
+    assert abs(psnr_with_gain(frame * 3, target) - psnr_with_gain(frame, target)) < 1e-9
+    assert psnr_with_gain(np.roll(frame, 5, axis=1), target) < expected - 3  # the crop must be the centre

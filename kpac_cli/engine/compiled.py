@@ -18,7 +18,8 @@ from torch import Tensor
 
 
 class CompiledNetwork:
-    """Wraps a network (``KPACNet`` or ``FastKPACNet``) with compiled stages.
+    """Wraps a ``KPACNet`` with compiled stages (not ``FastKPACNet``: its oneDNN fused ops
+    have no shape functions that inductor can trace).
 
     ``compile_seconds`` accumulates the wall time of calls with an input shape not seen
     before: compilation plus that first run.
