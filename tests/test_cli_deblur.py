@@ -235,6 +235,29 @@ def test_python_api_deblurs_files_like_the_cli(tmp_path, tiny_models):
     assert np.array_equal(read_image(tmp_path / "cli.png")[0], read_image(tmp_path / "out.png")[0])
 
 
+def test_strength_scales_the_correction(tmp_path, tiny_models):
+    from kpac_cli.engine import Deblurrer, EngineOptions
+
+    rng = np.random.default_rng(12)
+    image = rng.random((40, 52, 3), dtype=np.float32)
+    full = Deblurrer(tiny_models[0], EngineOptions(device="cpu")).run(image).output
+    half = Deblurrer(tiny_models[0], EngineOptions(device="cpu", strength=0.5)).run(image).output
+    none = Deblurrer(tiny_models[0], EngineOptions(device="cpu", strength=0.0, tile=16)).run(image).output
+    inp = torch.from_numpy(image).permute(2, 0, 1)[None] * 2 - 1
+    assert (full - inp).abs().max() > 1e-3  # the model does change the image
+    torch.testing.assert_close(none, inp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(half, (full + inp) / 2, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="strength"):
+        EngineOptions(strength=1.5)
+
+    src = _write(tmp_path / "in.png", image, 16)
+    res = invoke("deblur", src, "-o", tmp_path / "zero.png", "--model", tiny_models[0], "--strength", "0", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.splitlines()[0])["strength"] == 0.0
+    assert np.array_equal(read_image(tmp_path / "zero.png")[0], read_image(src)[0])  # 16 bits kept exactly
+    assert invoke("deblur", src, "-o", tmp_path / "bad.png", "--model", tiny_models[0], "--strength", "2").exit_code == 2
+
+
 @pytest.mark.parametrize("command", ["deblur", "train", "eval", "blurmap", "models", "convert", "synth", "bench", "export"])
 def test_every_command_has_help_with_an_example(command):
     res = invoke(command, "--help")

@@ -287,6 +287,8 @@ def run_batch(
             extra["precision"] = stats.precision
             if stats.notes:
                 extra["notes"] = list(stats.notes)
+            if deblurrer.options.strength != 1.0:
+                extra["strength"] = deblurrer.options.strength
             if deblurrer.options.compile:
                 extra["compile_seconds"] = round(stats.compile_seconds, 3)
             res = JobResult(job.input_label, "-" if job.output is None else str(job.output), "ok", size=tuple(out.shape[:2]), seconds=time.perf_counter() - t0, extra=extra)
