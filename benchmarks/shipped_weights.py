@@ -37,7 +37,7 @@ import numpy as np
 
 from kpac_cli.checkpoints import update_provenance
 from kpac_cli.checkpoints.registry import resolve_model
-from kpac_cli.metrics.dualpixel_capture import psnr_with_gain, read_dual_pixel_capture
+from kpac_cli.metrics.dualpixel_capture import GammaEncoding, psnr_with_gain, read_dual_pixel_capture
 from kpac_cli.engine import Deblurrer, EngineOptions
 from kpac_cli.inverse import disc_psf, estimate_disc_radius, wiener_deconvolve
 from kpac_cli.metrics import psnr, quantize, ssim
@@ -126,17 +126,15 @@ def pixel4_benchmark(single: Deblurrer | None, dual: Deblurrer | None) -> dict:
         return {"skipped": "dp_pixel4 capture not found"}
     left, right, target = views
     combined = left + right
-    scale = float(np.percentile(combined, 99.9))
-    enc = lambda lin: np.repeat((np.clip(lin / scale, 0, 1) ** (1 / 2.2))[..., None], 3, axis=2).astype(np.float32)  # noqa: E731
-    dec = lambda img: (np.clip(img.mean(axis=2), 0, 1) ** 2.2) * scale  # noqa: E731
+    gamma = GammaEncoding.for_combined(combined)
     out = {"input_psnr": psnr_with_gain(combined, target)}
     if single is not None:
         t0 = time.perf_counter()
-        out["single_psnr"] = psnr_with_gain(dec(single.deblur(enc(combined))), target)
+        out["single_psnr"] = psnr_with_gain(gamma.decode(single.deblur(gamma.encode(combined))), target)
         out["single_seconds"] = time.perf_counter() - t0
     if dual is not None:
-        views6 = np.concatenate([enc(2 * left), enc(2 * right)], axis=2)
-        out["dual_psnr"] = psnr_with_gain(dec(dual.deblur(views6, enc(combined))), target)
+        views6 = np.concatenate([gamma.encode(2 * left), gamma.encode(2 * right)], axis=2)
+        out["dual_psnr"] = psnr_with_gain(gamma.decode(dual.deblur(views6, gamma.encode(combined))), target)
     print("pixel4 dual-pixel capture (linear PSNR after gain fit):", {k: round(v, 2) for k, v in out.items()}, flush=True)
     return out
 

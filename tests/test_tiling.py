@@ -45,12 +45,8 @@ def _case(cfg: KPACConfig, height: int, width: int, seed: int):
 @pytest.mark.parametrize("tile", [128, 136, 200, 256])
 def test_tiled_equals_whole(variant, tile):
     cfg = VARIANTS[variant]
-    engine = TiledInference(_model(cfg), torch.device("cpu"), nullcontext, channels_last=False)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(1, cfg.in_channels, 301, 390, generator=gen) * 2 - 1  # not multiples of 8
-    ref = torch.rand(1, 3, 301, 390, generator=gen) * 2 - 1
-    whole = engine(x, ref, None).output
-    tiled = engine(x, ref, tile).output
+    model, x, ref, whole = _case(cfg, 301, 390, seed=1)  # not multiples of 8
+    tiled = TiledInference(model, torch.device("cpu"), nullcontext, channels_last=False)(x, ref, tile).output
     assert tiled.shape == (1, 3, 301, 390)
     assert (tiled - whole).abs().max().item() < ATOL
 

@@ -8,6 +8,7 @@ the prediction before PSNR is taken (linear light, data range 1).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +39,23 @@ def psnr_with_gain(linear: np.ndarray, target: np.ndarray) -> float:
     crop = linear[y0 : y0 + th, x0 : x0 + tw]
     gain = float(np.sum(crop * target) / np.sum(crop * crop))
     return psnr(np.clip(gain * crop, 0, 1), target)
+
+
+@dataclass(frozen=True)
+class GammaEncoding:
+    """How a linear capture is shown to a network trained on gamma-encoded RGB: divided by
+    ``scale`` (the combined view's 99.9th percentile, so highlights clip as in a photo),
+    gamma 1/2.2, replicated to three channels; :meth:`decode` takes the output's mean channel
+    back to linear light on the capture's scale."""
+
+    scale: float
+
+    @classmethod
+    def for_combined(cls, combined: np.ndarray) -> "GammaEncoding":
+        return cls(float(np.percentile(combined, 99.9)))
+
+    def encode(self, linear: np.ndarray) -> np.ndarray:
+        return np.repeat((np.clip(linear / self.scale, 0, 1) ** (1 / 2.2))[..., None], 3, axis=2).astype(np.float32)
+
+    def decode(self, rgb: np.ndarray) -> np.ndarray:
+        return (np.clip(rgb.mean(axis=2), 0, 1) ** 2.2) * self.scale
