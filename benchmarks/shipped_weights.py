@@ -7,7 +7,8 @@
    Wiener baseline of `kpac eval --method wiener` (disc PSF, radius estimated per image, and an
    oracle that picks the best radius per image in hindsight), and the model.
 2. Real dual-pixel capture with ground truth (../shared/samples/defocused/dp_pixel4): the
-   single-image model on the combined view (left + right), the dual model on left/right.
+   single-image model on the combined view (left + right), at full and at half strength
+   (`kpac deblur --strength 0.5`), and the dual model on left/right.
 
 Conventions: PSNR/SSIM on images in [0, 1] quantised to 8 bits (the paper's protocol), SSIM
 as scikit-image's (7x7 uniform window). For the Pixel 4 capture (green channel, 14-bit linear,
@@ -27,6 +28,7 @@ where `kpac models` shows them, and refreshes weights/SHA256SUMS.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -120,7 +122,7 @@ def _pixel4_views():
     return read_dual_pixel_capture(root) if root.is_dir() else None
 
 
-def pixel4_benchmark(single: Deblurrer | None, dual: Deblurrer | None) -> dict:
+def pixel4_benchmark(single: Deblurrer | None, dual: Deblurrer | None, single_half: Deblurrer | None = None) -> dict:
     views = _pixel4_views()
     if views is None:
         return {"skipped": "dp_pixel4 capture not found"}
@@ -132,6 +134,8 @@ def pixel4_benchmark(single: Deblurrer | None, dual: Deblurrer | None) -> dict:
         t0 = time.perf_counter()
         out["single_psnr"] = psnr_with_gain(gamma.decode(single.deblur(gamma.encode(combined))), target)
         out["single_seconds"] = time.perf_counter() - t0
+    if single_half is not None:
+        out["single_half_strength_psnr"] = psnr_with_gain(gamma.decode(single_half.deblur(gamma.encode(combined))), target)
     if dual is not None:
         views6 = np.concatenate([gamma.encode(2 * left), gamma.encode(2 * right)], axis=2)
         out["dual_psnr"] = psnr_with_gain(gamma.decode(dual.deblur(views6, gamma.encode(combined))), target)
@@ -157,7 +161,8 @@ def main(argv=None) -> int:
         print("dual-pixel model on held-out synthetic dual-pixel views:", flush=True)
         result["synthetic_dual"] = synthetic_benchmark(dual, args.per_level, args.crop)
     if not args.no_pixel4:
-        result["pixel4"] = pixel4_benchmark(single, dual)
+        half = Deblurrer(args.model, dataclasses.replace(opts, strength=0.5))
+        result["pixel4"] = pixel4_benchmark(single, dual, half)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
     if args.publish:
