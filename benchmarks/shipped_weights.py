@@ -6,7 +6,11 @@
    Four blur levels (largest radius 3, 6, 9, 12 px). Methods: the blurry input (identity), the
    Wiener baseline of `kpac eval --method wiener` (disc PSF, radius estimated per image, and an
    oracle that picks the best radius per image in hindsight), and the model.
-2. Real dual-pixel capture with ground truth (../shared/samples/defocused/dp_pixel4): the
+2. Sharp and mildly soft photos: the same held-out photos blurred over the whole image by one
+   disc (radius 0, 1, 2, 4, 8 px; linear light, no noise, like an evenly soft JPEG), the
+   single-image model at full and at half strength. Radius 0 asks what the model does to a
+   photo that needs nothing: its PSNR against the untouched photo.
+3. Real dual-pixel capture with ground truth (../shared/samples/defocused/dp_pixel4): the
    single-image model on the combined view (left + right), at full and at half strength
    (`kpac deblur --strength 0.5`), and the dual model on left/right.
 
@@ -43,10 +47,11 @@ from kpac_cli.metrics.dualpixel_capture import GammaEncoding, psnr_with_gain, re
 from kpac_cli.engine import Deblurrer, EngineOptions
 from kpac_cli.inverse import disc_psf, estimate_disc_radius, wiener_deconvolve
 from kpac_cli.metrics import psnr, quantize, ssim
-from kpac_cli.synth import SynthSettings, sharp_sources, synthesize
+from kpac_cli.synth import SynthSettings, decode, encode, render_defocus, sharp_sources, synthesize
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LEVELS = (3.0, 6.0, 9.0, 12.0)
+UNIFORM_RADII = (0.0, 1.0, 2.0, 4.0, 8.0)
 HELD_OUT_SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
 WIENER_SNR = 300.0
 
@@ -117,6 +122,32 @@ def synthetic_benchmark(deblurrer: Deblurrer, per_level: int, crop: int, seed: i
     return rows
 
 
+def uniform_blur_benchmark(single: Deblurrer, single_half: Deblurrer, per_radius: int, crop: int) -> list[dict]:
+    """Whole photos blurred by one disc, no noise: does the model help, or hurt, mild blur?"""
+    sources = held_out_sources()
+    rows = []
+    for radius in UNIFORM_RADII:
+        acc = {k: [] for k in ("input", "model", "model_half")}
+        for i in range(per_radius):
+            src = sources[(i * len(sources)) // per_radius]  # spread over LIVE1, McMaster and scikit-image's
+            sharp = quantize(_centre_crop(src.load(), crop), 8)
+            lin = decode(sharp, 2.2)
+            blurred = quantize(np.clip(encode(render_defocus(lin, np.full(lin.shape[:2], radius, np.float32))[0], 2.2), 0, 1), 8)
+            if radius > 0:
+                acc["input"].append(score(blurred, sharp))
+            acc["model"].append(score(single.deblur(blurred), sharp))
+            acc["model_half"].append(score(single_half.deblur(blurred), sharp))
+        row = {"radius": radius, "images": per_radius}
+        for k, v in acc.items():
+            if v:
+                row[f"{k}_psnr"] = float(np.mean([a for a, _ in v]))
+                row[f"{k}_ssim"] = float(np.mean([b for _, b in v]))
+        rows.append(row)
+        print(f"uniform disc radius {radius:3.1f}: input {row.get('input_psnr', float('inf')):.2f} dB   "
+              f"model {row['model_psnr']:.2f}   half strength {row['model_half_psnr']:.2f}", flush=True)
+    return rows
+
+
 def _pixel4_views():
     root = SHARED / "samples" / "defocused" / "dp_pixel4"
     return read_dual_pixel_capture(root) if root.is_dir() else None
@@ -160,8 +191,10 @@ def main(argv=None) -> int:
     if dual is not None:
         print("dual-pixel model on held-out synthetic dual-pixel views:", flush=True)
         result["synthetic_dual"] = synthetic_benchmark(dual, args.per_level, args.crop)
+    half = Deblurrer(args.model, dataclasses.replace(opts, strength=0.5))
+    print("single-image model on whole photos blurred by one disc (no noise):", flush=True)
+    result["uniform"] = uniform_blur_benchmark(single, half, args.per_level, args.crop)
     if not args.no_pixel4:
-        half = Deblurrer(args.model, dataclasses.replace(opts, strength=0.5))
         result["pixel4"] = pixel4_benchmark(single, dual, half)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
@@ -182,6 +215,9 @@ def _scores(rows: list[dict]) -> dict:
 def publish(args, result: dict) -> None:
     """Scores into each model's provenance (shown by `kpac models`), then SHA256SUMS."""
     per_model = {args.model: _scores(result["synthetic"])}
+    per_model[args.model]["uniform_blur"] = [
+        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in result["uniform"]
+    ]
     if args.dual_model:
         per_model[args.dual_model] = _scores(result["synthetic_dual"])
     if "pixel4" in result and "skipped" not in result["pixel4"]:
