@@ -206,18 +206,18 @@ def main(argv=None) -> int:
 def _scores(rows: list[dict]) -> dict:
     return {
         "heldout_synthetic_psnr_gain_db": round(float(np.mean([r["model_psnr"] - r["input_psnr"] for r in rows])), 2),
-        "heldout_synthetic": [
-            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows
-        ],
+        "heldout_synthetic": _rounded(rows),
     }
+
+
+def _rounded(rows: list[dict]) -> list[dict]:
+    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
 
 
 def publish(args, result: dict) -> None:
     """Scores into each model's provenance (shown by `kpac models`), then SHA256SUMS."""
     per_model = {args.model: _scores(result["synthetic"])}
-    per_model[args.model]["uniform_blur"] = [
-        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in result["uniform"]
-    ]
+    per_model[args.model]["uniform_blur"] = _rounded(result["uniform"])
     if args.dual_model:
         per_model[args.dual_model] = _scores(result["synthetic_dual"])
     if "pixel4" in result and "skipped" not in result["pixel4"]:
