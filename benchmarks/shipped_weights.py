@@ -107,10 +107,7 @@ def synthetic_benchmark(deblurrer: Deblurrer, per_level: int, crop: int, seed: i
             else:
                 out = deblurrer.deblur(sample.blurred)
             acc["model"].append(score(out, sample.sharp))
-        row = {"max_radius": level, "images": per_level}
-        for k, v in acc.items():
-            row[f"{k}_psnr"] = float(np.mean([a for a, _ in v]))
-            row[f"{k}_ssim"] = float(np.mean([b for _, b in v]))
+        row = {"max_radius": level, "images": per_level, **_mean_scores(acc)}
         rows.append(row)
         print(
             f"radius {level:4.1f}: input {row['input_psnr']:.2f} dB / {row['input_ssim']:.3f}   "
@@ -120,6 +117,16 @@ def synthetic_benchmark(deblurrer: Deblurrer, per_level: int, crop: int, seed: i
             flush=True,
         )
     return rows
+
+
+def _mean_scores(acc: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """``{method: [(psnr, ssim), ...]}`` -> ``{method_psnr: mean, method_ssim: mean}`` (empty lists skipped)."""
+    out = {}
+    for k, v in acc.items():
+        if v:
+            out[f"{k}_psnr"] = float(np.mean([a for a, _ in v]))
+            out[f"{k}_ssim"] = float(np.mean([b for _, b in v]))
+    return out
 
 
 def uniform_blur_benchmark(single: Deblurrer, single_half: Deblurrer, per_radius: int, crop: int) -> list[dict]:
@@ -137,11 +144,7 @@ def uniform_blur_benchmark(single: Deblurrer, single_half: Deblurrer, per_radius
                 acc["input"].append(score(blurred, sharp))
             acc["model"].append(score(single.deblur(blurred), sharp))
             acc["model_half"].append(score(single_half.deblur(blurred), sharp))
-        row = {"radius": radius, "images": per_radius}
-        for k, v in acc.items():
-            if v:
-                row[f"{k}_psnr"] = float(np.mean([a for a, _ in v]))
-                row[f"{k}_ssim"] = float(np.mean([b for _, b in v]))
+        row = {"radius": radius, "images": per_radius, **_mean_scores(acc)}
         rows.append(row)
         print(f"uniform disc radius {radius:3.1f}: input {row.get('input_psnr', float('inf')):.2f} dB   "
               f"model {row['model_psnr']:.2f}   half strength {row['model_half_psnr']:.2f}", flush=True)
