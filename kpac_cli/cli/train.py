@@ -40,7 +40,7 @@ _RESUMABLE = {
     "iterations", "save_every", "val_every", "log_every", "workers", "threads", "device", "precision",
     "channels_last", "description", "tensorboard", "max_nonfinite", "data", "source", "target",
     "val_source", "val_target", "synthetic", "cache",
-    "lr", "crop",  # schedules may be extended or retuned for the iterations still to come
+    "lr", "crop", "blur_rank_weight",  # the recipe may be retuned for the iterations still to come
 }
 _RUN_ONLY = {"resume", "export_only", "export_from", "output", "json_out", "quiet", "out"}
 
@@ -171,6 +171,7 @@ def train_command(
     noise_max: float = typer.Option(0.03, "--noise-max", help="Input noise augmentation: sigma uniform in [0, this].", rich_help_panel="Recipe"),
     no_flips: bool = typer.Option(False, "--no-flips", help="Disable random flips.", rich_help_panel="Recipe"),
     perceptual_weight: float = typer.Option(7e-4, "--perceptual-weight", help="Weight of the VGG feature MSE.", rich_help_panel="Recipe"),
+    blur_rank_weight: float = typer.Option(0.0, "--blur-rank-weight", min=0.0, help="Synthetic data: weight of a loss that keeps the block-1 dilation-1 attention higher on blurred than on sharp pixels (blurmap; not in the paper).", rich_help_panel="Recipe"),
     vgg_weights: Optional[Path] = typer.Option(None, "--vgg-weights", help="torchvision's vgg19-dcbb9e9d.pth [default: torch hub cache].", rich_help_panel="Recipe"),
     grad_clip: float = typer.Option(0.0, "--grad-clip", help="Clip the gradient norm (0: off).", rich_help_panel="Recipe"),
     max_nonfinite: int = typer.Option(20, "--max-nonfinite", help="Stop after this many non-finite losses in a row.", rich_help_panel="Recipe"),
@@ -245,7 +246,7 @@ def train_command(
         synthetic=tuple(synthetic or ()), skimage=skimage, procedural=procedural, allow_count_mismatch=allow_count_mismatch,
         bit_depth=bit_depth, dual=dual, cache=cache, max_radius=max_radius, aperture=aperture, model=model_cfg, init=init,
         stage=stage, iterations=iterations, lr=lr, beta1=beta1, beta2=beta2, batch=batch, crop=crop, noise_max=noise_max,
-        flips=not no_flips, perceptual_weight=perceptual_weight, vgg_weights=vgg_weights, grad_clip=grad_clip,
+        flips=not no_flips, perceptual_weight=perceptual_weight, blur_rank_weight=blur_rank_weight, vgg_weights=vgg_weights, grad_clip=grad_clip,
         max_nonfinite=max_nonfinite, seed=seed, val_every=val_every, val_count=val_count, val_crop=val_crop,
         save_every=save_every, log_every=log_every, device=device, precision=precision, channels_last=channels_last,
         workers=workers, threads=threads, description=description, tensorboard=not no_tensorboard,

@@ -165,6 +165,7 @@ class TrainConfig:
     noise_max: float = 0.03
     flips: bool = True
     perceptual_weight: float = 7e-4
+    blur_rank_weight: float = 0.0  # not in the paper: see kpac_cli.train.blur_ranking
     vgg_weights: Path | None = None
     grad_clip: float = 0.0
     max_nonfinite: int = 20
@@ -254,6 +255,12 @@ class TrainConfig:
             raise ValueError("Adam betas must lie in [0, 1)")
         if self.noise_max < 0:
             raise ValueError("noise-max must be >= 0")
+        if self.blur_rank_weight < 0:
+            raise ValueError("blur-rank-weight must be >= 0")
+        if self.blur_rank_weight > 0 and self.data_kind != "synthetic":
+            raise ValueError("blur-rank-weight needs synthetic data (it uses the true blur radius of every pixel)")
+        if self.blur_rank_weight > 0 and self.model is not None and not self.model.scale_attention:
+            raise ValueError("blur-rank-weight needs a model with scale attention")
         if self.val_count < 0 or self.val_crop < 0 or self.procedural < 0:
             raise ValueError("val-count, val-crop and procedural must be >= 0")
         sched = self.crop_schedule  # raises on a bad schedule

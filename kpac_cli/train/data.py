@@ -347,9 +347,10 @@ class SyntheticDataset:
     """
 
     def __init__(self, sources: Sequence[Any], settings: Any, seed: int = 0, noise_max: float = 0.03, flips: bool = True,
-                 dual: bool = False, cache_bytes: int = 1 << 30) -> None:
+                 dual: bool = False, cache_bytes: int = 1 << 30, with_radius: bool = False) -> None:
         self.sources, self.settings, self.seed = list(sources), settings, seed
         self.noise_max, self.flips, self.dual, self.cache_bytes = noise_max, flips, dual, cache_bytes
+        self.with_radius = with_radius  # samples also carry the true blur radius, (1, H, W)
         self.order = _EpochOrder(len(self.sources), seed)
         self._cache: dict[int, np.ndarray] = {}
         self._cached = 0
@@ -399,7 +400,7 @@ class SyntheticDataset:
         d = np.ascontiguousarray(views["d"][:, :, 0]) if "d" in views else None
         s = synthesize(region, rng, self.settings, d)
         trim = (slice(margin, margin + crop), slice(margin, margin + crop))
-        out = {"source": s.blurred[trim], "target": s.sharp[trim]}
+        out = {"source": s.blurred[trim], "target": s.sharp[trim], "radius": s.radius[trim][:, :, None]}
         if self.dual:
             if s.left is None or s.right is None:
                 raise DataError("the synthesiser returned no dual-pixel views; dual_pixel must be set in its settings")
@@ -410,7 +411,11 @@ class SyntheticDataset:
         key, crop = index
         rng = np.random.default_rng([self.seed, STREAM_TRAIN, key])
         views = self.render(self.source(self.order(key)), crop, rng, self.flips)
-        return make_sample(views, rng, self.noise_max, self.dual)
+        radius = views.pop("radius")
+        sample = make_sample(views, rng, self.noise_max, self.dual)
+        if self.with_radius:
+            sample["radius"] = _chw(radius)
+        return sample
 
 
 # --------------------------------------------------------------------------------------
@@ -536,7 +541,8 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
         val_src = [sources[i] for i in held] or sources
         if not held:
             note("only one sharp source: validation renders it with other random draws (not held out)")
-        dataset = SyntheticDataset(train_src, settings, seed=cfg.seed, noise_max=cfg.noise_max, flips=cfg.flips, dual=cfg.dual)
+        dataset = SyntheticDataset(train_src, settings, seed=cfg.seed, noise_max=cfg.noise_max, flips=cfg.flips, dual=cfg.dual,
+                                   with_radius=cfg.blur_rank_weight > 0)
         val = []
         if rank == 0 and cfg.val_count > 0:
             vds = SyntheticDataset(val_src, settings, seed=cfg.seed, noise_max=0.0, flips=False, dual=cfg.dual, cache_bytes=0)
