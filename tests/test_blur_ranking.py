@@ -1,4 +1,4 @@
-"""The blur-ranking loss that keeps the dilation-1 attention a blur detector during training."""
+"""The ranking losses that keep the scale attention a blur detector and blur-size gauge in training."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from kpac_cli.checkpoints import load_checkpoint
 from kpac_cli.model import KPACConfig
 from kpac_cli.train import TrainConfig, TrainingError, train
 from kpac_cli.train import data as D
-from kpac_cli.train.blur_ranking import blur_amount_grid, blur_ranking_loss
+from kpac_cli.train.blur_ranking import attention_blur_loss, cell_blur, pairwise_ranking_loss
 
 TINY = KPACConfig(levels=2, channels=8)
 
 
-def _grid_by_hand(radius: np.ndarray, s: int) -> np.ndarray:
-    """Mean of min(|r|, 1) over the (s+1)^2 pixels centred on s*i + s - 1 (edges replicated)."""
-    amount = np.minimum(np.abs(radius), 1.0)
+def _grid_by_hand(radius: np.ndarray, s: int, clip: float | None) -> np.ndarray:
+    """Mean of min(|r|, clip) over the (s+1)^2 pixels centred on s*i + s - 1 (edges replicated)."""
+    amount = np.abs(radius) if clip is None else np.minimum(np.abs(radius), clip)
     h, w = amount.shape
     if s == 1:
         return amount
@@ -34,44 +34,48 @@ def _grid_by_hand(radius: np.ndarray, s: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("stride", [1, 2, 4, 8])
-def test_cells_average_the_blur_centred_like_the_attention_grid(stride):
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_cells_average_the_blur_centred_like_the_attention_grid(stride, clip):
     rng = np.random.default_rng(stride)
     radius = rng.uniform(-3, 3, (48, 40)) * (rng.random((48, 40)) < 0.5)
-    got = blur_amount_grid(torch.from_numpy(radius)[None, None].float(), stride)[0].numpy()
-    np.testing.assert_allclose(got, _grid_by_hand(radius, stride), atol=1e-6)
+    got = cell_blur(torch.from_numpy(radius)[None, None].float(), stride, clip)[0].numpy()
+    np.testing.assert_allclose(got, _grid_by_hand(radius, stride, clip), atol=1e-5)
 
 
 def test_a_cell_on_a_sharp_blurred_edge_is_partly_blurred():
     radius = torch.zeros(1, 1, 32, 32)
     radius[..., 16:] = -3.0  # sign (in front of / behind focus) does not matter
-    cells = blur_amount_grid(radius, 8)[0, 0]
+    cells = cell_blur(radius, 8, clip=1.0)[0, 0]
     # cell 1 covers columns 11..19: four of its nine columns are blurred
     np.testing.assert_allclose(cells.numpy(), [0, 4 / 9, 1, 1], atol=1e-6)
+    np.testing.assert_allclose(cell_blur(radius, 8)[0, 0].numpy(), [0, 12 / 9, 3, 3], atol=1e-6)
     with pytest.raises(ValueError, match="multiple of the stride"):
-        blur_amount_grid(torch.zeros(1, 1, 30, 32), 8)
+        cell_blur(torch.zeros(1, 1, 30, 32), 8)
     with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
-        blur_amount_grid(torch.zeros(1, 32, 32), 8)
+        cell_blur(torch.zeros(1, 32, 32), 8)
 
 
 def test_loss_is_the_shortfall_from_the_margin():
-    amount = torch.tensor([[[0.0, 0.0, 1.0, 1.0, 0.5]]])  # the 0.5 cell is ignored
-    ranked = torch.tensor([[[0.40, 0.45, 0.60, 0.70, 0.0]]])
-    assert blur_ranking_loss(ranked, amount, margin=0.1).item() == 0.0
+    amount = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])
+    ranked = torch.tensor([[[0.40, 0.45, 0.60, 0.70]]])
+    assert pairwise_ranking_loss(ranked, amount, 0.5, margin=0.1).item() == 0.0
     flat = torch.full_like(amount, 0.5)
-    assert blur_ranking_loss(flat, amount, margin=0.1).item() == pytest.approx(0.1)
-    reversed_ = torch.tensor([[[0.7, 0.7, 0.4, 0.4, 0.9]]])
-    assert blur_ranking_loss(reversed_, amount, margin=0.1).item() == pytest.approx(0.4)
+    assert pairwise_ranking_loss(flat, amount, 0.5, margin=0.1).item() == pytest.approx(0.1)
+    reversed_ = torch.tensor([[[0.7, 0.7, 0.4, 0.4]]])
+    assert pairwise_ranking_loss(reversed_, amount, 0.5, margin=0.1).item() == pytest.approx(0.4)
+    close = torch.tensor([[[0.0, 0.3]]])  # truly closer than min_gap: no pair, whatever the scores
+    assert pairwise_ranking_loss(torch.tensor([[[0.9, 0.1]]]), close, 0.5).item() == 0.0
 
 
 def test_images_without_both_kinds_of_cell_do_not_count():
     amount = torch.tensor([[[1.0, 1.0]], [[0.0, 1.0]]])
     att = torch.tensor([[[0.1, 0.1]], [[0.5, 0.5]]], requires_grad=True)
-    loss = blur_ranking_loss(att, amount, margin=0.2)
+    loss = pairwise_ranking_loss(att, amount, 0.5, margin=0.2)
     assert loss.item() == pytest.approx(0.2)  # the first image (all blurred) is left out
     loss.backward()
     assert att.grad[0].abs().sum() == 0 and att.grad[1, 0, 0] > 0 > att.grad[1, 0, 1]
     none = torch.zeros(1, 1, 3, requires_grad=True)
-    zero = blur_ranking_loss(none, torch.ones(1, 1, 3))
+    zero = pairwise_ranking_loss(none, torch.ones(1, 1, 3), 0.5)
     assert zero.item() == 0.0 and zero.requires_grad
 
 
@@ -84,10 +88,34 @@ def test_descending_the_loss_makes_the_map_a_detector():
     opt = torch.optim.SGD([logits], lr=50.0)
     for _ in range(200):
         opt.zero_grad()
-        blur_ranking_loss(torch.sigmoid(logits), amount).backward()
+        pairwise_ranking_loss(torch.sigmoid(logits), amount, 0.5).backward()
         opt.step()
     after = roc_auc(torch.sigmoid(logits).detach().numpy(), labels)
     assert 0.3 < before < 0.7 and after == 1.0
+
+
+def test_descending_both_terms_orders_detection_and_blur_size():
+    """Free attention logits: the terms alone make dilation 1 a detector and the mean dilation grow with blur."""
+    rng = np.random.default_rng(1)
+    levels = rng.integers(0, 5, (2, 1, 10, 10)).astype(np.float32) * 1.5  # radius 0, 1.5, ... 6 px
+    radius = torch.from_numpy(np.kron(levels, np.ones((1, 1, 4, 4), np.float32)))  # stride 4 cells
+    logits = torch.zeros(2, 5, 10, 10, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        detection, size = attention_blur_loss(torch.sigmoid(logits), radius, (1, 2, 3, 4, 5), 4)
+        (detection + size).backward()
+        opt.step()
+    assert detection.item() < 0.01 and size.item() < 0.02
+    alpha = torch.sigmoid(logits).detach().numpy()
+    amount, size = cell_blur(radius, 4, clip=1.0).numpy(), cell_blur(radius, 4).numpy()
+    both = (amount == 0) | (amount == 1)  # cells wholly sharp or wholly blurred
+    assert roc_auc(alpha[:, 0][both], amount[both] == 1) == 1.0
+    mean_dilation = ((alpha * np.arange(1, 6)[None, :, None, None]).sum(1) / alpha.sum(1)).reshape(2, -1)
+    size = size.reshape(2, -1)
+    for md, sz in zip(mean_dilation, size):
+        pairs = (sz[:, None] - sz[None, :]) >= 1.0
+        assert ((md[:, None] - md[None, :])[pairs] > 0).mean() > 0.99
 
 
 def test_synthetic_samples_carry_the_true_radius_and_nothing_else_changes():
@@ -117,8 +145,9 @@ def test_training_with_the_loss_logs_it_and_records_it(tmp_path):
     assert res.step == 4 and all(np.isfinite(res.losses))
     rows = [json.loads(line) for line in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
     ranks = [r["blur_rank"] for r in rows if r["event"] == "train"]
-    assert len(ranks) == 2 and all(0 < v < 1.1 for v in ranks)  # a hinge of margin 0.1 on sigmoids
-    assert "blur ranking(block-1 dilation-1 attention)" in load_checkpoint(res.model_path).provenance["loss"]
+    sizes = [r["blur_size_rank"] for r in rows if r["event"] == "train"]
+    assert len(ranks) == len(sizes) == 2 and all(0 < v < 1.1 for v in ranks + sizes)  # hinges of margin 0.1 on [0, 1] scores
+    assert "ranking of the block-1 scale attention" in load_checkpoint(res.model_path).provenance["loss"]
 
 
 def test_the_loss_needs_synthetic_data_and_scale_attention(tmp_path):

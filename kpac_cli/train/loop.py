@@ -44,7 +44,7 @@ from ..images import cleanup_stale_temps
 from ..metrics import psnr, ssim
 from ..model import KPACConfig, KPACNet, build_model, count_parameters, transfer_state
 from .. import distributed as D
-from .blur_ranking import blur_amount_grid, blur_ranking_loss
+from .blur_ranking import attention_blur_loss
 from .config import TrainConfig
 from .data import DataBundle, StepBatchSampler, build_data, collate, worker_init
 from .state import FORMAT, VERSION, atomic_save, capture_rng, load_state, resolve_checkpoint, restore_rng, weights_finite
@@ -179,7 +179,7 @@ def _provenance(cfg: TrainConfig, bundle_desc: str, step: int, scores: dict, bes
                 hw: dict, model_cfg: KPACConfig, world: int) -> dict[str, Any]:
     loss = "L1" if cfg.stage == "l1" else f"L1 + {cfg.perceptual_weight:g} x MSE(VGG-19 relu4_4)"
     if cfg.blur_rank_weight > 0:
-        loss += f" + {cfg.blur_rank_weight:g} x blur ranking(block-1 dilation-{min(model_cfg.dilations)} attention)"
+        loss += f" + {cfg.blur_rank_weight:g} x (detection + size) ranking of the block-1 scale attention"
     prov = {
         "name": cfg.out.name,
         "description": cfg.description or f"KPAC ({model_cfg.levels}-level{', dual-pixel' if model_cfg.in_views == 2 else ''}) trained with kpac train, {cfg.stage} stage",
@@ -522,14 +522,13 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
     first_alpha: list[Tensor] = []
     if cfg.blur_rank_weight > 0:
         model.blocks[0].register_forward_hook(lambda m, _i, out: first_alpha.append(out[1]) if m.training else None)
-    smallest_dilation = model_cfg.dilations.index(min(model_cfg.dilations))
 
     model.train()
     consecutive = 0
     window: deque[float] = deque(maxlen=50)  # timestamps of recent iterations, for it/s
     window.append(time.monotonic())
     log_losses: list[float] = []
-    log_rank: list[float] = []  # the blur-ranking term alone, when it is on
+    log_rank: list[tuple[float, float]] = []  # the blur-ranking terms alone, when they are on
     step = start
     try:
         with _Signals() as signals:
@@ -547,11 +546,10 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                     if perceptual is not None:
                         loss = loss + perceptual(pred, target)
                 if first_alpha:
-                    alpha = first_alpha.pop()[:, smallest_dilation]
-                    amount = blur_amount_grid(batch["radius"].to(device, non_blocking=True), model_cfg.stride)
-                    rank = blur_ranking_loss(alpha, amount)
-                    log_rank.append(float(rank.detach()))
-                    loss = loss + cfg.blur_rank_weight * rank
+                    radius = batch["radius"].to(device, non_blocking=True)
+                    detection, size = attention_blur_loss(first_alpha.pop(), radius, model_cfg.dilations, model_cfg.stride)
+                    log_rank.append((float(detection.detach()), float(size.detach())))
+                    loss = loss + cfg.blur_rank_weight * (detection + size)
                 loss_value = float(loss.detach())
                 nonfinite, stop = D.agree(dist_info, [not math.isfinite(loss_value), signals.received is not None], device)
                 if not nonfinite:
@@ -592,7 +590,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                                                           "crop": int(x.shape[-1])}))
                     if step % cfg.log_every == 0 or step == total:
                         if log_losses:
-                            extra = {"blur_rank": float(np.mean(log_rank))} if log_rank else {}
+                            extra = dict(zip(("blur_rank", "blur_size_rank"), np.mean(log_rank, axis=0).tolist())) if log_rank else {}
                             log.write("train", step=step, loss=float(np.mean(log_losses)), lr=optimizer.param_groups[0]["lr"],
                                       it_s=round(it_s, 4), crop=int(x.shape[-1]), elapsed_s=round(elapsed(), 2), **extra)
                         log_losses, log_rank = [], []
