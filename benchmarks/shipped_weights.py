@@ -10,7 +10,12 @@
    disc (radius 0, 1, 2, 4, 8 px; linear light, no noise, like an evenly soft JPEG), the
    single-image model at full and at half strength. Radius 0 asks what the model does to a
    photo that needs nothing: its PSNR against the untouched photo.
-3. Real dual-pixel capture with ground truth (../shared/samples/defocused/dp_pixel4): the
+3. Blur detection (`kpac blurmap`): held-out photos whose left half is sharp and whose right
+   half is cut into vertical bands blurred by discs of radius 1..6 px (linear light, no
+   noise). The ROC AUC of the block-1 dilation-1 detection map against the true blur mask,
+   and the Spearman correlation between the true radius and the block-1 defocus map (mean
+   dilation) averaged per band, away from band borders.
+4. Real dual-pixel capture with ground truth (../shared/samples/defocused/dp_pixel4): the
    single-image model on the combined view (left + right), at full and at half strength
    (`kpac deblur --strength 0.5`), and the dual model on left/right.
 
@@ -41,6 +46,11 @@ from pathlib import Path
 
 import numpy as np
 
+from scipy import ndimage as ndi
+from scipy.stats import spearmanr
+
+from kpac_cli.blurmap import attention_maps
+from kpac_cli.blurmap.scoring import roc_auc
 from kpac_cli.checkpoints import update_provenance
 from kpac_cli.checkpoints.registry import resolve_model
 from kpac_cli.metrics.dualpixel_capture import GammaEncoding, psnr_with_gain, read_dual_pixel_capture
@@ -52,6 +62,7 @@ from kpac_cli.synth import SynthSettings, decode, encode, render_defocus, sharp_
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LEVELS = (3.0, 6.0, 9.0, 12.0)
 UNIFORM_RADII = (0.0, 1.0, 2.0, 4.0, 8.0)
+BAND_RADII = (1, 2, 3, 4, 5, 6)
 HELD_OUT_SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
 WIENER_SNR = 300.0
 
@@ -151,6 +162,45 @@ def uniform_blur_benchmark(single: Deblurrer, single_half: Deblurrer, per_radius
     return rows
 
 
+def banded_blur(sharp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Left half sharp, right half in vertical bands of disc blur BAND_RADII; (photo, true radius)."""
+    h, w = sharp.shape[:2]
+    radius = np.zeros((h, w), np.float32)
+    edges = np.linspace(w // 2, w, len(BAND_RADII) + 1).round().astype(int)
+    for r, x0, x1 in zip(BAND_RADII, edges[:-1], edges[1:]):
+        radius[:, x0:x1] = r
+    blurred = encode(render_defocus(decode(sharp, 2.2), radius)[0], 2.2)
+    return quantize(np.clip(blurred, 0, 1), 8), radius
+
+
+def band_means(values: np.ndarray, radius: np.ndarray, margin: int = 8) -> dict[float, float]:
+    """Mean of ``values`` per true radius, ``margin`` px away from band and image borders."""
+    keep = np.zeros(radius.shape, bool)
+    keep[margin:-margin, margin:-margin] = True
+    border = np.zeros_like(keep)
+    border[:, 1:] = radius[:, 1:] != radius[:, :-1]
+    keep &= ~ndi.binary_dilation(border, iterations=margin)
+    return {float(r): float(values[keep & (radius == r)].mean()) for r in np.unique(radius)}
+
+
+def blur_detection_benchmark(single: Deblurrer, images: int, crop: int) -> dict:
+    sources = held_out_sources()
+    aucs, rhos, sizes = [], [], []
+    for i in range(images):
+        sharp = quantize(_centre_crop(sources[(i * len(sources)) // images].load(), crop), 8)
+        photo, radius = banded_blur(sharp)
+        maps = attention_maps(single, photo)
+        aucs.append(roc_auc(maps.detection(1, 1), radius > 0))
+        size = band_means(maps.defocus(1), radius)
+        rhos.append(spearmanr(list(size), list(size.values())).statistic)
+        sizes.append(list(size.values()))
+    row = {"images": images, "auc": float(np.mean(aucs)), "auc_min": float(np.min(aucs)),
+           "size_spearman": float(np.mean(rhos)), "mean_dilation_by_radius": [round(float(v), 3) for v in np.mean(sizes, 0)]}
+    print(f"blur detection: AUC {row['auc']:.3f} (min {row['auc_min']:.3f})   blur size vs radius 0-{BAND_RADII[-1]}: "
+          f"Spearman {row['size_spearman']:.2f}, mean dilation {row['mean_dilation_by_radius']}", flush=True)
+    return row
+
+
 def _pixel4_views():
     root = SHARED / "samples" / "defocused" / "dp_pixel4"
     return read_dual_pixel_capture(root) if root.is_dir() else None
@@ -197,6 +247,7 @@ def main(argv=None) -> int:
     half = Deblurrer(args.model, dataclasses.replace(opts, strength=0.5))
     print("single-image model on whole photos blurred by one disc (no noise):", flush=True)
     result["uniform"] = uniform_blur_benchmark(single, half, args.per_level, args.crop)
+    result["blur_detection"] = blur_detection_benchmark(single, args.per_level, args.crop)
     if not args.no_pixel4:
         result["pixel4"] = pixel4_benchmark(single, dual, half)
     if args.json:
@@ -221,6 +272,7 @@ def publish(args, result: dict) -> None:
     """Scores into each model's provenance (shown by `kpac models`), then SHA256SUMS."""
     per_model = {args.model: _scores(result["synthetic"])}
     per_model[args.model]["uniform_blur"] = _rounded(result["uniform"])
+    per_model[args.model]["blur_detection"] = _rounded([result["blur_detection"]])[0]
     if args.dual_model:
         per_model[args.dual_model] = _scores(result["synthetic_dual"])
     if "pixel4" in result and "skipped" not in result["pixel4"]:
