@@ -171,7 +171,7 @@ def train_command(
     noise_max: float = typer.Option(0.03, "--noise-max", help="Input noise augmentation: sigma uniform in [0, this].", rich_help_panel="Recipe"),
     no_flips: bool = typer.Option(False, "--no-flips", help="Disable random flips.", rich_help_panel="Recipe"),
     perceptual_weight: float = typer.Option(7e-4, "--perceptual-weight", help="Weight of the VGG feature MSE.", rich_help_panel="Recipe"),
-    blur_rank_weight: float = typer.Option(0.0, "--blur-rank-weight", min=0.0, help="Synthetic data: weight of a loss that keeps the block-1 dilation-1 attention higher on blurred than on sharp pixels (blurmap; not in the paper).", rich_help_panel="Recipe"),
+    blur_rank_weight: float = typer.Option(0.0, "--blur-rank-weight", min=0.0, help="Synthetic data: weight of ranking losses that keep the block-1 scale attention a blur detector and blur-size gauge (kpac blurmap; not in the paper).", rich_help_panel="Recipe"),
     vgg_weights: Optional[Path] = typer.Option(None, "--vgg-weights", help="torchvision's vgg19-dcbb9e9d.pth [default: torch hub cache].", rich_help_panel="Recipe"),
     grad_clip: float = typer.Option(0.0, "--grad-clip", help="Clip the gradient norm (0: off).", rich_help_panel="Recipe"),
     max_nonfinite: int = typer.Option(20, "--max-nonfinite", help="Stop after this many non-finite losses in a row.", rich_help_panel="Recipe"),
