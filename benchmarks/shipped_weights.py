@@ -46,11 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-from scipy import ndimage as ndi
 from scipy.stats import spearmanr
 
 from kpac_cli.blurmap import attention_maps
-from kpac_cli.blurmap.scoring import roc_auc
+from kpac_cli.blurmap.scoring import band_means, roc_auc
 from kpac_cli.checkpoints import update_provenance
 from kpac_cli.checkpoints.registry import resolve_model
 from kpac_cli.metrics.dualpixel_capture import GammaEncoding, psnr_with_gain, read_dual_pixel_capture
@@ -173,16 +172,6 @@ def banded_blur(sharp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return quantize(np.clip(blurred, 0, 1), 8), radius
 
 
-def band_means(values: np.ndarray, radius: np.ndarray, margin: int = 8) -> dict[float, float]:
-    """Mean of ``values`` per true radius, ``margin`` px away from band and image borders."""
-    keep = np.zeros(radius.shape, bool)
-    keep[margin:-margin, margin:-margin] = True
-    border = np.zeros_like(keep)
-    border[:, 1:] = radius[:, 1:] != radius[:, :-1]
-    keep &= ~ndi.binary_dilation(border, iterations=margin)
-    return {float(r): float(values[keep & (radius == r)].mean()) for r in np.unique(radius)}
-
-
 def blur_detection_benchmark(single: Deblurrer, images: int, crop: int) -> dict:
     sources = held_out_sources()
     aucs, rhos, sizes = [], [], []
@@ -191,7 +180,7 @@ def blur_detection_benchmark(single: Deblurrer, images: int, crop: int) -> dict:
         photo, radius = banded_blur(sharp)
         maps = attention_maps(single, photo)
         aucs.append(roc_auc(maps.detection(1, 1), radius > 0))
-        size = band_means(maps.defocus(1), radius)
+        size = band_means(maps.defocus(1), radius, margin=8)
         rhos.append(spearmanr(list(size), list(size.values())).statistic)
         sizes.append(list(size.values()))
     row = {"images": images, "auc": float(np.mean(aucs)), "auc_min": float(np.min(aucs)),

@@ -31,6 +31,7 @@ from kpac_cli.blurmap import (
     PAPER_CUHK,
     AttentionMaps,
     attention_maps,
+    band_means,
     blur_mask,
     defocus_map,
     maps_from_attention,
@@ -92,18 +93,6 @@ def banded_photo(h: int = 128, w: int = 256, seed: int = 7, radii=RADII):
         m = radius == r
         photo[m] = disc_blur(sharp, r)[m]
     return photo, radius
-
-
-def band_means(values: np.ndarray, radius: np.ndarray, margin: int = 6) -> dict[int, float]:
-    """Mean of ``values`` per true radius, away from band borders and the image border."""
-    h, w = values.shape
-    inner = np.zeros_like(radius, dtype=bool)
-    inner[margin : h - margin, margin : w - margin] = True
-    border = np.zeros_like(inner)
-    border[:, 1:] |= radius[:, 1:] != radius[:, :-1]
-    border = ndi.binary_dilation(border, iterations=margin)
-    keep = inner & ~border
-    return {int(r): float(values[keep & (radius == r)].mean()) for r in np.unique(radius)}
 
 
 # --- a hand-set model whose attention means "local energy is low" ---------------------------
@@ -620,3 +609,14 @@ def test_core_does_not_import_the_cli_stack():
     code = "import sys, kpac_cli.blurmap; print(sorted(m for m in ('typer', 'rich', 'click') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
+
+
+def test_band_means_read_each_band_away_from_its_borders():
+    labels = np.repeat(np.repeat(np.arange(4), 10)[None], 30, axis=0)  # 4 vertical bands, 10 px wide
+    values = labels * 2.0
+    values[:, 9:11] = 100.0  # a border artefact between bands 0 and 1
+    values[0, :] = -100.0  # and one along the image border
+    assert band_means(values, labels, margin=2) == {0: 0.0, 1: 2.0, 2: 4.0, 3: 6.0}
+    whole = band_means(values, labels, margin=0)  # every pixel counts
+    assert all(isinstance(k, int) for k in whole)
+    assert whole == {k: float(values[labels == k].mean()) for k in range(4)} and whole[1] != 2.0

@@ -53,11 +53,12 @@ from .render import (
     save_blurmaps,
     write_file,
 )
-from .scoring import F_BETA2, PAPER_CUHK, DetectionScores, f_measure, mask_from_image, roc_auc, score_detection, summarize
+from .scoring import F_BETA2, PAPER_CUHK, DetectionScores, band_means, f_measure, mask_from_image, roc_auc, score_detection, summarize
 
 __all__ = [
     "AttentionMaps",
     "BLUR_POLARITY",
+    "band_means",
     "DetectionScores",
     "POLARITIES",
     "F_BETA2",

@@ -34,7 +34,28 @@ PAPER_CUHK = {"f_measure": 0.832, "accuracy": 0.784}
 #: beta^2 of the F-measure.
 F_BETA2 = 0.3
 
-__all__ = ["DetectionScores", "F_BETA2", "PAPER_CUHK", "mask_from_image", "roc_auc", "f_measure", "score_detection", "summarize"]
+__all__ = ["DetectionScores", "F_BETA2", "PAPER_CUHK", "band_means", "mask_from_image", "roc_auc", "f_measure", "score_detection",
+           "summarize"]
+
+
+def band_means(values: np.ndarray, labels: np.ndarray, margin: int = 6) -> dict[Any, float]:
+    """Mean of ``values`` per label of a test image made of vertical bands (e.g. blur radii).
+
+    Pixels within ``margin`` of the image border or of a band border (a change of label
+    between horizontal neighbours) are left out, so that maps resampled from a coarse grid
+    are read where they are settled. Keys are the labels as Python scalars.
+    """
+    from scipy import ndimage as ndi
+
+    h, w = values.shape
+    inner = np.zeros(labels.shape, dtype=bool)
+    inner[margin : h - margin, margin : w - margin] = True
+    border = np.zeros_like(inner)
+    border[:, 1:] = labels[:, 1:] != labels[:, :-1]
+    if margin:
+        border = ndi.binary_dilation(border, iterations=margin)
+    keep = inner & ~border
+    return {r.item(): float(values[keep & (labels == r)].mean()) for r in np.unique(labels)}
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
