@@ -48,13 +48,13 @@ def band_means(values: np.ndarray, labels: np.ndarray, margin: int = 6) -> dict[
     from scipy import ndimage as ndi
 
     h, w = values.shape
-    inner = np.zeros(labels.shape, dtype=bool)
-    inner[margin : h - margin, margin : w - margin] = True
-    border = np.zeros_like(inner)
-    border[:, 1:] = labels[:, 1:] != labels[:, :-1]
-    if margin:
-        border = ndi.binary_dilation(border, iterations=margin)
-    keep = inner & ~border
+    keep = np.ones(labels.shape, dtype=bool)
+    if margin:  # (margin 0: every pixel counts)
+        keep[:] = False
+        keep[margin : h - margin, margin : w - margin] = True
+        border = np.zeros_like(keep)
+        border[:, 1:] = labels[:, 1:] != labels[:, :-1]
+        keep &= ~ndi.binary_dilation(border, iterations=margin)
     return {r.item(): float(values[keep & (labels == r)].mean()) for r in np.unique(labels)}
 
 
