@@ -49,7 +49,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from kpac_cli.blurmap import attention_maps
-from kpac_cli.blurmap.scoring import band_means, roc_auc
+from kpac_cli.blurmap.scoring import band_means, band_radius_map, roc_auc
 from kpac_cli.checkpoints import update_provenance
 from kpac_cli.checkpoints.registry import resolve_model
 from kpac_cli.metrics.dualpixel_capture import GammaEncoding, psnr_with_gain, read_dual_pixel_capture
@@ -163,11 +163,7 @@ def uniform_blur_benchmark(single: Deblurrer, single_half: Deblurrer, per_radius
 
 def banded_blur(sharp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Left half sharp, right half in vertical bands of disc blur BAND_RADII; (photo, true radius)."""
-    h, w = sharp.shape[:2]
-    radius = np.zeros((h, w), np.float32)
-    edges = np.linspace(w // 2, w, len(BAND_RADII) + 1).round().astype(int)
-    for r, x0, x1 in zip(BAND_RADII, edges[:-1], edges[1:]):
-        radius[:, x0:x1] = r
+    radius = band_radius_map(*sharp.shape[:2], BAND_RADII)
     blurred = encode(render_defocus(decode(sharp, 2.2), radius)[0], 2.2)
     return quantize(np.clip(blurred, 0, 1), 8), radius
 

@@ -32,6 +32,7 @@ from kpac_cli.blurmap import (
     AttentionMaps,
     attention_maps,
     band_means,
+    band_radius_map,
     blur_mask,
     defocus_map,
     maps_from_attention,
@@ -83,11 +84,7 @@ def banded_photo(h: int = 128, w: int = 256, seed: int = 7, radii=RADII):
     Returns the photo and the true radius of every pixel (0 = sharp).
     """
     sharp = texture(h, w, seed)
-    radius = np.zeros((h, w), np.int32)
-    half = w // 2
-    edges = np.linspace(half, w, len(radii) + 1).round().astype(int)
-    for r, x0, x1 in zip(radii, edges[:-1], edges[1:]):
-        radius[:, x0:x1] = r
+    radius = band_radius_map(h, w, radii, np.int32)
     photo = sharp.copy()
     for r in radii:
         m = radius == r
@@ -620,3 +617,13 @@ def test_band_means_read_each_band_away_from_its_borders():
     whole = band_means(values, labels, margin=0)  # every pixel counts
     assert all(isinstance(k, int) for k in whole)
     assert whole == {k: float(values[labels == k].mean()) for k in range(4)} and whole[1] != 2.0
+
+
+def test_band_radius_map_left_half_sharp_right_half_in_equal_bands():
+    radius = band_radius_map(4, 20, [1, 2, 3, 4, 5])
+    assert radius.shape == (4, 20) and radius.dtype == np.float32
+    assert (radius[:, :10] == 0).all()
+    assert radius[0, 10:].tolist() == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert (radius == radius[:1]).all()  # vertical bands
+    odd = band_radius_map(2, 9, [2.5, 7], np.int32)  # sharp half 9 // 2 = 4 px; band edge at round(6.5) = 6
+    assert odd.dtype == np.int32 and odd[0].tolist() == [0, 0, 0, 0, 2, 2, 7, 7, 7]

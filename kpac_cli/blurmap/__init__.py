@@ -53,12 +53,13 @@ from .render import (
     save_blurmaps,
     write_file,
 )
-from .scoring import F_BETA2, PAPER_CUHK, DetectionScores, band_means, f_measure, mask_from_image, roc_auc, score_detection, summarize
+from .scoring import F_BETA2, PAPER_CUHK, DetectionScores, band_means, band_radius_map, f_measure, mask_from_image, roc_auc, score_detection, summarize
 
 __all__ = [
     "AttentionMaps",
     "BLUR_POLARITY",
     "band_means",
+    "band_radius_map",
     "DetectionScores",
     "POLARITIES",
     "F_BETA2",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
@@ -34,8 +34,18 @@ PAPER_CUHK = {"f_measure": 0.832, "accuracy": 0.784}
 #: beta^2 of the F-measure.
 F_BETA2 = 0.3
 
-__all__ = ["DetectionScores", "F_BETA2", "PAPER_CUHK", "band_means", "mask_from_image", "roc_auc", "f_measure", "score_detection",
+__all__ = ["DetectionScores", "F_BETA2", "PAPER_CUHK", "band_means", "band_radius_map", "mask_from_image", "roc_auc", "f_measure", "score_detection",
            "summarize"]
+
+
+def band_radius_map(h: int, w: int, radii: Sequence[float], dtype=np.float32) -> np.ndarray:
+    """True blur radius of a banded test image: left half 0 (sharp), the right half in
+    ``len(radii)`` vertical bands of about equal width holding ``radii`` from left to right."""
+    radius = np.zeros((h, w), dtype)
+    edges = np.linspace(w // 2, w, len(radii) + 1).round().astype(int)
+    for r, x0, x1 in zip(radii, edges[:-1], edges[1:]):
+        radius[:, x0:x1] = r
+    return radius
 
 
 def band_means(values: np.ndarray, labels: np.ndarray, margin: int = 6) -> dict[Any, float]:
