@@ -56,16 +56,14 @@ def _cmd(model: Path, *args, prelude: str | None = None) -> list[str]:
     return head + ["deblur", *map(str, args), "--model", str(model), "--device", "cpu"]
 
 
-def _lower_priority() -> None:
+def start(w: Workload, *args, prelude: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(_cmd(w.model, *args, prelude=prelude), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**_env(), **(env or {})})
     # The child runs at a lower priority than this test process, so that on a loaded machine the
     # test still sees the outputs appear and signals mid-batch instead of after the last image.
-    os.nice(10)
-
-
-def start(w: Workload, *args, prelude: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(_cmd(w.model, *args, prelude=prelude), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**_env(), **(env or {})},
-                            preexec_fn=_lower_priority)
+    # Set from here, not with preexec_fn, which can deadlock a fork from a process with threads.
+    os.setpriority(os.PRIO_PROCESS, proc.pid, 10)
+    return proc
 
 
 def finish(proc: subprocess.Popen) -> str:
