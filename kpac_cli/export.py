@@ -8,9 +8,15 @@ Conventions of the exported graph (``export_onnx``):
 * output ``output`` (N, 3, H, W) = residual + reference, unclipped, in [-1, 1] units;
 * H and W are dynamic but must be multiples of the encoder stride (8 for 3-level models,
   4 for 2-level): the graph does no padding. :class:`OnnxBackend` pads like the engine
-  (reflect at the bottom/right, cropped after), so it accepts any size;
+  (reflect at the bottom/right, cropped after), so it accepts any size. A static graph is
+  fixed to one such size;
 * the model's :class:`~kpac_cli.model.KPACConfig` is stored as JSON in the model's
-  metadata (key ``kpac_config``), so a file is self-describing.
+  metadata (key ``kpac_config``), so a file is self-describing;
+* so is the engine's pre-processing: metadata ``kpac_balance_views`` (JSON ``true`` or
+  ``false``) says whether the left and right views are to be balanced before the graph
+  (:func:`kpac_cli.engine.dualpixel.balance_views`, a dual-pixel model whose checkpoint asks
+  for it), with the reference still the views as captured. The graph itself is the network
+  only; :class:`OnnxBackend` balances in numpy as the engine does.
 
 The graph is the whole network, not three sub-graphs (encoder, bottleneck, decoder): the
 engine tiles only images that do not fit in memory, and those run on PyTorch, whose tiled
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -41,6 +48,7 @@ from .model import KPACConfig, KPACNet
 
 INPUT, REFERENCE, OUTPUT = "input", "reference", "output"
 CONFIG_KEY = "kpac_config"
+BALANCE_KEY = "kpac_balance_views"
 
 
 class _WithReference(nn.Module):
@@ -55,9 +63,12 @@ class _WithReference(nn.Module):
         return self.model.decode(self.model.bottleneck(encoded).features, skips) + reference
 
 
-def _onnx_bytes(model: KPACNet, opset: int, dynamic: bool, sample_hw: tuple[int, int]) -> bytes:
+def _onnx_bytes(model: KPACNet, opset: int, dynamic: bool, sample_hw: tuple[int, int], balance_views: bool) -> bytes:
     model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
     cfg = model.config
+    if not dynamic and any(v % cfg.stride for v in sample_hw):
+        # a graph fixed to the rounded-up size would reject the very size that was asked for
+        raise ValueError(f"static size {sample_hw} (height, width) is not a multiple of the model's stride {cfg.stride}")
     h, w = (-(-v // cfg.stride) * cfg.stride for v in sample_hw)
     x = torch.zeros(1, cfg.in_channels, h, w)
     ref = torch.zeros(1, 3, h, w)
@@ -74,8 +85,9 @@ def _onnx_bytes(model: KPACNet, opset: int, dynamic: bool, sample_hw: tuple[int,
     import onnx
 
     proto = onnx.load_from_string(buf.getvalue())
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = CONFIG_KEY, cfg.to_json()
+    for key, value in ((CONFIG_KEY, cfg.to_json()), (BALANCE_KEY, json.dumps(balance_views and cfg.in_views == 2))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     proto.producer_name = "kpac"
     return proto.SerializeToString()
 
@@ -86,28 +98,45 @@ def export_onnx(
     opset: int = 17,
     dynamic: bool = True,
     sample_hw: tuple[int, int] = (64, 96),
+    balance_views: bool = False,
 ) -> bytes:
     """Export ``model`` (fp32, CPU copy) to ONNX at ``path``; returns the serialized model.
 
     ``dynamic``: height, width and batch are symbolic (multiples of the stride, see the module
-    docstring); otherwise the graph is fixed to ``sample_hw``. ``path=None`` only returns the
-    bytes.
+    docstring); otherwise the graph is fixed to ``sample_hw`` (height, width), which must be
+    multiples of the stride (ValueError otherwise). ``balance_views``: record that the views
+    are balanced before the network (a dual-pixel checkpoint's ``balance_views`` provenance;
+    ignored for single-image models). ``path=None`` only returns the bytes.
     """
-    data = _onnx_bytes(model, opset, dynamic, sample_hw)
+    data = _onnx_bytes(model, opset, dynamic, sample_hw, balance_views)
     if path is not None:
         Path(path).write_bytes(data)
     return data
 
 
-def read_config(model: str | Path | bytes) -> KPACConfig:
-    """The KPACConfig stored in an exported file (ValueError if it has none)."""
+def read_metadata(model: str | Path | bytes) -> dict[str, str]:
+    """The metadata of an ONNX file or its bytes (key -> value)."""
     import onnx
 
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
-    for entry in proto.metadata_props:
-        if entry.key == CONFIG_KEY:
-            return KPACConfig.from_json(entry.value)
-    raise ValueError(f"{model if not isinstance(model, bytes) else 'model'} has no {CONFIG_KEY} metadata: not exported by kpac")
+    return {entry.key: entry.value for entry in proto.metadata_props}
+
+
+def _config_of(meta: Mapping[str, str], model: str | Path | bytes) -> KPACConfig:
+    if CONFIG_KEY not in meta:
+        raise ValueError(f"{model if not isinstance(model, bytes) else 'model'} has no {CONFIG_KEY} metadata: not exported by kpac")
+    return KPACConfig.from_json(meta[CONFIG_KEY])
+
+
+def read_config(model: str | Path | bytes) -> KPACConfig:
+    """The KPACConfig stored in an exported file (ValueError if it has none)."""
+    return _config_of(read_metadata(model), model)
+
+
+def read_balance_views(model: str | Path | bytes) -> bool:
+    """Whether an exported file asks for balanced dual-pixel views (False if it does not say:
+    files exported before the key existed)."""
+    return bool(json.loads(read_metadata(model).get(BALANCE_KEY, "false")))
 
 
 def make_session(model: str | Path | bytes, threads: int | None = None):
@@ -153,17 +182,29 @@ class OnnxBackend:
 
     ``path_or_model``: an ``.onnx`` file written by :func:`export_onnx`, its bytes, or a
     :class:`~kpac_cli.model.KPACNet` (exported in memory). :meth:`run` takes NCHW float32
-    arrays (or CPU tensors) in the model's [-1, 1] units, pads them to the stride as the
-    engine does, and returns the unclipped output of the same type and size.
+    arrays (or CPU tensors) in the model's [-1, 1] units, balances dual-pixel views when the
+    file asks for it and pads to the stride as the engine does, and returns the unclipped
+    output of the same type and size. ``balance_views`` overrides the file's
+    ``kpac_balance_views`` (None: as the file says; False for an in-memory KPACNet).
     """
 
-    def __init__(self, path_or_model: str | Path | bytes | KPACNet, threads: int | None = None, opset: int = 17) -> None:
+    def __init__(
+        self,
+        path_or_model: str | Path | bytes | KPACNet,
+        threads: int | None = None,
+        opset: int = 17,
+        balance_views: bool | None = None,
+    ) -> None:
         if isinstance(path_or_model, KPACNet):
             self.config = path_or_model.config
-            data: bytes | str | Path = export_onnx(path_or_model, None, opset=opset)
+            data: bytes | str | Path = export_onnx(path_or_model, None, opset=opset, balance_views=bool(balance_views))
         else:
             data = path_or_model
-            self.config = read_config(data)
+            meta = read_metadata(data)
+            self.config = _config_of(meta, data)
+            if balance_views is None:
+                balance_views = bool(json.loads(meta.get(BALANCE_KEY, "false")))
+        self.balance_views = bool(balance_views) and self.config.in_views == 2
         self.session = make_session(data, threads)
 
     def default_reference(self, x: np.ndarray) -> np.ndarray:
@@ -176,12 +217,18 @@ class OnnxBackend:
         cfg = self.config
         if xt.ndim != 4 or xt.shape[1] != cfg.in_channels:
             raise ValueError(f"expected input of shape (N, {cfg.in_channels}, H, W), got {tuple(xt.shape)}")
-        if reference is None:
+        if reference is None:  # taken before balancing: the engine's centre is the views as captured
             rt = xt if cfg.in_views == 1 else 0.5 * (xt[:, :3] + xt[:, 3:])
         else:
             rt = torch.as_tensor(reference).float().cpu()
         if rt.shape != (xt.shape[0], 3) + tuple(xt.shape[-2:]):
             raise ValueError(f"reference must be {(xt.shape[0], 3) + tuple(xt.shape[-2:])}, got {tuple(rt.shape)}")
+        if self.balance_views:
+            from .engine.dualpixel import balance_views
+
+            # the engine balances each HxWx6 image in [0, 1] before the network (Deblurrer._as_tensors)
+            images = ((xt + 1) * 0.5).permute(0, 2, 3, 1).numpy()
+            xt = torch.from_numpy(np.stack([balance_views(im) for im in images])).permute(0, 3, 1, 2) * 2 - 1
         from .engine.tiled import pad_to_multiple
 
         h, w = xt.shape[-2:]
@@ -206,7 +253,9 @@ def check_export(
 
     PyTorch runs the model as the engine does on the CPU (channels_last) and through the
     fast path (:class:`~kpac_cli.model.fast.FastKPACNet`); times are medians of ``rounds``
-    interleaved calls after one warm-up, all with the same number of threads.
+    interleaved calls after one warm-up, all with the same number of threads. Both run the
+    bare network: dual-pixel view balancing (numpy pre-processing, not part of the graph) is
+    left out of the comparison.
     """
     from .bench import median, time_interleaved
     from .model.fast import FastKPACNet
@@ -218,7 +267,7 @@ def check_export(
     net = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.channels_last)
     fast = FastKPACNet(net)
     xc = x.contiguous(memory_format=torch.channels_last)
-    backend = OnnxBackend(onnx_model, threads=threads)
+    backend = OnnxBackend(onnx_model, threads=threads, balance_views=False)
     xn = x.numpy()
 
     def torch_run() -> Tensor:
@@ -241,4 +290,5 @@ def check_export(
     }
 
 
-__all__ = ["OnnxBackend", "bound_runner", "check_export", "export_onnx", "make_session", "read_config"]
+__all__ = ["OnnxBackend", "bound_runner", "check_export", "export_onnx", "make_session", "read_balance_views",
+           "read_config", "read_metadata"]

@@ -12,7 +12,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from kpac_cli.engine import TiledInference  # noqa: E402
-from kpac_cli.export import OnnxBackend, export_onnx, read_config  # noqa: E402
+from kpac_cli.export import OnnxBackend, export_onnx, read_balance_views, read_config, read_metadata  # noqa: E402
 from kpac_cli.model import PAPER_CONFIGS, KPACConfig, build_model  # noqa: E402
 
 ATOL = 1e-5
@@ -122,3 +122,92 @@ def test_export_cli_check(tmp_path):
     # refuses to overwrite without --overwrite (usage error)
     res = CliRunner().invoke(app, ["export", "--onnx", str(out), "--config", "single_2level"])
     assert res.exit_code == 2
+
+
+def invoke_export(*args):
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    return CliRunner().invoke(app, ["export", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def dual_export(tmp_path_factory):
+    """kpac-dual exported by `kpac export` (its checkpoint asks for balanced views)."""
+    path = tmp_path_factory.mktemp("onnx") / "kpac-dual.onnx"
+    res = invoke_export("--onnx", path, "-m", "kpac-dual", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["balance_views"] is True
+    return path
+
+
+def vignetted_dual(h=64, w=96):
+    """HxWx6 views in [0, 1] with strong opposite horizontal vignetting (ratio 0.43..2.3)."""
+    rng = np.random.default_rng(0)
+    left = rng.uniform(0.2, 0.7, (h, w, 3)).astype(np.float32)
+    right = np.roll(left, 2, axis=1)  # a little disparity
+    ramp = np.linspace(0.6, 1.4, w, dtype=np.float32)[None, :, None]
+    return np.concatenate([left * ramp, right / ramp], axis=2).clip(0, 1)
+
+
+def test_dual_export_preprocesses_like_the_engine(dual_export):
+    """The file says the views are to be balanced, and OnnxBackend does it as Deblurrer does:
+    the network sees balanced views, the default centre is the views as captured."""
+    from kpac_cli.engine import Deblurrer, EngineOptions
+
+    meta = read_metadata(dual_export)
+    assert json.loads(meta["kpac_balance_views"]) is True and read_balance_views(dual_export)
+    image = vignetted_dual()
+    engine = Deblurrer("kpac-dual", EngineOptions(device="cpu", tile=None))
+    assert engine.balance_views
+    x = image.transpose(2, 0, 1)[None] * 2 - 1
+    backend = OnnxBackend(dual_export, threads=1)
+    assert backend.balance_views
+    expected = engine.run(image).output.numpy()
+    np.testing.assert_allclose(backend.run(x), expected, atol=ATOL, rtol=0)
+    # an explicit centre is used as given, as by the engine
+    centre = 0.9 * image.reshape(64, 96, 2, 3).mean(axis=2)
+    expected = engine.run(image, centre).output.numpy()
+    np.testing.assert_allclose(backend.run(x, centre.transpose(2, 0, 1)[None] * 2 - 1), expected, atol=ATOL, rtol=0)
+    # without balancing the output is far off: the test sees the difference
+    unbalanced = OnnxBackend(dual_export, threads=1, balance_views=False).run(x)
+    assert np.abs(unbalanced - engine.run(image).output.numpy()).max() > 1e-2
+
+
+def test_balance_is_recorded_only_when_asked(tmp_path):
+    dual = make_model(PAPER_CONFIGS["dual"])
+    assert not read_balance_views(export_onnx(dual, None))
+    assert read_balance_views(export_onnx(dual, None, balance_views=True))
+    single = make_model(PAPER_CONFIGS["single_2level"])
+    assert not read_balance_views(export_onnx(single, None, balance_views=True))  # one view: nothing to balance
+    # random weights have no checkpoint asking for it
+    res = invoke_export("--onnx", tmp_path / "d.onnx", "--config", "dual", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["balance_views"] is False
+    assert not OnnxBackend(tmp_path / "d.onnx", threads=1).balance_views
+
+
+def test_static_size_must_be_a_multiple_of_the_stride(tmp_path):
+    out = tmp_path / "s.onnx"
+    res = invoke_export("--onnx", out, "--config", "single_3level", "--static", "100x60")
+    assert res.exit_code == 2
+    assert "stride 8" in res.output and "96x56" in res.output and "104x64" in res.output
+    assert not out.exists()
+    # the library refuses too rather than fixing the graph to another size
+    with pytest.raises(ValueError, match="stride 8"):
+        export_onnx(make_model(PAPER_CONFIGS["single_3level"]), None, dynamic=False, sample_hw=(60, 100))
+    # a multiple of the stride is exported at exactly that size
+    import onnx
+
+    res = invoke_export("--onnx", out, "--config", "single_2level", "--static", "100x60")
+    assert res.exit_code == 0, res.output
+    assert [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim] == [1, 3, 60, 100]
+
+
+def test_missing_output_folder_is_a_one_line_error(tmp_path):
+    out = tmp_path / "no_such_dir" / "x.onnx"
+    res = invoke_export("--onnx", out, "--config", "single_2level")
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
+    assert "error:" in res.output and "does not exist" in res.output and "Traceback" not in res.output
+    assert not out.parent.exists()  # not created, as `kpac convert`

@@ -308,8 +308,12 @@ def test_float_tiff(tmp_path):
     expect = np.clip(np.nan_to_num(f, nan=0.0), 0, 1)
     assert np.array_equal(img, expect)
     out = tmp_path / "o.tif"
-    write_image(out, img, info)  # default for float input: 16-bit
-    assert tifffile.imread(out).dtype == np.uint16
+    write_image(out, img, info)  # default for float input: float32 TIFF, 16-bit PNG
+    assert tifffile.imread(out).dtype == np.float32
+    write_image(tmp_path / "o16.png", img, info)
+    assert read_image(tmp_path / "o16.png")[1].bit_depth == 16
+    write_image(out, f, info, bit_depth=32)  # unclipped: out-of-range values survive, NaN -> 0
+    assert np.array_equal(tifffile.imread(out), np.nan_to_num(f, nan=0.0))
     write_image(out, img, info, bit_depth=32)
     back = tifffile.imread(out)
     assert back.dtype == np.float32 and np.array_equal(back, expect)

@@ -178,7 +178,7 @@ def test_odd_but_valid_images_come_out_right(tmp_path, models):
     _, info = read_image(out / "palette.png")
     assert info.channels == 3 and info.bit_depth == 8
     img, info = read_image(out / "float.tif")  # NaN / inf in the input: finite output
-    assert info.bit_depth == 16 and np.isfinite(img).all()
+    assert info.bit_depth == 32 and np.isfinite(img).all()  # float in, float out
     for name in ("animated.png", "multipage.tif"):  # the first frame / page
         assert read_image(paths[name])[1].frames == 3
         img, info = read_image(out / name)
@@ -411,7 +411,7 @@ def _fail_writes_of(monkeypatch, victim: str, where: str) -> None:
     """Make writing output files whose name contains ``victim`` fail with ENOSPC."""
     import builtins
 
-    real_open, real_fsync, real_replace = builtins.open, os.fsync, os.replace
+    real_open, real_fsync, real_replace, real_link = builtins.open, os.fsync, os.replace, os.link
 
     def full_open(file, mode="r", *args, **kwargs):
         fh = real_open(file, mode, *args, **kwargs)
@@ -427,14 +427,20 @@ def _fail_writes_of(monkeypatch, victim: str, where: str) -> None:
             raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
         return real_replace(src, dst, **kwargs)
 
+    def failing_link(src, dst, **kwargs):
+        if victim in str(dst):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        return real_link(src, dst, **kwargs)
+
     if where == "write":  # the temporary file is half written when the disk fills up
         monkeypatch.setattr(atomic_mod, "open", full_open, raising=False)
     elif where == "fsync":  # delayed allocation: the error only surfaces at fsync
         if not Path("/proc/self/fd").is_dir():
             pytest.skip("needs /proc/self/fd")
         monkeypatch.setattr(os, "fsync", full_fsync)
-    else:  # the rename itself fails (quota)
+    else:  # the commit itself fails (quota): a rename, or the no-clobber hard link
         monkeypatch.setattr(os, "replace", failing_replace)
+        monkeypatch.setattr(os, "link", failing_link)
 
 
 @pytest.mark.parametrize("where", ["write", "fsync", "replace"])
@@ -742,3 +748,149 @@ def test_any_bytes_through_the_pipe(models, data):
         assert len(lines) == 2 and lines[0].startswith("error:") and "<stdin>" in lines[0], res.stderr
         with pytest.raises(ImageError):  # it fails because the image is bad, not because of kpac
             read_image(data, max_pixels=1 << 20)
+
+
+# --------------------------------------------------------------------------------------------
+# output names, formats and reruns
+
+
+def test_an_output_file_name_always_matches_its_content(tmp_path, models):
+    src = write_png(tmp_path / "a.png")
+    for name, extra in [("o.png", ["--bit-depth", "32"]), ("o.jpg", ["--bit-depth", "32"]),
+                        ("o.png", ["--format", "jpeg"]), ("o.tif", ["--format", "png"]), ("run.2024", [])]:
+        res = deblur(models["single"], src, "-o", tmp_path / name, *extra)
+        assert res.exit_code == 2, (name, extra, res.stderr)
+        assert not (tmp_path / name).exists()
+    res = deblur(models["single"], src, "-o", tmp_path / "o.tiff", "--bit-depth", "32")
+    assert res.exit_code == 0 and read_image(tmp_path / "o.tiff")[1].bit_depth == 32
+    # a trailing slash names a folder, whatever the name looks like
+    res = deblur(models["single"], src, "-o", f"{tmp_path / 'run.2024'}/")
+    assert res.exit_code == 0, res.stderr
+    assert read_image(tmp_path / "run.2024" / "a.png")[1].format == "png"
+    res = deblur(models["single"], "-", "-o", f"{tmp_path / 'new'}/", input=src.read_bytes())
+    assert res.exit_code == 2 and not (tmp_path / "new").exists()
+    # several inputs need a folder: not a file name, not an existing file
+    other = write_png(tmp_path / "b.png", seed=1)
+    for target in (tmp_path / "two.png", other):
+        res = deblur(models["single"], src, other, "-o", target)
+        assert res.exit_code == 2, res.stderr
+    assert not (tmp_path / "two.png").exists()
+
+
+def test_unusual_extensions_keep_the_format_of_the_content(tmp_path, models):
+    from PIL import Image
+
+    Image.fromarray(smooth_rgb(24, 32, 1)).save(tmp_path / "photo.jfif", "JPEG")
+    (tmp_path / "noext").write_bytes(png_bytes(smooth_rgb(24, 32, 2)))
+    res = deblur(models["single"], tmp_path / "photo.jfif", tmp_path / "noext", "-o", tmp_path / "out")
+    assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["noext.png", "photo.jpg"]
+    assert read_image(tmp_path / "out" / "photo.jpg")[1].format == "jpeg"
+
+
+def test_float_output_keeps_alpha_gray_and_metadata(tmp_path, models):
+    from PIL import Image
+
+    rgba = np.dstack([smooth_rgb(24, 32, 3), np.arange(24 * 32, dtype=np.uint8).reshape(24, 32)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png", icc_profile=b"\0" * 200)
+    Image.fromarray(smooth_rgb(24, 32, 4)[..., 0], "L").save(tmp_path / "gray.png")
+    res = deblur(models["single"], tmp_path / "rgba.png", tmp_path / "gray.png", "-o", tmp_path / "out", "--bit-depth", "32")
+    assert res.exit_code == 0, res.stderr
+    img, info = read_image(tmp_path / "out" / "rgba.tif")
+    assert info.bit_depth == 32 and info.channels == 4 and info.icc_profile == b"\0" * 200
+    np.testing.assert_array_equal(info.alpha, rgba[..., 3] / np.float32(255))
+    assert read_image(tmp_path / "out" / "gray.tif")[1].channels == 1
+
+
+def test_a_rerun_never_deblurs_its_own_outputs(tmp_path, models):
+    photos = tmp_path / "photos"
+    for i, n in enumerate("ab"):
+        write_png(photos / f"{n}.png", seed=i)
+    for extra in ([], ["--skip-existing"]):  # an output folder inside the input folder
+        res = deblur(models["single"], photos, "-o", photos / "sharp", "-r", "--save-blurmap", *extra)
+        assert res.exit_code == 0, res.stderr
+    assert stderr_lines(res)[-1] == "0 deblurred, 2 skipped, 0 failed"
+    assert sorted(p.name for p in (photos / "sharp").iterdir()) == ["a.png", "a_blurmap.png", "b.png", "b_blurmap.png"]
+    for extra in ([], ["--skip-existing"]):  # outputs beside the inputs, told apart by a suffix
+        res = deblur(models["single"], photos, "-o", photos, "--suffix", "_s", *extra)
+        assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in photos.glob("*.png")) == ["a.png", "a_s.png", "b.png", "b_s.png"]
+
+
+def test_blurmaps_resume_and_never_collide(tmp_path, models):
+    src = write_png(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    res = deblur(models["single"], src, "-o", out, "--save-blurmap")
+    assert res.exit_code == 0, res.stderr
+    blurmap = (out / "a_blurmap.png").read_bytes()
+    (out / "a.png").unlink()  # killed between the two writes
+    res = deblur(models["single"], src, "-o", out, "--save-blurmap")
+    assert res.exit_code == 1 and not (out / "a.png").exists()  # refused before any work
+    assert_one_error(res, "a_blurmap.png", "exists")
+    res = deblur(models["single"], src, "-o", out, "--save-blurmap", "--skip-existing")
+    assert res.exit_code == 0, res.stderr
+    assert (out / "a.png").exists() and (out / "a_blurmap.png").read_bytes() == blurmap
+    # an input named like another input's blur map: two writers for one file
+    write_png(tmp_path / "in" / "a_blurmap.png", seed=1)
+    res = deblur(models["single"], tmp_path / "in", "-o", tmp_path / "out2", "--save-blurmap", "--overwrite")
+    assert res.exit_code == 2 and "both be written" in res.stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def test_outputs_that_appear_meanwhile_are_kept(tmp_path, models):
+    from kpac_cli.engine import Deblurrer, EngineOptions
+    from kpac_cli.engine.batch import OutputOptions, plan_single, run_batch
+
+    src = write_png(tmp_path / "a.png")
+    d = Deblurrer(models["single"], EngineOptions(device="cpu"))
+    for skip, status in ((True, "skipped"), (False, "failed")):
+        out = tmp_path / f"out-{skip}"
+        opts = OutputOptions(skip_existing=skip)
+        jobs = plan_single([str(src)], str(out), False, opts)
+
+        def another_run_writes_it(job):  # after the preflight, before the write
+            out.mkdir(exist_ok=True)
+            job.output.write_bytes(b"the other run's image")
+
+        [res] = run_batch(d, jobs, opts, on_start=another_run_writes_it)
+        assert res.status == status, res
+        assert (out / "a.png").read_bytes() == b"the other run's image"
+        assert leftovers(out) == []
+
+
+def test_a_pipe_is_read_once(tmp_path, models):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    data = png_bytes(smooth_rgb(24, 32, 5))
+    writer = threading.Thread(target=fifo.write_bytes, args=(data,))
+    writer.start()
+    res = deblur(models["single"], fifo, "-o", tmp_path / "out.png")
+    writer.join(timeout=30)
+    assert res.exit_code == 0, res.stderr
+    assert read_image(tmp_path / "out.png")[1].size == (24, 32)
+
+
+def test_a_reader_that_closes_the_pipe_early_is_an_error(tmp_path, models):
+    from kpac_cli.images import png
+
+    # 16-bit noise: an output far larger than a pipe's buffer
+    src = png.encode16(np.random.default_rng(6).integers(0, 65536, (256, 256, 3), dtype=np.uint16))
+    env = {**os.environ, "COLUMNS": "10000", "OMP_NUM_THREADS": "1"}
+    kpac_proc = subprocess.Popen(
+        [sys.executable, "-m", "kpac_cli", "deblur", "-", "-o", "-", "--model", str(models["single"]), "--device", "cpu"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    kpac_proc.stdin.write(src)
+    kpac_proc.stdin.close()
+    kpac_proc.stdout.read(10)  # like `| head -c 10`
+    kpac_proc.stdout.close()
+    err = kpac_proc.stderr.read().decode()
+    assert kpac_proc.wait(timeout=120) == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[0].startswith("error: <stdout>") and "closed" in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_max_pixels_must_be_positive(tmp_path, models):
+    res = deblur(models["single"], write_png(tmp_path / "a.png"), "-o", tmp_path / "out", "--max-pixels", "0")
+    assert res.exit_code == 2

@@ -179,6 +179,21 @@ def test_saturated_highlights_bloom():
     np.testing.assert_allclose(bloom.blurred[:10, :10], plain.blurred[:10, :10], atol=1e-5)
 
 
+def test_in_focus_saturated_colour_keeps_its_hue():
+    # A saturated orange (red clipped, green and blue measured) in focus: the boost may only
+    # raise the clipped channel, which the sensor clips back, so the input equals the target.
+    img = np.empty((32, 32, 3), np.float32)
+    img[:] = (1.0, 0.4, 0.2)
+    img[:, 16:] = (1.0, 1.0, 1.0)  # and a white highlight beside it
+    out = synthesize(img, np.random.default_rng(0), SynthSettings(noise_sigma=0, highlight_boost=3.0),
+                     radius=np.zeros((32, 32), np.float32))
+    np.testing.assert_allclose(out.blurred, img, atol=1e-5)
+    # Defocused, the white highlight still blooms evenly (its hue kept: all channels equal).
+    far = synthesize(img, np.random.default_rng(0), SynthSettings(noise_sigma=0, highlight_boost=3.0),
+                     radius=np.full((32, 32), 6.0, np.float32))
+    np.testing.assert_allclose(far.blurred[:, 28, 1], far.blurred[:, 28, 2], atol=1e-5)
+
+
 def test_noise_level_matches_the_model():
     grey = np.full((128, 128, 3), 0.5, np.float32)
     sigma = 0.02

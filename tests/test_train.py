@@ -578,6 +578,51 @@ def test_cli_usage_errors(tmp_path, dpdd, cli):
     assert r.exit_code == 2 and "levels" in r.output
 
 
+def test_cli_export_only_refuses_an_existing_output(tmp_path, dpdd, cli):
+    train(tiny_cfg(tmp_path / "run", dpdd, iterations=2, val_count=0))
+    precious = tmp_path / "precious.txt"
+    precious.write_text("my notes")
+    runner = CliRunner()
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(tmp_path / "run"), "-o", str(precious)])
+    assert r.exit_code == 2 and "exists" in r.output and "Traceback" not in r.output
+    assert precious.read_text() == "my notes"
+    out = tmp_path / "new.safetensors"
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(tmp_path / "run"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(out).config == TINY
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".kpac-tmp")]
+
+
+def test_cli_missing_synthetic_source_is_a_usage_error(tmp_path, cli):
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--synthetic", str(tmp_path / "no-such-folder"), "--out", str(run),
+                                 "--levels", "2", "--channels", "8", "--crop", "32", "--iterations", "2", "--workers", "0"])
+    assert r.exit_code == 2 and "no such file or directory" in r.output and "no-such-folder" in r.output
+    assert "Traceback" not in r.output and not run.exists()
+
+
+def test_cli_unavailable_device_is_a_usage_error(tmp_path, cli):
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--procedural", "1", "--device", "cuda:99", "--out", str(run),
+                                 "--levels", "2", "--channels", "8", "--crop", "32", "--iterations", "2", "--workers", "0"])
+    assert r.exit_code == 2 and "cuda:99" in r.output and not run.exists()
+
+
+def test_cli_resume_accepts_unchanged_architecture_flags(tmp_path, dpdd, cli):
+    run = tmp_path / "run"
+    train(tiny_cfg(run, dpdd, iterations=2, val_count=0))  # TINY: 2 levels, 8 channels, the rest as in the paper
+    runner = CliRunner()
+    r = runner.invoke(cli, ["train", "--resume", str(run), "--levels", "2", "--channels", "8", "--dilations", "1,2,3,4,5",
+                            "--iterations", "3", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert load_state(run / "last.pt")["step"] == 3
+    r = runner.invoke(cli, ["train", "--resume", str(run), "--levels", "3", "--channels", "8", "--iterations", "4"])
+    assert r.exit_code == 2 and "--levels cannot change" in r.output and "--channels" not in r.output
+    r = runner.invoke(cli, ["train", "--resume", str(run), "--no-shape-attention", "--iterations", "4"])
+    assert r.exit_code == 2 and "--no-shape-attention cannot change" in r.output
+    assert load_state(run / "last.pt")["step"] == 3
+
+
 def test_cli_help_has_an_example():
     r = subprocess.run([sys.executable, "-m", "kpac_cli", "train", "--help"], capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "COLUMNS": "200"}, timeout=120)

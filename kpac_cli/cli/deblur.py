@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Optional
@@ -11,7 +12,7 @@ import typer
 
 from ..engine import Deblurrer, EngineOptions
 from ..engine.batch import STDIO, JobResult, OutputOptions, PlanError, plan_dual, plan_single, run_batch
-from ..images import DEFAULT_MAX_PIXELS, RawOptions
+from ..images import DEFAULT_MAX_PIXELS, ImageError, RawOptions
 from ..distributed import device_for_rank, env_info
 from ..distributed import setup as setup_distributed
 from ..distributed import teardown as teardown_distributed
@@ -71,7 +72,7 @@ def deblur(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Leave existing outputs alone (resume a batch)."),
     jpeg_quality: int = typer.Option(95, "--jpeg-quality", min=1, max=100),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images larger than this (decompression-bomb guard)."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse images larger than this (decompression-bomb guard)."),
     raw_wb: str = typer.Option("camera", "--raw-wb", help="RAW white balance: camera, auto or daylight."),
     raw_demosaic: str = typer.Option("ahd", "--raw-demosaic", help="RAW demosaic: ahd, linear, vng, ppg, dht or aahd."),
     raw_half_size: bool = typer.Option(False, "--raw-half-size", help="Develop RAW at half size (fast previews)."),
@@ -105,10 +106,10 @@ def deblur(
 
     try:
         if dual:
-            jobs = plan_dual(left, right, center, output, out_opts)
+            jobs = plan_dual(left, right, center, output, out_opts, companions=("blurmap",) if save_blurmap else ())
         else:
             stdin = sys.stdin.buffer.read() if inputs == [STDIO] else None
-            jobs = plan_single(inputs, output, recursive, out_opts, stdin)
+            jobs = plan_single(inputs, output, recursive, out_opts, stdin, companions=("blurmap",) if save_blurmap else ())
         dist_info = env_info()
         device = device_for_rank(device, dist_info)  # under torchrun each rank takes its own GPU
         engine_opts = EngineOptions(device=device, precision="fp32" if fp32 else precision, tile=tile_value, compile=compile_, strength=strength)
@@ -129,10 +130,11 @@ def deblur(
         from ..blurmap import save_blurmaps
 
         def after_run(job, result, info):  # same inference pass
-            if job.output is None:
+            path = job.companions.get("blurmap")
+            if path is None:
                 return None
-            path = job.output.with_name(job.output.stem + "_blurmap.png")
-            save_blurmaps(path, result, deblurrer.config, info.size, overwrite=overwrite)
+            if not (skip_existing and path.exists()):  # a resumed batch keeps a finished map
+                save_blurmaps(path, result, deblurrer.config, info.size, overwrite=overwrite)
             return {"blurmap": str(path)}
 
     interactive = show_progress(quiet) and output != STDIO and dist_info.is_main
@@ -166,8 +168,19 @@ def deblur(
                 progress.advance(overall)
 
         def sink(data: bytes) -> None:
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
+            # os.write reports every short write; a reader that went away is an error, not exit 0
+            sys.stdout.flush()
+            try:
+                fd, view = sys.stdout.fileno(), memoryview(data)
+            except (AttributeError, OSError):  # not a real file (e.g. captured in a test)
+                sys.stdout.buffer.write(data)
+                return
+            try:
+                while view:
+                    view = view[os.write(fd, view):]
+            except BrokenPipeError:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)  # no second complaint at exit
+                raise ImageError("<stdout>", "closed by the reader before the whole image was written") from None
 
         try:
             run_batch(

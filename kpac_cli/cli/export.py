@@ -22,6 +22,7 @@ Examples:
 
 
 def _load_model(model: str, config: Optional[str]):
+    """(network, name, whether its checkpoint asks for balanced dual-pixel views)."""
     from ..model import PAPER_CONFIGS, build_model
 
     if config is not None:
@@ -30,12 +31,25 @@ def _load_model(model: str, config: Optional[str]):
         import torch
 
         torch.manual_seed(0)
-        return build_model(PAPER_CONFIGS[config]).eval(), f"random {config}"
+        return build_model(PAPER_CONFIGS[config]).eval(), f"random {config}", False
     from ..checkpoints import load_checkpoint
     from ..checkpoints.registry import resolve_model
 
     path, name = resolve_model(model)
-    return load_checkpoint(path).build().eval(), name
+    ckpt = load_checkpoint(path)
+    # recorded in the file so that a runtime pre-processes as the engine does (Deblurrer.balance_views)
+    return ckpt.build().eval(), name, bool(ckpt.provenance.get("balance_views"))
+
+
+def _check_static(size: tuple[int, int], stride: int) -> None:
+    """ValueError unless WxH ``size`` is a multiple of ``stride``, naming the nearest valid sizes."""
+    w, h = size
+    if w % stride == 0 and h % stride == 0:
+        return
+    up = f"{-(-w // stride) * stride}x{-(-h // stride) * stride}"
+    down = f"{w // stride * stride}x{h // stride * stride}" if w >= stride and h >= stride else None
+    nearest = f"{down} or {up}" if down else up
+    raise ValueError(f"--static {w}x{h}: width and height must be multiples of the model's stride {stride} (nearest: {nearest})")
 
 
 def export(
@@ -43,7 +57,7 @@ def export(
     model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`) or a .safetensors file."),
     config: Optional[str] = typer.Option(None, "--config", help="Export random weights of a paper config instead (single_2level, single_3level, dual)."),
     opset: int = typer.Option(17, "--opset", min=13, help="ONNX opset version."),
-    static: Optional[str] = typer.Option(None, "--static", help="Fix the input size to WxH instead of dynamic height/width."),
+    static: Optional[str] = typer.Option(None, "--static", help="Fix the input size to WxH instead of dynamic height/width (multiples of the model's stride: 8 for 3-level models, 4 for 2-level)."),
     check: bool = typer.Option(False, "--check", help="Run onnxruntime and PyTorch on a random image: max abs diff and times."),
     check_size: str = typer.Option("1280x720", "--check-size", help="WxH of the --check image."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
@@ -51,25 +65,34 @@ def export(
 ) -> None:
     """Export a model to ONNX (inputs 'input' and 'reference', output 'output'; NCHW float32 in [-1, 1]).
 
-    Height and width of the dynamic graph must be multiples of the model's stride (8 for 3-level models, 4 for 2-level); pad first, as kpac's engine does.
+    Height and width of the dynamic graph must be multiples of the model's stride (8 for 3-level models, 4 for 2-level); pad first, as kpac's engine does. A dual-pixel model whose checkpoint asks for balanced views records that in the file's metadata (kpac_balance_views); balance the views before the graph, as kpac's engine does.
     """
     from ..export import check_export, export_onnx
 
     if onnx_path.exists() and not overwrite:
         raise usage_error(f"{onnx_path}: exists (use --overwrite)")
+    if not onnx_path.parent.is_dir():  # as kpac convert: the destination folder is not created
+        raise usage_error(f"{onnx_path}: folder {onnx_path.parent} does not exist")
     try:
         sample = _parse_size(static) if static else (96, 64)
         cw, ch = _parse_size(check_size)
-        net, name = _load_model(model, config)
+        net, name, balance = _load_model(model, config)
+        if static:
+            _check_static(sample, net.config.stride)
     except (ValueError, FileNotFoundError) as e:
         raise usage_error(str(e)) from None
     try:
-        data = export_onnx(net, onnx_path, opset=opset, dynamic=static is None, sample_hw=(sample[1], sample[0]))
+        data = export_onnx(net, onnx_path, opset=opset, dynamic=static is None, sample_hw=(sample[1], sample[0]),
+                           balance_views=balance)
     except ImportError as e:
         print_error(f"{e} (pip install 'kpac[onnx]')")
         raise typer.Exit(EXIT_FAILED) from None
+    except OSError as e:  # e.g. no permission to write there
+        print_error(f"{onnx_path}: {e.strerror or e}")
+        raise typer.Exit(EXIT_FAILED) from None
     record: dict = {"model": name, "onnx": str(onnx_path), "bytes": len(data), "opset": opset,
-                    "dynamic": static is None, "config": net.config.to_dict()}
+                    "dynamic": static is None, "balance_views": balance and net.config.in_views == 2,
+                    "config": net.config.to_dict()}
     if check:
         if static:
             cw, ch = sample

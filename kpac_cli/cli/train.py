@@ -197,17 +197,21 @@ def train_command(
     json_out: bool = typer.Option(False, "--json", help="Print the result as a JSON record on stdout.", rich_help_panel="Run"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress or messages (errors only).", rich_help_panel="Run"),
 ) -> None:
+    from ..distributed import env_info
     from ..images import ImageError
     from ..model import KPACConfig
     from ..train import (
         CheckpointError, DataError, TrainConfig, TrainingError, VGGWeightsMissing, export_model, load_state, train,
     )
+    from ..train.loop import resolve_device
 
     if export_only:
         if resume is None:
             raise usage_error("--export-only needs --resume RUN (the run folder or checkpoint to export)")
         if export_from not in ("last", "best"):
             raise usage_error("--from must be last or best")
+        if output is not None and (output.exists() or output.is_symlink()):
+            raise usage_error(f"{output}: exists (choose another -o, or remove it first)")
         try:
             path = export_model(resume, output, export_from)
         except (CheckpointError, TrainingError, OSError) as e:
@@ -259,13 +263,21 @@ def train_command(
         except CheckpointError as e:
             raise usage_error(str(e)) from None
         cfg = TrainConfig.from_dict(state["train_config"])
+        # Architecture flags may repeat the checkpoint's architecture, not change it.
+        saved = KPACConfig.from_dict(state["config"])
+        saved_arch = {"levels": saved.levels, "channels": saved.channels, "blocks": saved.blocks,
+                      "kernel_size": saved.kernel_size, "dilations": saved.dilations,
+                      "unshared_kernels": not saved.shared_kernel, "no_scale_attention": not saved.scale_attention,
+                      "no_shape_attention": not saved.shape_attention}
         # Map CLI names onto TrainConfig fields to see which were changed on this command line.
         cli_to_field = {"no_flips": "flips", "no_tensorboard": "tensorboard"}
         changed = []
         for name in sorted(given - _RUN_ONLY):
             field_name = cli_to_field.get(name, name)
             if name in arch_flags:
-                changed.append("--" + name.replace("_", "-"))
+                value = _dilations(dilations) if name == "dilations" else ctx.params[name]
+                if value != saved_arch[name]:
+                    changed.append("--" + name.replace("_", "-"))
             elif field_name in _RESUMABLE:
                 cfg = cfg.replace(**{field_name: values[field_name]})
             elif field_name in values and values[field_name] != getattr(cfg, field_name, values[field_name]):
@@ -284,6 +296,15 @@ def train_command(
             raise usage_error(str(e)) from None
         if (cfg.out / "last.pt").exists():
             raise usage_error(f"{cfg.out} already holds a run (last.pt); continue it with --resume {cfg.out} or choose another --out")
+
+    # Checked here, before train() creates the run folder: problems the user fixes are usage errors.
+    for src in cfg.synthetic:
+        if not src.exists():
+            raise usage_error(f"--synthetic: no such file or directory: {src}")
+    try:
+        resolve_device(cfg.device, env_info())
+    except TrainingError as e:
+        raise usage_error(str(e)) from None
 
     try:
         with _Reporter(quiet, cfg.log_every) as reporter:

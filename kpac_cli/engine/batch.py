@@ -34,13 +34,17 @@ from ..images import (
     pair_dual_pixel,
     read_dual_pixel,
     read_image,
+    sniff_format,
     write_image,
 )
+from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
 from .deblurrer import Deblurrer
 from .tiled import ProgressFn
 
 STDIO = "-"
 _EXT_FOR_FORMAT = {"png": ".png", "tiff": ".tif", "jpeg": ".jpg"}
+#: Companion files written beside an output (``--save-blurmap``): kind -> name suffix.
+COMPANIONS = {"blurmap": "_blurmap.png"}
 
 
 class PlanError(ValueError):
@@ -60,9 +64,11 @@ class OutputOptions:
 @dataclass
 class Job:
     name: str
-    source: Path | bytes | DualPixelTriple  # a file, stdin bytes, or a dual-pixel triple
+    source: Path | bytes | DualPixelTriple  # a file, bytes (stdin, a pipe), or a dual-pixel triple
     output: Path | None  # None: write to stdout
     input_label: str
+    format: str = "png"  # png | tiff | jpeg: what is written, decided when planning
+    companions: dict[str, Path] = field(default_factory=dict)  # kind -> path beside the output
 
 
 @dataclass
@@ -91,20 +97,58 @@ class JobResult:
         return rec
 
 
-def _output_ext(source_path: Path | None, options: OutputOptions) -> str:
+def _input_format(source: Path | bytes) -> str:
+    """The input's format from its extension, or from its content when the extension says
+    nothing (``.jfif``, no extension, a pipe); unreadable content counts as RAW (it fails
+    later, when it is read, with the reader's message)."""
+    if isinstance(source, Path):
+        ext = path_ext(source)
+        if ext in FORMAT_ALIASES:
+            return FORMAT_ALIASES[ext]
+        if ext in RAW_EXTENSIONS:
+            return "raw"
+    try:
+        return sniff_format(source)
+    except ImageError:
+        return "raw"
+
+
+def _output_format(source: Path | bytes, options: OutputOptions) -> str:
+    """png | tiff | jpeg: --bit-depth 32 is TIFF, then --format, then the input's (RAW -> TIFF)."""
     if options.bit_depth == 32:
-        return ".tif"
+        return "tiff"
     if options.format:
-        return _EXT_FOR_FORMAT[options.format]
-    if source_path is None:
-        return ".png"
-    ext = source_path.suffix.lower()
-    return ext if ext in (".png", ".tif", ".tiff", ".jpg", ".jpeg") else ".tif"  # RAW -> 16-bit TIFF
+        return options.format
+    fmt = _input_format(source)
+    return "tiff" if fmt == "raw" else fmt
 
 
-def collect_inputs(inputs: list[str], recursive: bool) -> list[tuple[Path, Path]]:
-    """(file, path relative to the folder it came from) for every image named or found."""
+def _file_target_format(output: str, options: OutputOptions) -> str:
+    """The format an explicit output file name asks for; names that contradict the options
+    or name no format we write are usage errors (so a file's content always matches its name)."""
+    ext = path_ext(output)
+    fmt = FORMAT_ALIASES.get(ext)
+    if fmt is None:
+        raise PlanError(f"-o {output}: not an image file name (.png, .tif, .tiff, .jpg or .jpeg); end it with / for a folder")
+    if options.bit_depth == 32 and fmt != "tiff":
+        raise PlanError(f"-o {output}: --bit-depth 32 (float) is written as TIFF only")
+    if options.format and options.format != fmt:
+        raise PlanError(f"-o {output} contradicts --format {options.format}")
+    return fmt
+
+
+def _names_folder(output: str) -> bool:
+    return output.endswith(("/", os.sep)) or Path(output).is_dir()
+
+
+def collect_inputs(inputs: list[str], recursive: bool, exclude: Path | None = None) -> list[tuple[Path, Path]]:
+    """(file, path relative to the folder it came from) for every image named or found.
+
+    ``exclude``: a folder whose files are never taken from a folder listing (the output
+    folder, when it lies inside an input folder).
+    """
     found: list[tuple[Path, Path]] = []
+    skip = exclude.resolve() if exclude is not None else None
     for item in inputs:
         p = Path(item)
         if p.is_dir():
@@ -112,6 +156,8 @@ def collect_inputs(inputs: list[str], recursive: bool) -> list[tuple[Path, Path]
                 files = list_images(p, recursive=recursive)
             except OSError as e:
                 raise PlanError(f"cannot list {item} ({e.strerror or e})") from None
+            if skip is not None and skip != p.resolve() and skip.is_relative_to(p.resolve()):
+                files = [f for f in files if not f.resolve().is_relative_to(skip)]
             found += [(f, f.relative_to(p)) for f in files]
         elif p.exists():
             found.append((p, Path(p.name)))
@@ -120,38 +166,82 @@ def collect_inputs(inputs: list[str], recursive: bool) -> list[tuple[Path, Path]
     return found
 
 
-def plan_single(inputs: list[str], output: str, recursive: bool, options: OutputOptions, stdin: bytes | None = None) -> list[Job]:
-    """Jobs for single-image deblurring, with output paths decided up front."""
+def _with_companions(job: Job, companions: tuple[str, ...]) -> Job:
+    if job.output is not None:
+        job.companions = {k: job.output.with_name(job.output.stem + COMPANIONS[k]) for k in companions}
+    return job
+
+
+def _check_claims(jobs: list[Job]) -> None:
+    """No two jobs write one file (outputs and companions alike)."""
+    claimed: dict[Path, str] = {}
+    for job in jobs:
+        for dst in ([job.output] if job.output is not None else []) + list(job.companions.values()):
+            key = Path(os.path.abspath(dst))
+            if key in claimed:
+                raise PlanError(f"{job.input_label} and {claimed[key]} would both be written to {dst}; use --suffix or keep their formats")
+            claimed[key] = job.input_label
+
+
+def plan_single(
+    inputs: list[str],
+    output: str,
+    recursive: bool,
+    options: OutputOptions,
+    stdin: bytes | None = None,
+    companions: tuple[str, ...] = (),
+) -> list[Job]:
+    """Jobs for single-image deblurring, with output paths and formats decided up front.
+
+    ``-o`` names a folder (it exists, ends with ``/``, or there are several inputs) or, for
+    one input, a file whose extension must be an image format's. Files of a folder input that
+    this command would itself write (a previous run's outputs in the input folder or in an
+    output folder inside it) are not taken as inputs, so a rerun never deblurs its own output.
+    ``companions``: kinds of :data:`COMPANIONS` written beside each output; their names are
+    checked for clashes like the outputs'.
+    """
     if STDIO in inputs:
         if len(inputs) != 1:
             raise PlanError("'-' (stdin) cannot be mixed with other inputs")
-        if output != STDIO and Path(output).is_dir():
+        data = stdin if stdin is not None else b""
+        if output == STDIO:
+            return [Job("stdin", data, None, "<stdin>", _output_format(data, options))]
+        if _names_folder(output):
             raise PlanError("with stdin input, -o must be '-' or a file path")
-        return [Job("stdin", stdin if stdin is not None else b"", None if output == STDIO else Path(output), "<stdin>")]
-    files = collect_inputs(inputs, recursive)
+        job = Job("stdin", data, Path(output), "<stdin>", _file_target_format(output, options))
+        return [_with_companions(job, companions)]
+    out = Path(output)
+    files = collect_inputs(inputs, recursive, exclude=None if output == STDIO else out)
     if not files:
         raise PlanError("no images found in the inputs")
-    out = Path(output)
-    single_file_target = len(files) == 1 and not Path(inputs[0]).is_dir() and output != STDIO and not out.is_dir() and out.suffix != ""
+    sources: list[Path | bytes] = [src if src.is_file() else src.read_bytes() for src, _ in files]  # a pipe is read once
     if output == STDIO:
         if len(files) != 1:
             raise PlanError("-o - (stdout) takes exactly one input image")
-        return [Job(files[0][1].stem, files[0][0], None, str(files[0][0]))]
-    jobs: list[Job] = []
-    claimed: dict[Path, str] = {}
-    for src, rel in files:
-        if single_file_target:
-            dst = out
-        else:
-            dst = out / rel.parent / f"{rel.stem}{options.suffix}{_output_ext(src, options)}"
-        jobs.append(Job(rel.stem, src, dst, str(src)))
-        if dst in claimed:
-            raise PlanError(f"{src} and {claimed[dst]} would both be written to {dst}; use --suffix or keep their formats")
-        claimed[dst] = str(src)
+        return [Job(files[0][1].stem, sources[0], None, str(files[0][0]), _output_format(sources[0], options))]
+    if len(files) == 1 and not Path(inputs[0]).is_dir() and not _names_folder(output) and out.suffix != "":
+        job = Job(files[0][1].stem, sources[0], out, str(files[0][0]), _file_target_format(output, options))
+        return [_with_companions(job, companions)]
+    if out.exists() and not out.is_dir():
+        raise PlanError(f"-o {output} is an existing file; give a folder for {len(files)} input(s)")
+    if not _names_folder(output) and path_ext(output) in FORMAT_ALIASES and len(files) > 1:
+        raise PlanError(f"-o {output} looks like a file name, but there are {len(files)} inputs; give a folder")
+    jobs = []
+    for (src, rel), source in zip(files, sources):
+        fmt = _output_format(source, options)
+        dst = out / rel.parent / f"{rel.stem}{options.suffix}{_EXT_FOR_FORMAT[fmt]}"
+        jobs.append(_with_companions(Job(rel.stem, source, dst, str(src), fmt), companions))
+    # a previous run's outputs (and their companions) found among the inputs are not inputs;
+    # an output equal to its own input is left for the preflight to refuse
+    writer = {Path(os.path.abspath(p)): i for i, j in enumerate(jobs) for p in [j.output, *j.companions.values()]}
+    jobs = [j for i, (j, (src, _)) in enumerate(zip(jobs, files)) if writer.get(Path(os.path.abspath(src)), i) == i]
+    if not jobs:
+        raise PlanError("no images found in the inputs (only outputs of this command)")
+    _check_claims(jobs)
     return jobs
 
 
-def plan_dual(left: str, right: str, center: str | None, output: str, options: OutputOptions) -> list[Job]:
+def plan_dual(left: str, right: str, center: str | None, output: str, options: OutputOptions, companions: tuple[str, ...] = ()) -> list[Job]:
     try:
         # sizes and bit depths are checked per pair when it is read: a bad pair fails alone
         triples = pair_dual_pixel(Path(left), Path(right), Path(center) if center else None, check=False)
@@ -160,13 +250,18 @@ def plan_dual(left: str, right: str, center: str | None, output: str, options: O
     if output == STDIO:
         if len(triples) != 1:
             raise PlanError("-o - (stdout) takes exactly one dual-pixel pair")
-        return [Job(triples[0].name, triples[0], None, str(triples[0].left))]
+        return [Job(triples[0].name, triples[0], None, str(triples[0].left), _output_format(triples[0].left, options))]
     out = Path(output)
-    single = len(triples) == 1 and Path(left).is_file() and not out.is_dir() and out.suffix != ""
+    if len(triples) == 1 and Path(left).is_file() and not _names_folder(output) and out.suffix != "":
+        return [_with_companions(Job(Path(triples[0].name).stem, triples[0], out, str(triples[0].left), _file_target_format(output, options)), companions)]
+    if out.exists() and not out.is_dir():
+        raise PlanError(f"-o {output} is an existing file; give a folder for {len(triples)} pair(s)")
     jobs = []
     for t in triples:
-        dst = out if single else out / f"{Path(t.name).stem}{options.suffix}{_output_ext(t.left, options)}"
-        jobs.append(Job(Path(t.name).stem, t, dst, str(t.left)))
+        fmt = _output_format(t.left, options)
+        dst = out / f"{Path(t.name).stem}{options.suffix}{_EXT_FOR_FORMAT[fmt]}"
+        jobs.append(_with_companions(Job(Path(t.name).stem, t, dst, str(t.left), fmt), companions))
+    _check_claims(jobs)
     return jobs
 
 
@@ -195,6 +290,12 @@ def preflight(job: Job, options: OutputOptions) -> JobResult | None:
             return JobResult(job.input_label, str(job.output), "skipped")
         if not options.overwrite:
             return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: exists (use --overwrite to replace it or --skip-existing to keep it)")
+    for path in job.companions.values():
+        if any(_same_file(src, path) for src in sources):
+            return JobResult(job.input_label, str(job.output), "failed", f"{path}: would be written over the input file; refusing")
+        if path.exists() and not (options.overwrite or options.skip_existing):
+            # checked before any work; with --skip-existing a finished companion is kept
+            return JobResult(job.input_label, str(job.output), "failed", f"{path}: exists (use --overwrite to replace it or --skip-existing to keep it)")
     return None
 
 
@@ -255,8 +356,11 @@ def run_batch(
             data = fut.result()
             if job.output is None and stdout_sink is not None and data is not None:
                 stdout_sink(data)
+        except OutputAppeared as e:
+            # another process (e.g. a second run on the same folder) wrote it meanwhile
+            res.status, res.error = ("skipped", None) if options.skip_existing else ("failed", _one_line(e, job.output))
         except (ImageError, OSError) as e:
-            res.status, res.error = "failed", _one_line(e, job.output)
+            res.status, res.error = "failed", _one_line(e, job.output or "<stdout>")
         results.append(res)
         if on_result:
             on_result(res)
@@ -301,34 +405,19 @@ def run_batch(
     return results
 
 
+class OutputAppeared(ImageError):
+    """The output file was created by someone else while its image was being deblurred."""
+
+
 def _write(job: Job, image: np.ndarray, info: ImageInfo, options: OutputOptions) -> bytes | None:
-    if job.output is not None:
-        job.output.parent.mkdir(parents=True, exist_ok=True)
-        if job.output.exists() and not options.overwrite:
-            # another process created it since the preflight: never clobber
-            raise ImageError(f"{job.output}: appeared while processing; not overwritten (use --overwrite)")
-    if options.bit_depth == 32:
-        return _write_float_tiff(job.output, image)
-    fmt = options.format
-    if fmt is None and job.output is not None:
-        suffix = job.output.suffix.lower()
-        fmt = {".png": "png", ".tif": "tiff", ".tiff": "tiff", ".jpg": "jpeg", ".jpeg": "jpeg"}.get(suffix)
-    if fmt is None and info.format == "raw":
-        fmt = "tiff"
-    return write_image(job.output, image, info, format=fmt, bit_depth=options.bit_depth, jpeg_quality=options.jpeg_quality)
-
-
-def _write_float_tiff(path: Path | None, image: np.ndarray) -> bytes | None:
-    """float32 RGB TIFF of the unclipped output (values in [0, 1] units, may exceed them)."""
-    import io
-
-    import tifffile
-
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, np.ascontiguousarray(image, dtype=np.float32), photometric="rgb", compression="zlib")
-    if path is None:
-        return buf.getvalue()
-    atomic_write_bytes(path, buf.getvalue())
+    data = write_image(None, image, info, format=job.format, bit_depth=options.bit_depth, jpeg_quality=options.jpeg_quality)
+    if job.output is None:
+        return data
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write_bytes(job.output, data, replace=options.overwrite)
+    except FileExistsError:  # another process created it since the preflight: never clobber
+        raise OutputAppeared(job.output, "appeared while processing; not overwritten (use --overwrite)") from None
     return None
 
 

@@ -9,7 +9,7 @@ Conventions
   (``uint8``/``uint16``) and their bit depth, for memory-lean caches.
 * :func:`list_images` lists the files of a folder that :func:`is_image_path` accepts (the
   formats this package reads); every folder listing in kpac goes through it.
-* :func:`write_image` clips to ``[0, 1]`` and rounds half-up, ``floor(v * (2**b - 1) + 0.5)``,
+* :func:`write_image` clips to ``[0, 1]`` and rounds half-up (float32 TIFF is written unclipped), ``floor(v * (2**b - 1) + 0.5)``,
   so reading and writing back at the same bit depth is bit-exact (16-bit PNG included).
 * Every user-facing failure is an :class:`ImageError` whose one-line message names the file.
 * Files are written atomically (temporary file + fsync + rename); see :mod:`.atomic`.
@@ -19,7 +19,7 @@ This package does not import typer or rich.
 
 from .atomic import atomic_output, atomic_write_bytes, cleanup_stale_temps
 from .base import DEFAULT_MAX_PIXELS, RAW_EXTENSIONS, ImageError, ImageInfo
-from .io import is_image_path, list_images, probe_size, read_image, read_image_codes, write_image
+from .io import is_image_path, list_images, probe_size, read_image, read_image_codes, sniff_format, write_image
 from .pairing import DualPixelTriple, dpdd_dual_dirs, pair_dual_pixel, read_dual_pixel
 from .raw import RawOptions
 
@@ -41,5 +41,6 @@ __all__ = [
     "read_dual_pixel",
     "read_image",
     "read_image_codes",
+    "sniff_format",
     "write_image",
 ]

@@ -9,6 +9,7 @@ the name lets :func:`cleanup_stale_temps` tell leftovers of a killed run from a 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -80,10 +81,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _commit(tmp: Path, dest: Path, sync: bool = True) -> None:
-    """fsync ``tmp``, keep the permission bits of an existing ``dest``, rename into place."""
+def _commit(tmp: Path, dest: Path, sync: bool = True, replace: bool = True) -> None:
+    """fsync ``tmp``, keep the permission bits of an existing ``dest``, rename into place.
+
+    ``replace=False``: never replace an existing ``dest`` (FileExistsError), decided by the
+    file system itself (a hard link fails if the name exists), so a file another process
+    creates at the last moment is not clobbered either.
+    """
     if sync:
         _fsync_path(tmp)
+    if not replace:
+        try:
+            os.link(tmp, dest)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "exists", str(dest)) from None
+        except OSError:  # no hard links here (e.g. FAT, some network shares): check, then rename
+            if os.path.lexists(dest):
+                raise FileExistsError(errno.EEXIST, "exists", str(dest)) from None
+            os.replace(tmp, dest)
+        else:
+            os.unlink(tmp)
+        _fsync_dir(dest.parent)
+        return
     try:
         mode = os.stat(dest).st_mode & 0o7777
     except OSError:
@@ -97,7 +116,7 @@ def _commit(tmp: Path, dest: Path, sync: bool = True) -> None:
     _fsync_dir(dest.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> None:
     """Write ``data`` to ``path`` atomically.
 
     Parameters
@@ -106,6 +125,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         Destination file. Its folder must exist.
     data : bytes
         The complete file content.
+    replace : bool
+        Replace an existing ``path`` (default). False: raise :class:`FileExistsError` if it
+        exists when the file is committed, even if it appeared a moment before.
 
     Raises
     ------
@@ -121,7 +143,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        _commit(tmp, dest, sync=False)  # already fsync'ed through the handle
+        _commit(tmp, dest, sync=False, replace=replace)  # already fsync'ed through the handle
         ok = True
     finally:
         _release(tmp, remove=not ok)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -108,7 +109,11 @@ class _Src:
             self.name = str(source)
             try:
                 with open(self.path, "rb") as fh:
-                    self.head = fh.read(64)
+                    if stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                        self.head = fh.read(64)
+                    else:  # a pipe (``<(cmd)``, /dev/stdin) can be read only once: keep all of it
+                        self.data = fh.read()
+                        self.head = self.data[:64]
             except FileNotFoundError:
                 raise ImageError(source, "no such file") from None
             except IsADirectoryError:
@@ -173,6 +178,15 @@ def _sniff(src: _Src) -> str:
     if head[4:8] == b"ftyp":
         raise ImageError(src.name, "HEIF/AVIF images are not supported (use PNG, TIFF, JPEG or camera RAW)")
     raise ImageError(src.name, "not a recognised image (content is not PNG, TIFF, JPEG or camera RAW)")
+
+
+def sniff_format(source: str | os.PathLike | bytes) -> str:
+    """The format :func:`read_image` would decode ``source`` as: 'png' | 'jpeg' | 'tiff' | 'raw'.
+
+    Looks at the first 64 bytes (and, for camera RAW, the extension); raises
+    :class:`ImageError` for content that is not a supported image.
+    """
+    return _sniff(_Src(source))
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -853,7 +867,8 @@ def write_image(
         Destination. None returns the encoded bytes instead (e.g. for stdout).
     image : ndarray
         Float ``(H, W, 3)`` RGB in ``[0, 1]`` (also ``(H, W)`` / ``(H, W, 1)`` gray). Values
-        are clipped, NaN counts as 0, then rounded half-up: ``floor(v * maxval + 0.5)``.
+        are clipped, NaN counts as 0, then rounded half-up: ``floor(v * maxval + 0.5)``
+        (float32 output: NaN counts as 0, nothing else changes).
     info : ImageInfo
         From :func:`read_image`. Gray sources (1 or 2 channels) are written gray (the mean of
         the three channels); ``info.alpha`` is re-attached when the format has alpha (PNG,
@@ -863,8 +878,8 @@ def write_image(
         Default: from the path's extension when it is one of png/tif/tiff/jpg/jpeg, else the
         source format (RAW -> TIFF).
     bit_depth : {8, 16, 32}, optional
-        Default: the source's (float TIFF -> 16, RAW -> 16). JPEG is always 8. 32 writes a
-        float32 TIFF (TIFF only).
+        Default: the source's (float TIFF stays float32 as TIFF, 16 in PNG; RAW -> 16). JPEG
+        is always 8. 32 writes a float32 TIFF (TIFF only) whose image values are not clipped.
     jpeg_quality : int
         1-100, JPEG only.
 
@@ -885,7 +900,7 @@ def write_image(
     if fmt == "jpeg":
         depth = 8
     elif bit_depth is None:
-        depth = info.bit_depth if info.bit_depth in (8, 16) else 16
+        depth = info.bit_depth if info.bit_depth in (8, 16) or (info.bit_depth == 32 and fmt == "tiff") else 16
     else:
         depth = int(bit_depth)
         if depth not in (8, 16, 32):
@@ -913,7 +928,10 @@ def write_image(
             raise ValueError(f"info.alpha is {alpha.shape} but the image is {img.shape[:2]}")
         planes.append(alpha[..., None])
     if depth == 32:
-        arr = np.concatenate([np.clip(np.nan_to_num(p.astype(np.float32), nan=0.0), 0, 1) for p in planes], axis=2)
+        # float TIFF keeps values outside [0, 1] (e.g. a network's unclipped output); alpha is clipped
+        planes = [np.nan_to_num(p.astype(np.float32), nan=0.0) for p in planes]
+        planes[1:] = [np.clip(a, 0, 1) for a in planes[1:]]
+        arr = np.concatenate(planes, axis=2)
     else:
         arr = np.concatenate([quantize(p, depth) for p in planes], axis=2)
     data = _encode(fmt, arr, depth, info, jpeg_quality)

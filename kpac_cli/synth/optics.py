@@ -53,29 +53,30 @@ def boost_highlights(linear: np.ndarray, encoded: np.ndarray, boost: float,
 
     A photo stores a light bulb or a specular glint as 1.0, but the scene was brighter, and
     when it is defocused its energy spreads into a bright bokeh disc instead of a grey smudge.
-    Pixels whose brightest *encoded* channel is ``>= hi`` are multiplied (all channels, so the
-    hue is kept) by ``boost`` in linear light; between ``lo`` and ``hi`` the factor ramps
-    linearly from 1, so there is no seam (and JPEG-fuzzed clipped areas, 250..255, still count).
-    The ramp is kept narrow because an in-focus boosted pixel is clipped back to 1.0 by the
-    sensor, i.e. it ends up up to ``1 - lo`` brighter than in the target. ``boost <= 1``
-    returns ``linear`` unchanged.
+    Each channel whose *encoded* value is ``>= hi`` is multiplied by ``boost`` in linear
+    light; between ``lo`` and ``hi`` the factor ramps linearly from 1, so there is no seam (and
+    JPEG-fuzzed clipped areas, 250..255, still count). Only clipped channels are boosted: a
+    channel the sensor did not clip was measured, so an in-focus pixel comes back (clipped by
+    the sensor again) with its colour unchanged, and a white highlight is boosted evenly (its
+    hue kept). The ramp is kept narrow because an in-focus boosted channel is clipped back to
+    1.0, i.e. it ends up up to ``1 - lo`` brighter than in the target. ``boost <= 1`` returns
+    ``linear`` unchanged.
 
     Parameters
     ----------
     linear : (H, W, 3) ndarray
         The image in linear light.
     encoded : (H, W, 3) ndarray
-        The same image encoded (used to find saturated pixels as a photo file shows them).
+        The same image encoded (used to find saturated channels as a photo file shows them).
     boost : float
-        Linear-light gain of fully saturated pixels.
+        Linear-light gain of fully saturated channels.
     """
     if boost <= 1.0:
         return linear
-    peak = np.maximum(np.maximum(encoded[..., 0], encoded[..., 1]), encoded[..., 2])
-    t = np.clip((peak - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    t = np.clip((encoded - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
     if not t.any():
         return linear
-    return linear * (1.0 + (np.float32(boost) - 1.0) * t)[..., None]
+    return linear * (1.0 + (np.float32(boost) - 1.0) * t)
 
 
 def aperture_psf(radius: float, *, aperture: str = "disc", blades: int = 6, rotation: float = 0.0,
