@@ -282,3 +282,18 @@ def test_compile_flag_gives_the_same_images_and_reports_compile_time(tmp_path, t
         a = read_image(tmp_path / "plain" / f"p{i}.png")[0]
         b = read_image(tmp_path / "compiled" / f"p{i}.png")[0]
         assert np.abs(a - b).max() <= 1.5 / 65535  # at most one 16-bit code (float rounding)
+
+
+def test_models_lists_a_warm_started_model_with_all_its_iterations(tmp_path, monkeypatch):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    net = build_model(KPACConfig(levels=2, channels=8))
+    save_checkpoint(folder / "warm.safetensors", net, {"iterations": 500, "total_iterations": 4500, "trained_on": "x"})
+    save_checkpoint(folder / "fresh.safetensors", net, {"iterations": 700, "total_iterations": 700, "trained_on": "y"})
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(folder))
+    monkeypatch.setenv("COLUMNS", "200")
+    res = invoke("models")
+    assert res.exit_code == 0, res.output
+    rows = {line.split("│")[1].strip(): line for line in res.stdout.splitlines() if line.startswith("│")}
+    assert "4500 (500 in its last run)" in rows["warm"]
+    assert "700" in rows["fresh"] and "last run" not in rows["fresh"]

@@ -23,7 +23,8 @@ DEFAULT_DUAL_MODEL = "kpac-dual"
 
 
 def weights_dirs() -> list[Path]:
-    """Where shipped weights are looked for: $KPAC_WEIGHTS_DIR, the installed package, the checkout."""
+    """Where shipped weights are looked for: $KPAC_WEIGHTS_DIR, the installed package (a wheel
+    installs the checkout's weights/ as kpac_cli/weights), the checkout (editable installs)."""
     here = Path(__file__).resolve().parents[1]
     dirs = [Path(os.environ["KPAC_WEIGHTS_DIR"])] if os.environ.get("KPAC_WEIGHTS_DIR") else []
     dirs += [here / "weights", here.parent / "weights"]

@@ -31,8 +31,12 @@ def models(json_out: bool = typer.Option(False, "--json", help="One JSON record 
         scores = p.get("scores", {})
         # the headline figures only; `kpac models --json` has everything
         score_s = ", ".join(f"{k} {v}" for k, v in scores.items() if not isinstance(v, (dict, list))) if isinstance(scores, dict) else str(scores)
+        # a warm-started model's last run is only part of its training; total_iterations counts all
+        iterations = str(p.get("iterations", "?"))
+        if "total_iterations" in p and p["total_iterations"] != p.get("iterations"):
+            iterations = f"{p['total_iterations']} ({iterations} in its last run)"
         table.add_row(m.name + (" (default)" if m.default else ""), kind, f"{count_parameters(build_model(m.config)) / 1e6:.2f} M",
-                      str(p.get("trained_on", "?")).split(";")[0], str(p.get("iterations", "?")), score_s or "-")
+                      str(p.get("trained_on", "?")).split(";")[0], iterations, score_s or "-")
     Console().print(table)
     if not infos:
         typer.echo("no shipped models found", err=True)

@@ -1,0 +1,86 @@
+"""An installed kpac (a wheel, not only this checkout) carries its shipped weights.
+
+The weights live in the checkout's top-level ``weights/`` folder; pyproject installs them as
+the data package ``kpac_cli.weights``. Without that, ``pip install kpac`` would give a tool
+whose default model is missing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "weights"
+
+
+def _setuptools_config() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def test_every_package_and_shipped_file_is_installed():
+    cfg = _setuptools_config()
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kpac_cli").rglob("__init__.py")}
+    assert set(cfg["packages"]) == on_disk | {"kpac_cli.weights"}  # a new subpackage must be listed
+    assert cfg["package-dir"]["kpac_cli.weights"] == "weights"
+    patterns = cfg["package-data"]["kpac_cli.weights"]
+    shipped = [p.name for p in WEIGHTS.iterdir() if p.is_file()]
+    needed = [n for n in shipped if n.endswith(".safetensors")] + ["SHA256SUMS"]
+    assert len(needed) >= 4  # three models and their checksums
+    for name in needed:
+        assert any(fnmatch.fnmatch(name, pat) for pat in patterns), name
+    # the training states (tens of MB) stay in the checkout
+    assert not any(fnmatch.fnmatch("last.pt", pat) for pat in patterns)
+
+
+@pytest.mark.slow
+def test_a_wheel_install_finds_the_default_model(tmp_path):
+    pytest.importorskip("setuptools")
+    # built from a copy, so that the build leaves nothing in the checkout
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "kpac_cli", src / "kpac_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    (src / "weights").mkdir()
+    for p in WEIGHTS.iterdir():
+        if p.is_file():
+            shutil.copy(p, src / "weights" / p.name)
+    state = src / "weights" / "train-state" / "kpac-3level"  # stands for the real (large) states
+    state.mkdir(parents=True)
+    (state / "last.pt").write_bytes(b"resumable training state")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    build = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    [wheel] = (tmp_path / "dist").glob("kpac-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        for p in sorted(WEIGHTS.glob("*.safetensors")) + [WEIGHTS / "SHA256SUMS"]:
+            member = f"kpac_cli/weights/{p.name}"
+            assert member in names
+            assert hashlib.sha256(zf.read(member)).digest() == hashlib.sha256(p.read_bytes()).digest()
+        assert not any("train-state" in n for n in names)
+    site = tmp_path / "site"
+    install = subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    # run from elsewhere, with only the installed copy importable as kpac_cli
+    code = ("import kpac_cli; from kpac_cli.checkpoints.registry import resolve_model; "
+            "print(kpac_cli.__file__); print(resolve_model('kpac-3level')[0]); print(resolve_model('kpac-dual')[0])")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    env.pop("KPAC_WEIGHTS_DIR", None)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    module, default, dual = (Path(line) for line in run.stdout.split())
+    assert module.is_relative_to(site)
+    assert default == site / "kpac_cli" / "weights" / "kpac-3level.safetensors"  # checked against SHA256SUMS on the way
+    assert dual == site / "kpac_cli" / "weights" / "kpac-dual.safetensors"
