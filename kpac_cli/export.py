@@ -63,12 +63,23 @@ class _WithReference(nn.Module):
         return self.model.decode(self.model.bottleneck(encoded).features, skips) + reference
 
 
+def check_static_size(hw: tuple[int, int], stride: int) -> None:
+    """ValueError unless (height, width) ``hw`` are multiples of ``stride``, naming the nearest
+    valid sizes (WxH, as ``kpac export --static`` takes them)."""
+    h, w = hw
+    if h % stride == 0 and w % stride == 0:
+        return
+    up = f"{-(-w // stride) * stride}x{-(-h // stride) * stride}"
+    down = f"{w // stride * stride}x{h // stride * stride}" if w >= stride and h >= stride else None
+    nearest = f"{down} or {up}" if down else up
+    raise ValueError(f"static size {w}x{h}: width and height must be multiples of the model's stride {stride} (nearest: {nearest})")
+
+
 def _onnx_bytes(model: KPACNet, opset: int, dynamic: bool, sample_hw: tuple[int, int], balance_views: bool) -> bytes:
     model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
     cfg = model.config
-    if not dynamic and any(v % cfg.stride for v in sample_hw):
-        # a graph fixed to the rounded-up size would reject the very size that was asked for
-        raise ValueError(f"static size {sample_hw} (height, width) is not a multiple of the model's stride {cfg.stride}")
+    if not dynamic:  # a graph fixed to the rounded-up size would reject the very size asked for
+        check_static_size(sample_hw, cfg.stride)
     h, w = (-(-v // cfg.stride) * cfg.stride for v in sample_hw)
     x = torch.zeros(1, cfg.in_channels, h, w)
     ref = torch.zeros(1, 3, h, w)
@@ -133,10 +144,15 @@ def read_config(model: str | Path | bytes) -> KPACConfig:
     return _config_of(read_metadata(model), model)
 
 
+def _balance_of(meta: Mapping[str, str]) -> bool:
+    # files exported before the key existed do not say: False
+    return bool(json.loads(meta.get(BALANCE_KEY, "false")))
+
+
 def read_balance_views(model: str | Path | bytes) -> bool:
     """Whether an exported file asks for balanced dual-pixel views (False if it does not say:
     files exported before the key existed)."""
-    return bool(json.loads(read_metadata(model).get(BALANCE_KEY, "false")))
+    return _balance_of(read_metadata(model))
 
 
 def make_session(model: str | Path | bytes, threads: int | None = None):
@@ -203,7 +219,7 @@ class OnnxBackend:
             meta = read_metadata(data)
             self.config = _config_of(meta, data)
             if balance_views is None:
-                balance_views = bool(json.loads(meta.get(BALANCE_KEY, "false")))
+                balance_views = _balance_of(meta)
         self.balance_views = bool(balance_views) and self.config.in_views == 2
         self.session = make_session(data, threads)
 
@@ -290,5 +306,5 @@ def check_export(
     }
 
 
-__all__ = ["OnnxBackend", "bound_runner", "check_export", "export_onnx", "make_session", "read_balance_views",
-           "read_config", "read_metadata"]
+__all__ = ["OnnxBackend", "bound_runner", "check_export", "check_static_size", "export_onnx", "make_session",
+           "read_balance_views", "read_config", "read_metadata"]

@@ -41,17 +41,6 @@ def _load_model(model: str, config: Optional[str]):
     return ckpt.build().eval(), name, bool(ckpt.provenance.get("balance_views"))
 
 
-def _check_static(size: tuple[int, int], stride: int) -> None:
-    """ValueError unless WxH ``size`` is a multiple of ``stride``, naming the nearest valid sizes."""
-    w, h = size
-    if w % stride == 0 and h % stride == 0:
-        return
-    up = f"{-(-w // stride) * stride}x{-(-h // stride) * stride}"
-    down = f"{w // stride * stride}x{h // stride * stride}" if w >= stride and h >= stride else None
-    nearest = f"{down} or {up}" if down else up
-    raise ValueError(f"--static {w}x{h}: width and height must be multiples of the model's stride {stride} (nearest: {nearest})")
-
-
 def export(
     onnx_path: Path = typer.Option(..., "--onnx", help="Destination .onnx file."),
     model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`) or a .safetensors file."),
@@ -67,7 +56,7 @@ def export(
 
     Height and width of the dynamic graph must be multiples of the model's stride (8 for 3-level models, 4 for 2-level); pad first, as kpac's engine does. A dual-pixel model whose checkpoint asks for balanced views records that in the file's metadata (kpac_balance_views); balance the views before the graph, as kpac's engine does.
     """
-    from ..export import check_export, export_onnx
+    from ..export import check_export, check_static_size, export_onnx
 
     if onnx_path.exists() and not overwrite:
         raise usage_error(f"{onnx_path}: exists (use --overwrite)")
@@ -78,7 +67,7 @@ def export(
         cw, ch = _parse_size(check_size)
         net, name, balance = _load_model(model, config)
         if static:
-            _check_static(sample, net.config.stride)
+            check_static_size((sample[1], sample[0]), net.config.stride)
     except (ValueError, FileNotFoundError) as e:
         raise usage_error(str(e)) from None
     try:

@@ -53,6 +53,23 @@ def _dilations(text: str) -> tuple[int, ...]:
     return vals
 
 
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _negated(flag: bool) -> bool:
+    return not flag
+
+
+#: Architecture flags: the KPACConfig field each one sets, and the value it gives that field.
+_ARCH_FLAGS: dict[str, tuple[str, Any]] = {
+    "levels": ("levels", _identity), "channels": ("channels", _identity), "blocks": ("blocks", _identity),
+    "kernel_size": ("kernel_size", _identity), "dilations": ("dilations", _dilations),
+    "unshared_kernels": ("shared_kernel", _negated), "no_scale_attention": ("scale_attention", _negated),
+    "no_shape_attention": ("shape_attention", _negated),
+}
+
+
 def _fmt_time(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"
@@ -225,19 +242,14 @@ def train_command(
 
     given = {name for name in ctx.params if ctx.get_parameter_source(name) is not None
              and ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
-    arch_flags = {"levels", "channels", "blocks", "kernel_size", "dilations", "unshared_kernels", "no_scale_attention", "no_shape_attention"}
+    arch_flags = set(_ARCH_FLAGS)
 
     model_cfg = None
     if given & arch_flags or dual:
         kw: dict[str, Any] = {"in_views": 2 if dual else 1}
-        for name in ("levels", "channels", "blocks", "kernel_size"):
-            if ctx.params[name] is not None:
-                kw[name] = ctx.params[name]
-        if dilations is not None:
-            kw["dilations"] = _dilations(dilations)
-        kw["shared_kernel"] = not unshared_kernels
-        kw["scale_attention"] = not no_scale_attention
-        kw["shape_attention"] = not no_shape_attention
+        for flag, (config_field, to_field) in _ARCH_FLAGS.items():
+            if ctx.params[flag] is not None:  # None: the KPACConfig default
+                kw[config_field] = to_field(ctx.params[flag])
         try:
             model_cfg = KPACConfig(**kw)
         except ValueError as e:
@@ -263,20 +275,15 @@ def train_command(
         except CheckpointError as e:
             raise usage_error(str(e)) from None
         cfg = TrainConfig.from_dict(state["train_config"])
-        # Architecture flags may repeat the checkpoint's architecture, not change it.
         saved = KPACConfig.from_dict(state["config"])
-        saved_arch = {"levels": saved.levels, "channels": saved.channels, "blocks": saved.blocks,
-                      "kernel_size": saved.kernel_size, "dilations": saved.dilations,
-                      "unshared_kernels": not saved.shared_kernel, "no_scale_attention": not saved.scale_attention,
-                      "no_shape_attention": not saved.shape_attention}
         # Map CLI names onto TrainConfig fields to see which were changed on this command line.
         cli_to_field = {"no_flips": "flips", "no_tensorboard": "tensorboard"}
         changed = []
         for name in sorted(given - _RUN_ONLY):
             field_name = cli_to_field.get(name, name)
-            if name in arch_flags:
-                value = _dilations(dilations) if name == "dilations" else ctx.params[name]
-                if value != saved_arch[name]:
+            if name in arch_flags:  # may repeat the checkpoint's architecture, not change it
+                config_field, to_field = _ARCH_FLAGS[name]
+                if to_field(ctx.params[name]) != getattr(saved, config_field):
                     changed.append("--" + name.replace("_", "-"))
             elif field_name in _RESUMABLE:
                 cfg = cfg.replace(**{field_name: values[field_name]})
