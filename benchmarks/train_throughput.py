@@ -4,6 +4,9 @@ Measures, for the paper's 3-level single-image KPAC (48 channels):
 
 * full training iterations (forward, L1 loss, backward, Adam step) per second at 256x256
   and 512x512 crops, batch 4 and batch 1;
+* at 256x256, batch 4, the four memory-layout and precision pairs `kpac train` can use on a
+  CPU (NCHW or channels_last, fp32 or bf16 autocast), and which of them `--precision auto`
+  picks here (bf16 only on CPUs with AMX);
 * on-the-fly synthetic pair rendering (``kpac_cli.synth`` through the training dataset,
   crop + blur margin, one process) in samples/s at the same crop sizes, and the number of
   DataLoader workers it would take to keep the model fed;
@@ -28,20 +31,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kpac_cli.engine.device import autocast, cpu_has_fast_bf16  # noqa: E402
 from kpac_cli.model import KPACConfig, build_model  # noqa: E402
+from kpac_cli.train.loop import resolve_precision  # noqa: E402
 from kpac_cli.train import data as D  # noqa: E402
 
 
-def time_steps(cfg: KPACConfig, batch: int, crop: int, steps: int) -> float:
+def time_steps(cfg: KPACConfig, batch: int, crop: int, steps: int, channels_last: bool = False,
+               dtype: torch.dtype = torch.float32) -> float:
     """Seconds per training iteration (after one warm-up iteration)."""
     torch.manual_seed(0)
     model = build_model(cfg).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
     x = torch.rand(batch, 3, crop, crop) * 2 - 1
     y = torch.rand(batch, 3, crop, crop) * 2 - 1
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
-        loss = (model(x) - y).abs().mean()
+        with autocast(torch.device("cpu"), dtype):
+            out = model(x)
+        loss = (out.float() - y).abs().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -140,10 +151,22 @@ def main() -> None:
                   f"synthesis {synth_s:.3f} s/sample -> {row['synth_batch_s']:.2f} s/batch in one process "
                   f"(~{row['workers_to_keep_up']:.2f} workers keep up); cached DPDD crop {cached_s * 1e3:.1f} ms/sample",
                   file=sys.stderr)
+    auto = resolve_precision("auto", torch.device("cpu"))
+    print(f"crop 256 batch 4 by layout and precision (CPU with AMX: {cpu_has_fast_bf16()}; "
+          f"--precision auto picks {str(auto).replace('torch.', '')}):", file=sys.stderr)
+    layouts = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for channels_last in (False, True):
+            step_s = time_steps(cfg, 4, 256, args.steps, channels_last, dtype)
+            name = str(dtype).replace("torch.", "")
+            layouts.append({"precision": name, "channels_last": channels_last, "it_per_s": 1 / step_s})
+            print(f"  {name:8s} {'channels_last' if channels_last else 'NCHW':13s} {1 / step_s:.3f} it/s "
+                  f"({layouts[-1]['it_per_s'] / layouts[0]['it_per_s']:.2f}x fp32 NCHW)", file=sys.stderr)
     png_s = time_png16_decode()
     print(f"decode one 1680x1120 16-bit PNG: {png_s:.3f} s", file=sys.stderr)
     if args.json:
-        print(json.dumps({"rows": rows, "png16_decode_s": png_s, "threads": torch.get_num_threads()}))
+        print(json.dumps({"rows": rows, "layouts": layouts, "png16_decode_s": png_s, "threads": torch.get_num_threads(),
+                          "amx": cpu_has_fast_bf16()}))
 
 
 if __name__ == "__main__":

@@ -518,6 +518,32 @@ def test_bf16_and_channels_last_on_cpu(tmp_path, dpdd):
         train(tiny_cfg(tmp_path / "r2", dpdd, precision="fp16"))
 
 
+def _start_event(cfg: TrainConfig) -> dict:
+    """The start event's data of a run of ``cfg``, after checking its losses were finite."""
+    events = []
+    res = train(cfg, callback=lambda e: events.append(e.data) if e.kind == "start" else None)
+    assert res.skipped == 0 and all(np.isfinite(res.losses))
+    return events[0]
+
+
+def test_cpu_defaults_channels_last_and_bf16_only_with_amx(tmp_path, dpdd, monkeypatch):
+    # this machine's own answer agrees with the flags its kernel reports
+    flags = next((ln.split() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), None) \
+        if Path("/proc/cpuinfo").exists() else None
+    if flags is not None:
+        assert L.cpu_has_fast_bf16() == ("amx_bf16" in flags)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(L, "cpu_has_fast_bf16", lambda: False)
+    assert L.resolve_precision("auto", cpu) == torch.float32
+    start = _start_event(tiny_cfg(tmp_path / "a", dpdd, iterations=2))
+    assert start["precision"] == "float32" and start["channels_last"] is True
+    monkeypatch.setattr(L, "cpu_has_fast_bf16", lambda: True)
+    assert L.resolve_precision("auto", cpu) == torch.bfloat16
+    assert L.resolve_precision("fp32", cpu) == torch.float32  # an explicit choice wins
+    start = _start_event(tiny_cfg(tmp_path / "b", dpdd, iterations=2, channels_last=False))
+    assert start["precision"] == "bfloat16" and start["channels_last"] is False
+
+
 def test_config_errors(tmp_path, dpdd):
     with pytest.raises(TrainingError, match="no training data"):
         train(TrainConfig(out=tmp_path / "x"))

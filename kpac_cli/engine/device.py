@@ -97,6 +97,26 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with Intel AMX, whose tile units multiply bf16 matrices in hardware.
+
+    There bf16 autocast makes training several times faster than fp32 (see
+    ``benchmarks/train_throughput.py``); on CPUs without it (AVX2, most AMD EPYC and laptop
+    chips) bf16 is emulated and slower, so fp32 stays the default.
+    """
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in PyTorch 2.x
+    if probe is not None:
+        try:
+            return bool(probe())
+        except RuntimeError:
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """True for CUDA OOM and for the CPU allocator's 'can't allocate memory' errors."""
     if isinstance(err, torch.cuda.OutOfMemoryError):

@@ -181,7 +181,7 @@ class TrainConfig:
     # execution
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    channels_last: bool | None = None  # None: on for CUDA
+    channels_last: bool | None = None  # None: on (NHWC is faster on CPUs and GPUs alike)
     workers: int = -1  # -1: automatic
     threads: int | None = None
     description: str = ""
