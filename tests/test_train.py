@@ -526,6 +526,19 @@ def _start_event(cfg: TrainConfig) -> dict:
     return events[0]
 
 
+def test_bf16_without_amx_warns(tmp_path, dpdd, monkeypatch):
+    monkeypatch.setattr(L, "cpu_has_fast_bf16", lambda: False)
+    warnings = []
+    train(tiny_cfg(tmp_path / "r", dpdd, iterations=1, precision="bf16"),
+          callback=lambda e: warnings.append(e.data["text"]) if e.kind == "message" and e.data.get("level") == "warning" else None)
+    assert any("emulated" in w for w in warnings)
+    monkeypatch.setattr(L, "cpu_has_fast_bf16", lambda: True)
+    warnings.clear()
+    train(tiny_cfg(tmp_path / "r2", dpdd, iterations=1, precision="bf16"),
+          callback=lambda e: warnings.append(e.data["text"]) if e.kind == "message" and e.data.get("level") == "warning" else None)
+    assert not any("emulated" in w for w in warnings)
+
+
 def test_cpu_defaults_channels_last_and_bf16_only_with_amx(tmp_path, dpdd, monkeypatch):
     # this machine's own answer agrees with the flags its kernel reports
     flags = next((ln.split() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), None) \
