@@ -297,3 +297,30 @@ def test_models_lists_a_warm_started_model_with_all_its_iterations(tmp_path, mon
     rows = {line.split("│")[1].strip(): line for line in res.stdout.splitlines() if line.startswith("│")}
     assert "4500 (500 in its last run)" in rows["warm"]
     assert "700" in rows["fresh"] and "last run" not in rows["fresh"]
+
+
+def test_models_shows_the_headline_scores_of_each_model(tmp_path, monkeypatch):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    capture = {"input_psnr": 29.22, "single_psnr": 29.37, "dual_psnr": 29.69}
+    scores = {"heldout_synthetic_psnr_gain_db": 1.74, "pixel4_dual_pixel_capture": capture,
+              "blur_detection": {"auc": 0.9544, "size_spearman": 1.0}, "heldout_synthetic": [{"max_radius": 3.0}]}
+    save_checkpoint(folder / "single.safetensors", build_model(KPACConfig(levels=2, channels=8)), {"scores": scores})
+    save_checkpoint(folder / "dual.safetensors", build_model(KPACConfig(levels=2, channels=8, in_views=2)),
+                    {"scores": {"heldout_synthetic_psnr_gain_db": 2.5, "pixel4_dual_pixel_capture": capture}})
+    save_checkpoint(folder / "imported.safetensors", build_model(KPACConfig(levels=2, channels=8)), {"scores": {"psnr": 25.2}})
+    save_checkpoint(folder / "unscored.safetensors", build_model(KPACConfig(levels=2, channels=8)), {})
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(folder))
+    monkeypatch.setenv("COLUMNS", "200")
+    res = invoke("models")
+    assert res.exit_code == 0, res.output
+    cells: dict[str, list[str]] = {}
+    name = None
+    for line in res.stdout.splitlines():
+        if line.startswith("│"):
+            parts = [c.strip() for c in line.split("│")[1:-1]]
+            name = parts[0] or name  # a multi-line cell continues the row above
+            cells.setdefault(name, []).append(parts[-1])
+    assert cells["single"] == ["held-out synthetic +1.74 dB", "Pixel 4 capture 29.22 -> 29.37 dB", "blur detection AUC 0.954"]
+    assert cells["dual"] == ["held-out synthetic +2.50 dB", "Pixel 4 capture 29.22 -> 29.69 dB"]  # the dual model's figure
+    assert cells["imported"] == ["psnr 25.2"] and cells["unscored"] == ["-"]

@@ -11,6 +11,32 @@ from ..model import build_model, count_parameters
 from .common import emit_json
 
 
+def headline_scores(scores: object, dual: bool = False) -> str:
+    """The few figures a user compares models by, one per line; '-' when none were measured.
+
+    ``scores`` is a model file's ``provenance["scores"]`` as written by
+    ``benchmarks/shipped_weights.py --publish``; keys it does not know are left to ``--json``.
+    """
+    if not isinstance(scores, dict) or not scores:
+        return "-" if not scores else str(scores)
+    lines = []
+    gain = scores.get("heldout_synthetic_psnr_gain_db")
+    if isinstance(gain, (int, float)):
+        lines.append(f"held-out synthetic {gain:+.2f} dB")
+    capture = scores.get("pixel4_dual_pixel_capture")
+    if isinstance(capture, dict):
+        out = capture.get("dual_psnr" if dual else "single_psnr")
+        if out is not None and capture.get("input_psnr") is not None:
+            lines.append(f"Pixel 4 capture {capture['input_psnr']:.2f} -> {out:.2f} dB")
+    detection = scores.get("blur_detection")
+    if isinstance(detection, dict) and "auc" in detection:
+        lines.append(f"blur detection AUC {detection['auc']:.3f}")
+    # figures of other shapes (a model imported with its own scalar scores, say)
+    lines += [f"{k} {v}" for k, v in scores.items()
+              if not isinstance(v, (dict, list)) and k != "heldout_synthetic_psnr_gain_db"]
+    return "\n".join(lines) or "-"
+
+
 def models(json_out: bool = typer.Option(False, "--json", help="One JSON record per model on stdout.")) -> None:
     """List the shipped models with their architecture, training data and measured scores.
 
@@ -22,21 +48,18 @@ def models(json_out: bool = typer.Option(False, "--json", help="One JSON record 
             emit_json({"name": m.name, "default": m.default, "path": str(m.path), "config": m.config.to_dict(),
                        "parameters": count_parameters(build_model(m.config)), "provenance": m.provenance})
         return
-    table = Table(title="kpac models")
-    for col in ("name", "kind", "params", "trained on", "iterations", "scores"):
-        table.add_column(col, max_width=48 if col in ("trained on", "scores") else None)
+    table = Table(title="kpac models", caption="kpac models --json and weights/README.md have every score and how it was measured")
+    for col in ("name", "kind", "params", "iterations", "scores"):
+        table.add_column(col)
     for m in infos:
         p = m.provenance
         kind = f"{m.config.levels}-level" + (", dual-pixel" if m.config.in_views == 2 else "")
-        scores = p.get("scores", {})
-        # the headline figures only; `kpac models --json` has everything
-        score_s = ", ".join(f"{k} {v}" for k, v in scores.items() if not isinstance(v, (dict, list))) if isinstance(scores, dict) else str(scores)
         # a warm-started model's last run is only part of its training; total_iterations counts all
         iterations = str(p.get("iterations", "?"))
         if "total_iterations" in p and p["total_iterations"] != p.get("iterations"):
             iterations = f"{p['total_iterations']} ({iterations} in its last run)"
         table.add_row(m.name + (" (default)" if m.default else ""), kind, f"{count_parameters(build_model(m.config)) / 1e6:.2f} M",
-                      str(p.get("trained_on", "?")).split(";")[0], iterations, score_s or "-")
+                      iterations, headline_scores(p.get("scores"), dual=m.config.in_views == 2))
     Console().print(table)
     if not infos:
         typer.echo("no shipped models found", err=True)
