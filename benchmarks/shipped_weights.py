@@ -5,7 +5,8 @@
    the reference material is present, the LIVE1 and McMaster photos of ../shared/train-images.
    Four blur levels (largest radius 3, 6, 9, 12 px). Methods: the blurry input (identity), the
    Wiener baseline of `kpac eval --method wiener` (disc PSF, radius estimated per image, and an
-   oracle that picks the best radius per image in hindsight), and the model.
+   oracle that picks the best radius per image in hindsight), and the model, plain and with
+   the self-ensemble of `kpac deblur --ensemble 8` (single-image models).
 2. Sharp and mildly soft photos: the same held-out photos blurred over the whole image by one
    disc (radius 0, 1, 2, 4, 8 px; linear light, no noise, like an evenly soft JPEG), the
    single-image model at full and at half strength. Radius 0 asks what the model does to a
@@ -28,7 +29,7 @@ against the target (the target is on a different intensity scale), and PSNR is c
 linear light with data range 1 after normalising the target by its maximum.
 
 Usage: python benchmarks/shipped_weights.py [--model kpac-3level] [--dual-model kpac-dual]
-       [--per-level 6] [--crop 256] [--json out.json] [--publish]
+       [--per-level 6] [--crop 256] [--ensemble 8] [--json out.json] [--publish]
 
 ``--publish`` writes the measured scores (and this command) into the model file's provenance,
 where `kpac models` shows them, and refreshes weights/SHA256SUMS.
@@ -95,14 +96,16 @@ def wiener_scores(blurred: np.ndarray, sharp: np.ndarray, level: float) -> tuple
     return score(est, sharp), best
 
 
-def synthetic_benchmark(deblurrer: Deblurrer, per_level: int, crop: int, seed: int = 2024) -> list[dict]:
-    """Per blur level; a dual-pixel model gets the rendered left/right views and the centre view."""
+def synthetic_benchmark(deblurrer: Deblurrer, per_level: int, crop: int, seed: int = 2024,
+                        ensemble: Deblurrer | None = None) -> list[dict]:
+    """Per blur level; a dual-pixel model gets the rendered left/right views and the centre view.
+    ``ensemble``: the same single-image model with a self-ensemble, scored as a further method."""
     dual = deblurrer.config.in_views == 2
     sources = held_out_sources()
     rows = []
     for li, level in enumerate(LEVELS):
         settings = SynthSettings(max_radius=level, min_radius=level, dual_pixel=dual)
-        acc = {k: [] for k in ("input", "wiener", "wiener_oracle", "model")}
+        acc = {k: [] for k in ("input", "wiener", "wiener_oracle", "model", "ensemble")}
         for i in range(per_level):
             src = sources[(li * per_level + i) % len(sources)]
             rng = np.random.default_rng([seed, li, i])
@@ -117,13 +120,17 @@ def synthetic_benchmark(deblurrer: Deblurrer, per_level: int, crop: int, seed: i
             else:
                 out = deblurrer.deblur(sample.blurred)
             acc["model"].append(score(out, sample.sharp))
+            if ensemble is not None:
+                acc["ensemble"].append(score(ensemble.deblur(sample.blurred), sample.sharp))
         row = {"max_radius": level, "images": per_level, **_mean_scores(acc)}
         rows.append(row)
         print(
             f"radius {level:4.1f}: input {row['input_psnr']:.2f} dB / {row['input_ssim']:.3f}   "
             f"wiener {row['wiener_psnr']:.2f} / {row['wiener_ssim']:.3f}   "
             f"wiener-oracle {row['wiener_oracle_psnr']:.2f} / {row['wiener_oracle_ssim']:.3f}   "
-            f"model {row['model_psnr']:.2f} / {row['model_ssim']:.3f}",
+            f"model {row['model_psnr']:.2f} / {row['model_ssim']:.3f}"
+            + (f"   ensemble x{ensemble.options.ensemble} {row['ensemble_psnr']:.2f} / {row['ensemble_ssim']:.3f}"
+               if ensemble is not None else ""),
             flush=True,
         )
     return rows
@@ -220,12 +227,15 @@ def main(argv=None) -> int:
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-pixel4", action="store_true")
+    ap.add_argument("--ensemble", type=int, default=8, help="also score the single-image model with this self-ensemble (1: not)")
     ap.add_argument("--publish", action="store_true", help="store the scores in the model file and refresh SHA256SUMS")
     args = ap.parse_args(argv)
     opts = EngineOptions(device="cpu", precision="fp32")
     single = Deblurrer(args.model, opts)
     dual = Deblurrer(args.dual_model, opts) if args.dual_model else None
-    result = {"model": single.name, "provenance": single.provenance, "synthetic": synthetic_benchmark(single, args.per_level, args.crop)}
+    ensemble = Deblurrer(args.model, dataclasses.replace(opts, ensemble=args.ensemble)) if args.ensemble > 1 else None
+    result = {"model": single.name, "provenance": single.provenance,
+              "synthetic": synthetic_benchmark(single, args.per_level, args.crop, ensemble=ensemble)}
     if dual is not None:
         print("dual-pixel model on held-out synthetic dual-pixel views:", flush=True)
         result["synthetic_dual"] = synthetic_benchmark(dual, args.per_level, args.crop)
@@ -243,10 +253,13 @@ def main(argv=None) -> int:
 
 
 def _scores(rows: list[dict]) -> dict:
-    return {
+    scores = {
         "heldout_synthetic_psnr_gain_db": round(float(np.mean([r["model_psnr"] - r["input_psnr"] for r in rows])), 2),
         "heldout_synthetic": _rounded(rows),
     }
+    if all("ensemble_psnr" in r for r in rows):
+        scores["heldout_synthetic_ensemble_psnr_gain_db"] = round(float(np.mean([r["ensemble_psnr"] - r["input_psnr"] for r in rows])), 2)
+    return scores
 
 
 def _rounded(rows: list[dict]) -> list[dict]:
@@ -266,7 +279,7 @@ def publish(args, result: dict) -> None:
             scores["pixel4_dual_pixel_capture"] = p4
     command = "python benchmarks/shipped_weights.py " + " ".join(
         a for a in (f"--model {args.model}", f"--dual-model {args.dual_model}" if args.dual_model else "",
-                    f"--per-level {args.per_level}", f"--crop {args.crop}") if a
+                    f"--per-level {args.per_level}", f"--crop {args.crop}", f"--ensemble {args.ensemble}") if a
     )
     for spec, scores in per_model.items():
         path, _ = resolve_model(spec)

@@ -22,7 +22,9 @@ def headline_scores(scores: object, dual: bool = False) -> str:
     lines = []
     gain = scores.get("heldout_synthetic_psnr_gain_db")
     if isinstance(gain, (int, float)):
-        lines.append(f"held-out synthetic {gain:+.2f} dB")
+        ensemble = scores.get("heldout_synthetic_ensemble_psnr_gain_db")
+        lines.append(f"held-out synthetic {gain:+.2f} dB"
+                     + (f" ({ensemble:+.2f} with --ensemble 8)" if isinstance(ensemble, (int, float)) else ""))
     capture = scores.get("pixel4_dual_pixel_capture")
     if isinstance(capture, dict):
         out = capture.get("dual_psnr" if dual else "single_psnr")
@@ -33,7 +35,7 @@ def headline_scores(scores: object, dual: bool = False) -> str:
         lines.append(f"blur detection AUC {detection['auc']:.3f}")
     # figures of other shapes (a model imported with its own scalar scores, say)
     lines += [f"{k} {v}" for k, v in scores.items()
-              if not isinstance(v, (dict, list)) and k != "heldout_synthetic_psnr_gain_db"]
+              if not isinstance(v, (dict, list)) and not k.startswith("heldout_synthetic_")]
     return "\n".join(lines) or "-"
 
 

@@ -393,6 +393,8 @@ def run_batch(
                 extra["notes"] = list(stats.notes)
             if deblurrer.options.strength != 1.0:
                 extra["strength"] = deblurrer.options.strength
+            if deblurrer.options.ensemble != 1:
+                extra["ensemble"] = deblurrer.options.ensemble
             if deblurrer.options.compile:
                 extra["compile_seconds"] = round(stats.compile_seconds, 3)
             res = JobResult(job.input_label, "-" if job.output is None else str(job.output), "ok", size=tuple(out.shape[:2]), seconds=time.perf_counter() - t0, extra=extra)

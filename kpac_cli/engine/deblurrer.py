@@ -59,6 +59,12 @@ class EngineOptions:
         residual (its output is the input plus a predicted correction, the paper's global
         skip), and the correction is scaled by this; 1 (default) is the model's output, 0 the
         input unchanged. Lower values temper over-sharpening on real photos.
+    ensemble : self-ensemble, 1 (default), 2, 4 or 8: the model runs on this many flips and
+        transposes of the photo (the first ``ensemble`` of: as is, left-right flipped, upside
+        down, both; then each of those transposed) and the outputs, mapped back, are averaged.
+        Costs ``ensemble`` times the time; +0.10 dB at 8 on the held-out synthetic benchmark
+        for kpac-3level. Single-image models only: flipping or transposing dual-pixel views
+        would change the direction of their defocus disparity.
     """
 
     device: str = "auto"
@@ -68,10 +74,30 @@ class EngineOptions:
     memory_budget: int | None = None
     compile: bool = False
     strength: float = 1.0
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+        if self.ensemble not in ENSEMBLE_SIZES:
+            raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLE_SIZES))}, got {self.ensemble}")
+
+
+ENSEMBLE_SIZES = (1, 2, 4, 8)
+
+
+def dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    """The k-th of the 8 flips/transposes of an (N, C, H, W) tensor (bit 0: left-right flip,
+    bit 1: upside down, bit 2: transpose, applied in that order), or its inverse."""
+    if inverse and k & 4:
+        x = x.transpose(2, 3)
+    if k & 1:
+        x = x.flip(3)
+    if k & 2:
+        x = x.flip(2)
+    if not inverse and k & 4:
+        x = x.transpose(2, 3)
+    return x
 
 
 @dataclass
@@ -87,6 +113,7 @@ class RunStats:
 
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
 class Deblurrer:
@@ -116,6 +143,9 @@ class Deblurrer:
         self.network = FastKPACNet(self.model) if self.device.type == "cpu" else self.model
         if self.options.compile:  # inductor fuses the plain model itself (oneDNN's fused ops do not trace)
             self.network = CompiledNetwork(self.model)
+        if self.options.ensemble > 1 and self.config.in_views != 1:
+            raise ValueError("self-ensemble needs a single-image model: flipping or transposing dual-pixel views "
+                             "would change the direction of their defocus disparity")
         self.last_stats = RunStats()
 
     # -- planning ---------------------------------------------------------------------------
@@ -182,15 +212,38 @@ class Deblurrer:
 
         Runs out-of-memory-safe (the tile is halved and the image retried) and half-precision-
         safe (non-finite values make it redo the image in fp32); :attr:`last_stats` says what
-        happened.
+        happened. With ``options.ensemble`` > 1 the output is the mean over that many
+        flips/transposes of the image, each mapped back.
         """
         x, ref = self._as_tensors(image, center)
         h, w = x.shape[-2:]
         stats = RunStats(tile=self.plan_tile(h, w), precision=_DTYPE_NAMES[self.dtype])
         t0 = time.perf_counter()
         compiled_before = getattr(self.network, "compile_seconds", 0.0)
-        dtype = self.dtype
-        stats.kept_skips = self.plan_kept_skips(h, w, dtype) if stats.tile is not None else 0
+        stats.kept_skips = self.plan_kept_skips(h, w, self.dtype) if stats.tile is not None else 0
+        result = self._run_guarded(x, ref, stats, progress, keep_attention)
+        # self-ensemble: the other flips/transposes, mapped back and averaged (attention maps
+        # stay those of the photo as given)
+        for k in range(1, self.options.ensemble):
+            other = self._run_guarded(dihedral(x, k), dihedral(ref, k), stats, progress, False)
+            result.output = result.output + dihedral(other.output, k, inverse=True)
+        if self.options.ensemble > 1:
+            result.output = result.output / self.options.ensemble
+        if self.options.strength != 1.0:
+            result.output = ref + self.options.strength * (result.output - ref)  # scale the residual
+        stats.seconds = time.perf_counter() - t0
+        if isinstance(self.network, CompiledNetwork):
+            stats.compile_seconds = self.network.compile_seconds - compiled_before
+        self.last_stats = stats
+        return result
+
+    def _run_guarded(self, x: torch.Tensor, ref: torch.Tensor, stats: RunStats, progress: ProgressFn | None,
+                     keep_attention: bool) -> InferenceResult:
+        """One pass of the tiled engine, retried with half the tile on out-of-memory and in
+        fp32 on non-finite half-precision output; ``stats`` records both (and carries them to
+        the next pass of a self-ensemble)."""
+        h, w = x.shape[-2:]
+        dtype = _DTYPES[stats.precision]
         while True:
             engine = TiledInference(self.network, self.device, lambda: autocast(self.device, dtype),
                                     self.options.channels_last, stats.kept_skips, static_shapes=self.options.compile)
@@ -217,14 +270,7 @@ class Deblurrer:
                 stats.precision = "fp32"
                 stats.kept_skips = min(stats.kept_skips, self.plan_kept_skips(h, w, dtype))
                 continue
-            break
-        if self.options.strength != 1.0:
-            result.output = ref + self.options.strength * (result.output - ref)  # scale the residual
-        stats.seconds = time.perf_counter() - t0
-        if isinstance(self.network, CompiledNetwork):
-            stats.compile_seconds = self.network.compile_seconds - compiled_before
-        self.last_stats = stats
-        return result
+            return result
 
     def deblur(self, image: np.ndarray, center: np.ndarray | None = None, progress: ProgressFn | bool | None = None) -> np.ndarray:
         """Deblur one image (see the module docstring for conventions); returns HxWx3 in [0, 1].

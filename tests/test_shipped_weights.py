@@ -1,0 +1,85 @@
+"""The shipped single-image models deblur: photos they never saw, blurred by kpac's synthesis.
+
+A small slice of ``benchmarks/shipped_weights.py``'s held-out benchmark (scikit-image's
+photos, which no shipped model was trained on; fixed seeds), so that a regression in the
+weights, the engine or the synthesis that makes the shipped models stop deblurring fails the
+suite, not only the benchmark. The thresholds sit well below the published scores (model
+card: kpac-3level +1.74 dB, kpac-2level +1.52 dB over the blurry input on the full benchmark).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kpac_cli.engine import Deblurrer, EngineOptions
+from kpac_cli.inverse import disc_psf, estimate_disc_radius, wiener_deconvolve
+from kpac_cli.metrics import psnr, quantize
+from kpac_cli.synth import SynthSettings, sharp_sources, synthesize
+
+PHOTOS = ("astronaut", "coffee", "motorcycle")
+LEVELS = (6.0, 12.0)
+
+
+def _psnr8(pred: np.ndarray, target: np.ndarray) -> float:
+    return psnr(quantize(np.clip(pred, 0, 1), 8), quantize(target, 8))
+
+
+@pytest.fixture(scope="module")
+def held_out_cases() -> list[tuple[np.ndarray, np.ndarray]]:
+    """(blurred, sharp) 192x192 centre crops, spatially varying defocus up to each level."""
+    sources = [s for s in sharp_sources([], include_skimage=True) if s.origin.split(":", 1)[-1] in PHOTOS]
+    assert len(sources) == len(PHOTOS)
+    cases = []
+    for li, level in enumerate(LEVELS):
+        for i, src in enumerate(sources):
+            img = src.load()
+            y, x = (img.shape[0] - 192) // 2, (img.shape[1] - 192) // 2
+            sample = synthesize(img[y : y + 192, x : x + 192], np.random.default_rng([77, li, i]),
+                                SynthSettings(max_radius=level, min_radius=level))
+            cases.append((sample.blurred, sample.sharp))
+    return cases
+
+
+def _shipped(name: str, **options) -> Deblurrer:
+    try:
+        return Deblurrer(name, EngineOptions(device="cpu", precision="fp32", **options))
+    except FileNotFoundError:
+        pytest.skip(f"shipped model {name} not installed")
+
+
+@pytest.mark.parametrize("name,min_median_gain", [("kpac-3level", 1.0), ("kpac-2level", 0.8)])
+def test_shipped_model_raises_psnr_on_photos_it_never_saw(held_out_cases, name, min_median_gain):
+    model = _shipped(name)
+    gains, over_wiener = [], []
+    for blurred, sharp in held_out_cases:
+        out = model.deblur(blurred)
+        wiener = wiener_deconvolve(blurred, disc_psf(max(estimate_disc_radius(blurred), 0.5)), 300.0)
+        gains.append(_psnr8(out, sharp) - _psnr8(blurred, sharp))
+        over_wiener.append(_psnr8(out, sharp) - _psnr8(wiener, sharp))
+    # one of the six (KNOWN_FAILURE below) loses over 5 dB: median and count, not the mean
+    assert np.median(gains) > min_median_gain, gains
+    assert sum(g > 0.5 for g in gains) >= len(gains) - 1, gains
+    assert np.median(over_wiener) > 1.0, over_wiener
+
+
+#: A mostly in-focus crop of scikit-image's coffee (level 12, the 2nd photo): the white rim of
+#: the cup is in focus, yet the models thin it and draw a dark edge under it (-5.6 dB against
+#: the input for kpac-3level). Trained with saturated highlights boosted before blurring, they
+#: read a bright band as a blooming, defocused highlight. The model card describes it.
+KNOWN_FAILURE = (1, 1)
+
+
+@pytest.mark.xfail(strict=True, reason="known failure of the shipped models: bright in-focus edges are eroded "
+                   "(strict: a model that fixes it makes this test fail, so the model card is updated)")
+def test_bright_in_focus_edge_is_left_alone(held_out_cases):
+    blurred, sharp = held_out_cases[KNOWN_FAILURE[0] * len(PHOTOS) + KNOWN_FAILURE[1]]
+    out = _shipped("kpac-3level").deblur(blurred)
+    assert _psnr8(out, sharp) > _psnr8(blurred, sharp) - 1.0
+
+
+def test_self_ensemble_of_the_default_model_is_at_least_as_good(held_out_cases):
+    plain, ensemble = _shipped("kpac-3level"), _shipped("kpac-3level", ensemble=8)
+    diffs = [_psnr8(ensemble.deblur(b), s) - _psnr8(plain.deblur(b), s) for b, s in held_out_cases]
+    # full benchmark: +0.10 dB on average; on a single photo it may lose a little
+    assert np.mean(diffs) > 0.02 and min(diffs) > -0.2, diffs
