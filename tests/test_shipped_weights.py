@@ -64,9 +64,9 @@ def test_shipped_model_raises_psnr_on_photos_it_never_saw(held_out_cases, name, 
 
 
 #: A mostly in-focus crop of scikit-image's coffee (level 12, the 2nd photo): the white rim of
-#: the cup is in focus, yet the models thin it and draw a dark edge under it (-5.6 dB against
-#: the input for kpac-3level). Trained with saturated highlights boosted before blurring, they
-#: read a bright band as a blooming, defocused highlight. The model card describes it.
+#: the cup is in focus, yet the models thin it and darken the unsaturated pixels along its
+#: lower edge by 0.2-0.3 (-5.6 dB against the input for kpac-3level): over-sharpening of an
+#: edge that is already sharp. The model card describes it.
 KNOWN_FAILURE = (1, 1)
 
 
