@@ -302,8 +302,11 @@ def test_self_ensemble_averages_the_flipped_runs(tmp_path, tiny_models):
         got = Deblurrer(tiny_models[0], EngineOptions(device="cpu", ensemble=n, tile=0)).run(image).output
         torch.testing.assert_close(got, runs[:n].mean(0), rtol=0, atol=1e-6)
     tiled = Deblurrer(tiny_models[0], EngineOptions(device="cpu", ensemble=8, tile=128))
-    torch.testing.assert_close(tiled.run(image).output, runs.mean(0), rtol=0, atol=1e-5)  # tiling stays exact
+    stages = []
+    out = tiled.run(image, progress=lambda stage, done, total: stages.append(stage)).output
+    torch.testing.assert_close(out, runs.mean(0), rtol=0, atol=1e-5)  # tiling stays exact
     assert tiled.last_stats.tile == 128
+    assert {s.split()[-1] for s in stages} == {f"{k}/8" for k in range(1, 9)}  # progress names each pass
     with pytest.raises(ValueError, match="ensemble"):
         EngineOptions(ensemble=3)
     with pytest.raises(ValueError, match="single-image model"):

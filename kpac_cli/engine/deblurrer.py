@@ -221,14 +221,15 @@ class Deblurrer:
         t0 = time.perf_counter()
         compiled_before = getattr(self.network, "compile_seconds", 0.0)
         stats.kept_skips = self.plan_kept_skips(h, w, self.dtype) if stats.tile is not None else 0
-        result = self._run_guarded(x, ref, stats, progress, keep_attention)
+        n = self.options.ensemble
+        result = self._run_guarded(x, ref, stats, _pass_progress(progress, 0, n), keep_attention)
         # self-ensemble: the other flips/transposes, mapped back and averaged (attention maps
         # stay those of the photo as given)
-        for k in range(1, self.options.ensemble):
-            other = self._run_guarded(dihedral(x, k), dihedral(ref, k), stats, progress, False)
+        for k in range(1, n):
+            other = self._run_guarded(dihedral(x, k), dihedral(ref, k), stats, _pass_progress(progress, k, n), False)
             result.output = result.output + dihedral(other.output, k, inverse=True)
-        if self.options.ensemble > 1:
-            result.output = result.output / self.options.ensemble
+        if n > 1:
+            result.output = result.output / n
         if self.options.strength != 1.0:
             result.output = ref + self.options.strength * (result.output - ref)  # scale the residual
         stats.seconds = time.perf_counter() - t0
@@ -294,6 +295,13 @@ class Deblurrer:
         s = self.config.stride
         hh, ww = -(-x_h // s), -(-x_w // s)
         return [None if a is None else a[0, :, :hh, :ww].numpy() for a in result.scale_attention]
+
+
+def _pass_progress(progress: ProgressFn | None, k: int, n: int) -> ProgressFn | None:
+    """``progress`` for pass k of an n-pass self-ensemble: stages named ``"encode 3/8"``."""
+    if progress is None or n == 1:
+        return progress
+    return lambda stage, done, total: progress(f"{stage} {k + 1}/{n}", done, total)
 
 
 class tqdm_progress:
