@@ -196,6 +196,20 @@ def test_dpdd_single_and_dual_models(dpdd, tiny_models):
                   "--pair-by", "order", "--model", dual).exit_code == 2
 
 
+def test_ensemble_scores_the_self_ensemble_and_says_so(dpdd, tiny_models, tmp_path):
+    single, dual = tiny_models
+    report = tmp_path / "r.json"
+    res = invoke("--data", dpdd, "--allow-subset", "--model", single, "--device", "cpu", "--limit", "1",
+                 "--ensemble", "4", "--json", "--report", report)
+    assert res.exit_code == 0, res.output
+    d = Deblurrer(single, EngineOptions(device="cpu", ensemble=4))
+    out = d.deblur(_read(dpdd / "test_c" / "source" / "1P0A0917.png"))
+    want = M.psnr(M.quantize(out), M.quantize(_read(dpdd / "test_c" / "target" / "1P0A0916.png")))
+    assert records(res)[0]["psnr"] == pytest.approx(want, abs=1e-9)
+    assert '"ensemble": 4' in report.read_text()  # the report states how the numbers were made
+    assert invoke("--data", dpdd, "--allow-subset", "--model", dual, "--ensemble", "2").exit_code == 2
+
+
 def test_dpdd_count_is_checked(dpdd):
     res = invoke("--data", dpdd, "--method", "identity")
     assert res.exit_code == 2

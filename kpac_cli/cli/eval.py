@@ -391,6 +391,7 @@ def eval_command(
     device: str = device_option(),
     precision: str = precision_option(),
     tile: str = typer.Option("auto", "--tile", help="Tile size in pixels, 'auto' or 0 (whole image). Tiling is exact."),
+    ensemble: int = typer.Option(1, "--ensemble", help="With --method kpac: self-ensemble over 1, 2, 4 or 8 flips/transposes (as kpac deblur --ensemble); stated in the report."),
     speed: bool = typer.Option(False, "--speed", help="Measure parameters, FLOPs and seconds per 1280x720 image (paper Table 5)."),
     speed_size: str = typer.Option("1280x720", "--speed-size", help="Input size for --speed, WIDTHxHEIGHT."),
     speed_runs: int = typer.Option(10, "--speed-runs", help="Timed runs for --speed (after the warm-up runs)."),
@@ -480,7 +481,7 @@ def eval_command(
 
         try:
             model_path, _ = resolve_model(model or "default", dual=dual)
-            deblurrer = Deblurrer(model_path, EngineOptions(device=device, precision=precision, tile=tile_value))
+            deblurrer = Deblurrer(model_path, EngineOptions(device=device, precision=precision, tile=tile_value, ensemble=ensemble))
         except (ValueError, FileNotFoundError, OSError) as e:
             raise usage_error(str(e)) from None
         model_dual = deblurrer.config.in_views == 2
@@ -521,6 +522,7 @@ def eval_command(
         "model": deblurrer.name if deblurrer is not None else None,
         "device": str(deblurrer.device) if deblurrer is not None else None,
         "precision": _precision_name(deblurrer) if deblurrer is not None else None,
+        "ensemble": ensemble if deblurrer is not None and ensemble != 1 else None,
         "data": where or None,
         "pairing": ("DPDD: sources and targets by sorted order" if data is not None else f"folders by {pair_by}") if has_data else None,
         "images": len(items),
