@@ -100,9 +100,9 @@ def cpu_name() -> str:
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with Intel AMX, whose tile units multiply bf16 matrices in hardware.
 
-    There bf16 autocast makes training several times faster than fp32 (see
-    ``benchmarks/train_throughput.py``); on CPUs without it (AVX2, most AMD EPYC and laptop
-    chips) bf16 is emulated and slower, so fp32 stays the default.
+    Only there is bf16 autocast worth choosing on a CPU. Without it (AVX2: most AMD EPYC and
+    laptop chips) oneDNN emulates bf16: a training step took 12x longer than in fp32 on a 2-core
+    AVX2 EPYC (``benchmarks/train_throughput.py`` measures both on the machine at hand).
     """
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in PyTorch 2.x
     if probe is not None:

@@ -351,9 +351,9 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         # measured on a 2-core AVX2 EPYC: 0.034 it/s against 0.42 in fp32 (channels_last, 256 px, batch 4)
         message("bf16 on this CPU (no AMX) is emulated and more than 10x slower than fp32; "
                 "--precision auto picks fp32 here", "warning")
-    # NHWC convolutions are faster on CPUs too (benchmarks/train_throughput.py: 1.25x on a 2-core
-    # AVX2 EPYC, about 2x on AMX Xeons); a resumed run may switch layout freely.
-    channels_last = cfg.channels_last if cfg.channels_last is not None else True
+    # NHWC convolutions are faster on CPUs too (benchmarks/train_throughput.py: 1.1-1.2x on a
+    # 2-core AVX2 EPYC); a resumed run may switch layout freely. None (not given): on.
+    channels_last = cfg.channels_last is not False
 
     # -- where we start from: a checkpoint to resume, weights to initialise from, or nothing
     ckpt: dict[str, Any] | None = None
