@@ -6,7 +6,7 @@
    Four blur levels (largest radius 3, 6, 9, 12 px). Methods: the blurry input (identity), the
    Wiener baseline of `kpac eval --method wiener` (disc PSF, radius estimated per image, and an
    oracle that picks the best radius per image in hindsight), and the model, plain and with
-   the self-ensemble of `kpac deblur --ensemble 8` (single-image models).
+   the self-ensemble of `kpac deblur --ensemble 8` (4 for a dual-pixel model: flips only).
 2. Sharp and mildly soft photos: the same held-out photos blurred over the whole image by one
    disc (radius 0, 1, 2, 4, 8 px; linear light, no noise, like an evenly soft JPEG), the
    single-image model at full and at half strength. Radius 0 asks what the model does to a
@@ -115,13 +115,10 @@ def synthetic_benchmark(deblurrer: Deblurrer, per_level: int, crop: int, seed: i
             w_est, w_best = wiener_scores(sample.blurred, sample.sharp, level)
             acc["wiener"].append(w_est)
             acc["wiener_oracle"].append(w_best)
-            if dual:
-                out = deblurrer.deblur(np.concatenate([sample.left, sample.right], axis=2), sample.blurred)
-            else:
-                out = deblurrer.deblur(sample.blurred)
-            acc["model"].append(score(out, sample.sharp))
+            inputs = (np.concatenate([sample.left, sample.right], axis=2), sample.blurred) if dual else (sample.blurred,)
+            acc["model"].append(score(deblurrer.deblur(*inputs), sample.sharp))
             if ensemble is not None:
-                acc["ensemble"].append(score(ensemble.deblur(sample.blurred), sample.sharp))
+                acc["ensemble"].append(score(ensemble.deblur(*inputs), sample.sharp))
         row = {"max_radius": level, "images": per_level, **_mean_scores(acc)}
         rows.append(row)
         print(
@@ -238,7 +235,10 @@ def main(argv=None) -> int:
               "synthetic": synthetic_benchmark(single, args.per_level, args.crop, ensemble=ensemble)}
     if dual is not None:
         print("dual-pixel model on held-out synthetic dual-pixel views:", flush=True)
-        result["synthetic_dual"] = synthetic_benchmark(dual, args.per_level, args.crop)
+        dual_ensemble = min(args.ensemble, 4)  # flips only for dual-pixel views
+        result["synthetic_dual"] = synthetic_benchmark(
+            dual, args.per_level, args.crop,
+            ensemble=Deblurrer(args.dual_model, dataclasses.replace(opts, ensemble=dual_ensemble)) if dual_ensemble > 1 else None)
     half = Deblurrer(args.model, dataclasses.replace(opts, strength=0.5))
     print("single-image model on whole photos blurred by one disc (no noise):", flush=True)
     result["uniform"] = uniform_blur_benchmark(single, half, args.per_level, args.crop)
@@ -252,13 +252,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def _scores(rows: list[dict]) -> dict:
+def _scores(rows: list[dict], ensemble_size: int) -> dict:
     scores = {
         "heldout_synthetic_psnr_gain_db": round(float(np.mean([r["model_psnr"] - r["input_psnr"] for r in rows])), 2),
         "heldout_synthetic": _rounded(rows),
     }
     if all("ensemble_psnr" in r for r in rows):
         scores["heldout_synthetic_ensemble_psnr_gain_db"] = round(float(np.mean([r["ensemble_psnr"] - r["input_psnr"] for r in rows])), 2)
+        scores["heldout_synthetic_ensemble_size"] = ensemble_size
     return scores
 
 
@@ -268,11 +269,11 @@ def _rounded(rows: list[dict]) -> list[dict]:
 
 def publish(args, result: dict) -> None:
     """Scores into each model's provenance (shown by `kpac models`), then SHA256SUMS."""
-    per_model = {args.model: _scores(result["synthetic"])}
+    per_model = {args.model: _scores(result["synthetic"], args.ensemble)}
     per_model[args.model]["uniform_blur"] = _rounded(result["uniform"])
     per_model[args.model]["blur_detection"] = _rounded([result["blur_detection"]])[0]
     if args.dual_model:
-        per_model[args.dual_model] = _scores(result["synthetic_dual"])
+        per_model[args.dual_model] = _scores(result["synthetic_dual"], min(args.ensemble, 4))
     if "pixel4" in result and "skipped" not in result["pixel4"]:
         p4 = {k: round(v, 2) for k, v in result["pixel4"].items() if not k.endswith("seconds")}
         for scores in per_model.values():

@@ -309,8 +309,8 @@ def test_self_ensemble_averages_the_flipped_runs(tmp_path, tiny_models):
     assert {s.split()[-1] for s in stages} == {f"{k}/8" for k in range(1, 9)}  # progress names each pass
     with pytest.raises(ValueError, match="ensemble"):
         EngineOptions(ensemble=3)
-    with pytest.raises(ValueError, match="single-image model"):
-        Deblurrer(tiny_models[1], EngineOptions(device="cpu", ensemble=2))
+    with pytest.raises(ValueError, match="at most 4"):
+        Deblurrer(tiny_models[1], EngineOptions(device="cpu", ensemble=8))
 
     src = _write(tmp_path / "in.png", image, 16)
     res = invoke("deblur", src, "-o", tmp_path / "e.png", "--model", tiny_models[0], "--ensemble", "4", "--json")
@@ -319,6 +319,35 @@ def test_self_ensemble_averages_the_flipped_runs(tmp_path, tiny_models):
     expected = np.clip((runs[:4].mean(0)[0].permute(1, 2, 0).numpy() + 1) / 2, 0, 1)
     assert np.abs(read_image(tmp_path / "e.png")[0] - expected).max() < 1 / 65535 + 1e-6
     assert invoke("deblur", src, "-o", tmp_path / "bad.png", "--model", tiny_models[0], "--ensemble", "3").exit_code == 2
+
+
+def test_dual_pixel_self_ensemble_flips_and_swaps_the_views(tiny_models):
+    from kpac_cli.engine import Deblurrer, EngineOptions
+
+    rng = np.random.default_rng(9)
+    views = rng.random((40, 56, 6), dtype=np.float32)
+    center = rng.random((40, 56, 3), dtype=np.float32)
+    plain = Deblurrer(tiny_models[1], EngineOptions(device="cpu"))
+
+    def mapped_back_run(k: int) -> np.ndarray:
+        v, c = views, center
+        if k & 1:  # a mirrored camera: its left photodiodes see what the right ones saw
+            v, c = np.concatenate([v[:, ::-1, 3:], v[:, ::-1, :3]], axis=2), c[:, ::-1]
+        if k & 2:
+            v, c = v[::-1], c[::-1]
+        out = plain.run(np.ascontiguousarray(v), np.ascontiguousarray(c)).output[0].permute(1, 2, 0).numpy()
+        if k & 2:
+            out = out[::-1]
+        if k & 1:
+            out = out[:, ::-1]
+        return out
+
+    runs = np.stack([mapped_back_run(k) for k in range(4)])
+    for n in (2, 4):
+        got = Deblurrer(tiny_models[1], EngineOptions(device="cpu", ensemble=n)).run(views, center).output
+        np.testing.assert_allclose(got[0].permute(1, 2, 0).numpy(), runs[:n].mean(0), rtol=0, atol=1e-6)
+    unswapped = plain.run(np.ascontiguousarray(views[:, ::-1]), np.ascontiguousarray(center[:, ::-1])).output
+    assert np.abs(unswapped[0].permute(1, 2, 0).numpy()[:, ::-1] - runs[1]).max() > 1e-4  # the swap matters
 
 
 @pytest.mark.parametrize("command", ["deblur", "train", "eval", "blurmap", "models", "convert", "synth", "bench", "export"])
@@ -371,7 +400,8 @@ def test_models_shows_the_headline_scores_of_each_model(tmp_path, monkeypatch):
               "blur_detection": {"auc": 0.9544, "size_spearman": 1.0}, "heldout_synthetic": [{"max_radius": 3.0}]}
     save_checkpoint(folder / "single.safetensors", build_model(KPACConfig(levels=2, channels=8)), {"scores": scores})
     save_checkpoint(folder / "dual.safetensors", build_model(KPACConfig(levels=2, channels=8, in_views=2)),
-                    {"scores": {"heldout_synthetic_psnr_gain_db": 2.5, "pixel4_dual_pixel_capture": capture}})
+                    {"scores": {"heldout_synthetic_psnr_gain_db": 2.5, "heldout_synthetic_ensemble_psnr_gain_db": 2.6,
+                                "heldout_synthetic_ensemble_size": 4, "pixel4_dual_pixel_capture": capture}})
     save_checkpoint(folder / "imported.safetensors", build_model(KPACConfig(levels=2, channels=8)), {"scores": {"psnr": 25.2}})
     save_checkpoint(folder / "unscored.safetensors", build_model(KPACConfig(levels=2, channels=8)), {})
     monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(folder))
@@ -386,5 +416,6 @@ def test_models_shows_the_headline_scores_of_each_model(tmp_path, monkeypatch):
             name = parts[0] or name  # a multi-line cell continues the row above
             cells.setdefault(name, []).append(parts[-1])
     assert cells["single"] == ["held-out synthetic +1.74 dB (+1.84 with --ensemble 8)", "Pixel 4 capture 29.22 -> 29.37 dB", "blur detection AUC 0.954"]
-    assert cells["dual"] == ["held-out synthetic +2.50 dB", "Pixel 4 capture 29.22 -> 29.69 dB"]  # the dual model's figure
+    assert cells["dual"] == ["held-out synthetic +2.50 dB (+2.60 with --ensemble 4)",
+                             "Pixel 4 capture 29.22 -> 29.69 dB"]  # the dual model's figure
     assert cells["imported"] == ["psnr 25.2"] and cells["unscored"] == ["-"]

@@ -207,7 +207,7 @@ def test_ensemble_scores_the_self_ensemble_and_says_so(dpdd, tiny_models, tmp_pa
     want = M.psnr(M.quantize(out), M.quantize(_read(dpdd / "test_c" / "target" / "1P0A0916.png")))
     assert records(res)[0]["psnr"] == pytest.approx(want, abs=1e-9)
     assert '"ensemble": 4' in report.read_text()  # the report states how the numbers were made
-    assert invoke("--data", dpdd, "--allow-subset", "--model", dual, "--ensemble", "2").exit_code == 2
+    assert invoke("--data", dpdd, "--allow-subset", "--model", dual, "--ensemble", "8").exit_code == 2
 
 
 def test_dpdd_count_is_checked(dpdd):

@@ -65,7 +65,7 @@ def deblur(
     fp32: bool = typer.Option(False, "--fp32", help="Shorthand for --precision fp32."),
     tile: str = typer.Option("auto", "--tile", help="Tile size in pixels, 'auto' (from free memory) or 0 (whole image). Tiling is exact."),
     strength: float = typer.Option(1.0, "--strength", min=0.0, max=1.0, help="How much of the model's correction to apply: 1 = full (default), 0 = the input unchanged; lower tempers over-sharpening."),
-    ensemble: int = typer.Option(1, "--ensemble", help="Self-ensemble: average the model over 1, 2, 4 or 8 flips/transposes of each photo; N times slower, slightly better on average (see the model card). Single-image models."),
+    ensemble: int = typer.Option(1, "--ensemble", help="Self-ensemble: average the model over 1, 2, 4 or 8 flips/transposes of each photo; N times slower, slightly better on average (see the model card). Dual-pixel models: at most 4 (flips)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the network, all tiles one shape; pays on GPUs over many same-sized photos (on the CPU the default path is faster). Compile time is reported."),
     fmt: Optional[str] = typer.Option(None, "--format", "--ext", help="Output format: png, tiff or jpeg (default: the input's; RAW -> tiff)."),
     bit_depth: Optional[int] = typer.Option(None, "--bit-depth", help="8 or 16 (default: the input's; JPEG is always 8); 32 = float32 TIFF of the unclipped network output."),

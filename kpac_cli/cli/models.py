@@ -23,8 +23,9 @@ def headline_scores(scores: object, dual: bool = False) -> str:
     gain = scores.get("heldout_synthetic_psnr_gain_db")
     if isinstance(gain, (int, float)):
         ensemble = scores.get("heldout_synthetic_ensemble_psnr_gain_db")
+        size = scores.get("heldout_synthetic_ensemble_size", 8)
         lines.append(f"held-out synthetic {gain:+.2f} dB"
-                     + (f" ({ensemble:+.2f} with --ensemble 8)" if isinstance(ensemble, (int, float)) else ""))
+                     + (f" ({ensemble:+.2f} with --ensemble {size})" if isinstance(ensemble, (int, float)) else ""))
     capture = scores.get("pixel4_dual_pixel_capture")
     if isinstance(capture, dict):
         out = capture.get("dual_psnr" if dual else "single_psnr")
