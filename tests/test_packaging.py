@@ -42,6 +42,17 @@ def test_every_package_and_shipped_file_is_installed():
     assert not any(fnmatch.fnmatch("last.pt", pat) for pat in patterns)
 
 
+def test_no_tracked_file_under_weights_is_over_20_mb():
+    # the training states keep Adam's moments in a companion file (kpac_cli.train.state)
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(["git", "ls-files", "-z", "weights"], cwd=ROOT, capture_output=True, check=True).stdout
+    files = [ROOT / n for n in listed.decode().split("\0") if n]
+    assert files
+    big = [(str(p.relative_to(ROOT)), p.stat().st_size) for p in files if p.is_file() and p.stat().st_size > 20_000_000]
+    assert not big, big
+
+
 @pytest.mark.slow
 def test_a_wheel_install_finds_the_default_model(tmp_path):
     pytest.importorskip("setuptools")

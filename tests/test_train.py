@@ -557,6 +557,41 @@ def test_cpu_defaults_channels_last_and_bf16_only_with_amx(tmp_path, dpdd, monke
     assert start["precision"] == "bfloat16" and start["channels_last"] is False
 
 
+def test_optimiser_state_lives_beside_the_checkpoint(tmp_path, dpdd):
+    run = tmp_path / "r"
+    train(tiny_cfg(run, dpdd, iterations=4, save_every=2))
+    companions = sorted(p.name for p in run.glob("last.optim-*.pt"))
+    assert len(companions) == 1  # the one of step 2 was removed after step 4 was saved
+    head = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert head["optimizer"]["state"] == {} and head["optimizer_state"]["file"] == companions[0]
+    full = load_state(run / "last.pt")
+    assert full["optimizer"]["state"] and all("exp_avg_sq" in v for v in full["optimizer"]["state"].values())
+    export_model(run, tmp_path / "m.safetensors")
+    # a damaged or missing companion is an error when resuming, never a resume without moments
+    companion = run / companions[0]
+    data = companion.read_bytes()
+    companion.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(S.CheckpointError, match="damaged"):
+        load_state(run / "last.pt")
+    companion.unlink()
+    with pytest.raises(S.CheckpointError, match="missing"):
+        train(tiny_cfg(run, dpdd, iterations=6, resume=True))
+    assert load_state(run / "last.pt", optimizer=False)["step"] == 4  # the weights still read, and export
+    export_model(run, tmp_path / "m2.safetensors")
+
+
+def test_a_checkpoint_with_inline_optimiser_state_still_resumes(tmp_path, dpdd):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(tiny_cfg(a, dpdd, iterations=6))
+    train(tiny_cfg(b, dpdd, iterations=3))
+    inline = load_state(b / "last.pt")  # as earlier versions wrote it: one file
+    S.atomic_save(inline, b / "last.pt")
+    for p in b.glob("last.optim-*.pt"):
+        p.unlink()
+    train(tiny_cfg(b, dpdd, iterations=6, resume=True))
+    assert_same_tensors(weights(a / "last.pt"), weights(b / "last.pt"))
+
+
 def test_config_errors(tmp_path, dpdd):
     with pytest.raises(TrainingError, match="no training data"):
         train(TrainConfig(out=tmp_path / "x"))

@@ -47,7 +47,7 @@ from .. import distributed as D
 from .blur_ranking import attention_blur_loss
 from .config import TrainConfig
 from .data import DataBundle, StepBatchSampler, build_data, collate, worker_init
-from .state import FORMAT, VERSION, atomic_save, capture_rng, load_state, resolve_checkpoint, restore_rng, weights_finite
+from .state import FORMAT, VERSION, capture_rng, load_state, resolve_checkpoint, restore_rng, save_state, weights_finite
 from .vgg import PerceptualLoss, find_vgg_weights, load_vgg19
 
 
@@ -489,7 +489,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
             "scores": scores, "best": best, "elapsed_s": elapsed(),
             "provenance": _provenance(cfg, bundle.description, step, scores, best, elapsed(), hw, model_cfg, dist_info.world_size),
         }
-        atomic_save(obj, path)
+        save_state(obj, path)
         log.write("checkpoint", step=step, path=str(path), kind=kind_)
         emit(TrainEvent("checkpoint", step, total, {"path": str(path), "kind": kind_}))
 
@@ -645,7 +645,7 @@ def export_model(run: str | Path, output: str | Path | None = None, which: str =
     ``output`` defaults to ``RUN/model.safetensors`` (``RUN/model-best.safetensors`` for best).
     """
     path = resolve_checkpoint(run, which)
-    state = load_state(path)
+    state = load_state(path, optimizer=False)
     model = build_model(KPACConfig.from_dict(state["config"]))
     load_state_dict_checked(model, state["model"])
     if not weights_finite(model.state_dict()):

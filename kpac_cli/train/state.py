@@ -8,6 +8,10 @@ as code). Keys:
 * ``config``: the model's :class:`~kpac_cli.model.KPACConfig` as a dict and ``model``: its
   state dict - so :func:`kpac_cli.checkpoints.load_checkpoint` reads these files too
 * ``optimizer``, ``scaler`` (fp16 loss scaling; empty otherwise), ``step`` (iterations done)
+* ``optimizer_state``: ``{"file", "sha256"}`` where :func:`save_state` moved the optimiser's
+  per-parameter state (Adam's two moments: twice the model's size) into a companion file
+  ``<stem>.optim-<sha256[:16]>.pt`` beside the checkpoint, so that neither file is over 20 MB
+  for the paper's models; checkpoints of earlier versions hold it inline and still load
 * ``rng``: python / numpy / torch (/ CUDA) generator states of rank 0
 * ``sampler``: ``{"next_step", "seed", "batch", "world_size"}`` - the data pipeline's whole
   state, since every sample is a function of its global index (see :mod:`.data`)
@@ -17,11 +21,15 @@ as code). Keys:
 
 Writes go to a temporary file in the same folder, are fsync'ed, then renamed over the old
 file (:mod:`kpac_cli.images.atomic`): a crash or ``kill -9`` at any moment leaves either the
-old or the new checkpoint, never a torn one.
+old or the new checkpoint, never a torn one. The companion file is named by its content and
+written before the checkpoint that names it; companions of earlier saves are removed only
+after, so a crash between the writes still leaves a whole old or new pair.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import random
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -52,8 +60,42 @@ class CheckpointError(Exception):
     """A training checkpoint that is missing, unreadable or not kpac's."""
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
-    """Read a training checkpoint safely (``weights_only=True``) onto the CPU."""
+def _companions(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.stem}.optim-*.pt"))
+
+
+def save_state(obj: dict[str, Any], path: str | Path) -> Path:
+    """Save a training checkpoint atomically, the optimiser's per-parameter state apart.
+
+    ``obj["optimizer"]["state"]`` goes to the content-named companion file (see the module
+    docstring); ``obj`` itself is not changed.
+    """
+    path = Path(path)
+    optimizer = obj["optimizer"]
+    buf = io.BytesIO()
+    _write(optimizer["state"], buf)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    companion = path.with_name(f"{path.stem}.optim-{digest[:16]}.pt")
+    if not companion.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(companion) as tmp:
+            Path(tmp).write_bytes(data)
+    head = {**obj, "optimizer": {**optimizer, "state": {}}, "optimizer_state": {"file": companion.name, "sha256": digest}}
+    atomic_save(head, path)
+    for stale in _companions(path):
+        if stale != companion:
+            stale.unlink(missing_ok=True)
+    return path
+
+
+def load_state(path: str | Path, optimizer: bool = True) -> dict[str, Any]:
+    """Read a training checkpoint safely (``weights_only=True``) onto the CPU.
+
+    With ``optimizer`` (for resuming) the optimiser state is read back from its companion
+    file, which must be there and match its SHA-256; without it (exporting, reading the
+    weights) the companion is not needed.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training checkpoint not found: {path}")
@@ -63,6 +105,18 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable training checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a kpac training checkpoint (use a last.pt or best.pt written by kpac train)")
+    ref = obj.pop("optimizer_state", None)
+    if ref is not None and optimizer:
+        companion = path.with_name(ref["file"])
+        if not companion.is_file():
+            raise CheckpointError(f"{path}: its optimiser state {companion.name} is missing (it belongs beside the checkpoint)")
+        data = companion.read_bytes()
+        if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+            raise CheckpointError(f"{companion}: damaged (SHA-256 does not match {path.name})")
+        try:
+            obj["optimizer"]["state"] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{companion}: unreadable optimiser state ({type(e).__name__}: {e})") from None
     return obj
 
 
