@@ -99,7 +99,8 @@ def wiener_scores(blurred: np.ndarray, sharp: np.ndarray, level: float) -> tuple
 def synthetic_benchmark(deblurrer: Deblurrer, per_level: int, crop: int, seed: int = 2024,
                         ensemble: Deblurrer | None = None) -> list[dict]:
     """Per blur level; a dual-pixel model gets the rendered left/right views and the centre view.
-    ``ensemble``: the same single-image model with a self-ensemble, scored as a further method."""
+    ``ensemble``: the same model with a self-ensemble, scored as a further method (its size
+    recorded in each row)."""
     dual = deblurrer.config.in_views == 2
     sources = held_out_sources()
     rows = []
@@ -120,6 +121,8 @@ def synthetic_benchmark(deblurrer: Deblurrer, per_level: int, crop: int, seed: i
             if ensemble is not None:
                 acc["ensemble"].append(score(ensemble.deblur(*inputs), sample.sharp))
         row = {"max_radius": level, "images": per_level, **_mean_scores(acc)}
+        if ensemble is not None:
+            row["ensemble"] = ensemble.options.ensemble
         rows.append(row)
         print(
             f"radius {level:4.1f}: input {row['input_psnr']:.2f} dB / {row['input_ssim']:.3f}   "
@@ -235,7 +238,7 @@ def main(argv=None) -> int:
               "synthetic": synthetic_benchmark(single, args.per_level, args.crop, ensemble=ensemble)}
     if dual is not None:
         print("dual-pixel model on held-out synthetic dual-pixel views:", flush=True)
-        dual_ensemble = min(args.ensemble, 4)  # flips only for dual-pixel views
+        dual_ensemble = min(args.ensemble, dual.max_ensemble)
         result["synthetic_dual"] = synthetic_benchmark(
             dual, args.per_level, args.crop,
             ensemble=Deblurrer(args.dual_model, dataclasses.replace(opts, ensemble=dual_ensemble)) if dual_ensemble > 1 else None)
@@ -252,14 +255,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def _scores(rows: list[dict], ensemble_size: int) -> dict:
+def _scores(rows: list[dict]) -> dict:
     scores = {
         "heldout_synthetic_psnr_gain_db": round(float(np.mean([r["model_psnr"] - r["input_psnr"] for r in rows])), 2),
         "heldout_synthetic": _rounded(rows),
     }
     if all("ensemble_psnr" in r for r in rows):
         scores["heldout_synthetic_ensemble_psnr_gain_db"] = round(float(np.mean([r["ensemble_psnr"] - r["input_psnr"] for r in rows])), 2)
-        scores["heldout_synthetic_ensemble_size"] = ensemble_size
+        scores["heldout_synthetic_ensemble_size"] = rows[0]["ensemble"]
     return scores
 
 
@@ -269,11 +272,11 @@ def _rounded(rows: list[dict]) -> list[dict]:
 
 def publish(args, result: dict) -> None:
     """Scores into each model's provenance (shown by `kpac models`), then SHA256SUMS."""
-    per_model = {args.model: _scores(result["synthetic"], args.ensemble)}
+    per_model = {args.model: _scores(result["synthetic"])}
     per_model[args.model]["uniform_blur"] = _rounded(result["uniform"])
     per_model[args.model]["blur_detection"] = _rounded([result["blur_detection"]])[0]
     if args.dual_model:
-        per_model[args.dual_model] = _scores(result["synthetic_dual"], min(args.ensemble, 4))
+        per_model[args.dual_model] = _scores(result["synthetic_dual"])
     if "pixel4" in result and "skipped" not in result["pixel4"]:
         p4 = {k: round(v, 2) for k, v in result["pixel4"].items() if not k.endswith("seconds")}
         for scores in per_model.values():

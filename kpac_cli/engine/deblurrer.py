@@ -144,10 +144,15 @@ class Deblurrer:
         self.network = FastKPACNet(self.model) if self.device.type == "cpu" else self.model
         if self.options.compile:  # inductor fuses the plain model itself (oneDNN's fused ops do not trace)
             self.network = CompiledNetwork(self.model)
-        if self.options.ensemble > 4 and self.config.in_views == 2:
+        if self.options.ensemble > self.max_ensemble:
             raise ValueError("a dual-pixel model's self-ensemble is at most 4 (flips only: a transpose would turn "
                              "the views' horizontal defocus disparity vertical)")
         self.last_stats = RunStats()
+
+    @property
+    def max_ensemble(self) -> int:
+        """The largest self-ensemble this model takes: 8, or 4 (flips only) for dual-pixel views."""
+        return 4 if self.config.in_views == 2 else ENSEMBLE_SIZES[-1]
 
     # -- planning ---------------------------------------------------------------------------
     def bytes_per_pixel(self) -> int:

@@ -60,10 +60,6 @@ class CheckpointError(Exception):
     """A training checkpoint that is missing, unreadable or not kpac's."""
 
 
-def _companions(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(f"{path.stem}.optim-*.pt"))
-
-
 def save_state(obj: dict[str, Any], path: str | Path) -> Path:
     """Save a training checkpoint atomically, the optimiser's per-parameter state apart.
 
@@ -83,7 +79,7 @@ def save_state(obj: dict[str, Any], path: str | Path) -> Path:
             Path(tmp).write_bytes(data)
     head = {**obj, "optimizer": {**optimizer, "state": {}}, "optimizer_state": {"file": companion.name, "sha256": digest}}
     atomic_save(head, path)
-    for stale in _companions(path):
+    for stale in path.parent.glob(f"{path.stem}.optim-*.pt"):
         if stale != companion:
             stale.unlink(missing_ok=True)
     return path
