@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import typer
 from .common import (
     EXIT_FAILED,
     EXIT_OK,
+    Terminated,
     device_option,
     dual_pixel_mode,
     emit_json,
@@ -23,6 +23,7 @@ from .common import (
     print_error,
     progress_bar,
     show_progress,
+    sigterm_raises,
     usage_error,
 )
 
@@ -74,14 +75,6 @@ def _find_mask(index: dict[str, Path], stem: str) -> Path | None:
         if cand in index:
             return index[cand]
     return None
-
-
-class _Terminated(Exception):
-    pass
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise _Terminated()
 
 
 def blurmap(
@@ -213,9 +206,8 @@ def blurmap(
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     all_scores: list[tuple[str, Any]] = []
     exit_code = EXIT_OK
-    previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        with progress_bar(show_progress(quiet)) as progress:
+        with sigterm_raises(), progress_bar(show_progress(quiet)) as progress:
             overall = progress.add_task("images", total=len(items)) if progress else None
             for it in items:
                 rec = _process(
@@ -236,10 +228,8 @@ def blurmap(
                     progress.advance(overall)
     except KeyboardInterrupt:
         exit_code = 130
-    except _Terminated:
+    except Terminated:
         exit_code = 143
-    finally:
-        signal.signal(signal.SIGTERM, previous_term)
 
     if eval_masks is not None and exit_code == EXIT_OK:
         from ..blurmap import F_BETA2, summarize

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -84,6 +85,24 @@ def dual_pixel_mode(inputs: list[str], left: str | None, right: str | None, no_i
     if not dual and not inputs:
         raise usage_error(no_inputs)
     return dual
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: the command stops as on Ctrl-C, with exit code 143."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated`, so cleanup runs as on Ctrl-C."""
+
+    def on_sigterm(signum, frame):  # noqa: ARG001
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def print_error(message: str) -> None:

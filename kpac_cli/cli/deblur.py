@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from typing import Optional
 
@@ -19,6 +18,7 @@ from ..distributed import teardown as teardown_distributed
 from .common import (
     EXIT_FAILED,
     EXIT_OK,
+    Terminated,
     device_option,
     dual_pixel_mode,
     emit_json,
@@ -28,6 +28,7 @@ from .common import (
     print_error,
     progress_bar,
     show_progress,
+    sigterm_raises,
     usage_error,
 )
 
@@ -42,14 +43,6 @@ Examples:
 
   kpac deblur --left L/ --right R/ -o out/         # dual-pixel pairs matched by file name
 """
-
-
-class Terminated(Exception):
-    """SIGTERM arrived: stop like Ctrl-C, with exit code 143."""
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise Terminated()
 
 
 def deblur(
@@ -141,7 +134,6 @@ def deblur(
 
     interactive = show_progress(quiet) and output != STDIO and dist_info.is_main
     counts = {"ok": 0, "skipped": 0, "failed": 0}
-    previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
     exit_code = EXIT_OK
     with progress_bar(interactive) as progress:
         overall = progress.add_task("images", total=len(jobs)) if progress else None
@@ -185,16 +177,15 @@ def deblur(
                 raise ImageError("<stdout>", "closed by the reader before the whole image was written") from None
 
         try:
-            run_batch(
-                deblurrer, jobs, out_opts, max_pixels=max_pixels, raw_options=raw_opts,
-                on_result=on_result, on_start=on_start, stdout_sink=sink, after_run=after_run,
-            )
+            with sigterm_raises():
+                run_batch(
+                    deblurrer, jobs, out_opts, max_pixels=max_pixels, raw_options=raw_opts,
+                    on_result=on_result, on_start=on_start, stdout_sink=sink, after_run=after_run,
+                )
         except KeyboardInterrupt:
             exit_code = 130
         except Terminated:
             exit_code = 143
-        finally:
-            signal.signal(signal.SIGTERM, previous_term)
     if dist_info.enabled:  # totals over all ranks; the worst exit code wins
         totals = torch.tensor([counts["ok"], counts["skipped"], counts["failed"], len(jobs)], dtype=torch.int64)
         torch.distributed.all_reduce(totals)
@@ -211,7 +202,7 @@ def deblur(
     if not quiet:
         done = f"{counts['ok']} deblurred, {counts['skipped']} skipped, {counts['failed']} failed"
         if exit_code in (130, 143):
-            err_console.print(f"interrupted: {done}, {total_jobs - sum(counts.values())} not started; rerun with --skip-existing to finish", soft_wrap=True)
+            err_console.print(f"interrupted: {done}, {total_jobs - sum(counts.values())} not finished; rerun with --skip-existing to finish", soft_wrap=True)
         elif output != STDIO or counts["failed"]:
             err_console.print(done, soft_wrap=True)
         if compile_:

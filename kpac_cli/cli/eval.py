@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import typer
 from .common import (
     EXIT_FAILED,
     EXIT_OK,
+    Terminated,
     device_option,
     emit_json,
     err_console,
@@ -24,6 +24,7 @@ from .common import (
     print_error,
     progress_bar,
     show_progress,
+    sigterm_raises,
     usage_error,
 )
 
@@ -42,14 +43,6 @@ Examples:
 METHODS = ("kpac", "identity", "wiener")
 REPORT_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown", ".markdown": "markdown"}
 PER_IMAGE_TABLE_MAX = 30  # per-image rows are shown on the terminal up to this many images
-
-
-class Terminated(Exception):
-    """SIGTERM arrived: stop like Ctrl-C, with exit code 143."""
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise Terminated()
 
 
 @dataclass
@@ -534,32 +527,30 @@ def eval_command(
     report_obj = None
     crop_failures = 0
     speed_result = None
-    previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if has_data:
-            report_obj, crop_failures = _evaluate_items(
-                items, method, deblurrer, wiener_radius, wiener_snr, dual, bit_depth or None, ssim_window,
-                lpips_spec, label_map, save_crops, json_out, quiet, title=f"kpac eval: {mode_label}" + (f" on {where}" if where else ""),
-            )
-            report_obj.conventions["method"] = _method_text(method, deblurrer, wiener_radius, wiener_snr, dual)
-        if speed:
-            from ..metrics.speed import measure_speed
+        with sigterm_raises():
+            if has_data:
+                report_obj, crop_failures = _evaluate_items(
+                    items, method, deblurrer, wiener_radius, wiener_snr, dual, bit_depth or None, ssim_window,
+                    lpips_spec, label_map, save_crops, json_out, quiet, title=f"kpac eval: {mode_label}" + (f" on {where}" if where else ""),
+                )
+                report_obj.conventions["method"] = _method_text(method, deblurrer, wiener_radius, wiener_snr, dual)
+            if speed:
+                from ..metrics.speed import measure_speed
 
-            if not quiet:
-                err_console.print(f"measuring speed of {deblurrer.name} on {deblurrer.device} at {speed_wh[0]}x{speed_wh[1]} ...")
-            try:
-                speed_result = measure_speed(deblurrer, width=speed_wh[0], height=speed_wh[1], warmup=speed_warmup, runs=speed_runs)
-            except (RuntimeError, MemoryError) as e:
-                print_error(f"speed measurement failed: {' '.join(str(e).split())}")
-                exit_code = EXIT_FAILED
+                if not quiet:
+                    err_console.print(f"measuring speed of {deblurrer.name} on {deblurrer.device} at {speed_wh[0]}x{speed_wh[1]} ...")
+                try:
+                    speed_result = measure_speed(deblurrer, width=speed_wh[0], height=speed_wh[1], warmup=speed_warmup, runs=speed_runs)
+                except (RuntimeError, MemoryError) as e:
+                    print_error(f"speed measurement failed: {' '.join(str(e).split())}")
+                    exit_code = EXIT_FAILED
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(130) from None
     except Terminated:
         err_console.print("terminated")
         raise typer.Exit(143) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous_term)
 
     if report_obj is not None:
         if report_obj.failures or crop_failures:

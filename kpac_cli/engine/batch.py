@@ -327,6 +327,8 @@ def run_batch(
     Reading of job i+1 and writing of job i-1 overlap with the model running on job i.
     ``on_start(job)`` may return a per-image progress callback; ``after_run`` may write extra
     outputs from the same inference (e.g. blur maps) and returns extra record fields.
+    If an exception (e.g. KeyboardInterrupt) stops the batch, the write in flight is finished and
+    reported through ``on_result`` before the exception propagates.
     """
     for folder in {j.output.parent for j in jobs if j.output is not None}:
         if folder.is_dir():
@@ -401,6 +403,15 @@ def run_batch(
             finish_write()  # keep at most one write in flight, and results in order
             pending_write = (job, res, writer.submit(_write, job, out, info, options))
         finish_write()
+    except BaseException:
+        # Interrupted (Ctrl-C, or SIGTERM turned into an exception by the CLI): the image being
+        # deblurred is dropped, but the write in flight is finished and reported, so that every
+        # file on disk has its record (--json) and the summary counts it.
+        try:
+            finish_write()
+        except BaseException:  # a second interrupt: the first exception is the one to report
+            pass
+        raise
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True)
