@@ -360,6 +360,7 @@ def test_training_reduces_the_loss_and_exports(tmp_path, dpdd):
     assert prov["iterations"] == 60 and prov["stage"] == "l1" and prov["batch"] == 2 and prov["crop"] == "32"
     assert "DPDD" in prov["trained_on"] and prov["scores"]["psnr"] == pytest.approx(res.scores["psnr"])
     assert prov["hardware"]["device"] == "cpu" and prov["wall_clock_s"] >= 0
+    assert prov["hardware"]["precision"] == str(L.resolve_precision(cfg.precision, torch.device("cpu"))).removeprefix("torch.")
     model = ck.build()
     x = torch.zeros(1, 3, 16, 16)
     assert model(x).shape == x.shape

@@ -457,7 +457,8 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         if smp and (smp.get("seed") != cfg.seed or smp.get("batch") != cfg.batch or smp.get("world_size") != dist_info.world_size):
             message("seed, batch or number of processes differ from the interrupted run: the data order will not be the same", "warning")
 
-    hw = hardware_summary(device, dist_info.world_size)
+    # the compute precision too: bf16 autocast on AMX CPUs trains several times faster than fp32
+    hw = {**hardware_summary(device, dist_info.world_size), "precision": str(dtype).removeprefix("torch.")}
     ddp_model: nn.Module = model
     if dist_info.enabled:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
