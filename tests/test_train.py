@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from kpac_cli.checkpoints import load_checkpoint
 from kpac_cli.images import ImageError, read_image, read_image_codes
-from kpac_cli.model import KPACConfig
+from kpac_cli.model import KPACConfig, build_model
 from kpac_cli.train import (
     CropSchedule,
     DataError,
@@ -225,6 +225,13 @@ def test_cli_resume_accepts_a_new_lr_schedule_but_not_a_new_seed(tmp_path, dpdd)
     assert state["step"] == 6 and state["optimizer"]["param_groups"][0]["lr"] == 1e-5
     r = runner.invoke(app, ["train", "--resume", str(tmp_path / "r"), "--iterations", "8", "--seed", "3"])
     assert r.exit_code == 2 and "--seed cannot change" in r.output
+    # a weight average may start on resume (from the resumed weights) and is kept from then on
+    r = runner.invoke(app, ["train", "--resume", str(tmp_path / "r"), "--iterations", "7", "--ema", "0.9", "--quiet"])
+    assert r.exit_code == 0, r.output
+    state = load_state(tmp_path / "r/last.pt")
+    assert state["step"] == 7 and state["train_config"]["ema"] == 0.9 and state["ema"].keys() == state["model"].keys()
+    r = runner.invoke(app, ["train", "--resume", str(tmp_path / "r"), "--iterations", "8", "--ema", "1"])
+    assert r.exit_code == 2 and "ema must lie in [0, 1)" in r.output
 
 
 def test_init_carries_weights_to_fewer_levels_and_to_dual_pixel(tmp_path, dpdd):
@@ -386,6 +393,44 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, dpdd):
     assert_same_tensors(a["model"], b["model"])
     for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
         assert ka == kb and all(torch.equal(va[n], vb[n]) for n in va)
+    assert_same_tensors(load_checkpoint(straight.model_path).state_dict, load_checkpoint(done.model_path).state_dict)
+
+
+def test_ema_averages_the_weights_and_is_what_gets_validated_and_exported(tmp_path, dpdd):
+    cfg = tiny_cfg(tmp_path / "e", dpdd, iterations=1, ema=0.5, val_every=1)
+    torch.manual_seed(cfg.seed)
+    w0 = build_model(TINY).state_dict()  # the weights the run starts from
+    res = train(cfg)
+    st = load_state(tmp_path / "e/last.pt")
+    w1, avg = st["model"], st["ema"]
+    assert avg.keys() == w1.keys()
+    for k in w1:  # one step with decay 0.5: the mean of the weights before and after it
+        assert not torch.equal(w1[k], w0[k]), k
+        torch.testing.assert_close(avg[k], (w0[k] + w1[k]) / 2, rtol=0, atol=1e-7)
+    exported = load_checkpoint(res.model_path)
+    assert_same_tensors(exported.state_dict, avg)
+    assert_same_tensors(load_checkpoint(L.export_model(tmp_path / "e", tmp_path / "x.safetensors")).state_dict, avg)
+    assert exported.provenance["weight_average"] == "exponential moving average, decay 0.5"
+    # validation scored the average, not the raw weights
+    bundle = L.build_data(cfg.replace(model=TINY), TINY.stride, rank=0, local_world=1, log=lambda *a, **k: None)
+    cpu = torch.device("cpu")
+
+    def val_psnr(state):
+        model = build_model(TINY)
+        model.load_state_dict(state)
+        model.to(memory_format=torch.channels_last)  # as the run validates
+        return L.validate(model, bundle.val, cpu, L.resolve_precision(cfg.precision, cpu), channels_last=True)["psnr"]
+
+    assert res.scores["psnr"] == val_psnr(avg) != val_psnr(w1)
+
+
+def test_resume_with_ema_is_bit_exact(tmp_path, dpdd):
+    straight = train(tiny_cfg(tmp_path / "a", dpdd, iterations=8, ema=0.9))
+    part = train(tiny_cfg(tmp_path / "b", dpdd, iterations=4, ema=0.9))
+    assert part.step == 4
+    done = train(tiny_cfg(tmp_path / "b", dpdd, iterations=8, ema=0.9, resume=True))
+    assert done.step == 8 and done.losses == straight.losses[4:]
+    assert_same_tensors(load_state(tmp_path / "a/last.pt")["ema"], load_state(tmp_path / "b/last.pt")["ema"])
     assert_same_tensors(load_checkpoint(straight.model_path).state_dict, load_checkpoint(done.model_path).state_dict)
 
 

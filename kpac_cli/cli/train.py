@@ -40,7 +40,7 @@ _RESUMABLE = {
     "iterations", "save_every", "val_every", "log_every", "workers", "threads", "device", "precision",
     "channels_last", "description", "tensorboard", "max_nonfinite", "data", "source", "target",
     "val_source", "val_target", "synthetic", "cache",
-    "lr", "crop", "blur_rank_weight",  # the recipe may be retuned for the iterations still to come
+    "lr", "crop", "blur_rank_weight", "ema",  # the recipe may be retuned for the iterations still to come
 }
 _RUN_ONLY = {"resume", "export_only", "export_from", "output", "json_out", "quiet", "out"}
 
@@ -189,6 +189,7 @@ def train_command(
     no_flips: bool = typer.Option(False, "--no-flips", help="Disable random flips.", rich_help_panel="Recipe"),
     perceptual_weight: float = typer.Option(7e-4, "--perceptual-weight", help="Weight of the VGG feature MSE.", rich_help_panel="Recipe"),
     blur_rank_weight: float = typer.Option(0.0, "--blur-rank-weight", min=0.0, help="Synthetic data: weight of ranking losses that keep the block-1 scale attention a blur detector and blur-size gauge (kpac blurmap; not in the paper).", rich_help_panel="Recipe"),
+    ema: float = typer.Option(0.0, "--ema", help="Average the weights (exponential moving average with this decay, e.g. 0.999; 0: off): validation, best.pt and the exported model use the average (not in the paper).", rich_help_panel="Recipe"),
     vgg_weights: Optional[Path] = typer.Option(None, "--vgg-weights", help="torchvision's vgg19-dcbb9e9d.pth [default: torch hub cache].", rich_help_panel="Recipe"),
     grad_clip: float = typer.Option(0.0, "--grad-clip", help="Clip the gradient norm (0: off).", rich_help_panel="Recipe"),
     max_nonfinite: int = typer.Option(20, "--max-nonfinite", help="Stop after this many non-finite losses in a row.", rich_help_panel="Recipe"),
@@ -262,7 +263,7 @@ def train_command(
         synthetic=tuple(synthetic or ()), skimage=skimage, procedural=procedural, allow_count_mismatch=allow_count_mismatch,
         bit_depth=bit_depth, dual=dual, cache=cache, max_radius=max_radius, aperture=aperture, model=model_cfg, init=init,
         stage=stage, iterations=iterations, lr=lr, beta1=beta1, beta2=beta2, batch=batch, crop=crop, noise_max=noise_max,
-        flips=not no_flips, perceptual_weight=perceptual_weight, blur_rank_weight=blur_rank_weight, vgg_weights=vgg_weights, grad_clip=grad_clip,
+        flips=not no_flips, perceptual_weight=perceptual_weight, blur_rank_weight=blur_rank_weight, ema=ema, vgg_weights=vgg_weights, grad_clip=grad_clip,
         max_nonfinite=max_nonfinite, seed=seed, val_every=val_every, val_count=val_count, val_crop=val_crop,
         save_every=save_every, log_every=log_every, device=device, precision=precision, channels_last=channels_last,
         workers=workers, threads=threads, description=description, tensorboard=not no_tensorboard,
@@ -295,6 +296,10 @@ def train_command(
                 "start a new run with --init instead"
             )
         cfg = cfg.replace(out=resume if resume.is_dir() else resume.parent, resume=True)
+        try:
+            cfg.validate()  # a retuned recipe flag (--lr, --ema ...) may be out of range
+        except ValueError as e:
+            raise usage_error(str(e)) from None
     else:
         try:
             cfg = TrainConfig(**values)

@@ -166,6 +166,7 @@ class TrainConfig:
     flips: bool = True
     perceptual_weight: float = 7e-4
     blur_rank_weight: float = 0.0  # not in the paper: see kpac_cli.train.blur_ranking
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off; not in the paper)
     vgg_weights: Path | None = None
     grad_clip: float = 0.0
     max_nonfinite: int = 20
@@ -255,6 +256,8 @@ class TrainConfig:
             raise ValueError("Adam betas must lie in [0, 1)")
         if self.noise_max < 0:
             raise ValueError("noise-max must be >= 0")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must lie in [0, 1), got {self.ema}")
         if self.blur_rank_weight < 0:
             raise ValueError("blur-rank-weight must be >= 0")
         if self.blur_rank_weight > 0 and self.data_kind != "synthetic":
