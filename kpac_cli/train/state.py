@@ -12,6 +12,8 @@ as code). Keys:
   per-parameter state (Adam's two moments: twice the model's size) into a companion file
   ``<stem>.optim-<sha256[:16]>.pt`` beside the checkpoint, so that neither file is over 20 MB
   for the paper's models; checkpoints of earlier versions hold it inline and still load
+* ``ema`` (only with ``--ema``): the moving average of the weights, which validation and
+  export use (``model`` keeps the raw weights, for an exact resume)
 * ``rng``: python / numpy / torch (/ CUDA) generator states of rank 0
 * ``sampler``: ``{"next_step", "seed", "batch", "world_size"}`` - the data pipeline's whole
   state, since every sample is a function of its global index (see :mod:`.data`)
