@@ -9,14 +9,18 @@ card: kpac-3level +1.92 dB, kpac-2level +1.74 dB over the blurry input on the fu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from kpac_cli.engine import Deblurrer, EngineOptions
 from kpac_cli.inverse import disc_psf, estimate_disc_radius, wiener_deconvolve
 from kpac_cli.metrics import psnr, quantize
 from kpac_cli.synth import SynthSettings, decode, encode, render_defocus, sharp_sources, synthesize
 
+REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "coffee", "motorcycle")
 LEVELS = (6.0, 12.0)
 
@@ -100,3 +104,21 @@ def test_self_ensemble_of_the_default_model_is_at_least_as_good(held_out_cases):
     diffs = [_psnr8(ensemble.deblur(b), s) - _psnr8(plain.deblur(b), s) for b, s in held_out_cases]
     # full benchmark: +0.10 dB on average; on a single photo it may lose a little
     assert np.mean(diffs) > 0.02 and min(diffs) > -0.2, diffs
+
+
+@pytest.mark.parametrize("name", ["kpac-3level", "kpac-2level", "kpac-dual"])
+def test_committed_training_state_exports_the_shipped_weights(name, tmp_path):
+    """`kpac train --resume weights/train-state/NAME` continues the run that made the shipped
+    file: its checkpoint exports exactly the shipped tensors (a newer file without its state,
+    or a state left behind by a re-release, fails here)."""
+    from kpac_cli.checkpoints import load_checkpoint
+    from kpac_cli.train import export_model
+
+    state = REPO / "weights" / "train-state" / name
+    if not (state / "last.pt").is_file():
+        pytest.skip(f"no training state for {name} in this checkout (an installed kpac carries none)")
+    exported = load_checkpoint(export_model(state, tmp_path / f"{name}.safetensors")).state_dict
+    shipped = load_checkpoint(REPO / "weights" / f"{name}.safetensors").state_dict
+    assert exported.keys() == shipped.keys()
+    for key in shipped:
+        assert torch.equal(exported[key], shipped[key]), key
