@@ -296,18 +296,17 @@ def train_command(
                 "start a new run with --init instead"
             )
         cfg = cfg.replace(out=resume if resume.is_dir() else resume.parent, resume=True)
-        try:
-            cfg.validate()  # a retuned recipe flag (--lr, --ema ...) may be out of range
-        except ValueError as e:
-            raise usage_error(str(e)) from None
     else:
         try:
             cfg = TrainConfig(**values)
-            cfg.validate()
         except ValueError as e:
             raise usage_error(str(e)) from None
-        if (cfg.out / "last.pt").exists():
-            raise usage_error(f"{cfg.out} already holds a run (last.pt); continue it with --resume {cfg.out} or choose another --out")
+    try:
+        cfg.validate()  # a new run's flags, or a resumed run's retuned ones (--lr, --ema ...)
+    except ValueError as e:
+        raise usage_error(str(e)) from None
+    if resume is None and (cfg.out / "last.pt").exists():
+        raise usage_error(f"{cfg.out} already holds a run (last.pt); continue it with --resume {cfg.out} or choose another --out")
 
     # Checked here, before train() creates the run folder: problems the user fixes are usage errors.
     for src in cfg.synthetic:

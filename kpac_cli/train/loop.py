@@ -480,7 +480,8 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         return averaged.to(memory_format=torch.channels_last) if channels_last else averaged
 
     # the compute precision too: bf16 autocast on AMX CPUs trains several times faster than fp32
-    hw = {**hardware_summary(device, dist_info.world_size), "precision": str(dtype).removeprefix("torch.")}
+    precision = str(dtype).removeprefix("torch.")  # "bfloat16", "float32", ...
+    hw = {**hardware_summary(device, dist_info.world_size), "precision": precision}
     ddp_model: nn.Module = model
     if dist_info.enabled:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -538,11 +539,11 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         for n in bundle.notes:
             log.write("note", text=n)
         log.write("start", step=start, total=total, resumed=ckpt is not None, data=bundle.description, device=str(device),
-                  precision=str(dtype).replace("torch.", ""), channels_last=channels_last,
+                  precision=precision, channels_last=channels_last,
                   world_size=dist_info.world_size, workers=workers, threads=torch.get_num_threads(), config=cfg.replace(model=model_cfg).to_dict(),
                   params=count_parameters(model), kpac_version=__version__)
         emit(TrainEvent("start", start, total, {
-            "description": bundle.description, "device": str(device), "precision": str(dtype).replace("torch.", ""),
+            "description": bundle.description, "device": str(device), "precision": precision,
             "channels_last": channels_last, "params": count_parameters(model), "world_size": dist_info.world_size, "resumed_from": start if ckpt else None,
             "workers": workers, "threads": torch.get_num_threads(), "cached": bundle.cached,
         }))
