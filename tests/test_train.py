@@ -342,6 +342,68 @@ def test_synthetic_samples_deterministic_and_dual():
     assert not np.array_equal(ds[(4, 24)]["input"], a["input"])
 
 
+class _Stripes:
+    """A sharp "photo" of horizontal stripes, 4 px light and 4 px dark (period 8 px)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def load(self) -> np.ndarray:
+        rows = ((np.arange(self.size) // 4) % 2).astype(np.float32) * 0.6 + 0.2
+        return np.repeat(np.repeat(rows[:, None, None], self.size, axis=1), 3, axis=2)
+
+
+def _stripe_periods(target: np.ndarray) -> tuple[float, float]:
+    """Stripe period (px) of a (3, H, W) crop down its rows and across its columns: twice the
+    mean spacing of the profile's crossings of its mean (inf: no stripes that way)."""
+    def period(profile):
+        sign = np.sign(profile - profile.mean())
+        at = np.flatnonzero(sign[1:] * sign[:-1] < 0)
+        return 2 * (at[-1] - at[0]) / (len(at) - 1) if len(at) > 1 else float("inf")
+    g = target.mean(axis=0)
+    return period(g.mean(axis=1)), period(g.mean(axis=0))
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_synthetic_scenes_are_transposed_half_the_time_when_asked(transpose):
+    from kpac_cli.synth import SynthSettings
+
+    ds = D.SyntheticDataset([_Stripes(160)], SynthSettings(max_radius=1, layers=2, noise_sigma=0), seed=3, noise_max=0,
+                            transpose=transpose)
+    orientations = []
+    for key in range(24):
+        down, across = _stripe_periods(ds[(key, 64)]["target"])
+        assert {down, across} & {float("inf")}, (down, across)  # stripes one way only, never mixed
+        orientations.append(across < down)  # True: the stripes stand vertical
+    assert (0 < sum(orientations) < 24) if transpose else not any(orientations), orientations
+
+
+def test_synthetic_scenes_rescaled_into_the_asked_range():
+    from kpac_cli.synth import SynthSettings
+
+    settings = SynthSettings(max_radius=1, layers=2, noise_sigma=0)
+    plain = D.SyntheticDataset([_Stripes(200)], settings, seed=3, noise_max=0, flips=False)
+    assert {_stripe_periods(plain[(k, 64)]["target"])[0] for k in range(8)} == {8.0}
+    rescaled = D.SyntheticDataset([_Stripes(200)], settings, seed=3, noise_max=0, flips=False, rescale=0.5)
+    periods = [_stripe_periods(rescaled[(k, 64)]["target"])[0] for k in range(24)]
+    # downscaled by a factor in [0.5, 1]: periods from 4 to 8 px
+    assert all(3.9 < p < 8.1 for p in periods) and min(periods) < 5.5 and max(periods) > 6.5, periods
+    # a photo too small to be downscaled that far is downscaled only as far as it fits
+    small = D.SyntheticDataset([_Stripes(96)], settings, seed=3, noise_max=0, flips=False, rescale=0.5)
+    assert all(_stripe_periods(small[(k, 64)]["target"])[0] > 8 * 70 / 96 - 0.1 for k in range(12))
+
+
+def test_rescale_and_transpose_are_checked_and_described(tmp_path):
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="rescale"):
+            TrainConfig(procedural=2, rescale=bad).validate()
+    with pytest.raises(ValueError, match="synthetic data"):
+        TrainConfig(data=tmp_path, transpose=True).validate()
+    res = train(TrainConfig(out=tmp_path / "s", procedural=3, model=TINY, iterations=2, batch=1, crop="32", max_radius=3,
+                            rescale=0.6, transpose=True, val_count=1, val_crop=32, workers=0, tensorboard=False))
+    assert "rescaled by [0.6, 1], transposed half the time" in load_checkpoint(res.model_path).provenance["trained_on"]
+
+
 # --------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------
@@ -765,3 +827,20 @@ def test_cli_ctrl_c_saves_and_exits_130(tmp_path, dpdd):
     assert p.returncode == 130, err
     st = load_state(run / "last.pt")
     assert st["step"] >= 1 and "--resume" in err
+
+
+def test_cli_scene_augmentation_is_stored_and_may_be_switched_when_resuming(tmp_path, cli):
+    runner, run = CliRunner(), tmp_path / "run"
+    common = ["--levels", "2", "--channels", "8", "--batch", "1", "--crop", "32", "--max-radius", "3", "--val-crop", "32",
+              "--val-count", "1", "--workers", "0", "--no-tensorboard"]
+    r = runner.invoke(cli, ["train", "--procedural", "3", "--out", str(run), "--iterations", "1", "--rescale", "0.7",
+                            "--transpose", *common])
+    assert r.exit_code == 0, r.output
+    stored = load_state(run / "last.pt")["train_config"]
+    assert stored["rescale"] == 0.7 and stored["transpose"] is True
+    r = runner.invoke(cli, ["train", "--resume", str(run), "--iterations", "2", "--rescale", "1"])
+    assert r.exit_code == 0, r.output
+    stored = load_state(run / "last.pt")["train_config"]
+    assert stored["rescale"] == 1.0 and stored["transpose"] is True and load_state(run / "last.pt")["step"] == 2
+    r = runner.invoke(cli, ["train", "--resume", str(run), "--iterations", "3", "--rescale", "0"])
+    assert r.exit_code == 2 and "rescale" in r.output

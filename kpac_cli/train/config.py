@@ -149,6 +149,12 @@ class TrainConfig:
     cache: str = "auto"  # auto | yes | no: keep decoded training images in memory
     max_radius: float = 12.0  # synthetic blur
     aperture: str = "disc"
+    # Synthetic data, not in the paper: each crop comes from its source as if downscaled by a
+    # random factor in [rescale, 1] (1: off), and is transposed half the time: more distinct
+    # scenes from few photos. Why: on 70 photos, a longer kpac-3level fine-tune gained 0.48 dB
+    # on held-out photos of the same sets but 0.08 dB on other photos (weights/README.md).
+    rescale: float = 1.0
+    transpose: bool = False
     # model
     model: KPACConfig | None = None
     init: Path | None = None
@@ -256,6 +262,10 @@ class TrainConfig:
             raise ValueError("Adam betas must lie in [0, 1)")
         if self.noise_max < 0:
             raise ValueError("noise-max must be >= 0")
+        if not 0 < self.rescale <= 1:
+            raise ValueError(f"rescale must lie in (0, 1], got {self.rescale}")
+        if (self.rescale < 1 or self.transpose) and self.data_kind != "synthetic":
+            raise ValueError("rescale and transpose apply to synthetic data (they change the sharp scene before rendering)")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must lie in [0, 1), got {self.ema}")
         if self.blur_rank_weight < 0:

@@ -252,6 +252,14 @@ def _fit(a: np.ndarray, size: int) -> np.ndarray:
     return np.pad(a, ((0, ph), (0, pw), (0, 0)), mode="symmetric")
 
 
+def _resize(a: np.ndarray, size: int, smooth: bool) -> np.ndarray:
+    """Square HWC ``a`` to ``size`` x ``size``: anti-aliased for pixels, nearest for depth."""
+    from skimage.transform import resize
+
+    return resize(a, (size, size), order=1 if smooth else 0, anti_aliasing=smooth,
+                  preserve_range=True).astype(np.float32)
+
+
 def random_window(shape: tuple[int, ...], size: int, rng: np.random.Generator) -> tuple[int, int]:
     h, w = shape[:2]
     return int(rng.integers(0, max(1, h - size + 1))), int(rng.integers(0, max(1, w - size + 1)))
@@ -347,9 +355,11 @@ class SyntheticDataset:
     """
 
     def __init__(self, sources: Sequence[Any], settings: Any, seed: int = 0, noise_max: float = 0.03, flips: bool = True,
-                 dual: bool = False, cache_bytes: int = 1 << 30, with_radius: bool = False) -> None:
+                 dual: bool = False, cache_bytes: int = 1 << 30, with_radius: bool = False, rescale: float = 1.0,
+                 transpose: bool = False) -> None:
         self.sources, self.settings, self.seed = list(sources), settings, seed
         self.noise_max, self.flips, self.dual, self.cache_bytes = noise_max, flips, dual, cache_bytes
+        self.rescale, self.transpose = rescale, transpose  # see TrainConfig
         self.with_radius = with_radius  # samples also carry the true blur radius, (1, H, W)
         self.order = _EpochOrder(len(self.sources), seed)
         self._cache: dict[int, np.ndarray] = {}
@@ -388,14 +398,26 @@ class SyntheticDataset:
         sharp, depth = source
         margin = int(math.ceil(self.settings.max_radius)) + 2
         size = crop + 2 * margin
-        views = {"s": _fit(sharp, size)}
+        # Geometric changes of the sharp scene all come before rendering, so the blur (and the
+        # dual-pixel views) are rendered on what the model sees: a rescaled or transposed scene
+        # is just another scene. Each draws from rng only when switched on (exact resumes).
+        window = size
+        if self.rescale < 1:  # as if the source were downscaled by a factor in [rescale, 1]
+            smallest = max(self.rescale, size / min(sharp.shape[:2]))
+            if smallest < 1:
+                window = int(round(size / rng.uniform(smallest, 1.0)))
+        views = {"s": _fit(sharp, window)}
         if depth is not None:
-            views["d"] = _fit(depth[:, :, None], size)
-        y, x = random_window(views["s"].shape, size, rng)
-        views = {k: v[y : y + size, x : x + size] for k, v in views.items()}
-        if flips:  # before rendering, so dual-pixel views come out physically right
+            views["d"] = _fit(depth[:, :, None], window)
+        y, x = random_window(views["s"].shape, window, rng)
+        views = {k: v[y : y + window, x : x + window] for k, v in views.items()}
+        if window != size:
+            views = {k: _resize(v, size, smooth=k == "s") for k, v in views.items()}
+        if flips:
             hflip, vflip = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
             views = flip_views(views, hflip, vflip)
+        if self.transpose and rng.random() < 0.5:
+            views = {k: v.transpose(1, 0, 2) for k, v in views.items()}
         region = np.ascontiguousarray(views["s"])
         d = np.ascontiguousarray(views["d"][:, :, 0]) if "d" in views else None
         s = synthesize(region, rng, self.settings, d)
@@ -542,7 +564,7 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
         if not held:
             note("only one sharp source: validation renders it with other random draws (not held out)")
         dataset = SyntheticDataset(train_src, settings, seed=cfg.seed, noise_max=cfg.noise_max, flips=cfg.flips, dual=cfg.dual,
-                                   with_radius=cfg.blur_rank_weight > 0)
+                                   with_radius=cfg.blur_rank_weight > 0, rescale=cfg.rescale, transpose=cfg.transpose)
         val = []
         if rank == 0 and cfg.val_count > 0:
             vds = SyntheticDataset(val_src, settings, seed=cfg.seed, noise_max=0.0, flips=False, dual=cfg.dual, cache_bytes=0)
@@ -558,9 +580,11 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
             parts.append("scikit-image sample images")
         if cfg.procedural:
             parts.append(f"{cfg.procedural} procedural dead-leaves scenes")
+        scenes = "".join([f", rescaled by [{cfg.rescale:g}, 1]" if cfg.rescale < 1 else "",
+                          ", transposed half the time" if cfg.transpose else ""])
         desc = (
             f"synthetic defocus ({'dual-pixel, ' if cfg.dual else ''}max radius {cfg.max_radius:g} px, {cfg.aperture} aperture) "
-            f"rendered on the fly from {len(train_src)} sharp images ({'; '.join(parts)}); "
+            f"rendered on the fly from {len(train_src)} sharp images ({'; '.join(parts)}{scenes}); "
             f"validation: {len(val)} fixed renders of {len(val_src)} held-out image(s)"
         )
         return DataBundle(dataset, val, desc, len(train_src), notes)
