@@ -5,6 +5,7 @@ Everything runs on tiny models (2 levels, 8 channels) and tiny crops on the CPU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -844,3 +845,33 @@ def test_cli_scene_augmentation_is_stored_and_may_be_switched_when_resuming(tmp_
     assert stored["rescale"] == 1.0 and stored["transpose"] is True and load_state(run / "last.pt")["step"] == 2
     r = runner.invoke(cli, ["train", "--resume", str(run), "--iterations", "3", "--rescale", "0"])
     assert r.exit_code == 2 and "rescale" in r.output
+
+
+def test_export_blends_the_run_with_another_model_of_its_architecture(tmp_path, dpdd, cli):
+    a = train(tiny_cfg(tmp_path / "a", dpdd, iterations=2, val_count=0))
+    b = train(tiny_cfg(tmp_path / "b", dpdd, iterations=3, val_count=0, seed=1))  # other weights, same architecture
+    wa, wb = load_checkpoint(a.model_path).state_dict, load_checkpoint(b.model_path).state_dict
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    out = export_model(tmp_path / "a", tmp_path / "blend.safetensors", blend_with=b.model_path, blend=0.25)
+    ck = load_checkpoint(out)
+    for k, v in ck.state_dict.items():
+        torch.testing.assert_close(v, 0.25 * wa[k] + 0.75 * wb[k], rtol=0, atol=1e-7)
+    assert ck.provenance["weight_blend"] == {"fraction_of_run": 0.25, "with": "model.safetensors",
+                                             "with_sha256": hashlib.sha256(b.model_path.read_bytes()).hexdigest()}
+    assert_same_tensors(load_checkpoint(export_model(tmp_path / "a", tmp_path / "one.safetensors", blend_with=b.model_path,
+                                                     blend=1.0)).state_dict, wa)
+    other = train(tiny_cfg(tmp_path / "c", dpdd, model=KPACConfig(levels=2, channels=12), iterations=1, val_count=0))
+    with pytest.raises(TrainingError, match="architecture"):
+        export_model(tmp_path / "a", tmp_path / "x.safetensors", blend_with=other.model_path)
+    assert not (tmp_path / "x.safetensors").exists()
+    # the CLI: the same file; the blend flags belong to --export-only, the share to [0, 1]
+    runner = CliRunner()
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(tmp_path / "a"), "--blend-with", str(b.model_path),
+                            "--blend", "0.25", "-o", str(tmp_path / "cli.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert_same_tensors(load_checkpoint(tmp_path / "cli.safetensors").state_dict, ck.state_dict)
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(tmp_path / "a"), "--blend-with", str(b.model_path),
+                            "--blend", "1.5", "-o", str(tmp_path / "bad.safetensors")])
+    assert r.exit_code == 2 and "--blend" in r.output and not (tmp_path / "bad.safetensors").exists()
+    r = runner.invoke(cli, ["train", "--resume", str(tmp_path / "a"), "--blend-with", str(b.model_path)])
+    assert r.exit_code == 2 and "--export-only" in r.output

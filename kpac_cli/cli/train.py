@@ -42,7 +42,7 @@ _RESUMABLE = {
     "val_source", "val_target", "synthetic", "cache",
     "lr", "crop", "blur_rank_weight", "ema", "rescale", "transpose",  # the recipe may be retuned for the iterations still to come
 }
-_RUN_ONLY = {"resume", "export_only", "export_from", "output", "json_out", "quiet", "out"}
+_RUN_ONLY = {"resume", "export_only", "export_from", "output", "blend_with", "blend", "json_out", "quiet", "out"}
 
 
 def _dilations(text: str) -> tuple[int, ...]:
@@ -207,6 +207,8 @@ def train_command(
     export_only: bool = typer.Option(False, "--export-only", help="Only export --resume's model to -o, do not train.", rich_help_panel="Run"),
     export_from: str = typer.Option("last", "--from", help="With --export-only: last or best checkpoint.", rich_help_panel="Run"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="With --export-only: the .safetensors to write.", rich_help_panel="Run"),
+    blend_with: Optional[Path] = typer.Option(None, "--blend-with", help="With --export-only: blend the run's weights with this model's (same architecture; e.g. the --init weights).", rich_help_panel="Run"),
+    blend: float = typer.Option(0.5, "--blend", help="With --blend-with: the run's share of the blend, in [0, 1].", rich_help_panel="Run"),
     device: str = device_option(rich_help_panel="Run"),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPUs and on CPUs with AMX, else fp32), fp32, bf16, fp16.", rich_help_panel="Run"),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Channels-last (NHWC) memory layout [default: on].", rich_help_panel="Run"),
@@ -232,8 +234,12 @@ def train_command(
             raise usage_error("--from must be last or best")
         if output is not None and (output.exists() or output.is_symlink()):
             raise usage_error(f"{output}: exists (choose another -o, or remove it first)")
+        if not 0 <= blend <= 1:
+            raise usage_error(f"--blend must lie in [0, 1], got {blend:g}")
+        if blend_with is not None and not blend_with.is_file():
+            raise usage_error(f"--blend-with: no such file: {blend_with}")
         try:
-            path = export_model(resume, output, export_from)
+            path = export_model(resume, output, export_from, blend_with, blend)
         except (CheckpointError, TrainingError, OSError) as e:
             print_error(str(e))
             raise typer.Exit(EXIT_FAILED) from None
@@ -245,6 +251,8 @@ def train_command(
 
     given = {name for name in ctx.params if ctx.get_parameter_source(name) is not None
              and ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    if given & {"blend_with", "blend"}:
+        raise usage_error("--blend-with and --blend apply to --export-only")
     arch_flags = set(_ARCH_FLAGS)
 
     model_cfg = None

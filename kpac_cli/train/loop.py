@@ -19,6 +19,7 @@ Conventions
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -669,20 +670,40 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         log.close()
 
 
-def export_model(run: str | Path, output: str | Path | None = None, which: str = "last") -> Path:
+def export_model(run: str | Path, output: str | Path | None = None, which: str = "last",
+                 blend_with: str | Path | None = None, blend: float = 0.5) -> Path:
     """Export a run's ``last.pt``/``best.pt`` (or a checkpoint file) as a kpac safetensors model.
 
     ``output`` defaults to ``RUN/model.safetensors`` (``RUN/model-best.safetensors`` for best).
+    ``blend_with``: another model of the same architecture, typically the weights the run
+    started from (``--init``); the export is then ``blend`` x the run's weights + (1 - ``blend``)
+    x those, recorded in the provenance with the other file's SHA-256. Not in the paper: a
+    weight-space ensemble of a fine-tune and its starting point (Wortsman et al., "Robust
+    fine-tuning of zero-shot models", CVPR 2022) keeps the fine-tune's gains on the data it was
+    tuned on and recovers some of what it lost elsewhere (weights/README.md: real photos).
     """
     path = resolve_checkpoint(run, which)
     state = load_state(path, optimizer=False)
-    model = build_model(KPACConfig.from_dict(state["config"]))
-    load_state_dict_checked(model, {**state["model"], **state.get("ema", {})})  # the average, if the run kept one
+    config = KPACConfig.from_dict(state["config"])
+    model = build_model(config)
+    weights = {**state["model"], **state.get("ema", {})}  # the average, if the run kept one
+    prov = dict(state.get("provenance") or {})
+    if blend_with is not None:
+        if not 0 <= blend <= 1:
+            raise TrainingError(f"blend must lie in [0, 1], got {blend}")
+        other_config, other = _init_weights(Path(blend_with))
+        if other_config != config:
+            raise TrainingError(f"{blend_with}: another architecture ({other_config.to_json()}) than the run's "
+                                f"({config.to_json()}); weights blend only within one architecture")
+        weights = {k: (blend * v.float() + (1 - blend) * other[k].float()).to(v.dtype) if v.is_floating_point() else v
+                   for k, v in weights.items()}
+        prov["weight_blend"] = {"fraction_of_run": blend, "with": Path(blend_with).name,
+                                "with_sha256": hashlib.sha256(Path(blend_with).read_bytes()).hexdigest()}
+    load_state_dict_checked(model, weights)
     if not weights_finite(model.state_dict()):
         raise TrainingError(f"{path}: the weights are not finite; refusing to export")
     if output is None:
         output = path.parent / ("model.safetensors" if path.stem == "last" else f"model-{path.stem}.safetensors")
-    prov = dict(state.get("provenance") or {})
     prov["iterations"] = int(state["step"])
     prov["exported_from"] = path.name
     return save_checkpoint(output, model, prov)
