@@ -71,8 +71,8 @@ def test_shipped_model_raises_psnr_on_photos_it_never_saw(held_out_cases, name, 
 #: A mostly in-focus crop of scikit-image's coffee (level 12, the 2nd photo): the band of soft
 #: shading between the cup's white rim and its red side, rendered nearly in focus (0.2-1.5 px),
 #: is read as a blurred hard edge and darkened by 0.1-0.17 (-5.6 dB against the input for
-#: an earlier kpac-3level, -3.3 dB for the release before the current one, -2.2 dB for it); the sharp crop itself is darkened
-#: there too. The model card describes it.
+#: an earlier kpac-3level, -3.3 dB for the release before the current one, -2.2 dB for it);
+#: the sharp crop itself is darkened there too. The model card describes it.
 KNOWN_FAILURE = (1, 1)
 
 

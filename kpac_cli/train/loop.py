@@ -172,13 +172,13 @@ def hardware_summary(device: torch.device, world: int) -> dict[str, Any]:
 
 
 def _init_weights(path: Path) -> tuple[KPACConfig, dict[str, Tensor]]:
-    """Weights to start from: a kpac .safetensors, or a training checkpoint (last.pt/best.pt)."""
+    """Weights to start from (or to blend with): a kpac .safetensors, or a training checkpoint (last.pt/best.pt)."""
     try:
         if path.is_dir():
             path = resolve_checkpoint(path, "last")
         ck = load_checkpoint(path)
     except Exception as e:  # noqa: BLE001
-        raise TrainingError(f"cannot initialise from {path}: {e}") from None
+        raise TrainingError(f"cannot load weights from {path}: {e}") from None
     return ck.config, ck.state_dict
 
 
