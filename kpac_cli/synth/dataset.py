@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .render import SynthSettings, synthesize
+from .scenes import resize_scene
 from .sources import Source
 
 __all__ = ["write_dataset", "dataset_dirs"]
@@ -57,14 +58,8 @@ def _fit(image: np.ndarray, depth: np.ndarray | None, max_side: int | None):
     h, w = image.shape[:2]
     if max_side is None or max(h, w) <= max_side:
         return image, depth
-    from skimage.transform import resize
-
     scale = max_side / max(h, w)
-    shape = (max(1, round(h * scale)), max(1, round(w * scale)))
-    image = resize(image, shape, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
-    if depth is not None:
-        depth = resize(depth, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.float32)
-    return image, depth
+    return resize_scene(image, depth, (max(1, round(h * scale)), max(1, round(w * scale))))
 
 
 def _assign(n_sources: int, count: int, seed: int) -> list[int]:

@@ -17,6 +17,17 @@ import scipy.fft as sfft
 __all__ = ["random_depth", "dead_leaves", "smooth_field", "pink_noise", "superpixels"]
 
 
+def resize_scene(image: np.ndarray, depth: np.ndarray | None, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """A sharp scene (HWC float image) and its depth map (or None) resized to ``shape``: the
+    image anti-aliased, the depth by nearest neighbour so occlusion edges stay sharp."""
+    from skimage.transform import resize
+
+    image = resize(image, shape, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+    if depth is not None:
+        depth = resize(depth, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.float32)
+    return image, depth
+
+
 def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """Normalised coordinates: y in [-0.5, 0.5] top to bottom, x scaled by the same factor."""
     s = 1.0 / max(h, w)

@@ -252,14 +252,6 @@ def _fit(a: np.ndarray, size: int) -> np.ndarray:
     return np.pad(a, ((0, ph), (0, pw), (0, 0)), mode="symmetric")
 
 
-def _resize(a: np.ndarray, size: int, smooth: bool) -> np.ndarray:
-    """Square HWC ``a`` to ``size`` x ``size``: anti-aliased for pixels, nearest for depth."""
-    from skimage.transform import resize
-
-    return resize(a, (size, size), order=1 if smooth else 0, anti_aliasing=smooth,
-                  preserve_range=True).astype(np.float32)
-
-
 def random_window(shape: tuple[int, ...], size: int, rng: np.random.Generator) -> tuple[int, int]:
     h, w = shape[:2]
     return int(rng.integers(0, max(1, h - size + 1))), int(rng.integers(0, max(1, w - size + 1)))
@@ -394,6 +386,7 @@ class SyntheticDataset:
                flips: bool) -> dict[str, np.ndarray]:
         """Crop ``crop``+margin from a source, flip, synthesise, trim: float HWC views."""
         from ..synth import synthesize
+        from ..synth.scenes import resize_scene
 
         sharp, depth = source
         margin = int(math.ceil(self.settings.max_radius)) + 2
@@ -412,7 +405,9 @@ class SyntheticDataset:
         y, x = random_window(views["s"].shape, window, rng)
         views = {k: v[y : y + window, x : x + window] for k, v in views.items()}
         if window != size:
-            views = {k: _resize(v, size, smooth=k == "s") for k, v in views.items()}
+            views["s"], depth_view = resize_scene(views["s"], views.get("d"), (size, size))
+            if depth_view is not None:
+                views["d"] = depth_view
         if flips:
             hflip, vflip = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
             views = flip_views(views, hflip, vflip)
