@@ -6,7 +6,7 @@ Measures, for the paper's 3-level single-image KPAC (48 channels):
   and 512x512 crops, batch 4 and batch 1;
 * at 256x256, batch 4, the four memory-layout and precision pairs `kpac train` can use on a
   CPU (NCHW or channels_last, fp32 or bf16 autocast), and which of them `--precision auto`
-  picks here (bf16 only on CPUs with AMX);
+  picks here (bf16 only on CPUs with AMX or AVX512-BF16);
 * on-the-fly synthetic pair rendering (``kpac_cli.synth`` through the training dataset,
   crop + blur margin, one process) in samples/s at the same crop sizes, and the number of
   DataLoader workers it would take to keep the model fed;
@@ -152,7 +152,7 @@ def main() -> None:
                   f"(~{row['workers_to_keep_up']:.2f} workers keep up); cached DPDD crop {cached_s * 1e3:.1f} ms/sample",
                   file=sys.stderr)
     auto = resolve_precision("auto", torch.device("cpu"))
-    print(f"crop 256 batch 4 by layout and precision (CPU with AMX: {cpu_has_fast_bf16()}; "
+    print(f"crop 256 batch 4 by layout and precision (CPU with hardware bf16: {cpu_has_fast_bf16()}; "
           f"--precision auto picks {str(auto).replace('torch.', '')}):", file=sys.stderr)
     layouts = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -166,7 +166,7 @@ def main() -> None:
     print(f"decode one 1680x1120 16-bit PNG: {png_s:.3f} s", file=sys.stderr)
     if args.json:
         print(json.dumps({"rows": rows, "layouts": layouts, "png16_decode_s": png_s, "threads": torch.get_num_threads(),
-                          "amx": cpu_has_fast_bf16()}))
+                          "hardware_bf16": cpu_has_fast_bf16()}))
 
 
 if __name__ == "__main__":

@@ -635,7 +635,7 @@ def _start_event(cfg: TrainConfig) -> dict:
     return events[0]
 
 
-def test_bf16_without_amx_warns(tmp_path, dpdd, monkeypatch):
+def test_bf16_without_hardware_bf16_warns(tmp_path, dpdd, monkeypatch):
     monkeypatch.setattr(L, "cpu_has_fast_bf16", lambda: False)
     warnings = []
     train(tiny_cfg(tmp_path / "r", dpdd, iterations=1, precision="bf16"),
@@ -648,12 +648,12 @@ def test_bf16_without_amx_warns(tmp_path, dpdd, monkeypatch):
     assert not any("emulated" in w for w in warnings)
 
 
-def test_cpu_defaults_channels_last_and_bf16_only_with_amx(tmp_path, dpdd, monkeypatch):
+def test_cpu_defaults_channels_last_and_bf16_only_with_hardware_bf16(tmp_path, dpdd, monkeypatch):
     # this machine's own answer agrees with the flags its kernel reports
     flags = next((ln.split() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), None) \
         if Path("/proc/cpuinfo").exists() else None
     if flags is not None:
-        assert L.cpu_has_fast_bf16() == ("amx_bf16" in flags)
+        assert L.cpu_has_fast_bf16() == bool({"amx_bf16", "avx512_bf16"} & set(flags))
     cpu = torch.device("cpu")
     monkeypatch.setattr(L, "cpu_has_fast_bf16", lambda: False)
     assert L.resolve_precision("auto", cpu) == torch.float32

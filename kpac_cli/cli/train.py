@@ -210,7 +210,7 @@ def train_command(
     blend_with: Optional[Path] = typer.Option(None, "--blend-with", help="With --export-only: blend the run's weights with this model's (same architecture; e.g. the --init weights).", rich_help_panel="Run"),
     blend: float = typer.Option(0.5, "--blend", help="With --blend-with: the run's share of the blend, in [0, 1].", rich_help_panel="Run"),
     device: str = device_option(rich_help_panel="Run"),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPUs and on CPUs with AMX, else fp32), fp32, bf16, fp16.", rich_help_panel="Run"),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPUs and on CPUs with AMX or AVX512-BF16, else fp32), fp32, bf16, fp16.", rich_help_panel="Run"),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Channels-last (NHWC) memory layout [default: on].", rich_help_panel="Run"),
     workers: int = typer.Option(-1, "--workers", help="DataLoader worker processes (-1: 1 on CPU, up to 8 on GPU).", rich_help_panel="Run"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the model [default: all cores, shared among local processes].", rich_help_panel="Run"),
