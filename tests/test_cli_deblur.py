@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import typer
 from typer.testing import CliRunner
 
 from kpac_cli.checkpoints import save_checkpoint
@@ -355,6 +357,19 @@ def test_every_command_has_help_with_an_example(command):
     res = invoke(command, "--help")
     assert res.exit_code == 0, res.output
     assert "example" in res.stdout.lower()
+
+
+def test_help_shows_every_option_text_in_full():
+    """Typer renders help as rich markup, where '[word ...]' is a style tag and vanishes: every
+    option's help (its brackets escaped as '\\[') must reach the screen."""
+    def flat(text: str) -> str:
+        return re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", text)).strip()
+
+    for name, command in typer.main.get_command(app).commands.items():
+        shown = flat(runner.invoke(app, [name, "--help"], env={"COLUMNS": "120"}).stdout)
+        for param in command.params:
+            if getattr(param, "help", None):
+                assert flat(param.help.replace("\\[", "[")) in shown, (name, param.name)
 
 
 @pytest.mark.slow
