@@ -394,15 +394,48 @@ def test_synthetic_scenes_rescaled_into_the_asked_range():
     assert all(_stripe_periods(small[(k, 64)]["target"])[0] > 8 * 70 / 96 - 0.1 for k in range(12))
 
 
+class _Tint:
+    """A sharp "photo" of one muted colour (luma 0.5) with a faint horizontal ramp."""
+
+    colour = np.array([0.6, 0.48, 0.42], np.float32)
+
+    def load(self) -> np.ndarray:
+        ramp = np.linspace(-0.05, 0.05, 160, dtype=np.float32)[:, None, None]
+        return np.broadcast_to(self.colour + ramp, (160, 160, 3)).copy()
+
+
+def test_synthetic_scenes_made_more_colourful_within_the_asked_range():
+    from kpac_cli.synth import SynthSettings
+    from kpac_cli.synth.scenes import scale_saturation
+
+    luma = np.array([0.2126, 0.7152, 0.0722], np.float32)
+    chroma = lambda img: float(np.abs(img - (img @ luma)[..., None]).mean())  # noqa: E731
+    img = _Tint().load()
+    np.testing.assert_allclose(chroma(scale_saturation(img, 2.0)), 2 * chroma(img), rtol=1e-5)
+    single = img[..., :1]
+    assert chroma(scale_saturation(img, 0.0)) < 1e-6 and scale_saturation(single, 2.0) is single
+    settings = SynthSettings(max_radius=1, layers=2, noise_sigma=0)
+    plain = D.SyntheticDataset([_Tint()], settings, seed=3, noise_max=0, flips=False)
+    vivid = D.SyntheticDataset([_Tint()], settings, seed=3, noise_max=0, flips=False, saturation=2.0)
+    base = chroma(plain[(0, 48)]["target"].transpose(1, 2, 0))
+    ratios = [chroma(vivid[(k, 48)]["target"].transpose(1, 2, 0)) / base for k in range(16)]
+    assert all(0.99 < r < 2.01 for r in ratios) and min(ratios) < 1.4 and max(ratios) > 1.6, ratios
+    assert {round(chroma(plain[(k, 48)]["target"].transpose(1, 2, 0)) / base, 4) for k in range(8)} == {1.0}
+
+
 def test_rescale_and_transpose_are_checked_and_described(tmp_path):
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="rescale"):
             TrainConfig(procedural=2, rescale=bad).validate()
-    with pytest.raises(ValueError, match="synthetic data"):
-        TrainConfig(data=tmp_path, transpose=True).validate()
+    with pytest.raises(ValueError, match="saturation"):
+        TrainConfig(procedural=2, saturation=0.5).validate()
+    for scene_change in ({"transpose": True}, {"saturation": 1.5}):
+        with pytest.raises(ValueError, match="synthetic data"):
+            TrainConfig(data=tmp_path, **scene_change).validate()
     res = train(TrainConfig(out=tmp_path / "s", procedural=3, model=TINY, iterations=2, batch=1, crop="32", max_radius=3,
-                            rescale=0.6, transpose=True, val_count=1, val_crop=32, workers=0, tensorboard=False))
-    assert "rescaled by [0.6, 1], transposed half the time" in load_checkpoint(res.model_path).provenance["trained_on"]
+                            rescale=0.6, transpose=True, saturation=1.5, val_count=1, val_crop=32, workers=0, tensorboard=False))
+    assert ("rescaled by [0.6, 1], transposed half the time, colour saturation x [1, 1.5]"
+            in load_checkpoint(res.model_path).provenance["trained_on"])
 
 
 # --------------------------------------------------------------------------------------
@@ -835,10 +868,10 @@ def test_cli_scene_augmentation_is_stored_and_may_be_switched_when_resuming(tmp_
     common = ["--levels", "2", "--channels", "8", "--batch", "1", "--crop", "32", "--max-radius", "3", "--val-crop", "32",
               "--val-count", "1", "--workers", "0", "--no-tensorboard"]
     r = runner.invoke(cli, ["train", "--procedural", "3", "--out", str(run), "--iterations", "1", "--rescale", "0.7",
-                            "--transpose", *common])
+                            "--transpose", "--saturation", "1.5", *common])
     assert r.exit_code == 0, r.output
     stored = load_state(run / "last.pt")["train_config"]
-    assert stored["rescale"] == 0.7 and stored["transpose"] is True
+    assert stored["rescale"] == 0.7 and stored["transpose"] is True and stored["saturation"] == 1.5
     r = runner.invoke(cli, ["train", "--resume", str(run), "--iterations", "2", "--rescale", "1"])
     assert r.exit_code == 0, r.output
     stored = load_state(run / "last.pt")["train_config"]

@@ -40,7 +40,7 @@ _RESUMABLE = {
     "iterations", "save_every", "val_every", "log_every", "workers", "threads", "device", "precision",
     "channels_last", "description", "tensorboard", "max_nonfinite", "data", "source", "target",
     "val_source", "val_target", "synthetic", "cache",
-    "lr", "crop", "blur_rank_weight", "ema", "rescale", "transpose",  # the recipe may be retuned for the iterations still to come
+    "lr", "crop", "blur_rank_weight", "ema", "rescale", "transpose", "saturation",  # the recipe may be retuned for the iterations still to come
 }
 _RUN_ONLY = {"resume", "export_only", "export_from", "output", "blend_with", "blend", "json_out", "quiet", "out"}
 
@@ -169,6 +169,7 @@ def train_command(
     aperture: str = typer.Option("disc", "--aperture", help="Synthetic data: aperture shape, disc or polygon.", rich_help_panel="Data"),
     rescale: float = typer.Option(1.0, "--rescale", help="Synthetic data: take each crop as if its photo were downscaled by a random factor in \\[this, 1] (1: off; not in the paper).", rich_help_panel="Data"),
     transpose: bool = typer.Option(False, "--transpose", help="Synthetic data: also transpose half the crops (with the flips: all 8 orientations; not in the paper).", rich_help_panel="Data"),
+    saturation: float = typer.Option(1.0, "--saturation", help="Synthetic data: move each crop's colours from grey by a random factor in \\[1, this] (1: off; not in the paper).", rich_help_panel="Data"),
     # model
     levels: Optional[int] = typer.Option(None, "--levels", help="Encoder levels, 2 or 3 \\[default: 3].", rich_help_panel="Model"),
     channels: Optional[int] = typer.Option(None, "--channels", help="Base width \\[default: 48].", rich_help_panel="Model"),
@@ -271,7 +272,7 @@ def train_command(
     values = dict(
         out=out or Path("runs/kpac"), data=data, source=source, target=target, val_source=val_source, val_target=val_target,
         synthetic=tuple(synthetic or ()), skimage=skimage, procedural=procedural, allow_count_mismatch=allow_count_mismatch,
-        bit_depth=bit_depth, dual=dual, cache=cache, max_radius=max_radius, aperture=aperture, rescale=rescale, transpose=transpose, model=model_cfg, init=init,
+        bit_depth=bit_depth, dual=dual, cache=cache, max_radius=max_radius, aperture=aperture, rescale=rescale, transpose=transpose, saturation=saturation, model=model_cfg, init=init,
         stage=stage, iterations=iterations, lr=lr, beta1=beta1, beta2=beta2, batch=batch, crop=crop, noise_max=noise_max,
         flips=not no_flips, perceptual_weight=perceptual_weight, blur_rank_weight=blur_rank_weight, ema=ema, vgg_weights=vgg_weights, grad_clip=grad_clip,
         max_nonfinite=max_nonfinite, seed=seed, val_every=val_every, val_count=val_count, val_crop=val_crop,

@@ -28,6 +28,16 @@ def resize_scene(image: np.ndarray, depth: np.ndarray | None, shape: tuple[int, 
     return image, depth
 
 
+def scale_saturation(image: np.ndarray, factor: float) -> np.ndarray:
+    """An RGB scene (HWC float in [0, 1], gamma-encoded) with its colours moved ``factor`` times
+    as far from each pixel's grey (its Rec. 709 luma) as they were, clipped to [0, 1]: 1 leaves
+    it unchanged, 0 makes it grey. Other channel counts are returned unchanged."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        return image
+    grey = image @ np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
+    return np.clip(grey[:, :, None] + np.float32(factor) * (image - grey[:, :, None]), 0.0, 1.0).astype(np.float32)
+
+
 def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """Normalised coordinates: y in [-0.5, 0.5] top to bottom, x scaled by the same factor."""
     s = 1.0 / max(h, w)

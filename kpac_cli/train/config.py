@@ -155,6 +155,10 @@ class TrainConfig:
     # on held-out photos of the same sets but 0.08 dB on other photos (weights/README.md).
     rescale: float = 1.0
     transpose: bool = False
+    # Synthetic data, not in the paper: each crop's colours moved from grey by a random factor
+    # in [1, saturation] (1: off). Why: the training photos are muted; the shipped model gained
+    # 0.37 dB less on held-out renders with 1.5x the saturation, 0.23 dB more on grey ones.
+    saturation: float = 1.0
     # model
     model: KPACConfig | None = None
     init: Path | None = None
@@ -264,8 +268,10 @@ class TrainConfig:
             raise ValueError("noise-max must be >= 0")
         if not 0 < self.rescale <= 1:
             raise ValueError(f"rescale must lie in (0, 1], got {self.rescale}")
-        if (self.rescale < 1 or self.transpose) and self.data_kind != "synthetic":
-            raise ValueError("rescale and transpose apply to synthetic data (they change the sharp scene before rendering)")
+        if self.saturation < 1:
+            raise ValueError(f"saturation must be >= 1, got {self.saturation}")
+        if (self.rescale < 1 or self.transpose or self.saturation > 1) and self.data_kind != "synthetic":
+            raise ValueError("rescale, transpose and saturation apply to synthetic data (they change the sharp scene before rendering)")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must lie in [0, 1), got {self.ema}")
         if self.blur_rank_weight < 0:

@@ -348,10 +348,10 @@ class SyntheticDataset:
 
     def __init__(self, sources: Sequence[Any], settings: Any, seed: int = 0, noise_max: float = 0.03, flips: bool = True,
                  dual: bool = False, cache_bytes: int = 1 << 30, with_radius: bool = False, rescale: float = 1.0,
-                 transpose: bool = False) -> None:
+                 transpose: bool = False, saturation: float = 1.0) -> None:
         self.sources, self.settings, self.seed = list(sources), settings, seed
         self.noise_max, self.flips, self.dual, self.cache_bytes = noise_max, flips, dual, cache_bytes
-        self.rescale, self.transpose = rescale, transpose  # see TrainConfig
+        self.rescale, self.transpose, self.saturation = rescale, transpose, saturation  # see TrainConfig
         self.with_radius = with_radius  # samples also carry the true blur radius, (1, H, W)
         self.order = _EpochOrder(len(self.sources), seed)
         self._cache: dict[int, np.ndarray] = {}
@@ -386,14 +386,14 @@ class SyntheticDataset:
                flips: bool) -> dict[str, np.ndarray]:
         """Crop ``crop``+margin from a source, flip, synthesise, trim: float HWC views."""
         from ..synth import synthesize
-        from ..synth.scenes import resize_scene
+        from ..synth.scenes import resize_scene, scale_saturation
 
         sharp, depth = source
         margin = int(math.ceil(self.settings.max_radius)) + 2
         size = crop + 2 * margin
-        # Geometric changes of the sharp scene all come before rendering, so the blur (and the
-        # dual-pixel views) are rendered on what the model sees: a rescaled or transposed scene
-        # is just another scene. Each draws from rng only when switched on (exact resumes).
+        # Changes of the sharp scene all come before rendering, so the blur (and the dual-pixel
+        # views) are rendered on what the model sees: a rescaled, transposed or more colourful
+        # scene is just another scene. Each draws from rng only when switched on (exact resumes).
         window = size
         if self.rescale < 1:  # as if the source were downscaled by a factor in [rescale, 1]
             smallest = max(self.rescale, size / min(sharp.shape[:2]))
@@ -413,6 +413,8 @@ class SyntheticDataset:
             views = flip_views(views, hflip, vflip)
         if self.transpose and rng.random() < 0.5:
             views = {k: v.transpose(1, 0, 2) for k, v in views.items()}
+        if self.saturation > 1:
+            views["s"] = scale_saturation(views["s"], rng.uniform(1.0, self.saturation))
         region = np.ascontiguousarray(views["s"])
         d = np.ascontiguousarray(views["d"][:, :, 0]) if "d" in views else None
         s = synthesize(region, rng, self.settings, d)
@@ -559,7 +561,8 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
         if not held:
             note("only one sharp source: validation renders it with other random draws (not held out)")
         dataset = SyntheticDataset(train_src, settings, seed=cfg.seed, noise_max=cfg.noise_max, flips=cfg.flips, dual=cfg.dual,
-                                   with_radius=cfg.blur_rank_weight > 0, rescale=cfg.rescale, transpose=cfg.transpose)
+                                   with_radius=cfg.blur_rank_weight > 0, rescale=cfg.rescale, transpose=cfg.transpose,
+                                   saturation=cfg.saturation)
         val = []
         if rank == 0 and cfg.val_count > 0:
             vds = SyntheticDataset(val_src, settings, seed=cfg.seed, noise_max=0.0, flips=False, dual=cfg.dual, cache_bytes=0)
@@ -576,7 +579,8 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
         if cfg.procedural:
             parts.append(f"{cfg.procedural} procedural dead-leaves scenes")
         scenes = "".join([f", rescaled by [{cfg.rescale:g}, 1]" if cfg.rescale < 1 else "",
-                          ", transposed half the time" if cfg.transpose else ""])
+                          ", transposed half the time" if cfg.transpose else "",
+                          f", colour saturation x [1, {cfg.saturation:g}]" if cfg.saturation > 1 else ""])
         desc = (
             f"synthetic defocus ({'dual-pixel, ' if cfg.dual else ''}max radius {cfg.max_radius:g} px, {cfg.aperture} aperture) "
             f"rendered on the fly from {len(train_src)} sharp images ({'; '.join(parts)}{scenes}); "
