@@ -372,6 +372,15 @@ def test_help_shows_every_option_text_in_full():
                 assert flat(param.help.replace("\\[", "[")) in shown, (name, param.name)
 
 
+def test_progress_shows_file_names_with_brackets_as_they_are():
+    from kpac_cli.cli.common import progress_bar
+
+    with progress_bar(True) as progress:
+        task = progress.add_task("  IMG_0042 [edited].jpg", total=1)
+        shown = progress.columns[0].render(progress.tasks[task])
+    assert shown.plain == "  IMG_0042 [edited].jpg"
+
+
 @pytest.mark.slow
 def test_compile_flag_gives_the_same_images_and_reports_compile_time(tmp_path, tiny_models):
     photos = tmp_path / "photos"

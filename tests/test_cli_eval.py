@@ -142,6 +142,16 @@ def test_terminal_tables_and_conventions_footer(folders):
     assert "8-bit quantisation" in out and "7x7 uniform window" in out and "LPIPS: unavailable" in out
 
 
+def test_file_names_with_brackets_are_shown_as_they_are(tmp_path):
+    """Rich reads '[edited]' as a style tag: names must reach the table verbatim, not be eaten."""
+    rng = np.random.default_rng(5)
+    for folder in ("pred", "gt"):
+        _write(tmp_path / folder / "shot [edited].png", _scene(rng))
+    res = invoke("--pred", tmp_path / "pred", "--target", tmp_path / "gt")
+    assert res.exit_code == 0, res.output
+    assert "shot [edited]" in res.stdout
+
+
 def test_identity_psnr_is_psnr_of_source(folders):
     res = invoke("--source", folders / "src", "--target", folders / "gt", "--method", "identity", "--json")
     assert res.exit_code == 0, res.output

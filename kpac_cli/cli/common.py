@@ -126,7 +126,7 @@ def progress_bar(enabled: bool) -> Iterator[Progress | None]:
         yield None
         return
     progress = Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),  # file names may hold "[...]"
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),

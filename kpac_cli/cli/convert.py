@@ -39,7 +39,7 @@ def convert(
     if json_out:
         emit_json(record)
     else:
-        err_console.print(f"{src} -> {output}: {variant}, {record['parameters']:,} parameters")
+        err_console.print(f"{src} -> {output}: {variant}, {record['parameters']:,} parameters", markup=False)
 
 
 def register(app: typer.Typer) -> None:

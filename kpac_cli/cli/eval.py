@@ -280,7 +280,9 @@ def _write_reports(paths: list[Path], report, run: dict[str, Any], speed: Any) -
 
 def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per_image: bool) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from ..metrics import PAPER_TABLE4_DPDD, PAPER_TABLE4_LABEL
 
@@ -291,12 +293,12 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
         for col, j in (("name", "left"), ("split", "left"), ("PSNR (dB)", "right"), ("SSIM", "right"), ("MAE", "right"), ("LPIPS", "right")):
             t.add_column(col, justify=j)
         for r in report.rows:
-            t.add_row(r.name, r.split or "", _fmt(r.psnr, 2), _fmt(r.ssim, 4), _fmt(r.mae, 4),
+            t.add_row(Text(r.name), r.split or "", _fmt(r.psnr, 2), _fmt(r.ssim, 4), _fmt(r.mae, 4),
                       _fmt(r.lpips, 4) if r.lpips is not None else "n/a")
         console.print(t)
     if report.rows or report.failures:
         summ = report.summary()
-        t = Table(title=f"summary: {run.get('method_label', '')}", title_justify="left")
+        t = Table(title=escape(f"summary: {run.get('method_label', '')}"), title_justify="left")
         t.add_column("", no_wrap=True)
         for col in ("images", "PSNR (dB) ↑", "SSIM ↑", "MAE ↓", "LPIPS ↓"):
             t.add_column(col, justify="right", no_wrap=True)
@@ -327,12 +329,12 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
             footer += f"; LPIPS: unavailable: {lp_missing}" if lp_missing else f"; LPIPS: {c.get('LPIPS', '')}"
         if show_paper:
             footer += f". Rows below the line: {PAPER_TABLE4_LABEL}, comparable only on all 76 test images."
-        console.print(f"[dim]{footer}[/]", soft_wrap=True)
+        console.print(footer, style="dim", soft_wrap=True, markup=False)
         if report.failures:
-            names = ", ".join(n for n, _ in report.failures[:10]) + (" ..." if len(report.failures) > 10 else "")
+            names = escape(", ".join(n for n, _ in report.failures[:10])) + (" ..." if len(report.failures) > 10 else "")
             console.print(f"[red]{len(report.failures)} failed (not in any mean):[/] {names}", soft_wrap=True)
         for note in report.notes:
-            console.print(f"note: {note}", soft_wrap=True)
+            console.print(f"note: {note}", soft_wrap=True, markup=False)
     if speed is not None:
         from ..metrics.speed import PAPER_SIZE, describe_method
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, device_option, emit_json, err_console, print_error, show_progress, usage_error
@@ -94,7 +95,7 @@ class _Reporter:
     def __enter__(self) -> "_Reporter":
         if self.live:
             self.progress = Progress(
-                TextColumn("[bold]{task.description}"),
+                TextColumn("{task.description}", style="bold", markup=False),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"),
@@ -119,7 +120,7 @@ class _Reporter:
         d = ev.data
         if ev.kind == "message":
             style = {"warning": "[yellow]warning:[/] "}.get(d.get("level"), "")
-            self.print(style + d["text"])
+            self.print(style + escape(d["text"]))  # messages name files, which may hold "[...]"
         elif ev.kind == "load":
             if self.progress is not None:
                 if self.load_task is None:
@@ -147,7 +148,7 @@ class _Reporter:
         elif ev.kind == "val":
             self.print(f"iter {ev.step}: validation PSNR {d['psnr']:.3f} dB  SSIM {d['ssim']:.4f}  (best {d['best_psnr']:.3f})")
         elif ev.kind == "checkpoint" and self.progress is None and not self.quiet and d["kind"] == "best":
-            self.print(f"iter {ev.step}: new best -> {d['path']}")
+            self.print(f"iter {ev.step}: new best -> {escape(str(d['path']))}")
 
 
 def train_command(
@@ -247,7 +248,7 @@ def train_command(
         if json_out:
             emit_json({"exported": str(path), "from": str(resume), "checkpoint": export_from})
         elif not quiet:
-            err_console.print(f"exported {resume} ({export_from}) -> {path}")
+            err_console.print(f"exported {resume} ({export_from}) -> {path}", markup=False)
         raise typer.Exit(EXIT_OK)
 
     given = {name for name in ctx.params if ctx.get_parameter_source(name) is not None
@@ -342,12 +343,12 @@ def train_command(
         emit_json({"event": "train", **result.to_dict()})
     if result.interrupted:
         if not quiet:
-            err_console.print(f"stopped at iteration {result.step}; checkpoint {result.last_checkpoint}; continue with: kpac train --resume {cfg.out}")
+            err_console.print(f"stopped at iteration {result.step}; checkpoint {result.last_checkpoint}; continue with: kpac train --resume {cfg.out}", markup=False)
         raise typer.Exit(128 + (result.signal or signal.SIGINT))
     if not quiet:
         sc = result.scores
         score = f", validation PSNR {sc['psnr']:.3f} dB / SSIM {sc['ssim']:.4f}" if sc else ""
-        err_console.print(f"done: {result.step} iterations in {_fmt_time(result.wall_clock_s)}{score}; model -> {result.model_path}")
+        err_console.print(f"done: {result.step} iterations in {_fmt_time(result.wall_clock_s)}{score}; model -> {result.model_path}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
