@@ -381,6 +381,14 @@ def test_progress_shows_file_names_with_brackets_as_they_are():
     assert shown.plain == "  IMG_0042 [edited].jpg"
 
 
+def test_models_table_shows_a_bracketed_file_name_as_it_is(tmp_path, tiny_models, monkeypatch):
+    (tmp_path / "mine [v2].safetensors").write_bytes(Path(tiny_models[0]).read_bytes())
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(tmp_path))
+    res = invoke("models")
+    assert res.exit_code == 0, res.output
+    assert "mine [v2]" in res.stdout
+
+
 @pytest.mark.slow
 def test_compile_flag_gives_the_same_images_and_reports_compile_time(tmp_path, tiny_models):
     photos = tmp_path / "photos"

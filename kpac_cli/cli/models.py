@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..checkpoints.registry import list_models
 from ..model import build_model, count_parameters
@@ -61,7 +62,8 @@ def models(json_out: bool = typer.Option(False, "--json", help="One JSON record 
         iterations = str(p.get("iterations", "?"))
         if "total_iterations" in p and p["total_iterations"] != p.get("iterations"):
             iterations = f"{p['total_iterations']} ({iterations} in its last run)"
-        table.add_row(m.name + (" (default)" if m.default else ""), kind, f"{count_parameters(build_model(m.config)) / 1e6:.2f} M",
+        table.add_row(Text(m.name + (" (default)" if m.default else "")), kind,  # a file name, verbatim
+                      f"{count_parameters(build_model(m.config)) / 1e6:.2f} M",
                       iterations, headline_scores(p.get("scores"), dual=m.config.in_views == 2))
     Console().print(table)
     if not infos:
