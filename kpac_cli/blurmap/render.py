@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..images import ImageInfo, atomic_write_bytes, write_image
+from ..images import ImageInfo, atomic_write_bytes, luma, write_image
 from .maps import BLUR_POLARITY, AttentionMaps, maps_from_attention
 
 #: Stops of the colour map (position, sRGB 0-255): an approximation of "inferno".
@@ -75,10 +75,6 @@ def apply_colormap(values: np.ndarray, vmin: float = 0.0, vmax: float = 1.0) -> 
     return _LUT[idx]
 
 
-def _luminance(photo: np.ndarray) -> np.ndarray:
-    return photo[..., :3] @ np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
-
-
 def overlay(photo: np.ndarray, values: np.ndarray, opacity: float = 0.6, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
     """The colour-mapped ``values`` blended over a grey version of ``photo`` (``H x W x 3``).
 
@@ -86,7 +82,7 @@ def overlay(photo: np.ndarray, values: np.ndarray, opacity: float = 0.6, vmin: f
     """
     if photo.shape[:2] != values.shape:
         raise ValueError(f"photo is {photo.shape[:2]} but the map is {values.shape}")
-    grey = _luminance(photo)[..., None]
+    grey = luma(photo)[..., None]
     return (1 - opacity) * grey + opacity * apply_colormap(values, vmin, vmax)
 
 

@@ -18,7 +18,7 @@ This package does not import typer or rich.
 """
 
 from .atomic import atomic_output, atomic_write_bytes, cleanup_stale_temps
-from .base import DEFAULT_MAX_PIXELS, RAW_EXTENSIONS, ImageError, ImageInfo
+from .base import DEFAULT_MAX_PIXELS, RAW_EXTENSIONS, ImageError, ImageInfo, luma
 from .io import is_image_path, list_images, probe_size, read_image, read_image_codes, sniff_format, write_image
 from .pairing import DualPixelTriple, dpdd_dual_dirs, pair_dual_pixel, read_dual_pixel
 from .raw import RawOptions
@@ -36,6 +36,7 @@ __all__ = [
     "dpdd_dual_dirs",
     "is_image_path",
     "list_images",
+    "luma",
     "pair_dual_pixel",
     "probe_size",
     "read_dual_pixel",

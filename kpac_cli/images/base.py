@@ -122,6 +122,12 @@ def to_float(arr: np.ndarray, maxval: int | float) -> np.ndarray:
     return out
 
 
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """``H x W x C`` (C >= 3, RGB first) -> ``H x W`` float32 Rec. 709 luma of the values as they
+    are (gamma-encoded in, gamma-encoded out; the grey a photo shows)."""
+    return rgb[..., :3] @ np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
+
+
 def quantize(img: np.ndarray, bit_depth: int) -> np.ndarray:
     """Float image in ``[0, 1]`` -> unsigned integers, ``floor(clip(v) * maxval + 0.5)``.
 

@@ -34,7 +34,9 @@ def scale_saturation(image: np.ndarray, factor: float) -> np.ndarray:
     it unchanged, 0 makes it grey. Other channel counts are returned unchanged."""
     if image.ndim != 3 or image.shape[2] != 3:
         return image
-    grey = image @ np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
+    from ..images import luma
+
+    grey = luma(image)
     return np.clip(grey[:, :, None] + np.float32(factor) * (image - grey[:, :, None]), 0.0, 1.0).astype(np.float32)
 
 
