@@ -504,6 +504,23 @@ def test_cli_never_overwrites_unless_asked(cli, photo, tmp_path):
     assert not list(out.glob(".*kpac-tmp"))
 
 
+def test_cli_rerun_never_maps_its_own_maps(cli, photo, tmp_path):
+    img, _ = photo
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _save_rgb(photos / "a.png", img[:48, :64])
+    for out, extra in ((photos / "maps", ["-r"]), (photos, [])):  # an output folder inside the input, and the input folder
+        for again in ([], ["--skip-existing"]):
+            res = cli(str(photos), "-o", str(out), "--overlay", "--json", "-q", *extra, *again)
+            assert res.exit_code == 0, res.output
+            assert [json.loads(line)["input"] for line in res.stdout.splitlines()] == [str(photos / "a.png")]
+    assert sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.png")) == [
+        "a.png", "a_blurmap.png", "a_overlay.png", "maps/a_blurmap.png", "maps/a_overlay.png"]
+    # a map named on the command line is an input like any other
+    res = cli(str(photos / "a_overlay.png"), "-o", str(tmp_path / "o"), "-q")
+    assert res.exit_code == 0 and (tmp_path / "o" / "a_overlay_blurmap.png").exists()
+
+
 def test_cli_eval_masks_scores_and_summary(cli, tmp_path):
     imgs, masks = tmp_path / "img", tmp_path / "gt"
     imgs.mkdir()

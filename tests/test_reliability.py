@@ -142,7 +142,7 @@ def test_hostile_corpus_in_one_batch(tmp_path, models):
     failed = 0
     for c in cases:
         src, dst = paths[c.name], out / out_name(c.name)
-        mentions = [line for line in stderr_lines(res) if str(src) in line]
+        mentions = [line for line in error_lines(res) if str(src) in line]
         succeeded = not mentions
         if c.ok is not None:
             assert succeeded == c.ok, f"{c.name} ({c.why}): {mentions or 'succeeded'}"
@@ -158,8 +158,12 @@ def test_hostile_corpus_in_one_batch(tmp_path, models):
     assert leftovers(tmp_path) == []
     summary = stderr_lines(res)[-1]
     assert summary == f"{len(expected_outputs)} deblurred, 0 skipped, {failed} failed"
-    assert len(error_lines(res)) == failed  # nothing else on stderr
-    assert len(stderr_lines(res)) == failed + 1
+    assert len(error_lines(res)) == failed
+    # besides: one note for each multi-frame image (only its first frame is deblurred)
+    notes = [line for line in stderr_lines(res) if line.startswith("note:")]
+    multi = sorted(str(paths[c.name]) for c in cases if (out / out_name(c.name)).exists() and read_image(paths[c.name])[1].frames > 1)
+    assert sorted(n.split()[1].rstrip(":") for n in notes) == multi and all("first of" in n for n in notes)
+    assert len(stderr_lines(res)) == failed + len(notes) + 1  # nothing else on stderr
 
 
 def test_odd_but_valid_images_come_out_right(tmp_path, models):
@@ -195,7 +199,8 @@ def test_hostile_bytes_on_stdin(case, models):
     if case.ok is not None and not by_name:
         assert (res.exit_code == 0) == case.ok, res.stderr
     if res.exit_code == 0:
-        assert res.stderr == ""
+        frames = read_image(case.data)[1].frames
+        assert stderr_lines(res) == ([f"note: <stdin>: only the first of {frames} frames (pages) was deblurred"] if frames > 1 else [])
         img, info = read_image(res.stdout_bytes)
         assert img.shape[:2] == read_image(case.data)[1].size
         if case.data.startswith(PNG_SIGNATURE):
@@ -817,6 +822,112 @@ def test_a_rerun_never_deblurs_its_own_outputs(tmp_path, models):
     assert sorted(p.name for p in photos.glob("*.png")) == ["a.png", "a_s.png", "b.png", "b_s.png"]
 
 
+def test_an_output_never_replaces_another_input(tmp_path, models):
+    # a.tif -> a.jpg with --format jpeg would land on the photo a.jpg: refused before any work,
+    # --overwrite or not, whichever order the inputs come in
+    photos = tmp_path / "photos"
+    write_png(photos / "a.png", seed=1)
+    res = deblur(models["single"], photos / "a.png", "-o", photos / "a.tif")
+    assert res.exit_code == 0, res.stderr
+    (photos / "a.png").unlink()
+    (photos / "a.jpg").write_bytes(jpeg := _jpeg_bytes(seed=2))
+    for args in ([photos], [photos / "a.jpg", photos / "a.tif"], [photos / "a.tif", photos / "a.jpg"]):
+        res = deblur(models["single"], *args, "-o", photos, "--format", "jpeg", "--overwrite")
+        assert res.exit_code == 2, (args, res.stderr)
+        assert "would be written over the input" in res.stderr or "both be written" in res.stderr, res.stderr
+        assert (photos / "a.jpg").read_bytes() == jpeg
+    assert sorted(p.name for p in photos.iterdir()) == ["a.jpg", "a.tif"]
+
+
+def _jpeg_bytes(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(smooth_rgb(24, 32, seed)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_outputs_keep_their_inputs_spelling_of_the_extension(tmp_path, models):
+    photos = tmp_path / "photos"
+    for name, seed in (("a.jpg", 1), ("a.JPEG", 2), ("b.tiff", 3)):
+        photos.mkdir(exist_ok=True)
+        data = _jpeg_bytes(seed) if "jp" in name.lower() else None
+        if data is None:
+            res = deblur(models["single"], write_png(tmp_path / "b.png", seed=seed), "-o", photos / name)
+            assert res.exit_code == 0, res.stderr
+        else:
+            (photos / name).write_bytes(data)
+    res = deblur(models["single"], photos, "-o", tmp_path / "out")
+    assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.jpeg", "a.jpg", "b.tiff"]
+    res = deblur(models["single"], photos, "-o", tmp_path / "png", "--format", "png")
+    assert res.exit_code == 2 and "both be written" in res.stderr  # a.jpg and a.JPEG -> a.png
+
+
+def test_contradicting_options_are_usage_errors(tmp_path, models):
+    src = write_png(tmp_path / "in" / "a.png")
+    cases = [
+        ["-o", tmp_path / "o", "--format", "jpeg", "--bit-depth", "16"],
+        ["-o", tmp_path / "o.jpg", "--bit-depth", "16"],
+        ["-o", tmp_path / "o.png", "--suffix", "_s"],  # the file is named already
+        ["-o", "-", "--save-blurmap"],  # nowhere to put the map
+        ["-o", tmp_path / "o", "--suffix", "/../../escaped"],  # a suffix is not a path
+        ["-o", tmp_path / "o", "--raw-exposure", "5"],
+        ["-o", tmp_path / "o", "--raw-wb", "tungsten"],
+    ]
+    for args in cases:
+        res = deblur(models["single"], src, *args)
+        assert res.exit_code == 2, (args, res.stderr)
+        assert_no_traceback(res)
+        assert len(error_lines(res)) == 1, res.stderr
+    res = deblur(models["single"], src, "-o", tmp_path / "o", "--raw-exposure", "5")
+    assert "--raw-exposure" in error_lines(res)[0] and "[-2, 3]" in error_lines(res)[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    # a folder input and an image file name: the folder is not a file
+    res = deblur(models["single"], tmp_path / "in", "-o", tmp_path / "result.png")
+    assert res.exit_code == 2 and "end it with /" in res.stderr
+    assert not (tmp_path / "result.png").exists()
+
+
+def test_what_a_format_cannot_hold_is_said(tmp_path, models):
+    import json
+
+    from PIL import Image
+
+    rgba = np.dstack([smooth_rgb(24, 32, 3), np.full((24, 32), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    pages = tmp_path / "pages.tif"
+    import tifffile
+
+    tifffile.imwrite(pages, np.stack([smooth_rgb(24, 32, 4), smooth_rgb(24, 32, 5)]), photometric="rgb")
+    res = deblur(models["single"], tmp_path / "rgba.png", pages, "-o", tmp_path / "out", "--format", "jpeg", "--json")
+    assert res.exit_code == 0, res.stderr
+    notes = {Path(r["input"]).name: r["notes"] for r in map(json.loads, res.stdout.splitlines())}
+    assert notes == {"rgba.png": ["JPEG has no alpha channel: the transparency was dropped"],
+                     "pages.tif": ["only the first of 2 frames (pages) was deblurred"]}
+    note_lines = [line for line in stderr_lines(res) if line.startswith("note:")]
+    assert len(note_lines) == 2 and any("rgba.png" in n and "alpha" in n for n in note_lines)
+    res = deblur(models["single"], tmp_path / "rgba.png", "-o", tmp_path / "out2", "--format", "jpeg", "-q")
+    assert res.exit_code == 0 and res.stderr == ""
+
+
+def test_deblur_file_writes_the_format_its_output_name_asks_for(tmp_path, models):
+    from kpac_cli.engine import Deblurrer, EngineOptions, deblur_file
+    from kpac_cli.engine.batch import OutputOptions
+
+    src = write_png(tmp_path / "a.png")
+    d = Deblurrer(models["single"], EngineOptions(device="cpu"))
+    for name, fmt in (("o.tif", "tiff"), ("o.jpeg", "jpeg"), ("o.png", "png")):
+        assert deblur_file(d, src, tmp_path / name).status == "ok"
+        assert read_image(tmp_path / name)[1].format == fmt
+    for name, opts in (("o.webp", None), ("p.png", OutputOptions(format="tiff"))):
+        with pytest.raises(ValueError):
+            deblur_file(d, src, tmp_path / name, opts)
+        assert not (tmp_path / name).exists()
+
+
 def test_blurmaps_resume_and_never_collide(tmp_path, models):
     src = write_png(tmp_path / "in" / "a.png")
     out = tmp_path / "out"
@@ -868,6 +979,27 @@ def test_a_pipe_is_read_once(tmp_path, models):
     writer.join(timeout=30)
     assert res.exit_code == 0, res.stderr
     assert read_image(tmp_path / "out.png")[1].size == (24, 32)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_image_bytes_are_never_sent_to_a_terminal(tmp_path, models):
+    import pty
+
+    src = write_png(tmp_path / "a.png")
+    main, secondary = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "kpac_cli", "deblur", str(src), "-o", "-", "--model", str(models["single"]),
+                               "--device", "cpu"], stdout=secondary, stderr=subprocess.PIPE, timeout=120)
+        os.set_blocking(main, False)
+        try:
+            shown = os.read(main, 1 << 16)
+        except (BlockingIOError, OSError):
+            shown = b""
+    finally:
+        os.close(main)
+        os.close(secondary)
+    assert proc.returncode == 2, proc.stderr
+    assert b"terminal" in proc.stderr and PNG_SIGNATURE not in shown
 
 
 def test_a_reader_that_closes_the_pipe_early_is_an_error(tmp_path, models):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +146,7 @@ def blurmap(
                 stem = Path(t.name).stem
                 items.append(_Item(stem, str(t.left), t, output))
         else:
-            for src, rel in collect_inputs(inputs, recursive):
+            for src, rel in collect_inputs(inputs, recursive, exclude=output):
                 items.append(_Item(rel.stem, str(src), src, None if output is None else output / rel.parent))
     except (PlanError, ImageError) as e:
         raise usage_error(str(e)) from None
@@ -171,7 +172,6 @@ def blurmap(
         raise usage_error(f"--dilation must be one of {list(cfg.dilations)} for model {deblurrer.name}")
 
     ext = ".png" if fmt == "png" else ".tif"
-    claimed: dict[Path, str] = {}
     for it in items:
         if it.out_dir is None:
             continue
@@ -190,6 +190,15 @@ def blurmap(
             it.outputs["overlay"] = Path(f"{base}_overlay.png")
         if sheet:
             it.outputs["sheet"] = Path(f"{base}_sheet.png")
+    # A previous run's maps found in an input folder are not inputs (every map's name has a
+    # suffix), so a rerun never maps its own maps; files named on the command line always are.
+    written = {Path(os.path.abspath(p)) for it in items for p in it.outputs.values()}
+    named = {Path(os.path.abspath(i)) for i in inputs if not Path(i).is_dir()}
+    items = [it for it in items if dual or (key := Path(os.path.abspath(it.source))) not in written or key in named]
+    if not items:
+        raise usage_error("no images found in the inputs (only outputs of this command)")
+    claimed: dict[Path, str] = {}
+    for it in items:
         for p in it.outputs.values():
             if p in claimed:
                 raise usage_error(f"{it.label} and {claimed[p]} would both be written to {p}")

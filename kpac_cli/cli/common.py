@@ -109,6 +109,11 @@ def print_error(message: str) -> None:
     err_console.print(f"[red]error:[/] {one_line(message)}", soft_wrap=True)
 
 
+def print_note(message: str) -> None:
+    """Something the user should know about a result that is not an error."""
+    err_console.print(f"[yellow]note:[/] {one_line(message)}", soft_wrap=True)
+
+
 def emit_json(record: dict[str, Any]) -> None:
     """One JSON object per line on stdout, flushed so pipelines see it at once."""
     sys.stdout.write(json.dumps(record, default=str) + "\n")

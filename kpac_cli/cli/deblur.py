@@ -26,6 +26,7 @@ from .common import (
     parse_tile,
     precision_option,
     print_error,
+    print_note,
     progress_bar,
     show_progress,
     sigterm_raises,
@@ -70,7 +71,7 @@ def deblur(
     raw_wb: str = typer.Option("camera", "--raw-wb", help="RAW white balance: camera, auto or daylight."),
     raw_demosaic: str = typer.Option("ahd", "--raw-demosaic", help="RAW demosaic: ahd, linear, vng, ppg, dht or aahd."),
     raw_half_size: bool = typer.Option(False, "--raw-half-size", help="Develop RAW at half size (fast previews)."),
-    raw_exposure: float = typer.Option(0.0, "--raw-exposure", help="RAW exposure shift in EV."),
+    raw_exposure: float = typer.Option(0.0, "--raw-exposure", help="RAW exposure shift in EV, -2 to 3."),
     raw_linear: bool = typer.Option(False, "--raw-linear", help="Develop RAW to linear gamma instead of sRGB."),
     save_blurmap: bool = typer.Option(False, "--save-blurmap", help="Also write the blur-detection map (block 1, dilation 1) beside each output."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record per image to stdout."),
@@ -83,6 +84,8 @@ def deblur(
         raise usage_error("--overwrite and --skip-existing contradict each other")
     if json_out and output == STDIO:
         raise usage_error("--json cannot be combined with -o - (stdout carries the image)")
+    if output == STDIO and sys.stdout.isatty():
+        raise usage_error("-o - writes the image's bytes to stdout, which is a terminal; redirect it (> out.png) or pipe it")
     if fmt is not None:
         fmt = {"tif": "tiff", "jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
         if fmt not in ("png", "tiff", "jpeg"):
@@ -91,12 +94,22 @@ def deblur(
         raise usage_error("--bit-depth must be 8, 16 or 32 (float TIFF)")
     if bit_depth == 32 and fmt not in (None, "tiff"):
         raise usage_error("--bit-depth 32 (float) is written as TIFF only")
+    if bit_depth == 16 and fmt == "jpeg":
+        raise usage_error("--bit-depth 16 with --format jpeg: JPEG holds 8 bits (use png or tiff)")
+    if save_blurmap and output == STDIO:
+        raise usage_error("--save-blurmap needs an output file or folder to write the map beside, not -o -")
     try:
         tile_value = parse_tile(tile)
     except ValueError as e:
         raise usage_error(f"--tile: {e}") from None
     out_opts = OutputOptions(fmt, bit_depth, suffix, overwrite, skip_existing, jpeg_quality)
-    raw_opts = RawOptions(white_balance=raw_wb, half_size=raw_half_size, demosaic=raw_demosaic, gamma="linear" if raw_linear else "srgb", exposure=raw_exposure)
+    try:
+        raw_opts = RawOptions(white_balance=raw_wb, half_size=raw_half_size, demosaic=raw_demosaic, gamma="linear" if raw_linear else "srgb", exposure=raw_exposure)
+    except ValueError as e:  # the message names the field; the user typed the flag
+        message = str(e)
+        for field, flag in (("white_balance", "--raw-wb"), ("demosaic", "--raw-demosaic"), ("exposure", "--raw-exposure")):
+            message = message.replace(f"RawOptions.{field}", flag)
+        raise usage_error(message) from None
 
     try:
         if dual:
@@ -156,6 +169,9 @@ def deblur(
             counts[res.status] += 1
             if res.status == "failed":
                 print_error(res.error or "failed")
+            elif not quiet:
+                for note in res.extra.get("notes", []):
+                    print_note(f"{res.input}: {note}")
             if json_out:
                 emit_json(res.record(deblurrer))
             if progress is not None:

@@ -134,7 +134,25 @@ def _file_target_format(output: str, options: OutputOptions) -> str:
         raise PlanError(f"-o {output}: --bit-depth 32 (float) is written as TIFF only")
     if options.format and options.format != fmt:
         raise PlanError(f"-o {output} contradicts --format {options.format}")
+    if fmt == "jpeg" and options.bit_depth == 16:
+        raise PlanError(f"-o {output}: JPEG holds 8 bits; write .png or .tif for 16")
+    if options.suffix:
+        raise PlanError(f"--suffix names outputs in a folder; -o {output} names the file itself")
     return fmt
+
+
+def _output_name(rel: Path, source: Path | bytes, fmt: str, suffix: str) -> Path:
+    """``rel`` with ``suffix`` and ``fmt``'s extension; an input's own spelling of that
+    extension (``.jpeg``, ``.tiff``; lowercase) is kept, so ``a.jpg`` and ``a.jpeg`` stay two files."""
+    ext = _EXT_FOR_FORMAT[fmt]
+    if isinstance(source, Path) and FORMAT_ALIASES.get(path_ext(source)) == fmt:
+        ext = source.suffix.lower()
+    return rel.parent / f"{rel.stem}{suffix}{ext}"
+
+
+def _check_suffix(suffix: str) -> None:
+    if any(sep and sep in suffix for sep in ("/", os.sep, os.altsep)) or "\0" in suffix:
+        raise PlanError(f"--suffix {suffix!r}: a suffix is part of a file name; it cannot hold a path separator")
 
 
 def _names_folder(output: str) -> bool:
@@ -179,7 +197,7 @@ def _check_claims(jobs: list[Job]) -> None:
         for dst in ([job.output] if job.output is not None else []) + list(job.companions.values()):
             key = Path(os.path.abspath(dst))
             if key in claimed:
-                raise PlanError(f"{job.input_label} and {claimed[key]} would both be written to {dst}; use --suffix or keep their formats")
+                raise PlanError(f"{job.input_label} and {claimed[key]} would both be written to {dst}; give them separate output folders or rename one")
             claimed[key] = job.input_label
 
 
@@ -200,6 +218,7 @@ def plan_single(
     ``companions``: kinds of :data:`COMPANIONS` written beside each output; their names are
     checked for clashes like the outputs'.
     """
+    _check_suffix(options.suffix)
     if STDIO in inputs:
         if len(inputs) != 1:
             raise PlanError("'-' (stdin) cannot be mixed with other inputs")
@@ -224,21 +243,51 @@ def plan_single(
         return [_with_companions(job, companions)]
     if out.exists() and not out.is_dir():
         raise PlanError(f"-o {output} is an existing file; give a folder for {len(files)} input(s)")
-    if not _names_folder(output) and path_ext(output) in FORMAT_ALIASES and len(files) > 1:
-        raise PlanError(f"-o {output} looks like a file name, but there are {len(files)} inputs; give a folder")
+    if not _names_folder(output) and path_ext(output) in FORMAT_ALIASES:
+        if len(files) > 1:
+            raise PlanError(f"-o {output} looks like a file name, but there are {len(files)} inputs; give a folder")
+        raise PlanError(f"-o {output} looks like a file name, but the input is a folder; end it with / for a folder")
     jobs = []
     for (src, rel), source in zip(files, sources):
         fmt = _output_format(source, options)
-        dst = out / rel.parent / f"{rel.stem}{options.suffix}{_EXT_FOR_FORMAT[fmt]}"
+        dst = out / _output_name(rel, src, fmt, options.suffix)
         jobs.append(_with_companions(Job(rel.stem, source, dst, str(src), fmt), companions))
-    # a previous run's outputs (and their companions) found among the inputs are not inputs;
-    # an output equal to its own input is left for the preflight to refuse
-    writer = {Path(os.path.abspath(p)): i for i, j in enumerate(jobs) for p in [j.output, *j.companions.values()]}
-    jobs = [j for i, (j, (src, _)) in enumerate(zip(jobs, files)) if writer.get(Path(os.path.abspath(src)), i) == i]
+    # A previous run's outputs found in an input folder are not inputs, so a rerun never
+    # deblurs its own output: a file there that another job writes as a companion, or as an
+    # output with --suffix. Without a suffix an output's name is a photo's plain name
+    # (a.tif -> a.jpg with --format jpeg): such a file stays an input, and the clash is
+    # refused below rather than guessed. Files named on the command line are always inputs.
+    named = {Path(os.path.abspath(i)) for i in inputs if not Path(i).is_dir()}
+    derived = {Path(os.path.abspath(p)): i for i, j in enumerate(jobs)
+               for p in ([j.output] if options.suffix else []) + list(j.companions.values())}
+    keep = [derived.get(key, i) == i or key in named for i, key in enumerate(Path(os.path.abspath(src)) for src, _ in files)]
+    jobs = [j for j, k in zip(jobs, keep) if k]
     if not jobs:
         raise PlanError("no images found in the inputs (only outputs of this command)")
     _check_claims(jobs)
+    _check_inputs_kept(jobs)
     return jobs
+
+
+def _check_inputs_kept(jobs: list[Job]) -> None:
+    """No job writes over another job's input (its own input is the preflight's to refuse)."""
+    inputs = {}
+    for job in jobs:
+        if isinstance(job.source, Path):
+            inputs[_identity(job.source)] = job.input_label
+    for job in jobs:
+        for dst in ([job.output] if job.output is not None else []) + list(job.companions.values()):
+            owner = inputs.get(_identity(dst))
+            if owner is not None and owner != job.input_label:
+                raise PlanError(f"{job.input_label} would be written over the input {owner}; use --suffix or another output folder")
+
+
+def _identity(path: Path) -> Path:
+    """One key per file, whatever the spelling (symbolic links resolved)."""
+    try:
+        return path.resolve()
+    except OSError:
+        return Path(os.path.abspath(path))
 
 
 def plan_dual(left: str, right: str, center: str | None, output: str, options: OutputOptions, companions: tuple[str, ...] = ()) -> list[Job]:
@@ -251,6 +300,7 @@ def plan_dual(left: str, right: str, center: str | None, output: str, options: O
         if len(triples) != 1:
             raise PlanError("-o - (stdout) takes exactly one dual-pixel pair")
         return [Job(triples[0].name, triples[0], None, str(triples[0].left), _output_format(triples[0].left, options))]
+    _check_suffix(options.suffix)
     out = Path(output)
     if len(triples) == 1 and Path(left).is_file() and not _names_folder(output) and out.suffix != "":
         return [_with_companions(Job(Path(triples[0].name).stem, triples[0], out, str(triples[0].left), _file_target_format(output, options)), companions)]
@@ -259,7 +309,7 @@ def plan_dual(left: str, right: str, center: str | None, output: str, options: O
     jobs = []
     for t in triples:
         fmt = _output_format(t.left, options)
-        dst = out / f"{Path(t.name).stem}{options.suffix}{_EXT_FOR_FORMAT[fmt]}"
+        dst = out / _output_name(Path(Path(t.name).stem), t.left, fmt, options.suffix)
         jobs.append(_with_companions(Job(Path(t.name).stem, t, dst, str(t.left), fmt), companions))
     _check_claims(jobs)
     return jobs
@@ -391,8 +441,9 @@ def run_batch(
                 continue
             stats = deblurrer.last_stats  # this image's run (records are reported later, after its write)
             extra["precision"] = stats.precision
-            if stats.notes:
-                extra["notes"] = list(stats.notes)
+            notes = list(stats.notes) + _what_is_not_kept(job, info, options)
+            if notes:
+                extra["notes"] = notes
             if deblurrer.options.strength != 1.0:
                 extra["strength"] = deblurrer.options.strength
             if deblurrer.options.ensemble != 1:
@@ -416,6 +467,18 @@ def run_batch(
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True)
     return results
+
+
+def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list[str]:
+    """What of the input the output cannot carry, said rather than dropped silently."""
+    notes = []
+    if info.frames > 1:
+        notes.append(f"only the first of {info.frames} frames (pages) was deblurred")
+    if job.format == "jpeg" and info.alpha is not None:
+        notes.append("JPEG has no alpha channel: the transparency was dropped")
+    if job.format == "jpeg" and (options.bit_depth == 16 or info.bit_depth > 8):
+        notes.append("JPEG holds 8 bits: written as 8-bit")
+    return notes
 
 
 class OutputAppeared(ImageError):
@@ -454,10 +517,12 @@ def deblur_file(
 
     >>> deblur_file(Deblurrer("kpac-3level"), "IMG_0042.CR2", "sharp.tif")   # doctest: +SKIP
 
-    Format and bit depth follow the input (or ``options``); the write is atomic and an
-    existing ``output`` is kept unless ``options.overwrite``. Failures are returned, not
-    raised: check ``result.status`` and ``result.error``.
+    The format is the one ``output``'s extension names (.png, .tif/.tiff, .jpg/.jpeg; any
+    other name, or one that contradicts ``options``, raises ValueError); the bit depth follows
+    the input (or ``options``). The write is atomic and an existing ``output`` is kept unless
+    ``options.overwrite``. Failures of the work itself are returned, not raised: check
+    ``result.status`` and ``result.error``.
     """
-    source, output = Path(source), Path(output)
-    job = Job(source.stem, source, output, str(source))
-    return run_batch(deblurrer, [job], options or OutputOptions(), max_pixels=max_pixels, raw_options=raw_options)[0]
+    source, output, options = Path(source), Path(output), options or OutputOptions()
+    job = Job(source.stem, source, output, str(source), _file_target_format(str(output), options))
+    return run_batch(deblurrer, [job], options, max_pixels=max_pixels, raw_options=raw_options)[0]

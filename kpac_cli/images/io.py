@@ -17,9 +17,8 @@ TIFF
     sample = alpha (associated alpha is un-premultiplied). Multi-page: the first page is read,
     ``info.frames`` counts the pages. CMYK, YCbCr and Lab are refused with an :class:`ImageError`
     (no colour-managed conversion is available, and a naive one would silently shift colours).
-    LZW/JPEG/PackBits compression needs the optional ``imagecodecs`` package in tifffile;
-    without it 8-bit and 16-bit gray such files are read through Pillow, others are refused
-    with a message that says so. Written with Deflate + horizontal predictor, ICC profile and
+    Every compression tifffile decodes with ``imagecodecs`` (a dependency: LZW, JPEG,
+    PackBits, Deflate, ZSTD, ... as photo editors write them, 16-bit included). Written with Deflate + horizontal predictor, ICC profile and
     the descriptive EXIF tags (Make, Model, DateTime, Artist, Copyright, Software,
     ImageDescription) as TIFF tags; the EXIF sub-IFD is not written to TIFF.
 JPEG
@@ -423,28 +422,17 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
             has_exif = any(t in tags for t in (34665, 34853, *exif_mod.DESCRIPTIVE_TAGS))
             extrasamples = tuple(int(e) for e in (page.extrasamples or ()))
             colormap = page.colormap if photometric == P.PALETTE else None  # before the file closes
-            try:
-                arr = page.asarray()
-                axes = page.axes
-            except (KeyError, ValueError) as exc:
-                if "imagecodecs" not in str(exc):
-                    raise
-                # tifffile without its optional codec package (LZW, JPEG, ...)
-                arr, axes = _tiff_via_pillow(src, page), None
-                # Pillow has already applied palette / min-is-white; alpha comes out straight.
-                photometric = P.MINISBLACK if arr.shape[2] in (1, 2) else P.RGB
-                extrasamples = (2,)
-                bps = 16 if arr.dtype == np.uint16 else 8  # already scaled (1-bit -> 0/255)
+            arr = page.asarray()
+            axes = page.axes
         except ImageError:
             raise
         except Exception as exc:
             raise _decode_error(src.name, "TIFF image data", exc) from None
-    if axes is not None:
-        if set(axes) - set("YXS") or "Y" not in axes or "X" not in axes:
-            raise ImageError(src.name, f"unsupported TIFF layout (axes {axes})")
-        arr = arr.transpose([axes.index(c) for c in "YXS" if c in axes])
-        if "S" not in axes:
-            arr = arr[..., None]
+    if set(axes) - set("YXS") or "Y" not in axes or "X" not in axes:
+        raise ImageError(src.name, f"unsupported TIFF layout (axes {axes})")
+    arr = arr.transpose([axes.index(c) for c in "YXS" if c in axes])
+    if "S" not in axes:
+        arr = arr[..., None]
     if arr.shape[:2] != (h, w):
         raise ImageError(src.name, "corrupt TIFF (decoded size differs from the header)")
     P = tifffile.PHOTOMETRIC
@@ -469,30 +457,6 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
     if has_exif:
         exif = _tiff_exif(src)
     return arr, depth, icc, exif, orientation, frames
-
-
-def _tiff_via_pillow(src: _Src, page) -> np.ndarray:
-    """Fallback when tifffile lacks a codec (no ``imagecodecs``): Pillow, if lossless."""
-    from PIL import Image
-
-    bps = page.bitspersample
-    codec = getattr(page.compression, "name", str(page.compression))
-    lossless = bps in (1, 8) or (bps == 16 and page.samplesperpixel == 1)
-    if not lossless:
-        raise ImageError(src.name, f"reading {bps}-bit {codec}-compressed TIFF needs the 'imagecodecs' package (pip install imagecodecs)")
-    _allow_pillow(int(page.imagelength) * int(page.imagewidth))
-    with Image.open(src.lib_arg, formats=["TIFF"]) as im:
-        im.load()
-        if im.mode == "1":
-            im = im.convert("L")
-        if im.mode == "P":
-            im = im.convert("RGB")
-        if im.mode not in ("L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I;16L"):
-            raise ImageError(src.name, f"reading {codec}-compressed TIFF ({im.mode}) needs the 'imagecodecs' package (pip install imagecodecs)")
-        arr = np.asarray(im)
-    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
-        arr = arr.astype(np.uint16)
-    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def _tiff_normalize(src: _Src, arr: np.ndarray, bps) -> tuple[np.ndarray, int]:
