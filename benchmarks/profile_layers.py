@@ -57,6 +57,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     w, h = (int(v) for v in args.size.split("x"))
     model = random_model(KPACConfig())
+    if w % model.config.stride or h % model.config.stride:  # the bare network takes stride multiples
+        ap.error(f"--size: width and height must be multiples of {model.config.stride}")
     x = torch.rand(1, 3, h, w) * 2 - 1
     net = copy.deepcopy(model)
     if args.path != "eager":

@@ -4,7 +4,8 @@
 
 Top row: the defocused input (examples/photos), the model's output and the sharp original
 (examples/sharp), scaled to fit; bottom row: the same 2x-zoomed crop of each. Writes
-examples/before_after.jpg. Deterministic for a given model.
+examples/before_after.jpg. Deterministic for a given model up to float rounding (another CPU or
+thread count may change a few pixels by one code value).
 """
 
 from __future__ import annotations

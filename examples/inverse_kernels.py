@@ -55,7 +55,6 @@ def main() -> None:
         print(f"  ours, rescaled with {method:7s}, blur = disc 2r     {v:5.1f} dB")
 
     print("\nEq. 5 / Fig. 2  blend of two inverse-kernel scales vs the exact inverse of an in-between blur")
-  XX
     print("  paper: alpha = 0.5 -> 87.4 %,  least-squares weights -> 92.5 %")
     print("  scales (x r)   SNR   scale 1   scale 2   alpha=.5    NNLS   (weights)      PSNR exact/blend/blurred")
     for snr in (SNR, 30.0):

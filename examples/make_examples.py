@@ -5,7 +5,8 @@ spatially varying defocus rendered by kpac's synthesis (the code behind `kpac sy
 
 Writes examples/photos/NAME.png (defocused, the input of the README's first command) and
 examples/sharp/NAME.png (the sharp originals, for `kpac eval --pred ... --target examples/sharp`).
-None of these photos is used to train the shipped models. Deterministic (fixed seeds).
+None of these photos is used to train the shipped models. Deterministic (fixed seeds) up to
+float rounding: another CPU or thread count may change a few pixels by one code value.
 """
 
 from __future__ import annotations

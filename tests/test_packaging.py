@@ -95,3 +95,20 @@ def test_a_wheel_install_finds_the_default_model(tmp_path):
     assert module.is_relative_to(site)
     assert default == site / "kpac_cli" / "weights" / "kpac-3level.safetensors"  # checked against SHA256SUMS on the way
     assert dual == site / "kpac_cli" / "weights" / "kpac-dual.safetensors"
+
+
+def test_every_script_in_examples_and_benchmarks_compiles(tmp_path):
+    # the scripts are documented entry points but no test imports all of them; a syntax error
+    # would otherwise ship unnoticed
+    import py_compile
+
+    scripts = sorted((ROOT / "examples").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
+    assert len(scripts) > 5
+    for script in scripts:
+        py_compile.compile(str(script), cfile=str(tmp_path / "script.pyc"), doraise=True)
+
+
+def test_the_inverse_kernel_example_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "inverse_kernels.py")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "87.4 %" in proc.stdout and "done in" in proc.stdout

@@ -94,7 +94,7 @@ def blurmap(
     upsample: int = typer.Option(1, "--upsample", help="Enlarge the input N times before inference (the paper's Appendix F trick for small photos)."),
     eval_masks: Optional[Path] = typer.Option(None, "--eval-masks", help="Score the detection map against masks in this folder, paired by file stem.", show_default=False),
     masks_sharp_white: bool = typer.Option(False, "--masks-sharp-white", help="Ground-truth masks are white where sharp (default: white = blurred, as CUHK)."),
-    left: Optional[str] = typer.Option(None, "--left", help="Dual-pixel left view(s): a file or a folder."),
+    left: Optional[str] = typer.Option(None, "--left", help="Dual-pixel left view(s): a file or a folder (or, alone, a DPDD root)."),
     right: Optional[str] = typer.Option(None, "--right", help="Dual-pixel right view(s)."),
     center: Optional[str] = typer.Option(None, "--center", help="Dual-pixel centre view(s); default: mean of left and right."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders (their structure is kept)."),
@@ -141,7 +141,7 @@ def blurmap(
     items: list[_Item] = []
     try:
         if dual:
-            triples = pair_dual_pixel(Path(left), Path(right), Path(center) if center else None)
+            triples = pair_dual_pixel(Path(left), Path(right) if right else None, Path(center) if center else None)
             for t in triples:
                 stem = Path(t.name).stem
                 items.append(_Item(stem, str(t.left), t, output))

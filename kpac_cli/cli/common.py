@@ -78,8 +78,8 @@ def dual_pixel_mode(inputs: list[str], left: str | None, right: str | None, no_i
     ``no_inputs`` is the message when neither was given.
     """
     dual = left is not None or right is not None
-    if dual and (left is None or right is None):
-        raise usage_error("dual-pixel input needs both --left and --right")
+    if right is not None and left is None:  # --left alone may name a DPDD root (test_l/, test_r/, test_c/)
+        raise usage_error("dual-pixel input needs --left as well as --right")
     if dual and inputs:
         raise usage_error("give either INPUTS or --left/--right, not both")
     if not dual and not inputs:

@@ -42,7 +42,10 @@ def headline_scores(scores: object, dual: bool = False) -> str:
 
 
 def models(json_out: bool = typer.Option(False, "--json", help="One JSON record per model on stdout.")) -> None:
-    """List the shipped models with their architecture, training data and measured scores.
+    """List the shipped models with their architecture, training iterations and measured scores.
+
+    The default single-image model and the default dual-pixel model (used with --left/--right)
+    are marked; --json adds each model's training data and every score.
 
     Example: kpac models --json | jq .name
     """
@@ -62,7 +65,8 @@ def models(json_out: bool = typer.Option(False, "--json", help="One JSON record 
         iterations = str(p.get("iterations", "?"))
         if "total_iterations" in p and p["total_iterations"] != p.get("iterations"):
             iterations = f"{p['total_iterations']} ({iterations} in its last run)"
-        table.add_row(Text(m.name + (" (default)" if m.default else "")), kind,  # a file name, verbatim
+        default = (" (default, dual-pixel)" if m.config.in_views == 2 else " (default)") if m.default else ""
+        table.add_row(Text(m.name + default), kind,  # a file name, verbatim
                       f"{count_parameters(build_model(m.config)) / 1e6:.2f} M",
                       iterations, headline_scores(p.get("scores"), dual=m.config.in_views == 2))
     Console().print(table)

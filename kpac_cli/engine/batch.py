@@ -35,6 +35,8 @@ from ..images import (
     read_dual_pixel,
     read_image,
     sniff_format,
+    srgb_decode,
+    srgb_encode,
     write_image,
 )
 from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
@@ -290,10 +292,10 @@ def _identity(path: Path) -> Path:
         return Path(os.path.abspath(path))
 
 
-def plan_dual(left: str, right: str, center: str | None, output: str, options: OutputOptions, companions: tuple[str, ...] = ()) -> list[Job]:
+def plan_dual(left: str, right: str | None, center: str | None, output: str, options: OutputOptions, companions: tuple[str, ...] = ()) -> list[Job]:
     try:
         # sizes and bit depths are checked per pair when it is read: a bad pair fails alone
-        triples = pair_dual_pixel(Path(left), Path(right), Path(center) if center else None, check=False)
+        triples = pair_dual_pixel(Path(left), Path(right) if right else None, Path(center) if center else None, check=False)
     except ImageError as e:
         raise PlanError(str(e)) from None
     if output == STDIO:
@@ -427,10 +429,15 @@ def run_batch(
             try:
                 image, center, info = fut.result()
                 progress = on_start(job) if on_start else None
-                result = deblurrer.run(image, center, progress, keep_attention=after_run is not None)
+                # A RAW developed to linear light (--raw-linear) is shown to the model on the
+                # tone curve it was trained on, and its result is written back in linear light.
+                linear = info.format == "raw" and raw_options is not None and raw_options.gamma == "linear"
+                result = deblurrer.run(srgb_encode(image) if linear else image, center, progress, keep_attention=after_run is not None)
                 out = (result.output[0].permute(1, 2, 0) + 1) * 0.5
                 # float output is the raw network output; integer formats are clipped to [0, 1]
                 out = (out if options.bit_depth == 32 else out.clamp_(0, 1)).numpy()
+                if linear:
+                    out = srgb_decode(out)
                 extra = (after_run(job, result, info) or {}) if after_run else {}
             except (ImageError, ValueError, MemoryError, OSError) as e:
                 finish_write()
@@ -441,6 +448,7 @@ def run_batch(
                 continue
             stats = deblurrer.last_stats  # this image's run (records are reported later, after its write)
             extra["precision"] = stats.precision
+            extra["tile"] = stats.tile  # what ran (None: the whole image), after auto and OOM halving
             notes = list(stats.notes) + _what_is_not_kept(job, info, options)
             if notes:
                 extra["notes"] = notes

@@ -4,7 +4,10 @@
 >>> d = Deblurrer("kpac-3level")                      # doctest: +SKIP
 >>> sharp = d.deblur(image)                           # HxWx3 float32 in [0, 1]  # doctest: +SKIP
 
-Conventions: images are float32 ``HxWxC`` arrays, RGB, values in [0, 1]. Single-image models
+Conventions: images are float ``HxWxC`` arrays, RGB, values in [0, 1], encoded for display
+(sRGB-like gamma, as photos are stored and as the models were trained: not linear light), as
+:func:`kpac_cli.images.read_image` returns them; integer arrays, values more than 0.25 outside
+[0, 1] and NaN/inf are refused with a ValueError (0-255 data: divide by 255). Single-image models
 take ``HxWx3``; dual-pixel models take ``HxWx6`` (left RGB then right RGB) and an optional
 centre view (default: the mean of left and right; a dual model whose checkpoint asks for it gets
 its views balanced first, see :mod:`kpac_cli.engine.dualpixel`). Outputs are clipped to [0, 1]; the raw,
@@ -17,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -44,9 +47,10 @@ class EngineOptions:
 
     device : ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``
     precision : ``auto`` (fp16 on CUDA, fp32 elsewhere) | ``fp32`` | ``fp16`` | ``bf16``
-    tile : ``"auto"`` (from the memory available), an int (tile side in pixels), or ``None``/0
+    tile : ``"auto"`` (from the memory available), an int (tile side in pixels; at least
+        128, smaller sizes are raised to it: the tile would be mostly overlap), or ``None``/0
         for the whole image at once. Tiling is exact: it never changes the output beyond
-        float rounding.
+        float rounding. :attr:`RunStats.tile` tells the tile a run used.
     channels_last : use the NHWC memory layout (faster convolutions on CPU and GPU).
     memory_budget : bytes the engine may plan for, twice over: the working set of one tile
         (``tile="auto"``) and, when tiling, the encoder's skip feature maps kept between the
@@ -78,6 +82,8 @@ class EngineOptions:
     ensemble: int = 1
 
     def __post_init__(self) -> None:
+        if not (self.tile in (None, "auto", "0", "none", "whole") or str(self.tile).isdigit()):
+            raise ValueError(f"tile must be 'auto', a size in pixels, or 0 / None for the whole image; got {self.tile!r}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
         if self.ensemble not in ENSEMBLE_SIZES:
@@ -190,6 +196,8 @@ class Deblurrer:
     # -- running ----------------------------------------------------------------------------
     def _as_tensors(self, image: np.ndarray, center: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
         cin = self.config.in_channels
+        image = _checked_pixels(image, "image")
+        center = None if center is None else _checked_pixels(center, "centre view")
         if image.ndim != 3 or image.shape[2] != cin:
             kind = "HxWx3 RGB" if cin == 3 else "HxWx6 (left RGB, right RGB)"
             raise ValueError(f"this model takes {kind} images, got shape {image.shape}")
@@ -305,6 +313,32 @@ class Deblurrer:
         s = self.config.stride
         hh, ww = -(-x_h // s), -(-x_w // s)
         return [None if a is None else a[0, :, :hh, :ww].numpy() for a in result.scale_attention]
+
+
+# Values this far outside [0, 1] are another convention (0-255, HDR), not an overshoot such as
+# balanced dual-pixel views or a sharpened photo carry (a few per cent), which the network takes.
+_RANGE_SLACK = 0.25
+
+
+def _checked_pixels(image: Any, what: str) -> np.ndarray:
+    """The engine's input convention, enforced: a float array of sRGB-encoded values in [0, 1]
+    (as :func:`kpac_cli.images.read_image` gives), non-empty and finite. The network would
+    otherwise answer garbage without a word: 0-255 read as 0-1 saturates every pixel, and one
+    NaN spreads over the whole output through the convolutions."""
+    arr = np.asarray(image)
+    if arr.dtype.kind != "f":
+        hint = f" (divide by {np.iinfo(arr.dtype).max})" if arr.dtype in (np.uint8, np.uint16) else ""
+        raise ValueError(f"{what} must be a float array in [0, 1]; got dtype {arr.dtype}{hint}")
+    if arr.ndim < 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{what} is empty (shape {arr.shape})")
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise ValueError(f"{what} has {int(arr.size - finite.sum())} non-finite values (NaN or inf)")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
+        hint = " (0-255 data? divide by 255)" if 1.5 < hi <= 255 else ""
+        raise ValueError(f"{what} values must be in [0, 1] (within {_RANGE_SLACK}); got {lo:.4g} to {hi:.4g}{hint}")
+    return arr
 
 
 def _pass_progress(progress: ProgressFn | None, k: int, n: int) -> ProgressFn | None:

@@ -128,6 +128,19 @@ def luma(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., :3] @ np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
 
 
+def srgb_encode(linear: np.ndarray) -> np.ndarray:
+    """Linear light in ``[0, 1]`` -> the sRGB tone curve (IEC 61966-2-1: slope 12.92 below
+    0.0031308, else ``1.055 v^(1/2.4) - 0.055``), the curve LibRaw develops RAW files with."""
+    v = np.clip(linear, 0.0, 1.0)
+    return np.where(v <= 0.0031308, 12.92 * v, 1.055 * np.power(v, 1 / 2.4) - 0.055).astype(np.float32)
+
+
+def srgb_decode(encoded: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`srgb_encode`: sRGB-encoded ``[0, 1]`` -> linear light."""
+    v = np.clip(encoded, 0.0, 1.0)
+    return np.where(v <= 0.04045, v / 12.92, np.power((v + 0.055) / 1.055, 2.4)).astype(np.float32)
+
+
 def quantize(img: np.ndarray, bit_depth: int) -> np.ndarray:
     """Float image in ``[0, 1]`` -> unsigned integers, ``floor(clip(v) * maxval + 0.5)``.
 

@@ -22,7 +22,8 @@ class KPACConfig:
     ----------
     levels : int
         Number of stride-2 encoder levels (2 or 3). The KPAC blocks run at 1/2**levels of the
-        input resolution, so inputs are padded internally to a multiple of ``2**levels``.
+        input resolution, so the network takes sizes that are multiples of ``2**levels``
+        (:attr:`stride`); the engine (:class:`kpac_cli.engine.Deblurrer`) pads any size.
     in_views : int
         1 for a single image (RGB in), 2 for dual-pixel input (left and right views, 6 channels
         in; the residual is added to the centre view).
