@@ -8,7 +8,13 @@ Conventions:
 * **The machine's ceiling** is the rate of one dense 3x3 'same' convolution, 96 -> 96
   channels on a 360x640 map (38.22 GFLOP), the best of PyTorch NCHW, PyTorch channels_last
   and onnxruntime (when installed) with the same number of threads.
-* **Efficiency** = model rate / ceiling rate. Shared and noisy machines make absolute times
+* **Efficiency** = model rate / ceiling rate. The ceiling is a reference rate, not a bound:
+  layers of other shapes can run faster than the reference convolution (the model's 5x5
+  KPAC convolutions at 1/4 or 1/8 of the image's resolution, whose maps stay in cache,
+  ran at ~1.2x its rate on a 2-core EPYC; at a small image size the whole model stays in cache
+  while the reference map does not), and the per-round ratios scatter with load; so a
+  value slightly above 1 is a real measurement, reported as measured (see
+  :data:`EFFICIENCY_NOTE`), not clipped. Shared and noisy machines make absolute times
   unreliable, so every comparison here is measured *interleaved*: each round runs every
   candidate once (in a rotated order), and a ratio is computed per round; the reported
   value is the median over rounds. A burst of load from another process then slows both
@@ -41,6 +47,13 @@ CEILING_SHAPE = (360, 640, 96)
 DEFAULT_SIZE = (1280, 720)  # width x height, as photos are described
 DEFAULT_TILES: tuple[int | None, ...] = (256, 512, 1024, None)
 MODEL_BACKENDS = ("eager", "channels_last", "fast", "onnxruntime", "compile")
+#: What the efficiency means, for readers of the report (it is not clipped at 1).
+EFFICIENCY_NOTE = (
+    "model GFLOP/s over the reference dense 3x3 conv's GFLOP/s (the 'ceiling'): a reference rate, not a "
+    "hardware bound; values above 1 happen when the model's layers run faster than the reference (5x5 kernels "
+    "on maps that stay in cache, above all at a small image size, while the reference's 360x640 map is fixed) "
+    "and through round-to-round noise (see efficiency_per_round)"
+)
 
 Runner = Callable[[], object]
 
@@ -364,41 +377,69 @@ def tile_sweep(
 ) -> list[dict[str, Any]]:
     """Time :class:`~kpac_cli.engine.Deblurrer` (the real engine path) with each tile size.
 
-    ``None`` is the whole image. Tiles not smaller than the image are the whole image too
-    and are reported as such (``effective_tile``).
+    ``None`` is the whole image. Each row says the tile that really ran (``effective_tile``,
+    None for the whole image) and, where that differs from the tile asked for, why
+    (``tile_note``): the engine raises tiles below its minimum, rounds them down to the
+    network's stride, and runs a tile not smaller than the image as the whole image.
     """
+    from .engine.deblurrer import MIN_TILE
+
     from .engine import Deblurrer, EngineOptions
 
     rng = np.random.default_rng(0)
     image = rng.random((height, width, model.config.in_channels), dtype=np.float32)
-    runners, effective = {}, {}
+    runners, effective, notes = {}, {}, {}
+    s = model.config.stride
     for t in tiles:
-        d = Deblurrer(model, EngineOptions(device=device, precision=precision, tile=t or None))
         key = "whole" if t is None else str(t)
-        eff = d.plan_tile(height, width)
-        s = model.config.stride
-        if eff is not None and eff // s * s >= max(-(-height // s) * s, -(-width // s) * s):
+        if key in runners:  # asked twice: one row
+            continue
+        d = Deblurrer(model, EngineOptions(device=device, precision=precision, tile=t or None))
+        planned = d.plan_tile(height, width)
+        # as TiledInference runs it: a multiple of the stride, the whole image when it covers it
+        eff = None if planned is None else max(s, planned // s * s)
+        if eff is not None and eff >= max(-(-height // s) * s, -(-width // s) * s):
             eff = None
         effective[key] = eff
+        if t is not None and eff is None:
+            raised = f" (even raised to the engine's {MIN_TILE} px minimum)" if t < MIN_TILE else ""
+            notes[key] = f"not smaller than the {width}x{height} image{raised}: ran as the whole image"
+        elif t is not None and eff != t:
+            why = f"raised to the engine's {MIN_TILE} px minimum" if t < MIN_TILE else f"a multiple of the stride {s}"
+            notes[key] = f"ran as {eff} ({why})"
         runners[key] = (lambda d=d: d.run(image))
     times = time_interleaved(runners, rounds, warmup, device=device)
     rows = []
     for key, ts in times.items():
         t = median(ts)
-        rows.append({"tile": key, "effective_tile": effective[key], "seconds": t,
-                     "megapixels_per_s": height * width / t / 1e6})
+        row = {"tile": key, "effective_tile": effective[key], "seconds": t, "megapixels_per_s": height * width / t / 1e6}
+        if key in notes:
+            row["tile_note"] = notes[key]
+        rows.append(row)
     return rows
 
 
+def ran_tile(row: Mapping[str, Any]) -> str:
+    """The tile a sweep row really ran: its ``effective_tile`` ("whole" for None), or the
+    requested ``tile`` for rows that do not say."""
+    if "effective_tile" not in row:
+        return row["tile"]
+    return "whole" if row["effective_tile"] is None else str(row["effective_tile"])
+
+
 def recommend_tile(rows: Sequence[Mapping[str, Any]], tolerance: float = 0.05) -> str:
-    """The tile to use: the smallest (least memory) within ``tolerance`` of the fastest."""
+    """The tile to use: the smallest (least memory) within ``tolerance`` of the fastest.
+
+    Ranked by the tile that ran (:func:`ran_tile`), not the one asked for: a requested 64
+    that the engine ran as the whole image recommends ``"whole"``.
+    """
     best = min(r["seconds"] for r in rows)
 
-    def size(r: Mapping[str, Any]) -> float:
-        return math.inf if r["tile"] == "whole" else int(r["tile"])
+    def size(tile: str) -> float:
+        return math.inf if tile == "whole" else int(tile)
 
-    ok = [r for r in rows if r["seconds"] <= best * (1 + tolerance)]
-    return min(ok, key=size)["tile"]
+    ok = [ran_tile(r) for r in rows if r["seconds"] <= best * (1 + tolerance)]
+    return min(ok, key=size)
 
 
 # --- everything, for `kpac bench` ---------------------------------------------------------------
@@ -454,6 +495,8 @@ def run_benchmark(
     main = max(eff.values(), key=lambda e: e.efficiency)
     report["efficiency"] = round(main.efficiency, 4)
     report["efficiency_backend"] = next(b for b, e in eff.items() if e is main)
+    report["efficiency_per_round"] = [round(v, 4) for v in main.per_round]
+    report["efficiency_note"] = EFFICIENCY_NOTE
     report["ceiling"] = {
         "gflops_per_s": round(main.ceiling_gflops_per_s, 1),
         "backend": main.ceiling_backend,

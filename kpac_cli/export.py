@@ -49,6 +49,26 @@ from .model import KPACConfig, KPACNet
 INPUT, REFERENCE, OUTPUT = "input", "reference", "output"
 CONFIG_KEY = "kpac_config"
 BALANCE_KEY = "kpac_balance_views"
+#: The oldest opset ``kpac export`` offers (its lower bound since the command exists).
+MIN_OPSET = 13
+
+
+def max_opset() -> int | None:
+    """The newest ONNX opset this PyTorch's exporter writes (None if it does not say)."""
+    try:
+        from torch.onnx import _constants  # private, but the only place the exporter states its range
+    except ImportError:
+        return None
+    value = getattr(_constants, "ONNX_MAX_OPSET", None)
+    return value if isinstance(value, int) else None
+
+
+def _check_opset(opset: int) -> None:
+    # A newer opset than the exporter knows fails deep inside it, after it has dumped the whole
+    # graph on stderr: refuse it first.
+    newest = max_opset()
+    if newest is not None and opset > newest:
+        raise ValueError(f"opset {opset} is newer than this PyTorch's ONNX exporter writes (at most {newest})")
 
 
 class _WithReference(nn.Module):
@@ -76,6 +96,7 @@ def check_static_size(hw: tuple[int, int], stride: int) -> None:
 
 
 def _onnx_bytes(model: KPACNet, opset: int, dynamic: bool, sample_hw: tuple[int, int], balance_views: bool) -> bytes:
+    _check_opset(opset)
     model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
     cfg = model.config
     if not dynamic:  # a graph fixed to the rounded-up size would reject the very size asked for
@@ -88,11 +109,16 @@ def _onnx_bytes(model: KPACNet, opset: int, dynamic: bool, sample_hw: tuple[int,
     with warnings.catch_warnings(), torch.no_grad():
         # the TorchScript-based exporter: it needs no onnxscript, and the graph is plain convs
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _WithReference(model), (x, ref), buf, dynamo=False, opset_version=opset,
-            input_names=[INPUT, REFERENCE], output_names=[OUTPUT], dynamic_axes=axes,
-            do_constant_folding=True,
-        )
+        try:
+            torch.onnx.export(
+                _WithReference(model), (x, ref), buf, dynamo=False, opset_version=opset,
+                input_names=[INPUT, REFERENCE], output_names=[OUTPUT], dynamic_axes=axes,
+                do_constant_folding=True,
+            )
+        except RuntimeError as e:  # an opset the exporter refuses although max_opset() did not say so
+            if "opset" not in str(e).lower():
+                raise
+            raise ValueError(f"opset {opset}: {' '.join(str(e).split())}") from None
     import onnx
 
     proto = onnx.load_from_string(buf.getvalue())
@@ -117,11 +143,16 @@ def export_onnx(
     docstring); otherwise the graph is fixed to ``sample_hw`` (height, width), which must be
     multiples of the stride (ValueError otherwise). ``balance_views``: record that the views
     are balanced before the network (a dual-pixel checkpoint's ``balance_views`` provenance;
-    ignored for single-image models). ``path=None`` only returns the bytes.
+    ignored for single-image models). ``path=None`` only returns the bytes. The file is written
+    atomically, its folder created if needed (as :func:`kpac_cli.checkpoints.save_checkpoint`
+    does). ValueError for an opset newer than this PyTorch's exporter writes (:func:`max_opset`).
     """
     data = _onnx_bytes(model, opset, dynamic, sample_hw, balance_views)
     if path is not None:
-        Path(path).write_bytes(data)
+        from .images import atomic_write_bytes
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
     return data
 
 
@@ -306,5 +337,5 @@ def check_export(
     }
 
 
-__all__ = ["OnnxBackend", "bound_runner", "check_export", "check_static_size", "export_onnx", "make_session",
-           "read_balance_views", "read_config", "read_metadata"]
+__all__ = ["MIN_OPSET", "OnnxBackend", "bound_runner", "check_export", "check_static_size", "export_onnx", "make_session",
+           "max_opset", "read_balance_views", "read_config", "read_metadata"]

@@ -134,3 +134,69 @@ def test_update_provenance_keeps_weights_and_merges_fields(tmp_path):
     assert prov["iterations"] == 5 and prov["scores"] == {"psnr_gain_db": 1.5} and config == model.config
     for (k, a), (_, b) in zip(model.state_dict().items(), load_checkpoint(path).build().state_dict().items()):
         assert torch.equal(a, b), k
+
+
+# --- kpac convert ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def convert_cli(tmp_path, monkeypatch):
+    """`kpac convert` on a stand-in .npz (the loader is replaced by a tiny model: these tests are about the command)."""
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    monkeypatch.setattr("kpac_cli.cli.convert.load_official_npz", lambda path: build_model(KPACConfig(levels=2, channels=8)))
+    src = tmp_path / "single_2level.npz"
+    src.write_bytes(b"stand-in")
+
+    def invoke(*args):
+        return CliRunner().invoke(app, ["convert", *map(str, args)])
+
+    return invoke, src
+
+
+def _one_error_line(res) -> str:
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
+def test_convert_missing_input_says_it_does_not_exist(tmp_path, convert_cli):
+    invoke, _ = convert_cli
+    res = invoke(tmp_path / "nothere.npz", "-o", tmp_path / "m.safetensors")
+    assert res.exit_code == 2
+    line = _one_error_line(res)
+    assert "nothere.npz: no such file" in line and "not an official" not in line
+
+
+def test_convert_existing_output_is_a_usage_error_as_for_export(tmp_path, convert_cli):
+    invoke, src = convert_cli
+    out = tmp_path / "m.safetensors"
+    out.write_text("precious")
+    res = invoke(src, "-o", out)
+    assert res.exit_code == 2 and "exists (use --overwrite)" in _one_error_line(res)
+    assert out.read_text() == "precious"
+    res = invoke(src, "-o", out, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(out).config == KPACConfig(levels=2, channels=8)
+
+
+def test_convert_to_a_folder_or_an_unwritable_place_is_one_line(tmp_path, convert_cli):
+    invoke, src = convert_cli
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    res = invoke(src, "-o", folder, "--overwrite")
+    assert res.exit_code == 2 and "is a folder" in _one_error_line(res)
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "m.safetensors"
+    res = invoke(src, "-o", out)
+    assert res.exit_code == 1 and f"cannot write {out}" in _one_error_line(res)
+
+
+def test_convert_prints_a_long_destination_on_one_line(tmp_path, convert_cli):
+    invoke, src = convert_cli
+    out = tmp_path / ("a-rather-long-folder-name-" * 3) / "o3.safetensors"  # created, as the help says
+    res = invoke(src, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert f"-> {out}: single_2level" in res.stderr

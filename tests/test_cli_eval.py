@@ -392,3 +392,103 @@ def test_save_crops_writes_one_png_per_image(folders, tmp_path):
 def test_help_has_examples():
     res = invoke("--help")
     assert res.exit_code == 0 and "Example" in res.stdout and "--save-crops" in res.stdout
+
+
+# ------------------------------------------------------------------------------------------ audit fixes
+
+
+def test_existing_report_and_crops_are_refused_without_overwrite(folders, tmp_path):
+    args = ("--source", folders / "src", "--target", folders / "gt", "--method", "identity", "--quiet")
+    report = tmp_path / "r.md"
+    report.write_text("mine\n")
+    res = invoke(*args, "--report", report)
+    assert res.exit_code == 2 and "r.md exists" in res.output and "--overwrite" in res.output
+    assert report.read_text() == "mine\n"  # refused before any work
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    (crops / "b.png").write_bytes(b"mine")
+    res = invoke(*args, "--save-crops", crops)
+    assert res.exit_code == 2 and "b.png exists" in res.output
+    assert sorted(p.name for p in crops.iterdir()) == ["b.png"] and (crops / "b.png").read_bytes() == b"mine"
+    res = invoke(*args, "--report", report, "--save-crops", crops, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert "## Summary" in report.read_text() and read_image(crops / "b.png")[1].format == "png"
+    # not even --overwrite replaces a file the run reads; a file is no crops folder
+    res = invoke(*args, "--save-crops", folders / "src", "--overwrite")
+    assert res.exit_code == 2 and "input of this evaluation" in res.output
+    assert invoke(*args, "--save-crops", report).exit_code == 2
+
+
+@pytest.mark.parametrize("method", ["identity", "wiener"])
+@pytest.mark.parametrize("flag", [["--ensemble", "8"], ["--ensemble", "2"], ["--device", "cpu"], ["--precision", "fp32"], ["--tile", "256"]])
+def test_engine_flags_with_a_baseline_are_usage_errors(folders, method, flag):
+    res = invoke("--source", folders / "src", "--target", folders / "gt", "--method", method, *flag)
+    assert res.exit_code == 2 and flag[0] in res.output and f"--method {method}" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_invalid_engine_values_and_misplaced_flags_are_rejected(folders, tiny_models):
+    pairs = ("--source", folders / "src", "--target", folders / "gt")
+    preds = ("--pred", folders / "pred", "--target", folders / "gt")
+    for args, message in (
+        ((*pairs, "--method", "identity", "--ensemble", "3"), "--ensemble must be 1, 2, 4 or 8, got 3"),
+        ((*pairs, "--model", tiny_models[0], "--ensemble", "3"), "--ensemble must be 1, 2, 4 or 8, got 3"),
+        ((*pairs, "--model", tiny_models[0], "--precision", "fp64"), "--precision must be one of"),
+        ((*preds, "--tile", "256"), "--tile is not used by --pred"),
+        (("--speed", "--model", tiny_models[0], "--tile", "256"), "--tile is not used by --speed"),  # it times untiled
+        ((*pairs, "--method", "identity", "--wiener-snr", "10"), "--wiener-snr applies to --method wiener"),
+        ((*pairs, "--method", "identity", "--speed-runs", "3"), "--speed-runs applies to --speed"),
+    ):
+        res = invoke(*args)
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+
+
+def test_tile_error_names_the_flag_as_deblur_does(folders):
+    res = invoke("--source", folders / "src", "--target", folders / "gt", "--tile", "-1")
+    deblur = runner.invoke(app, ["deblur", str(folders / "src" / "a.png"), "-o", str(folders / "x.png"), "--tile", "-1"])
+    assert res.exit_code == deblur.exit_code == 2
+    assert res.output.strip() == deblur.output.strip() == "error: --tile: tile size must be positive"
+
+
+def test_no_lpips_is_not_computed_everywhere(folders, tmp_path):
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--no-lpips", "--report", tmp_path / "r.md")
+    assert res.exit_code == 0, res.output
+    (all_row,) = [ln for ln in res.stdout.splitlines() if ln.strip("│ ").startswith("all ")]
+    assert all_row.rstrip(" │").endswith("not computed") and "unavailable" not in res.stdout
+    md = (tmp_path / "r.md").read_text()
+    assert "LPIPS: not computed" in md and "unavailable" not in md
+
+
+def test_markdown_report_shows_the_paper_rows_where_the_terminal_does(folders, dpdd, tmp_path):
+    res = invoke("--source", folders / "src", "--target", folders / "gt", "--method", "identity", "--report", tmp_path / "f.md")
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "f.md").read_text()
+    assert "Table 4" not in res.stdout and "Table 4" not in md
+    # both folders of the pairs are recorded, in the title and the run
+    assert f"source {folders / 'src'}, target {folders / 'gt'}" in md.splitlines()[0]
+    assert f"- **data**: source {folders / 'src'}, target {folders / 'gt'}" in md
+    res = invoke("--data", dpdd, "--allow-subset", "--method", "identity", "--report", tmp_path / "d.md")
+    assert res.exit_code == 0, res.output
+    assert "Table 4" in res.stdout and "Table 4" in (tmp_path / "d.md").read_text()
+
+
+def test_speed_times_every_pass_of_the_ensemble(tiny_models):
+    from kpac_cli.engine.device import cpu_name
+    from kpac_cli.model.flops import count_flops
+
+    args = ("--speed", "--model", tiny_models[0], "--device", "cpu", "--speed-size", "64x48", "--speed-runs", "1",
+            "--speed-warmup", "0", "--json")
+    (one,) = records(invoke(*args))
+    (eight,) = records(invoke(*args, "--ensemble", "8"))
+    cfg = KPACConfig(levels=2, channels=8)
+    single = count_flops(cfg, 48, 64)["total"]
+    assert one["speed"]["ensemble"] == 1 and one["speed"]["flops"] == single
+    sp = eight["speed"]
+    assert eight["ensemble"] == 8 and sp["ensemble"] == 8
+    assert sp["flops"] == 4 * single + 4 * count_flops(cfg, 64, 48)["total"]  # 4 of the 8 passes are transposed
+    assert sp["seconds_per_pass"] == pytest.approx(sp["seconds"] / 8)
+    # a speed-only record states no scoring settings, and names the CPU as kpac bench does
+    assert eight["method"] == "kpac" and not {"bit_depth", "ssim_window", "images", "pairing"} & set(eight)
+    assert sp["device_name"] == cpu_name()
+    res = invoke(*args[:-1], "--ensemble", "2")
+    assert res.exit_code == 0 and "2 passes" in res.stdout and "per pass" in res.stdout

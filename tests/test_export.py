@@ -205,9 +205,43 @@ def test_static_size_must_be_a_multiple_of_the_stride(tmp_path):
     assert [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim] == [1, 3, 60, 100]
 
 
-def test_missing_output_folder_is_a_one_line_error(tmp_path):
-    out = tmp_path / "no_such_dir" / "x.onnx"
+def test_missing_output_folder_is_created_as_by_convert(tmp_path):
+    out = tmp_path / "no_such_dir" / "deeper" / "x.onnx"
     res = invoke_export("--onnx", out, "--config", "single_2level")
+    assert res.exit_code == 0, res.output
+    assert read_config(out) == PAPER_CONFIGS["single_2level"]
+    # the message goes to stderr (stdout is for --json), on one line however long the path
+    assert res.stdout == "" and f"wrote {out} (" in res.stderr
+    assert not [p for p in out.parent.iterdir() if p.name != "x.onnx"]  # written atomically: no temp file left
+
+
+def test_unwritable_output_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "x.onnx"
+    res = invoke_export("--onnx", out, "--config", "single_2level")
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    assert res.stderr.startswith("error: cannot write") and str(out) in res.stderr and len(res.stderr.splitlines()) == 1
+    res = invoke_export("--onnx", tmp_path, "--config", "single_2level", "--overwrite")  # a folder
+    assert res.exit_code == 2 and "is a folder" in res.stderr and len(res.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("opset", ["12", "30"])
+def test_unsupported_opset_is_a_one_line_usage_error(tmp_path, opset):
+    out = tmp_path / "x.onnx"
+    res = invoke_export("--onnx", out, "--config", "single_2level", "--opset", opset)
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
-    assert "error:" in res.output and "does not exist" in res.output and "Traceback" not in res.output
-    assert not out.parent.exists()  # not created, as `kpac convert`
+    assert res.stderr.startswith("error: --opset must be between 13 and") and len(res.stderr.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_an_opset_the_exporter_refuses_is_a_usage_error_even_unannounced(tmp_path, monkeypatch):
+    import kpac_cli.export as E
+
+    with pytest.raises(ValueError, match="opset 30"):
+        export_onnx(make_model(PAPER_CONFIGS["single_2level"]), None, opset=30)
+    monkeypatch.setattr(E, "max_opset", lambda: None)  # a PyTorch that does not state its range
+    out = tmp_path / "x.onnx"
+    res = invoke_export("--onnx", out, "--config", "single_2level", "--opset", "30")
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
+    assert "error:" in res.stderr and "opset 30" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert not out.exists()

@@ -106,6 +106,37 @@ def test_recommend_tile_prefers_smaller_within_tolerance():
     assert recommend_tile(rows, tolerance=0.0) == "whole"
 
 
+def test_recommend_tile_ranks_the_tile_that_ran():
+    # a requested 64 that the engine ran as the whole image is no 64 px recommendation
+    rows = [{"tile": "64", "effective_tile": None, "seconds": 1.0}, {"tile": "whole", "effective_tile": None, "seconds": 1.02}]
+    assert recommend_tile(rows) == "whole"
+    rows = [{"tile": "100", "effective_tile": 128, "seconds": 1.01}, {"tile": "whole", "effective_tile": None, "seconds": 1.0}]
+    assert recommend_tile(rows) == "128"
+
+
+def test_tile_sweep_says_which_tile_ran():
+    from kpac_cli.bench import random_model, tile_sweep
+
+    model = random_model(KPACConfig(levels=2, channels=8))
+    rows = {r["tile"]: r for r in tile_sweep(model, 96, 320, [64, 300, 512, 300, None], rounds=1, warmup=0)}
+    assert list(rows) == ["64", "300", "512", "whole"]  # asked twice, one row
+    assert rows["64"]["effective_tile"] == 128 and "128 px minimum" in rows["64"]["tile_note"]
+    assert rows["300"]["effective_tile"] == 300 and "tile_note" not in rows["300"]
+    assert rows["512"]["effective_tile"] is None and "whole image" in rows["512"]["tile_note"]
+    assert "tile_note" not in rows["whole"]
+
+
+@pytest.mark.parametrize("args", [["--threads", "0"], ["--rounds", "0"], ["--warmup", "-1"], ["--size", "0x5"], ["--tiles", "64,-3"]])
+def test_bench_usage_errors_are_one_line_naming_the_flag(args):
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    res = CliRunner().invoke(app, ["bench", *args])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [res.output.strip()] and res.output.startswith(f"error: {args[0]}")
+
+
 def test_bench_cli_json(tmp_path):
     from typer.testing import CliRunner
 
@@ -121,5 +152,9 @@ def test_bench_cli_json(tmp_path):
     assert report["efficiency"] > 0
     assert set(report["backends"]) == {"channels_last", "fast"}
     assert {"torch_nchw", "torch_channels_last"} <= set(report["ceiling"]["by_backend"])
-    assert report["recommended_tile"] in ("32", "whole")
+    # 32 px is raised to the engine's 128 px minimum, which covers a 96x64 image: it ran whole
+    assert report["tiles"][0]["effective_tile"] is None and "whole image" in report["tiles"][0]["tile_note"]
+    assert report["recommended_tile"] == "whole"
+    # the efficiency is reported as measured, with what it means and its per-round spread
+    assert "not a hardware bound" in report["efficiency_note"] and len(report["efficiency_per_round"]) == 1
     assert [r["precision"] for r in report["configs"]][0] == "fp32"

@@ -537,6 +537,18 @@ def test_report_files_parse_and_hold_every_image(folder_report):
     assert "ours (indoor)" in md and "7x7 uniform window" in md and "8-bit" in md
 
 
+def test_markdown_paper_rows_are_optional_and_lpips_off_is_not_computed(folder_report):
+    report, _ = folder_report  # scored with lpips_model=None: switched off, not impossible
+    assert report.lpips_status == "not computed"
+    md = report.markdown(paper=False)
+    assert "Table 4" not in md and "KPAC 3-level" not in md and "76 images" not in md
+    assert "LPIPS: not computed" in md and "unavailable" not in md
+    assert "| im1 |" in md and "ours (indoor)" in md
+    assert "KPAC 3-level" in report.markdown()  # the default keeps them
+    failed = M.Report(lpips_unavailable="LPIPS weights not available")
+    assert failed.lpips_status == "unavailable: LPIPS weights not available"
+
+
 def test_paper_constants():
     rows = {r.method: r for r in M.PAPER_TABLE4_DPDD}
     assert rows["DPDNet (single)"] == ("DPDNet (single)", 24.39, 0.749, 0.041, 0.277)
@@ -679,6 +691,26 @@ def test_measure_speed_counts_and_times(tiny_deblurrer):
     assert d["gflops_per_s"] == pytest.approx(res.flops / 0.5 / 1e9) and json.dumps(d)
     with pytest.raises(ValueError):
         S.measure_speed(tiny_deblurrer, runs=0)
+
+
+def test_measure_speed_times_every_pass_of_the_self_ensemble(tiny_deblurrer):
+    from kpac_cli.engine import Deblurrer, EngineOptions
+    from kpac_cli.engine.device import cpu_name
+    from kpac_cli.model.flops import count_flops
+
+    d = Deblurrer(tiny_deblurrer.model, EngineOptions(device="cpu", ensemble=8))
+    encodes = []
+    network_encode = d.network.encode
+    d.network.encode = lambda x, *a: encodes.append(tuple(x.shape)) or network_encode(x, *a)
+    ticks = iter(range(100))
+    res = S.measure_speed(d, width=36, height=20, warmup=1, runs=2, clock=lambda: 2.0 * next(ticks))
+    assert len(encodes) == (1 + 2) * 8  # every run is the 8 passes the engine makes per image
+    assert encodes[:8].count((1, 3, 20, 36)) == 4 and encodes[:8].count((1, 3, 36, 20)) == 4  # 4 transposed
+    assert res.ensemble == 8 and res.seconds == 2.0 and res.to_dict()["seconds_per_pass"] == 0.25
+    cfg = tiny_deblurrer.config
+    assert res.flops == 4 * count_flops(cfg, 20, 36)["total"] + 4 * count_flops(cfg, 36, 20)["total"]
+    assert "8 forward passes" in S.describe_method(8) and "passes" not in S.describe_method()
+    assert res.device_name == cpu_name()  # the CPU's model name, as kpac bench reports it
 
 
 def test_flops_unavailable_is_reported_not_invented(tiny_deblurrer, monkeypatch):

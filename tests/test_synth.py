@@ -18,6 +18,7 @@ import tifffile
 from kpac_cli.images import read_image
 
 from kpac_cli.synth import (
+    SKIMAGE_PHOTOS,
     SynthSettings,
     aperture_psf,
     dataset_dirs,
@@ -485,3 +486,118 @@ def test_cli_synth_errors(runner_app, tmp_path):
     assert res.exit_code == 1
     res = runner.invoke(app, ["synth", "--help"])
     assert res.exit_code == 0 and "Example" in res.output
+
+
+def _photos(root: Path, names=("a", "b")) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for n in names:
+        iio.imwrite(root / f"{n}.png", (rng.random((48, 48, 3)) * 255).astype(np.uint8))
+        paths.append(root / f"{n}.png")
+    return paths
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_cli_synth_refuses_a_dataset_in_place_and_overwrite_leaves_exactly_one(runner_app, tmp_path):
+    runner, app = runner_app
+    a, b = _photos(tmp_path / "photos")
+    out = tmp_path / "syn1"
+    common = ["-o", str(out), "--crop", "24", "--max-radius", "3", "-q"]
+    res = runner.invoke(app, ["synth", str(a), str(b), "--count", "3", *common])
+    assert res.exit_code == 0, res.output
+    first = _tree(out)
+    res = runner.invoke(app, ["synth", str(a), "--count", "2", *common])
+    assert res.exit_code == 2 and "--overwrite" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert _tree(out) == first  # untouched
+    # --overwrite: the folder holds the new dataset and nothing of the old one (dual-pixel views included)
+    for extra in (["--dual"], []):
+        res = runner.invoke(app, ["synth", str(a), "--count", "2", "--overwrite", *extra, *common])
+        assert res.exit_code == 0, res.output
+        manifest = json.loads((out / "synth_train.json").read_text())
+        assert _files(out) == {"synth_train.json", *manifest["files"]} and manifest["count"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["synth_train.json", "train_c"]
+    # another split is another dataset: written beside it, left alone
+    res = runner.invoke(app, ["synth", str(b), "--count", "1", "--split", "val", *common])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads((out / "synth_val.json").read_text())["files"]) == 3
+    assert (out / "synth_train.json").is_file()
+
+
+def test_cli_synth_overwrite_clears_an_interrupted_run_but_never_foreign_files(runner_app, tmp_path):
+    runner, app = runner_app
+    (a,) = _photos(tmp_path / "photos", ("a",))
+    out = tmp_path / "syn"
+    common = ["-o", str(out), "--crop", "24", "--max-radius", "3", "-q"]
+    res = runner.invoke(app, ["synth", str(a), "--count", "3", *common])
+    assert res.exit_code == 0, res.output
+    (out / "synth_train.json").unlink()  # as if the run had been killed before its summary
+    common += ["--count", "1"]
+    res = runner.invoke(app, ["synth", str(a), *common])
+    assert res.exit_code == 2 and "--overwrite" in res.stderr
+    res = runner.invoke(app, ["synth", str(a), "--overwrite", *common])
+    assert res.exit_code == 0, res.output
+    assert _files(out) == {"synth_train.json", *json.loads((out / "synth_train.json").read_text())["files"]}
+    # a file kpac synth did not write, where it writes: refused even with --overwrite, and kept
+    mine = out / "train_c" / "source" / "IMG_0001.png"
+    mine.write_bytes(b"my photo")
+    before = _tree(out)
+    res = runner.invoke(app, ["synth", str(a), "--overwrite", *common])
+    assert res.exit_code == 2 and "IMG_0001.png" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert _tree(out) == before
+
+
+def test_write_dataset_refuses_to_mix_datasets(tmp_path):
+    srcs = sharp_sources(None, include_skimage=False, procedural=1, procedural_size=(40, 40))
+    kw = dict(count=2, crop=24, seed=0, settings=CLEAN)
+    write_dataset(srcs, tmp_path, **kw)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_dataset(srcs, tmp_path, **{**kw, "count": 1})
+    summary = write_dataset(srcs, tmp_path, **{**kw, "count": 1}, overwrite=True)
+    assert _files(tmp_path) == {"synth_train.json", *summary["files"]}
+
+
+def test_cli_synth_uses_scikit_image_photos_only_when_asked(runner_app, tmp_path):
+    """They are kpac's held-out benchmark photos: as for kpac train, only with --skimage."""
+    runner, app = runner_app
+    common = ["--procedural", "1", "--procedural-size", "32", "--count", "1", "--crop", "16", "--max-radius", "2"]
+    res = runner.invoke(app, ["synth", "-o", str(tmp_path / "a"), *common])
+    assert res.exit_code == 0, res.output
+    assert "1 sources" in res.stderr
+    res = runner.invoke(app, ["synth", "-o", str(tmp_path / "b"), "--no-skimage", *common])  # still accepted
+    assert res.exit_code == 0 and "1 sources" in res.stderr, res.output
+    res = runner.invoke(app, ["synth", "-o", str(tmp_path / "c"), "--skimage", *common])
+    assert res.exit_code == 0, res.output
+    assert f"{1 + len(SKIMAGE_PHOTOS)} sources" in res.stderr
+    res = runner.invoke(app, ["synth", "-o", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "--skimage" in res.stderr
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--min-radius", "5", "--max-radius", "2"], "--min-radius"),
+    (["--max-radius", "-1"], "--max-radius"),
+    (["--noise", "-0.1"], "--noise"),
+    (["--noise", "nan"], "--noise"),
+    (["--highlight-boost", "0"], "--highlight-boost"),
+    (["--aperture", "triangle"], "--aperture"),
+    (["--blades", "2"], "--blades"),
+    (["--layers", "0"], "--layers"),
+])
+def test_cli_synth_errors_name_the_flag(runner_app, tmp_path, args, flag):
+    runner, app = runner_app
+    res = runner.invoke(app, ["synth", "-o", str(tmp_path / "x"), "--procedural", "1", *args])
+    assert res.exit_code == 2 and res.stderr.startswith(f"error: {flag} "), res.output
+    assert not any(name in res.stderr for name in ("min_radius", "max_radius", "noise_sigma", "highlight_boost"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_synth_summary_shows_the_folder_as_it_is(runner_app, tmp_path):
+    runner, app = runner_app
+    out = tmp_path / "set [v2]"
+    res = runner.invoke(app, ["synth", "-o", str(out), "--procedural", "1", "--procedural-size", "32", "--count", "1",
+                              "--crop", "16", "--max-radius", "2"])
+    assert res.exit_code == 0, res.output
+    assert f"to {out} in" in res.stderr

@@ -860,7 +860,7 @@ def test_cli_ctrl_c_saves_and_exits_130(tmp_path, dpdd):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     st = load_state(run / "last.pt")
-    assert st["step"] >= 1 and "--resume" in err
+    assert st["step"] >= 1 and f"continue with: kpac train --resume {run}\n" in err  # one line to copy, however long
 
 
 def test_cli_scene_augmentation_is_stored_and_may_be_switched_when_resuming(tmp_path, cli):
@@ -908,3 +908,89 @@ def test_export_blends_the_run_with_another_model_of_its_architecture(tmp_path, 
     assert r.exit_code == 2 and "--blend" in r.output and not (tmp_path / "bad.safetensors").exists()
     r = runner.invoke(cli, ["train", "--resume", str(tmp_path / "a"), "--blend-with", str(b.model_path)])
     assert r.exit_code == 2 and "--export-only" in r.output
+
+
+_TINY_SYNTH = ["--procedural", "1", "--levels", "2", "--channels", "8", "--crop", "32", "--val-crop", "32", "--val-count", "1",
+               "--workers", "0", "--no-tensorboard"]
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--max-radius", "-3"], "--max-radius"),
+    (["--max-radius", "nan"], "--max-radius"),
+    (["--aperture", "foo"], "--aperture"),
+    (["--threads", "0"], "--threads"),
+    (["--workers", "-2"], "--workers"),
+    (["--iterations", "0"], "--iterations"),
+    (["--bit-depth", "12"], "--bit-depth"),
+    (["--noise-max", "nan"], "--noise-max"),
+])
+def test_cli_bad_settings_are_usage_errors_before_the_run_folder(tmp_path, cli, args, flag):
+    run = tmp_path / "run"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_png(photos / "a.png", np.full((64, 64, 3), 128, np.uint8))
+    r = CliRunner().invoke(cli, ["train", "--synthetic", str(photos), "--out", str(run), "--iterations", "1", "--crop", "64",
+                                 "--workers", "0", *args])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith(f"error: {flag} ") and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.output
+    assert not run.exists()
+
+
+def test_cli_crop_and_precision_the_run_cannot_use_are_usage_errors(tmp_path, cli, dpdd):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    # the default architecture (3 levels, stride 8), one from --init (2 levels, stride 4), a resumed run's
+    r = runner.invoke(cli, ["train", "--procedural", "1", "--out", str(run), "--crop", "100", "--iterations", "1"])
+    assert r.exit_code == 2 and "--crop" in r.stderr and "stride 8" in r.stderr and not run.exists()
+    init = train(tiny_cfg(tmp_path / "init", dpdd, iterations=1, val_count=0)).model_path
+    r = runner.invoke(cli, ["train", "--procedural", "1", "--init", str(init), "--out", str(run), "--crop", "30", "--iterations", "1"])
+    assert r.exit_code == 2 and "stride 4" in r.stderr and not run.exists()
+    r = runner.invoke(cli, ["train", "--resume", str(tmp_path / "init"), "--crop", "30", "--iterations", "2"])
+    assert r.exit_code == 2 and "stride 4" in r.stderr
+    if not torch.cuda.is_available():
+        r = runner.invoke(cli, ["train", "--procedural", "1", "--out", str(run), "--precision", "fp16", "--iterations", "1"])
+        assert r.exit_code == 2 and "fp16" in r.stderr and not run.exists()
+
+
+def test_cli_export_only_default_output_is_not_replaced_silently(tmp_path, cli, dpdd):
+    run = tmp_path / "run"
+    result = train(tiny_cfg(run, dpdd, iterations=2))  # validated: a best.pt too
+    own = result.model_path.read_bytes()
+    runner = CliRunner()
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(run)])
+    assert r.exit_code == 2 and f"{run / 'model.safetensors'}: exists" in r.stderr and "--overwrite" in r.stderr
+    assert result.model_path.read_bytes() == own
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(run), "--overwrite", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["exported"] == str(run / "model.safetensors")
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(run), "--from", "best", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["exported"] == str(run / "model-best.safetensors")
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(run), "-o", str(tmp_path), "--overwrite"])
+    assert r.exit_code == 2 and "is a folder" in r.stderr
+    r = runner.invoke(cli, ["train", "--resume", str(run), "--overwrite"])
+    assert r.exit_code == 2 and "--export-only" in r.stderr
+    help_text = " ".join(runner.invoke(cli, ["train", "--help"], env={"COLUMNS": "200"}).stdout.split())
+    assert "default: RUN/model.safetensors" in help_text
+
+
+def test_cli_export_only_write_failure_names_the_path(tmp_path, cli, dpdd):
+    train(tiny_cfg(tmp_path / "run", dpdd, iterations=1, val_count=0))
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "m.safetensors"
+    r = CliRunner().invoke(cli, ["train", "--export-only", "--resume", str(tmp_path / "run"), "-o", str(out)])
+    assert r.exit_code == 1 and r.stderr.startswith(f"error: cannot write {out}: ") and len(r.stderr.splitlines()) == 1
+
+
+def test_cli_final_message_keeps_the_model_path_on_one_line(tmp_path, cli):
+    run = tmp_path / ("a-rather-long-run-folder-name-" * 2) / "run"
+    r = CliRunner().invoke(cli, ["train", "--out", str(run), "--iterations", "1", *_TINY_SYNTH])
+    assert r.exit_code == 0, r.output
+    assert f"model -> {run / 'model.safetensors'}\n" in r.stderr
+
+
+@pytest.mark.parametrize("args, flag", [(["--procedural", "-1"], "--procedural"), (["--blur-rank-weight", "-1"], "--blur-rank-weight")])
+def test_cli_negative_counts_and_weights_are_one_line_errors(tmp_path, cli, args, flag):
+    r = CliRunner().invoke(cli, ["train", "--procedural", "1", "--out", str(tmp_path / "run"), *args])
+    assert r.exit_code == 2 and flag in r.stderr and len(r.stderr.splitlines()) == 1, r.output
+    assert not (tmp_path / "run").exists()

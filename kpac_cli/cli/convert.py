@@ -8,12 +8,12 @@ import typer
 
 from ..checkpoints import CheckpointMismatchError, UnsafeCheckpointError, load_official_npz, save_checkpoint
 from ..model import count_parameters
-from .common import EXIT_FAILED, emit_json, err_console, print_error
+from .common import EXIT_FAILED, emit_json, err_console, print_error, usage_error
 
 
 def convert(
     src: Path = typer.Argument(..., help="The authors' .npz (single_2level.npz, single_3level.npz or dual.npz)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Destination .safetensors file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Destination .safetensors file (its folder is created if needed)."),
     name: str = typer.Option("", "--name", help="Model name stored in the metadata (default: the output's stem)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON record on stdout."),
@@ -22,9 +22,15 @@ def convert(
 
     Example: kpac convert single_3level.npz -o kpac-official-3level.safetensors
     """
-    if output.exists() and not overwrite:
-        print_error(f"{output}: exists (use --overwrite)")
-        raise typer.Exit(EXIT_FAILED)
+    # Usage errors (2), as for `kpac export` and `kpac train --export-only`.
+    if not src.exists():
+        raise usage_error(f"{src}: no such file")
+    if src.is_dir():
+        raise usage_error(f"{src}: is a folder (give the authors' .npz file)")
+    if output.is_dir():
+        raise usage_error(f"-o {output}: is a folder (give the .safetensors file to write)")
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        raise usage_error(f"{output}: exists (use --overwrite)")
     try:
         model = load_official_npz(src)
     except (UnsafeCheckpointError, CheckpointMismatchError, OSError) as e:
@@ -34,12 +40,16 @@ def convert(
     variant = "dual" if cfg.in_views == 2 else f"single_{cfg.levels}level"
     prov = {"name": name or output.stem, "source": f"converted from the authors' release format ({src.name})",
             "variant": variant, "trained_on": "as released by the authors"}
-    save_checkpoint(output, model, prov)
+    try:
+        save_checkpoint(output, model, prov)
+    except OSError as e:  # e.g. a read-only or missing place: name the path asked for, not a temp file
+        print_error(f"cannot write {output}: {e.strerror or e}")
+        raise typer.Exit(EXIT_FAILED) from None
     record = {"input": str(src), "output": str(output), "variant": variant, "parameters": count_parameters(model)}
     if json_out:
         emit_json(record)
     else:
-        err_console.print(f"{src} -> {output}: {variant}, {record['parameters']:,} parameters", markup=False)
+        err_console.print(f"{src} -> {output}: {variant}, {record['parameters']:,} parameters", markup=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -43,6 +43,11 @@ Examples:
 METHODS = ("kpac", "identity", "wiener")
 REPORT_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown", ".markdown": "markdown"}
 PER_IMAGE_TABLE_MAX = 30  # per-image rows are shown on the terminal up to this many images
+# Options that only shape a run of the model, with the flag the user typed; given without
+# one (a baseline, or --pred) they would be silently ignored.
+ENGINE_FLAGS = {"device": "--device", "precision": "--precision", "tile": "--tile", "ensemble": "--ensemble"}
+WIENER_FLAGS = {"wiener_radius": "--wiener-radius", "wiener_snr": "--wiener-snr"}
+SPEED_FLAGS = {"speed_size": "--speed-size", "speed_runs": "--speed-runs", "speed_warmup": "--speed-warmup"}
 
 
 @dataclass
@@ -242,17 +247,18 @@ def _speed_markdown(speed: Any) -> str:
 
     return "\n".join([
         "## Speed", "",
-        "| model | device | precision | input | params (M) | GFLOPs | seconds (mean) | seconds (median) | GFLOP/s |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
-        f"| {d['model']} | {d['device']} ({d['device_name']}) | {d['precision']} | {d['width']}x{d['height']} "
-        f"| {d['params'] / 1e6:.3f} | {flops} | {d['seconds']:.4f} | {d['seconds_median']:.4f} | {gfs} |",
+        "| model | device | precision | ensemble | input | params (M) | GFLOPs per image | seconds per image (mean) "
+        "| seconds per image (median) | seconds per pass | GFLOP/s |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        f"| {d['model']} | {d['device']} ({d['device_name']}) | {d['precision']} | {d['ensemble']} | {d['width']}x{d['height']} "
+        f"| {d['params'] / 1e6:.3f} | {flops} | {d['seconds']:.4f} | {d['seconds_median']:.4f} | {d['seconds_per_pass']:.4f} | {gfs} |",
         "",
-        f"Measured: {describe_method()}; {d['warmup']} warm-up and {d['runs']} timed runs. FLOPs: {d['flops_note']}.",
+        f"Measured: {describe_method(d['ensemble'])}; {d['warmup']} warm-up and {d['runs']} timed runs. FLOPs: {d['flops_note']}.",
         "",
     ])
 
 
-def _write_reports(paths: list[Path], report, run: dict[str, Any], speed: Any) -> list[str]:
+def _write_reports(paths: list[Path], report, run: dict[str, Any], speed: Any, show_paper: bool) -> list[str]:
     """Write every --report file; returns error messages (empty when all were written)."""
     from ..images import atomic_write_bytes
 
@@ -269,7 +275,7 @@ def _write_reports(paths: list[Path], report, run: dict[str, Any], speed: Any) -
             text = report.csv_text()
         else:
             run_md = ["## Run", ""] + [f"- **{k}**: {v}" for k, v in run.items() if v is not None] + [""]
-            text = report.markdown() + "\n" + "\n".join(run_md) + ("\n" + _speed_markdown(speed) if speed is not None else "")
+            text = report.markdown(paper=show_paper) + "\n" + "\n".join(run_md) + ("\n" + _speed_markdown(speed) if speed is not None else "")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, text.encode("utf-8"))
@@ -285,9 +291,11 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
     from rich.text import Text
 
     from ..metrics import PAPER_TABLE4_DPDD, PAPER_TABLE4_LABEL
+    from ..metrics.report import LPIPS_NOT_REQUESTED
 
     console = Console(highlight=False)
     lp_missing = report.lpips_unavailable
+    lp_short = "not computed" if lp_missing == LPIPS_NOT_REQUESTED else "unavailable"
     if report.rows and per_image:
         t = Table(title="per image", title_justify="left")
         for col, j in (("name", "left"), ("split", "left"), ("PSNR (dB)", "right"), ("SSIM", "right"), ("MAE", "right"), ("LPIPS", "right")):
@@ -304,7 +312,7 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
             t.add_column(col, justify="right", no_wrap=True)
 
         def row(label: str, m: dict[str, Any]) -> None:
-            lp = _fmt(m["lpips"], 3) if m["lpips"] is not None else ("unavailable" if lp_missing else "n/a")
+            lp = _fmt(m["lpips"], 3) if m["lpips"] is not None else (lp_short if lp_missing else "n/a")
             t.add_row(label, str(m["count"]), _fmt(m["psnr"], 2), _fmt(m["ssim"], 3), _fmt(m["mae"], 3), lp)
 
         row("all", summ["overall"])
@@ -323,10 +331,10 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
             f"Conventions: {q} quantisation (round half up), data range 1; PSNR/MAE over all pixels and channels; "
             f"SSIM: scikit-image, {ssim_w}, per channel; means of per-image values"
         )
-        if lp_missing == "not requested":
+        if lp_missing == LPIPS_NOT_REQUESTED:
             footer += "; LPIPS: not computed (--no-lpips)"
         else:
-            footer += f"; LPIPS: unavailable: {lp_missing}" if lp_missing else f"; LPIPS: {c.get('LPIPS', '')}"
+            footer += f"; LPIPS: {report.lpips_status}" if lp_missing else f"; LPIPS: {c.get('LPIPS', '')}"
         if show_paper:
             footer += f". Rows below the line: {PAPER_TABLE4_LABEL}, comparable only on all 76 test images."
         console.print(footer, style="dim", soft_wrap=True, markup=False)
@@ -339,7 +347,9 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
         from ..metrics.speed import PAPER_SIZE, describe_method
 
         d = speed.to_dict()
-        title = "speed (the paper's Table 5 setting)" if (d["width"], d["height"]) == PAPER_SIZE else "speed"
+        n = d["ensemble"]
+        paper_setting = (d["width"], d["height"]) == PAPER_SIZE and n == 1
+        title = "speed (the paper's Table 5 setting)" if paper_setting else ("speed" if n == 1 else f"speed (self-ensemble of {n} passes)")
         t = Table(title=title, title_justify="left", show_header=False)
         t.add_column("quantity", no_wrap=True)
         t.add_column("value")
@@ -349,21 +359,23 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
             ("device", f"{d['device']} ({d['device_name']}), {d['precision']}"),
             ("input", f"{d['width']}x{d['height']}"),
             ("parameters", f"{d['params']:,} ({d['params'] / 1e6:.3f} M)"),
-            ("FLOPs per image", flops),
-            ("seconds per image", f"{d['seconds']:.4f} mean, {d['seconds_median']:.4f} median, {d['seconds_min']:.4f} min"),
+            ("FLOPs per image", flops + (f", {n} passes" if n > 1 and d["flops"] is not None else "")),
+            ("seconds per image", f"{d['seconds']:.4f} mean, {d['seconds_median']:.4f} median, {d['seconds_min']:.4f} min"
+             + (f" ({n} passes; {d['seconds_per_pass']:.4f} per pass)" if n > 1 else "")),
             ("throughput", f"{d['gflops_per_s']:.1f} GFLOP/s" if d["gflops_per_s"] is not None else "n/a"),
         ):
             t.add_row(k, v)
         console.print(t)
         threads = f", {d['threads']} torch threads" if d["threads"] else ""
-        console.print(f"[dim]Measured: {describe_method()}; {d['warmup']} warm-up + {d['runs']} timed runs{threads}. "
-                      f"FLOPs: {d['flops_note']}.[/]", soft_wrap=True)
+        console.print(f"Measured: {describe_method(n)}; {d['warmup']} warm-up + {d['runs']} timed runs{threads}. "
+                      f"FLOPs: {d['flops_note']}.", style="dim", soft_wrap=True, markup=False)
 
 
 # ---------------------------------------------------------------------------------- command
 
 
 def eval_command(
+    ctx: typer.Context,
     data: Optional[Path] = typer.Option(None, "--data", help="DPDD data set folder (holding test_c/, test_l/, test_r/ ...)."),
     split: str = typer.Option("test", "--split", help="DPDD split: test (76 pairs), val (74) or train (350)."),
     allow_subset: bool = typer.Option(False, "--allow-subset", help="Accept a DPDD split with another number of pairs than published."),
@@ -385,13 +397,14 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N pairs (quick looks)."),
     device: str = device_option(),
     precision: str = precision_option(),
-    tile: str = typer.Option("auto", "--tile", help="Tile size in pixels, 'auto' or 0 (whole image). Tiling is exact."),
-    ensemble: int = typer.Option(1, "--ensemble", help="With --method kpac: self-ensemble over 1, 2, 4 or 8 flips/transposes (as kpac deblur --ensemble); stated in the report."),
-    speed: bool = typer.Option(False, "--speed", help="Measure parameters, FLOPs and seconds per 1280x720 image (paper Table 5)."),
+    tile: str = typer.Option("auto", "--tile", help="Tile size in pixels (at least 128; smaller sizes are raised to it), 'auto' or 0 (whole image). Tiling is exact."),
+    ensemble: int = typer.Option(1, "--ensemble", help="With --method kpac or --speed: self-ensemble over 1, 2, 4 or 8 flips/transposes (as kpac deblur --ensemble); stated in the report, and --speed times all N passes."),
+    speed: bool = typer.Option(False, "--speed", help="Measure parameters, FLOPs and seconds per 1280x720 image (paper Table 5; with --ensemble N, all N passes per image)."),
     speed_size: str = typer.Option("1280x720", "--speed-size", help="Input size for --speed, WIDTHxHEIGHT."),
     speed_runs: int = typer.Option(10, "--speed-runs", help="Timed runs for --speed (after the warm-up runs)."),
     speed_warmup: int = typer.Option(3, "--speed-warmup", help="Untimed warm-up runs for --speed."),
     save_crops: Optional[Path] = typer.Option(None, "--save-crops", help="Folder for one PNG per image: input | output | target plus zoomed crops."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --report files and --save-crops images (otherwise an existing one is refused before any work)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON record per image on stdout, then a summary record."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or messages on stderr."),
 ) -> None:
@@ -415,18 +428,36 @@ def eval_command(
         raise usage_error("--wiener-radius must be positive")
     if not wiener_snr > 0:
         raise usage_error("--wiener-snr must be positive")
-    if speed_runs < 1 or speed_warmup < 0:
-        raise usage_error("--speed-runs must be at least 1 and --speed-warmup at least 0")
+    if speed_runs < 1:
+        raise usage_error(f"--speed-runs must be at least 1, got {speed_runs}")
+    if speed_warmup < 0:
+        raise usage_error(f"--speed-warmup must be at least 0, got {speed_warmup}")
     for path in reports:
         if path.suffix.lower() not in REPORT_FORMATS:
             raise usage_error(f"--report {path}: use a .json, .csv or .md file name")
     if no_lpips and lpips_weights is not None:
         raise usage_error("--no-lpips and --lpips-weights contradict each other")
+    from ..engine.deblurrer import ENSEMBLE_SIZES
+    from ..engine.device import PRECISIONS
+
+    # checked here, whatever the mode, so a wrong value never passes unnoticed
+    if ensemble not in ENSEMBLE_SIZES:
+        raise usage_error(f"--ensemble must be {', '.join(map(str, ENSEMBLE_SIZES[:-1]))} or {ENSEMBLE_SIZES[-1]}, got {ensemble}")
+    if precision.lower() not in PRECISIONS:
+        raise usage_error(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     try:
         tile_value = parse_tile(tile)
+    except ValueError as e:
+        raise usage_error(f"--tile: {e}") from None  # deblur's wording
+    try:
         speed_wh = _size_option(speed_size)
-    except (ValueError, typer.BadParameter) as e:
-        raise usage_error(str(e)) from None
+    except typer.BadParameter as e:
+        raise usage_error(f"--speed-size: {e}") from None
+    _check_report_paths(reports, overwrite)
+    if save_crops is not None and save_crops.exists() and not save_crops.is_dir():
+        raise usage_error(f"--save-crops {save_crops} is a file; give a folder")
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) is not None
+             and ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
 
     # ---- which mode
     if pred is not None:
@@ -457,6 +488,23 @@ def eval_command(
     has_data = pred is not None or data is not None or source is not None
     if not has_data and (reports or save_crops is not None or labels is not None or limit is not None):
         raise usage_error("--report/--save-crops/--labels/--limit need data to evaluate")
+    # --speed runs the model too, but on the whole image: --tile is for --method kpac only
+    unused = [flag for name, flag in ENGINE_FLAGS.items()
+              if name in given and method != "kpac" and not (speed and name != "tile")]
+    if unused:
+        if method not in (None, "kpac"):
+            what = f"--method {method}"
+        else:
+            what = "--pred (the results already exist)" if pred is not None else "--speed"
+        hint = " (--speed times the whole image, untiled)" if speed and "--tile" in unused else " and --speed"
+        raise usage_error(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by {what}: "
+                          f"engine options apply to --method kpac{hint}")
+    unused = [flag for name, flag in WIENER_FLAGS.items() if name in given]
+    if unused and method != "wiener":
+        raise usage_error(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to --method wiener only")
+    unused = [flag for name, flag in SPEED_FLAGS.items() if name in given]
+    if unused and not speed:
+        raise usage_error(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to --speed only")
 
     from ..metrics import MetricUnavailable, PairingError, load_lpips, read_labels
 
@@ -472,8 +520,12 @@ def eval_command(
     need_model = method == "kpac" or speed
     if need_model:
         from ..checkpoints.registry import resolve_model
-        from ..engine import Deblurrer, EngineOptions
+        from ..engine import Deblurrer, EngineOptions, resolve_device
 
+        try:
+            resolve_device(device)
+        except ValueError as e:
+            raise usage_error(f"--device: {e}") from None
         try:
             model_path, _ = resolve_model(model or "default", dual=dual)
             deblurrer = Deblurrer(model_path, EngineOptions(device=device, precision=precision, tile=tile_value, ensemble=ensemble))
@@ -496,6 +548,9 @@ def eval_command(
             raise usage_error(str(e)) from None
         if limit is not None:
             items = items[:limit]
+        if save_crops is not None:
+            _check_crop_paths(save_crops, items, overwrite)
+        _check_outputs_are_not_inputs(items, reports, save_crops)
 
     # ---- LPIPS
     lpips_spec: Any = "auto"
@@ -510,21 +565,29 @@ def eval_command(
     mode_label = (
         f"{deblurrer.name}" if method == "kpac" else (method or f"predictions in {pred}")
     ) if has_data else (deblurrer.name if deblurrer else "")
-    where = f"DPDD {split} ({data})" if data is not None else (f"{target}" if target is not None else "")
+    if data is not None:
+        where = f"DPDD {split} ({data})"
+    elif target is not None:  # both folders: scores depend on what was paired with what
+        where = f"source {source}, target {target}" if source is not None else f"target {target}"
+    else:
+        where = ""
     run: dict[str, Any] = {
-        "method": method or "predictions",
+        "method": (method or "predictions") if has_data else "kpac",  # --speed alone: the model, timed
         "method_label": mode_label,
         "model": deblurrer.name if deblurrer is not None else None,
         "device": str(deblurrer.device) if deblurrer is not None else None,
         "precision": _precision_name(deblurrer) if deblurrer is not None else None,
         "ensemble": ensemble if deblurrer is not None and ensemble != 1 else None,
-        "data": where or None,
-        "pairing": ("DPDD: sources and targets by sorted order" if data is not None else f"folders by {pair_by}") if has_data else None,
-        "images": len(items),
-        "limit": limit,
-        "bit_depth": bit_depth or None,
-        "ssim_window": ssim_window,
     }
+    if has_data:  # how images were scored; nothing is scored by --speed alone
+        run.update({
+            "data": where or None,
+            "pairing": "DPDD: sources and targets by sorted order" if data is not None else f"folders by {pair_by}",
+            "images": len(items),
+            "limit": limit,
+            "bit_depth": bit_depth or None,
+            "ssim_window": ssim_window,
+        })
     exit_code = EXIT_OK
     report_obj = None
     crop_failures = 0
@@ -541,7 +604,9 @@ def eval_command(
                 from ..metrics.speed import measure_speed
 
                 if not quiet:
-                    err_console.print(f"measuring speed of {deblurrer.name} on {deblurrer.device} at {speed_wh[0]}x{speed_wh[1]} ...")
+                    passes = f", {ensemble}-pass self-ensemble" if ensemble > 1 else ""
+                    err_console.print(f"measuring speed of {deblurrer.name} on {deblurrer.device} at {speed_wh[0]}x{speed_wh[1]}{passes} ...",
+                                      soft_wrap=True, markup=False)
                 try:
                     speed_result = measure_speed(deblurrer, width=speed_wh[0], height=speed_wh[1], warmup=speed_warmup, runs=speed_runs)
                 except (RuntimeError, MemoryError) as e:
@@ -554,10 +619,13 @@ def eval_command(
         err_console.print("terminated")
         raise typer.Exit(143) from None
 
+    # the paper's Table 4 compares only on the DPDD test set at 8 bits: the terminal and the
+    # Markdown report show it by the same rule
+    show_paper = data is not None and split == "test" and bit_depth == 8
     if report_obj is not None:
         if report_obj.failures or crop_failures:
             exit_code = EXIT_FAILED
-        for msg in _write_reports(reports, report_obj, {k: v for k, v in run.items() if k != "method_label"}, speed_result):
+        for msg in _write_reports(reports, report_obj, {k: v for k, v in run.items() if k != "method_label"}, speed_result, show_paper):
             print_error(msg)
             exit_code = EXIT_FAILED
     record_run = {k: v for k, v in run.items() if k != "method_label"}
@@ -567,7 +635,6 @@ def eval_command(
         else:
             emit_json({"summary": True, **record_run, "speed": speed_result.to_dict() if speed_result else None})
     else:
-        show_paper = data is not None and split == "test" and bit_depth == 8
         if report_obj is not None:
             _print_tables(report_obj, run, speed_result, show_paper, len(report_obj.rows) <= PER_IMAGE_TABLE_MAX)
         elif speed_result is not None:
@@ -575,8 +642,41 @@ def eval_command(
 
             _print_tables(Report(), run, speed_result, False, False)
     if not quiet and reports and report_obj is not None:
-        err_console.print("reports: " + ", ".join(str(p) for p in reports))
+        err_console.print("reports: " + ", ".join(str(p) for p in reports), soft_wrap=True, markup=False)
     raise typer.Exit(exit_code)
+
+
+def _check_report_paths(reports: list[Path], overwrite: bool) -> None:
+    """Usage errors for --report files that cannot or may not be written (before any work)."""
+    seen: set[Path] = set()
+    for path in reports:
+        key = path.resolve()
+        if key in seen:
+            raise usage_error(f"--report {path} is given twice")
+        seen.add(key)
+        if path.is_dir():
+            raise usage_error(f"--report {path} is a folder; give a file name")
+        if path.exists() and not overwrite:
+            raise usage_error(f"--report {path} exists; add --overwrite to replace it")
+
+
+def _check_crop_paths(folder: Path, items: list[Item], overwrite: bool) -> None:
+    existing = [p for p in (folder / f"{it.name}.png" for it in items) if p.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise usage_error(f"--save-crops: {existing[0]} exists{more}; add --overwrite to replace")
+
+
+def _check_outputs_are_not_inputs(items: list[Item], reports: list[Path], save_crops: Path | None) -> None:
+    """A file this run reads (prediction, input, target) is never replaced, not even with --overwrite:
+    the run would destroy the data it scores."""
+    inputs = {p.resolve() for it in items for p in (it.target, it.source, it.pred, it.left, it.right) if p is not None}
+    outputs = [("--report", p) for p in reports]
+    if save_crops is not None:
+        outputs += [("--save-crops", save_crops / f"{it.name}.png") for it in items]
+    for flag, path in outputs:
+        if path.resolve() in inputs:
+            raise usage_error(f"{flag}: {path} is an input of this evaluation; write it elsewhere")
 
 
 def _evaluate_items(

@@ -42,10 +42,10 @@ def _load_model(model: str, config: Optional[str]):
 
 
 def export(
-    onnx_path: Path = typer.Option(..., "--onnx", help="Destination .onnx file."),
+    onnx_path: Path = typer.Option(..., "--onnx", help="Destination .onnx file (its folder is created if needed)."),
     model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`) or a .safetensors file."),
     config: Optional[str] = typer.Option(None, "--config", help="Export random weights of a paper config instead (single_2level, single_3level, dual)."),
-    opset: int = typer.Option(17, "--opset", min=13, help="ONNX opset version."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset version: 13 up to the newest this PyTorch's exporter writes."),
     static: Optional[str] = typer.Option(None, "--static", help="Fix the input size to WxH instead of dynamic height/width (multiples of the model's stride: 8 for 3-level models, 4 for 2-level)."),
     check: bool = typer.Option(False, "--check", help="Run onnxruntime and PyTorch on a random image: max abs diff and times."),
     check_size: str = typer.Option("1280x720", "--check-size", help="WxH of the --check image."),
@@ -56,12 +56,17 @@ def export(
 
     Height and width of the dynamic graph must be multiples of the model's stride (8 for 3-level models, 4 for 2-level); pad first, as kpac's engine does. A dual-pixel model whose checkpoint asks for balanced views records that in the file's metadata (kpac_balance_views); balance the views before the graph, as kpac's engine does.
     """
-    from ..export import check_export, check_static_size, export_onnx
+    from ..export import MIN_OPSET, check_export, check_static_size, export_onnx, max_opset
 
-    if onnx_path.exists() and not overwrite:
+    newest = max_opset()
+    if opset < MIN_OPSET or (newest is not None and opset > newest):
+        span = f"between {MIN_OPSET} and {newest} (what this PyTorch's ONNX exporter writes)" if newest else f">= {MIN_OPSET}"
+        raise usage_error(f"--opset must be {span}, got {opset}")
+    if onnx_path.is_dir():
+        raise usage_error(f"--onnx {onnx_path}: is a folder (give the .onnx file to write)")
+    if (onnx_path.exists() or onnx_path.is_symlink()) and not overwrite:
         raise usage_error(f"{onnx_path}: exists (use --overwrite)")
-    if not onnx_path.parent.is_dir():  # as kpac convert: the destination folder is not created
-        raise usage_error(f"{onnx_path}: folder {onnx_path.parent} does not exist")
+    # A missing destination folder is created when the file is written, as by kpac convert.
     try:
         sample = _parse_size(static) if static else (96, 64)
         cw, ch = _parse_size(check_size)
@@ -76,8 +81,10 @@ def export(
     except ImportError as e:
         print_error(f"{e} (pip install 'kpac[onnx]')")
         raise typer.Exit(EXIT_FAILED) from None
+    except ValueError as e:  # an opset this PyTorch's exporter refuses though max_opset() allowed it
+        raise usage_error(str(e)) from None
     except OSError as e:  # e.g. no permission to write there
-        print_error(f"{onnx_path}: {e.strerror or e}")
+        print_error(f"cannot write {onnx_path}: {e.strerror or e}")
         raise typer.Exit(EXIT_FAILED) from None
     record: dict = {"model": name, "onnx": str(onnx_path), "bytes": len(data), "opset": opset,
                     "dynamic": static is None, "balance_views": balance and net.config.in_views == 2,
@@ -96,14 +103,18 @@ def export(
     if json_out:
         emit_json(record)
         return
-    typer.echo(f"wrote {onnx_path} ({len(data) / 1e6:.1f} MB, opset {opset}, {'dynamic' if static is None else 'static'} size) from {name}")
+
+    def say(text: str) -> None:  # messages go to stderr, as every command's (stdout: --json)
+        err_console.print(text, markup=False, soft_wrap=True)
+
+    say(f"wrote {onnx_path} ({len(data) / 1e6:.1f} MB, opset {opset}, {'dynamic' if static is None else 'static'} size) from {name}")
     if check:
         c = record["check"]
-        typer.echo(f"check at {c['width']}x{c['height']}: max abs diff {c['max_abs_diff']:.2e} (onnxruntime vs PyTorch, fp32)")
-        typer.echo(f"  PyTorch channels_last {c['torch_seconds']:.3f} s, PyTorch fast path {c['torch_fast_seconds']:.3f} s, "
-                   f"onnxruntime {c['onnxruntime_seconds']:.3f} s (median of 3, same threads)")
+        say(f"check at {c['width']}x{c['height']}: max abs diff {c['max_abs_diff']:.2e} (onnxruntime vs PyTorch, fp32)")
+        say(f"  PyTorch channels_last {c['torch_seconds']:.3f} s, PyTorch fast path {c['torch_fast_seconds']:.3f} s, "
+            f"onnxruntime {c['onnxruntime_seconds']:.3f} s (median of 3, same threads)")
         if c["max_abs_diff"] > 1e-4:
-            err_console.print("[yellow]warning:[/] difference above 1e-4")
+            err_console.print("[yellow]warning:[/] difference above 1e-4", soft_wrap=True)
 
 
 def _parse_size(text: str) -> tuple[int, int]:

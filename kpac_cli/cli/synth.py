@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from rich.markup import escape
 
 from .common import EXIT_FAILED, emit_json, err_console, print_error, progress_bar, show_progress, usage_error
 
@@ -14,9 +17,9 @@ _HELP = """Synthesise defocused/sharp training pairs from sharp photos, in the D
 
 The blur is rendered the way a lens makes it: in linear light, with a disc or polygonal aperture whose size follows a random depth map (thin-lens model), occlusion-aware, with blooming highlights and sensor noise. --dual adds the left/right dual-pixel views.
 
-SOURCES are image files or folders (searched recursively for png/jpg/tif). scikit-image's bundled photos are added unless --no-skimage; --procedural N adds N dead-leaves scenes (they depend on --seed).
+SOURCES are image files or folders (searched recursively for png/jpg/tif). --skimage adds scikit-image's bundled photos (as kpac train --skimage; they are kpac's held-out benchmark photos, so keep them out of training sets you evaluate on them); --procedural N adds N dead-leaves scenes (they depend on --seed).
 
-Writes OUT/{split}_c/source (blurred), OUT/{split}_c/target (sharp), OUT/{split}_c/radius (float32 TIFF: signed blur radius in pixels, positive behind focus), with --dual OUT/{split}_l/source and OUT/{split}_r/source, and the summary OUT/synth_{split}.json. The same --seed gives byte-identical files.
+Writes OUT/{split}_c/source (blurred), OUT/{split}_c/target (sharp), OUT/{split}_c/radius (float32 TIFF: signed blur radius in pixels, positive behind focus), with --dual OUT/{split}_l/source and OUT/{split}_r/source, and the summary OUT/synth_{split}.json. The same --seed gives byte-identical files. OUT may hold other splits; a dataset of the same split is replaced only with --overwrite.
 
 Example:
 
@@ -45,15 +48,17 @@ def synth(
     dual: bool = typer.Option(False, "--dual", help="Also write dual-pixel left/right views."),
     procedural: int = typer.Option(0, "--procedural", help="Add N procedural dead-leaves scenes."),
     procedural_size: int = typer.Option(512, "--procedural-size", help="Size of procedural scenes."),
-    no_skimage: bool = typer.Option(False, "--no-skimage", help="Do not use scikit-image's bundled photos."),
+    skimage: bool = typer.Option(False, "--skimage/--no-skimage", help="Add scikit-image's bundled photos (kpac's held-out benchmark photos)."),
     split: str = typer.Option("train", "--split", help="Split name: train, val, test, ..."),
     bit_depth: int = typer.Option(8, "--bit-depth", help="8- or 16-bit PNG."),
     max_side: Optional[int] = typer.Option(None, "--max-side", help="Downscale sources larger than this first."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset of the same --split in OUT (its files this run does not rewrite are deleted)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary object to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ) -> None:
     # Imported here so that `kpac --help` stays fast.
     from ..synth import SynthSettings, sharp_sources, write_dataset
+    from ..synth.dataset import DatasetExistsError, existing_files
 
     if count < 1:
         raise usage_error(f"--count must be >= 1, got {count}")
@@ -69,18 +74,44 @@ def synth(
         raise usage_error(f"--split must be a plain name like train, val or test, got {split!r}")
     if max_side is not None and max_side < 8:
         raise usage_error(f"--max-side must be >= 8, got {max_side}")
+    # SynthSettings checks these too, but names its fields (min_radius, noise_sigma ...), not the flags.
+    if not (math.isfinite(max_radius) and max_radius >= 0):
+        raise usage_error(f"--max-radius must be a number >= 0, got {max_radius:g}")
+    if not 0 <= min_radius <= max_radius:
+        raise usage_error(f"--min-radius must lie in [0, --max-radius {max_radius:g}], got {min_radius:g}")
+    if aperture not in ("disc", "polygon"):
+        raise usage_error(f"--aperture must be disc or polygon, got {aperture!r}")
+    if blades < 3:
+        raise usage_error(f"--blades must be >= 3, got {blades}")
+    if layers < 1:
+        raise usage_error(f"--layers must be >= 1, got {layers}")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise usage_error(f"--noise must be >= 0, got {noise:g}")
+    if not (math.isfinite(highlight_boost) and highlight_boost > 0):
+        raise usage_error(f"--highlight-boost must be > 0, got {highlight_boost:g}")
     try:
         settings = SynthSettings(max_radius=max_radius, min_radius=min_radius, aperture=aperture, blades=blades,
                                  layers=layers, noise_sigma=noise, highlight_boost=highlight_boost, dual_pixel=dual)
     except ValueError as exc:
         raise usage_error(str(exc))
+    if out.exists() and not out.is_dir():
+        raise usage_error(f"-o {out}: is a file (give the dataset folder)")
+    # Checked before any rendering: a second dataset written over a first would mix their pairs.
+    previous, others = existing_files(out, split)
+    if others:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise usage_error(f"{out / others[0]}{more}: not written by kpac synth, but where it writes --split {split}: "
+                          "choose another -o or --split (kpac synth deletes only files it wrote)")
+    if previous and not overwrite:
+        raise usage_error(f"{out} already holds a kpac synth dataset for --split {split} ({len(previous)} files): "
+                          "add --overwrite to replace it, or choose another -o or --split")
     try:
-        srcs = sharp_sources(list(sources or []), include_skimage=not no_skimage, procedural=procedural,
+        srcs = sharp_sources(list(sources or []), include_skimage=skimage, procedural=procedural,
                              procedural_size=(procedural_size, procedural_size), procedural_seed=seed)
     except FileNotFoundError as exc:
         raise usage_error(str(exc))
     if not srcs:
-        raise usage_error("no sharp sources: give image files/folders, drop --no-skimage, or use --procedural N")
+        raise usage_error("no sharp sources: give image files/folders, --skimage, or --procedural N")
 
     t0 = time.perf_counter()
     try:
@@ -92,10 +123,12 @@ def synth(
                     bar.update(task, completed=done)
 
             summary = write_dataset(srcs, out, count=count, crop=crop, seed=seed, settings=settings, split=split,
-                                    bit_depth=bit_depth, max_side=max_side, progress=tick)
+                                    bit_depth=bit_depth, max_side=max_side, overwrite=overwrite, progress=tick)
     except KeyboardInterrupt:  # files are written atomically: nothing half-written is left
         print_error("interrupted")
         raise typer.Exit(130)
+    except DatasetExistsError as exc:  # appeared since the check above
+        raise usage_error(str(exc))
     except (OSError, ValueError) as exc:
         print_error(f"cannot write the dataset: {exc}")
         raise typer.Exit(EXIT_FAILED)
@@ -108,7 +141,7 @@ def synth(
         per = elapsed / max(summary["count"], 1)
         err_console.print(
             f"wrote {summary['count']}/{count} samples ({len(summary['files'])} files, {len(srcs)} sources) "
-            f"to {out} in {elapsed:.1f} s ({per * 1000:.0f} ms/sample)", soft_wrap=True)
+            f"to {escape(str(out))} in {elapsed:.1f} s ({per * 1000:.0f} ms/sample)", soft_wrap=True)
     if json_out:
         emit_json(summary)
     if summary["failed"] or summary["count"] < count:

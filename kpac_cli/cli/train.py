@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 import signal
 from pathlib import Path
 from typing import Any, Optional
@@ -43,7 +44,7 @@ _RESUMABLE = {
     "val_source", "val_target", "synthetic", "cache",
     "lr", "crop", "blur_rank_weight", "ema", "rescale", "transpose", "saturation",  # the recipe may be retuned for the iterations still to come
 }
-_RUN_ONLY = {"resume", "export_only", "export_from", "output", "blend_with", "blend", "json_out", "quiet", "out"}
+_RUN_ONLY = {"resume", "export_only", "export_from", "output", "overwrite", "blend_with", "blend", "json_out", "quiet", "out"}
 
 
 def _dilations(text: str) -> tuple[int, ...]:
@@ -130,8 +131,8 @@ class _Reporter:
                     self.progress.remove_task(self.load_task)
         elif ev.kind == "start":
             resumed = f", resuming at {ev.step}" if d.get("resumed_from") is not None else ""
-            self.print(
-                f"{d['description']}\n{d['params']:,} parameters on {d['device']} ({d['precision']}"
+            self.print(  # the description names data folders, which may hold "[...]"
+                f"{escape(d['description'])}\n{d['params']:,} parameters on {d['device']} ({d['precision']}"
                 f"{', %d processes' % d['world_size'] if d['world_size'] > 1 else ''}), "
                 f"{d['workers']} data worker(s), {d['threads']} thread(s){resumed}"
             )
@@ -161,7 +162,7 @@ def train_command(
     val_target: Optional[Path] = typer.Option(None, "--val-target", help="Validation targets.", rich_help_panel="Data"),
     synthetic: Optional[list[Path]] = typer.Option(None, "--synthetic", help="Folder of sharp photos to synthesise defocus from on the fly (repeatable).", rich_help_panel="Data"),
     skimage: bool = typer.Option(False, "--skimage", help="Add scikit-image's sample photos as synthetic sources.", rich_help_panel="Data"),
-    procedural: int = typer.Option(0, "--procedural", min=0, help="Add N procedural dead-leaves scenes as synthetic sources.", rich_help_panel="Data"),
+    procedural: int = typer.Option(0, "--procedural", help="Add N procedural dead-leaves scenes as synthetic sources.", rich_help_panel="Data"),
     allow_count_mismatch: bool = typer.Option(False, "--allow-count-mismatch", help="Accept a DPDD copy whose split sizes differ from 350/74/76.", rich_help_panel="Data"),
     bit_depth: int = typer.Option(8, "--bit-depth", help="Quantise training images to 8 bits (paper) or keep 16.", rich_help_panel="Data"),
     dual: bool = typer.Option(False, "--dual", help="Dual-pixel training (left+right views in, 6 channels).", rich_help_panel="Data"),
@@ -192,7 +193,7 @@ def train_command(
     noise_max: float = typer.Option(0.03, "--noise-max", help="Input noise augmentation: sigma uniform in [0, this].", rich_help_panel="Recipe"),
     no_flips: bool = typer.Option(False, "--no-flips", help="Disable random flips.", rich_help_panel="Recipe"),
     perceptual_weight: float = typer.Option(7e-4, "--perceptual-weight", help="Weight of the VGG feature MSE.", rich_help_panel="Recipe"),
-    blur_rank_weight: float = typer.Option(0.0, "--blur-rank-weight", min=0.0, help="Synthetic data: weight of ranking losses that keep the block-1 scale attention a blur detector and blur-size gauge (kpac blurmap; not in the paper).", rich_help_panel="Recipe"),
+    blur_rank_weight: float = typer.Option(0.0, "--blur-rank-weight", help="Synthetic data: weight of ranking losses that keep the block-1 scale attention a blur detector and blur-size gauge (kpac blurmap; not in the paper).", rich_help_panel="Recipe"),
     ema: float = typer.Option(0.0, "--ema", help="Average the weights (exponential moving average with this decay, e.g. 0.999; 0: off): validation, best.pt and the exported model use the average (not in the paper).", rich_help_panel="Recipe"),
     vgg_weights: Optional[Path] = typer.Option(None, "--vgg-weights", help="torchvision's vgg19-dcbb9e9d.pth \\[default: torch hub cache].", rich_help_panel="Recipe"),
     grad_clip: float = typer.Option(0.0, "--grad-clip", help="Clip the gradient norm (0: off).", rich_help_panel="Recipe"),
@@ -208,7 +209,8 @@ def train_command(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last.pt.", rich_help_panel="Run"),
     export_only: bool = typer.Option(False, "--export-only", help="Only export --resume's model to -o, do not train.", rich_help_panel="Run"),
     export_from: str = typer.Option("last", "--from", help="With --export-only: last or best checkpoint.", rich_help_panel="Run"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="With --export-only: the .safetensors to write.", rich_help_panel="Run"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="With --export-only: the .safetensors to write \\[default: RUN/model.safetensors, or RUN/model-best.safetensors with --from best].", rich_help_panel="Run"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="With --export-only: replace an existing output.", rich_help_panel="Run"),
     blend_with: Optional[Path] = typer.Option(None, "--blend-with", help="With --export-only: blend the run's weights with this model's (same architecture; e.g. the --init weights).", rich_help_panel="Run"),
     blend: float = typer.Option(0.5, "--blend", help="With --blend-with: the run's share of the blend, in [0, 1].", rich_help_panel="Run"),
     device: str = device_option(rich_help_panel="Run"),
@@ -227,34 +229,51 @@ def train_command(
     from ..train import (
         CheckpointError, DataError, TrainConfig, TrainingError, VGGWeightsMissing, export_model, load_state, train,
     )
-    from ..train.loop import resolve_device
+    from ..train.loop import resolve_device, resolve_precision
+    from ..train.state import resolve_checkpoint
 
     if export_only:
         if resume is None:
             raise usage_error("--export-only needs --resume RUN (the run folder or checkpoint to export)")
         if export_from not in ("last", "best"):
             raise usage_error("--from must be last or best")
-        if output is not None and (output.exists() or output.is_symlink()):
-            raise usage_error(f"{output}: exists (choose another -o, or remove it first)")
         if not 0 <= blend <= 1:
             raise usage_error(f"--blend must lie in [0, 1], got {blend:g}")
         if blend_with is not None and not blend_with.is_file():
             raise usage_error(f"--blend-with: no such file: {blend_with}")
         try:
-            path = export_model(resume, output, export_from, blend_with, blend)
-        except (CheckpointError, TrainingError, OSError) as e:
+            source = resolve_checkpoint(resume, export_from)
+        except CheckpointError as e:
             print_error(str(e))
+            raise typer.Exit(EXIT_FAILED) from None
+        if output is None:  # export_model's default, named here so that it is checked like -o
+            output = source.parent / ("model.safetensors" if source.stem == "last" else f"model-{source.stem}.safetensors")
+        if output.is_dir():
+            raise usage_error(f"-o {output}: is a folder (give the .safetensors file to write)")
+        if (output.exists() or output.is_symlink()) and not overwrite:
+            raise usage_error(f"{output}: exists (use --overwrite, or choose another -o)")
+        try:
+            path = export_model(source, output, export_from, blend_with, blend)
+        except (CheckpointError, TrainingError) as e:
+            print_error(str(e))
+            raise typer.Exit(EXIT_FAILED) from None
+        except OSError as e:  # reading errors are CheckpointErrors: this is the write
+            print_error(f"cannot write {output}: {e.strerror or e}")
             raise typer.Exit(EXIT_FAILED) from None
         if json_out:
             emit_json({"exported": str(path), "from": str(resume), "checkpoint": export_from})
         elif not quiet:
-            err_console.print(f"exported {resume} ({export_from}) -> {path}", markup=False)
+            err_console.print(f"exported {resume} ({export_from}) -> {path}", markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_OK)
 
     given = {name for name in ctx.params if ctx.get_parameter_source(name) is not None
              and ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
     if given & {"blend_with", "blend"}:
         raise usage_error("--blend-with and --blend apply to --export-only")
+    if overwrite:
+        raise usage_error("--overwrite applies to --export-only (a run folder is continued with --resume)")
+    if iterations is not None and iterations < 1:  # 0 would only export the starting weights
+        raise usage_error(f"--iterations must be >= 1, got {iterations} (to export a run's weights: --export-only)")
     arch_flags = set(_ARCH_FLAGS)
 
     model_cfg = None
@@ -315,6 +334,10 @@ def train_command(
             raise usage_error(str(e)) from None
     try:
         cfg.validate()  # a new run's flags, or a resumed run's retuned ones (--lr, --ema ...)
+        # and against the architecture train() will build (crop sizes and the stride)
+        arch = saved if resume is not None else _architecture(cfg)
+        if arch is not None:
+            cfg.replace(model=arch).validate()
     except ValueError as e:
         raise usage_error(str(e)) from None
     if resume is None and (cfg.out / "last.pt").exists():
@@ -325,7 +348,7 @@ def train_command(
         if not src.exists():
             raise usage_error(f"--synthetic: no such file or directory: {src}")
     try:
-        resolve_device(cfg.device, env_info())
+        resolve_precision(cfg.precision, resolve_device(cfg.device, env_info()))  # e.g. fp16 without CUDA
     except TrainingError as e:
         raise usage_error(str(e)) from None
 
@@ -343,12 +366,31 @@ def train_command(
         emit_json({"event": "train", **result.to_dict()})
     if result.interrupted:
         if not quiet:
-            err_console.print(f"stopped at iteration {result.step}; checkpoint {result.last_checkpoint}; continue with: kpac train --resume {cfg.out}", markup=False)
+            err_console.print(f"stopped at iteration {result.step}; checkpoint {result.last_checkpoint}; "
+                              f"continue with: kpac train --resume {shlex.quote(str(cfg.out))}",
+                              markup=False, soft_wrap=True)
         raise typer.Exit(128 + (result.signal or signal.SIGINT))
     if not quiet:
         sc = result.scores
         score = f", validation PSNR {sc['psnr']:.3f} dB / SSIM {sc['ssim']:.4f}" if sc else ""
-        err_console.print(f"done: {result.step} iterations in {_fmt_time(result.wall_clock_s)}{score}; model -> {result.model_path}", markup=False)
+        err_console.print(f"done: {result.step} iterations in {_fmt_time(result.wall_clock_s)}{score}; model -> {result.model_path}",
+                          markup=False, soft_wrap=True)
+
+
+def _architecture(cfg: Any) -> Any:
+    """The KPACConfig a new run will build (as train() chooses it), or None if --init cannot be read
+    here (train() then says why)."""
+    from ..checkpoints import load_checkpoint
+    from ..train.loop import new_run_architecture
+    from ..train.state import resolve_checkpoint
+
+    init_cfg = None
+    if cfg.model is None and cfg.init is not None:
+        try:
+            init_cfg = load_checkpoint(resolve_checkpoint(cfg.init, "last") if cfg.init.is_dir() else cfg.init).config
+        except Exception:  # noqa: BLE001 - reported by train() as it loads the weights
+            return None
+    return new_run_architecture(cfg, init_cfg)
 
 
 def register(app: typer.Typer) -> None:

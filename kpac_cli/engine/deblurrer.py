@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -105,6 +105,18 @@ def dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
     if not inverse and k & 4:
         x = x.transpose(2, 3)
     return x
+
+
+def ensemble_inputs(x: torch.Tensor, ref: torch.Tensor, n: int, dual: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The self-ensemble's ``n`` passes: ``(k, input, reference)`` with the k-th flip/transpose
+    applied (k = 0: as given); a pass's output goes back with ``dihedral(out, k, inverse=True)``.
+    A dual-pixel input mirrored left-right has its views swapped: the left photodiodes of a
+    mirrored camera see what the right ones saw."""
+    for k in range(n):
+        xk = dihedral(x, k)
+        if k & 1 and dual:
+            xk = torch.cat([xk[:, 3:], xk[:, :3]], dim=1)
+        yield k, xk, dihedral(ref, k)
 
 
 @dataclass
@@ -236,16 +248,14 @@ class Deblurrer:
         compiled_before = getattr(self.network, "compile_seconds", 0.0)
         stats.kept_skips = self.plan_kept_skips(h, w, self.dtype) if stats.tile is not None else 0
         n = self.options.ensemble
-        result = self._run_guarded(x, ref, stats, _pass_progress(progress, 0, n), keep_attention)
-        # self-ensemble: the other flips/transposes, mapped back and averaged (attention maps
-        # stay those of the photo as given)
-        for k in range(1, n):
-            xk = dihedral(x, k)
-            if k & 1 and self.config.in_views == 2:
-                # mirrored left-right, the left photodiodes see what the right ones saw: swap the views
-                xk = torch.cat([xk[:, 3:], xk[:, :3]], dim=1)
-            other = self._run_guarded(xk, dihedral(ref, k), stats, _pass_progress(progress, k, n), False)
-            result.output = result.output + dihedral(other.output, k, inverse=True)
+        # self-ensemble: every flip/transpose, mapped back and averaged (attention maps stay
+        # those of the photo as given)
+        for k, xk, refk in ensemble_inputs(x, ref, n, self.config.in_views == 2):
+            one = self._run_guarded(xk, refk, stats, _pass_progress(progress, k, n), keep_attention and k == 0)
+            if k == 0:
+                result = one
+            else:
+                result.output = result.output + dihedral(one.output, k, inverse=True)
         if n > 1:
             result.output = result.output / n
         if self.options.strength != 1.0:

@@ -24,7 +24,7 @@ from ..images import read_image as _images_read_image
 from .core import SSIM_WINDOWS, mae, psnr, quantize, ssim, to_float
 from .errors import MetricUnavailable
 from .lpips_net import LPIPS, describe, load_lpips, lpips
-from .report import ImageResult, Report
+from .report import LPIPS_NOT_REQUESTED, ImageResult, Report
 
 __all__ = ["Evaluator", "conventions", "evaluate", "read_for_metrics"]
 
@@ -80,7 +80,7 @@ def read_for_metrics(path: str | os.PathLike) -> np.ndarray:
 def _resolve_lpips(spec: LPIPS | str | os.PathLike | None | bool) -> tuple[LPIPS | None, str | None, str]:
     """(model, unavailable-reason, description) for the ``lpips_model`` argument."""
     if spec is None or spec is False:
-        return None, "not requested", "not computed"
+        return None, LPIPS_NOT_REQUESTED, "not computed"
     if isinstance(spec, LPIPS):
         return spec, None, describe(spec) + "; inputs mapped to [-1, 1]"
     try:

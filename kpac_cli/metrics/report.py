@@ -3,8 +3,9 @@
 Means are plain averages of the per-image values (the DPDD convention), overall and for
 every split label (e.g. indoor/outdoor read by :func:`~kpac_cli.metrics.read_labels`).
 LPIPS is either a number for every image or absent for all of them, in which case the
-report carries the reason (``lpips_unavailable``) and prints ``unavailable: <reason>``;
-no number is ever substituted.
+report carries the reason (``lpips_unavailable``) and prints ``unavailable: <reason>``, or
+``not computed`` when LPIPS was switched off (reason :data:`LPIPS_NOT_REQUESTED`); no
+number is ever substituted.
 
 File formats:
 
@@ -14,8 +15,9 @@ File formats:
   are written as the strings ``"inf"``/``"nan"`` and missing LPIPS as ``null``.
 * CSV: header ``name,split,psnr,ssim,mae,lpips`` and one row per image (empty field for
   no split / no LPIPS; ``inf`` parses with ``float()``).
-* Markdown: summary table with the paper's Table 4 rows beside ours, per-split and
-  per-image tables, and the conventions used.
+* Markdown: summary table (with the paper's Table 4 rows beside ours unless
+  ``paper=False``: they compare only on the full DPDD test set), per-split and per-image
+  tables, and the conventions used.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from typing import Any, Iterable
 from ..images import atomic_write_bytes
 from .paper import PAPER_TABLE4_DPDD, PAPER_TABLE4_LABEL
 
-__all__ = ["ImageResult", "Report", "METRIC_NAMES"]
+__all__ = ["ImageResult", "Report", "METRIC_NAMES", "LPIPS_NOT_REQUESTED"]
 
 METRIC_NAMES = ("psnr", "ssim", "mae", "lpips")
 _CSV_FIELDS = ("name", "split", "psnr", "ssim", "mae", "lpips")
+#: ``Report.lpips_unavailable`` when LPIPS was switched off rather than impossible to compute.
+LPIPS_NOT_REQUESTED = "not requested"
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,16 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ summary
+
+    @property
+    def lpips_status(self) -> str | None:
+        """Why there is no LPIPS, as shown to readers: ``not computed`` (switched off) or
+        ``unavailable: <reason>``; None when LPIPS was computed."""
+        if self.lpips_unavailable is None:
+            return None
+        if self.lpips_unavailable == LPIPS_NOT_REQUESTED:
+            return "not computed"
+        return f"unavailable: {self.lpips_unavailable}"
 
     @property
     def has_lpips(self) -> bool:
@@ -167,10 +181,14 @@ class Report:
     def to_csv(self, path: str | os.PathLike) -> None:
         _write_text(path, self.csv_text())
 
-    def markdown(self) -> str:
-        """The Markdown report as a string (see :meth:`to_markdown`)."""
+    def markdown(self, paper: bool = True) -> str:
+        """The Markdown report as a string (see :meth:`to_markdown`).
+
+        ``paper=False`` leaves out the paper's Table 4 rows (for data other than the full
+        DPDD test set, where they do not compare).
+        """
         summ = self.summary()
-        lp_note = f"unavailable: {self.lpips_unavailable}" if self.lpips_unavailable else None
+        lp_note = self.lpips_status
         lines = [f"# {_md_escape(self.title)}", ""]
 
         lines += ["## Summary", ""]
@@ -189,18 +207,19 @@ class Report:
         lines.append(our_row("ours (all images)", summ["overall"]))
         for lab, m in summ["splits"].items():
             lines.append(our_row(f"ours ({lab})", m))
-        for p in PAPER_TABLE4_DPDD:
+        for p in PAPER_TABLE4_DPDD if paper else ():
             lines.append(
                 f"| {p.method} | {PAPER_TABLE4_LABEL} | 76 | {p.psnr:.2f} | {p.ssim:.3f} | {p.mae:.3f} | {p.lpips:.3f} |"
             )
         lines.append("")
         if lp_note:
             lines += [f"LPIPS: {_md_escape(lp_note)}", ""]
-        lines += [
-            "The paper's rows are the published numbers on the full DPDD test set; ours are comparable",
-            "only when computed on those same 76 images with the same conventions (listed below).",
-            "",
-        ]
+        if paper:
+            lines += [
+                "The paper's rows are the published numbers on the full DPDD test set; ours are comparable",
+                "only when computed on those same 76 images with the same conventions (listed below).",
+                "",
+            ]
 
         lines += ["## Conventions", ""]
         for k, v in self.conventions.items():
@@ -215,19 +234,20 @@ class Report:
         if self.notes:
             lines += ["## Notes", ""] + [f"- {_md_escape(n)}" for n in self.notes] + [""]
 
+        lp_short = "not computed" if self.lpips_unavailable == LPIPS_NOT_REQUESTED else ("unavailable" if lp_note else None)
         lines += ["## Per image", ""]
         lines += ["| name | split | PSNR (dB) | SSIM | MAE | LPIPS |", "|---|---|---:|---:|---:|---:|"]
         for r in self.rows:
-            lp = _fmt(r.lpips, 4) if r.lpips is not None else ("unavailable" if lp_note else "n/a")
+            lp = _fmt(r.lpips, 4) if r.lpips is not None else (lp_short or "n/a")
             lines.append(
                 f"| {_md_escape(r.name)} | {_md_escape(r.split or '')} | {_fmt(r.psnr, 2)} | {_fmt(r.ssim, 4)}"
                 f" | {_fmt(r.mae, 4)} | {lp} |"
             )
         return "\n".join(lines) + "\n"
 
-    def to_markdown(self, path: str | os.PathLike) -> None:
+    def to_markdown(self, path: str | os.PathLike, paper: bool = True) -> None:
         """Write the Markdown report: ours next to the paper's Table 4, conventions, per image."""
-        _write_text(path, self.markdown())
+        _write_text(path, self.markdown(paper))
 
 
 def _write_text(path: str | os.PathLike, text: str) -> None:

@@ -5,8 +5,13 @@ Measurement (:func:`measure_speed`):
 * the input is a random ``(1, C, H, W)`` tensor already on the device (default 1280x720,
   padded to the encoder stride as the engine pads), so the time is the network's forward
   pass: no image decoding, host-device copies or tiling;
-* the model runs exactly as the engine runs it: same device, precision (autocast for fp16 /
-  bf16), memory layout (channels-last unless disabled) and ``torch.inference_mode``;
+* the model runs exactly as the engine runs it: the engine's network (on the CPU the fused
+  fast path, :class:`kpac_cli.model.fast.FastKPACNet`), same device, precision (autocast for
+  fp16 / bf16), memory layout (channels-last unless disabled) and ``torch.inference_mode``;
+* with a self-ensemble (``EngineOptions.ensemble`` N > 1) one timed run is what the engine
+  does per image: N passes over the flips/transposes of the input, each mapped back, and
+  their mean; ``seconds`` is per image (all N passes), ``seconds_per_pass`` its N-th part,
+  and ``flops`` counts all N passes;
 * ``warmup`` untimed runs first (kernel selection, caches, lazy initialisation), then
   ``runs`` timed runs, each bracketed by a device synchronisation
   (``torch.cuda.synchronize`` on CUDA, ``torch.mps.synchronize`` on MPS) so that the
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -60,6 +64,7 @@ class SpeedResult:
     runs: int
     channels_last: bool
     threads: int | None  # torch intra-op threads (CPU only)
+    ensemble: int = 1  # network passes per image (self-ensemble); times and FLOPs cover them all
     torch_version: str = field(default_factory=lambda: torch.__version__)
 
     @property
@@ -71,6 +76,7 @@ class SpeedResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["gflops_per_s"] = self.gflops_per_s
+        d["seconds_per_pass"] = self.seconds / self.ensemble
         d["megapixels_per_s"] = self.width * self.height / 1e6 / self.seconds if self.seconds > 0 else None
         return d
 
@@ -101,7 +107,9 @@ def _device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple MPS"
-    return platform.processor() or platform.machine() or "cpu"
+    from ..engine.device import cpu_name  # the CPU's model name, as kpac bench reports it
+
+    return cpu_name() or "cpu"
 
 
 def measure_speed(
@@ -114,12 +122,13 @@ def measure_speed(
     seed: int = 0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> SpeedResult:
-    """Parameters, FLOPs and forward-pass time of a loaded model.
+    """Parameters, FLOPs and time per image of a loaded model, as its engine options run it.
 
     Parameters
     ----------
     deblurrer : kpac_cli.engine.Deblurrer
-        The model, already on its device with its precision (the engine's options).
+        The model, already on its device with its precision (the engine's options; with
+        ``ensemble`` N every timed run is the N passes of the self-ensemble).
     width, height : int
         Input size; default 1280x720 (the paper's Table 5).
     warmup, runs : int
@@ -137,27 +146,37 @@ def measure_speed(
         raise ValueError(f"size must be positive, got {width}x{height}")
     if runs < 1 or warmup < 0:
         raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    from ..engine.deblurrer import dihedral, ensemble_inputs
     from ..engine.device import autocast
     from ..engine.tiled import pad_to_multiple
     from ..model import count_parameters
 
     model = deblurrer.model
+    network = getattr(deblurrer, "network", model)  # what the engine calls (fast path on the CPU)
     config = deblurrer.config
     device: torch.device = deblurrer.device
     dtype: torch.dtype = deblurrer.dtype
     channels_last = bool(getattr(deblurrer.options, "channels_last", True))
+    ensemble = int(getattr(deblurrer.options, "ensemble", 1))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand((1, config.in_channels, height, width), generator=gen) * 2 - 1
     x = pad_to_multiple(x, config.stride)
-    x = x.to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(device).contiguous(memory_format=layout)
     ref = model.default_reference(x)
+
+    def one_pass(xk: torch.Tensor, refk: torch.Tensor) -> torch.Tensor:
+        # the stages the engine's whole-image path calls (CompiledNetwork has no forward)
+        skips, encoded = network.encode(xk.contiguous(memory_format=layout))
+        return network.decode(network.bottleneck(encoded).features, skips) + refk
 
     def forward() -> None:
         with torch.inference_mode(), autocast(device, dtype):
-            model(x, ref)
+            # the self-ensemble as Deblurrer.run does it: each flip/transpose, mapped back, averaged
+            out = sum(dihedral(one_pass(xk, refk), k, inverse=True)
+                      for k, xk, refk in ensemble_inputs(x, ref, ensemble, config.in_views == 2))
+            out = out / ensemble
 
     for _ in range(warmup):
         forward()
@@ -171,6 +190,12 @@ def measure_speed(
         times.append(clock() - t0)
 
     flops, note = count_model_flops(config, height, width)
+    if flops is not None and ensemble > 1:
+        # transposed passes run on a width x height input (padded to the stride the other way)
+        flops_t, _ = count_model_flops(config, width, height)
+        n_t = sum(1 for k in range(ensemble) if k & 4)
+        flops = flops * (ensemble - n_t) + (flops_t or flops) * n_t
+        note += f"; all {ensemble} passes of the self-ensemble"
     precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
     return SpeedResult(
         model=str(getattr(deblurrer, "name", "model")),
@@ -190,13 +215,19 @@ def measure_speed(
         runs=runs,
         channels_last=channels_last,
         threads=torch.get_num_threads() if device.type == "cpu" else None,
+        ensemble=ensemble,
     )
 
 
-def describe_method() -> str:
-    """One line for reports: how the time was measured."""
+def describe_method(ensemble: int = 1) -> str:
+    """One line for reports: how the time was measured (``ensemble``: passes per image)."""
+    what = (
+        "forward pass of the network" if ensemble == 1 else
+        f"{ensemble} forward passes of the network per image (the self-ensemble's flips/transposes, "
+        "mapped back and averaged; seconds per image cover all of them)"
+    )
     return (
-        "forward pass of the network on a random input already on the device, as the engine runs it "
-        "(precision, memory layout, inference mode); warm-up runs first, every timed run between device "
+        f"{what} on a random input already on the device, as the engine runs it "
+        "(network, precision, memory layout, inference mode); warm-up runs first, every timed run between device "
         f"synchronisations; wall clock time.perf_counter; {os.cpu_count()} CPU cores visible"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -14,7 +15,11 @@ from .render import SynthSettings, synthesize
 from .scenes import resize_scene
 from .sources import Source
 
-__all__ = ["write_dataset", "dataset_dirs"]
+__all__ = ["write_dataset", "dataset_dirs", "existing_files", "DatasetExistsError"]
+
+
+class DatasetExistsError(FileExistsError):
+    """The destination already holds files where :func:`write_dataset` writes (see ``overwrite``)."""
 
 
 def dataset_dirs(split: str, dual_pixel: bool) -> dict[str, str]:
@@ -28,6 +33,63 @@ def dataset_dirs(split: str, dual_pixel: bool) -> dict[str, str]:
     if dual_pixel:
         dirs.update(left=f"{split}_l/source", right=f"{split}_r/source")
     return dirs
+
+
+def manifest_name(split: str) -> str:
+    return f"synth_{split}.json"
+
+
+# How write_dataset names a sample's files: its index (5 digits or more), "_", the source's name.
+_SAMPLE_FILE = re.compile(r"^\d{5,}_.+\.(png|tiff)$")
+
+
+def existing_files(out_dir: str | Path, split: str = "train") -> tuple[list[str], list[str]]:
+    """What already lies where :func:`write_dataset` writes ``split`` in ``out_dir``.
+
+    Returns ``(previous, others)``, paths relative to ``out_dir``: ``previous`` are a synthesised
+    dataset's (the manifest ``synth_{split}.json``, the files it lists, and files named as
+    write_dataset names samples, e.g. those of an interrupted run); ``others`` are anything else
+    in the split's folders (of both the single-view and the dual-pixel layout). Hidden files
+    (temporary files of atomic writes among them) are not counted.
+    """
+    out_dir = Path(out_dir)
+    previous: list[str] = []
+    listed: set[str] = set()
+    manifest = out_dir / manifest_name(split)
+    if manifest.is_file():
+        previous.append(manifest.name)
+        try:
+            listed = {str(f) for f in json.loads(manifest.read_text(encoding="utf-8")).get("files", [])}
+        except (OSError, ValueError, AttributeError):
+            pass  # unreadable: its samples are still known by their names
+    others: list[str] = []
+    for d in dataset_dirs(split, True).values():
+        folder = out_dir / d
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            rel = f"{d}/{entry.name}"
+            ours = entry.is_file() and (rel in listed or _SAMPLE_FILE.match(entry.name) is not None)
+            (previous if ours else others).append(rel)
+    return previous, others
+
+
+def _remove_stale(out_dir: Path, previous: list[str], written: set[str], dirs: dict[str, str], split: str) -> None:
+    """Delete the previous dataset's files that this one did not rewrite, and the folders only it used."""
+    for rel in previous:
+        if rel not in written:
+            (out_dir / rel).unlink(missing_ok=True)
+    used = set(dirs.values())
+    for d in dataset_dirs(split, True).values():
+        if d in used:
+            continue
+        for folder in (out_dir / d, (out_dir / d).parent):
+            try:
+                folder.rmdir()  # only if empty: files kpac synth did not write stay
+            except OSError:
+                break
 
 
 def _write_image(path: Path, image: np.ndarray, bit_depth: int) -> None:
@@ -74,7 +136,7 @@ def _assign(n_sources: int, count: int, seed: int) -> list[int]:
 
 def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop: int | None, seed: int,
                   settings: SynthSettings, split: str = "train", bit_depth: int = 8,
-                  max_side: int | None = None,
+                  max_side: int | None = None, overwrite: bool = False,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Synthesise ``count`` pairs from ``sources`` and write them in the DPDD layout.
 
@@ -95,7 +157,8 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
         Sharp images (:func:`~kpac_cli.synth.sources.sharp_sources`). Each is used once per
         round of ``len(sources)`` samples, in a shuffled order, and loaded once.
     out_dir : Path
-        Root of the dataset (created if needed; existing files of the same names are replaced).
+        Root of the dataset (created if needed). It may hold other splits, but no files where
+        this split is written (see :func:`existing_files`), unless ``overwrite``.
     count : int
         Number of samples to write.
     crop : int, optional
@@ -115,6 +178,11 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
         Bit depth of the image files.
     max_side : int, optional
         Downscale sources whose long side is larger than this first.
+    overwrite : bool
+        Replace a synthesised dataset of the same split already in ``out_dir``: its files that
+        this one does not rewrite are deleted once this one is written, so the folder holds one
+        dataset. Without it such a dataset raises :class:`DatasetExistsError`; so do other files
+        where the split is written, even with it (they are not kpac's to delete).
     progress : callable, optional
         Called as ``progress(done, count)`` after each sample.
 
@@ -143,7 +211,20 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
         raise ValueError(f"split must be a plain name, got {split!r}")
 
     out_dir = Path(out_dir)
+    previous, others = existing_files(out_dir, split)
+    if others:
+        raise DatasetExistsError(f"{out_dir} holds files that write_dataset did not write where it writes the "
+                                 f"{split!r} split (e.g. {others[0]})")
+    if previous and not overwrite:
+        raise DatasetExistsError(f"{out_dir} already holds a synthesised {split!r} dataset ({len(previous)} files); "
+                                 "overwrite=True replaces it")
     dirs = dataset_dirs(split, settings.dual_pixel)
+    if previous:
+        from ..images.atomic import cleanup_stale_temps
+
+        for d in dataset_dirs(split, True).values():
+            if (out_dir / d).is_dir():
+                cleanup_stale_temps(out_dir / d)  # left by a killed run
     for d in dirs.values():
         (out_dir / d).mkdir(parents=True, exist_ok=True)
     ext = ".png"
@@ -228,6 +309,8 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
     text = json.dumps(summary, indent=1, sort_keys=True) + "\n"
     from ..images import atomic_write_bytes
 
-    atomic_write_bytes(out_dir / f"synth_{split}.json", text.encode("utf-8"))
+    atomic_write_bytes(out_dir / manifest_name(split), text.encode("utf-8"))
+    if previous:  # only now: until the new dataset is complete, the old one stays whole where not rewritten
+        _remove_stale(out_dir, previous, {*summary["files"], manifest_name(split)}, dirs, split)
     summary["out_dir"] = str(out_dir)
     return summary

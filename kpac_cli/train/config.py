@@ -235,63 +235,82 @@ class TrainConfig:
         return "synthetic"
 
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent setting."""
+        """Raise ValueError naming the first inconsistent setting (by its ``kpac train`` flag)."""
+        if self.val_count < 0 or self.val_crop < 0 or self.procedural < 0:  # first: a negative --procedural is no data
+            raise ValueError("--val-count, --val-crop and --procedural must be >= 0")
         kinds = [self.data is not None, self.source is not None or self.target is not None,
                  bool(self.synthetic) or self.skimage or self.procedural > 0]
         if sum(kinds) == 0:
-            raise ValueError("no training data: give a DPDD folder (data), source+target folders, or synthetic sources")
+            raise ValueError("no training data: give --data DPDD, --source and --target, or synthetic sources "
+                             "(--synthetic, --skimage, --procedural)")
         if sum(kinds) > 1:
-            raise ValueError("give only one kind of training data: a DPDD folder, source+target folders, or synthetic sources")
+            raise ValueError("give only one kind of training data: --data, --source/--target, or synthetic sources "
+                             "(--synthetic, --skimage, --procedural)")
         if (self.source is None) != (self.target is None):
-            raise ValueError("source and target folders must be given together")
+            raise ValueError("--source and --target must be given together")
         if (self.val_source is None) != (self.val_target is None):
-            raise ValueError("val_source and val_target must be given together")
+            raise ValueError("--val-source and --val-target must be given together")
         if self.data_kind == "paired" and self.dual:
-            raise ValueError("dual-pixel training needs the DPDD layout (left/right views) or synthetic data")
+            raise ValueError("--dual needs the DPDD layout (left/right views) or synthetic data")
         if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+            raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.bit_depth not in (8, 16):
-            raise ValueError(f"bit depth must be 8 or 16, got {self.bit_depth}")
+            raise ValueError(f"--bit-depth must be 8 or 16, got {self.bit_depth}")
         if self.cache not in ("auto", "yes", "no"):
-            raise ValueError(f"cache must be auto, yes or no, got {self.cache!r}")
+            raise ValueError(f"--cache must be auto, yes or no, got {self.cache!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+            raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        # Checked here although only synthetic data uses them: SynthSettings would refuse them
+        # later, after the run folder exists, naming its own fields.
+        if not (math.isfinite(self.max_radius) and self.max_radius >= 0):
+            raise ValueError(f"--max-radius must be a number >= 0, got {self.max_radius:g}")
+        if self.aperture not in ("disc", "polygon"):
+            raise ValueError(f"--aperture must be disc or polygon, got {self.aperture!r}")
         for name in ("batch", "save_every", "log_every", "val_every", "max_nonfinite"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.workers < -1:
+            raise ValueError(f"--workers must be >= 0, or -1 (automatic), got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.total_iterations < 0:
-            raise ValueError("iterations must be >= 0")
-        self.lr_schedule  # raises on a bad schedule or a rate <= 0
+            raise ValueError("--iterations must be >= 0")
+        try:
+            self.lr_schedule  # raises on a bad schedule or a rate <= 0
+        except ValueError as e:
+            raise ValueError(f"--lr: {e}") from None
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError("Adam betas must lie in [0, 1)")
-        if self.noise_max < 0:
-            raise ValueError("noise-max must be >= 0")
+            raise ValueError("--beta1 and --beta2 must lie in [0, 1)")
+        if not (math.isfinite(self.noise_max) and self.noise_max >= 0):
+            raise ValueError("--noise-max must be >= 0")
         if not 0 < self.rescale <= 1:
-            raise ValueError(f"rescale must lie in (0, 1], got {self.rescale}")
-        if self.saturation < 1:
-            raise ValueError(f"saturation must be >= 1, got {self.saturation}")
+            raise ValueError(f"--rescale must lie in (0, 1], got {self.rescale}")
+        if not self.saturation >= 1:
+            raise ValueError(f"--saturation must be >= 1, got {self.saturation}")
         if (self.rescale < 1 or self.transpose or self.saturation > 1) and self.data_kind != "synthetic":
-            raise ValueError("rescale, transpose and saturation apply to synthetic data (they change the sharp scene before rendering)")
+            raise ValueError("--rescale, --transpose and --saturation apply to synthetic data (they change the sharp scene before rendering)")
         if not 0 <= self.ema < 1:
-            raise ValueError(f"ema must lie in [0, 1), got {self.ema}")
+            raise ValueError(f"--ema must lie in [0, 1), got {self.ema}")
         if self.blur_rank_weight < 0:
-            raise ValueError("blur-rank-weight must be >= 0")
+            raise ValueError("--blur-rank-weight must be >= 0")
         if self.blur_rank_weight > 0 and self.data_kind != "synthetic":
-            raise ValueError("blur-rank-weight needs synthetic data (it uses the true blur radius of every pixel)")
+            raise ValueError("--blur-rank-weight needs synthetic data (it uses the true blur radius of every pixel)")
         if self.blur_rank_weight > 0 and self.model is not None and not self.model.scale_attention:
-            raise ValueError("blur-rank-weight needs a model with scale attention")
-        if self.val_count < 0 or self.val_crop < 0 or self.procedural < 0:
-            raise ValueError("val-count, val-crop and procedural must be >= 0")
-        sched = self.crop_schedule  # raises on a bad schedule
+            raise ValueError("--blur-rank-weight needs a model with scale attention")
+        try:
+            sched = self.crop_schedule  # raises on a bad schedule
+            if self.model is not None:
+                sched.check_multiple(self.model.stride)
+        except ValueError as e:
+            raise ValueError(f"--crop: {e}") from None
         if self.model is not None:
-            sched.check_multiple(self.model.stride)
             if self.val_crop:
                 if self.val_crop % self.model.stride:
-                    raise ValueError(f"val-crop must be a multiple of the model stride {self.model.stride}")
+                    raise ValueError(f"--val-crop must be a multiple of the model stride {self.model.stride}")
             if self.dual and self.model.in_views != 2:
                 raise ValueError("dual-pixel training needs a model with in_views=2")
             if not self.dual and self.model.in_views != 1:
-                raise ValueError("a dual-pixel model (in_views=2) needs dual-pixel data (dual=True)")
+                raise ValueError("a dual-pixel model (in_views=2) needs dual-pixel data (--dual)")
 
     # -- (de)serialisation, for the checkpoint ------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -171,6 +171,16 @@ def hardware_summary(device: torch.device, world: int) -> dict[str, Any]:
     return hw
 
 
+def new_run_architecture(cfg: TrainConfig, init_cfg: KPACConfig | None) -> KPACConfig:
+    """The architecture a new run builds: ``cfg.model`` if given, else that of the ``--init``
+    weights (``init_cfg``) with the views ``--dual`` asks for, else the paper's default."""
+    if cfg.model is not None:
+        return cfg.model
+    if init_cfg is not None:
+        return replace(init_cfg, in_views=2 if cfg.dual else 1)
+    return KPACConfig(in_views=2 if cfg.dual else 1)
+
+
 def _init_weights(path: Path) -> tuple[KPACConfig, dict[str, Tensor]]:
     """Weights to start from (or to blend with): a kpac .safetensors, or a training checkpoint (last.pt/best.pt)."""
     try:
@@ -374,8 +384,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         model_cfg = saved
     elif cfg.init is not None:
         init_cfg, init_state = _init_weights(cfg.init)
-        if model_cfg is None:  # the architecture of --init, with the views --dual asks for
-            model_cfg = replace(init_cfg, in_views=2 if cfg.dual else 1)
+        model_cfg = new_run_architecture(cfg, init_cfg)
         if model_cfg != init_cfg:
             torch.manual_seed(cfg.seed)  # the same fresh weights the model below starts from
             try:
@@ -385,7 +394,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
             message(f"carried the weights of {cfg.init} over to {model_cfg.to_json()}"
                     + (f"; {len(fresh)} tensors start fresh ({', '.join(fresh)})" if fresh else ""))
     if model_cfg is None:
-        model_cfg = KPACConfig(in_views=2 if cfg.dual else 1)
+        model_cfg = new_run_architecture(cfg, None)
     try:
         cfg.replace(model=model_cfg).validate()
     except ValueError as e:
