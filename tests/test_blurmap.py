@@ -610,6 +610,36 @@ def test_cli_usage_errors(cli, tmp_path, args):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_max_pixels_below_one_is_a_usage_error_before_any_work(cli, tmp_path):
+    """As kpac deblur: 0 would otherwise refuse every image, one error per file."""
+    src = _save_rgb(tmp_path / "a.png", np.zeros((16, 16, 3)))
+    for value in ("0", "-5"):
+        res = cli(str(src), "-o", str(tmp_path / "o"), "--max-pixels", value)
+        assert res.exit_code == 2 and res.stderr == f"error: --max-pixels must be at least 1, got {value}\n", res.output
+        assert not (tmp_path / "o").exists()
+    # the help states the default, as kpac deblur's does
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+    from kpac_cli.images import DEFAULT_MAX_PIXELS
+
+    res = CliRunner().invoke(app, ["blurmap", "--help"], env={"COLUMNS": "300"})
+    (line,) = [ln for ln in res.stdout.splitlines() if "--max-pixels" in ln]
+    assert f"[default: {DEFAULT_MAX_PIXELS}]" in line
+
+
+def test_cli_fp32_as_in_deblur_and_contradictions_refused(cli, tmp_path):
+    src = _save_rgb(tmp_path / "a.png", texture(32, 32, 1))
+    for n, extra in enumerate((["--fp32"], ["--precision", "fp32", "--fp32"], ["--precision", "auto", "--fp32"])):
+        res = cli(str(src), "-o", str(tmp_path / f"o{n}"), "-q", *extra)
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / f"o{n}" / "a_blurmap.png").is_file()
+    res = cli(str(src), "-o", str(tmp_path / "x"), "--precision", "bf16", "--fp32")
+    assert res.exit_code == 2 and res.stderr == ("error: --precision bf16 and --fp32 contradict each other "
+                                                 "(--fp32 is --precision fp32)\n"), res.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_needs_an_output_unless_evaluating(cli, tmp_path):
     src = _save_rgb(tmp_path / "a.png", np.zeros((16, 16, 3)))
     res = cli(str(src))

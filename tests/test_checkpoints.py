@@ -200,3 +200,92 @@ def test_convert_prints_a_long_destination_on_one_line(tmp_path, convert_cli):
     res = invoke(src, "-o", out)
     assert res.exit_code == 0, res.output
     assert f"-> {out}: single_2level" in res.stderr
+
+
+def test_convert_quiet_prints_nothing_but_errors(tmp_path, convert_cli):
+    invoke, src = convert_cli
+    out = tmp_path / "m.safetensors"
+    res = invoke(src, "-o", out, "--quiet")
+    assert res.exit_code == 0 and res.stderr == "" and res.stdout == "", res.output
+    assert load_checkpoint(out).config == KPACConfig(levels=2, channels=8)
+    res = invoke(src, "-o", out, "-q")  # errors are still said
+    assert res.exit_code == 2 and "exists (use --overwrite)" in _one_error_line(res)
+
+
+def test_models_quiet_keeps_the_list_and_drops_the_message(monkeypatch):
+    """The table is stdout's data: --quiet leaves it; only the stderr message goes."""
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    res = CliRunner().invoke(app, ["models", "-q"])
+    assert res.exit_code == 0 and "kpac models" in res.stdout and res.stderr == "", res.output
+    monkeypatch.setattr("kpac_cli.cli.models.list_models", lambda: [])
+    res = CliRunner().invoke(app, ["models"])
+    assert res.exit_code == 0 and res.stderr == "no shipped models found\n"
+    res = CliRunner().invoke(app, ["models", "--quiet"])
+    assert res.exit_code == 0 and res.stderr == "" and "kpac models" in res.stdout
+
+
+# --- a training run folder as --model -------------------------------------------------
+
+
+def _run_folder(root, exported: bool):
+    """What `kpac train` leaves: log.jsonl, last.pt, best.pt and, once exported, model.safetensors."""
+    run = root / "runs" / "l1"
+    run.mkdir(parents=True)
+    (run / "log.jsonl").write_text('{"event": "start"}\n')
+    for name in ("last.pt", "best.pt"):
+        (run / name).write_bytes(b"training state, never loaded as a model")
+    if exported:
+        torch.manual_seed(0)
+        save_checkpoint(run / "model.safetensors", build_model(KPACConfig(levels=2, channels=8)), {"name": "l1"})
+    return run
+
+
+def test_run_folder_with_an_exported_model_resolves_to_it(tmp_path):
+    from kpac_cli.checkpoints.registry import resolve_model
+
+    run = _run_folder(tmp_path, exported=True)
+    assert resolve_model(run) == (run / "model.safetensors", "l1")
+    assert resolve_model(f"{run}/") == (run / "model.safetensors", "l1")
+
+
+def test_run_folder_without_an_exported_model_says_how_to_export_it(tmp_path):
+    from kpac_cli.checkpoints.registry import resolve_model
+
+    run = _run_folder(tmp_path, exported=False)
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_model(run)
+    assert str(info.value) == (f"{run} is a training run folder without an exported model; "
+                               f"export it with kpac train --export-only --resume {run}")
+    # an export of best.pt (kpac train --export-only --from best) is named
+    save_checkpoint(run / "model-best.safetensors", build_model(KPACConfig(levels=2, channels=8)), {})
+    with pytest.raises(FileNotFoundError, match="model-best.safetensors: pass that file"):
+        resolve_model(run)
+    # a folder that is no run folder is not called one
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(FileNotFoundError, match="photos is a folder, not a model"):
+        resolve_model(tmp_path / "photos")
+
+
+def test_deblur_takes_a_run_folder_as_train_init_does(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    photo = tmp_path / "a.png"
+    Image.fromarray(np.full((24, 24, 3), 128, np.uint8)).save(photo)
+    run = _run_folder(tmp_path, exported=False)
+    args = ["deblur", str(photo), "-o", str(tmp_path / "b.png"), "--model", str(run), "--device", "cpu"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "model file not found" not in res.stderr
+    assert _one_error_line(res) == (f"error: {run} is a training run folder without an exported model; "
+                                    f"export it with kpac train --export-only --resume {run}")
+    assert not (tmp_path / "b.png").exists()
+    torch.manual_seed(0)
+    save_checkpoint(run / "model.safetensors", build_model(KPACConfig(levels=2, channels=8)), {"name": "l1"})
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "b.png").is_file()

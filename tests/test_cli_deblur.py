@@ -148,6 +148,7 @@ def test_output_equal_to_input_is_refused(tmp_path, tiny_models):
         ["deblur", "x.png", "-o", "out", "--bit-depth", "12"],
         ["deblur", "--left", "l.png", "-o", "out"],
         ["deblur", "x.png", "-o", "out", "--overwrite", "--skip-existing"],
+        ["deblur", "x.png", "-o", "out", "--precision", "bf16", "--fp32"],  # which one was meant?
     ],
 )
 def test_usage_errors_exit_2(tmp_path, args, monkeypatch):

@@ -420,7 +420,8 @@ def test_existing_report_and_crops_are_refused_without_overwrite(folders, tmp_pa
 
 
 @pytest.mark.parametrize("method", ["identity", "wiener"])
-@pytest.mark.parametrize("flag", [["--ensemble", "8"], ["--ensemble", "2"], ["--device", "cpu"], ["--precision", "fp32"], ["--tile", "256"]])
+@pytest.mark.parametrize("flag", [["--ensemble", "8"], ["--ensemble", "2"], ["--device", "cpu"], ["--precision", "fp32"], ["--tile", "256"],
+                                  ["--strength", "0.5"], ["--fp32"]])
 def test_engine_flags_with_a_baseline_are_usage_errors(folders, method, flag):
     res = invoke("--source", folders / "src", "--target", folders / "gt", "--method", method, *flag)
     assert res.exit_code == 2 and flag[0] in res.output and f"--method {method}" in res.output
@@ -492,3 +493,70 @@ def test_speed_times_every_pass_of_the_ensemble(tiny_models):
     assert sp["device_name"] == cpu_name()
     res = invoke(*args[:-1], "--ensemble", "2")
     assert res.exit_code == 0 and "2 passes" in res.stdout and "per pass" in res.stdout
+
+
+# ------------------------------------------------------------------------------------------ same flags as kpac deblur
+
+
+def test_strength_scales_the_correction_as_deblur_does(dpdd, tiny_models, tmp_path):
+    single, _ = tiny_models
+    base = ("--data", dpdd, "--allow-subset", "--limit", "2", "--json")
+    model = ("--model", single, "--device", "cpu")
+    ident = records(invoke(*base, "--method", "identity"))
+    full = records(invoke(*base, *model))
+    zero = records(invoke(*base, *model, "--strength", "0"))
+    res = invoke(*base, *model, "--strength", "0.5", "--report", tmp_path / "r.json", "--report", tmp_path / "r.md")
+    assert res.exit_code == 0, res.output
+    half = records(res)
+    for i in range(2):
+        # strength 0 is the input unchanged: exactly the blurry input's scores
+        assert zero[i]["psnr"] == ident[i]["psnr"] and zero[i]["ssim"] == ident[i]["ssim"]
+        assert full[i]["psnr"] != ident[i]["psnr"]
+        low, high = sorted((ident[i]["psnr"], full[i]["psnr"]))
+        assert low < half[i]["psnr"] < high
+        assert half[i]["strength"] == 0.5 and "strength" not in full[i]
+    # and exactly what the engine gives at that strength
+    d = Deblurrer(single, EngineOptions(device="cpu", strength=0.5))
+    out = d.deblur(_read(dpdd / "test_c" / "source" / "1P0A0917.png"))
+    want = M.psnr(M.quantize(out), M.quantize(_read(dpdd / "test_c" / "target" / "1P0A0916.png")))
+    assert half[0]["psnr"] == pytest.approx(want, abs=1e-9)
+    # stated wherever the numbers go, as --ensemble is
+    assert half[-1]["strength"] == 0.5 and zero[-1]["strength"] == 0 and full[-1]["strength"] is None
+    assert json.loads((tmp_path / "r.json").read_text())["run"]["strength"] == 0.5
+    md = (tmp_path / "r.md").read_text()
+    assert "- **strength**: 0.5" in md and "strength 0.5" in half[-1]["conventions"]["method"]
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_strength_out_of_range_is_a_one_line_usage_error(folders, tiny_models, value):
+    res = invoke("--source", folders / "src", "--target", folders / "gt", "--model", tiny_models[0], "--strength", value)
+    assert res.exit_code == 2 and res.stderr.startswith("error: --strength must be in [0, 1]"), res.output
+    assert len(res.stderr.splitlines()) == 1
+
+
+def test_strength_is_refused_where_nothing_is_scored_from_the_model(folders, tiny_models):
+    speed = ("--speed", "--model", tiny_models[0], "--device", "cpu", "--speed-size", "64x48")
+    res = invoke(*speed, "--strength", "0.5")
+    assert res.exit_code == 2 and "--strength is not used by --speed" in res.stderr, res.output
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--strength", "0.5")
+    assert res.exit_code == 2 and "--strength is not used by --pred" in res.stderr, res.output
+    # not said to apply to --speed, which has no use for it either
+    res = invoke("--source", folders / "src", "--target", folders / "gt", "--method", "identity", "--strength", "0.5")
+    assert res.exit_code == 2 and res.stderr.rstrip().endswith("engine options apply to --method kpac"), res.output
+    res = invoke("--source", folders / "src", "--target", folders / "gt", "--method", "identity", "--ensemble", "2")
+    assert res.exit_code == 2 and res.stderr.rstrip().endswith("apply to --method kpac and --speed"), res.output
+
+
+def test_fp32_is_precision_fp32_and_contradicting_precisions_are_refused(tiny_models, folders):
+    speed = ("--speed", "--model", tiny_models[0], "--device", "cpu", "--speed-size", "64x48", "--speed-runs", "1",
+             "--speed-warmup", "0", "--json")
+    # auto states no preference: --fp32 completes it
+    for extra in (["--fp32"], ["--precision", "fp32", "--fp32"], ["--precision", "auto", "--fp32"]):
+        res = invoke(*speed, *extra)
+        assert res.exit_code == 0, res.output
+        (rec,) = records(res)
+        assert rec["precision"] == "fp32" and rec["speed"]["precision"] == "fp32"
+    for precision in ("bf16", "fp16"):
+        res = invoke(*speed, "--precision", precision, "--fp32")
+        assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1, res.output
+        assert res.stderr.startswith(f"error: --precision {precision} and --fp32 contradict each other")

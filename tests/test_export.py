@@ -245,3 +245,23 @@ def test_an_opset_the_exporter_refuses_is_a_usage_error_even_unannounced(tmp_pat
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
     assert "error:" in res.stderr and "opset 30" in res.stderr and len(res.stderr.splitlines()) == 1
     assert not out.exists()
+
+
+def test_quiet_prints_nothing_but_errors_and_warnings(tmp_path, monkeypatch):
+    out = tmp_path / "q.onnx"
+    res = invoke_export("--onnx", out, "--config", "single_2level", "--quiet")
+    assert res.exit_code == 0 and res.stdout == "" and res.stderr == "", res.output
+    assert read_config(out) == PAPER_CONFIGS["single_2level"]
+    res = invoke_export("--onnx", out, "--config", "single_2level", "-q")
+    assert res.exit_code == 2 and res.stderr.startswith("error: ") and "exists" in res.stderr
+    # the --check figures are summary; a difference too large is a warning, said with its figure
+    import kpac_cli.export as E
+
+    check = {"width": 96, "height": 64, "max_abs_diff": 3e-3, "torch_seconds": 0.1, "torch_fast_seconds": 0.1,
+             "onnxruntime_seconds": 0.1}
+    monkeypatch.setattr(E, "check_export", lambda *a, **k: dict(check))
+    res = invoke_export("--onnx", out, "--config", "single_2level", "--overwrite", "--check", "-q")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines() == ["warning: max abs diff 3.00e-03 between onnxruntime and PyTorch is above 1e-4"]
+    res = invoke_export("--onnx", out, "--config", "single_2level", "--overwrite", "--check")
+    assert res.exit_code == 0 and len(res.stderr.splitlines()) == 4 and "max abs diff 3.00e-03" in res.stderr

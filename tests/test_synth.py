@@ -601,3 +601,18 @@ def test_cli_synth_summary_shows_the_folder_as_it_is(runner_app, tmp_path):
                               "--crop", "16", "--max-radius", "2"])
     assert res.exit_code == 0, res.output
     assert f"to {out} in" in res.stderr
+
+
+def test_cli_synth_output_is_spelled_as_in_the_other_commands(runner_app, tmp_path):
+    """-o/--output as in kpac deblur, blurmap and convert; --out, the first spelling, still works."""
+    runner, app = runner_app
+    common = ["--procedural", "1", "--procedural-size", "32", "--count", "1", "--crop", "16", "--max-radius", "2", "-q"]
+    trees = []
+    for flag in ("-o", "--output", "--out"):
+        out = tmp_path / flag.strip("-")
+        res = runner.invoke(app, ["synth", flag, str(out), *common])
+        assert res.exit_code == 0, res.output
+        trees.append({k: v for k, v in _tree(out).items() if k.endswith(".png")})
+    assert trees[0] and trees[0] == trees[1] == trees[2]  # the same dataset whichever way it is asked for
+    res = runner.invoke(app, ["synth", "--help"], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and "--output" in res.stdout

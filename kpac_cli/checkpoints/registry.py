@@ -82,15 +82,43 @@ def list_models() -> list[ModelInfo]:
     return list(seen.values())
 
 
+# What `kpac train` writes into its run folder (OUT/log.jsonl, OUT/last.pt, OUT/best.pt), by
+# which a folder is recognised as a run; its exported model is OUT/model.safetensors.
+RUN_MARKERS = ("log.jsonl", "last.pt", "best.pt")
+RUN_MODEL = "model.safetensors"
+
+
+def _run_folder_model(folder: Path) -> Path:
+    """The exported model of a training run folder, or FileNotFoundError saying what to do.
+
+    Only the exported ``model.safetensors`` is used: a run's ``last.pt``/``best.pt`` hold the
+    training state, and which of them is the model is the user's choice at export time.
+    """
+    model = folder / RUN_MODEL
+    if model.is_file():
+        return model
+    if not any((folder / marker).is_file() for marker in RUN_MARKERS):
+        raise FileNotFoundError(f"{folder} is a folder, not a model: give a .safetensors file, a shipped model name "
+                                "(see kpac models) or a training run folder holding model.safetensors")
+    others = sorted(p.name for p in folder.glob("model-*.safetensors") if p.is_file())
+    hint = f" (it holds {', '.join(others)}: pass that file as --model)" if others else ""
+    raise FileNotFoundError(f"{folder} is a training run folder without an exported model{hint}; "
+                            f"export it with kpac train --export-only --resume {folder}")
+
+
 def resolve_model(spec: str | Path, dual: bool = False) -> tuple[Path, str]:
-    """A model name (shipped) or a file path -> (path, display name).
+    """A model name (shipped), a file path or a training run folder -> (path, display name).
 
     ``"default"`` is the default single-image model (or the dual-pixel one with ``dual``).
+    A run folder (as ``kpac train --init`` accepts) stands for its exported
+    ``model.safetensors``, displayed under the folder's name.
     """
     spec_s = str(spec)
     if spec_s == "default":
         spec_s = DEFAULT_DUAL_MODEL if dual else DEFAULT_MODEL
     path = Path(spec_s)
+    if path.is_dir():
+        return _run_folder_model(path), path.resolve().name
     if path.suffix in (".safetensors", ".pt", ".pth", ".npz") or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")

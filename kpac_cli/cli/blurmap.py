@@ -11,6 +11,7 @@ from typing import Any, List, Optional
 
 import typer
 
+from ..images import DEFAULT_MAX_PIXELS
 from .common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -19,8 +20,10 @@ from .common import (
     dual_pixel_mode,
     emit_json,
     err_console,
+    fp32_option,
     parse_tile,
     precision_option,
+    precision_with_fp32,
     print_error,
     progress_bar,
     show_progress,
@@ -81,7 +84,7 @@ def _find_mask(index: dict[str, Path], stem: str) -> Path | None:
 def blurmap(
     inputs: Optional[List[str]] = typer.Argument(None, help="Image files or folders.", show_default=False),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (created). Optional with --eval-masks.", show_default=False),
-    model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`) or a .safetensors file."),
+    model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`), a .safetensors file, or a training run folder (its model.safetensors)."),
     block: int = typer.Option(1, "--block", help="KPAC block of the chosen map (1 = first)."),
     dilation: int = typer.Option(1, "--dilation", help="Dilation rate of the chosen map (1 = the blur detector)."),
     all_maps: bool = typer.Option(False, "--all", help="Write every block x dilation map instead of the chosen one."),
@@ -100,10 +103,11 @@ def blurmap(
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders (their structure is kept)."),
     device: str = device_option(),
     precision: str = precision_option(),
+    fp32: bool = fp32_option(),
     tile: str = typer.Option("auto", "--tile", help="Tile size in pixels, 'auto' or 0 (whole image). Maps do not depend on it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Leave existing outputs alone (resume a batch)."),
-    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Refuse images larger than this (decompression-bomb guard)."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images larger than this (decompression-bomb guard)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record per image (and a summary with --eval-masks) to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ) -> None:
@@ -111,7 +115,7 @@ def blurmap(
     from ..blurmap import BLUR_POLARITY, PAPER_CUHK, attention_maps
     from ..engine import Deblurrer, EngineOptions
     from ..engine.batch import PlanError, collect_inputs
-    from ..images import DEFAULT_MAX_PIXELS, ImageError, pair_dual_pixel
+    from ..images import ImageError, pair_dual_pixel
 
     inputs = inputs or []
     dual = dual_pixel_mode(inputs, left, right, "no inputs given (image files or folders)")
@@ -126,6 +130,10 @@ def blurmap(
         raise usage_error(f"--upsample must be 1..8, got {upsample}")
     if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise usage_error(f"--threshold must be in [0, 1], got {threshold}")
+    # 0 would pass here and then refuse every image, one error per file (kpac deblur refuses it too)
+    if max_pixels < 1:
+        raise usage_error(f"--max-pixels must be at least 1, got {max_pixels}")
+    precision = precision_with_fp32(precision, fp32)
     if output is None and eval_masks is None:
         raise usage_error("-o OUT is required (it may be left out only with --eval-masks)")
     if output is not None and output.exists() and not output.is_dir():
@@ -211,7 +219,6 @@ def blurmap(
             it.mask = _find_mask(mask_index, it.name)
 
     # -- run -------------------------------------------------------------------------------
-    limit = max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     all_scores: list[tuple[str, Any]] = []
     exit_code = EXIT_OK
@@ -220,7 +227,7 @@ def blurmap(
             overall = progress.add_task("images", total=len(items)) if progress else None
             for it in items:
                 rec = _process(
-                    it, deblurrer, attention_maps, limit, block=block, dilation=dilation, all_maps=all_maps, fmt=fmt,
+                    it, deblurrer, attention_maps, max_pixels, block=block, dilation=dilation, all_maps=all_maps, fmt=fmt,
                     defocus=defocus, threshold=threshold, invert=invert, upsample=upsample, overwrite=overwrite,
                     skip_existing=skip_existing, evaluate=eval_masks is not None, blurred_value=0 if masks_sharp_white else 255,
                     progress=progress,

@@ -53,6 +53,21 @@ def precision_option() -> Any:
     return typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
 
 
+def fp32_option() -> Any:
+    """``--fp32``, Real-ESRGAN's shorthand, beside :func:`precision_option`."""
+    return typer.Option(False, "--fp32", help="Shorthand for --precision fp32.")
+
+
+def precision_with_fp32(precision: str, fp32: bool) -> str:
+    """``--precision`` completed by ``--fp32``. A contradiction (``--precision bf16 --fp32``) is
+    refused rather than resolved: which one was meant is unknown; ``auto`` states no preference."""
+    if not fp32:
+        return precision
+    if precision.lower() not in ("auto", "fp32"):
+        raise usage_error(f"--precision {precision} and --fp32 contradict each other (--fp32 is --precision fp32)")
+    return "fp32"
+
+
 def parse_tile(value: str) -> int | str | None:
     """``--tile``: ``'auto'``, None for whole images (``0``/``none``/``off``), or a size in pixels.
 

@@ -17,6 +17,7 @@ def convert(
     name: str = typer.Option("", "--name", help="Model name stored in the metadata (default: the output's stem)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON record on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr (errors are still printed)."),
 ) -> None:
     """Convert an official KPAC checkpoint to a kpac .safetensors model (no pickle code is run).
 
@@ -48,7 +49,7 @@ def convert(
     record = {"input": str(src), "output": str(output), "variant": variant, "parameters": count_parameters(model)}
     if json_out:
         emit_json(record)
-    else:
+    elif not quiet:
         err_console.print(f"{src} -> {output}: {variant}, {record['parameters']:,} parameters", markup=False, soft_wrap=True)
 
 

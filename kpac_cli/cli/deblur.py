@@ -23,8 +23,10 @@ from .common import (
     dual_pixel_mode,
     emit_json,
     err_console,
+    fp32_option,
     parse_tile,
     precision_option,
+    precision_with_fp32,
     print_error,
     print_note,
     progress_bar,
@@ -49,14 +51,14 @@ Examples:
 def deblur(
     inputs: list[str] = typer.Argument(None, help="Image files or folders, or '-' for stdin.", show_default=False),
     output: str = typer.Option(..., "-o", "--output", help="Output folder, file (for one input), or '-' for stdout."),
-    model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`) or a .safetensors file."),
+    model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`), a .safetensors file, or a training run folder (its exported model.safetensors)."),
     left: Optional[str] = typer.Option(None, "--left", help="Dual-pixel left view(s): a file or a folder (or, alone, a DPDD root: its test_l, test_r and test_c sources)."),
     right: Optional[str] = typer.Option(None, "--right", help="Dual-pixel right view(s)."),
     center: Optional[str] = typer.Option(None, "--center", help="Dual-pixel centre view(s); default: mean of left and right."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders (their structure is kept)."),
     device: str = device_option(),
     precision: str = precision_option(),
-    fp32: bool = typer.Option(False, "--fp32", help="Shorthand for --precision fp32."),
+    fp32: bool = fp32_option(),
     tile: str = typer.Option("auto", "--tile", help="Tile size in pixels (at least 128; smaller sizes are raised to it), 'auto' (from free memory) or 0 (whole image). Tiling is exact; --json records the tile used."),
     strength: float = typer.Option(1.0, "--strength", min=0.0, max=1.0, help="How much of the model's correction to apply: 1 = full (default), 0 = the input unchanged; lower tempers over-sharpening."),
     ensemble: int = typer.Option(1, "--ensemble", help="Self-ensemble: average the model over 1, 2, 4 or 8 flips/transposes of each photo; N times slower, slightly better on average (see the model card). Dual-pixel models: at most 4 (flips)."),
@@ -119,7 +121,7 @@ def deblur(
             jobs = plan_single(inputs, output, recursive, out_opts, stdin, companions=("blurmap",) if save_blurmap else ())
         dist_info = env_info()
         device = device_for_rank(device, dist_info)  # under torchrun each rank takes its own GPU
-        engine_opts = EngineOptions(device=device, precision="fp32" if fp32 else precision, tile=tile_value, compile=compile_, strength=strength,
+        engine_opts = EngineOptions(device=device, precision=precision_with_fp32(precision, fp32), tile=tile_value, compile=compile_, strength=strength,
                                     ensemble=ensemble)
         from ..checkpoints.registry import resolve_model
 

@@ -19,8 +19,10 @@ from .common import (
     device_option,
     emit_json,
     err_console,
+    fp32_option,
     parse_tile,
     precision_option,
+    precision_with_fp32,
     print_error,
     progress_bar,
     show_progress,
@@ -45,7 +47,12 @@ REPORT_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown", ".markdown"
 PER_IMAGE_TABLE_MAX = 30  # per-image rows are shown on the terminal up to this many images
 # Options that only shape a run of the model, with the flag the user typed; given without
 # one (a baseline, or --pred) they would be silently ignored.
-ENGINE_FLAGS = {"device": "--device", "precision": "--precision", "tile": "--tile", "ensemble": "--ensemble"}
+ENGINE_FLAGS = {"device": "--device", "precision": "--precision", "fp32": "--fp32", "tile": "--tile", "ensemble": "--ensemble",
+                "strength": "--strength"}
+# Of those, the ones --speed has no use for (it times the network's passes on the whole image),
+# with the reason given when one is refused.
+SPEED_UNUSED = {"tile": "--speed times the whole image, untiled",
+                "strength": "--speed times the network's passes, which --strength does not change"}
 WIENER_FLAGS = {"wiener_radius": "--wiener-radius", "wiener_snr": "--wiener-snr"}
 SPEED_FLAGS = {"speed_size": "--speed-size", "speed_runs": "--speed-runs", "speed_warmup": "--speed-warmup"}
 
@@ -184,6 +191,8 @@ class _Runner:
     def _engine_notes(self) -> dict[str, Any]:
         stats = self.deblurrer.last_stats
         out: dict[str, Any] = {"precision": stats.precision, "tile": stats.tile}
+        if self.deblurrer.options.strength != 1.0:  # as in kpac deblur's --json records
+            out["strength"] = self.deblurrer.options.strength
         if stats.notes:
             out["engine_notes"] = list(stats.notes)
         return out
@@ -204,9 +213,11 @@ def _method_text(method: str | None, deblurrer: Any, wiener_radius: float | None
         r = f"radius {wiener_radius:g} px" if wiener_radius is not None else "radius estimated per image (estimate_disc_radius)"
         return f"Wiener deconvolution with a uniform disc PSF, {r}, snr {wiener_snr:g}"
     kind = "dual-pixel (left+right views, centre view as reference)" if deblurrer.config.in_views == 2 else "single image"
+    strength = deblurrer.options.strength
+    scaled = f", strength {strength:g} (the model's correction scaled by {strength:g})" if strength != 1.0 else ""
     return (
         f"KPAC model {deblurrer.name} ({deblurrer.config.levels}-level, {kind}) on {deblurrer.device}, "
-        f"{_precision_name(deblurrer)}, tile {deblurrer.options.tile}; output scored in memory (float, clipped to [0, 1]) "
+        f"{_precision_name(deblurrer)}, tile {deblurrer.options.tile}{scaled}; output scored in memory (float, clipped to [0, 1]) "
         "and quantised as stated, i.e. as if written to a file of that bit depth"
     )
 
@@ -384,7 +395,7 @@ def eval_command(
     source: Optional[Path] = typer.Option(None, "--source", help="Folder of blurry inputs (paired with --target); with --pred: inputs shown in --save-crops."),
     pair_by: str = typer.Option("name", "--pair-by", help="Pair folders by file name (stem) or by sorted order."),
     method: Optional[str] = typer.Option(None, "--method", help="kpac (the model, default), identity (the input itself) or wiener."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Shipped model name (see `kpac models`) or a .safetensors file."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Shipped model name (see `kpac models`), a .safetensors file, or a training run folder (its model.safetensors)."),
     dual: bool = typer.Option(False, "--dual", help="Dual-pixel input (DPDD test_l/test_r, test_c as centre); default: from the model."),
     wiener_radius: Optional[float] = typer.Option(None, "--wiener-radius", help="Disc PSF radius in pixels for --method wiener (default: estimated per image)."),
     wiener_snr: float = typer.Option(300.0, "--wiener-snr", help="Signal-to-noise power ratio of the Wiener filter."),
@@ -397,7 +408,9 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N pairs (quick looks)."),
     device: str = device_option(),
     precision: str = precision_option(),
+    fp32: bool = fp32_option(),
     tile: str = typer.Option("auto", "--tile", help="Tile size in pixels (at least 128; smaller sizes are raised to it), 'auto' or 0 (whole image). Tiling is exact."),
+    strength: float = typer.Option(1.0, "--strength", help="With --method kpac: how much of the model's correction to apply, 0 to 1 (as kpac deblur --strength): 1 = full (default), 0 = the input unchanged; stated in the report."),
     ensemble: int = typer.Option(1, "--ensemble", help="With --method kpac or --speed: self-ensemble over 1, 2, 4 or 8 flips/transposes (as kpac deblur --ensemble); stated in the report, and --speed times all N passes."),
     speed: bool = typer.Option(False, "--speed", help="Measure parameters, FLOPs and seconds per 1280x720 image (paper Table 5; with --ensemble N, all N passes per image)."),
     speed_size: str = typer.Option("1280x720", "--speed-size", help="Input size for --speed, WIDTHxHEIGHT."),
@@ -445,6 +458,8 @@ def eval_command(
         raise usage_error(f"--ensemble must be {', '.join(map(str, ENSEMBLE_SIZES[:-1]))} or {ENSEMBLE_SIZES[-1]}, got {ensemble}")
     if precision.lower() not in PRECISIONS:
         raise usage_error(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
+        raise usage_error(f"--strength must be in [0, 1], got {strength:g}")
     try:
         tile_value = parse_tile(tile)
     except ValueError as e:
@@ -458,6 +473,7 @@ def eval_command(
         raise usage_error(f"--save-crops {save_crops} is a file; give a folder")
     given = {name for name in ctx.params if ctx.get_parameter_source(name) is not None
              and ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    precision = precision_with_fp32(precision, fp32)
 
     # ---- which mode
     if pred is not None:
@@ -488,15 +504,20 @@ def eval_command(
     has_data = pred is not None or data is not None or source is not None
     if not has_data and (reports or save_crops is not None or labels is not None or limit is not None):
         raise usage_error("--report/--save-crops/--labels/--limit need data to evaluate")
-    # --speed runs the model too, but on the whole image: --tile is for --method kpac only
+    # --speed runs the model too, but on the whole image and without scoring: --tile and
+    # --strength are for --method kpac only
     unused = [flag for name, flag in ENGINE_FLAGS.items()
-              if name in given and method != "kpac" and not (speed and name != "tile")]
+              if name in given and method != "kpac" and not (speed and name not in SPEED_UNUSED)]
     if unused:
         if method not in (None, "kpac"):
             what = f"--method {method}"
         else:
             what = "--pred (the results already exist)" if pred is not None else "--speed"
-        hint = " (--speed times the whole image, untiled)" if speed and "--tile" in unused else " and --speed"
+        reasons = [why for name, why in SPEED_UNUSED.items() if speed and ENGINE_FLAGS[name] in unused]
+        if reasons:
+            hint = f" ({'; '.join(reasons)})"
+        else:  # "and --speed" only where it is true of every flag named
+            hint = "" if all(flag in (ENGINE_FLAGS[n] for n in SPEED_UNUSED) for flag in unused) else " and --speed"
         raise usage_error(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by {what}: "
                           f"engine options apply to --method kpac{hint}")
     unused = [flag for name, flag in WIENER_FLAGS.items() if name in given]
@@ -528,7 +549,8 @@ def eval_command(
             raise usage_error(f"--device: {e}") from None
         try:
             model_path, _ = resolve_model(model or "default", dual=dual)
-            deblurrer = Deblurrer(model_path, EngineOptions(device=device, precision=precision, tile=tile_value, ensemble=ensemble))
+            deblurrer = Deblurrer(model_path, EngineOptions(device=device, precision=precision, tile=tile_value, ensemble=ensemble,
+                                                            strength=strength))
         except (ValueError, FileNotFoundError, OSError) as e:
             raise usage_error(str(e)) from None
         model_dual = deblurrer.config.in_views == 2
@@ -578,6 +600,8 @@ def eval_command(
         "device": str(deblurrer.device) if deblurrer is not None else None,
         "precision": _precision_name(deblurrer) if deblurrer is not None else None,
         "ensemble": ensemble if deblurrer is not None and ensemble != 1 else None,
+        # as --ensemble: stated when the scores are not those of the model's full output
+        "strength": strength if method == "kpac" and strength != 1.0 else None,
     }
     if has_data:  # how images were scored; nothing is scored by --speed alone
         run.update({

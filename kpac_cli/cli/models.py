@@ -41,7 +41,10 @@ def headline_scores(scores: object, dual: bool = False) -> str:
     return "\n".join(lines) or "-"
 
 
-def models(json_out: bool = typer.Option(False, "--json", help="One JSON record per model on stdout.")) -> None:
+def models(
+    json_out: bool = typer.Option(False, "--json", help="One JSON record per model on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No message on stderr when no model is found (the list on stdout is unchanged)."),
+) -> None:
     """List the shipped models with their architecture, training iterations and measured scores.
 
     The default single-image model and the default dual-pixel model (used with --left/--right)
@@ -70,7 +73,8 @@ def models(json_out: bool = typer.Option(False, "--json", help="One JSON record 
                       f"{count_parameters(build_model(m.config)) / 1e6:.2f} M",
                       iterations, headline_scores(p.get("scores"), dual=m.config.in_views == 2))
     Console().print(table)
-    if not infos:
+    # the table is the data asked for (stdout), so --quiet leaves it; only this note is a message
+    if not infos and not quiet:
         typer.echo("no shipped models found", err=True)
 
 

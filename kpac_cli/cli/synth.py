@@ -34,7 +34,8 @@ def register(app: typer.Typer) -> None:
 
 def synth(
     sources: Optional[List[Path]] = typer.Argument(None, help="Sharp image files or folders.", show_default=False),
-    out: Path = typer.Option(..., "-o", "--out", help="Output dataset folder.", show_default=False),
+    # -o/--output as in deblur, blurmap and convert; --out, its first spelling, still works
+    out: Path = typer.Option(..., "-o", "--output", "--out", help="Output dataset folder.", show_default=False),
     count: int = typer.Option(100, "--count", "-n", help="Number of samples to write."),
     crop: Optional[int] = typer.Option(None, "--crop", help="Square crop size (default: whole images)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed: byte-identical files)."),
