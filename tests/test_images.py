@@ -551,6 +551,280 @@ def test_huge_exif_dropped_for_jpeg_only():
 
 
 # ------------------------------------------------------------------------------------------
+# XMP and print resolution
+
+XMP = (
+    b'<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description rdf:about="" xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmlns:dc="http://purl.org/dc/elements/1.1/"'
+    b' xmlns:tiff="http://ns.adobe.com/tiff/1.0/" xmp:Rating="4" tiff:Orientation="1">'
+    b"<dc:subject><rdf:Bag><rdf:li>caf\xc3\xa9</rdf:li><rdf:li>portrait</rdf:li></rdf:Bag></dc:subject>"
+    b"</rdf:Description></rdf:RDF></x:xmpmeta>\n" + b" " * 200 + b'\n<?xpacket end="w"?>'
+)
+
+
+def png_meta(arr: np.ndarray, bit_depth: int, *, xmp: bytes | None = XMP, ppm: tuple | None = (11811, 11811, 1)) -> bytes:
+    """A PNG (independent encoder) with an XMP iTXt and a pHYs chunk (pixels per metre, unit)."""
+    extra = b""
+    if ppm is not None:
+        extra += chunk(b"pHYs", struct.pack(">IIB", *ppm))
+    if xmp is not None:
+        extra += chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + xmp)
+    return ref_png(arr, bit_depth, extra=extra)
+
+
+def tiff_meta(arr: np.ndarray, *, xmp: bytes | None = XMP, resolution=(300, 300), unit="INCH", **kw) -> bytes:
+    tags = [(700, "B", len(xmp), xmp, True)] if xmp is not None else []
+    return tiff_bytes(arr, photometric="rgb", resolution=resolution, resolutionunit=unit, extratags=tags, **kw)
+
+
+def seen_by_others(data: bytes) -> tuple[bytes | None, tuple | None]:
+    """(XMP, dpi) of encoded bytes as Pillow (PNG, JPEG) or tifffile (TIFF) reads them."""
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        with tifffile.TiffFile(io.BytesIO(data)) as t:
+            tags = t.pages.first.tags
+            xmp = bytes(tags[700].value) if 700 in tags else None
+            unit = int(tags[296].value) if 296 in tags else 2
+            dpi = None
+            if 282 in tags and unit in (2, 3):
+                dpi = tuple(n / d * (2.54 if unit == 3 else 1) for n, d in (tags[282].value, tags[283].value))
+            return xmp, dpi
+    with Image.open(io.BytesIO(data)) as im:
+        xmp = im.info.get("xmp")
+        dpi = im.info.get("dpi")
+        if im.format == "JPEG" and im.info.get("jfif_unit") != 1:
+            dpi = None  # Pillow's 72-dpi default, not in the file
+        return xmp, None if dpi is None else tuple(float(v) for v in dpi)
+
+
+def same_dpi(a, b) -> bool:
+    """Equal up to each format's storage rounding (whole dpi in JPEG, whole pixels/metre in PNG)."""
+    return a is not None and b is not None and all(abs(x - y) <= 0.5 for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kind", ["png8", "png16", "jpeg", "tiff8", "tiff16"])
+def test_xmp_and_dpi_kept_in_the_same_format(kind):
+    bits = 16 if kind.endswith("16") else 8
+    a = rand((6, 5, 3), bits)
+    if kind.startswith("png"):
+        src = png_meta(a, bits)
+    elif kind == "jpeg":
+        src = pil_bytes(Image.fromarray(a), "JPEG", xmp=XMP, dpi=(300, 300))
+    else:
+        src = tiff_meta(a)
+    img, info = read_image(src)
+    assert info.xmp == XMP and same_dpi(info.dpi, (300, 300))
+    data = write_image(None, img, info)
+    if kind.startswith("png"):
+        assert ihdr(data)[2] == bits
+    back, binfo = read_image(data)
+    assert binfo.xmp == XMP and binfo.dpi == info.dpi, kind  # stable: no drift from re-rounding
+    xmp, dpi = seen_by_others(data)
+    assert xmp == XMP and same_dpi(dpi, (300, 300)), kind
+    if kind != "jpeg":
+        assert np.array_equal(back, img)  # pixels are not touched by the metadata
+
+
+CROSS = [(s, o, b) for s in ("jpeg", "png", "tiff") for o in ("png", "jpeg", "tiff") if s != o for b in (8, 16) if s != "jpeg" or b == 8]
+
+
+@pytest.mark.parametrize("src_kind,out_fmt,bits", CROSS, ids=[f"{s}{b}-{o}" for s, o, b in CROSS])
+def test_xmp_and_dpi_kept_across_formats(src_kind, out_fmt, bits):
+    a = rand((5, 7, 3), bits)
+    dpi_in = (240, 96)  # non-square pixels: x and y stay apart
+    if src_kind == "png":
+        src = png_meta(a, bits, ppm=(round(240 / 0.0254), round(96 / 0.0254), 1))
+    elif src_kind == "jpeg":
+        src = pil_bytes(Image.fromarray(a), "JPEG", xmp=XMP, dpi=dpi_in)
+    else:
+        src = tiff_meta(a, resolution=dpi_in)
+    img, info = read_image(src)
+    data = write_image(None, img, info, format=out_fmt)
+    xmp, dpi = seen_by_others(data)
+    assert xmp == XMP and same_dpi(dpi, dpi_in), (src_kind, out_fmt, dpi)
+    _, binfo = read_image(data)
+    assert binfo.xmp == XMP and same_dpi(binfo.dpi, dpi_in)
+
+
+def test_resolution_units_and_exif_fallback():
+    a = rand((4, 4, 3))
+    # per-centimetre units become dpi
+    jpg = pil_bytes(Image.fromarray(a), "JPEG")
+    jfif = jpg.index(b"JFIF\x00")
+    cm = jpg[: jfif + 7] + struct.pack(">BHH", 2, 100, 50) + jpg[jfif + 12 :]
+    assert read_image(cm)[1].dpi == pytest.approx((254.0, 127.0))
+    assert read_image(tiff_meta(a, resolution=(100, 100), unit="CENTIMETER"))[1].dpi == pytest.approx((254.0, 254.0))
+    # aspect ratio only (JFIF unit 0 and tifffile's default 1/1 "none"): no resolution
+    assert read_image(jpg)[1].dpi is None
+    assert read_image(tiff_bytes(a, photometric="rgb"))[1].dpi is None
+    assert read_image(png_meta(a, 8, ppm=(2, 1, 0)))[1].dpi is None
+    # no JFIF density: EXIF's XResolution (as camera JPEGs carry it); none there: None, not 72
+    ex = Image.Exif()
+    ex[0x011A], ex[0x011B], ex[0x0128] = 350.0, 350.0, 2
+    assert read_image(pil_bytes(Image.fromarray(a), "JPEG", exif=ex.tobytes()))[1].dpi == (350.0, 350.0)
+    assert read_image(pil_bytes(Image.fromarray(a), "JPEG", exif=make_exif(None, "Cam")))[1].dpi is None
+    # JFIF density wins over EXIF
+    assert read_image(pil_bytes(Image.fromarray(a), "JPEG", exif=ex.tobytes(), dpi=(72, 72)))[1].dpi == (72.0, 72.0)
+
+
+def test_no_metadata_is_invented():
+    a = rand((4, 4, 3))
+    for src in (ref_png(a, 8), ref_png(a.astype(np.uint16) * 257, 16), pil_bytes(Image.fromarray(a), "JPEG"), tiff_bytes(a, photometric="rgb")):
+        img, info = read_image(src)
+        assert info.xmp is None and info.dpi is None
+        for fmt in ("png", "jpeg", "tiff"):
+            data = write_image(None, img, info, format=fmt)
+            assert read_image(data)[1].dpi is None and read_image(data)[1].xmp is None
+            if fmt == "png":
+                assert b"pHYs" not in data and b"iTXt" not in data
+
+
+@pytest.mark.parametrize("orientation", [6, 3])
+def test_orientation_swaps_dpi_and_resets_xmp_orientation(orientation):
+    xmp = XMP.replace(b'tiff:Orientation="1"', f'tiff:Orientation="{orientation}"'.encode())
+    a = rand((4, 6, 3))
+    src = pil_bytes(Image.fromarray(a), "JPEG", exif=make_exif(orientation), xmp=xmp, dpi=(300, 150))
+    img, info = read_image(src)
+    assert info.orientation_applied == orientation
+    assert info.dpi == ((150.0, 300.0) if orientation == 6 else (300.0, 150.0))  # dpi of the upright pixels
+    assert info.xmp == XMP  # tiff:Orientation reset to 1, nothing else changed
+    elem = xmp.replace(b' tiff:Orientation="%d">' % orientation, b"><tiff:Orientation>%d</tiff:Orientation>" % orientation)
+    tags = [(274, "H", 1, orientation, True), (700, "B", len(elem), elem, True)]
+    _, info = read_image(tiff_bytes(a, photometric="rgb", extratags=tags))
+    assert b"<tiff:Orientation>1</tiff:Orientation>" in info.xmp and len(info.xmp) == len(elem)
+
+
+def test_xmp_and_dpi_given_by_hand():
+    """ImageInfo's new fields have defaults; values set by a caller pass the reader's checks."""
+    img = np.zeros((2, 2, 3), np.float32)
+    info = ImageInfo(None, "png", 8, 3, None, None, None, 1, (2, 2))
+    assert info.xmp is None and info.dpi is None
+    info = ImageInfo(None, "png", 8, 3, None, None, None, 1, (2, 2), xmp=XMP, dpi=(300, 300))
+    for fmt in ("png", "jpeg", "tiff"):
+        _, binfo = read_image(write_image(None, img, info, format=fmt))
+        assert binfo.xmp == XMP and same_dpi(binfo.dpi, (300, 300))
+    bad = ImageInfo(None, "png", 8, 3, None, None, None, 1, (2, 2), xmp=b"\xff\xfe not utf-8", dpi=(float("nan"), 0))
+    for fmt in ("png", "jpeg", "tiff"):
+        _, binfo = read_image(write_image(None, img, bad, format=fmt))
+        assert binfo.xmp is None and binfo.dpi is None
+
+
+def test_what_jpeg_cannot_hold_is_dropped_for_jpeg_only():
+    big = XMP.replace(b" " * 200, b" " * 70_000)  # over one APP1 segment
+    info = ImageInfo(None, "png", 8, 3, None, None, None, 1, (2, 2), xmp=big, dpi=(100_000.0, 100_000.0))
+    img = np.zeros((2, 2, 3), np.float32)
+    _, binfo = read_image(write_image(None, img, info, format="jpeg"))
+    assert binfo.xmp is None and binfo.dpi is None  # the JFIF density is 16-bit
+    for fmt in ("png", "tiff"):
+        for bits in (8, 16):
+            _, binfo = read_image(write_image(None, img, info, format=fmt, bit_depth=bits))
+            assert binfo.xmp == big and same_dpi(binfo.dpi, (100_000, 100_000)), (fmt, bits)
+
+
+def _itxt(text: bytes, *, compressed: bool = False, keyword: bytes = b"XML:com.adobe.xmp") -> bytes:
+    return chunk(b"iTXt", keyword + b"\x00" + (b"\x01\x00" if compressed else b"\x00\x00") + b"\x00\x00" + text)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_malformed_or_oversize_xmp_and_phys_are_ignored(bits):
+    from kpac_cli.images.metadata import MAX_XMP
+
+    a = rand((4, 5, 3), bits)
+    pad = XMP.replace(b" " * 200, b" " * (MAX_XMP + 1 - len(XMP) + 200))
+    assert len(pad) == MAX_XMP + 1
+    bad_meta = {
+        "xmp_over_limit_compressed": _itxt(zlib.compress(pad, 9), compressed=True),
+        "xmp_zlib_bomb": _itxt(zlib.compress(b" " * (64 << 20), 9), compressed=True),
+        "xmp_broken_zlib": _itxt(b"x\x9c not zlib at all", compressed=True),
+        "xmp_not_utf8": _itxt(b"<x:xmpmeta>\xff\xfe\xfd</x:xmpmeta>"),
+        "xmp_empty": _itxt(b""),
+        "xmp_no_separators": chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00"),
+        "xmp_bad_flag": chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x07\x00\x00\x00" + XMP),
+        "phys_short": chunk(b"pHYs", b"\x00\x00\x2e\x23\x01"),
+        "phys_long": chunk(b"pHYs", struct.pack(">IIB", 11811, 11811, 1) + b"\x00"),
+        "phys_zero": chunk(b"pHYs", struct.pack(">IIB", 0, 0, 1)),
+        "phys_huge": chunk(b"pHYs", struct.pack(">IIB", 0xFFFFFFFF, 0xFFFFFFFF, 1)),
+        "phys_unit_7": chunk(b"pHYs", struct.pack(">IIB", 11811, 11811, 7)),
+    }
+    for name, extra in bad_meta.items():
+        src = ref_png(a, bits, extra=extra)
+        img, info = read_image(src)
+        assert info.xmp is None and info.dpi is None, name
+        assert np.array_equal(as_int(img, bits), a), name
+        assert read_image(write_image(None, img, info))[1] == info, name
+    # a damaged first packet does not hide a good second one; the first good one wins
+    img, info = read_image(ref_png(a, bits, extra=bad_meta["xmp_not_utf8"] + _itxt(XMP) + _itxt(b"<second/>")))
+    assert info.xmp == XMP
+    # a compressed iTXt within the limit is read; other iTXt keywords are not XMP
+    assert read_image(ref_png(a, bits, extra=_itxt(zlib.compress(XMP), compressed=True)))[1].xmp == XMP
+    assert read_image(ref_png(a, bits, extra=_itxt(XMP, keyword=b"Comment")))[1].xmp is None
+
+
+def test_malformed_tiff_resolution_and_xmp_are_ignored(monkeypatch):
+    a = rand((4, 5, 3))
+    good = tiff_meta(a)
+    unit_entry = struct.pack("<HHIHH", 296, 3, 1, 2, 0)  # ResolutionUnit SHORT 1 = inch
+    assert good.count(unit_entry) == 1 and good.count(struct.pack("<II", 300, 1)) == 2
+    bad_dpi = {
+        "zero_denominator": good.replace(struct.pack("<II", 300, 1), struct.pack("<II", 300, 0)),
+        "zero": good.replace(struct.pack("<II", 300, 1), struct.pack("<II", 0, 1)),
+        "unknown_unit": good.replace(unit_entry, struct.pack("<HHIHH", 296, 3, 1, 9, 0)),
+        "no_unit": good.replace(unit_entry, struct.pack("<HHIHH", 296, 3, 1, 1, 0)),
+    }
+    for name, src in bad_dpi.items():
+        img, info = read_image(src)
+        assert info.dpi is None and info.xmp == XMP, name
+    _, info = read_image(tiff_meta(a, xmp=b"\xff\xfe\x00\x01" * 10))
+    assert info.xmp is None and info.dpi == (300.0, 300.0)
+    # tag 700 over the limit: ignored without being decoded
+    from kpac_cli.images import metadata
+
+    src = tiff_meta(a, xmp=XMP)
+    assert read_image(src)[1].xmp == XMP
+    monkeypatch.setattr(metadata, "MAX_XMP", len(XMP) - 1)
+    assert read_image(src)[1].xmp is None
+
+
+def test_damaged_metadata_never_fails_a_read():
+    """Random bytes in the pHYs / iTXt payloads (with valid CRCs), in the JPEG XMP and JFIF
+    density and in the TIFF resolution and XMP values: the pixels always read, metadata is
+    whatever survived the checks."""
+    rng = np.random.default_rng(99)
+    a = rand((4, 5, 3))
+    phys = struct.pack(">IIB", 11811, 11811, 1)
+    itxt = b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + XMP
+    jpg = pil_bytes(Image.fromarray(a), "JPEG", xmp=XMP, dpi=(300, 300))
+    tif = tiff_meta(a)
+    spans = {  # (file, start, end) of the bytes to damage
+        "jpeg_xmp": (jpg, jpg.index(b"http://ns.adobe.com/xap"), jpg.index(b"http://ns.adobe.com/xap") + 29 + len(XMP)),
+        "jpeg_jfif": (jpg, jpg.index(b"JFIF\x00") + 7, jpg.index(b"JFIF\x00") + 12),
+        "tiff_xmp": (tif, tif.index(XMP), tif.index(XMP) + len(XMP)),
+        "tiff_resolution": (tif, tif.index(struct.pack("<II", 300, 1)), tif.index(struct.pack("<II", 300, 1)) + 16),
+    }
+
+    def damage(b: bytes) -> bytes:
+        b = bytearray(b)
+        for _ in range(rng.integers(1, 4)):
+            b[rng.integers(len(b))] = rng.integers(256)
+        return bytes(b)
+
+    for i in range(300):
+        cut = rng.integers(0, 2)  # sometimes also cut the payload short
+        p, t = damage(phys), damage(itxt)
+        if cut:
+            p, t = p[: rng.integers(len(p))], t[: rng.integers(len(t))]
+        img, info = read_image(ref_png(a, 8, extra=chunk(b"pHYs", p) + chunk(b"iTXt", t)))
+        assert np.array_equal(as_int(img, 8), a)
+        assert info.dpi is None or all(1 <= v <= 1e6 for v in info.dpi)
+        name = list(spans)[i % len(spans)]
+        data, start, end = spans[name]
+        mutated = data[:start] + damage(data[start:end]) + data[end:]
+        img, info = read_image(mutated)
+        assert img.shape == (4, 5, 3), name
+        write_image(None, img, info, format="png")  # whatever was kept can be written
+
+
+# ------------------------------------------------------------------------------------------
 # refusals, multi-frame, errors
 
 

@@ -30,6 +30,7 @@ import kpac_cli.images.atomic as atomic_mod
 from hostile import (
     PNG_SIGNATURE,
     bomb_png,
+    chunk,
     dual_pixel_cases,
     evil_npz,
     evil_pt,
@@ -805,6 +806,41 @@ def test_float_output_keeps_alpha_gray_and_metadata(tmp_path, models):
     assert info.bit_depth == 32 and info.channels == 4 and info.icc_profile == b"\0" * 200
     np.testing.assert_array_equal(info.alpha, rgba[..., 3] / np.float32(255))
     assert read_image(tmp_path / "out" / "gray.tif")[1].channels == 1
+
+
+def test_xmp_and_print_resolution_survive_deblur(tmp_path, models):
+    """A photographer's 300 dpi JPEG with ratings/keywords in XMP keeps both in every format;
+    damaged or oversized metadata in an input is dropped, never fatal."""
+    import zlib
+
+    import tifffile
+    from PIL import Image
+
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmp:Rating="5"/></rdf:RDF></x:xmpmeta>')
+    Image.fromarray(smooth_rgb(24, 32, 6)).save(tmp_path / "photo.jpg", xmp=xmp, dpi=(300, 300))
+    for fmt, name in (("jpeg", "photo.jpg"), ("png", "photo.png"), ("tiff", "photo.tif")):
+        res = deblur(models["single"], tmp_path / "photo.jpg", "-o", tmp_path / fmt, "--format", fmt)
+        assert res.exit_code == 0, res.stderr
+        out = tmp_path / fmt / name
+        _, info = read_image(out)
+        assert info.xmp == xmp and info.dpi == pytest.approx((300, 300), abs=0.01), fmt
+        if fmt == "tiff":  # as other programs see it
+            with tifffile.TiffFile(out) as t:
+                tags = t.pages.first.tags
+                assert tags[700].value == xmp and tags[282].value == (300, 1) and tags[296].value == 2
+        else:
+            with Image.open(out) as im:
+                assert im.info["xmp"] == xmp and im.info["dpi"] == pytest.approx((300, 300), abs=0.01)
+    # a PNG whose pHYs is cut short and whose XMP inflates to 64 MB: deblurred, metadata dropped
+    bad = png_bytes(smooth_rgb(24, 32, 7))
+    extra = (chunk(b"pHYs", b"\x00\x00\x2e\x23\x01")
+             + chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x01\x00\x00\x00" + zlib.compress(b" " * (64 << 20), 9)))
+    (tmp_path / "bad.png").write_bytes(bad[:33] + extra + bad[33:])
+    res = deblur(models["single"], tmp_path / "bad.png", "-o", tmp_path / "badout")
+    assert res.exit_code == 0, res.stderr
+    _, info = read_image(tmp_path / "badout" / "bad.png")
+    assert info.xmp is None and info.dpi is None
 
 
 def test_a_rerun_never_deblurs_its_own_outputs(tmp_path, models):

@@ -101,6 +101,13 @@ class ImageInfo:
         ``(height, width)`` of the returned array, i.e. after orientation.
     frames : int
         Frames/pages in the source (multi-page TIFF, APNG, MPO). Only the first is read.
+    xmp : bytes or None
+        The raw XMP packet (UTF-8 XML), copied verbatim except that ``tiff:Orientation`` is
+        reset to 1 when the pixels were rotated on read. See :mod:`.metadata`.
+    dpi : tuple of float or None
+        Print resolution ``(x, y)`` in pixels per inch, of the returned array (swapped when
+        the orientation swapped the axes); None when the source has none. See
+        :mod:`.metadata`.
     """
 
     path: str | None
@@ -113,6 +120,8 @@ class ImageInfo:
     orientation_applied: int
     size: tuple[int, int]
     frames: int = 1
+    xmp: bytes | None = None
+    dpi: tuple[float, float] | None = None
 
 
 def to_float(arr: np.ndarray, maxval: int | float) -> np.ndarray:

@@ -8,8 +8,11 @@ full re-serialisation (e.g. ``PIL.Image.Exif.tobytes``) would break them.
 from __future__ import annotations
 
 import struct
+import warnings
 
 import numpy as np
+
+from .metadata import dpi_from_tiff_tags
 
 EXIF_PREFIX = b"Exif\x00\x00"
 ORIENTATION_TAG = 0x0112
@@ -159,3 +162,20 @@ def descriptive_tags(exif: bytes | None) -> dict[int, str]:
         return out
     except Exception:  # best-effort metadata
         return {}
+
+
+def read_resolution(exif: bytes | None) -> tuple[float, float] | None:
+    """Print resolution (dpi pair, see :mod:`.metadata`) from IFD0's XResolution,
+    YResolution and ResolutionUnit; None when absent, aspect-only or invalid."""
+    if not exif:
+        return None
+    try:
+        from PIL import Image
+
+        ex = Image.Exif()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns about every damaged tag
+            ex.load(exif)
+        return dpi_from_tiff_tags(ex.get(0x011A), ex.get(0x011B), ex.get(0x0128))
+    except Exception:  # best-effort metadata
+        return None

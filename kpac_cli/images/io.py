@@ -9,7 +9,8 @@ Format notes
 PNG
     1/2/4/8-bit and palette images via Pillow (palette -> RGB or RGBA, low depths scaled to
     8 bits). 16-bit via :mod:`.png` (Pillow would truncate 16-bit RGB to 8 bits). A tRNS colour
-    key becomes an alpha channel. iCCP and eXIf are read and written. APNG: the default image
+    key becomes an alpha channel. iCCP, eXIf, pHYs and the XMP iTXt (``XML:com.adobe.xmp``)
+    are read and written (by :mod:`.png`, at either depth). APNG: the default image
     (what a non-animated viewer shows) is read, ``info.frames`` tells how many frames exist.
 TIFF
     tifffile: 1/2/4/8/16-bit integer (9-15-bit rescaled to 16), float (clipped to ``[0, 1]``,
@@ -18,20 +19,31 @@ TIFF
     ``info.frames`` counts the pages. CMYK, YCbCr and Lab are refused with an :class:`ImageError`
     (no colour-managed conversion is available, and a naive one would silently shift colours).
     Every compression tifffile decodes with ``imagecodecs`` (a dependency: LZW, JPEG,
-    PackBits, Deflate, ZSTD, ... as photo editors write them, 16-bit included). Written with Deflate + horizontal predictor, ICC profile and
-    the descriptive EXIF tags (Make, Model, DateTime, Artist, Copyright, Software,
-    ImageDescription) as TIFF tags; the EXIF sub-IFD is not written to TIFF.
+    PackBits, Deflate, ZSTD, ... as photo editors write them, 16-bit included). Written with
+    Deflate + horizontal predictor, ICC profile, XMP (tag 700), resolution when known
+    (XResolution, YResolution, ResolutionUnit inch) and the descriptive EXIF tags (Make, Model, DateTime,
+    Artist, Copyright, Software, ImageDescription) as TIFF tags; the EXIF sub-IFD is not
+    written to TIFF.
 JPEG
     Pillow; gray and RGB (CMYK/YCCK refused). MPO (multi-picture) reads the first picture.
-    Written 8-bit, 4:4:4 chroma, with ICC (APP2) and EXIF (APP1; dropped if over 64 KB).
+    The main XMP packet is read (extended XMP segments are not). Written 8-bit, 4:4:4
+    chroma, with ICC (APP2), EXIF (APP1; dropped if over 64 KB), XMP (APP1
+    ``http://ns.adobe.com/xap/1.0/``; dropped if over 65504 bytes, as extended XMP is not
+    written) and the resolution as JFIF density (whole dpi).
 RAW
-    :mod:`.raw` (LibRaw), developed to 16-bit RGB; written as 16-bit TIFF by default.
+    :mod:`.raw` (LibRaw), developed to 16-bit RGB; written as 16-bit TIFF by default. No
+    metadata is read (no ICC, EXIF, XMP or resolution).
 Others
     GIF, BMP, WebP, HEIF, JPEG 2000, ... are refused with an :class:`ImageError` naming the
     detected format.
 
+XMP (``info.xmp``, the raw packet) and the print resolution (``info.dpi``, pixels per inch;
+from the format's own field, else from EXIF's XResolution) are carried across formats; see
+:mod:`.metadata` for the conventions and the limits that make bad values ignored, not fatal.
+
 EXIF orientation is applied to the pixels on read (``info.orientation_applied``) and the
-Orientation tag of the kept EXIF is reset to 1, so outputs display the same way.
+Orientation tag of the kept EXIF (and ``tiff:Orientation`` of the kept XMP) is reset to 1,
+so outputs display the same way; the dpi pair is swapped with the axes.
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ from typing import BinaryIO
 import numpy as np
 
 from . import exif as exif_mod
+from . import metadata as meta
 from . import png as png_mod
 from .atomic import atomic_write_bytes
 from .base import (
@@ -234,8 +247,9 @@ def _decode_error(name, what: str, exc: Exception) -> ImageError:
 
 
 # --------------------------------------------------------------------------------------------
-# per-format readers: return (int or float array H x W x C, bit_depth, channels, icc, exif,
-# orientation, frames); C includes alpha as the last channel when channels is 2 or 4.
+# per-format readers: return (int or float array H x W x C, bit_depth, icc, exif, orientation,
+# frames, xmp, dpi); C includes alpha as the last channel when it is 2 or 4. xmp and dpi are
+# already checked (see .metadata); dpi is as stored, before orientation is applied.
 
 
 def _read_png(src: _Src, max_pixels):
@@ -249,7 +263,7 @@ def _read_png(src: _Src, max_pixels):
     else:
         arr = _pillow_png(src, png)
         depth = 8
-    return arr, depth, icc, exif, exif_mod.read_orientation(exif), png.frames
+    return arr, depth, icc, exif, exif_mod.read_orientation(exif), png.frames, png.xmp, png.dpi
 
 
 def _pillow_png(src: _Src, png: png_mod.PngFile) -> np.ndarray:
@@ -257,7 +271,7 @@ def _pillow_png(src: _Src, png: png_mod.PngFile) -> np.ndarray:
 
     _allow_pillow(png.width * png.height)
     try:
-        with Image.open(src.lib_arg, formats=["PNG"]) as im:
+        with Image.open(io.BytesIO(png_mod.pixel_stream(png)), formats=["PNG"]) as im:
             im.load()
             trns = im.info.get("transparency")
             mode = im.mode
@@ -357,6 +371,8 @@ def _read_jpeg(src: _Src, max_pixels):
         frames = int(getattr(im, "n_frames", 1) or 1)
         icc = im.info.get("icc_profile") or None
         exif = exif_mod.normalize_exif(im.info.get("exif"))
+        xmp = meta.normalize_xmp(im.info.get("xmp"))  # one APP1 segment: at most 64 KB
+        dpi = _jfif_dpi(im.info)
         try:
             im.load()
             arr = np.asarray(im)
@@ -364,7 +380,22 @@ def _read_jpeg(src: _Src, max_pixels):
             raise _decode_error(src.name, "JPEG image data", exc) from None
     if arr.ndim == 2:
         arr = arr[..., None]
-    return arr, 8, icc, exif, exif_mod.read_orientation(exif), frames
+    return arr, 8, icc, exif, exif_mod.read_orientation(exif), frames, xmp, dpi
+
+
+def _jfif_dpi(info: dict) -> tuple[float, float] | None:
+    """dpi from the JFIF APP0 density (Pillow's ``jfif_unit`` / ``jfif_density``); None for
+    unit 0 (aspect ratio only). Pillow's own ``info["dpi"]`` is not used: it says 72 dpi for
+    a JPEG that has EXIF but no resolution in it."""
+    density = info.get("jfif_density")
+    unit = info.get("jfif_unit")
+    if not isinstance(density, tuple) or len(density) != 2:
+        return None
+    if unit == 1:
+        return meta.normalize_dpi(*density)
+    if unit == 2:
+        return meta.normalize_dpi(*density, 2.54)
+    return None
 
 
 def _tiff_is_raw(tif) -> bool:
@@ -419,6 +450,8 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
             orientation = orientation if 1 <= orientation <= 8 else 1
             icc = tags[34675].value if 34675 in tags else None
             icc = bytes(icc) if isinstance(icc, (bytes, bytearray)) and icc else None
+            xmp = _tiff_xmp(tags)
+            dpi = meta.dpi_from_tiff_tags(*(tags[t].value if t in tags else None for t in (282, 283, 296)))
             has_exif = any(t in tags for t in (34665, 34853, *exif_mod.DESCRIPTIVE_TAGS))
             extrasamples = tuple(int(e) for e in (page.extrasamples or ()))
             colormap = page.colormap if photometric == P.PALETTE else None  # before the file closes
@@ -456,7 +489,17 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
     exif = None
     if has_exif:
         exif = _tiff_exif(src)
-    return arr, depth, icc, exif, orientation, frames
+    return arr, depth, icc, exif, orientation, frames, xmp, dpi
+
+
+def _tiff_xmp(tags) -> bytes | None:
+    """Tag 700 (XMLPacket), BYTE/UNDEFINED (or ASCII, as some tools write it); size checked
+    before the value is touched."""
+    tag = tags.get(700)
+    if tag is None or tag.valuebytecount > meta.MAX_XMP:
+        return None
+    value = tag.value
+    return meta.normalize_xmp(value) if isinstance(value, (bytes, str)) else None
 
 
 def _tiff_normalize(src: _Src, arr: np.ndarray, bps) -> tuple[np.ndarray, int]:
@@ -536,15 +579,17 @@ def _dispatch(src: _Src, fmt: str, max_pixels, raw_options):
         if res is not None:
             return fmt, res
     arr, orientation = read_raw(src.raw_arg, src.name, max_pixels=max_pixels, options=raw_options)
-    return "raw", (arr, 16, None, None, orientation, 1)  # LibRaw has already rotated the pixels
+    return "raw", (arr, 16, None, None, orientation, 1, None, None)  # LibRaw has already rotated the pixels
 
 
 def _decode(source, max_pixels, raw_options):
     """The decoding step :func:`read_image` and :func:`read_image_codes` share.
 
-    Returns ``(src, format, arr, bit_depth, icc, exif, orientation, frames)`` with ``arr``
-    ``H x W x C`` as the format reader gave it (uint8 / uint16 codes, or float32 in [0, 1] for
-    float and 9-15-bit TIFF; alpha last when C is 2 or 4), EXIF orientation applied.
+    Returns ``(src, format, arr, bit_depth, icc, exif, orientation, frames, xmp, dpi)`` with
+    ``arr`` ``H x W x C`` as the format reader gave it (uint8 / uint16 codes, or float32 in
+    [0, 1] for float and 9-15-bit TIFF; alpha last when C is 2 or 4), EXIF orientation applied
+    (to the pixels, the EXIF and XMP orientation, and the dpi pair). ``dpi`` falls back to
+    EXIF's XResolution / YResolution when the format's own field has none.
     """
     src = _Src(source)
     fmt = _sniff(src)
@@ -557,12 +602,19 @@ def _decode(source, max_pixels, raw_options):
         raise ImageError(src.name, "out of memory while decoding") from None
     except Exception as exc:  # any other library failure on bad data is a bad-image error
         raise _decode_error(src.name, fmt.upper(), exc) from None
-    fmt, (arr, depth, icc, exif, orientation, frames) = res
+    fmt, (arr, depth, icc, exif, orientation, frames, xmp, dpi) = res
+    if dpi is None:
+        dpi = exif_mod.read_resolution(exif)
     if fmt != "raw":
         arr = exif_mod.apply_orientation(arr, orientation)
-        if exif is not None and orientation != 1:
-            exif = exif_mod.reset_orientation(exif)
-    return src, fmt, arr, depth, icc, exif, orientation, frames
+        if orientation != 1:
+            if exif is not None:
+                exif = exif_mod.reset_orientation(exif)
+            if xmp is not None:
+                xmp = meta.reset_xmp_orientation(xmp)
+            if dpi is not None and orientation in (5, 6, 7, 8):  # axes swapped
+                dpi = (dpi[1], dpi[0])
+    return src, fmt, arr, depth, icc, exif, orientation, frames, xmp, dpi
 
 
 def _color(arr: np.ndarray) -> np.ndarray:
@@ -601,7 +653,8 @@ def read_image(
         ``k / (2**bit_depth - 1)`` for integer sources. Gray is replicated to three
         channels; alpha is split off into ``info.alpha``; EXIF orientation is applied.
     info : ImageInfo
-        Source format, bit depth, channels, alpha, ICC profile, EXIF, orientation, size.
+        Source format, bit depth, channels, alpha, ICC profile, EXIF, XMP, print resolution,
+        orientation, size.
 
     Raises
     ------
@@ -609,7 +662,7 @@ def read_image(
         Missing/empty/unreadable file, unsupported or corrupt content, too many pixels.
         The message is one line and names the file.
     """
-    src, fmt, arr, depth, icc, exif, orientation, frames = _decode(source, max_pixels, raw_options)
+    src, fmt, arr, depth, icc, exif, orientation, frames, xmp, dpi = _decode(source, max_pixels, raw_options)
     channels = int(arr.shape[2])
     if arr.dtype.kind == "f":  # float TIFF / rescaled 9-15-bit: already in [0, 1]
         f = np.ascontiguousarray(arr, dtype=np.float32)
@@ -630,6 +683,8 @@ def read_image(
         orientation_applied=orientation,
         size=(int(f.shape[0]), int(f.shape[1])),
         frames=frames,
+        xmp=xmp,
+        dpi=dpi,
     )
     return f, info
 
@@ -673,7 +728,7 @@ def read_image_codes(
     """
     if bit_depth not in (None, 8, 16):
         raise ValueError(f"bit_depth must be None, 8 or 16; got {bit_depth!r}")
-    _src, _fmt, arr, depth, _icc, _exif, _orientation, _frames = _decode(source, max_pixels, raw_options)
+    _src, _fmt, arr, depth, *_meta = _decode(source, max_pixels, raw_options)
     arr = _color(arr)
     if arr.dtype.kind == "f":
         arr, depth = quantize(arr, 16), 16
@@ -836,8 +891,8 @@ def write_image(
     info : ImageInfo
         From :func:`read_image`. Gray sources (1 or 2 channels) are written gray (the mean of
         the three channels); ``info.alpha`` is re-attached when the format has alpha (PNG,
-        TIFF; JPEG drops it) and must be ``H x W``; ICC and EXIF are copied where the format
-        allows (see the module notes).
+        TIFF; JPEG drops it) and must be ``H x W``; ICC, EXIF, XMP and the print resolution
+        are copied where the format allows (see the module notes).
     format : {'png', 'tiff', 'jpeg'}, optional
         Default: from the path's extension when it is one of png/tif/tiff/jpg/jpeg, else the
         source format (RAW -> TIFF).
@@ -908,17 +963,37 @@ def write_image(
     return None
 
 
+#: The most XMP one JPEG APP1 segment holds: 65535 - 2 (length) - 29 (namespace) bytes.
+#: Longer packets would need "extended XMP" (several segments), which Pillow does not write.
+_JPEG_MAX_XMP = 65504
+
+
 def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int) -> bytes:
     """Encode integer (or float32 for depth 32) H x W x C to file bytes."""
     exif = exif_mod.normalize_exif(info.exif)
     icc = info.icc_profile or None
+    xmp = meta.normalize_xmp(info.xmp)
+    dpi = None if info.dpi is None else meta.normalize_dpi(*info.dpi)  # same rules as on read
     if fmt == "png":
         if depth == 16:
-            return png_mod.encode16(arr, icc_profile=icc, exif=exif)
-        return _pillow_save(arr, "PNG", icc=icc, exif=exif, compress_level=6)
+            return png_mod.encode16(arr, icc_profile=icc, exif=exif, xmp=xmp, dpi=dpi)
+        opts = {}
+        if xmp is not None:
+            from PIL.PngImagePlugin import PngInfo
+
+            opts["pnginfo"] = PngInfo()
+            opts["pnginfo"].add_itxt(png_mod.XMP_KEYWORD, xmp)
+        if dpi is not None:
+            opts["dpi"] = dpi
+        return _pillow_save(arr, "PNG", icc=icc, exif=exif, compress_level=6, **opts)
     if fmt == "jpeg":
-        return _pillow_save(arr, "JPEG", icc=icc, exif=exif, quality=int(quality), subsampling=0)
-    return _encode_tiff(arr, depth, icc, exif)
+        opts = {}
+        if xmp is not None and len(xmp) <= _JPEG_MAX_XMP:
+            opts["xmp"] = xmp
+        if dpi is not None and all(round(v) <= 65535 for v in dpi):
+            opts["dpi"] = dpi  # Pillow rounds to whole dpi for the JFIF density
+        return _pillow_save(arr, "JPEG", icc=icc, exif=exif, quality=int(quality), subsampling=0, **opts)
+    return _encode_tiff(arr, depth, icc, exif, xmp, dpi)
 
 
 def _pillow_save(arr: np.ndarray, fmt: str, *, icc, exif, **opts) -> bytes:
@@ -942,7 +1017,7 @@ def _pillow_save(arr: np.ndarray, fmt: str, *, icc, exif, **opts) -> bytes:
     return buf.getvalue()
 
 
-def _encode_tiff(arr: np.ndarray, depth: int, icc, exif) -> bytes:
+def _encode_tiff(arr: np.ndarray, depth: int, icc, exif, xmp, dpi) -> bytes:
     import tifffile
 
     channels = arr.shape[2]
@@ -950,6 +1025,9 @@ def _encode_tiff(arr: np.ndarray, depth: int, icc, exif) -> bytes:
     tags = exif_mod.descriptive_tags(exif)
     description = tags.pop(270, None)
     extratags = [(code, "s", 0, value, True) for code, value in sorted(tags.items())]
+    if xmp:
+        extratags.append((700, "B", len(xmp), xmp, True))  # XMLPacket
+    resolution = {} if dpi is None else {"resolution": tuple(dpi), "resolutionunit": "INCH"}
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tifffile warns about harmless tag choices
@@ -965,5 +1043,6 @@ def _encode_tiff(arr: np.ndarray, depth: int, icc, exif) -> bytes:
             software=False,
             metadata=None,
             extratags=extratags,
+            **resolution,
         )
     return buf.getvalue()

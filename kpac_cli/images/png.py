@@ -3,8 +3,9 @@
 Why this exists: Pillow (and therefore imageio's default PNG plugin) reads 16-bit RGB/RGBA
 PNGs as 8-bit (it keeps only the high byte) and cannot write them at all. This module
 
-* parses the chunk structure itself (IHDR, iCCP, eXIf, tRNS, acTL, IDAT; CRCs checked), so
-  the size is known and checked before any pixel memory is allocated;
+* parses the chunk structure itself (IHDR, PLTE, iCCP, eXIf, iTXt XMP, pHYs, tRNS, acTL, IDAT;
+  CRCs checked), so the size is known and checked before any pixel memory is allocated, and
+  metadata is read here, with its own limits, for every depth;
 * decodes 16-bit IDAT data with Pillow's own C zlib+unfilter decoder (the ``"zip"`` decoder
   behind ``Image.frombytes``), run twice with big- and little-endian 16-bit raw modes: each
   run unfilters with the true 6- or 8-byte pixel stride and keeps one byte of every sample
@@ -12,9 +13,12 @@ PNGs as 8-bit (it keeps only the high byte) and cannot write them at all. This m
   Adam7 interlacing is handled by the same decoder;
 * encodes 16-bit PNG with NumPy-vectorised per-row adaptive filtering (None/Sub/Up/Average/
   Paeth chosen by minimum sum of absolute differences, as libpng does) and ``zlib``,
-  with iCCP and eXIf chunks.
+  with iCCP, eXIf, pHYs and iTXt (XMP) chunks, byte for byte the chunks Pillow writes for
+  8-bit PNG (``icc_profile=``, ``exif=``, ``dpi=``, ``PngInfo.add_itxt``).
 
-8-bit and lower depths and palette images are decoded by Pillow (see :mod:`.io`).
+8-bit and lower depths and palette images are decoded by Pillow (see :mod:`.io`), from
+:func:`pixel_stream`: only the chunks that define the pixels, so that metadata Pillow would
+reject (a text chunk over its 1 MB limit, a damaged pHYs) cannot fail the decode.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from typing import BinaryIO
 
 import numpy as np
 
+from . import metadata as meta
 from .base import ImageError
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_CHUNK = (1 << 31) - 1
 _MAX_ICC = 64 << 20  # decompressed iCCP limit: a real profile is < 1 MB; stops zlib bombs
+XMP_KEYWORD = b"XML:com.adobe.xmp"  # the iTXt keyword of the XMP packet (XMP spec, part 3)
 _IDAT_PIECE = 1 << 23
 _VALID_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
@@ -48,7 +54,10 @@ class PngFile:
     interlace: int
     icc_profile: bytes | None = None
     exif: bytes | None = None  # eXIf payload (TIFF data, no "Exif\0\0" prefix)
+    xmp: bytes | None = None  # iTXt "XML:com.adobe.xmp" text (see .metadata)
+    dpi: tuple[float, float] | None = None  # from pHYs in pixels per metre (see .metadata)
     trns: bytes | None = None
+    plte: bytes | None = None
     frames: int = 1
     idat: list[bytes] = field(default_factory=list)
 
@@ -109,8 +118,14 @@ def parse(fh: BinaryIO, name, *, max_pixels: int | None, header_only: bool = Fal
             png.icc_profile = _iccp(data)
         elif ctype == b"eXIf" and png.exif is None:
             png.exif = bytes(data) or None
+        elif ctype == b"iTXt" and png.xmp is None and data.startswith(XMP_KEYWORD + b"\x00"):
+            png.xmp = _itxt_text(data)
+        elif ctype == b"pHYs" and png.dpi is None:
+            png.dpi = _phys(data)
         elif ctype == b"tRNS":
             png.trns = bytes(data)
+        elif ctype == b"PLTE" and png.plte is None:
+            png.plte = bytes(data)
         elif ctype == b"acTL" and len(data) == 8:
             png.frames = max(1, struct.unpack(">I", data[:4])[0])
     if png is None:
@@ -150,6 +165,49 @@ def _iccp(data: bytes) -> bytes | None:
         return out or None
     except zlib.error:
         return None
+
+
+def _itxt_text(data: bytes) -> bytes | None:
+    # keyword NUL flag method language NUL translated-keyword NUL text; flag 1 = zlib.
+    # A damaged or oversized packet is dropped, not fatal.
+    parts = data.split(b"\x00", 1)[1]
+    if len(parts) < 2 or parts[0] not in (0, 1) or parts[1] != 0:
+        return None
+    compressed = parts[0] == 1
+    pieces = parts[2:].split(b"\x00", 2)
+    if len(pieces) != 3:
+        return None
+    text = pieces[2]
+    if compressed:
+        try:
+            d = zlib.decompressobj()
+            text = d.decompress(text, meta.MAX_XMP + 1)
+        except zlib.error:
+            return None
+    return meta.normalize_xmp(text)
+
+
+def _phys(data: bytes) -> tuple[float, float] | None:
+    # pixels per unit X, Y (uint32) and unit (1 = metre; 0 = aspect ratio only)
+    if len(data) != 9 or data[8] != 1:
+        return None
+    x, y = struct.unpack(">II", data[:8])
+    return meta.normalize_dpi(x, y, meta.PNG_DPI_PER_PPM)
+
+
+def pixel_stream(png: PngFile) -> bytes:
+    """A PNG holding only what defines ``png``'s pixels (IHDR, PLTE, tRNS, IDAT, IEND), for
+    Pillow's decoder. IHDR is rebuilt from the parsed fields, the IDAT data are as read."""
+    head = struct.pack(">IIBBBBB", png.width, png.height, png.bit_depth, png.color_type, 0, 0, png.interlace)
+    parts = [SIGNATURE, _chunk(b"IHDR", head)]
+    if png.plte is not None:
+        parts.append(_chunk(b"PLTE", png.plte))
+    if png.trns is not None:
+        parts.append(_chunk(b"tRNS", png.trns))
+    for data in png.idat:  # not _chunk(): no extra copy of the (large) image data
+        parts += [struct.pack(">I4s", len(data), b"IDAT"), data, struct.pack(">I", zlib.crc32(data, zlib.crc32(b"IDAT")))]
+    parts.append(_chunk(b"IEND", b""))
+    return b"".join(parts)
 
 
 def check_idat_size(png: PngFile, name) -> None:
@@ -243,11 +301,29 @@ def _chunk(ctype: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + ctype + data + struct.pack(">I", zlib.crc32(ctype + data))
 
 
+def _metadata_chunks(xmp: bytes | None, dpi: tuple[float, float] | None) -> list[tuple[bytes, bytes]]:
+    """``(type, data)`` of the pHYs and iTXt chunks that carry ``dpi`` and ``xmp`` (see
+    :mod:`.metadata`). pHYs is in whole pixels per metre, rounded half up as Pillow's
+    ``dpi=`` does (omitted when a value would be 0 or over 2**31 - 1); the XMP iTXt is
+    uncompressed with empty language and translated keyword, as Pillow's ``add_itxt`` and
+    Adobe write it (packet scanners find it)."""
+    chunks = []
+    if dpi is not None:
+        ppm = [int(v / meta.PNG_DPI_PER_PPM + 0.5) for v in dpi]
+        if all(1 <= v <= _MAX_CHUNK for v in ppm):
+            chunks.append((b"pHYs", struct.pack(">IIB", ppm[0], ppm[1], 1)))
+    if xmp:
+        chunks.append((b"iTXt", XMP_KEYWORD + b"\x00\x00\x00\x00\x00" + bytes(xmp)))
+    return chunks
+
+
 def encode16(arr: np.ndarray, *, icc_profile: bytes | None = None, exif: bytes | None = None,
+             xmp: bytes | None = None, dpi: tuple[float, float] | None = None,
              compress_level: int = 6) -> bytes:
     """Encode ``uint16`` H x W x C (C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA) as a 16-bit PNG.
 
-    ``exif`` may carry the ``Exif\\0\\0`` prefix (it is stripped for the eXIf chunk).
+    ``exif`` may carry the ``Exif\\0\\0`` prefix (it is stripped for the eXIf chunk);
+    ``xmp`` (the packet) and ``dpi`` (pixels per inch) go in iTXt and pHYs chunks.
     """
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -264,6 +340,8 @@ def encode16(arr: np.ndarray, *, icc_profile: bytes | None = None, exif: bytes |
     if exif:
         body = exif[6:] if exif.startswith(b"Exif\x00\x00") else exif
         buf.write(_chunk(b"eXIf", body))
+    for ctype, data in _metadata_chunks(xmp, dpi):
+        buf.write(_chunk(ctype, data))
     for i in range(0, len(comp), _IDAT_PIECE):
         buf.write(_chunk(b"IDAT", comp[i : i + _IDAT_PIECE]))
     buf.write(_chunk(b"IEND", b""))
