@@ -394,7 +394,7 @@ def test_help_has_examples():
     assert res.exit_code == 0 and "Example" in res.stdout and "--save-crops" in res.stdout
 
 
-# ------------------------------------------------------------------------------------------ audit fixes
+# ------------------------------------------------------------------------------------------ outputs, options and reports
 
 
 def test_existing_report_and_crops_are_refused_without_overwrite(folders, tmp_path):

@@ -53,6 +53,12 @@ def precision_option() -> Any:
     return typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
 
 
+def given_options(ctx: typer.Context) -> set[str]:
+    """The parameters the user typed (a default typed out counts), not those left to default."""
+    return {name for name in ctx.params if ctx.get_parameter_source(name) is not None
+            and ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+
+
 def fp32_option() -> Any:
     """``--fp32``, Real-ESRGAN's shorthand, beside :func:`precision_option`."""
     return typer.Option(False, "--fp32", help="Shorthand for --precision fp32.")

@@ -20,6 +20,7 @@ from .common import (
     emit_json,
     err_console,
     fp32_option,
+    given_options,
     parse_tile,
     precision_option,
     precision_with_fp32,
@@ -471,8 +472,7 @@ def eval_command(
     _check_report_paths(reports, overwrite)
     if save_crops is not None and save_crops.exists() and not save_crops.is_dir():
         raise usage_error(f"--save-crops {save_crops} is a file; give a folder")
-    given = {name for name in ctx.params if ctx.get_parameter_source(name) is not None
-             and ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    given = given_options(ctx)
     precision = precision_with_fp32(precision, fp32)
 
     # ---- which mode

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, device_option, emit_json, err_console, print_error, show_progress, usage_error
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, device_option, emit_json, err_console, given_options, print_error, show_progress, usage_error
 
 _HELP = """Train a KPAC network: the paper's recipe by default (Adam 0.9/0.99, lr 1e-4, batch 4, 512x512 crops, L1, 200k iterations; then --stage perceptual from the L1 model).
 
@@ -266,8 +266,7 @@ def train_command(
             err_console.print(f"exported {resume} ({export_from}) -> {path}", markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_OK)
 
-    given = {name for name in ctx.params if ctx.get_parameter_source(name) is not None
-             and ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    given = given_options(ctx)
     if given & {"blend_with", "blend"}:
         raise usage_error("--blend-with and --blend apply to --export-only")
     if overwrite:
