@@ -947,6 +947,16 @@ def test_what_a_format_cannot_hold_is_said(tmp_path, models):
     assert len(note_lines) == 2 and any("rgba.png" in n and "alpha" in n for n in note_lines)
     res = deblur(models["single"], tmp_path / "rgba.png", "-o", tmp_path / "out2", "--format", "jpeg", "-q")
     assert res.exit_code == 0 and res.stderr == ""
+    # an XMP packet too large for a JPEG segment (kept in PNG and TIFF)
+    from PIL.PngImagePlugin import PngInfo
+
+    big = PngInfo()
+    big.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/">' + "k" * 70000 + "</x:xmpmeta>")
+    Image.fromarray(smooth_rgb(24, 32, 6)).save(tmp_path / "xmp.png", pnginfo=big)
+    for fmt, said in (("jpeg", True), ("tiff", False)):
+        res = deblur(models["single"], tmp_path / "xmp.png", "-o", tmp_path / f"x-{fmt}", "--format", fmt)
+        assert res.exit_code == 0, res.stderr
+        assert any(line.startswith("note:") and "XMP" in line for line in stderr_lines(res)) == said, res.stderr
 
 
 def test_deblur_file_writes_the_format_its_output_name_asks_for(tmp_path, models):

@@ -40,6 +40,7 @@ from ..images import (
     write_image,
 )
 from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
+from ..images.io import JPEG_MAX_XMP
 from .deblurrer import Deblurrer
 from .tiled import ProgressFn
 
@@ -486,6 +487,8 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
         notes.append("JPEG has no alpha channel: the transparency was dropped")
     if job.format == "jpeg" and (options.bit_depth == 16 or info.bit_depth > 8):
         notes.append("JPEG holds 8 bits: written as 8-bit")
+    if job.format == "jpeg" and info.xmp is not None and len(info.xmp) > JPEG_MAX_XMP:
+        notes.append(f"the XMP metadata ({len(info.xmp):,} bytes) is too large for a JPEG segment: dropped")
     return notes
 
 

@@ -965,7 +965,7 @@ def write_image(
 
 #: The most XMP one JPEG APP1 segment holds: 65535 - 2 (length) - 29 (namespace) bytes.
 #: Longer packets would need "extended XMP" (several segments), which Pillow does not write.
-_JPEG_MAX_XMP = 65504
+JPEG_MAX_XMP = 65504
 
 
 def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int) -> bytes:
@@ -988,7 +988,7 @@ def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int
         return _pillow_save(arr, "PNG", icc=icc, exif=exif, compress_level=6, **opts)
     if fmt == "jpeg":
         opts = {}
-        if xmp is not None and len(xmp) <= _JPEG_MAX_XMP:
+        if xmp is not None and len(xmp) <= JPEG_MAX_XMP:
             opts["xmp"] = xmp
         if dpi is not None and all(round(v) <= 65535 for v in dpi):
             opts["dpi"] = dpi  # Pillow rounds to whole dpi for the JFIF density
