@@ -519,6 +519,11 @@ def test_cli_rerun_never_maps_its_own_maps(cli, photo, tmp_path):
     # a map named on the command line is an input like any other
     res = cli(str(photos / "a_overlay.png"), "-o", str(tmp_path / "o"), "-q")
     assert res.exit_code == 0 and (tmp_path / "o" / "a_overlay_blurmap.png").exists()
+    # ... and is never written over, even with --overwrite
+    before = (photos / "a_blurmap.png").read_bytes()
+    res = cli(str(photos / "a.png"), str(photos / "a_blurmap.png"), "-o", str(photos), "--overwrite", "-q")
+    assert res.exit_code == 2 and "written over the input" in res.output
+    assert (photos / "a_blurmap.png").read_bytes() == before
 
 
 def test_cli_eval_masks_scores_and_summary(cli, tmp_path):

@@ -1302,3 +1302,12 @@ def test_pixel4_dual_pixel_sample(shared_dir):
     views, center, info = read_dual_pixel(t)
     assert views.shape == (1512, 2016, 6) and info.bit_depth == 16 and info.channels == 1
     assert np.array_equal(views[..., 0], views[..., 2])
+
+
+def test_srgb_curve_round_trips_and_extends_beyond_the_unit_range():
+    from kpac_cli.images import srgb_decode, srgb_encode
+
+    v = np.linspace(-0.2, 1.5, 10001, dtype=np.float32)
+    assert np.abs(srgb_decode(srgb_encode(v)) - v).max() < 1e-6
+    assert srgb_encode(np.float32(0.5)) == pytest.approx(0.735357, abs=1e-6)  # IEC 61966-2-1
+    assert srgb_decode(np.float32(1.2)) > 1 and srgb_decode(np.float32(-0.1)) < 0  # float outputs keep their range

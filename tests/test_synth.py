@@ -535,6 +535,7 @@ def test_cli_synth_overwrite_clears_an_interrupted_run_but_never_foreign_files(r
     res = runner.invoke(app, ["synth", str(a), "--count", "3", *common])
     assert res.exit_code == 0, res.output
     (out / "synth_train.json").unlink()  # as if the run had been killed before its summary
+    (out / ".synth_train.incomplete").touch()  # ... which leaves its marker
     common += ["--count", "1"]
     res = runner.invoke(app, ["synth", str(a), *common])
     assert res.exit_code == 2 and "--overwrite" in res.stderr
@@ -548,6 +549,13 @@ def test_cli_synth_overwrite_clears_an_interrupted_run_but_never_foreign_files(r
     res = runner.invoke(app, ["synth", str(a), "--overwrite", *common])
     assert res.exit_code == 2 and "IMG_0001.png" in res.stderr and len(res.stderr.splitlines()) == 1
     assert _tree(out) == before
+    # a file merely named like a sample, with no kpac synth run to have written it: not ours
+    other = tmp_path / "other"
+    (other / "train_c" / "source").mkdir(parents=True)
+    (other / "train_c" / "source" / "00042_my_photo.png").write_bytes(b"my photo")
+    res = runner.invoke(app, ["synth", str(a), "--overwrite", "-o", str(other), "--crop", "24", "--max-radius", "3", "-q"])
+    assert res.exit_code == 2 and "00042_my_photo.png" in res.stderr
+    assert (other / "train_c" / "source" / "00042_my_photo.png").read_bytes() == b"my photo"
 
 
 def test_write_dataset_refuses_to_mix_datasets(tmp_path):

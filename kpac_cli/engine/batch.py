@@ -277,15 +277,15 @@ def _check_inputs_kept(jobs: list[Job]) -> None:
     inputs = {}
     for job in jobs:
         if isinstance(job.source, Path):
-            inputs[_identity(job.source)] = job.input_label
+            inputs[file_identity(job.source)] = job.input_label
     for job in jobs:
         for dst in ([job.output] if job.output is not None else []) + list(job.companions.values()):
-            owner = inputs.get(_identity(dst))
+            owner = inputs.get(file_identity(dst))
             if owner is not None and owner != job.input_label:
                 raise PlanError(f"{job.input_label} would be written over the input {owner}; use --suffix or another output folder")
 
 
-def _identity(path: Path) -> Path:
+def file_identity(path: Path) -> Path:
     """One key per file, whatever the spelling (symbolic links resolved)."""
     try:
         return path.resolve()

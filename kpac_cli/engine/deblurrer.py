@@ -82,7 +82,9 @@ class EngineOptions:
     ensemble: int = 1
 
     def __post_init__(self) -> None:
-        if not (self.tile in (None, "auto", "0", "none", "whole") or str(self.tile).isdigit()):
+        size = self.tile if isinstance(self.tile, (int, float)) else None
+        if not (self.tile in (None, "auto", "0", "none", "whole") or str(self.tile).isdigit()
+                or (size is not None and float(size).is_integer() and size >= 0)):
             raise ValueError(f"tile must be 'auto', a size in pixels, or 0 / None for the whole image; got {self.tile!r}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
@@ -341,10 +343,9 @@ def _checked_pixels(image: Any, what: str) -> np.ndarray:
         raise ValueError(f"{what} must be a float array in [0, 1]; got dtype {arr.dtype}{hint}")
     if arr.ndim < 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"{what} is empty (shape {arr.shape})")
-    finite = np.isfinite(arr)
-    if not finite.all():
-        raise ValueError(f"{what} has {int(arr.size - finite.sum())} non-finite values (NaN or inf)")
-    lo, hi = float(arr.min()), float(arr.max())
+    lo, hi = float(arr.min()), float(arr.max())  # NaN or inf anywhere shows here, without a mask the image's size
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{what} has {int(arr.size - np.isfinite(arr).sum())} non-finite values (NaN or inf)")
     if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
         hint = " (0-255 data? divide by 255)" if 1.5 < hi <= 255 else ""
         raise ValueError(f"{what} values must be in [0, 1] (within {_RANGE_SLACK}); got {lo:.4g} to {hi:.4g}{hint}")

@@ -139,15 +139,16 @@ def luma(rgb: np.ndarray) -> np.ndarray:
 
 def srgb_encode(linear: np.ndarray) -> np.ndarray:
     """Linear light in ``[0, 1]`` -> the sRGB tone curve (IEC 61966-2-1: slope 12.92 below
-    0.0031308, else ``1.055 v^(1/2.4) - 0.055``), the curve LibRaw develops RAW files with."""
-    v = np.clip(linear, 0.0, 1.0)
-    return np.where(v <= 0.0031308, 12.92 * v, 1.055 * np.power(v, 1 / 2.4) - 0.055).astype(np.float32)
+    0.0031308, else ``1.055 v^(1/2.4) - 0.055``), the curve LibRaw develops RAW files with.
+    Not clipped: below 0 the linear segment goes on, above 1 the power law."""
+    v = np.asarray(linear, dtype=np.float32)
+    return np.where(v <= 0.0031308, 12.92 * v, 1.055 * np.power(np.maximum(v, 0.0031308), 1 / 2.4) - 0.055).astype(np.float32)
 
 
 def srgb_decode(encoded: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`srgb_encode`: sRGB-encoded ``[0, 1]`` -> linear light."""
-    v = np.clip(encoded, 0.0, 1.0)
-    return np.where(v <= 0.04045, v / 12.92, np.power((v + 0.055) / 1.055, 2.4)).astype(np.float32)
+    """The inverse of :func:`srgb_encode` (also unclipped, so a float output keeps its range)."""
+    v = np.asarray(encoded, dtype=np.float32)
+    return np.where(v <= 0.04045, v / 12.92, np.power((np.maximum(v, 0.04045) + 0.055) / 1.055, 2.4)).astype(np.float32)
 
 
 def quantize(img: np.ndarray, bit_depth: int) -> np.ndarray:

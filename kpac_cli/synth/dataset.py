@@ -39,6 +39,12 @@ def manifest_name(split: str) -> str:
     return f"synth_{split}.json"
 
 
+def _in_progress_name(split: str) -> str:
+    """Present from the first sample until the manifest is written: a run killed between
+    them leaves it, so its samples are still known as kpac's."""
+    return f".synth_{split}.incomplete"
+
+
 # How write_dataset names a sample's files: its index (5 digits or more), "_", the source's name.
 _SAMPLE_FILE = re.compile(r"^\d{5,}_.+\.(png|tiff)$")
 
@@ -62,6 +68,7 @@ def existing_files(out_dir: str | Path, split: str = "train") -> tuple[list[str]
             listed = {str(f) for f in json.loads(manifest.read_text(encoding="utf-8")).get("files", [])}
         except (OSError, ValueError, AttributeError):
             pass  # unreadable: its samples are still known by their names
+    known = manifest.is_file() or (out_dir / _in_progress_name(split)).is_file()
     others: list[str] = []
     for d in dataset_dirs(split, True).values():
         folder = out_dir / d
@@ -71,7 +78,9 @@ def existing_files(out_dir: str | Path, split: str = "train") -> tuple[list[str]
             if entry.name.startswith("."):
                 continue
             rel = f"{d}/{entry.name}"
-            ours = entry.is_file() and (rel in listed or _SAMPLE_FILE.match(entry.name) is not None)
+            # named like a sample: ours only beside our manifest or our in-progress marker (a
+            # killed run); without either it may be anybody's file, never to be deleted
+            ours = entry.is_file() and (rel in listed or (known and _SAMPLE_FILE.match(entry.name) is not None))
             (previous if ours else others).append(rel)
     return previous, others
 
@@ -227,6 +236,7 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
                 cleanup_stale_temps(out_dir / d)  # left by a killed run
     for d in dirs.values():
         (out_dir / d).mkdir(parents=True, exist_ok=True)
+    (out_dir / _in_progress_name(split)).touch()
     ext = ".png"
     width = max(5, len(str(max(count - 1, 0))))
     margin = int(math.ceil(settings.max_radius)) + 1
@@ -310,6 +320,7 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
     from ..images import atomic_write_bytes
 
     atomic_write_bytes(out_dir / manifest_name(split), text.encode("utf-8"))
+    (out_dir / _in_progress_name(split)).unlink(missing_ok=True)
     if previous:  # only now: until the new dataset is complete, the old one stays whole where not rewritten
         _remove_stale(out_dir, previous, {*summary["files"], manifest_name(split)}, dirs, split)
     summary["out_dir"] = str(out_dir)
