@@ -10,6 +10,7 @@ that are malicious or broken. Interruptions and concurrent runs are in ``test_si
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import re
@@ -856,6 +857,11 @@ def test_a_rerun_never_deblurs_its_own_outputs(tmp_path, models):
         res = deblur(models["single"], photos, "-o", photos, "--suffix", "_s", *extra)
         assert res.exit_code == 0, res.stderr
     assert sorted(p.name for p in photos.glob("*.png")) == ["a.png", "a_s.png", "b.png", "b_s.png"]
+    # ... also when the earlier outputs are in another format than this run's
+    res = deblur(models["single"], photos, "-o", photos, "--suffix", "_s", "--format", "tiff", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert sorted(Path(r["input"]).name for r in map(json.loads, res.stdout.splitlines())) == ["a.png", "b.png"]
+    assert sorted(p.name for p in photos.glob("*_s.*")) == ["a_s.png", "a_s.tif", "b_s.png", "b_s.tif"]
 
 
 def test_an_output_never_replaces_another_input(tmp_path, models):
@@ -928,8 +934,6 @@ def test_contradicting_options_are_usage_errors(tmp_path, models):
 
 
 def test_what_a_format_cannot_hold_is_said(tmp_path, models):
-    import json
-
     from PIL import Image
 
     rgba = np.dstack([smooth_rgb(24, 32, 3), np.full((24, 32), 128, np.uint8)])

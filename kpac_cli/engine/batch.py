@@ -260,10 +260,17 @@ def plan_single(
     # output with --suffix. Without a suffix an output's name is a photo's plain name
     # (a.tif -> a.jpg with --format jpeg): such a file stays an input, and the clash is
     # refused below rather than guessed. Files named on the command line are always inputs.
+    # With a suffix, an earlier run's output in another format counts too (a_s.jpg, then a
+    # run with --format png writing a_s.png): outputs are matched by name without extension.
     named = {Path(os.path.abspath(i)) for i in inputs if not Path(i).is_dir()}
     derived = {Path(os.path.abspath(p)): i for i, j in enumerate(jobs)
-               for p in ([j.output] if options.suffix else []) + list(j.companions.values())}
-    keep = [derived.get(key, i) == i or key in named for i, key in enumerate(Path(os.path.abspath(src)) for src, _ in files)]
+               for p in ([j.output.with_suffix("")] if options.suffix else []) + list(j.companions.values())}
+
+    def writer_of(src: Path, i: int) -> int:
+        key = Path(os.path.abspath(src))
+        return derived.get(key, derived.get(key.with_suffix(""), i) if options.suffix else i)
+
+    keep = [writer_of(src, i) == i or Path(os.path.abspath(src)) in named for i, (src, _) in enumerate(files)]
     jobs = [j for j, k in zip(jobs, keep) if k]
     if not jobs:
         raise PlanError("no images found in the inputs (only outputs of this command)")
