@@ -73,6 +73,11 @@ class Job:
     format: str = "png"  # png | tiff | jpeg: what is written, decided when planning
     companions: dict[str, Path] = field(default_factory=dict)  # kind -> path beside the output
 
+    @property
+    def destinations(self) -> list[Path]:
+        """Every file the job writes: its output (none for stdout) and its companions."""
+        return ([self.output] if self.output is not None else []) + list(self.companions.values())
+
 
 @dataclass
 class JobResult:
@@ -197,7 +202,7 @@ def _check_claims(jobs: list[Job]) -> None:
     """No two jobs write one file (outputs and companions alike)."""
     claimed: dict[Path, str] = {}
     for job in jobs:
-        for dst in ([job.output] if job.output is not None else []) + list(job.companions.values()):
+        for dst in job.destinations:
             key = Path(os.path.abspath(dst))
             if key in claimed:
                 raise PlanError(f"{job.input_label} and {claimed[key]} would both be written to {dst}; give them separate output folders or rename one")
@@ -286,7 +291,7 @@ def _check_inputs_kept(jobs: list[Job]) -> None:
         if isinstance(job.source, Path):
             inputs[file_identity(job.source)] = job.input_label
     for job in jobs:
-        for dst in ([job.output] if job.output is not None else []) + list(job.companions.values()):
+        for dst in job.destinations:
             owner = inputs.get(file_identity(dst))
             if owner is not None and owner != job.input_label:
                 raise PlanError(f"{job.input_label} would be written over the input {owner}; use --suffix or another output folder")
@@ -490,12 +495,13 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
     notes = []
     if info.frames > 1:
         notes.append(f"only the first of {info.frames} frames (pages) was deblurred")
-    if job.format == "jpeg" and info.alpha is not None:
-        notes.append("JPEG has no alpha channel: the transparency was dropped")
-    if job.format == "jpeg" and (options.bit_depth == 16 or info.bit_depth > 8):
-        notes.append("JPEG holds 8 bits: written as 8-bit")
-    if job.format == "jpeg" and info.xmp is not None and len(info.xmp) > JPEG_MAX_XMP:
-        notes.append(f"the XMP metadata ({len(info.xmp):,} bytes) is too large for a JPEG segment: dropped")
+    if job.format == "jpeg":
+        if info.alpha is not None:
+            notes.append("JPEG has no alpha channel: the transparency was dropped")
+        if options.bit_depth == 16 or info.bit_depth > 8:
+            notes.append("JPEG holds 8 bits: written as 8-bit")
+        if info.xmp is not None and len(info.xmp) > JPEG_MAX_XMP:
+            notes.append(f"the XMP metadata ({len(info.xmp):,} bytes) is too large for a JPEG segment: dropped")
     return notes
 
 
