@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -417,6 +418,11 @@ def test_existing_report_and_crops_are_refused_without_overwrite(folders, tmp_pa
     res = invoke(*args, "--save-crops", folders / "src", "--overwrite")
     assert res.exit_code == 2 and "input of this evaluation" in res.output
     assert invoke(*args, "--save-crops", report).exit_code == 2
+    # ... nor a file known under another name (a hard link of a target)
+    link = tmp_path / "link.md"
+    os.link(next((folders / "gt").iterdir()), link)
+    res = invoke(*args, "--report", link, "--overwrite")
+    assert res.exit_code == 2 and "input of this evaluation" in res.output
 
 
 @pytest.mark.parametrize("method", ["identity", "wiener"])

@@ -114,7 +114,7 @@ def blurmap(
     # Imported here so that `kpac --help` stays fast.
     from ..blurmap import BLUR_POLARITY, PAPER_CUHK, attention_maps
     from ..engine import Deblurrer, EngineOptions
-    from ..engine.batch import PlanError, collect_inputs, file_identity
+    from ..engine.batch import PlanError, collect_inputs, inputs_written_over
     from ..images import ImageError, pair_dual_pixel
 
     inputs = inputs or []
@@ -206,15 +206,16 @@ def blurmap(
     if not items:
         raise usage_error("no images found in the inputs (only outputs of this command)")
     claimed: dict[Path, str] = {}
-    inputs = {} if dual else {file_identity(Path(it.source)): it.label for it in items}
     for it in items:
         for p in it.outputs.values():
             if p in claimed:
                 raise usage_error(f"{it.label} and {claimed[p]} would both be written to {p}")
             claimed[p] = it.label
-            owner = inputs.get(file_identity(p))
-            if owner is not None:  # even with --overwrite: an input is never replaced
-                raise usage_error(f"{it.label}'s map would be written over the input {owner}; choose another output folder")
+    inputs = [] if dual else [(it.label, Path(it.source)) for it in items]
+    written_over = inputs_written_over([(it.label, p) for it in items for p in it.outputs.values()], inputs)
+    if written_over:  # even with --overwrite: an input is never replaced
+        writer, _, owner = written_over[0]
+        raise usage_error(f"{writer}'s map would be written over the input {owner}; choose another output folder")
 
     mask_index: dict[str, Path] = {}
     if eval_masks is not None:

@@ -694,13 +694,16 @@ def _check_crop_paths(folder: Path, items: list[Item], overwrite: bool) -> None:
 def _check_outputs_are_not_inputs(items: list[Item], reports: list[Path], save_crops: Path | None) -> None:
     """A file this run reads (prediction, input, target) is never replaced, not even with --overwrite:
     the run would destroy the data it scores."""
-    inputs = {p.resolve() for it in items for p in (it.target, it.source, it.pred, it.left, it.right) if p is not None}
+    from ..engine.batch import inputs_written_over
+
+    inputs = [(it.name, p) for it in items for p in (it.target, it.source, it.pred, it.left, it.right) if p is not None]
     outputs = [("--report", p) for p in reports]
     if save_crops is not None:
         outputs += [("--save-crops", save_crops / f"{it.name}.png") for it in items]
-    for flag, path in outputs:
-        if path.resolve() in inputs:
-            raise usage_error(f"{flag}: {path} is an input of this evaluation; write it elsewhere")
+    written_over = inputs_written_over(outputs, inputs)
+    if written_over:
+        flag, path, _ = written_over[0]
+        raise usage_error(f"{flag}: {path} is an input of this evaluation; write it elsewhere")
 
 
 def _evaluate_items(

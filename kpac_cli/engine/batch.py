@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -286,23 +286,34 @@ def plan_single(
 
 def _check_inputs_kept(jobs: list[Job]) -> None:
     """No job writes over another job's input (its own input is the preflight's to refuse)."""
-    inputs = {}
-    for job in jobs:
-        if isinstance(job.source, Path):
-            inputs[file_identity(job.source)] = job.input_label
-    for job in jobs:
-        for dst in job.destinations:
-            owner = inputs.get(file_identity(dst))
-            if owner is not None and owner != job.input_label:
-                raise PlanError(f"{job.input_label} would be written over the input {owner}; use --suffix or another output folder")
+    inputs = [(job.input_label, job.source) for job in jobs if isinstance(job.source, Path)]
+    outputs = [(job.input_label, dst) for job in jobs for dst in job.destinations]
+    for writer, _, owner in inputs_written_over(outputs, inputs):
+        if owner != writer:
+            raise PlanError(f"{writer} would be written over the input {owner}; use --suffix or another output folder")
 
 
-def file_identity(path: Path) -> Path:
-    """One key per file, whatever the spelling (symbolic links resolved)."""
+def file_identity(path: Path) -> object:
+    """One key per file, whatever the spelling: an existing file's device and inode (so
+    symbolic and hard links match), else its resolved path."""
+    try:
+        st = path.stat()
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        pass
     try:
         return path.resolve()
     except OSError:
         return Path(os.path.abspath(path))
+
+
+def inputs_written_over(outputs: Iterable[tuple[str, Path]], inputs: Iterable[tuple[str, Path]]) -> list[tuple[str, Path, str]]:
+    """Every output that is the same file as an input, as (writer, output, input's owner).
+
+    ``outputs`` and ``inputs`` are (label, path) pairs; the one check behind every command's
+    promise that an input is never replaced, not even with --overwrite."""
+    owners = {file_identity(Path(path)): label for label, path in inputs}
+    return [(writer, path, owners[key]) for writer, path in outputs if (key := file_identity(Path(path))) in owners]
 
 
 def plan_dual(left: str, right: str | None, center: str | None, output: str, options: OutputOptions, companions: tuple[str, ...] = ()) -> list[Job]:
@@ -330,21 +341,14 @@ def plan_dual(left: str, right: str | None, center: str | None, output: str, opt
     return jobs
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
 def preflight(job: Job, options: OutputOptions) -> JobResult | None:
     """Refuse or skip a job before any work: returns a result, or None to go ahead."""
     if job.output is None:
         return None
     sources = [job.source] if isinstance(job.source, Path) else ([job.source.left, job.source.right] + ([job.source.center] if job.source.center else []) if isinstance(job.source, DualPixelTriple) else [])
-    for src in sources:
-        if _same_file(src, job.output):
-            return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: output path is the input file; refusing to overwrite the original")
+    inputs = [(job.input_label, src) for src in sources]
+    if inputs_written_over([(job.input_label, job.output)], inputs):
+        return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: output path is the input file; refusing to overwrite the original")
     if job.output.is_dir():
         return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: output path is an existing directory")
     if job.output.exists() and not job.output.is_file():
@@ -356,7 +360,7 @@ def preflight(job: Job, options: OutputOptions) -> JobResult | None:
         if not options.overwrite:
             return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: exists (use --overwrite to replace it or --skip-existing to keep it)")
     for path in job.companions.values():
-        if any(_same_file(src, path) for src in sources):
+        if inputs_written_over([(job.input_label, path)], inputs):
             return JobResult(job.input_label, str(job.output), "failed", f"{path}: would be written over the input file; refusing")
         if path.exists() and not (options.overwrite or options.skip_existing):
             # checked before any work; with --skip-existing a finished companion is kept
