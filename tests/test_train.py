@@ -177,7 +177,7 @@ def test_unreadable_training_image_names_the_file(tmp_path, dpdd, cli):
     (tgt / "p03.png").write_bytes((tgt / "p03.png").read_bytes()[:200])  # truncated
     with pytest.raises(ImageError, match="p03.png"):
         train(tiny_cfg(tmp_path / "r", None, source=src, target=tgt, cache="yes", iterations=2))
-    r = CliRunner().invoke(cli, ["train", "--source", str(src), "--target", str(tgt), "--out", str(tmp_path / "r2"),
+    r = CliRunner().invoke(cli, ["train", "--source", str(src), "--target", str(tgt), "--run-dir", str(tmp_path / "r2"),
                                  "--levels", "2", "--channels", "8", "--crop", "32", "--cache", "yes", "--workers", "0"])
     assert r.exit_code == 2 and "p03.png" in r.output and "Traceback" not in r.output
 
@@ -762,13 +762,13 @@ def test_cli_train_resume_and_export(tmp_path, dpdd, cli):
     run = tmp_path / "run"
     common = ["--levels", "2", "--channels", "8", "--batch", "2", "--crop", "32", "--val-crop", "32",
               "--val-count", "2", "--workers", "0", "--no-tensorboard"]
-    r = runner.invoke(cli, ["train", "--data", str(dpdd), "--allow-count-mismatch", "--out", str(run),
+    r = runner.invoke(cli, ["train", "--data", str(dpdd), "--allow-count-mismatch", "--run-dir", str(run),
                             "--iterations", "3", "--json", *common])
     assert r.exit_code == 0, r.output
     rec = json.loads(r.stdout.strip().splitlines()[-1])
     assert rec["step"] == 3 and rec["model_path"] == str(run / "model.safetensors")
     # A finished run is not overwritten by accident.
-    r = runner.invoke(cli, ["train", "--data", str(dpdd), "--allow-count-mismatch", "--out", str(run), *common])
+    r = runner.invoke(cli, ["train", "--data", str(dpdd), "--allow-count-mismatch", "--run-dir", str(run), *common])
     assert r.exit_code == 2 and "--resume" in r.output
     # Resuming takes the stored recipe; only execution settings (and the schedules) may change.
     r = runner.invoke(cli, ["train", "--resume", str(run), "--batch", "3"])
@@ -786,7 +786,7 @@ def test_cli_train_resume_and_export(tmp_path, dpdd, cli):
 
 def test_cli_usage_errors(tmp_path, dpdd, cli):
     runner = CliRunner()
-    r = runner.invoke(cli, ["train", "--data", str(dpdd), "--out", str(tmp_path / "r"), "--levels", "2", "--channels", "8"])
+    r = runner.invoke(cli, ["train", "--data", str(dpdd), "--run-dir", str(tmp_path / "r"), "--levels", "2", "--channels", "8"])
     assert r.exit_code == 2 and "350" in r.output
     r = runner.invoke(cli, ["train", "--source", str(dpdd)])
     assert r.exit_code == 2 and "together" in r.output
@@ -811,7 +811,7 @@ def test_cli_export_only_refuses_an_existing_output(tmp_path, dpdd, cli):
 
 def test_cli_missing_synthetic_source_is_a_usage_error(tmp_path, cli):
     run = tmp_path / "run"
-    r = CliRunner().invoke(cli, ["train", "--synthetic", str(tmp_path / "no-such-folder"), "--out", str(run),
+    r = CliRunner().invoke(cli, ["train", "--synthetic", str(tmp_path / "no-such-folder"), "--run-dir", str(run),
                                  "--levels", "2", "--channels", "8", "--crop", "32", "--iterations", "2", "--workers", "0"])
     assert r.exit_code == 2 and "no such file or directory" in r.output and "no-such-folder" in r.output
     assert "Traceback" not in r.output and not run.exists()
@@ -819,7 +819,7 @@ def test_cli_missing_synthetic_source_is_a_usage_error(tmp_path, cli):
 
 def test_cli_unavailable_device_is_a_usage_error(tmp_path, cli):
     run = tmp_path / "run"
-    r = CliRunner().invoke(cli, ["train", "--procedural", "1", "--device", "cuda:99", "--out", str(run),
+    r = CliRunner().invoke(cli, ["train", "--procedural", "1", "--device", "cuda:99", "--run-dir", str(run),
                                  "--levels", "2", "--channels", "8", "--crop", "32", "--iterations", "2", "--workers", "0"])
     assert r.exit_code == 2 and "cuda:99" in r.output and not run.exists()
 
@@ -842,13 +842,13 @@ def test_cli_resume_accepts_unchanged_architecture_flags(tmp_path, dpdd, cli):
 def test_cli_help_has_an_example():
     r = subprocess.run([sys.executable, "-m", "kpac_cli", "train", "--help"], capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "COLUMNS": "200"}, timeout=120)
-    assert r.returncode == 0 and "kpac train --data DPDD --out runs/l1" in r.stdout and "--crop" in r.stdout
+    assert r.returncode == 0 and "kpac train --data DPDD --run-dir runs/l1" in r.stdout and "--crop" in r.stdout
 
 
 def test_cli_ctrl_c_saves_and_exits_130(tmp_path, dpdd):
     """A real SIGINT to the real command (with a DataLoader worker) saves last.pt and exits 130."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "kpac_cli", "train", "--data", str(dpdd), "--allow-count-mismatch", "--out", str(run),
+    cmd = [sys.executable, "-m", "kpac_cli", "train", "--data", str(dpdd), "--allow-count-mismatch", "--run-dir", str(run),
            "--levels", "2", "--channels", "8", "--batch", "1", "--crop", "32", "--iterations", "1000000", "--val-count", "0",
            "--workers", "1", "--threads", "1", "--log-every", "1", "--no-tensorboard"]
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -867,7 +867,7 @@ def test_cli_scene_augmentation_is_stored_and_may_be_switched_when_resuming(tmp_
     runner, run = CliRunner(), tmp_path / "run"
     common = ["--levels", "2", "--channels", "8", "--batch", "1", "--crop", "32", "--max-radius", "3", "--val-crop", "32",
               "--val-count", "1", "--workers", "0", "--no-tensorboard"]
-    r = runner.invoke(cli, ["train", "--procedural", "3", "--out", str(run), "--iterations", "1", "--rescale", "0.7",
+    r = runner.invoke(cli, ["train", "--procedural", "3", "--run-dir", str(run), "--iterations", "1", "--rescale", "0.7",
                             "--transpose", "--saturation", "1.5", *common])
     assert r.exit_code == 0, r.output
     stored = load_state(run / "last.pt")["train_config"]
@@ -929,7 +929,7 @@ def test_cli_bad_settings_are_usage_errors_before_the_run_folder(tmp_path, cli, 
     photos = tmp_path / "photos"
     photos.mkdir()
     write_png(photos / "a.png", np.full((64, 64, 3), 128, np.uint8))
-    r = CliRunner().invoke(cli, ["train", "--synthetic", str(photos), "--out", str(run), "--iterations", "1", "--crop", "64",
+    r = CliRunner().invoke(cli, ["train", "--synthetic", str(photos), "--run-dir", str(run), "--iterations", "1", "--crop", "64",
                                  "--workers", "0", *args])
     assert r.exit_code == 2, r.output
     assert r.stderr.startswith(f"error: {flag} ") and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.output
@@ -940,15 +940,15 @@ def test_cli_crop_and_precision_the_run_cannot_use_are_usage_errors(tmp_path, cl
     runner = CliRunner()
     run = tmp_path / "run"
     # the default architecture (3 levels, stride 8), one from --init (2 levels, stride 4), a resumed run's
-    r = runner.invoke(cli, ["train", "--procedural", "1", "--out", str(run), "--crop", "100", "--iterations", "1"])
+    r = runner.invoke(cli, ["train", "--procedural", "1", "--run-dir", str(run), "--crop", "100", "--iterations", "1"])
     assert r.exit_code == 2 and "--crop" in r.stderr and "stride 8" in r.stderr and not run.exists()
     init = train(tiny_cfg(tmp_path / "init", dpdd, iterations=1, val_count=0)).model_path
-    r = runner.invoke(cli, ["train", "--procedural", "1", "--init", str(init), "--out", str(run), "--crop", "30", "--iterations", "1"])
+    r = runner.invoke(cli, ["train", "--procedural", "1", "--init", str(init), "--run-dir", str(run), "--crop", "30", "--iterations", "1"])
     assert r.exit_code == 2 and "stride 4" in r.stderr and not run.exists()
     r = runner.invoke(cli, ["train", "--resume", str(tmp_path / "init"), "--crop", "30", "--iterations", "2"])
     assert r.exit_code == 2 and "stride 4" in r.stderr
     if not torch.cuda.is_available():
-        r = runner.invoke(cli, ["train", "--procedural", "1", "--out", str(run), "--precision", "fp16", "--iterations", "1"])
+        r = runner.invoke(cli, ["train", "--procedural", "1", "--run-dir", str(run), "--precision", "fp16", "--iterations", "1"])
         assert r.exit_code == 2 and "fp16" in r.stderr and not run.exists()
 
 
@@ -984,13 +984,13 @@ def test_cli_export_only_write_failure_names_the_path(tmp_path, cli, dpdd):
 
 def test_cli_final_message_keeps_the_model_path_on_one_line(tmp_path, cli):
     run = tmp_path / ("a-rather-long-run-folder-name-" * 2) / "run"
-    r = CliRunner().invoke(cli, ["train", "--out", str(run), "--iterations", "1", *_TINY_SYNTH])
+    r = CliRunner().invoke(cli, ["train", "--run-dir", str(run), "--iterations", "1", *_TINY_SYNTH])
     assert r.exit_code == 0, r.output
     assert f"model -> {run / 'model.safetensors'}\n" in r.stderr
 
 
 @pytest.mark.parametrize("args, flag", [(["--procedural", "-1"], "--procedural"), (["--blur-rank-weight", "-1"], "--blur-rank-weight")])
 def test_cli_negative_counts_and_weights_are_one_line_errors(tmp_path, cli, args, flag):
-    r = CliRunner().invoke(cli, ["train", "--procedural", "1", "--out", str(tmp_path / "run"), *args])
+    r = CliRunner().invoke(cli, ["train", "--procedural", "1", "--run-dir", str(tmp_path / "run"), *args])
     assert r.exit_code == 2 and flag in r.stderr and len(r.stderr.splitlines()) == 1, r.output
     assert not (tmp_path / "run").exists()

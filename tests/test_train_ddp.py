@@ -72,7 +72,7 @@ def test_torchrun_cli(tmp_path):
     data = make_dpdd(tmp_path / "dpdd", {"train": 4, "val": 1}, size=(32, 32))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           "-m", "kpac_cli", "train", "--data", str(data), "--allow-count-mismatch", "--out", str(out), "--levels", "2",
+           "-m", "kpac_cli", "train", "--data", str(data), "--allow-count-mismatch", "--run-dir", str(out), "--levels", "2",
            "--channels", "8", "--batch", "1", "--crop", "32", "--val-crop", "32", "--iterations", "3", "--device", "cpu",
            "--workers", "0", "--no-tensorboard", "-q"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,

@@ -22,17 +22,17 @@ Writes OUT/log.jsonl, OUT/last.pt and OUT/best.pt (training checkpoints; Ctrl-C 
 
 Examples:
 
-  kpac train --data DPDD --out runs/l1
+  kpac train --data DPDD --run-dir runs/l1
 
-  kpac train --data DPDD --out runs/perc --stage perceptual --init runs/l1/model.safetensors
+  kpac train --data DPDD --run-dir runs/perc --stage perceptual --init runs/l1/model.safetensors
 
-  kpac train --synthetic photos/ --skimage --crop 128:20000,256:60000,512 --out runs/synth
+  kpac train --synthetic photos/ --skimage --crop 128:20000,256:60000,512 --run-dir runs/synth
 
   kpac train --resume runs/l1   (continue where it stopped)
 
   kpac train --export-only --resume runs/l1 --from best -o kpac-l1.safetensors
 
-  torchrun --nproc_per_node=4 -m kpac_cli train --data DPDD --out runs/l1
+  torchrun --nproc_per_node=4 -m kpac_cli train --data DPDD --run-dir runs/l1
 """
 
 # Flags that may differ when resuming: they change how the run executes (data paths are
@@ -200,7 +200,7 @@ def train_command(
     max_nonfinite: int = typer.Option(20, "--max-nonfinite", help="Stop after this many non-finite losses in a row.", rich_help_panel="Recipe"),
     seed: int = typer.Option(0, "--seed", help="Seed of the weights and of every random draw of the data.", rich_help_panel="Recipe"),
     # run
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder \\[default: runs/kpac].", rich_help_panel="Run"),
+    out: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder \\[default: runs/kpac].", rich_help_panel="Run"),
     val_every: int = typer.Option(5000, "--val-every", help="Validate every N iterations.", rich_help_panel="Run"),
     val_count: int = typer.Option(8, "--val-count", help="Validation images (a fixed subset).", rich_help_panel="Run"),
     val_crop: int = typer.Option(512, "--val-crop", help="Centre crop of validation images (0: whole images).", rich_help_panel="Run"),
@@ -300,7 +300,7 @@ def train_command(
     )
     if resume is not None:
         if out is not None and out.resolve() != resume.resolve():
-            raise usage_error("--resume RUN continues in RUN; drop --out")
+            raise usage_error("--resume RUN continues in RUN; drop --run-dir")
         try:
             state = load_state(resume / "last.pt" if resume.is_dir() else resume)
         except CheckpointError as e:
@@ -340,7 +340,7 @@ def train_command(
     except ValueError as e:
         raise usage_error(str(e)) from None
     if resume is None and (cfg.out / "last.pt").exists():
-        raise usage_error(f"{cfg.out} already holds a run (last.pt); continue it with --resume {cfg.out} or choose another --out")
+        raise usage_error(f"{cfg.out} already holds a run (last.pt); continue it with --resume {cfg.out} or choose another --run-dir")
 
     # Checked here, before train() creates the run folder: problems the user fixes are usage errors.
     for src in cfg.synthetic:
