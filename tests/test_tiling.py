@@ -137,8 +137,37 @@ def test_out_of_memory_halves_the_tile(monkeypatch):
 
     monkeypatch.setattr(d.network, "encode", encode_failing_on_big_tiles)
     out = d.deblur(img)
-    assert d.last_stats.tile_reductions >= 1 and d.last_stats.tile <= 256 and d.last_stats.kept_skips == 0
+    # 512 covers the image, so it ran whole; halving starts from the image's side, not from 512
+    stride = d.config.stride
+    assert d.last_stats.tile_reductions == 1 and d.last_stats.tile == 150 // stride * stride and d.last_stats.kept_skips == 0
     assert np.abs(out - expected).max() < ATOL
+
+    def encode_always_failing(x, skip_levels=None):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    monkeypatch.setattr(d.network, "encode", encode_always_failing)
+    with pytest.raises(MemoryError, match="the whole 100x90 image \\(too small to tile\\)"):
+        d.deblur(img[:90, :100])
+    with pytest.raises(MemoryError, match="even with 128px tiles"):
+        d.deblur(img)
+
+
+def test_run_stats_name_the_tile_that_ran():
+    model = _model(VARIANTS["2level"])
+    img = np.random.default_rng(5).random((150, 290, 3), dtype=np.float32)
+    for tile, ran in ((130, 128), (50, 128), (1000, None), (296, None), (288, 288), (None, None)):
+        d = Deblurrer(model, EngineOptions(tile=tile, channels_last=False))
+        d.deblur(img)
+        assert d.last_stats.tile == ran, tile
+
+
+def test_a_bare_network_is_copied_not_changed():
+    model = _model(VARIANTS["2level"]).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d = Deblurrer(model, EngineOptions(channels_last=True))
+    assert model.training and not d.model.training
+    assert all(v.is_contiguous() for v in model.parameters())  # not turned channels_last
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_bf16_on_cpu_is_close_to_fp32():

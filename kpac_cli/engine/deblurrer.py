@@ -16,6 +16,7 @@ unclipped network output is available through :meth:`Deblurrer.run`.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from ..model.fast import FastKPACNet
 from .compiled import CompiledNetwork
 from .dualpixel import balance_views
 from .device import autocast, available_memory, is_out_of_memory, resolve_device, resolve_precision
-from .tiled import InferenceResult, ProgressFn, TiledInference, receptive_halos, skips_that_fit
+from .tiled import InferenceResult, ProgressFn, TiledInference, receptive_halos, skips_that_fit, tile_that_runs
 
 MIN_TILE = 128
 #: Peak activation bytes per pixel of a widened tile, per channel of the model's width:
@@ -62,7 +63,9 @@ class EngineOptions:
     strength : how much of the network's correction to apply, in [0, 1]: the network is
         residual (its output is the input plus a predicted correction, the paper's global
         skip), and the correction is scaled by this; 1 (default) is the model's output, 0 the
-        input unchanged. Lower values temper over-sharpening on real photos.
+        input (exactly once written as 8 or 16 bits; float outputs within float32 rounding,
+        about 1e-8, of the network's [-1, 1] units). Lower values temper over-sharpening on
+        real photos.
     ensemble : self-ensemble, 1 (default), 2, 4 or 8: the model runs on this many flips and
         transposes of the photo (the first ``ensemble`` of: as is, left-right flipped, upside
         down, both; then each of those transposed) and the outputs, mapped back, are averaged.
@@ -88,7 +91,7 @@ class EngineOptions:
             raise ValueError(f"tile must be 'auto', a size in pixels, or 0 / None for the whole image; got {self.tile!r}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
-        if self.ensemble not in ENSEMBLE_SIZES:
+        if isinstance(self.ensemble, bool) or not isinstance(self.ensemble, (int, np.integer)) or self.ensemble not in ENSEMBLE_SIZES:
             raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLE_SIZES))}, got {self.ensemble}")
 
 
@@ -138,7 +141,14 @@ _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
 class Deblurrer:
-    """A loaded model on a device, ready to deblur images of any size."""
+    """A loaded model on a device, ready to deblur images of any size.
+
+    ``model``: a shipped model's name, a weights file, a :class:`Checkpoint`, or a bare
+    :class:`KPACNet` (copied, so the caller's module is left as it was). A bare network carries
+    no provenance: it is named "model" and a dual-pixel one sees its views as given; load the
+    file (:func:`kpac_cli.checkpoints.load_checkpoint`) to keep what its metadata says, such as
+    a dual-pixel model's view balancing.
+    """
 
     def __init__(self, model: KPACNet | Checkpoint | str | Path = "default", options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()
@@ -152,6 +162,8 @@ class Deblurrer:
             self.provenance = dict(model.provenance)
             self.name = self.provenance.get("name", self.name)
             model = model.build()
+        else:
+            model = copy.deepcopy(model)
         self.model = model.eval().to(self.device)
         if self.options.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -211,6 +223,8 @@ class Deblurrer:
     def _as_tensors(self, image: np.ndarray, center: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
         cin = self.config.in_channels
         image = _checked_pixels(image, "image")
+        if center is not None and self.config.in_views != 2:
+            raise ValueError("a centre view is for dual-pixel models; this model takes one RGB image")
         center = None if center is None else _checked_pixels(center, "centre view")
         if image.ndim != 3 or image.shape[2] != cin:
             kind = "HxWx3 RGB" if cin == 3 else "HxWx6 (left RGB, right RGB)"
@@ -245,7 +259,7 @@ class Deblurrer:
         """
         x, ref = self._as_tensors(image, center)
         h, w = x.shape[-2:]
-        stats = RunStats(tile=self.plan_tile(h, w), precision=_DTYPE_NAMES[self.dtype])
+        stats = RunStats(tile=tile_that_runs(self.plan_tile(h, w), h, w, self.config.stride), precision=_DTYPE_NAMES[self.dtype])
         t0 = time.perf_counter()
         compiled_before = getattr(self.network, "compile_seconds", 0.0)
         stats.kept_skips = self.plan_kept_skips(h, w, self.dtype) if stats.tile is not None else 0
@@ -285,8 +299,9 @@ class Deblurrer:
                     raise
                 current = stats.tile or max(h, w)
                 if current <= MIN_TILE:
-                    raise MemoryError(f"out of memory even with {MIN_TILE}px tiles on {self.device}") from e
-                stats.tile = max(MIN_TILE, current // 2)
+                    smallest = f"{MIN_TILE}px tiles" if stats.tile else f"the whole {w}x{h} image (too small to tile)"
+                    raise MemoryError(f"out of memory on {self.device} even with {smallest}") from e
+                stats.tile = tile_that_runs(max(MIN_TILE, current // 2), h, w, self.config.stride)
                 stats.tile_reductions += 1
                 stats.kept_skips = 0  # memory first: recompute every skip map
                 stats.notes.append(f"out of memory: tile reduced to {stats.tile}, skip maps recomputed")
@@ -341,7 +356,7 @@ def _checked_pixels(image: Any, what: str) -> np.ndarray:
     if arr.dtype.kind != "f":
         hint = f" (divide by {np.iinfo(arr.dtype).max})" if arr.dtype in (np.uint8, np.uint16) else ""
         raise ValueError(f"{what} must be a float array in [0, 1]; got dtype {arr.dtype}{hint}")
-    if arr.ndim < 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+    if arr.ndim < 2 or arr.size == 0:
         raise ValueError(f"{what} is empty (shape {arr.shape})")
     lo, hi = float(arr.min()), float(arr.max())  # NaN or inf anywhere shows here, without a mask the image's size
     if not (math.isfinite(lo) and math.isfinite(hi)):

@@ -140,6 +140,16 @@ class InferenceResult:
     scale_attention: list[Tensor | None] = field(default_factory=list)  # per block, (1, n, H/stride', W/stride') padded grid
 
 
+def tile_that_runs(tile: int | None, height: int, width: int, stride: int) -> int | None:
+    """The tile side a run of a ``height`` x ``width`` image with ``tile`` uses: rounded down to
+    the stride, or None (the whole image at once) when one tile covers the padded image."""
+    if tile is None:
+        return None
+    tile = max(stride, tile // stride * stride)
+    hp, wp = -(-height // stride) * stride, -(-width // stride) * stride
+    return None if tile >= hp and tile >= wp else tile
+
+
 class TiledInference:
     """Runs a :class:`KPACNet` on one image of any size, whole or in exact tiles.
 
@@ -197,9 +207,8 @@ class TiledInference:
         refp = pad_to_multiple(reference.float(), stride)
         hp, wp = xp.shape[-2:]
         report = progress or (lambda stage, done, total: None)
-        if tile is not None:
-            tile = max(stride, tile // stride * stride)
-        if tile is None or (tile >= hp and tile >= wp):
+        tile = tile_that_runs(tile, h, w, stride)
+        if tile is None:
             out, alphas = self._whole(xp, refp, report, keep_attention)
         else:
             out, alphas = self._tiled(xp, refp, tile, report, keep_attention)
