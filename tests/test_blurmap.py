@@ -633,6 +633,18 @@ def test_cli_max_pixels_below_one_is_a_usage_error_before_any_work(cli, tmp_path
     assert f"[default: {DEFAULT_MAX_PIXELS}]" in line
 
 
+def test_cli_max_pixels_counts_the_enlarged_image(cli, tmp_path):
+    """--upsample 8 makes a photo 64 times larger before the network sees it."""
+    src = _save_rgb(tmp_path / "a.png", texture(32, 40, 1))
+    res = cli(str(src), "-o", str(tmp_path / "o"), "--upsample", "2", "--max-pixels", str(32 * 40 * 4 - 1), "--json", "-q")
+    assert res.exit_code == 1
+    (rec,) = [json.loads(line) for line in res.stdout.splitlines()]
+    assert rec["status"] == "failed" and "40x32 enlarged 2 times is 5120 pixels, over --max-pixels 5119" in rec["error"]
+    assert not (tmp_path / "o" / "a_blurmap.png").exists()
+    res = cli(str(src), "-o", str(tmp_path / "o"), "--upsample", "2", "--max-pixels", str(32 * 40 * 4), "-q")
+    assert res.exit_code == 0 and (tmp_path / "o" / "a_blurmap.png").exists()
+
+
 def test_cli_fp32_as_in_deblur_and_contradictions_refused(cli, tmp_path):
     src = _save_rgb(tmp_path / "a.png", texture(32, 32, 1))
     for n, extra in enumerate((["--fp32"], ["--precision", "fp32", "--fp32"], ["--precision", "auto", "--fp32"])):

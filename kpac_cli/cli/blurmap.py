@@ -310,7 +310,11 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
         else:
             image, info = read_image(it.source, max_pixels=max_pixels)
             center, photo = None, image
-        rec["height"], rec["width"] = image.shape[:2]
+        rec["height"], rec["width"] = h, w = image.shape[:2]
+        if h * w * upsample**2 > max_pixels:  # the network sees the enlarged image
+            rec.update(status="failed", error=f"{it.label}: {w}x{h} enlarged {upsample} times is {h * w * upsample**2} pixels, "
+                       f"over --max-pixels {max_pixels}; use a smaller --upsample")
+            return rec
         maps = attention_maps(deblurrer, image, center, upsample=upsample)
         rec["polarity"] = maps.polarity
         detect = maps.detection(block, dilation, invert=invert)
