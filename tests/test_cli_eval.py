@@ -323,6 +323,8 @@ def test_failed_pair_exits_1_and_the_others_are_scored(folders):
     recs = records(res)
     status = {r["name"]: r["status"] for r in recs[:-1]}
     assert status == {"a": "ok", "b": "failed", "c": "failed"}
+    assert len({frozenset(r) for r in recs[:-1]}) == 1  # one set of keys: error null when ok, scores null when failed
+    assert recs[0]["error"] is None and recs[0]["psnr"] > 0 and recs[1]["psnr"] is None
     assert recs[-1]["count"] == 1 and recs[-1]["failed"] == 2
     assert {f["name"] for f in recs[-1]["failures"]} == {"b", "c"}
     assert "different shapes" in next(r for r in recs if r["name"] == "c")["error"]

@@ -728,6 +728,8 @@ def _evaluate_items(
                 "input": str(item.source) if item.source is not None else None,
                 "prediction": str(item.pred) if item.pred is not None else None,
                 "target": str(item.target),
+                # status, error and the scores in every record, as in kpac deblur's: None where there is no value
+                "status": None, "error": None, "split": None, "psnr": None, "ssim": None, "mae": None, "lpips": None,
             }
             try:
                 inp, out, extra = runner(item, ev.reader)
