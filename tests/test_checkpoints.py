@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import zipfile
@@ -289,3 +290,257 @@ def test_deblur_takes_a_run_folder_as_train_init_does(tmp_path):
     res = CliRunner().invoke(app, [*args, "--json"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "b.png").is_file()
+
+
+# --- shipped models that are damaged --------------------------------------------------
+
+
+def _weights_folder(folder, name: str, listed: bool = True):
+    """A weights folder holding a tiny model NAME.safetensors, listed in SHA256SUMS if ``listed``."""
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = save_checkpoint(folder / f"{name}.safetensors", build_model(KPACConfig(levels=2, channels=8)), {"name": name})
+    if listed:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        with open(folder / "SHA256SUMS", "a") as f:
+            f.write(f"{digest}  {path.name}\n")
+    return path
+
+
+def _truncate(path, by: int = 1000) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-by])
+
+
+LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:3e18f021e27c\nsize 8242596\n"
+
+
+def test_damaged_or_lfs_pointer_shipped_model_says_so_not_unknown_model(tmp_path, monkeypatch):
+    from kpac_cli.checkpoints.registry import resolve_model
+
+    folder = tmp_path / "weights"
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(folder))
+    damaged = _weights_folder(folder, "foo")
+    _truncate(damaged)
+    with pytest.raises(CheckpointMismatchError, match=r"foo\.safetensors is damaged \(truncated"):
+        resolve_model("foo")
+    pointer = _weights_folder(folder, "bar")
+    pointer.write_text(LFS_POINTER)
+    with pytest.raises(CheckpointMismatchError, match=r"bar\.safetensors is a Git LFS pointer.*git lfs pull"):
+        resolve_model("bar")
+    (folder / "unlisted.safetensors").write_text(LFS_POINTER)  # not in SHA256SUMS: still recognised
+    with pytest.raises(CheckpointMismatchError, match=r"unlisted\.safetensors is a Git LFS pointer"):
+        resolve_model("unlisted")
+
+    # as the user sees it: one line naming the file, nothing written
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    photo = tmp_path / "a.png"
+    Image.fromarray(np.full((24, 24, 3), 128, np.uint8)).save(photo)
+    res = CliRunner().invoke(app, ["deblur", str(photo), "-m", "foo", "-o", str(tmp_path / "b.png"), "--device", "cpu"])
+    assert res.exit_code == 2
+    line = _one_error_line(res)
+    assert f"{damaged} is damaged" in line and "unknown model" not in line
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_damaged_override_is_reported_never_replaced_by_another_folders_file(tmp_path, monkeypatch):
+    import kpac_cli.checkpoints.registry as registry
+
+    override, fallback = tmp_path / "override", tmp_path / "fallback"
+    # the order weights_dirs() gives: $KPAC_WEIGHTS_DIR before the package's and the checkout's folders
+    monkeypatch.setattr(registry, "weights_dirs", lambda: [override, fallback])
+    mine = _weights_folder(override, "kpac-2level")
+    shipped = _weights_folder(fallback, "kpac-2level")
+    assert registry.resolve_model("kpac-2level") == (mine, "kpac-2level")  # a sound override wins
+    _truncate(mine)
+    with pytest.raises(CheckpointMismatchError, match="damaged") as info:
+        registry.resolve_model("kpac-2level")
+    assert str(mine) in str(info.value) and str(shipped) not in str(info.value)
+    assert shipped not in [m.path for m in registry.list_models()]  # not listed in its place either
+    # an override not listed in SHA256SUMS is still the one used, and loading it names it
+    (override / "SHA256SUMS").unlink()
+    assert registry.resolve_model("kpac-2level") == (mine, "kpac-2level")
+    with pytest.raises(CheckpointMismatchError, match=str(mine)):
+        load_checkpoint(mine)
+
+
+# --- what the authors' .npz may hold -----------------------------------------------------
+
+
+def _tf_arrays(cfg: KPACConfig) -> list[np.ndarray]:
+    """A model's parameters in the authors' layout and order (HWIO; transposed convs (kh, kw, out, in))."""
+    torch.manual_seed(0)
+    return [np.ascontiguousarray((p.detach().permute(2, 3, 1, 0) if p.ndim == 4 else p.detach()).numpy())
+            for p in build_model(cfg).parameters()]
+
+
+def _official_npz(path, items, shape=None):
+    """An .npz in the authors' format: params.npy an object array of ``items`` (1-D unless ``shape``)."""
+    params = np.empty(shape if shape is not None else len(items), dtype=object)
+    for index, item in zip(np.ndindex(params.shape), items):
+        params[index] = item
+    np.savez(path, params=params)
+    return path
+
+
+def _convert(*args):
+    """`kpac convert` with the real loader."""
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    return CliRunner().invoke(app, ["convert", *map(str, args)])
+
+
+def test_only_the_released_variants_convert_not_a_2level_dual_pixel_network(tmp_path):
+    single = _official_npz(tmp_path / "single_2level.npz", _tf_arrays(KPACConfig(levels=2)))
+    assert load_official_npz(single).config == KPACConfig(levels=2)
+    dual2 = _official_npz(tmp_path / "dual2.npz", _tf_arrays(KPACConfig(levels=2, in_views=2)))
+    with pytest.raises(CheckpointMismatchError, match="match none of the authors' released variants"):
+        load_official_npz(dual2)
+    out = tmp_path / "dual2.safetensors"
+    res = _convert(dual2, "-o", out)
+    assert res.exit_code == 1
+    line = _one_error_line(res)
+    assert str(dual2) in line and "match none" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["2-D object array", "0-d object array", "string items", "complex items"])
+def test_malformed_params_npy_is_one_line_naming_the_file(tmp_path, kind):
+    arrays = _tf_arrays(KPACConfig(levels=2))
+    path = tmp_path / "bad.npz"
+    if kind == "2-D object array":
+        _official_npz(path, arrays, shape=(1, len(arrays)))
+    elif kind == "0-d object array":
+        _official_npz(path, arrays[:1], shape=())
+    elif kind == "string items":
+        _official_npz(path, [np.array(["a", "b"])] + arrays[1:])
+    else:
+        _official_npz(path, [arrays[0].astype(np.complex64)] + arrays[1:])
+    with pytest.raises(CheckpointMismatchError, match="bad.npz: params.npy"):
+        read_official_npz(path)
+    out = tmp_path / "bad.safetensors"
+    res = _convert(path, "-o", out)
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output  # not an uncaught exception
+    assert str(path) in _one_error_line(res)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["nan", "int32"])
+def test_npz_with_non_finite_or_integer_weights_is_refused_naming_the_array(tmp_path, kind):
+    arrays = _tf_arrays(KPACConfig(levels=2))
+    if kind == "nan":
+        arrays[5] = np.full_like(arrays[5], np.nan)
+    else:
+        arrays[5] = np.zeros(arrays[5].shape, np.int32)
+    path = _official_npz(tmp_path / "single_2level.npz", arrays)
+    expected = "non-finite values" if kind == "nan" else "int32 values, not floating-point"
+    with pytest.raises(CheckpointMismatchError, match=f"item 5 .*{expected}"):
+        read_official_npz(path)
+    out = tmp_path / "m.safetensors"
+    res = _convert(path, "-o", out)
+    assert res.exit_code == 1 and "item 5" in _one_error_line(res)
+    assert not out.exists()
+
+
+def test_float64_npz_converts_unless_a_value_overflows_float32(tmp_path):
+    arrays = [a.astype(np.float64) for a in _tf_arrays(KPACConfig(levels=2))]
+    arrays[3][0] = 1e300  # beyond float32: infinite once cast, so refused
+    path = _official_npz(tmp_path / "f64.npz", arrays)
+    with pytest.raises(CheckpointMismatchError, match="item 3 .*non-finite"):
+        read_official_npz(path)
+    arrays[3][0] = 0.5
+    _official_npz(path, arrays)
+    assert all(a.dtype == np.float32 for a in read_official_npz(path))
+
+
+def _safetensors_with(tmp_path, name: str, value: torch.Tensor):
+    """A tiny kpac model file whose tensor ``name`` is replaced by ``value`` (metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = save_checkpoint(tmp_path / "m.safetensors", build_model(KPACConfig(levels=2, channels=8)))
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    state = load_file(str(path))
+    state[name] = value
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "int32"])
+def test_safetensors_with_non_finite_or_integer_tensor_is_refused_naming_it(tmp_path, kind):
+    name = "blocks.0.fuse.bias"
+    shape = build_model(KPACConfig(levels=2, channels=8)).state_dict()[name].shape
+    value = {"nan": torch.full(shape, float("nan")), "inf": torch.full(shape, float("inf")),
+             "int32": torch.zeros(shape, dtype=torch.int32)}[kind]
+    path = _safetensors_with(tmp_path, name, value)
+    expected = "int32 values, not floating-point" if kind == "int32" else "non-finite values"
+    with pytest.raises(CheckpointMismatchError, match=f"m.safetensors: tensor '{name}' holds .*{expected}"):
+        load_checkpoint(path)
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    photo = tmp_path / "a.png"
+    Image.fromarray(np.full((24, 24, 3), 128, np.uint8)).save(photo)
+    res = CliRunner().invoke(app, ["deblur", str(photo), "-m", str(path), "-o", str(tmp_path / "b.png"), "--device", "cpu"])
+    assert res.exit_code == 2 and f"tensor '{name}'" in _one_error_line(res)
+    assert not (tmp_path / "b.png").exists()
+
+
+@pytest.mark.parametrize("field, value", [("channels", 8.0), ("in_views", True), ("dilations", [1, 2.5]),
+                                          ("scale_attention", "false")])
+def test_config_with_a_value_of_the_wrong_type_is_a_checkpoint_mismatch(tmp_path, field, value):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = save_checkpoint(tmp_path / "m.safetensors", build_model(KPACConfig(levels=2, channels=8)))
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    config = json.loads(meta["config"])
+    config[field] = value
+    meta["config"] = json.dumps(config)
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    with pytest.raises(CheckpointMismatchError, match=f"invalid kpac metadata \\({field} must be"):
+        read_metadata(path)
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        KPACConfig(**{**KPACConfig(levels=2, channels=8).to_dict(), field: value})
+
+
+def test_config_takes_numpy_integers_as_plain_ints():
+    cfg = KPACConfig(levels=np.int64(2), channels=np.int32(8), dilations=[np.int64(1), 2])
+    assert cfg == KPACConfig(levels=2, channels=8, dilations=(1, 2))
+    assert type(cfg.levels) is int and json.loads(cfg.to_json())["levels"] == 2
+
+
+# --- kpac convert's destination ------------------------------------------------------------
+
+
+def test_convert_never_writes_over_its_input_even_with_overwrite(tmp_path, convert_cli):
+    invoke, src = convert_cli
+    res = invoke(src, "-o", src, "--overwrite")
+    assert res.exit_code == 2 and "is the input" in _one_error_line(res)
+    assert src.read_bytes() == b"stand-in"
+    link = tmp_path / "link.safetensors"  # the same file under another name
+    link.symlink_to(src)
+    res = invoke(src, "-o", link, "--overwrite")
+    assert res.exit_code == 2 and "is the input" in _one_error_line(res)
+    assert link.is_symlink() and src.read_bytes() == b"stand-in"
+
+
+@pytest.mark.parametrize("name", ["m2.pt", "m2.pth", "m2", "m2.npz"])
+def test_convert_output_must_be_a_safetensors_file(tmp_path, convert_cli, name):
+    invoke, src = convert_cli
+    out = tmp_path / name
+    res = invoke(src, "-o", out)
+    assert res.exit_code == 2 and ".safetensors" in _one_error_line(res)
+    assert not out.exists()

@@ -265,3 +265,34 @@ def test_quiet_prints_nothing_but_errors_and_warnings(tmp_path, monkeypatch):
     assert res.stderr.splitlines() == ["warning: max abs diff 3.00e-03 between onnxruntime and PyTorch is above 1e-4"]
     res = invoke_export("--onnx", out, "--config", "single_2level", "--overwrite", "--check")
     assert res.exit_code == 0 and len(res.stderr.splitlines()) == 4 and "max abs diff 3.00e-03" in res.stderr
+
+
+def test_model_and_config_together_are_a_usage_error(tmp_path):
+    out = tmp_path / "cfg.onnx"
+    for model in ("kpac-dual", "default"):  # the default typed out counts as asking for it
+        res = invoke_export("--onnx", out, "-m", model, "--config", "single_2level")
+        assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
+        lines = res.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "--config" in lines[0] and "--model" in lines[0]
+        assert not out.exists()
+    res = invoke_export("--onnx", out, "--config", "single_2level")  # --config alone: random weights, as before
+    assert res.exit_code == 0, res.output
+    assert read_config(out) == PAPER_CONFIGS["single_2level"]
+
+
+def test_export_never_writes_over_its_model_even_with_overwrite(tmp_path):
+    from kpac_cli.checkpoints import load_checkpoint, save_checkpoint
+
+    model = save_checkpoint(tmp_path / "X.safetensors", make_model(KPACConfig(levels=2, channels=8)))
+    before = model.read_bytes()
+    res = invoke_export("--onnx", model, "-m", model, "--overwrite")
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "is the model file" in lines[0]
+    assert model.read_bytes() == before and load_checkpoint(model).config == KPACConfig(levels=2, channels=8)
+    # the same file under another name: a hard link
+    link = tmp_path / "link.onnx"
+    link.hardlink_to(model)
+    res = invoke_export("--onnx", link, "-m", model, "--overwrite")
+    assert res.exit_code == 2 and "is the model file" in res.stderr
+    assert link.read_bytes() == before

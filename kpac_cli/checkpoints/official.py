@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model import KPACConfig, KPACNet, build_model
+from ..model import PAPER_CONFIGS, KPACConfig, KPACNet, build_model
 
 
 class UnsafeCheckpointError(ValueError):
@@ -91,10 +91,21 @@ def read_official_npz(path: str | Path) -> list[np.ndarray]:
                     raise CheckpointMismatchError(f"{path}: corrupt params.npy ({type(e).__name__}: {e})") from None
             else:
                 raise CheckpointMismatchError(f"{path}: params.npy is not an object array (descr {header['descr']!r})")
-    items = list(obj) if isinstance(obj, np.ndarray) else obj
+    # The authors' files hold a 1-D object array; a list is what an older NumPy may give back.
+    items = list(obj) if isinstance(obj, np.ndarray) and obj.ndim == 1 else obj
     if not isinstance(items, list) or not all(isinstance(a, np.ndarray) for a in items):
         raise CheckpointMismatchError(f"{path}: params.npy does not hold a list of arrays")
-    return [np.ascontiguousarray(a, dtype=np.float32) for a in items]
+    arrays = []
+    for i, a in enumerate(items):
+        # Integer, complex or text items would be cast into weights that only make black images.
+        if a.dtype.kind != "f":
+            raise CheckpointMismatchError(f"{path}: params.npy item {i} (shape {a.shape}) holds {a.dtype} values, not floating-point weights")
+        with np.errstate(over="ignore"):  # a float64 value beyond float32 becomes inf, refused next
+            a = np.ascontiguousarray(a, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise CheckpointMismatchError(f"{path}: params.npy item {i} (shape {a.shape}) holds non-finite values (NaN or infinity)")
+        arrays.append(a)
+    return arrays
 
 
 def _tf_shape(param_name: str, p: torch.Tensor) -> tuple[int, ...]:
@@ -107,13 +118,13 @@ def _tf_shape(param_name: str, p: torch.Tensor) -> tuple[int, ...]:
 def detect_config(arrays: list[np.ndarray]) -> KPACConfig:
     """Find the paper configuration whose parameter list matches these arrays' shapes."""
     shapes = [tuple(a.shape) for a in arrays]
-    for levels in (2, 3):
-        for in_views in (1, 2):
-            cfg = KPACConfig(levels=levels, in_views=in_views)
-            model = build_model(cfg)
-            expected = [_tf_shape(n, p) for n, p in model.named_parameters()]
-            if expected == shapes:
-                return cfg
+    # Only what the authors released: a 2-level dual-pixel network has a consistent parameter
+    # list too, but no such checkpoint exists, so a file of that shape is not theirs.
+    for cfg in PAPER_CONFIGS.values():
+        model = build_model(cfg)
+        expected = [_tf_shape(n, p) for n, p in model.named_parameters()]
+        if expected == shapes:
+            return cfg
     raise CheckpointMismatchError(
         f"the {len(arrays)} arrays (first shape {shapes[0] if shapes else None}) match none of the "
         "authors' released variants (2-level, 3-level, dual)"
@@ -139,4 +150,8 @@ def model_from_official_arrays(arrays: list[np.ndarray], config: KPACConfig | No
 
 
 def load_official_npz(path: str | Path) -> KPACNet:
-    return model_from_official_arrays(read_official_npz(path))
+    arrays = read_official_npz(path)
+    try:
+        return model_from_official_arrays(arrays)
+    except CheckpointMismatchError as e:  # named, as the reader's own errors are
+        raise CheckpointMismatchError(f"{path}: {e}") from None

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..model import KPACConfig
 from .official import CheckpointMismatchError
-from .safetensors_io import read_metadata
+from .safetensors_io import is_lfs_pointer, lfs_pointer_error, read_metadata
 
 DEFAULT_MODEL = "kpac-3level"
 DEFAULT_DUAL_MODEL = "kpac-dual"
@@ -56,30 +56,42 @@ def _expected_digests(folder: Path) -> dict[str, str]:
 
 
 def verify_file(path: Path) -> None:
-    """Check a shipped file against SHA256SUMS (when listed there)."""
+    """Check a shipped file against SHA256SUMS (when listed there); a Git LFS pointer is
+    reported as such whether listed or not."""
+    if is_lfs_pointer(path):
+        raise lfs_pointer_error(path)
     expected = _expected_digests(path.parent).get(path.name)
     if expected is None:
         return
-    head = path.read_bytes()[:200]
-    if head.startswith(b"version https://git-lfs"):
-        raise CheckpointMismatchError(f"{path} is a Git LFS pointer, not the weights: run `git lfs pull`")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     if digest != expected:
-        raise CheckpointMismatchError(f"{path} is damaged: SHA-256 {digest[:12]}... does not match SHA256SUMS ({expected[:12]}...)")
+        raise CheckpointMismatchError(f"{path} is damaged (truncated or altered, {len(data):,} bytes): SHA-256 "
+                                      f"{digest[:12]}... does not match SHA256SUMS ({expected[:12]}...)")
+
+
+def _shipped_files() -> dict[str, Path]:
+    """Each shipped model's name -> its file. The first folder of :func:`weights_dirs` holding
+    the name wins even when its file is unreadable: a damaged override is reported when the
+    model is asked for, never replaced by another folder's file of the same name."""
+    files: dict[str, Path] = {}
+    for folder in weights_dirs():
+        for path in sorted(folder.glob("*.safetensors")):
+            files.setdefault(path.stem, path)
+    return files
 
 
 def list_models() -> list[ModelInfo]:
-    seen: dict[str, ModelInfo] = {}
-    for folder in weights_dirs():
-        for path in sorted(folder.glob("*.safetensors")):
-            if path.stem in seen:
-                continue
-            try:
-                config, provenance = read_metadata(path)
-            except CheckpointMismatchError:
-                continue
-            seen[path.stem] = ModelInfo(path.stem, path, config, provenance)
-    return list(seen.values())
+    """The shipped models that can be described (an unreadable file is left out here, and
+    :func:`resolve_model` says what is wrong with it)."""
+    models = []
+    for name, path in _shipped_files().items():
+        try:
+            config, provenance = read_metadata(path)
+        except CheckpointMismatchError:
+            continue
+        models.append(ModelInfo(name, path, config, provenance))
+    return models
 
 
 # What `kpac train` writes into its run folder (OUT/log.jsonl, OUT/last.pt, OUT/best.pt), by
@@ -123,9 +135,9 @@ def resolve_model(spec: str | Path, dual: bool = False) -> tuple[Path, str]:
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         return path, path.stem
-    for info in list_models():
-        if info.name == spec_s:
-            verify_file(info.path)
-            return info.path, info.name
+    shipped = _shipped_files().get(spec_s)
+    if shipped is not None:
+        verify_file(shipped)  # what is wrong with a damaged file, rather than "unknown model"
+        return shipped, spec_s
     names = ", ".join(m.name for m in list_models()) or "none installed"
     raise FileNotFoundError(f"unknown model {spec_s!r} (shipped models: {names}); pass a .safetensors path to use your own")

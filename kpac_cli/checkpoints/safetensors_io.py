@@ -31,6 +31,7 @@ from .official import CheckpointMismatchError
 
 FORMAT = "kpac"
 FORMAT_VERSION = "1"
+_LFS_POINTER = b"version https://git-lfs"
 
 
 @dataclass
@@ -109,6 +110,19 @@ def update_provenance(path: str | Path, **fields: Any) -> dict[str, Any]:
     return provenance
 
 
+def is_lfs_pointer(path: Path) -> bool:
+    """Whether ``path`` is the small text file Git LFS leaves where it has not fetched the content."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_LFS_POINTER)) == _LFS_POINTER
+    except OSError:
+        return False
+
+
+def lfs_pointer_error(path: Path) -> CheckpointMismatchError:
+    return CheckpointMismatchError(f"{path} is a Git LFS pointer, not the weights: run `git lfs pull`")
+
+
 def read_metadata(path: str | Path) -> tuple[KPACConfig, dict[str, Any]]:
     """Config and provenance of a checkpoint, without reading its tensors."""
     path = Path(path)
@@ -116,6 +130,8 @@ def read_metadata(path: str | Path) -> tuple[KPACConfig, dict[str, Any]]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
+        if is_lfs_pointer(path):
+            raise lfs_pointer_error(path) from None
         raise CheckpointMismatchError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointMismatchError(
@@ -142,7 +158,21 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointMismatchError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+    _check_weight_values(path, state)
     return Checkpoint(config, state, provenance, path)
+
+
+def _check_weight_values(path: Path, state: dict[str, Any]) -> None:
+    """Refuse weights that would load without complaint yet make every output black: integer
+    tensors (cast to float when loaded) and NaN or infinite values. Entries that are not
+    tensors are left to :func:`load_state_dict_checked`, which reports them."""
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if not value.is_floating_point():
+            raise CheckpointMismatchError(f"{path}: tensor {name!r} holds {value.dtype} values, not floating-point weights")
+        if not torch.isfinite(value).all():
+            raise CheckpointMismatchError(f"{path}: tensor {name!r} holds non-finite values (NaN or infinity)")
 
 
 def _load_torch_weights_only(path: Path) -> Checkpoint:
@@ -166,4 +196,5 @@ def _load_torch_weights_only(path: Path) -> Checkpoint:
         provenance = dict(obj.get("provenance") or {})
     except (TypeError, ValueError) as e:
         raise CheckpointMismatchError(f"{path}: invalid .pt checkpoint ({' '.join(str(e).split())})") from None
+    _check_weight_values(path, state)
     return Checkpoint(config, state, provenance, path)

@@ -23,6 +23,8 @@ def convert(
 
     Example: kpac convert single_3level.npz -o kpac-official-3level.safetensors
     """
+    from ..engine.batch import inputs_written_over
+
     # Usage errors (2), as for `kpac export` and `kpac train --export-only`.
     if not src.exists():
         raise usage_error(f"{src}: no such file")
@@ -30,6 +32,11 @@ def convert(
         raise usage_error(f"{src}: is a folder (give the authors' .npz file)")
     if output.is_dir():
         raise usage_error(f"-o {output}: is a folder (give the .safetensors file to write)")
+    if inputs_written_over([("-o", output)], [("SRC", src)]):
+        raise usage_error(f"-o {output}: is the input {src}, which is never replaced (not even with --overwrite)")
+    if output.suffix != ".safetensors":
+        # kpac reads a model by its extension: a .pt/.pth file with torch.load, for instance
+        raise usage_error(f"-o {output}: the model is written as safetensors; give a name ending in .safetensors")
     if (output.exists() or output.is_symlink()) and not overwrite:
         raise usage_error(f"{output}: exists (use --overwrite)")
     try:

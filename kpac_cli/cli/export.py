@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import EXIT_FAILED, emit_json, err_console, print_error, usage_error
+from .common import EXIT_FAILED, emit_json, err_console, given_options, print_error, usage_error
 
 EXAMPLES = """
 Examples:
@@ -21,8 +21,10 @@ Examples:
 """
 
 
-def _load_model(model: str, config: Optional[str]):
-    """(network, name, whether its checkpoint asks for balanced dual-pixel views)."""
+def _load_model(model: str, config: Optional[str], onnx_path: Path):
+    """(network, name, whether its checkpoint asks for balanced dual-pixel views).
+
+    Raises ValueError (a usage error) when ``onnx_path`` is the model file itself."""
     from ..model import PAPER_CONFIGS, build_model
 
     if config is not None:
@@ -34,14 +36,18 @@ def _load_model(model: str, config: Optional[str]):
         return build_model(PAPER_CONFIGS[config]).eval(), f"random {config}", False
     from ..checkpoints import load_checkpoint
     from ..checkpoints.registry import resolve_model
+    from ..engine.batch import inputs_written_over
 
     path, name = resolve_model(model)
+    if inputs_written_over([("--onnx", onnx_path)], [("--model", path)]):
+        raise ValueError(f"--onnx {onnx_path}: is the model file {path}, which is never replaced (not even with --overwrite)")
     ckpt = load_checkpoint(path)
     # recorded in the file so that a runtime pre-processes as the engine does (Deblurrer.balance_views)
     return ckpt.build().eval(), name, bool(ckpt.provenance.get("balance_views"))
 
 
 def export(
+    ctx: typer.Context,
     onnx_path: Path = typer.Option(..., "--onnx", help="Destination .onnx file (its folder is created if needed)."),
     model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`), a .safetensors file, or a training run folder (its model.safetensors)."),
     config: Optional[str] = typer.Option(None, "--config", help="Export random weights of a paper config instead (single_2level, single_3level, dual)."),
@@ -59,6 +65,9 @@ def export(
     """
     from ..export import MIN_OPSET, check_export, check_static_size, export_onnx, max_opset
 
+    if config is not None and "model" in given_options(ctx):
+        # which of the two was meant is unknown: refused rather than one silently ignored
+        raise usage_error("give either --model or --config (random weights), not both")
     newest = max_opset()
     if opset < MIN_OPSET or (newest is not None and opset > newest):
         span = f"between {MIN_OPSET} and {newest} (what this PyTorch's ONNX exporter writes)" if newest else f">= {MIN_OPSET}"
@@ -71,7 +80,7 @@ def export(
     try:
         sample = _parse_size(static) if static else (96, 64)
         cw, ch = _parse_size(check_size)
-        net, name, balance = _load_model(model, config)
+        net, name, balance = _load_model(model, config, onnx_path)
         if static:
             check_static_size((sample[1], sample[0]), net.config.stride)
     except (ValueError, FileNotFoundError) as e:

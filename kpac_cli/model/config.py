@@ -10,6 +10,7 @@ shared vs. unshared atrous kernels).
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,7 +56,20 @@ class KPACConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        # Types first: a config read from a file may hold 48.0 or true where a count belongs,
+        # which the range checks below would pass and the model build would then trip over.
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if not isinstance(self.dilations, (list, tuple)) or not all(_is_int(d) for d in self.dilations):
+            raise ValueError(f"dilations must be positive integers, got {self.dilations!r}")
         object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # the string "false" would switch a part on
+                raise ValueError(f"{name} must be true or false, got {value!r}")
         if self.levels not in (2, 3):
             raise ValueError(f"levels must be 2 or 3, got {self.levels}")
         if self.in_views not in (1, 2):
@@ -99,6 +113,15 @@ class KPACConfig:
     @classmethod
     def from_json(cls, s: str) -> "KPACConfig":
         return cls.from_dict(json.loads(s))
+
+
+_INT_FIELDS = ("levels", "in_views", "channels", "blocks", "kernel_size")
+_BOOL_FIELDS = ("scale_attention", "shape_attention", "shared_kernel")
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (a NumPy one too), but not a bool, which Python counts as one."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 #: The configurations of the authors' three released models (paper, Table 4).
