@@ -145,6 +145,14 @@ def no_temps(folder: Path) -> bool:
     return not [p for p in folder.iterdir() if p.name.endswith(".kpac-tmp")]
 
 
+def notes_for(info: ImageInfo, fmt: str, **options) -> list[str]:
+    """The notes ``kpac deblur`` gives for an input described by ``info`` written as ``fmt``."""
+    from kpac_cli.engine.batch import Job, OutputOptions, _what_is_not_kept
+
+    job = Job("in", Path("in.png"), Path(f"out.{fmt}"), "in.png", fmt)
+    return _what_is_not_kept(job, info, OutputOptions(**options))
+
+
 # ------------------------------------------------------------------------------------------
 # bit-exact round trips
 
@@ -298,6 +306,33 @@ def test_tiff_associated_alpha_is_unpremultiplied(tmp_path):
     assert np.array_equal(as_int(info.alpha, 8), alpha)
 
 
+def test_tiff_alpha_is_the_first_extra_sample_marked_alpha():
+    x = rand((8, 8, 5))
+    for kinds, alpha_at in (
+        (["unspecified", "unassalpha"], 4),
+        (["unassalpha", "assocalpha"], 3),
+        (["unspecified", "unspecified"], 3),  # none marked: the first extra sample
+    ):
+        img, info = read_image(tiff_bytes(x, photometric="rgb", planarconfig="contig", extrasamples=kinds))
+        assert info.channels == 4 and np.array_equal(as_int(info.alpha, 8), x[..., alpha_at]), kinds
+        assert np.array_equal(as_int(img, 8), x[..., :3]), kinds
+    # associated alpha behind an unspecified sample: the colour is un-premultiplied by it
+    color = np.full((4, 4, 3), 200, np.uint8)
+    alpha = np.full((4, 4), 128, np.uint8)
+    alpha[0, 0] = 0
+    pre = np.round(color * (alpha[..., None] / 255.0)).astype(np.uint8)
+    other = np.full((4, 4), 7, np.uint8)
+    rgbxa = np.dstack([pre, other, alpha])
+    img, info = read_image(tiff_bytes(rgbxa, photometric="rgb", planarconfig="contig", extrasamples=["unspecified", "assocalpha"]))
+    assert np.array_equal(as_int(info.alpha, 8), alpha)
+    assert abs(img[1, 1, 0] * 255 - 200) < 2.5 and img[0, 0].tolist() == [0, 0, 0]
+    # gray with a marked alpha second
+    g = rand((4, 4, 3))
+    img, info = read_image(tiff_bytes(g, photometric="minisblack", planarconfig="contig", extrasamples=["unspecified", "unassalpha"]))
+    assert info.channels == 2 and np.array_equal(as_int(info.alpha, 8), g[..., 2])
+    assert np.array_equal(as_int(img[..., 0], 8), g[..., 0])
+
+
 def test_float_tiff(tmp_path):
     f = RNG.random((6, 7, 3)).astype(np.float32) * 1.4 - 0.2
     f[0, 0, 0] = np.nan
@@ -319,6 +354,27 @@ def test_float_tiff(tmp_path):
     assert back.dtype == np.float32 and np.array_equal(back, expect)
     with pytest.raises(ValueError):
         write_image(tmp_path / "o.png", img, info, bit_depth=32)
+
+
+def test_float_tiff_clipping_is_counted_and_said():
+    f = np.full((3, 4, 3), 0.5, np.float32)
+    f[0, 0] = [2.0, -0.5, np.nan]
+    f[1, 1] = [np.inf, 1.0, 0.0]  # 1 and 0 are inside: not clipped
+    img, info = read_image(tiff_bytes(f, photometric="rgb"))
+    assert img[0, 0].tolist() == [1, 0, 0] and img[1, 1].tolist() == [1, 1, 0]
+    assert info.clipped_float_values == 4
+    for fmt, bits in (("tiff", 32), ("tiff", None), ("png", None), ("jpeg", None)):  # said whatever the output
+        said = [n for n in notes_for(info, fmt, bit_depth=bits) if "float" in n]
+        assert said == ["4 float values outside [0, 1] were clipped"], fmt
+    # alpha counts; extra samples that are not kept do not
+    rgba = np.dstack([np.full((2, 2, 3), 0.25, np.float32), np.full((2, 2), 1.0, np.float32), np.full((2, 2), 9.0, np.float32)])
+    rgba[1, 0, 3] = 1.5
+    _, info = read_image(tiff_bytes(rgba, photometric="rgb", planarconfig="contig", extrasamples=["unassalpha", "unspecified"]))
+    assert info.clipped_float_values == 1
+    assert notes_for(info, "tiff") == ["1 float value outside [0, 1] was clipped"]
+    # nothing clipped, nothing said
+    _, info = read_image(tiff_bytes(np.clip(np.nan_to_num(f), 0, 1), photometric="rgb"))
+    assert info.clipped_float_values == 0 and notes_for(info, "tiff") == []
 
 
 def test_jpeg_read_write(tmp_path):
@@ -391,6 +447,50 @@ def test_trns_colour_key_16bit():
     img, info = read_image(ref_png(a, 16, extra=chunk(b"tRNS", struct.pack(">3H", 1, 2, 3))))
     assert info.channels == 4
     assert info.alpha[1, 2] == 0 and (info.alpha == 0).sum() == 1
+
+
+def gray_png(values: np.ndarray, bits: int, *, extra: bytes = b"") -> bytes:
+    """A gray PNG of ``bits`` per sample (samples packed most significant first, filter None)."""
+    if bits == 16:
+        return ref_png(values.astype(np.uint16), 16, extra=extra)
+    h, w = values.shape
+    per_byte = 8 // bits
+    padded = np.zeros((h, -(-w // per_byte) * per_byte), np.uint8)
+    padded[:, :w] = values
+    groups = padded.reshape(h, -1, per_byte)
+    packed = np.zeros(groups.shape[:2], np.uint8)
+    for i in range(per_byte):
+        packed |= groups[..., i] << (8 - bits * (i + 1))
+    raw = b"".join(b"\x00" + row.tobytes() for row in packed)
+    head = struct.pack(">IIBBBBB", w, h, bits, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + extra + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_gray_trns_key_every_bit_depth_and_key():
+    # Every level of each depth is in the image; the key makes exactly its level transparent.
+    # A key with bits above the depth set counts by its low bits (the PNG spec; browsers agree).
+    for bits in (1, 2, 4, 8, 16):
+        maxval = (1 << bits) - 1
+        levels = np.arange(maxval + 1) if bits < 16 else np.array([0, 1, 255, 256, 4660, 65534, 65535])
+        values = np.stack([levels, levels[::-1]])
+        depth = 8 if bits < 16 else 16
+        expect_gray = values * (255 // maxval) if bits < 16 else values
+        for level in levels:
+            for stored in ([level, level | (1 << bits)] if bits < 16 else [level]):
+                img, info = read_image(gray_png(values, bits, extra=chunk(b"tRNS", struct.pack(">H", stored))))
+                assert info.channels == 2 and info.bit_depth == depth, (bits, stored)
+                assert np.array_equal(info.alpha == 0, values == level), (bits, stored)
+                assert np.array_equal(info.alpha[values != level], np.ones((values != level).sum(), np.float32))
+                assert np.array_equal(as_int(img[..., 0], depth), expect_gray), (bits, stored)
+
+
+def test_rgb_trns_key_counts_by_the_low_byte_of_each_sample():
+    a = rand((3, 4, 3))
+    a[1, 2] = (5, 6, 7)
+    key = struct.pack(">3H", 0x0105, 0xFF06, 0x0007)  # high bytes set: ignored for 8-bit
+    img, info = read_image(ref_png(a, 8, extra=chunk(b"tRNS", key)))
+    assert info.channels == 4 and np.array_equal(info.alpha == 0, (a == (5, 6, 7)).all(axis=-1))
+    assert np.array_equal(as_int(img, 8), a)
 
 
 def test_gray_source_written_gray_and_alpha_passthrough(tmp_path):
@@ -548,6 +648,22 @@ def test_huge_exif_dropped_for_jpeg_only():
     assert binfo.exif is None
     back, binfo = read_image(write_image(None, img, info, format="png"))
     assert binfo.exif is not None
+
+
+def test_exif_too_large_for_jpeg_is_dropped_and_said():
+    from kpac_cli.images.io import JPEG_MAX_EXIF
+
+    img = np.zeros((2, 2, 3), np.float32)
+    big = make_exif(None, "x" * (JPEG_MAX_EXIF - 200))
+    for size in (JPEG_MAX_EXIF, JPEG_MAX_EXIF + 1):  # the largest EXIF that fits, one byte more
+        exif = big + bytes(size - len(big))  # padded after the IFD's data
+        info = ImageInfo(None, "png", 8, 3, None, None, exif, 1, (2, 2))
+        kept = read_image(write_image(None, img, info, format="jpeg"))[1].exif is not None
+        said = [n for n in notes_for(info, "jpeg") if "EXIF" in n]
+        assert kept == (size <= JPEG_MAX_EXIF)
+        assert said == ([] if kept else [f"the EXIF metadata ({size:,} bytes) is too large for a JPEG segment: dropped"])
+        for fmt in ("png", "tiff"):  # they hold it
+            assert notes_for(info, fmt) == []
 
 
 # ------------------------------------------------------------------------------------------
@@ -723,6 +839,85 @@ def test_what_jpeg_cannot_hold_is_dropped_for_jpeg_only():
 
 def _itxt(text: bytes, *, compressed: bool = False, keyword: bytes = b"XML:com.adobe.xmp") -> bytes:
     return chunk(b"iTXt", keyword + b"\x00" + (b"\x01\x00" if compressed else b"\x00\x00") + b"\x00\x00" + text)
+
+
+COLOUR_CHUNKS = [
+    (b"gAMA", struct.pack(">I", 45455)),
+    (b"cHRM", struct.pack(">8I", 31270, 32900, 64000, 33000, 30000, 60000, 15000, 6000)),
+    (b"sRGB", b"\x00"),
+]
+TEXT_CHUNKS = [
+    (b"tEXt", b"Title\x00kpac test"),
+    (b"zTXt", b"Comment\x00\x00" + zlib.compress(b"deflated words")),
+    (b"iTXt", b"Author\x00\x00\x00de\x00Autor\x00J\xc3\xb6rg"),
+]
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """``(type, payload)`` of every chunk of a PNG file, in order (CRCs checked)."""
+    out, pos = [], 8
+    while pos < len(data):
+        length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
+        payload = data[pos + 8 : pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0] == zlib.crc32(ctype + payload)
+        out.append((ctype, payload))
+        pos += 12 + length
+    return out
+
+
+def test_png_colour_and_text_chunks_kept_in_png_outputs():
+    after_idat = (b"tEXt", b"Note\x00written after the image data")
+    for bits in (8, 16):
+        a = rand((5, 6, 3), bits)
+        extra = b"".join(chunk(t, d) for t, d in COLOUR_CHUNKS + TEXT_CHUNKS) + _itxt(XMP)
+        src = ref_png(a, bits, extra=extra)
+        src = src[:-12] + chunk(*after_idat) + src[-12:]  # before IEND
+        img, info = read_image(src)
+        for out_bits in (8, 16):
+            data = write_image(None, img, info, format="png", bit_depth=out_bits)
+            chunks = png_chunks(data)
+            types = [t for t, _ in chunks]
+            kept = [c for c in chunks if c in COLOUR_CHUNKS + TEXT_CHUNKS + [after_idat]]
+            assert kept == COLOUR_CHUNKS + TEXT_CHUNKS + [after_idat], (bits, out_bits)  # byte-identical, in order
+            assert types[0] == b"IHDR" and max(types.index(t) for t, _ in kept) < types.index(b"IDAT")
+            assert [d for t, d in chunks if t == b"iTXt" and d.startswith(b"XML:com.adobe.xmp\x00")] == [b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + XMP]
+            with Image.open(io.BytesIO(data)) as im:  # and another reader understands them
+                im.load()
+                assert im.info["gamma"] == 0.45455 and im.info["srgb"] == 0 and im.info["chromaticity"][0] == 0.3127
+                assert (im.info["Title"], im.info["Comment"], im.info["Author"]) == ("kpac test", "deflated words", "J\u00f6rg")
+            assert read_image(data)[1].png_chunks == info.png_chunks
+        assert list(info.png_chunks) == COLOUR_CHUNKS + TEXT_CHUNKS + [after_idat] and info.xmp == XMP
+        # beside an ICC profile sRGB is left out (the PNG spec allows one of them)
+        icc = b"\x00\x00\x02\x0cfake-icc-profile" * 20
+        with_icc = ImageInfo(None, "png", bits, 3, None, icc, None, 1, img.shape[:2], png_chunks=info.png_chunks)
+        for out_bits in (8, 16):
+            types = [t for t, _ in png_chunks(write_image(None, img, with_icc, format="png", bit_depth=out_bits))]
+            assert b"iCCP" in types and b"sRGB" not in types and b"gAMA" in types and b"tEXt" in types
+    # a colour chunk of the wrong size, or after the image data (out of place), is not kept
+    src = ref_png(rand((2, 2, 3)), 8, extra=chunk(b"gAMA", b"\x00\xb1\x8f"))
+    src = src[:-12] + chunk(b"cHRM", COLOUR_CHUNKS[1][1]) + src[-12:]
+    assert read_image(src)[1].png_chunks == ()
+
+
+def test_png_colour_chunks_other_formats_cannot_hold_are_said():
+    a = rand((4, 4, 3))
+    linear = (b"gAMA", struct.pack(">I", 100000))  # gamma 1.0: linear light, not sRGB
+    wide = (b"cHRM", struct.pack(">8I", 31270, 32900, 70800, 29200, 17000, 79700, 13100, 4600))  # BT.2020 primaries
+    _, info = read_image(ref_png(a, 8, extra=b"".join(chunk(t, d) for t, d in [linear, wide] + TEXT_CHUNKS)))
+    said = "cannot hold the PNG's colour space (gAMA, cHRM, not sRGB): written untagged, which readers take for sRGB"
+    assert notes_for(info, "jpeg") == [f"JPEG {said}"]
+    assert notes_for(info, "tiff") == [f"TIFF {said}"]
+    assert notes_for(info, "png") == []
+    # sRGB said in chunks (the sRGB chunk, or sRGB's own gAMA and cHRM) is what untagged means
+    for chunks in (COLOUR_CHUNKS, COLOUR_CHUNKS[:2], [COLOUR_CHUNKS[2], linear]):
+        _, info = read_image(ref_png(a, 8, extra=b"".join(chunk(t, d) for t, d in chunks)))
+        assert notes_for(info, "jpeg") == [], chunks
+    # an ICC profile says the colour space in every format; text alone is not a colour chunk
+    _, info = read_image(ref_png(a, 8, extra=b"".join(chunk(t, d) for t, d in [linear, wide])))
+    with_icc = ImageInfo(None, "png", 8, 3, None, b"icc", None, 1, (4, 4), png_chunks=info.png_chunks)
+    assert notes_for(with_icc, "jpeg") == notes_for(with_icc, "tiff") == []
+    _, info = read_image(ref_png(a, 8, extra=b"".join(chunk(t, d) for t, d in TEXT_CHUNKS)))
+    assert notes_for(info, "jpeg") == notes_for(info, "tiff") == []
 
 
 @pytest.mark.parametrize("bits", [8, 16])

@@ -161,10 +161,16 @@ def test_hostile_corpus_in_one_batch(tmp_path, models):
     summary = stderr_lines(res)[-1]
     assert summary == f"{len(expected_outputs)} deblurred, 0 skipped, {failed} failed"
     assert len(error_lines(res)) == failed
-    # besides: one note for each multi-frame image (only its first frame is deblurred)
+    # besides: one note for each multi-frame image (only its first frame is deblurred) and for
+    # each float image with values outside [0, 1] (clipped)
     notes = [line for line in stderr_lines(res) if line.startswith("note:")]
-    multi = sorted(str(paths[c.name]) for c in cases if (out / out_name(c.name)).exists() and read_image(paths[c.name])[1].frames > 1)
-    assert sorted(n.split()[1].rstrip(":") for n in notes) == multi and all("first of" in n for n in notes)
+    written = [paths[c.name] for c in cases if (out / out_name(c.name)).exists()]
+    multi = sorted(str(p) for p in written if read_image(p)[1].frames > 1)
+    clipped = sorted(str(p) for p in written if read_image(p)[1].clipped_float_values)
+    assert clipped, "the corpus has a float image with NaN and values outside [0, 1]"
+    assert sorted(n.split()[1].rstrip(":") for n in notes if "first of" in n) == multi
+    assert sorted(n.split()[1].rstrip(":") for n in notes if "outside [0, 1]" in n and "clipped" in n) == clipped
+    assert len(notes) == len(multi) + len(clipped)
     assert len(stderr_lines(res)) == failed + len(notes) + 1  # nothing else on stderr
 
 
@@ -201,8 +207,10 @@ def test_hostile_bytes_on_stdin(case, models):
     if case.ok is not None and not by_name:
         assert (res.exit_code == 0) == case.ok, res.stderr
     if res.exit_code == 0:
-        frames = read_image(case.data)[1].frames
-        assert stderr_lines(res) == ([f"note: <stdin>: only the first of {frames} frames (pages) was deblurred"] if frames > 1 else [])
+        info = read_image(case.data)[1]
+        n = info.clipped_float_values
+        assert stderr_lines(res) == ([f"note: <stdin>: only the first of {info.frames} frames (pages) was deblurred"] if info.frames > 1 else []) + (
+            [f"note: <stdin>: {n:,} float values outside [0, 1] were clipped"] if n > 1 else [])
         img, info = read_image(res.stdout_bytes)
         assert img.shape[:2] == read_image(case.data)[1].size
         if case.data.startswith(PNG_SIGNATURE):

@@ -40,7 +40,8 @@ from ..images import (
     write_image,
 )
 from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
-from ..images.io import JPEG_MAX_XMP
+from ..images.io import JPEG_MAX_EXIF, JPEG_MAX_XMP
+from ..images.png import colour_other_than_srgb
 from .deblurrer import Deblurrer
 from .tiled import ProgressFn
 
@@ -499,11 +500,20 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
     notes = []
     if info.frames > 1:
         notes.append(f"only the first of {info.frames} frames (pages) was deblurred")
+    if info.clipped_float_values:  # the model takes [0, 1]: the read clipped them
+        n = info.clipped_float_values
+        notes.append(f"{n:,} float value{'s' if n != 1 else ''} outside [0, 1] {'were' if n != 1 else 'was'} clipped")
+    colour = colour_other_than_srgb(info.png_chunks)
+    if job.format != "png" and colour and info.icc_profile is None:
+        notes.append(f"{job.format.upper()} cannot hold the PNG's colour space ({', '.join(colour)}, not sRGB): "
+                     "written untagged, which readers take for sRGB")
     if job.format == "jpeg":
         if info.alpha is not None:
             notes.append("JPEG has no alpha channel: the transparency was dropped")
         if options.bit_depth == 16 or info.bit_depth > 8:
             notes.append("JPEG holds 8 bits: written as 8-bit")
+        if info.exif is not None and len(info.exif) > JPEG_MAX_EXIF:
+            notes.append(f"the EXIF metadata ({len(info.exif):,} bytes) is too large for a JPEG segment: dropped")
         if info.xmp is not None and len(info.xmp) > JPEG_MAX_XMP:
             notes.append(f"the XMP metadata ({len(info.xmp):,} bytes) is too large for a JPEG segment: dropped")
     return notes

@@ -11,7 +11,7 @@ Conventions
   formats this package reads); every folder listing in kpac goes through it.
 * :func:`write_image` clips to ``[0, 1]`` and rounds half-up (float32 TIFF is written unclipped), ``floor(v * (2**b - 1) + 0.5)``,
   so reading and writing back at the same bit depth is bit-exact (16-bit PNG included).
-* ICC profile, EXIF, XMP and print resolution travel in :class:`ImageInfo` from
+* ICC profile, EXIF, XMP, print resolution and a PNG's colour space and text chunks travel in :class:`ImageInfo` from
   :func:`read_image` to :func:`write_image`, across formats (see :mod:`.io` and
   :mod:`.metadata`); damaged or oversized metadata is dropped, never fatal.
 * Every user-facing failure is an :class:`ImageError` whose one-line message names the file.

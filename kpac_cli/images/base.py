@@ -82,8 +82,9 @@ class ImageInfo:
         Source format: ``'png'``, ``'tiff'``, ``'jpeg'`` or ``'raw'`` (lowercase).
     bit_depth : int
         Bits per integer sample of the source: 8 or 16. Floating-point TIFF gives 32 (written
-        as 16-bit by default). RAW gives 16 (LibRaw develops to 16 bits). Sources with other
-        integer depths are rescaled: 1/2/4-bit -> 8, 12/14-bit TIFF -> 16.
+        as float32 TIFF by default; a PNG output defaults to 16-bit, JPEG is always 8-bit).
+        RAW gives 16 (LibRaw develops to 16 bits). Sources with other integer depths are
+        rescaled: 1/2/4-bit -> 8, 12/14-bit TIFF -> 16.
     channels : int
         Channels of the source: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA (palette images count as
         3 or 4 after expansion).
@@ -108,6 +109,14 @@ class ImageInfo:
         Print resolution ``(x, y)`` in pixels per inch, of the returned array (swapped when
         the orientation swapped the axes); None when the source has none. See
         :mod:`.metadata`.
+    clipped_float_values : int
+        Float TIFF samples (colour and alpha) that were outside ``[0, 1]`` or NaN, and so were
+        clipped to it (NaN read as 0) on read; 0 for every other source.
+    png_chunks : tuple of (bytes, bytes)
+        ``(type, payload)`` of a PNG source's colour space chunks (gAMA, cHRM, sRGB: the first
+        well-formed one of each) and text chunks (tEXt, zTXt, iTXt other than XMP), in file
+        order, copied verbatim into PNG outputs (sRGB not beside an ICC profile). Empty for
+        other sources.
     """
 
     path: str | None
@@ -122,6 +131,8 @@ class ImageInfo:
     frames: int = 1
     xmp: bytes | None = None
     dpi: tuple[float, float] | None = None
+    clipped_float_values: int = 0
+    png_chunks: tuple[tuple[bytes, bytes], ...] = ()
 
 
 def to_float(arr: np.ndarray, maxval: int | float) -> np.ndarray:

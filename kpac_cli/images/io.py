@@ -10,12 +10,17 @@ PNG
     1/2/4/8-bit and palette images via Pillow (palette -> RGB or RGBA, low depths scaled to
     8 bits). 16-bit via :mod:`.png` (Pillow would truncate 16-bit RGB to 8 bits). A tRNS colour
     key becomes an alpha channel. iCCP, eXIf, pHYs and the XMP iTXt (``XML:com.adobe.xmp``)
-    are read and written (by :mod:`.png`, at either depth). APNG: the default image
-    (what a non-animated viewer shows) is read, ``info.frames`` tells how many frames exist.
+    are read and written (by :mod:`.png`, at either depth). The colour space chunks (gAMA,
+    cHRM, sRGB) and the text chunks (tEXt, zTXt, other iTXt) are kept verbatim in
+    ``info.png_chunks`` and written back to PNG outputs only (JPEG and TIFF have no place for
+    them). APNG: the default image (what a non-animated viewer shows) is read, ``info.frames``
+    tells how many frames exist.
 TIFF
     tifffile: 1/2/4/8/16-bit integer (9-15-bit rescaled to 16), float (clipped to ``[0, 1]``,
-    ``bit_depth == 32``), gray, RGB, palette, min-is-white, contiguous or planar, first extra
-    sample = alpha (associated alpha is un-premultiplied). Multi-page: the first page is read,
+    NaN read as 0, ``bit_depth == 32``; ``info.clipped_float_values`` counts the samples that
+    changed), gray, RGB, palette, min-is-white, contiguous or planar. Alpha is the first extra
+    sample marked as alpha (ExtraSamples 1 associated, un-premultiplied, or 2 unassociated),
+    else the first extra sample; other extra samples are dropped. Multi-page: the first page is read,
     ``info.frames`` counts the pages. CMYK, YCbCr and Lab are refused with an :class:`ImageError`
     (no colour-managed conversion is available, and a naive one would silently shift colours).
     Every compression tifffile decodes with ``imagecodecs`` (a dependency: LZW, JPEG,
@@ -27,7 +32,7 @@ TIFF
 JPEG
     Pillow; gray and RGB (CMYK/YCCK refused). MPO (multi-picture) reads the first picture.
     The main XMP packet is read (extended XMP segments are not). Written 8-bit, 4:4:4
-    chroma, with ICC (APP2), EXIF (APP1; dropped if over 64 KB), XMP (APP1
+    chroma, with ICC (APP2), EXIF (APP1; dropped if over :data:`JPEG_MAX_EXIF` bytes), XMP (APP1
     ``http://ns.adobe.com/xap/1.0/``; dropped if over 65504 bytes, as extended XMP is not
     written) and the resolution as JFIF density (whole dpi).
 RAW
@@ -248,8 +253,9 @@ def _decode_error(name, what: str, exc: Exception) -> ImageError:
 
 # --------------------------------------------------------------------------------------------
 # per-format readers: return (int or float array H x W x C, bit_depth, icc, exif, orientation,
-# frames, xmp, dpi); C includes alpha as the last channel when it is 2 or 4. xmp and dpi are
-# already checked (see .metadata); dpi is as stored, before orientation is applied.
+# frames, xmp, dpi, extra); C includes alpha as the last channel when it is 2 or 4. xmp and dpi
+# are already checked (see .metadata); dpi is as stored, before orientation is applied. extra
+# holds the ImageInfo fields only some formats fill (keyword -> value).
 
 
 def _read_png(src: _Src, max_pixels):
@@ -263,7 +269,8 @@ def _read_png(src: _Src, max_pixels):
     else:
         arr = _pillow_png(src, png)
         depth = 8
-    return arr, depth, icc, exif, exif_mod.read_orientation(exif), png.frames, png.xmp, png.dpi
+    extra = {"png_chunks": tuple(png.kept_chunks)}
+    return arr, depth, icc, exif, exif_mod.read_orientation(exif), png.frames, png.xmp, png.dpi, extra
 
 
 def _pillow_png(src: _Src, png: png_mod.PngFile) -> np.ndarray:
@@ -290,18 +297,15 @@ def _pillow_png(src: _Src, png: png_mod.PngFile) -> np.ndarray:
         arr = arr[..., None]
     if arr.shape[:2] != (png.height, png.width):
         raise ImageError(src.name, "corrupt PNG (decoded size differs from the header)")
-    if mode in ("L", "1", "RGB") and trns is not None:
-        # tRNS colour key -> alpha. Pillow scales 1/2/4-bit gray pixels to 0..255 but keeps
-        # the key unscaled.
-        if mode in ("L", "1") and isinstance(trns, int):
-            if png.bit_depth < 8:
-                trns = trns * (255 // ((1 << png.bit_depth) - 1))
-            key = np.array([trns], np.uint8)
-        elif mode == "RGB" and isinstance(trns, tuple) and len(trns) == 3:
-            key = np.array(trns, np.uint8)
-        else:
-            key = None
-        if key is not None:
+    if png.color_type in (0, 2) and png.trns is not None:
+        # tRNS colour key -> alpha, taken from the chunk: Pillow reports it scaled for 1-bit,
+        # unscaled for 2/4-bit and unmasked for all. The spec keeps only the key's low
+        # bit-depth bits; Pillow scales 1/2/4-bit gray pixels to 0..255, so the key is scaled alike.
+        n = 1 if png.color_type == 0 else 3  # gray or RGB key
+        maxval = (1 << png.bit_depth) - 1
+        if len(png.trns) >= 2 * n and arr.shape[2] == n:
+            key = np.array(struct.unpack(f">{n}H", png.trns[: 2 * n]), np.uint16) & maxval
+            key = (key * (255 // maxval)).astype(np.uint8)
             alpha = np.where((arr == key).all(axis=-1), 0, 255).astype(np.uint8)
             arr = np.concatenate([arr, alpha[..., None]], axis=-1)
     return arr
@@ -380,7 +384,7 @@ def _read_jpeg(src: _Src, max_pixels):
             raise _decode_error(src.name, "JPEG image data", exc) from None
     if arr.ndim == 2:
         arr = arr[..., None]
-    return arr, 8, icc, exif, exif_mod.read_orientation(exif), frames, xmp, dpi
+    return arr, 8, icc, exif, exif_mod.read_orientation(exif), frames, xmp, dpi, {}
 
 
 def _jfif_dpi(info: dict) -> tuple[float, float] | None:
@@ -469,27 +473,25 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
     if arr.shape[:2] != (h, w):
         raise ImageError(src.name, "corrupt TIFF (decoded size differs from the header)")
     P = tifffile.PHOTOMETRIC
+    clipped = 0
     if photometric == P.PALETTE:
-        arr, depth = _apply_colormap(src, colormap, arr)
-        color = 3
+        arr, depth = _apply_colormap(src, colormap, arr)  # RGB, extra samples dropped
     else:
         color = 1 if photometric in (P.MINISBLACK, P.MINISWHITE) else 3
         if arr.shape[2] < color:
             raise ImageError(src.name, f"corrupt TIFF ({arr.shape[2]} samples for an RGB image)")
-        arr, depth = _tiff_normalize(src, arr, bps)
+        # the samples are chosen first, so that clipping counts only the values kept
+        arr, alpha_kind = _tiff_color_and_alpha(arr, color, extrasamples)
+        arr, depth, clipped = _tiff_normalize(src, arr, bps)
         if photometric == P.MINISWHITE:
             top = 1.0 if arr.dtype.kind == "f" else (1 << depth) - 1
             arr[..., :color] = top - arr[..., :color]
-    if arr.shape[2] > color:
-        arr = arr[..., : color + 1]  # first extra sample = alpha; further ones are dropped
-        if extrasamples[:1] == (1,):  # associated (premultiplied) alpha -> straight
+        if alpha_kind == 1:  # associated (premultiplied) alpha -> straight
             arr = _unpremultiply(arr, depth)
-    else:
-        arr = arr[..., :color]
     exif = None
     if has_exif:
         exif = _tiff_exif(src)
-    return arr, depth, icc, exif, orientation, frames, xmp, dpi
+    return arr, depth, icc, exif, orientation, frames, xmp, dpi, {"clipped_float_values": clipped}
 
 
 def _tiff_xmp(tags) -> bytes | None:
@@ -502,25 +504,46 @@ def _tiff_xmp(tags) -> bytes | None:
     return meta.normalize_xmp(value) if isinstance(value, (bytes, str)) else None
 
 
-def _tiff_normalize(src: _Src, arr: np.ndarray, bps) -> tuple[np.ndarray, int]:
-    """TIFF samples -> (uint8 / uint16 exact, or float32 in [0, 1]; nominal bit depth)."""
+def _tiff_color_and_alpha(arr: np.ndarray, color: int, extrasamples: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """The ``color`` colour samples plus the alpha one, and the alpha's ExtraSamples value.
+
+    Alpha is the first extra sample marked as alpha (1 associated, 2 unassociated), else the
+    first extra sample whatever it is; the other extra samples are dropped.
+    """
+    extra = arr.shape[2] - color
+    if extra <= 0:
+        return arr[..., :color], 0
+    kinds = extrasamples[:extra]
+    marked = [i for i, kind in enumerate(kinds) if kind in (1, 2)]
+    if not marked:
+        return arr[..., : color + 1], 0
+    i = marked[0]
+    keep = slice(0, color + 1) if i == 0 else [*range(color), color + i]
+    return arr[..., keep], kinds[i]
+
+
+def _tiff_normalize(src: _Src, arr: np.ndarray, bps) -> tuple[np.ndarray, int, int]:
+    """TIFF samples -> (uint8 / uint16 exact, or float32 in [0, 1]; nominal bit depth; how
+    many float samples were outside [0, 1] or NaN, and so changed)."""
     bits = int(bps[0] if isinstance(bps, tuple) else bps)
     kind, size = arr.dtype.kind, arr.dtype.itemsize
     if kind == "b":
-        return arr.astype(np.uint8) * np.uint8(255), 8
+        return arr.astype(np.uint8) * np.uint8(255), 8, 0
     if kind == "f":
-        out = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        out = arr.astype(np.float32)  # a copy, changed in place below
+        clipped = out.size - int(np.count_nonzero((out >= 0) & (out <= 1)))  # NaN compares false: counted
+        np.nan_to_num(out, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
         np.clip(out, 0.0, 1.0, out=out)
-        return out, 32
+        return out, 32, clipped
     if kind == "u" and size == 1:
         if bits < 8:  # 2/4-bit gray: scale exactly to 8 bits
-            return arr * np.uint8(255 // ((1 << bits) - 1)), 8
-        return arr, 8
+            return arr * np.uint8(255 // ((1 << bits) - 1)), 8, 0
+        return arr, 8, 0
     if kind == "u" and size == 2:
         arr = arr.astype(np.uint16)  # native byte order
         if bits < 16:  # 9..15-bit samples: rescale (as float) to the 16-bit range
-            return to_float(np.minimum(arr, (1 << bits) - 1), (1 << bits) - 1), 16
-        return arr, 16
+            return to_float(np.minimum(arr, (1 << bits) - 1), (1 << bits) - 1), 16, 0
+        return arr, 16, 0
     raise ImageError(src.name, f"unsupported TIFF sample format ({arr.dtype}, {bits}-bit)")
 
 
@@ -579,17 +602,18 @@ def _dispatch(src: _Src, fmt: str, max_pixels, raw_options):
         if res is not None:
             return fmt, res
     arr, orientation = read_raw(src.raw_arg, src.name, max_pixels=max_pixels, options=raw_options)
-    return "raw", (arr, 16, None, None, orientation, 1, None, None)  # LibRaw has already rotated the pixels
+    return "raw", (arr, 16, None, None, orientation, 1, None, None, {})  # LibRaw has already rotated the pixels
 
 
 def _decode(source, max_pixels, raw_options):
     """The decoding step :func:`read_image` and :func:`read_image_codes` share.
 
-    Returns ``(src, format, arr, bit_depth, icc, exif, orientation, frames, xmp, dpi)`` with
+    Returns ``(src, format, arr, bit_depth, icc, exif, orientation, frames, xmp, dpi, extra)`` with
     ``arr`` ``H x W x C`` as the format reader gave it (uint8 / uint16 codes, or float32 in
     [0, 1] for float and 9-15-bit TIFF; alpha last when C is 2 or 4), EXIF orientation applied
     (to the pixels, the EXIF and XMP orientation, and the dpi pair). ``dpi`` falls back to
-    EXIF's XResolution / YResolution when the format's own field has none.
+    EXIF's XResolution / YResolution when the format's own field has none. ``extra`` holds
+    the further :class:`ImageInfo` fields the format reader filled.
     """
     src = _Src(source)
     fmt = _sniff(src)
@@ -602,7 +626,7 @@ def _decode(source, max_pixels, raw_options):
         raise ImageError(src.name, "out of memory while decoding") from None
     except Exception as exc:  # any other library failure on bad data is a bad-image error
         raise _decode_error(src.name, fmt.upper(), exc) from None
-    fmt, (arr, depth, icc, exif, orientation, frames, xmp, dpi) = res
+    fmt, (arr, depth, icc, exif, orientation, frames, xmp, dpi, extra) = res
     if dpi is None:
         dpi = exif_mod.read_resolution(exif)
     if fmt != "raw":
@@ -614,7 +638,7 @@ def _decode(source, max_pixels, raw_options):
                 xmp = meta.reset_xmp_orientation(xmp)
             if dpi is not None and orientation in (5, 6, 7, 8):  # axes swapped
                 dpi = (dpi[1], dpi[0])
-    return src, fmt, arr, depth, icc, exif, orientation, frames, xmp, dpi
+    return src, fmt, arr, depth, icc, exif, orientation, frames, xmp, dpi, extra
 
 
 def _color(arr: np.ndarray) -> np.ndarray:
@@ -662,7 +686,7 @@ def read_image(
         Missing/empty/unreadable file, unsupported or corrupt content, too many pixels.
         The message is one line and names the file.
     """
-    src, fmt, arr, depth, icc, exif, orientation, frames, xmp, dpi = _decode(source, max_pixels, raw_options)
+    src, fmt, arr, depth, icc, exif, orientation, frames, xmp, dpi, extra = _decode(source, max_pixels, raw_options)
     channels = int(arr.shape[2])
     if arr.dtype.kind == "f":  # float TIFF / rescaled 9-15-bit: already in [0, 1]
         f = np.ascontiguousarray(arr, dtype=np.float32)
@@ -685,6 +709,7 @@ def read_image(
         frames=frames,
         xmp=xmp,
         dpi=dpi,
+        **extra,
     )
     return f, info
 
@@ -891,8 +916,9 @@ def write_image(
     info : ImageInfo
         From :func:`read_image`. Gray sources (1 or 2 channels) are written gray (the mean of
         the three channels); ``info.alpha`` is re-attached when the format has alpha (PNG,
-        TIFF; JPEG drops it) and must be ``H x W``; ICC, EXIF, XMP and the print resolution
-        are copied where the format allows (see the module notes).
+        TIFF; JPEG drops it) and must be ``H x W``; ICC, EXIF, XMP, the print resolution and
+        a PNG's colour space and text chunks are copied where the format allows (see the
+        module notes).
     format : {'png', 'tiff', 'jpeg'}, optional
         Default: from the path's extension when it is one of png/tif/tiff/jpg/jpeg, else the
         source format (RAW -> TIFF).
@@ -966,6 +992,9 @@ def write_image(
 #: The most XMP one JPEG APP1 segment holds: 65535 - 2 (length) - 29 (namespace) bytes.
 #: Longer packets would need "extended XMP" (several segments), which Pillow does not write.
 JPEG_MAX_XMP = 65504
+#: The most EXIF (``Exif\0\0`` + TIFF data) one JPEG APP1 segment holds: 65535 - 2 (length)
+#: bytes, Pillow's limit. EXIF has no multi-segment form, so larger EXIF is not written to JPEG.
+JPEG_MAX_EXIF = 65533
 
 
 def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int) -> bytes:
@@ -975,18 +1004,24 @@ def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int
     xmp = meta.normalize_xmp(info.xmp)
     dpi = None if info.dpi is None else meta.normalize_dpi(*info.dpi)  # same rules as on read
     if fmt == "png":
+        chunks = png_mod.chunks_to_copy(info.png_chunks, icc)
         if depth == 16:
-            return png_mod.encode16(arr, icc_profile=icc, exif=exif, xmp=xmp, dpi=dpi)
+            return png_mod.encode16(arr, icc_profile=icc, exif=exif, xmp=xmp, dpi=dpi, chunks=chunks)
         opts = {}
-        if xmp is not None:
+        if xmp is not None or chunks:
             from PIL.PngImagePlugin import PngInfo
 
             opts["pnginfo"] = PngInfo()
-            opts["pnginfo"].add_itxt(png_mod.XMP_KEYWORD, xmp)
+            for ctype, data in chunks:  # written verbatim before IDAT, as encode16 does
+                opts["pnginfo"].add(ctype, data)
+            if xmp is not None:
+                opts["pnginfo"].add_itxt(png_mod.XMP_KEYWORD, xmp)
         if dpi is not None:
             opts["dpi"] = dpi
         return _pillow_save(arr, "PNG", icc=icc, exif=exif, compress_level=6, **opts)
     if fmt == "jpeg":
+        if exif is not None and len(exif) > JPEG_MAX_EXIF:
+            exif = None  # too large for one APP1 segment: the rest is written without it
         opts = {}
         if xmp is not None and len(xmp) <= JPEG_MAX_XMP:
             opts["xmp"] = xmp
@@ -1005,15 +1040,7 @@ def _pillow_save(arr: np.ndarray, fmt: str, *, icc, exif, **opts) -> bytes:
     if exif:
         opts["exif"] = exif
     buf = io.BytesIO()
-    try:
-        im.save(buf, fmt, **opts)
-    except ValueError:
-        if "exif" not in opts:
-            raise
-        # JPEG APP1 holds at most 64 KB: keep the pixels and the ICC, drop the EXIF.
-        opts.pop("exif")
-        buf = io.BytesIO()
-        im.save(buf, fmt, **opts)
+    im.save(buf, fmt, **opts)
     return buf.getvalue()
 
 

@@ -5,7 +5,9 @@ PNGs as 8-bit (it keeps only the high byte) and cannot write them at all. This m
 
 * parses the chunk structure itself (IHDR, PLTE, iCCP, eXIf, iTXt XMP, pHYs, tRNS, acTL, IDAT;
   CRCs checked), so the size is known and checked before any pixel memory is allocated, and
-  metadata is read here, with its own limits, for every depth;
+  metadata is read here, with its own limits, for every depth. The colour space chunks
+  (gAMA, cHRM, sRGB) and the text chunks (tEXt, zTXt, non-XMP iTXt) are kept as they are
+  (:data:`KEPT_CHUNKS`), to be copied verbatim into a PNG output;
 * decodes 16-bit IDAT data with Pillow's own C zlib+unfilter decoder (the ``"zip"`` decoder
   behind ``Image.frombytes``), run twice with big- and little-endian 16-bit raw modes: each
   run unfilters with the true 6- or 8-byte pixel stride and keeps one byte of every sample
@@ -14,7 +16,8 @@ PNGs as 8-bit (it keeps only the high byte) and cannot write them at all. This m
 * encodes 16-bit PNG with NumPy-vectorised per-row adaptive filtering (None/Sub/Up/Average/
   Paeth chosen by minimum sum of absolute differences, as libpng does) and ``zlib``,
   with iCCP, eXIf, pHYs and iTXt (XMP) chunks, byte for byte the chunks Pillow writes for
-  8-bit PNG (``icc_profile=``, ``exif=``, ``dpi=``, ``PngInfo.add_itxt``).
+  8-bit PNG (``icc_profile=``, ``exif=``, ``dpi=``, ``PngInfo.add_itxt``), and the kept chunks
+  as :func:`chunks_to_copy` selects them for both depths.
 
 8-bit and lower depths and palette images are decoded by Pillow (see :mod:`.io`), from
 :func:`pixel_stream`: only the chunks that define the pixels, so that metadata Pillow would
@@ -41,6 +44,11 @@ XMP_KEYWORD = b"XML:com.adobe.xmp"  # the iTXt keyword of the XMP packet (XMP sp
 _IDAT_PIECE = 1 << 23
 _VALID_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+#: Colour space chunks kept from a PNG input: payload size of each (PNG spec), at most one of each.
+COLOUR_CHUNKS = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1}
+#: Text chunks kept from a PNG input (every one, except the XMP iTXt, which is ``xmp``).
+TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+KEPT_CHUNKS = (*COLOUR_CHUNKS, *TEXT_CHUNKS)
 
 
 @dataclass
@@ -59,6 +67,8 @@ class PngFile:
     trns: bytes | None = None
     plte: bytes | None = None
     frames: int = 1
+    # (type, payload) of the colour space and text chunks, in file order (see KEPT_CHUNKS)
+    kept_chunks: list[tuple[bytes, bytes]] = field(default_factory=list)
     idat: list[bytes] = field(default_factory=list)
 
 
@@ -118,8 +128,18 @@ def parse(fh: BinaryIO, name, *, max_pixels: int | None, header_only: bool = Fal
             png.icc_profile = _iccp(data)
         elif ctype == b"eXIf" and png.exif is None:
             png.exif = bytes(data) or None
-        elif ctype == b"iTXt" and png.xmp is None and data.startswith(XMP_KEYWORD + b"\x00"):
-            png.xmp = _itxt_text(data)
+        elif ctype == b"iTXt" and data.startswith(XMP_KEYWORD + b"\x00"):
+            if png.xmp is None:
+                png.xmp = _itxt_text(data)
+        elif ctype in TEXT_CHUNKS:
+            png.kept_chunks.append((ctype, bytes(data)))
+        elif ctype in COLOUR_CHUNKS:
+            # only a well-formed first one, before PLTE and IDAT as the spec requires (libpng
+            # ignores the others too)
+            placed = png.plte is None and not seen_idat
+            first = all(t != ctype for t, _ in png.kept_chunks)
+            if placed and first and len(data) == COLOUR_CHUNKS[ctype]:
+                png.kept_chunks.append((ctype, bytes(data)))
         elif ctype == b"pHYs" and png.dpi is None:
             png.dpi = _phys(data)
         elif ctype == b"tRNS":
@@ -317,13 +337,52 @@ def _metadata_chunks(xmp: bytes | None, dpi: tuple[float, float] | None) -> list
     return chunks
 
 
+# sRGB's gAMA (1/2.2, x 100000) and cHRM (white, red, green, blue x/y, x 100000), as the PNG
+# spec recommends writing beside an sRGB chunk.
+_SRGB_GAMA = 45455
+_SRGB_CHRM = (31270, 32900, 64000, 33000, 30000, 60000, 15000, 6000)
+
+
+def colour_other_than_srgb(chunks) -> list[str]:
+    """The kept colour space chunks that describe something other than sRGB, which readers
+    assume of an untagged JPEG or TIFF: none beside an sRGB chunk, else a gAMA more than 2 %
+    from 1/2.2 and a cHRM more than 0.01 from sRGB's chromaticities."""
+    found = {bytes(t): bytes(d) for t, d in chunks if bytes(t) in COLOUR_CHUNKS}
+    if b"sRGB" in found:
+        return []
+    other = []
+    if b"gAMA" in found and abs(struct.unpack(">I", found[b"gAMA"])[0] - _SRGB_GAMA) > 0.02 * _SRGB_GAMA:
+        other.append("gAMA")
+    if b"cHRM" in found and max(abs(a - b) for a, b in zip(struct.unpack(">8I", found[b"cHRM"]), _SRGB_CHRM)) > 1000:
+        other.append("cHRM")
+    return other
+
+
+def chunks_to_copy(chunks, icc_profile: bytes | None) -> list[tuple[bytes, bytes]]:
+    """The kept chunks (``(type, payload)`` pairs) a PNG output carries: those of
+    :data:`KEPT_CHUNKS`, each colour space chunk once (the first), and no sRGB beside an ICC
+    profile (the spec allows only one of them), as Pillow chooses for 8-bit PNG."""
+    out, seen = [], set()
+    for ctype, data in chunks:
+        ctype = bytes(ctype)
+        if ctype in COLOUR_CHUNKS:
+            if ctype in seen or (ctype == b"sRGB" and icc_profile):
+                continue
+            seen.add(ctype)
+        elif ctype not in TEXT_CHUNKS:
+            continue
+        out.append((ctype, bytes(data)))
+    return out
+
+
 def encode16(arr: np.ndarray, *, icc_profile: bytes | None = None, exif: bytes | None = None,
              xmp: bytes | None = None, dpi: tuple[float, float] | None = None,
-             compress_level: int = 6) -> bytes:
+             chunks=(), compress_level: int = 6) -> bytes:
     """Encode ``uint16`` H x W x C (C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA) as a 16-bit PNG.
 
     ``exif`` may carry the ``Exif\\0\\0`` prefix (it is stripped for the eXIf chunk);
-    ``xmp`` (the packet) and ``dpi`` (pixels per inch) go in iTXt and pHYs chunks.
+    ``xmp`` (the packet) and ``dpi`` (pixels per inch) go in iTXt and pHYs chunks; ``chunks``
+    (``(type, payload)`` pairs, see :func:`chunks_to_copy`) are written verbatim before IDAT.
     """
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -337,6 +396,8 @@ def encode16(arr: np.ndarray, *, icc_profile: bytes | None = None, exif: bytes |
     buf.write(_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)))
     if icc_profile:
         buf.write(_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile)))
+    for ctype, data in chunks_to_copy(chunks, icc_profile):
+        buf.write(_chunk(ctype, data))
     if exif:
         body = exif[6:] if exif.startswith(b"Exif\x00\x00") else exif
         buf.write(_chunk(b"eXIf", body))
