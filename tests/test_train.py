@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -226,6 +227,11 @@ def test_cli_resume_accepts_a_new_lr_schedule_but_not_a_new_seed(tmp_path, dpdd)
     assert state["step"] == 6 and state["optimizer"]["param_groups"][0]["lr"] == 1e-5
     r = runner.invoke(app, ["train", "--resume", str(tmp_path / "r"), "--iterations", "8", "--seed", "3"])
     assert r.exit_code == 2 and "--seed cannot change" in r.output
+    # a run goes on from its last checkpoint: another file named is refused, not silently replaced by last.pt
+    shutil.copy(tmp_path / "r/last.pt", tmp_path / "r/snap.pt")
+    r = runner.invoke(app, ["train", "--resume", str(tmp_path / "r/snap.pt"), "--iterations", "8"])
+    assert r.exit_code == 2 and "continues from its last checkpoint" in r.output and "--init" in r.output
+    assert load_state(tmp_path / "r/last.pt")["step"] == 6
     # a weight average may start on resume (from the resumed weights) and is kept from then on
     r = runner.invoke(app, ["train", "--resume", str(tmp_path / "r"), "--iterations", "7", "--ema", "0.9", "--quiet"])
     assert r.exit_code == 0, r.output
@@ -507,6 +513,9 @@ def test_ema_averages_the_weights_and_is_what_gets_validated_and_exported(tmp_pa
     assert_same_tensors(exported.state_dict, avg)
     assert_same_tensors(load_checkpoint(L.export_model(tmp_path / "e", tmp_path / "x.safetensors")).state_dict, avg)
     assert exported.provenance["weight_average"] == "exponential moving average, decay 0.5"
+    # a checkpoint loaded as a model (kpac deblur --model RUN/best.pt, --init, --blend-with) is the average too
+    assert_same_tensors(load_checkpoint(tmp_path / "e/last.pt").state_dict, avg)
+    assert_same_tensors(L._init_weights(tmp_path / "e")[1], avg)
     # validation scored the average, not the raw weights
     bundle = L.build_data(cfg.replace(model=TINY), TINY.stride, rank=0, local_world=1, log=lambda *a, **k: None)
     cpu = torch.device("cpu")
@@ -994,3 +1003,16 @@ def test_cli_negative_counts_and_weights_are_one_line_errors(tmp_path, cli, args
     r = CliRunner().invoke(cli, ["train", "--procedural", "1", "--run-dir", str(tmp_path / "run"), *args])
     assert r.exit_code == 2 and flag in r.stderr and len(r.stderr.splitlines()) == 1, r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_resume_keeps_the_procedural_scenes(tmp_path, cli):
+    """Procedural scenes are drawn for the run's largest crop: a resume that changed it would
+    train and validate on other scenes."""
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--run-dir", str(run), "--iterations", "1", *_TINY_SYNTH])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run), "--iterations", "2", "--crop", "32:1,600"])
+    assert r.exit_code == 2 and "largest crop may not change" in r.output
+    assert load_state(run / "last.pt")["step"] == 1
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run), "--iterations", "2", "--crop", "32:1,64", "--quiet"])
+    assert r.exit_code == 0, r.output  # the scenes are drawn at 512 px or more: a 64 px crop changes nothing

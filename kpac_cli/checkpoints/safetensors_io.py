@@ -175,6 +175,12 @@ def _check_weight_values(path: Path, state: dict[str, Any]) -> None:
             raise CheckpointMismatchError(f"{path}: tensor {name!r} holds non-finite values (NaN or infinity)")
 
 
+def trained_weights(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The weights a .pt checkpoint stands for: a kpac training run's weight average where it
+    kept one (``--ema``: what its validation scored and its export holds), else its weights."""
+    return {**dict(checkpoint["model"]), **dict(checkpoint.get("ema") or {})}
+
+
 def _load_torch_weights_only(path: Path) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -192,7 +198,7 @@ def _load_torch_weights_only(path: Path) -> Checkpoint:
     try:
         cfg = obj["config"]
         config = KPACConfig.from_json(cfg) if isinstance(cfg, str) else KPACConfig.from_dict(dict(cfg))
-        state = dict(obj["model"])
+        state = trained_weights(obj)
         provenance = dict(obj.get("provenance") or {})
     except (TypeError, ValueError) as e:
         raise CheckpointMismatchError(f"{path}: invalid .pt checkpoint ({' '.join(str(e).split())})") from None

@@ -18,7 +18,7 @@ _HELP = """Train a KPAC network: the paper's recipe by default (Adam 0.9/0.99, l
 
 Data: a DPDD folder (--data), paired folders (--source/--target), or defocus synthesised on the fly from sharp photos (--synthetic DIR, repeatable; --skimage; --procedural N).
 
-Writes OUT/log.jsonl, OUT/last.pt and OUT/best.pt (training checkpoints; Ctrl-C saves one and stops) and, at the end, OUT/model.safetensors for `kpac deblur --model`.
+Writes RUN_DIR/log.jsonl, RUN_DIR/last.pt and RUN_DIR/best.pt (training checkpoints; Ctrl-C saves one and stops) and, at the end, RUN_DIR/model.safetensors for `kpac deblur --model`.
 
 Examples:
 
@@ -42,6 +42,7 @@ _RESUMABLE = {
     "iterations", "save_every", "val_every", "log_every", "workers", "threads", "device", "precision",
     "channels_last", "description", "tensorboard", "max_nonfinite", "data", "source", "target",
     "val_source", "val_target", "synthetic", "cache",
+    "vgg_weights",  # data and files may move
     "lr", "crop", "blur_rank_weight", "ema", "rescale", "transpose", "saturation",  # the recipe may be retuned for the iterations still to come
 }
 _RUN_ONLY = {"resume", "export_only", "export_from", "output", "overwrite", "blend_with", "blend", "json_out", "quiet", "out"}
@@ -229,6 +230,7 @@ def train_command(
     from ..train import (
         CheckpointError, DataError, TrainConfig, TrainingError, VGGWeightsMissing, export_model, load_state, train,
     )
+    from ..train.data import procedural_scene_side
     from ..train.loop import resolve_device, resolve_precision
     from ..train.state import resolve_checkpoint
 
@@ -301,11 +303,15 @@ def train_command(
     if resume is not None:
         if out is not None and out.resolve() != resume.resolve():
             raise usage_error("--resume RUN continues in RUN; drop --run-dir")
+        if not resume.is_dir() and resume.name != "last.pt":
+            # a run goes on from where it stopped, which is its last.pt, whatever file is named
+            raise usage_error(f"--resume {resume}: a run continues from its last checkpoint; give the run folder "
+                              f"(or its last.pt), or start a new run from these weights with --init {resume}")
         try:
             state = load_state(resume / "last.pt" if resume.is_dir() else resume)
         except CheckpointError as e:
             raise usage_error(str(e)) from None
-        cfg = TrainConfig.from_dict(state["train_config"])
+        cfg = started = TrainConfig.from_dict(state["train_config"])
         saved = KPACConfig.from_dict(state["config"])
         # Map CLI names onto TrainConfig fields to see which were changed on this command line.
         cli_to_field = {"no_flips": "flips", "no_tensorboard": "tensorboard"}
@@ -325,6 +331,10 @@ def train_command(
                 f"{', '.join(changed)} cannot change when resuming (the run would no longer be what its checkpoint says); "
                 "start a new run with --init instead"
             )
+        if cfg.procedural and procedural_scene_side(cfg) != procedural_scene_side(started):
+            # the scenes are drawn at a size the largest crop sets: other scenes, other validation
+            raise usage_error(f"--crop: the largest crop may not change when resuming a run with procedural scenes "
+                              f"(they are drawn for it); keep its largest size, {started.crop_schedule.max_size}")
         cfg = cfg.replace(out=resume if resume.is_dir() else resume.parent, resume=True)
     else:
         try:

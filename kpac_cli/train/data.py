@@ -514,14 +514,18 @@ class DataBundle:
     cached: bool = False
 
 
+def procedural_scene_side(cfg: Any) -> int:
+    """The side of a run's procedural scenes: big enough for its largest crop and the blur
+    margin, so that they never need mirror padding (so a run's scenes depend on that crop)."""
+    return max(512, cfg.crop_schedule.max_size, cfg.val_crop) + 2 * (int(math.ceil(cfg.max_radius)) + 2)
+
+
 def _synth_sources(cfg: Any) -> list[Any]:
     from .. import synth
 
     if not hasattr(synth, "sharp_sources"):
         raise DataError("this kpac build's synthesiser cannot list sharp sources (kpac_cli.synth.sharp_sources missing)")
-    # Procedural scenes are drawn big enough for the largest crop and its blur margin, so
-    # they never need mirror padding.
-    side = max(512, cfg.crop_schedule.max_size, cfg.val_crop) + 2 * (int(math.ceil(cfg.max_radius)) + 2)
+    side = procedural_scene_side(cfg)
     sources = synth.sharp_sources([Path(p) for p in cfg.synthetic], include_skimage=cfg.skimage, procedural=cfg.procedural,
                                   procedural_size=(side, side), procedural_seed=cfg.seed)
     sources = sorted(sources, key=lambda s: s.name)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..checkpoints import load_checkpoint, save_checkpoint
-from ..checkpoints.safetensors_io import load_state_dict_checked
+from ..checkpoints.safetensors_io import load_state_dict_checked, trained_weights
 from ..engine.device import autocast, cpu_has_fast_bf16, cpu_name
 from ..engine.device import resolve_device as _engine_device
 from ..images import cleanup_stale_temps
@@ -695,7 +695,7 @@ def export_model(run: str | Path, output: str | Path | None = None, which: str =
     state = load_state(path, optimizer=False)
     config = KPACConfig.from_dict(state["config"])
     model = build_model(config)
-    weights = {**state["model"], **state.get("ema", {})}  # the average, if the run kept one
+    weights = trained_weights(state)
     prov = dict(state.get("provenance") or {})
     if blend_with is not None:
         if not 0 <= blend <= 1:
