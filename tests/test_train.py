@@ -1016,3 +1016,14 @@ def test_cli_resume_keeps_the_procedural_scenes(tmp_path, cli):
     assert load_state(run / "last.pt")["step"] == 1
     r = CliRunner().invoke(cli, ["train", "--resume", str(run), "--iterations", "2", "--crop", "32:1,64", "--quiet"])
     assert r.exit_code == 0, r.output  # the scenes are drawn at 512 px or more: a 64 px crop changes nothing
+
+
+def test_a_run_records_the_stage_defaults_it_used(tmp_path, dpdd, monkeypatch):
+    """A resume continues with what the run used, even if a later kpac changed the defaults."""
+    from kpac_cli.train import config as C
+
+    train(tiny_cfg(tmp_path / "run", dpdd, iterations=1, lr=None, val_count=0))
+    saved = load_state(tmp_path / "run/last.pt")["train_config"]
+    assert saved["lr"] == C.STAGE_DEFAULTS["l1"]["lr"] == 1e-4 and saved["iterations"] == 1
+    monkeypatch.setitem(C.STAGE_DEFAULTS, "l1", {"iterations": 5, "lr": 3e-3})
+    assert TrainConfig.from_dict(saved).lr_schedule.at(0) == 1e-4

@@ -46,7 +46,7 @@ from ..metrics import psnr, ssim
 from ..model import KPACConfig, KPACNet, build_model, count_parameters, transfer_state
 from .. import distributed as D
 from .blur_ranking import attention_blur_loss
-from .config import TrainConfig
+from .config import STAGE_DEFAULTS, TrainConfig
 from .data import DataBundle, StepBatchSampler, build_data, collate, worker_init
 from .state import FORMAT, VERSION, capture_rng, load_state, resolve_checkpoint, restore_rng, save_state, weights_finite
 from .vgg import PerceptualLoss, find_vgg_weights, load_vgg19
@@ -519,7 +519,9 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
             "step": step,
             "rng": capture_rng(),
             "sampler": {"next_step": step, "seed": cfg.seed, "batch": cfg.batch, "world_size": dist_info.world_size},
-            "train_config": cfg.replace(model=model_cfg, resume=False).to_dict(),
+            # the stage defaults resolved, so that a resume never takes a later version's
+            "train_config": cfg.replace(model=model_cfg, resume=False, iterations=cfg.total_iterations,
+                                        lr=cfg.lr if cfg.lr is not None else STAGE_DEFAULTS[cfg.stage]["lr"]).to_dict(),
             "scores": scores, "best": best, "elapsed_s": elapsed(),
             "provenance": _provenance(cfg, bundle.description, step, scores, best, elapsed(), hw, model_cfg, dist_info.world_size),
         }
