@@ -7,7 +7,7 @@ PNGs as 8-bit (it keeps only the high byte) and cannot write them at all. This m
   CRCs checked), so the size is known and checked before any pixel memory is allocated, and
   metadata is read here, with its own limits, for every depth. The colour space chunks
   (gAMA, cHRM, sRGB) and the text chunks (tEXt, zTXt, non-XMP iTXt) are kept as they are
-  (:data:`KEPT_CHUNKS`), to be copied verbatim into a PNG output;
+  (:data:`COLOUR_CHUNKS`, :data:`TEXT_CHUNKS`), to be copied verbatim into a PNG output;
 * decodes 16-bit IDAT data with Pillow's own C zlib+unfilter decoder (the ``"zip"`` decoder
   behind ``Image.frombytes``), run twice with big- and little-endian 16-bit raw modes: each
   run unfilters with the true 6- or 8-byte pixel stride and keeps one byte of every sample
@@ -48,7 +48,6 @@ CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 COLOUR_CHUNKS = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1}
 #: Text chunks kept from a PNG input (every one, except the XMP iTXt, which is ``xmp``).
 TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
-KEPT_CHUNKS = (*COLOUR_CHUNKS, *TEXT_CHUNKS)
 
 
 @dataclass
@@ -67,7 +66,7 @@ class PngFile:
     trns: bytes | None = None
     plte: bytes | None = None
     frames: int = 1
-    # (type, payload) of the colour space and text chunks, in file order (see KEPT_CHUNKS)
+    # (type, payload) of the colour space and text chunks, in file order (see COLOUR_CHUNKS, TEXT_CHUNKS)
     kept_chunks: list[tuple[bytes, bytes]] = field(default_factory=list)
     idat: list[bytes] = field(default_factory=list)
 
@@ -360,7 +359,7 @@ def colour_other_than_srgb(chunks) -> list[str]:
 
 def chunks_to_copy(chunks, icc_profile: bytes | None) -> list[tuple[bytes, bytes]]:
     """The kept chunks (``(type, payload)`` pairs) a PNG output carries: those of
-    :data:`KEPT_CHUNKS`, each colour space chunk once (the first), and no sRGB beside an ICC
+    :data:`COLOUR_CHUNKS` and :data:`TEXT_CHUNKS`, each colour space chunk once (the first), and no sRGB beside an ICC
     profile (the spec allows only one of them), as Pillow chooses for 8-bit PNG."""
     out, seen = [], set()
     for ctype, data in chunks:
@@ -382,7 +381,7 @@ def encode16(arr: np.ndarray, *, icc_profile: bytes | None = None, exif: bytes |
 
     ``exif`` may carry the ``Exif\\0\\0`` prefix (it is stripped for the eXIf chunk);
     ``xmp`` (the packet) and ``dpi`` (pixels per inch) go in iTXt and pHYs chunks; ``chunks``
-    (``(type, payload)`` pairs, see :func:`chunks_to_copy`) are written verbatim before IDAT.
+    (``(type, payload)`` pairs, as :func:`chunks_to_copy` selects them) are written verbatim before IDAT.
     """
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -396,7 +395,7 @@ def encode16(arr: np.ndarray, *, icc_profile: bytes | None = None, exif: bytes |
     buf.write(_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)))
     if icc_profile:
         buf.write(_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile)))
-    for ctype, data in chunks_to_copy(chunks, icc_profile):
+    for ctype, data in chunks:
         buf.write(_chunk(ctype, data))
     if exif:
         body = exif[6:] if exif.startswith(b"Exif\x00\x00") else exif
