@@ -526,6 +526,17 @@ def test_cli_rerun_never_maps_its_own_maps(cli, photo, tmp_path):
     assert (photos / "a_blurmap.png").read_bytes() == before
 
 
+def test_cli_two_inputs_one_map_refused_before_any_work(cli, photo, tmp_path):
+    img, _ = photo
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _save_rgb(photos / "a.png", img[:48, :64])
+    Image.fromarray((img[:48, :64] * 255).astype(np.uint8)).save(photos / "a.jpg")
+    res = cli(str(photos), "-o", str(tmp_path / "o"), "-q")
+    assert res.exit_code == 2 and "would both be written to" in res.output and "a_blurmap.png" in res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_eval_masks_scores_and_summary(cli, tmp_path):
     imgs, masks = tmp_path / "img", tmp_path / "gt"
     imgs.mkdir()

@@ -221,7 +221,7 @@ def test_models_quiet_keeps_the_list_and_drops_the_message(monkeypatch):
 
     res = CliRunner().invoke(app, ["models", "-q"])
     assert res.exit_code == 0 and "kpac models" in res.stdout and res.stderr == "", res.output
-    monkeypatch.setattr("kpac_cli.cli.models.list_models", lambda: [])
+    monkeypatch.setattr("kpac_cli.cli.models.survey_models", lambda: ([], {}))
     res = CliRunner().invoke(app, ["models"])
     assert res.exit_code == 0 and res.stderr == "no shipped models found\n"
     res = CliRunner().invoke(app, ["models", "--quiet"])
@@ -346,6 +346,35 @@ def test_damaged_or_lfs_pointer_shipped_model_says_so_not_unknown_model(tmp_path
     line = _one_error_line(res)
     assert f"{damaged} is damaged" in line and "unknown model" not in line
     assert not (tmp_path / "b.png").exists()
+
+
+def test_models_names_every_shipped_file_it_cannot_use(tmp_path, monkeypatch):
+    """A damaged file or a Git LFS pointer is an error of `kpac models` (exit 1), not a missing row."""
+    import json
+
+    import kpac_cli.checkpoints.registry as registry
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    folder = tmp_path / "weights"
+    monkeypatch.setattr(registry, "weights_dirs", lambda: [folder])
+    _weights_folder(folder, "good")
+    _truncate(_weights_folder(folder, "cut"))
+    (folder / "pointer.safetensors").write_text(LFS_POINTER)
+    models, unusable = registry.survey_models()
+    assert [m.name for m in models] == ["good"] and sorted(unusable) == ["cut", "pointer"]
+    for args in (["models"], ["models", "-q"], ["models", "--json"]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 1, res.output
+        lines = res.stderr.splitlines()
+        assert len(lines) == 2 and "cut.safetensors is damaged" in lines[0] and "pointer.safetensors is a Git LFS pointer" in lines[1]
+        assert "good" in res.stdout and "cut" not in res.stdout
+    assert [json.loads(line)["name"] for line in res.stdout.splitlines()] == ["good"]
+    (folder / "pointer.safetensors").unlink()
+    (folder / "cut.safetensors").unlink()
+    res = CliRunner().invoke(app, ["models"])
+    assert res.exit_code == 0 and res.stderr == "", res.output
 
 
 def test_damaged_override_is_reported_never_replaced_by_another_folders_file(tmp_path, monkeypatch):

@@ -1006,6 +1006,20 @@ def test_blurmaps_resume_and_never_collide(tmp_path, models):
     assert not (tmp_path / "out2").exists()
 
 
+def test_two_spellings_of_one_output_are_one_claim(tmp_path):
+    from kpac_cli.engine.batch import outputs_claimed_twice
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "link").symlink_to(out)
+    spelt = [("a", out / "x.png"), ("b", tmp_path / "link" / "x.png"), ("c", out / "." / "y.png"), ("d", out / "y.png")]
+    assert outputs_claimed_twice(spelt) == [("b", tmp_path / "link" / "x.png", "a"), ("d", out / "y.png", "c")]
+    # two hard links to one old file are two outputs: each write replaces its own name
+    (out / "old.png").write_bytes(b"old")
+    os.link(out / "old.png", out / "twin.png")
+    assert outputs_claimed_twice([("a", out / "old.png"), ("b", out / "twin.png")]) == []
+
+
 def test_outputs_that_appear_meanwhile_are_kept(tmp_path, models):
     from kpac_cli.engine import Deblurrer, EngineOptions
     from kpac_cli.engine.batch import OutputOptions, plan_single, run_batch

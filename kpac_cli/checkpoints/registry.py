@@ -81,17 +81,24 @@ def _shipped_files() -> dict[str, Path]:
     return files
 
 
-def list_models() -> list[ModelInfo]:
-    """The shipped models that can be described (an unreadable file is left out here, and
-    :func:`resolve_model` says what is wrong with it)."""
-    models = []
+def survey_models() -> tuple[list[ModelInfo], dict[str, str]]:
+    """The shipped models that can be used, and name -> what is wrong for each that cannot
+    (damaged against SHA256SUMS, a Git LFS pointer, unreadable, no kpac metadata)."""
+    models, unusable = [], {}
     for name, path in _shipped_files().items():
         try:
+            verify_file(path)
             config, provenance = read_metadata(path)
-        except CheckpointMismatchError:
+        except (CheckpointMismatchError, OSError) as e:
+            unusable[name] = " ".join(str(e).split())
             continue
         models.append(ModelInfo(name, path, config, provenance))
-    return models
+    return models, unusable
+
+
+def list_models() -> list[ModelInfo]:
+    """The shipped models that can be used (:func:`survey_models` says what is wrong with the others)."""
+    return survey_models()[0]
 
 
 # What `kpac train` writes into its run folder (OUT/log.jsonl, OUT/last.pt, OUT/best.pt), by

@@ -114,7 +114,7 @@ def blurmap(
     # Imported here so that `kpac --help` stays fast.
     from ..blurmap import BLUR_POLARITY, PAPER_CUHK, attention_maps
     from ..engine import Deblurrer, EngineOptions
-    from ..engine.batch import PlanError, collect_inputs, inputs_written_over
+    from ..engine.batch import PlanError, collect_inputs, inputs_written_over, outputs_claimed_twice
     from ..images import ImageError, pair_dual_pixel
 
     inputs = inputs or []
@@ -205,14 +205,11 @@ def blurmap(
     items = [it for it in items if dual or (key := Path(os.path.abspath(it.source))) not in written or key in named]
     if not items:
         raise usage_error("no images found in the inputs (only outputs of this command)")
-    claimed: dict[Path, str] = {}
-    for it in items:
-        for p in it.outputs.values():
-            if p in claimed:
-                raise usage_error(f"{it.label} and {claimed[p]} would both be written to {p}")
-            claimed[p] = it.label
+    outputs = [(it.label, p) for it in items for p in it.outputs.values()]
+    for writer, p, first in outputs_claimed_twice(outputs):
+        raise usage_error(f"{writer} and {first} would both be written to {p}")
     inputs = [] if dual else [(it.label, Path(it.source)) for it in items]
-    written_over = inputs_written_over([(it.label, p) for it in items for p in it.outputs.values()], inputs)
+    written_over = inputs_written_over(outputs, inputs)
     if written_over:  # even with --overwrite: an input is never replaced
         writer, _, owner = written_over[0]
         raise usage_error(f"{writer}'s map would be written over the input {owner}; choose another output folder")

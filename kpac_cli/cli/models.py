@@ -7,9 +7,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..checkpoints.registry import list_models
+from ..checkpoints.registry import survey_models
 from ..model import build_model, count_parameters
-from .common import emit_json
+from .common import EXIT_FAILED, emit_json, print_error
 
 
 def headline_scores(scores: object, dual: bool = False) -> str:
@@ -48,15 +48,20 @@ def models(
     """List the shipped models with their architecture, training iterations and measured scores.
 
     The default single-image model and the default dual-pixel model (used with --left/--right)
-    are marked; --json adds each model's training data and every score.
+    are marked; --json adds each model's training data and every score. A shipped file that
+    cannot be used (damaged, a Git LFS pointer) is named on stderr and the exit code is 1.
 
     Example: kpac models --json | jq .name
     """
-    infos = list_models()
+    infos, unusable = survey_models()
+    for name, error in unusable.items():  # an error, so said even with --quiet
+        print_error(error)
     if json_out:
         for m in infos:
             emit_json({"name": m.name, "default": m.default, "path": str(m.path), "config": m.config.to_dict(),
                        "parameters": count_parameters(build_model(m.config)), "provenance": m.provenance})
+        if unusable:
+            raise typer.Exit(EXIT_FAILED)
         return
     table = Table(title="kpac models", caption="kpac models --json and weights/README.md have every score and how it was measured")
     for col in ("name", "kind", "params", "iterations", "scores"):
@@ -74,8 +79,10 @@ def models(
                       iterations, headline_scores(p.get("scores"), dual=m.config.in_views == 2))
     Console().print(table)
     # the table is the data asked for (stdout), so --quiet leaves it; only this note is a message
-    if not infos and not quiet:
+    if not infos and not unusable and not quiet:
         typer.echo("no shipped models found", err=True)
+    if unusable:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def register(app: typer.Typer) -> None:

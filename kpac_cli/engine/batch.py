@@ -201,13 +201,8 @@ def _with_companions(job: Job, companions: tuple[str, ...]) -> Job:
 
 def _check_claims(jobs: list[Job]) -> None:
     """No two jobs write one file (outputs and companions alike)."""
-    claimed: dict[Path, str] = {}
-    for job in jobs:
-        for dst in job.destinations:
-            key = Path(os.path.abspath(dst))
-            if key in claimed:
-                raise PlanError(f"{job.input_label} and {claimed[key]} would both be written to {dst}; give them separate output folders or rename one")
-            claimed[key] = job.input_label
+    for writer, dst, first in outputs_claimed_twice((job.input_label, dst) for job in jobs for dst in job.destinations):
+        raise PlanError(f"{writer} and {first} would both be written to {dst}; give them separate output folders or rename one")
 
 
 def plan_single(
@@ -315,6 +310,24 @@ def inputs_written_over(outputs: Iterable[tuple[str, Path]], inputs: Iterable[tu
     promise that an input is never replaced, not even with --overwrite."""
     owners = {file_identity(Path(path)): label for label, path in inputs}
     return [(writer, path, owners[key]) for writer, path in outputs if (key := file_identity(Path(path))) in owners]
+
+
+def outputs_claimed_twice(outputs: Iterable[tuple[str, Path]]) -> list[tuple[str, Path, str]]:
+    """Every output that an earlier one already claims, as (writer, output, first claimant).
+
+    ``outputs`` are (label, path) pairs, keyed by their path with every symbolic link resolved,
+    so two spellings of one file (``out/a.png``, ``out/./a.png``, a link to ``out/``) clash.
+    Not by inode, as inputs are: an output replaces its directory entry by a rename, so two
+    hard links to one old file are still two outputs."""
+    claimed: dict[str, str] = {}
+    clashes = []
+    for label, path in outputs:
+        key = os.path.realpath(path)
+        if key in claimed:
+            clashes.append((label, path, claimed[key]))
+        else:
+            claimed[key] = label
+    return clashes
 
 
 def plan_dual(left: str, right: str | None, center: str | None, output: str, options: OutputOptions, companions: tuple[str, ...] = ()) -> list[Job]:
