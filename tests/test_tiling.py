@@ -199,6 +199,31 @@ def test_half_precision_overflow_falls_back_to_fp32(monkeypatch):
     assert np.isfinite(out).all() and np.abs(out - expected).max() < ATOL
 
 
+def test_fallback_in_a_later_ensemble_pass_says_which(monkeypatch):
+    """A self-ensemble whose third pass overflows in half precision: that pass and the rest are
+    run in fp32, the passes before are kept, and the note says so."""
+    model = _model(VARIANTS["2level"])
+    img = np.random.default_rng(6).random((40, 40, 3), dtype=np.float32)
+    expected = Deblurrer(model, EngineOptions(tile=None, channels_last=False, ensemble=4)).deblur(img)
+    d = Deblurrer(model, EngineOptions(tile=None, precision="bf16", channels_last=False, ensemble=4))
+    real_decode = d.network.decode
+    half_calls = []
+
+    def third_half_pass_overflows(features, skips):
+        out = real_decode(features, skips)
+        if torch.is_autocast_enabled("cpu"):
+            half_calls.append(1)
+            return out * float("inf") if len(half_calls) == 3 else out
+        return out
+
+    monkeypatch.setattr(d.network, "decode", third_half_pass_overflows)
+    out = d.deblur(img)
+    assert len(half_calls) == 3  # passes 1 and 2 in bf16, pass 3 tried in bf16, then fp32 on
+    assert d.last_stats.fell_back_to_fp32 and d.last_stats.precision == "fp32"
+    assert d.last_stats.notes == ["non-finite values in bf16: redone in fp32 (self-ensemble pass 3 of 4; the passes before it kept)"]
+    assert np.isfinite(out).all() and np.abs(out - expected).max() < 0.02  # two of four passes in bf16
+
+
 @pytest.mark.parametrize("height,width,tile,halo", [(304, 392, 128, 24), (96, 392, 128, 24), (512, 512, 200, 16), (40, 40, 8, 24)])
 def test_static_tile_plans_read_one_shape_and_cover_every_halo(height, width, tile, halo):
     static, plain = plan_tiles(height, width, tile, halo, static=True), plan_tiles(height, width, tile, halo)

@@ -127,7 +127,7 @@ def ensemble_inputs(x: torch.Tensor, ref: torch.Tensor, n: int, dual: bool) -> I
 @dataclass
 class RunStats:
     tile: int | None = None  # tile side actually used (None: whole image)
-    precision: str = "fp32"
+    precision: str = "fp32"  # the precision the image was finished in
     fell_back_to_fp32: bool = False  # a half-precision run gave non-finite values and was redone
     tile_reductions: int = 0  # times the tile was halved after running out of memory
     kept_skips: int = 0  # skip feature maps kept between the tiled passes (0: all recomputed)
@@ -267,7 +267,8 @@ class Deblurrer:
         # self-ensemble: every flip/transpose, mapped back and averaged (attention maps stay
         # those of the photo as given)
         for k, xk, refk in ensemble_inputs(x, ref, n, self.config.in_views == 2):
-            one = self._run_guarded(xk, refk, stats, _pass_progress(progress, k, n), keep_attention and k == 0)
+            one = self._run_guarded(xk, refk, stats, _pass_progress(progress, k, n), keep_attention and k == 0,
+                                    f" (self-ensemble pass {k + 1} of {n}; the passes before it kept)" if k else "")
             if k == 0:
                 result = one
             else:
@@ -283,7 +284,7 @@ class Deblurrer:
         return result
 
     def _run_guarded(self, x: torch.Tensor, ref: torch.Tensor, stats: RunStats, progress: ProgressFn | None,
-                     keep_attention: bool) -> InferenceResult:
+                     keep_attention: bool, which_pass: str = "") -> InferenceResult:
         """One pass of the tiled engine, retried with half the tile on out-of-memory and in
         fp32 on non-finite half-precision output; ``stats`` records both (and carries them to
         the next pass of a self-ensemble)."""
@@ -311,7 +312,7 @@ class Deblurrer:
             if dtype != torch.float32 and not torch.isfinite(result.output).all():
                 # fp16 overflow would otherwise become black or NaN pixels in the photo
                 stats.fell_back_to_fp32 = True
-                stats.notes.append(f"non-finite values in {_DTYPE_NAMES[dtype]}: redone in fp32")
+                stats.notes.append(f"non-finite values in {_DTYPE_NAMES[dtype]}: redone in fp32{which_pass}")
                 dtype = torch.float32
                 stats.precision = "fp32"
                 stats.kept_skips = min(stats.kept_skips, self.plan_kept_skips(h, w, dtype))
