@@ -91,6 +91,31 @@ def test_alpha_passes_through_unchanged(tmp_path, tiny_models):
     assert out_info.channels == 4 and np.array_equal(out_info.alpha, alpha)
 
 
+def test_colours_under_full_transparency_neither_bleed_nor_change(tmp_path, tiny_models):
+    """Straight alpha: what lies under alpha 0 (black, white, noise) is invisible, so the visible
+    pixels come out the same whatever it is, and it is written back as it was."""
+    rng = np.random.default_rng(3)
+    rgb = rng.random((40, 56, 3), dtype=np.float32)
+    alpha = np.ones((40, 56), np.float32)
+    alpha[:, 30:] = 0  # a cut-out: the right part transparent
+    alpha[:, 29] = 0.5  # an antialiased edge: visible, its colour counts
+    visible = alpha > 0
+    outs = []
+    for name, under in (("black", 0.0), ("white", 1.0), ("noise", rng.random((40, 56, 3), dtype=np.float32))):
+        img = np.where(visible[..., None], rgb, under).astype(np.float32)
+        info = ImageInfo(path=None, format="png", bit_depth=16, channels=4, alpha=alpha, icc_profile=None, exif=None, orientation_applied=1, size=(40, 56))
+        write_image(tmp_path / f"{name}.png", img, info)
+        res = invoke("deblur", tmp_path / f"{name}.png", "-o", tmp_path / "o", "--model", tiny_models[0])
+        assert res.exit_code == 0, res.output
+        out, out_info = read_image(tmp_path / "o" / f"{name}.png")
+        written, written_info = read_image(tmp_path / f"{name}.png")
+        assert np.array_equal(out[~visible], written[~visible])  # hidden colours kept exactly
+        assert np.array_equal(out_info.alpha, written_info.alpha)
+        outs.append(out[visible])
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+    assert np.abs(outs[0] - rgb[visible]).max() > 0.01  # and the model did change the visible pixels
+
+
 def test_stdin_to_stdout_pipeline(tmp_path, tiny_models):
     src = _write(tmp_path / "a.png", np.random.default_rng(2).random((30, 30, 3), dtype=np.float32), 8)
     proc = subprocess.run(

@@ -506,6 +506,20 @@ def test_gray_source_written_gray_and_alpha_passthrough(tmp_path):
     assert binfo.channels == 1 and binfo.alpha is None
 
 
+def test_fill_transparent_takes_the_nearest_visible_colour():
+    from kpac_cli.images import fill_transparent
+
+    rgb = np.zeros((3, 5, 3), np.float32)
+    rgb[:, 0], rgb[:, 1] = 0.2, 0.6  # visible columns; the rest hidden and black
+    alpha = np.array([[1, 1, 0, 0, 0]] * 3, np.uint8)
+    filled, hidden = fill_transparent(rgb, alpha)
+    assert np.array_equal(hidden, alpha == 0)
+    assert np.all(filled[:, :2] == rgb[:, :2]) and np.all(filled[:, 2:] == 0.6)  # column 1 is nearest
+    for a in (np.ones((3, 5), np.uint8), np.zeros((3, 5), np.uint8), None):  # nothing to fill
+        same, none = fill_transparent(rgb, a)
+        assert same is rgb and none is None
+
+
 def test_alpha_converted_between_bit_depths(tmp_path):
     a = rand((5, 5, 4), 16)
     img, info = read_image(ref_png(a, 16))

@@ -30,6 +30,7 @@ from ..images import (
     RawOptions,
     atomic_write_bytes,
     cleanup_stale_temps,
+    fill_transparent,
     list_images,
     pair_dual_pixel,
     read_dual_pixel,
@@ -463,12 +464,17 @@ def run_batch(
                 # A RAW developed to linear light (--raw-linear) is shown to the model on the
                 # tone curve it was trained on, and its result is written back in linear light.
                 linear = info.format == "raw" and raw_options is not None and raw_options.gamma == "linear"
-                result = deblurrer.run(srgb_encode(image) if linear else image, center, progress, keep_attention=after_run is not None)
+                # colours under alpha 0 are not shown to the model (they would fringe the
+                # visible edge) and are written back as they were
+                seen, hidden = fill_transparent(image, info.alpha)
+                result = deblurrer.run(srgb_encode(seen) if linear else seen, center, progress, keep_attention=after_run is not None)
                 out = (result.output[0].permute(1, 2, 0) + 1) * 0.5
                 # float output is the raw network output; integer formats are clipped to [0, 1]
                 out = (out if options.bit_depth == 32 else out.clamp_(0, 1)).numpy()
                 if linear:
                     out = srgb_decode(out)
+                if hidden is not None:
+                    out[hidden] = image[hidden]
                 extra = (after_run(job, result, info) or {}) if after_run else {}
             except (ImageError, ValueError, MemoryError, OSError) as e:
                 finish_write()

@@ -21,7 +21,7 @@ This package does not import typer or rich.
 """
 
 from .atomic import atomic_output, atomic_write_bytes, cleanup_stale_temps
-from .base import DEFAULT_MAX_PIXELS, RAW_EXTENSIONS, ImageError, ImageInfo, luma, srgb_decode, srgb_encode
+from .base import DEFAULT_MAX_PIXELS, RAW_EXTENSIONS, ImageError, ImageInfo, fill_transparent, luma, srgb_decode, srgb_encode
 from .io import is_image_path, list_images, probe_size, read_image, read_image_codes, sniff_format, write_image
 from .pairing import DualPixelTriple, dpdd_dual_dirs, pair_dual_pixel, read_dual_pixel
 from .raw import RawOptions
@@ -37,6 +37,7 @@ __all__ = [
     "atomic_write_bytes",
     "cleanup_stale_temps",
     "dpdd_dual_dirs",
+    "fill_transparent",
     "is_image_path",
     "list_images",
     "luma",

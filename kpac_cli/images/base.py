@@ -162,6 +162,26 @@ def srgb_decode(encoded: np.ndarray) -> np.ndarray:
     return np.where(v <= 0.04045, v / 12.92, np.power((np.maximum(v, 0.04045) + 0.055) / 1.055, 2.4)).astype(np.float32)
 
 
+def fill_transparent(rgb: np.ndarray, alpha: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``rgb`` with the colour of every fully transparent pixel (alpha 0) replaced by the
+    nearest visible pixel's, and the mask of those pixels (None, and ``rgb`` itself, when no
+    pixel or every pixel is transparent).
+
+    Straight alpha leaves whatever colour under alpha 0 (black, white, an earlier edit); a
+    deblurring filter spreads it into the visible pixels beside it as a dark or light fringe.
+    Seen through the nearest visible colour, the edge is filtered as if the object went on.
+    """
+    if alpha is None:
+        return rgb, None
+    hidden = np.asarray(alpha) == 0
+    if not hidden.any() or hidden.all():
+        return rgb, None
+    from scipy import ndimage  # only for images with transparency
+
+    iy, ix = ndimage.distance_transform_edt(hidden, return_distances=False, return_indices=True)
+    return rgb[iy, ix], hidden
+
+
 def quantize(img: np.ndarray, bit_depth: int) -> np.ndarray:
     """Float image in ``[0, 1]`` -> unsigned integers, ``floor(clip(v) * maxval + 0.5)``.
 
