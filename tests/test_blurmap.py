@@ -526,6 +526,20 @@ def test_cli_rerun_never_maps_its_own_maps(cli, photo, tmp_path):
     assert (photos / "a_blurmap.png").read_bytes() == before
 
 
+def test_cli_maps_ignore_colours_under_full_transparency(cli, photo, tmp_path):
+    img, _ = photo
+    rgb = img[:48, :64]
+    maps = []
+    for name, under in (("black", 0), ("white", 255)):
+        rgba = np.dstack([(rgb * 255 + 0.5).astype(np.uint8), np.full(rgb.shape[:2], 255, np.uint8)])
+        rgba[:, 40:] = (under, under, under, 0)
+        Image.fromarray(rgba, "RGBA").save(tmp_path / f"{name}.png")
+        res = cli(str(tmp_path / f"{name}.png"), "-o", str(tmp_path / "o"), "-q")
+        assert res.exit_code == 0, res.output
+        maps.append(_read_png(tmp_path / "o" / f"{name}_blurmap.png"))
+    assert np.array_equal(maps[0], maps[1])
+
+
 def test_cli_two_inputs_one_map_refused_before_any_work(cli, photo, tmp_path):
     img, _ = photo
     photos = tmp_path / "photos"

@@ -276,7 +276,7 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
     """Maps, files and scores of one image; never raises for a per-image problem."""
     from ..blurmap import blur_mask, contact_sheet, encode_map, encode_mask, encode_rgb, mask_from_image, score_detection, write_file
     from ..blurmap import overlay as make_overlay
-    from ..images import DualPixelTriple, ImageError, read_dual_pixel, read_image
+    from ..images import DualPixelTriple, ImageError, fill_transparent, read_dual_pixel, read_image
 
     t0 = time.perf_counter()
     rec: dict[str, Any] = {
@@ -305,8 +305,9 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
             image, center, info = read_dual_pixel(it.source, max_pixels=max_pixels)
             photo = center
         else:
-            image, info = read_image(it.source, max_pixels=max_pixels)
-            center, photo = None, image
+            photo, info = read_image(it.source, max_pixels=max_pixels)
+            # as kpac deblur shows it to the model: colours under alpha 0 are not part of the photo
+            image, center = fill_transparent(photo, info.alpha)[0], None
         rec["height"], rec["width"] = h, w = image.shape[:2]
         if h * w * upsample**2 > max_pixels:  # the network sees the enlarged image
             rec.update(status="failed", error=f"{it.label}: {w}x{h} enlarged {upsample} times is {h * w * upsample**2} pixels, "
