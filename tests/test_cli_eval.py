@@ -568,3 +568,94 @@ def test_fp32_is_precision_fp32_and_contradicting_precisions_are_refused(tiny_mo
         res = invoke(*speed, "--precision", precision, "--fp32")
         assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1, res.output
         assert res.stderr.startswith(f"error: --precision {precision} and --fp32 contradict each other")
+
+
+# ------------------------------------------------------------------------------------------ conventions, labels, inputs
+
+
+def test_unquantised_scoring_is_not_described_as_rounded(folders):
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--bit-depth", "0", "--no-lpips")
+    assert res.exit_code == 0, res.output
+    footer = next(ln for ln in res.stdout.splitlines() if ln.startswith("Conventions:"))
+    assert "round half up" not in footer and "no quantisation" in footer
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--bit-depth", "16", "--no-lpips")
+    assert "16-bit quantisation (round half up)" in res.stdout
+
+
+def test_split_labels_with_brackets_are_shown_as_they_are(folders, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("a,[night]\nb,day [x]\nc,day [x]\n")
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--labels", labels, "--no-lpips")
+    assert res.exit_code == 0, res.output
+    rows = [[c.strip() for c in ln.strip("│ ").split("│")] for ln in res.stdout.splitlines() if ln.startswith("│")]
+    per_image = {r[0]: r[1] for r in rows if r[0] in ("a", "b", "c")}
+    assert per_image == {"a": "[night]", "b": "day [x]", "c": "day [x]"}
+    summary = {r[0]: r[1] for r in rows if r[0] not in ("a", "b", "c")}
+    assert summary == {"all": "3", "[night]": "1", "day [x]": "2"}
+
+
+def test_labels_file_is_never_replaced_by_a_report(folders, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("a,indoor\nb,outdoor\nc,outdoor\n")
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--labels", labels, "--report", labels,
+                 "--overwrite", "--no-lpips", "--quiet")
+    assert res.exit_code == 2 and "input of this evaluation" in res.stderr, res.output
+    assert labels.read_text() == "a,indoor\nb,outdoor\nc,outdoor\n"
+
+
+def test_inputs_shown_only_in_crops_do_not_fail_the_scores(folders, tmp_path):
+    (folders / "src" / "b.png").write_bytes(b"not an image")
+    args = ("--pred", folders / "pred", "--target", folders / "gt", "--source", folders / "src", "--no-lpips", "--json")
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    recs = records(res)
+    assert [r["status"] for r in recs[:-1]] == ["ok", "ok", "ok"] and recs[-1]["count"] == 3
+    # with --save-crops the unreadable input costs that image's crops, not its score
+    res = invoke(*args, "--save-crops", tmp_path / "crops")
+    assert res.exit_code == 1
+    recs = records(res)
+    assert [r["status"] for r in recs[:-1]] == ["ok", "ok", "ok"] and recs[-1]["count"] == 3
+    assert "b.png" in recs[1]["crops_error"] and "crops_error" not in recs[0]
+    assert sorted(p.name for p in (tmp_path / "crops").iterdir()) == ["a.png", "c.png"]
+
+
+def test_pairing_by_order_refuses_two_predictions_of_one_name(folders, tmp_path):
+    img, info = read_image(folders / "pred" / "b.png")
+    write_image(folders / "pred" / "a.tif", img, info, format="tiff", bit_depth=8)
+    (folders / "pred" / "b.png").unlink()
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--pair-by", "order",
+                 "--save-crops", tmp_path / "crops", "--no-lpips")
+    assert res.exit_code == 2 and "share the name 'a'" in res.stderr, res.output
+    assert not (tmp_path / "crops").exists()
+
+
+def test_a_report_that_cannot_be_written_is_not_listed_as_written(folders, tmp_path):
+    (tmp_path / "blocker").write_text("a file where a folder is needed")
+    bad, good = tmp_path / "blocker" / "r.md", tmp_path / "r.json"
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--no-lpips", "--report", good, "--report", bad)
+    assert res.exit_code == 1 and f"cannot write report {bad}" in res.stderr, res.output
+    assert good.is_file()
+    listed = [ln for ln in res.stderr.splitlines() if ln.startswith("reports: ")]
+    assert listed == [f"reports: {good}"]
+
+
+def test_quiet_keeps_errors_on_stderr_as_its_help_says(folders):
+    (folders / "pred" / "b.png").write_bytes(b"not an image")
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--no-lpips", "--quiet", "--json")
+    assert res.exit_code == 1
+    assert res.stderr.startswith("error: ") and "b.png" in res.stderr and len(res.stderr.splitlines()) == 1
+    help_text = " ".join(invoke("--help").stdout.replace("│", " ").split())
+    assert "errors are still printed" in help_text
+
+
+def test_pairing_options_of_the_other_mode_are_refused(folders, dpdd, tmp_path):
+    for p in sorted((dpdd / "test_c" / "source").iterdir()):
+        _write(tmp_path / "out" / p.name, _read(p))
+    # DPDD pairs by its layout (sources with targets by sorted order, results by source name)
+    for args in (("--data", dpdd, "--method", "identity"), ("--pred", tmp_path / "out", "--data", dpdd)):
+        res = invoke(*args, "--allow-subset", "--pair-by", "order")
+        assert res.exit_code == 2 and "--pair-by" in res.stderr and len(res.stderr.splitlines()) == 1, res.output
+    # and folders have no DPDD split
+    for flag in (["--split", "val"], ["--allow-subset"]):
+        res = invoke("--pred", folders / "pred", "--target", folders / "gt", *flag)
+        assert res.exit_code == 2 and flag[0] in res.stderr and "--data" in res.stderr, res.output

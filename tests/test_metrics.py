@@ -734,3 +734,50 @@ def test_psnr_with_gain_scores_the_centre_crop_whatever_the_brightness():
     assert abs(psnr_with_gain(frame, target) - expected) < 0.05  # the fitted gain is ~1.7
     assert abs(psnr_with_gain(frame * 3, target) - psnr_with_gain(frame, target)) < 1e-9
     assert psnr_with_gain(np.roll(frame, 5, axis=1), target) < expected - 3  # the crop must be the centre
+
+
+# ------------------------------------------------------------------------------ names, non-finite values
+
+
+def test_pair_folders_by_order_refuses_two_predictions_of_one_name(tmp_path):
+    _touch_images(tmp_path / "p", ["a.png", "a.tif", "c.png"])
+    _touch_images(tmp_path / "t", ["t1.png", "t2.png", "t3.png"])
+    with pytest.raises(M.PairingError, match="share the name 'a'"):
+        M.pair_folders(tmp_path / "p", tmp_path / "t", by="order")
+
+
+def test_pair_dpdd_refuses_two_sources_of_one_name(tmp_path):
+    src, _ = _dpdd_tree(tmp_path / "dpdd", "test", 3)
+    (tmp_path / "dpdd" / "test_c" / "source" / src[2]).rename(tmp_path / "dpdd" / "test_c" / "source" / "1P0A0917.tif")
+    # otherwise one prediction, 1P0A0917.png, would be scored against two targets
+    _touch_images(tmp_path / "out", ["1P0A0917.png", "1P0A0919.png"])
+    with pytest.raises(M.PairingError, match="share the name '1P0A0917'"):
+        M.pair_predictions_dpdd(tmp_path / "out", tmp_path / "dpdd", expected_count=None)
+    with pytest.raises(M.PairingError, match="share the name"):
+        M.pair_dpdd(tmp_path / "dpdd", expected_count=None)
+
+
+def test_quantize_maps_nan_as_writing_a_file_does(tmp_path):
+    from kpac_cli.images import ImageInfo, read_image, write_image
+
+    x = np.full((4, 4, 3), 0.5)
+    x[0, 0, 0], x[1, 1, 1], x[2, 2, 2] = np.nan, np.inf, -np.inf
+    info = ImageInfo(path=None, format="png", bit_depth=8, channels=3, alpha=None, icc_profile=None, exif=None,
+                     orientation_applied=1, size=(4, 4))
+    write_image(tmp_path / "x.png", x.astype(np.float32), info)
+    written = read_image(tmp_path / "x.png")[0]
+    np.testing.assert_array_equal(M.quantize(x, 8), M.quantize(written, 8))  # NaN -> 0, +inf -> 1, -inf -> 0
+    assert np.isfinite(M.quantize(x, 16)).all() and M.quantize(x, 16)[0, 0, 0] == 0.0
+
+
+def test_non_finite_prediction_fails_unquantised_scoring():
+    t = RNG.random((16, 16, 3))
+    p = t.copy()
+    p[3, 4, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        Evaluator(bit_depth=None, lpips_model=None).score("a", p, t)
+    rep = M.evaluate([("a", p, t), ("b", t, t * 0.9)], bit_depth=None, lpips_model=None, on_error="skip")
+    assert [r.name for r in rep.rows] == ["b"] and rep.failures[0][0] == "a"
+    assert math.isfinite(rep.summary()["overall"]["psnr"])
+    # quantised, the NaN is 0 as in a written file: a finite score
+    assert math.isfinite(Evaluator(lpips_model=None).score("a", p, t).psnr)

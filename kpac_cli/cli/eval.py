@@ -150,7 +150,10 @@ def _plan(
 
 
 class _Runner:
-    """Turns an :class:`Item` into (input for display, output, extra record fields)."""
+    """Turns an :class:`Item` into (input for display, output, extra record fields).
+
+    Existing predictions come without their input: it is only shown in --save-crops, so it is read
+    there (an unreadable one costs the crops, not the score)."""
 
     def __init__(self, method: str | None, deblurrer: Any, wiener_radius: float | None, wiener_snr: float) -> None:
         self.method = method
@@ -161,8 +164,7 @@ class _Runner:
     def __call__(self, item: Item, read: Callable[[Path], np.ndarray]) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
         extra: dict[str, Any] = {}
         if self.method is None:  # existing predictions
-            inp = read(item.source) if item.source is not None else None
-            return inp, read(item.pred), extra
+            return None, read(item.pred), extra
         if self.method == "kpac" and item.left is not None:
             from ..images import DualPixelTriple, read_dual_pixel
 
@@ -270,10 +272,11 @@ def _speed_markdown(speed: Any) -> str:
     ])
 
 
-def _write_reports(paths: list[Path], report, run: dict[str, Any], speed: Any, show_paper: bool) -> list[str]:
-    """Write every --report file; returns error messages (empty when all were written)."""
+def _write_reports(paths: list[Path], report, run: dict[str, Any], speed: Any, show_paper: bool) -> tuple[list[Path], list[str]]:
+    """Write every --report file; returns the files written and error messages (empty when all were written)."""
     from ..images import atomic_write_bytes
 
+    written: list[Path] = []
     errors = []
     for path in paths:
         kind = REPORT_FORMATS[path.suffix.lower()]
@@ -293,7 +296,9 @@ def _write_reports(paths: list[Path], report, run: dict[str, Any], speed: Any, s
             atomic_write_bytes(path, text.encode("utf-8"))
         except OSError as e:
             errors.append(f"cannot write report {path}: {e.strerror or e}")
-    return errors
+        else:
+            written.append(path)
+    return written, errors
 
 
 def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per_image: bool) -> None:
@@ -313,7 +318,7 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
         for col, j in (("name", "left"), ("split", "left"), ("PSNR (dB)", "right"), ("SSIM", "right"), ("MAE", "right"), ("LPIPS", "right")):
             t.add_column(col, justify=j)
         for r in report.rows:
-            t.add_row(Text(r.name), r.split or "", _fmt(r.psnr, 2), _fmt(r.ssim, 4), _fmt(r.mae, 4),
+            t.add_row(Text(r.name), Text(r.split or ""), _fmt(r.psnr, 2), _fmt(r.ssim, 4), _fmt(r.mae, 4),
                       _fmt(r.lpips, 4) if r.lpips is not None else "n/a")
         console.print(t)
     if report.rows or report.failures:
@@ -325,7 +330,7 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
 
         def row(label: str, m: dict[str, Any]) -> None:
             lp = _fmt(m["lpips"], 3) if m["lpips"] is not None else (lp_short if lp_missing else "n/a")
-            t.add_row(label, str(m["count"]), _fmt(m["psnr"], 2), _fmt(m["ssim"], 3), _fmt(m["mae"], 3), lp)
+            t.add_row(Text(label), str(m["count"]), _fmt(m["psnr"], 2), _fmt(m["ssim"], 3), _fmt(m["mae"], 3), lp)
 
         row("all", summ["overall"])
         for lab, m in summ["splits"].items():
@@ -338,9 +343,11 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
         console.print(t)
         c = report.conventions
         q = c.get("quantisation", "").split(":")[0]
+        # "8-bit" / "16-bit", or "none" when the float images are scored as read
+        quant = f"{q} quantisation (round half up)" if q[:1].isdigit() else "no quantisation (float images as read)"
         ssim_w = "7x7 uniform window" if "uniform" in c.get("SSIM", "") else "11x11 Gaussian window (sigma 1.5)"
         footer = (
-            f"Conventions: {q} quantisation (round half up), data range 1; PSNR/MAE over all pixels and channels; "
+            f"Conventions: {quant}, data range 1; PSNR/MAE over all pixels and channels; "
             f"SSIM: scikit-image, {ssim_w}, per channel; means of per-image values"
         )
         if lp_missing == LPIPS_NOT_REQUESTED:
@@ -420,7 +427,7 @@ def eval_command(
     save_crops: Optional[Path] = typer.Option(None, "--save-crops", help="Folder for one PNG per image: input | output | target plus zoomed crops."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --report files and --save-crops images (otherwise an existing one is refused before any work)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON record per image on stdout, then a summary record."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or messages on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or messages on stderr (errors are still printed)."),
 ) -> None:
     """Score deblurring results (PSNR, SSIM, MAE, LPIPS) against ground truth, and measure speed.
 
@@ -502,6 +509,13 @@ def eval_command(
     elif method is not None:
         raise usage_error("--method needs data (--data or --source/--target)")
     has_data = pred is not None or data is not None or source is not None
+    # pairing options of the other kind of data would be silently ignored
+    if data is not None and "pair_by" in given:
+        raise usage_error("--pair-by applies to folders (--source/--target, --pred --target): with --data, DPDD sources "
+                          "pair with targets by sorted order and --pred results with sources by name")
+    unused = [flag for name, flag in (("split", "--split"), ("allow_subset", "--allow-subset")) if name in given]
+    if unused and data is None:
+        raise usage_error(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to a DPDD data set (--data) only")
     if not has_data and (reports or save_crops is not None or labels is not None or limit is not None):
         raise usage_error("--report/--save-crops/--labels/--limit need data to evaluate")
     # --speed runs the model too, but on the whole image and without scoring: --tile and
@@ -572,7 +586,7 @@ def eval_command(
             items = items[:limit]
         if save_crops is not None:
             _check_crop_paths(save_crops, items, overwrite)
-        _check_outputs_are_not_inputs(items, reports, save_crops)
+        _check_outputs_are_not_inputs(items, reports, save_crops, [("--labels", labels)] if labels is not None else [])
 
     # ---- LPIPS
     lpips_spec: Any = "auto"
@@ -646,10 +660,12 @@ def eval_command(
     # the paper's Table 4 compares only on the DPDD test set at 8 bits: the terminal and the
     # Markdown report show it by the same rule
     show_paper = data is not None and split == "test" and bit_depth == 8
+    written: list[Path] = []
     if report_obj is not None:
         if report_obj.failures or crop_failures:
             exit_code = EXIT_FAILED
-        for msg in _write_reports(reports, report_obj, {k: v for k, v in run.items() if k != "method_label"}, speed_result, show_paper):
+        written, errors = _write_reports(reports, report_obj, {k: v for k, v in run.items() if k != "method_label"}, speed_result, show_paper)
+        for msg in errors:
             print_error(msg)
             exit_code = EXIT_FAILED
     record_run = {k: v for k, v in run.items() if k != "method_label"}
@@ -665,8 +681,8 @@ def eval_command(
             from ..metrics import Report
 
             _print_tables(Report(), run, speed_result, False, False)
-    if not quiet and reports and report_obj is not None:
-        err_console.print("reports: " + ", ".join(str(p) for p in reports), soft_wrap=True, markup=False)
+    if not quiet and written:  # only the files that were written
+        err_console.print("reports: " + ", ".join(str(p) for p in written), soft_wrap=True, markup=False)
     raise typer.Exit(exit_code)
 
 
@@ -691,12 +707,14 @@ def _check_crop_paths(folder: Path, items: list[Item], overwrite: bool) -> None:
         raise usage_error(f"--save-crops: {existing[0]} exists{more}; add --overwrite to replace")
 
 
-def _check_outputs_are_not_inputs(items: list[Item], reports: list[Path], save_crops: Path | None) -> None:
-    """A file this run reads (prediction, input, target) is never replaced, not even with --overwrite:
-    the run would destroy the data it scores."""
+def _check_outputs_are_not_inputs(items: list[Item], reports: list[Path], save_crops: Path | None,
+                                  other_inputs: list[tuple[str, Path]] = ()) -> None:
+    """A file this run reads (prediction, input, target, the --labels file) is never replaced, not even
+    with --overwrite: the run would destroy the data it scores."""
     from ..engine.batch import inputs_written_over
 
     inputs = [(it.name, p) for it in items for p in (it.target, it.source, it.pred, it.left, it.right) if p is not None]
+    inputs += list(other_inputs)
     outputs = [("--report", p) for p in reports]
     if save_crops is not None:
         outputs += [("--save-crops", save_crops / f"{it.name}.png") for it in items]
@@ -745,6 +763,8 @@ def _evaluate_items(
                            lpips=_num(row.lpips), **{k: (_num(v) if isinstance(v, float) else v) for k, v in extra.items()})
                 if save_crops is not None:
                     try:
+                        if inp is None and item.source is not None:
+                            inp = ev.reader(item.source)
                         crop_path, box = _save_crops(save_crops, item.name, inp, out, target_img, row.psnr, method, ev)
                         rec.update(crops=str(crop_path), crop_box=list(box))
                     except errors as e:

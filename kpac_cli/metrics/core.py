@@ -49,10 +49,11 @@ def to_float(image: np.ndarray) -> np.ndarray:
 def quantize(image: np.ndarray, bit_depth: int | None = 8) -> np.ndarray:
     """Quantise a [0, 1] float image to ``bit_depth`` bits and back to [0, 1].
 
-    Values are clipped to [0, 1], scaled by ``2**bit_depth - 1`` and rounded half up
-    (``floor(x + 0.5)``, so 0.5 -> 1, as writing an image file with ``x * 255 + 0.5``
-    does), then divided again. ``bit_depth=None`` returns the float image unchanged
-    (not even clipped), for evaluating raw network outputs.
+    Values are clipped to [0, 1] (NaN counts as 0), scaled by ``2**bit_depth - 1`` and
+    rounded half up (``floor(x + 0.5)``, so 0.5 -> 1), then divided again: exactly what
+    writing the image to a file of that bit depth and reading it back gives
+    (:func:`kpac_cli.images.write_image`). ``bit_depth=None`` returns the float image
+    unchanged (not even clipped), for evaluating raw network outputs.
     """
     img = to_float(image)
     if bit_depth is None:
@@ -60,6 +61,7 @@ def quantize(image: np.ndarray, bit_depth: int | None = 8) -> np.ndarray:
     if int(bit_depth) != bit_depth or not 1 <= bit_depth <= 32:
         raise ValueError(f"bit_depth must be an integer in 1..32 or None, got {bit_depth}")
     peak = float(2 ** int(bit_depth) - 1)
+    img = np.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0)  # as the image writer does
     return np.floor(np.clip(img, 0.0, 1.0) * peak + 0.5) / peak
 
 

@@ -143,7 +143,8 @@ class Evaluator:
         Raises
         ------
         ValueError
-            Different shapes (or an image too small for SSIM/LPIPS).
+            Different shapes, an image too small for SSIM/LPIPS, or (with ``bit_depth=None``,
+            where nothing maps them) NaN or infinite values, which no score can be made of.
         OSError, kpac_cli.images.ImageError
             A file cannot be read.
         """
@@ -151,6 +152,9 @@ class Evaluator:
         t = self.prepare(target)
         if p.shape != t.shape:
             raise ValueError(f"prediction {p.shape} and target {t.shape} have different shapes")
+        for what, a in (("prediction", p), ("target", t)):
+            if not np.isfinite(a).all():
+                raise ValueError(f"{what} has {int(a.size - np.isfinite(a).sum())} non-finite values (NaN or infinity)")
         lp = lpips(p, t, self.lpips_model) if self.lpips_model is not None else None
         split = None
         if self.labels is not None:

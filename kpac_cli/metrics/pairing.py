@@ -89,8 +89,9 @@ def pair_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, by:
     by : {'name', 'order'}
         ``'name'``: files with the same stem pair up (``a.png`` with ``a.tif``); every
         image on either side must have a partner. ``'order'``: the i-th file of each
-        folder in sorted order pair up; the counts must be equal. Use ``'order'`` only
-        when names differ systematically (as in DPDD).
+        folder in sorted order pair up; the counts must be equal, and no two predictions
+        may share a stem (it names the pair). Use ``'order'`` only when names differ
+        systematically (as in DPDD).
 
     Returns
     -------
@@ -101,7 +102,8 @@ def pair_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, by:
     ------
     PairingError
         A folder is missing or empty, counts differ (``'order'``), names are missing on
-        one side or appear twice in one folder (``'name'``). The message names them.
+        one side (``'name'``) or appear twice in one folder (in the predictions with
+        ``'order'``). The message names them.
     """
     pdir, tdir = Path(pred_dir), Path(target_dir)
     preds, targets = _images_in(pdir), _images_in(tdir)
@@ -114,6 +116,7 @@ def pair_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, by:
             raise PairingError(
                 f"cannot pair by order: {len(preds)} images in {pdir} but {len(targets)} in {tdir}"
             )
+        _by_stem(preds, pdir)  # the stem names the pair: two pairs of one name would be confused
         return [Pair(p.stem, p, t) for p, t in zip(preds, targets)]
     if by != "name":
         raise ValueError(f"by must be 'name' or 'order', got {by!r}")
@@ -176,8 +179,8 @@ def pair_dpdd(
     Raises
     ------
     PairingError
-        Missing folders, differing source/target counts, a count other than expected, or
-        missing left/right views.
+        Missing folders, differing source/target counts, a count other than expected, two
+        sources of one name (``a.png``, ``a.tif``), or missing left/right views.
     """
     root = Path(root)
     src_dir, tgt_dir = _split_dir(root, split, "c", "source"), _split_dir(root, split, "c", "target")
@@ -194,6 +197,7 @@ def pair_dpdd(
         )
     if not sources:
         raise PairingError(f"DPDD {split}: no images in {src_dir}")
+    _by_stem(sources, src_dir)  # a sample is named after its source (and so is its prediction)
     lefts: dict[str, Path] = {}
     rights: dict[str, Path] = {}
     if dual:
