@@ -196,6 +196,37 @@ def test_dual_pixel_folders_matched_by_name(tmp_path, tiny_models):
     assert res.exit_code == 2 and "b.png" in res.output
 
 
+def test_dual_pixel_names_keep_their_dots_and_recursive_is_refused(tmp_path, tiny_models):
+    rng = np.random.default_rng(4)
+    for side in ("L", "R"):
+        (tmp_path / side).mkdir()
+        for name in ("scan.001.png", "scan.002.png"):  # two pairs, not two writers of scan.png
+            _write(tmp_path / side / name, rng.random((24, 32, 3), dtype=np.float32), 8)
+    res = invoke("deblur", "--left", tmp_path / "L", "--right", tmp_path / "R", "-o", tmp_path / "out", "--model", tiny_models[1])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan.001.png", "scan.002.png"]
+    res = invoke("deblur", "--left", tmp_path / "L", "--right", tmp_path / "R", "-r", "-o", tmp_path / "out2", "--model", tiny_models[1])
+    assert res.exit_code == 2 and "--recursive" in res.stderr and not (tmp_path / "out2").exists()
+
+
+def test_dual_pixel_views_with_transparency(tmp_path, tiny_models):
+    """The photo of a pair is its centre view: what lies under alpha 0 is written back from it."""
+    rng = np.random.default_rng(8)
+    alpha = np.ones((24, 32), np.float32)
+    alpha[:, 20:] = 0
+    info = ImageInfo(path=None, format="png", bit_depth=8, channels=4, alpha=alpha, icc_profile=None, exif=None, orientation_applied=1, size=(24, 32))
+    views = {v: rng.random((24, 32, 3), dtype=np.float32) for v in ("l", "r", "c")}
+    for v, img in views.items():
+        write_image(tmp_path / f"x_{v}.png", img, info)
+    res = invoke("deblur", "--left", tmp_path / "x_l.png", "--right", tmp_path / "x_r.png", "--center", tmp_path / "x_c.png",
+                 "-o", tmp_path / "out.png", "--model", tiny_models[1])
+    assert res.exit_code == 0, res.output
+    out, out_info = read_image(tmp_path / "out.png")
+    centre, _ = read_image(tmp_path / "x_c.png")
+    assert np.array_equal(out[:, 20:], centre[:, 20:]) and not np.array_equal(out[:, :20], centre[:, :20])
+    assert np.array_equal(out_info.alpha, read_image(tmp_path / "x_l.png")[1].alpha)
+
+
 def test_dual_pixel_dpdd_root_given_alone(tmp_path, tiny_models):
     rng = np.random.default_rng(5)
     root = tmp_path / "DPDD"

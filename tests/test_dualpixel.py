@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from kpac_cli.checkpoints import Checkpoint
+from kpac_cli.checkpoints import Checkpoint, save_checkpoint
 from kpac_cli.engine import Deblurrer, EngineOptions
 from kpac_cli.engine.dualpixel import balance_views
+from kpac_cli.images import DualPixelTriple, ImageError, ImageInfo, pair_dual_pixel, read_dual_pixel, read_image, write_image
 from kpac_cli.model import KPACConfig, build_model
 from kpac_cli.metrics.dualpixel_capture import GammaEncoding, psnr_with_gain, read_dual_pixel_capture
 from kpac_cli.synth import SynthSettings, dead_leaves, synthesize
@@ -94,3 +98,90 @@ def test_shipped_dual_model_improves_the_real_pixel4_capture(shared_dir):
     torch.set_num_threads(1)
     gained = psnr_with_gain(gamma.decode(out), target) - psnr_with_gain(combined, target)
     assert gained > 0.1, f"kpac-dual changes PSNR by {gained:+.2f} dB on the real capture"
+
+
+# ------------------------------------------------------------------------------------------
+# pairing and reading dual-pixel views
+
+
+def _png(path, seed: int, grey: bool = False, shape=(24, 32)):
+    img = np.random.default_rng(seed).random((*shape, 1 if grey else 3), dtype=np.float32).repeat(3 if grey else 1, axis=2)
+    info = ImageInfo(path=None, format="png", bit_depth=16, channels=1 if grey else 3, alpha=None, icc_profile=None, exif=None,
+                     orientation_applied=1, size=shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_image(path, img, info)
+    return path
+
+
+def test_one_folder_holding_every_view_pairs_them_by_their_markers(tmp_path):
+    # the layout of the Pixel 4 dual-pixel dataset: 005_left.png and 005_right.png side by side
+    d = tmp_path / "capture"
+    for i, name in enumerate(("005_left.png", "005_right.png", "007_l.png", "007_r.png", "007_c.png")):
+        _png(d / name, i)
+    assert [(t.left.name, t.right.name, t.center, t.name) for t in pair_dual_pixel(d, d)] == [
+        ("005_left.png", "005_right.png", None, "005"), ("007_l.png", "007_r.png", None, "007")]
+    with pytest.raises(ImageError, match="no centre image") as e:  # 005 has no centre in the folder
+        pair_dual_pixel(d, d, d)
+    assert "005_left.png" in str(e.value)
+    (d / "005_centre.png").write_bytes((d / "007_c.png").read_bytes())
+    assert [t.center.name for t in pair_dual_pixel(d, d, d)] == ["005_centre.png", "007_c.png"]
+    # a centre folder of its own keeps its plain names
+    _png(tmp_path / "C" / "005.png", 9)
+    _png(tmp_path / "C" / "007.png", 10)
+    assert [t.center.name for t in pair_dual_pixel(d, d, tmp_path / "C")] == ["005.png", "007.png"]
+    # a folder of unmarked images given as both views holds no pairs
+    plain = tmp_path / "plain"
+    _png(plain / "a.png", 11)
+    with pytest.raises(ImageError, match="marked as a left view"):
+        pair_dual_pixel(plain, plain)
+
+
+def test_swapped_views_are_refused(tmp_path):
+    l, r = _png(tmp_path / "x_r.png", 1), _png(tmp_path / "x_l.png", 2)
+    with pytest.raises(ImageError, match="swapped") as e:
+        pair_dual_pixel(l, r)
+    assert str(l) in str(e.value) and str(r) in str(e.value)
+    assert pair_dual_pixel(r, l)[0].name == "x"
+    _png(tmp_path / "L" / "005_right.png", 3)
+    _png(tmp_path / "R" / "005_left.png", 4)
+    with pytest.raises(ImageError, match="swapped"):
+        pair_dual_pixel(tmp_path / "L", tmp_path / "R")
+    # the same name in both folders is a plain name, whatever it ends with
+    _png(tmp_path / "L2" / "car_r.png", 5)
+    _png(tmp_path / "R2" / "car_r.png", 6)
+    (t,) = pair_dual_pixel(tmp_path / "L2", tmp_path / "R2")
+    assert (t.left, t.right) == (tmp_path / "L2" / "car_r.png", tmp_path / "R2" / "car_r.png")
+
+
+def test_grey_and_colour_views_of_one_pair_are_refused(tmp_path):
+    # the output is written as the left view is: grey would silently drop a colour centre's colour
+    grey_l, grey_r = _png(tmp_path / "gl.png", 1, grey=True), _png(tmp_path / "gr.png", 2, grey=True)
+    colour = _png(tmp_path / "c.png", 3)
+    views, center, info = read_dual_pixel(DualPixelTriple(grey_l, grey_r, None, "g"))
+    assert info.channels == 1 and np.array_equal(views[..., 0], views[..., 2])
+    with pytest.raises(ImageError, match="grey, but its partner .* is in colour") as e:
+        read_dual_pixel(DualPixelTriple(grey_l, grey_r, colour, "g"))
+    assert str(grey_l) in str(e.value) and str(colour) in str(e.value)
+    with pytest.raises(ImageError, match="in colour, but its partner .* is grey"):
+        read_dual_pixel(DualPixelTriple(colour, grey_r, None, "g"))
+
+
+def test_a_grey_and_colour_pair_fails_alone_on_the_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "dual.safetensors", build_model(KPACConfig(levels=2, channels=8, in_views=2)), {"name": "tiny-dual"})
+    for side, seed in (("L", 0), ("R", 1), ("C", 2)):
+        _png(tmp_path / side / "a.png", seed)
+    _png(tmp_path / "L" / "b.png", 3, grey=True)
+    _png(tmp_path / "R" / "b.png", 4, grey=True)
+    _png(tmp_path / "C" / "b.png", 5)
+    res = CliRunner().invoke(app, ["deblur", "--left", str(tmp_path / "L"), "--right", str(tmp_path / "R"), "--center", str(tmp_path / "C"),
+                                   "-o", str(tmp_path / "out"), "--model", str(model), "--json", "-q"], catch_exceptions=False)
+    assert res.exit_code == 1, res.output
+    records = {Path(r["input"]).name: r for r in map(json.loads, (x for x in res.stdout.splitlines() if x.startswith("{")))}
+    assert records["a.png"]["status"] == "ok" and read_image(tmp_path / "out" / "a.png")[1].channels == 3
+    assert records["b.png"]["status"] == "failed" and "grey" in records["b.png"]["error"]
+    assert not (tmp_path / "out" / "b.png").exists()

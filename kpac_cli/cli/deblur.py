@@ -84,6 +84,8 @@ def deblur(
     dual = dual_pixel_mode(inputs, left, right, "no inputs given (files, folders, or '-' for stdin)")
     if overwrite and skip_existing:
         raise usage_error("--overwrite and --skip-existing contradict each other")
+    if dual and recursive:  # views pair by name within the folders given, not in sub-folders
+        raise usage_error("--recursive applies to INPUTS folders; dual-pixel views are paired within the --left/--right folders")
     if json_out and output == STDIO:
         raise usage_error("--json cannot be combined with -o - (stdout carries the image)")
     if output == STDIO and sys.stdout.isatty():

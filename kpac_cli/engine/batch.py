@@ -344,14 +344,15 @@ def plan_dual(left: str, right: str | None, center: str | None, output: str, opt
     _check_suffix(options.suffix)
     out = Path(output)
     if len(triples) == 1 and Path(left).is_file() and not _names_folder(output) and out.suffix != "":
-        return [_with_companions(Job(Path(triples[0].name).stem, triples[0], out, str(triples[0].left), _file_target_format(output, options)), companions)]
+        return [_with_companions(Job(triples[0].name, triples[0], out, str(triples[0].left), _file_target_format(output, options)), companions)]
     if out.exists() and not out.is_dir():
         raise PlanError(f"-o {output} is an existing file; give a folder for {len(triples)} pair(s)")
     jobs = []
     for t in triples:
         fmt = _output_format(t.left, options)
-        dst = out / _output_name(Path(Path(t.name).stem), t.left, fmt, options.suffix)
-        jobs.append(_with_companions(Job(Path(t.name).stem, t, dst, str(t.left), fmt), companions))
+        # t.name is the left view's stem without its view marker; dots in it are part of the name
+        dst = out / _output_name(Path(t.name + t.left.suffix), t.left, fmt, options.suffix)
+        jobs.append(_with_companions(Job(t.name, t, dst, str(t.left), fmt), companions))
     _check_claims(jobs)
     return jobs
 
@@ -388,7 +389,7 @@ Loaded = tuple[np.ndarray, np.ndarray | None, ImageInfo]
 
 def load_job(job: Job, max_pixels: int, raw_options: RawOptions | None) -> Loaded:
     if isinstance(job.source, DualPixelTriple):
-        views, center, info = read_dual_pixel(job.source, max_pixels=max_pixels)
+        views, center, info = read_dual_pixel(job.source, max_pixels=max_pixels, raw_options=raw_options)
         return views, center, info
     image, info = read_image(job.source, max_pixels=max_pixels, raw_options=raw_options)
     return image, None, info
@@ -465,8 +466,13 @@ def run_batch(
                 # tone curve it was trained on, and its result is written back in linear light.
                 linear = info.format == "raw" and raw_options is not None and raw_options.gamma == "linear"
                 # colours under alpha 0 are not shown to the model (they would fringe the
-                # visible edge) and are written back as they were
+                # visible edge) and are written back as they were; the photo is the centre
+                # view of a dual-pixel pair
+                photo = image if center is None else center
                 seen, hidden = fill_transparent(image, info.alpha)
+                if center is not None:
+                    center = fill_transparent(center, info.alpha)[0]
+                    center = srgb_encode(center) if linear else center
                 result = deblurrer.run(srgb_encode(seen) if linear else seen, center, progress, keep_attention=after_run is not None)
                 out = (result.output[0].permute(1, 2, 0) + 1) * 0.5
                 # float output is the raw network output; integer formats are clipped to [0, 1]
@@ -474,7 +480,7 @@ def run_batch(
                 if linear:
                     out = srgb_decode(out)
                 if hidden is not None:
-                    out[hidden] = image[hidden]
+                    out[hidden] = photo[hidden]
                 extra = (after_run(job, result, info) or {}) if after_run else {}
             except (ImageError, ValueError, MemoryError, OSError) as e:
                 finish_write()

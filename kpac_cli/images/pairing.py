@@ -3,6 +3,9 @@
 Views are matched by file *stem* after removing a trailing view marker (``_l``, ``_r``,
 ``_c``, ``_left``, ``_right``, ``_center``, ``_centre``, case-insensitive; also with ``-``),
 so ``left/005.png`` pairs with ``right/005.png`` and ``005_left.png`` with ``005_right.png``.
+One folder may hold every view (``005_left.png``, ``005_right.png``, ``005_c.png``): given
+for several views, it yields to each only the files marked for that view. A left file marked
+as a right view whose partner is marked as a left view (the views swapped) is refused.
 The DPDD dataset layout (``<root>/<split>_l/source``, ``_r/source``, ``_c/source``) is
 recognised by :func:`dpdd_dual_dirs` and by :func:`pair_dual_pixel` when given the root.
 """
@@ -17,8 +20,11 @@ import numpy as np
 
 from .base import DEFAULT_MAX_PIXELS, ImageError, ImageInfo
 from .io import _probe_depth, list_images, read_image
+from .raw import RawOptions
 
 _VIEW_SUFFIX = re.compile(r"[_-](l|r|c|left|right|center|centre)$", re.IGNORECASE)
+_VIEW_OF_MARKER = {"l": "left", "left": "left", "r": "right", "right": "right", "c": "center", "center": "center", "centre": "center"}
+_MARKERS = {"left": "_l or _left", "right": "_r or _right", "center": "_c, _center or _centre"}
 
 
 @dataclass
@@ -42,6 +48,14 @@ def _key(path: Path) -> str:
     return _name(path).lower()
 
 
+def _view(path: Path) -> str | None:
+    """The view a file's name marks it as ('left', 'right', 'center'), or None."""
+    m = _VIEW_SUFFIX.search(path.stem)
+    if m is None or m.start() == 0:  # a name that is only a marker is a plain name (see _name)
+        return None
+    return _VIEW_OF_MARKER[m.group(1).lower()]
+
+
 def dpdd_dual_dirs(root: str | Path, split: str = "test") -> tuple[Path, Path, Path]:
     """The DPDD folders of ``split``: ``(root/{split}_l/source, root/{split}_r/source,
     root/{split}_c/source)``. Existence is not checked."""
@@ -49,12 +63,18 @@ def dpdd_dual_dirs(root: str | Path, split: str = "test") -> tuple[Path, Path, P
     return (root / f"{split}_l" / "source", root / f"{split}_r" / "source", root / f"{split}_c" / "source")
 
 
-def _index(folder: Path) -> dict[str, Path]:
+def _index(folder: Path, view: str | None = None) -> dict[str, Path]:
+    """Images of ``folder`` by key; with ``view``, only those whose name marks them as that
+    view (for a folder that holds several views)."""
     out: dict[str, Path] = {}
     try:
         files = list_images(folder)
     except OSError as exc:
         raise ImageError(folder, f"cannot list folder ({exc.strerror or exc})") from None
+    if view is not None:
+        files = [p for p in files if _view(p) == view]
+        if not files:
+            raise ImageError(folder, f"given for several views, but no image in it is marked as a {view} view ({_MARKERS[view]})")
     for p in files:
         k = _key(p)
         if k in out:
@@ -85,8 +105,8 @@ def pair_dual_pixel(
     Raises
     ------
     ImageError
-        Missing partner, size or bit-depth mismatch, empty folder; the message names the
-        file(s).
+        Missing partner, size or bit-depth mismatch, empty folder, views named the other way
+        round; the message names the file(s).
     """
     left = Path(left)
     if right is None:
@@ -107,8 +127,14 @@ def pair_dual_pixel(
     if not left.is_dir():
         triples = [DualPixelTriple(left, right, center, _name(left))]
     else:
-        li, ri = _index(left), _index(right)
-        ci = _index(center) if center is not None else None
+        folders = {"left": left, "right": right, "center": center}
+
+        def index(view: str) -> dict[str, Path]:  # a folder given for several views: by marker
+            shared = any(_same_folder(folders[view], f) for v, f in folders.items() if v != view and f is not None)
+            return _index(folders[view], view if shared else None)
+
+        li, ri = index("left"), index("right")
+        ci = index("center") if center is not None else None
         if not li:
             raise ImageError(left, "folder contains no images")
         triples = []
@@ -123,10 +149,20 @@ def pair_dual_pixel(
                     raise ImageError(li[k], f"no centre image for it in {center}")
                 c = ci[k]
             triples.append(DualPixelTriple(li[k], ri[k], c, _name(li[k])))
+    for t in triples:
+        if _view(t.left) == "right" and _view(t.right) == "left":
+            raise ImageError(t.left, f"named as a right view, given as the left one (its partner {t.right} is named as a left view): the views are swapped")
     if check:  # with check=False, read_dual_pixel checks each pair, so a bad pair fails alone
         for t in triples:
             _check_partners(t)
     return triples
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 def _check_partners(t: DualPixelTriple) -> None:
@@ -138,15 +174,25 @@ def _check_partners(t: DualPixelTriple) -> None:
         _same(t.left, t.center, ls, cs, ld, cd)
 
 
-def _same(a: Path, b: Path, sa, sb, da: int, db: int) -> None:
+def _same(a: Path, b: Path, sa, sb, da: int, db: int, ga: bool | None = None, gb: bool | None = None) -> None:
     if sa != sb:
         raise ImageError(a, f"size {sa[1]}x{sa[0]} differs from its partner {b} ({sb[1]}x{sb[0]})")
     if da != db:
         raise ImageError(a, f"bit depth {da} differs from its partner {b} ({db}-bit)")
+    if ga is not None and gb is not None and ga != gb:
+        raise ImageError(a, f"{'grey' if ga else 'in colour'}, but its partner {b} is {'grey' if gb else 'in colour'}")
 
 
-def read_dual_pixel(triple: DualPixelTriple, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray, ImageInfo]:
+def _grey(info: ImageInfo) -> bool:
+    return info.channels in (1, 2)  # what the writer writes grey
+
+
+def read_dual_pixel(
+    triple: DualPixelTriple, max_pixels: int | None = DEFAULT_MAX_PIXELS, raw_options: RawOptions | None = None
+) -> tuple[np.ndarray, np.ndarray, ImageInfo]:
     """Read a dual-pixel sample.
+
+    ``raw_options`` develops camera RAW views (as for :func:`read_image`).
 
     Returns
     -------
@@ -161,14 +207,16 @@ def read_dual_pixel(triple: DualPixelTriple, max_pixels: int | None = DEFAULT_MA
     Raises
     ------
     ImageError
-        A view cannot be read, or sizes / bit depths differ (names both files).
+        A view cannot be read, or sizes / bit depths differ, or one is grey and another in
+        colour (the output is written as the left view is: grey would drop the colour; names
+        both files).
     """
-    left, info = read_image(triple.left, max_pixels=max_pixels)
-    right, rinfo = read_image(triple.right, max_pixels=max_pixels)
-    _same(triple.left, triple.right, info.size, rinfo.size, info.bit_depth, rinfo.bit_depth)
+    left, info = read_image(triple.left, max_pixels=max_pixels, raw_options=raw_options)
+    right, rinfo = read_image(triple.right, max_pixels=max_pixels, raw_options=raw_options)
+    _same(triple.left, triple.right, info.size, rinfo.size, info.bit_depth, rinfo.bit_depth, _grey(info), _grey(rinfo))
     if triple.center is not None:
-        center, cinfo = read_image(triple.center, max_pixels=max_pixels)
-        _same(triple.left, triple.center, info.size, cinfo.size, info.bit_depth, cinfo.bit_depth)
+        center, cinfo = read_image(triple.center, max_pixels=max_pixels, raw_options=raw_options)
+        _same(triple.left, triple.center, info.size, cinfo.size, info.bit_depth, cinfo.bit_depth, _grey(info), _grey(cinfo))
     else:
         center = (left + right) * np.float32(0.5)
     views = np.concatenate([left, right], axis=2)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import ImageError
+from .base import ImageError, srgb_decode, srgb_encode
 
 _WB = ("camera", "auto", "daylight")
 _DEMOSAIC = {"ahd": "AHD", "linear": "LINEAR", "vng": "VNG", "ppg": "PPG", "dht": "DHT", "aahd": "AAHD"}
@@ -38,6 +38,8 @@ class RawOptions:
         camera's daylight multipliers.
     half_size : bool
         Skip demosaicing by binning each 2x2 Bayer cell: half the width and height, fast.
+        Files without a colour filter mosaic (linear DNGs, already demosaiced), which LibRaw
+        develops at full size whatever is asked, are binned 2x2 in linear light afterwards.
     demosaic : {'ahd', 'linear', 'vng', 'ppg', 'dht', 'aahd'}
         LibRaw demosaicing algorithm (ignored with ``half_size``).
     output_colorspace : {'srgb', 'adobe', 'prophoto', 'raw'}
@@ -128,13 +130,17 @@ def read_raw(source, name, *, max_pixels: int | None, options: RawOptions | None
         h, w, orientation = _dims(raw)
         if h <= 0 or w <= 0:
             raise ImageError(name, "camera RAW reports zero size")
-        pixels = h * w if not opts.half_size else (h // 2) * (w // 2)
-        if max_pixels is not None and pixels > max_pixels:
-            raise ImageError(name, f"image is too large: {w}x{h} = {pixels:,} pixels exceeds the limit of {max_pixels:,}")
+        # From the header, before the sensor data are unpacked: a Bayer file is developed at
+        # half size when asked (whether the file has a mosaic is known only once unpacked).
+        _check_pixels(name, h, w, opts.half_size, max_pixels)
         try:
             raw.unpack()  # before reading daylight_whitebalance: LibRaw needs the unpacked data
         except rawpy.LibRawError as exc:
             raise ImageError(name, f"cannot decode camera RAW (LibRaw: {_libraw_message(exc)})") from None
+        # LibRaw halves only mosaic (CFA) data; anything else is developed at full size.
+        bin_after = opts.half_size and raw.raw_pattern is None
+        if bin_after:
+            _check_pixels(name, h, w, False, max_pixels)
         kwargs: dict = dict(
             output_bps=16,
             half_size=opts.half_size,
@@ -162,4 +168,31 @@ def read_raw(source, name, *, max_pixels: int | None, options: RawOptions | None
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint16 or rgb.size == 0:
         raise ImageError(name, f"camera RAW developed to an unexpected array {rgb.shape} {rgb.dtype}")
+    if bin_after and rgb.shape[0] * rgb.shape[1] == h * w:
+        rgb = _half_size(rgb, opts.gamma)
     return rgb, orientation
+
+
+def _check_pixels(name, h: int, w: int, half: bool, max_pixels: int | None) -> None:
+    """Refuse a development of more than ``max_pixels`` pixels (``half``: LibRaw's half-size
+    development, ``ceil(h / 2) x ceil(w / 2)``), naming the size that is developed."""
+    if max_pixels is None:
+        return
+    dh, dw = ((h + 1) // 2, (w + 1) // 2) if half else (h, w)
+    pixels = dh * dw
+    if pixels > max_pixels:
+        size = f"{dw}x{dh} (half of {w}x{h})" if half else f"{w}x{h}"
+        raise ImageError(name, f"image is too large: {size} = {pixels:,} pixels exceeds the limit of {max_pixels:,}")
+
+
+def _half_size(rgb: np.ndarray, gamma: str) -> np.ndarray:
+    """``uint16`` RGB binned 2x2 in linear light (the last row / column is repeated when odd),
+    as LibRaw's half-size development bins each Bayer cell: ``ceil(H / 2) x ceil(W / 2)``."""
+    v = rgb.astype(np.float32) / np.float32(65535)
+    if gamma == "srgb":
+        v = srgb_decode(v)
+    v = np.pad(v, ((0, v.shape[0] % 2), (0, v.shape[1] % 2), (0, 0)), mode="edge")
+    v = v.reshape(v.shape[0] // 2, 2, v.shape[1] // 2, 2, 3).mean(axis=(1, 3))
+    if gamma == "srgb":
+        v = srgb_encode(v)
+    return np.floor(np.clip(v, 0, 1) * 65535.0 + 0.5).astype(np.uint16)
