@@ -347,9 +347,15 @@ def config_throughput(
     rounds: int = 3,
     warmup: int = 1,
 ) -> list[dict[str, Any]]:
-    """Whole-image throughput of every config x precision (interleaved within a config)."""
-    configs = dict(configs or PAPER_CONFIGS)
-    precisions = list(precisions or available_precisions(device))
+    """Whole-image throughput of every config x precision (interleaved within a config).
+
+    ``configs`` None: the paper configs. ``precisions`` None: those the engine accepts on
+    ``device`` that ``backend`` runs (the onnxruntime backend runs fp32 only).
+    """
+    configs = dict(PAPER_CONFIGS if configs is None else configs)
+    if precisions is None:
+        precisions = ["fp32"] if backend == "onnxruntime" else available_precisions(device)
+    precisions = list(precisions)
     rows = []
     for name, cfg in configs.items():
         model = random_model(cfg)

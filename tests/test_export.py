@@ -296,3 +296,64 @@ def test_export_never_writes_over_its_model_even_with_overwrite(tmp_path):
     res = invoke_export("--onnx", link, "-m", model, "--overwrite")
     assert res.exit_code == 2 and "is the model file" in res.stderr
     assert link.read_bytes() == before
+
+
+def test_check_warning_is_printed_with_json_too(tmp_path, monkeypatch):
+    """--json puts the record on stdout; a difference too large is still a warning on stderr."""
+    import kpac_cli.export as E
+
+    check = {"width": 96, "height": 64, "max_abs_diff": 3e-3, "torch_seconds": 0.1, "torch_fast_seconds": 0.1,
+             "onnxruntime_seconds": 0.1}
+    monkeypatch.setattr(E, "check_export", lambda *a, **k: dict(check))
+    out = tmp_path / "j.onnx"
+    for extra in ([], ["-q"]):
+        res = invoke_export("--onnx", out, "--config", "single_2level", "--overwrite", "--check", "--json", *extra)
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["check"]["max_abs_diff"] == 3e-3
+        assert res.stderr.splitlines() == ["warning: max abs diff 3.00e-03 between onnxruntime and PyTorch is above 1e-4"]
+    check["max_abs_diff"] = 1e-6
+    res = invoke_export("--onnx", out, "--config", "single_2level", "--overwrite", "--check", "--json")
+    assert res.exit_code == 0 and res.stderr == "", res.output
+
+
+@pytest.mark.parametrize("args, flag", [(["--static", "96x"], "--static"), (["--check-size", "0x64"], "--check-size"),
+                                        (["--static", "96x64", "--check-size", "big"], "--check-size")])
+def test_size_errors_name_the_flag(tmp_path, args, flag):
+    out = tmp_path / "s.onnx"
+    res = invoke_export("--onnx", out, "--config", "single_2level", *args)
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
+    assert res.stderr.startswith(f"error: {flag}: ") and len(res.stderr.splitlines()) == 1, res.stderr
+    assert not out.exists()
+
+
+# --- kpac bench with the onnxruntime backend ---------------------------------------------
+
+
+def test_bench_throughput_runs_the_onnxruntime_backend_in_fp32():
+    """`kpac bench --backends onnxruntime` times the configs with its first backend: onnxruntime
+    runs fp32 only, so the throughput rows are fp32 rather than a crash on bf16."""
+    from kpac_cli.bench import config_throughput
+
+    configs = {"tiny": KPACConfig(levels=2, channels=8)}
+    rows = config_throughput(configs, 16, 24, "cpu", None, "onnxruntime", rounds=1, warmup=0)
+    assert [(r["config"], r["precision"], r["backend"]) for r in rows] == [("tiny", "fp32", "onnxruntime")]
+    assert rows[0]["seconds"] > 0
+    with pytest.raises(ValueError, match="fp32"):  # asked for explicitly: still refused
+        config_throughput(configs, 16, 24, "cpu", ["bf16"], "onnxruntime", rounds=1, warmup=0)
+    assert config_throughput({}, 16, 24, "cpu", None, "eager", rounds=1, warmup=0) == []  # no configs: no rows
+
+
+@pytest.mark.parametrize("configs", [",", "", " , "])
+def test_bench_configs_naming_none_is_a_usage_error(configs, monkeypatch):
+    """An empty --configs list is refused (it used to run every paper config)."""
+    from typer.testing import CliRunner
+
+    import kpac_cli.bench as core
+    from kpac_cli.cli import app
+
+    ran = []
+    monkeypatch.setattr(core, "run_benchmark", lambda *a, **k: ran.append(a) or {})
+    res = CliRunner().invoke(app, ["bench", "--device", "cpu", "--configs", configs])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+    assert res.stderr.startswith("error: --configs") and "single_2level" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert not ran

@@ -624,3 +624,56 @@ def test_cli_synth_output_is_spelled_as_in_the_other_commands(runner_app, tmp_pa
     assert trees[0] and trees[0] == trees[1] == trees[2]  # the same dataset whichever way it is asked for
     res = runner.invoke(app, ["synth", "--help"], env={"COLUMNS": "300"})
     assert res.exit_code == 0 and "--output" in res.stdout
+
+
+def test_cli_synth_never_reads_its_own_datasets_as_sharp_photos(runner_app, tmp_path):
+    """-o inside a SOURCES folder: later runs must not take the blurred images, targets and
+    radius maps written there for sharp photos (nor those of a dataset written elsewhere in it)."""
+    runner, app = runner_app
+    photos = tmp_path / "photos"
+    _photos(photos)
+    common = ["--crop", "24", "--max-radius", "3", "-q", "--json"]
+
+    def sources(*args):
+        res = runner.invoke(app, ["synth", str(photos), *args, *common])
+        assert res.exit_code == 0, res.output
+        return sorted({s["source"] for s in json.loads(res.stdout)["samples"]})
+
+    assert sources("-o", str(photos / "ds"), "--count", "2") == ["a", "b"]
+    assert sources("-o", str(photos / "ds"), "--count", "4", "--split", "val", "--dual") == ["a", "b"]
+    assert sources("-o", str(photos / "ds"), "--count", "4", "--overwrite") == ["a", "b"]
+    assert sources("-o", str(photos / "other"), "--count", "4") == ["a", "b"]
+    # a dataset folder given by name is used as given
+    names = [s.name for s in sharp_sources([photos / "ds" / "train_c" / "target"], include_skimage=False,
+                                           skip_datasets=True)]
+    assert len(names) == 4 and all(n.split("_", 1)[1] in ("a", "b") for n in names)
+    # the library's default (kpac train's enumeration) is unchanged
+    assert len(sharp_sources([photos], include_skimage=False)) > 2
+
+
+def test_cli_synth_sigterm_stops_like_ctrl_c(tmp_path):
+    """SIGTERM (a job scheduler's stop) ends the run with exit code 143 and an error line, and
+    leaves no temporary file of an atomic write behind, as Ctrl-C does with 130."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "kpac_cli", "synth", "-o", str(out), "--procedural", "1", "--procedural-size", "96",
+           "--count", "100000", "--crop", "64", "--max-radius", "4", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("train_c/target/*.png")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "error: terminated"
+    # only the in-progress marker, which says the samples are kpac's, stays hidden
+    assert [p.name for p in out.rglob(".*")] == [".synth_train.incomplete"]

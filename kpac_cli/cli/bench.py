@@ -114,6 +114,8 @@ def bench(
     else:
         names = [c.strip() for c in configs.split(",") if c.strip()]
         bad = [c for c in names if c not in PAPER_CONFIGS]
+        if not names:  # an empty list is no request for every config
+            raise usage_error(f"--configs: no config given: use all or a list of {', '.join(PAPER_CONFIGS)}")
         if bad:
             raise usage_error(f"unknown config(s) {', '.join(bad)}: use {', '.join(PAPER_CONFIGS)}")
         config_map = {c: PAPER_CONFIGS[c] for c in names}

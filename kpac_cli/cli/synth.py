@@ -11,13 +11,14 @@ import typer
 
 from rich.markup import escape
 
-from .common import EXIT_FAILED, emit_json, err_console, print_error, progress_bar, show_progress, usage_error
+from .common import (EXIT_FAILED, Terminated, emit_json, err_console, print_error, progress_bar, show_progress,
+                     sigterm_raises, usage_error)
 
 _HELP = """Synthesise defocused/sharp training pairs from sharp photos, in the DPDD layout.
 
 The blur is rendered the way a lens makes it: in linear light, with a disc or polygonal aperture whose size follows a random depth map (thin-lens model), occlusion-aware, with blooming highlights and sensor noise. --dual adds the left/right dual-pixel views.
 
-SOURCES are image files or folders (searched recursively for png/jpg/tif). --skimage adds scikit-image's bundled photos (as kpac train --skimage; they are kpac's held-out benchmark photos, so keep them out of training sets you evaluate on them); --procedural N adds N dead-leaves scenes (they depend on --seed).
+SOURCES are image files or folders (searched recursively for png/jpg/tif, skipping the files of datasets kpac synth wrote there). --skimage adds scikit-image's bundled photos (as kpac train --skimage; they are kpac's held-out benchmark photos, so keep them out of training sets you evaluate on them); --procedural N adds N dead-leaves scenes (they depend on --seed).
 
 Writes OUT/{split}_c/source (blurred), OUT/{split}_c/target (sharp), OUT/{split}_c/radius (float32 TIFF: signed blur radius in pixels, positive behind focus), with --dual OUT/{split}_l/source and OUT/{split}_r/source, and the summary OUT/synth_{split}.json. The same --seed gives byte-identical files. OUT may hold other splits; a dataset of the same split is replaced only with --overwrite.
 
@@ -108,7 +109,8 @@ def synth(
                           "add --overwrite to replace it, or choose another -o or --split")
     try:
         srcs = sharp_sources(list(sources or []), include_skimage=skimage, procedural=procedural,
-                             procedural_size=(procedural_size, procedural_size), procedural_seed=seed)
+                             procedural_size=(procedural_size, procedural_size), procedural_seed=seed,
+                             skip_datasets=True)
     except FileNotFoundError as exc:
         raise usage_error(str(exc))
     if not srcs:
@@ -116,7 +118,7 @@ def synth(
 
     t0 = time.perf_counter()
     try:
-        with progress_bar(show_progress(quiet)) as bar:
+        with sigterm_raises(), progress_bar(show_progress(quiet)) as bar:
             task = bar.add_task("synth", total=count) if bar is not None else None
 
             def tick(done: int, total: int) -> None:
@@ -128,6 +130,9 @@ def synth(
     except KeyboardInterrupt:  # files are written atomically: nothing half-written is left
         print_error("interrupted")
         raise typer.Exit(130)
+    except Terminated:  # as on Ctrl-C: the file being written is removed, not left half-written
+        print_error("terminated")
+        raise typer.Exit(143)
     except DatasetExistsError as exc:  # appeared since the check above
         raise usage_error(str(exc))
     except (OSError, ValueError) as exc:

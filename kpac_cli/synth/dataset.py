@@ -15,7 +15,7 @@ from .render import SynthSettings, synthesize
 from .scenes import resize_scene
 from .sources import Source
 
-__all__ = ["write_dataset", "dataset_dirs", "existing_files", "DatasetExistsError"]
+__all__ = ["write_dataset", "dataset_dirs", "existing_files", "is_dataset_folder", "DatasetExistsError"]
 
 
 class DatasetExistsError(FileExistsError):
@@ -47,6 +47,21 @@ def _in_progress_name(split: str) -> str:
 
 # How write_dataset names a sample's files: its index (5 digits or more), "_", the source's name.
 _SAMPLE_FILE = re.compile(r"^\d{5,}_.+\.(png|tiff)$")
+
+
+def is_dataset_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is one of the folders where :func:`write_dataset` put a split's files
+    (``{split}_c/source``, ``{split}_c/target``, ``{split}_c/radius``, ``{split}_l/source`` or
+    ``{split}_r/source``), beside that split's manifest or in-progress marker."""
+    folder = Path(folder)
+    parent = folder.parent.name
+    if len(parent) < 3 or parent[-2] != "_" or parent[-1] not in "clr":
+        return False
+    split = parent[:-2]
+    if f"{parent}/{folder.name}" not in dataset_dirs(split, True).values():
+        return False
+    root = folder.parent.parent
+    return (root / manifest_name(split)).is_file() or (root / _in_progress_name(split)).is_file()
 
 
 def existing_files(out_dir: str | Path, split: str = "train") -> tuple[list[str], list[str]]:

@@ -99,7 +99,8 @@ def _load_procedural(index: int, size: tuple[int, int], seed: int) -> tuple[np.n
 
 
 def sharp_sources(paths_or_dirs: list[Path] | None, include_skimage: bool = True, procedural: int = 0, *,
-                  procedural_size: tuple[int, int] = (512, 512), procedural_seed: int = 0) -> list[Source]:
+                  procedural_size: tuple[int, int] = (512, 512), procedural_seed: int = 0,
+                  skip_datasets: bool = False) -> list[Source]:
     """Enumerate sharp images to synthesise from, in a deterministic order.
 
     Parameters
@@ -114,6 +115,11 @@ def sharp_sources(paths_or_dirs: list[Path] | None, include_skimage: bool = True
         Add this many dead-leaves scenes (:func:`~kpac_cli.synth.scenes.dead_leaves`), named
         ``leaves_NNNN``, each ``procedural_size`` (H, W) and seeded by
         ``(procedural_seed, index)``.
+    skip_datasets : bool
+        Leave out the files of synthesised datasets found below a given directory (the folders
+        :func:`~kpac_cli.synth.dataset.write_dataset` fills, beside their manifest): their
+        blurred images and radius maps are no sharp photos. Files given by name, and a given
+        directory itself, are always used.
 
     Returns
     -------
@@ -140,7 +146,15 @@ def sharp_sources(paths_or_dirs: list[Path] | None, include_skimage: bool = True
         if p.is_dir():
             from ..images import list_images
 
+            skipped: dict[Path, bool] = {}
             for f in list_images(p, recursive=True):
+                if skip_datasets and f.parent != p:
+                    if f.parent not in skipped:
+                        from .dataset import is_dataset_folder
+
+                        skipped[f.parent] = is_dataset_folder(f.parent)
+                    if skipped[f.parent]:
+                        continue
                 add(f.relative_to(p).with_suffix("").as_posix(), str(f), partial(_load_file, str(f)))
         elif p.is_file():
             add(p.stem, str(p), partial(_load_file, str(p)))
