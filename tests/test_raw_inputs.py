@@ -65,6 +65,8 @@ def test_raw_half_size_on_the_command_line(shared_dir, tmp_path):
     assert res.exit_code == 0, res.output
     (record,) = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert (record["status"], record["width"], record["height"]) == ("ok", 612, 408)
+    # what the developed image cannot carry is said, not dropped silently
+    assert record["notes"] == ["camera RAW: the camera's EXIF (exposure, lens, capture time) is not copied to the developed image"]
     img, info = read_image(tmp_path / "out" / "canon_eos_6d.tif")
     assert img.shape == (408, 612, 3) and info.bit_depth == 16
 

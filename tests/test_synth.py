@@ -677,3 +677,21 @@ def test_cli_synth_sigterm_stops_like_ctrl_c(tmp_path):
     assert err.strip().splitlines()[-1] == "error: terminated"
     # only the in-progress marker, which says the samples are kpac's, stays hidden
     assert [p.name for p in out.rglob(".*")] == [".synth_train.incomplete"]
+
+
+def test_cli_synth_overwrite_never_deletes_its_sources(runner_app, tmp_path):
+    """A dataset's targets used as sources of a run that --overwrite's that very dataset would be
+    read, then deleted as stale: refused before any work."""
+    runner, app = runner_app
+    photos = tmp_path / "photos"
+    _photos(photos)
+    common = ["--crop", "24", "--max-radius", "3", "-q"]
+    assert runner.invoke(app, ["synth", str(photos), "-o", str(tmp_path / "ds"), "--count", "2", *common]).exit_code == 0
+    targets = tmp_path / "ds" / "train_c" / "target"
+    before = {p.name: p.read_bytes() for p in targets.iterdir()}
+    res = runner.invoke(app, ["synth", str(targets), "-o", str(tmp_path / "ds"), "--count", "3", "--overwrite", *common])
+    assert res.exit_code == 2 and "a source, but part of the --split train dataset" in res.output, res.output
+    assert {p.name: p.read_bytes() for p in targets.iterdir()} == before
+    # another split of the same folder replaces nothing the sources are
+    res = runner.invoke(app, ["synth", str(targets), "-o", str(tmp_path / "ds"), "--count", "2", "--split", "val", *common])
+    assert res.exit_code == 0, res.output

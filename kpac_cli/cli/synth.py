@@ -115,6 +115,14 @@ def synth(
         raise usage_error(str(exc))
     if not srcs:
         raise usage_error("no sharp sources: give image files/folders, --skimage, or --procedural N")
+    # --overwrite replaces or deletes the previous dataset's files: none may be a source
+    from ..engine.batch import inputs_written_over
+
+    files = [(s.name, Path(s.origin)) for s in srcs if not s.origin.startswith(("skimage:", "procedural:"))]
+    replaced = inputs_written_over([("--overwrite", out / rel) for rel in previous], files)
+    if replaced:
+        raise usage_error(f"{replaced[0][1]}: a source, but part of the --split {split} dataset that --overwrite "
+                          "replaces; copy it elsewhere first, or choose another -o or --split")
 
     t0 = time.perf_counter()
     try:

@@ -523,6 +523,8 @@ def run_batch(
 def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list[str]:
     """What of the input the output cannot carry, said rather than dropped silently."""
     notes = []
+    if info.format == "raw":  # LibRaw develops the pixels; the camera's tags stay in the RAW file
+        notes.append("camera RAW: the camera's EXIF (exposure, lens, capture time) is not copied to the developed image")
     if info.frames > 1:
         notes.append(f"only the first of {info.frames} frames (pages) was deblurred")
     if info.clipped_float_values:  # the model takes [0, 1]: the read clipped them
