@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -573,3 +574,260 @@ def test_convert_output_must_be_a_safetensors_file(tmp_path, convert_cli, name):
     res = invoke(src, "-o", out)
     assert res.exit_code == 2 and ".safetensors" in _one_error_line(res)
     assert not out.exists()
+
+
+# --- hostile or damaged .npz containers ------------------------------------------------------
+
+
+def _npz_member(path, data: bytes, compression=zipfile.ZIP_STORED) -> None:
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        zf.writestr("params.npy", data)
+
+
+def _patch_zip(path, local_offset: int, central_offset: int, value: int, mask: bool = False) -> None:
+    """Change one byte of the first local header and of the central directory entry."""
+    data = bytearray(path.read_bytes())
+    for sig, off in ((b"PK\x03\x04", local_offset), (b"PK\x01\x02", central_offset)):
+        i = data.find(sig) + off
+        data[i] = data[i] | value if mask else value
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["magic only", "version only", "header not a literal", "header cut short",
+                                  "encrypted member", "unknown compression"])
+def test_npz_with_a_malformed_header_or_member_is_one_line_naming_the_file(tmp_path, kind):
+    path = tmp_path / "bad.npz"
+    if kind == "magic only":
+        _npz_member(path, b"\x93NUMPY")
+    elif kind == "version only":
+        _npz_member(path, b"\x93NUMPY\x01\x00")
+    elif kind == "header not a literal":
+        _npz_member(path, b"\x93NUMPY\x01\x00\x05\x00abcde")
+    elif kind == "header cut short":
+        _npz_member(path, b"\x93NUMPY\x01\x00\x40\x00{'descr': '|O', 'fortran_order': False, 'shape': (")
+    elif kind == "encrypted member":
+        _npz_member(path, b"\x93NUMPY")
+        _patch_zip(path, 6, 8, 1, mask=True)  # general-purpose flag bit 0: encrypted
+    else:
+        _npz_member(path, b"\x93NUMPY")
+        _patch_zip(path, 8, 10, 99)  # compression method 99 (AES), which zipfile cannot read
+    with pytest.raises(CheckpointMismatchError, match="bad.npz: .*params.npy"):
+        read_official_npz(path)
+    out = tmp_path / "bad.safetensors"
+    res = _convert(path, "-o", out)
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert str(path) in _one_error_line(res)
+    assert not out.exists()
+
+
+def _with_metadata(path, **changes):
+    """Rewrite a kpac safetensors file with some metadata entries replaced (weights kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    meta.update(changes)
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("provenance", ["[1, 2]", '"trained by me"', "null", "3"])
+def test_provenance_that_is_not_a_json_object_is_invalid_metadata(tmp_path, monkeypatch, provenance):
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    folder = tmp_path / "weights"
+    path = _with_metadata(_weights_folder(folder, "odd", listed=False), provenance=provenance)
+    with pytest.raises(CheckpointMismatchError, match="odd.safetensors: invalid kpac metadata \\(provenance must be a JSON object"):
+        read_metadata(path)
+    with pytest.raises(CheckpointMismatchError, match="provenance must be a JSON object"):
+        load_checkpoint(path)
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(folder))
+    res = CliRunner().invoke(app, ["models"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert "odd.safetensors: invalid kpac metadata" in _one_error_line(res)
+
+
+@pytest.mark.parametrize("config, found", [("[]", "list"), ('"levels"', "str"), ("null", "NoneType")])
+def test_config_that_is_not_a_json_object_says_so(tmp_path, config, found):
+    path = _with_metadata(save_checkpoint(tmp_path / "m.safetensors", build_model(KPACConfig(levels=2, channels=8))),
+                          config=config)
+    with pytest.raises(CheckpointMismatchError, match=f"invalid kpac metadata \\(a KPACConfig is a JSON object of fields, got {found}\\)"):
+        read_metadata(path)
+
+
+def test_models_lists_a_model_whose_scores_are_not_numbers(tmp_path, monkeypatch):
+    """Scores are free-form metadata: figures that are not numbers are left to --json, never a crash."""
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    scores = {"blur_detection": {"auc": "0.95"}, "pixel4_dual_pixel_capture": {"input_psnr": "29", "single_psnr": 30.1}}
+    save_checkpoint(folder / "mine.safetensors", build_model(KPACConfig(levels=2, channels=8)), {"scores": scores})
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(folder))
+    res = CliRunner().invoke(app, ["models"])
+    assert res.exit_code == 0 and res.exception is None, res.output
+    assert "mine" in res.stdout and res.stderr == ""
+    res = CliRunner().invoke(app, ["models", "--json"])
+    assert res.exit_code == 0, res.output
+    records = {r["name"]: r for r in map(json.loads, res.stdout.splitlines())}
+    assert records["mine"]["provenance"]["scores"] == scores
+
+
+def test_models_names_a_file_whose_weights_do_not_fit_its_declared_architecture(tmp_path, monkeypatch):
+    """A listed model must load: metadata declaring 3 levels over 2-level weights is an error (exit 1)."""
+    from typer.testing import CliRunner
+
+    import kpac_cli.checkpoints.registry as registry
+    from kpac_cli.cli import app
+
+    folder = tmp_path / "weights"
+    _weights_folder(folder, "good")
+    liar = _weights_folder(folder, "liar")
+    _with_metadata(liar, config=KPACConfig(levels=3, channels=8).to_json())
+    monkeypatch.setattr(registry, "weights_dirs", lambda: [folder])
+    (folder / "SHA256SUMS").unlink()  # the digests are not what is checked here
+    models, unusable = registry.survey_models()
+    assert [m.name for m in models] == ["good"] and list(unusable) == ["liar"]
+    assert "liar.safetensors: weights do not fit the declared architecture" in unusable["liar"]
+    for args in (["models"], ["models", "--json"]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 1, res.output
+        assert "liar.safetensors: weights do not fit" in _one_error_line(res)
+        assert "good" in res.stdout and "liar" not in res.stdout
+
+
+def test_sha256sums_in_upper_case_or_naming_a_file_with_spaces_is_read_as_sha256sum_does(tmp_path, monkeypatch):
+    import hashlib
+
+    import kpac_cli.checkpoints.registry as registry
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    upper = save_checkpoint(folder / "upper.safetensors", build_model(KPACConfig(levels=2, channels=8)), {})
+    spaced = save_checkpoint(folder / "my model.safetensors", build_model(KPACConfig(levels=2, channels=8)), {})
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (upper, spaced)}
+    (folder / "SHA256SUMS").write_text(f"{digest[upper].upper()}  upper.safetensors\n"
+                                       f"{digest[spaced]} *my model.safetensors\n")
+    monkeypatch.setattr(registry, "weights_dirs", lambda: [folder])
+    # a sound file listed with an upper-case digest is not called damaged
+    assert registry.resolve_model("upper") == (upper, "upper")
+    models, unusable = registry.survey_models()
+    assert sorted(m.name for m in models) == ["my model", "upper"] and unusable == {}
+    # a listed name with a space is checked, not skipped
+    _truncate(spaced)
+    with pytest.raises(CheckpointMismatchError, match="my model.safetensors is damaged"):
+        registry.resolve_model("my model")
+    assert "damaged" in registry.survey_models()[1]["my model"]
+
+
+@pytest.mark.parametrize("name", ["single_2level.npz", "renamed.safetensors"])
+def test_an_authors_npz_given_as_a_model_says_to_convert_it(tmp_path, name):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    path = _official_npz(tmp_path / "single_2level.npz", _tf_arrays(KPACConfig(levels=2)))
+    if name != path.name:
+        path = path.rename(tmp_path / name)
+    with pytest.raises(CheckpointMismatchError, match=f"{name}: an .npz file .*kpac convert") as info:
+        load_checkpoint(path)
+    assert "not a readable safetensors" not in str(info.value)
+    photo = tmp_path / "a.png"
+    Image.fromarray(np.full((24, 24, 3), 128, np.uint8)).save(photo)
+    res = CliRunner().invoke(app, ["deblur", str(photo), "-m", str(path), "-o", str(tmp_path / "b.png"), "--device", "cpu"])
+    assert res.exit_code == 2 and "kpac convert" in _one_error_line(res)
+    assert not (tmp_path / "b.png").exists()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_update_provenance_never_rewrites_a_torch_file(tmp_path, suffix):
+    """A .pt training state would be replaced by a safetensors file of weights alone."""
+    net = build_model(KPACConfig(levels=2, channels=8))
+    path = tmp_path / f"last{suffix}"
+    torch.save({"config": net.config.to_dict(), "model": net.state_dict(), "iteration": 7}, path)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointMismatchError, match=f"last{suffix}: .*safetensors files only"):
+        update_provenance(path, scores={"psnr": 30.0})
+    assert path.read_bytes() == before
+    assert torch.load(path, weights_only=True)["iteration"] == 7
+
+
+def test_a_plain_folder_named_like_a_shipped_model_does_not_hide_it(tmp_path, monkeypatch):
+    """`kpac deblur x.png -m kpac-2level -o kpac-2level/` run twice: the output folder is no model."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from kpac_cli.checkpoints.registry import resolve_model
+    from kpac_cli.cli import app
+
+    shipped = _weights_folder(tmp_path / "weights", "kpac-2level")
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kpac-2level").mkdir()
+    assert resolve_model("kpac-2level") == (shipped, "kpac-2level")
+    photo = tmp_path / "a.png"
+    Image.fromarray(np.full((24, 24, 3), 128, np.uint8)).save(photo)
+    res = CliRunner().invoke(app, ["deblur", str(photo), "-m", "kpac-2level", "-o", "kpac-2level/", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "kpac-2level" / "a.png").is_file()
+    # a training run folder of that name is still the run's model, and a spelled-out path a folder
+    run = _run_folder(tmp_path / "elsewhere", exported=True)
+    monkeypatch.chdir(run.parent)
+    run.rename(run.parent / "kpac-2level")
+    assert resolve_model("kpac-2level") == (Path("kpac-2level") / "model.safetensors", "kpac-2level")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is a folder, not a model"):
+        resolve_model("./kpac-2level")
+
+
+def test_arrays_that_do_not_fit_a_given_config_are_named_in_the_files_layout():
+    from kpac_cli.checkpoints import model_from_official_arrays
+
+    single, dual = KPACConfig(levels=2, channels=8), KPACConfig(levels=2, channels=8, in_views=2)
+    arrays = _tf_arrays(single)
+    assert model_from_official_arrays(arrays, single).config == single
+    # the file's shape and the expected one, both HWIO: they differ only where the file is wrong
+    with pytest.raises(CheckpointMismatchError, match=r"array 0 \(encoder.c0.weight\) has shape \(5, 5, 3, 8\), expected \(5, 5, 6, 8\)"):
+        model_from_official_arrays(arrays, dual)
+    # a 1-D array where a kernel belongs is a mismatch, not a PyTorch error
+    with pytest.raises(CheckpointMismatchError, match=r"array 0 \(encoder.c0.weight\) has shape \(8,\), expected \(5, 5, 3, 8\)"):
+        model_from_official_arrays([arrays[1]] + arrays[1:], single)
+
+
+_DTYPE_F4 = b"cnumpy\ndtype\nX\x02\x00\x00\x00f4\x85R"  # numpy.dtype('f4')
+
+
+@pytest.mark.parametrize("kind", ["zero-stride view", "never filled"])
+def test_npz_declaring_arrays_larger_than_its_data_is_refused_before_copying(tmp_path, kind):
+    """A few hundred bytes must not make the reader build gigabytes (or weights from uninitialised memory)."""
+    n = 1 << 24  # 64 MiB of float32 declared
+    size = b"J" + n.to_bytes(4, "little") + b"\x85"
+    if kind == "zero-stride view":  # numpy.ndarray((n,), f4, b'....', 0, (0,)): one value seen n times
+        item = b"cnumpy\nndarray\n(" + size + _DTYPE_F4 + b"C\x04\x00\x00\x80?K\x00K\x00\x85tR"
+    else:  # _reconstruct(ndarray, (n,), f4) with no state: an allocation, no data
+        item = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + size + _DTYPE_F4 + b"\x87R"
+    path = tmp_path / "small.npz"
+    _npz_with_pickle(path, b"\x80\x02](" + item + b"e.")
+    assert path.stat().st_size < 400
+    with pytest.raises(CheckpointMismatchError, match=r"small.npz: params.npy item 0 \(shape \(16777216,\)\) declares more data"):
+        read_official_npz(path)
+
+
+def test_unknown_model_says_when_kpac_weights_dir_is_not_a_folder(tmp_path, monkeypatch):
+    from kpac_cli.checkpoints.registry import resolve_model
+
+    _weights_folder(tmp_path / "weights", "mine")
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(tmp_path / "weigths"))  # misspelt
+    with pytest.raises(FileNotFoundError, match=r"unknown model 'mine' .*KPAC_WEIGHTS_DIR \(.*weigths\) is not a folder"):
+        resolve_model("mine")
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(tmp_path / "weights"))
+    assert resolve_model("mine") == (tmp_path / "weights" / "mine.safetensors", "mine")
+    with pytest.raises(FileNotFoundError, match="unknown model 'other'") as info:
+        resolve_model("other")
+    assert "KPAC_WEIGHTS_DIR" not in str(info.value)

@@ -57,9 +57,18 @@ def _parse_npy_header(f: io.BufferedIOBase) -> dict:
     magic = f.read(6)
     if magic != b"\x93NUMPY":
         raise CheckpointMismatchError("params.npy is not a .npy file")
-    major, _minor = f.read(2)
-    hlen = int.from_bytes(f.read(2 if major == 1 else 4), "little")
-    header = ast.literal_eval(f.read(hlen).decode("latin1"))
+    version = f.read(2)
+    if len(version) != 2 or version[0] not in (1, 2, 3):
+        raise CheckpointMismatchError("params.npy has a malformed header (unknown .npy version)")
+    size = 2 if version[0] == 1 else 4
+    length = f.read(size)
+    if len(length) != size:
+        raise CheckpointMismatchError("params.npy has a malformed header (truncated)")
+    hlen = int.from_bytes(length, "little")
+    text = f.read(hlen)
+    if len(text) != hlen:
+        raise CheckpointMismatchError("params.npy has a malformed header (truncated)")
+    header = ast.literal_eval(text.decode("latin1"))
     if not isinstance(header, dict) or {"descr", "fortran_order", "shape"} - set(header):
         raise CheckpointMismatchError("params.npy has a malformed header")
     return header
@@ -80,8 +89,18 @@ def read_official_npz(path: str | Path) -> list[np.ndarray]:
     with zf:
         if "params.npy" not in zf.namelist():
             raise CheckpointMismatchError(f"{path}: no 'params.npy' member (found {zf.namelist()[:5]})")
-        with zf.open("params.npy") as f:
-            header = _parse_npy_header(f)
+        stored_bytes = zf.getinfo("params.npy").file_size
+        try:
+            f = zf.open("params.npy")
+        except (RuntimeError, NotImplementedError, zipfile.BadZipFile) as e:  # encrypted, unknown compression
+            raise CheckpointMismatchError(f"{path}: unreadable params.npy ({e})") from None
+        with f:
+            try:
+                header = _parse_npy_header(f)
+            except CheckpointMismatchError as e:
+                raise CheckpointMismatchError(f"{path}: {e}") from None
+            except (ValueError, SyntaxError, MemoryError, RecursionError, zipfile.BadZipFile, EOFError) as e:
+                raise CheckpointMismatchError(f"{path}: params.npy has a malformed header ({type(e).__name__}: {e})") from None
             if header["descr"] == "|O":
                 try:
                     obj = _ArraysOnlyUnpickler(f, encoding="latin1").load()
@@ -95,6 +114,15 @@ def read_official_npz(path: str | Path) -> list[np.ndarray]:
     items = list(obj) if isinstance(obj, np.ndarray) and obj.ndim == 1 else obj
     if not isinstance(items, list) or not all(isinstance(a, np.ndarray) for a in items):
         raise CheckpointMismatchError(f"{path}: params.npy does not hold a list of arrays")
+    # Every array's values are stored in the pickle itself, so together they cannot exceed it. A
+    # crafted pickle can declare an array without its data (a zero-stride view of a few bytes,
+    # or one never filled): refused here, before anything is copied out of it.
+    claimed = 0
+    for i, a in enumerate(items):
+        claimed += a.nbytes
+        if claimed > stored_bytes:
+            raise CheckpointMismatchError(f"{path}: params.npy item {i} (shape {a.shape}) declares more data than "
+                                          f"params.npy holds ({stored_bytes:,} bytes)")
     arrays = []
     for i, a in enumerate(items):
         # Integer, complex or text items would be cast into weights that only make black images.
@@ -139,13 +167,13 @@ def model_from_official_arrays(arrays: list[np.ndarray], config: KPACConfig | No
     if len(params) != len(arrays):
         raise CheckpointMismatchError(f"expected {len(params)} arrays for {config}, got {len(arrays)}")
     with torch.no_grad():
-        for (name, p), a in zip(params, arrays):
+        for i, ((name, p), a) in enumerate(zip(params, arrays)):
+            expected = _tf_shape(name, p)  # both shapes in the file's layout, so they compare
+            if tuple(a.shape) != expected:
+                raise CheckpointMismatchError(f"array {i} ({name}) has shape {tuple(a.shape)}, expected {expected} "
+                                              f"for {config.to_json()}")
             t = torch.from_numpy(a)
-            if p.ndim == 4:
-                t = t.permute(3, 2, 0, 1)
-            if tuple(t.shape) != tuple(p.shape):
-                raise CheckpointMismatchError(f"{name}: checkpoint shape {a.shape} does not fit {tuple(p.shape)}")
-            p.copy_(t)
+            p.copy_(t.permute(3, 2, 0, 1) if p.ndim == 4 else t)
     return model.eval()
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..model import KPACConfig
 from .official import CheckpointMismatchError
-from .safetensors_io import is_lfs_pointer, lfs_pointer_error, read_metadata
+from .safetensors_io import check_weights_fit, is_lfs_pointer, lfs_pointer_error, read_metadata
 
 DEFAULT_MODEL = "kpac-3level"
 DEFAULT_DUAL_MODEL = "kpac-dual"
@@ -48,10 +48,12 @@ def _expected_digests(folder: Path) -> dict[str, str]:
     if not sums.is_file():
         return {}
     out = {}
-    for line in sums.read_text().splitlines():
-        parts = line.split()
+    # sha256sum's format: the digest (either case), a space, " " or "*" (binary mode), the name,
+    # which may itself hold spaces; names are decoded as the file system's are.
+    for line in sums.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+        parts = line.strip().split(maxsplit=1)
         if len(parts) == 2:
-            out[parts[1].lstrip("*")] = parts[0]
+            out[parts[1].removeprefix("*")] = parts[0].lower()
     return out
 
 
@@ -83,12 +85,14 @@ def _shipped_files() -> dict[str, Path]:
 
 def survey_models() -> tuple[list[ModelInfo], dict[str, str]]:
     """The shipped models that can be used, and name -> what is wrong for each that cannot
-    (damaged against SHA256SUMS, a Git LFS pointer, unreadable, no kpac metadata)."""
+    (damaged against SHA256SUMS, a Git LFS pointer, unreadable, no kpac metadata, weights that
+    do not fit the architecture its metadata declares)."""
     models, unusable = [], {}
     for name, path in _shipped_files().items():
         try:
             verify_file(path)
             config, provenance = read_metadata(path)
+            check_weights_fit(path, config)
         except (CheckpointMismatchError, OSError) as e:
             unusable[name] = " ".join(str(e).split())
             continue
@@ -105,6 +109,10 @@ def list_models() -> list[ModelInfo]:
 # which a folder is recognised as a run; its exported model is OUT/model.safetensors.
 RUN_MARKERS = ("log.jsonl", "last.pt", "best.pt")
 RUN_MODEL = "model.safetensors"
+
+
+def _is_run_folder(folder: Path) -> bool:
+    return (folder / RUN_MODEL).is_file() or any((folder / marker).is_file() for marker in RUN_MARKERS)
 
 
 def _run_folder_model(folder: Path) -> Path:
@@ -137,8 +145,11 @@ def resolve_model(spec: str | Path, dual: bool = False) -> tuple[Path, str]:
         spec_s = DEFAULT_DUAL_MODEL if dual else DEFAULT_MODEL
     path = Path(spec_s)
     if path.is_dir():
-        return _run_folder_model(path), path.resolve().name
-    if path.suffix in (".safetensors", ".pt", ".pth", ".npz") or path.exists():
+        # A folder that merely shares a shipped model's name (an output folder named after the
+        # model, say) does not hide that model; a training run folder is taken as given.
+        if _is_run_folder(path) or spec_s not in _shipped_files():
+            return _run_folder_model(path), path.resolve().name
+    elif path.suffix in (".safetensors", ".pt", ".pth", ".npz") or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         return path, path.stem
@@ -147,4 +158,7 @@ def resolve_model(spec: str | Path, dual: bool = False) -> tuple[Path, str]:
         verify_file(shipped)  # what is wrong with a damaged file, rather than "unknown model"
         return shipped, spec_s
     names = ", ".join(m.name for m in list_models()) or "none installed"
-    raise FileNotFoundError(f"unknown model {spec_s!r} (shipped models: {names}); pass a .safetensors path to use your own")
+    env = os.environ.get("KPAC_WEIGHTS_DIR")
+    unused = f"; $KPAC_WEIGHTS_DIR ({env}) is not a folder, so it was not searched" if env and not Path(env).is_dir() else ""
+    raise FileNotFoundError(f"unknown model {spec_s!r} (shipped models: {names}){unused}; "
+                            "pass a .safetensors path to use your own")

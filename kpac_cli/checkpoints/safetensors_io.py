@@ -60,9 +60,15 @@ def load_state_dict_checked(model: KPACNet, state: dict[str, torch.Tensor]) -> N
     if not_tensors:
         raise CheckpointMismatchError(f"{len(not_tensors)} entries are not tensors (e.g. {not_tensors[0]!r})")
     own = dict(model.state_dict())
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    _check_shapes(model.config, {k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in state.items()})
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def _check_shapes(config: KPACConfig, own: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]]) -> None:
+    """Raise one CheckpointMismatchError saying how the stored tensors differ from the network's."""
+    missing = sorted(set(own) - set(stored))
+    unexpected = sorted(set(stored) - set(own))
+    wrong = [f"{k}: file {stored[k]} vs model {own[k]}" for k in own if k in stored and stored[k] != own[k]]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -71,8 +77,24 @@ def load_state_dict_checked(model: KPACNet, state: dict[str, torch.Tensor]) -> N
             parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
         if wrong:
             parts.append(f"{len(wrong)} wrong shapes (e.g. {wrong[0]})")
-        raise CheckpointMismatchError(f"weights do not fit the declared architecture {model.config.to_json()}: " + "; ".join(parts))
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+        raise CheckpointMismatchError(f"weights do not fit the declared architecture {config.to_json()}: " + "; ".join(parts))
+
+
+def check_weights_fit(path: str | Path, config: KPACConfig) -> None:
+    """Check the names and shapes of a safetensors file's tensors against the network ``config``
+    builds, from the file's header alone (no tensor is read)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointMismatchError(f"{path}: not a readable safetensors file ({e})") from None
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        own = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
+    try:
+        _check_shapes(config, own, stored)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{path}: {e}") from None
 
 
 def save_checkpoint(
@@ -101,7 +123,14 @@ def save_checkpoint(
 
 def update_provenance(path: str | Path, **fields: Any) -> dict[str, Any]:
     """Merge ``fields`` into a checkpoint's provenance (e.g. scores measured after training),
-    rewriting the file atomically; the weights and config are untouched. Returns the new provenance."""
+    rewriting the file atomically; the weights and config are untouched. Returns the new provenance.
+
+    Only kpac ``.safetensors`` files are rewritten: a ``.pt``/``.pth`` file (a training run's
+    state, say) is refused, since rewriting it would replace it with weights alone."""
+    path = Path(path)
+    if path.suffix in (".pt", ".pth"):
+        raise CheckpointMismatchError(f"{path}: provenance is updated in kpac .safetensors files only, not in a torch "
+                                      "file (export it first: kpac train --export-only)")
     ckpt = load_checkpoint(path)
     model = ckpt.build()
     provenance = {**ckpt.provenance, **fields}
@@ -116,6 +145,20 @@ def is_lfs_pointer(path: Path) -> bool:
         with open(path, "rb") as f:
             return f.read(len(_LFS_POINTER)) == _LFS_POINTER
     except OSError:
+        return False
+
+
+def _is_official_npz(path: Path) -> bool:
+    """Whether ``path`` is a zip holding ``params.npy``, as the authors' checkpoints are."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # a safetensors file starts with its header's length
+                return False
+        with zipfile.ZipFile(path) as zf:
+            return "params.npy" in zf.namelist()
+    except Exception:  # only a guess at what the file is, for a better message
         return False
 
 
@@ -143,6 +186,9 @@ def read_metadata(path: str | Path) -> tuple[KPACConfig, dict[str, Any]]:
         provenance = json.loads(meta.get("provenance", "{}"))
     except (ValueError, TypeError) as e:
         raise CheckpointMismatchError(f"{path}: invalid kpac metadata ({e})") from None
+    if not isinstance(provenance, dict):  # every reader looks fields up in it
+        raise CheckpointMismatchError(f"{path}: invalid kpac metadata (provenance must be a JSON object, "
+                                      f"got {type(provenance).__name__})")
     return config, provenance
 
 
@@ -153,6 +199,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise FileNotFoundError(f"model file not found: {path}")
     if path.suffix in (".pt", ".pth"):
         return _load_torch_weights_only(path)
+    if path.suffix == ".npz" or _is_official_npz(path):
+        raise CheckpointMismatchError(
+            f"{path}: an .npz file (the authors' release format) is not loaded directly: "
+            f"convert it with `kpac convert {path} -o {path.stem}.safetensors` and use that file"
+        )
     config, provenance = read_metadata(path)
     try:
         state = load_file(str(path))

@@ -12,6 +12,11 @@ from ..model import build_model, count_parameters
 from .common import EXIT_FAILED, emit_json, print_error
 
 
+def _is_number(value: object) -> bool:
+    """A figure that can be formatted as one (a file's metadata may hold anything)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def headline_scores(scores: object, dual: bool = False) -> str:
     """The few figures a user compares models by, one per line; '-' when none were measured.
 
@@ -30,10 +35,10 @@ def headline_scores(scores: object, dual: bool = False) -> str:
     capture = scores.get("pixel4_dual_pixel_capture")
     if isinstance(capture, dict):
         out = capture.get("dual_psnr" if dual else "single_psnr")
-        if out is not None and capture.get("input_psnr") is not None:
+        if _is_number(out) and _is_number(capture.get("input_psnr")):
             lines.append(f"Pixel 4 capture {capture['input_psnr']:.2f} -> {out:.2f} dB")
     detection = scores.get("blur_detection")
-    if isinstance(detection, dict) and "auc" in detection:
+    if isinstance(detection, dict) and _is_number(detection.get("auc")):
         lines.append(f"blur detection AUC {detection['auc']:.3f}")
     # figures of other shapes (a model imported with its own scalar scores, say)
     lines += [f"{k} {v}" for k, v in scores.items()

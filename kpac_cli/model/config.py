@@ -104,6 +104,8 @@ class KPACConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KPACConfig":
+        if not isinstance(d, dict):  # e.g. a list or a string read from a file's metadata
+            raise ValueError(f"a KPACConfig is a JSON object of fields, got {type(d).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
