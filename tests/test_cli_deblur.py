@@ -573,3 +573,24 @@ def test_models_shows_the_headline_scores_of_each_model(tmp_path, monkeypatch):
     assert cells["dual"] == ["held-out synthetic +2.50 dB (+2.60 with --ensemble 4)",
                              "Pixel 4 capture 29.22 -> 29.69 dB"]  # the dual model's figure
     assert cells["imported"] == ["psnr 25.2"] and cells["unscored"] == ["-"]
+
+
+def test_saved_blurmap_honours_the_polarity_the_model_declares(tmp_path):
+    # `kpac deblur --save-blurmap` writes the same detection map as `kpac blurmap`: for a model
+    # whose checkpoint declares that its attention is high on sharp regions, the map is flipped
+    torch.manual_seed(3)
+    net = build_model(KPACConfig(levels=2, channels=8))
+    plain = save_checkpoint(tmp_path / "plain.safetensors", net, {"name": "tiny"})
+    sharp = save_checkpoint(tmp_path / "sharp.safetensors", net, {"name": "tiny", "blurmap_polarity": "sharp"})
+    src = _write(tmp_path / "a.png", np.random.default_rng(5).random((40, 48, 3), dtype=np.float32), 8)
+    maps = {}
+    for name, model in (("plain", plain), ("sharp", sharp)):
+        res = invoke("deblur", src, "-o", tmp_path / name, "--model", model, "--device", "cpu", "--save-blurmap")
+        assert res.exit_code == 0, res.output
+        maps[name] = read_image(tmp_path / name / "a_blurmap.png")[0][..., 0].astype(np.float64)
+    assert maps["plain"].std() > 1e-3  # the map is not flat, so a flip shows
+    np.testing.assert_allclose(maps["sharp"], 1 - maps["plain"], atol=2 / 65535)
+    res = invoke("blurmap", src, "-o", tmp_path / "bm", "--model", sharp, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    (written,) = [p for p in (tmp_path / "bm").iterdir() if p.suffix == ".png"]
+    np.testing.assert_allclose(maps["sharp"], read_image(written)[0][..., 0], atol=2 / 65535)

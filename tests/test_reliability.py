@@ -489,6 +489,44 @@ def test_disk_full_with_overwrite_keeps_the_old_output(tmp_path, models, monkeyp
     assert [p.name for p in out.iterdir()] == ["b.png"]
 
 
+def test_disk_full_leaves_no_blurmap_of_the_failed_image(tmp_path, models, monkeypatch):
+    # the blur map is written before its image; when the image cannot be written, the map of
+    # this run goes too, so that the same command, rerun once there is space, finishes the job
+    for i, n in enumerate("abc"):
+        write_png(tmp_path / "in" / f"{n}.png", seed=i)
+    out = tmp_path / "out"
+    old = write_png(out / "c_blurmap.png", seed=7)  # an earlier map of an image that then fails
+    before = old.read_bytes()
+    _fail_writes_of(monkeypatch, "b.png", "replace")
+    _fail_writes_of(monkeypatch, "c.png", "write")
+    res = deblur(models["single"], tmp_path / "in", "-o", out, "--save-blurmap", "--skip-existing")
+    assert res.exit_code == 1
+    assert_one_error(res, str(out / "b.png"), "cannot write|no space|quota")
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_blurmap.png", "c_blurmap.png"]
+    assert old.read_bytes() == before  # a map this run did not write is left alone
+    monkeypatch.undo()
+    old.unlink()
+    res = deblur(models["single"], tmp_path / "in", "-o", out, "--save-blurmap", "--skip-existing")
+    assert res.exit_code == 0, res.stderr
+    assert stderr_lines(res)[-1] == "2 deblurred, 1 skipped, 0 failed"
+    res = deblur(models["single"], tmp_path / "in" / "b.png", "-o", tmp_path / "out2", "--save-blurmap")
+    assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["b.png", "b_blurmap.png"]
+
+
+def test_a_plain_rerun_after_a_write_failure_with_blurmaps_succeeds(tmp_path, models, monkeypatch):
+    write_png(tmp_path / "in" / "b.png")
+    out = tmp_path / "out"
+    _fail_writes_of(monkeypatch, "b.png", "fsync" if Path("/proc/self/fd").is_dir() else "replace")
+    res = deblur(models["single"], tmp_path / "in", "-o", out, "--save-blurmap")
+    assert res.exit_code == 1
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+    res = deblur(models["single"], tmp_path / "in", "-o", out, "--save-blurmap")
+    assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["b.png", "b_blurmap.png"]
+
+
 def test_output_path_that_is_an_existing_directory(tmp_path, models):
     write_png(tmp_path / "in" / "a.png")
     write_png(tmp_path / "in" / "b.png", seed=1)
@@ -969,6 +1007,62 @@ def test_what_a_format_cannot_hold_is_said(tmp_path, models):
         res = deblur(models["single"], tmp_path / "xmp.png", "-o", tmp_path / f"x-{fmt}", "--format", fmt)
         assert res.exit_code == 0, res.stderr
         assert any(line.startswith("note:") and "XMP" in line for line in stderr_lines(res)) == said, res.stderr
+
+
+def _notes(res) -> dict[str, list[str]]:
+    return {Path(r["input"]).name: r.get("notes", []) for r in map(json.loads, res.stdout.splitlines())}
+
+
+def test_camera_exif_that_a_tiff_output_cannot_carry_is_said(tmp_path, models):
+    # TIFF outputs carry the descriptive EXIF tags only; exposure, capture time and the like
+    # (the Exif sub-IFD) are not copied, which is said rather than dropped silently
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[271], exif[272] = "Canon", "EOS R5"
+    exif.get_ifd(0x8769)[0x829A] = 0.01  # ExposureTime
+    exif.get_ifd(0x8769)[0x9003] = "2024:05:01 10:00:00"  # DateTimeOriginal
+    Image.fromarray(smooth_rgb(24, 32, 8)).save(tmp_path / "cam.jpg", exif=exif.tobytes())
+    descriptive = Image.Exif()
+    descriptive[271] = "Canon"
+    Image.fromarray(smooth_rgb(24, 32, 9)).save(tmp_path / "plain.jpg", exif=descriptive.tobytes())
+    for fmt, said in (("tiff", True), ("png", False), ("jpeg", False)):
+        res = deblur(models["single"], tmp_path / "cam.jpg", tmp_path / "plain.jpg", "-o", tmp_path / fmt, "--format", fmt, "--json")
+        assert res.exit_code == 0, res.stderr
+        notes = _notes(res)
+        assert any("EXIF" in n for n in notes["cam.jpg"]) == said, (fmt, notes)
+        assert not any("EXIF" in n for n in notes["plain.jpg"]), (fmt, notes)  # nothing was lost
+        assert any(line.startswith("note:") and "cam.jpg" in line and "EXIF" in line for line in stderr_lines(res)) == said
+
+
+def test_png_text_chunks_that_other_formats_cannot_hold_are_said(tmp_path, models):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    text = PngInfo()
+    text.add_text("Title", "Harbour at dusk")
+    text.add_itxt("Author", "Jo")
+    Image.fromarray(smooth_rgb(24, 32, 10)).save(tmp_path / "t.png", pnginfo=text)
+    for fmt, said in (("jpeg", True), ("tiff", True), ("png", False)):
+        res = deblur(models["single"], tmp_path / "t.png", "-o", tmp_path / fmt, "--format", fmt, "--json")
+        assert res.exit_code == 0, res.stderr
+        notes = _notes(res)["t.png"]
+        assert [n for n in notes if "Title" in n and "Author" in n] == ([n for n in notes if "text" in n] if said else []), notes
+        assert bool(notes) == said, (fmt, notes)
+
+
+def test_a_float_image_written_as_png_says_it_became_sixteen_bit(tmp_path, models):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "f.tif", smooth_rgb(24, 32, 11).astype(np.float32) / 255)
+    res = deblur(models["single"], tmp_path / "f.tif", "-o", tmp_path / "out", "--format", "png", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert read_image(tmp_path / "out" / "f.png")[1].bit_depth == 16
+    assert any("16" in n and "float" in n for n in _notes(res)["f.tif"]), res.stdout
+    for extra in (["--format", "tiff"], ["--format", "png", "--bit-depth", "16"]):  # kept, or asked for
+        res = deblur(models["single"], tmp_path / "f.tif", "-o", tmp_path / "o2", *extra, "--json", "--overwrite")
+        assert res.exit_code == 0, res.stderr
+        assert _notes(res)["f.tif"] == [], (extra, res.stdout)
 
 
 def test_deblur_file_writes_the_format_its_output_name_asks_for(tmp_path, models):

@@ -211,6 +211,40 @@ def test_interrupted_batch_keeps_complete_outputs_and_resumes(workload, tmp_path
     assert temps(out) == []
 
 
+def test_interrupted_overwrite_run_does_not_advise_keeping_stale_outputs(workload, tmp_path):
+    # with --overwrite the outputs not reached yet are those of an earlier run: --skip-existing
+    # would keep them, so the summary does not offer it as the way to finish
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in workload.reference:
+        (out / name).write_bytes(b"an earlier run's output")
+    env, held = hold(2, tmp_path)
+    proc = start(workload, workload.inputs, "-o", out, "--overwrite", prelude=HOLD_ONE_IMAGE, env=env)
+    wait_until(held.exists, proc, "the second image to be in inference")
+    proc.send_signal(signal.SIGINT)
+    err = finish(proc)
+    assert proc.returncode == 130, err
+    assert f"interrupted: 1 deblurred, 0 skipped, 0 failed, {N_IMAGES - 1} not finished" in summary(err), err
+    assert "rerun with --skip-existing to finish" not in summary(err), err
+    assert "rerun" in summary(err) and "older than this run" in summary(err), err
+
+
+def test_interrupted_run_to_stdout_does_not_advise_skip_existing(workload, tmp_path):
+    env, held = hold(1, tmp_path)
+    proc = start(workload, workload.inputs / "img00.png", "-o", "-", prelude=HOLD_ONE_IMAGE, env={**env, "PYTHONIOENCODING": "utf-8"})
+    wait_until(held.exists, proc, "the image to be in inference")
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 143, err
+    assert out == ""  # no image, not a part of one
+    assert "interrupted: 0 deblurred, 0 skipped, 0 failed, 1 not finished" in summary(err), err
+    assert "--skip-existing" not in err, err
+
+
 @pytest.mark.parametrize("command", ["eval", "blurmap"])
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_eval_and_blurmap_exit_with_the_signal_code(workload, tmp_path, command, sig, code):

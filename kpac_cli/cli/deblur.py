@@ -139,14 +139,16 @@ def deblur(
 
     after_run = None
     if save_blurmap:
-        from ..blurmap import save_blurmaps
+        from ..blurmap import model_polarity, save_blurmaps
+
+        polarity = model_polarity(deblurrer)  # what the checkpoint declares, as `kpac blurmap` reads it
 
         def after_run(job, result, info):  # same inference pass
             path = job.companions.get("blurmap")
             if path is None:
                 return None
             if not (skip_existing and path.exists()):  # a resumed batch keeps a finished map
-                save_blurmaps(path, result, deblurrer.config, info.size, overwrite=overwrite)
+                save_blurmaps(path, result, deblurrer.config, info.size, overwrite=overwrite, polarity=polarity)
             return {"blurmap": str(path)}
 
     interactive = show_progress(quiet) and output != STDIO and dist_info.is_main
@@ -222,7 +224,14 @@ def deblur(
     if not quiet:
         done = f"{counts['ok']} deblurred, {counts['skipped']} skipped, {counts['failed']} failed"
         if exit_code in (130, 143):
-            err_console.print(f"interrupted: {done}, {total_jobs - sum(counts.values())} not finished; rerun with --skip-existing to finish", soft_wrap=True)
+            left_over = f"interrupted: {done}, {total_jobs - sum(counts.values())} not finished"
+            if output == STDIO:  # nothing on disk to resume from
+                advice = ""
+            elif overwrite:  # the outputs not reached are an earlier run's: --skip-existing would keep them
+                advice = "; rerun to finish (--skip-existing instead of --overwrite would keep the outputs older than this run)"
+            else:
+                advice = "; rerun with --skip-existing to finish"
+            err_console.print(left_over + advice, soft_wrap=True)
         elif output != STDIO or counts["failed"]:
             err_console.print(done, soft_wrap=True)
         if compile_:

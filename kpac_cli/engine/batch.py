@@ -42,7 +42,8 @@ from ..images import (
 )
 from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
 from ..images.io import JPEG_MAX_EXIF, JPEG_MAX_XMP
-from ..images.png import colour_other_than_srgb
+from ..images.exif import DESCRIPTIVE_TAGS
+from ..images.png import TEXT_CHUNKS, colour_other_than_srgb
 from .deblurrer import Deblurrer
 from .tiled import ProgressFn
 
@@ -431,13 +432,13 @@ def run_batch(
 
     reader = ThreadPoolExecutor(1, thread_name_prefix="kpac-read")
     writer = ThreadPoolExecutor(1, thread_name_prefix="kpac-write")
-    pending_write: tuple[Job, JobResult, Future] | None = None
+    pending_write: tuple[Job, JobResult, Future, list[Path]] | None = None
 
     def finish_write() -> None:
         nonlocal pending_write
         if pending_write is None:
             return
-        job, res, fut = pending_write
+        job, res, fut, fresh = pending_write
         pending_write = None
         try:
             data = fut.result()
@@ -448,6 +449,14 @@ def run_batch(
             res.status, res.error = ("skipped", None) if options.skip_existing else ("failed", _one_line(e, job.output))
         except (ImageError, OSError) as e:
             res.status, res.error = "failed", _one_line(e, job.output or "<stdout>")
+            # the companions this job wrote (its blur map) go with the image that could not be
+            # written: no partial result, and a rerun of the same command is not refused for
+            # them. (Not when the image appeared meanwhile: its maker may have written them.)
+            for path in fresh:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass
         results.append(res)
         if on_result:
             on_result(res)
@@ -481,6 +490,7 @@ def run_batch(
                     out = srgb_decode(out)
                 if hidden is not None:
                     out[hidden] = photo[hidden]
+                fresh = [p for p in job.companions.values() if not p.exists()]  # what after_run would create
                 extra = (after_run(job, result, info) or {}) if after_run else {}
             except (ImageError, ValueError, MemoryError, OSError) as e:
                 finish_write()
@@ -503,7 +513,7 @@ def run_batch(
                 extra["compile_seconds"] = round(stats.compile_seconds, 3)
             res = JobResult(job.input_label, "-" if job.output is None else str(job.output), "ok", size=tuple(out.shape[:2]), seconds=time.perf_counter() - t0, extra=extra)
             finish_write()  # keep at most one write in flight, and results in order
-            pending_write = (job, res, writer.submit(_write, job, out, info, options))
+            pending_write = (job, res, writer.submit(_write, job, out, info, options), fresh)
         finish_write()
     except BaseException:
         # Interrupted (Ctrl-C, or SIGTERM turned into an exception by the CLI): the image being
@@ -534,6 +544,14 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
     if job.format != "png" and colour and info.icc_profile is None:
         notes.append(f"{job.format.upper()} cannot hold the PNG's colour space ({', '.join(colour)}, not sRGB): "
                      "written untagged, which readers take for sRGB")
+    text = [bytes(data).split(b"\0", 1)[0].decode("latin-1") for ctype, data in info.png_chunks if bytes(ctype) in TEXT_CHUNKS]
+    if job.format != "png" and text:
+        notes.append(f"{job.format.upper()} cannot hold the PNG's text chunks ({', '.join(text)}): dropped")
+    if job.format == "png" and info.bit_depth == 32 and options.bit_depth is None:
+        notes.append("PNG holds at most 16 bits: the float image was written as 16-bit")
+    if job.format == "tiff" and _exif_beyond_descriptive(info.exif):
+        notes.append("TIFF output carries only the descriptive EXIF tags (Make, Model, DateTime, Artist, Copyright, "
+                     "Software, ImageDescription): the others (exposure, lens, capture time, GPS, ...) were not copied")
     if job.format == "jpeg":
         if info.alpha is not None:
             notes.append("JPEG has no alpha channel: the transparency was dropped")
@@ -544,6 +562,30 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
         if info.xmp is not None and len(info.xmp) > JPEG_MAX_XMP:
             notes.append(f"the XMP metadata ({len(info.xmp):,} bytes) is too large for a JPEG segment: dropped")
     return notes
+
+
+#: IFD0 tags a TIFF output carries in its own fields: orientation (applied to the pixels and
+#: reset), the print resolution, and the pointers to the sub-IFDs, which are judged by content.
+_EXIF_CARRIED_TAGS = frozenset(DESCRIPTIVE_TAGS) | {0x0112, 0x011A, 0x011B, 0x0128, 0x0213, 0x8769, 0x8825}
+
+
+def _exif_beyond_descriptive(exif: bytes | None) -> bool:
+    """Whether ``exif`` holds tags that a TIFF output does not write (only the descriptive
+    IFD0 tags are written there): any entry of the Exif or GPS sub-IFD, or another IFD0 tag."""
+    if not exif:
+        return False
+    try:
+        import warnings
+
+        from PIL import Image
+
+        ex = Image.Exif()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns about every damaged tag
+            ex.load(exif)
+            return any(tag not in _EXIF_CARRIED_TAGS for tag in ex) or any(len(ex.get_ifd(t)) for t in (0x8769, 0x8825))
+    except Exception:  # best-effort metadata: a damaged block is not worth a note
+        return False
 
 
 class OutputAppeared(ImageError):
