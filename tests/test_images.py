@@ -364,7 +364,7 @@ def test_float_tiff_clipping_is_counted_and_said():
     assert img[0, 0].tolist() == [1, 0, 0] and img[1, 1].tolist() == [1, 1, 0]
     assert info.clipped_float_values == 4
     for fmt, bits in (("tiff", 32), ("tiff", None), ("png", None), ("jpeg", None)):  # said whatever the output
-        said = [n for n in notes_for(info, fmt, bit_depth=bits) if "float" in n]
+        said = [n for n in notes_for(info, fmt, bit_depth=bits) if "clipped" in n]
         assert said == ["4 float values outside [0, 1] were clipped"], fmt
     # alpha counts; extra samples that are not kept do not
     rgba = np.dstack([np.full((2, 2, 3), 0.25, np.float32), np.full((2, 2), 1.0, np.float32), np.full((2, 2), 9.0, np.float32)])
@@ -919,8 +919,9 @@ def test_png_colour_chunks_other_formats_cannot_hold_are_said():
     wide = (b"cHRM", struct.pack(">8I", 31270, 32900, 70800, 29200, 17000, 79700, 13100, 4600))  # BT.2020 primaries
     _, info = read_image(ref_png(a, 8, extra=b"".join(chunk(t, d) for t, d in [linear, wide] + TEXT_CHUNKS)))
     said = "cannot hold the PNG's colour space (gAMA, cHRM, not sRGB): written untagged, which readers take for sRGB"
-    assert notes_for(info, "jpeg") == [f"JPEG {said}"]
-    assert notes_for(info, "tiff") == [f"TIFF {said}"]
+    text = "cannot hold the PNG's text chunks (Title, Comment, Author): dropped"
+    assert notes_for(info, "jpeg") == [f"JPEG {said}", f"JPEG {text}"]
+    assert notes_for(info, "tiff") == [f"TIFF {said}", f"TIFF {text}"]
     assert notes_for(info, "png") == []
     # sRGB said in chunks (the sRGB chunk, or sRGB's own gAMA and cHRM) is what untagged means
     for chunks in (COLOUR_CHUNKS, COLOUR_CHUNKS[:2], [COLOUR_CHUNKS[2], linear]):
@@ -931,7 +932,7 @@ def test_png_colour_chunks_other_formats_cannot_hold_are_said():
     with_icc = ImageInfo(None, "png", 8, 3, None, b"icc", None, 1, (4, 4), png_chunks=info.png_chunks)
     assert notes_for(with_icc, "jpeg") == notes_for(with_icc, "tiff") == []
     _, info = read_image(ref_png(a, 8, extra=b"".join(chunk(t, d) for t, d in TEXT_CHUNKS)))
-    assert notes_for(info, "jpeg") == notes_for(info, "tiff") == []
+    assert notes_for(info, "jpeg") == [f"JPEG {text}"] and notes_for(info, "tiff") == [f"TIFF {text}"]
 
 
 @pytest.mark.parametrize("bits", [8, 16])
