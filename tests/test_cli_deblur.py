@@ -442,7 +442,8 @@ def test_self_ensemble_averages_the_flipped_runs(tmp_path, tiny_models):
     assert json.loads(res.stdout.splitlines()[0])["ensemble"] == 4
     expected = np.clip((runs[:4].mean(0)[0].permute(1, 2, 0).numpy() + 1) / 2, 0, 1)
     assert np.abs(read_image(tmp_path / "e.png")[0] - expected).max() < 1 / 65535 + 1e-6
-    assert invoke("deblur", src, "-o", tmp_path / "bad.png", "--model", tiny_models[0], "--ensemble", "3").exit_code == 2
+    res = invoke("deblur", src, "-o", tmp_path / "bad.png", "--model", tiny_models[0], "--ensemble", "3")
+    assert res.exit_code == 2 and res.stderr == "error: --ensemble must be 1, 2, 4 or 8, got 3\n"  # the flag, as typed
 
 
 def test_dual_pixel_self_ensemble_flips_and_swaps_the_views(tiny_models):

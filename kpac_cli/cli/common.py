@@ -43,6 +43,14 @@ def usage_error(message: str) -> typer.Exit:
     return typer.Exit(EXIT_USAGE)
 
 
+def check_ensemble(ensemble: int) -> None:
+    """``--ensemble`` of the commands that run the model: a size the engine takes, or a usage error."""
+    from ..engine.deblurrer import ENSEMBLE_SIZES
+
+    if ensemble not in ENSEMBLE_SIZES:
+        raise usage_error(f"--ensemble must be {', '.join(map(str, ENSEMBLE_SIZES[:-1]))} or {ENSEMBLE_SIZES[-1]}, got {ensemble}")
+
+
 def device_option(**kwargs: Any) -> Any:
     """The ``--device`` option of every command that runs a model."""
     return typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.", **kwargs)

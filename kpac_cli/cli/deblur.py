@@ -19,6 +19,7 @@ from .common import (
     EXIT_FAILED,
     EXIT_OK,
     Terminated,
+    check_ensemble,
     device_option,
     dual_pixel_mode,
     emit_json,
@@ -84,6 +85,7 @@ def deblur(
     dual = dual_pixel_mode(inputs, left, right, "no inputs given (files, folders, or '-' for stdin)")
     if overwrite and skip_existing:
         raise usage_error("--overwrite and --skip-existing contradict each other")
+    check_ensemble(ensemble)
     if dual and recursive:  # views pair by name within the folders given, not in sub-folders
         raise usage_error("--recursive applies to INPUTS folders; dual-pixel views are paired within the --left/--right folders")
     if json_out and output == STDIO:

@@ -16,6 +16,7 @@ from .common import (
     EXIT_FAILED,
     EXIT_OK,
     Terminated,
+    check_ensemble,
     device_option,
     emit_json,
     err_console,
@@ -458,12 +459,10 @@ def eval_command(
             raise usage_error(f"--report {path}: use a .json, .csv or .md file name")
     if no_lpips and lpips_weights is not None:
         raise usage_error("--no-lpips and --lpips-weights contradict each other")
-    from ..engine.deblurrer import ENSEMBLE_SIZES
     from ..engine.device import PRECISIONS
 
     # checked here, whatever the mode, so a wrong value never passes unnoticed
-    if ensemble not in ENSEMBLE_SIZES:
-        raise usage_error(f"--ensemble must be {', '.join(map(str, ENSEMBLE_SIZES[:-1]))} or {ENSEMBLE_SIZES[-1]}, got {ensemble}")
+    check_ensemble(ensemble)
     if precision.lower() not in PRECISIONS:
         raise usage_error(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
