@@ -908,6 +908,13 @@ def test_a_rerun_never_deblurs_its_own_outputs(tmp_path, models):
     assert res.exit_code == 0, res.stderr
     assert sorted(Path(r["input"]).name for r in map(json.loads, res.stdout.splitlines())) == ["a.png", "b.png"]
     assert sorted(p.name for p in photos.glob("*_s.*")) == ["a_s.png", "a_s.tif", "b_s.png", "b_s.tif"]
+    # ... and an earlier run's blur maps when this run writes none
+    res = deblur(models["single"], photos, "-o", photos, "--suffix", "_s", "--save-blurmap", "--overwrite")
+    assert res.exit_code == 0, res.stderr
+    res = deblur(models["single"], photos, "-o", photos, "--suffix", "_s", "--overwrite", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert sorted(Path(r["input"]).name for r in map(json.loads, res.stdout.splitlines())) == ["a.png", "b.png"]
+    assert sorted(p.name for p in photos.glob("*_blurmap*")) == ["a_s_blurmap.png", "b_s_blurmap.png"]
 
 
 def test_an_output_never_replaces_another_input(tmp_path, models):

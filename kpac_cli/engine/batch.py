@@ -265,9 +265,12 @@ def plan_single(
     # refused below rather than guessed. Files named on the command line are always inputs.
     # With a suffix, an earlier run's output in another format counts too (a_s.jpg, then a
     # run with --format png writing a_s.png): outputs are matched by name without extension.
+    # Companions count whether this run writes them or not: an earlier run with --save-blurmap
+    # left maps that a run without it must not take for photos.
     named = {Path(os.path.abspath(i)) for i in inputs if not Path(i).is_dir()}
     derived = {Path(os.path.abspath(p)): i for i, j in enumerate(jobs)
-               for p in ([j.output.with_suffix("")] if options.suffix else []) + list(j.companions.values())}
+               for p in ([j.output.with_suffix("")] if options.suffix else [])
+               + [j.output.with_name(j.output.stem + name) for name in COMPANIONS.values()]}
 
     def writer_of(src: Path, i: int) -> int:
         key = Path(os.path.abspath(src))
