@@ -326,6 +326,12 @@ def test_size_errors_name_the_flag(tmp_path, args, flag):
     assert not out.exists()
 
 
+def test_check_size_with_static_is_refused_not_ignored(tmp_path):
+    out = tmp_path / "s.onnx"
+    res = invoke_export("--onnx", out, "--config", "single_2level", "--static", "96x64", "--check", "--check-size", "128x128")
+    assert res.exit_code == 2 and "--check-size with --static" in res.stderr and not out.exists(), res.output
+
+
 # --- kpac bench with the onnxruntime backend ---------------------------------------------
 
 

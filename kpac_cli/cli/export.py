@@ -83,6 +83,8 @@ def export(
                 _parse_size(text)
         except ValueError as e:  # named: both options take WxH
             raise usage_error(f"{flag}: {e}") from None
+    if static and "check_size" in given_options(ctx):  # it would be ignored: the graph takes one size
+        raise usage_error("--check-size with --static: a static graph is checked at its own size (--static WxH)")
     try:
         sample = _parse_size(static) if static else (96, 64)
         cw, ch = _parse_size(check_size)
