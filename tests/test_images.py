@@ -849,6 +849,10 @@ def test_what_jpeg_cannot_hold_is_dropped_for_jpeg_only():
         for bits in (8, 16):
             _, binfo = read_image(write_image(None, img, info, format=fmt, bit_depth=bits))
             assert binfo.xmp == big and same_dpi(binfo.dpi, (100_000, 100_000)), (fmt, bits)
+    # ... and kpac deblur says so, for JPEG outputs only
+    assert notes_for(info, "jpeg") == ["JPEG holds a print resolution of at most 65,535 dpi: the input's 100,000 dpi was dropped",
+                                       f"the XMP metadata ({len(big):,} bytes) is too large for a JPEG segment: dropped"]
+    assert notes_for(info, "png") == notes_for(info, "tiff") == []
 
 
 def _itxt(text: bytes, *, compressed: bool = False, keyword: bytes = b"XML:com.adobe.xmp") -> bytes:

@@ -88,7 +88,7 @@ def blurmap(
     block: int = typer.Option(1, "--block", help="KPAC block of the chosen map (1 = first)."),
     dilation: int = typer.Option(1, "--dilation", help="Dilation rate of the chosen map (1 = the blur detector)."),
     all_maps: bool = typer.Option(False, "--all", help="Write every block x dilation map instead of the chosen one."),
-    fmt: str = typer.Option("png", "--format", help="png (16-bit grey) or tiff (float32) for maps, masks and the defocus map."),
+    fmt: str = typer.Option("png", "--format", help="png (16-bit grey) or tiff (float32) for the maps and the defocus map; masks are 8-bit either way."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write the detection map colour-mapped over the photo (8-bit PNG)."),
     sheet: bool = typer.Option(False, "--sheet", help="Also write a contact sheet of all maps (8-bit PNG)."),
     defocus: bool = typer.Option(False, "--defocus-map", help="Also write the blur-size estimate (attention-weighted mean dilation of --block)."),

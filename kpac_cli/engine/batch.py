@@ -41,7 +41,7 @@ from ..images import (
     write_image,
 )
 from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
-from ..images.io import JPEG_MAX_EXIF, JPEG_MAX_XMP
+from ..images.io import JPEG_MAX_DPI, JPEG_MAX_EXIF, JPEG_MAX_XMP
 from ..images.exif import DESCRIPTIVE_TAGS
 from ..images.png import TEXT_CHUNKS, colour_other_than_srgb
 from .deblurrer import Deblurrer
@@ -562,6 +562,9 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
             notes.append("JPEG holds 8 bits: written as 8-bit")
         if info.exif is not None and len(info.exif) > JPEG_MAX_EXIF:
             notes.append(f"the EXIF metadata ({len(info.exif):,} bytes) is too large for a JPEG segment: dropped")
+        if info.dpi is not None and any(round(v) > JPEG_MAX_DPI for v in info.dpi):
+            notes.append(f"JPEG holds a print resolution of at most {JPEG_MAX_DPI:,} dpi: the input's "
+                         f"{round(max(info.dpi)):,} dpi was dropped")
         if info.xmp is not None and len(info.xmp) > JPEG_MAX_XMP:
             notes.append(f"the XMP metadata ({len(info.xmp):,} bytes) is too large for a JPEG segment: dropped")
     return notes

@@ -989,6 +989,9 @@ def write_image(
     return None
 
 
+#: The largest print resolution a JPEG's JFIF density field holds (16 bits, whole dpi).
+JPEG_MAX_DPI = 65535
+
 #: The most XMP one JPEG APP1 segment holds: 65535 - 2 (length) - 29 (namespace) bytes.
 #: Longer packets would need "extended XMP" (several segments), which Pillow does not write.
 JPEG_MAX_XMP = 65504
@@ -1025,7 +1028,7 @@ def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int
         opts = {}
         if xmp is not None and len(xmp) <= JPEG_MAX_XMP:
             opts["xmp"] = xmp
-        if dpi is not None and all(round(v) <= 65535 for v in dpi):
+        if dpi is not None and all(round(v) <= JPEG_MAX_DPI for v in dpi):
             opts["dpi"] = dpi  # Pillow rounds to whole dpi for the JFIF density
         return _pillow_save(arr, "JPEG", icc=icc, exif=exif, quality=int(quality), subsampling=0, **opts)
     return _encode_tiff(arr, depth, icc, exif, xmp, dpi)
