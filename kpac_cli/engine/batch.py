@@ -41,8 +41,8 @@ from ..images import (
     write_image,
 )
 from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
+from ..images.exif import has_tags_beyond_descriptive
 from ..images.io import JPEG_MAX_DPI, JPEG_MAX_EXIF, JPEG_MAX_XMP
-from ..images.exif import DESCRIPTIVE_TAGS
 from ..images.png import TEXT_CHUNKS, colour_other_than_srgb
 from .deblurrer import Deblurrer
 from .tiled import ProgressFn
@@ -552,7 +552,7 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
         notes.append(f"{job.format.upper()} cannot hold the PNG's text chunks ({', '.join(text)}): dropped")
     if job.format == "png" and info.bit_depth == 32 and options.bit_depth is None:
         notes.append("PNG holds at most 16 bits: the float image was written as 16-bit")
-    if job.format == "tiff" and _exif_beyond_descriptive(info.exif):
+    if job.format == "tiff" and has_tags_beyond_descriptive(info.exif):
         notes.append("TIFF output carries only the descriptive EXIF tags (Make, Model, DateTime, Artist, Copyright, "
                      "Software, ImageDescription): the others (exposure, lens, capture time, GPS, ...) were not copied")
     if job.format == "jpeg":
@@ -568,30 +568,6 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
         if info.xmp is not None and len(info.xmp) > JPEG_MAX_XMP:
             notes.append(f"the XMP metadata ({len(info.xmp):,} bytes) is too large for a JPEG segment: dropped")
     return notes
-
-
-#: IFD0 tags a TIFF output carries in its own fields: orientation (applied to the pixels and
-#: reset), the print resolution, and the pointers to the sub-IFDs, which are judged by content.
-_EXIF_CARRIED_TAGS = frozenset(DESCRIPTIVE_TAGS) | {0x0112, 0x011A, 0x011B, 0x0128, 0x0213, 0x8769, 0x8825}
-
-
-def _exif_beyond_descriptive(exif: bytes | None) -> bool:
-    """Whether ``exif`` holds tags that a TIFF output does not write (only the descriptive
-    IFD0 tags are written there): any entry of the Exif or GPS sub-IFD, or another IFD0 tag."""
-    if not exif:
-        return False
-    try:
-        import warnings
-
-        from PIL import Image
-
-        ex = Image.Exif()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow warns about every damaged tag
-            ex.load(exif)
-            return any(tag not in _EXIF_CARRIED_TAGS for tag in ex) or any(len(ex.get_ifd(t)) for t in (0x8769, 0x8825))
-    except Exception:  # best-effort metadata: a damaged block is not worth a note
-        return False
 
 
 class OutputAppeared(ImageError):

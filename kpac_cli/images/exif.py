@@ -141,15 +141,24 @@ def exif_from_pil(im) -> bytes | None:
         return None
 
 
+def _parsed(exif: bytes):
+    """``exif`` parsed by Pillow (an ``Image.Exif``), its warnings about damaged tags silenced;
+    raises on a block it cannot parse."""
+    from PIL import Image
+
+    ex = Image.Exif()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about every damaged tag
+        ex.load(exif)
+    return ex
+
+
 def descriptive_tags(exif: bytes | None) -> dict[int, str]:
     """The ASCII descriptive IFD0 tags of ``exif`` (Make, Model, DateTime, ...) as strings."""
     if not exif:
         return {}
     try:
-        from PIL import Image
-
-        ex = Image.Exif()
-        ex.load(exif)
+        ex = _parsed(exif)
         out = {}
         for tag in DESCRIPTIVE_TAGS:
             v = ex.get(tag)
@@ -170,12 +179,25 @@ def read_resolution(exif: bytes | None) -> tuple[float, float] | None:
     if not exif:
         return None
     try:
-        from PIL import Image
-
-        ex = Image.Exif()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow warns about every damaged tag
-            ex.load(exif)
+        ex = _parsed(exif)
         return dpi_from_tiff_tags(ex.get(0x011A), ex.get(0x011B), ex.get(0x0128))
     except Exception:  # best-effort metadata
         return None
+
+
+#: IFD0 tags a TIFF output carries in its own fields besides the descriptive ones: orientation
+#: (applied to the pixels and reset), the print resolution, and the pointers to the sub-IFDs,
+#: which are judged by their content.
+_TIFF_CARRIED_TAGS = frozenset(DESCRIPTIVE_TAGS) | {0x0112, 0x011A, 0x011B, 0x0128, 0x0213, 0x8769, 0x8825}
+
+
+def has_tags_beyond_descriptive(exif: bytes | None) -> bool:
+    """Whether ``exif`` holds tags that a TIFF output does not write (only the descriptive
+    IFD0 tags are written there): any entry of the Exif or GPS sub-IFD, or another IFD0 tag."""
+    if not exif:
+        return False
+    try:
+        ex = _parsed(exif)
+        return any(tag not in _TIFF_CARRIED_TAGS for tag in ex) or any(len(ex.get_ifd(t)) for t in _SUB_IFDS)
+    except Exception:  # best-effort metadata: a damaged block is not worth a note
+        return False
