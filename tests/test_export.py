@@ -290,6 +290,9 @@ def test_export_never_writes_over_its_model_even_with_overwrite(tmp_path):
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "is the model file" in lines[0]
     assert model.read_bytes() == before and load_checkpoint(model).config == KPACConfig(levels=2, channels=8)
+    # without --overwrite the error says the same, not "exists (use --overwrite)", which would not help
+    res = invoke_export("--onnx", model, "-m", model)
+    assert res.exit_code == 2 and "is the model file" in res.stderr and "use --overwrite" not in res.stderr, res.stderr
     # the same file under another name: a hard link
     link = tmp_path / "link.onnx"
     link.hardlink_to(model)

@@ -839,6 +839,13 @@ def test_xmp_and_dpi_given_by_hand():
         assert binfo.xmp is None and binfo.dpi is None
 
 
+def test_a_deeper_image_written_as_jpeg_is_said_unless_eight_bits_were_asked_for():
+    info = ImageInfo(None, "png", 16, 3, None, None, None, 1, (2, 2))
+    assert notes_for(info, "jpeg") == ["JPEG holds 8 bits: written as 8-bit"]
+    assert notes_for(info, "jpeg", bit_depth=8) == []  # what was asked for
+    assert notes_for(ImageInfo(None, "png", 8, 3, None, None, None, 1, (2, 2)), "jpeg") == []
+
+
 def test_what_jpeg_cannot_hold_is_dropped_for_jpeg_only():
     big = XMP.replace(b" " * 200, b" " * 70_000)  # over one APP1 segment
     info = ImageInfo(None, "png", 8, 3, None, None, None, 1, (2, 2), xmp=big, dpi=(100_000.0, 100_000.0))

@@ -36,14 +36,24 @@ def _load_model(model: str, config: Optional[str], onnx_path: Path):
         return build_model(PAPER_CONFIGS[config]).eval(), f"random {config}", False
     from ..checkpoints import load_checkpoint
     from ..checkpoints.registry import resolve_model
-    from ..engine.batch import inputs_written_over
 
     path, name = resolve_model(model)
-    if inputs_written_over([("--onnx", onnx_path)], [("--model", path)]):
+    if _is_the_model(onnx_path, model):
         raise ValueError(f"--onnx {onnx_path}: is the model file {path}, which is never replaced (not even with --overwrite)")
     ckpt = load_checkpoint(path)
     # recorded in the file so that a runtime pre-processes as the engine does (Deblurrer.balance_views)
     return ckpt.build().eval(), name, bool(ckpt.provenance.get("balance_views"))
+
+
+def _is_the_model(onnx_path: Path, model: str) -> bool:
+    from ..checkpoints.registry import resolve_model
+    from ..engine.batch import inputs_written_over
+
+    try:
+        path, _ = resolve_model(model)
+    except (ValueError, FileNotFoundError, OSError):
+        return False  # the model's own error comes when it is loaded
+    return bool(inputs_written_over([("--onnx", onnx_path)], [("--model", path)]))
 
 
 def export(
@@ -75,6 +85,8 @@ def export(
     if onnx_path.is_dir():
         raise usage_error(f"--onnx {onnx_path}: is a folder (give the .onnx file to write)")
     if (onnx_path.exists() or onnx_path.is_symlink()) and not overwrite:
+        if config is None and _is_the_model(onnx_path, model):  # --overwrite would not help: say why
+            raise usage_error(f"--onnx {onnx_path}: is the model file, which is never replaced (not even with --overwrite)")
         raise usage_error(f"{onnx_path}: exists (use --overwrite)")
     # A missing destination folder is created when the file is written, as by kpac convert.
     for flag, text in (("--static", static), ("--check-size", check_size)):

@@ -558,7 +558,7 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
     if job.format == "jpeg":
         if info.alpha is not None:
             notes.append("JPEG has no alpha channel: the transparency was dropped")
-        if options.bit_depth == 16 or info.bit_depth > 8:
+        if options.bit_depth is None and info.bit_depth > 8:  # not when 8 bits were asked for
             notes.append("JPEG holds 8 bits: written as 8-bit")
         if info.exif is not None and len(info.exif) > JPEG_MAX_EXIF:
             notes.append(f"the EXIF metadata ({len(info.exif):,} bytes) is too large for a JPEG segment: dropped")
