@@ -116,6 +116,20 @@ def test_colours_under_full_transparency_neither_bleed_nor_change(tmp_path, tiny
     assert np.abs(outs[0] - rgb[visible]).max() > 0.01  # and the model did change the visible pixels
 
 
+def test_options_that_cannot_apply_are_refused_not_ignored(tmp_path, tiny_models):
+    src = _write(tmp_path / "a.png", np.random.default_rng(2).random((16, 16, 3), dtype=np.float32), 8)
+    for args, said in ((["-o", tmp_path / "o", "--format", "png", "--jpeg-quality", "80"], "--jpeg-quality applies to JPEG outputs"),
+                       (["-o", tmp_path / "b.tif", "--jpeg-quality", "80"], "this run writes TIFF"),
+                       (["-o", "-", "--suffix", "_s"], "--suffix names outputs in a folder")):
+        res = invoke("deblur", src, *args, "--model", tiny_models[0])
+        assert res.exit_code == 2 and said in res.stderr, (args, res.output)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "b.tif").exists()
+    res = invoke("deblur", src, "-o", tmp_path / "c.jpg", "--jpeg-quality", "80", "--model", tiny_models[0])
+    assert res.exit_code == 0, res.output  # where it applies, it is taken
+    res = invoke("deblur", src, "-o", tmp_path / "o2", "--jpeg-quality", "80", "--model", tiny_models[0])
+    assert res.exit_code == 0, res.output  # a folder: JPEG inputs would be written as JPEG
+
+
 def test_stdin_to_stdout_pipeline(tmp_path, tiny_models):
     src = _write(tmp_path / "a.png", np.random.default_rng(2).random((30, 30, 3), dtype=np.float32), 8)
     proc = subprocess.run(

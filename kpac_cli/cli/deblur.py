@@ -12,6 +12,7 @@ import typer
 from ..engine import Deblurrer, EngineOptions
 from ..engine.batch import STDIO, JobResult, OutputOptions, PlanError, plan_dual, plan_single, run_batch
 from ..images import DEFAULT_MAX_PIXELS, ImageError, RawOptions
+from ..images.base import FORMAT_ALIASES, path_ext
 from ..distributed import device_for_rank, env_info
 from ..distributed import setup as setup_distributed
 from ..distributed import teardown as teardown_distributed
@@ -25,6 +26,7 @@ from .common import (
     emit_json,
     err_console,
     fp32_option,
+    given_options,
     parse_tile,
     precision_option,
     precision_with_fp32,
@@ -50,6 +52,7 @@ Examples:
 
 
 def deblur(
+    ctx: typer.Context,
     inputs: list[str] = typer.Argument(None, help="Image files or folders, or '-' for stdin.", show_default=False),
     output: str = typer.Option(..., "-o", "--output", help="Output folder, file (for one input), or '-' for stdout."),
     model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`), a .safetensors file, or a training run folder (its exported model.safetensors)."),
@@ -96,6 +99,12 @@ def deblur(
         fmt = {"tif": "tiff", "jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
         if fmt not in ("png", "tiff", "jpeg"):
             raise usage_error(f"unknown --format {fmt!r} (png, tiff or jpeg)")
+    # options that would be ignored where they cannot apply are refused, as elsewhere
+    if suffix and output == STDIO:
+        raise usage_error("--suffix names outputs in a folder; -o - writes to stdout")
+    target = fmt or FORMAT_ALIASES.get(path_ext(output))
+    if "jpeg_quality" in given_options(ctx) and target in ("png", "tiff"):
+        raise usage_error(f"--jpeg-quality applies to JPEG outputs; this run writes {target.upper()}")
     if bit_depth not in (None, 8, 16, 32):
         raise usage_error("--bit-depth must be 8, 16 or 32 (float TIFF)")
     if bit_depth == 32 and fmt not in (None, "tiff"):
