@@ -124,7 +124,7 @@ def _run_folder_model(folder: Path) -> Path:
     model = folder / RUN_MODEL
     if model.is_file():
         return model
-    if not any((folder / marker).is_file() for marker in RUN_MARKERS):
+    if not _is_run_folder(folder):
         raise FileNotFoundError(f"{folder} is a folder, not a model: give a .safetensors file, a shipped model name "
                                 "(see kpac models) or a training run folder holding model.safetensors")
     others = sorted(p.name for p in folder.glob("model-*.safetensors") if p.is_file())

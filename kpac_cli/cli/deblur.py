@@ -96,7 +96,7 @@ def deblur(
     if output == STDIO and sys.stdout.isatty():
         raise usage_error("-o - writes the image's bytes to stdout, which is a terminal; redirect it (> out.png) or pipe it")
     if fmt is not None:
-        fmt = {"tif": "tiff", "jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
+        fmt = FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
         if fmt not in ("png", "tiff", "jpeg"):
             raise usage_error(f"unknown --format {fmt!r} (png, tiff or jpeg)")
     # options that would be ignored where they cannot apply are refused, as elsewhere

@@ -21,10 +21,8 @@ Examples:
 """
 
 
-def _load_model(model: str, config: Optional[str], onnx_path: Path):
-    """(network, name, whether its checkpoint asks for balanced dual-pixel views).
-
-    Raises ValueError (a usage error) when ``onnx_path`` is the model file itself."""
+def _load_model(model: str, config: Optional[str]):
+    """(network, name, whether its checkpoint asks for balanced dual-pixel views)."""
     from ..model import PAPER_CONFIGS, build_model
 
     if config is not None:
@@ -38,14 +36,13 @@ def _load_model(model: str, config: Optional[str], onnx_path: Path):
     from ..checkpoints.registry import resolve_model
 
     path, name = resolve_model(model)
-    if _is_the_model(onnx_path, model):
-        raise ValueError(f"--onnx {onnx_path}: is the model file {path}, which is never replaced (not even with --overwrite)")
     ckpt = load_checkpoint(path)
     # recorded in the file so that a runtime pre-processes as the engine does (Deblurrer.balance_views)
     return ckpt.build().eval(), name, bool(ckpt.provenance.get("balance_views"))
 
 
 def _is_the_model(onnx_path: Path, model: str) -> bool:
+    """Whether the existing ``onnx_path`` is ``model``'s file (by any name, a hard link too)."""
     from ..checkpoints.registry import resolve_model
     from ..engine.batch import inputs_written_over
 
@@ -84,23 +81,24 @@ def export(
         raise usage_error(f"--opset must be {span}, got {opset}")
     if onnx_path.is_dir():
         raise usage_error(f"--onnx {onnx_path}: is a folder (give the .onnx file to write)")
-    if (onnx_path.exists() or onnx_path.is_symlink()) and not overwrite:
-        if config is None and _is_the_model(onnx_path, model):  # --overwrite would not help: say why
+    if onnx_path.exists() or onnx_path.is_symlink():  # only an existing file can be the model's
+        if config is None and _is_the_model(onnx_path, model):
             raise usage_error(f"--onnx {onnx_path}: is the model file, which is never replaced (not even with --overwrite)")
-        raise usage_error(f"{onnx_path}: exists (use --overwrite)")
+        if not overwrite:
+            raise usage_error(f"{onnx_path}: exists (use --overwrite)")
     # A missing destination folder is created when the file is written, as by kpac convert.
+    sizes = {}
     for flag, text in (("--static", static), ("--check-size", check_size)):
         try:
-            if text is not None:
-                _parse_size(text)
+            sizes[flag] = _parse_size(text) if text is not None else None
         except ValueError as e:  # named: both options take WxH
             raise usage_error(f"{flag}: {e}") from None
     if static and "check_size" in given_options(ctx):  # it would be ignored: the graph takes one size
         raise usage_error("--check-size with --static: a static graph is checked at its own size (--static WxH)")
+    sample = sizes["--static"] or (96, 64)
+    cw, ch = sizes["--check-size"]
     try:
-        sample = _parse_size(static) if static else (96, 64)
-        cw, ch = _parse_size(check_size)
-        net, name, balance = _load_model(model, config, onnx_path)
+        net, name, balance = _load_model(model, config)
         if static:
             check_static_size((sample[1], sample[0]), net.config.stride)
     except (ValueError, FileNotFoundError) as e:

@@ -65,9 +65,16 @@ def models(
         for m in infos:
             emit_json({"name": m.name, "default": m.default, "path": str(m.path), "config": m.config.to_dict(),
                        "parameters": count_parameters(build_model(m.config)), "provenance": m.provenance})
-        if unusable:
-            raise typer.Exit(EXIT_FAILED)
-        return
+    else:
+        _print_table(infos)
+        # the table is the data asked for (stdout), so --quiet leaves it; only this note is a message
+        if not infos and not unusable and not quiet:
+            typer.echo("no shipped models found", err=True)
+    if unusable:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _print_table(infos: list) -> None:
     table = Table(title="kpac models", caption="kpac models --json and weights/README.md have every score and how it was measured")
     for col in ("name", "kind", "params", "iterations", "scores"):
         table.add_column(col)
@@ -83,11 +90,6 @@ def models(
                       f"{count_parameters(build_model(m.config)) / 1e6:.2f} M",
                       iterations, headline_scores(p.get("scores"), dual=m.config.in_views == 2))
     Console().print(table)
-    # the table is the data asked for (stdout), so --quiet leaves it; only this note is a message
-    if not infos and not unusable and not quiet:
-        typer.echo("no shipped models found", err=True)
-    if unusable:
-        raise typer.Exit(EXIT_FAILED)
 
 
 def register(app: typer.Typer) -> None:

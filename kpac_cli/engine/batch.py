@@ -195,9 +195,14 @@ def collect_inputs(inputs: list[str], recursive: bool, exclude: Path | None = No
     return found
 
 
+def _companion(output: Path, kind: str) -> Path:
+    """Where the ``kind`` companion of ``output`` is written (``a.png`` -> ``a_blurmap.png``)."""
+    return output.with_name(output.stem + COMPANIONS[kind])
+
+
 def _with_companions(job: Job, companions: tuple[str, ...]) -> Job:
     if job.output is not None:
-        job.companions = {k: job.output.with_name(job.output.stem + COMPANIONS[k]) for k in companions}
+        job.companions = {k: _companion(job.output, k) for k in companions}
     return job
 
 
@@ -270,7 +275,7 @@ def plan_single(
     named = {Path(os.path.abspath(i)) for i in inputs if not Path(i).is_dir()}
     derived = {Path(os.path.abspath(p)): i for i, j in enumerate(jobs)
                for p in ([j.output.with_suffix("")] if options.suffix else [])
-               + [j.output.with_name(j.output.stem + name) for name in COMPANIONS.values()]}
+               + [_companion(j.output, kind) for kind in COMPANIONS]}
 
     def writer_of(src: Path, i: int) -> int:
         key = Path(os.path.abspath(src))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import ImageError, srgb_decode, srgb_encode
+from .base import ImageError, quantize, srgb_decode, srgb_encode
 
 _WB = ("camera", "auto", "daylight")
 _DEMOSAIC = {"ahd": "AHD", "linear": "LINEAR", "vng": "VNG", "ppg": "PPG", "dht": "DHT", "aahd": "AAHD"}
@@ -195,4 +195,4 @@ def _half_size(rgb: np.ndarray, gamma: str) -> np.ndarray:
     v = v.reshape(v.shape[0] // 2, 2, v.shape[1] // 2, 2, 3).mean(axis=(1, 3))
     if gamma == "srgb":
         v = srgb_encode(v)
-    return np.floor(np.clip(v, 0, 1) * 65535.0 + 0.5).astype(np.uint16)
+    return quantize(v, 16)
