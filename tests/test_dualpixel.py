@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from kpac_cli.checkpoints import Checkpoint, save_checkpoint
+from kpac_cli.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from kpac_cli.engine import Deblurrer, EngineOptions
 from kpac_cli.engine.dualpixel import balance_views
 from kpac_cli.images import DualPixelTriple, ImageError, ImageInfo, pair_dual_pixel, read_dual_pixel, read_image, write_image
@@ -185,3 +185,88 @@ def test_a_grey_and_colour_pair_fails_alone_on_the_command_line(tmp_path):
     assert records["a.png"]["status"] == "ok" and read_image(tmp_path / "out" / "a.png")[1].channels == 3
     assert records["b.png"]["status"] == "failed" and "grey" in records["b.png"]["error"]
     assert not (tmp_path / "out" / "b.png").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# views stored with an EXIF orientation: deblurred in the sensor's frame
+
+
+def _oriented_png(path: Path, sensor: np.ndarray, orientation: int) -> Path:
+    """An 8-bit PNG holding the ``sensor`` pixels as stored, tagged with ``orientation``."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(sensor * 255).astype(np.uint8)).save(path, exif=exif.tobytes())
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_dual_pixel_views_with_an_exif_orientation_are_deblurred_in_the_sensor_frame(tmp_path, orientation):
+    # A portrait capture's views are stored as the sensor recorded them (defocus disparity
+    # along the rows) and tagged to be shown turned. Turned upright on read, the disparity runs
+    # along the columns, which a dual-pixel model does not know: the engine turns the views back
+    # for the model and the results upright after, so a tagged pair gives the untagged pair's
+    # result turned as the tag says - image and blur map alike.
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+    from kpac_cli.images.exif import apply_orientation
+
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "dual.safetensors", build_model(KPACConfig(levels=2, channels=8, in_views=2)),
+                            {"name": "tiny-dual", "balance_views": True})
+    s = _dual_sample(40, 56, seed=orientation)
+    runs = {}
+    for tag in (1, orientation):
+        left = _oriented_png(tmp_path / f"o{tag}" / "L" / "a.png", s.left, tag)
+        _oriented_png(tmp_path / f"o{tag}" / "R" / "a.png", s.right, tag)
+        out = tmp_path / f"o{tag}" / "out"
+        res = CliRunner().invoke(app, ["deblur", "--left", str(left.parent), "--right", str(left.parent.parent / "R"), "-o", str(out),
+                                       "--model", str(model), "--save-blurmap", "-q"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        res = CliRunner().invoke(app, ["blurmap", "--left", str(left.parent), "--right", str(left.parent.parent / "R"),
+                                       "-o", str(out / "maps"), "--model", str(model), "--defocus-map", "-q"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        runs[tag] = [read_image(p)[0] for p in (out / "a.png", out / "a_blurmap.png", *sorted((out / "maps").iterdir()))]
+    image, *maps = runs[1]
+    turned_image, *turned_maps = runs[orientation]
+    assert len(maps) == 3  # deblur's blur map; kpac blurmap's map and blur-size estimate
+    assert turned_image.shape[:2] == apply_orientation(image, orientation).shape[:2]
+    assert np.array_equal(turned_image, apply_orientation(image, orientation))
+    for m, turned in zip(maps, turned_maps):
+        assert np.abs(turned - apply_orientation(m, orientation)).max() <= 1 / 65535
+    # what the model makes of the views turned upright is another picture
+    views, _, info = read_dual_pixel(DualPixelTriple(tmp_path / f"o{orientation}" / "L" / "a.png",
+                                                     tmp_path / f"o{orientation}" / "R" / "a.png", None, "a"))
+    assert info.orientation_applied == orientation
+    as_shown = Deblurrer(load_checkpoint(model), EngineOptions(tile=None)).deblur(views)
+    assert np.abs(as_shown - turned_image).max() > 2 / 255
+
+
+def test_the_orientation_reaches_tiles_and_the_self_ensemble_and_is_for_dual_pixel_models_only():
+    from kpac_cli.images.exif import apply_orientation
+
+    torch.manual_seed(1)
+    dual = build_model(KPACConfig(levels=2, channels=8, in_views=2))
+    s = _dual_sample(136, 200, seed=3)
+    sensor = np.concatenate([s.left, s.right], axis=2)
+    d = Deblurrer(dual, EngineOptions(tile=128, ensemble=2))
+    expected = apply_orientation(d.deblur(sensor), 6)
+    assert d.last_stats.tile == 128
+    assert np.abs(d.deblur(apply_orientation(sensor, 6), orientation=6) - expected).max() < 1e-5
+    single = Deblurrer(build_model(KPACConfig(levels=2, channels=8)), EngineOptions(tile=None))
+    photo = apply_orientation(s.left, 6)
+    assert np.array_equal(single.deblur(photo, orientation=6), single.deblur(photo))
+    with pytest.raises(ValueError, match="orientation"):
+        d.deblur(sensor, orientation=9)
+
+
+def test_views_stored_with_different_orientations_are_refused(tmp_path):
+    s = _dual_sample(40, 40)
+    left = _oriented_png(tmp_path / "L" / "a.png", s.left, 6)
+    right = _oriented_png(tmp_path / "R" / "a.png", s.right, 1)
+    with pytest.raises(ImageError, match="EXIF orientation 6 differs from its partner") as e:
+        read_dual_pixel(DualPixelTriple(left, right, None, "a"))
+    assert str(right) in str(e.value)

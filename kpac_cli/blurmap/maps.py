@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from ..images.exif import apply_orientation
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import Deblurrer
     from ..model import KPACConfig
@@ -110,6 +112,11 @@ class AttentionMaps:
         Factor the input was enlarged by before inference (1 = none).
     polarity : {"blurred", "sharp"}
         What a high weight means for this model (see :data:`BLUR_POLARITY`).
+    orientation : int
+        The EXIF orientation (1-8) that turns the model's grid upright: a dual-pixel model
+        runs on views as the sensor stored them (:attr:`InferenceResult.orientation`). The
+        maps are resampled on that grid, where each cell has its place, then turned; ``size``
+        is the upright size.
     """
 
     low_res: list[np.ndarray]
@@ -118,6 +125,7 @@ class AttentionMaps:
     stride: int
     upsample: int = 1
     polarity: str = BLUR_POLARITY
+    orientation: int = 1
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,6 +135,15 @@ class AttentionMaps:
     @property
     def blocks(self) -> int:
         return len(self.low_res)
+
+    def _resampled(self, low: np.ndarray) -> np.ndarray:
+        """``(..., h, w)`` maps on the model's grid -> ``(..., H, W)``, upright."""
+        H, W = self.size
+        out = resample_to_image(low, (W, H) if self.orientation in (5, 6, 7, 8) else (H, W), self.stride, self.upsample)
+        if self.orientation == 1:
+            return out
+        turned = apply_orientation(np.moveaxis(out, (-2, -1), (0, 1)), self.orientation)
+        return np.ascontiguousarray(np.moveaxis(turned, (0, 1), (-2, -1)))
 
     def _index(self, block: int, dilation: int) -> tuple[int, int]:
         if not 1 <= block <= self.blocks:
@@ -138,12 +155,12 @@ class AttentionMaps:
     def map(self, block: int = 1, dilation: int = 1) -> np.ndarray:
         """One attention map, ``H x W`` float32 in [0, 1]."""
         b, i = self._index(block, dilation)
-        return resample_to_image(self.low_res[b][i], self.size, self.stride, self.upsample)
+        return self._resampled(self.low_res[b][i])
 
     def block(self, block: int = 1) -> np.ndarray:
         """All maps of one block, ``(len(dilations), H, W)``."""
         b, _ = self._index(block, self.dilations[0])
-        return resample_to_image(self.low_res[b], self.size, self.stride, self.upsample)
+        return self._resampled(self.low_res[b])
 
     def detection(self, block: int = 1, dilation: int = 1, invert: bool = False) -> np.ndarray:
         """The blur-detection map, higher = more likely blurred: the attention map itself,
@@ -162,8 +179,8 @@ class AttentionMaps:
         b, _ = self._index(block, self.dilations[0])
         a = self.low_res[b].astype(np.float64)
         d = np.asarray(self.dilations, dtype=np.float64)[:, None, None]
-        num = resample_to_image((a * d).sum(0), self.size, self.stride, self.upsample)
-        den = resample_to_image(a.sum(0), self.size, self.stride, self.upsample)
+        num = self._resampled((a * d).sum(0))
+        den = self._resampled(a.sum(0))
         return _ratio(num, den, self.dilations)
 
     def items(self) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -229,17 +246,20 @@ def maps_from_attention(
     config: "KPACConfig",
     upsample: int = 1,
     polarity: str = BLUR_POLARITY,
+    orientation: int = 1,
 ) -> AttentionMaps:
     """Wrap the ``scale_attention`` of an inference result (tensors ``(1, n, h', w')`` on the
     padded grid, or arrays ``(n, h, w)``) as :class:`AttentionMaps` for an ``H x W`` image.
 
     ``upsample`` is the factor the image was enlarged by before that inference (1 when the
     result comes from a plain deblurring run); ``polarity`` what a high weight means for the
-    model (:func:`model_polarity`).
+    model (:func:`model_polarity`); ``orientation`` the result's
+    (:attr:`InferenceResult.orientation`).
     """
     H, W = size
     s = config.stride
-    hh, ww = -(-H * upsample // s), -(-W * upsample // s)
+    gh, gw = (W, H) if orientation in (5, 6, 7, 8) else (H, W)  # the grid the model ran on
+    hh, ww = -(-gh * upsample // s), -(-gw * upsample // s)
     low = []
     for a in scale_attention:
         if a is None:
@@ -250,7 +270,7 @@ def maps_from_attention(
         low.append(np.ascontiguousarray(arr[:, :hh, :ww], dtype=np.float32))
     if not low:
         raise ValueError("no scale attention given (run the model with keep_attention=True)")
-    return AttentionMaps(low, tuple(config.dilations), (int(H), int(W)), s, int(upsample), polarity)
+    return AttentionMaps(low, tuple(config.dilations), (int(H), int(W)), s, int(upsample), polarity, int(orientation))
 
 
 def _enlarge(image: np.ndarray, factor: int) -> np.ndarray:
@@ -268,6 +288,7 @@ def attention_maps(
     image: np.ndarray,
     center: np.ndarray | None = None,
     upsample: int = 1,
+    orientation: int = 1,
 ) -> AttentionMaps:
     """Scale-attention maps of every block for one image, on the image's ``H x W`` grid.
 
@@ -283,6 +304,10 @@ def attention_maps(
     upsample : int
         Enlarge the input this many times before inference (the paper's Appendix F); the
         maps are returned at the original size.
+    orientation : int
+        EXIF orientation the image was turned upright by when read
+        (``ImageInfo.orientation_applied``): a dual-pixel model runs in the sensor's frame
+        (see :meth:`~kpac_cli.engine.Deblurrer.run`), and its maps are turned upright.
     """
     upsample = int(upsample)
     if upsample < 1:
@@ -291,7 +316,7 @@ def attention_maps(
     if upsample > 1:
         image = _enlarge(image, upsample)
         center = None if center is None else _enlarge(center, upsample)
-    alphas = deblurrer.scale_attention(image, center)
-    maps = maps_from_attention(alphas, (H, W), deblurrer.config, upsample, model_polarity(deblurrer))
+    result = deblurrer.run(image, center, keep_attention=True, orientation=orientation)
+    maps = maps_from_attention(result.scale_attention, (H, W), deblurrer.config, upsample, model_polarity(deblurrer), result.orientation)
     maps.meta.update(model=getattr(deblurrer, "name", "model"), precision=getattr(deblurrer.last_stats, "precision", None))
     return maps

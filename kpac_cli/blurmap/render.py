@@ -238,7 +238,7 @@ def save_blurmaps(
     path = Path(path)
     fmt = format_for_path(path)
     attention = getattr(result, "scale_attention", result)
-    maps = maps_from_attention(attention, tuple(size), config, upsample, polarity or BLUR_POLARITY)
+    maps = maps_from_attention(attention, tuple(size), config, upsample, polarity or BLUR_POLARITY, getattr(result, "orientation", 1))
     if all_maps:
         targets: Sequence[tuple[Path, int, int]] = [
             (path.with_name(f"{path.stem}_b{b}_d{d}{path.suffix}"), b, d) for b in range(1, maps.blocks + 1) for d in maps.dilations

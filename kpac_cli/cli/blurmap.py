@@ -313,7 +313,7 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
             rec.update(status="failed", error=f"{it.label}: {w}x{h} enlarged {upsample} times is {h * w * upsample**2} pixels, "
                        f"over --max-pixels {max_pixels}; use a smaller --upsample")
             return rec
-        maps = attention_maps(deblurrer, image, center, upsample=upsample)
+        maps = attention_maps(deblurrer, image, center, upsample=upsample, orientation=info.orientation_applied)
         rec["polarity"] = maps.polarity
         detect = maps.detection(block, dilation, invert=invert)
         rec["mean_detection"] = round(float(detect.mean()), 6)

@@ -486,11 +486,14 @@ def run_batch(
                 # visible edge) and are written back as they were; the photo is the centre
                 # view of a dual-pixel pair
                 photo = image if center is None else center
-                seen, hidden = fill_transparent(image, info.alpha)
-                if center is not None:
-                    center = fill_transparent(center, info.alpha)[0]
+                if center is None:
+                    seen, hidden = fill_transparent(image, info.alpha)
+                else:  # the views and the centre view in one pass
+                    seen, hidden = fill_transparent(np.concatenate([image, center], axis=2), info.alpha)
+                    seen, center = seen[..., :-3], seen[..., -3:]
                     center = srgb_encode(center) if linear else center
-                result = deblurrer.run(srgb_encode(seen) if linear else seen, center, progress, keep_attention=after_run is not None)
+                result = deblurrer.run(srgb_encode(seen) if linear else seen, center, progress, keep_attention=after_run is not None,
+                                       orientation=info.orientation_applied)
                 out = (result.output[0].permute(1, 2, 0) + 1) * 0.5
                 # float output is the raw network output; integer formats are clipped to [0, 1]
                 out = (out if options.bit_depth == 32 else out.clamp_(0, 1)).numpy()

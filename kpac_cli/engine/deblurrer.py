@@ -112,6 +112,22 @@ def dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
     return x
 
 
+def _undo_dihedral(image: np.ndarray, k: int) -> np.ndarray:
+    """``dihedral(., k, inverse=True)`` of an (H, W, C) array."""
+    if k & 4:
+        image = image.swapaxes(0, 1)
+    if k & 1:
+        image = image[:, ::-1]
+    if k & 2:
+        image = image[::-1]
+    return image
+
+
+#: The flip/transpose of :func:`dihedral` that each EXIF orientation (1-8) applies to show the
+#: pixels upright (``kpac_cli.images.exif.apply_orientation``).
+ORIENTATION_DIHEDRAL = {1: 0, 2: 1, 3: 3, 4: 2, 5: 4, 6: 6, 7: 7, 8: 5}
+
+
 def ensemble_inputs(x: torch.Tensor, ref: torch.Tensor, n: int, dual: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """The self-ensemble's ``n`` passes: ``(k, input, reference)`` with the k-th flip/transpose
     applied (k = 0: as given); a pass's output goes back with ``dihedral(out, k, inverse=True)``.
@@ -220,7 +236,9 @@ class Deblurrer:
         return max(MIN_TILE, side // stride * stride)
 
     # -- running ----------------------------------------------------------------------------
-    def _as_tensors(self, image: np.ndarray, center: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _as_tensors(self, image: np.ndarray, center: np.ndarray | None, upright: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's input and reference, in [-1, 1] units, in the frame that
+        ``dihedral(., upright)`` turns upright."""
         cin = self.config.in_channels
         image = _checked_pixels(image, "image")
         if center is not None and self.config.in_views != 2:
@@ -229,6 +247,11 @@ class Deblurrer:
         if image.ndim != 3 or image.shape[2] != cin:
             kind = "HxWx3 RGB" if cin == 3 else "HxWx6 (left RGB, right RGB)"
             raise ValueError(f"this model takes {kind} images, got shape {image.shape}")
+        if center is not None and center.shape != image.shape[:2] + (3,):
+            raise ValueError(f"centre view must be {image.shape[:2] + (3,)}, got {center.shape}")
+        if upright:
+            image = _undo_dihedral(image, upright)
+            center = None if center is None else _undo_dihedral(center, upright)
         views = image
         if self.balance_views:
             if center is None:
@@ -236,8 +259,6 @@ class Deblurrer:
             views = balance_views(image)
         x = torch.from_numpy(np.ascontiguousarray(views, dtype=np.float32)).permute(2, 0, 1)[None] * 2 - 1
         if center is not None:
-            if center.shape != image.shape[:2] + (3,):
-                raise ValueError(f"centre view must be {image.shape[:2] + (3,)}, got {center.shape}")
             ref = torch.from_numpy(np.ascontiguousarray(center, dtype=np.float32)).permute(2, 0, 1)[None] * 2 - 1
         else:
             ref = self.model.default_reference(x)
@@ -249,6 +270,7 @@ class Deblurrer:
         center: np.ndarray | None = None,
         progress: ProgressFn | None = None,
         keep_attention: bool = False,
+        orientation: int = 1,
     ) -> InferenceResult:
         """Raw inference: output (1, 3, H, W) in [-1, 1] units, unclipped, plus attention maps.
 
@@ -256,8 +278,18 @@ class Deblurrer:
         safe (non-finite values make it redo the image in fp32); :attr:`last_stats` says what
         happened. With ``options.ensemble`` > 1 the output is the mean over that many
         flips/transposes of the image, each mapped back.
+
+        ``orientation`` is the EXIF orientation (1-8) the image was turned upright by when read
+        (``ImageInfo.orientation_applied``). A dual-pixel model runs on the views as the sensor
+        recorded them, where their defocus disparity is horizontal (turned upright, a portrait
+        capture's is vertical), and the output is turned upright after (the attention maps are
+        not: :attr:`InferenceResult.orientation` says how to turn them); a single-image model
+        runs on the image as given.
         """
-        x, ref = self._as_tensors(image, center)
+        if orientation not in ORIENTATION_DIHEDRAL:
+            raise ValueError(f"orientation must be an EXIF orientation, 1-8; got {orientation!r}")
+        upright = ORIENTATION_DIHEDRAL[orientation] if self.config.in_views == 2 else 0
+        x, ref = self._as_tensors(image, center, upright)
         h, w = x.shape[-2:]
         stats = RunStats(tile=tile_that_runs(self.plan_tile(h, w), h, w, self.config.stride), precision=_DTYPE_NAMES[self.dtype])
         t0 = time.perf_counter()
@@ -277,6 +309,8 @@ class Deblurrer:
             result.output = result.output / n
         if self.options.strength != 1.0:
             result.output = ref + self.options.strength * (result.output - ref)  # scale the residual
+        if upright:  # the attention maps stay on the grid the model ran on: see InferenceResult
+            result.output, result.orientation = dihedral(result.output, upright), orientation
         stats.seconds = time.perf_counter() - t0
         if isinstance(self.network, CompiledNetwork):
             stats.compile_seconds = self.network.compile_seconds - compiled_before
@@ -319,17 +353,19 @@ class Deblurrer:
                 continue
             return result
 
-    def deblur(self, image: np.ndarray, center: np.ndarray | None = None, progress: ProgressFn | bool | None = None) -> np.ndarray:
+    def deblur(self, image: np.ndarray, center: np.ndarray | None = None, progress: ProgressFn | bool | None = None,
+               orientation: int = 1) -> np.ndarray:
         """Deblur one image (see the module docstring for conventions); returns HxWx3 in [0, 1].
 
         ``progress=True`` shows a tqdm bar (for notebooks and scripts); a callable receives
-        ``(stage, done, total)``.
+        ``(stage, done, total)``. ``orientation``: as for :meth:`run` (dual-pixel views read
+        with :func:`~kpac_cli.images.read_dual_pixel` pass ``info.orientation_applied``).
         """
         if progress is True:
             with tqdm_progress() as cb:
-                result = self.run(image, center, cb)
+                result = self.run(image, center, cb, orientation=orientation)
         else:
-            result = self.run(image, center, progress or None)
+            result = self.run(image, center, progress or None, orientation=orientation)
         out = ((result.output[0].permute(1, 2, 0) + 1) * 0.5).clamp_(0, 1)
         return out.numpy()
 

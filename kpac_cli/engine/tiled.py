@@ -138,6 +138,9 @@ def plan_tiles(height: int, width: int, tile: int, halo: int, static: bool = Fal
 class InferenceResult:
     output: Tensor  # (1, 3, H, W) float32 on the CPU, unclipped, in [-1, 1] units
     scale_attention: list[Tensor | None] = field(default_factory=list)  # per block, (1, n, H/stride', W/stride') padded grid
+    # the EXIF orientation that turns scale_attention upright: a dual-pixel model runs in the
+    # sensor's frame (Deblurrer.run), and its maps are resampled there before they are turned
+    orientation: int = 1
 
 
 def tile_that_runs(tile: int | None, height: int, width: int, stride: int) -> int | None:

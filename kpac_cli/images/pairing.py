@@ -187,6 +187,13 @@ def _grey(info: ImageInfo) -> bool:
     return info.channels in (1, 2)  # what the writer writes grey
 
 
+def _same_orientation(a: Path, b: Path, ia: ImageInfo, ib: ImageInfo) -> None:
+    # the views are deblurred in the sensor's frame, undoing the left view's orientation
+    if ia.orientation_applied != ib.orientation_applied:
+        raise ImageError(a, f"EXIF orientation {ia.orientation_applied} differs from its partner {b} "
+                            f"({ib.orientation_applied}): the views of one capture are stored alike")
+
+
 def read_dual_pixel(
     triple: DualPixelTriple, max_pixels: int | None = DEFAULT_MAX_PIXELS, raw_options: RawOptions | None = None
 ) -> tuple[np.ndarray, np.ndarray, ImageInfo]:
@@ -202,20 +209,24 @@ def read_dual_pixel(
     center : ndarray
         ``float32`` ``(H, W, 3)``: the centre image, or ``(left + right) / 2`` without one.
     info : ImageInfo
-        The left view's record (use it to write outputs).
+        The left view's record (use it to write outputs). The views are turned upright by
+        their EXIF orientation as :func:`read_image` does; pass ``info.orientation_applied``
+        to the engine, which deblurs them in the sensor's frame.
 
     Raises
     ------
     ImageError
         A view cannot be read, or sizes / bit depths differ, or one is grey and another in
         colour (the output is written as the left view is: grey would drop the colour; names
-        both files).
+        both files), or their EXIF orientations differ.
     """
     left, info = read_image(triple.left, max_pixels=max_pixels, raw_options=raw_options)
     right, rinfo = read_image(triple.right, max_pixels=max_pixels, raw_options=raw_options)
+    _same_orientation(triple.left, triple.right, info, rinfo)
     _same(triple.left, triple.right, info.size, rinfo.size, info.bit_depth, rinfo.bit_depth, _grey(info), _grey(rinfo))
     if triple.center is not None:
         center, cinfo = read_image(triple.center, max_pixels=max_pixels, raw_options=raw_options)
+        _same_orientation(triple.left, triple.center, info, cinfo)
         _same(triple.left, triple.center, info.size, cinfo.size, info.bit_depth, cinfo.bit_depth, _grey(info), _grey(cinfo))
     else:
         center = (left + right) * np.float32(0.5)
