@@ -406,6 +406,28 @@ def test_gray_jpeg_stays_gray(tmp_path):
         assert im.mode == "L"
 
 
+def test_jpeg_pillow_cannot_open_is_said_plainly(tmp_path):
+    import imagecodecs
+
+    twelve = tmp_path / "deep.jpg"
+    twelve.write_bytes(imagecodecs.jpeg8_encode(rand((8, 12, 3), 16) >> 4, bitspersample=12, level=90))
+    for call in (read_image, probe_size):
+        with pytest.raises(ImageError, match=r"deep\.jpg: 12-bit JPEG is not supported \(only 8-bit\)"):
+            call(twelve)
+    # a frame Pillow does not identify: no stray plugin name or object repr in the message
+    data = bytearray(pil_bytes(Image.fromarray(rand((6, 8))), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 9] = 2  # two colour components
+    for call in (read_image, probe_size):
+        with pytest.raises(ImageError) as e:
+            call(bytes(data))
+        assert str(e.value) == "<stdin>: cannot decode JPEG (corrupt, or a kind of JPEG that is not supported)"
+    # multi-picture files still open through the JPEG plugin
+    mpo = pil_bytes(Image.fromarray(rand((6, 8, 3))), "MPO", save_all=True, append_images=[Image.new("RGB", (8, 6))])
+    img, info = read_image(mpo)
+    assert img.shape == (6, 8, 3) and info.frames == 2 and probe_size(mpo) == (6, 8)
+
+
 def test_palette_and_low_bit_png(tmp_path):
     rgb = rand((9, 9, 3))
     pal = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
@@ -491,6 +513,34 @@ def test_rgb_trns_key_counts_by_the_low_byte_of_each_sample():
     img, info = read_image(ref_png(a, 8, extra=chunk(b"tRNS", key)))
     assert info.channels == 4 and np.array_equal(info.alpha == 0, (a == (5, 6, 7)).all(axis=-1))
     assert np.array_equal(as_int(img, 8), a)
+
+
+def test_malformed_or_misplaced_trns_is_ignored_at_every_depth():
+    # libpng ignores such a chunk and shows the image; Pillow refused it for 8-bit PNG
+    gray8, rgb8 = rand((3, 4)), rand((3, 4, 3))
+    gray16, rgb16 = rand((3, 4), 16), rand((3, 4, 3), 16)
+    for arr, bits, payload in [
+        (gray8, 8, b""), (gray8, 8, b"\x00"), (gray8, 8, b"\x00" * 4),
+        (rgb8, 8, b""), (rgb8, 8, b"\x00\x01"), (rgb8, 8, b"\x00" * 8),
+        (gray16, 16, b"\x00"), (rgb16, 16, b"\x00\x01"),
+        (rand((3, 4, 4)), 8, b"\x00" * 6),  # RGBA cannot have one
+    ]:
+        img, info = read_image(ref_png(arr, bits, extra=chunk(b"tRNS", payload)))
+        channels = 1 if arr.ndim == 2 else arr.shape[2]
+        assert info.alpha is None if channels in (1, 3) else info.alpha is not None, (bits, payload)
+        assert info.channels == channels, (bits, payload)
+        color = arr if arr.ndim == 3 else arr[..., None]
+        assert np.array_equal(as_int(img, bits)[..., : color.shape[2]], color[..., :3]), (bits, payload)
+    # a tRNS after the image data is out of place, and only the first one counts
+    a = rand((3, 4, 3))
+    a[0, 0], a[0, 1] = (1, 2, 3), (4, 5, 6)
+    late = ref_png(a, 8)
+    late = late[:-12] + chunk(b"tRNS", struct.pack(">3H", 1, 2, 3)) + late[-12:]
+    assert read_image(late)[1].alpha is None
+    twice = chunk(b"tRNS", struct.pack(">3H", 1, 2, 3)) + chunk(b"tRNS", struct.pack(">3H", 4, 5, 6))
+    for bits, arr in ((8, a), (16, a.astype(np.uint16))):
+        info = read_image(ref_png(arr, bits, extra=twice))[1]
+        assert np.argwhere(info.alpha == 0).tolist() == [[0, 0]], bits
 
 
 def test_gray_source_written_gray_and_alpha_passthrough(tmp_path):
@@ -616,6 +666,66 @@ def test_tiff_orientation_tag(tmp_path):
     assert info.orientation_applied == 8 and img.shape == (5, 3, 3)
     assert np.array_equal(as_int(img, 8), np.rot90(a, 1))
     assert probe_size(p) == (5, 3)
+
+
+def test_damaged_tiff_orientation_tag_is_ignored():
+    a = rand((3, 5, 3))
+    for value in [("H", 2, (6, 6)), ("s", 0, "six"), ("H", 1, 0), ("H", 1, 9)]:
+        data = tiff_bytes(a, photometric="rgb", extratags=[(274, *value, True)])
+        img, info = read_image(data)
+        assert info.orientation_applied == 1 and np.array_equal(as_int(img, 8), a), value
+        assert probe_size(data) == (3, 5), value
+
+
+def test_probe_size_reads_a_doubled_exif_prefix_as_read_image_does():
+    # some tools write the JPEG "Exif\\0\\0" prefix into a PNG's eXIf chunk, once or twice
+    a = rand((3, 5, 3))
+    for body in (make_exif(6)[6:], make_exif(6), b"Exif\x00\x00" + make_exif(6)):
+        data = ref_png(a, 8, extra=chunk(b"eXIf", body))
+        assert read_image(data)[0].shape[:2] == probe_size(data) == (5, 3), body[:12]
+
+
+def exif_with_text(tags: dict[int, bytes]) -> bytes:
+    """EXIF (APP1 payload) whose IFD0 holds ``tags`` as ASCII fields with exactly these bytes
+    (Pillow would write each non-ASCII character as '?')."""
+    n = len(tags)
+    values_at = 8 + 2 + 12 * n + 4
+    entries, values = b"", b""
+    for tag, text in sorted(tags.items()):
+        text += b"\x00"
+        if len(text) <= 4:
+            entries += struct.pack("<HHI", tag, 2, len(text)) + text.ljust(4, b"\x00")
+        else:
+            entries += struct.pack("<HHII", tag, 2, len(text), values_at + len(values))
+            values += text
+    return b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, n) + entries + b"\x00" * 4 + values
+
+
+UTF8_TAGS = {270: "Über den Wolken".encode(), 271: b"KpacCam", 315: "José Müller".encode(), 33432: "© 2024 José".encode()}
+
+
+def test_utf8_descriptive_exif_tags_survive_every_format():
+    a = rand((4, 6, 3))
+    # JPEG source -> TIFF output: the tags are written with their bytes, not dropped
+    img, info = read_image(pil_bytes(Image.fromarray(a), "JPEG", exif=exif_with_text(UTF8_TAGS)))
+    tiff = write_image(None, img, info, format="tiff")
+    with tifffile.TiffFile(io.BytesIO(tiff)) as t:
+        assert {k: t.pages[0].tags[k].value.encode() for k in UTF8_TAGS} == UTF8_TAGS
+    # TIFF source -> JPEG / PNG output: the EXIF rebuilt from the TIFF tags keeps the bytes
+    img, info = read_image(tiff)
+    for fmt, bits in (("jpeg", 8), ("png", 8), ("png", 16)):
+        with Image.open(io.BytesIO(write_image(None, img, info, format=fmt, bit_depth=bits))) as im:
+            ex = im.getexif()
+            assert {k: ex.get(k).encode("latin-1") for k in UTF8_TAGS} == UTF8_TAGS, (fmt, bits)
+
+
+def test_tiff_exif_kept_above_pillows_own_pixel_limit(monkeypatch):
+    # the EXIF of a TIFF is read by Pillow, whose (global) bomb limit is lower than ours
+    data = tiff_bytes(rand((30, 40, 3)), photometric="rgb", extratags=[(271, "s", 0, "BigCam", True)])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1,200 pixels: over twice the limit
+    img, info = read_image(data)
+    with Image.open(io.BytesIO(write_image(None, img, info, format="jpeg"))) as im:
+        assert im.getexif().get(271) == "BigCam"
 
 
 def test_icc_and_exif_copied(tmp_path):
@@ -1360,6 +1470,16 @@ def test_atomic_helpers(tmp_path):
     with pytest.raises(ImageError):
         write_image(tmp_path / "adir", np.zeros((2, 2, 3), np.float32), ImageInfo(None, "png", 8, 3, None, None, None, 1, (2, 2)), format="png")
     assert no_temps(tmp_path)
+
+
+def test_long_non_ascii_names_are_written(tmp_path):
+    # 244 bytes in UTF-8 (a valid name): the temporary name beside it must fit NAME_MAX too
+    name = "写真" * 40 + ".png"
+    info = ImageInfo(None, "png", 8, 3, None, None, None, 1, (4, 4))
+    write_image(tmp_path / name, np.full((4, 4, 3), 0.5, np.float32), info)
+    assert read_image(tmp_path / name)[0].shape == (4, 4, 3)
+    atomic_write_bytes(tmp_path / ("é" * 127), b"data")
+    assert (tmp_path / ("é" * 127)).read_bytes() == b"data" and no_temps(tmp_path)
 
 
 def test_cleanup_stale_temps(tmp_path, monkeypatch):

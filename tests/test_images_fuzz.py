@@ -1,7 +1,8 @@
 """Property-based tests of kpac_cli.images.
 
 * Any bytes given to ``read_image`` / ``probe_size`` either decode to a valid image or raise
-  ``ImageError`` (one line, naming ``<stdin>``) -- never another exception type.
+  ``ImageError`` (one line, naming ``<stdin>``) -- never another exception type; when both
+  succeed, ``probe_size`` gives the decoded image's size.
 * Writing integer-valued images and reading them back is bit-exact for every format/depth.
 """
 
@@ -49,6 +50,20 @@ def _seeds() -> list[bytes]:
     buf = io.BytesIO()
     tifffile.imwrite(buf, rgb8[..., 0].astype(np.float32) / 255)
     seeds.append(buf.getvalue())
+    # rotated by their orientation (5-8 swap the axes): probe_size must agree with read_image
+    rotated = Image.Exif()
+    rotated[0x0112] = 6
+    buf = io.BytesIO()
+    # Pillow strips one "Exif\0\0" prefix and tobytes() adds one: the eXIf chunk holds it twice
+    Image.fromarray(rgb8).save(buf, "PNG", exif=b"Exif\x00\x00" * 2 + rotated.tobytes())
+    seeds.append(buf.getvalue())
+    rotated[0x0112] = 8
+    buf = io.BytesIO()
+    Image.fromarray(rgb8).save(buf, "JPEG", quality=80, exif=rotated.tobytes())
+    seeds.append(buf.getvalue())
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, rgb8, photometric="rgb", extratags=[(274, "H", 1, 5, True)])
+    seeds.append(buf.getvalue())
     return seeds
 
 
@@ -80,6 +95,7 @@ MAGICS = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"II*\x00", b"MM\x00*", b"I
 
 
 def _check(data: bytes) -> None:
+    img = None
     try:
         img, info = read_image(data, max_pixels=MAX_PIXELS)
     except ImageError as exc:
@@ -98,6 +114,8 @@ def _check(data: bytes) -> None:
         pass
     else:
         assert h > 0 and w > 0
+        if img is not None:  # the header says what the decoder gives
+            assert (h, w) == img.shape[:2]
 
 
 @FUZZ
@@ -120,8 +138,10 @@ def test_mutated_valid_files(data):
 
 def test_seeds_are_valid():
     for s in SEEDS:
-        img, _ = read_image(s)
-        assert img.shape == (24, 20, 3)
+        _check(s)
+        img, info = read_image(s)
+        assert img.shape == ((20, 24, 3) if info.orientation_applied in (5, 6, 7, 8) else (24, 20, 3))
+    assert sum(read_image(s)[1].orientation_applied != 1 for s in SEEDS) == 3
 
 
 @settings(max_examples=60, deadline=None, database=None)

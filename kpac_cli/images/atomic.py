@@ -30,10 +30,23 @@ _active: set[str] = set()  # temp files this process is writing right now
 _active_lock = threading.Lock()
 
 
+#: Bytes of the destination's name kept in a temporary name: with the dot, pid, random part
+#: and suffix added it stays under NAME_MAX (255 bytes on most file systems).
+_TEMP_NAME_BYTES = 180
+
+
+def _name_prefix(name: str, limit: int) -> str:
+    """The longest prefix of ``name`` (whole characters) whose file-system encoding fits in
+    ``limit`` bytes: a name of non-ASCII characters takes 2-4 bytes per character in UTF-8."""
+    while len(os.fsencode(name)) > limit:
+        name = name[:-1]
+    return name
+
+
 def _new_temp(dest: Path) -> Path:
     """Create (O_EXCL) and return an empty temporary file next to ``dest``."""
     folder = dest.parent
-    base = dest.name[:180]  # stay under NAME_MAX (255) with the suffixes added
+    base = _name_prefix(dest.name, _TEMP_NAME_BYTES)
     while True:
         tmp = folder / f".{base}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
         try:

@@ -131,8 +131,12 @@ def exif_from_pil(im) -> bytes | None:
         for tag in list(ex):
             if tag not in DESCRIPTIVE_TAGS and tag not in _SUB_IFDS:
                 del ex[tag]
+            elif isinstance(ex[tag], str):
+                # Pillow reads ASCII fields as Latin-1 and writes str back as ASCII, each other
+                # character as '?': handing it the bytes keeps UTF-8 text (José, ©) as it was.
+                ex[tag] = ex[tag].encode("latin-1", "replace")
         desc = ex.get(270)
-        if isinstance(desc, str) and desc.startswith('{"shape"'):
+        if isinstance(desc, bytes) and desc.startswith(b'{"shape"'):
             del ex[270]  # tifffile's private JSON metadata, not a description
         if not len(ex):
             return None
@@ -153,8 +157,10 @@ def _parsed(exif: bytes):
     return ex
 
 
-def descriptive_tags(exif: bytes | None) -> dict[int, str]:
-    """The ASCII descriptive IFD0 tags of ``exif`` (Make, Model, DateTime, ...) as strings."""
+def descriptive_tags(exif: bytes | None) -> dict[int, bytes]:
+    """The descriptive IFD0 tags of ``exif`` (Make, Model, DateTime, ...) as the bytes stored,
+    without NULs and surrounding blanks. Text beyond ASCII (UTF-8, as most tools write an
+    Artist or Copyright) is kept as it is."""
     if not exif:
         return {}
     try:
@@ -162,11 +168,11 @@ def descriptive_tags(exif: bytes | None) -> dict[int, str]:
         out = {}
         for tag in DESCRIPTIVE_TAGS:
             v = ex.get(tag)
-            if isinstance(v, bytes):
-                v = v.decode("latin-1")
             if isinstance(v, str):
-                v = v.replace("\x00", "").strip()
-                if v and v.isascii():
+                v = v.encode("latin-1", "replace")  # Pillow decoded the stored bytes as Latin-1
+            if isinstance(v, bytes):
+                v = v.replace(b"\x00", b"").strip()
+                if v:
                     out[tag] = v
         return out
     except Exception:  # best-effort metadata

@@ -27,10 +27,11 @@ TIFF
     PackBits, Deflate, ZSTD, ... as photo editors write them, 16-bit included). Written with
     Deflate + horizontal predictor, ICC profile, XMP (tag 700), resolution when known
     (XResolution, YResolution, ResolutionUnit inch) and the descriptive EXIF tags (Make, Model, DateTime,
-    Artist, Copyright, Software, ImageDescription) as TIFF tags; the EXIF sub-IFD is not
-    written to TIFF.
+    Artist, Copyright, Software, ImageDescription) as TIFF tags, with their bytes (UTF-8 text
+    too); the EXIF sub-IFD is not written to TIFF.
 JPEG
-    Pillow; gray and RGB (CMYK/YCCK refused). MPO (multi-picture) reads the first picture.
+    Pillow; 8-bit gray and RGB (CMYK/YCCK and 12-bit JPEG refused). MPO (multi-picture) reads
+    the first picture.
     The main XMP packet is read (extended XMP segments are not). Written 8-bit, 4:4:4
     chroma, with ICC (APP2), EXIF (APP1; dropped if over :data:`JPEG_MAX_EXIF` bytes), XMP (APP1
     ``http://ns.adobe.com/xap/1.0/``; dropped if over 65504 bytes, as extended XMP is not
@@ -311,11 +312,12 @@ def _pillow_png(src: _Src, png: png_mod.PngFile) -> np.ndarray:
     return arr
 
 
-def _jpeg_size(fh: BinaryIO) -> tuple[int, int] | None:
-    """``(width, height)`` from the first SOF marker, or None when not found.
+def _jpeg_frame(fh: BinaryIO) -> tuple[int, int, int] | None:
+    """``(width, height, sample precision in bits)`` from the first SOF marker, or None when
+    not found.
 
     Needed before Pillow opens the file: Pillow applies its own (global, smaller) bomb limit
-    inside ``Image.open``.
+    inside ``Image.open``, and refuses a precision other than 8 bits without saying why.
     """
     if fh.read(2) != b"\xff\xd8":
         return None
@@ -345,25 +347,35 @@ def _jpeg_size(fh: BinaryIO) -> tuple[int, int] | None:
             sof = fh.read(5)
             if len(sof) != 5:
                 return None
-            _, h, w = struct.unpack(">BHH", sof)
-            return w, h
+            bits, h, w = struct.unpack(">BHH", sof)
+            return w, h, bits
         fh.seek(length - 2, 1)
 
 
-def _read_jpeg(src: _Src, max_pixels):
-    from PIL import Image
+def _open_jpeg(src: _Src, max_pixels):
+    """The Pillow image of a JPEG (or MPO), opened once its frame header passed the checks."""
+    from PIL import Image, UnidentifiedImageError
 
     with src.open() as fh:
-        size = _jpeg_size(fh)
-    if size is not None:
-        _check_pixels(src.name, *size, max_pixels)
-        _allow_pillow(size[0] * size[1])
+        frame = _jpeg_frame(fh)
+    if frame is not None:
+        w, h, bits = frame
+        if bits != 8:  # 12-bit (and lossless 16-bit) JPEG: Pillow decodes 8-bit samples only
+            raise ImageError(src.name, f"{bits}-bit JPEG is not supported (only 8-bit); convert it to a 16-bit PNG or TIFF first")
+        _check_pixels(src.name, w, h, max_pixels)
+        _allow_pillow(w * h)
     try:
-        im = Image.open(src.lib_arg, formats=["JPEG", "MPO"])
+        return Image.open(src.lib_arg, formats=["JPEG"])  # the JPEG plugin opens MPO files too
     except Image.DecompressionBombError as exc:
         raise ImageError(src.name, f"image is too large ({exc})") from None
+    except UnidentifiedImageError:  # its message names the file again, or a BytesIO object
+        raise ImageError(src.name, "cannot decode JPEG (corrupt, or a kind of JPEG that is not supported)") from None
     except Exception as exc:
         raise _decode_error(src.name, "JPEG", exc) from None
+
+
+def _read_jpeg(src: _Src, max_pixels):
+    im = _open_jpeg(src, max_pixels)
     with im:
         w, h = im.size
         _check_pixels(src.name, w, h, max_pixels)
@@ -437,6 +449,7 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
             page = tif.pages.first
             h, w = int(page.imagelength), int(page.imagewidth)
             _check_pixels(src.name, w, h, max_pixels)
+            _allow_pillow(w * h)  # Pillow opens the file again for its EXIF (_tiff_exif)
             spp = int(page.samplesperpixel)
             if spp > 16:
                 raise ImageError(src.name, f"unsupported TIFF with {spp} samples per pixel")
@@ -450,8 +463,7 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
                 raise ImageError(src.name, "YCbCr TIFF is not supported; convert it to RGB first")
             bps = page.bitspersample
             tags = page.tags
-            orientation = int(tags[274].value) if 274 in tags else 1
-            orientation = orientation if 1 <= orientation <= 8 else 1
+            orientation = _tiff_orientation(tags)
             icc = tags[34675].value if 34675 in tags else None
             icc = bytes(icc) if isinstance(icc, (bytes, bytearray)) and icc else None
             xmp = _tiff_xmp(tags)
@@ -492,6 +504,16 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
     if has_exif:
         exif = _tiff_exif(src)
     return arr, depth, icc, exif, orientation, frames, xmp, dpi, {"clipped_float_values": clipped}
+
+
+def _tiff_orientation(tags) -> int:
+    """The Orientation tag (274) when it holds one value 1-8, else 1: a damaged tag (several
+    values, text) is ignored like other damaged metadata, not fatal."""
+    tag = tags.get(274)
+    value = None if tag is None else tag.value
+    if isinstance(value, (int, np.integer)) and 1 <= value <= 8:
+        return int(value)
+    return 1
 
 
 def _tiff_xmp(tags) -> bytes | None:
@@ -819,16 +841,10 @@ def _probe(src: _Src, fmt: str) -> tuple[int, int]:
     if fmt == "png":
         with src.open() as fh:
             png = png_mod.parse(fh, src.name, max_pixels=None, header_only=True)
-        o = exif_mod.read_orientation(png.exif)
+        o = exif_mod.read_orientation(exif_mod.normalize_exif(png.exif))  # as _read_png reads it
         return exif_mod.oriented_size(png.height, png.width, o)
     if fmt == "jpeg":
-        from PIL import Image
-
-        with src.open() as fh:
-            size = _jpeg_size(fh)
-        if size is not None:
-            _allow_pillow(size[0] * size[1])
-        with Image.open(src.lib_arg, formats=["JPEG", "MPO"]) as im:
+        with _open_jpeg(src, None) as im:
             w, h = im.size
             o = exif_mod.read_orientation(exif_mod.normalize_exif(im.info.get("exif")))
         _check_pixels(src.name, w, h, None)
@@ -842,7 +858,7 @@ def _probe(src: _Src, fmt: str) -> tuple[int, int]:
             if not _tiff_is_raw(tif):
                 page = tif.pages.first
                 h, w = int(page.imagelength), int(page.imagewidth)
-                o = int(page.tags[274].value) if 274 in page.tags else 1
+                o = _tiff_orientation(page.tags)
                 _check_pixels(src.name, w, h, None)
                 return exif_mod.oriented_size(h, w, o)
     return probe_raw(src.raw_arg, src.name)

@@ -142,7 +142,8 @@ def parse(fh: BinaryIO, name, *, max_pixels: int | None, header_only: bool = Fal
         elif ctype == b"pHYs" and png.dpi is None:
             png.dpi = _phys(data)
         elif ctype == b"tRNS":
-            png.trns = bytes(data)
+            if png.trns is None and not seen_idat and _trns_fits(png.color_type, len(data)):
+                png.trns = bytes(data)
         elif ctype == b"PLTE" and png.plte is None:
             png.plte = bytes(data)
         elif ctype == b"acTL" and len(data) == 8:
@@ -169,6 +170,17 @@ def _ihdr(data: bytes, name, max_pixels: int | None) -> PngFile:
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(name, f"image is too large: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
     return PngFile(width=w, height=h, bit_depth=depth, color_type=ctype, interlace=interlace)
+
+
+def _trns_fits(color_type: int, length: int) -> bool:
+    """Whether a tRNS chunk of ``length`` bytes is well-formed for ``color_type``: a 16-bit
+    gray or RGB key, or up to 256 palette alphas. A malformed one is ignored, as libpng does
+    (gray+alpha and RGBA images cannot have one), rather than failing the read."""
+    if color_type == 0:
+        return length == 2
+    if color_type == 2:
+        return length == 6
+    return color_type == 3 and 1 <= length <= 256
 
 
 def _iccp(data: bytes) -> bytes | None:
