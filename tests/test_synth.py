@@ -381,6 +381,16 @@ def test_sharp_sources_enumerates_files_skimage_and_procedural(tmp_path):
     np.testing.assert_array_equal(clone[1].load(), srcs[1].load())
 
 
+def test_source_names_stay_unique_when_a_numbered_name_is_a_file_name(tmp_path):
+    """a.jpg and a.png are a and a_2; a_2.png must not be a_2 too, or the summary's sources mislead."""
+    for name in ("a.jpg", "a.png", "a_2.png"):
+        iio.imwrite(tmp_path / name, np.full((24, 24, 3), 90, np.uint8))
+    srcs = sharp_sources([tmp_path], include_skimage=False)
+    assert [(s.name, Path(s.origin).name) for s in srcs] == [("a", "a.jpg"), ("a_2", "a.png"), ("a_2_2", "a_2.png")]
+    summary = write_dataset(srcs, tmp_path / "out", count=3, crop=16, seed=0, settings=CLEAN)
+    assert sorted(r["source"] for r in summary["samples"]) == ["a", "a_2", "a_2_2"]
+
+
 def test_write_dataset_dpdd_layout_and_determinism(tmp_path):
     srcs = sharp_sources(None, include_skimage=False, procedural=2, procedural_size=(72, 90))
     s = SynthSettings(dual_pixel=True, max_radius=6)
@@ -436,6 +446,9 @@ def test_settings_validation():
         SynthSettings(min_radius=5, max_radius=2)
     with pytest.raises(ValueError):
         SynthSettings(aperture="triangle")
+    for boost in (0.5, float("nan")):  # below 1 it would do what 1 does (nothing)
+        with pytest.raises(ValueError, match="highlight_boost"):
+            SynthSettings(highlight_boost=boost)
     with pytest.raises(ValueError):
         synthesize(np.zeros((8, 8, 3), np.float32), np.random.default_rng(0), depth=np.ones((4, 4)))
 
@@ -590,6 +603,7 @@ def test_cli_synth_uses_scikit_image_photos_only_when_asked(runner_app, tmp_path
     (["--noise", "-0.1"], "--noise"),
     (["--noise", "nan"], "--noise"),
     (["--highlight-boost", "0"], "--highlight-boost"),
+    (["--highlight-boost", "0.5"], "--highlight-boost"),  # would be off, as at 1
     (["--aperture", "triangle"], "--aperture"),
     (["--blades", "2"], "--blades"),
     (["--layers", "0"], "--layers"),
@@ -599,6 +613,17 @@ def test_cli_synth_errors_name_the_flag(runner_app, tmp_path, args, flag):
     res = runner.invoke(app, ["synth", "-o", str(tmp_path / "x"), "--procedural", "1", *args])
     assert res.exit_code == 2 and res.stderr.startswith(f"error: {flag} "), res.output
     assert not any(name in res.stderr for name in ("min_radius", "max_radius", "noise_sigma", "highlight_boost"))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--blades", "8"], "--blades applies to --aperture polygon"),
+    (["--no-skimage", str(Path(__file__)), "--procedural-size", "64"], "--procedural-size applies to --procedural"),
+])
+def test_cli_synth_options_that_would_change_nothing_are_usage_errors(runner_app, tmp_path, args, message):
+    runner, app = runner_app
+    res = runner.invoke(app, ["synth", "-o", str(tmp_path / "x"), "--count", "1", *args])
+    assert res.exit_code == 2 and res.stderr.startswith(f"error: {message}"), res.output
     assert not (tmp_path / "x").exists()
 
 

@@ -371,6 +371,31 @@ def _stripe_periods(target: np.ndarray) -> tuple[float, float]:
     return period(g.mean(axis=1)), period(g.mean(axis=0))
 
 
+def test_synthetic_sources_keep_their_order_when_names_clash(tmp_path):
+    """Unique source names (a_2.png beside a.png and a.jpg) do not reorder a run's sources, so
+    the held-out split and the draws stay those of the runs made before."""
+    photos = tmp_path / "p"
+    photos.mkdir()
+    for name in ("a.jpg", "a.png", "a_2.png", "a_2-x.png"):
+        write_png(photos / name, np.full((16, 16, 3), 80, np.uint8))
+    sources = D._synth_sources(TrainConfig(synthetic=(photos,), crop="32", max_radius=2))
+    # a, a_2, a_2 (a clash, in listing order) and a_2-x, as the names were before they were unique
+    assert [Path(s.origin).name for s in sources] == ["a.jpg", "a.png", "a_2.png", "a_2-x.png"]
+    assert len({s.name for s in sources}) == 4
+
+
+def test_synthetic_training_skips_the_datasets_kpac_synth_wrote_among_the_photos(tmp_path):
+    from kpac_cli.synth import SynthSettings, sharp_sources, write_dataset
+
+    photos = tmp_path / "p"
+    photos.mkdir()
+    write_png(photos / "a.png", np.full((40, 40, 3), 80, np.uint8))
+    write_dataset(sharp_sources([photos], include_skimage=False), photos / "synth", count=2, crop=16, seed=0,
+                  settings=SynthSettings(max_radius=2))
+    sources = D._synth_sources(TrainConfig(synthetic=(photos,), crop="32", max_radius=2))
+    assert [s.name for s in sources] == ["a"]  # not the blurred renders, targets and radius maps
+
+
 @pytest.mark.parametrize("transpose", [False, True])
 def test_synthetic_scenes_are_transposed_half_the_time_when_asked(transpose):
     from kpac_cli.synth import SynthSettings
@@ -872,6 +897,25 @@ def test_cli_ctrl_c_saves_and_exits_130(tmp_path, dpdd):
     assert st["step"] >= 1 and f"continue with: kpac train --resume {run}\n" in err  # one line to copy, however long
 
 
+def test_cli_sigterm_to_the_process_group_saves_and_exits_143(tmp_path, dpdd):
+    """timeout(1) and batch schedulers signal the whole process group, DataLoader workers
+    included: the run still saves last.pt and stops cleanly instead of dying of a lost worker."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "kpac_cli", "train", "--data", str(dpdd), "--allow-count-mismatch", "--run-dir", str(run),
+           "--levels", "2", "--channels", "8", "--batch", "1", "--crop", "32", "--iterations", "1000000", "--val-count", "0",
+           "--workers", "2", "--threads", "1", "--log-every", "1", "--no-tensorboard"]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 90
+    log = run / "log.jsonl"
+    while time.monotonic() < deadline and not (log.exists() and '"train"' in log.read_text()):
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "continue with: kpac train --resume" in err
+    assert load_state(run / "last.pt")["step"] >= 1
+
+
 def test_cli_scene_augmentation_is_stored_and_may_be_switched_when_resuming(tmp_path, cli):
     runner, run = CliRunner(), tmp_path / "run"
     common = ["--levels", "2", "--channels", "8", "--batch", "1", "--crop", "32", "--max-radius", "3", "--val-crop", "32",
@@ -917,6 +961,13 @@ def test_export_blends_the_run_with_another_model_of_its_architecture(tmp_path, 
     assert r.exit_code == 2 and "--blend" in r.output and not (tmp_path / "bad.safetensors").exists()
     r = runner.invoke(cli, ["train", "--resume", str(tmp_path / "a"), "--blend-with", str(b.model_path)])
     assert r.exit_code == 2 and "--export-only" in r.output
+    # a share without a model to blend with, and a run folder for the model, are said at once
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(tmp_path / "a"), "--blend", "0.25",
+                            "-o", str(tmp_path / "plain.safetensors")])
+    assert r.exit_code == 2 and "--blend applies to --blend-with" in r.stderr and not (tmp_path / "plain.safetensors").exists()
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(tmp_path / "a"), "--blend-with", str(tmp_path / "b"),
+                            "-o", str(tmp_path / "plain.safetensors")])
+    assert r.exit_code == 2 and "is a folder" in r.stderr and not (tmp_path / "plain.safetensors").exists()
 
 
 _TINY_SYNTH = ["--procedural", "1", "--levels", "2", "--channels", "8", "--crop", "32", "--val-crop", "32", "--val-count", "1",
@@ -1027,3 +1078,66 @@ def test_a_run_records_the_stage_defaults_it_used(tmp_path, dpdd, monkeypatch):
     assert saved["lr"] == C.STAGE_DEFAULTS["l1"]["lr"] == 1e-4 and saved["iterations"] == 1
     monkeypatch.setitem(C.STAGE_DEFAULTS, "l1", {"iterations": 5, "lr": 3e-3})
     assert TrainConfig.from_dict(saved).lr_schedule.at(0) == 1e-4
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--procedural", "1", "-o", "model.safetensors"], "-o applies to --export-only"),
+    (["--procedural", "1", "--from", "best"], "--from applies to --export-only"),
+    (["--procedural", "1", "--val-source", ".", "--val-target", "."], "--val-source and --val-target go with --source/--target"),
+    (["--procedural", "1", "--bit-depth", "16"], "--bit-depth applies to --data and --source/--target"),
+    (["--procedural", "1", "--perceptual-weight", "1e-3"], "--perceptual-weight applies to --stage perceptual"),
+    (["--procedural", "1", "--vgg-weights", "vgg.pth"], "--vgg-weights applies to --stage perceptual"),
+    (["--source", ".", "--target", ".", "--max-radius", "5"], "--max-radius applies to synthetic data"),
+    (["--source", ".", "--target", ".", "--aperture", "polygon"], "--aperture applies to synthetic data"),
+    (["--source", ".", "--target", ".", "--allow-count-mismatch"], "--allow-count-mismatch applies to --data"),
+])
+def test_cli_options_that_would_do_nothing_are_usage_errors(tmp_path, cli, args, flag):
+    """An option of another kind of data, stage or command would be ignored: the run would not be
+    what its command line says."""
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--run-dir", str(run), "--iterations", "1", "--crop", "32", *args])
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: {flag}") and len(r.stderr.splitlines()) == 1, r.output
+    assert not run.exists()
+
+
+def test_cli_export_only_takes_no_training_options_and_says_what_it_exported(tmp_path, dpdd, cli):
+    run = tmp_path / "run"
+    train(tiny_cfg(run, dpdd, iterations=2))  # a best.pt and a last.pt
+    runner = CliRunner()
+    out = tmp_path / "m.safetensors"
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(run), "--iterations", "5", "--lr", "1e-3", "-o", str(out)])
+    assert r.exit_code == 2 and "--iterations, --lr apply to training, not to --export-only" in r.stderr and not out.exists()
+    # the description is what the exported model carries
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(run), "--description", "my model", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(out).provenance["description"] == "my model"
+    # a checkpoint file named: --from cannot choose another, and the record names the file exported
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(run / "last.pt"), "--from", "best", "-o", str(tmp_path / "b.safetensors")])
+    assert r.exit_code == 2 and "--from best" in r.stderr and not (tmp_path / "b.safetensors").exists()
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(run / "best.pt"), "-o", str(tmp_path / "b.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["checkpoint"] == "best" and load_checkpoint(tmp_path / "b.safetensors").provenance["exported_from"] == "best.pt"
+
+
+def test_cli_resume_refuses_fewer_iterations_than_done(tmp_path, dpdd, cli):
+    run = tmp_path / "run"
+    train(tiny_cfg(run, dpdd, iterations=3, val_count=0))
+    before = (run / "last.pt").read_bytes()
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run), "--iterations", "2"])
+    assert r.exit_code == 2 and "--iterations 2" in r.stderr and "3 iterations" in r.stderr
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_cli_run_folder_problems_are_one_line_errors(tmp_path, cli, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    r = CliRunner().invoke(cli, ["train", "--run-dir", str(tmp_path / "file"), "--iterations", "1", *_TINY_SYNTH])
+    assert r.exit_code == 2 and "is a file" in r.stderr and (tmp_path / "file").read_text() == "not a folder"
+
+    def full(obj, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(S, "_write", full)
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--run-dir", str(run), "--iterations", "1", *_TINY_SYNTH])
+    assert r.exit_code == 1 and r.stderr.endswith(f"error: {run}: No space left on device\n"), r.output
+    assert "Traceback" not in r.output

@@ -11,8 +11,8 @@ import typer
 
 from rich.markup import escape
 
-from .common import (EXIT_FAILED, Terminated, emit_json, err_console, print_error, progress_bar, show_progress,
-                     sigterm_raises, usage_error)
+from .common import (EXIT_FAILED, Terminated, emit_json, err_console, given_options, print_error, progress_bar,
+                     show_progress, sigterm_raises, usage_error)
 
 _HELP = """Synthesise defocused/sharp training pairs from sharp photos, in the DPDD layout.
 
@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
 
 
 def synth(
+    ctx: typer.Context,
     sources: Optional[List[Path]] = typer.Argument(None, help="Sharp image files or folders.", show_default=False),
     # -o/--output as in deblur, blurmap and convert; --out, its first spelling, still works
     out: Path = typer.Option(..., "-o", "--output", "--out", help="Output dataset folder.", show_default=False),
@@ -43,13 +44,13 @@ def synth(
     max_radius: float = typer.Option(12.0, "--max-radius", help="Largest blur radius in pixels."),
     min_radius: float = typer.Option(0.0, "--min-radius", help="Smallest per-sample blur strength in pixels."),
     aperture: str = typer.Option("disc", "--aperture", help="Aperture shape: disc or polygon."),
-    blades: int = typer.Option(6, "--blades", help="Sides of the polygonal aperture."),
+    blades: int = typer.Option(6, "--blades", help="Sides of the polygonal aperture (--aperture polygon)."),
     layers: int = typer.Option(8, "--layers", help="Depth layers (more: finer blur steps, slower)."),
     noise: float = typer.Option(0.005, "--noise", help="Sensor noise std at white, linear light."),
-    highlight_boost: float = typer.Option(3.0, "--highlight-boost", help="Gain of saturated highlights (1: off)."),
+    highlight_boost: float = typer.Option(3.0, "--highlight-boost", help="Gain of saturated highlights, >= 1 (1: off)."),
     dual: bool = typer.Option(False, "--dual", help="Also write dual-pixel left/right views."),
     procedural: int = typer.Option(0, "--procedural", help="Add N procedural dead-leaves scenes."),
-    procedural_size: int = typer.Option(512, "--procedural-size", help="Size of procedural scenes."),
+    procedural_size: int = typer.Option(512, "--procedural-size", help="Side of the --procedural scenes in pixels."),
     skimage: bool = typer.Option(False, "--skimage/--no-skimage", help="Add scikit-image's bundled photos (kpac's held-out benchmark photos)."),
     split: str = typer.Option("train", "--split", help="Split name: train, val, test, ..."),
     bit_depth: int = typer.Option(8, "--bit-depth", help="8- or 16-bit PNG."),
@@ -85,12 +86,18 @@ def synth(
         raise usage_error(f"--aperture must be disc or polygon, got {aperture!r}")
     if blades < 3:
         raise usage_error(f"--blades must be >= 3, got {blades}")
+    # options that would change nothing: the output would not be what the command line says
+    given = given_options(ctx)
+    if "blades" in given and aperture != "polygon":
+        raise usage_error("--blades applies to --aperture polygon (a disc has no blades)")
+    if "procedural_size" in given and procedural == 0:
+        raise usage_error("--procedural-size applies to --procedural N (the number of scenes to add)")
     if layers < 1:
         raise usage_error(f"--layers must be >= 1, got {layers}")
     if not (math.isfinite(noise) and noise >= 0):
         raise usage_error(f"--noise must be >= 0, got {noise:g}")
-    if not (math.isfinite(highlight_boost) and highlight_boost > 0):
-        raise usage_error(f"--highlight-boost must be > 0, got {highlight_boost:g}")
+    if not (math.isfinite(highlight_boost) and highlight_boost >= 1):  # below 1 it would be off, as at 1
+        raise usage_error(f"--highlight-boost must be >= 1 (1: off), got {highlight_boost:g}")
     try:
         settings = SynthSettings(max_radius=max_radius, min_radius=min_radius, aperture=aperture, blades=blades,
                                  layers=layers, noise_sigma=noise, highlight_boost=highlight_boost, dual_pixel=dual)

@@ -46,6 +46,26 @@ _RESUMABLE = {
     "lr", "crop", "blur_rank_weight", "ema", "rescale", "transpose", "saturation",  # the recipe may be retuned for the iterations still to come
 }
 _RUN_ONLY = {"resume", "export_only", "export_from", "output", "overwrite", "blend_with", "blend", "json_out", "quiet", "out"}
+# What --export-only reads; every other option is about training, which it does not do.
+_EXPORT_OPTIONS = {"resume", "export_only", "export_from", "output", "overwrite", "blend_with", "blend", "description",
+                   "json_out", "quiet"}
+# Options of one kind of training data: given with another kind they would do nothing.
+_DATA_KIND_OPTIONS = {"max_radius": ("synthetic",), "aperture": ("synthetic",), "bit_depth": ("dpdd", "paired"),
+                      "allow_count_mismatch": ("dpdd",)}
+_DATA_KIND_NAMES = {"synthetic": "synthetic data (--synthetic, --skimage, --procedural)", "dpdd": "--data",
+                    "paired": "--source/--target"}
+_FLAG_NAMES = {"out": "--run-dir", "json_out": "--json", "export_from": "--from", "output": "-o",
+               "channels_last": "--channels-last"}
+
+
+def _flag(name: str) -> str:
+    """The command-line spelling of a parameter of :func:`train_command`."""
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _flags(names: set[str]) -> str:
+    """The options' spellings, then "applies" or "apply": the subject of an error message."""
+    return ", ".join(_flag(n) for n in sorted(names)) + (" applies" if len(names) == 1 else " apply")
 
 
 def _dilations(text: str) -> tuple[int, ...]:
@@ -159,9 +179,9 @@ def train_command(
     data: Optional[Path] = typer.Option(None, "--data", help="DPDD folder (train_c/source, train_c/target, val_c/..., train_l/, train_r/).", rich_help_panel="Data"),
     source: Optional[Path] = typer.Option(None, "--source", help="Folder of blurred inputs, paired with --target by file name.", rich_help_panel="Data"),
     target: Optional[Path] = typer.Option(None, "--target", help="Folder of sharp targets.", rich_help_panel="Data"),
-    val_source: Optional[Path] = typer.Option(None, "--val-source", help="Validation inputs for --source/--target (default: hold out every 10th pair).", rich_help_panel="Data"),
+    val_source: Optional[Path] = typer.Option(None, "--val-source", help="Validation inputs for --source/--target (default: hold out every 10th pair, up to --val-count).", rich_help_panel="Data"),
     val_target: Optional[Path] = typer.Option(None, "--val-target", help="Validation targets.", rich_help_panel="Data"),
-    synthetic: Optional[list[Path]] = typer.Option(None, "--synthetic", help="Folder of sharp photos to synthesise defocus from on the fly (repeatable).", rich_help_panel="Data"),
+    synthetic: Optional[list[Path]] = typer.Option(None, "--synthetic", help="Folder of sharp photos to synthesise defocus from on the fly (repeatable; datasets kpac synth wrote there are skipped).", rich_help_panel="Data"),
     skimage: bool = typer.Option(False, "--skimage", help="Add scikit-image's sample photos as synthetic sources.", rich_help_panel="Data"),
     procedural: int = typer.Option(0, "--procedural", help="Add N procedural dead-leaves scenes as synthetic sources.", rich_help_panel="Data"),
     allow_count_mismatch: bool = typer.Option(False, "--allow-count-mismatch", help="Accept a DPDD copy whose split sizes differ from 350/74/76.", rich_help_panel="Data"),
@@ -204,7 +224,7 @@ def train_command(
     out: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder \\[default: runs/kpac].", rich_help_panel="Run"),
     val_every: int = typer.Option(5000, "--val-every", help="Validate every N iterations.", rich_help_panel="Run"),
     val_count: int = typer.Option(8, "--val-count", help="Validation images (a fixed subset).", rich_help_panel="Run"),
-    val_crop: int = typer.Option(512, "--val-crop", help="Centre crop of validation images (0: whole images).", rich_help_panel="Run"),
+    val_crop: int = typer.Option(512, "--val-crop", help="Centre crop of validation images (0: whole images); synthetic data: the size of the validation renders (0: 256).", rich_help_panel="Run"),
     save_every: int = typer.Option(1000, "--save-every", help="Write last.pt every N iterations.", rich_help_panel="Run"),
     log_every: int = typer.Option(100, "--log-every", help="Log the mean loss every N iterations.", rich_help_panel="Run"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last.pt.", rich_help_panel="Run"),
@@ -234,13 +254,22 @@ def train_command(
     from ..train.loop import resolve_device, resolve_precision
     from ..train.state import resolve_checkpoint
 
+    given = given_options(ctx)
     if export_only:
         if resume is None:
             raise usage_error("--export-only needs --resume RUN (the run folder or checkpoint to export)")
+        training_only = given - _EXPORT_OPTIONS
+        if training_only:
+            raise usage_error(f"{_flags(training_only)} to training, not to --export-only "
+                              "(it exports the run's weights as they are)")
         if export_from not in ("last", "best"):
             raise usage_error("--from must be last or best")
         if not 0 <= blend <= 1:
             raise usage_error(f"--blend must lie in [0, 1], got {blend:g}")
+        if "blend" in given and blend_with is None:
+            raise usage_error("--blend applies to --blend-with (the model to blend the run's weights with)")
+        if blend_with is not None and blend_with.is_dir():
+            raise usage_error(f"--blend-with {blend_with}: is a folder; give the model file (.safetensors, last.pt or best.pt)")
         if blend_with is not None and not blend_with.is_file():
             raise usage_error(f"--blend-with: no such file: {blend_with}")
         try:
@@ -248,6 +277,9 @@ def train_command(
         except CheckpointError as e:
             print_error(str(e))
             raise typer.Exit(EXIT_FAILED) from None
+        if "export_from" in given and not resume.is_dir() and source.stem != export_from:
+            raise usage_error(f"--from {export_from}: --resume names the checkpoint {source.name} itself; "
+                              f"give the run folder to choose its {export_from}.pt")
         if output is None:  # export_model's default, named here so that it is checked like -o
             output = source.parent / ("model.safetensors" if source.stem == "last" else f"model-{source.stem}.safetensors")
         if output.is_dir():
@@ -255,7 +287,7 @@ def train_command(
         if (output.exists() or output.is_symlink()) and not overwrite:
             raise usage_error(f"{output}: exists (use --overwrite, or choose another -o)")
         try:
-            path = export_model(source, output, export_from, blend_with, blend)
+            path = export_model(source, output, export_from, blend_with, blend, description=description or None)
         except (CheckpointError, TrainingError) as e:
             print_error(str(e))
             raise typer.Exit(EXIT_FAILED) from None
@@ -263,14 +295,16 @@ def train_command(
             print_error(f"cannot write {output}: {e.strerror or e}")
             raise typer.Exit(EXIT_FAILED) from None
         if json_out:
-            emit_json({"exported": str(path), "from": str(resume), "checkpoint": export_from})
+            emit_json({"exported": str(path), "from": str(resume), "checkpoint": source.stem})
         elif not quiet:
-            err_console.print(f"exported {resume} ({export_from}) -> {path}", markup=False, soft_wrap=True)
+            err_console.print(f"exported {resume} ({source.stem}) -> {path}", markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_OK)
 
-    given = given_options(ctx)
     if given & {"blend_with", "blend"}:
         raise usage_error("--blend-with and --blend apply to --export-only")
+    if given & {"export_from", "output"}:  # a run writes RUN_DIR/model.safetensors
+        raise usage_error(f"{_flags(given & {'export_from', 'output'})} to --export-only; a run writes its model "
+                          "to RUN_DIR/model.safetensors (choose the folder with --run-dir)")
     if overwrite:
         raise usage_error("--overwrite applies to --export-only (a run folder is continued with --resume)")
     if iterations is not None and iterations < 1:  # 0 would only export the starting weights
@@ -335,6 +369,10 @@ def train_command(
             # the scenes are drawn at a size the largest crop sets: other scenes, other validation
             raise usage_error(f"--crop: the largest crop may not change when resuming a run with procedural scenes "
                               f"(they are drawn for it); keep its largest size, {started.crop_schedule.max_size}")
+        done = int(state.get("step", 0))
+        if cfg.total_iterations < done:
+            raise usage_error(f"--iterations {cfg.total_iterations}: the run has done {done} iterations already; "
+                              f"give more to continue it, or export it with --export-only")
         cfg = cfg.replace(out=resume if resume.is_dir() else resume.parent, resume=True)
     else:
         try:
@@ -349,6 +387,9 @@ def train_command(
             cfg.replace(model=arch).validate()
     except ValueError as e:
         raise usage_error(str(e)) from None
+    _check_options_apply(given, cfg)
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise usage_error(f"--run-dir {cfg.out}: is a file (the run folder holds the checkpoints and the log)")
     if resume is None and (cfg.out / "last.pt").exists():
         raise usage_error(f"{cfg.out} already holds a run (last.pt); continue it with --resume {cfg.out} or choose another --run-dir")
 
@@ -370,6 +411,9 @@ def train_command(
     except (TrainingError, CheckpointError) as e:
         print_error(str(e))
         raise typer.Exit(EXIT_FAILED) from None
+    except OSError as e:  # a checkpoint, the log or the model that cannot be written (a full disk ...)
+        print_error(f"{e.filename or cfg.out}: {e.strerror or e}")
+        raise typer.Exit(EXIT_FAILED) from None
 
     if json_out:
         emit_json({"event": "train", **result.to_dict()})
@@ -384,6 +428,18 @@ def train_command(
         score = f", validation PSNR {sc['psnr']:.3f} dB / SSIM {sc['ssim']:.4f}" if sc else ""
         err_console.print(f"done: {result.step} iterations in {_fmt_time(result.wall_clock_s)}{score}; model -> {result.model_path}",
                           markup=False, soft_wrap=True)
+
+
+def _check_options_apply(given: set[str], cfg: Any) -> None:
+    """Options typed for another kind of data or another stage than the run's are usage errors:
+    they would change nothing, and the run would not be what the command line says."""
+    for name, kinds in _DATA_KIND_OPTIONS.items():
+        if name in given and cfg.data_kind not in kinds:
+            raise usage_error(f"{_flag(name)} applies to {' and '.join(_DATA_KIND_NAMES[k] for k in kinds)}, "
+                              f"not to {_DATA_KIND_NAMES[cfg.data_kind]}")
+    perceptual_only = given & {"perceptual_weight", "vgg_weights"}
+    if perceptual_only and cfg.stage != "perceptual":
+        raise usage_error(f"{_flags(perceptual_only)} to --stage perceptual (this run's stage is {cfg.stage})")
 
 
 def _architecture(cfg: Any) -> Any:

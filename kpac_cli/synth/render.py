@@ -51,8 +51,8 @@ class SynthSettings:
         Sensor noise std at white, in linear light (see
         :func:`~kpac_cli.synth.optics.add_sensor_noise`); 0 disables noise.
     highlight_boost : float
-        Linear-light gain given to saturated pixels before blurring so they bloom; the result
-        is clipped by the sensor afterwards. 1 disables it.
+        Linear-light gain (>= 1) given to saturated pixels before blurring so they bloom; the
+        result is clipped by the sensor afterwards. 1 disables it.
     dual_pixel : bool
         Also render the left and right dual-pixel views.
     gamma : float
@@ -85,8 +85,8 @@ class SynthSettings:
             raise ValueError(f"layers must be >= 1, got {self.layers}")
         if self.noise_sigma < 0:
             raise ValueError(f"noise_sigma must be >= 0, got {self.noise_sigma}")
-        if self.highlight_boost <= 0:
-            raise ValueError(f"highlight_boost must be > 0, got {self.highlight_boost}")
+        if not self.highlight_boost >= 1:  # a gain below 1 would do what 1 does: nothing
+            raise ValueError(f"highlight_boost must be >= 1 (1: off), got {self.highlight_boost}")
         if self.gamma <= 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
 

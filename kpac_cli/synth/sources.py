@@ -31,6 +31,11 @@ class Source:
         Unique, file-name-safe name (letters, digits, ``_``, ``-``).
     origin : str
         Where it comes from: a file path, ``skimage:NAME`` or ``procedural:INDEX``.
+    sort_key : str
+        What ``kpac train`` orders its sources by (and so splits off the held-out ones): the
+        name before a clash with an earlier source's was resolved, which earlier kpac versions
+        used as the name itself (``a.jpg``, ``a.png``, ``a_2.png`` were named ``a``, ``a_2``,
+        ``a_2``; now ``a_2.png`` is ``a_2_2``), so that a run keeps its order. Empty: ``name``.
 
     Sources are picklable (for data-loader worker processes) and hold no pixels.
     """
@@ -38,6 +43,7 @@ class Source:
     name: str
     origin: str
     _load: Callable[[], tuple[np.ndarray, np.ndarray | None]] = field(repr=False, compare=False)
+    sort_key: str = field(default="", repr=False, compare=False)
 
     def load(self) -> np.ndarray:
         """The image as ``HxWx3`` float32 in [0, 1], encoded like a photo."""
@@ -134,12 +140,19 @@ def sharp_sources(paths_or_dirs: list[Path] | None, include_skimage: bool = True
     """
     out: list[Source] = []
     seen: dict[str, int] = {}
+    taken: set[str] = set()
 
     def add(name: str, origin: str, loader) -> None:
         base = _safe(name)
         n = seen.get(base, 0) + 1
         seen[base] = n
-        out.append(Source(base if n == 1 else f"{base}_{n}", origin, loader))
+        numbered = base if n == 1 else f"{base}_{n}"
+        unique = numbered
+        while unique in taken:  # "a_2.png" after "a.png" and "a.jpg": a_2 is taken
+            n += 1
+            unique = f"{base}_{n}"
+        taken.add(unique)
+        out.append(Source(unique, origin, loader, sort_key=numbered))
 
     for entry in paths_or_dirs or []:
         p = Path(entry)

@@ -250,6 +250,10 @@ class TrainConfig:
             raise ValueError("--source and --target must be given together")
         if (self.val_source is None) != (self.val_target is None):
             raise ValueError("--val-source and --val-target must be given together")
+        if self.val_source is not None and self.data_kind != "paired":
+            # DPDD validates on its val split and synthetic data on held-out sources
+            raise ValueError("--val-source and --val-target go with --source/--target (--data validates on its val split, "
+                             "synthetic data on held-out sources)")
         if self.data_kind == "paired" and self.dual:
             raise ValueError("--dual needs the DPDD layout (left/right views) or synthetic data")
         if self.stage not in STAGES:

@@ -468,10 +468,14 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, Any]:
 
 
 def worker_init(_worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which saves and stops cleanly."""
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which saves and stops
+    cleanly. A signal sent to the whole process group (``timeout``, a batch scheduler,
+    ``kill -TERM -PGID``) would otherwise kill a worker first, and the main process would die
+    of the lost worker without saving; the workers end with the main process's loader."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------
@@ -526,9 +530,11 @@ def _synth_sources(cfg: Any) -> list[Any]:
     if not hasattr(synth, "sharp_sources"):
         raise DataError("this kpac build's synthesiser cannot list sharp sources (kpac_cli.synth.sharp_sources missing)")
     side = procedural_scene_side(cfg)
+    # skip_datasets: the blurred inputs and radius maps of a kpac synth dataset are no sharp photos
     sources = synth.sharp_sources([Path(p) for p in cfg.synthetic], include_skimage=cfg.skimage, procedural=cfg.procedural,
-                                  procedural_size=(side, side), procedural_seed=cfg.seed)
-    sources = sorted(sources, key=lambda s: s.name)
+                                  procedural_size=(side, side), procedural_seed=cfg.seed, skip_datasets=True)
+    # by the names sources had before name clashes were resolved: a run keeps its order and held-out split
+    sources = sorted(sources, key=lambda s: s.sort_key or s.name)
     if not sources:
         raise DataError("no sharp images found for synthetic training (check the --synthetic folders)")
     return sources

@@ -682,10 +682,11 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
 
 
 def export_model(run: str | Path, output: str | Path | None = None, which: str = "last",
-                 blend_with: str | Path | None = None, blend: float = 0.5) -> Path:
+                 blend_with: str | Path | None = None, blend: float = 0.5, description: str | None = None) -> Path:
     """Export a run's ``last.pt``/``best.pt`` (or a checkpoint file) as a kpac safetensors model.
 
     ``output`` defaults to ``RUN/model.safetensors`` (``RUN/model-best.safetensors`` for best).
+    ``description`` replaces the one the run recorded (its ``--description``, or a generated one).
     ``blend_with``: another model of the same architecture, typically the weights the run
     started from (``--init``); the export is then ``blend`` x the run's weights + (1 - ``blend``)
     x those, recorded in the provenance with the other file's SHA-256. Not in the paper: a
@@ -715,6 +716,8 @@ def export_model(run: str | Path, output: str | Path | None = None, which: str =
         raise TrainingError(f"{path}: the weights are not finite; refusing to export")
     if output is None:
         output = path.parent / ("model.safetensors" if path.stem == "last" else f"model-{path.stem}.safetensors")
+    if description:
+        prov["description"] = description
     prov["iterations"] = int(state["step"])
     prov["exported_from"] = path.name
     return save_checkpoint(output, model, prov)
