@@ -11,12 +11,16 @@ Atrous Convolutions", ICCV 2021. The network's design rests on three properties 
 * a *dilated* inverse kernel (zeros inserted, as atrous convolution uses) acts on a
   blurred image almost exactly like the rescaled one (:func:`dilation_psnr`, Fig. 4).
 
+:func:`deblur_disc` is the classical baseline the network is compared with: one disc PSF
+(radius given or estimated), Wiener deconvolution in linear light with a per-image ``snr``
+(:func:`choose_snr`).
+
 Kernels are 2-D float64 arrays centred on ``(h // 2, w // 2)``; images are float
 ``(H, W)`` or ``(H, W, C)`` arrays, normally in [0, 1]. See :mod:`.kernels` and
 :mod:`.deconv` for the conventions of each function. Nothing here needs PyTorch.
 """
 
-from .deconv import convolve, estimate_disc_radius, wiener_deconvolve
+from .deconv import DiscDeblurResult, choose_snr, convolve, deblur_disc, estimate_disc_radius, wiener_deconvolve
 from .experiments import BlendResult, blend_accuracy, dilation_psnr, scale_equivariance_psnr
 from .kernels import (
     centre_crop,
@@ -31,10 +35,13 @@ from .kernels import (
 
 __all__ = [
     "BlendResult",
+    "DiscDeblurResult",
     "blend_accuracy",
     "centre_crop",
     "centre_pad",
+    "choose_snr",
     "convolve",
+    "deblur_disc",
     "dilate_kernel",
     "dilation_psnr",
     "disc_psf",
