@@ -609,3 +609,59 @@ def test_saved_blurmap_honours_the_polarity_the_model_declares(tmp_path):
     assert res.exit_code == 0, res.output
     (written,) = [p for p in (tmp_path / "bm").iterdir() if p.suffix == ".png"]
     np.testing.assert_allclose(maps["sharp"], read_image(written)[0][..., 0], atol=2 / 65535)
+
+
+class _StdoutThatStops:
+    """A stdout that takes ``good`` writes, then fails each with ``error`` (a closed pipe, a full disk)."""
+
+    def __init__(self, good: int, error: OSError) -> None:
+        self.good, self.error, self.lines = good, error, []
+
+    def write(self, text: str) -> int:
+        if self.good == 0:
+            raise self.error
+        self.good -= 1
+        self.lines.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        raise OSError("no descriptor")
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_models_stop_quietly_when_the_reader_goes_away_and_say_a_full_disk(tmp_path, tiny_models, monkeypatch):
+    import kpac_cli.cli.common as common
+    import kpac_cli.cli.models as models_cli
+    from rich.console import Console
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.safetensors").write_bytes(Path(tiny_models[0]).read_bytes())
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(tmp_path))
+    stdout = _StdoutThatStops(1, BrokenPipeError(32, "Broken pipe"))
+    monkeypatch.setattr(common, "sys", type("Sys", (), {"stdout": stdout}))
+    res = invoke("models", "--json")  # as `kpac models --json | head -1`
+    assert res.exit_code == 141 and res.stderr == ""  # as a shell reports a writer that SIGPIPE ended
+    assert [json.loads(line)["name"] for line in stdout.lines] == ["a"]
+    full = _StdoutThatStops(0, OSError(28, "No space left on device"))
+    monkeypatch.setattr(models_cli, "Console", lambda: Console(file=full))
+    res = invoke("models")  # the table, to a full disk
+    assert res.exit_code == 1 and res.stderr.splitlines() == ["error: cannot write to stdout: No space left on device"]
+
+
+def test_records_without_a_stdout_are_an_error_not_a_traceback(tmp_path, tiny_models, monkeypatch):
+    import kpac_cli.cli.common as common
+
+    src = _write(tmp_path / "a.png", np.random.default_rng(2).random((16, 16, 3), dtype=np.float32), 8)
+    fake_sys = type("Sys", (), {"stdout": None})  # started with stdout closed (`>&-`)
+    monkeypatch.setattr(common, "sys", fake_sys)
+    res = invoke("deblur", src, "-o", tmp_path / "b.png", "--json", "--model", tiny_models[0])
+    assert res.exit_code == 1
+    assert res.stderr.splitlines() == ["error: cannot write to stdout: it is closed",
+                                       "stopped (stdout failed): 1 deblurred, 0 skipped, 0 failed, 0 not finished"]
+    assert read_image(tmp_path / "b.png")[1].size == (16, 16)
+    fake_sys.stdout.close()

@@ -225,6 +225,13 @@ def test_unwritable_output_is_a_one_line_error(tmp_path):
     assert res.exit_code == 2 and "is a folder" in res.stderr and len(res.stderr.splitlines()) == 1
 
 
+def test_onnx_dash_is_refused_rather_than_written_as_a_file_named_dash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = invoke_export("--onnx", "-", "--config", "single_2level")  # '-' is stdout in `kpac deblur -o -`
+    assert res.exit_code == 2 and res.stderr.startswith("error: --onnx -:") and len(res.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("opset", ["12", "30"])
 def test_unsupported_opset_is_a_one_line_usage_error(tmp_path, opset):
     out = tmp_path / "x.onnx"

@@ -1199,3 +1199,91 @@ def test_a_reader_that_closes_the_pipe_early_is_an_error(tmp_path, models):
 def test_max_pixels_must_be_positive(tmp_path, models):
     res = deblur(models["single"], write_png(tmp_path / "a.png"), "-o", tmp_path / "out", "--max-pixels", "0")
     assert res.exit_code == 2
+
+
+# --------------------------------------------------------------------------------------------
+# stdout that takes no more: `| head -1`, a full disk, no stdout at all
+
+
+def _kpac_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "kpac_cli", *map(str, args)]
+
+
+def _batch(folder: Path, n: int) -> Path:
+    for i in range(n):
+        write_png(folder / f"p{i:02d}.png", h=96, w=96, seed=i)
+    return folder
+
+
+def _through_head_1(cmd: list[str]) -> tuple[int, str, str]:
+    """``cmd | head -1``: (cmd's exit code, what head printed, cmd's stderr)."""
+    env = {**os.environ, "COLUMNS": "10000", "OMP_NUM_THREADS": "1"}
+    producer = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    head = subprocess.Popen(["head", "-1"], stdin=producer.stdout, stdout=subprocess.PIPE)
+    producer.stdout.close()  # head alone reads it: when head exits, the pipe has no reader
+    shown = head.communicate(timeout=120)[0].decode()
+    err = producer.stderr.read().decode()
+    return producer.wait(timeout=120), shown, err
+
+
+def test_a_json_reader_that_goes_away_stops_the_batch_cleanly(tmp_path, models):
+    photos = _batch(tmp_path / "photos", 12)
+    out = tmp_path / "out"
+    code, shown, err = _through_head_1(_kpac_cmd("deblur", photos, "-o", out, "--json", "--model", models["single"], "--device", "cpu"))
+    assert code == 141, err  # as a shell reports a writer that SIGPIPE ended; not 1 ("an image failed")
+    assert json.loads(shown)["status"] == "ok"
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    said = re.fullmatch(r"stopped \(stdout was closed by its reader\): (\d+) deblurred, 0 skipped, 0 failed, (\d+) not finished; "
+                        r"rerun with --skip-existing to finish", lines[0])
+    assert said, lines[0]
+    done, left = map(int, said.groups())
+    assert left > 0 and done + left == 12
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == done and leftovers(out) == []  # every file it counts, each complete
+    for name in written:
+        assert read_image(out / name)[1].size == (96, 96)
+    res = deblur(models["single"], photos, "-o", out, "--skip-existing")
+    assert res.exit_code == 0 and len(list(out.iterdir())) == 12
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_records_on_a_full_disk_stop_the_batch_with_one_error_line(tmp_path, models):
+    photos = _batch(tmp_path / "photos", 3)
+    env = {**os.environ, "COLUMNS": "10000", "OMP_NUM_THREADS": "1"}
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(_kpac_cmd("deblur", photos, "-o", tmp_path / "out", "--json", "--model", models["single"], "--device", "cpu"),
+                              stdin=subprocess.DEVNULL, stdout=full, stderr=subprocess.PIPE, env=env, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err and "Exception ignored" not in err, err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "error: cannot write to stdout: No space left on device",  # the first record: its image is written
+        "stopped (stdout failed): 1 deblurred, 0 skipped, 0 failed, 2 not finished; rerun with --skip-existing to finish",
+    ]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p00.png"]
+
+
+def test_a_closed_stdin_is_no_image_not_a_traceback(tmp_path, models):
+    env = {**os.environ, "COLUMNS": "10000", "OMP_NUM_THREADS": "1"}
+    as_shell = ["bash", "-c", 'exec "$@" <&-', "kpac"]  # the shell closes stdin (no preexec_fn: this process has threads)
+    proc = subprocess.run(as_shell + _kpac_cmd("deblur", "-", "-o", tmp_path / "b.png", "--model", models["single"], "--device", "cpu"),
+                          capture_output=True, env=env, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.splitlines()[0] == "error: <stdin>: no image data (input is empty)", err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_stdin_from_a_terminal_is_refused_rather_than_waited_on(tmp_path, models):
+    import pty
+
+    main, secondary = pty.openpty()
+    try:
+        proc = subprocess.run(_kpac_cmd("deblur", "-", "-o", tmp_path / "b.png", "--model", models["single"], "--device", "cpu"),
+                              stdin=secondary, capture_output=True, timeout=60)
+    finally:
+        os.close(main)
+        os.close(secondary)
+    assert proc.returncode == 2 and b"stdin, which is a terminal" in proc.stderr, proc.stderr
+    assert not (tmp_path / "b.png").exists()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import emit_json, err_console, usage_error
+from .common import emit_json, err_console, usage_error, writing_stdout
 
 EXAMPLES = """
 Examples:
@@ -132,7 +132,8 @@ def bench(
     if json_out:
         emit_json(report)
         return
-    _print_report(report)
+    with writing_stdout():
+        _print_report(report)
 
 
 def _print_report(r: dict) -> None:

@@ -5,13 +5,16 @@ Conventions (all subcommands):
 * stdout carries results only (``--json`` records, or image bytes for ``-o -``); messages
   and progress go to stderr, and progress is shown only when stderr is a terminal.
 * Exit codes: 0 all succeeded, 1 some item failed (the others were still processed),
-  2 usage error, 130/143 interrupted by SIGINT/SIGTERM.
+  2 usage error, 130/143 interrupted by SIGINT/SIGTERM, 141 stopped because stdout's reader
+  went away (``| head -1``), as a shell reports a command that SIGPIPE ended.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -23,6 +26,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -143,10 +147,61 @@ def print_note(message: str) -> None:
     err_console.print(f"[yellow]note:[/] {one_line(message)}", soft_wrap=True)
 
 
+class StdoutFailed(typer.Exit):
+    """stdout takes no more output: its reader went away (``| head -1``, exit 141) or a write
+    failed (a full disk, a closed descriptor: exit 1). The command stops, as a pipeline's writer
+    does on SIGPIPE, rather than go on with work whose results nobody can receive; outputs
+    already written are complete. ``closed``: the reader went away (not an error)."""
+
+    def __init__(self, closed: bool) -> None:
+        super().__init__(EXIT_STDOUT_CLOSED if closed else EXIT_FAILED)
+        self.closed = closed
+
+
+def stdout_failed(error: OSError | None) -> StdoutFailed:
+    """The :class:`StdoutFailed` to raise for ``error`` (None: there is no stdout at all).
+
+    A failed write is said on stderr at once (a closed pipe is not an error); stdout is then
+    pointed at /dev/null, so that later writes and Python's flush at exit neither fail again
+    nor print a traceback.
+    """
+    closed = error is not None and error.errno == errno.EPIPE
+    if not closed:
+        reason = (error.strerror or str(error)) if error is not None else "it is closed"
+        print_error(f"cannot write to stdout: {reason}")
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (stdout, for the rest of the process)
+        return StdoutFailed(closed)
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # no descriptor (captured in a test)
+        return StdoutFailed(closed)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    return StdoutFailed(closed)
+
+
+@contextmanager
+def writing_stdout() -> Iterator[None]:
+    """Within the block (writes to stdout only) a failed write raises :class:`StdoutFailed`."""
+    try:
+        yield
+    except OSError as e:
+        raise stdout_failed(e) from None
+
+
 def emit_json(record: dict[str, Any]) -> None:
-    """One JSON object per line on stdout, flushed so pipelines see it at once."""
-    sys.stdout.write(json.dumps(record, default=str) + "\n")
-    sys.stdout.flush()
+    """One JSON object per line on stdout, flushed so pipelines see it at once.
+
+    Raises :class:`StdoutFailed` when stdout takes no more.
+    """
+    line = json.dumps(record, default=str) + "\n"
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        raise stdout_failed(None)
+    with writing_stdout():
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def show_progress(quiet: bool) -> bool:

@@ -19,6 +19,8 @@ from ..distributed import teardown as teardown_distributed
 from .common import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_STDOUT_CLOSED,
+    StdoutFailed,
     Terminated,
     check_ensemble,
     device_option,
@@ -91,6 +93,8 @@ def deblur(
     check_ensemble(ensemble)
     if dual and recursive:  # views pair by name within the folders given, not in sub-folders
         raise usage_error("--recursive applies to INPUTS folders; dual-pixel views are paired within the --left/--right folders")
+    if inputs == [STDIO] and sys.stdin is not None and sys.stdin.isatty():
+        raise usage_error("'-' reads the image from stdin, which is a terminal; redirect it (< photo.png) or pipe an image in")
     if json_out and output == STDIO:
         raise usage_error("--json cannot be combined with -o - (stdout carries the image)")
     if output == STDIO and sys.stdout.isatty():
@@ -130,7 +134,7 @@ def deblur(
         if dual:
             jobs = plan_dual(left, right, center, output, out_opts, companions=("blurmap",) if save_blurmap else ())
         else:
-            stdin = sys.stdin.buffer.read() if inputs == [STDIO] else None
+            stdin = _read_stdin() if inputs == [STDIO] else None
             jobs = plan_single(inputs, output, recursive, out_opts, stdin, companions=("blurmap",) if save_blurmap else ())
         dist_info = env_info()
         device = device_for_rank(device, dist_info)  # under torchrun each rank takes its own GPU
@@ -165,6 +169,7 @@ def deblur(
     interactive = show_progress(quiet) and output != STDIO and dist_info.is_main
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     exit_code = EXIT_OK
+    stopped: str | None = None  # why the batch ended early, for its summary
     with progress_bar(interactive) as progress:
         overall = progress.add_task("images", total=len(jobs)) if progress else None
         tile_task = None
@@ -216,9 +221,12 @@ def deblur(
                     on_result=on_result, on_start=on_start, stdout_sink=sink, after_run=after_run,
                 )
         except KeyboardInterrupt:
-            exit_code = 130
+            exit_code, stopped = 130, "interrupted"
         except Terminated:
-            exit_code = 143
+            exit_code, stopped = 143, "interrupted"
+        except StdoutFailed as e:  # the --json records cannot be delivered: stop as on SIGPIPE
+            why = "stdout was closed by its reader" if e.closed else "stdout failed"
+            exit_code, stopped = e.exit_code, f"stopped ({why})"
     if dist_info.enabled:  # totals over all ranks; the worst exit code wins
         totals = torch.tensor([counts["ok"], counts["skipped"], counts["failed"], len(jobs)], dtype=torch.int64)
         torch.distributed.all_reduce(totals)
@@ -234,9 +242,12 @@ def deblur(
         exit_code = EXIT_FAILED
     if not quiet:
         done = f"{counts['ok']} deblurred, {counts['skipped']} skipped, {counts['failed']} failed"
-        if exit_code in (130, 143):
-            left_over = f"interrupted: {done}, {total_jobs - sum(counts.values())} not finished"
-            if output == STDIO:  # nothing on disk to resume from
+        if stopped is None:  # another rank was the one stopped
+            stopped = {130: "interrupted", 143: "interrupted", EXIT_STDOUT_CLOSED: "stopped"}.get(exit_code)
+        if stopped is not None:
+            not_finished = total_jobs - sum(counts.values())
+            left_over = f"{stopped}: {done}, {not_finished} not finished"
+            if output == STDIO or not not_finished:  # nothing on disk to resume from, or nothing to resume
                 advice = ""
             elif overwrite:  # the outputs not reached are an earlier run's: --skip-existing would keep them
                 advice = "; rerun to finish (--skip-existing instead of --overwrite would keep the outputs older than this run)"
@@ -249,6 +260,17 @@ def deblur(
             err_console.print(f"torch.compile: {deblurrer.network.compile_seconds:.1f} s compiling new shapes "
                               "(and their first runs)", soft_wrap=True)
     raise typer.Exit(exit_code)
+
+
+def _read_stdin() -> bytes:
+    """All of stdin, for the input '-'; a closed stdin (``<&-``) reads as empty, which fails as such."""
+    if sys.stdin is None:
+        return b""
+    try:
+        return sys.stdin.buffer.read()
+    except OSError as e:
+        print_error(f"<stdin>: cannot read: {e.strerror or e}")
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 deblur.__doc__ = (deblur.__doc__ or "") + "\n" + EXAMPLES

@@ -15,6 +15,7 @@ import typer
 from .common import (
     EXIT_FAILED,
     EXIT_OK,
+    StdoutFailed,
     Terminated,
     check_ensemble,
     device_option,
@@ -30,6 +31,7 @@ from .common import (
     show_progress,
     sigterm_raises,
     usage_error,
+    writing_stdout,
 )
 
 EXAMPLES = """
@@ -432,7 +434,7 @@ def eval_command(
 ) -> None:
     """Score deblurring results (PSNR, SSIM, MAE, LPIPS) against ground truth, and measure speed.
 
-    Results to score come from running a model on the DPDD test set (--data --model), from a baseline (--method identity|wiener with --data or --source/--target), or from files (--pred with --target or --data). Exit codes: 0 ok, 1 some pair failed (the others are still scored and the failures listed), 2 usage error.
+    Results to score come from running a model on the DPDD test set (--data --model), from a baseline (--method identity|wiener with --data or --source/--target), or from files (--pred with --target or --data). Exit codes: 0 ok, 1 some pair failed (the others are still scored and the failures listed), 2 usage error, 130/143 interrupted, 141 stopped because the reader of stdout went away (--json | head -1).
     """
     reports = list(report or [])
     # ---- options that do not depend on the file system
@@ -655,6 +657,11 @@ def eval_command(
     except Terminated:
         err_console.print("terminated")
         raise typer.Exit(143) from None
+    except StdoutFailed as e:  # the --json records cannot be delivered: stop as on SIGPIPE
+        if not quiet:
+            why = "stdout was closed by its reader" if e.closed else "stdout failed"
+            err_console.print(f"stopped ({why})" + ("; no report written" if reports else ""), soft_wrap=True)
+        raise
 
     # the paper's Table 4 compares only on the DPDD test set at 8 bits: the terminal and the
     # Markdown report show it by the same rule
@@ -674,12 +681,13 @@ def eval_command(
         else:
             emit_json({"summary": True, **record_run, "speed": speed_result.to_dict() if speed_result else None})
     else:
-        if report_obj is not None:
-            _print_tables(report_obj, run, speed_result, show_paper, len(report_obj.rows) <= PER_IMAGE_TABLE_MAX)
-        elif speed_result is not None:
-            from ..metrics import Report
+        with writing_stdout():
+            if report_obj is not None:
+                _print_tables(report_obj, run, speed_result, show_paper, len(report_obj.rows) <= PER_IMAGE_TABLE_MAX)
+            elif speed_result is not None:
+                from ..metrics import Report
 
-            _print_tables(Report(), run, speed_result, False, False)
+                _print_tables(Report(), run, speed_result, False, False)
     if not quiet and written:  # only the files that were written
         err_console.print("reports: " + ", ".join(str(p) for p in written), soft_wrap=True, markup=False)
     raise typer.Exit(exit_code)

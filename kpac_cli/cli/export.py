@@ -79,6 +79,8 @@ def export(
     if opset < MIN_OPSET or (newest is not None and opset > newest):
         span = f"between {MIN_OPSET} and {newest} (what this PyTorch's ONNX exporter writes)" if newest else f">= {MIN_OPSET}"
         raise usage_error(f"--opset must be {span}, got {opset}")
+    if str(onnx_path) == "-":  # kpac's name for stdout elsewhere: never a file named '-'
+        raise usage_error("--onnx -: the graph is written to a file, not to stdout; give the .onnx file to write")
     if onnx_path.is_dir():
         raise usage_error(f"--onnx {onnx_path}: is a folder (give the .onnx file to write)")
     if onnx_path.exists() or onnx_path.is_symlink():  # only an existing file can be the model's

@@ -9,7 +9,7 @@ from rich.text import Text
 
 from ..checkpoints.registry import survey_models
 from ..model import build_model, count_parameters
-from .common import EXIT_FAILED, emit_json, print_error
+from .common import EXIT_FAILED, emit_json, print_error, writing_stdout
 
 
 def _is_number(value: object) -> bool:
@@ -47,7 +47,7 @@ def headline_scores(scores: object, dual: bool = False) -> str:
 
 
 def models(
-    json_out: bool = typer.Option(False, "--json", help="One JSON record per model on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON record per model on stdout, one per line (JSON Lines: jq reads them; python -m json.tool needs --json-lines)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No message on stderr when no model is found (the list on stdout is unchanged)."),
 ) -> None:
     """List the shipped models with their architecture, training iterations and measured scores.
@@ -66,7 +66,8 @@ def models(
             emit_json({"name": m.name, "default": m.default, "path": str(m.path), "config": m.config.to_dict(),
                        "parameters": count_parameters(build_model(m.config)), "provenance": m.provenance})
     else:
-        _print_table(infos)
+        with writing_stdout():
+            _print_table(infos)
         # the table is the data asked for (stdout), so --quiet leaves it; only this note is a message
         if not infos and not unusable and not quiet:
             typer.echo("no shipped models found", err=True)
