@@ -168,7 +168,8 @@ def test_identity_psnr_is_psnr_of_source(folders):
 def test_wiener_beats_identity_on_a_disc_blurred_pair(tmp_path):
     rng = np.random.default_rng(11)
     sharp = _scene(rng, 96, 96)
-    blurred = np.clip(convolve(sharp, disc_psf(3.0)) + rng.normal(0, 0.3 / 255, sharp.shape), 0, 1)
+    # defocus happens in linear light: the baseline decodes the photo's tone curve (gamma 2.2)
+    blurred = np.clip(convolve(sharp**2.2, disc_psf(3.0)) ** (1 / 2.2) + rng.normal(0, 0.3 / 255, sharp.shape), 0, 1)
     _write(tmp_path / "gt" / "x.png", sharp, 16)
     _write(tmp_path / "src" / "x.png", blurred, 16)
     args = ("--source", tmp_path / "src", "--target", tmp_path / "gt", "--json")
@@ -177,6 +178,9 @@ def test_wiener_beats_identity_on_a_disc_blurred_pair(tmp_path):
     est = records(invoke(*args, "--method", "wiener"))[0]
     assert given["wiener_radius"] == 3.0 and given["psnr"] > ident["psnr"] + 3
     assert abs(est["wiener_radius"] - 3.0) <= 0.5 and est["psnr"] > ident["psnr"] + 2
+    # the regularisation is chosen per image unless given, and recorded either way
+    fixed = records(invoke(*args, "--method", "wiener", "--wiener-radius", "3", "--wiener-snr", "30"))[0]
+    assert fixed["wiener_snr"] == 30.0 and given["wiener_snr"] != 30.0 and given["psnr"] > fixed["psnr"]
 
 
 def test_dpdd_single_and_dual_models(dpdd, tiny_models):

@@ -158,7 +158,7 @@ class _Runner:
     Existing predictions come without their input: it is only shown in --save-crops, so it is read
     there (an unreadable one costs the crops, not the score)."""
 
-    def __init__(self, method: str | None, deblurrer: Any, wiener_radius: float | None, wiener_snr: float) -> None:
+    def __init__(self, method: str | None, deblurrer: Any, wiener_radius: float | None, wiener_snr: float | None) -> None:
         self.method = method
         self.deblurrer = deblurrer
         self.wiener_radius = wiener_radius
@@ -184,11 +184,11 @@ class _Runner:
         elif self.method == "identity":
             out = inp
         else:
-            from ..inverse import disc_psf, estimate_disc_radius, wiener_deconvolve
+            from ..inverse import deblur_disc
 
-            radius = self.wiener_radius if self.wiener_radius is not None else estimate_disc_radius(inp)
-            out = np.clip(wiener_deconvolve(inp, disc_psf(radius), self.wiener_snr), 0.0, 1.0).astype(np.float32)
-            extra["wiener_radius"] = radius
+            result = deblur_disc(inp, self.wiener_radius, self.wiener_snr)
+            out = result.image.astype(np.float32)
+            extra["wiener_radius"], extra["wiener_snr"] = result.radius, result.snr
         extra["seconds"] = time.perf_counter() - t0
         if self.method == "kpac":
             extra.update(self._engine_notes())
@@ -210,14 +210,16 @@ def _precision_name(deblurrer: Any) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(deblurrer.dtype, str(deblurrer.dtype))
 
 
-def _method_text(method: str | None, deblurrer: Any, wiener_radius: float | None, wiener_snr: float, dual: bool) -> str:
+def _method_text(method: str | None, deblurrer: Any, wiener_radius: float | None, wiener_snr: float | None, dual: bool) -> str:
     if method is None:
         return "existing predictions read from files"
     if method == "identity":
         return "identity: the blurry input itself" + (" (DPDD centre view)" if dual else "")
     if method == "wiener":
         r = f"radius {wiener_radius:g} px" if wiener_radius is not None else "radius estimated per image (estimate_disc_radius)"
-        return f"Wiener deconvolution with a uniform disc PSF, {r}, snr {wiener_snr:g}"
+        snr = f"snr {wiener_snr:g}" if wiener_snr is not None else "snr chosen per image by generalised cross-validation"
+        return (f"Wiener deconvolution with a uniform disc PSF in linear light (inputs decoded with gamma 2.2, "
+                f"kpac_cli.inverse.deblur_disc), {r}, {snr}, gradient prior")
     kind = "dual-pixel (left+right views, centre view as reference)" if deblurrer.config.in_views == 2 else "single image"
     strength = deblurrer.options.strength
     scaled = f", strength {strength:g} (the model's correction scaled by {strength:g})" if strength != 1.0 else ""
@@ -409,7 +411,7 @@ def eval_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Shipped model name (see `kpac models`), a .safetensors file, or a training run folder (its model.safetensors)."),
     dual: bool = typer.Option(False, "--dual", help="Dual-pixel input (DPDD test_l/test_r, test_c as centre); default: from the model."),
     wiener_radius: Optional[float] = typer.Option(None, "--wiener-radius", help="Disc PSF radius in pixels for --method wiener (default: estimated per image)."),
-    wiener_snr: float = typer.Option(300.0, "--wiener-snr", help="Signal-to-noise power ratio of the Wiener filter."),
+    wiener_snr: Optional[float] = typer.Option(None, "--wiener-snr", help="Signal-to-noise power ratio of the Wiener filter, with its gradient prior (default: chosen per image by generalised cross-validation).", show_default=False),
     bit_depth: int = typer.Option(8, "--bit-depth", help="Quantise both images to 8 bits (the paper) or 16 before scoring; 0 = no quantisation."),
     ssim_window: str = typer.Option("uniform", "--ssim", help="SSIM window: uniform (7x7, the DPDD literature) or gaussian (Wang et al.)."),
     lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="LPIPS weights (file or folder); default: $KPAC_LPIPS_WEIGHTS or the torch hub cache, else unavailable."),
@@ -450,7 +452,7 @@ def eval_command(
         raise usage_error("--limit must be at least 1")
     if wiener_radius is not None and not wiener_radius > 0:
         raise usage_error("--wiener-radius must be positive")
-    if not wiener_snr > 0:
+    if wiener_snr is not None and not (math.isfinite(wiener_snr) and wiener_snr > 0):
         raise usage_error("--wiener-snr must be positive")
     if speed_runs < 1:
         raise usage_error(f"--speed-runs must be at least 1, got {speed_runs}")
@@ -732,7 +734,7 @@ def _check_outputs_are_not_inputs(items: list[Item], reports: list[Path], save_c
 
 
 def _evaluate_items(
-    items: list[Item], method: str | None, deblurrer: Any, wiener_radius: float | None, wiener_snr: float, dual: bool,
+    items: list[Item], method: str | None, deblurrer: Any, wiener_radius: float | None, wiener_snr: float | None, dual: bool,
     bit_depth: int | None, ssim_window: str, lpips_spec: Any, label_map: dict[str, str] | None,
     save_crops: Path | None, json_out: bool, quiet: bool, title: str,
 ):
