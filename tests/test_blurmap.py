@@ -549,6 +549,9 @@ def test_cli_two_inputs_one_map_refused_before_any_work(cli, photo, tmp_path):
     res = cli(str(photos), "-o", str(tmp_path / "o"), "-q")
     assert res.exit_code == 2 and "would both be written to" in res.output and "a_blurmap.png" in res.output
     assert not (tmp_path / "o").exists()
+    res = cli(str(photos / "a.png"), str(photos / "a.png"), "-o", str(tmp_path / "o"), "-q")  # one photo named twice
+    assert res.exit_code == 2 and "is given twice" in res.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_eval_masks_scores_and_summary(cli, tmp_path):

@@ -665,3 +665,19 @@ def test_records_without_a_stdout_are_an_error_not_a_traceback(tmp_path, tiny_mo
                                        "stopped (stdout failed): 1 deblurred, 0 skipped, 0 failed, 0 not finished"]
     assert read_image(tmp_path / "b.png")[1].size == (16, 16)
     fake_sys.stdout.close()
+
+
+def test_an_input_given_twice_is_named_as_such(tmp_path, tiny_models):
+    # "photos/a.png and photos/a.png would both be written ...; rename one" was the wrong advice
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (tmp_path / "other").mkdir()
+    _write(photos / "a.png", np.random.default_rng(0).random((20, 24, 3), dtype=np.float32), 8)
+    _write(tmp_path / "other" / "a.png", np.random.default_rng(1).random((20, 24, 3), dtype=np.float32), 8)
+    for given in ([photos / "a.png", photos / "a.png"], [photos, photos / "a.png"], [photos / "a.png", tmp_path / "photos" / "." / "a.png"]):
+        res = invoke("deblur", *given, "-o", tmp_path / "out", "--model", tiny_models[0])
+        assert res.exit_code == 2 and "is given twice" in res.output, res.output
+        assert not (tmp_path / "out").exists()
+    # two different photos of one name are still told apart
+    res = invoke("deblur", photos / "a.png", tmp_path / "other" / "a.png", "-o", tmp_path / "out", "--model", tiny_models[0])
+    assert res.exit_code == 2 and "would both be written to" in res.output and "given twice" not in res.output

@@ -114,7 +114,7 @@ def blurmap(
     # Imported here so that `kpac --help` stays fast.
     from ..blurmap import BLUR_POLARITY, PAPER_CUHK, attention_maps
     from ..engine import Deblurrer, EngineOptions
-    from ..engine.batch import PlanError, collect_inputs, inputs_written_over, outputs_claimed_twice
+    from ..engine.batch import PlanError, collect_inputs, describe_clash, inputs_written_over, outputs_claimed_twice
     from ..images import ImageError, pair_dual_pixel
 
     inputs = inputs or []
@@ -207,7 +207,7 @@ def blurmap(
         raise usage_error("no images found in the inputs (only outputs of this command)")
     outputs = [(it.label, p) for it in items for p in it.outputs.values()]
     for writer, p, first in outputs_claimed_twice(outputs):
-        raise usage_error(f"{writer} and {first} would both be written to {p}")
+        raise usage_error(describe_clash(writer, first, p, {it.label: Path(it.source) for it in items if not dual}))
     inputs = [] if dual else [(it.label, Path(it.source)) for it in items]
     written_over = inputs_written_over(outputs, inputs)
     if written_over:  # even with --overwrite: an input is never replaced

@@ -208,8 +208,18 @@ def _with_companions(job: Job, companions: tuple[str, ...]) -> Job:
 
 def _check_claims(jobs: list[Job]) -> None:
     """No two jobs write one file (outputs and companions alike)."""
+    sources = {job.input_label: job.source for job in jobs}
     for writer, dst, first in outputs_claimed_twice((job.input_label, dst) for job in jobs for dst in job.destinations):
-        raise PlanError(f"{writer} and {first} would both be written to {dst}; give them separate output folders or rename one")
+        raise PlanError(describe_clash(writer, first, dst, sources))
+
+
+def describe_clash(writer: str, first: str, output: Path, sources: dict[str, Any]) -> str:
+    """What to tell of two inputs (labels, with ``sources`` by label) that claim one ``output``:
+    one file named twice, or two files that need separate outputs."""
+    a, b = sources.get(writer), sources.get(first)
+    if writer == first or (isinstance(a, Path) and isinstance(b, Path) and os.path.realpath(a) == os.path.realpath(b)):
+        return f"{writer} is given twice (as {first} too); name each input once"
+    return f"{writer} and {first} would both be written to {output}; give them separate output folders or rename one"
 
 
 def plan_single(
