@@ -524,6 +524,14 @@ def test_report_files_parse_and_hold_every_image(folder_report):
     assert [r["name"] for r in rows] == [r.name for r in report.rows]
     assert float(rows[-1]["psnr"]) == math.inf and rows[3]["split"] == "" and rows[0]["lpips"] == ""
     assert float(rows[0]["ssim"]) == pytest.approx(report.rows[0].ssim, rel=1e-15)
+    assert all(r["error"] == "" for r in rows)
+    # a failed image is in the file too, with its error and no numbers
+    report.failures.append(("broken", "broken.png: cannot decode PNG"))
+    report.to_csv(root / "r2.csv")
+    with open(root / "r2.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(report.rows) + 1
+    assert rows[-1] == {"name": "broken", "split": "", "psnr": "", "ssim": "", "mae": "", "lpips": "", "error": "broken.png: cannot decode PNG"}
 
     md = (root / "r.md").read_text()
     table_rows = [ln for ln in md.splitlines() if ln.startswith("|")]

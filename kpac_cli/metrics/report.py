@@ -13,8 +13,9 @@ File formats:
   "notes"}``; ``summary`` is ``{"overall": {...}, "splits": {label: {...}}}`` with
   ``count, psnr, ssim, mae, lpips`` each; non-finite numbers (PSNR of identical images)
   are written as the strings ``"inf"``/``"nan"`` and missing LPIPS as ``null``.
-* CSV: header ``name,split,psnr,ssim,mae,lpips`` and one row per image (empty field for
-  no split / no LPIPS; ``inf`` parses with ``float()``).
+* CSV: header ``name,split,psnr,ssim,mae,lpips,error`` and one row per image (empty field for
+  no split / no LPIPS; ``inf`` parses with ``float()``), then one row per failed image with
+  only its name and ``error`` (empty for the scored images).
 * Markdown: summary table (with the paper's Table 4 rows beside ours unless
   ``paper=False``: they compare only on the full DPDD test set), per-split and per-image
   tables, and the conventions used.
@@ -36,7 +37,7 @@ from .paper import PAPER_TABLE4_DPDD, PAPER_TABLE4_LABEL
 __all__ = ["ImageResult", "Report", "METRIC_NAMES", "LPIPS_NOT_REQUESTED"]
 
 METRIC_NAMES = ("psnr", "ssim", "mae", "lpips")
-_CSV_FIELDS = ("name", "split", "psnr", "ssim", "mae", "lpips")
+_CSV_FIELDS = ("name", "split", "psnr", "ssim", "mae", "lpips", "error")
 #: ``Report.lpips_unavailable`` when LPIPS was switched off rather than impossible to compute.
 LPIPS_NOT_REQUESTED = "not requested"
 
@@ -174,8 +175,11 @@ class Report:
                     repr(r.ssim),
                     repr(r.mae),
                     "" if r.lpips is None else repr(r.lpips),
+                    "",
                 ]
             )
+        for name, error in self.failures:  # listed, so that a mean taken from the file is not taken for all of them
+            w.writerow([name, "", "", "", "", "", error])
         return buf.getvalue()
 
     def to_csv(self, path: str | os.PathLike) -> None:
