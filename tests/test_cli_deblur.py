@@ -681,3 +681,21 @@ def test_an_input_given_twice_is_named_as_such(tmp_path, tiny_models):
     # two different photos of one name are still told apart
     res = invoke("deblur", photos / "a.png", tmp_path / "other" / "a.png", "-o", tmp_path / "out", "--model", tiny_models[0])
     assert res.exit_code == 2 and "would both be written to" in res.output and "given twice" not in res.output
+
+
+def test_an_output_folder_that_cannot_be_made_fails_before_the_work(tmp_path, tiny_models, monkeypatch):
+    # -o below a file: every image used to be deblurred first and then fail at its write
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        _write(photos / f"p{i}.png", np.random.default_rng(i).random((20, 24, 3), dtype=np.float32), 8)
+    (tmp_path / "notes.txt").write_text("a file")
+    from kpac_cli.engine import Deblurrer
+
+    ran = []
+    monkeypatch.setattr(Deblurrer, "run", lambda *a, **k: ran.append(1))
+    res = invoke("deblur", photos, "-o", tmp_path / "notes.txt" / "out", "--model", tiny_models[0], "--json")
+    assert res.exit_code == 1 and not ran
+    recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert [r["status"] for r in recs if "status" in r] == ["failed", "failed"]
+    assert all("notes.txt is not a folder" in r["error"] for r in recs if "status" in r)

@@ -386,6 +386,10 @@ def preflight(job: Job, options: OutputOptions) -> JobResult | None:
         return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: output path is the input file; refusing to overwrite the original")
     if job.output.is_dir():
         return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: output path is an existing directory")
+    blocker = _not_a_folder(job.output.parent)
+    if blocker is not None:  # the write would fail after the work: say it before
+        return JobResult(job.input_label, str(job.output), "failed",
+                         f"{job.output}: cannot create its folder: {blocker} is not a folder")
     if job.output.exists() and not job.output.is_file():
         # e.g. a device or a FIFO: replacing it by renaming a file over it would destroy it
         return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: output path exists and is not a regular file")
@@ -400,6 +404,15 @@ def preflight(job: Job, options: OutputOptions) -> JobResult | None:
         if path.exists() and not (options.overwrite or options.skip_existing):
             # checked before any work; with --skip-existing a finished companion is kept
             return JobResult(job.input_label, str(job.output), "failed", f"{path}: exists (use --overwrite to replace it or --skip-existing to keep it)")
+    return None
+
+
+def _not_a_folder(folder: Path) -> Path | None:
+    """The existing path that keeps ``folder`` from being a folder (itself or the nearest
+    ancestor that exists, when that is a file), or None."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return None if path.is_dir() else path
     return None
 
 
