@@ -408,12 +408,11 @@ def test_save_blurmaps_from_a_deblurring_run(detector, photo, tmp_path):
 # --- the command --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory):
+def _cli_for(model_path: Path):
+    """``kpac blurmap --model model_path --device cpu ARGS`` in-process."""
     import typer
     from typer.testing import CliRunner
 
-    from kpac_cli.checkpoints import save_checkpoint
     from kpac_cli.cli.blurmap import register
 
     app = typer.Typer()
@@ -423,14 +422,20 @@ def cli(tmp_path_factory):
         """kpac"""
 
     register(app)
-    folder = tmp_path_factory.mktemp("models")
-    model_path = save_checkpoint(folder / "detector.safetensors", detector_model(), {"name": "detector"})
     runner = CliRunner()
 
     def run(*args: str):
         return runner.invoke(app, ["blurmap", "--model", str(model_path), "--device", "cpu", *args])
 
     return run
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    from kpac_cli.checkpoints import save_checkpoint
+
+    folder = tmp_path_factory.mktemp("models")
+    return _cli_for(save_checkpoint(folder / "detector.safetensors", detector_model(), {"name": "detector"}))
 
 
 def _save_rgb(path: Path, img: np.ndarray) -> Path:
@@ -600,6 +605,132 @@ def test_polarity_declared_by_the_checkpoint(tmp_path, photo):
         AttentionMaps(maps.low_res, maps.dilations, maps.size, maps.stride, polarity="up")
 
 
+def _banded_set(tmp_path: Path, masks: Path | None = None, mask_name: str = "{}.png", seed: int = 3) -> tuple[Path, Path]:
+    """A folder with one banded photo ``scene.png`` and its 0/255 mask (white = blurred) in
+    ``masks`` (default: a folder of its own) named ``mask_name``."""
+    imgs = tmp_path / "img"
+    imgs.mkdir(exist_ok=True)
+    masks = masks or tmp_path / "gt"
+    masks.mkdir(exist_ok=True)
+    img, radius = banded_photo(96, 160, seed=seed)
+    _save_rgb(imgs / "scene.png", img)
+    Image.fromarray(np.where(radius > 0, 255, 0).astype(np.uint8)).save(masks / mask_name.format("scene"))
+    return imgs, masks
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())  # the summary note is wrapped to the terminal's width
+
+
+def test_cli_reversed_auc_hint_follows_the_model_polarity(cli, tmp_path):
+    """AUC < 0.5 says which way the map was read and why: the model's declared polarity or
+    --invert, not the default polarity whatever the model says."""
+    from kpac_cli.checkpoints import save_checkpoint
+
+    imgs, masks = _banded_set(tmp_path)
+    src = str(imgs / "scene.png")
+    plain = cli(src, "--eval-masks", str(masks))
+    assert plain.exit_code == 0 and "AUC below 0.5" not in plain.stderr
+    # the detector's attention is high on blurred regions: a checkpoint declaring "sharp" is wrong
+    declared = _cli_for(save_checkpoint(tmp_path / "rev.safetensors", detector_model(), {"blurmap_polarity": "sharp"}))
+    res = declared(src, "--eval-masks", str(masks), "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.splitlines()[-1])
+    assert summary["polarity"] == "sharp" and summary["summary"]["auc"] < 0.5
+    note = _words(res.stderr)
+    assert ("attention is high on blurred regions, not on sharp ones as its checkpoint declares "
+            "(blurmap_polarity: sharp); try --invert") in note, note
+    res = declared(src, "--eval-masks", str(masks), "--invert")
+    assert res.exit_code == 0 and "AUC below 0.5" not in res.stderr
+    # --invert on a model read the right way: the advice is to drop it, not to give it again
+    res = cli(src, "--eval-masks", str(masks), "--invert")
+    note = _words(res.stderr)
+    assert "not on sharp ones as --invert has it; drop --invert" in note and "try --invert" not in note, note
+    # masks declared white-where-sharp that are not: the hint names that flag too
+    res = cli(src, "--eval-masks", str(masks), "--masks-sharp-white")
+    assert "drop --masks-sharp-white if the masks are white where blurred" in _words(res.stderr)
+
+
+def test_cli_masks_kept_beside_the_photos(cli, tmp_path):
+    """--eval-masks naming the input folder: a photo is never its own mask, and a NAME_gt
+    mask found there is ground truth, not another photo to map and score."""
+    imgs, _ = _banded_set(tmp_path, masks=tmp_path / "img", mask_name="{}_gt.png")
+    res = cli(str(imgs), "--eval-masks", str(imgs), "--json", "-q")
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(line) for line in res.stdout.splitlines()]
+    (rec,) = [r for r in recs if "input" in r]
+    assert Path(rec["input"]).name == "scene.png" and Path(rec["mask"]).name == "scene_gt.png"
+    assert rec["scores"]["auc"] > 0.85 and recs[-1]["summary"]["images"] == 1
+    # another photo of the same name is not a mask: no mask for either, said plainly
+    _save_rgb(imgs / "scene.jpg", texture(96, 160, 2))
+    (imgs / "scene_gt.png").unlink()
+    res = cli(str(imgs), "--eval-masks", str(imgs), "--json", "-q")
+    assert res.exit_code == 1
+    for r in (json.loads(line) for line in res.stdout.splitlines()):
+        if "input" in r:
+            assert r["status"] == "failed" and "no ground-truth mask named scene.* (other than an input)" in r["error"]
+
+
+def test_cli_never_writes_over_a_ground_truth_mask(cli, tmp_path):
+    """NAME_mask is both this command's mask output and a ground-truth name: with the output
+    folder holding the masks, --overwrite would replace the ground truth by the prediction
+    and then score the prediction against itself."""
+    imgs, masks = _banded_set(tmp_path, masks=tmp_path / "img", mask_name="{}_mask.png")
+    before = (masks / "scene_mask.png").read_bytes()
+    res = cli(str(imgs / "scene.png"), "-o", str(imgs), "--threshold", "0.5", "--eval-masks", str(masks), "--overwrite")
+    assert res.exit_code == 2 and "written over the ground-truth mask" in res.stderr, res.output
+    assert (masks / "scene_mask.png").read_bytes() == before and not (imgs / "scene_blurmap.png").exists()
+
+
+def test_mask_values_0_and_1_are_labels():
+    labels = np.array([[0, 1], [1, 0]], np.uint8)
+    assert mask_from_image(labels).tolist() == [[False, True], [True, False]]
+    assert mask_from_image(labels.astype(np.uint16), blurred_value=0).tolist() == [[True, False], [False, True]]
+    assert mask_from_image(np.repeat(labels[..., None], 3, axis=2)).tolist() == [[False, True], [True, False]]
+    # other masks keep the split at half the range: 1 and 2 of 255 are both dark
+    assert not mask_from_image(np.array([[0, 1], [2, 0]], np.uint8)).any()
+    assert mask_from_image(np.array([[0, 1]], np.float32)).tolist() == [[False, True]]
+
+
+def test_cli_scores_a_0_1_label_mask_like_a_0_255_one(cli, tmp_path):
+    imgs, masks = _banded_set(tmp_path)
+    white = cli(str(imgs / "scene.png"), "--eval-masks", str(masks), "--json", "-q")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    Image.fromarray((_read_png(masks / "scene.png") // 255).astype(np.uint8)).save(labels / "scene.png")
+    res = cli(str(imgs / "scene.png"), "--eval-masks", str(labels), "--json", "-q")
+    assert res.exit_code == white.exit_code == 0, res.output
+    got, expect = (json.loads(r.stdout.splitlines()[0])["scores"] for r in (res, white))
+    assert got == expect and 0.3 < got["blurred_fraction"] < 0.7
+
+
+def _grey_profile() -> bytes:
+    """An ICC profile whose header says grey (an sRGB profile with its colour space field
+    changed: what a reader looks at to match a profile to the pixels)."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return srgb[:16] + b"GRAY" + srgb[20:]
+
+
+def test_cli_overlay_and_sheet_carry_only_an_rgb_profile(cli, photo, tmp_path):
+    from PIL import ImageCms
+
+    img, _ = photo
+    grey = Image.fromarray((img[:48, :64].mean(2) * 255 + 0.5).astype(np.uint8), "L")
+    grey.save(tmp_path / "grey.png", icc_profile=_grey_profile())
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray((img[:48, :64] * 255 + 0.5).astype(np.uint8)).save(tmp_path / "colour.png", icc_profile=srgb)
+    out = tmp_path / "o"
+    res = cli(str(tmp_path / "grey.png"), str(tmp_path / "colour.png"), "-o", str(out), "--overlay", "--sheet", "-q")
+    assert res.exit_code == 0, res.output
+    for kind in ("overlay", "sheet"):
+        with Image.open(out / f"grey_{kind}.png") as im:
+            assert im.mode == "RGB" and "icc_profile" not in im.info  # an RGB image with a grey profile is invalid
+        with Image.open(out / f"colour_{kind}.png") as im:
+            assert im.info["icc_profile"] == srgb
+
+
 def test_cli_dual_pixel(tmp_path):
     import typer
     from typer.testing import CliRunner
@@ -689,6 +820,17 @@ def test_cli_needs_an_output_unless_evaluating(cli, tmp_path):
     src = _save_rgb(tmp_path / "a.png", np.zeros((16, 16, 3)))
     res = cli(str(src))
     assert res.exit_code == 2 and "-o" in res.stderr
+
+
+@pytest.mark.parametrize("flags", [["--overlay"], ["--sheet"], ["--defocus-map"], ["--all"], ["--format", "tiff"]])
+def test_cli_file_options_without_an_output_refused(cli, tmp_path, flags):
+    """--eval-masks without -o writes nothing: options that only shape files are refused,
+    not ignored."""
+    src = _save_rgb(tmp_path / "a.png", np.zeros((16, 16, 3)))
+    (tmp_path / "gt").mkdir()
+    res = cli(str(src), "--eval-masks", str(tmp_path / "gt"), *flags)
+    assert res.exit_code == 2 and f"{' '.join(flags)} writes files: give -o OUT" in res.stderr, res.output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "gt"]
 
 
 def test_core_does_not_import_the_cli_stack():

@@ -11,7 +11,7 @@ Conventions
 * Binary masks are 8-bit, 255 = blurred (the CUHK convention), PNG or TIFF.
 * Overlays and contact sheets are 8-bit RGB PNG, colour-mapped with a small built-in
   perceptually ordered LUT (dark purple = 0, pale yellow = 1) and carrying the photo's ICC
-  profile.
+  profile when it is an RGB one (a grey photo's profile is left out).
 * Every file is written atomically; an existing file is only replaced with
   ``overwrite=True`` (otherwise :class:`FileExistsError`).
 """
@@ -165,9 +165,17 @@ def encode_mask(mask: np.ndarray, fmt: str = "png") -> bytes:
     return write_image(None, m, _info(m.shape[:2], 1, 8), format=fmt, bit_depth=8)
 
 
+def _rgb_profile(icc: bytes | None) -> bytes | None:
+    """``icc`` if it describes RGB data (colour space ``'RGB '`` at bytes 16-19 of the
+    header), else None: a grey photo's profile does not fit an RGB overlay (the PNG
+    specification allows only RGB profiles on RGB images; readers drop or reject others)."""
+    return icc if icc is not None and icc[16:20] == b"RGB " else None
+
+
 def encode_rgb(image: np.ndarray, icc: bytes | None = None) -> bytes:
-    """``H x W x 3`` float RGB in [0, 1] -> 8-bit RGB PNG bytes (with the ICC profile)."""
-    return write_image(None, image, _info(image.shape[:2], 3, 8, icc), format="png", bit_depth=8)
+    """``H x W x 3`` float RGB in [0, 1] -> 8-bit RGB PNG bytes, with the ICC profile when it
+    is an RGB one (see :func:`_rgb_profile`)."""
+    return write_image(None, image, _info(image.shape[:2], 3, 8, _rgb_profile(icc)), format="png", bit_depth=8)
 
 
 def write_file(path: str | Path, data: bytes, overwrite: bool = False) -> Path:

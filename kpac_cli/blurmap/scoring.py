@@ -3,8 +3,9 @@
 Conventions
 -----------
 * Masks follow the CUHK blur-detection dataset (Shi et al., CVPR 2014) as distributed:
-  255 (white) = blurred, 0 = sharp. Grey values are split at half the range. Pass
-  ``blurred_value=0`` for masks drawn the other way round.
+  255 (white) = blurred, 0 = sharp. Grey values are split at half the range. An integer
+  mask whose values are only 0 and 1 is a label image (1 = blurred), not a nearly black
+  one. Pass ``blurred_value=0`` for masks drawn the other way round.
 * Scores are detection maps where higher means "more likely blurred", values in [0, 1].
 * F-measure is F_beta with **beta^2 = 0.3**, the weighting of the blur-detection (and
   salient-object) literature that the paper's Appendix F compares with:
@@ -94,14 +95,20 @@ def f_measure(precision: float, recall: float, beta2: float = F_BETA2) -> float:
 
 
 def mask_from_image(mask: np.ndarray, blurred_value: int = 255) -> np.ndarray:
-    """A ground-truth mask image (``H x W`` or ``H x W x C``, integers or floats in [0, 1])
-    -> bool ``H x W``, True = blurred."""
-    m = np.asarray(mask)
+    """A ground-truth mask image (``H x W`` or ``H x W x C``, integer codes or floats in
+    [0, 1]) -> bool ``H x W``, True = blurred.
+
+    Integer codes are read on their type's full range, except that a mask holding only 0
+    and 1 is a label image: split at half of 255 it would be all sharp.
+    """
+    raw = np.asarray(mask)
+    m = raw
     if m.ndim == 3:
         m = m[..., :3].mean(axis=2) if m.shape[2] >= 3 else m[..., 0]
     m = m.astype(np.float64)
-    if np.issubdtype(np.asarray(mask).dtype, np.integer):
-        m = m / float(np.iinfo(np.asarray(mask).dtype).max)
+    if np.issubdtype(raw.dtype, np.integer):
+        top = 1 if raw.size and raw.max() == 1 and raw.min() >= 0 else np.iinfo(raw.dtype).max
+        m = m / float(top)
     high = m >= 0.5
     return high if blurred_value else ~high
 

@@ -42,7 +42,7 @@ Each KPAC block weighs its atrous branches (dilations 1..5) per pixel; the first
   NAME_overlay.png        --overlay: colour map over the photo
   NAME_sheet.png          --sheet: every map of every block on one page
 
---format tiff writes float32 TIFF instead (the defocus map then in dilation units). --eval-masks DIR scores the detection map against ground-truth masks with the same file stem (CUHK convention: white = blurred) and prints them beside the paper's CUHK figures.
+--format tiff writes the maps as float32 TIFF instead (the defocus map then in dilation units) and the mask as 8-bit TIFF. --eval-masks DIR scores the detection map against ground-truth masks with the same file stem, or the stem and _gt or _mask (CUHK convention: white = blurred), and prints them beside the paper's CUHK figures.
 
 Examples:
 
@@ -62,23 +62,49 @@ class _Item:
     outputs: dict[str, Path] = field(default_factory=dict)
 
 
-def _index_masks(folder: Path) -> dict[str, Path]:
+#: Ground-truth names tried for an image NAME besides NAME itself (any image extension).
+MASK_NAMES = ("{}_gt", "{}_mask", "{}-gt", "gt_{}")
+
+
+def _index_masks(folder: Path) -> dict[str, list[Path]]:
     from ..images import list_images
 
-    index: dict[str, Path] = {}
+    index: dict[str, list[Path]] = {}
     for p in list_images(folder):
-        index.setdefault(p.stem, p)
+        index.setdefault(p.stem, []).append(p)
     return index
 
 
-def _find_mask(index: dict[str, Path], stem: str) -> Path | None:
-    if stem in index:
-        return index[stem]
-    # common ground-truth naming: <stem>_gt, <stem>_mask, gt_<stem>
-    for cand in (f"{stem}_gt", f"{stem}_mask", f"{stem}-gt", f"gt_{stem}"):
-        if cand in index:
-            return index[cand]
+def _find_mask(index: dict[str, list[Path]], stem: str, source: Path, inputs: set[Path]) -> Path | None:
+    """The ground truth of the input ``source`` (resolved) named ``stem``, never an input itself.
+
+    A file named NAME that is an input is another photo, not a mask (masks kept beside the
+    photos are told apart by the names of :data:`MASK_NAMES`); a NAME_gt that is an input is
+    the mask, and the caller takes it out of the inputs.
+    """
+    for cand in index.get(stem, []):
+        if cand.resolve() not in inputs:
+            return cand
+    for name in MASK_NAMES:
+        for cand in index.get(name.format(stem), []):
+            if cand.resolve() != source:
+                return cand
     return None
+
+
+def _pair_masks(items: list[_Item], folder: Path, named: set[Path]) -> list[_Item]:
+    """Give every item its ground-truth mask; return the items that are not themselves masks.
+
+    When the masks lie among the inputs (``--eval-masks`` naming an input folder), a file
+    found in a folder listing that is another input's mask is ground truth, not a photo to
+    map; files named on the command line stay inputs.
+    """
+    index = _index_masks(folder)
+    sources = {Path(it.label).resolve() for it in items}  # (a dual-pixel item's label is its left view)
+    for it in items:
+        it.mask = _find_mask(index, it.name, Path(it.label).resolve(), sources)
+    masks = {it.mask.resolve() for it in items if it.mask is not None}
+    return [it for it in items if Path(it.label).resolve() not in masks or Path(os.path.abspath(it.label)) in named]
 
 
 def blurmap(
@@ -92,10 +118,10 @@ def blurmap(
     overlay: bool = typer.Option(False, "--overlay", help="Also write the detection map colour-mapped over the photo (8-bit PNG)."),
     sheet: bool = typer.Option(False, "--sheet", help="Also write a contact sheet of all maps (8-bit PNG)."),
     defocus: bool = typer.Option(False, "--defocus-map", help="Also write the blur-size estimate (attention-weighted mean dilation of --block)."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Also write a binary mask: detection map >= T is blurred (255)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Also write a binary mask: detection map >= T is blurred (255). With --eval-masks, also the threshold of the scores (default 0.5)."),
     invert: bool = typer.Option(False, "--invert", help="Flip the detection map (1 - map), for a model whose attention is high on sharp regions but whose checkpoint does not declare it."),
     upsample: int = typer.Option(1, "--upsample", help="Enlarge the input N times before inference (the paper's Appendix F trick for small photos)."),
-    eval_masks: Optional[Path] = typer.Option(None, "--eval-masks", help="Score the detection map against masks in this folder, paired by file stem.", show_default=False),
+    eval_masks: Optional[Path] = typer.Option(None, "--eval-masks", help="Score the detection map against masks in this folder, paired by file stem: NAME.*, NAME_gt.*, NAME_mask.*, NAME-gt.* or gt_NAME.* for an image NAME. Masks with only the values 0 and 1 are label images (1 = blurred).", show_default=False),
     masks_sharp_white: bool = typer.Option(False, "--masks-sharp-white", help="Ground-truth masks are white where sharp (default: white = blurred, as CUHK)."),
     left: Optional[str] = typer.Option(None, "--left", help="Dual-pixel left view(s): a file or a folder (or, alone, a DPDD root)."),
     right: Optional[str] = typer.Option(None, "--right", help="Dual-pixel right view(s)."),
@@ -112,7 +138,7 @@ def blurmap(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ) -> None:
     # Imported here so that `kpac --help` stays fast.
-    from ..blurmap import BLUR_POLARITY, PAPER_CUHK, attention_maps
+    from ..blurmap import PAPER_CUHK, attention_maps, model_polarity
     from ..engine import Deblurrer, EngineOptions
     from ..engine.batch import PlanError, collect_inputs, describe_clash, inputs_written_over, outputs_claimed_twice
     from ..images import ImageError, pair_dual_pixel
@@ -136,6 +162,11 @@ def blurmap(
     precision = precision_with_fp32(precision, fp32)
     if output is None and eval_masks is None:
         raise usage_error("-o OUT is required (it may be left out only with --eval-masks)")
+    if output is None:  # --eval-masks alone scores and writes nothing: options that only shape files would be ignored
+        writers = {"--all": all_maps, "--overlay": overlay, "--sheet": sheet, "--defocus-map": defocus, "--format tiff": fmt == "tiff"}
+        given = [name for name, on in writers.items() if on]
+        if given:
+            raise usage_error(f"{given[0]} writes files: give -o OUT (without it, --eval-masks only scores)")
     if output is not None and output.exists() and not output.is_dir():
         raise usage_error(f"-o {output}: not a folder")
     if eval_masks is not None and not eval_masks.is_dir():
@@ -160,6 +191,14 @@ def blurmap(
         raise usage_error(str(e)) from None
     if not items:
         raise usage_error("no images found in the inputs")
+    named = {Path(os.path.abspath(i)) for i in inputs if not Path(i).is_dir()}
+    if eval_masks is not None:
+        try:
+            items = _pair_masks(items, eval_masks, named)
+        except OSError as e:
+            raise usage_error(f"--eval-masks {eval_masks}: cannot list it ({e.strerror or e})") from None
+        if not items:
+            raise usage_error("no images found in the inputs (only the ground-truth masks of --eval-masks)")
 
     try:
         from ..checkpoints.registry import resolve_model
@@ -178,6 +217,7 @@ def blurmap(
         raise usage_error(f"--block must be 1..{cfg.blocks} for model {deblurrer.name}")
     if dilation not in cfg.dilations:
         raise usage_error(f"--dilation must be one of {list(cfg.dilations)} for model {deblurrer.name}")
+    polarity = model_polarity(deblurrer)  # what a high attention weight means, as the checkpoint declares
 
     ext = ".png" if fmt == "png" else ".tif"
     for it in items:
@@ -201,7 +241,6 @@ def blurmap(
     # A previous run's maps found in an input folder are not inputs (every map's name has a
     # suffix), so a rerun never maps its own maps; files named on the command line always are.
     written = {Path(os.path.abspath(p)) for it in items for p in it.outputs.values()}
-    named = {Path(os.path.abspath(i)) for i in inputs if not Path(i).is_dir()}
     items = [it for it in items if dual or (key := Path(os.path.abspath(it.source))) not in written or key in named]
     if not items:
         raise usage_error("no images found in the inputs (only outputs of this command)")
@@ -213,12 +252,10 @@ def blurmap(
     if written_over:  # even with --overwrite: an input is never replaced
         writer, _, owner = written_over[0]
         raise usage_error(f"{writer}'s map would be written over the input {owner}; choose another output folder")
-
-    mask_index: dict[str, Path] = {}
-    if eval_masks is not None:
-        mask_index = _index_masks(eval_masks)
-        for it in items:
-            it.mask = _find_mask(mask_index, it.name)
+    masks_written_over = inputs_written_over(outputs, [(str(it.mask), it.mask) for it in items if it.mask is not None])
+    if masks_written_over:  # it would be scored against its own output
+        writer, _, mask = masks_written_over[0]
+        raise usage_error(f"{writer}'s map would be written over the ground-truth mask {mask}; choose another output folder")
 
     # -- run -------------------------------------------------------------------------------
     counts = {"ok": 0, "skipped": 0, "failed": 0}
@@ -255,10 +292,10 @@ def blurmap(
         summary = summarize(s for _, s in all_scores)
         if json_out:
             emit_json({"summary": summary, "paper_cuhk": PAPER_CUHK, "f_beta2": F_BETA2, "block": block, "dilation": dilation,
-                       "invert": invert, "upsample": upsample, "threshold": 0.5 if threshold is None else threshold, "model": deblurrer.name})
+                       "invert": invert, "polarity": polarity, "upsample": upsample, "threshold": 0.5 if threshold is None else threshold, "model": deblurrer.name})
         if not quiet:
-            _print_table(all_scores, summary, PAPER_CUHK, F_BETA2, block, dilation, invert, BLUR_POLARITY,
-                         0.5 if threshold is None else threshold)
+            _print_table(all_scores, summary, PAPER_CUHK, F_BETA2, block, dilation, invert, polarity,
+                         0.5 if threshold is None else threshold, masks_sharp_white)
     if exit_code == EXIT_OK and counts["failed"]:
         exit_code = EXIT_FAILED
     if not quiet:
@@ -276,7 +313,7 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
     """Maps, files and scores of one image; never raises for a per-image problem."""
     from ..blurmap import blur_mask, contact_sheet, encode_map, encode_mask, encode_rgb, mask_from_image, score_detection, write_file
     from ..blurmap import overlay as make_overlay
-    from ..images import DualPixelTriple, ImageError, fill_transparent, read_dual_pixel, read_image
+    from ..images import DualPixelTriple, ImageError, fill_transparent, read_dual_pixel, read_image, read_image_codes
 
     t0 = time.perf_counter()
     rec: dict[str, Any] = {
@@ -292,7 +329,8 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
     todo = {k: p for k, p in it.outputs.items() if overwrite or k not in existing}
     if evaluate and it.mask is None:
         # a failure of this image, but its maps are still written
-        rec.update(status="failed", error=f"{it.label}: no ground-truth mask named {it.name}.* in --eval-masks")
+        names = ", ".join(f"{n.format(it.name)}.*" for n in MASK_NAMES)
+        rec.update(status="failed", error=f"{it.label}: no ground-truth mask named {it.name}.* (other than an input) or {names} in --eval-masks")
         evaluate = False
         if not todo:
             return rec
@@ -342,8 +380,8 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
             written[key] = str(path)
         rec["written"] = written
         if evaluate and it.mask is not None:
-            gt_img, _ = read_image(it.mask, max_pixels=max_pixels)
-            gt = mask_from_image(gt_img, blurred_value)
+            gt_codes, _ = read_image_codes(it.mask, max_pixels=max_pixels)  # codes: a 0/1 label mask stays one
+            gt = mask_from_image(gt_codes, blurred_value)
             if gt.shape != detect.shape:
                 raise ValueError(f"{it.mask}: mask is {gt.shape[1]}x{gt.shape[0]} but the image is {detect.shape[1]}x{detect.shape[0]}")
             scores = score_detection(detect, gt, 0.5 if threshold is None else threshold)
@@ -366,7 +404,27 @@ def _fmt(v: float | None, pct: bool = False) -> str:
     return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
 
 
-def _print_table(rows, summary, paper, beta2, block, dilation, invert, polarity, threshold) -> None:
+def _reversed_hint(polarity: str, invert: bool, masks_sharp_white: bool) -> str:
+    """What an AUC below 0.5 says about how the map was read, and what to change.
+
+    ``polarity`` is the model's (declared or default), ``invert`` whether --invert was given:
+    together they say which regions a high attention weight was taken to mark.
+    """
+    read_as = "blurred" if (polarity == "sharp") == invert else "sharp"
+    found = "sharp" if read_as == "blurred" else "blurred"
+    if invert:
+        why, fix = "as --invert has it", "drop --invert"
+    elif polarity == "sharp":
+        why, fix = "as its checkpoint declares (blurmap_polarity: sharp)", "try --invert"
+    else:
+        why, fix = "as is assumed for a model that declares nothing", "try --invert"
+    masks = ("drop --masks-sharp-white if the masks are white where blurred" if masks_sharp_white
+             else "give --masks-sharp-white if the masks are white where sharp")
+    return (f" AUC below 0.5: the map ranks sharp pixels above blurred ones, so this model's attention is high on "
+            f"{found} regions, not on {read_as} ones {why}; {fix} (or {masks}).")
+
+
+def _print_table(rows, summary, paper, beta2, block, dilation, invert, polarity, threshold, masks_sharp_white=False) -> None:
     from rich.table import Table
 
     title = f"Blur detection: block {block}, dilation {dilation}{' (inverted)' if invert else ''}, threshold {threshold:g}"
@@ -385,7 +443,7 @@ def _print_table(rows, summary, paper, beta2, block, dilation, invert, polarity,
     note = (f"F-measure with beta^2 = {beta2}; means over images; the paper's figures use block 1, dilation 1. "
             "Masks: white = blurred unless --masks-sharp-white.")
     if auc is not None and auc < 0.5:
-        note += f" AUC below 0.5: the map is reversed for this model (its attention is high on sharp regions, not {polarity} ones); try --invert."
+        note += _reversed_hint(polarity, invert, masks_sharp_white)
     err_console.print(note)
 
 
