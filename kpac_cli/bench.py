@@ -386,7 +386,8 @@ def tile_sweep(
     ``None`` is the whole image. Each row says the tile that really ran (``effective_tile``,
     None for the whole image) and, where that differs from the tile asked for, why
     (``tile_note``): the engine raises tiles below its minimum, rounds them down to the
-    network's stride, and runs a tile not smaller than the image as the whole image.
+    network's stride, runs a tile not smaller than the image as the whole image, and halves
+    a tile that runs out of memory (the tile of the last timed run is the one reported).
     """
     from .engine.deblurrer import MIN_TILE
 
@@ -394,7 +395,7 @@ def tile_sweep(
 
     rng = np.random.default_rng(0)
     image = rng.random((height, width, model.config.in_channels), dtype=np.float32)
-    runners, effective, notes = {}, {}, {}
+    runners, effective, notes, engines = {}, {}, {}, {}
     s = model.config.stride
     for t in tiles:
         key = "whole" if t is None else str(t)
@@ -414,9 +415,15 @@ def tile_sweep(
             why = f"raised to the engine's {MIN_TILE} px minimum" if t < MIN_TILE else f"a multiple of the stride {s}"
             notes[key] = f"ran as {eff} ({why})"
         runners[key] = (lambda d=d: d.run(image))
+        engines[key] = d
     times = time_interleaved(runners, rounds, warmup, device=device)
     rows = []
     for key, ts in times.items():
+        ran = engines[key].last_stats.tile  # the engine's own word, e.g. a tile halved after running out of memory
+        if ran != effective[key]:
+            effective[key] = ran
+            why = "; ".join(engines[key].last_stats.notes) or "the engine's choice"
+            notes[key] = f"ran as {'the whole image' if ran is None else ran} ({why})"
         t = median(ts)
         row = {"tile": key, "effective_tile": effective[key], "seconds": t, "megapixels_per_s": height * width / t / 1e6}
         if key in notes:
@@ -488,12 +495,22 @@ def run_benchmark(
     backends: Sequence[str] = ("channels_last",),
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """The whole ``kpac bench`` report as a JSON-ready dict (``efficiency`` at the top level)."""
+    """The whole ``kpac bench`` report as a JSON-ready dict (``efficiency`` at the top level).
+
+    The efficiency is measured over ``rounds`` rounds; the config throughput and the tile sweep,
+    which have more candidates, over ``max(2, rounds // 2)`` each (``report["rounds"]``).
+    """
     from .engine import resolve_device
 
     say = progress or (lambda msg: None)
     dev = resolve_device(device)
-    report: dict[str, Any] = {"machine": machine_info(dev), "size": [width, height]}
+    sweep_rounds = max(2, rounds // 2)  # the configs and tiles: many candidates, fewer rounds each
+    report: dict[str, Any] = {
+        "machine": machine_info(dev),
+        "size": [width, height],
+        "rounds": {"efficiency": rounds, "configs": sweep_rounds, "tiles": sweep_rounds},
+        "warmup": warmup,
+    }
 
     say("efficiency (3-level model vs the dense-conv ceiling)")
     model = random_model(PAPER_CONFIGS["single_3level"])
@@ -516,10 +533,10 @@ def run_benchmark(
     report["model_flops"] = main.model_flops
 
     say("throughput per model config and precision")
-    report["configs"] = config_throughput(configs, height, width, dev, None, backends[0], max(2, rounds // 2), warmup)
+    report["configs"] = config_throughput(configs, height, width, dev, None, backends[0], sweep_rounds, warmup)
 
     say("tile sweep (3-level model, engine path)")
-    sweep = tile_sweep(model, height, width, tiles, str(dev), "fp32", max(2, rounds // 2), warmup)
+    sweep = tile_sweep(model, height, width, tiles, str(dev), "fp32", sweep_rounds, warmup)
     report["tiles"] = sweep
     report["recommended_tile"] = recommend_tile(sweep)
     report["machine"]["loadavg_after"] = _loadavg()

@@ -789,3 +789,103 @@ def test_non_finite_prediction_fails_unquantised_scoring():
     assert math.isfinite(rep.summary()["overall"]["psnr"])
     # quantised, the NaN is 0 as in a written file: a finite score
     assert math.isfinite(Evaluator(lpips_model=None).score("a", p, t).psnr)
+
+
+# ------------------------------------------------------------------------------ LPIPS: the standard network, loading
+
+
+def _seeded_lpips_state() -> dict[str, torch.Tensor]:
+    """Weights drawn with numpy (stable across PyTorch releases) for every tensor of the network."""
+    rng = np.random.default_rng(2018)
+    out = {}
+    for k, v in M.LPIPS().state_dict().items():
+        shape = tuple(v.shape)
+        if k.startswith("lins."):
+            a = rng.uniform(0, 2 / shape[1], shape)
+        elif k.endswith(".weight"):
+            a = rng.normal(0, (2 / int(np.prod(shape[1:]))) ** 0.5, shape)
+        else:
+            a = rng.normal(0, 0.05, shape)
+        out[k] = torch.from_numpy(a.astype(np.float32))
+    return out
+
+
+def test_lpips_matches_the_lpips_package():
+    # The value the `lpips` package (0.1.4, LPIPS(net='alex', pnet_rand=True), forward with
+    # normalize=True) gives with these weights loaded under its own names on these images:
+    # the same AlexNet taps, scaling layer, unit normalisation, 1x1 linear layers and spatial mean.
+    model = M.LPIPS()
+    model.load_state_dict(_seeded_lpips_state())
+    rng = np.random.default_rng(7)
+    a = rng.random((48, 64, 3)).astype(np.float32)
+    b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1).astype(np.float32)
+    assert M.lpips(a, b, model) == pytest.approx(0.001637064735405147, rel=1e-4)
+
+
+def test_lpips_takes_the_smallest_side_alexnet_takes(rand_lpips):
+    # conv1 (11x11, stride 4, pad 2) and two 3x3/2 max-pools leave a 1x1 map at 31 pixels
+    a = RNG.random((31, 40, 3)).astype(np.float32)
+    assert M.lpips(a, np.clip(a + 0.1, 0, 1), rand_lpips) > 0
+    with pytest.raises(ValueError, match="at least 31 pixels"):
+        M.lpips(a[:30], a[:30], rand_lpips)
+
+
+def test_lpips_env_naming_a_missing_path_is_said(no_lpips_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv(M.LPIPS_ENV, str(tmp_path / "gone"))
+    with pytest.raises(M.MetricUnavailable) as e:
+        M.load_lpips()
+    assert f"${M.LPIPS_ENV} names {tmp_path / 'gone'}, which does not exist" in str(e.value)
+
+
+def test_lpips_unreadable_file_is_one_short_line(no_lpips_weights, tmp_path, recwarn):
+    junk = tmp_path / "alex.pth"
+    junk.write_text("not weights\n")
+    with pytest.raises(M.MetricUnavailable) as e:
+        M.load_lpips(junk)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot read LPIPS weights from {junk}: not a PyTorch weights file")
+    # PyTorch's advice to load with weights_only=False is not for this loader's users
+    assert "weights_only` set to `False" not in msg and "\n" not in msg and len(msg) < 300
+
+
+def test_lpips_file_without_its_tensors_is_named(no_lpips_weights, tmp_path):
+    other = tmp_path / "model.pth"
+    torch.save({"encoder.weight": torch.zeros(2)}, other)
+    with pytest.raises(M.MetricUnavailable) as e:
+        M.load_lpips(other)
+    msg = str(e.value)
+    assert f"{other} holds no LPIPS or AlexNet weights" in msg
+    assert f"put the files in {tmp_path} or {no_lpips_weights}" in msg  # a folder, not the file
+
+
+# ------------------------------------------------------------------------------ pairing: where the images are
+
+
+def _touch(folder, *names):
+    for n in names:
+        p = folder / n
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+
+
+def test_pairing_says_images_are_in_sub_folders(tmp_path):
+    # a `kpac deblur --recursive` output keeps its sub-folders, which pairing does not search
+    _touch(tmp_path / "p", "day/a.png", "night/b.png")
+    _touch(tmp_path / "t", "a.png", "b.png")
+    with pytest.raises(M.PairingError, match=r"its 2 image\(s\) are in sub-folders \(day, night\), which are not searched"):
+        M.pair_folders(tmp_path / "p", tmp_path / "t")
+    _touch(tmp_path / "e", "notes.txt")
+    with pytest.raises(M.PairingError, match=r"^no images in .*e$"):
+        M.pair_folders(tmp_path / "e", tmp_path / "t")
+
+
+def test_pairing_by_name_points_at_case_differences(tmp_path):
+    _touch(tmp_path / "p", "IMG_1.png", "b.png")
+    _touch(tmp_path / "t", "img_1.tif", "b.tif")
+    with pytest.raises(M.PairingError, match="names are case-sensitive: IMG_1 / img_1"):
+        M.pair_folders(tmp_path / "p", tmp_path / "t")
+    # several dots and other extensions pair by the stem
+    _touch(tmp_path / "q", "a.b.c.png", "a.png")
+    _touch(tmp_path / "u", "a.b.c.tiff", "a.JPG")
+    assert [(p.name, p.pred.name, p.target.name) for p in M.pair_folders(tmp_path / "q", tmp_path / "u")] == [
+        ("a", "a.png", "a.JPG"), ("a.b.c", "a.b.c.png", "a.b.c.tiff")]

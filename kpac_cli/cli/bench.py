@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import emit_json, err_console, usage_error, writing_stdout
+from .common import EXIT_FAILED, emit_json, err_console, print_error, usage_error, writing_stdout
 
 EXAMPLES = """
 Examples:
@@ -46,10 +46,24 @@ def _parse_tiles(text: str) -> list[int | None]:
     return out
 
 
+def _onnxruntime_installed() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (PyTorch's compiler errors run to many lines of advice)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def bench(
     size: str = typer.Option("1280x720", "--size", help="Image size WxH for every measurement."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    rounds: int = typer.Option(5, "--rounds", help="Timed rounds, at least 1 (median reported); each round runs every candidate once, interleaved."),
+    rounds: int = typer.Option(5, "--rounds", help="Timed rounds of the efficiency, at least 1 (median reported); the throughput and the tile sweep run half as many, at least 2. Each round runs every candidate once, interleaved."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed calls of each candidate first (0 or more)."),
     backends: str = typer.Option("auto", "--backends", help="Model backends for the efficiency: auto, or a list of eager, channels_last, fast, onnxruntime, compile."),
     configs: str = typer.Option("all", "--configs", help="Model configs for throughput: all, or a list of single_2level, single_3level, dual."),
@@ -95,13 +109,8 @@ def bench(
         raise usage_error(f"--device: {e}") from None
     if backends == "auto":
         backend_list = ["fast", "channels_last"]
-        if dev.type == "cpu":
-            try:
-                import onnxruntime  # noqa: F401
-
-                backend_list.append("onnxruntime")
-            except ImportError:
-                pass
+        if dev.type == "cpu" and _onnxruntime_installed():
+            backend_list.append("onnxruntime")
     else:
         backend_list = [b.strip() for b in backends.split(",") if b.strip()]
         bad = [b for b in backend_list if b not in core.MODEL_BACKENDS]
@@ -109,6 +118,8 @@ def bench(
             raise usage_error(f"unknown backend(s) {', '.join(bad) or '(none)'}: use {', '.join(core.MODEL_BACKENDS)}")
         if "onnxruntime" in backend_list and dev.type != "cpu":
             raise usage_error("the onnxruntime backend runs on the CPU only")
+        if "onnxruntime" in backend_list and not _onnxruntime_installed():
+            raise usage_error("--backends onnxruntime: onnxruntime is not installed (pip install 'kpac[onnx]')")
     if configs == "all":
         config_map = dict(PAPER_CONFIGS)
     else:
@@ -119,15 +130,25 @@ def bench(
         if bad:
             raise usage_error(f"unknown config(s) {', '.join(bad)}: use {', '.join(PAPER_CONFIGS)}")
         config_map = {c: PAPER_CONFIGS[c] for c in names}
-    if threads is not None:
-        torch.set_num_threads(threads)
-    retained = retain_freed_memory() if (retain_memory and dev.type == "cpu") else False
+    stage = ["setup"]  # what is being measured, for an error message
 
     def say(msg: str) -> None:
+        stage[0] = msg
         if not quiet:
             err_console.print(f"[dim]measuring {msg}...[/]")
 
-    report = core.run_benchmark(height, width, str(dev), rounds, warmup, tile_list, config_map, backend_list, say)
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        retained = retain_freed_memory() if (retain_memory and dev.type == "cpu") else False
+        report = core.run_benchmark(height, width, str(dev), rounds, warmup, tile_list, config_map, backend_list, say)
+    except (RuntimeError, ImportError, MemoryError) as e:  # e.g. torch.compile without a C++ compiler, out of memory
+        print_error(f"kpac bench failed while measuring {stage[0]}: {_first_line(e)}")
+        raise typer.Exit(EXIT_FAILED) from None
+    finally:  # process-wide: leave it as it was for whoever runs next in this process
+        if threads is not None:
+            torch.set_num_threads(threads_before)
     report["machine"]["retain_freed_memory"] = retained
     if json_out:
         emit_json(report)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,6 +47,8 @@ LINEAR_FILE = "alex.pth"
 #: A single file holding both parts (e.g. written by :meth:`LPIPS.save`).
 COMBINED_FILE = "lpips_alex.pth"
 
+#: The smallest image side LPIPS-AlexNet takes (conv1 11x11/4, pad 2, then two 3x3/2 max-pools).
+MIN_SIDE = 31
 _CONV_INDICES = (0, 3, 6, 8, 10)  # positions of the convolutions in AlexNet.features
 _CHANNELS = (64, 192, 384, 256, 256)
 _TAPS = (1, 4, 7, 9, 11)  # the ReLU after each convolution
@@ -129,13 +132,14 @@ def lpips(pred: np.ndarray, target: np.ndarray, model: LPIPS) -> float:
     """LPIPS distance of two ``(H, W, 3)`` float images in [0, 1] (lower is more similar).
 
     The images are mapped to [-1, 1] (``2 x - 1``) as the ``lpips`` package's
-    ``normalize=True`` does. Both sides need at least 32 pixels for AlexNet's strides.
+    ``normalize=True`` does. Both sides need at least :data:`MIN_SIDE` (31) pixels: below
+    that AlexNet's second max-pooling has nothing left to pool.
     """
     p, t = np.asarray(pred, dtype=np.float32), np.asarray(target, dtype=np.float32)
     if p.shape != t.shape or p.ndim != 3 or p.shape[2] != 3:
         raise ValueError(f"LPIPS needs two (H, W, 3) images of one shape, got {p.shape} and {t.shape}")
-    if min(p.shape[:2]) < 32:
-        raise ValueError(f"image too small for LPIPS (AlexNet): {p.shape[:2]}")
+    if min(p.shape[:2]) < MIN_SIDE:
+        raise ValueError(f"image too small for LPIPS (AlexNet needs at least {MIN_SIDE} pixels a side): {p.shape[:2]}")
     dev = next(model.parameters()).device
 
     def prep(a: np.ndarray) -> torch.Tensor:
@@ -149,9 +153,17 @@ def lpips(pred: np.ndarray, target: np.ndarray, model: LPIPS) -> float:
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unreadable, not a torch file, or refused by weights_only
-        raise MetricUnavailable(f"cannot read LPIPS weights from {path}: {e}") from e
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise MetricUnavailable(f"cannot read LPIPS weights from {path}: {e.strerror or e}") from e
+    except Exception as e:  # noqa: BLE001 - not a torch file, or refused by weights_only
+        # PyTorch's own message advises weights_only=False, which this loader never uses
+        raise MetricUnavailable(
+            f"cannot read LPIPS weights from {path}: not a PyTorch weights file holding only tensors "
+            f"({type(e).__name__})"
+        ) from e
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -245,14 +257,19 @@ def load_lpips(path: str | os.PathLike | None = None, *, device: str | torch.dev
     """
     # Most specific first; a later source only fills in what the earlier ones lacked.
     sources: list[Path] = []
+    given: Path | None = None  # the file or folder the caller (or $KPAC_LPIPS_WEIGHTS) named
+    env_missing = ""
     if path is not None:
-        p = Path(path).expanduser()
-        if not p.exists():
-            raise MetricUnavailable(f"LPIPS weights not found at {p}")
-        sources += _candidates_in(p) if p.is_dir() else [p, *_candidates_in(p.parent)]
+        given = Path(path).expanduser()
+        if not given.exists():
+            raise MetricUnavailable(f"LPIPS weights not found at {given}")
     elif env := os.environ.get(LPIPS_ENV):
-        e = Path(env).expanduser()
-        sources += _candidates_in(e) if e.is_dir() else ([e] if e.is_file() else [])
+        given = Path(env).expanduser()
+        if not given.exists():  # passed over, but said if nothing else is found
+            env_missing = f"${LPIPS_ENV} names {given}, which does not exist; "
+            given = None
+    if given is not None:
+        sources += _candidates_in(given) if given.is_dir() else [given, *_candidates_in(given.parent)]
     sources += _candidates_in(_hub_checkpoints())
     if (pkg := _lpips_package_weights()) is not None:
         sources.append(pkg)
@@ -260,12 +277,15 @@ def load_lpips(path: str | os.PathLike | None = None, *, device: str | torch.dev
     merged: dict[str, torch.Tensor] = {}
     used: list[str] = []
     seen: set[Path] = set()
+    given_file_unused = False  # a named file that holds no LPIPS or AlexNet tensors
     for src in sources:
         src = src.resolve()
         if src in seen:
             continue
         seen.add(src)
         keys = _normalise_keys(_load_state(src))
+        if not keys and given is not None and given.is_file() and src == given.resolve():
+            given_file_unused = True
         new = {k: v for k, v in keys.items() if k not in merged}
         if new:
             merged.update(new)
@@ -280,9 +300,14 @@ def load_lpips(path: str | os.PathLike | None = None, *, device: str | torch.dev
     if not _has_backbone(have):
         missing.append(f"the AlexNet backbone (torchvision's '{BACKBONE_FILE}')")
     if missing:
-        where = f"{_hub_checkpoints()}" + (f" or {path}" if path is not None else f" (or set ${LPIPS_ENV})")
+        if given is None:
+            where = f"{_hub_checkpoints()} (or set ${LPIPS_ENV})"
+        else:
+            where = f"{given if given.is_dir() else given.parent} or {_hub_checkpoints()}"
+        held = f"{given} holds no LPIPS or AlexNet weights; " if given_file_unused else ""
         raise MetricUnavailable(
-            "LPIPS weights not available: missing " + " and ".join(missing) + f"; put the files in {where}"
+            f"LPIPS weights not available: {env_missing}{held}missing " + " and ".join(missing)
+            + f"; put the files in {where}"
         )
 
     model = LPIPS()

@@ -65,6 +65,29 @@ def _images_in(folder: str | os.PathLike) -> list[Path]:
         raise PairingError(f"cannot list {d} ({e.strerror or e})") from None
 
 
+def _no_images(folder: Path) -> PairingError:
+    """"No images in ``folder``", saying where images are when they sit in its sub-folders
+    (which are not searched: a ``kpac deblur --recursive`` output keeps its sub-folders)."""
+    try:
+        nested = list_images(folder, recursive=True)
+    except OSError:
+        nested = []
+    if not nested:
+        return PairingError(f"no images in {folder}")
+    subs = sorted({p.relative_to(folder).parts[0] for p in nested})
+    return PairingError(
+        f"no images in {folder} itself: its {len(nested)} image(s) are in sub-folders ({_quote(subs)}), "
+        "which are not searched; give a sub-folder"
+    )
+
+
+def _case_hint(a: list[str], b: list[str]) -> str:
+    """" (...)" naming names that differ from a partner only in letter case, else ""."""
+    lower_b = {n.lower(): n for n in b}
+    clashes = [f"{n} / {lower_b[n.lower()]}" for n in a if n.lower() in lower_b]
+    return f" (names are case-sensitive: {_quote(clashes)})" if clashes else ""
+
+
 def _quote(names: list[str]) -> str:
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
@@ -108,9 +131,9 @@ def pair_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, by:
     pdir, tdir = Path(pred_dir), Path(target_dir)
     preds, targets = _images_in(pdir), _images_in(tdir)
     if not preds:
-        raise PairingError(f"no images in {pdir}")
+        raise _no_images(pdir)
     if not targets:
-        raise PairingError(f"no images in {tdir}")
+        raise _no_images(tdir)
     if by == "order":
         if len(preds) != len(targets):
             raise PairingError(
@@ -129,7 +152,7 @@ def pair_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, by:
             parts.append(f"{len(no_target)} prediction(s) without a target in {tdir}: {_quote(no_target)}")
         if no_pred:
             parts.append(f"{len(no_pred)} target(s) without a prediction in {pdir}: {_quote(no_pred)}")
-        raise PairingError("cannot pair by name: " + "; ".join(parts))
+        raise PairingError("cannot pair by name: " + "; ".join(parts) + _case_hint(no_target, no_pred))
     return [Pair(n, pmap[n], tmap[n]) for n in sorted(pmap)]
 
 
@@ -229,7 +252,10 @@ def pair_predictions_dpdd(
     """
     samples = pair_dpdd(root, split, expected_count=expected_count)
     pdir = Path(pred_dir)
-    pmap = _by_stem(_images_in(pdir), pdir)
+    preds = _images_in(pdir)
+    if not preds:
+        raise _no_images(pdir)
+    pmap = _by_stem(preds, pdir)
     names = {s.name for s in samples}
     missing = sorted(names - set(pmap))
     extra = sorted(set(pmap) - names)
@@ -239,7 +265,7 @@ def pair_predictions_dpdd(
             parts.append(f"{len(missing)} DPDD {split} source(s) without a prediction in {pdir}: {_quote(missing)}")
         if extra:
             parts.append(f"{len(extra)} prediction(s) not named after a DPDD {split} source: {_quote(extra)}")
-        raise PairingError("; ".join(parts))
+        raise PairingError("; ".join(parts) + _case_hint(extra, missing))
     return [Pair(s.name, pmap[s.name], s.target) for s in samples]
 
 

@@ -1,0 +1,104 @@
+"""`kpac bench` (kpac_cli.bench, kpac_cli.cli.bench): errors, threads, what the report says it ran."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import kpac_cli.bench as core
+from kpac_cli.cli import app
+from kpac_cli.model import KPACConfig
+
+QUICK = ["--size", "32x32", "--rounds", "1", "--warmup", "0", "--configs", "single_2level", "--tiles", "whole",
+         "--device", "cpu", "--no-retain-memory"]
+
+
+def _minimal_report() -> dict:
+    return {"machine": {}, "size": [32, 32]}
+
+
+def test_threads_are_set_for_the_run_and_restored(monkeypatch):
+    seen = []
+    monkeypatch.setattr(core, "run_benchmark", lambda *a, **k: seen.append(torch.get_num_threads()) or _minimal_report())
+    before = torch.get_num_threads()
+    wanted = 2 if before != 2 else 1
+    res = CliRunner().invoke(app, ["bench", *QUICK, "--threads", str(wanted), "--json", "-q"])
+    try:
+        assert res.exit_code == 0, res.output
+        assert seen == [wanted]
+        assert torch.get_num_threads() == before  # process-wide: not left changed
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_onnxruntime_backend_without_onnxruntime_is_a_usage_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    res = CliRunner().invoke(app, ["bench", *QUICK, "--backends", "onnxruntime", "-q"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == "error: --backends onnxruntime: onnxruntime is not installed (pip install 'kpac[onnx]')"
+
+
+def test_a_failing_measurement_is_one_line_naming_it(monkeypatch):
+    def fail(*args, **kwargs):
+        progress = args[8]
+        progress("efficiency (3-level model vs the dense-conv ceiling)")
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
+
+    monkeypatch.setattr(core, "run_benchmark", fail)
+    res = CliRunner().invoke(app, ["bench", *QUICK, "--backends", "compile", "-q"])
+    assert res.exit_code == 1
+    assert res.output.strip() == ("error: kpac bench failed while measuring efficiency (3-level model vs the dense-conv "
+                                  "ceiling): InvalidCxxCompiler: No working C++ compiler found")
+
+
+def test_report_says_how_many_rounds_each_part_ran(monkeypatch):
+    ran: dict[str, int] = {}
+
+    def efficiency(model, height, width, backends, device, rounds, warmup, *a, **k):
+        ran["efficiency"] = rounds
+        e = core.EfficiencyReport(0.5, 1.0, 1.0, 2.0, "torch_nchw", {"torch_nchw": 2.0}, 10, rounds, [0.5] * rounds)
+        return {b: e for b in backends}
+
+    def throughput(configs, height, width, device, precisions, backend, rounds, warmup):
+        ran["configs"] = rounds
+        return []
+
+    def sweep(model, height, width, tiles, device, precision, rounds, warmup):
+        ran["tiles"] = rounds
+        return [{"tile": "whole", "effective_tile": None, "seconds": 1.0, "megapixels_per_s": 1.0}]
+
+    monkeypatch.setattr(core, "measure_efficiency", efficiency)
+    monkeypatch.setattr(core, "config_throughput", throughput)
+    monkeypatch.setattr(core, "tile_sweep", sweep)
+    res = CliRunner().invoke(app, ["bench", *QUICK[:2], "--rounds", "7", "--warmup", "2", "--backends", "eager", "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["rounds"] == ran == {"efficiency": 7, "configs": 3, "tiles": 3}
+    assert report["warmup"] == 2
+
+
+def test_tile_sweep_reports_the_tile_the_engine_ran(monkeypatch):
+    # the engine halves a tile that runs out of memory (a GPU's): the row and the
+    # recommendation name the tile that ran, as the engine's RunStats say
+    from kpac_cli.engine import Deblurrer
+
+    real_run = Deblurrer.run
+
+    def run_out_of_memory_at_256(self, *args, **kwargs):
+        out = real_run(self, *args, **kwargs)
+        if self.last_stats.tile == 256:
+            self.last_stats.tile = 128
+            self.last_stats.notes.append("out of memory: tile reduced to 128, skip maps recomputed")
+        return out
+
+    monkeypatch.setattr(Deblurrer, "run", run_out_of_memory_at_256)
+    model = core.random_model(KPACConfig(levels=2, channels=8))
+    rows = {r["tile"]: r for r in core.tile_sweep(model, 96, 320, [256, None], rounds=1, warmup=0)}
+    assert rows["256"]["effective_tile"] == 128
+    assert rows["256"]["tile_note"] == "ran as 128 (out of memory: tile reduced to 128, skip maps recomputed)"
+    assert "tile_note" not in rows["whole"]
+    assert core.recommend_tile([dict(rows["256"], seconds=1.0), dict(rows["whole"], seconds=2.0)]) == "128"
