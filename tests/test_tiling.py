@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import kpac_cli.engine.device as engine_device
 from kpac_cli.engine import Deblurrer, EngineOptions, TiledInference, pad_to_multiple, plan_tiles, receptive_halos, skips_that_fit
-from kpac_cli.engine.tiled import skip_bytes
+from kpac_cli.engine.tiled import skip_bytes, tile_that_runs
 from kpac_cli.model import KPACConfig, build_model
 
 ATOL = 1e-5
@@ -88,6 +89,43 @@ def test_halo_is_tight_and_needed(variant):
     engine.halos = (enc, dec - cfg.stride)
     short_error = (engine(x, x, 128).output - whole).abs().max().item()
     assert exact_error < 1e-6 and short_error > 10 * max(exact_error, 1e-7)
+
+
+@pytest.mark.parametrize("tile", [40.0, np.float32(40), np.int64(40)])
+def test_tile_given_as_a_float_or_numpy_number_runs_as_that_tile(tile):
+    cfg = KPACConfig(levels=2, channels=8)
+    model, x, ref, whole = _case(cfg, 50, 70, seed=3)
+    engine = TiledInference(model, torch.device("cpu"), nullcontext, channels_last=False)
+    assert (engine(x, ref, tile).output - whole).abs().max().item() < ATOL
+    assert tile_that_runs(tile, 50, 70, cfg.stride) == 40 and type(tile_that_runs(tile, 50, 70, cfg.stride)) is int
+
+
+def test_tile_zero_is_the_whole_image_as_in_engine_options():
+    """0 means the whole image (EngineOptions' convention), not the smallest tile (one stride)."""
+    cfg = KPACConfig(levels=2, channels=8)
+    model, x, ref, whole = _case(cfg, 50, 70, seed=3)
+    encoded = []
+
+    def encode_spy(t, skip_levels=None):
+        encoded.append(tuple(t.shape))
+        return type(model).encode(model, t, skip_levels)
+
+    model.encode = encode_spy
+    engine = TiledInference(model, torch.device("cpu"), nullcontext, channels_last=False)
+    assert torch.equal(engine(x, ref, 0).output, whole)
+    assert encoded == [(1, 3, 52, 72)]  # one pass over the padded image, not tiles of 4 pixels
+    assert tile_that_runs(0, 50, 70, cfg.stride) is None
+    with pytest.raises(ValueError, match="tile must be a positive size"):
+        tile_that_runs(-8, 50, 70, cfg.stride)
+
+
+def test_reference_of_another_size_is_refused():
+    cfg = KPACConfig(levels=2, channels=8)
+    model, x, ref, _ = _case(cfg, 50, 70, seed=3)
+    engine = TiledInference(model, torch.device("cpu"), nullcontext, channels_last=False)
+    for bad in (ref[..., :49, :], ref[..., :1, :1], torch.cat([ref, ref], 1)):
+        with pytest.raises(ValueError, match=r"reference must be \(1, 3, 50, 70\)"):
+            engine(x, bad, None)
 
 
 def test_padding_handles_tiny_images():
@@ -252,3 +290,61 @@ def test_compiled_engine_matches_and_reports_its_compile_time():
     assert d.last_stats.compile_seconds > 0 and np.abs(first - expected).max() < ATOL
     second = d.deblur(img)  # same shapes: nothing new to compile
     assert d.last_stats.compile_seconds == 0 and np.array_equal(first, second)
+
+
+def _fake_cgroups(tmp_path, monkeypatch, own: str, groups: dict[str, dict[str, str]]):
+    """A cgroup tree under tmp_path (folder -> file -> text) and /proc/self/cgroup naming ``own``."""
+    root = tmp_path / "cgroup"
+    for folder, files in groups.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (root / folder / name).write_text(text)
+    own_file = tmp_path / "self_cgroup"
+    own_file.write_text(own)
+    monkeypatch.setattr(engine_device, "CGROUP_ROOT", root)
+    monkeypatch.setattr(engine_device, "_PROC_SELF_CGROUP", own_file)
+
+
+def test_a_container_memory_limit_bounds_the_ram_the_engine_plans_for(tmp_path, monkeypatch):
+    """Inside a container MemAvailable is the host's; the cgroup's limit is what is left, and
+    exceeding it gets the process killed, not an error the engine could retry."""
+    gib = 1 << 30
+    monkeypatch.setattr(engine_device, "_system_available_ram", lambda: 64 * gib)
+    stat = "anon 1\ninactive_file 268435456\nactive_file 5\n"
+    _fake_cgroups(tmp_path, monkeypatch, "0::/docker/abc\n", {
+        "": {"memory.max": "max", "memory.current": str(9 * gib)},
+        "docker": {"memory.max": "max"},
+        "docker/abc": {"memory.max": str(2 * gib), "memory.current": str(gib + gib // 2), "memory.stat": stat},
+    })
+    assert engine_device.available_ram() == gib // 2 + gib // 4  # limit - usage + reclaimable page cache
+    d = Deblurrer(_model(VARIANTS["3level"]), EngineOptions(device="cpu"))
+    assert d.memory_budget() == (gib // 2 + gib // 4) // 4
+    # a parent's tighter limit applies to its children
+    (tmp_path / "cgroup" / "docker" / "memory.max").write_text(str(gib))
+    (tmp_path / "cgroup" / "docker" / "memory.current").write_text(str(gib - 100 * 2**20))
+    assert engine_device.available_ram() == 100 * 2**20
+
+
+def test_cgroup_v1_limits_count_and_no_limit_leaves_memavailable(tmp_path, monkeypatch):
+    gib = 1 << 30
+    monkeypatch.setattr(engine_device, "_system_available_ram", lambda: 64 * gib)
+    _fake_cgroups(tmp_path, monkeypatch, "4:memory:/docker/abc\n0::/\n", {
+        "memory": {"memory.limit_in_bytes": str(3 * gib), "memory.usage_in_bytes": str(gib),
+                   "memory.stat": "cache 9\ninactive_file 1024\ntotal_inactive_file 4096\n"},
+    })
+    # the container's group is mounted as the root; v1's usage and total_ figures count its children
+    assert engine_device.available_ram() == 2 * gib + 4096
+    (tmp_path / "cgroup" / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")
+    assert engine_device.available_ram() == 64 * gib
+    _fake_cgroups(tmp_path / "none", monkeypatch, "0::/\n", {"": {}})
+    assert engine_device.available_ram() == 64 * gib
+
+
+def test_gpu_memory_cached_by_pytorch_counts_as_available(monkeypatch):
+    """mem_get_info counts PyTorch's cache as taken: a second photo would be planned for what the
+    first left cached, with smaller tiles than the first although the memory is there."""
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (gib, 8 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 5 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: gib)
+    assert engine_device.available_memory(torch.device("cuda")) == 5 * gib

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from contextlib import nullcontext
+from pathlib import Path
 from typing import ContextManager
 
 import torch
@@ -66,12 +67,23 @@ def available_memory(device: torch.device) -> int:
     """Bytes that inference may use on ``device`` now (free GPU memory, or available RAM)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        # What PyTorch's caching allocator holds without a tensor in it is ours to use, but the
+        # driver counts it as taken: without it, every photo after the first of a batch would be
+        # planned for the memory the first one left cached (smaller tiles, skip maps recomputed).
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free) + max(int(cached), 0)
     return available_ram()
 
 
 def available_ram() -> int:
-    """Bytes of main memory available now (``MemAvailable``; 4 GiB when it cannot be told)."""
+    """Bytes of main memory available now: ``MemAvailable``, or less when the process's control
+    group (a container's memory limit) leaves less; 4 GiB when it cannot be told."""
+    ram = _system_available_ram()
+    left = _cgroup_memory_left()
+    return ram if left is None else min(ram, left)
+
+
+def _system_available_ram() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -83,6 +95,59 @@ def available_ram() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 4 << 30
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+_PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+
+
+def _cgroup_memory_left() -> int | None:
+    """Bytes the memory limits of this process's control group and its parents leave (cgroup
+    v2, else v1), or None where none is set. Inside a container ``MemAvailable`` is the host's:
+    planning with it would exceed the container's limit, and the kernel kills the process
+    outright. Reclaimable page cache (``inactive_file``) counts as free, as container runtimes
+    count it."""
+    try:
+        own = _PROC_SELF_CGROUP.read_text()
+    except OSError:
+        own = ""
+    v2 = next((line[3:].strip() for line in own.splitlines() if line.startswith("0::")), "/")
+    v1 = next((line.split(":", 2)[2].strip() for line in own.splitlines() if ":memory:" in line), "/")
+    lefts = []
+    for root, limit_name, usage_name, folder in ((CGROUP_ROOT, "memory.max", "memory.current", v2),
+                                                  (CGROUP_ROOT / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", v1)):
+        path = root / folder.lstrip("/")
+        while True:  # the group itself and every parent: the tightest limit applies
+            left = _group_memory_left(path, limit_name, usage_name)
+            if left is not None:
+                lefts.append(left)
+            if path == root or root not in path.parents:
+                break
+            path = path.parent
+        if lefts:
+            break
+    return min(lefts) if lefts else None
+
+
+def _group_memory_left(folder: Path, limit_name: str, usage_name: str) -> int | None:
+    """What one group's limit leaves, or None where it sets none (or cannot be read)."""
+    try:
+        limit_text = (folder / limit_name).read_text().strip()
+        if limit_text == "max":
+            return None
+        limit = int(limit_text)
+        usage = int((folder / usage_name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if limit >= 1 << 60:  # cgroup v1 writes "no limit" as a number near 2**63
+        return None
+    try:
+        stat = dict(line.split(" ", 1) for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
+        # v1's usage counts the group's children, as its total_ figures do; v2 has inactive_file only
+        reclaimable = int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))
+    except (OSError, ValueError):
+        reclaimable = 0
+    return max(limit - usage + reclaimable, 0)
 
 
 def cpu_name() -> str:

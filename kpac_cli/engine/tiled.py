@@ -143,12 +143,15 @@ class InferenceResult:
     orientation: int = 1
 
 
-def tile_that_runs(tile: int | None, height: int, width: int, stride: int) -> int | None:
-    """The tile side a run of a ``height`` x ``width`` image with ``tile`` uses: rounded down to
-    the stride, or None (the whole image at once) when one tile covers the padded image."""
-    if tile is None:
+def tile_that_runs(tile: float | None, height: int, width: int, stride: int) -> int | None:
+    """The tile side a run of a ``height`` x ``width`` image with ``tile`` uses: an int rounded
+    down to the stride, or None (the whole image at once) for ``None`` or 0, as
+    :class:`~kpac_cli.engine.EngineOptions` takes them, and when one tile covers the padded image."""
+    if tile is None or tile == 0:
         return None
-    tile = max(stride, tile // stride * stride)
+    if tile < 0:
+        raise ValueError(f"tile must be a positive size in pixels, or 0 / None for the whole image; got {tile!r}")
+    tile = max(stride, int(tile) // stride * stride)  # 256.0 or a NumPy number: range() needs an int
     hp, wp = -(-height // stride) * stride, -(-width // stride) * stride
     return None if tile >= hp and tile >= wp else tile
 
@@ -157,7 +160,7 @@ class TiledInference:
     """Runs a :class:`KPACNet` on one image of any size, whole or in exact tiles.
 
     ``tile`` is the tile side in pixels (rounded down to a multiple of the stride, at least
-    the stride), or ``None`` for the whole image at once. ``kept_skips``: how many of the
+    the stride), or ``None`` (or 0) for the whole image at once. ``kept_skips``: how many of the
     deepest skip feature maps the encoder pass stores for the decoder pass instead of the
     decoder pass recomputing them (memory for time; see :func:`skips_that_fit`).
     ``static_shapes``: every tile the same shape (see :func:`plan_tiles`), for compiled stages.
@@ -205,6 +208,8 @@ class TiledInference:
         if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected input (1, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
         h, w = x.shape[-2:]
+        if tuple(reference.shape) != (1, 3, h, w):  # padded alike, a near miss would be added misaligned
+            raise ValueError(f"reference must be (1, 3, {h}, {w}), got {tuple(reference.shape)}")
         stride = self.config.stride
         xp = pad_to_multiple(x.float(), stride)
         refp = pad_to_multiple(reference.float(), stride)
