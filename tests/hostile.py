@@ -10,7 +10,8 @@ in a temporary folder in milliseconds:
 * model files: :func:`evil_npz` (a pickle that would run code), :func:`evil_pt` (a torch
   file with an arbitrary class), :func:`mismatched_checkpoint`, :func:`truncated_checkpoint`
   and :func:`malformed_pt_cases`;
-* :func:`fuzz_seeds`: small valid images that property-based tests mutate.
+* :func:`fuzz_seeds`: small valid images that property-based tests mutate;
+* :class:`StdoutThatStops`: a stdout whose reader goes away or whose disk fills.
 
 Code-running payloads only ever create a marker file (``marker``) so that a test can prove
 they never ran.
@@ -332,3 +333,27 @@ def malformed_pt_cases(state_dict: dict, config: dict) -> dict[str, dict]:
         "model_is_list": {"config": config, "model": [1, 2]},
         "not_a_dict": [state_dict],
     }
+
+
+class StdoutThatStops:
+    """A stdout that takes ``good`` writes, then fails each with ``error`` (a reader that went
+    away: ``BrokenPipeError``; a full disk: ``OSError(ENOSPC)``); it has no file descriptor."""
+
+    def __init__(self, good: int, error: OSError) -> None:
+        self.good, self.error, self.lines = good, error, []
+
+    def write(self, text: str) -> int:
+        if self.good == 0:
+            raise self.error
+        self.good -= 1
+        self.lines.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        raise OSError("no descriptor")
+
+    def isatty(self) -> bool:
+        return False

@@ -17,6 +17,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from hostile import StdoutThatStops
 from kpac_cli.checkpoints import save_checkpoint
 from kpac_cli.cli import app
 from kpac_cli.images import ImageInfo, read_image, write_image
@@ -611,29 +612,6 @@ def test_saved_blurmap_honours_the_polarity_the_model_declares(tmp_path):
     np.testing.assert_allclose(maps["sharp"], read_image(written)[0][..., 0], atol=2 / 65535)
 
 
-class _StdoutThatStops:
-    """A stdout that takes ``good`` writes, then fails each with ``error`` (a closed pipe, a full disk)."""
-
-    def __init__(self, good: int, error: OSError) -> None:
-        self.good, self.error, self.lines = good, error, []
-
-    def write(self, text: str) -> int:
-        if self.good == 0:
-            raise self.error
-        self.good -= 1
-        self.lines.append(text)
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def fileno(self) -> int:
-        raise OSError("no descriptor")
-
-    def isatty(self) -> bool:
-        return False
-
-
 def test_models_stop_quietly_when_the_reader_goes_away_and_say_a_full_disk(tmp_path, tiny_models, monkeypatch):
     import kpac_cli.cli.common as common
     import kpac_cli.cli.models as models_cli
@@ -642,12 +620,12 @@ def test_models_stop_quietly_when_the_reader_goes_away_and_say_a_full_disk(tmp_p
     for name in ("a", "b", "c"):
         (tmp_path / f"{name}.safetensors").write_bytes(Path(tiny_models[0]).read_bytes())
     monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(tmp_path))
-    stdout = _StdoutThatStops(1, BrokenPipeError(32, "Broken pipe"))
+    stdout = StdoutThatStops(1, BrokenPipeError(32, "Broken pipe"))
     monkeypatch.setattr(common, "sys", type("Sys", (), {"stdout": stdout}))
     res = invoke("models", "--json")  # as `kpac models --json | head -1`
     assert res.exit_code == 141 and res.stderr == ""  # as a shell reports a writer that SIGPIPE ended
     assert [json.loads(line)["name"] for line in stdout.lines] == ["a"]
-    full = _StdoutThatStops(0, OSError(28, "No space left on device"))
+    full = StdoutThatStops(0, OSError(28, "No space left on device"))
     monkeypatch.setattr(models_cli, "Console", lambda: Console(file=full))
     res = invoke("models")  # the table, to a full disk
     assert res.exit_code == 1 and res.stderr.splitlines() == ["error: cannot write to stdout: No space left on device"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from hostile import StdoutThatStops
 from kpac_cli import metrics as M
 from kpac_cli.checkpoints import save_checkpoint
 from kpac_cli.cli import app
@@ -665,26 +666,6 @@ def test_pairing_options_of_the_other_mode_are_refused(folders, dpdd, tmp_path):
         assert res.exit_code == 2 and flag[0] in res.stderr and "--data" in res.stderr, res.output
 
 
-class _StdoutThatStops:
-    """A stdout that takes ``good`` writes, then fails each with ``error`` (a closed pipe, a full disk)."""
-
-    def __init__(self, good: int, error: OSError) -> None:
-        self.good, self.error, self.lines = good, error, []
-
-    def write(self, text: str) -> int:
-        if self.good == 0:
-            raise self.error
-        self.good -= 1
-        self.lines.append(text)
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def fileno(self) -> int:
-        raise OSError("no descriptor")
-
-
 @pytest.mark.parametrize("error,code,said", [
     (BrokenPipeError(32, "Broken pipe"), 141, ["stopped (stdout was closed by its reader); no report written"]),
     (OSError(28, "No space left on device"), 1, ["error: cannot write to stdout: No space left on device",
@@ -693,7 +674,7 @@ class _StdoutThatStops:
 def test_records_that_cannot_be_written_stop_the_evaluation(folders, tmp_path, monkeypatch, error, code, said):
     import kpac_cli.cli.common as common
 
-    stdout = _StdoutThatStops(1, error)
+    stdout = StdoutThatStops(1, error)
     monkeypatch.setattr(common, "sys", type("Sys", (), {"stdout": stdout}))
     res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--json", "--report", tmp_path / "r.md")
     assert res.exit_code == code  # 141: as a shell reports a writer that SIGPIPE ended
