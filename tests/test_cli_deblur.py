@@ -677,3 +677,20 @@ def test_an_output_folder_that_cannot_be_made_fails_before_the_work(tmp_path, ti
     recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
     assert [r["status"] for r in recs if "status" in r] == ["failed", "failed"]
     assert all("notes.txt is not a folder" in r["error"] for r in recs if "status" in r)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_emulated_bf16_on_the_cpu_is_said_once(tmp_path, tiny_models, monkeypatch, fast):
+    # asked for explicitly on a CPU without bf16 hardware it runs several times slower than fp32
+    import kpac_cli.engine.deblurrer as engine
+
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: fast)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        _write(photos / f"p{i}.png", np.random.default_rng(i).random((20, 24, 3), dtype=np.float32), 8)
+    res = invoke("deblur", photos, "-o", tmp_path / "out", "--model", tiny_models[0], "--device", "cpu", "--precision", "bf16")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("bf16 on this CPU is emulated") == (0 if fast else 1)
+    res = invoke("deblur", photos, "-o", tmp_path / "out2", "--model", tiny_models[0], "--device", "cpu")
+    assert "emulated" not in res.stderr  # fp32, the default on the CPU

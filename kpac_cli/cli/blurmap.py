@@ -25,6 +25,7 @@ from .common import (
     precision_option,
     precision_with_fp32,
     print_error,
+    print_setup_notes,
     progress_bar,
     show_progress,
     sigterm_raises,
@@ -213,6 +214,7 @@ def blurmap(
         raise usage_error(f"model {deblurrer.name} is a {kind} model")
     if not cfg.scale_attention:
         raise usage_error(f"model {deblurrer.name} has no scale attention (built with scale_attention=False)")
+    print_setup_notes(deblurrer, quiet)
     if not 1 <= block <= cfg.blocks:
         raise usage_error(f"--block must be 1..{cfg.blocks} for model {deblurrer.name}")
     if dilation not in cfg.dilations:

@@ -142,6 +142,13 @@ def print_error(message: str) -> None:
     err_console.print(f"[red]error:[/] {one_line(message)}", soft_wrap=True)
 
 
+def print_setup_notes(deblurrer: Any, quiet: bool) -> None:
+    """What a loaded model's engine has to say once per command (e.g. an emulated precision)."""
+    if not quiet:
+        for note in getattr(deblurrer, "setup_notes", ()):
+            print_note(note)
+
+
 def print_note(message: str) -> None:
     """Something the user should know about a result that is not an error."""
     err_console.print(f"[yellow]note:[/] {one_line(message)}", soft_wrap=True)

@@ -33,6 +33,7 @@ from .common import (
     precision_option,
     precision_with_fp32,
     print_error,
+    print_setup_notes,
     print_note,
     progress_bar,
     show_progress,
@@ -151,6 +152,7 @@ def deblur(
     if (deblurrer.config.in_views == 2) != dual:
         kind = "dual-pixel (use --left/--right)" if deblurrer.config.in_views == 2 else "single-image (use INPUTS, not --left/--right)"
         raise usage_error(f"model {deblurrer.name} is a {kind} model")
+    print_setup_notes(deblurrer, quiet)
 
     after_run = None
     if save_blurmap:

@@ -27,6 +27,7 @@ from .common import (
     precision_option,
     precision_with_fp32,
     print_error,
+    print_setup_notes,
     progress_bar,
     show_progress,
     sigterm_raises,
@@ -570,6 +571,7 @@ def eval_command(
                                                             strength=strength))
         except (ValueError, FileNotFoundError, OSError) as e:
             raise usage_error(str(e)) from None
+        print_setup_notes(deblurrer, quiet)
         model_dual = deblurrer.config.in_views == 2
         if method == "kpac":
             if dual and not model_dual:

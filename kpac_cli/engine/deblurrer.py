@@ -32,7 +32,7 @@ from ..model import KPACNet
 from ..model.fast import FastKPACNet
 from .compiled import CompiledNetwork
 from .dualpixel import balance_views
-from .device import autocast, available_memory, is_out_of_memory, resolve_device, resolve_precision
+from .device import autocast, available_memory, cpu_has_fast_bf16, is_out_of_memory, resolve_device, resolve_precision
 from .tiled import InferenceResult, ProgressFn, TiledInference, receptive_halos, skips_that_fit, tile_that_runs
 
 MIN_TILE = 128
@@ -171,6 +171,11 @@ class Deblurrer:
         self.device = resolve_device(self.options.device)
         self.dtype = resolve_precision(self.options.precision, self.device)
         self.name, self.provenance = "model", {}
+        # what the caller should hear once, not once per image
+        self.setup_notes: list[str] = []
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+            self.setup_notes.append("bf16 on this CPU is emulated (it has neither AMX nor AVX512-BF16): several times "
+                                    "slower than fp32, which --precision auto chooses here")
         if isinstance(model, (str, Path)):
             path, self.name = resolve_model(model)
             model = load_checkpoint(path)
