@@ -348,3 +348,17 @@ def test_gpu_memory_cached_by_pytorch_counts_as_available(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 5 * gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: gib)
     assert engine_device.available_memory(torch.device("cuda")) == 5 * gib
+
+
+def test_engine_options_spell_every_tile_one_way():
+    # "00" ran 128 px tiles where 0 means the whole image; np.float32(256) was refused, 256.0 taken
+    assert EngineOptions(tile="00").tile is None and EngineOptions(tile=0).tile is None
+    assert EngineOptions(tile="whole").tile is None and EngineOptions(tile=None).tile is None
+    for size in (256, 256.0, "256", np.float32(256), np.int64(256)):
+        assert EngineOptions(tile=size).tile == 256 and type(EngineOptions(tile=size).tile) is int
+    assert EngineOptions(tile="auto").tile == "auto"
+    for bad in (-1, 12.5, True, "big", "-5"):
+        with pytest.raises(ValueError, match="tile must be"):
+            EngineOptions(tile=bad)
+    d = Deblurrer(build_model(KPACConfig(levels=2, channels=8)), EngineOptions(tile="00"))
+    assert d.plan_tile(1000, 1000) is None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,9 +86,15 @@ class EngineOptions:
     ensemble: int = 1
 
     def __post_init__(self) -> None:
-        size = self.tile if isinstance(self.tile, (int, float)) else None
-        if not (self.tile in (None, "auto", "0", "none", "whole") or str(self.tile).isdigit()
-                or (size is not None and float(size).is_integer() and size >= 0)):
+        # one spelling per meaning from here on: "auto", None (the whole image) or an int
+        tile = self.tile
+        if isinstance(tile, str) and tile.strip().isdigit():
+            tile = int(tile)
+        if isinstance(tile, numbers.Real) and not isinstance(tile, bool) and float(tile).is_integer() and tile >= 0:
+            self.tile = int(tile) or None  # 256.0, np.float32(256), "256" -> 256; 0, "00" -> whole
+        elif tile in ("none", "whole"):
+            self.tile = None
+        elif tile not in (None, "auto"):
             raise ValueError(f"tile must be 'auto', a size in pixels, or 0 / None for the whole image; got {self.tile!r}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
@@ -227,10 +234,10 @@ class Deblurrer:
         """Tile side for ``tile="auto"``: the whole image if it fits the budget, else the
         largest stride-aligned tile whose widened size fits."""
         opt = self.options.tile
-        if opt in (None, 0, "0", "none", "whole"):
+        if opt is None:
             return None
         if opt != "auto":
-            return max(MIN_TILE, int(opt))
+            return max(MIN_TILE, opt)
         budget = self.memory_budget()
         bpp = self.bytes_per_pixel()
         if height * width * bpp <= budget:
