@@ -160,6 +160,8 @@ def test_batch_json_records_exit_codes_and_resume(tmp_path, tiny_models):
     assert sorted(p.name for p in out.iterdir()) == ["p0_sharp.png", "p1_sharp.png", "p2_sharp.png"]
     ok = next(r for r in records if r["status"] == "ok")
     assert {"input", "output", "width", "height", "model", "device", "precision", "tile", "seconds", "error"} <= set(ok)
+    assert set(failed) >= set(ok) - {"extra"}  # every record has the same keys, null where nothing ran
+    assert failed["precision"] is None and ok["precision"] == "fp32"
     assert ok["tile"] is None  # 24x24 fits in memory whole
     res = invoke("deblur", photos / "p0.png", "-o", tmp_path / "t.png", "--model", tiny_models[0], "--json", "--tile", "50")
     assert json.loads(res.stdout)["tile"] is None  # raised to the smallest tile, 128, which covers 24x24: it ran whole

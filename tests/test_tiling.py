@@ -362,3 +362,14 @@ def test_engine_options_spell_every_tile_one_way():
             EngineOptions(tile=bad)
     d = Deblurrer(build_model(KPACConfig(levels=2, channels=8)), EngineOptions(tile="00"))
     assert d.plan_tile(1000, 1000) is None
+
+
+def test_the_auto_tile_keeps_every_tensor_under_2_to_the_31_elements():
+    # a budget that holds a 150-megapixel image whole (a GPU with lots of free memory): the
+    # decoder's 2 x channels full-resolution concatenation would pass 2**31 elements
+    d = Deblurrer(build_model(KPACConfig(levels=3, channels=48)), EngineOptions(memory_budget=1 << 50))
+    assert d.plan_tile(4000, 5000) is None  # 20 MP x 96 values: 1.9e9 elements, whole
+    tile = d.plan_tile(4000, 6000)  # 24 MP x 96 values: 2.3e9 elements
+    halo = max(receptive_halos(d.config))
+    assert tile is not None and tile % d.config.stride == 0 and (tile + 2 * halo) ** 2 * 96 < 2**31
+    assert tile > 4000  # as large as that allows: a few tiles, not many

@@ -101,6 +101,9 @@ class JobResult:
             "width": self.size[1] if self.size else None,
             "height": self.size[0] if self.size else None,
             "seconds": round(self.seconds, 4),
+            # set by an image that ran; the keys are in every record, so that a reader may index them
+            "precision": None,
+            "tile": None,
         }
         if deblurrer is not None:
             rec.update(model=deblurrer.name, device=str(deblurrer.device))

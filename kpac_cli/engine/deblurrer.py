@@ -240,10 +240,15 @@ class Deblurrer:
             return max(MIN_TILE, opt)
         budget = self.memory_budget()
         bpp = self.bytes_per_pixel()
-        if height * width * bpp <= budget:
+        # The widest tensor, the decoder's last concatenation, holds 2 x channels values per
+        # pixel; at 2**31 elements PyTorch's CUDA kernels leave 32-bit indexing (slow paths or
+        # errors, not an out-of-memory that halving the tile would answer). A GPU with 65 GB
+        # free would otherwise run a 22-megapixel photo whole.
+        most_pixels = (2**31 - 1) // (2 * self.config.channels)
+        if height * width * bpp <= budget and height * width <= most_pixels:
             return None
         halo = max(receptive_halos(self.config))
-        side = int(math.sqrt(budget / bpp)) - 2 * halo
+        side = min(int(math.sqrt(budget / bpp)), math.isqrt(most_pixels)) - 2 * halo
         stride = self.config.stride
         return max(MIN_TILE, side // stride * stride)
 
