@@ -1287,3 +1287,14 @@ def test_stdin_from_a_terminal_is_refused_rather_than_waited_on(tmp_path, models
         os.close(secondary)
     assert proc.returncode == 2 and b"stdin, which is a terminal" in proc.stderr, proc.stderr
     assert not (tmp_path / "b.png").exists()
+
+
+def test_an_endless_stdin_is_refused_not_read_until_memory_runs_out(tmp_path, models):
+    # `cat /dev/zero | kpac deblur - -o x.png`: read only what an image within --max-pixels takes
+    env = {**os.environ, "COLUMNS": "10000", "OMP_NUM_THREADS": "1"}
+    cmd = _kpac_cmd("deblur", "-", "-o", tmp_path / "b.png", "--model", models["single"], "--device", "cpu", "--max-pixels", "100")
+    proc = subprocess.run(["bash", "-c", 'head -c 80000000 /dev/zero | "$@"', "kpac", *map(str, cmd)],
+                          capture_output=True, env=env, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "<stdin>: more than 67110464 bytes" in err and not (tmp_path / "b.png").exists()

@@ -135,7 +135,7 @@ def deblur(
         if dual:
             jobs = plan_dual(left, right, center, output, out_opts, companions=("blurmap",) if save_blurmap else ())
         else:
-            stdin = _read_stdin() if inputs == [STDIO] else None
+            stdin = _read_stdin(max_pixels) if inputs == [STDIO] else None
             jobs = plan_single(inputs, output, recursive, out_opts, stdin, companions=("blurmap",) if save_blurmap else ())
         dist_info = env_info()
         device = device_for_rank(device, dist_info)  # under torchrun each rank takes its own GPU
@@ -264,15 +264,25 @@ def deblur(
     raise typer.Exit(exit_code)
 
 
-def _read_stdin() -> bytes:
-    """All of stdin, for the input '-'; a closed stdin (``<&-``) reads as empty, which fails as such."""
+def _read_stdin(max_pixels: int) -> bytes:
+    """All of stdin, for the input '-'; a closed stdin (``<&-``) reads as empty, which fails as such.
+
+    At most what an uncompressed image within ``max_pixels`` can take (four float32 samples a
+    pixel, plus 64 MiB of metadata): an endless stream (``cat /dev/zero |``) is refused, not
+    read until memory runs out.
+    """
     if sys.stdin is None:
         return b""
+    limit = max_pixels * 16 + (64 << 20)
     try:
-        return sys.stdin.buffer.read()
+        data = sys.stdin.buffer.read(limit + 1)
     except OSError as e:
         print_error(f"<stdin>: cannot read: {e.strerror or e}")
         raise typer.Exit(EXIT_FAILED) from None
+    if len(data) > limit:
+        print_error(f"<stdin>: more than {limit} bytes, more than any image within --max-pixels {max_pixels} takes; not read")
+        raise typer.Exit(EXIT_FAILED)
+    return data
 
 
 deblur.__doc__ = (deblur.__doc__ or "") + "\n" + EXAMPLES
