@@ -166,7 +166,7 @@ def _print_report(r: dict) -> None:
     con = Console()
     m = r["machine"]
     con.print(f"[bold]kpac bench[/] on {m['device']} ({m['cpu'] if m['device'] == 'cpu' else m.get('gpu', '')}), "
-              f"{m['threads']} threads, torch {m['torch']}, image {r['size'][0]}x{r['size'][1]}")
+              f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}, torch {m['torch']}, image {r['size'][0]}x{r['size'][1]}")
     c = r["ceiling"]
     by = ", ".join(f"{k} {v:.0f}" for k, v in c["by_backend"].items())
     con.print(f"ceiling (dense 3x3 conv 96->96 at 360x640): {c['gflops_per_s']:.0f} GFLOP/s, best {c['backend']}  [{by}]")

@@ -174,8 +174,8 @@ def blurmap(
         raise usage_error(f"--eval-masks {eval_masks}: not a folder")
     try:
         tile_value = parse_tile(tile)
-    except ValueError:
-        raise usage_error("--tile: use auto, 0 (no tiling) or a tile size in pixels") from None
+    except ValueError as e:
+        raise usage_error(f"--tile: {e}") from None
 
     # -- plan ------------------------------------------------------------------------------
     items: list[_Item] = []

@@ -101,8 +101,8 @@ def parse_tile(value: str) -> int | str | None:
     except ValueError:
         raise ValueError("use auto, 0 (no tiling) or a tile size in pixels") from None
     if n < 0:
-        raise ValueError("tile size must be positive")
-    return n
+        raise ValueError(f"use auto, 0 (no tiling) or a tile size in pixels; got {n}")
+    return n or None  # "00" is 0 as well
 
 
 def dual_pixel_mode(inputs: list[str], left: str | None, right: str | None, no_inputs: str) -> bool:
