@@ -172,9 +172,9 @@ class _Runner:
         if self.method == "kpac" and item.left is not None:
             from ..images import DualPixelTriple, read_dual_pixel
 
-            views, centre, _ = read_dual_pixel(DualPixelTriple(item.left, item.right, item.source, item.name))
+            views, centre, info = read_dual_pixel(DualPixelTriple(item.left, item.right, item.source, item.name))
             t0 = time.perf_counter()
-            out = self.deblurrer.deblur(views, centre)
+            out = self.deblurrer.deblur(views, centre, orientation=info.orientation_applied)
             extra["seconds"] = time.perf_counter() - t0
             extra.update(self._engine_notes())
             return centre, out, extra
