@@ -398,6 +398,18 @@ def test_strength_scales_the_correction(tmp_path, tiny_models):
     assert invoke("deblur", src, "-o", tmp_path / "bad.png", "--model", tiny_models[0], "--strength", "2").exit_code == 2
 
 
+@pytest.mark.parametrize("flag,value,said", [
+    ("--strength", "2", "--strength must be in [0, 1], got 2"),
+    ("--strength", "nan", "--strength must be in [0, 1], got nan"),
+    ("--jpeg-quality", "0", "--jpeg-quality must be 1-100, got 0"),
+    ("--max-pixels", "0", "--max-pixels must be at least 1, got 0"),
+])
+def test_values_out_of_range_are_one_line_errors(tmp_path, flag, value, said):
+    # typer's own range check printed a boxed error over several lines
+    res = invoke("deblur", tmp_path / "a.png", "-o", tmp_path / "b.png", flag, value)
+    assert res.exit_code == 2 and res.output.strip() == f"error: {said}", res.output
+
+
 def test_dihedral_transforms_invert_and_differ():
     from kpac_cli.engine.deblurrer import dihedral
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Optional
@@ -67,7 +68,7 @@ def deblur(
     precision: str = precision_option(),
     fp32: bool = fp32_option(),
     tile: str = typer.Option("auto", "--tile", help="Tile size in pixels (at least 128; smaller sizes are raised to it), 'auto' (from free memory) or 0 (whole image). Tiling is exact; --json records the tile used."),
-    strength: float = typer.Option(1.0, "--strength", min=0.0, max=1.0, help="How much of the model's correction to apply: 1 = full (default), 0 = the input unchanged; lower tempers over-sharpening."),
+    strength: float = typer.Option(1.0, "--strength", help="How much of the model's correction to apply: 1 = full (default), 0 = the input unchanged; lower tempers over-sharpening."),
     ensemble: int = typer.Option(1, "--ensemble", help="Self-ensemble: average the model over 1, 2, 4 or 8 flips/transposes of each photo; N times slower, slightly better on average (see the model card). Dual-pixel models: at most 4 (flips)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the network, all tiles one shape; pays on GPUs over many same-sized photos (on the CPU the default path is faster). Compile time is reported."),
     fmt: Optional[str] = typer.Option(None, "--format", "--ext", help="Output format: png, tiff or jpeg (default: the input's; RAW -> tiff)."),
@@ -75,8 +76,8 @@ def deblur(
     suffix: str = typer.Option("", "--suffix", help="Added to output file names, e.g. _sharp."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Leave existing outputs alone (resume a batch)."),
-    jpeg_quality: int = typer.Option(95, "--jpeg-quality", min=1, max=100),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse images larger than this (decompression-bomb guard)."),
+    jpeg_quality: int = typer.Option(95, "--jpeg-quality", help="JPEG quality, 1-100."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images larger than this (decompression-bomb guard)."),
     raw_wb: str = typer.Option("camera", "--raw-wb", help="RAW white balance: camera, auto or daylight."),
     raw_demosaic: str = typer.Option("ahd", "--raw-demosaic", help="RAW demosaic: ahd, linear, vng, ppg, dht or aahd."),
     raw_half_size: bool = typer.Option(False, "--raw-half-size", help="Develop RAW at half size (fast previews)."),
@@ -92,6 +93,13 @@ def deblur(
     if overwrite and skip_existing:
         raise usage_error("--overwrite and --skip-existing contradict each other")
     check_ensemble(ensemble)
+    # ranges checked here rather than by typer's min=/max=, whose multi-line box breaks the one-line errors
+    if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
+        raise usage_error(f"--strength must be in [0, 1], got {strength:g}")
+    if not 1 <= jpeg_quality <= 100:
+        raise usage_error(f"--jpeg-quality must be 1-100, got {jpeg_quality}")
+    if max_pixels < 1:
+        raise usage_error(f"--max-pixels must be at least 1, got {max_pixels}")
     if dual and recursive:  # views pair by name within the folders given, not in sub-folders
         raise usage_error("--recursive applies to INPUTS folders; dual-pixel views are paired within the --left/--right folders")
     if inputs == [STDIO] and sys.stdin is not None and sys.stdin.isatty():
