@@ -681,3 +681,18 @@ def test_records_that_cannot_be_written_stop_the_evaluation(folders, tmp_path, m
     assert [json.loads(line)["name"] for line in stdout.lines] == ["a"]
     assert [line for line in res.stderr.splitlines() if line.strip()] == said
     assert not (tmp_path / "r.md").exists()  # a report of the first images would pass for the whole set
+
+
+def test_images_in_sub_folders_are_said_to_be_left_out(folders, tmp_path):
+    # a deblur --recursive output keeps its sub-folders: only the folder's own images pair, and
+    # a mean over fewer images than there are must not pass for all of them
+    for d in ("pred", "gt"):
+        _write(folders / d / "more" / "d.png", _read(folders / "gt" / "a.png"))
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    said = "1 image(s) in its sub-folders are not scored"
+    assert f"--pred {folders / 'pred'}: {said}" in res.output and f"--target {folders / 'gt'}: {said}" in res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["images"]) == 3 and sum(said in n for n in report["notes"]) == 2
+    res = invoke("--pred", folders / "pred" / "more", "--target", folders / "gt" / "more")
+    assert res.exit_code == 0 and "not scored" not in res.output

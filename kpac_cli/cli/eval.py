@@ -582,11 +582,20 @@ def eval_command(
 
     # ---- pairs
     items: list[Item] = []
+    unscored: list[str] = []
     if has_data:
         try:
             items = _plan(data, split, allow_subset, pred, target, source, pair_by, dual and method == "kpac")
         except PairingError as e:
             raise usage_error(str(e)) from None
+        if data is None:  # folders are paired by their own images: what lies below is said, not silently left out
+            from ..metrics.pairing import images_in_sub_folders
+
+            for flag, folder in (("--pred", pred), ("--target", target), ("--source", source)):
+                n = images_in_sub_folders(folder) if folder is not None else 0
+                if n:
+                    unscored.append(f"{flag} {folder}: {n} image(s) in its sub-folders are not scored "
+                                    "(only the folder's own images are paired; give a sub-folder to score those)")
         if limit is not None:
             items = items[:limit]
         if save_crops is not None:
@@ -643,6 +652,7 @@ def eval_command(
                     lpips_spec, label_map, save_crops, json_out, quiet, title=f"kpac eval: {mode_label}" + (f" on {where}" if where else ""),
                 )
                 report_obj.conventions["method"] = _method_text(method, deblurrer, wiener_radius, wiener_snr, dual)
+                report_obj.notes.extend(unscored)
             if speed:
                 from ..metrics.speed import measure_speed
 

@@ -65,6 +65,16 @@ def _images_in(folder: str | os.PathLike) -> list[Path]:
         raise PairingError(f"cannot list {d} ({e.strerror or e})") from None
 
 
+def images_in_sub_folders(folder: str | os.PathLike) -> int:
+    """How many images lie in ``folder``'s sub-folders, which pairing does not search (0 when
+    it cannot be listed)."""
+    d = Path(folder)
+    try:
+        return len(list_images(d, recursive=True)) - len(list_images(d))
+    except OSError:
+        return 0
+
+
 def _no_images(folder: Path) -> PairingError:
     """"No images in ``folder``", saying where images are when they sit in its sub-folders
     (which are not searched: a ``kpac deblur --recursive`` output keeps its sub-folders)."""
