@@ -102,3 +102,18 @@ def test_tile_sweep_reports_the_tile_the_engine_ran(monkeypatch):
     assert rows["256"]["tile_note"] == "ran as 128 (out of memory: tile reduced to 128, skip maps recomputed)"
     assert "tile_note" not in rows["whole"]
     assert core.recommend_tile([dict(rows["256"], seconds=1.0), dict(rows["whole"], seconds=2.0)]) == "128"
+
+
+@pytest.mark.parametrize("device,first", [("cpu", "fast"), ("cuda", "channels_last")])
+def test_auto_backends_start_with_the_path_kpac_deblur_runs_there(monkeypatch, device, first):
+    # the throughput table measures the first backend: on a GPU the engine runs the
+    # channels_last model, never the CPU's fused path
+    import kpac_cli.engine as engine
+
+    seen = []
+    monkeypatch.setattr(engine, "resolve_device", lambda name: torch.device(device))
+    monkeypatch.setattr(core, "run_benchmark", lambda *a, **k: seen.append(a[7]) or _minimal_report())
+    args = [a if a != "cpu" else device for a in QUICK]
+    res = CliRunner().invoke(app, ["bench", *args, "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    assert seen[0][0] == first and ("fast" in seen[0]) == (device == "cpu")
