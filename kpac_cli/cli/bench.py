@@ -65,7 +65,7 @@ def bench(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     rounds: int = typer.Option(5, "--rounds", help="Timed rounds of the efficiency, at least 1 (median reported); the throughput and the tile sweep run half as many, at least 2. Each round runs every candidate once, interleaved."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed calls of each candidate first (0 or more)."),
-    backends: str = typer.Option("auto", "--backends", help="Model backends for the efficiency: auto, or a list of eager, channels_last, fast, onnxruntime, compile."),
+    backends: str = typer.Option("auto", "--backends", help="Model backends for the efficiency (the first also for the throughput): auto (CPU: fast, channels_last and onnxruntime when installed; GPU: channels_last, eager), or a list of eager, channels_last, fast, onnxruntime, compile."),
     configs: str = typer.Option("all", "--configs", help="Model configs for throughput: all, or a list of single_2level, single_3level, dual."),
     tiles: str = typer.Option("256,512,1024,whole", "--tiles", help="Tile sizes to sweep (the engine path), 'whole' = no tiling. The engine raises tiles under 128 px and runs a tile covering the image as the whole image: rows say the tile that ran, and the recommendation is one of those."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads, at least 1 (default: PyTorch's choice)."),
