@@ -708,3 +708,14 @@ def test_emulated_bf16_on_the_cpu_is_said_once(tmp_path, tiny_models, monkeypatc
     assert res.stderr.count("bf16 on this CPU is emulated") == (0 if fast else 1)
     res = invoke("deblur", photos, "-o", tmp_path / "out2", "--model", tiny_models[0], "--device", "cpu")
     assert "emulated" not in res.stderr  # fp32, the default on the CPU
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where no file can be created")
+def test_a_write_error_names_the_output_not_its_temporary_file(tmp_path, tiny_models):
+    src = _write(tmp_path / "a.png", np.random.default_rng(0).random((20, 24, 3), dtype=np.float32), 8)
+    res = invoke("deblur", src, "-o", "/proc/kpac-out.png", "--model", tiny_models[0], "-q")
+    assert res.exit_code == 1 and res.output.strip().startswith("error: /proc/kpac-out.png: cannot write (")
+    assert "kpac-tmp" not in res.output
+    res = invoke("blurmap", src, "-o", "/proc/kpac-maps", "--model", tiny_models[0], "-q")
+    assert res.exit_code == 1 and "/proc/kpac-maps/a_blurmap.png: cannot create its folder (" in res.output
+    assert "Errno" not in res.output

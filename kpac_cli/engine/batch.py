@@ -612,11 +612,16 @@ def _write(job: Job, image: np.ndarray, info: ImageInfo, options: OutputOptions)
     data = write_image(None, image, info, format=job.format, bit_depth=options.bit_depth, jpeg_quality=options.jpeg_quality)
     if job.output is None:
         return data
-    job.output.parent.mkdir(parents=True, exist_ok=True)
+    try:  # errors said of the output, not of its folder or of the temporary file beside it
+        job.output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ImageError(job.output, f"cannot create its folder ({e.strerror or e})") from None
     try:
         atomic_write_bytes(job.output, data, replace=options.overwrite)
     except FileExistsError:  # another process created it since the preflight: never clobber
         raise OutputAppeared(job.output, "appeared while processing; not overwritten (use --overwrite)") from None
+    except OSError as e:
+        raise ImageError(job.output, f"cannot write ({e.strerror or e})") from None
     return None
 
 
