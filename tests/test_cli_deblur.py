@@ -657,6 +657,10 @@ def test_records_without_a_stdout_are_an_error_not_a_traceback(tmp_path, tiny_mo
                                        "stopped (stdout failed): 1 deblurred, 0 skipped, 0 failed, 0 not finished"]
     assert read_image(tmp_path / "b.png")[1].size == (16, 16)
     fake_sys.stdout.close()
+    fake_sys.stdout = None  # the table of kpac models, which rich would have dropped without a word
+    res = invoke("models")
+    assert res.exit_code == 1 and res.stderr.splitlines() == ["error: cannot write to stdout: it is closed"]
+    fake_sys.stdout.close()
 
 
 def test_an_input_given_twice_is_named_as_such(tmp_path, tiny_models):

@@ -191,7 +191,10 @@ def stdout_failed(error: OSError | None) -> StdoutFailed:
 
 @contextmanager
 def writing_stdout() -> Iterator[None]:
-    """Within the block (writes to stdout only) a failed write raises :class:`StdoutFailed`."""
+    """Within the block (writes to stdout only) a failed write raises :class:`StdoutFailed`, as
+    does a process started without a stdout (``>&-``: rich would drop the table silently)."""
+    if sys.stdout is None:
+        raise stdout_failed(None)
     try:
         yield
     except OSError as e:
