@@ -723,3 +723,19 @@ def test_a_write_error_names_the_output_not_its_temporary_file(tmp_path, tiny_mo
     res = invoke("blurmap", src, "-o", "/proc/kpac-maps", "--model", tiny_models[0], "-q")
     assert res.exit_code == 1 and "/proc/kpac-maps/a_blurmap.png: cannot create its folder (" in res.output
     assert "Errno" not in res.output
+
+
+def test_images_in_sub_folders_left_out_without_r_are_said(tmp_path, tiny_models):
+    photos = tmp_path / "photos"
+    (photos / "trip").mkdir(parents=True)
+    for name in ("a.png", "trip/b.png", "trip/c.png"):
+        _write(photos / name, np.random.default_rng(len(name)).random((16, 16, 3), dtype=np.float32), 8)
+    res = invoke("deblur", photos, "-o", photos / "out", "--model", tiny_models[0])
+    assert res.exit_code == 0, res.output
+    assert "2 image(s) in sub-folders of the input folders are left out (-r takes them" in res.stderr
+    assert sorted(p.name for p in (photos / "out").iterdir()) == ["a.png"]
+    # a second run: its own outputs (in a sub-folder of the input) are not counted
+    res = invoke("deblur", photos, "-o", photos / "out", "--model", tiny_models[0], "--skip-existing")
+    assert "2 image(s) in sub-folders" in res.stderr
+    res = invoke("deblur", photos, "-o", tmp_path / "all", "-r", "--model", tiny_models[0])
+    assert res.exit_code == 0 and "left out" not in res.stderr

@@ -956,6 +956,10 @@ def test_export_blends_the_run_with_another_model_of_its_architecture(tmp_path, 
                             "--blend", "0.25", "-o", str(tmp_path / "cli.safetensors")])
     assert r.exit_code == 0, r.output
     assert_same_tensors(load_checkpoint(tmp_path / "cli.safetensors").state_dict, ck.state_dict)
+    assert f"0.25 x its weights + 0.75 x {b.model_path}'s" in r.stderr  # the blend is said, not only stored
+    r = runner.invoke(cli, ["train", "--export-only", "--resume", str(tmp_path / "a"), "--blend-with", str(b.model_path),
+                            "--blend", "0.25", "-o", str(tmp_path / "cli2.safetensors"), "--json"])
+    assert r.exit_code == 0 and {"blend_with": str(b.model_path), "blend": 0.25}.items() <= json.loads(r.stdout).items()
     r = runner.invoke(cli, ["train", "--export-only", "--resume", str(tmp_path / "a"), "--blend-with", str(b.model_path),
                             "--blend", "1.5", "-o", str(tmp_path / "bad.safetensors")])
     assert r.exit_code == 2 and "--blend" in r.output and not (tmp_path / "bad.safetensors").exists()

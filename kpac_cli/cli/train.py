@@ -294,10 +294,12 @@ def train_command(
         except OSError as e:  # reading errors are CheckpointErrors: this is the write
             print_error(f"cannot write {output}: {e.strerror or e}")
             raise typer.Exit(EXIT_FAILED) from None
+        blended = {"blend_with": str(blend_with), "blend": blend} if blend_with is not None else {}
         if json_out:
-            emit_json({"exported": str(path), "from": str(resume), "checkpoint": source.stem})
+            emit_json({"exported": str(path), "from": str(resume), "checkpoint": source.stem, **blended})
         elif not quiet:
-            err_console.print(f"exported {resume} ({source.stem}) -> {path}", markup=False, soft_wrap=True)
+            how = f", {blend:g} x its weights + {1 - blend:g} x {blend_with}'s" if blended else ""
+            err_console.print(f"exported {resume} ({source.stem}{how}) -> {path}", markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_OK)
 
     if given & {"blend_with", "blend"}:
