@@ -739,3 +739,11 @@ def test_images_in_sub_folders_left_out_without_r_are_said(tmp_path, tiny_models
     assert "2 image(s) in sub-folders" in res.stderr
     res = invoke("deblur", photos, "-o", tmp_path / "all", "-r", "--model", tiny_models[0])
     assert res.exit_code == 0 and "left out" not in res.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/null").exists(), reason="needs /dev/null")
+def test_an_output_that_is_a_device_is_refused_in_plain_words(tmp_path, tiny_models):
+    src = _write(tmp_path / "a.png", np.random.default_rng(0).random((16, 16, 3), dtype=np.float32), 8)
+    res = invoke("deblur", src, "-o", "/dev/null", "--model", tiny_models[0])
+    assert res.exit_code == 2
+    assert res.output.strip() == "error: -o /dev/null is neither a folder nor a regular file; give an image file name (.png, .tif, .jpg) or a folder"

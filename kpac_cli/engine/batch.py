@@ -266,7 +266,10 @@ def plan_single(
         job = Job(files[0][1].stem, sources[0], out, str(files[0][0]), _file_target_format(output, options))
         return [_with_companions(job, companions)]
     if out.exists() and not out.is_dir():
-        raise PlanError(f"-o {output} is an existing file; give a folder for {len(files)} input(s)")
+        what = "an existing file" if out.is_file() else "neither a folder nor a regular file"
+        advice = ("an image file name (.png, .tif, .jpg) or a folder" if len(files) == 1
+                  else f"a folder for the {len(files)} inputs")
+        raise PlanError(f"-o {output} is {what}; give {advice}")
     if not _names_folder(output) and path_ext(output) in FORMAT_ALIASES:
         if len(files) > 1:
             raise PlanError(f"-o {output} looks like a file name, but there are {len(files)} inputs; give a folder")
