@@ -861,3 +861,16 @@ def test_band_radius_map_left_half_sharp_right_half_in_equal_bands():
     assert (radius == radius[:1]).all()  # vertical bands
     odd = band_radius_map(2, 9, [2.5, 7], np.int32)  # sharp half 9 // 2 = 4 px; band edge at round(6.5) = 6
     assert odd.dtype == np.int32 and odd[0].tolist() == [0, 0, 0, 0, 2, 2, 7, 7, 7]
+
+
+def test_cli_images_in_sub_folders_left_out_without_r_are_said(cli, photo, tmp_path):
+    img, _ = photo
+    photos = tmp_path / "photos"
+    (photos / "trip").mkdir(parents=True)
+    _save_rgb(photos / "a.png", img[:48, :64])
+    _save_rgb(photos / "trip" / "b.png", img[:48, :64])
+    res = cli(str(photos), "-o", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    assert "1 image(s) in sub-folders of the input folders are left out (-r takes them" in res.output
+    res = cli(str(photos), "-o", str(tmp_path / "o2"), "-r")
+    assert res.exit_code == 0 and "left out" not in res.output

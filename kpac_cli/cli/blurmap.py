@@ -27,6 +27,7 @@ from .common import (
     print_error,
     print_setup_notes,
     progress_bar,
+    say_images_below,
     show_progress,
     sigterm_raises,
     usage_error,
@@ -186,6 +187,8 @@ def blurmap(
                 stem = Path(t.name).stem
                 items.append(_Item(stem, str(t.left), t, output))
         else:
+            if not recursive and not quiet:
+                say_images_below(inputs, output)
             for src, rel in collect_inputs(inputs, recursive, exclude=output):
                 items.append(_Item(rel.stem, str(src), src, None if output is None else output / rel.parent))
     except (PlanError, ImageError) as e:

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -140,6 +141,17 @@ def sigterm_raises() -> Iterator[None]:
 
 def print_error(message: str) -> None:
     err_console.print(f"[red]error:[/] {one_line(message)}", soft_wrap=True)
+
+
+def say_images_below(inputs: list[str], output: Path | None) -> None:
+    """A note when input folders hold images in sub-folders, which only ``-r`` takes (the
+    output folder, when it lies inside an input folder, is not counted)."""
+    from ..engine.batch import collect_inputs
+
+    folders = [i for i in inputs if i != "-" and Path(i).is_dir()]
+    below = sum(len(collect_inputs([f], True, exclude=output)) - len(collect_inputs([f], False, exclude=output)) for f in folders)
+    if below:
+        print_note(f"{below} image(s) in sub-folders of the input folders are left out (-r takes them, keeping the sub-folders)")
 
 
 def print_setup_notes(deblurrer: Any, quiet: bool) -> None:

@@ -12,7 +12,7 @@ import torch
 import typer
 
 from ..engine import Deblurrer, EngineOptions
-from ..engine.batch import STDIO, JobResult, OutputOptions, PlanError, collect_inputs, plan_dual, plan_single, run_batch
+from ..engine.batch import STDIO, JobResult, OutputOptions, PlanError, plan_dual, plan_single, run_batch
 from ..images import DEFAULT_MAX_PIXELS, ImageError, RawOptions
 from ..images.base import FORMAT_ALIASES, path_ext
 from ..distributed import device_for_rank, env_info
@@ -36,6 +36,7 @@ from .common import (
     precision_with_fp32,
     print_error,
     print_setup_notes,
+    say_images_below,
     print_note,
     progress_bar,
     show_progress,
@@ -147,7 +148,7 @@ def deblur(
             stdin = _read_stdin(max_pixels) if inputs == [STDIO] else None
             jobs = plan_single(inputs, output, recursive, out_opts, stdin, companions=("blurmap",) if save_blurmap else ())
             if not recursive and not quiet:
-                _say_images_below(inputs, None if output == STDIO else Path(output))
+                say_images_below(inputs, None if output == STDIO else Path(output))
         dist_info = env_info()
         device = device_for_rank(device, dist_info)  # under torchrun each rank takes its own GPU
         engine_opts = EngineOptions(device=device, precision=precision_with_fp32(precision, fp32), tile=tile_value, compile=compile_, strength=strength,
@@ -273,14 +274,6 @@ def deblur(
             err_console.print(f"torch.compile: {deblurrer.network.compile_seconds:.1f} s compiling new shapes "
                               "(and their first runs)", soft_wrap=True)
     raise typer.Exit(exit_code)
-
-
-def _say_images_below(inputs: list[str], output: Path | None) -> None:
-    """A note when input folders hold images in sub-folders, which only ``-r`` takes."""
-    folders = [i for i in inputs if i != STDIO and Path(i).is_dir()]
-    below = sum(len(collect_inputs([f], True, exclude=output)) - len(collect_inputs([f], False, exclude=output)) for f in folders)
-    if below:
-        print_note(f"{below} image(s) in sub-folders of the input folders are left out (-r takes them, keeping the sub-folders)")
 
 
 def _read_stdin(max_pixels: int) -> bytes:
