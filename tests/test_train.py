@@ -1145,3 +1145,19 @@ def test_cli_run_folder_problems_are_one_line_errors(tmp_path, cli, monkeypatch)
     r = CliRunner().invoke(cli, ["train", "--run-dir", str(run), "--iterations", "1", *_TINY_SYNTH])
     assert r.exit_code == 1 and r.stderr.endswith(f"error: {run}: No space left on device\n"), r.output
     assert "Traceback" not in r.output
+
+
+def test_cli_init_takes_a_shipped_models_name(tmp_path, cli):
+    from kpac_cli.checkpoints.registry import resolve_model
+
+    try:
+        shipped, _ = resolve_model("kpac-2level")
+    except FileNotFoundError:
+        pytest.skip("shipped model kpac-2level not installed")
+    run = tmp_path / "run"
+    tiny = [a for a in _TINY_SYNTH if a not in ("--levels", "2", "--channels", "8")]  # the architecture is the model's
+    r = CliRunner().invoke(cli, ["train", "--init", "kpac-2level", "--run-dir", str(run), "--iterations", "1", *tiny])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(run / "model.safetensors").config == load_checkpoint(shipped).config  # its architecture
+    r = CliRunner().invoke(cli, ["train", "--init", "no-such-model", "--run-dir", str(tmp_path / "r2"), "--iterations", "1", *tiny])
+    assert r.exit_code != 0 and "no-such-model" in r.output

@@ -202,7 +202,7 @@ def train_command(
     unshared_kernels: bool = typer.Option(False, "--unshared-kernels", help="One atrous kernel per dilation (ablation).", rich_help_panel="Model"),
     no_scale_attention: bool = typer.Option(False, "--no-scale-attention", help="Disable scale attention (ablation).", rich_help_panel="Model"),
     no_shape_attention: bool = typer.Option(False, "--no-shape-attention", help="Disable shape attention (ablation).", rich_help_panel="Model"),
-    init: Optional[Path] = typer.Option(None, "--init", help="Start from these weights (.safetensors, a last.pt/best.pt or a run folder).", rich_help_panel="Model"),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from these weights (.safetensors, a last.pt/best.pt, a run folder, or a shipped model's name).", rich_help_panel="Model"),
     # recipe
     stage: str = typer.Option("l1", "--stage", help="l1, or perceptual (L1 + VGG-19 conv4_4 loss; use with --init).", rich_help_panel="Recipe"),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Iterations \\[default: 200000 for l1, 100000 for perceptual].", rich_help_panel="Recipe"),
@@ -325,6 +325,14 @@ def train_command(
             raise usage_error(str(e)) from None
         if init is not None and not (given & arch_flags):
             model_cfg = None  # --dual alone: the architecture comes from --init
+
+    if init is not None and not init.exists():  # a shipped model's name, as --model takes it
+        from ..checkpoints.registry import resolve_model
+
+        try:
+            init = resolve_model(str(init))[0]
+        except (FileNotFoundError, ValueError):
+            pass  # not a name either: the run says it cannot load it
 
     values = dict(
         out=out or Path("runs/kpac"), data=data, source=source, target=target, val_source=val_source, val_target=val_target,
