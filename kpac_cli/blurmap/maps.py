@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from ..images.exif import apply_orientation
+from ..images.exif import apply_orientation, oriented_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import Deblurrer
@@ -139,7 +139,7 @@ class AttentionMaps:
     def _resampled(self, low: np.ndarray) -> np.ndarray:
         """``(..., h, w)`` maps on the model's grid -> ``(..., H, W)``, upright."""
         H, W = self.size
-        out = resample_to_image(low, (W, H) if self.orientation in (5, 6, 7, 8) else (H, W), self.stride, self.upsample)
+        out = resample_to_image(low, oriented_size(H, W, self.orientation), self.stride, self.upsample)
         if self.orientation == 1:
             return out
         turned = apply_orientation(np.moveaxis(out, (-2, -1), (0, 1)), self.orientation)
@@ -258,7 +258,7 @@ def maps_from_attention(
     """
     H, W = size
     s = config.stride
-    gh, gw = (W, H) if orientation in (5, 6, 7, 8) else (H, W)  # the grid the model ran on
+    gh, gw = oriented_size(H, W, orientation)  # the grid the model ran on
     hh, ww = -(-gh * upsample // s), -(-gw * upsample // s)
     low = []
     for a in scale_attention:

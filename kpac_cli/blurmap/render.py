@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..images import ImageError, ImageInfo, atomic_write_bytes, luma, write_image
+from ..images import ImageInfo, luma, write_image, write_output
 from .maps import BLUR_POLARITY, AttentionMaps, maps_from_attention
 
 #: Stops of the colour map (position, sRGB 0-255): an approximation of "inferno".
@@ -183,14 +183,7 @@ def write_file(path: str | Path, data: bytes, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists (use --overwrite to replace it or --skip-existing to keep it)")
-    try:  # said of the map, not of its folder or of the temporary file beside it
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ImageError(path, f"cannot create its folder ({e.strerror or e})") from None
-    try:
-        atomic_write_bytes(path, data)
-    except OSError as e:
-        raise ImageError(path, f"cannot write ({e.strerror or e})") from None
+    write_output(path, data)
     return path
 
 

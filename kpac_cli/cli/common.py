@@ -17,8 +17,8 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import typer
@@ -149,7 +149,7 @@ def say_images_below(inputs: list[str], output: Path | None) -> None:
     from ..engine.batch import collect_inputs
 
     folders = [i for i in inputs if i != "-" and Path(i).is_dir()]
-    below = sum(len(collect_inputs([f], True, exclude=output)) - len(collect_inputs([f], False, exclude=output)) for f in folders)
+    below = sum(rel.parent != Path(".") for _, rel in collect_inputs(folders, True, exclude=output))
     if below:
         print_note(f"{below} image(s) in sub-folders of the input folders are left out (-r takes them, keeping the sub-folders)")
 
@@ -219,8 +219,6 @@ def emit_json(record: dict[str, Any]) -> None:
     Raises :class:`StdoutFailed` when stdout takes no more.
     """
     line = json.dumps(record, default=str) + "\n"
-    if sys.stdout is None:  # started with stdout closed (`>&-`)
-        raise stdout_failed(None)
     with writing_stdout():
         sys.stdout.write(line)
         sys.stdout.flush()

@@ -28,7 +28,6 @@ from ..images import (
     ImageError,
     ImageInfo,
     RawOptions,
-    atomic_write_bytes,
     cleanup_stale_temps,
     fill_transparent,
     list_images,
@@ -39,6 +38,7 @@ from ..images import (
     srgb_decode,
     srgb_encode,
     write_image,
+    write_output,
 )
 from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
 from ..images.exif import has_tags_beyond_descriptive
@@ -615,16 +615,10 @@ def _write(job: Job, image: np.ndarray, info: ImageInfo, options: OutputOptions)
     data = write_image(None, image, info, format=job.format, bit_depth=options.bit_depth, jpeg_quality=options.jpeg_quality)
     if job.output is None:
         return data
-    try:  # errors said of the output, not of its folder or of the temporary file beside it
-        job.output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ImageError(job.output, f"cannot create its folder ({e.strerror or e})") from None
     try:
-        atomic_write_bytes(job.output, data, replace=options.overwrite)
+        write_output(job.output, data, replace=options.overwrite)
     except FileExistsError:  # another process created it since the preflight: never clobber
         raise OutputAppeared(job.output, "appeared while processing; not overwritten (use --overwrite)") from None
-    except OSError as e:
-        raise ImageError(job.output, f"cannot write ({e.strerror or e})") from None
     return None
 
 

@@ -29,6 +29,7 @@ import torch
 
 from ..checkpoints import Checkpoint, load_checkpoint
 from ..checkpoints.registry import resolve_model
+from ..images.exif import apply_orientation
 from ..model import KPACNet
 from ..model.fast import FastKPACNet
 from .compiled import CompiledNetwork
@@ -119,16 +120,9 @@ def dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
     return x
 
 
-def _undo_dihedral(image: np.ndarray, k: int) -> np.ndarray:
-    """``dihedral(., k, inverse=True)`` of an (H, W, C) array."""
-    if k & 4:
-        image = image.swapaxes(0, 1)
-    if k & 1:
-        image = image[:, ::-1]
-    if k & 2:
-        image = image[::-1]
-    return image
-
+#: The EXIF orientation that undoes each one: 6 and 8 turn a quarter each way, the others
+#: undo themselves.
+_UNDOING_ORIENTATION = {6: 8, 8: 6}
 
 #: The flip/transpose of :func:`dihedral` that each EXIF orientation (1-8) applies to show the
 #: pixels upright (``kpac_cli.images.exif.apply_orientation``).
@@ -253,9 +247,9 @@ class Deblurrer:
         return max(MIN_TILE, side // stride * stride)
 
     # -- running ----------------------------------------------------------------------------
-    def _as_tensors(self, image: np.ndarray, center: np.ndarray | None, upright: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network's input and reference, in [-1, 1] units, in the frame that
-        ``dihedral(., upright)`` turns upright."""
+    def _as_tensors(self, image: np.ndarray, center: np.ndarray | None, orientation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's input and reference, in [-1, 1] units, turned back from the EXIF
+        ``orientation`` they were shown upright by (1: as given)."""
         cin = self.config.in_channels
         image = _checked_pixels(image, "image")
         if center is not None and self.config.in_views != 2:
@@ -266,9 +260,10 @@ class Deblurrer:
             raise ValueError(f"this model takes {kind} images, got shape {image.shape}")
         if center is not None and center.shape != image.shape[:2] + (3,):
             raise ValueError(f"centre view must be {image.shape[:2] + (3,)}, got {center.shape}")
-        if upright:
-            image = _undo_dihedral(image, upright)
-            center = None if center is None else _undo_dihedral(center, upright)
+        if orientation != 1:
+            undo = _UNDOING_ORIENTATION.get(orientation, orientation)
+            image = apply_orientation(image, undo)
+            center = None if center is None else apply_orientation(center, undo)
         views = image
         if self.balance_views:
             if center is None:
@@ -305,8 +300,10 @@ class Deblurrer:
         """
         if orientation not in ORIENTATION_DIHEDRAL:
             raise ValueError(f"orientation must be an EXIF orientation, 1-8; got {orientation!r}")
-        upright = ORIENTATION_DIHEDRAL[orientation] if self.config.in_views == 2 else 0
-        x, ref = self._as_tensors(image, center, upright)
+        if self.config.in_views != 2:
+            orientation = 1
+        upright = ORIENTATION_DIHEDRAL[orientation]
+        x, ref = self._as_tensors(image, center, orientation)
         h, w = x.shape[-2:]
         stats = RunStats(tile=tile_that_runs(self.plan_tile(h, w), h, w, self.config.stride), precision=_DTYPE_NAMES[self.dtype])
         t0 = time.perf_counter()

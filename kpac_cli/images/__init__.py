@@ -20,7 +20,7 @@ Conventions
 This package does not import typer or rich.
 """
 
-from .atomic import atomic_output, atomic_write_bytes, cleanup_stale_temps
+from .atomic import atomic_output, atomic_write_bytes, cleanup_stale_temps, write_output
 from .base import DEFAULT_MAX_PIXELS, RAW_EXTENSIONS, ImageError, ImageInfo, fill_transparent, luma, srgb_decode, srgb_encode
 from .io import is_image_path, list_images, probe_size, read_image, read_image_codes, sniff_format, write_image
 from .pairing import DualPixelTriple, dpdd_dual_dirs, pair_dual_pixel, read_dual_pixel
@@ -50,4 +50,5 @@ __all__ = [
     "srgb_decode",
     "srgb_encode",
     "write_image",
+    "write_output",
 ]

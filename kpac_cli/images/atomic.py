@@ -162,6 +162,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = 
         _release(tmp, remove=not ok)
 
 
+def write_output(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> None:
+    """:func:`atomic_write_bytes` into ``path``'s folder, created first, for a command's
+    outputs: a failure is an :class:`~.base.ImageError` that names ``path`` and the reason,
+    not the folder or the temporary file beside it. :class:`FileExistsError` (``replace=False``
+    and ``path`` exists) passes through as it is."""
+    from .base import ImageError
+
+    dest = Path(path)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ImageError(dest, f"cannot create its folder ({e.strerror or e})") from None
+    try:
+        atomic_write_bytes(dest, data, replace=replace)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        raise ImageError(dest, f"cannot write ({e.strerror or e})") from None
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Context manager yielding a temporary path that replaces ``path`` on success.
