@@ -199,6 +199,28 @@ def test_usage_errors_exit_2(tmp_path, args, monkeypatch):
     assert invoke(*args).exit_code == 2
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["deblur", "x.png", "-o", "out", "--tilee", "64"], "No such option: --tilee (Possible options: --compile, --left, --tile) (see python -m kpac_cli deblur -h)"),
+        (["deblur", "x.png", "-o", "out", "--strength", "lots"], "Invalid value for '--strength': Input should be a valid number"),
+        (["deblur", "x.png"], "Missing option '-o' / '--output'. (see python -m kpac_cli deblur -h)"),
+        (["debulr", "x.png"], "No such command 'debulr'. Did you mean 'deblur'? (see python -m kpac_cli -h)"),
+    ],
+)
+def test_command_line_parse_errors_are_one_line_like_kpacs_own(args, message):
+    """The parser's own refusals read like kpac's usage errors: one line on stderr, exit 2."""
+    res = subprocess.run([sys.executable, "-m", "kpac_cli", *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: " + message), res.stderr
+
+
+def test_no_arguments_still_show_the_help():
+    res = subprocess.run([sys.executable, "-m", "kpac_cli"], capture_output=True, text=True, timeout=120)
+    assert "Usage: python -m kpac_cli [OPTIONS] COMMAND" in res.stdout and "deblur" in res.stdout
+    assert "error" not in res.stderr.lower()
+
+
 def test_dual_pixel_folders_matched_by_name(tmp_path, tiny_models):
     rng = np.random.default_rng(4)
     for side in ("L", "R"):
