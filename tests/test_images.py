@@ -1472,6 +1472,32 @@ def test_atomic_helpers(tmp_path):
     assert no_temps(tmp_path)
 
 
+def test_atomic_writes_go_through_a_symlink_and_keep_it(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    target = store / "photo.bin"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    (tmp_path / "hop").symlink_to("store/photo.bin")  # relative, and a link to a link
+    link = tmp_path / "link.bin"
+    link.symlink_to("hop")
+    atomic_write_bytes(link, b"new")
+    assert link.is_symlink() and os.readlink(link) == "hop" and (tmp_path / "hop").is_symlink()
+    assert target.read_bytes() == b"new" and (target.stat().st_mode & 0o777) == 0o640
+    with atomic_output(link) as tmp:
+        assert tmp.parent == store  # beside the file it replaces: one file system, one rename
+        tmp.write_bytes(b"newer")
+    assert link.is_symlink() and target.read_bytes() == b"newer"
+    assert no_temps(tmp_path) and no_temps(store)
+    dangling = tmp_path / "dangling.bin"
+    dangling.symlink_to("store/missing.bin")
+    atomic_write_bytes(dangling, b"made")  # as open(dangling, "w") would: the target is created
+    assert dangling.is_symlink() and (store / "missing.bin").read_bytes() == b"made"
+    with pytest.raises(FileExistsError):  # a link is there: "never replace" keeps it and its target
+        atomic_write_bytes(link, b"no", replace=False)
+    assert link.is_symlink() and target.read_bytes() == b"newer"
+
+
 def test_long_non_ascii_names_are_written(tmp_path):
     # 244 bytes in UTF-8 (a valid name): the temporary name beside it must fit NAME_MAX too
     name = "写真" * 40 + ".png"

@@ -5,6 +5,8 @@ Data go to a temporary file in the destination's folder, named
 destination with :func:`os.replace` (atomic on POSIX and Windows within one file system).
 On any error the temporary file is removed and the destination is left untouched. The pid in
 the name lets :func:`cleanup_stale_temps` tell leftovers of a killed run from a live write.
+A destination that is a symbolic link is written through: the file it points to is replaced
+(atomically, beside it) and the link stays, as a plain ``open(path, "w")`` would have it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ def _name_prefix(name: str, limit: int) -> str:
     while len(os.fsencode(name)) > limit:
         name = name[:-1]
     return name
+
+
+def _through_symlink(dest: Path) -> Path:
+    """The file a write to ``dest`` should replace: the target of a symbolic link (followed to
+    its end, even a missing one), so that renaming onto it keeps the link and updates what it
+    names; ``dest`` itself otherwise."""
+    return Path(os.path.realpath(dest)) if os.path.islink(dest) else dest
 
 
 def _new_temp(dest: Path) -> Path:
@@ -148,7 +157,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = 
         When the folder is not writable, the disk is full, ``path`` is a directory, ...
         The destination is then unchanged and no temporary file remains.
     """
-    dest = Path(path)
+    dest = _through_symlink(Path(path)) if replace else Path(path)  # a link "exists" for replace=False
     tmp = _new_temp(dest)
     ok = False
     try:
@@ -197,7 +206,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     >>> with atomic_output("model.safetensors") as tmp:   # doctest: +SKIP
     ...     save_file(tensors, str(tmp))
     """
-    dest = Path(path)
+    dest = _through_symlink(Path(path))
     tmp = _new_temp(dest)
     ok = False
     try:
