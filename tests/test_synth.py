@@ -485,6 +485,25 @@ def test_cli_synth_json(runner_app, tmp_path):
         assert len(list((out / d).glob("*.png"))) == 3
 
 
+def test_cli_synth_says_which_sources_gave_samples_smaller_than_the_crop(runner_app, tmp_path):
+    import imageio.v3 as iio
+
+    runner, app = runner_app
+    rng = np.random.default_rng(0)
+    iio.imwrite(tmp_path / "big.png", (rng.random((64, 64, 3)) * 255).astype(np.uint8))
+    iio.imwrite(tmp_path / "wide.png", (rng.random((30, 64, 3)) * 255).astype(np.uint8))
+    out = tmp_path / "ds"
+    res = runner.invoke(app, ["synth", str(tmp_path / "big.png"), str(tmp_path / "wide.png"), "-o", str(out),
+                              "--count", "4", "--crop", "48", "--no-skimage"])
+    assert res.exit_code == 0, res.output
+    assert "note: 1 source(s) smaller than --crop 48 in a side gave smaller samples (never upscaled): wide" in res.stderr
+    sizes = {iio.imread(p).shape[:2] for p in (out / "train_c/source").glob("*.png")}
+    assert sizes == {(48, 48), (30, 48)}
+    res = runner.invoke(app, ["synth", str(tmp_path / "big.png"), "-o", str(tmp_path / "ds2"), "--count", "2",
+                              "--crop", "48", "--no-skimage"])
+    assert res.exit_code == 0 and "note:" not in res.stderr
+
+
 def test_cli_synth_errors(runner_app, tmp_path):
     runner, app = runner_app
     res = runner.invoke(app, ["synth", "-o", str(tmp_path / "x"), "--no-skimage"])

@@ -39,7 +39,7 @@ def synth(
     # -o/--output as in deblur, blurmap and convert; --out, its first spelling, still works
     out: Path = typer.Option(..., "-o", "--output", "--out", help="Output dataset folder.", show_default=False),
     count: int = typer.Option(100, "--count", "-n", help="Number of samples to write."),
-    crop: Optional[int] = typer.Option(None, "--crop", help="Square crop size (default: whole images)."),
+    crop: Optional[int] = typer.Option(None, "--crop", help="Square crop size (default: whole images). A source smaller than it in a side gives a smaller sample (never upscaled)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed: byte-identical files)."),
     max_radius: float = typer.Option(12.0, "--max-radius", help="Largest blur radius in pixels."),
     min_radius: float = typer.Option(0.0, "--min-radius", help="Smallest per-sample blur strength in pixels."),
@@ -158,6 +158,10 @@ def synth(
 
     for f in summary["failed"]:
         print_error(f"{f['origin']}: {f['error']}")
+    small = sorted({s["source"] for s in summary["samples"] if crop is not None and min(s["crop"][2:]) < crop})
+    if small and not quiet:  # a training set of mixed sizes should not be a surprise
+        err_console.print(f"note: {len(small)} source(s) smaller than --crop {crop} in a side gave smaller samples "
+                          f"(never upscaled): {escape(', '.join(small[:5]))}{', ...' if len(small) > 5 else ''}", soft_wrap=True)
     if not quiet:
         per = elapsed / max(summary["count"], 1)
         err_console.print(
