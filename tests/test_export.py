@@ -232,6 +232,15 @@ def test_onnx_dash_is_refused_rather_than_written_as_a_file_named_dash(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["new-folder/", "model", "model.onx"])
+def test_onnx_destination_must_be_an_onnx_file_name(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # 'new-folder/' arrives without its slash: a file 'new-folder' was written
+    res = invoke_export("--onnx", name, "--config", "single_2level")
+    assert res.exit_code == 2 and "give a file name ending in .onnx" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+    assert invoke_export("--onnx", "MODEL.ONNX", "--config", "single_2level").exit_code == 0
+
+
 @pytest.mark.parametrize("opset", ["12", "30"])
 def test_unsupported_opset_is_a_one_line_usage_error(tmp_path, opset):
     out = tmp_path / "x.onnx"

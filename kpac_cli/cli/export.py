@@ -83,11 +83,13 @@ def export(
         raise usage_error("--onnx -: the graph is written to a file, not to stdout; give the .onnx file to write")
     if onnx_path.is_dir():
         raise usage_error(f"--onnx {onnx_path}: is a folder (give the .onnx file to write)")
-    if onnx_path.exists() or onnx_path.is_symlink():  # only an existing file can be the model's
-        if config is None and _is_the_model(onnx_path, model):
-            raise usage_error(f"--onnx {onnx_path}: is the model file, which is never replaced (not even with --overwrite)")
-        if not overwrite:
-            raise usage_error(f"{onnx_path}: exists (use --overwrite)")
+    exists = onnx_path.exists() or onnx_path.is_symlink()
+    if exists and config is None and _is_the_model(onnx_path, model):  # only an existing file can be the model's
+        raise usage_error(f"--onnx {onnx_path}: is the model file, which is never replaced (not even with --overwrite)")
+    if onnx_path.suffix.lower() != ".onnx":  # 'out/' reaches here as 'out': a folder was meant, or a typo
+        raise usage_error(f"--onnx {onnx_path}: give a file name ending in .onnx")
+    if exists and not overwrite:
+        raise usage_error(f"{onnx_path}: exists (use --overwrite)")
     # A missing destination folder is created when the file is written, as by kpac convert.
     sizes = {}
     for flag, text in (("--static", static), ("--check-size", check_size)):
