@@ -874,3 +874,194 @@ def test_cli_images_in_sub_folders_left_out_without_r_are_said(cli, photo, tmp_p
     assert "1 image(s) in sub-folders of the input folders are left out (-r takes them" in res.output
     res = cli(str(photos), "-o", str(tmp_path / "o2"), "-r")
     assert res.exit_code == 0 and "left out" not in res.output
+
+
+def _mask_png(path: Path, radius: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.where(radius > 0, 255, 0).astype(np.uint8)).save(path)  # white = blurred
+    return path
+
+
+def _records(res) -> list[dict]:
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def test_cli_recursive_masks_are_looked_up_at_the_photos_relative_path(cli, tmp_path):
+    """a/x.png and b/x.png are two photos: each is scored against its own mask (gt/a/x.png,
+    gt/b/x.png), not both against gt/x.png."""
+    img, radius = banded_photo(96, 160, seed=3)
+    photos, gt = tmp_path / "photos", tmp_path / "gt"
+    for sub, flip in (("a", False), ("b", True)):  # b is blurred on the left
+        (photos / sub).mkdir(parents=True)
+        _save_rgb(photos / sub / "x.png", img[:, ::-1] if flip else img)
+        _mask_png(gt / sub / "x.png", radius[:, ::-1] if flip else radius)
+    _mask_png(gt / "x.png", radius)  # a's mask at the top: right for a, wrong for b
+    res = cli(str(photos), "-r", "--eval-masks", str(gt), "--json")
+    assert res.exit_code == 0, res.output
+    recs = {Path(r["input"]).parent.name: r for r in _records(res) if "input" in r}
+    for sub in ("a", "b"):
+        assert Path(recs[sub]["mask"]) == gt / sub / "x.png" and recs[sub]["scores"]["auc"] > 0.85
+    assert "a/x.png" in res.stderr and "b/x.png" in res.stderr  # the table tells the two apart
+    # only the top-level mask: it could be either photo's, so neither is scored against it
+    for sub in ("a", "b"):
+        (gt / sub / "x.png").unlink()
+    res = cli(str(photos), "-r", "--eval-masks", str(gt), "--json", "-q")
+    assert res.exit_code == 1
+    for r in (r for r in _records(res) if "input" in r):
+        assert r["status"] == "failed" and "scores" not in r
+        assert f"{gt / 'x.png'} is ambiguous" in r["error"] and "put its mask at" in r["error"], r["error"]
+    # one photo of that name: the top-level mask is its own
+    (photos / "b" / "x.png").unlink()
+    res = cli(str(photos), "-r", "--eval-masks", str(gt), "--json", "-q")
+    assert res.exit_code == 0, res.output
+    (rec,) = [r for r in _records(res) if "input" in r]
+    assert Path(rec["mask"]) == gt / "x.png" and rec["scores"]["auc"] > 0.85
+
+
+def test_every_written_file_says_what_it_is(tmp_path):
+    from kpac_cli.blurmap import blurmap_kind
+    from kpac_cli.blurmap.render import encode_map, encode_mask, encode_rgb
+
+    values = np.linspace(0, 1, 12 * 16, dtype=np.float32).reshape(12, 16)
+    files = {
+        "a.png": (encode_map(values), "blurmap"),
+        "b.tif": (encode_map(values, "tiff", kind="attention"), "attention"),
+        "c.png": (encode_map(values, scale=5, kind="defocus"), "defocus"),
+        "d.png": (encode_mask(values > 0.5), "mask"),
+        "e.tif": (encode_mask(values > 0.5, "tiff"), "mask"),
+        "f.png": (encode_rgb(np.dstack([values] * 3), kind="sheet"), "sheet"),
+    }
+    for name, (data, kind) in files.items():
+        (tmp_path / name).write_bytes(data)
+        assert blurmap_kind(tmp_path / name) == kind, name
+    import tifffile
+
+    assert tifffile.imread(tmp_path / "e.tif").tolist() == np.where(values > 0.5, 255, 0).tolist()
+    assert np.array_equal(tifffile.imread(tmp_path / "b.tif"), values)
+    # a photo, a hand-drawn mask, a file that is no image at all: not ours
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "gt.png")
+    tifffile.imwrite(tmp_path / "gt.tif", np.zeros((4, 4), np.uint8), description="kpac-blurmap: nonsense")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    for name in ("gt.png", "gt.tif", "junk.png"):
+        assert blurmap_kind(tmp_path / name) is None, name
+    with pytest.raises(ValueError):
+        encode_map(values, kind="photo")
+
+
+def test_cli_a_mask_an_earlier_run_predicted_is_not_ground_truth(cli, tmp_path):
+    """NAME_mask is a ground-truth name and this command's mask output: an earlier run's
+    prediction in the mask folder says so in its metadata and is never scored against."""
+    imgs, _ = _banded_set(tmp_path)
+    src = str(imgs / "scene.png")
+    for fmt in ("png", "tiff"):
+        predicted = tmp_path / f"pred-{fmt}"
+        assert cli(src, "-o", str(predicted), "--threshold", "0.5", "--format", fmt, "-q").exit_code == 0
+        (mask,) = predicted.glob("scene_mask.*")
+        res = cli(src, "--eval-masks", str(predicted), "--json", "-q")
+        assert res.exit_code == 1, res.output
+        (rec,) = [r for r in _records(res) if "input" in r]
+        assert rec["status"] == "failed" and "scores" not in rec
+        assert f"{mask} is a mask kpac blurmap predicted (its metadata says so), not ground truth" in rec["error"]
+    # ground truth beside it (under a name tried after NAME_mask) is found and scored
+    _, radius = banded_photo(96, 160, seed=3)
+    truth = _mask_png(predicted / "scene-gt.png", radius)
+    res = cli(src, "--eval-masks", str(predicted), "--json", "-q")
+    assert res.exit_code == 0, res.output
+    (rec,) = [r for r in _records(res) if "input" in r]
+    assert Path(rec["mask"]) == truth and rec["scores"]["auc"] > 0.85
+
+
+def test_cli_rerun_with_other_options_never_maps_earlier_maps(cli, photo, tmp_path):
+    """Every map says it is one: a rerun into the input folder with other options does not
+    take the first run's mask, overlay or sheet for photos."""
+    img, _ = photo
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _save_rgb(photos / "a.png", img[:48, :64])
+    first = cli(str(photos), "-o", str(photos), "--threshold", "0.5", "--sheet", "--format", "tiff", "-q")
+    assert first.exit_code == 0, first.output
+    res = cli(str(photos), "-o", str(photos), "--overlay", "--defocus-map", "--json", "-q")
+    assert res.exit_code == 0, res.output
+    assert [r["input"] for r in _records(res)] == [str(photos / "a.png")]
+    assert sorted(p.name for p in photos.iterdir()) == [
+        "a.png", "a_blurmap.png", "a_blurmap.tif", "a_defocus.png", "a_mask.tif", "a_overlay.png", "a_sheet.png"]
+    res = cli(str(photos / "a_sheet.png"), "-o", str(tmp_path / "o"), "-q")  # named: an input like any other
+    assert res.exit_code == 0 and (tmp_path / "o" / "a_sheet_blurmap.png").exists()
+    (photos / "a.png").unlink()
+    res = cli(str(photos), "-o", str(tmp_path / "o2"))
+    assert res.exit_code == 2 and "only maps that kpac blurmap wrote" in res.stderr, res.output
+
+
+def test_cli_overlay_keeps_the_photos_transparency(cli, photo, tmp_path):
+    img, _ = photo
+    rgb = (img[:48, :64] * 255 + 0.5).astype(np.uint8)
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[:, 40:] = 0  # cut out
+    alpha[:8, :20] = 128  # half transparent
+    sheets = []
+    for under in (0, 255):  # colours under alpha 0 are no part of the photo
+        rgba = np.dstack([rgb, alpha])
+        rgba[alpha == 0, :3] = under
+        Image.fromarray(rgba, "RGBA").save(tmp_path / f"p{under}.png")
+        res = cli(str(tmp_path / f"p{under}.png"), "-o", str(tmp_path / "o"), "--overlay", "--sheet", "-q")
+        assert res.exit_code == 0, res.output
+        with Image.open(tmp_path / "o" / f"p{under}_overlay.png") as im:
+            assert im.mode == "RGBA" and np.array_equal(np.array(im)[..., 3], alpha)
+        sheets.append(_read_png(tmp_path / "o" / f"p{under}_sheet.png"))
+    assert sheets[0].shape[2] == 3 and np.array_equal(sheets[0], sheets[1])  # the photo shown over white
+    opaque = _save_rgb(tmp_path / "rgb.png", img[:48, :64])
+    assert cli(str(opaque), "-o", str(tmp_path / "o"), "--overlay", "-q").exit_code == 0
+    with Image.open(tmp_path / "o" / "rgb_overlay.png") as im:
+        assert im.mode == "RGB"
+
+
+@pytest.mark.parametrize("size", [(1, 1), (12, 12), (40, 60), (300, 200)])
+def test_contact_sheet_labels_never_overlap(size, monkeypatch):
+    from PIL import ImageDraw
+
+    from kpac_cli.blurmap import contact_sheet
+
+    h, w = size
+    cfg = KPACConfig(levels=2, channels=16)
+    rng = np.random.default_rng(0)
+    low = [rng.random((len(cfg.dilations), -(-h // cfg.stride), -(-w // cfg.stride))) for _ in range(cfg.blocks)]
+    maps = maps_from_attention(low, (h, w), cfg)
+    drawn: list[tuple[tuple[int, int, int, int], str]] = []
+    text = ImageDraw.ImageDraw.text
+
+    def record(self, xy, txt, *args, **kwargs):
+        drawn.append((self.textbbox(xy, txt, font=kwargs.get("font")), txt))
+        return text(self, xy, txt, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", record)
+    sheet = contact_sheet(rng.random((h, w, 3)).astype(np.float32), maps)
+    assert len(drawn) == cfg.blocks * (len(cfg.dilations) + 2)
+    for i, (box, label) in enumerate(drawn):
+        assert 0 <= box[0] and box[2] <= sheet.shape[1] and 0 <= box[1] and box[3] <= sheet.shape[0], label
+        for other, label2 in drawn[i + 1 :]:
+            apart = box[2] <= other[0] or other[2] <= box[0] or box[3] <= other[1] or other[3] <= box[1]
+            assert apart, (label, label2)
+    if max(h, w) > 256:  # cells stay thumbnails of at most 256 px
+        assert sheet.shape[1] <= (len(cfg.dilations) + 2) * (256 + 4) + 4
+
+
+def test_contact_sheet_of_a_strip_photo_shows_it():
+    """A photo shallower than the thumbnail's reduction factor still gets a row of pixels."""
+    from kpac_cli.blurmap import contact_sheet
+
+    h, w = 3, 1200  # reduced 5 times to fit 256 px
+    cfg = KPACConfig(levels=2, channels=16)
+    low = [np.zeros((len(cfg.dilations), 1, -(-w // cfg.stride))) for _ in range(cfg.blocks)]
+    sheet = contact_sheet(np.zeros((h, w, 3), np.float32), maps_from_attention(low, (h, w), cfg))  # black photo, maps 0
+    dark = (sheet < 0.1).all(axis=2)  # the photo and the low end of the colour map; labels are thin
+    rows = np.flatnonzero(dark[:, 4:244].all(axis=1))  # the photo cell, 240 px wide
+    assert rows.size == cfg.blocks, rows
+
+
+def test_cli_score_table_shows_names_with_brackets(cli, tmp_path):
+    imgs, masks = _banded_set(tmp_path)
+    for folder in (imgs, masks):
+        (folder / "scene.png").rename(folder / "scene [draft].png")
+    res = cli(str(imgs), "--eval-masks", str(masks))
+    assert res.exit_code == 0, res.output
+    assert "scene [draft].png" in res.stderr, res.stderr

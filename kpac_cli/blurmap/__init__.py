@@ -44,7 +44,10 @@ from .maps import (
     resample_to_image,
 )
 from .render import (
+    KINDS,
+    MARK_KEY,
     apply_colormap,
+    blurmap_kind,
     contact_sheet,
     encode_map,
     encode_mask,
@@ -63,9 +66,12 @@ __all__ = [
     "DetectionScores",
     "POLARITIES",
     "F_BETA2",
+    "KINDS",
+    "MARK_KEY",
     "PAPER_CUHK",
     "apply_colormap",
     "attention_maps",
+    "blurmap_kind",
     "blur_mask",
     "contact_sheet",
     "defocus_map",

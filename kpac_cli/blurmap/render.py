@@ -11,7 +11,13 @@ Conventions
 * Binary masks are 8-bit, 255 = blurred (the CUHK convention), PNG or TIFF.
 * Overlays and contact sheets are 8-bit RGB PNG, colour-mapped with a small built-in
   perceptually ordered LUT (dark purple = 0, pale yellow = 1) and carrying the photo's ICC
-  profile when it is an RGB one (a grey photo's profile is left out).
+  profile when it is an RGB one (a grey photo's profile is left out). The overlay of a photo
+  with an alpha channel keeps that alpha (RGBA PNG), so what was transparent stays so; a
+  contact sheet shows such a photo over white.
+* Every file says what it is: a PNG text chunk ``kpac-blurmap`` (and ``Software``), or a
+  TIFF ImageDescription ``kpac-blurmap: KIND``, where KIND is one of :data:`KINDS`
+  (:func:`blurmap_kind` reads it back). So a predicted mask is never taken for ground truth,
+  nor a map for a photo, whatever its name.
 * Every file is written atomically; an existing file is only replaced with
   ``overwrite=True`` (otherwise :class:`FileExistsError`).
 """
@@ -42,10 +48,21 @@ COLORMAP_STOPS: tuple[tuple[float, tuple[int, int, int]], ...] = (
 MAP_FORMATS = ("png", "tiff")
 _EXT = {"png": ".png", "tiff": ".tif"}
 
+#: The PNG text keyword (and TIFF ImageDescription prefix) that marks a file kpac's blur-map
+#: writers made, with its kind as the value.
+MARK_KEY = "kpac-blurmap"
+#: What a marked file holds: the detection map, a raw attention map (``--all``), the
+#: blur-size estimate, a predicted mask, an overlay, a contact sheet.
+KINDS = ("blurmap", "attention", "defocus", "mask", "overlay", "sheet")
+_SOFTWARE = "kpac"
+
 __all__ = [
     "COLORMAP_STOPS",
+    "KINDS",
     "MAP_FORMATS",
+    "MARK_KEY",
     "apply_colormap",
+    "blurmap_kind",
     "contact_sheet",
     "encode_map",
     "encode_mask",
@@ -87,82 +104,115 @@ def overlay(photo: np.ndarray, values: np.ndarray, opacity: float = 0.6, vmin: f
 
 
 def _thumbnail(img: np.ndarray, cell: int) -> np.ndarray:
-    """Downscale (area average, integer factor) so the longer side is at most ``cell``."""
+    """Downscale (area average, integer factor) so the longer side is at most ``cell``.
+
+    The edges are extended to a multiple of the factor rather than cut off: a photo
+    narrower than the factor (a strip) still gets one row or column.
+    """
     h, w = img.shape[:2]
     f = max(1, -(-max(h, w) // cell))
     if f == 1:
         return img
-    hh, ww = h // f * f, w // f * f
-    v = img[:hh, :ww]
+    v = np.pad(img, [(0, -h % f), (0, -w % f)] + [(0, 0)] * (img.ndim - 2), mode="edge")
+    hh, ww = v.shape[:2]
     return v.reshape(hh // f, f, ww // f, f, *v.shape[2:]).mean(axis=(1, 3))
 
 
-def contact_sheet(photo: np.ndarray, maps: AttentionMaps, cell: int = 256, defocus: bool = True) -> np.ndarray:
+def _over_white(photo: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+    """The photo as it shows over a white page (colours under alpha 0 are not part of it)."""
+    rgb = photo[..., :3]
+    if alpha is None:
+        return rgb
+    a = np.asarray(alpha, dtype=np.float32)[..., None]
+    return rgb * a + (1 - a)
+
+
+def contact_sheet(photo: np.ndarray, maps: AttentionMaps, cell: int = 256, defocus: bool = True,
+                  alpha: np.ndarray | None = None) -> np.ndarray:
     """All maps on one RGB image: one row per block, one column per dilation, the photo first.
 
     Each cell is labelled ("block 1  d=1", ...); with ``defocus`` a last column shows each
-    block's blur-size estimate (colour-mapped over the dilation range).
+    block's blur-size estimate (colour-mapped over the dilation range). A column is at least
+    as wide as its label, so labels never run into each other however small the photo.
+    ``alpha`` (``H x W``, the photo's) shows the photo over white.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
-    label_h, pad = 14, 4
-    thumb = _thumbnail(photo[..., :3], cell)
+    pad = 4
+    font = ImageFont.load_default()
+    thumb = _thumbnail(_over_white(photo, alpha), cell)
     th, tw = thumb.shape[:2]
-    cols = 1 + len(maps.dilations) + (1 if defocus else 0)
-    sheet = np.full((maps.blocks * (th + label_h + pad) + pad, cols * (tw + pad) + pad, 3), 1.0, dtype=np.float32)
-    labels: list[tuple[int, int, str]] = []
     dmin, dmax = min(maps.dilations), max(maps.dilations)
+    rows: list[list[tuple[str, np.ndarray]]] = []
     for b in range(1, maps.blocks + 1):
-        y = pad + (b - 1) * (th + label_h + pad) + label_h
-        cells: list[tuple[str, np.ndarray]] = [("photo", thumb)]
         low = maps.block(b)
-        for i, d in enumerate(maps.dilations):
-            cells.append((f"block {b}  d={d}", apply_colormap(_thumbnail(low[i], cell))))
+        cells = [("photo", thumb)] + [(f"block {b}  d={d}", apply_colormap(_thumbnail(low[i], cell))) for i, d in enumerate(maps.dilations)]
         if defocus:
             cells.append((f"block {b}  size", apply_colormap(_thumbnail(maps.defocus(b), cell), dmin, dmax)))
+        rows.append(cells)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [measure.textbbox((0, 0), text, font=font) for cells in rows for text, _ in cells]
+    col_w = max(tw, max(r for _, _, r, _ in boxes) + pad)  # a label never reaches the next column
+    label_h = max(14, max(bottom for _, _, _, bottom in boxes) + 2)
+    sheet = np.full((len(rows) * (th + label_h + pad) + pad, len(rows[0]) * (col_w + pad) + pad, 3), 1.0, dtype=np.float32)
+    labels: list[tuple[int, int, str]] = []
+    for r, cells in enumerate(rows):
+        y = pad + r * (th + label_h + pad) + label_h
         for c, (text, img) in enumerate(cells):
-            x = pad + c * (tw + pad)
+            x = pad + c * (col_w + pad)
             sheet[y : y + img.shape[0], x : x + img.shape[1]] = img[..., :3]
             labels.append((x, y - label_h + 1, text))
     im = Image.fromarray((np.clip(sheet, 0, 1) * 255 + 0.5).astype(np.uint8))
     draw = ImageDraw.Draw(im)
     for x, y, text in labels:
-        draw.text((x, y), text, fill=(0, 0, 0))
+        draw.text((x, y), text, fill=(0, 0, 0), font=font)
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def _info(size: tuple[int, int], channels: int, bit_depth: int, icc: bytes | None = None) -> ImageInfo:
+def _info(size: tuple[int, int], channels: int, bit_depth: int, kind: str, icc: bytes | None = None,
+          alpha: np.ndarray | None = None) -> ImageInfo:
+    text = ((b"tEXt", b"Software\0" + _SOFTWARE.encode()), (b"tEXt", MARK_KEY.encode() + b"\0" + kind.encode()))
     return ImageInfo(
-        path=None, format="png", bit_depth=bit_depth, channels=channels, alpha=None,
-        icc_profile=icc, exif=None, orientation_applied=1, size=size,
+        path=None, format="png", bit_depth=bit_depth, channels=channels, alpha=alpha,
+        icc_profile=icc, exif=None, orientation_applied=1, size=size, png_chunks=text,
     )
 
 
-def _float_tiff(values: np.ndarray) -> bytes:
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _tiff(values: np.ndarray, kind: str, predictor: bool) -> bytes:
+    """Single-channel TIFF bytes (zlib) marked as ``kind``."""
     import tifffile
 
     buf = io.BytesIO()
-    tifffile.imwrite(buf, np.ascontiguousarray(values, dtype=np.float32), photometric="minisblack", compression="zlib")
+    tifffile.imwrite(buf, np.ascontiguousarray(values), photometric="minisblack", compression="zlib", predictor=predictor,
+                     description=f"{MARK_KEY}: {kind}", software=_SOFTWARE, metadata=None)
     return buf.getvalue()
 
 
-def encode_map(values: np.ndarray, fmt: str = "png", scale: float = 1.0) -> bytes:
+def encode_map(values: np.ndarray, fmt: str = "png", scale: float = 1.0, kind: str = "blurmap") -> bytes:
     """A single-channel map -> file bytes: 16-bit grey PNG of ``values / scale`` (clipped to
-    [0, 1]), or float32 TIFF of ``values`` unscaled."""
+    [0, 1]), or float32 TIFF of ``values`` unscaled; marked as ``kind`` (see :data:`KINDS`)."""
     if fmt not in MAP_FORMATS:
         raise ValueError(f"map format must be one of {MAP_FORMATS}, got {fmt!r}")
+    _check_kind(kind)
     values = np.asarray(values, dtype=np.float32)
     if fmt == "tiff":
-        return _float_tiff(values)
-    return write_image(None, (values / np.float32(scale))[..., None], _info(values.shape, 1, 16), format="png", bit_depth=16)
+        return _tiff(values, kind, predictor=False)  # the float predictor needs imagecodecs
+    return write_image(None, (values / np.float32(scale))[..., None], _info(values.shape, 1, 16, kind), format="png", bit_depth=16)
 
 
 def encode_mask(mask: np.ndarray, fmt: str = "png") -> bytes:
-    """Bool mask -> 8-bit grey file bytes, 255 = True (blurred)."""
+    """Bool mask -> 8-bit grey file bytes, 255 = True (blurred), marked as a predicted mask."""
     if fmt not in MAP_FORMATS:
         raise ValueError(f"mask format must be one of {MAP_FORMATS}, got {fmt!r}")
-    m = np.asarray(mask, dtype=np.float32)[..., None]
-    return write_image(None, m, _info(m.shape[:2], 1, 8), format=fmt, bit_depth=8)
+    m = np.asarray(mask, dtype=bool)
+    if fmt == "tiff":
+        return _tiff(np.where(m, 255, 0).astype(np.uint8), "mask", predictor=True)
+    return write_image(None, m.astype(np.float32)[..., None], _info(m.shape, 1, 8, "mask"), format="png", bit_depth=8)
 
 
 def _rgb_profile(icc: bytes | None) -> bytes | None:
@@ -172,10 +222,36 @@ def _rgb_profile(icc: bytes | None) -> bytes | None:
     return icc if icc is not None and icc[16:20] == b"RGB " else None
 
 
-def encode_rgb(image: np.ndarray, icc: bytes | None = None) -> bytes:
-    """``H x W x 3`` float RGB in [0, 1] -> 8-bit RGB PNG bytes, with the ICC profile when it
-    is an RGB one (see :func:`_rgb_profile`)."""
-    return write_image(None, image, _info(image.shape[:2], 3, 8, _rgb_profile(icc)), format="png", bit_depth=8)
+def encode_rgb(image: np.ndarray, icc: bytes | None = None, kind: str = "overlay", alpha: np.ndarray | None = None) -> bytes:
+    """``H x W x 3`` float RGB in [0, 1] -> 8-bit RGB PNG bytes (RGBA with ``alpha``, ``H x W``
+    in [0, 1]), with the ICC profile when it is an RGB one (see :func:`_rgb_profile`), marked
+    as ``kind`` (see :data:`KINDS`)."""
+    _check_kind(kind)
+    info = _info(image.shape[:2], 3, 8, kind, _rgb_profile(icc), alpha)
+    return write_image(None, image, info, format="png", bit_depth=8)
+
+
+def blurmap_kind(path: str | Path) -> str | None:
+    """What a file written by kpac's blur-map writers holds (one of :data:`KINDS`), read from
+    its metadata; None for any other file (a photo, a ground-truth mask, an unreadable file)."""
+    ext = Path(path).suffix.lower()
+    try:
+        if ext == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:  # text chunks before the image data: read on open
+                value = im.info.get(MARK_KEY)
+        elif ext in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                described = tif.pages.first.description or ""
+            value = described[len(MARK_KEY) + 2 :] if described.startswith(f"{MARK_KEY}: ") else None
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not one of ours
+        return None
+    return value if value in KINDS else None
 
 
 def write_file(path: str | Path, data: bytes, overwrite: bool = False) -> Path:
@@ -260,5 +336,5 @@ def save_blurmaps(
     written = []
     for p, b, d in targets:
         values = maps.map(b, d) if all_maps else maps.detection(b, d)
-        written.append(write_file(p, encode_map(values, fmt), overwrite=True))
+        written.append(write_file(p, encode_map(values, fmt, kind="attention" if all_maps else "blurmap"), overwrite=True))
     return written

@@ -41,10 +41,12 @@ Each KPAC block weighs its atrous branches (dilations 1..5) per pixel; the first
   NAME_blurmap_bB_dD.png  with --all: every block x dilation (raw attention)
   NAME_defocus.png        --defocus-map: weighted mean dilation / max dilation
   NAME_mask.png           --threshold T: 8-bit, 255 = blurred
-  NAME_overlay.png        --overlay: colour map over the photo
+  NAME_overlay.png        --overlay: colour map over the photo (keeping its transparency)
   NAME_sheet.png          --sheet: every map of every block on one page
 
---format tiff writes the maps as float32 TIFF instead (the defocus map then in dilation units) and the mask as 8-bit TIFF. --eval-masks DIR scores the detection map against ground-truth masks with the same file stem, or the stem and _gt or _mask (CUHK convention: white = blurred), and prints them beside the paper's CUHK figures.
+--format tiff writes the maps as float32 TIFF instead (the defocus map then in dilation units) and the mask as 8-bit TIFF. Every file written here says what it is in its metadata: a later run never takes it for a photo found in a folder, nor for a ground-truth mask.
+
+--eval-masks DIR scores the detection map against ground-truth masks with the same file stem, or the stem and _gt or _mask (CUHK convention: white = blurred), and prints them beside the paper's CUHK figures. With --recursive a photo in a sub-folder (a/x.jpg) takes its mask from the same sub-folder of DIR (DIR/a/x.png), else from the top of DIR unless another photo of the run claims that mask too (it is then ambiguous and the photo fails).
 
 Examples:
 
@@ -60,7 +62,9 @@ class _Item:
     label: str  # shown in messages and records
     source: Any  # Path or DualPixelTriple
     out_dir: Path | None
+    rel: Path = Path(".")  # where it lies below its input folder (sub-folders with --recursive)
     mask: Path | None = None
+    no_mask: str = ""  # why it has no mask, when one was looked for and none is usable
     outputs: dict[str, Path] = field(default_factory=dict)
 
 
@@ -77,36 +81,99 @@ def _index_masks(folder: Path) -> dict[str, list[Path]]:
     return index
 
 
-def _find_mask(index: dict[str, list[Path]], stem: str, source: Path, inputs: set[Path]) -> Path | None:
-    """The ground truth of the input ``source`` (resolved) named ``stem``, never an input itself.
+class _MaskFolder:
+    """The files of --eval-masks by stem, listed one sub-folder at a time as photos ask."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._indexes: dict[Path, dict[str, list[Path]]] = {}
+
+    def index(self, sub: Path) -> dict[str, list[Path]]:
+        if sub not in self._indexes:
+            folder = self.root / sub
+            self._indexes[sub] = _index_masks(folder) if sub == Path(".") or folder.is_dir() else {}
+        return self._indexes[sub]
+
+
+def _find_mask(index: dict[str, list[Path]], stem: str, source: Path, inputs: set[Path]) -> tuple[Path | None, list[Path]]:
+    """The ground truth of the input ``source`` (resolved) named ``stem``, never an input
+    itself nor a mask this command predicted; and the predicted masks passed over.
 
     A file named NAME that is an input is another photo, not a mask (masks kept beside the
     photos are told apart by the names of :data:`MASK_NAMES`); a NAME_gt that is an input is
-    the mask, and the caller takes it out of the inputs.
+    the mask, and the caller takes it out of the inputs. A NAME_mask that an earlier run wrote
+    says so in its metadata (:func:`~kpac_cli.blurmap.blurmap_kind`).
     """
-    for cand in index.get(stem, []):
-        if cand.resolve() not in inputs:
-            return cand
-    for name in MASK_NAMES:
-        for cand in index.get(name.format(stem), []):
-            if cand.resolve() != source:
-                return cand
-    return None
+    from ..blurmap import blurmap_kind
+
+    candidates = [c for c in index.get(stem, []) if c.resolve() not in inputs]
+    candidates += [c for name in MASK_NAMES for c in index.get(name.format(stem), []) if c.resolve() != source]
+    predicted = []
+    for cand in candidates:
+        if blurmap_kind(cand) is None:
+            return cand, predicted
+        predicted.append(cand)
+    return None, predicted
+
+
+def _no_mask_message(it: _Item, folders: list[Path], predicted: list[Path]) -> str:
+    names = ", ".join(f"{n.format(it.name)}.*" for n in MASK_NAMES)
+    where = " or ".join(str(f) for f in folders)
+    msg = f"{it.label}: no ground-truth mask named {it.name}.* (other than an input) or {names} in {where}"
+    if predicted:
+        msg += f"; {predicted[0]} is a mask kpac blurmap predicted (its metadata says so), not ground truth"
+    return msg
 
 
 def _pair_masks(items: list[_Item], folder: Path, named: set[Path]) -> list[_Item]:
     """Give every item its ground-truth mask; return the items that are not themselves masks.
 
-    When the masks lie among the inputs (``--eval-masks`` naming an input folder), a file
-    found in a folder listing that is another input's mask is ground truth, not a photo to
-    map; files named on the command line stay inputs.
+    A photo in a sub-folder looks in the same sub-folder of ``folder`` first, then at its
+    top; a top-level mask that another photo claims too is ambiguous, and a photo that found
+    it only there gets none. When the masks lie among the inputs (``--eval-masks`` naming an input
+    folder), a file found in a folder listing that is another input's mask is ground truth,
+    not a photo to map; files named on the command line stay inputs.
     """
-    index = _index_masks(folder)
+    masks = _MaskFolder(folder)
     sources = {Path(it.label).resolve() for it in items}  # (a dual-pixel item's label is its left view)
+    claims: dict[Path, list[tuple[_Item, bool]]] = {}  # mask -> (item, found at the top only after its own sub-folder)
     for it in items:
-        it.mask = _find_mask(index, it.name, Path(it.label).resolve(), sources)
-    masks = {it.mask.resolve() for it in items if it.mask is not None}
-    return [it for it in items if Path(it.label).resolve() not in masks or Path(os.path.abspath(it.label)) in named]
+        source, sub = Path(it.label).resolve(), it.rel.parent
+        it.mask, predicted = _find_mask(masks.index(sub), it.name, source, sources)
+        looked = [folder / sub]
+        fallback = it.mask is None and sub != Path(".")
+        if fallback:
+            it.mask, more = _find_mask(masks.index(Path(".")), it.name, source, sources)
+            predicted += more
+            looked.append(folder)
+        if it.mask is None:
+            it.no_mask = _no_mask_message(it, looked, predicted)
+        else:
+            claims.setdefault(it.mask.resolve(), []).append((it, fallback))
+    for owners in claims.values():
+        if len(owners) < 2:
+            continue
+        for it, fallback in owners:
+            if fallback:
+                others = ", ".join(o.label for o, _ in owners if o is not it)
+                it.no_mask = (f"{it.label}: no ground-truth mask in {folder / it.rel.parent}, and {it.mask} is ambiguous "
+                              f"(also the mask of {others}); put its mask at {folder / it.rel.parent / it.mask.name}")
+                it.mask = None
+    return [it for it in items if Path(it.label).resolve() not in claims or Path(os.path.abspath(it.label)) in named]
+
+
+def _earlier_outputs(items: list[_Item], named: set[Path]) -> set[Path]:
+    """The photos found in a folder listing that kpac blurmap wrote (maps, masks, overlays,
+    sheets of an earlier run, whatever its options): not photos to map. Files named on the
+    command line always are."""
+    from ..blurmap import blurmap_kind
+
+    found = set()
+    for it in items:
+        key = Path(os.path.abspath(it.label))
+        if key not in named and blurmap_kind(it.label) is not None:
+            found.add(key)
+    return found
 
 
 def blurmap(
@@ -123,7 +190,7 @@ def blurmap(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Also write a binary mask: detection map >= T is blurred (255). With --eval-masks, also the threshold of the scores (default 0.5)."),
     invert: bool = typer.Option(False, "--invert", help="Flip the detection map (1 - map), for a model whose attention is high on sharp regions but whose checkpoint does not declare it."),
     upsample: int = typer.Option(1, "--upsample", help="Enlarge the input N times before inference (the paper's Appendix F trick for small photos)."),
-    eval_masks: Optional[Path] = typer.Option(None, "--eval-masks", help="Score the detection map against masks in this folder, paired by file stem: NAME.*, NAME_gt.*, NAME_mask.*, NAME-gt.* or gt_NAME.* for an image NAME. Masks with only the values 0 and 1 are label images (1 = blurred).", show_default=False),
+    eval_masks: Optional[Path] = typer.Option(None, "--eval-masks", help="Score the detection map against masks in this folder, paired by file stem: NAME.*, NAME_gt.*, NAME_mask.*, NAME-gt.* or gt_NAME.* for an image NAME (with --recursive, in the photo's sub-folder first). Masks with only the values 0 and 1 are label images (1 = blurred).", show_default=False),
     masks_sharp_white: bool = typer.Option(False, "--masks-sharp-white", help="Ground-truth masks are white where sharp (default: white = blurred, as CUHK)."),
     left: Optional[str] = typer.Option(None, "--left", help="Dual-pixel left view(s): a file or a folder (or, alone, a DPDD root)."),
     right: Optional[str] = typer.Option(None, "--right", help="Dual-pixel right view(s)."),
@@ -185,17 +252,22 @@ def blurmap(
             triples = pair_dual_pixel(Path(left), Path(right) if right else None, Path(center) if center else None)
             for t in triples:
                 stem = Path(t.name).stem
-                items.append(_Item(stem, str(t.left), t, output))
+                items.append(_Item(stem, str(t.left), t, output, rel=Path(t.name)))
         else:
             if not recursive and not quiet:
                 say_images_below(inputs, output)
             for src, rel in collect_inputs(inputs, recursive, exclude=output):
-                items.append(_Item(rel.stem, str(src), src, None if output is None else output / rel.parent))
+                items.append(_Item(rel.stem, str(src), src, None if output is None else output / rel.parent, rel=rel))
     except (PlanError, ImageError) as e:
         raise usage_error(str(e)) from None
     if not items:
         raise usage_error("no images found in the inputs")
     named = {Path(os.path.abspath(i)) for i in inputs if not Path(i).is_dir()}
+    if not dual:
+        earlier = _earlier_outputs(items, named)
+        items = [it for it in items if Path(os.path.abspath(it.label)) not in earlier]
+        if not items:
+            raise usage_error("no images found in the inputs (only maps that kpac blurmap wrote)")
     if eval_masks is not None:
         try:
             items = _pair_masks(items, eval_masks, named)
@@ -279,8 +351,8 @@ def blurmap(
                 counts[rec["status"]] += 1
                 if rec["status"] == "failed":
                     print_error(rec["error"])
-                if rec.get("scores") is not None:
-                    all_scores.append((it.label, rec.pop("_scores")))
+                if rec.get("scores") is not None:  # shown by the path below its input folder: names repeat with -r
+                    all_scores.append((it.rel.as_posix(), rec.pop("_scores")))
                 rec.pop("_scores", None)
                 if json_out:
                     emit_json(rec)
@@ -319,6 +391,7 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
     from ..blurmap import blur_mask, contact_sheet, encode_map, encode_mask, encode_rgb, mask_from_image, score_detection, write_file
     from ..blurmap import overlay as make_overlay
     from ..images import DualPixelTriple, ImageError, fill_transparent, read_dual_pixel, read_image, read_image_codes
+    from rich.markup import escape
 
     t0 = time.perf_counter()
     rec: dict[str, Any] = {
@@ -334,15 +407,14 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
     todo = {k: p for k, p in it.outputs.items() if overwrite or k not in existing}
     if evaluate and it.mask is None:
         # a failure of this image, but its maps are still written
-        names = ", ".join(f"{n.format(it.name)}.*" for n in MASK_NAMES)
-        rec.update(status="failed", error=f"{it.label}: no ground-truth mask named {it.name}.* (other than an input) or {names} in --eval-masks")
+        rec.update(status="failed", error=it.no_mask)
         evaluate = False
         if not todo:
             return rec
     if not todo and not evaluate:
         rec["status"] = "skipped"
         return rec
-    task = progress.add_task(f"  {it.name[:30]}", total=None) if progress is not None else None
+    task = progress.add_task(f"  {escape(it.name[:30])}", total=None) if progress is not None else None
     try:
         if isinstance(it.source, DualPixelTriple):
             image, center, info = read_dual_pixel(it.source, max_pixels=max_pixels)
@@ -350,7 +422,8 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
         else:
             photo, info = read_image(it.source, max_pixels=max_pixels)
             # as kpac deblur shows it to the model: colours under alpha 0 are not part of the photo
-            image, center = fill_transparent(photo, info.alpha)[0], None
+            photo = fill_transparent(photo, info.alpha)[0]
+            image, center = photo, None
         rec["height"], rec["width"] = h, w = image.shape[:2]
         if h * w * upsample**2 > max_pixels:  # the network sees the enlarged image
             rec.update(status="failed", error=f"{it.label}: {w}x{h} enlarged {upsample} times is {h * w * upsample**2} pixels, "
@@ -366,19 +439,19 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
                 data = encode_map(detect, fmt)
             elif key.startswith("b") and "_d" in key:
                 b, d = (int(v) for v in key[1:].split("_d"))
-                data = encode_map(maps.map(b, d), fmt)
+                data = encode_map(maps.map(b, d), fmt, kind="attention")
             elif key == "defocus":
                 size = maps.defocus(block)
-                data = encode_map(size, fmt, scale=max(maps.dilations))
+                data = encode_map(size, fmt, scale=max(maps.dilations), kind="defocus")
                 rec["mean_defocus"] = round(float(size.mean()), 6)
             elif key == "mask":
                 m = blur_mask(detect, threshold)
                 rec["blurred_fraction"] = round(float(m.mean()), 6)
                 data = encode_mask(m, fmt)
-            elif key == "overlay":
-                data = encode_rgb(make_overlay(photo, detect), info.icc_profile)
+            elif key == "overlay":  # keeps the photo's alpha: what was transparent stays so
+                data = encode_rgb(make_overlay(photo, detect), info.icc_profile, kind="overlay", alpha=info.alpha)
             elif key == "sheet":
-                data = encode_rgb(contact_sheet(photo, maps), info.icc_profile)
+                data = encode_rgb(contact_sheet(photo, maps, alpha=info.alpha), info.icc_profile, kind="sheet")
             else:  # pragma: no cover - the planner only makes the keys above
                 raise AssertionError(key)
             write_file(path, data, overwrite=overwrite)
@@ -430,6 +503,7 @@ def _reversed_hint(polarity: str, invert: bool, masks_sharp_white: bool) -> str:
 
 
 def _print_table(rows, summary, paper, beta2, block, dilation, invert, polarity, threshold, masks_sharp_white=False) -> None:
+    from rich.markup import escape  # file names may hold '[...]'
     from rich.table import Table
 
     title = f"Blur detection: block {block}, dilation {dilation}{' (inverted)' if invert else ''}, threshold {threshold:g}"
@@ -438,7 +512,7 @@ def _print_table(rows, summary, paper, beta2, block, dilation, invert, polarity,
         table.add_column(col, justify="left" if col == "image" else "right")
     if len(rows) <= 50:
         for label, s in rows:
-            table.add_row(Path(label).name, _fmt(s.f_measure), _fmt(s.accuracy, True), _fmt(s.precision), _fmt(s.recall), _fmt(s.auc))
+            table.add_row(escape(label), _fmt(s.f_measure), _fmt(s.accuracy, True), _fmt(s.precision), _fmt(s.recall), _fmt(s.auc))
         table.add_section()
     table.add_row(f"mean of {summary['images']} images", _fmt(summary["f_measure"]), _fmt(summary["accuracy"], True),
                   _fmt(summary["precision"]), _fmt(summary["recall"]), _fmt(summary["auc"]), style="bold")
