@@ -221,6 +221,27 @@ def test_no_arguments_still_show_the_help():
     assert "error" not in res.stderr.lower()
 
 
+def test_maps_kpac_blurmap_wrote_in_an_input_folder_are_not_deblurred(tmp_path, tiny_models):
+    """An overlay or mask that kpac blurmap left beside the photos says so in its metadata:
+    a folder listing leaves it out, whatever its name; named on the command line it is an input."""
+    from kpac_cli.blurmap import encode_mask, encode_rgb
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(7)
+    _write(photos / "a.png", rng.random((24, 32, 3), dtype=np.float32), 8)
+    (photos / "a_overlay.png").write_bytes(encode_rgb(rng.random((24, 32, 3), dtype=np.float32), kind="overlay"))
+    (photos / "b.tif").write_bytes(encode_mask(rng.random((24, 32)) > 0.5, "tiff"))
+    res = invoke("deblur", photos, "-o", tmp_path / "out", "--model", tiny_models[0], "--json", "-q")
+    assert res.exit_code == 0, res.output
+    assert [json.loads(line)["input"] for line in res.stdout.splitlines()] == [str(photos / "a.png")]
+    res = invoke("deblur", photos / "a_overlay.png", "-o", tmp_path / "out2", "--model", tiny_models[0], "-q")
+    assert res.exit_code == 0 and (tmp_path / "out2" / "a_overlay.png").exists()
+    (photos / "a.png").unlink()
+    res = invoke("deblur", photos, "-o", tmp_path / "out3", "--model", tiny_models[0])
+    assert res.exit_code == 2 and "only maps that kpac blurmap wrote" in res.output
+
+
 def test_dual_pixel_folders_matched_by_name(tmp_path, tiny_models):
     rng = np.random.default_rng(4)
     for side in ("L", "R"):

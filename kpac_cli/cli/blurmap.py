@@ -162,20 +162,6 @@ def _pair_masks(items: list[_Item], folder: Path, named: set[Path]) -> list[_Ite
     return [it for it in items if Path(it.label).resolve() not in claims or Path(os.path.abspath(it.label)) in named]
 
 
-def _earlier_outputs(items: list[_Item], named: set[Path]) -> set[Path]:
-    """The photos found in a folder listing that kpac blurmap wrote (maps, masks, overlays,
-    sheets of an earlier run, whatever its options): not photos to map. Files named on the
-    command line always are."""
-    from ..blurmap import blurmap_kind
-
-    found = set()
-    for it in items:
-        key = Path(os.path.abspath(it.label))
-        if key not in named and blurmap_kind(it.label) is not None:
-            found.add(key)
-    return found
-
-
 def blurmap(
     inputs: Optional[List[str]] = typer.Argument(None, help="Image files or folders.", show_default=False),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (created). Optional with --eval-masks.", show_default=False),
@@ -263,11 +249,6 @@ def blurmap(
     if not items:
         raise usage_error("no images found in the inputs")
     named = {Path(os.path.abspath(i)) for i in inputs if not Path(i).is_dir()}
-    if not dual:
-        earlier = _earlier_outputs(items, named)
-        items = [it for it in items if Path(os.path.abspath(it.label)) not in earlier]
-        if not items:
-            raise usage_error("no images found in the inputs (only maps that kpac blurmap wrote)")
     if eval_masks is not None:
         try:
             items = _pair_masks(items, eval_masks, named)

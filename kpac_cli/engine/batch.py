@@ -177,9 +177,14 @@ def collect_inputs(inputs: list[str], recursive: bool, exclude: Path | None = No
     """(file, path relative to the folder it came from) for every image named or found.
 
     ``exclude``: a folder whose files are never taken from a folder listing (the output
-    folder, when it lies inside an input folder).
+    folder, when it lies inside an input folder). Nor are the maps, masks, overlays and
+    sheets ``kpac blurmap`` wrote (their metadata says so): they are not photos. A file named
+    in ``inputs`` is always taken.
     """
+    from ..blurmap.render import blurmap_kind
+
     found: list[tuple[Path, Path]] = []
+    maps = 0
     skip = exclude.resolve() if exclude is not None else None
     for item in inputs:
         p = Path(item)
@@ -190,11 +195,15 @@ def collect_inputs(inputs: list[str], recursive: bool, exclude: Path | None = No
                 raise PlanError(f"cannot list {item} ({e.strerror or e})") from None
             if skip is not None and skip != p.resolve() and skip.is_relative_to(p.resolve()):
                 files = [f for f in files if not f.resolve().is_relative_to(skip)]
-            found += [(f, f.relative_to(p)) for f in files]
+            photos = [f for f in files if blurmap_kind(f) is None]
+            maps += len(files) - len(photos)
+            found += [(f, f.relative_to(p)) for f in photos]
         elif p.exists():
             found.append((p, Path(p.name)))
         else:
             raise PlanError(f"input not found: {item}")
+    if not found and maps:
+        raise PlanError("no images found in the inputs (only maps that kpac blurmap wrote)")
     return found
 
 
