@@ -320,6 +320,36 @@ def test_mismatched_pairing_exits_2_naming_the_files(folders):
     assert res.exit_code == 2 and "4 images" in res.output and "but 3" in res.output
 
 
+def test_pairing_errors_name_the_folders_as_given(folders):
+    # --source holds blurry inputs: calling them predictions would send the user to the wrong folder
+    (folders / "src" / "c.png").rename(folders / "src" / "extra_src.png")
+    res = invoke("--source", folders / "src", "--target", folders / "gt", "--method", "identity", "--no-lpips")
+    assert res.exit_code == 2, res.output
+    assert f"1 source(s) without a target in {folders / 'gt'}: extra_src" in res.stderr
+    assert f"1 target(s) without a source in {folders / 'src'}: c" in res.stderr
+    assert "prediction" not in res.stderr
+    # --pred with --source: the inputs shown in the crops are sources, not targets
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--source", folders / "src", "--no-lpips")
+    assert res.exit_code == 2, res.output
+    assert f"1 source(s) without a prediction in {folders / 'pred'}: extra_src" in res.stderr
+    assert f"1 prediction(s) without a source in {folders / 'src'}: c" in res.stderr
+
+
+def test_pairing_by_order_pairs_stems_whatever_the_extensions(folders, tmp_path):
+    # photo.jpg / photo.left.jpg against photo.left.png / photo.png: the extension must not reorder
+    from PIL import Image
+
+    (tmp_path / "p").mkdir()
+    for stem, n in (("photo", "a"), ("photo.left", "b")):
+        Image.open(folders / "pred" / f"{n}.png").save(tmp_path / "p" / f"{stem}.jpg")
+        _write(tmp_path / "t" / f"{stem}.png", _read(folders / "gt" / f"{n}.png"))
+    res = invoke("--pred", tmp_path / "p", "--target", tmp_path / "t", "--pair-by", "order", "--no-lpips", "--json")
+    assert res.exit_code == 0, res.output
+    got = {r["name"]: Path(r["target"]).name for r in records(res)[:-1]}
+    assert got == {"photo": "photo.png", "photo.left": "photo.left.png"}
+    assert "natural order" in records(res)[-1]["pairing"]  # the report says which order paired them
+
+
 def test_failed_pair_exits_1_and_the_others_are_scored(folders):
     (folders / "pred" / "b.png").write_bytes(b"not an image")
     _write(folders / "pred" / "c.png", np.zeros((H // 2, W, 3)))  # wrong size
@@ -403,6 +433,23 @@ def test_help_has_examples():
 
 
 # ------------------------------------------------------------------------------------------ outputs, options and reports
+
+
+def test_a_crops_folder_that_cannot_be_created_is_a_usage_error(folders, tmp_path, monkeypatch):
+    args = ("--pred", folders / "pred", "--target", folders / "gt", "--no-lpips", "--json")
+    (tmp_path / "afile").write_text("a file where a folder is needed")
+    res = invoke(*args, "--save-crops", tmp_path / "afile" / "crops" / "here")
+    assert res.exit_code == 2 and res.stdout == "", res.output  # refused before any image is scored
+    assert res.stderr.strip() == (f"error: --save-crops {tmp_path / 'afile' / 'crops' / 'here'}: "
+                                  f"cannot create the folder: {tmp_path / 'afile'} is not a folder")
+    # a folder the file system refuses (no permission) is said as plainly
+    def refuse(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    res = invoke(*args, "--save-crops", tmp_path / "crops")
+    assert res.exit_code == 2 and res.stdout == "", res.output
+    assert res.stderr.strip() == f"error: --save-crops {tmp_path / 'crops'}: cannot create the folder (Permission denied)"
 
 
 def test_existing_report_and_crops_are_refused_without_overwrite(folders, tmp_path):
@@ -621,6 +668,7 @@ def test_inputs_shown_only_in_crops_do_not_fail_the_scores(folders, tmp_path):
     recs = records(res)
     assert [r["status"] for r in recs[:-1]] == ["ok", "ok", "ok"] and recs[-1]["count"] == 3
     assert "b.png" in recs[1]["crops_error"] and "crops_error" not in recs[0]
+    assert recs[1]["crops_error"].startswith(f"crops not written: {folders / 'src' / 'b.png'}: ")  # named once
     assert sorted(p.name for p in (tmp_path / "crops").iterdir()) == ["a.png", "c.png"]
 
 
@@ -632,6 +680,26 @@ def test_pairing_by_order_refuses_two_predictions_of_one_name(folders, tmp_path)
                  "--save-crops", tmp_path / "crops", "--no-lpips")
     assert res.exit_code == 2 and "share the name 'a'" in res.stderr, res.output
     assert not (tmp_path / "crops").exists()
+
+
+def test_a_failed_pair_is_named_on_stderr_whatever_its_name(folders, tmp_path):
+    # "c" and "a" are letters of the messages themselves: the pair must still be named
+    _write(folders / "pred" / "c.png", np.zeros((H // 2, W, 3)))
+    _write(folders / "pred" / "a.png", np.zeros((5, 5, 3)))
+    _write(folders / "gt" / "a.png", np.zeros((5, 5, 3)))
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--no-lpips", "--report", tmp_path / "r.json")
+    assert res.exit_code == 1, res.output
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == [
+        "error: a: image too small for SSIM (uniform window 7x7 needs at least 7 pixels a side): 5x5",
+        f"error: c: prediction ({H // 2}, {W}, 3) and target ({H}, {W}, 3) have different shapes",
+    ]
+    failures = json.loads((tmp_path / "r.json").read_text())["failures"]
+    assert [f["error"] for f in failures] == [e.removeprefix("error: ") for e in errors]
+    # a message that quotes the file already names the pair
+    (folders / "pred" / "b.png").write_bytes(b"not an image")
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--no-lpips")
+    assert f"error: {folders / 'pred' / 'b.png'}: " in res.stderr, res.output
 
 
 def test_a_report_that_cannot_be_written_is_not_listed_as_written(folders, tmp_path):
@@ -664,6 +732,26 @@ def test_pairing_options_of_the_other_mode_are_refused(folders, dpdd, tmp_path):
     for flag in (["--split", "val"], ["--allow-subset"]):
         res = invoke("--pred", folders / "pred", "--target", folders / "gt", *flag)
         assert res.exit_code == 2 and flag[0] in res.stderr and "--data" in res.stderr, res.output
+
+
+def test_json_mode_says_the_notes_the_tables_would_show(folders, tmp_path):
+    # --json prints no tables: images left unscored or unlabelled must still be said
+    for d in ("pred", "gt"):
+        _write(folders / d / "more" / "d.png", _read(folders / "gt" / "a.png"))
+    (tmp_path / "labels.csv").write_text("a,indoor\nb,outdoor\n")
+    args = ("--pred", folders / "pred", "--target", folders / "gt", "--no-lpips", "--labels", tmp_path / "labels.csv", "--json")
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    notes = records(res)[-1]["notes"]
+    assert notes == [
+        "1 image(s) have no split label: c",
+        f"--pred {folders / 'pred'}: 1 image(s) in its sub-folders are not scored (only the folder's own images are paired; "
+        "give a sub-folder to score those)",
+        f"--target {folders / 'gt'}: 1 image(s) in its sub-folders are not scored (only the folder's own images are paired; "
+        "give a sub-folder to score those)",
+    ]
+    assert [ln for ln in res.stderr.splitlines() if ln.startswith("note: ")] == [f"note: {n}" for n in notes]
+    assert "note" not in invoke(*args, "--quiet").stderr
 
 
 @pytest.mark.parametrize("error,code,said", [

@@ -7,6 +7,7 @@ import json
 import math
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +112,15 @@ def test_mae_known_values():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="different shapes"):
         M.psnr(np.zeros((4, 4, 3)), np.zeros((4, 5, 3)))
+
+
+@pytest.mark.parametrize("window,side", [("uniform", 7), ("gaussian", 11)])
+def test_ssim_of_an_image_smaller_than_its_window_says_so(window, side):
+    ok = RNG.random((side, 20, 3))
+    assert M.ssim(ok, ok, window) == pytest.approx(1.0)
+    small = RNG.random((side - 1, 20, 3))
+    with pytest.raises(ValueError, match=f"too small for SSIM .*at least {side} pixels a side\\): 20x{side - 1}$"):
+        M.ssim(small, small, window)
 
 
 def test_uint_inputs_are_scaled():
@@ -385,6 +395,65 @@ def test_pair_folders_by_order(tmp_path):
     _touch_images(tmp_path / "t", ["gt_d.png"])
     with pytest.raises(M.PairingError, match="3 images .* but 4"):
         M.pair_folders(tmp_path / "p", tmp_path / "t", by="order")
+
+
+def test_pair_folders_messages_name_the_roles_given(tmp_path):
+    # blurry inputs paired with the ground truth are not predictions
+    _touch_images(tmp_path / "s", ["a.png", "extra.png"])
+    _touch_images(tmp_path / "t", ["a.png", "lone.png"])
+    with pytest.raises(M.PairingError) as exc:
+        M.pair_folders(tmp_path / "s", tmp_path / "t", roles=("source", "target"))
+    msg = str(exc.value)
+    assert "1 source(s) without a target" in msg and "1 target(s) without a source" in msg
+    assert "prediction" not in msg
+
+
+def test_pair_folders_by_order_the_extension_cannot_reorder_the_pairs(tmp_path):
+    _touch_images(tmp_path / "p", ["photo.jpg", "photo.left.jpg"])
+    _touch_images(tmp_path / "t", ["photo.left.png", "photo.png"])
+    pairs = M.pair_folders(tmp_path / "p", tmp_path / "t", by="order")
+    assert [(p.pred.name, p.target.name) for p in pairs] == [
+        ("photo.jpg", "photo.png"),
+        ("photo.left.jpg", "photo.left.png"),
+    ]
+
+
+def test_pair_folders_by_order_is_natural_order(tmp_path):
+    # numbered without padding on one side, padded on the other: img2 goes with gt_02, not img10
+    _touch_images(tmp_path / "p", [f"img{i}.png" for i in (1, 2, 10, 11)] + ["IMG3.png"])
+    _touch_images(tmp_path / "t", [f"gt_{i:02d}.png" for i in (1, 2, 3, 10, 11)])
+    pairs = M.pair_folders(tmp_path / "p", tmp_path / "t", by="order")
+    assert [(p.pred.name, p.target.name) for p in pairs] == [
+        ("img1.png", "gt_01.png"),
+        ("img2.png", "gt_02.png"),
+        ("IMG3.png", "gt_03.png"),
+        ("img10.png", "gt_10.png"),
+        ("img11.png", "gt_11.png"),
+    ]
+    # pairing by name lists the pairs in the same order
+    _touch_images(tmp_path / "t2", [f"img{i}.tif" for i in (1, 2, 10, 11)] + ["IMG3.tif"])
+    assert [p.name for p in M.pair_folders(tmp_path / "p", tmp_path / "t2")] == ["img1", "img2", "IMG3", "img10", "img11"]
+
+
+def test_pair_folders_by_order_pairs_as_before_where_both_sides_sort_alike(tmp_path):
+    # one naming scheme on both sides, one extension: the pairs the plain sorted order made
+    stems = ["a", "a-1", "a.b", "a_1", "A2", "b10", "b9", "x.left", "x", "x 2", "2024-01-05", "2024-01-5b", "Z"]
+    _touch_images(tmp_path / "p", [f"{s}.png" for s in stems])
+    _touch_images(tmp_path / "t", [f"gt_{s}.png" for s in stems])
+    old = list(zip(sorted(f"{s}.png" for s in stems), sorted(f"gt_{s}.png" for s in stems)))
+    assert all(t == f"gt_{p}" for p, t in old)  # the old order was consistent here
+    pairs = M.pair_folders(tmp_path / "p", tmp_path / "t", by="order")
+    assert sorted((p.pred.name, p.target.name) for p in pairs) == sorted(old)
+
+
+def test_natural_key_is_a_total_order_whatever_the_listing_order():
+    # names equal in natural order still sort one way: by stem and extension as written
+    from kpac_cli.metrics.pairing import natural_key
+
+    names = ["img1.png", "img01.png", "IMG1.png", "img1.jpg", "img1.PNG"]
+    for listing in (names, names[::-1], names[2:] + names[:2]):
+        ordered = [p.name for p in sorted((Path(n) for n in listing), key=natural_key)]
+        assert ordered == ["img1.jpg", "IMG1.png", "img01.png", "img1.PNG", "img1.png"]
 
 
 def test_pair_folders_empty_or_missing(tmp_path):

@@ -27,6 +27,7 @@ from .common import (
     precision_option,
     precision_with_fp32,
     print_error,
+    print_note,
     print_setup_notes,
     progress_bar,
     show_progress,
@@ -49,6 +50,9 @@ Examples:
 
 METHODS = ("kpac", "identity", "wiener")
 REPORT_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown", ".markdown": "markdown"}
+# how folders were paired, as the reports state it (kpac_cli.metrics.pairing.pair_folders)
+FOLDER_PAIRING = {"name": "folders by name (file stem)",
+                  "order": "folders by order (natural order: stem before extension, img2 before img10, letters regardless of case)"}
 PER_IMAGE_TABLE_MAX = 30  # per-image rows are shown on the terminal up to this many images
 # Options that only shape a run of the model, with the flag the user typed; given without
 # one (a baseline, or --pred) they would be silently ignored.
@@ -141,13 +145,14 @@ def _plan(
         pairs = pair_folders(pred, target, by=pair_by)
         src = {}
         if source is not None:
-            src = {p.name: p.target for p in pair_folders(pred, source, by=pair_by)}
+            src = {p.name: p.target for p in pair_folders(pred, source, by=pair_by, roles=("prediction", "source"))}
         return [Item(p.name, p.target, source=src.get(p.name), pred=p.pred) for p in pairs]
     if data is not None:
         samples = pair_dpdd(data, split, dual=dual, expected_count=None)
         _check_dpdd_count(len(samples), split, data, allow_subset)
         return [Item(s.name, s.target, source=s.source, left=s.left, right=s.right) for s in samples]
-    return [Item(p.name, p.target, source=p.pred) for p in pair_folders(source, target, by=pair_by)]
+    pairs = pair_folders(source, target, by=pair_by, roles=("source", "target"))
+    return [Item(p.name, p.target, source=p.pred) for p in pairs]
 
 
 # ---------------------------------------------------------------------------------- methods
@@ -252,6 +257,7 @@ def _summary_record(report, run: dict[str, Any], speed: Any) -> dict[str, Any]:
     rec["failed"] = len(report.failures)
     rec["failures"] = [{"name": n, "error": e} for n, e in report.failures]
     rec["lpips_unavailable"] = report.lpips_unavailable
+    rec["notes"] = list(report.notes)  # as in the JSON report: images left unscored or unlabelled, crops not written
     rec["splits"] = {k: conv(v) for k, v in summ["splits"].items()}
     rec["conventions"] = dict(report.conventions)
     if speed is not None:
@@ -407,7 +413,7 @@ def eval_command(
     pred: Optional[Path] = typer.Option(None, "--pred", help="Folder of existing results (of any method) to score."),
     target: Optional[Path] = typer.Option(None, "--target", help="Folder of ground-truth images (with --pred or --source)."),
     source: Optional[Path] = typer.Option(None, "--source", help="Folder of blurry inputs (paired with --target); with --pred: inputs shown in --save-crops."),
-    pair_by: str = typer.Option("name", "--pair-by", help="Pair folders by file name (stem) or by sorted order."),
+    pair_by: str = typer.Option("name", "--pair-by", help="Pair folders by file name (stem: a.png with a.tif) or by order: the i-th image of each folder in natural order (stem before extension, img2 before img10, letters regardless of case)."),
     method: Optional[str] = typer.Option(None, "--method", help="kpac (the model, default), identity (the input itself) or wiener."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Shipped model name (see `kpac models`), a .safetensors file, or a training run folder (its model.safetensors)."),
     dual: bool = typer.Option(False, "--dual", help="Dual-pixel input (DPDD test_l/test_r, test_c as centre); default: from the model."),
@@ -437,7 +443,7 @@ def eval_command(
 ) -> None:
     """Score deblurring results (PSNR, SSIM, MAE, LPIPS) against ground truth, and measure speed.
 
-    Results to score come from running a model on the DPDD test set (--data --model), from a baseline (--method identity|wiener with --data or --source/--target), or from files (--pred with --target or --data). Exit codes: 0 ok, 1 some pair failed (the others are still scored and the failures listed), 2 usage error, 130/143 interrupted, 141 stopped because the reader of stdout went away (--json | head -1).
+    Results to score come from running a model on the DPDD test set (--data --model), from a baseline (--method identity|wiener with --data or --source/--target), or from files (--pred with --target or --data). Exit codes: 0 ok, 1 some pair failed (the others are still scored and the failures listed) or a --report, --save-crops image or --speed measurement failed, 2 usage error, 130/143 interrupted, 141 stopped because the reader of stdout went away (--json | head -1).
     """
     reports = list(report or [])
     # ---- options that do not depend on the file system
@@ -483,6 +489,9 @@ def eval_command(
     _check_report_paths(reports, overwrite)
     if save_crops is not None and save_crops.exists() and not save_crops.is_dir():
         raise usage_error(f"--save-crops {save_crops} is a file; give a folder")
+    blocker = _file_above(save_crops) if save_crops is not None else None
+    if blocker is not None:  # the folder could not be made: say so before any work
+        raise usage_error(f"--save-crops {save_crops}: cannot create the folder: {blocker} is not a folder")
     given = given_options(ctx)
     precision = precision_with_fp32(precision, fp32)
 
@@ -634,7 +643,7 @@ def eval_command(
     if has_data:  # how images were scored; nothing is scored by --speed alone
         run.update({
             "data": where or None,
-            "pairing": "DPDD: sources and targets by sorted order" if data is not None else f"folders by {pair_by}",
+            "pairing": "DPDD: sources and targets by sorted order" if data is not None else FOLDER_PAIRING[pair_by],
             "images": len(items),
             "limit": limit,
             "bit_depth": bit_depth or None,
@@ -642,12 +651,12 @@ def eval_command(
         })
     exit_code = EXIT_OK
     report_obj = None
-    crop_failures = 0
+    crop_errors: list[str] = []
     speed_result = None
     try:
         with sigterm_raises():
             if has_data:
-                report_obj, crop_failures = _evaluate_items(
+                report_obj, crop_errors = _evaluate_items(
                     items, method, deblurrer, wiener_radius, wiener_snr, dual, bit_depth or None, ssim_window,
                     lpips_spec, label_map, save_crops, json_out, quiet, title=f"kpac eval: {mode_label}" + (f" on {where}" if where else ""),
                 )
@@ -682,7 +691,7 @@ def eval_command(
     show_paper = data is not None and split == "test" and bit_depth == 8
     written: list[Path] = []
     if report_obj is not None:
-        if report_obj.failures or crop_failures:
+        if report_obj.failures or crop_errors:
             exit_code = EXIT_FAILED
         written, errors = _write_reports(reports, report_obj, {k: v for k, v in run.items() if k != "method_label"}, speed_result, show_paper)
         for msg in errors:
@@ -692,6 +701,10 @@ def eval_command(
     if json_out:
         if report_obj is not None:
             emit_json(_summary_record(report_obj, record_run, speed_result))
+            if not quiet:  # the tables, which carry the notes, are not printed: say them here
+                for note in report_obj.notes:
+                    if note not in crop_errors:  # each was printed as an error when it happened
+                        print_note(note)
         else:
             emit_json({"summary": True, **record_run, "speed": speed_result.to_dict() if speed_result else None})
     else:
@@ -719,6 +732,15 @@ def _check_report_paths(reports: list[Path], overwrite: bool) -> None:
             raise usage_error(f"--report {path} is a folder; give a file name")
         if path.exists() and not overwrite:
             raise usage_error(f"--report {path} exists; add --overwrite to replace it")
+
+
+def _file_above(folder: Path) -> Path | None:
+    """The nearest existing ancestor of ``folder`` when it is not a folder (so ``folder`` cannot
+    be created), else None."""
+    for above in folder.parents:
+        if above.exists():
+            return None if above.is_dir() else above
+    return None
 
 
 def _check_crop_paths(folder: Path, items: list[Item], overwrite: bool) -> None:
@@ -756,7 +778,10 @@ def _evaluate_items(
     ev = Evaluator(bit_depth=bit_depth, ssim_window=ssim_window, lpips_model=lpips_spec, labels=label_map, title=title)
     runner = _Runner(method, deblurrer, wiener_radius, wiener_snr)
     if save_crops is not None:
-        save_crops.mkdir(parents=True, exist_ok=True)
+        try:
+            save_crops.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. no permission: nothing was done yet
+            raise usage_error(f"--save-crops {save_crops}: cannot create the folder ({e.strerror or e})") from None
     errors = (ImageError, OSError, ValueError, RuntimeError, MemoryError)
     crop_errors: list[str] = []
     with progress_bar(show_progress(quiet)) as progress:
@@ -775,7 +800,7 @@ def _evaluate_items(
                 target_img = ev.load(item.target)
                 row = ev.score(item.name, out, target_img)
             except errors as e:
-                msg = _one_line(e, item.name)
+                msg = _one_line(e, item)
                 ev.fail(item.name, msg)
                 rec.update(status="failed", error=msg)
                 print_error(msg)
@@ -789,7 +814,7 @@ def _evaluate_items(
                         crop_path, box = _save_crops(save_crops, item.name, inp, out, target_img, row.psnr, method, ev)
                         rec.update(crops=str(crop_path), crop_box=list(box))
                     except errors as e:
-                        msg = f"crops not written: {_one_line(e, item.name)}"
+                        msg = f"crops not written: {_one_line(e, item, save_crops / f'{item.name}.png')}"
                         crop_errors.append(msg)
                         rec["crops_error"] = msg
                         print_error(msg)
@@ -799,12 +824,17 @@ def _evaluate_items(
                 progress.advance(task)
     report = ev.finish()
     report.notes.extend(crop_errors)
-    return report, len(crop_errors)
+    return report, crop_errors
 
 
-def _one_line(err: BaseException, name: str) -> str:
+def _one_line(err: BaseException, item: Item, *also: Path) -> str:
+    """The error on one line, naming the pair: messages that quote one of its files (the
+    image reader's and writer's, ``also`` for files written) already do; a bare one
+    (different shapes) gets the pair's name in front."""
     msg = " ".join(str(err).split()) or type(err).__name__
-    return msg if name in msg else f"{name}: {msg}"
+    files = (item.pred, item.source, item.target, item.left, item.right, *also)
+    names_a_file = any(str(f) in msg for f in files if f is not None)
+    return msg if names_a_file or msg.startswith(f"{item.name}: ") else f"{item.name}: {msg}"
 
 
 def _save_crops(folder: Path, name: str, inp, out, target_img, out_psnr: float, method: str | None, ev) -> tuple[Path, tuple[int, int, int]]:

@@ -27,6 +27,8 @@ from skimage.metrics import structural_similarity
 __all__ = ["mae", "psnr", "quantize", "ssim", "to_float", "SSIM_WINDOWS"]
 
 SSIM_WINDOWS = ("uniform", "gaussian")
+#: Side in pixels of scikit-image's SSIM window: 7 (uniform); 11 (Gaussian: 2 * int(3.5 * 1.5 + 0.5) + 1).
+_SSIM_WINDOW_SIDE = {"uniform": 7, "gaussian": 11}
 
 
 def to_float(image: np.ndarray) -> np.ndarray:
@@ -121,4 +123,8 @@ def ssim(pred: np.ndarray, target: np.ndarray, window: str = "uniform", data_ran
         kwargs.update(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
     elif window != "uniform":
         raise ValueError(f"window must be one of {SSIM_WINDOWS}, got {window!r}")
+    side = _SSIM_WINDOW_SIDE[window]
+    if min(p.shape[:2]) < side:  # scikit-image's own message advises arguments no user can pass
+        h, w = p.shape[:2]
+        raise ValueError(f"image too small for SSIM ({window} window {side}x{side} needs at least {side} pixels a side): {w}x{h}")
     return float(structural_similarity(p, t, **kwargs))

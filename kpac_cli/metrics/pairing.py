@@ -2,14 +2,18 @@
 
 Names: a pair's ``name`` is the file stem (file name without its image extension).
 Images: the files :func:`kpac_cli.images.list_images` lists (the formats the reader reads).
-Sorting: "sorted order" is plain lexicographic order of the file names (``sorted()`` on
-the names, as the DPDD/KPAC evaluation scripts do with their file lists).
+Sorting: plain folders (:func:`pair_folders`) are in *natural order* (:func:`natural_key`):
+by stem before extension, runs of digits by their value (``img2`` before ``img10``), letters
+regardless of case, as file browsers list them. The DPDD layout (:func:`pair_dpdd`) is in
+plain lexicographic order of the file names (``sorted()`` on the names, as the DPDD/KPAC
+evaluation scripts do with their file lists; for DPDD's fixed-width names the two agree).
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,6 +24,7 @@ __all__ = [
     "DPDD_COUNTS",
     "DPDDPair",
     "Pair",
+    "natural_key",
     "pair_dpdd",
     "pair_folders",
     "pair_predictions_dpdd",
@@ -52,6 +57,28 @@ class DPDDPair(NamedTuple):
     target: Path
     left: Path | None = None
     right: Path | None = None
+
+
+_DIGIT_RUNS = re.compile(r"(\d+)")
+
+
+def _natural(text: str) -> tuple[str | int, ...]:
+    """``text`` cut into letter and digit runs: digit runs as numbers, letters case-folded.
+
+    Runs alternate (text, digits, text, ...), so two keys never compare a number with text."""
+    parts = _DIGIT_RUNS.split(text)
+    return tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts))
+
+
+def natural_key(path: Path) -> tuple:
+    """Sort key of :func:`pair_folders`: natural order of the stem, then of the extension.
+
+    The stem comes first so that the extension cannot reorder names (``photo.jpg`` before
+    ``photo.left.jpg``, as ``photo.png`` before ``photo.left.png``); digit runs compare by
+    value (``img2`` before ``img10``) and letters regardless of case, as in file browsers;
+    names equal by that (``img01``/``img1``, ``A``/``a``) follow in plain code-point order.
+    """
+    return _natural(path.stem), _natural(path.suffix), path.stem, path.suffix
 
 
 def _images_in(folder: str | os.PathLike) -> list[Path]:
@@ -112,7 +139,13 @@ def _by_stem(files: list[Path], folder: Path) -> dict[str, Path]:
     return out
 
 
-def pair_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, by: str = "name") -> list[Pair]:
+def pair_folders(
+    pred_dir: str | os.PathLike,
+    target_dir: str | os.PathLike,
+    by: str = "name",
+    *,
+    roles: tuple[str, str] = ("prediction", "target"),
+) -> list[Pair]:
     """Pair the images of two folders.
 
     Parameters
@@ -122,14 +155,19 @@ def pair_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, by:
     by : {'name', 'order'}
         ``'name'``: files with the same stem pair up (``a.png`` with ``a.tif``); every
         image on either side must have a partner. ``'order'``: the i-th file of each
-        folder in sorted order pair up; the counts must be equal, and no two predictions
-        may share a stem (it names the pair). Use ``'order'`` only when names differ
-        systematically (as in DPDD).
+        folder in natural order (:func:`natural_key`: stem before extension, ``img2``
+        before ``img10``, letters regardless of case) pair up; the counts must be equal,
+        and no two predictions may share a stem (it names the pair). Use ``'order'`` only
+        when names differ systematically (as in DPDD).
+    roles : (str, str)
+        What the two folders hold, as error messages name them (e.g. ``("source",
+        "target")`` for blurry inputs paired with the ground truth).
 
     Returns
     -------
     list of Pair
-        ``(name, pred, target)``, sorted by name; ``name`` is the prediction's stem.
+        ``(name, pred, target)`` in natural order of the predictions; ``name`` is the
+        prediction's stem.
 
     Raises
     ------
@@ -139,7 +177,8 @@ def pair_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, by:
         ``'order'``). The message names them.
     """
     pdir, tdir = Path(pred_dir), Path(target_dir)
-    preds, targets = _images_in(pdir), _images_in(tdir)
+    preds = sorted(_images_in(pdir), key=natural_key)
+    targets = sorted(_images_in(tdir), key=natural_key)
     if not preds:
         raise _no_images(pdir)
     if not targets:
@@ -157,13 +196,14 @@ def pair_folders(pred_dir: str | os.PathLike, target_dir: str | os.PathLike, by:
     no_target = sorted(set(pmap) - set(tmap))
     no_pred = sorted(set(tmap) - set(pmap))
     if no_target or no_pred:
+        pred_role, target_role = roles
         parts = []
         if no_target:
-            parts.append(f"{len(no_target)} prediction(s) without a target in {tdir}: {_quote(no_target)}")
+            parts.append(f"{len(no_target)} {pred_role}(s) without a {target_role} in {tdir}: {_quote(no_target)}")
         if no_pred:
-            parts.append(f"{len(no_pred)} target(s) without a prediction in {pdir}: {_quote(no_pred)}")
+            parts.append(f"{len(no_pred)} {target_role}(s) without a {pred_role} in {pdir}: {_quote(no_pred)}")
         raise PairingError("cannot pair by name: " + "; ".join(parts) + _case_hint(no_target, no_pred))
-    return [Pair(n, pmap[n], tmap[n]) for n in sorted(pmap)]
+    return [Pair(n, pmap[n], tmap[n]) for n in pmap]  # pmap keeps the natural order of preds
 
 
 def _split_dir(root: Path, split: str, view: str, kind: str) -> Path:
