@@ -1161,3 +1161,155 @@ def test_cli_init_takes_a_shipped_models_name(tmp_path, cli):
     assert load_checkpoint(run / "model.safetensors").config == load_checkpoint(shipped).config  # its architecture
     r = CliRunner().invoke(cli, ["train", "--init", "no-such-model", "--run-dir", str(tmp_path / "r2"), "--iterations", "1", *tiny])
     assert r.exit_code != 0 and "no-such-model" in r.output
+
+
+# --------------------------------------------------------------------------------------
+# --init conflicts, --val-count 0 and the data a resume finds
+# --------------------------------------------------------------------------------------
+
+_TINY_SYNTH_DATA = ["--procedural", "1", "--crop", "32", "--val-crop", "32", "--val-count", "1", "--workers", "0",
+                    "--no-tensorboard"]
+
+
+def test_cli_init_weights_that_cannot_carry_over_are_a_one_line_usage_error(tmp_path, dpdd, cli):
+    init = train(tiny_cfg(tmp_path / "init", dpdd, iterations=1, val_count=0)).model_path  # TINY: 8 channels
+    run = tmp_path / "run"
+    for args, expected in [(["--init", str(init), "--channels", "12"], "channels 8 -> 12"),
+                           (["--init", "no-such-model"], "unknown model 'no-such-model'"),
+                           (["--init", str(tmp_path / "init" / "log.jsonl")], "log.jsonl")]:
+        r = CliRunner().invoke(cli, ["train", "--run-dir", str(run), "--iterations", "1", *_TINY_SYNTH_DATA, *args])
+        assert r.exit_code == 2 and r.stderr.startswith("error: --init") and len(r.stderr.splitlines()) == 1, r.output
+        assert expected in r.stderr and not run.exists()
+
+
+def test_cli_architecture_flags_change_the_init_models_architecture(tmp_path, dpdd, cli):
+    """--init with --levels 3 is its weights on three levels, not the paper's width and ablations
+    (which the weights could not carry over to)."""
+    init = train(tiny_cfg(tmp_path / "init", dpdd, iterations=1, val_count=0,
+                          model=KPACConfig(levels=2, channels=8, scale_attention=False))).model_path
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--run-dir", str(run), "--iterations", "1", "--init", str(init), "--levels", "3",
+                                 *_TINY_SYNTH_DATA])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(run / "model.safetensors").config == KPACConfig(levels=3, channels=8, scale_attention=False)
+
+
+def test_synthetic_training_without_validation_holds_nothing_out(tmp_path):
+    cfg = TrainConfig(out=tmp_path, synthetic=(_photos(tmp_path / "photos", 10),), crop="32", max_radius=2, val_crop=32)
+    assert D.build_data(cfg.replace(val_count=0), 4).train_items == 10
+    assert D.build_data(cfg.replace(val_count=2), 4).train_items == 9  # every 10th held out
+    # a run begun before held one out even without validation: resumed, it still does
+    legacy = D.build_data(cfg.replace(val_count=0), 4, resumed=D.LEGACY_RECORD)
+    assert legacy.train_items == 9 and legacy.record["legacy_holdout"] is True and len(legacy.record["names"]) == 10
+
+
+def _drop_data_record(checkpoint: Path) -> None:
+    """Make a checkpoint look like one written before runs recorded their data."""
+    head = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    del head["data_record"]
+    S.atomic_save(head, checkpoint)
+
+
+def _photos(folder: Path, count: int, side: int = 40) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        write_png(folder / f"p{i}.png", (rng.random((side, side, 3)) * 255).astype(np.uint8))
+    return folder
+
+
+def test_a_checkpoint_without_a_data_record_resumes_as_before(tmp_path):
+    photos = _photos(tmp_path / "photos", 10)
+
+    def cfg(out: Path, **kw) -> TrainConfig:
+        base = dict(out=out, synthetic=(photos,), model=TINY, iterations=4, batch=1, crop="32", max_radius=2, val_crop=32,
+                    val_count=1, val_every=1000, workers=0, tensorboard=False)
+        return TrainConfig(**{**base, **kw})
+
+    straight = train(cfg(tmp_path / "a"))
+    train(cfg(tmp_path / "b", iterations=2))
+    _drop_data_record(tmp_path / "b/last.pt")
+    done = train(cfg(tmp_path / "b", resume=True))
+    assert done.losses == straight.losses[2:]
+    assert_same_tensors(weights(tmp_path / "a/last.pt"), weights(tmp_path / "b/last.pt"))
+    # without validation: the source held out all the same stays held out, now and in later resumes
+    train(cfg(tmp_path / "c", iterations=1, val_count=0))
+    _drop_data_record(tmp_path / "c/last.pt")
+    for total in (2, 3):
+        starts = []
+        train(cfg(tmp_path / "c", iterations=total, val_count=0, resume=True),
+              callback=lambda ev: starts.append(ev.data["description"]) if ev.kind == "start" else None)
+        assert "from 9 sharp images" in starts[0] and "1 image(s) held out" in starts[0]
+        assert load_state(tmp_path / "c/last.pt")["data_record"]["legacy_holdout"] is True
+
+
+def test_cli_resume_refuses_training_data_that_changed(tmp_path, cli):
+    photos = _photos(tmp_path / "photos", 3)
+    run = tmp_path / "run"
+    common = ["--levels", "2", "--channels", "8", "--crop", "32", "--max-radius", "2", "--val-crop", "32", "--workers", "0",
+              "--no-tensorboard", "--quiet"]
+    r = CliRunner().invoke(cli, ["train", "--synthetic", str(photos), "--run-dir", str(run), "--iterations", "1", *common])
+    assert r.exit_code == 0, r.output
+    before = (run / "last.pt").read_bytes()
+    write_png(photos / "p3.png", np.full((40, 40, 3), 90, np.uint8))  # a photo more: another held-out one
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run), "--iterations", "2"])
+    assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1, r.output
+    assert "3 sharp images then, 4 now: 1 new (p3)" in r.stderr and f"--init {run}" in r.stderr
+    assert (run / "last.pt").read_bytes() == before
+    (photos / "p3.png").unlink()
+    moved = photos.rename(tmp_path / "moved")  # the same photos elsewhere: the same run
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run), "--iterations", "2", "--synthetic", str(moved)])
+    assert r.exit_code == 0, r.output
+    assert load_state(run / "last.pt")["step"] == 2
+
+
+def test_paired_resume_refuses_a_pair_that_changed(tmp_path, dpdd):
+    train(tiny_cfg(tmp_path / "run", dpdd, iterations=1, val_count=0))
+    target = sorted((dpdd / "train_c/target").iterdir())[0]
+    copy = tmp_path / "dpdd"
+    shutil.copytree(dpdd, copy)
+    with open(copy / "train_c/target" / target.name, "ab") as f:
+        f.write(b"\0")  # trailing bytes: the same image, another file
+    with pytest.raises(D.DataError, match=r"1 changed in size \(IMG0001.png\)"):
+        train(tiny_cfg(tmp_path / "run", copy, iterations=2, val_count=0, resume=True))
+    assert train(tiny_cfg(tmp_path / "run", dpdd, iterations=2, val_count=0, resume=True)).step == 2
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_a_committed_training_state_resumes_with_its_held_out_split(tmp_path, shared_dir, cli):
+    """The committed states predate the data record: they resume as they always did (and from
+    then on record their data)."""
+    state = REPO / "weights/train-state/kpac-2level"
+    run = tmp_path / "kpac-2level"
+    run.mkdir()
+    for f in state.glob("last*.pt"):
+        shutil.copy(f, run / f.name)
+    saved = load_state(run / "last.pt", optimizer=False)
+    assert "data_record" not in saved
+    step = saved["step"]
+    folders = [a for p in saved["train_config"]["synthetic"] for a in ("--synthetic", str(shared_dir / "train-images" / Path(p).name))]
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run), "--iterations", str(step + 1), *folders, "--crop", "64",
+                                 "--precision", "fp32", "--workers", "0", "--no-tensorboard", "--json"])
+    assert r.exit_code == 0, r.output
+    resumed = load_state(run / "last.pt", optimizer=False)
+    assert resumed["step"] == step + 1
+    assert "from 70 sharp images" in resumed["provenance"]["trained_on"] and "7 held-out" in resumed["provenance"]["trained_on"]
+    assert len(resumed["data_record"]["names"]) == 77 and resumed["data_record"]["legacy_holdout"] is True
+
+
+def test_cli_a_resume_of_nothing_says_so(tmp_path, cli):
+    missing = tmp_path / "no-run"
+    for args in (["train", "--resume", str(missing)], ["train", "--export-only", "--resume", str(missing)]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1, r.output
+        assert "no such run folder or checkpoint" in r.stderr and "--init" not in r.stderr
+
+
+@pytest.mark.parametrize("cache, kept", [("no", 0), ("auto", 1), ("yes", 1)])
+def test_synthetic_sources_are_kept_in_memory_as_cache_says(tmp_path, cache, kept):
+    cfg = TrainConfig(out=tmp_path, synthetic=(_photos(tmp_path / "photos", 1),), crop="32", max_radius=2, val_count=0,
+                      cache=cache)
+    dataset = D.build_data(cfg, 4).dataset
+    dataset[0, 32]
+    assert len(dataset._cache) == kept

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shlex
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -187,7 +188,7 @@ def train_command(
     allow_count_mismatch: bool = typer.Option(False, "--allow-count-mismatch", help="Accept a DPDD copy whose split sizes differ from 350/74/76.", rich_help_panel="Data"),
     bit_depth: int = typer.Option(8, "--bit-depth", help="Quantise training images to 8 bits (paper) or keep 16.", rich_help_panel="Data"),
     dual: bool = typer.Option(False, "--dual", help="Dual-pixel training (left+right views in, 6 channels).", rich_help_panel="Data"),
-    cache: str = typer.Option("auto", "--cache", help="Keep decoded images in memory: auto (if they fit), yes, no.", rich_help_panel="Data"),
+    cache: str = typer.Option("auto", "--cache", help="Keep decoded images in memory: auto (if they fit; synthetic sources: up to 1 GiB per data worker), yes, no.", rich_help_panel="Data"),
     max_radius: float = typer.Option(12.0, "--max-radius", help="Synthetic data: largest blur radius in pixels.", rich_help_panel="Data"),
     aperture: str = typer.Option("disc", "--aperture", help="Synthetic data: aperture shape, disc or polygon.", rich_help_panel="Data"),
     rescale: float = typer.Option(1.0, "--rescale", help="Synthetic data: take each crop as if its photo were downscaled by a random factor in \\[this, 1] (1: off; not in the paper).", rich_help_panel="Data"),
@@ -223,7 +224,7 @@ def train_command(
     # run
     out: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder \\[default: runs/kpac].", rich_help_panel="Run"),
     val_every: int = typer.Option(5000, "--val-every", help="Validate every N iterations.", rich_help_panel="Run"),
-    val_count: int = typer.Option(8, "--val-count", help="Validation images (a fixed subset).", rich_help_panel="Run"),
+    val_count: int = typer.Option(8, "--val-count", help="Validation images (a fixed subset; 0: no validation, and nothing held out of the training data).", rich_help_panel="Run"),
     val_crop: int = typer.Option(512, "--val-crop", help="Centre crop of validation images (0: whole images); synthetic data: the size of the validation renders (0: 256).", rich_help_panel="Run"),
     save_every: int = typer.Option(1000, "--save-every", help="Write last.pt every N iterations.", rich_help_panel="Run"),
     log_every: int = typer.Option(100, "--log-every", help="Log the mean loss every N iterations.", rich_help_panel="Run"),
@@ -251,7 +252,7 @@ def train_command(
         CheckpointError, DataError, TrainConfig, TrainingError, VGGWeightsMissing, export_model, load_state, train,
     )
     from ..train.data import procedural_scene_side
-    from ..train.loop import resolve_device, resolve_precision
+    from ..train.loop import new_run_architecture, resolve_device, resolve_precision
     from ..train.state import resolve_checkpoint
 
     given = given_options(ctx)
@@ -274,9 +275,8 @@ def train_command(
             raise usage_error(f"--blend-with: no such file: {blend_with}")
         try:
             source = resolve_checkpoint(resume, export_from)
-        except CheckpointError as e:
-            print_error(str(e))
-            raise typer.Exit(EXIT_FAILED) from None
+        except CheckpointError as e:  # no such run or checkpoint, as --blend-with's missing file
+            raise usage_error(f"--resume: {e}") from None
         if "export_from" in given and not resume.is_dir() and source.stem != export_from:
             raise usage_error(f"--from {export_from}: --resume names the checkpoint {source.name} itself; "
                               f"give the run folder to choose its {export_from}.pt")
@@ -312,27 +312,20 @@ def train_command(
     if iterations is not None and iterations < 1:  # 0 would only export the starting weights
         raise usage_error(f"--iterations must be >= 1, got {iterations} (to export a run's weights: --export-only)")
     arch_flags = set(_ARCH_FLAGS)
+    arch_given = given & arch_flags
 
+    init_cfg = None
+    if init is not None:
+        init = _init_path(init, strict=resume is None)
+        if resume is None:  # a resume's weights are its checkpoint's
+            init_cfg = _init_config(init)
     model_cfg = None
-    if given & arch_flags or dual:
-        kw: dict[str, Any] = {"in_views": 2 if dual else 1}
-        for flag, (config_field, to_field) in _ARCH_FLAGS.items():
-            if ctx.params[flag] is not None:  # None: the KPACConfig default
-                kw[config_field] = to_field(ctx.params[flag])
-        try:
-            model_cfg = KPACConfig(**kw)
-        except ValueError as e:
-            raise usage_error(str(e)) from None
-        if init is not None and not (given & arch_flags):
+    if arch_given or dual:
+        model_cfg = _requested_architecture(ctx.params, arch_given, dual, init_cfg)
+        if init_cfg is not None and not arch_given:
             model_cfg = None  # --dual alone: the architecture comes from --init
-
-    if init is not None and not init.exists():  # a shipped model's name, as --model takes it
-        from ..checkpoints.registry import resolve_model
-
-        try:
-            init = resolve_model(str(init))[0]
-        except (FileNotFoundError, ValueError):
-            pass  # not a name either: the run says it cannot load it
+    if init_cfg is not None and model_cfg is not None:
+        _check_carry_over(init, init_cfg, model_cfg, arch_given)
 
     values = dict(
         out=out or Path("runs/kpac"), data=data, source=source, target=target, val_source=val_source, val_target=val_target,
@@ -347,6 +340,8 @@ def train_command(
     if resume is not None:
         if out is not None and out.resolve() != resume.resolve():
             raise usage_error("--resume RUN continues in RUN; drop --run-dir")
+        if not resume.exists():
+            raise usage_error(f"--resume {resume}: no such run folder or checkpoint")
         if not resume.is_dir() and resume.name != "last.pt":
             # a run goes on from where it stopped, which is its last.pt, whatever file is named
             raise usage_error(f"--resume {resume}: a run continues from its last checkpoint; give the run folder "
@@ -392,9 +387,8 @@ def train_command(
     try:
         cfg.validate()  # a new run's flags, or a resumed run's retuned ones (--lr, --ema ...)
         # and against the architecture train() will build (crop sizes and the stride)
-        arch = saved if resume is not None else _architecture(cfg)
-        if arch is not None:
-            cfg.replace(model=arch).validate()
+        arch = saved if resume is not None else new_run_architecture(cfg, init_cfg)
+        cfg.replace(model=arch).validate()
     except ValueError as e:
         raise usage_error(str(e)) from None
     _check_options_apply(given, cfg)
@@ -452,20 +446,67 @@ def _check_options_apply(given: set[str], cfg: Any) -> None:
         raise usage_error(f"{_flags(perceptual_only)} to --stage perceptual (this run's stage is {cfg.stage})")
 
 
-def _architecture(cfg: Any) -> Any:
-    """The KPACConfig a new run will build (as train() chooses it), or None if --init cannot be read
-    here (train() then says why)."""
+def _init_path(init: Path, strict: bool) -> Path:
+    """--init as a path: a shipped model's name (as --model takes it) stands for its file. A name
+    that is none is a usage error (``strict``) or left as it is (a resume compares it with its own)."""
+    if init.exists():
+        return init
+    from ..checkpoints.registry import resolve_model
+
+    try:
+        return resolve_model(str(init))[0]
+    except (FileNotFoundError, ValueError) as e:
+        if strict:
+            raise usage_error(f"--init: {e}") from None
+        return init
+
+
+def _init_config(init: Path) -> Any:
+    """The architecture of the --init weights (a .safetensors, a last.pt/best.pt or a run folder's
+    last.pt); weights that cannot be read are a usage error, as --model's are."""
     from ..checkpoints import load_checkpoint
-    from ..train.loop import new_run_architecture
     from ..train.state import resolve_checkpoint
 
-    init_cfg = None
-    if cfg.model is None and cfg.init is not None:
-        try:
-            init_cfg = load_checkpoint(resolve_checkpoint(cfg.init, "last") if cfg.init.is_dir() else cfg.init).config
-        except Exception:  # noqa: BLE001 - reported by train() as it loads the weights
-            return None
-    return new_run_architecture(cfg, init_cfg)
+    try:
+        return load_checkpoint(resolve_checkpoint(init, "last") if init.is_dir() else init).config
+    except Exception as e:  # noqa: BLE001 - any reason the file is no kpac model
+        raise usage_error(f"--init: {e}") from None
+
+
+def _requested_architecture(params: dict[str, Any], arch_given: set[str], dual: bool, init_cfg: Any) -> Any:
+    """The architecture the flags ask for: --init's (or the paper's) with the given flags changed."""
+    from ..model import KPACConfig
+
+    changes = {config_field: to_field(params[flag]) for flag, (config_field, to_field) in _ARCH_FLAGS.items()
+               if flag in arch_given}
+    try:
+        return replace(init_cfg or KPACConfig(), in_views=2 if dual else 1, **changes)
+    except ValueError as e:
+        raise usage_error(str(e)) from None
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _check_carry_over(init: Path, init_cfg: Any, arch: Any, arch_given: set[str]) -> None:
+    """Architecture flags that --init's weights cannot carry over to are a usage error."""
+    from ..model import transfer_state
+
+    try:
+        transfer_state({}, init_cfg, arch, {})  # no tensors: compares the architectures only
+    except ValueError:
+        flags = sorted(flag for flag in arch_given if _ARCH_FLAGS[flag][0] != "levels"
+                       and getattr(init_cfg, _ARCH_FLAGS[flag][0]) != getattr(arch, _ARCH_FLAGS[flag][0]))
+        changes = ", ".join(f"{field.replace('_', ' ')} {_shown(getattr(init_cfg, field))} -> {_shown(getattr(arch, field))}"
+                            for field in (_ARCH_FLAGS[flag][0] for flag in flags))
+        raise usage_error(f"--init {init}: its weights cannot carry over to a change of {changes} (only --levels and "
+                          f"--dual may change the architecture of the weights a run starts from); drop "
+                          f"{', '.join(_flag(flag) for flag in flags)}, or start without --init") from None
 
 
 def register(app: typer.Typer) -> None:

@@ -516,6 +516,63 @@ class DataBundle:
     train_items: int
     notes: list[str] = field(default_factory=list)
     cached: bool = False
+    record: dict[str, Any] = field(default_factory=dict)  # what a checkpoint stores: see data_record
+
+
+# A checkpoint written before runs recorded their data: nothing to compare a resume with, and
+# synthetic sources held out for validation even with val_count 0, as those runs did.
+LEGACY_RECORD: dict[str, Any] = {"names": None, "sizes": None, "legacy_holdout": True}
+
+
+def _file_size(origin: str) -> int | None:
+    """A source file's size in bytes; None for what is no file (scikit-image's photos, procedural scenes)."""
+    try:
+        return os.stat(origin).st_size if os.path.isfile(origin) else None
+    except OSError:
+        return None
+
+
+def data_record(items: Sequence[tuple[str, int | None]], legacy_holdout: bool) -> dict[str, Any]:
+    """What a checkpoint keeps of the data it was trained on: each training item's name (in the
+    run's order, which sets its held-out split) and size in bytes, so that a resume notices a
+    folder that changed; ``legacy_holdout`` as in :data:`LEGACY_RECORD`."""
+    return {"names": [n for n, _ in items], "sizes": [s for _, s in items], "legacy_holdout": legacy_holdout}
+
+
+def _pairs_items(pairs: Sequence[PairFiles]) -> list[tuple[str, int | None]]:
+    """Each pair's name and the bytes of all its files."""
+    items: list[tuple[str, int | None]] = []
+    for pair in pairs:
+        sizes = [_file_size(str(p)) for p in pair.roles().values()]
+        known = [n for n in sizes if n is not None]
+        items.append((pair.source.name, sum(known) if len(known) == len(sizes) else None))
+    return items
+
+
+def _list_some(names: Sequence[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def check_same_data(saved: dict[str, Any], now: dict[str, Any], noun: str = "images", run: Path | str = "RUN") -> None:
+    """Raise DataError naming what differs when a resumed run's training items are not those it
+    was trained on (other folders, or photos added, removed or changed): its order and held-out
+    split would silently change. A record without names (:data:`LEGACY_RECORD`) matches anything."""
+    if saved.get("names") is None:
+        return
+    if saved["names"] == now["names"] and list(saved["sizes"]) == now["sizes"]:
+        return
+    before = dict(zip(saved["names"], saved["sizes"]))
+    after = dict(zip(now["names"], now["sizes"]))
+    missing = [n for n in saved["names"] if n not in after]
+    new = [n for n in now["names"] if n not in before]
+    changed = [n for n in saved["names"] if n in after and after[n] != before[n]]
+    parts = [f"{len(missing)} missing ({_list_some(missing)})" if missing else "",
+             f"{len(new)} new ({_list_some(new)})" if new else "",
+             f"{len(changed)} changed in size ({_list_some(changed)})" if changed else ""]
+    what = ", ".join(p for p in parts if p) or "in another order"
+    raise DataError(f"the training data are not the run's ({len(before)} {noun} then, {len(after)} now: {what}); "
+                    "resuming would change what it trains and validates on: give the run's own data (its folders may "
+                    f"have moved), or start a new run from its weights with --init {run}")
 
 
 def procedural_scene_side(cfg: Any) -> int:
@@ -540,6 +597,11 @@ def _synth_sources(cfg: Any) -> list[Any]:
     return sources
 
 
+# --cache for synthetic sources, which each DataLoader worker decodes as it first needs them:
+# what each worker keeps (a cache only: the samples are the same whatever it holds).
+SYNTHETIC_CACHE_BYTES = {"auto": 1 << 30, "yes": 1 << 62, "no": 0}
+
+
 def split_holdout(n: int) -> list[int]:
     """Indices of the items held out for validation: every 10th, or the last one below 10 items."""
     if n >= 10:
@@ -550,9 +612,20 @@ def split_holdout(n: int) -> list[int]:
 
 
 def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1, log: Log = _silent,
-               load_progress: Callable[[int, int], None] | None = None) -> DataBundle:
-    """Build the training dataset and the fixed validation samples described by a TrainConfig."""
+               load_progress: Callable[[int, int], None] | None = None, resumed: dict[str, Any] | None = None) -> DataBundle:
+    """Build the training dataset and the fixed validation samples described by a TrainConfig.
+
+    ``resumed``: the data record of the checkpoint a resume continues (:data:`LEGACY_RECORD` for
+    one written before runs kept it); data that differ from it raise :class:`DataError`.
+    """
     notes: list[str] = []
+    legacy_holdout = bool(resumed and resumed.get("legacy_holdout"))
+
+    def record_of(items: Sequence[tuple[str, int | None]], noun: str) -> dict[str, Any]:
+        record = data_record(items, legacy_holdout)
+        if resumed is not None:
+            check_same_data(resumed, record, noun, cfg.out)
+        return record
 
     def note(msg: str) -> None:
         notes.append(msg)
@@ -565,14 +638,16 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
 
         settings = SynthSettings(max_radius=cfg.max_radius, aperture=cfg.aperture, dual_pixel=cfg.dual)
         sources = _synth_sources(cfg)
-        held = split_holdout(len(sources))
+        record = record_of([(s.name, _file_size(s.origin)) for s in sources], "sharp images")
+        # Without validation nothing is held out (runs made before held out all the same: they still do)
+        held = split_holdout(len(sources)) if cfg.val_count > 0 or legacy_holdout else []
         train_src = [s for i, s in enumerate(sources) if i not in set(held)]
         val_src = [sources[i] for i in held] or sources
-        if not held:
+        if not held and cfg.val_count > 0:
             note("only one sharp source: validation renders it with other random draws (not held out)")
         dataset = SyntheticDataset(train_src, settings, seed=cfg.seed, noise_max=cfg.noise_max, flips=cfg.flips, dual=cfg.dual,
-                                   with_radius=cfg.blur_rank_weight > 0, rescale=cfg.rescale, transpose=cfg.transpose,
-                                   saturation=cfg.saturation)
+                                   cache_bytes=SYNTHETIC_CACHE_BYTES[cfg.cache], with_radius=cfg.blur_rank_weight > 0,
+                                   rescale=cfg.rescale, transpose=cfg.transpose, saturation=cfg.saturation)
         val = []
         if rank == 0 and cfg.val_count > 0:
             vds = SyntheticDataset(val_src, settings, seed=cfg.seed, noise_max=0.0, flips=False, dual=cfg.dual, cache_bytes=0)
@@ -591,15 +666,19 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
         scenes = "".join([f", rescaled by [{cfg.rescale:g}, 1]" if cfg.rescale < 1 else "",
                           ", transposed half the time" if cfg.transpose else "",
                           f", colour saturation x [1, {cfg.saturation:g}]" if cfg.saturation > 1 else ""])
+        if cfg.val_count > 0:
+            validation = f"validation: {len(val)} fixed renders of {len(val_src)} held-out image(s)"
+        else:
+            validation = "no validation" + (f" ({len(held)} image(s) held out all the same, as the run began)" if held else "")
         desc = (
             f"synthetic defocus ({'dual-pixel, ' if cfg.dual else ''}max radius {cfg.max_radius:g} px, {cfg.aperture} aperture) "
-            f"rendered on the fly from {len(train_src)} sharp images ({'; '.join(parts)}{scenes}); "
-            f"validation: {len(val)} fixed renders of {len(val_src)} held-out image(s)"
+            f"rendered on the fly from {len(train_src)} sharp images ({'; '.join(parts)}{scenes}); {validation}"
         )
-        return DataBundle(dataset, val, desc, len(train_src), notes)
+        return DataBundle(dataset, val, desc, len(train_src), notes, record=record)
 
     if kind == "dpdd":
         pairs = dpdd_split(cfg.data, "train", cfg.dual, cfg.allow_count_mismatch)
+        record = record_of(_pairs_items(pairs), "training pairs")
         val_pairs: list[PairFiles] = []
         if cfg.val_count > 0:
             try:
@@ -611,6 +690,7 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
         desc = f"DPDD ({'dual-pixel' if cfg.dual else 'centre view'}) at {cfg.data}: {len(pairs)} training pairs"
     else:
         pairs = folder_pairs(cfg.source, cfg.target, log=note)
+        record = record_of(_pairs_items(pairs), "pairs")  # before the held-out pairs are split off
         val_pairs = []
         if cfg.val_source is not None:
             val_pairs = folder_pairs(cfg.val_source, cfg.val_target, log=note)
@@ -637,4 +717,4 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
         vstore = PairStore(val_pairs, cfg.bit_depth)
         val = paired_validation(vstore, evenly_spaced(len(val_pairs), cfg.val_count), val_crop, cfg.dual)
     desc += f", {cfg.bit_depth}-bit; validation: {len(val)} image(s)" + (f" (centre {val_crop}x{val_crop})" if val_crop else " (whole)")
-    return DataBundle(dataset, val, desc, len(pairs), notes, cached)
+    return DataBundle(dataset, val, desc, len(pairs), notes, cached, record)

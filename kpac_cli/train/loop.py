@@ -47,7 +47,7 @@ from ..model import KPACConfig, KPACNet, build_model, count_parameters, transfer
 from .. import distributed as D
 from .blur_ranking import attention_blur_loss
 from .config import STAGE_DEFAULTS, TrainConfig
-from .data import DataBundle, StepBatchSampler, build_data, collate, worker_init
+from .data import LEGACY_RECORD, DataBundle, StepBatchSampler, build_data, collate, worker_init
 from .state import FORMAT, VERSION, capture_rng, load_state, resolve_checkpoint, restore_rng, save_state, weights_finite
 from .vgg import PerceptualLoss, find_vgg_weights, load_vgg19
 
@@ -437,6 +437,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
     bundle: DataBundle = build_data(
         cfg, model_cfg.stride, rank=dist_info.rank, local_world=dist_info.local_world_size, log=message,
         load_progress=(lambda d, n: emit(TrainEvent("load", data={"done": d, "total": n}))) if main else None,
+        resumed=None if ckpt is None else ckpt.get("data_record", LEGACY_RECORD),
     )
 
     # -- model, optimiser, loss scaling
@@ -522,6 +523,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
             # the stage defaults resolved, so that a resume never takes a later version's
             "train_config": cfg.replace(model=model_cfg, resume=False, iterations=cfg.total_iterations,
                                         lr=cfg.lr if cfg.lr is not None else STAGE_DEFAULTS[cfg.stage]["lr"]).to_dict(),
+            "data_record": bundle.record,
             "scores": scores, "best": best, "elapsed_s": elapsed(),
             "provenance": _provenance(cfg, bundle.description, step, scores, best, elapsed(), hw, model_cfg, dist_info.world_size),
         }

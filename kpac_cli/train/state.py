@@ -18,6 +18,9 @@ as code). Keys:
 * ``sampler``: ``{"next_step", "seed", "batch", "world_size"}`` - the data pipeline's whole
   state, since every sample is a function of its global index (see :mod:`.data`)
 * ``train_config``: the :class:`~kpac_cli.train.TrainConfig` as a dict
+* ``data_record``: the training items' names (in the run's order) and sizes, which a resume
+  must find again (:func:`kpac_cli.train.data.check_same_data`); checkpoints of earlier
+  versions have none and resume as they always did
 * ``scores`` (latest validation), ``best`` (best validation), ``elapsed_s`` (training
   wall-clock so far), ``provenance`` (what an exported model will carry)
 
