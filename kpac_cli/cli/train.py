@@ -284,6 +284,8 @@ def train_command(
             output = source.parent / ("model.safetensors" if source.stem == "last" else f"model-{source.stem}.safetensors")
         if output.is_dir():
             raise usage_error(f"-o {output}: is a folder (give the .safetensors file to write)")
+        if output.suffix != ".safetensors":  # as kpac convert: models are read by their extension ('out/' arrives as 'out')
+            raise usage_error(f"-o {output}: the model is written as safetensors; give a name ending in .safetensors")
         if (output.exists() or output.is_symlink()) and not overwrite:
             raise usage_error(f"{output}: exists (use --overwrite, or choose another -o)")
         try:
