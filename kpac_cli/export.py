@@ -95,8 +95,18 @@ def check_static_size(hw: tuple[int, int], stride: int) -> None:
     raise ValueError(f"static size {w}x{h}: width and height must be multiples of the model's stride {stride} (nearest: {nearest})")
 
 
+def _require_onnx() -> None:
+    """ImportError naming the extra to install when the ``onnx`` package is missing: PyTorch's
+    exporter needs it too, and says so only with its own error after tracing the whole graph."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError as e:
+        raise ImportError("the onnx package is not installed: pip install 'kpac[onnx]'") from e
+
+
 def _onnx_bytes(model: KPACNet, opset: int, dynamic: bool, sample_hw: tuple[int, int], balance_views: bool) -> bytes:
     _check_opset(opset)
+    _require_onnx()
     model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
     cfg = model.config
     if not dynamic:  # a graph fixed to the rounded-up size would reject the very size asked for
@@ -145,7 +155,8 @@ def export_onnx(
     are balanced before the network (a dual-pixel checkpoint's ``balance_views`` provenance;
     ignored for single-image models). ``path=None`` only returns the bytes. The file is written
     atomically, its folder created if needed (as :func:`kpac_cli.checkpoints.save_checkpoint`
-    does). ValueError for an opset newer than this PyTorch's exporter writes (:func:`max_opset`).
+    does). ValueError for an opset newer than this PyTorch's exporter writes (:func:`max_opset`);
+    ImportError when the ``onnx`` package is not installed.
     """
     data = _onnx_bytes(model, opset, dynamic, sample_hw, balance_views)
     if path is not None:
@@ -231,7 +242,8 @@ class OnnxBackend:
     :class:`~kpac_cli.model.KPACNet` (exported in memory). :meth:`run` takes NCHW float32
     arrays (or CPU tensors) in the model's [-1, 1] units, balances dual-pixel views when the
     file asks for it and pads to the stride as the engine does, and returns the unclipped
-    output of the same type and size. ``balance_views`` overrides the file's
+    output of the same type and size (a graph exported with a static size takes only that size,
+    ValueError otherwise). ``balance_views`` overrides the file's
     ``kpac_balance_views`` (None: as the file says; False for an in-memory KPACNet).
     """
 
@@ -253,6 +265,8 @@ class OnnxBackend:
                 balance_views = _balance_of(meta)
         self.balance_views = bool(balance_views) and self.config.in_views == 2
         self.session = make_session(data, threads)
+        # a static graph (kpac export --static) takes one shape; None where an axis is dynamic
+        self.fixed_shape = tuple(d if isinstance(d, int) else None for d in self.session.get_inputs()[0].shape)
 
     def default_reference(self, x: np.ndarray) -> np.ndarray:
         """The input itself, or for dual-pixel input the mean of the left and right views."""
@@ -281,11 +295,21 @@ class OnnxBackend:
         h, w = xt.shape[-2:]
         xp = pad_to_multiple(xt, cfg.stride).contiguous().numpy()
         rp = pad_to_multiple(rt, cfg.stride).contiguous().numpy()
+        self._check_fixed_shape(xt.shape, xp.shape)
         out = self.session.run([OUTPUT], {INPUT: xp, REFERENCE: rp})[0][..., :h, :w]
         out = np.ascontiguousarray(out)
         return torch.from_numpy(out) if as_tensor else out
 
     __call__ = run
+
+    def _check_fixed_shape(self, given: tuple[int, ...], padded: tuple[int, ...]) -> None:
+        """ValueError, naming the graph's shape, for input a static graph cannot take (rather
+        than onnxruntime's error about its padded 'reference' input)."""
+        if all(f is None or f == p for f, p in zip(self.fixed_shape, padded)):
+            return
+        fixed = "x".join("N" if f is None else str(f) for f in self.fixed_shape)
+        raise ValueError(f"this graph was exported for input of shape {fixed} only (kpac export --static); got "
+                         f"{'x'.join(map(str, given))}: export a dynamic graph to run other sizes")
 
 
 def check_export(

@@ -18,7 +18,21 @@ QUICK = ["--size", "32x32", "--rounds", "1", "--warmup", "0", "--configs", "sing
 
 
 def _minimal_report() -> dict:
-    return {"machine": {}, "size": [32, 32]}
+    return {"machine": {}, "size": [32, 32], "recommended_tile": "whole"}
+
+
+def _full_report(recommended: str) -> dict:
+    """What run_benchmark returns, with made-up figures."""
+    return {
+        "machine": {"device": "cpu", "cpu": "test CPU", "threads": 1, "torch": torch.__version__}, "size": [64, 32],
+        "ceiling": {"gflops_per_s": 100.0, "backend": "torch_nchw", "by_backend": {"torch_nchw": 100.0}},
+        "model_flops": 10**9, "backends": {"eager": {"seconds": 0.1, "gflops_per_s": 10.0, "efficiency": 0.1}},
+        "efficiency": 0.1, "efficiency_backend": "eager", "efficiency_note": core.EFFICIENCY_NOTE,
+        "configs": [{"config": "single_2level", "precision": "fp32", "seconds": 0.1, "megapixels_per_s": 0.02}],
+        "tiles": [{"tile": "whole", "effective_tile": None, "seconds": 0.1, "megapixels_per_s": 0.02},
+                  {"tile": "256", "effective_tile": 256, "seconds": 0.1, "megapixels_per_s": 0.02}],
+        "recommended_tile": recommended,
+    }
 
 
 def test_threads_are_set_for_the_run_and_restored(monkeypatch):
@@ -117,3 +131,40 @@ def test_auto_backends_start_with_the_path_kpac_deblur_runs_there(monkeypatch, d
     res = CliRunner().invoke(app, ["bench", *args, "--json", "-q"])
     assert res.exit_code == 0, res.output
     assert seen[0][0] == first and ("fast" in seen[0]) == (device == "cpu")
+
+
+@pytest.mark.parametrize("recommended,option", [("whole", "--tile 0"), ("256", "--tile 256")])
+def test_recommended_tile_is_given_as_the_option_kpac_deblur_takes(monkeypatch, recommended, option):
+    """`kpac deblur --tile` takes 0 for the whole image and refuses 'whole'."""
+    monkeypatch.setattr(core, "run_benchmark", lambda *a, **k: _full_report(recommended))
+    res = CliRunner().invoke(app, ["bench", *QUICK, "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["recommended_tile"] == recommended and report["recommended_tile_option"] == option
+    res = CliRunner().invoke(app, ["bench", *QUICK, "-q"])
+    assert res.exit_code == 0, res.output
+    assert f"recommended tile: {recommended} (kpac deblur {option}): the smallest" in res.stdout
+
+
+def test_deblur_takes_the_recommended_tile_options():
+    from kpac_cli.cli.bench import deblur_tile_option
+    from kpac_cli.cli.common import parse_tile  # what `kpac deblur --tile` accepts
+
+    with pytest.raises(ValueError):
+        parse_tile("whole")
+    for tile, expected in (("whole", None), ("256", 256)):
+        assert parse_tile(deblur_tile_option(tile).removeprefix("--tile ")) == expected
+
+
+def test_onnxruntime_backend_without_onnx_is_left_out_or_refused(monkeypatch):
+    """The backend exports the model with onnx: onnxruntime alone does not run it."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import fails as if not installed
+    seen = []
+    monkeypatch.setattr(core, "run_benchmark", lambda *a, **k: seen.append(a[7]) or _minimal_report())
+    res = CliRunner().invoke(app, ["bench", *QUICK, "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    assert seen == [["fast", "channels_last"]]
+    res = CliRunner().invoke(app, ["bench", *QUICK, "--backends", "fast,onnxruntime", "-q"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == "error: --backends onnxruntime: onnx is not installed (pip install 'kpac[onnx]')"

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -831,3 +832,123 @@ def test_unknown_model_says_when_kpac_weights_dir_is_not_a_folder(tmp_path, monk
     with pytest.raises(FileNotFoundError, match="unknown model 'other'") as info:
         resolve_model("other")
     assert "KPAC_WEIGHTS_DIR" not in str(info.value)
+
+
+def test_models_notes_a_kpac_weights_dir_that_is_not_a_folder(tmp_path, monkeypatch):
+    """`kpac models` says why the models of a misspelt $KPAC_WEIGHTS_DIR are not in its list."""
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    _weights_folder(tmp_path / "weights", "mine")
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(tmp_path / "weigths"))  # misspelt
+    for args in (["models"], ["models", "-q", "--json"]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert res.stderr.splitlines() == [f"note: $KPAC_WEIGHTS_DIR ({tmp_path / 'weigths'}) is not a folder, so it "
+                                           "was not searched: its models are not listed"]
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(tmp_path / "weights"))
+    res = CliRunner().invoke(app, ["models", "--json"])
+    assert res.exit_code == 0 and res.stderr == "", res.output
+    assert json.loads(res.stdout.splitlines()[0])["name"] == "mine"
+
+
+@pytest.mark.parametrize("wrap", ["fast", "compile", "data_parallel"])
+def test_a_wrapped_model_is_saved_as_the_network_inside(tmp_path, wrap):
+    """The fast CPU view, torch.compile and DataParallel prefix every weight's name: saved as is,
+    the file would never load."""
+    from kpac_cli.model.fast import FastKPACNet
+
+    torch.manual_seed(0)
+    model = build_model(KPACConfig(levels=2, channels=8))
+    wrapped = {"fast": FastKPACNet, "compile": torch.compile, "data_parallel": torch.nn.DataParallel}[wrap](model)
+    path = save_checkpoint(tmp_path / "m.safetensors", wrapped, {"name": "m"})
+    loaded = load_checkpoint(path).build()
+    assert loaded.config == model.config
+    for (name, value), (loaded_name, loaded_value) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert name == loaded_name and torch.equal(value, loaded_value)
+
+
+def test_saving_something_that_is_no_kpac_network_writes_nothing(tmp_path):
+    with pytest.raises(TypeError, match="expected a KPACNet"):
+        save_checkpoint(tmp_path / "m.safetensors", torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3)))
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("keep,says", [(0, r"0 bytes: the file is empty"),
+                                       (100, r"100 bytes, fewer than its [\d,]+-byte header alone"),
+                                       (-1000, r"[\d,]+ of the [\d,]+ bytes its header declares")])
+def test_a_half_downloaded_safetensors_is_called_truncated(tmp_path, monkeypatch, keep, says):
+    """Not 'incomplete metadata, file not fully covered': the user is told the file is cut short,
+    whether given by path, or by name from a weights folder without SHA256SUMS."""
+    import kpac_cli.checkpoints.registry as registry
+
+    path = save_checkpoint(tmp_path / "m.safetensors", build_model(KPACConfig(levels=2, channels=8)))
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+    expected = rf"m\.safetensors: truncated safetensors file \({says}\): an incomplete download or copy"
+    with pytest.raises(CheckpointMismatchError, match=expected):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointMismatchError, match=expected):
+        read_metadata(path)
+    monkeypatch.setattr(registry, "weights_dirs", lambda: [tmp_path])
+    assert list(registry.survey_models()[1]) == ["m"]
+    assert re.search(expected, registry.survey_models()[1]["m"])
+
+
+def test_a_file_that_is_no_safetensors_is_not_called_truncated(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"<html>not found</html>" * 10)
+    with pytest.raises(CheckpointMismatchError, match="not a readable safetensors file") as info:
+        load_checkpoint(path)
+    assert "truncated" not in str(info.value)
+
+
+def test_a_half_downloaded_or_lfs_pointer_npz_says_so(tmp_path):
+    """`kpac convert` of an incomplete download or an LFS pointer does not call it a foreign file."""
+    good = _official_npz(tmp_path / "good.npz", _tf_arrays(KPACConfig(levels=2)))
+    half = tmp_path / "single_2level.npz"
+    half.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointMismatchError, match=r"single_2level\.npz: truncated or damaged \.npz .*incomplete download"):
+        read_official_npz(half)
+    pointer = tmp_path / "single_3level.npz"
+    pointer.write_text(LFS_POINTER)
+    with pytest.raises(CheckpointMismatchError, match=r"single_3level\.npz is a Git LFS pointer.*git lfs pull"):
+        read_official_npz(pointer)
+    other = tmp_path / "other.npz"
+    other.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    with pytest.raises(CheckpointMismatchError, match=r"other\.npz: not an official KPAC \.npz checkpoint"):
+        read_official_npz(other)
+
+
+def test_load_checkpoint_given_a_model_name_or_a_folder_says_what_takes_them(tmp_path, monkeypatch):
+    """load_checkpoint reads files; a researcher who passes a shipped name or a run folder hears
+    which functions take those."""
+    import kpac_cli.checkpoints.registry as registry
+
+    _weights_folder(tmp_path / "weights", "shipped-one")
+    monkeypatch.setattr(registry, "weights_dirs", lambda: [tmp_path / "weights"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"model file not found: shipped-one \(it is a shipped model's name: .*resolve_model"):
+        load_checkpoint("shipped-one")
+    with pytest.raises(FileNotFoundError, match=r"^weights is a folder, not a model file \(.*resolve_model.*Deblurrer"):
+        load_checkpoint("weights")
+    with pytest.raises(FileNotFoundError, match=r"^model file not found: other\.safetensors$"):
+        load_checkpoint("other.safetensors")
+    path, _ = registry.resolve_model("shipped-one")
+    assert load_checkpoint(path).provenance["name"] == "shipped-one"
+
+
+def test_a_half_downloaded_or_lfs_pointer_torch_file_says_so(tmp_path):
+    """Not torch's 'failed finding central directory' or its advice to load with weights_only=False."""
+    model = build_model(KPACConfig(levels=2, channels=8))
+    path = tmp_path / "last.pt"
+    torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, path)
+    assert load_checkpoint(path).config == model.config
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointMismatchError, match=r"last\.pt: truncated or damaged torch file .*incomplete download") as info:
+        load_checkpoint(path)
+    assert "weights_only" not in str(info.value)
+    path.write_text(LFS_POINTER)
+    with pytest.raises(CheckpointMismatchError, match=r"last\.pt is a Git LFS pointer, not the weights: run `git lfs pull`"):
+        load_checkpoint(path)

@@ -382,3 +382,31 @@ def test_bench_configs_naming_none_is_a_usage_error(configs, monkeypatch):
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
     assert res.stderr.startswith("error: --configs") and "single_2level" in res.stderr and len(res.stderr.splitlines()) == 1
     assert not ran
+
+
+def test_export_without_the_onnx_package_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    """PyTorch's exporter needs onnx too: without it, one error line, not its traceback."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import fails as if not installed
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ImportError, match=r"onnx package is not installed: pip install 'kpac\[onnx\]'"):
+        export_onnx(make_model(KPACConfig(levels=2, channels=8)), out)
+    res = invoke_export("--onnx", out, "--config", "single_2level")
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert res.stderr == "error: the onnx package is not installed: pip install 'kpac[onnx]'\n"
+    assert not out.exists()
+
+
+def test_a_static_graph_refuses_other_sizes_naming_its_own(tmp_path):
+    """OnnxBackend pads to the stride; a static graph then takes only its own size, said as such."""
+    model = make_model(KPACConfig(levels=2, channels=8))
+    path = tmp_path / "static.onnx"
+    export_onnx(model, path, dynamic=False, sample_hw=(40, 56))
+    backend = OnnxBackend(path, threads=1)
+    x = rand((1, 3, 37, 56))  # padded to 40x56: the graph's size
+    expected = TiledInference(model, torch.device("cpu"), torch.no_grad, channels_last=False)(x, x, None).output
+    torch.testing.assert_close(backend.run(x), expected, atol=ATOL, rtol=0)
+    for shape in ((1, 3, 48, 56), (2, 3, 40, 56)):
+        with pytest.raises(ValueError, match=rf"exported for input of shape 1x3x40x56 only .*got {'x'.join(map(str, shape))}"):
+            backend.run(rand(shape))

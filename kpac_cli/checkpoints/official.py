@@ -74,6 +74,19 @@ def _parse_npy_header(f: io.BufferedIOBase) -> dict:
     return header
 
 
+def _unreadable_zip_error(path: Path, error: Exception) -> CheckpointMismatchError:
+    """Why ``path`` did not open as a zip: a Git LFS pointer, a zip cut short (its directory is
+    at the end, so an incomplete download loses it), or not a zip at all."""
+    from .safetensors_io import _is_cut_short_zip, is_lfs_pointer, lfs_pointer_error  # that module imports this one
+
+    if is_lfs_pointer(path):
+        return lfs_pointer_error(path)
+    if isinstance(error, zipfile.BadZipFile) and _is_cut_short_zip(path):
+        return CheckpointMismatchError(f"{path}: truncated or damaged .npz (it starts as a zip, but the zip's directory "
+                                       "at its end is missing or unreadable): an incomplete download or copy?")
+    return CheckpointMismatchError(f"{path}: not an official KPAC .npz checkpoint ({error})")
+
+
 def read_official_npz(path: str | Path) -> list[np.ndarray]:
     """Read the positional list of float32 arrays from an authors' ``.npz`` checkpoint.
 
@@ -85,7 +98,7 @@ def read_official_npz(path: str | Path) -> list[np.ndarray]:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointMismatchError(f"{path}: not an official KPAC .npz checkpoint ({e})") from None
+        raise _unreadable_zip_error(path, e) from None
     with zf:
         if "params.npy" not in zf.namelist():
             raise CheckpointMismatchError(f"{path}: no 'params.npy' member (found {zf.namelist()[:5]})")

@@ -31,6 +31,15 @@ def weights_dirs() -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
+def unsearched_weights_dir() -> str | None:
+    """What is wrong with ``$KPAC_WEIGHTS_DIR`` when it is set but not a folder (so its models
+    are not found), else None."""
+    env = os.environ.get("KPAC_WEIGHTS_DIR")
+    if env and not Path(env).is_dir():
+        return f"$KPAC_WEIGHTS_DIR ({env}) is not a folder, so it was not searched"
+    return None
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -158,7 +167,7 @@ def resolve_model(spec: str | Path, dual: bool = False) -> tuple[Path, str]:
         verify_file(shipped)  # what is wrong with a damaged file, rather than "unknown model"
         return shipped, spec_s
     names = ", ".join(m.name for m in list_models()) or "none installed"
-    env = os.environ.get("KPAC_WEIGHTS_DIR")
-    unused = f"; $KPAC_WEIGHTS_DIR ({env}) is not a folder, so it was not searched" if env and not Path(env).is_dir() else ""
+    unsearched = unsearched_weights_dir()
+    unused = f"; {unsearched}" if unsearched else ""
     raise FileNotFoundError(f"unknown model {spec_s!r} (shipped models: {names}){unused}; "
                             "pass a .safetensors path to use your own")

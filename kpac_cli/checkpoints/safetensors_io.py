@@ -44,6 +44,9 @@ class Checkpoint:
     path: Path | None = None  # the file it was read from (named in error messages)
 
     def build(self, dtype: torch.dtype = torch.float32) -> KPACNet:
+        """The network with these weights, in eval mode, on the CPU, its parameters of ``dtype``
+        (the file's own type does not matter). Inputs and outputs: see :meth:`KPACNet.forward`
+        ([-1, 1] NCHW; :class:`kpac_cli.engine.Deblurrer` takes images in [0, 1])."""
         model = build_model(self.config)
         try:
             load_state_dict_checked(model, self.state_dict)
@@ -88,13 +91,33 @@ def check_weights_fit(path: str | Path, config: KPACConfig) -> None:
         with safe_open(str(path), framework="pt") as f:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointMismatchError(f"{path}: not a readable safetensors file ({e})") from None
+        raise unreadable_error(path, e) from None
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         own = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
     try:
         _check_shapes(config, own, stored)
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(f"{path}: {e}") from None
+
+
+# Where the usual wrappers keep the network they wrap: torch.compile's module (_orig_mod),
+# (Distributed)DataParallel (module), kpac's FastKPACNet (model).
+_WRAPPED_MODULE_ATTRS = ("_orig_mod", "module", "model")
+
+
+def bare_network(model: torch.nn.Module) -> KPACNet:
+    """The :class:`KPACNet` inside ``model``, unwrapping ``torch.compile``, DataParallel and
+    :class:`~kpac_cli.model.fast.FastKPACNet`: their state dicts prefix every name, and a
+    checkpoint saved from them would not load. TypeError when no KPACNet is inside."""
+    current = model
+    for _ in range(8):  # wrappers of wrappers, never a cycle
+        if isinstance(current, KPACNet):
+            return current
+        inner = next((current._modules[a] for a in _WRAPPED_MODULE_ATTRS if a in getattr(current, "_modules", {})), None)
+        if inner is None:
+            break
+        current = inner
+    raise TypeError(f"expected a KPACNet (or a wrapper of one), got {type(model).__name__}")
 
 
 def save_checkpoint(
@@ -104,8 +127,14 @@ def save_checkpoint(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write ``model`` atomically (:func:`kpac_cli.images.atomic_write_bytes`: temp file, fsync,
-    rename; permissions as for any new file) as a kpac safetensors checkpoint."""
+    rename; permissions as for any new file) as a kpac safetensors checkpoint.
+
+    ``model`` may be wrapped (``torch.compile``, DataParallel, ``FastKPACNet``): the network
+    inside is saved, under the names :func:`load_checkpoint` expects. ``dtype``: the stored
+    tensors' type (the weights are cast; float32 by default).
+    """
     path = Path(path)
+    model = bare_network(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     prov = {"kpac_version": __version__, **(provenance or {})}
     metadata = {
@@ -166,6 +195,48 @@ def lfs_pointer_error(path: Path) -> CheckpointMismatchError:
     return CheckpointMismatchError(f"{path} is a Git LFS pointer, not the weights: run `git lfs pull`")
 
 
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the header's length
+
+
+def truncation(path: Path) -> str | None:
+    """How a safetensors file falls short when it ends before the data its header declares (an
+    incomplete download or copy), else None. Read from the header alone."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "0 bytes: the file is empty"
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 2 <= length <= _MAX_HEADER:
+                return None
+            text = f.read(length)
+        if not text.startswith(b"{"):
+            return None
+        if len(text) < length:
+            return f"{size:,} bytes, fewer than its {8 + length:,}-byte header alone"
+        header = json.loads(text)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None  # not a safetensors header at all: the reader's own error says more
+    expected = 8 + length + end
+    return f"{size:,} of the {expected:,} bytes its header declares" if size < expected else None
+
+
+def unreadable_error(path: Path, error: Exception) -> CheckpointMismatchError:
+    """The error for a file the safetensors reader refused: a Git LFS pointer or a truncated file
+    said as such, anything else with the reader's reason."""
+    if is_lfs_pointer(path):
+        return lfs_pointer_error(path)
+    short = truncation(path)
+    if short is not None:
+        return _truncated_error(path, short)
+    return CheckpointMismatchError(f"{path}: not a readable safetensors file ({error})")
+
+
+def _truncated_error(path: Path, short: str) -> CheckpointMismatchError:
+    return CheckpointMismatchError(f"{path}: truncated safetensors file ({short}): an incomplete download or copy")
+
+
 def read_metadata(path: str | Path) -> tuple[KPACConfig, dict[str, Any]]:
     """Config and provenance of a checkpoint, without reading its tensors."""
     path = Path(path)
@@ -173,9 +244,7 @@ def read_metadata(path: str | Path) -> tuple[KPACConfig, dict[str, Any]]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        if is_lfs_pointer(path):
-            raise lfs_pointer_error(path) from None
-        raise CheckpointMismatchError(f"{path}: not a readable safetensors file ({e})") from None
+        raise unreadable_error(path, e) from None
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointMismatchError(
             f"{path}: safetensors file without kpac metadata (no architecture config); "
@@ -193,10 +262,16 @@ def read_metadata(path: str | Path) -> tuple[KPACConfig, dict[str, Any]]:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a kpac checkpoint: ``.safetensors`` (preferred), or ``.pt``/``.pth`` (weights_only)."""
+    """Read a kpac checkpoint file: ``.safetensors`` (preferred), or ``.pt``/``.pth`` (weights_only).
+
+    ``path`` is a file; a shipped model's name or a training run folder is turned into one by
+    :func:`kpac_cli.checkpoints.registry.resolve_model`. ``.build()`` gives the network.
+    CheckpointMismatchError (a ValueError) for anything that is not such a checkpoint.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+        found = f"{path} is a folder, not a model file" if path.is_dir() else f"model file not found: {path}"
+        raise FileNotFoundError(found + _not_a_file_hint(path))
     if path.suffix in (".pt", ".pth"):
         return _load_torch_weights_only(path)
     if path.suffix == ".npz" or _is_official_npz(path):
@@ -208,9 +283,23 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
+        short = truncation(path)
+        if short is not None:
+            raise _truncated_error(path, short) from None
         raise CheckpointMismatchError(f"{path}: truncated or corrupt safetensors file ({e})") from None
     _check_weight_values(path, state)
     return Checkpoint(config, state, provenance, path)
+
+
+def _not_a_file_hint(path: Path) -> str:
+    """What to call instead when ``path`` is a shipped model's name or a folder, not a file."""
+    from .registry import _shipped_files  # the registry imports this module
+
+    if not path.is_dir() and str(path) not in _shipped_files():
+        return ""
+    kind = "" if path.is_dir() else "it is a shipped model's name: "
+    return (f" ({kind}kpac_cli.checkpoints.registry.resolve_model turns a model name or a training run folder "
+            "into its file, and kpac_cli.engine.Deblurrer takes either)")
 
 
 def _check_weight_values(path: Path, state: dict[str, Any]) -> None:
@@ -232,7 +321,24 @@ def trained_weights(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {**dict(checkpoint["model"]), **dict(checkpoint.get("ema") or {})}
 
 
+def _is_cut_short_zip(path: Path) -> bool:
+    """Whether ``path`` starts as a zip (as torch.save writes) but has no readable directory,
+    which a zip keeps at its end: what an incomplete download or copy leaves."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
 def _load_torch_weights_only(path: Path) -> Checkpoint:
+    if is_lfs_pointer(path):  # torch.load would call it a pickle that needs weights_only=False
+        raise lfs_pointer_error(path)
+    if _is_cut_short_zip(path):
+        raise CheckpointMismatchError(f"{path}: truncated or damaged torch file (it starts as a zip, but the zip's "
+                                      "directory at its end is missing): an incomplete download or copy?")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses arbitrary classes with an UnpicklingError

@@ -46,12 +46,18 @@ def _parse_tiles(text: str) -> list[int | None]:
     return out
 
 
-def _onnxruntime_installed() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _onnx_backend_missing() -> list[str]:
+    """The packages the onnxruntime backend needs that are not installed: onnxruntime runs the
+    model, onnx is what PyTorch's exporter writes it with."""
+    import importlib
+
+    missing = []
+    for package in ("onnx", "onnxruntime"):
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            missing.append(package)
+    return missing
 
 
 def _first_line(error: BaseException) -> str:
@@ -65,7 +71,7 @@ def bench(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     rounds: int = typer.Option(5, "--rounds", help="Timed rounds of the efficiency, at least 1 (median reported); the throughput and the tile sweep run half as many, at least 2. Each round runs every candidate once, interleaved."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed calls of each candidate first (0 or more)."),
-    backends: str = typer.Option("auto", "--backends", help="Model backends for the efficiency (the first also for the throughput): auto (CPU: fast, channels_last and onnxruntime when installed; GPU: channels_last, eager), or a list of eager, channels_last, fast, onnxruntime, compile."),
+    backends: str = typer.Option("auto", "--backends", help="Model backends for the efficiency (the first also for the throughput): auto (CPU: fast, channels_last and onnxruntime when the onnx extra is installed; GPU: channels_last, eager), or a list of eager, channels_last, fast, onnxruntime, compile."),
     configs: str = typer.Option("all", "--configs", help="Model configs for throughput: all, or a list of single_2level, single_3level, dual."),
     tiles: str = typer.Option("256,512,1024,whole", "--tiles", help="Tile sizes to sweep (the engine path), 'whole' = no tiling. The engine raises tiles under 128 px and runs a tile covering the image as the whole image: rows say the tile that ran, and the recommendation is one of those."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads, at least 1 (default: PyTorch's choice)."),
@@ -111,7 +117,7 @@ def bench(
         # what kpac deblur runs first (the throughput table uses it): the fused path on the CPU,
         # the channels_last model elsewhere (the fused path is the engine's CPU path only)
         backend_list = ["fast", "channels_last"] if dev.type == "cpu" else ["channels_last", "eager"]
-        if dev.type == "cpu" and _onnxruntime_installed():
+        if dev.type == "cpu" and not _onnx_backend_missing():
             backend_list.append("onnxruntime")
     else:
         backend_list = [b.strip() for b in backends.split(",") if b.strip()]
@@ -120,8 +126,10 @@ def bench(
             raise usage_error(f"unknown backend(s) {', '.join(bad) or '(none)'}: use {', '.join(core.MODEL_BACKENDS)}")
         if "onnxruntime" in backend_list and dev.type != "cpu":
             raise usage_error("the onnxruntime backend runs on the CPU only")
-        if "onnxruntime" in backend_list and not _onnxruntime_installed():
-            raise usage_error("--backends onnxruntime: onnxruntime is not installed (pip install 'kpac[onnx]')")
+        missing = _onnx_backend_missing() if "onnxruntime" in backend_list else []
+        if missing:
+            raise usage_error(f"--backends onnxruntime: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                              "not installed (pip install 'kpac[onnx]')")
     if configs == "all":
         config_map = dict(PAPER_CONFIGS)
     else:
@@ -152,6 +160,7 @@ def bench(
         if threads is not None:
             torch.set_num_threads(threads_before)
     report["machine"]["retain_freed_memory"] = retained
+    report["recommended_tile_option"] = deblur_tile_option(report["recommended_tile"])
     if json_out:
         emit_json(report)
         return
@@ -199,7 +208,14 @@ def _print_report(r: dict) -> None:
     con.print(t)
     for note in notes:
         con.print(f"[dim]note: {note}[/]", soft_wrap=True)
-    con.print(f"recommended tile: [bold]{r['recommended_tile']}[/] (the smallest that ran within 5% of the fastest)")
+    con.print(f"recommended tile: [bold]{r['recommended_tile']}[/] (kpac deblur {r['recommended_tile_option']}): "
+              "the smallest that ran within 5% of the fastest")
+
+
+def deblur_tile_option(tile: str) -> str:
+    """The `kpac deblur` option that runs a recommended tile: its --tile takes 0, not 'whole',
+    for the whole image."""
+    return f"--tile {0 if tile == 'whole' else tile}"
 
 
 bench.__doc__ = inspect.cleandoc(bench.__doc__ or "") + "\n" + EXAMPLES

@@ -110,8 +110,8 @@ def export(
     try:
         data = export_onnx(net, onnx_path, opset=opset, dynamic=static is None, sample_hw=(sample[1], sample[0]),
                            balance_views=balance)
-    except ImportError as e:
-        print_error(f"{e} (pip install 'kpac[onnx]')")
+    except ImportError as e:  # the message names the extra to install
+        print_error(str(e))
         raise typer.Exit(EXIT_FAILED) from None
     except ValueError as e:  # an opset this PyTorch's exporter refuses though max_opset() allowed it
         raise usage_error(str(e)) from None

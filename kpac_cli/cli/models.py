@@ -7,9 +7,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..checkpoints.registry import survey_models
+from ..checkpoints.registry import survey_models, unsearched_weights_dir
 from ..model import build_model, count_parameters
-from .common import EXIT_FAILED, emit_json, print_error, writing_stdout
+from .common import EXIT_FAILED, emit_json, print_error, print_note, writing_stdout
 
 
 def _is_number(value: object) -> bool:
@@ -52,15 +52,16 @@ def models(
 ) -> None:
     """List the shipped models with their architecture, training iterations and measured scores.
 
-    The default single-image model and the default dual-pixel model (used with --left/--right)
-    are marked; --json adds each model's training data and every score. A shipped file that
-    cannot be used (damaged, a Git LFS pointer) is named on stderr and the exit code is 1.
+    The default single-image model and the default dual-pixel model (used with --left/--right) are marked; --json adds each model's training data and every score. A shipped file that cannot be used (damaged, a Git LFS pointer) is named on stderr and the exit code is 1. A folder named by $KPAC_WEIGHTS_DIR is searched first (a model there takes the place of a shipped one of the same name).
 
     Example: kpac models --json | jq .name
     """
     infos, unusable = survey_models()
     for name, error in unusable.items():  # an error, so said even with --quiet
         print_error(error)
+    unsearched = unsearched_weights_dir()
+    if unsearched:  # the list lacks what the user pointed kpac at: said even with --quiet
+        print_note(f"{unsearched}: its models are not listed")
     if json_out:
         for m in infos:
             emit_json({"name": m.name, "default": m.default, "path": str(m.path), "config": m.config.to_dict(),

@@ -256,7 +256,16 @@ class KPACNet(nn.Module):
         return x if self.config.in_views == 1 else 0.5 * (x[:, :3] + x[:, 3:])
 
     def forward(self, x: Tensor, reference: Tensor | None = None) -> Tensor:
-        """Deblur ``x`` (values in [-1, 1]); ``reference`` is the dual model's centre view."""
+        """Deblur a batch: ``x`` is (N, 3, H, W) RGB, or (N, 6, H, W) ``cat([left, right])`` for a
+        dual-pixel model, scaled to [-1, 1] (``(u8 - 127.5) / 127.5``, not [0, 1]), of the
+        parameters' dtype and device; H and W multiples of ``config.stride``.
+
+        Returns (N, 3, H, W) RGB in the same [-1, 1] units, unclipped: the residual plus
+        ``reference`` ((N, 3, H, W); default: ``x`` itself, or for dual-pixel input the mean of
+        the two views). The bare network does no pre-processing: a dual-pixel checkpoint that
+        asks for balanced views (provenance ``balance_views``) and images of any size are
+        handled by :class:`kpac_cli.engine.Deblurrer`, which takes [0, 1] HxWxC arrays.
+        """
         self.check_input(x, reference)
         skips, encoded = self.encode(x)
         residual = self.decode(self.bottleneck(encoded).features, skips)
@@ -264,6 +273,8 @@ class KPACNet(nn.Module):
 
 
 def build_model(config: KPACConfig) -> KPACNet:
+    """A float32 CPU network of this architecture with fresh random weights (no layer depends on
+    train or eval mode); :meth:`KPACNet.forward` states its input and output conventions."""
     return KPACNet(config)
 
 
