@@ -112,3 +112,25 @@ def test_the_inverse_kernel_example_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "inverse_kernels.py")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "87.4 %" in proc.stdout and "done in" in proc.stdout
+
+
+def test_the_top_level_names_are_the_sub_packages_own_and_load_on_first_use():
+    """`from kpac_cli import Deblurrer, read_image, ...` gives the very objects the sub-packages
+    define, while `import kpac_cli` alone stays light (the CLI imports it before anything)."""
+    code = (
+        "import sys, kpac_cli\n"
+        "assert 'torch' not in sys.modules, 'import kpac_cli imported torch'\n"
+        "from kpac_cli import Deblurrer, EngineOptions, KPACConfig, build_model, load_checkpoint, read_image, "
+        "resolve_model, save_checkpoint, write_image\n"
+        "from kpac_cli import engine, images, model, checkpoints\n"
+        "from kpac_cli.checkpoints import registry\n"
+        "assert (Deblurrer, EngineOptions) == (engine.Deblurrer, engine.EngineOptions)\n"
+        "assert (read_image, write_image) == (images.read_image, images.write_image)\n"
+        "assert (KPACConfig, build_model) == (model.KPACConfig, model.build_model)\n"
+        "assert (load_checkpoint, save_checkpoint, resolve_model) == "
+        "(checkpoints.load_checkpoint, checkpoints.save_checkpoint, registry.resolve_model)\n"
+        "assert set(kpac_cli.__all__) <= set(dir(kpac_cli))\n"
+        "try:\n    kpac_cli.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no AttributeError')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
