@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -267,6 +268,25 @@ def test_tiff_big_endian_planar_miniswhite_palette(tmp_path):
     img, info = read_image(p)
     assert info.bit_depth == 8 and info.channels == 3
     assert np.array_equal(as_int(img, 8), (cmap.T[idx] // 257).astype(np.int64))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
+def test_low_bit_tiff_spans_black_to_white(bits):
+    # every code k of a 2-7-bit TIFF reads as the 8-bit code nearest k / top: white is white
+    top = (1 << bits) - 1
+    ramp = np.tile(np.arange(top + 1, dtype=np.uint8), (2, 1))
+    want = np.round(np.arange(top + 1) * 255 / top).astype(np.uint8)
+    for arr, photometric in ((ramp, "minisblack"), (np.stack([ramp, ramp[:, ::-1], ramp], axis=-1), "rgb")):
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, arr, bitspersample=bits, photometric=photometric)
+        img, info = read_image(buf.getvalue())
+        assert info.bit_depth == 8
+        assert img[0, -1, 0] == 1.0 and img[0, 0, 0] == 0.0
+        assert np.array_equal(as_int(img[0, :, 0], 8), want)
+        codes, depth = read_image_codes(buf.getvalue())
+        assert depth == 8 and np.array_equal(codes[0, :, 0], want)
+        if photometric == "rgb":
+            assert np.array_equal(codes[0, :, 1], want[::-1])
 
 
 def test_compressed_tiffs_as_photo_editors_write_them_read_exactly(tmp_path):
@@ -631,6 +651,29 @@ def test_stdin_bytes_sniffed_not_named(tmp_path):
 # metadata
 
 
+def exif_with_thumbnail(orientation: int) -> bytes:
+    """EXIF as cameras and phones write it: IFD0 (Orientation), then IFD1 with a JPEG thumbnail."""
+    thumb = pil_bytes(Image.fromarray(rand((4, 8, 3))), "JPEG")
+    ifd0 = struct.pack("<H", 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 26)
+    ifd1 = struct.pack("<H", 2) + struct.pack("<HHII", 0x0201, 4, 1, 56) + struct.pack("<HHII", 0x0202, 4, 1, len(thumb))
+    return b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd0 + ifd1 + struct.pack("<I", 0) + thumb
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exif_thumbnail_dropped_when_the_pixels_are_turned(orientation):
+    # the thumbnail keeps the camera's orientation: once the tag says 1, it would show turned
+    from PIL import ExifTags
+
+    src = pil_bytes(Image.fromarray(rand((8, 16, 3))), "JPEG", exif=exif_with_thumbnail(orientation))
+    img, info = read_image(src)
+    for fmt in ("jpeg", "png"):
+        with Image.open(io.BytesIO(write_image(None, img, info, format=fmt))) as im:
+            exif = im.getexif()
+            assert exif.get(0x0112) == 1
+            thumbnail = exif.get_ifd(ExifTags.IFD.IFD1)
+            assert (thumbnail.get(0x0202) is not None) == (orientation == 1), fmt  # kept only when upright
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_applied_and_reset(tmp_path, orientation):
     a = rand((4, 7, 3))
@@ -720,12 +763,51 @@ def test_utf8_descriptive_exif_tags_survive_every_format():
 
 
 def test_tiff_exif_kept_above_pillows_own_pixel_limit(monkeypatch):
-    # the EXIF of a TIFF is read by Pillow, whose (global) bomb limit is lower than ours
+    # the EXIF of a TIFF is parsed by Pillow, whose (global) bomb limit is lower than ours
     data = tiff_bytes(rand((30, 40, 3)), photometric="rgb", extratags=[(271, "s", 0, "BigCam", True)])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1,200 pixels: over twice the limit
     img, info = read_image(data)
+    monkeypatch.undo()  # for the check's own Image.open
     with Image.open(io.BytesIO(write_image(None, img, info, format="jpeg"))) as im:
         assert im.getexif().get(271) == "BigCam"
+
+
+def _tiff_with_gps(arr: np.ndarray, **kw) -> bytes:
+    """A TIFF of ``arr`` (tifffile) with Make 'Canon' and a GPS IFD saying GPSLatitudeRef 'N'."""
+    buf = io.BytesIO()
+    # tifffile writes no GPS pointer: a neighbouring code is written, then renamed (same order)
+    tifffile.imwrite(buf, arr, metadata=None, extratags=[(271, "s", 0, "Canon", True), (34854, "I", 1, 0, True)], **kw)
+    data = bytearray(buf.getvalue())
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        tag = tif.pages.first.tags[34854]
+        order, entry, value_at, big = tif.byteorder, tag.offset, tag.valueoffset, tif.is_bigtiff
+    data[entry : entry + 2] = struct.pack(order + "H", 34853)
+    data += b"\x00" * (len(data) % 2)
+    gps_at, word = len(data), "Q" if big else "I"
+    # one entry: GPSLatitudeRef (tag 1), ASCII, count 2, "N\0" in the entry; then no next IFD
+    data += struct.pack(order + ("Q" if big else "H"), 1) + struct.pack(order + "HH" + word, 1, 2, 2)
+    data += b"N\x00".ljust(struct.calcsize(word), b"\x00") + struct.pack(order + word, 0)
+    data[value_at : value_at + struct.calcsize(word)] = struct.pack(order + word, gps_at)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "arr,kw",
+    [
+        (RNG.random((6, 8, 3)).astype(np.float32), {}),  # 32-bit float, as HDR editors write
+        (RNG.random((6, 8, 3)).astype(np.float16), {"byteorder": ">"}),  # half float, big-endian
+        (rand((6, 8, 3)), {"bigtiff": True}),
+        (rand((6, 8, 3), 16), {}),
+    ],
+    ids=["float32", "float16-big-endian", "bigtiff", "uint16"],
+)
+def test_exif_of_tiffs_pillow_cannot_open_is_kept(arr, kw):
+    # the EXIF (GPS sub-IFD included) comes from the tag directories, not from Pillow's decoder
+    data = _tiff_with_gps(arr, photometric="rgb", **kw)
+    img, info = read_image(data)
+    with Image.open(io.BytesIO(write_image(None, img, info, format="jpeg"))) as im:
+        exif = im.getexif()
+        assert exif.get(271) == "Canon" and exif.get_ifd(0x8825).get(1) == "N"
 
 
 def test_icc_and_exif_copied(tmp_path):
@@ -1199,6 +1281,33 @@ def test_other_formats_refused(tmp_path, fmt, label):
         read_image(p)
 
 
+def _ftyp(major: bytes, *compatible: bytes) -> bytes:
+    """The ``ftyp`` box an ISO base media file (HEIC, AVIF, MP4, MOV) starts with, and some bytes."""
+    body = b"ftyp" + major + b"\x00\x00\x00\x00" + b"".join(compatible)
+    return struct.pack(">I", 4 + len(body)) + body + b"\x00\x00\x00\x08free" * 8
+
+
+@pytest.mark.parametrize(
+    "head,said,not_said",
+    [
+        (_ftyp(b"heic", b"mif1", b"MiHE", b"miaf", b"MiHB", b"heic"), "HEIC/HEIF images are not supported; convert them to JPEG", "AVIF"),
+        (_ftyp(b"mif1", b"mif1", b"heic"), "HEIC/HEIF images", "video"),
+        (_ftyp(b"avif", b"avif", b"mif1", b"miaf"), "AVIF images are not supported", "HEIC"),
+        (_ftyp(b"isom", b"isom", b"iso2", b"avc1", b"mp41"), "a video or other ISO media file", "HEIC"),
+        (_ftyp(b"qt  ", b"qt  "), "a video or other ISO media file", "AVIF"),
+    ],
+    ids=["iphone-heic", "heif", "avif", "mp4", "mov"],
+)
+def test_iso_media_files_are_named_for_what_they_are(tmp_path, head, said, not_said):
+    # an iPhone's HEIC photo, an AVIF and a phone's MP4 or MOV video all start with an ftyp box
+    p = tmp_path / "IMG_0001.HEIC"  # the name is not looked at
+    p.write_bytes(head)
+    for source in (p, head):
+        with pytest.raises(ImageError, match=re.escape(said)) as caught:
+            read_image(source)
+        assert not_said not in caught.value.problem
+
+
 def _errors(tmp_path):
     png = pil_bytes(Image.fromarray(rand((20, 20, 3))), "PNG")
     jpg = pil_bytes(Image.fromarray(rand((20, 20, 3))), "JPEG")
@@ -1319,6 +1428,15 @@ def test_is_image_path_and_raw_extensions():
         assert not is_image_path(name), name
     assert {"dng", "cr2", "cr3", "nef", "arw", "orf", "rw2", "raf", "pef", "srw"} <= RAW_EXTENSIONS
     assert all(e == e.lower() and not e.startswith(".") for e in RAW_EXTENSIONS)
+
+
+def test_jpegs_named_jfif_or_jpe_are_listed(tmp_path):
+    # browsers on Windows save many JPEGs as .jfif: a folder of them is not empty
+    for name in ("download.jfif", "old.JPE", "photo.jpg"):
+        Image.fromarray(rand((6, 8, 3))).save(tmp_path / name, "JPEG")
+    found = list_images(tmp_path)
+    assert [p.name for p in found] == ["download.jfif", "old.JPE", "photo.jpg"]
+    assert all(read_image(p)[1].format == "jpeg" for p in found)
 
 
 def test_list_images(tmp_path):

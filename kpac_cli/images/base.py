@@ -30,8 +30,10 @@ RAW_EXTENSIONS: frozenset[str] = frozenset(
     }
 )
 
-#: Extensions of the formats this package reads and writes (lowercase, no dot).
-STANDARD_EXTENSIONS: frozenset[str] = frozenset({"png", "tif", "tiff", "jpg", "jpeg"})
+#: Extensions of the formats this package reads (lowercase, no dot): those it writes
+#: (:data:`FORMAT_ALIASES`) and the other names JPEG files go by (``.jfif`` is what browsers on
+#: Windows save many JPEGs as).
+STANDARD_EXTENSIONS: frozenset[str] = frozenset({"png", "tif", "tiff", "jpg", "jpeg", "jfif", "jpe"})
 
 #: Output format names accepted by ``write_image`` (plus the aliases in ``FORMAT_ALIASES``).
 FORMATS = ("png", "tiff", "jpeg")
@@ -84,7 +86,7 @@ class ImageInfo:
         Bits per integer sample of the source: 8 or 16. Floating-point TIFF gives 32 (written
         as float32 TIFF by default; a PNG output defaults to 16-bit, JPEG is always 8-bit).
         RAW gives 16 (LibRaw develops to 16 bits). Sources with other integer depths are
-        rescaled: 1/2/4-bit -> 8, 12/14-bit TIFF -> 16.
+        rescaled: 1-7-bit -> 8 (``round(k * 255 / (2**b - 1))``), 9-15-bit TIFF -> 16.
     channels : int
         Channels of the source: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA (palette images count as
         3 or 4 after expansion).
@@ -95,7 +97,8 @@ class ImageInfo:
         Embedded ICC profile, copied verbatim.
     exif : bytes or None
         EXIF as a JPEG APP1 payload: ``b"Exif\\0\\0"`` + TIFF-structured data, with the
-        Orientation tag reset to 1 when the pixels were rotated on read.
+        Orientation tag reset to 1 (and the thumbnail, IFD1, unlinked) when the pixels were
+        rotated on read.
     orientation_applied : int
         EXIF orientation (1-8) that was applied to the pixels on read (1 = none).
     size : tuple of int

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+from typing import BinaryIO
 
 import numpy as np
 
@@ -43,8 +44,8 @@ def normalize_exif(data: bytes | None) -> bytes | None:
     return EXIF_PREFIX + body
 
 
-def _orientation_entry(exif: bytes) -> tuple[int, str, int] | None:
-    """Locate IFD0's Orientation entry: (absolute offset of its value, byte order, type)."""
+def _first_ifd(exif: bytes) -> tuple[int, str, int] | None:
+    """Locate IFD0: (absolute offset of its entry count, byte order, number of entries)."""
     base = 6 if exif.startswith(EXIF_PREFIX) else 0
     head = exif[base : base + 8]
     if len(head) < 8 or head[:4] not in (b"II*\x00", b"MM\x00*"):
@@ -55,6 +56,15 @@ def _orientation_entry(exif: bytes) -> tuple[int, str, int] | None:
     if pos + 2 > len(exif):
         return None
     (n,) = struct.unpack(bo + "H", exif[pos : pos + 2])
+    return pos, bo, n
+
+
+def _orientation_entry(exif: bytes) -> tuple[int, str, int] | None:
+    """Locate IFD0's Orientation entry: (absolute offset of its value, byte order, type)."""
+    found = _first_ifd(exif)
+    if found is None:
+        return None
+    pos, bo, n = found
     for i in range(n):
         e = pos + 2 + 12 * i
         if e + 12 > len(exif):
@@ -88,6 +98,23 @@ def reset_orientation(exif: bytes) -> bytes:
     return bytes(out)
 
 
+def drop_thumbnail(exif: bytes) -> bytes:
+    """Copy of ``exif`` without its thumbnail: IFD0's link to IFD1 (the thumbnail's directory)
+    is set to 0, in place, so nothing else moves (unchanged when IFD0 cannot be found).
+
+    For pixels re-oriented on read: the thumbnail keeps the old orientation, and with the
+    Orientation reset to 1 viewers that show it (file browsers) would show it turned.
+    """
+    found = _first_ifd(exif)
+    if found is None:
+        return exif
+    pos, _bo, n = found
+    link = pos + 2 + 12 * n
+    if link + 4 > len(exif):
+        return exif
+    return exif[:link] + bytes(4) + exif[link + 4 :]
+
+
 def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
     """Re-orient ``arr`` (H x W [x C]) so that it displays upright, per EXIF ``orientation``.
 
@@ -117,17 +144,29 @@ def oriented_size(h: int, w: int, orientation: int) -> tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
-def exif_from_pil(im) -> bytes | None:
-    """EXIF rebuilt from an open Pillow image's tags (used for TIFF sources).
+def exif_from_tiff(fh: BinaryIO) -> bytes | None:
+    """EXIF rebuilt from the first image directory of the TIFF file ``fh`` (at its start).
 
     Keeps the descriptive IFD0 tags plus the Exif and GPS sub-IFDs; drops structural tags and
     Orientation (the pixels are re-oriented on read). Returns None when nothing is left.
+    Only the tag directories are read (with Pillow's EXIF parser), not the image: float,
+    BigTIFF and other TIFFs whose pixels Pillow cannot open keep their EXIF too.
     """
+    from PIL import Image
+
     try:
-        ex = im.getexif()
-        for tag in _SUB_IFDS:  # load sub-IFDs while the file is still open
-            if tag in ex:
-                ex.get_ifd(tag)
+        head = fh.read(16)
+        order = "<" if head[:2] == b"II" else ">"
+        big = head[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 64-bit offsets
+        (first_ifd,) = struct.unpack(order + "Q", head[8:16]) if big else struct.unpack(order + "I", head[4:8])
+        ex = Image.Exif()
+        ex.endian, ex.bigtiff = order, big
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns about every damaged tag
+            ex.load_from_fp(fh, first_ifd)
+            for tag in _SUB_IFDS:  # load sub-IFDs while the file is still open
+                if tag in ex:
+                    ex.get_ifd(tag)
         for tag in list(ex):
             if tag not in DESCRIPTIVE_TAGS and tag not in _SUB_IFDS:
                 del ex[tag]
@@ -140,6 +179,7 @@ def exif_from_pil(im) -> bytes | None:
             del ex[270]  # tifffile's private JSON metadata, not a description
         if not len(ex):
             return None
+        ex.bigtiff = False  # EXIF is classic TIFF data (JPEG APP1, PNG eXIf), whatever the source
         return normalize_exif(ex.tobytes())  # Pillow >= 8 already prefixes "Exif\0\0"
     except Exception:  # metadata is best-effort: a broken EXIF block must not fail the read
         return None

@@ -16,7 +16,7 @@ PNG
     them). APNG: the default image (what a non-animated viewer shows) is read, ``info.frames``
     tells how many frames exist.
 TIFF
-    tifffile: 1/2/4/8/16-bit integer (9-15-bit rescaled to 16), float (clipped to ``[0, 1]``,
+    tifffile: 1-16-bit integer (2-7-bit rescaled to 8, 9-15-bit to 16), float (clipped to ``[0, 1]``,
     NaN read as 0, ``bit_depth == 32``; ``info.clipped_float_values`` counts the samples that
     changed), gray, RGB, palette, min-is-white, contiguous or planar. Alpha is the first extra
     sample marked as alpha (ExtraSamples 1 associated, un-premultiplied, or 2 unassociated),
@@ -40,8 +40,9 @@ RAW
     :mod:`.raw` (LibRaw), developed to 16-bit RGB; written as 16-bit TIFF by default. No
     metadata is read (no ICC, EXIF, XMP or resolution).
 Others
-    GIF, BMP, WebP, HEIF, JPEG 2000, ... are refused with an :class:`ImageError` naming the
-    detected format.
+    GIF, BMP, WebP, HEIC/HEIF, AVIF, JPEG 2000, ... are refused with an :class:`ImageError`
+    naming the detected format (HEIC with how to get JPEG instead; an MP4 or MOV video as
+    a video).
 
 XMP (``info.xmp``, the raw packet) and the print resolution (``info.dpi``, pixels per inch;
 from the format's own field, else from EXIF's XResolution) are carried across formats; see
@@ -49,7 +50,8 @@ from the format's own field, else from EXIF's XResolution) are carried across fo
 
 EXIF orientation is applied to the pixels on read (``info.orientation_applied``) and the
 Orientation tag of the kept EXIF (and ``tiff:Orientation`` of the kept XMP) is reset to 1,
-so outputs display the same way; the dpi pair is swapped with the axes.
+so outputs display the same way; the dpi pair is swapped with the axes, and the EXIF
+thumbnail, which would show turned, is dropped.
 """
 
 from __future__ import annotations
@@ -194,8 +196,26 @@ def _sniff(src: _Src) -> str:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         raise ImageError(src.name, "WebP images are not supported (use PNG, TIFF, JPEG or camera RAW)")
     if head[4:8] == b"ftyp":
-        raise ImageError(src.name, "HEIF/AVIF images are not supported (use PNG, TIFF, JPEG or camera RAW)")
+        raise ImageError(src.name, _iso_media_problem(head))
     raise ImageError(src.name, "not a recognised image (content is not PNG, TIFF, JPEG or camera RAW)")
+
+
+#: ``ftyp`` brands of HEIF images (HEIC is the iPhone's photo format) and of AVIF images.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1", b"mif2"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+
+
+def _iso_media_problem(head: bytes) -> str:
+    """Why ISO base media content (an ``ftyp`` box first; Canon CR3 is taken before) is refused,
+    told by its brands: the ``ftyp`` box of an MP4 or MOV video looks the same as a photo's."""
+    box_end = min(int.from_bytes(head[:4], "big"), len(head))
+    brands = {head[8:12]} | {head[i : i + 4] for i in range(16, box_end - 3, 4)}
+    if brands & _AVIF_BRANDS:
+        return "AVIF images are not supported (use PNG, TIFF, JPEG or camera RAW)"
+    if brands & _HEIF_BRANDS:
+        return ("HEIC/HEIF images are not supported; convert them to JPEG, PNG or TIFF first "
+                "(iPhones take JPEG photos with Settings > Camera > Formats > Most Compatible)")
+    return "a video or other ISO media file (MP4, MOV, ...), not an image (use PNG, TIFF, JPEG or camera RAW)"
 
 
 def sniff_format(source: str | os.PathLike | bytes) -> str:
@@ -210,7 +230,7 @@ def sniff_format(source: str | os.PathLike | bytes) -> str:
 def is_image_path(path: str | os.PathLike) -> bool:
     """True when ``path`` has an image extension this package reads (case-insensitive).
 
-    PNG, TIF/TIFF, JPG/JPEG and :data:`RAW_EXTENSIONS`. Hidden files (``.name``) and our
+    PNG, TIF/TIFF, JPG/JPEG/JFIF/JPE and :data:`RAW_EXTENSIONS`. Hidden files (``.name``) and our
     temporary files are excluded. Only the name is looked at, not the content.
     """
     p = Path(path)
@@ -449,7 +469,6 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
             page = tif.pages.first
             h, w = int(page.imagelength), int(page.imagewidth)
             _check_pixels(src.name, w, h, max_pixels)
-            _allow_pillow(w * h)  # Pillow opens the file again for its EXIF (_tiff_exif)
             spp = int(page.samplesperpixel)
             if spp > 16:
                 raise ImageError(src.name, f"unsupported TIFF with {spp} samples per pixel")
@@ -558,8 +577,8 @@ def _tiff_normalize(src: _Src, arr: np.ndarray, bps) -> tuple[np.ndarray, int, i
         np.clip(out, 0.0, 1.0, out=out)
         return out, 32, clipped
     if kind == "u" and size == 1:
-        if bits < 8:  # 2/4-bit gray: scale exactly to 8 bits
-            return arr * np.uint8(255 // ((1 << bits) - 1)), 8, 0
+        if bits < 8:
+            return _widen_to_8_bits(arr, bits), 8, 0
         return arr, 8, 0
     if kind == "u" and size == 2:
         arr = arr.astype(np.uint16)  # native byte order
@@ -567,6 +586,15 @@ def _tiff_normalize(src: _Src, arr: np.ndarray, bps) -> tuple[np.ndarray, int, i
             return to_float(np.minimum(arr, (1 << bits) - 1), (1 << bits) - 1), 16, 0
         return arr, 16, 0
     raise ImageError(src.name, f"unsupported TIFF sample format ({arr.dtype}, {bits}-bit)")
+
+
+def _widen_to_8_bits(arr: np.ndarray, bits: int) -> np.ndarray:
+    """2-7-bit codes -> 8-bit codes ``round(k * 255 / (2**bits - 1))``: black stays 0 and white
+    becomes 255 at every depth (exact for 2 and 4 bits, where 255 is a multiple of the top code;
+    for 3, 5, 6 and 7 bits a plain multiple would leave white at 252, 248 or 254)."""
+    top = (1 << bits) - 1
+    codes = np.minimum(arr, top).astype(np.uint16)
+    return ((codes * 255 + top // 2) // top).astype(np.uint8)
 
 
 def _apply_colormap(src: _Src, cmap, arr: np.ndarray) -> tuple[np.ndarray, int]:
@@ -598,14 +626,10 @@ def _unpremultiply(arr: np.ndarray, depth: int) -> np.ndarray:
 
 
 def _tiff_exif(src: _Src) -> bytes | None:
-    from PIL import Image
-
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow warns about every damaged tag
-            with Image.open(src.lib_arg, formats=["TIFF"]) as im:
-                return exif_mod.exif_from_pil(im)
-    except Exception:  # metadata is best-effort
+        with src.open() as fh:
+            return exif_mod.exif_from_tiff(fh)
+    except ImageError:  # the file cannot be opened again: metadata is best-effort
         return None
 
 
@@ -655,7 +679,7 @@ def _decode(source, max_pixels, raw_options):
         arr = exif_mod.apply_orientation(arr, orientation)
         if orientation != 1:
             if exif is not None:
-                exif = exif_mod.reset_orientation(exif)
+                exif = exif_mod.drop_thumbnail(exif_mod.reset_orientation(exif))
             if xmp is not None:
                 xmp = meta.reset_xmp_orientation(xmp)
             if dpi is not None and orientation in (5, 6, 7, 8):  # axes swapped
