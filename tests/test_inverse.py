@@ -259,6 +259,35 @@ def test_gradient_prior_keeps_the_mean_and_rejects_unknown_priors(photo):
         deblur_disc(blurred, 2.0, gamma=0.0)
 
 
+def test_deblur_disc_refuses_images_it_would_clip_into_garbage(photo):
+    blurred = convolve(photo, disc_psf(2.0))
+    # 0-255 data clipped to [0, 1] is nearly all white; one NaN spreads over the whole FFT result.
+    with pytest.raises(ValueError, match=r"dtype uint8 \(divide by 255\)"):
+        deblur_disc((blurred * 255).astype(np.uint8), 2.0)
+    with pytest.raises(ValueError, match=r"0-255 data\? divide by 255"):
+        deblur_disc(blurred * 255, 2.0)
+    holed = blurred.copy()
+    holed[3, 4] = np.nan
+    with pytest.raises(ValueError, match="1 non-finite"):
+        deblur_disc(holed, 2.0)
+    # a slight overshoot (a processed photo) is still clipped and deblurred
+    assert deblur_disc(np.clip(blurred * 1.1, 0, None), 2.0).image.max() <= 1.0
+
+
+def test_deblur_disc_says_when_the_disc_is_too_large_for_the_image(photo):
+    small = convolve(photo[:40, :50], disc_psf(2.0))
+    assert deblur_disc(small, 39.0).image.shape == small.shape
+    with pytest.raises(ValueError, match=r"radius 39.5 px is too large for a 40x50 image \(at most 39 px\)"):
+        deblur_disc(small, 39.5)
+
+
+def test_kernel_helpers_refuse_parameters_without_a_kernel():
+    with pytest.raises(ValueError, match="supersample"):
+        disc_psf(3.0, supersample=0)  # was a kernel of NaN
+    with pytest.raises(ValueError, match="finite"):
+        upsample_kernel(disc_psf(1.0), float("inf"))  # was an OverflowError
+
+
 # ---------------------------------------------------------------- the paper's Sec. 3 checks
 
 

@@ -304,6 +304,44 @@ def test_random_depth_and_sample_radius():
     assert out.info["depth"] == "random" and 4.0 <= out.info["strength"] <= 5.0
 
 
+def test_depth_maps_with_unknown_or_infinite_distances_render():
+    """Stereo and sensor depth maps have holes (NaN) and sky (inf); a NaN focus once sent the
+    layer search into endless recursion."""
+    img = dead_leaves((48, 48), np.random.default_rng(0))
+    depth = np.tile(np.linspace(1.0, 8.0, 48, dtype=np.float32), (48, 1))
+    depth[:6, :6] = np.nan
+    depth[:, -12:] = np.inf
+    for seed in range(8):  # random focus quantiles, some falling among the infinite depths
+        out = synthesize(img, np.random.default_rng(seed), CLEAN, depth)
+        assert np.isfinite(out.radius).all() and np.isfinite(out.blurred).all()
+        assert not np.isnan(out.info["focus"])
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="focus"):
+        synthesize(img, rng, CLEAN, depth, focus=float("nan"))
+    with pytest.raises(ValueError, match="positive finite distances"):
+        synthesize(img, rng, CLEAN, np.full((48, 48), np.nan, np.float32))
+
+
+def test_render_defocus_refuses_a_radius_map_that_does_not_fit():
+    from kpac_cli.synth import render_defocus
+
+    img = np.random.default_rng(0).random((32, 32, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="radius must be 32x32"):
+        render_defocus(img, np.full((16, 16), 2.0, np.float32))  # was a silently cropped image
+    with pytest.raises(ValueError, match="finite"):
+        render_defocus(img, np.full((32, 32), np.nan, np.float32))
+    with pytest.raises(ValueError, match="HxWx3"):
+        render_defocus(img[..., 0], np.zeros((32, 32), np.float32))
+
+
+def test_settings_refuse_nan_and_infinity():
+    # NaN noise passed the check and rendered without noise; NaN gamma rendered NaN images.
+    for field, value in (("noise_sigma", float("nan")), ("noise_sigma", float("inf")),
+                         ("gamma", float("nan")), ("gamma", float("inf")), ("highlight_boost", float("inf"))):
+        with pytest.raises(ValueError, match=field):
+            SynthSettings(**{field: value})
+
+
 def test_random_depth_edges_follow_the_photo():
     from kpac_cli.synth.scenes import superpixels
 
@@ -739,3 +777,49 @@ def test_cli_synth_overwrite_never_deletes_its_sources(runner_app, tmp_path):
     # another split of the same folder replaces nothing the sources are
     res = runner.invoke(app, ["synth", str(targets), "-o", str(tmp_path / "ds"), "--count", "2", "--split", "val", *common])
     assert res.exit_code == 0, res.output
+
+
+def test_cli_synth_warns_when_a_split_repeats_another(runner_app, tmp_path):
+    """Sample i draws from (--seed, i) in every split: a val split with the train split's seed and
+    sources is a copy of its first samples, which would make validation scores meaningless."""
+    runner, app = runner_app
+    photos = tmp_path / "photos"
+    _photos(photos)
+    out = tmp_path / "ds"
+    common = [str(photos), "-o", str(out), "--crop", "24", "--max-radius", "3", "-q"]
+    assert runner.invoke(app, ["synth", *common, "--count", "2"]).exit_code == 0
+    res = runner.invoke(app, ["synth", *common, "--count", "3", "--split", "val"])
+    assert res.exit_code == 0, res.output
+    assert ("warning: 2 of the 3 samples repeat those of the 'train' split in " in res.stderr
+            and "same --seed 0" in res.stderr), res.stderr
+    for name in ("00000_a.png", "00001_b.png"):  # what the warning is about
+        assert (out / "val_c/source" / name).read_bytes() == (out / "train_c/source" / name).read_bytes()
+    res = runner.invoke(app, ["synth", *common, "--count", "3", "--split", "test", "--seed", "1"])
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+    res = runner.invoke(app, ["synth", str(photos), "-o", str(out), "--crop", "16", "--max-radius", "3", "-q",
+                              "--count", "3", "--split", "other"])  # other crops at the same seed
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+
+
+def test_cli_synth_out_of_memory_is_an_error_line(runner_app, tmp_path, monkeypatch):
+    """A huge --max-radius (or source) runs out of memory: one error line and exit 1, no traceback."""
+    import kpac_cli.synth.dataset as dataset
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(dataset, "synthesize", no_memory)
+    runner, app = runner_app
+    res = runner.invoke(app, ["synth", "-o", str(tmp_path / "x"), "--procedural", "1", "--procedural-size", "32",
+                              "--count", "1", "--max-radius", "50000", "-q"])
+    assert res.exit_code == 1, res.output
+    assert res.stderr.strip() == ("error: cannot write the dataset: out of memory (--max-radius 50000: a smaller one, "
+                                  "--max-side or --crop needs less)")
+
+
+def test_cli_synth_names_the_folder_without_images(runner_app, tmp_path):
+    runner, app = runner_app
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no photo")
+    res = runner.invoke(app, ["synth", str(tmp_path / "empty"), "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and f"no sharp images in {tmp_path / 'empty'}" in res.stderr, res.output

@@ -18,9 +18,9 @@ _HELP = """Synthesise defocused/sharp training pairs from sharp photos, in the D
 
 The blur is rendered the way a lens makes it: in linear light, with a disc or polygonal aperture whose size follows a random depth map (thin-lens model), occlusion-aware, with blooming highlights and sensor noise. --dual adds the left/right dual-pixel views.
 
-SOURCES are image files or folders (searched recursively for png/jpg/tif, skipping the files of datasets kpac synth wrote there). --skimage adds scikit-image's bundled photos (as kpac train --skimage; they are kpac's held-out benchmark photos, so keep them out of training sets you evaluate on them); --procedural N adds N dead-leaves scenes (they depend on --seed).
+SOURCES are image files or folders (searched recursively for the formats kpac reads: PNG, JPEG, TIFF and camera RAW, skipping the files of datasets kpac synth wrote there). --skimage adds scikit-image's bundled photos (as kpac train --skimage; they are kpac's held-out benchmark photos, so keep them out of training sets you evaluate on them); --procedural N adds N dead-leaves scenes (they depend on --seed).
 
-Writes OUT/{split}_c/source (blurred), OUT/{split}_c/target (sharp), OUT/{split}_c/radius (float32 TIFF: signed blur radius in pixels, positive behind focus), with --dual OUT/{split}_l/source and OUT/{split}_r/source, and the summary OUT/synth_{split}.json. The same --seed gives byte-identical files. OUT may hold other splits; a dataset of the same split is replaced only with --overwrite.
+Writes OUT/{split}_c/source (blurred), OUT/{split}_c/target (sharp), OUT/{split}_c/radius (float32 TIFF: signed blur radius in pixels, positive behind focus), with --dual OUT/{split}_l/source and OUT/{split}_r/source, and the summary OUT/synth_{split}.json. The same --seed (with the same sources and options) gives byte-identical files, in any --split: give a held-out split its own --seed. OUT may hold other splits; a dataset of the same split is replaced only with --overwrite.
 
 Example:
 
@@ -61,7 +61,7 @@ def synth(
 ) -> None:
     # Imported here so that `kpac --help` stays fast.
     from ..synth import SynthSettings, sharp_sources, write_dataset
-    from ..synth.dataset import DatasetExistsError, existing_files
+    from ..synth.dataset import DatasetExistsError, existing_files, repeated_samples
 
     if count < 1:
         raise usage_error(f"--count must be >= 1, got {count}")
@@ -120,6 +120,9 @@ def synth(
                              skip_datasets=True)
     except FileNotFoundError as exc:
         raise usage_error(str(exc))
+    if not srcs and sources:
+        raise usage_error(f"no sharp images in {', '.join(map(str, sources))} (found none of the formats kpac reads, "
+                          "or only the files of kpac synth datasets, which are skipped)")
     if not srcs:
         raise usage_error("no sharp sources: give image files/folders, --skimage, or --procedural N")
     # --overwrite replaces or deletes the previous dataset's files: none may be a source
@@ -130,6 +133,12 @@ def synth(
     if replaced:
         raise usage_error(f"{replaced[0][1]}: a source, but part of the --split {split} dataset that --overwrite "
                           "replaces; copy it elsewhere first, or choose another -o or --split")
+
+    # sample i draws from (--seed, i) in every split: another split's seed repeats its samples
+    for other, n in repeated_samples(out, split, srcs, count, seed, crop=crop, max_side=max_side).items():
+        err_console.print(f"[yellow]warning:[/] {n} of the {count} samples repeat those of the {escape(repr(other))} split "
+                          f"in {escape(str(out))} (same --seed {seed}, same sources): a held-out split needs another --seed",
+                          soft_wrap=True)
 
     t0 = time.perf_counter()
     try:
@@ -152,6 +161,10 @@ def synth(
         raise usage_error(str(exc))
     except (OSError, ValueError) as exc:
         print_error(f"cannot write the dataset: {exc}")
+        raise typer.Exit(EXIT_FAILED)
+    except MemoryError:  # the blur kernel grows with --max-radius squared, the layers with the source
+        print_error(f"cannot write the dataset: out of memory (--max-radius {max_radius:g}: a smaller one, "
+                    "--max-side or --crop needs less)")
         raise typer.Exit(EXIT_FAILED)
     elapsed = time.perf_counter() - t0
     summary["elapsed_s"] = round(elapsed, 3)

@@ -230,6 +230,30 @@ def choose_snr(
     return float(snrs[int(np.argmin(scores))])
 
 
+# Values this far outside [0, 1] are another convention (0-255 data, HDR), not the overshoot of
+# a processed photo: clipped to [0, 1] they would saturate without a word.
+_RANGE_SLACK = 0.25
+
+
+def _checked_photo(image: np.ndarray) -> np.ndarray:
+    """:func:`deblur_disc`'s input convention, enforced: a non-empty float image in [0, 1]
+    without NaN or inf (one NaN spreads over the whole result through the FFT)."""
+    arr = np.asarray(image)
+    if arr.dtype.kind != "f":
+        hint = f" (divide by {np.iinfo(arr.dtype).max})" if arr.dtype in (np.uint8, np.uint16) else ""
+        raise ValueError(f"image must be a float array in [0, 1]; got dtype {arr.dtype}{hint}")
+    img = _check_image(arr)
+    if img.size == 0:
+        raise ValueError(f"image is empty (shape {img.shape})")
+    lo, hi = float(img.min()), float(img.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"image has {int(img.size - np.isfinite(img).sum())} non-finite values (NaN or inf)")
+    if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
+        hint = " (0-255 data? divide by 255)" if 1.5 < hi <= 255 else ""
+        raise ValueError(f"image values must be in [0, 1]; got {lo:.4g} to {hi:.4g}{hint}")
+    return img
+
+
 @dataclass(frozen=True)
 class DiscDeblurResult:
     """Outcome of :func:`deblur_disc`: the deblurred ``image`` (clipped to [0, 1]), the disc
@@ -260,9 +284,11 @@ def deblur_disc(
     Parameters
     ----------
     image : (H, W) or (H, W, C) array_like
-        Blurred image, float in [0, 1], encoded with a power-law tone curve of ``gamma``.
+        Blurred image, float in [0, 1], encoded with a power-law tone curve of ``gamma``
+        (values up to 0.25 outside are clipped; integer arrays, values farther outside and
+        NaN/inf raise a ``ValueError``).
     radius : float, optional
-        Disc radius in pixels (>= 0); default: estimated.
+        Disc radius in pixels, from 0 to the image's short side minus 1; default: estimated.
     snr : float, optional
         Signal-to-noise power ratio (> 0) of the Wiener filter; default: chosen by GCV.
     gamma : float
@@ -274,13 +300,18 @@ def deblur_disc(
     -------
     DiscDeblurResult
     """
-    img = np.clip(_check_image(image), 0.0, 1.0)
+    img = np.clip(_checked_photo(image), 0.0, 1.0)
     if not (math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma must be > 0, got {gamma}")
     if snr is not None and not snr > 0:
         raise ValueError(f"snr must be > 0, got {snr}")
     linear = img**gamma
     r = estimate_disc_radius(linear) if radius is None else float(radius)
+    side = min(img.shape[:2])
+    # The PSF (2 ceil(r) + 1 wide) must fit the mirror-extended 2H x 2W grid of wiener_deconvolve.
+    if math.isfinite(r) and 2 * math.ceil(r) + 1 > 2 * side:
+        raise ValueError(f"a disc of radius {r:g} px is too large for a {img.shape[0]}x{img.shape[1]} image "
+                         f"(at most {side - 1} px)")
     psf = disc_psf(r)
     s = choose_snr(linear, psf, prior=prior) if snr is None else float(snr)
     out = np.clip(wiener_deconvolve(linear, psf, s, prior=prior), 0.0, 1.0) ** (1.0 / gamma)

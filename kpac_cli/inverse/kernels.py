@@ -59,13 +59,15 @@ def disc_psf(radius: float, size: int | None = None, *, supersample: int = 16) -
     radius = float(radius)
     if not math.isfinite(radius) or radius < 0:
         raise ValueError(f"radius must be finite and >= 0, got {radius}")
+    ss = int(supersample)
+    if ss < 1:  # no sub-pixel samples: every pixel's coverage would be 0 / 0
+        raise ValueError(f"supersample must be >= 1, got {supersample}")
     n = _odd_size(size, 2 * math.ceil(radius) + 1)
     c = n // 2
     if radius == 0:
         psf = np.zeros((n, n))
         psf[c, c] = 1.0
         return psf
-    ss = int(supersample)
     # Sub-pixel sample offsets, symmetric about each pixel centre.
     sub = (np.arange(ss) + 0.5) / ss - 0.5
     coords = (np.arange(n) - c)[:, None] + sub[None, :]  # (n, ss)
@@ -263,8 +265,8 @@ def upsample_kernel(k: np.ndarray, s: float, method: str = "fourier") -> np.ndar
     if k.ndim != 2:
         raise ValueError(f"kernel must be 2-D, got shape {k.shape}")
     s = float(s)
-    if not s > 0:
-        raise ValueError(f"upsampling factor must be > 0, got {s}")
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"upsampling factor must be a finite number > 0, got {s}")
     if method == "fourier":
         weights = _fourier_weights
     elif method == "lanczos":

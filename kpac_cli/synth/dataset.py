@@ -15,7 +15,8 @@ from .render import SynthSettings, synthesize
 from .scenes import resize_scene
 from .sources import Source
 
-__all__ = ["write_dataset", "dataset_dirs", "existing_files", "is_dataset_folder", "DatasetExistsError"]
+__all__ = ["write_dataset", "dataset_dirs", "existing_files", "is_dataset_folder", "repeated_samples",
+           "DatasetExistsError"]
 
 
 class DatasetExistsError(FileExistsError):
@@ -158,6 +159,35 @@ def _assign(n_sources: int, count: int, seed: int) -> list[int]:
     return order[:count]
 
 
+def repeated_samples(out_dir: str | Path, split: str, sources: Sequence[Source], count: int, seed: int, *,
+                     crop: int | None = None, max_side: int | None = None) -> dict[str, int]:
+    """How many of the samples :func:`write_dataset` would write repeat those of another split in ``out_dir``.
+
+    Sample ``i`` draws from ``(seed, i)`` whatever the split, so a split written with the seed,
+    ``crop`` and ``max_side`` of another, from the same sources, takes the same crops (and, with
+    the same settings, renders the same pairs): a validation split that repeats the training
+    split. Returns ``{other split: number of indices whose source (by name) is the same}``, for
+    the splits whose manifest records the same seed, crop and max_side; others are left out.
+    """
+    planned = {i: sources[s].name for i, s in enumerate(_assign(len(sources), count, seed))} if sources else {}
+    repeats: dict[str, int] = {}
+    for manifest in sorted(Path(out_dir).glob(manifest_name("*"))):
+        other = manifest.name[len("synth_"):-len(".json")]  # the split in manifest_name(split)
+        if other == split:
+            continue
+        try:
+            summary = json.loads(manifest.read_text(encoding="utf-8"))
+            if (summary.get("seed"), summary.get("crop"), summary.get("max_side")) != (seed, crop, max_side):
+                continue
+            done = {int(str(r["name"]).split("_", 1)[0]): str(r["source"]) for r in summary.get("samples", [])}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            continue  # not a manifest kpac can read: nothing known to repeat
+        same = sum(1 for i, name in planned.items() if done.get(i) == name)
+        if same:
+            repeats[other] = same
+    return repeats
+
+
 def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop: int | None, seed: int,
                   settings: SynthSettings, split: str = "train", bit_depth: int = 8,
                   max_side: int | None = None, overwrite: bool = False,
@@ -193,7 +223,8 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
         None: whole images.
     seed : int
         Non-negative. Sample ``i`` draws everything from ``numpy.random.default_rng([seed, i])``:
-        the same seed, sources and settings give byte-identical files.
+        the same seed, sources and settings give byte-identical files, whatever the ``split``
+        (so a held-out split needs a seed of its own, see :func:`repeated_samples`).
     settings : SynthSettings
         Optics (``settings.dual_pixel`` selects the dual-pixel views).
     split : str
@@ -215,7 +246,8 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
     dict
         ``count`` (written), ``requested``, ``seed``, ``split``, ``crop``, ``bit_depth``,
         ``max_side``, ``settings`` (dict), ``dirs``, ``files`` (paths relative to ``out_dir``),
-        ``samples`` (name, source, crop box ``[y, x, h, w]``, focus, strength),
+        ``samples`` (name, source, crop box ``[y, x, h, w]`` in the source's pixels after the
+        ``max_side`` downscale, focus, strength, rotation),
         ``failed`` (sources that could not be loaded: their samples are skipped) and
         ``out_dir``.
     """

@@ -200,6 +200,18 @@ def _kernel_spectrum(psf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return sfft.rfft2(buf, workers=1)
 
 
+def _check_render_inputs(linear: np.ndarray, radius: np.ndarray) -> None:
+    """Refuse what :func:`render_defocus` would otherwise crop silently or fail on obscurely
+    (a NaN radius has no depth layer: the layer search would never end)."""
+    shape, rshape = np.shape(linear), np.shape(radius)
+    if len(shape) != 3 or shape[2] != 3:
+        raise ValueError(f"linear must be an HxWx3 image, got shape {shape}")
+    if rshape != shape[:2]:
+        raise ValueError(f"radius must be {shape[0]}x{shape[1]} like the image, got shape {rshape}")
+    if not np.isfinite(radius).all():
+        raise ValueError("radius must be finite everywhere (it holds NaN or inf)")
+
+
 def render_defocus(linear: np.ndarray, radius: np.ndarray, *, layers: int = 8, aperture: str = "disc",
                    blades: int = 6, rotation: float = 0.0, dual_pixel: bool = False) -> list[np.ndarray]:
     """Spatially varying, occlusion-aware defocus blur by depth-layer compositing.
@@ -243,6 +255,7 @@ def render_defocus(linear: np.ndarray, radius: np.ndarray, *, layers: int = 8, a
         ``[full]``, or ``[left, right]`` with ``dual_pixel``; their mean is the full-aperture
         image of a dual-pixel sensor (the centre view).
     """
+    _check_render_inputs(linear, radius)
     h, w = radius.shape
     img = np.ascontiguousarray(np.asarray(linear, dtype=np.float32).transpose(2, 0, 1))  # 3xHxW
     levels = layer_levels(float(radius.min()), float(radius.max()), layers)

@@ -83,12 +83,13 @@ class SynthSettings:
             raise ValueError(f"blades must be >= 3, got {self.blades}")
         if self.layers < 1:
             raise ValueError(f"layers must be >= 1, got {self.layers}")
-        if self.noise_sigma < 0:
-            raise ValueError(f"noise_sigma must be >= 0, got {self.noise_sigma}")
-        if not self.highlight_boost >= 1:  # a gain below 1 would do what 1 does: nothing
-            raise ValueError(f"highlight_boost must be >= 1 (1: off), got {self.highlight_boost}")
-        if self.gamma <= 0:
-            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        # NaN passes a plain comparison: noise would silently be off, a tone curve all NaN
+        if not (math.isfinite(self.noise_sigma) and self.noise_sigma >= 0):
+            raise ValueError(f"noise_sigma must be a number >= 0, got {self.noise_sigma}")
+        if not (math.isfinite(self.highlight_boost) and self.highlight_boost >= 1):  # below 1 would do what 1 does: nothing
+            raise ValueError(f"highlight_boost must be a number >= 1 (1: off), got {self.highlight_boost}")
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise ValueError(f"gamma must be a number > 0, got {self.gamma}")
 
 
 @dataclass
@@ -171,9 +172,10 @@ def defocus_radius(depth: np.ndarray, focus: float, strength: float, max_radius:
     ----------
     depth : (H, W) ndarray
         Distance from the camera (positive; larger = farther). Values are clipped below at
-        1e-6 of the largest one.
+        1e-6 of the largest finite one; NaN (unknown) and infinite values are taken as the
+        largest finite one.
     focus : float
-        Focus distance, same unit as ``depth``.
+        Focus distance, same unit as ``depth`` (``inf``: focused at infinity).
     strength : float
         Blur radius in pixels of the most defocused parts of the image.
     max_radius : float, optional
@@ -190,6 +192,11 @@ def defocus_radius(depth: np.ndarray, focus: float, strength: float, max_radius:
     top = float(d[finite].max()) if finite.any() else 0.0
     if top <= 0:
         raise ValueError("depth must contain positive finite distances")
+    # NaN would turn the whole map into NaN radii, which no layer of the renderer can hold.
+    if math.isnan(focus):
+        raise ValueError("focus must be a distance (inf: focused at infinity), got nan")
+    if not math.isfinite(strength) or (max_radius is not None and math.isnan(max_radius)):
+        raise ValueError(f"strength and max_radius must be finite, got {strength}, {max_radius}")
     floor = 1e-6 * top
     if not finite.all():
         d = np.where(finite, d, np.float32(top))
@@ -203,6 +210,20 @@ def defocus_radius(depth: np.ndarray, focus: float, strength: float, max_radius:
     lim = strength if max_radius is None else max_radius
     c *= np.float32(strength / ref)
     return np.clip(c, -lim, lim).astype(np.float32, copy=False)
+
+
+def _focus_at_quantile(depth: np.ndarray, q: float) -> float:
+    """The depth at quantile ``q`` of the map, unknown (NaN) depths left out.
+
+    Infinite depths (sky) count as the farthest; a quantile that falls between two of them is
+    infinity (focused at infinity), where numpy's interpolation would give NaN.
+    """
+    known = depth if not np.isnan(depth).any() else depth[~np.isnan(depth)]
+    if known.size == 0:
+        return math.nan  # defocus_radius says what is wrong with such a map
+    with np.errstate(invalid="ignore"):  # inf - inf inside the interpolation
+        focus = float(np.quantile(known, q))
+    return math.inf if math.isnan(focus) else focus
 
 
 def synthesize(sharp: np.ndarray, rng: np.random.Generator, settings: SynthSettings = SynthSettings(),
@@ -221,14 +242,16 @@ def synthesize(sharp: np.ndarray, rng: np.random.Generator, settings: SynthSetti
     settings : SynthSettings
         Optics, noise and tone-curve parameters.
     depth : (H, W) ndarray, optional
-        Distance from the camera (positive, larger = farther). When None, a random plausible
-        depth map is drawn (:func:`~kpac_cli.synth.scenes.random_depth`).
+        Distance from the camera (positive, larger = farther; NaN where unknown, see
+        :func:`defocus_radius`). When None, a random plausible depth map is drawn
+        (:func:`~kpac_cli.synth.scenes.random_depth`).
     radius : (H, W) ndarray, optional
         Use this signed blur-radius map (pixels, positive behind focus) directly instead of
         a depth map; it is clipped to ``+-settings.max_radius``.
     focus : float, optional
         Focus distance (same unit as ``depth``). When None, the depth at a random quantile
-        ``q = u**2`` (u uniform) of the map: photographers tend to focus on near subjects.
+        ``q = u**2`` (u uniform) of the map's known (not NaN) depths: photographers tend to
+        focus on near subjects.
 
     Returns
     -------
@@ -261,7 +284,7 @@ def synthesize(sharp: np.ndarray, rng: np.random.Generator, settings: SynthSetti
                 raise ValueError(f"depth must be {h}x{w}, got shape {depth.shape}")
             info["depth"] = "given"
         if focus is None:
-            focus = float(np.quantile(depth, rng.random() ** 2))
+            focus = _focus_at_quantile(depth, rng.random() ** 2)
         strength = float(rng.uniform(s.min_radius, s.max_radius))
         rad = defocus_radius(depth, focus, strength, s.max_radius)
         info.update(focus=float(focus), strength=strength)
