@@ -121,7 +121,9 @@ def test_options_that_cannot_apply_are_refused_not_ignored(tmp_path, tiny_models
     src = _write(tmp_path / "a.png", np.random.default_rng(2).random((16, 16, 3), dtype=np.float32), 8)
     for args, said in ((["-o", tmp_path / "o", "--format", "png", "--jpeg-quality", "80"], "--jpeg-quality applies to JPEG outputs"),
                        (["-o", tmp_path / "b.tif", "--jpeg-quality", "80"], "this run writes TIFF"),
-                       (["-o", "-", "--suffix", "_s"], "--suffix names outputs in a folder")):
+                       (["-o", "-", "--suffix", "_s"], "--suffix names outputs in a folder"),
+                       (["-o", tmp_path / "o", "--bit-depth", "32", "--jpeg-quality", "80"], "this run writes TIFF"),  # float is TIFF only
+                       (["-o", tmp_path / "o", "--center", src], "--center is the centre view of dual-pixel pairs")):
         res = invoke("deblur", src, *args, "--model", tiny_models[0])
         assert res.exit_code == 2 and said in res.stderr, (args, res.output)
     assert not (tmp_path / "o").exists() and not (tmp_path / "b.tif").exists()
@@ -790,3 +792,81 @@ def test_an_output_that_is_a_device_is_refused_in_plain_words(tmp_path, tiny_mod
     res = invoke("deblur", src, "-o", "/dev/null", "--model", tiny_models[0])
     assert res.exit_code == 2
     assert res.output.strip() == "error: -o /dev/null is neither a folder nor a regular file; give an image file name (.png, .tif, .jpg) or a folder"
+
+
+def test_sixteen_bits_asked_for_jpeg_photos_are_said_to_be_eight(tmp_path, tiny_models):
+    # in a folder a JPEG photo stays JPEG: --bit-depth 16 cannot apply to it, and that is said
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _write(photos / "a.jpg", np.random.default_rng(0).random((16, 16, 3), dtype=np.float32), 8, fmt="jpeg")
+    _write(photos / "b.png", np.random.default_rng(1).random((16, 16, 3), dtype=np.float32), 8)
+    res = invoke("deblur", photos, "-o", tmp_path / "out", "--bit-depth", "16", "--json", "--model", tiny_models[0])
+    assert res.exit_code == 0, res.output
+    records = {Path(r["input"]).name: r for r in map(json.loads, res.stdout.splitlines())}
+    note = "JPEG holds 8 bits: written as 8-bit, not the 16 of --bit-depth (--format png or tiff keeps 16)"
+    assert records["a.jpg"]["notes"] == [note] and "notes" not in records["b.png"]
+    assert f"note: {photos / 'a.jpg'}: {note}" in res.stderr
+    assert read_image(tmp_path / "out" / "a.jpg")[1].bit_depth == 8
+    assert read_image(tmp_path / "out" / "b.png")[1].bit_depth == 16
+
+
+def test_a_torch_compile_that_cannot_build_stops_the_batch_in_one_line(tmp_path, tiny_models, monkeypatch):
+    # no C++ compiler (CPU) or no Triton (GPU): every photo would fail alike
+    def compile_without_a_compiler(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_without_a_compiler)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        _write(photos / f"p{i}.png", np.random.default_rng(i).random((16, 16, 3), dtype=np.float32), 8)
+    res = invoke("deblur", photos, "-o", tmp_path / "out", "--compile", "--model", tiny_models[0])
+    assert res.exit_code == 1
+    assert res.stderr.splitlines() == [
+        "error: torch.compile failed: InvalidCxxCompiler: No working C++ compiler found; run without --compile",
+        "stopped (torch.compile failed): 0 deblurred, 0 skipped, 0 failed, 2 not finished; rerun without --compile",
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_json_records_reach_a_redirected_stdout_while_the_progress_shows(tmp_path, tiny_models):
+    # `kpac deblur photos/ -o out/ --json | jq .` at a terminal: the bar is on stderr (the
+    # terminal), and the records must still go down the pipe, one per line
+    import pty
+    import threading
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        _write(photos / f"p{i}.png", np.random.default_rng(i).random((16, 16, 3), dtype=np.float32), 8)
+    main, secondary = pty.openpty()
+    shown = bytearray()
+    reader = threading.Thread(target=_drain, args=(main, shown))
+    reader.start()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "kpac_cli", "deblur", photos, "-o", tmp_path / "out", "--json",
+                               "--model", tiny_models[0], "--device", "cpu"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=secondary, timeout=120)
+    finally:
+        os.close(secondary)
+        reader.join(timeout=10)
+        os.close(main)
+    assert proc.returncode == 0, shown.decode(errors="replace")
+    records = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert sorted(Path(r["input"]).name for r in records) == ["p0.png", "p1.png"]
+    assert b"images" in shown and b'"status"' not in shown  # the bar was shown; the records were not
+
+
+def _drain(fd: int, into: bytearray) -> None:
+    """Read a pseudo-terminal until its other end is closed (a full one would block the writer)."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the other end is closed
+            return
+        if not chunk:
+            return
+        into += chunk

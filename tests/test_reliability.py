@@ -1107,6 +1107,25 @@ def test_blurmaps_resume_and_never_collide(tmp_path, models):
     assert not (tmp_path / "out2").exists()
 
 
+def test_blurmaps_are_added_to_a_finished_batch_without_touching_its_images(tmp_path, models):
+    # a batch run without --save-blurmap, then resumed with it: the maps are what is missing
+    for i, n in enumerate("ab"):
+        write_png(tmp_path / "in" / f"{n}.png", seed=i)
+    out = tmp_path / "out"
+    assert deblur(models["single"], tmp_path / "in", "-o", out).exit_code == 0
+    images = {n: (out / f"{n}.png").read_bytes() for n in "ab"}
+    res = deblur(models["single"], tmp_path / "in", "-o", out, "--save-blurmap", "--skip-existing", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_blurmap.png", "b.png", "b_blurmap.png"]
+    assert {n: (out / f"{n}.png").read_bytes() for n in "ab"} == images
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(r["status"], r["blurmap"]) for r in records] == [("skipped", str(out / f"{n}_blurmap.png")) for n in "ab"]
+    assert records[0]["notes"] == ["the output exists and was kept (--skip-existing); only a_blurmap.png was written beside it"]
+    assert stderr_lines(res)[-1] == "0 deblurred, 2 skipped, 0 failed"
+    res = deblur(models["single"], tmp_path / "in", "-o", out, "--save-blurmap", "--skip-existing", "--json")
+    assert [json.loads(line)["precision"] for line in res.stdout.splitlines()] == [None, None]  # nothing left to run
+
+
 def test_two_spellings_of_one_output_are_one_claim(tmp_path):
     from kpac_cli.engine.batch import outputs_claimed_twice
 
@@ -1298,3 +1317,27 @@ def test_an_endless_stdin_is_refused_not_read_until_memory_runs_out(tmp_path, mo
     err = proc.stderr.decode()
     assert proc.returncode == 1 and "Traceback" not in err, err
     assert "<stdin>: more than 67110464 bytes" in err and not (tmp_path / "b.png").exists()
+
+
+def test_stdin_under_a_large_max_pixels_is_read_not_reserved_up_front(tmp_path, models):
+    # the bytes --max-pixels allows are a limit, not an allocation: 10**15 pixels allow 16 PB,
+    # more than any address space, and the default's 3.2 GB fail under a memory limit
+    env = {**os.environ, "COLUMNS": "10000", "OMP_NUM_THREADS": "1"}
+    src = write_png(tmp_path / "a.png", h=20, w=24)
+    cmd = _kpac_cmd("deblur", "-", "-o", tmp_path / "b.png", "--model", models["single"], "--device", "cpu", "--max-pixels", 10**15)
+    with open(src, "rb") as stdin:
+        proc = subprocess.run(cmd, stdin=stdin, capture_output=True, env=env, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert read_image(tmp_path / "b.png")[1].size == (20, 24)
+
+
+def test_an_image_for_a_closed_stdout_is_refused_before_the_work(tmp_path, models):
+    env = {**os.environ, "COLUMNS": "10000", "OMP_NUM_THREADS": "1"}
+    src = write_png(tmp_path / "a.png", h=20, w=24)
+    as_shell = ["bash", "-c", 'exec "$@" >&-', "kpac"]  # the shell closes stdout (`kpac deblur a.png -o - >&-`)
+    proc = subprocess.run(as_shell + _kpac_cmd("deblur", src, "-o", "-", "--model", models["single"], "--device", "cpu"),
+                          capture_output=True, env=env, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.splitlines() == ["error: cannot write to stdout: it is closed"], err

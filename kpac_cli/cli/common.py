@@ -106,14 +106,17 @@ def parse_tile(value: str) -> int | str | None:
     return n or None  # "00" is 0 as well
 
 
-def dual_pixel_mode(inputs: list[str], left: str | None, right: str | None, no_inputs: str) -> bool:
+def dual_pixel_mode(inputs: list[str], left: str | None, right: str | None, no_inputs: str, center: str | None = None) -> bool:
     """Whether INPUTS or ``--left``/``--right`` were given (True: dual-pixel); usage errors otherwise.
 
-    ``no_inputs`` is the message when neither was given.
+    ``no_inputs`` is the message when neither was given; ``center`` (``--center``), a view of
+    a dual-pixel pair, is refused without ``--left`` rather than ignored.
     """
     dual = left is not None or right is not None
     if right is not None and left is None:  # --left alone may name a DPDD root (test_l/, test_r/, test_c/)
         raise usage_error("dual-pixel input needs --left as well as --right")
+    if center is not None and left is None:
+        raise usage_error("--center is the centre view of dual-pixel pairs: give it with --left/--right, not with INPUTS")
     if dual and inputs:
         raise usage_error("give either INPUTS or --left/--right, not both")
     if not dual and not inputs:
@@ -243,6 +246,17 @@ def progress_bar(enabled: bool) -> Iterator[Progress | None]:
         TimeRemainingColumn(),
         console=err_console,
         transient=False,
+        # rich would route stdout through the stderr console, above the bar: the --json records
+        # of `kpac deblur ... --json > records.jsonl` run at a terminal would land on the
+        # terminal, wrapped, and none in the file. Only a terminal's stdout is shown that way.
+        redirect_stdout=_stdout_is_a_terminal(),
     )
     with progress:
         yield progress
+
+
+def _stdout_is_a_terminal() -> bool:
+    try:
+        return sys.stdout is not None and sys.stdout.isatty()
+    except (AttributeError, ValueError):  # a closed or unusual stdout is no terminal
+        return False

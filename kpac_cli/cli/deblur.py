@@ -13,6 +13,7 @@ import typer
 
 from ..engine import Deblurrer, EngineOptions
 from ..engine.batch import STDIO, JobResult, OutputOptions, PlanError, plan_dual, plan_single, run_batch
+from ..engine.compiled import CompileFailed
 from ..images import DEFAULT_MAX_PIXELS, ImageError, RawOptions
 from ..images.base import FORMAT_ALIASES, path_ext
 from ..distributed import device_for_rank, env_info
@@ -41,6 +42,7 @@ from .common import (
     progress_bar,
     show_progress,
     sigterm_raises,
+    stdout_failed,
     usage_error,
 )
 
@@ -91,7 +93,7 @@ def deblur(
 ) -> None:
     """Remove defocus blur from photos (PNG/TIFF 8/16-bit, JPEG, camera RAW, dual-pixel pairs)."""
     inputs = inputs or []
-    dual = dual_pixel_mode(inputs, left, right, "no inputs given (files, folders, or '-' for stdin)")
+    dual = dual_pixel_mode(inputs, left, right, "no inputs given (files, folders, or '-' for stdin)", center)
     if overwrite and skip_existing:
         raise usage_error("--overwrite and --skip-existing contradict each other")
     check_ensemble(ensemble)
@@ -108,6 +110,8 @@ def deblur(
         raise usage_error("'-' reads the image from stdin, which is a terminal; redirect it (< photo.png) or pipe an image in")
     if json_out and output == STDIO:
         raise usage_error("--json cannot be combined with -o - (stdout carries the image)")
+    if output == STDIO and sys.stdout is None:  # started with stdout closed (>&-): the image has nowhere to go
+        raise stdout_failed(None)
     if output == STDIO and sys.stdout.isatty():
         raise usage_error("-o - writes the image's bytes to stdout, which is a terminal; redirect it (> out.png) or pipe it")
     if fmt is not None:
@@ -117,15 +121,15 @@ def deblur(
     # options that would be ignored where they cannot apply are refused, as elsewhere
     if suffix and output == STDIO:
         raise usage_error("--suffix names outputs in a folder; -o - writes to stdout")
-    target = fmt or FORMAT_ALIASES.get(path_ext(output))
-    if "jpeg_quality" in given_options(ctx) and target in ("png", "tiff"):
-        raise usage_error(f"--jpeg-quality applies to JPEG outputs; this run writes {target.upper()}")
     if bit_depth not in (None, 8, 16, 32):
         raise usage_error("--bit-depth must be 8, 16 or 32 (float TIFF)")
     if bit_depth == 32 and fmt not in (None, "tiff"):
         raise usage_error("--bit-depth 32 (float) is written as TIFF only")
     if bit_depth == 16 and fmt == "jpeg":
         raise usage_error("--bit-depth 16 with --format jpeg: JPEG holds 8 bits (use png or tiff)")
+    target = "tiff" if bit_depth == 32 else fmt or FORMAT_ALIASES.get(path_ext(output))
+    if "jpeg_quality" in given_options(ctx) and target in ("png", "tiff"):
+        raise usage_error(f"--jpeg-quality applies to JPEG outputs; this run writes {target.upper()}")
     if save_blurmap and output == STDIO:
         raise usage_error("--save-blurmap needs an output file or folder to write the map beside, not -o -")
     try:
@@ -184,6 +188,7 @@ def deblur(
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     exit_code = EXIT_OK
     stopped: str | None = None  # why the batch ended early, for its summary
+    compile_failed = False
     with progress_bar(interactive) as progress:
         overall = progress.add_task("images", total=len(jobs)) if progress else None
         tile_task = None
@@ -241,6 +246,9 @@ def deblur(
         except StdoutFailed as e:  # the --json records cannot be delivered: stop as on SIGPIPE
             why = "stdout was closed by its reader" if e.closed else "stdout failed"
             exit_code, stopped = e.exit_code, f"stopped ({why})"
+        except CompileFailed as e:  # every photo would fail alike: said once, and the batch stops
+            print_error(str(e))
+            exit_code, stopped, compile_failed = EXIT_FAILED, "stopped (torch.compile failed)", True
     if dist_info.enabled:  # totals over all ranks; the worst exit code wins
         totals = torch.tensor([counts["ok"], counts["skipped"], counts["failed"], len(jobs)], dtype=torch.int64)
         torch.distributed.all_reduce(totals)
@@ -261,7 +269,9 @@ def deblur(
         if stopped is not None:
             not_finished = total_jobs - sum(counts.values())
             left_over = f"{stopped}: {done}, {not_finished} not finished"
-            if output == STDIO or not not_finished:  # nothing on disk to resume from, or nothing to resume
+            if compile_failed:
+                advice = "; rerun without --compile" + (" and with --skip-existing to finish" if counts["ok"] and output != STDIO else "")
+            elif output == STDIO or not not_finished:  # nothing on disk to resume from, or nothing to resume
                 advice = ""
             elif overwrite:  # the outputs not reached are an earlier run's: --skip-existing would keep them
                 advice = "; rerun to finish (--skip-existing instead of --overwrite would keep the outputs older than this run)"
@@ -270,10 +280,13 @@ def deblur(
             err_console.print(left_over + advice, soft_wrap=True)
         elif output != STDIO or counts["failed"]:
             err_console.print(done, soft_wrap=True)
-        if compile_:
+        if compile_ and not compile_failed:
             err_console.print(f"torch.compile: {deblurrer.network.compile_seconds:.1f} s compiling new shapes "
                               "(and their first runs)", soft_wrap=True)
     raise typer.Exit(exit_code)
+
+
+_STDIN_CHUNK = 1 << 20
 
 
 def _read_stdin(max_pixels: int) -> bytes:
@@ -286,15 +299,24 @@ def _read_stdin(max_pixels: int) -> bytes:
     if sys.stdin is None:
         return b""
     limit = max_pixels * 16 + (64 << 20)
+    # read in chunks: one read of limit + 1 bytes would reserve them all at once, which fails
+    # (MemoryError) for a large --max-pixels, or under a memory limit with the default one
+    chunks: list[bytes] = []
+    size = 0
     try:
-        data = sys.stdin.buffer.read(limit + 1)
+        while size <= limit:
+            chunk = sys.stdin.buffer.read(min(_STDIN_CHUNK, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
     except OSError as e:
         print_error(f"<stdin>: cannot read: {e.strerror or e}")
         raise typer.Exit(EXIT_FAILED) from None
-    if len(data) > limit:
+    if size > limit:
         print_error(f"<stdin>: more than {limit} bytes, more than any image within --max-pixels {max_pixels} takes; not read")
         raise typer.Exit(EXIT_FAILED)
-    return data
+    return b"".join(chunks)
 
 
 deblur.__doc__ = (deblur.__doc__ or "") + "\n" + EXAMPLES

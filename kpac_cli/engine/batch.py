@@ -409,9 +409,11 @@ def preflight(job: Job, options: OutputOptions) -> JobResult | None:
         # e.g. a device or a FIFO: replacing it by renaming a file over it would destroy it
         return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: output path exists and is not a regular file")
     if job.output.exists():
-        if options.skip_existing:
+        if options.skip_existing and all(path.exists() for path in job.companions.values()):
             return JobResult(job.input_label, str(job.output), "skipped")
-        if not options.overwrite:
+        # with --skip-existing and a companion missing (an earlier run without --save-blurmap)
+        # the job runs for the companion; run_batch keeps the output (_kept_output)
+        if not (options.overwrite or options.skip_existing):
             return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: exists (use --overwrite to replace it or --skip-existing to keep it)")
     for path in job.companions.values():
         if inputs_written_over([(job.input_label, path)], inputs):
@@ -551,7 +553,10 @@ def run_batch(
             stats = deblurrer.last_stats  # this image's run (records are reported later, after its write)
             extra["precision"] = stats.precision
             extra["tile"] = stats.tile  # what ran (None: the whole image), after auto and OOM halving
-            notes = list(stats.notes) + _what_is_not_kept(job, info, options)
+            kept = bool(fresh) and _kept_output(job, options)
+            notes = list(stats.notes) + (_what_is_not_kept(job, info, options) if not kept else
+                                         [f"the output exists and was kept (--skip-existing); only {', '.join(p.name for p in fresh)} "
+                                          "was written beside it"])
             if notes:
                 extra["notes"] = notes
             if deblurrer.options.strength != 1.0:
@@ -560,8 +565,14 @@ def run_batch(
                 extra["ensemble"] = deblurrer.options.ensemble
             if deblurrer.options.compile:
                 extra["compile_seconds"] = round(stats.compile_seconds, 3)
-            res = JobResult(job.input_label, "-" if job.output is None else str(job.output), "ok", size=tuple(out.shape[:2]), seconds=time.perf_counter() - t0, extra=extra)
+            res = JobResult(job.input_label, "-" if job.output is None else str(job.output), "skipped" if kept else "ok",
+                            size=tuple(out.shape[:2]), seconds=time.perf_counter() - t0, extra=extra)
             finish_write()  # keep at most one write in flight, and results in order
+            if kept:
+                results.append(res)
+                if on_result:
+                    on_result(res)
+                continue
             pending_write = (job, res, writer.submit(_write, job, out, info, options), fresh)
         finish_write()
     except BaseException:
@@ -577,6 +588,12 @@ def run_batch(
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True)
     return results
+
+
+def _kept_output(job: Job, options: OutputOptions) -> bool:
+    """Whether a job that wrote companions ran for them alone: its output exists, and
+    --skip-existing keeps it (an earlier run without --save-blurmap wrote it)."""
+    return options.skip_existing and job.output is not None and job.output.exists()
 
 
 def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list[str]:
@@ -606,6 +623,8 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
             notes.append("JPEG has no alpha channel: the transparency was dropped")
         if options.bit_depth is None and info.bit_depth > 8:  # not when 8 bits were asked for
             notes.append("JPEG holds 8 bits: written as 8-bit")
+        elif options.bit_depth == 16:  # a folder's JPEG photos stay JPEG: the option cannot apply to them
+            notes.append("JPEG holds 8 bits: written as 8-bit, not the 16 of --bit-depth (--format png or tiff keeps 16)")
         if info.exif is not None and len(info.exif) > JPEG_MAX_EXIF:
             notes.append(f"the EXIF metadata ({len(info.exif):,} bytes) is too large for a JPEG segment: dropped")
         if info.dpi is not None and any(round(v) > JPEG_MAX_DPI for v in info.dpi):

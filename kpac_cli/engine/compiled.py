@@ -16,6 +16,18 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .device import is_out_of_memory
+
+
+class CompileFailed(RuntimeError):
+    """``torch.compile`` could not build a stage (no C++ compiler for the CPU, no Triton for
+    the GPU, ...): every later shape would fail alike, so a batch stops rather than fail each
+    photo. The message is one line, the cause's first, with what to do."""
+
+    def __init__(self, cause: BaseException) -> None:
+        first = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+        super().__init__(f"torch.compile failed: {first}; run without --compile")
+
 
 class CompiledNetwork:
     """Wraps a ``KPACNet`` with compiled stages (not ``FastKPACNet``: its oneDNN fused ops
@@ -39,8 +51,14 @@ class CompiledNetwork:
         if key in self._seen:
             return fn(*args)
         t0 = time.perf_counter()
-        out = fn(*args)
-        self.compile_seconds += time.perf_counter() - t0
+        try:
+            out = fn(*args)
+        except Exception as e:  # noqa: BLE001 - an out-of-memory is the engine's to answer (a smaller tile)
+            if is_out_of_memory(e):
+                raise
+            raise CompileFailed(e) from e
+        finally:
+            self.compile_seconds += time.perf_counter() - t0
         self._seen.add(key)
         return out
 
