@@ -766,6 +766,7 @@ def test_cli_dual_pixel(tmp_path):
         ("--format", "jpeg"),
         ("--upsample", "0"),
         ("--threshold", "1.5"),
+        ("--center", "c.png"),  # a dual-pixel view: with INPUTS it would be ignored
     ],
 )
 def test_cli_usage_errors(cli, tmp_path, args):

@@ -199,7 +199,7 @@ def blurmap(
     from ..images import ImageError, pair_dual_pixel
 
     inputs = inputs or []
-    dual = dual_pixel_mode(inputs, left, right, "no inputs given (image files or folders)")
+    dual = dual_pixel_mode(inputs, left, right, center, "no inputs given (image files or folders)")
     if "-" in inputs:
         raise usage_error("blurmap reads files, not stdin")
     if overwrite and skip_existing:

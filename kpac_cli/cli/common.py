@@ -106,7 +106,7 @@ def parse_tile(value: str) -> int | str | None:
     return n or None  # "00" is 0 as well
 
 
-def dual_pixel_mode(inputs: list[str], left: str | None, right: str | None, no_inputs: str, center: str | None = None) -> bool:
+def dual_pixel_mode(inputs: list[str], left: str | None, right: str | None, center: str | None, no_inputs: str) -> bool:
     """Whether INPUTS or ``--left``/``--right`` were given (True: dual-pixel); usage errors otherwise.
 
     ``no_inputs`` is the message when neither was given; ``center`` (``--center``), a view of

@@ -93,7 +93,7 @@ def deblur(
 ) -> None:
     """Remove defocus blur from photos (PNG/TIFF 8/16-bit, JPEG, camera RAW, dual-pixel pairs)."""
     inputs = inputs or []
-    dual = dual_pixel_mode(inputs, left, right, "no inputs given (files, folders, or '-' for stdin)", center)
+    dual = dual_pixel_mode(inputs, left, right, center, "no inputs given (files, folders, or '-' for stdin)")
     if overwrite and skip_existing:
         raise usage_error("--overwrite and --skip-existing contradict each other")
     check_ensemble(ensemble)
