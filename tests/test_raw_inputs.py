@@ -65,10 +65,33 @@ def test_raw_half_size_on_the_command_line(shared_dir, tmp_path):
     assert res.exit_code == 0, res.output
     (record,) = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert (record["status"], record["width"], record["height"]) == ("ok", 612, 408)
-    # what the developed image cannot carry is said, not dropped silently
-    assert record["notes"] == ["camera RAW: the camera's EXIF (exposure, lens, capture time) is not copied to the developed image"]
+    # the camera's EXIF is read; what the TIFF output cannot carry of it is said, not dropped silently
+    assert len(record["notes"]) == 1 and record["notes"][0].startswith("TIFF output carries only the descriptive EXIF tags")
     img, info = read_image(tmp_path / "out" / "canon_eos_6d.tif")
     assert img.shape == (408, 612, 3) and info.bit_depth == 16
+    assert _exif_tags(info.exif)[0] == {271: "Canon", 272: "Canon EOS 6D", 305: "Adobe Photoshop Camera Raw 11.3.1 (Macintosh)",
+                                        306: "2019:06:06 05:15:13"}
+    res = CliRunner().invoke(app, ["deblur", str(dng), "-o", str(tmp_path / "jpeg"), "--model", str(model), "--raw-half-size",
+                                   "--format", "jpeg", "--json", "-q"], catch_exceptions=False)
+    assert res.exit_code == 0 and json.loads(res.stdout.splitlines()[0])["notes"] == ["JPEG holds 8 bits: written as 8-bit"]
+    ifd0, exif_ifd = _exif_tags(read_image(tmp_path / "jpeg" / "canon_eos_6d.jpg")[1].exif)
+    assert (ifd0[271], ifd0[272]) == ("Canon", "Canon EOS 6D") and 274 not in ifd0  # LibRaw turned the pixels
+    assert exif_ifd[36867] == "2019:06:06 07:29:51" and float(exif_ifd[37381]) == 4.0  # capture time, aperture value
+
+
+@pytest.mark.shared
+def test_a_bayer_dng_keeps_what_exif_it_has(shared_dir):
+    _, info = read_image(_raw(shared_dir, "Blackmagic.dng"), raw_options=RawOptions(half_size=True))
+    assert info.format == "raw" and _exif_tags(info.exif)[0] == {305: "6.1"}
+
+
+def _exif_tags(exif: bytes | None) -> tuple[dict, dict]:
+    from PIL import Image
+
+    assert exif is not None and exif.startswith(b"Exif\0\0")
+    tags = Image.Exif()
+    tags.load(exif[6:])
+    return dict(tags), dict(tags.get_ifd(0x8769))
 
 
 @pytest.mark.shared

@@ -599,8 +599,9 @@ def _kept_output(job: Job, options: OutputOptions) -> bool:
 def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list[str]:
     """What of the input the output cannot carry, said rather than dropped silently."""
     notes = []
-    if info.format == "raw":  # LibRaw develops the pixels; the camera's tags stay in the RAW file
-        notes.append("camera RAW: the camera's EXIF (exposure, lens, capture time) is not copied to the developed image")
+    if info.format == "raw" and info.exif is None:  # read from TIFF-based RAW only (images.io._raw_exif)
+        notes.append("camera RAW: no EXIF was read from this file (kpac reads it from TIFF-based RAW such as DNG, NEF, "
+                     "CR2, ARW): the camera's tags are not copied to the developed image")
     if info.frames > 1:
         notes.append(f"only the first of {info.frames} frames (pages) was deblurred")
     if info.clipped_float_values:  # the model takes [0, 1]: the read clipped them

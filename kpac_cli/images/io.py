@@ -37,8 +37,9 @@ JPEG
     ``http://ns.adobe.com/xap/1.0/``; dropped if over 65504 bytes, as extended XMP is not
     written) and the resolution as JFIF density (whole dpi).
 RAW
-    :mod:`.raw` (LibRaw), developed to 16-bit RGB; written as 16-bit TIFF by default. No
-    metadata is read (no ICC, EXIF, XMP or resolution).
+    :mod:`.raw` (LibRaw), developed to 16-bit RGB; written as 16-bit TIFF by default. The
+    camera's EXIF of TIFF-based RAW (DNG, NEF, CR2, ARW, ...) is read as a TIFF's (descriptive
+    tags, the Exif and GPS directories); no ICC, XMP or resolution.
 Others
     GIF, BMP, WebP, HEIC/HEIF, AVIF, JPEG 2000, ... are refused with an :class:`ImageError`
     naming the detected format (HEIC with how to get JPEG instead; an MP4 or MOV video as
@@ -648,7 +649,17 @@ def _dispatch(src: _Src, fmt: str, max_pixels, raw_options):
         if res is not None:
             return fmt, res
     arr, orientation = read_raw(src.raw_arg, src.name, max_pixels=max_pixels, options=raw_options)
-    return "raw", (arr, 16, None, None, orientation, 1, None, None, {})  # LibRaw has already rotated the pixels
+    # LibRaw has already turned the pixels; the EXIF kept has no Orientation (exif_from_tiff drops it)
+    return "raw", (arr, 16, None, _raw_exif(src), orientation, 1, None, None, {})
+
+
+def _raw_exif(src: _Src) -> bytes | None:
+    """The camera's EXIF of a TIFF-based RAW (DNG, NEF, CR2, ARW, PEF, ...): make, model,
+    capture time, exposure, lens and GPS, as for a TIFF; None for other RAW containers
+    (CR3, RAF, ...), whose tags LibRaw alone reads."""
+    if src.head[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    return _tiff_exif(src)
 
 
 def _decode(source, max_pixels, raw_options):
