@@ -244,6 +244,22 @@ def test_maps_kpac_blurmap_wrote_in_an_input_folder_are_not_deblurred(tmp_path, 
     assert res.exit_code == 2 and "only maps that kpac blurmap wrote" in res.output
 
 
+def test_a_folder_of_only_unread_formats_says_which(tmp_path):
+    photos = tmp_path / "iphone"
+    (photos / "sub").mkdir(parents=True)
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "sub/IMG_0003.HEIC", "shared.webp", ".hidden.heic", "notes.txt"):
+        (photos / name).write_bytes(b"\0" * 16)
+    res = invoke("deblur", photos, "-o", tmp_path / "out")
+    assert res.exit_code == 2 and res.output.strip() == (
+        "error: no images kpac reads in the inputs, only 2 HEIC files, 1 WebP file: not supported; convert them to JPEG, PNG or TIFF")
+    assert "3 HEIC files" in invoke("deblur", photos, "-r", "-o", tmp_path / "out").output
+    (photos / "shared.webp").unlink()
+    (photos / "IMG_0001.HEIC").unlink()
+    (photos / "IMG_0002.heic").unlink()
+    res = invoke("deblur", photos, "-o", tmp_path / "out")  # nothing at the top: the plain message
+    assert res.exit_code == 2 and res.output.strip() == "error: no images found in the inputs"
+
+
 def test_dual_pixel_folders_matched_by_name(tmp_path, tiny_models):
     rng = np.random.default_rng(4)
     for side in ("L", "R"):

@@ -37,6 +37,7 @@ from ..images import (
     sniff_format,
     srgb_decode,
     srgb_encode,
+    unread_images,
     write_image,
     write_output,
 )
@@ -204,7 +205,22 @@ def collect_inputs(inputs: list[str], recursive: bool, exclude: Path | None = No
             raise PlanError(f"input not found: {item}")
     if not found and maps:
         raise PlanError("no images found in the inputs (only maps that kpac blurmap wrote)")
+    if not found:
+        _say_unread_images(inputs, recursive)
     return found
+
+
+def _say_unread_images(inputs: list[str], recursive: bool) -> None:
+    """PlanError naming the images of formats kpac does not read (HEIC, WebP, ...) when the
+    input folders hold only such, rather than leave "no images found" unexplained."""
+    counts: dict[str, int] = {}
+    for item in inputs:
+        if Path(item).is_dir():
+            for name, n in unread_images(item, recursive=recursive).items():
+                counts[name] = counts.get(name, 0) + n
+    if counts:
+        found = ", ".join(f"{n} {name} file{'s' if n != 1 else ''}" for name, n in sorted(counts.items()))
+        raise PlanError(f"no images kpac reads in the inputs, only {found}: not supported; convert them to JPEG, PNG or TIFF")
 
 
 def _companion(output: Path, kind: str) -> Path:

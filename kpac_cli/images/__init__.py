@@ -22,7 +22,7 @@ This package does not import typer or rich.
 
 from .atomic import atomic_output, atomic_write_bytes, cleanup_stale_temps, write_output
 from .base import DEFAULT_MAX_PIXELS, RAW_EXTENSIONS, ImageError, ImageInfo, fill_transparent, luma, srgb_decode, srgb_encode
-from .io import is_image_path, list_images, probe_size, read_image, read_image_codes, sniff_format, write_image
+from .io import is_image_path, list_images, probe_size, read_image, read_image_codes, sniff_format, unread_images, write_image
 from .pairing import DualPixelTriple, dpdd_dual_dirs, pair_dual_pixel, read_dual_pixel
 from .raw import RawOptions
 
@@ -40,6 +40,7 @@ __all__ = [
     "fill_transparent",
     "is_image_path",
     "list_images",
+    "unread_images",
     "luma",
     "pair_dual_pixel",
     "probe_size",

@@ -837,17 +837,43 @@ def list_images(folder: str | os.PathLike, *, recursive: bool = False) -> list[P
         listed are passed over).
     """
     root = Path(folder)
-    names = os.listdir(root)  # raises for the folder itself; os.walk would stay silent
-    if recursive:
-        found = []
-        for here, subdirs, files in os.walk(root):
-            subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-            found += [Path(here, f) for f in files]
-    else:
-        found = [root / n for n in names]
     return sorted(
-        (p for p in found if is_image_path(p) and p.is_file()), key=lambda p: p.relative_to(root).as_posix()
+        (p for p in _entries(root, recursive) if is_image_path(p) and p.is_file()), key=lambda p: p.relative_to(root).as_posix()
     )
+
+
+def _entries(root: Path, recursive: bool) -> list[Path]:
+    """What :func:`list_images` looks through: ``root``'s entries, or with ``recursive`` the
+    files below it outside hidden sub-folders."""
+    names = os.listdir(root)  # raises for the folder itself; os.walk would stay silent
+    if not recursive:
+        return [root / n for n in names]
+    found = []
+    for here, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        found += [Path(here, f) for f in files]
+    return found
+
+
+#: Extensions of image formats kpac does not read, with the format's name.
+UNREAD_IMAGE_EXTENSIONS = {"heic": "HEIC", "heif": "HEIF", "avif": "AVIF", "webp": "WebP", "gif": "GIF", "bmp": "BMP",
+                           "jp2": "JPEG 2000", "jxl": "JPEG XL"}
+
+
+def unread_images(folder: str | os.PathLike, *, recursive: bool = False) -> dict[str, int]:
+    """How many files of each image format kpac does not read (HEIC, WebP, ...: by extension)
+    lie in ``folder`` where :func:`list_images` looks, by format name; for a folder that seems
+    to hold no images, to say why. A folder that cannot be listed holds none."""
+    counts: dict[str, int] = {}
+    try:
+        entries = _entries(Path(folder), recursive)
+    except OSError:
+        return counts
+    for p in entries:
+        name = UNREAD_IMAGE_EXTENSIONS.get(p.suffix[1:].lower())
+        if name is not None and not p.name.startswith("."):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def probe_size(source: str | os.PathLike | bytes) -> tuple[int, int]:
