@@ -830,7 +830,7 @@ def test_cli_usage_errors(tmp_path, dpdd, cli):
 
 def test_cli_export_only_refuses_an_existing_output(tmp_path, dpdd, cli):
     train(tiny_cfg(tmp_path / "run", dpdd, iterations=2, val_count=0))
-    precious = tmp_path / "precious.txt"
+    precious = tmp_path / "precious.safetensors"
     precious.write_text("my notes")
     runner = CliRunner()
     r = runner.invoke(cli, ["train", "--export-only", "--resume", str(tmp_path / "run"), "-o", str(precious)])
