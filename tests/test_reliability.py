@@ -281,7 +281,7 @@ def test_max_pixels_is_overridable(tmp_path, models):
     src = write_png(tmp_path / "p.png", 30, 40)  # 1200 pixels
     res = deblur(models["single"], src, "-o", tmp_path / "a", "--max-pixels", "1199")
     assert res.exit_code == 1
-    assert_one_error(res, str(src), r"too large: 40x30 = 1,200 pixels exceeds the limit of 1,199")
+    assert_one_error(res, str(src), r"too large: 40x30 = 1,200 pixels exceeds the limit of 1,199 \(raise it with --max-pixels")
     res = deblur(models["single"], src, "-o", tmp_path / "b", "--max-pixels", "1200")
     assert res.exit_code == 0, res.stderr
     assert read_image(tmp_path / "b" / "p.png")[0].shape == (30, 40, 3)

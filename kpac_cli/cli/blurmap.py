@@ -185,7 +185,7 @@ def blurmap(
     device: str = device_option(),
     precision: str = precision_option(),
     fp32: bool = fp32_option(),
-    tile: str = typer.Option("auto", "--tile", help="Tile size in pixels, 'auto' or 0 (whole image). Maps do not depend on it."),
+    tile: str = typer.Option("auto", "--tile", help="Tile size in pixels, 'auto' or 0 / whole (whole image). Maps do not depend on it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Leave existing outputs alone (resume a batch)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images larger than this (decompression-bomb guard)."),

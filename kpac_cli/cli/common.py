@@ -88,14 +88,14 @@ def precision_with_fp32(precision: str, fp32: bool) -> str:
 
 
 def parse_tile(value: str) -> int | str | None:
-    """``--tile``: ``'auto'``, None for whole images (``0``/``none``/``off``), or a size in pixels.
+    """``--tile``: ``'auto'``, None for whole images (``0``/``none``/``off``/``whole``), or a size in pixels.
 
     Raises ValueError with a message for the user (without the option's name).
     """
     v = value.strip().lower()
     if v == "auto":
         return "auto"
-    if v in ("0", "none", "off"):
+    if v in ("0", "none", "off", "whole"):  # "whole", as kpac bench names it
         return None
     try:
         n = int(v)

@@ -71,7 +71,7 @@ def deblur(
     device: str = device_option(),
     precision: str = precision_option(),
     fp32: bool = fp32_option(),
-    tile: str = typer.Option("auto", "--tile", help="Tile size in pixels (at least 128; smaller sizes are raised to it), 'auto' (from free memory) or 0 (whole image). Tiling is exact; --json records the tile used."),
+    tile: str = typer.Option("auto", "--tile", help="Tile size in pixels (at least 128; smaller sizes are raised to it), 'auto' (from free memory) or 0 / whole (whole image). Tiling is exact; --json records the tile used."),
     strength: float = typer.Option(1.0, "--strength", help="How much of the model's correction to apply: 1 = full (default), 0 = the input unchanged; lower tempers over-sharpening."),
     ensemble: int = typer.Option(1, "--ensemble", help="Self-ensemble: average the model over 1, 2, 4 or 8 flips/transposes of each photo; N times slower, slightly better on average (see the model card). Dual-pixel models: at most 4 (flips)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the network, all tiles one shape; pays on GPUs over many same-sized photos (on the CPU the default path is faster). Compile time is reported."),

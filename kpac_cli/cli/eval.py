@@ -429,7 +429,7 @@ def eval_command(
     device: str = device_option(),
     precision: str = precision_option(),
     fp32: bool = fp32_option(),
-    tile: str = typer.Option("auto", "--tile", help="Tile size in pixels (at least 128; smaller sizes are raised to it), 'auto' or 0 (whole image). Tiling is exact."),
+    tile: str = typer.Option("auto", "--tile", help="Tile size in pixels (at least 128; smaller sizes are raised to it), 'auto' or 0 / whole (whole image). Tiling is exact."),
     strength: float = typer.Option(1.0, "--strength", help="With --method kpac: how much of the model's correction to apply, 0 to 1 (as kpac deblur --strength): 1 = full (default), 0 = the input unchanged; stated in the report."),
     ensemble: int = typer.Option(1, "--ensemble", help="With --method kpac or --speed: self-ensemble over 1, 2, 4 or 8 flips/transposes (as kpac deblur --ensemble); stated in the report, and --speed times all N passes."),
     speed: bool = typer.Option(False, "--speed", help="Measure parameters, FLOPs and seconds per 1280x720 image (paper Table 5; with --ensemble N, all N passes per image)."),

@@ -65,6 +65,13 @@ class ImageError(Exception):
         return (type(self), (str(self),))
 
 
+def too_large_error(name: object, size: str, pixels: int, max_pixels: int) -> ImageError:
+    """The refusal of an image above the pixel limit (decompression-bomb guard), saying how to
+    raise the limit."""
+    return ImageError(name, f"image is too large: {size} = {pixels:,} pixels exceeds the limit of {max_pixels:,} "
+                            "(raise it with --max-pixels, or max_pixels= from Python)")
+
+
 def describe(source: object) -> str:
     """Name of an image source for messages: the path, or ``<stdin>`` for in-memory bytes."""
     if source is None or isinstance(source, (bytes, bytearray, memoryview)):

@@ -82,6 +82,7 @@ from .base import (
     path_ext,
     quantize,
     to_float,
+    too_large_error,
 )
 from .raw import RawOptions, probe_raw, read_raw
 
@@ -245,7 +246,7 @@ def _check_pixels(name, w: int, h: int, max_pixels: int | None) -> None:
     if w <= 0 or h <= 0:
         raise ImageError(name, f"image has zero size ({w}x{h})")
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageError(name, f"image is too large: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+        raise too_large_error(name, f"{w}x{h}", w * h, max_pixels)
 
 
 def _allow_pillow(pixels: int) -> None:

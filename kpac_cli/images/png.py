@@ -35,7 +35,7 @@ from typing import BinaryIO
 import numpy as np
 
 from . import metadata as meta
-from .base import ImageError
+from .base import ImageError, too_large_error
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_CHUNK = (1 << 31) - 1
@@ -168,7 +168,7 @@ def _ihdr(data: bytes, name, max_pixels: int | None) -> PngFile:
     if comp != 0 or filt != 0 or interlace > 1:
         raise ImageError(name, "corrupt PNG (unknown compression, filter or interlace method)")
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageError(name, f"image is too large: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+        raise too_large_error(name, f"{w}x{h}", w * h, max_pixels)
     return PngFile(width=w, height=h, bit_depth=depth, color_type=ctype, interlace=interlace)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import ImageError, quantize, srgb_decode, srgb_encode
+from .base import ImageError, quantize, srgb_decode, srgb_encode, too_large_error
 
 _WB = ("camera", "auto", "daylight")
 _DEMOSAIC = {"ahd": "AHD", "linear": "LINEAR", "vng": "VNG", "ppg": "PPG", "dht": "DHT", "aahd": "AAHD"}
@@ -182,7 +182,7 @@ def _check_pixels(name, h: int, w: int, half: bool, max_pixels: int | None) -> N
     pixels = dh * dw
     if pixels > max_pixels:
         size = f"{dw}x{dh} (half of {w}x{h})" if half else f"{w}x{h}"
-        raise ImageError(name, f"image is too large: {size} = {pixels:,} pixels exceeds the limit of {max_pixels:,}")
+        raise too_large_error(name, size, pixels, max_pixels)
 
 
 def _half_size(rgb: np.ndarray, gamma: str) -> np.ndarray:
