@@ -677,6 +677,10 @@ def test_models_lists_a_model_whose_scores_are_not_numbers(tmp_path, monkeypatch
     assert res.exit_code == 0, res.output
     records = {r["name"]: r for r in map(json.loads, res.stdout.splitlines())}
     assert records["mine"]["provenance"]["scores"] == scores
+    # `.default` marks two models, one per kind of input: `.default_for` tells them apart
+    defaults = {r["name"]: r["default_for"] for r in records.values() if r["default"]}
+    assert defaults == {"kpac-3level": "single-image", "kpac-dual": "dual-pixel"}
+    assert records["mine"]["default_for"] is None
 
 
 def test_models_names_a_file_whose_weights_do_not_fit_its_declared_architecture(tmp_path, monkeypatch):

@@ -64,7 +64,9 @@ def models(
         print_note(f"{unsearched}: its models are not listed")
     if json_out:
         for m in infos:
-            emit_json({"name": m.name, "default": m.default, "path": str(m.path), "config": m.config.to_dict(),
+            # which input the default is for: a script picking `.default` alone would get two models
+            default_for = ("dual-pixel" if m.config.in_views == 2 else "single-image") if m.default else None
+            emit_json({"name": m.name, "default": m.default, "default_for": default_for, "path": str(m.path), "config": m.config.to_dict(),
                        "parameters": count_parameters(build_model(m.config)), "provenance": m.provenance})
     else:
         with writing_stdout():
