@@ -1098,6 +1098,9 @@ def test_a_run_records_the_stage_defaults_it_used(tmp_path, dpdd, monkeypatch):
     (["--source", ".", "--target", ".", "--max-radius", "5"], "--max-radius applies to synthetic data"),
     (["--source", ".", "--target", ".", "--aperture", "polygon"], "--aperture applies to synthetic data"),
     (["--source", ".", "--target", ".", "--allow-count-mismatch"], "--allow-count-mismatch applies to --data"),
+    (["--procedural", "1", "--val-count", "0", "--val-crop", "64"], "--val-crop applies to validation, which --val-count 0 turns off"),
+    (["--procedural", "1", "--val-count", "0", "--val-every", "10", "--val-crop", "64"],
+     "--val-crop, --val-every apply to validation, which --val-count 0 turns off"),
 ])
 def test_cli_options_that_would_do_nothing_are_usage_errors(tmp_path, cli, args, flag):
     """An option of another kind of data, stage or command would be ignored: the run would not be

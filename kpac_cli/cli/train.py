@@ -446,6 +446,9 @@ def _check_options_apply(given: set[str], cfg: Any) -> None:
     perceptual_only = given & {"perceptual_weight", "vgg_weights"}
     if perceptual_only and cfg.stage != "perceptual":
         raise usage_error(f"{_flags(perceptual_only)} to --stage perceptual (this run's stage is {cfg.stage})")
+    validation_only = given & {"val_source", "val_target", "val_crop", "val_every"}
+    if validation_only and cfg.val_count == 0:
+        raise usage_error(f"{_flags(validation_only)} to validation, which --val-count 0 turns off")
 
 
 def _init_path(init: Path, strict: bool) -> Path:
