@@ -29,6 +29,7 @@ import torch
 
 from ..checkpoints import Checkpoint, load_checkpoint
 from ..checkpoints.registry import resolve_model
+from ..images.base import checked_photo
 from ..images.exif import apply_orientation
 from ..model import KPACNet
 from ..model.fast import FastKPACNet
@@ -251,10 +252,10 @@ class Deblurrer:
         """The network's input and reference, in [-1, 1] units, turned back from the EXIF
         ``orientation`` they were shown upright by (1: as given)."""
         cin = self.config.in_channels
-        image = _checked_pixels(image, "image")
+        image = checked_photo(image, "image")
         if center is not None and self.config.in_views != 2:
             raise ValueError("a centre view is for dual-pixel models; this model takes one RGB image")
-        center = None if center is None else _checked_pixels(center, "centre view")
+        center = None if center is None else checked_photo(center, "centre view")
         if image.ndim != 3 or image.shape[2] != cin:
             kind = "HxWx3 RGB" if cin == 3 else "HxWx6 (left RGB, right RGB)"
             raise ValueError(f"this model takes {kind} images, got shape {image.shape}")
@@ -391,31 +392,6 @@ class Deblurrer:
         s = self.config.stride
         hh, ww = -(-x_h // s), -(-x_w // s)
         return [None if a is None else a[0, :, :hh, :ww].numpy() for a in result.scale_attention]
-
-
-# Values this far outside [0, 1] are another convention (0-255, HDR), not an overshoot such as
-# balanced dual-pixel views or a sharpened photo carry (a few per cent), which the network takes.
-_RANGE_SLACK = 0.25
-
-
-def _checked_pixels(image: Any, what: str) -> np.ndarray:
-    """The engine's input convention, enforced: a float array of sRGB-encoded values in [0, 1]
-    (as :func:`kpac_cli.images.read_image` gives), non-empty and finite. The network would
-    otherwise answer garbage without a word: 0-255 read as 0-1 saturates every pixel, and one
-    NaN spreads over the whole output through the convolutions."""
-    arr = np.asarray(image)
-    if arr.dtype.kind != "f":
-        hint = f" (divide by {np.iinfo(arr.dtype).max})" if arr.dtype in (np.uint8, np.uint16) else ""
-        raise ValueError(f"{what} must be a float array in [0, 1]; got dtype {arr.dtype}{hint}")
-    if arr.ndim < 2 or arr.size == 0:
-        raise ValueError(f"{what} is empty (shape {arr.shape})")
-    lo, hi = float(arr.min()), float(arr.max())  # NaN or inf anywhere shows here, without a mask the image's size
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{what} has {int(arr.size - np.isfinite(arr).sum())} non-finite values (NaN or inf)")
-    if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
-        hint = " (0-255 data? divide by 255)" if 1.5 < hi <= 255 else ""
-        raise ValueError(f"{what} values must be in [0, 1] (within {_RANGE_SLACK}); got {lo:.4g} to {hi:.4g}{hint}")
-    return arr
 
 
 def _pass_progress(progress: ProgressFn | None, k: int, n: int) -> ProgressFn | None:

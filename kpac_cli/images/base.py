@@ -12,8 +12,10 @@ Conventions (hold for every reader and writer in this package)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -216,3 +218,28 @@ def quantize(img: np.ndarray, bit_depth: int) -> np.ndarray:
 def path_ext(path: str | Path) -> str:
     """Lowercase extension without the dot (``''`` when none)."""
     return Path(path).suffix.lower().lstrip(".")
+
+
+# Values this far outside [0, 1] are another convention (0-255, HDR), not an overshoot such as
+# balanced dual-pixel views or a sharpened photo carry (a few per cent), which the network takes.
+PHOTO_RANGE_SLACK = 0.25
+
+
+def checked_photo(image: Any, what: str = "image") -> np.ndarray:
+    """The convention of photos as arrays, enforced (the engine's and the Wiener baseline's
+    input): a float array of sRGB-encoded values in [0, 1] (as :func:`read_image` gives),
+    non-empty and finite. Either would otherwise answer garbage without a word: 0-255 read as
+    0-1 saturates every pixel, and one NaN spreads over the whole output (convolutions, FFTs)."""
+    arr = np.asarray(image)
+    if arr.dtype.kind != "f":
+        hint = f" (divide by {np.iinfo(arr.dtype).max})" if arr.dtype in (np.uint8, np.uint16) else ""
+        raise ValueError(f"{what} must be a float array in [0, 1]; got dtype {arr.dtype}{hint}")
+    if arr.ndim < 2 or arr.size == 0:
+        raise ValueError(f"{what} is empty (shape {arr.shape})")
+    lo, hi = float(arr.min()), float(arr.max())  # NaN or inf anywhere shows here, without a mask the image's size
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{what} has {int(arr.size - np.isfinite(arr).sum())} non-finite values (NaN or inf)")
+    if lo < -PHOTO_RANGE_SLACK or hi > 1 + PHOTO_RANGE_SLACK:
+        hint = " (0-255 data? divide by 255)" if 1.5 < hi <= 255 else ""
+        raise ValueError(f"{what} values must be in [0, 1] (within {PHOTO_RANGE_SLACK}); got {lo:.4g} to {hi:.4g}{hint}")
+    return arr

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import fftconvolve
 
+from ..images.base import checked_photo
 from .kernels import disc_psf, kernel_to_otf
 
 __all__ = ["convolve", "wiener_deconvolve", "choose_snr", "deblur_disc", "DiscDeblurResult", "estimate_disc_radius"]
@@ -230,28 +231,11 @@ def choose_snr(
     return float(snrs[int(np.argmin(scores))])
 
 
-# Values this far outside [0, 1] are another convention (0-255 data, HDR), not the overshoot of
-# a processed photo: clipped to [0, 1] they would saturate without a word.
-_RANGE_SLACK = 0.25
-
-
 def _checked_photo(image: np.ndarray) -> np.ndarray:
-    """:func:`deblur_disc`'s input convention, enforced: a non-empty float image in [0, 1]
-    without NaN or inf (one NaN spreads over the whole result through the FFT)."""
-    arr = np.asarray(image)
-    if arr.dtype.kind != "f":
-        hint = f" (divide by {np.iinfo(arr.dtype).max})" if arr.dtype in (np.uint8, np.uint16) else ""
-        raise ValueError(f"image must be a float array in [0, 1]; got dtype {arr.dtype}{hint}")
-    img = _check_image(arr)
-    if img.size == 0:
-        raise ValueError(f"image is empty (shape {img.shape})")
-    lo, hi = float(img.min()), float(img.max())
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"image has {int(img.size - np.isfinite(img).sum())} non-finite values (NaN or inf)")
-    if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
-        hint = " (0-255 data? divide by 255)" if 1.5 < hi <= 255 else ""
-        raise ValueError(f"image values must be in [0, 1]; got {lo:.4g} to {hi:.4g}{hint}")
-    return img
+    """:func:`deblur_disc`'s input convention, enforced: an image of the engine's convention
+    (:func:`kpac_cli.images.base.checked_photo`; one NaN would spread over the whole result
+    through the FFT), of a shape :func:`_check_image` takes."""
+    return _check_image(checked_photo(image))
 
 
 @dataclass(frozen=True)
