@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..blurmap.render import blurmap_kind
 from ..images import (
     DEFAULT_MAX_PIXELS,
     DualPixelTriple,
@@ -182,8 +183,6 @@ def collect_inputs(inputs: list[str], recursive: bool, exclude: Path | None = No
     sheets ``kpac blurmap`` wrote (their metadata says so): they are not photos. A file named
     in ``inputs`` is always taken.
     """
-    from ..blurmap.render import blurmap_kind
-
     found: list[tuple[Path, Path]] = []
     maps = 0
     skip = exclude.resolve() if exclude is not None else None
