@@ -60,8 +60,18 @@ def _cmd(model: Path, *args, prelude: str | None, command: str) -> list[str]:
 
 def start(w: Workload, *args, prelude: str | None = None, env: dict[str, str] | None = None,
           command: str = "deblur") -> subprocess.Popen:
-    proc = subprocess.Popen(_cmd(w.model, *args, prelude=prelude, command=command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**_env(), **(env or {})})
+    # A test run started in the background by a shell (`cmd &`) ignores SIGINT, and a child
+    # inherits an ignored signal through exec: kpac would then never see the test's SIGINT, as
+    # any background job does not. The child is started with SIGINT at its default instead.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(_cmd(w.model, *args, prelude=prelude, command=command), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**_env(), **(env or {})})
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The child runs at a lower priority than this test process, so that on a loaded machine the
     # test still sees the outputs appear and signals mid-batch instead of after the last image.
     # Set from here, not with preexec_fn, which can deadlock a fork from a process with threads.
