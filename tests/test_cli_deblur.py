@@ -260,6 +260,20 @@ def test_a_folder_of_only_unread_formats_says_which(tmp_path):
     assert res.exit_code == 2 and res.output.strip() == "error: no images found in the inputs"
 
 
+def test_unread_formats_beside_the_photos_are_said_to_be_left_out(tmp_path, tiny_models):
+    photos = tmp_path / "mixed"
+    photos.mkdir()
+    _write(photos / "a.png", np.random.default_rng(3).random((24, 32, 3), dtype=np.float32), 8)
+    for name in ("b.HEIC", "c.heic", "d.avif"):
+        (photos / name).write_bytes(b"\0" * 16)
+    res = invoke("deblur", photos, "-o", tmp_path / "out", "--model", tiny_models[0])
+    assert res.exit_code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
+    assert ("note: 1 AVIF file, 2 HEIC files in the input folders left out: formats kpac does not read "
+            "(convert them to JPEG, PNG or TIFF)") in " ".join(res.stderr.split())
+    res = invoke("deblur", photos, "-o", tmp_path / "out2", "--model", tiny_models[0], "-q")
+    assert res.exit_code == 0 and "note" not in res.stderr
+
+
 def test_dual_pixel_folders_matched_by_name(tmp_path, tiny_models):
     rng = np.random.default_rng(4)
     for side in ("L", "R"):

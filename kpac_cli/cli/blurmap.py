@@ -28,6 +28,7 @@ from .common import (
     print_setup_notes,
     progress_bar,
     say_images_below,
+    say_unread_images,
     show_progress,
     sigterm_raises,
     usage_error,
@@ -244,6 +245,8 @@ def blurmap(
                 say_images_below(inputs, output)
             for src, rel in collect_inputs(inputs, recursive, exclude=output):
                 items.append(_Item(rel.stem, str(src), src, None if output is None else output / rel.parent, rel=rel))
+            if not quiet:
+                say_unread_images(inputs, recursive)
     except (PlanError, ImageError) as e:
         raise usage_error(str(e)) from None
     if not items:

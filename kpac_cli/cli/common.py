@@ -157,6 +157,16 @@ def say_images_below(inputs: list[str], output: Path | None) -> None:
         print_note(f"{below} image(s) in sub-folders of the input folders are left out (-r takes them, keeping the sub-folders)")
 
 
+def say_unread_images(inputs: list[str], recursive: bool) -> None:
+    """A note naming the images of formats kpac does not read (an iPhone's HEIC photos, WebP,
+    ...) that lie beside the photos a run takes: left out, but not in silence."""
+    from ..engine.batch import unread_images_text
+
+    unread = unread_images_text(inputs, recursive)
+    if unread:
+        print_note(f"{unread} in the input folders left out: formats kpac does not read (convert them to JPEG, PNG or TIFF)")
+
+
 def print_setup_notes(deblurrer: Any, quiet: bool) -> None:
     """What a loaded model's engine has to say once per command (e.g. an emulated precision)."""
     if not quiet:

@@ -38,6 +38,7 @@ from .common import (
     print_error,
     print_setup_notes,
     say_images_below,
+    say_unread_images,
     print_note,
     progress_bar,
     show_progress,
@@ -151,8 +152,10 @@ def deblur(
         else:
             stdin = _read_stdin(max_pixels) if inputs == [STDIO] else None
             jobs = plan_single(inputs, output, recursive, out_opts, stdin, companions=("blurmap",) if save_blurmap else ())
-            if not recursive and not quiet:
-                say_images_below(inputs, None if output == STDIO else Path(output))
+            if not quiet:
+                say_unread_images(inputs, recursive)
+                if not recursive:
+                    say_images_below(inputs, None if output == STDIO else Path(output))
         dist_info = env_info()
         device = device_for_rank(device, dist_info)  # under torchrun each rank takes its own GPU
         engine_opts = EngineOptions(device=device, precision=precision_with_fp32(precision, fp32), tile=tile_value, compile=compile_, strength=strength,

@@ -212,14 +212,16 @@ def collect_inputs(inputs: list[str], recursive: bool, exclude: Path | None = No
 def _say_unread_images(inputs: list[str], recursive: bool) -> None:
     """PlanError naming the images of formats kpac does not read (HEIC, WebP, ...) when the
     input folders hold only such, rather than leave "no images found" unexplained."""
-    counts: dict[str, int] = {}
-    for item in inputs:
-        if Path(item).is_dir():
-            for name, n in unread_images(item, recursive=recursive).items():
-                counts[name] = counts.get(name, 0) + n
-    if counts:
-        found = ", ".join(f"{n} {name} file{'s' if n != 1 else ''}" for name, n in sorted(counts.items()))
-        raise PlanError(f"no images kpac reads in the inputs, only {found}: not supported; convert them to JPEG, PNG or TIFF")
+    unread = unread_images_text(inputs, recursive)
+    if unread:
+        raise PlanError(f"no images kpac reads in the inputs, only {unread}: not supported; convert them to JPEG, PNG or TIFF")
+
+
+def unread_images_text(inputs: list[str], recursive: bool) -> str | None:
+    """The images of formats kpac does not read in the input folders, as "2 HEIC files, 1 WebP
+    file"; None when there are none."""
+    counts = unread_images([i for i in inputs if i != STDIO], recursive=recursive)
+    return ", ".join(f"{n} {name} file{'s' if n != 1 else ''}" for name, n in counts.items()) or None
 
 
 def _companion(output: Path, kind: str) -> Path:

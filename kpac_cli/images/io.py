@@ -63,6 +63,7 @@ import os
 import stat
 import struct
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -861,20 +862,21 @@ UNREAD_IMAGE_EXTENSIONS = {"heic": "HEIC", "heif": "HEIF", "avif": "AVIF", "webp
                            "jp2": "JPEG 2000", "jxl": "JPEG XL"}
 
 
-def unread_images(folder: str | os.PathLike, *, recursive: bool = False) -> dict[str, int]:
+def unread_images(paths: Iterable[str | os.PathLike], *, recursive: bool = False) -> dict[str, int]:
     """How many files of each image format kpac does not read (HEIC, WebP, ...: by extension)
-    lie in ``folder`` where :func:`list_images` looks, by format name; for a folder that seems
-    to hold no images, to say why. A folder that cannot be listed holds none."""
+    lie in the folders among ``paths`` where :func:`list_images` looks, by format name; to say
+    what a folder listing leaves out. Paths that are no folder, or cannot be listed, add none."""
     counts: dict[str, int] = {}
-    try:
-        entries = _entries(Path(folder), recursive)
-    except OSError:
-        return counts
-    for p in entries:
-        name = UNREAD_IMAGE_EXTENSIONS.get(p.suffix[1:].lower())
-        if name is not None and not p.name.startswith("."):
-            counts[name] = counts.get(name, 0) + 1
-    return counts
+    for folder in paths:
+        try:
+            entries = _entries(Path(folder), recursive) if Path(folder).is_dir() else []
+        except OSError:
+            continue
+        for p in entries:
+            name = UNREAD_IMAGE_EXTENSIONS.get(p.suffix[1:].lower())
+            if name is not None and not p.name.startswith("."):
+                counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def probe_size(source: str | os.PathLike | bytes) -> tuple[int, int]:
