@@ -702,11 +702,31 @@ def test_a_failed_pair_is_named_on_stderr_whatever_its_name(folders, tmp_path):
     assert f"error: {folders / 'pred' / 'b.png'}: " in res.stderr, res.output
 
 
-def test_a_report_that_cannot_be_written_is_not_listed_as_written(folders, tmp_path):
+def test_a_report_under_a_file_is_refused_before_any_work(folders, tmp_path):
     (tmp_path / "blocker").write_text("a file where a folder is needed")
-    bad, good = tmp_path / "blocker" / "r.md", tmp_path / "r.json"
+    good = tmp_path / "r.json"
+    for bad in (tmp_path / "blocker" / "r.md", tmp_path / "blocker" / "sub" / "r.md"):
+        res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--no-lpips", "--report", good, "--report", bad)
+        assert res.exit_code == 2 and res.stdout == "", res.output
+        assert res.stderr == f"error: --report {bad}: cannot create its folder: {tmp_path / 'blocker'} is not a folder\n"
+    assert not good.exists()
+
+
+def test_a_report_that_cannot_be_written_is_not_listed_as_written(folders, tmp_path, monkeypatch):
+    import kpac_cli.images as images
+
+    bad, good = tmp_path / "r.md", tmp_path / "r.json"
+    real_write = images.atomic_write_bytes
+
+    def full_disk_for_markdown(path, data, **kwargs):
+        if Path(path).suffix == ".md":
+            raise OSError(28, "No space left on device")
+        return real_write(path, data, **kwargs)
+
+    monkeypatch.setattr(images, "atomic_write_bytes", full_disk_for_markdown)  # eval imports it when it writes
     res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--no-lpips", "--report", good, "--report", bad)
-    assert res.exit_code == 1 and f"cannot write report {bad}" in res.stderr, res.output
+    assert res.exit_code == 1 and f"cannot write report {bad}: No space left on device" in res.stderr, res.output
+    assert not bad.exists()
     assert good.is_file()
     listed = [ln for ln in res.stderr.splitlines() if ln.startswith("reports: ")]
     assert listed == [f"reports: {good}"]

@@ -732,6 +732,9 @@ def _check_report_paths(reports: list[Path], overwrite: bool) -> None:
             raise usage_error(f"--report {path} is a folder; give a file name")
         if path.exists() and not overwrite:
             raise usage_error(f"--report {path} exists; add --overwrite to replace it")
+        blocker = _file_above(path.parent)
+        if blocker is not None or (path.parent.exists() and not path.parent.is_dir()):  # found before the work, not after
+            raise usage_error(f"--report {path}: cannot create its folder: {blocker or path.parent} is not a folder")
 
 
 def _file_above(folder: Path) -> Path | None:
