@@ -1320,3 +1320,18 @@ def test_synthetic_sources_are_kept_in_memory_as_cache_says(tmp_path, cache, kep
     dataset = D.build_data(cfg, 4).dataset
     dataset[0, 32]
     assert len(dataset._cache) == kept
+
+
+def test_cli_a_run_that_never_starts_leaves_no_run_folder(tmp_path, cli):
+    """Data that cannot be used are found after the run folder is made: it goes again, with the
+    parents the run made, but never a folder that was there or holds anything."""
+    empty = tmp_path / "no-photos"
+    empty.mkdir()
+    args = ["train", "--synthetic", str(empty), "--iterations", "1", "--crop", "32"]
+    r = CliRunner().invoke(cli, [*args, "--run-dir", str(tmp_path / "runs" / "first")])
+    assert r.exit_code == 2 and "no sharp images" in r.stderr, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-photos"]
+    kept = tmp_path / "kept"
+    (kept / "old").mkdir(parents=True)
+    r = CliRunner().invoke(cli, [*args, "--run-dir", str(kept / "old")])
+    assert r.exit_code == 2 and (kept / "old").is_dir()  # it was there before

@@ -408,11 +408,14 @@ def train_command(
     except TrainingError as e:
         raise usage_error(str(e)) from None
 
+    made = _first_missing(cfg.out)  # what the run will create: removed again if it never starts
     try:
         with _Reporter(quiet, cfg.log_every) as reporter:
             result = train(cfg, callback=reporter)
     except (DataError, ImageError, VGGWeightsMissing) as e:
         print_error(str(e))
+        if made is not None:  # the run never started: leave no empty run folder behind
+            _remove_empty_up_to(cfg.out, made)
         raise typer.Exit(EXIT_USAGE) from None
     except (TrainingError, CheckpointError) as e:
         print_error(str(e))
@@ -434,6 +437,27 @@ def train_command(
         score = f", validation PSNR {sc['psnr']:.3f} dB / SSIM {sc['ssim']:.4f}" if sc else ""
         err_console.print(f"done: {result.step} iterations in {_fmt_time(result.wall_clock_s)}{score}; model -> {result.model_path}",
                           markup=False, soft_wrap=True)
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that does not exist yet (None: it exists)."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing = path
+    return missing
+
+
+def _remove_empty_up_to(folder: Path, top: Path) -> None:
+    """Remove ``folder`` and its parents up to ``top`` while they are empty (anything written there stays)."""
+    for path in (folder, *folder.parents):
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == top:
+            return
 
 
 def _check_options_apply(given: set[str], cfg: Any) -> None:
