@@ -733,14 +733,14 @@ def _check_report_paths(reports: list[Path], overwrite: bool) -> None:
         if path.exists() and not overwrite:
             raise usage_error(f"--report {path} exists; add --overwrite to replace it")
         blocker = _file_above(path.parent)
-        if blocker is not None or (path.parent.exists() and not path.parent.is_dir()):  # found before the work, not after
-            raise usage_error(f"--report {path}: cannot create its folder: {blocker or path.parent} is not a folder")
+        if blocker is not None:  # found before the work, not after
+            raise usage_error(f"--report {path}: cannot create its folder: {blocker} is not a folder")
 
 
 def _file_above(folder: Path) -> Path | None:
-    """The nearest existing ancestor of ``folder`` when it is not a folder (so ``folder`` cannot
-    be created), else None."""
-    for above in folder.parents:
+    """The nearest existing one of ``folder`` and its ancestors when it is not a folder (so
+    ``folder`` cannot be created, or is a file), else None."""
+    for above in (folder, *folder.parents):
         if above.exists():
             return None if above.is_dir() else above
     return None
