@@ -41,9 +41,10 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 def _child_deblur(variant: str, width: int, height: int, tile: str) -> None:
     """Run in a fresh process: deblur one random image, print a JSON line with what happened.
 
-    ``variant`` is ``<path>-<allocator>``: path ``engine`` (KPACNet, as the engine runs it) or
-    ``fast`` (FastKPACNet); allocator ``system`` (glibc defaults), ``retain``
-    (``retain_freed_memory()``) or ``thp`` (PyTorch's transparent-huge-page allocations).
+    ``variant`` is ``<path>-<allocator>[-2level]``: path ``engine`` (KPACNet, as the engine runs
+    it) or ``fast`` (FastKPACNet); allocator ``system`` (glibc defaults), ``retain``
+    (``retain_freed_memory()``) or ``thp`` (PyTorch's transparent-huge-page allocations); the
+    3-level model unless ``-2level`` is added.
     """
     import numpy as np
     import torch  # noqa: F401
@@ -53,10 +54,11 @@ def _child_deblur(variant: str, width: int, height: int, tile: str) -> None:
     from kpac_cli.model import KPACConfig
     from kpac_cli.model.fast import FastKPACNet, retain_freed_memory
 
-    fast, retain = variant.startswith("fast"), variant.endswith("retain")
-    if retain:
+    path, allocator, *model_name = variant.split("-")
+    if allocator == "retain":
         retain_freed_memory()
-    model = random_model(KPACConfig())
+    model = random_model(KPACConfig(levels=2 if model_name == ["2level"] else 3))
+    fast = path == "fast"
     if fast:
         model = FastKPACNet(model)
     image = np.random.default_rng(0).random((height, width, 3), dtype=np.float32)
@@ -71,7 +73,7 @@ def _child_deblur(variant: str, width: int, height: int, tile: str) -> None:
 def _probe(args: list[str]) -> None:
     """Run the child and report its peak RSS as the OS accounts it for children."""
     env = dict(os.environ)
-    if args[0].endswith("thp"):
+    if args[0].split("-")[1] == "thp":
         env["THP_MEM_ALLOC_ENABLE"] = "1"  # read by PyTorch at its first allocation: set before it starts
     out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -109,7 +111,7 @@ def main() -> None:
     ap.add_argument("--skip-tiling", action="store_true")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--rss-variants", default="engine-system,engine-retain,engine-thp,fast-system,fast-retain,fast-thp",
-                    help="<engine|fast>-<system|retain|thp>, comma-separated")
+                    help="<engine|fast>-<system|retain|thp>[-2level], comma-separated (default model: 3-level)")
     ap.add_argument("--child", nargs=4, metavar=("VARIANT", "W", "H", "TILE"), help=argparse.SUPPRESS)
     ap.add_argument("--probe", nargs=4, metavar=("VARIANT", "W", "H", "TILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 import kpac_cli.engine.device as engine_device
+import kpac_cli.engine.tiled as tiled
 from kpac_cli.engine import Deblurrer, EngineOptions, TiledInference, pad_to_multiple, plan_tiles, receptive_halos, skips_that_fit
 from kpac_cli.engine.tiled import skip_bytes, tile_that_runs
 from kpac_cli.model import KPACConfig, build_model
+from kpac_cli.model.fast import FastKPACNet
+from kpac_cli.model.network import spatial_mean
 
 ATOL = 1e-5
 VARIANTS = {
@@ -89,6 +92,71 @@ def test_halo_is_tight_and_needed(variant):
     engine.halos = (enc, dec - cfg.stride)
     short_error = (engine(x, x, 128).output - whole).abs().max().item()
     assert exact_error < 1e-6 and short_error > 10 * max(exact_error, 1e-7)
+
+
+def _small_bottleneck_tiles(monkeypatch, cells: int = 16) -> None:
+    """Make the engine tile the low-resolution bottleneck in ``cells``-cell tiles, so that
+    small test images exercise it (the real size follows the pixel tile: ``bottleneck_tile``)."""
+    monkeypatch.setattr(tiled, "bottleneck_tile", lambda tile, config: cells)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tiled_bottleneck_equals_the_whole_map_bottleneck(variant, monkeypatch):
+    cfg = VARIANTS[variant]
+    model = _model(cfg)
+    gen = torch.Generator().manual_seed(3)
+    side = 60 * cfg.stride - 5  # a 60x60 map: 4x4 tiles of 16 cells, each widened to less than the map
+    x = torch.rand(1, cfg.in_channels, side, side, generator=gen) * 2 - 1
+    ref = torch.rand(1, 3, side, side, generator=gen) * 2 - 1
+    whole = TiledInference(model, torch.device("cpu"), nullcontext, channels_last=False)(x, ref, None, keep_attention=True)
+    _small_bottleneck_tiles(monkeypatch, 16)
+    for net, channels_last, static in ((model, False, False), (FastKPACNet(model), True, False), (model, True, True)):
+        engine = TiledInference(net, torch.device("cpu"), nullcontext, channels_last, static_shapes=static)
+        stages = set()
+        result = engine(x, ref, 32 * cfg.stride, lambda stage, done, total: stages.add((stage, total)), keep_attention=True)
+        assert ("attention", cfg.blocks * 16) in stages  # it did run in tiles
+        assert (result.output - whole.output).abs().max().item() < ATOL, (type(net).__name__, channels_last, static)
+        assert len(result.scale_attention) == cfg.blocks
+        for a, b in zip(result.scale_attention, whole.scale_attention):
+            assert (a is None) == (b is None) == (not cfg.scale_attention)
+            assert a is None or (a.shape == b.shape and (a - b).abs().max().item() < ATOL)
+
+
+def test_a_large_map_never_runs_the_bottleneck_whole(monkeypatch):
+    """The KPAC blocks see only widened tiles, so a huge photo's bottleneck memory is bounded."""
+    cfg = VARIANTS["2level"]
+    model = _model(cfg)
+    calls = []
+    run_block = model.run_block
+    monkeypatch.setattr(model, "bottleneck", lambda encoded: pytest.fail("bottleneck ran on the whole map"))
+    monkeypatch.setattr(model, "run_block", lambda i, x, mean=None: calls.append(tuple(x.shape[-2:])) or run_block(i, x, mean))
+    _small_bottleneck_tiles(monkeypatch, 24)
+    x = torch.rand(1, 3, 400, 480, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    TiledInference(model, torch.device("cpu"), nullcontext)(x, x, 128)
+    block_halo, merge_halo = tiled.bottleneck_halos(cfg)
+    assert len(calls) == cfg.blocks * 5 * 5  # a 100x120 map in 24-cell tiles
+    assert max(max(c) for c in calls) <= 24 + 2 * (block_halo + merge_halo)  # the last block feeds the merge
+
+
+def _reach(output: torch.Tensor, inputs: list[torch.Tensor], cell: int) -> int:
+    """How many cells, along either axis, output cell (cell, cell) reads its inputs: the
+    extent of the non-zero gradient (float64, so that no path's tiny product rounds to zero)."""
+    grads = torch.autograd.grad(output[..., cell, cell].sum(), inputs)
+    rows = torch.cat([g.abs().sum(dim=(0, 1, 3)) for g in grads]).nonzero().flatten() % inputs[0].shape[2]
+    cols = torch.cat([g.abs().sum(dim=(0, 1, 2)) for g in grads]).nonzero().flatten() % inputs[0].shape[3]
+    return max(cell - rows.min().item(), rows.max().item() - cell, cell - cols.min().item(), cols.max().item() - cell)
+
+
+@pytest.mark.parametrize("cfg", [VARIANTS["3level"], VARIANTS["ablation"], KPACConfig(levels=2, scale_attention=False)])
+def test_bottleneck_halos_are_the_receptive_fields(cfg):
+    """A block's and the merge's halos are exactly how far one output cell reads (given the
+    shape-attention mean, which the engine computes on the whole map first)."""
+    model = _model(cfg).double()
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.rand(1, 2 * cfg.channels, 64, 64, generator=gen, dtype=torch.float64) * 2 - 1).requires_grad_()
+    y, _ = model.run_block(0, x, spatial_mean(x).detach())
+    outs = [torch.rand(1, 2 * cfg.channels, 64, 64, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(cfg.blocks + 1)]
+    assert (_reach(y, [x], 32), _reach(model.merge(outs), outs, 32)) == tiled.bottleneck_halos(cfg)
 
 
 @pytest.mark.parametrize("tile", [40.0, np.float32(40), np.int64(40)])

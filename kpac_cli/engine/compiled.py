@@ -1,11 +1,12 @@
 """``torch.compile`` for the engine: the three stages compiled once per input shape.
 
-The tiled engine calls the network's ``encode``, ``bottleneck`` and ``decode`` separately;
-each is compiled with static shapes (``dynamic=False``), which is what lets inductor pick
-fixed kernels and CUDA graphs apply. With ``TiledInference(static_shapes=True)`` every tile
-of an image has the same shape, so a photo costs at most a handful of compilations (the
-encoder tile, the decoder tile, the whole low-resolution bottleneck) and a folder of
-same-sized photos costs them once.
+The tiled engine calls the network's ``encode``, ``bottleneck`` (or, tiled, ``run_block`` and
+``merge``) and ``decode`` separately; each is compiled with static shapes (``dynamic=False``),
+which is what lets inductor pick fixed kernels and CUDA graphs apply. With
+``TiledInference(static_shapes=True)`` every tile of an image has the same shape, so a photo
+costs at most a handful of compilations (the encoder tile, each KPAC block's tile, the merge
+tile, the decoder tile; or the whole low-resolution bottleneck) and a folder of same-sized
+photos costs them once.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class CompiledNetwork:
         self.compile_seconds = 0.0
         self._seen: set[tuple] = set()
         self._fns: dict[str, Callable] = {
-            name: torch.compile(getattr(network, name), dynamic=False, mode=mode) for name in ("encode", "bottleneck", "decode")
+            name: torch.compile(getattr(network, name), dynamic=False, mode=mode)
+            for name in ("encode", "bottleneck", "run_block", "merge", "decode")
         }
 
     def _call(self, name: str, key: tuple, *args: Any) -> Any:
@@ -67,6 +69,13 @@ class CompiledNetwork:
 
     def bottleneck(self, encoded: Tensor):
         return self._call("bottleneck", ("bottleneck", tuple(encoded.shape), encoded.dtype, torch.is_autocast_enabled()), encoded)
+
+    def run_block(self, index: int, x: Tensor, mean: Tensor | None = None):
+        key = ("run_block", index, tuple(x.shape), x.dtype, mean is None, torch.is_autocast_enabled())
+        return self._call("run_block", key, index, x, mean)
+
+    def merge(self, outs: list[Tensor]):
+        return self._call("merge", ("merge", tuple(tuple(o.shape) for o in outs), outs[0].dtype, torch.is_autocast_enabled()), outs)
 
     def decode(self, features: Tensor, skips: list[Tensor]):
         key = ("decode", tuple(features.shape), tuple(tuple(s.shape) for s in skips), features.dtype, torch.is_autocast_enabled())

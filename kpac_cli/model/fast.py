@@ -202,7 +202,7 @@ def _scale_attention(block: KPACBlock, x: Tensor) -> Tensor | None:
     return torch.sigmoid(same_conv_lrelu(a, block.scale_out, lrelu=False))
 
 
-def kpac_block_forward(block: KPACBlock, x: Tensor) -> tuple[Tensor, Tensor | None]:
+def kpac_block_forward(block: KPACBlock, x: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """:meth:`KPACBlock.forward`, restructured (see the module docstring); returns (y, alpha).
 
     The five dilated branches stay five convolutions: the fused alternatives (one conv with
@@ -212,7 +212,7 @@ def kpac_block_forward(block: KPACBlock, x: Tensor) -> tuple[Tensor, Tensor | No
     k, cb, dil = block.kernel_size, block.branch_channels, block.dilations
     n_br = len(dil)
     alpha = _scale_attention(block, x)
-    beta = block.shape_attention(x)  # (N, cb, 1, 1); tiny
+    beta = block.shape_attention(x, mean)  # (N, cb, 1, 1); tiny
     inplace = not torch.is_grad_enabled()
     fmt = _CL if x.is_contiguous(memory_format=_CL) and not x.is_contiguous() else torch.contiguous_format
     branches = []
@@ -259,13 +259,16 @@ def fast_encode(model: KPACNet, x: Tensor, skip_levels: int | None = None) -> tu
 def fast_bottleneck(model: KPACNet, encoded: Tensor) -> Bottleneck:
     """:meth:`KPACNet.bottleneck`, fused (the dense concat feeds cm_1 without being built)."""
     outs, alphas = [encoded], []
-    x = encoded
     for block in model.blocks:
-        x, alpha = kpac_block_forward(block, x)
+        x, alpha = kpac_block_forward(block, outs[-1])
         outs.append(x)
         alphas.append(alpha)
-    y = same_conv_lrelu(concat_conv(outs, model.cm_1), model.cm_2)
-    return Bottleneck(y, alphas)
+    return Bottleneck(fast_merge(model, outs), alphas)
+
+
+def fast_merge(model: KPACNet, outs: list[Tensor]) -> Tensor:
+    """:meth:`KPACNet.merge`, fused (the dense concat feeds cm_1 without being built)."""
+    return same_conv_lrelu(concat_conv(outs, model.cm_1), model.cm_2)
 
 
 def fast_decode(model: KPACNet, features: Tensor, skips: list[Tensor]) -> Tensor:
@@ -283,8 +286,8 @@ class FastKPACNet(nn.Module):
 
     Shares the wrapped model's parameters (nothing is copied or cached, so loading new
     weights into the model is seen at once) and has its interface (``config``, ``encode``,
-    ``bottleneck``, ``decode``, ``default_reference``, ``forward``), so the tiled engine can
-    run it unchanged.
+    ``bottleneck``, ``run_block``, ``merge``, ``decode``, ``default_reference``, ``forward``),
+    so the tiled engine can run it unchanged.
     """
 
     def __init__(self, model: KPACNet) -> None:
@@ -308,6 +311,12 @@ class FastKPACNet(nn.Module):
 
     def bottleneck(self, encoded: Tensor) -> Bottleneck:
         return fast_bottleneck(self.model, encoded)
+
+    def run_block(self, index: int, x: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        return kpac_block_forward(self.model.blocks[index], x, mean)
+
+    def merge(self, outs: list[Tensor]) -> Tensor:
+        return fast_merge(self.model, outs)
 
     def decode(self, features: Tensor, skips: list[Tensor]) -> Tensor:
         return fast_decode(self.model, features, skips)
@@ -369,6 +378,7 @@ __all__ = [
     "fast_bottleneck",
     "fast_decode",
     "fast_encode",
+    "fast_merge",
     "kpac_block_forward",
     "narrow_output_conv",
     "pad_bottom_right",

@@ -11,9 +11,10 @@ Conventions (all tensors NCHW, float):
 * Padding follows TensorFlow's 'SAME' rule, so the authors' checkpoints reproduce their
   outputs: symmetric for stride-1 convolutions, bottom/right only for the stride-2 ones.
 * The network is split into :meth:`KPACNet.encode`, :meth:`KPACNet.bottleneck` and
-  :meth:`KPACNet.decode` so that the engine can run the full-resolution parts tile by tile
-  and the low-resolution KPAC blocks (which hold the only global operation, the
-  shape-attention mean) once on the whole feature map. That makes tiling exact.
+  :meth:`KPACNet.decode`, and the bottleneck into :meth:`KPACNet.run_block` and
+  :meth:`KPACNet.merge`, so that the engine can run every part tile by tile. The only
+  global operation, each block's shape-attention mean of its input, can be given to
+  :meth:`KPACNet.run_block` (computed on the whole map first), which keeps tiling exact.
 
 Module registration order equals the creation order of the authors' TensorFlow variables,
 so ``model.parameters()`` lines up with their positional checkpoint format.
@@ -34,6 +35,11 @@ LRELU_SLOPE = 0.2  # tf.nn.leaky_relu's default, used by every activation in the
 
 def lrelu(x: Tensor) -> Tensor:
     return F.leaky_relu(x, LRELU_SLOPE)
+
+
+def spatial_mean(x: Tensor) -> Tensor:
+    """(N, C, 1, 1) mean over height and width: the input of the shape attention."""
+    return x.mean(dim=(2, 3), keepdim=True)
 
 
 def same_conv(cin: int, cout: int, k: int, dilation: int = 1, bias: bool = True) -> nn.Conv2d:
@@ -150,15 +156,20 @@ class KPACBlock(nn.Module):
             a = lrelu(conv(a))
         return torch.sigmoid(self.scale_out(a))
 
-    def shape_attention(self, x: Tensor) -> Tensor | None:
-        """beta: (N, branch_channels, 1, 1) from the global spatial mean of the input."""
+    def shape_attention(self, x: Tensor, mean: Tensor | None = None) -> Tensor | None:
+        """beta: (N, branch_channels, 1, 1) from the global spatial mean of the input
+        (``mean``, :func:`spatial_mean` of the whole input, when ``x`` is a crop of it)."""
         if self.shape_fc1 is None:
             return None
-        pooled = x.mean(dim=(2, 3), keepdim=True)
+        pooled = spatial_mean(x) if mean is None else mean
         return torch.sigmoid(self.shape_fc2(lrelu(self.shape_fc1(pooled))))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Return the block output and alpha (None when scale attention is off)."""
+    def forward(self, x: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Return the block output and alpha (None when scale attention is off).
+
+        ``mean``: :func:`spatial_mean` of the whole input when ``x`` is a crop of it (widened
+        by :func:`kpac_cli.engine.tiled.bottleneck_halos`); the crop's own mean otherwise.
+        """
         k = self.kernel_size
         branches = torch.stack(
             [
@@ -170,7 +181,7 @@ class KPACBlock(nn.Module):
         alpha = self.scale_attention(x)
         if alpha is not None:
             branches = branches * alpha.unsqueeze(2)  # alpha repeated over each branch's filters
-        beta = self.shape_attention(x)
+        beta = self.shape_attention(x, mean)
         if beta is not None:
             branches = branches * beta.unsqueeze(1)  # beta tiled over the branches
         y = branches.flatten(1, 2)
@@ -240,13 +251,19 @@ class KPACNet(nn.Module):
     def bottleneck(self, encoded: Tensor) -> Bottleneck:
         """KPAC blocks, dense concat [encoder output, block outputs...], cm_1, cm_2."""
         outs, alphas = [encoded], []
-        x = encoded
-        for block in self.blocks:
-            x, alpha = block(x)
+        for i in range(len(self.blocks)):
+            x, alpha = self.run_block(i, outs[-1])
             outs.append(x)
             alphas.append(alpha)
-        y = lrelu(self.cm_2(lrelu(self.cm_1(torch.cat(outs, 1)))))
-        return Bottleneck(y, alphas)
+        return Bottleneck(self.merge(outs), alphas)
+
+    def run_block(self, index: int, x: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """KPAC block ``index`` on ``x``: (output, alpha); ``mean`` as :meth:`KPACBlock.forward` takes it."""
+        return self.blocks[index](x, mean)
+
+    def merge(self, outs: list[Tensor]) -> Tensor:
+        """The dense concat [encoder output, block outputs...] through cm_1 and cm_2."""
+        return lrelu(self.cm_2(lrelu(self.cm_1(torch.cat(outs, 1)))))
 
     def decode(self, features: Tensor, skips: list[Tensor]) -> Tensor:
         return self.decoder(features, skips)
