@@ -331,7 +331,6 @@ def test_tiff_alpha_is_the_first_extra_sample_marked_alpha():
     for kinds, alpha_at in (
         (["unspecified", "unassalpha"], 4),
         (["unassalpha", "assocalpha"], 3),
-        (["unspecified", "unspecified"], 3),  # none marked: the first extra sample
     ):
         img, info = read_image(tiff_bytes(x, photometric="rgb", planarconfig="contig", extrasamples=kinds))
         assert info.channels == 4 and np.array_equal(as_int(info.alpha, 8), x[..., alpha_at]), kinds
@@ -351,6 +350,38 @@ def test_tiff_alpha_is_the_first_extra_sample_marked_alpha():
     img, info = read_image(tiff_bytes(g, photometric="minisblack", planarconfig="contig", extrasamples=["unspecified", "unassalpha"]))
     assert info.channels == 2 and np.array_equal(as_int(info.alpha, 8), g[..., 2])
     assert np.array_equal(as_int(img[..., 0], 8), g[..., 0])
+
+
+def without_extrasamples_tag(data: bytes) -> bytes:
+    """``data`` (a little-endian TIFF from tifffile) with its ExtraSamples tag renamed to a
+    private tag number, as writers that omit the tag leave the file."""
+    at = data.find(struct.pack("<HH", 338, 3))
+    assert at > 0
+    return data[:at] + struct.pack("<H", 65000) + data[at + 2 :]
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_tiff_extra_samples_of_unspecified_data_are_not_alpha(tmp_path, bits):
+    # RGB + a stored selection (Photoshop), RGB + depth and mask, gray + mask: ExtraSamples 0
+    # says the samples are not transparency, so the image has no alpha and writes back opaque
+    x = rand((6, 7, 5), bits)
+    for color, photometric in ((3, "rgb"), (1, "minisblack")):
+        for extra in (1, 2):
+            data = tiff_bytes(x[..., : color + extra], photometric=photometric, planarconfig="contig",
+                              extrasamples=["unspecified"] * extra)
+            img, info = read_image(data)
+            assert info.channels == color and info.alpha is None, (photometric, extra)
+            assert np.array_equal(as_int(img, bits), x[..., [0, 1, 2] if color == 3 else [0, 0, 0]])
+            out = tmp_path / f"out{bits}.tif"
+            write_image(out, img, info, format="tiff")
+            assert tifffile.imread(out).shape == ((6, 7, 3) if color == 3 else (6, 7))
+            assert info.dropped_extra_samples == extra
+            assert notes_for(info, "tiff")[-1] == (f"{extra} extra channel{'s' if extra > 1 else ''} of the TIFF beyond colour and "
+                                                   f"alpha (a stored selection, depth, a mask) {'were' if extra > 1 else 'was'} left out")
+    assert read_image(tiff_bytes(x[..., :4], photometric="rgb", extrasamples=["unassalpha"]))[1].dropped_extra_samples == 0
+    # without the ExtraSamples tag (some writers omit it) the extra sample stays alpha, as Pillow reads it
+    img, info = read_image(without_extrasamples_tag(tiff_bytes(x[..., :4], photometric="rgb", planarconfig="contig")))
+    assert info.channels == 4 and np.array_equal(as_int(info.alpha, bits), x[..., 3])
 
 
 def test_float_tiff(tmp_path):
@@ -391,7 +422,8 @@ def test_float_tiff_clipping_is_counted_and_said():
     rgba[1, 0, 3] = 1.5
     _, info = read_image(tiff_bytes(rgba, photometric="rgb", planarconfig="contig", extrasamples=["unassalpha", "unspecified"]))
     assert info.clipped_float_values == 1
-    assert notes_for(info, "tiff") == ["1 float value outside [0, 1] was clipped"]
+    assert notes_for(info, "tiff") == ["1 extra channel of the TIFF beyond colour and alpha (a stored selection, depth, a mask) was left out",
+                                       "1 float value outside [0, 1] was clipped"]
     # nothing clipped, nothing said
     _, info = read_image(tiff_bytes(np.clip(np.nan_to_num(f), 0, 1), photometric="rgb"))
     assert info.clipped_float_values == 0 and notes_for(info, "tiff") == []
@@ -845,6 +877,45 @@ def test_icc_and_exif_copied(tmp_path):
         assert im.getexif().get(0x010F) == "TiffCam"
 
 
+IPTC_IRB = b"Photoshop 3.0\x008BIM\x04\x04\x00\x00\x00\x00\x00\x0f\x1c\x02\x78\x00\x0bA caption \xc2\xa9\x00"
+
+
+def jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def test_jpeg_comments_and_iptc_segments_are_found_and_written_back():
+    from kpac_cli.images.io import _jpeg_carried_segments, _with_jpeg_segments
+
+    a = rand((16, 24, 3))
+    plain = pil_bytes(Image.fromarray(a), "JPEG", quality=90, exif=make_exif(None, "Cam"), icc_profile=b"\0" * 128)
+    carried = ((0xED, IPTC_IRB), (0xFE, b"first comment"), (0xFE, b"second \xff comment"))
+    # as a camera or Photoshop places them: right after SOI, before the other header segments
+    source = plain[:2] + b"".join(jpeg_segment(m, d) for m, d in carried) + plain[2:]
+    with Image.open(io.BytesIO(source)) as im:
+        assert _jpeg_carried_segments(im.applist) == carried  # in file order, APP1/APP2 left to their own fields
+    out = _with_jpeg_segments(plain, carried)
+    with Image.open(io.BytesIO(out)) as im:
+        assert [(n, d) for n, d in im.applist if n in ("APP13", "COM")] == [("APP13", IPTC_IRB), ("COM", b"first comment"),
+                                                                           ("COM", b"second \xff comment")]
+        assert im.getexif().get(0x010F) == "Cam" and im.info["icc_profile"] == b"\0" * 128
+        assert np.array_equal(np.asarray(im), np.asarray(Image.open(io.BytesIO(plain))))  # the image data untouched
+    assert _with_jpeg_segments(plain, ()) == plain
+
+
+def test_jpeg_comments_and_iptc_carried_to_jpeg_outputs():
+    plain = pil_bytes(Image.fromarray(rand((16, 24, 3))), "JPEG", quality=95, exif=make_exif(6, "Cam"))
+    carried = ((0xED, IPTC_IRB), (0xFE, b"a comment"))
+    img, info = read_image(plain[:2] + b"".join(jpeg_segment(m, d) for m, d in carried) + plain[2:])
+    assert info.jpeg_segments == carried
+    with Image.open(io.BytesIO(write_image(None, img, info, format="jpeg"))) as im:
+        assert [(n, d) for n, d in im.applist if n in ("APP13", "COM")] == [("APP13", IPTC_IRB), ("COM", b"a comment")]
+        assert im.getexif().get(0x010F) == "Cam" and im.size == (16, 24)  # EXIF beside them, orientation applied
+    for fmt in ("png", "tiff"):  # no place for them: not written, and nothing else fails
+        assert read_image(write_image(None, img, info, format=fmt))[1].jpeg_segments == ()
+    assert read_image(plain)[1].jpeg_segments == ()
+
+
 def test_huge_exif_dropped_for_jpeg_only():
     ex = Image.Exif()
     ex[0x010E] = "x" * 70000  # ImageDescription larger than a JPEG APP1 segment
@@ -1258,6 +1329,14 @@ def test_multipage_tiff_and_apng_first_frame(tmp_path):
     p = tmp_path / "multi.tif"
     with tifffile.TiffWriter(p) as tw:
         tw.write(a, photometric="rgb")
+        tw.write(b, photometric="rgb")
+    img, info = read_image(p)
+    assert info.frames == 2 and np.array_equal(as_int(img, 8), a)
+    # a preview (reduced resolution) or a transparency mask of the image is not another frame
+    with tifffile.TiffWriter(p) as tw:
+        tw.write(a, photometric="rgb")
+        tw.write(a[::2, ::2], photometric="rgb", subfiletype=1)
+        tw.write(np.ones((4, 5), bool), photometric="minisblack", subfiletype=4)
         tw.write(b, photometric="rgb")
     img, info = read_image(p)
     assert info.frames == 2 and np.array_equal(as_int(img, 8), a)

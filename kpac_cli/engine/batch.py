@@ -621,6 +621,10 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
                      "CR2, ARW): the camera's tags are not copied to the developed image")
     if info.frames > 1:
         notes.append(f"only the first of {info.frames} frames (pages) was deblurred")
+    if info.dropped_extra_samples:  # neither colour nor alpha: no output format would know what they are
+        n = info.dropped_extra_samples
+        notes.append(f"{n} extra channel{'s' if n != 1 else ''} of the TIFF beyond colour and alpha (a stored selection, "
+                     f"depth, a mask) {'were' if n != 1 else 'was'} left out")
     if info.clipped_float_values:  # the model takes [0, 1]: the read clipped them
         n = info.clipped_float_values
         notes.append(f"{n:,} float value{'s' if n != 1 else ''} outside [0, 1] {'were' if n != 1 else 'was'} clipped")

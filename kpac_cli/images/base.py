@@ -129,6 +129,13 @@ class ImageInfo:
         well-formed one of each) and text chunks (tEXt, zTXt, iTXt other than XMP), in file
         order, copied verbatim into PNG outputs (sRGB not beside an ICC profile). Empty for
         other sources.
+    jpeg_segments : tuple of (int, bytes)
+        ``(marker, payload)`` of a JPEG source's comments (COM) and Photoshop resources
+        (APP13, where IPTC lives), in file order, copied verbatim into JPEG outputs. Empty for
+        other sources.
+    dropped_extra_samples : int
+        Extra samples per pixel of a TIFF source that were left out on read: those beyond
+        colour and alpha (stored selections, depth, masks). 0 for every other source.
     """
 
     path: str | None
@@ -145,6 +152,8 @@ class ImageInfo:
     dpi: tuple[float, float] | None = None
     clipped_float_values: int = 0
     png_chunks: tuple[tuple[bytes, bytes], ...] = ()
+    jpeg_segments: tuple[tuple[int, bytes], ...] = ()
+    dropped_extra_samples: int = 0
 
 
 def to_float(arr: np.ndarray, maxval: int | float) -> np.ndarray:

@@ -19,10 +19,14 @@ TIFF
     tifffile: 1-16-bit integer (2-7-bit rescaled to 8, 9-15-bit to 16), float (clipped to ``[0, 1]``,
     NaN read as 0, ``bit_depth == 32``; ``info.clipped_float_values`` counts the samples that
     changed), gray, RGB, palette, min-is-white, contiguous or planar. Alpha is the first extra
-    sample marked as alpha (ExtraSamples 1 associated, un-premultiplied, or 2 unassociated),
-    else the first extra sample; other extra samples are dropped. Multi-page: the first page is read,
-    ``info.frames`` counts the pages. CMYK, YCbCr and Lab are refused with an :class:`ImageError`
-    (no colour-managed conversion is available, and a naive one would silently shift colours).
+    sample marked as alpha (ExtraSamples 1 associated, un-premultiplied, or 2 unassociated);
+    extra samples marked 0 (unspecified data: stored selections, depth, masks) are not alpha,
+    and without the ExtraSamples tag the first extra sample is. Other extra samples are
+    dropped (``info.dropped_extra_samples`` counts them). Multi-page: the first page is read,
+    ``info.frames`` counts the pages other than reduced-resolution copies (previews, pyramid
+    levels) and transparency masks. CMYK, YCbCr and Lab are refused with an
+    :class:`ImageError` (no colour-managed conversion is available, and a naive one would
+    silently shift colours).
     Every compression tifffile decodes with ``imagecodecs`` (a dependency: LZW, JPEG,
     PackBits, Deflate, ZSTD, ... as photo editors write them, 16-bit included). Written with
     Deflate + horizontal predictor, ICC profile, XMP (tag 700), resolution when known
@@ -35,7 +39,9 @@ JPEG
     The main XMP packet is read (extended XMP segments are not). Written 8-bit, 4:4:4
     chroma, with ICC (APP2), EXIF (APP1; dropped if over :data:`JPEG_MAX_EXIF` bytes), XMP (APP1
     ``http://ns.adobe.com/xap/1.0/``; dropped if over 65504 bytes, as extended XMP is not
-    written) and the resolution as JFIF density (whole dpi).
+    written) and the resolution as JFIF density (whole dpi). The comments (COM) and Photoshop
+    resources (APP13, IPTC) of a JPEG input (``info.jpeg_segments``) are copied verbatim into
+    JPEG outputs only: PNG and TIFF outputs go without them.
 RAW
     :mod:`.raw` (LibRaw), developed to 16-bit RGB; written as 16-bit TIFF by default. The
     camera's EXIF of TIFF-based RAW (DNG, NEF, CR2, ARW, ...) is read as a TIFF's (descriptive
@@ -412,6 +418,7 @@ def _read_jpeg(src: _Src, max_pixels):
         exif = exif_mod.normalize_exif(im.info.get("exif"))
         xmp = meta.normalize_xmp(im.info.get("xmp"))  # one APP1 segment: at most 64 KB
         dpi = _jfif_dpi(im.info)
+        segments = _jpeg_carried_segments(im.applist)
         try:
             im.load()
             arr = np.asarray(im)
@@ -419,7 +426,7 @@ def _read_jpeg(src: _Src, max_pixels):
             raise _decode_error(src.name, "JPEG image data", exc) from None
     if arr.ndim == 2:
         arr = arr[..., None]
-    return arr, 8, icc, exif, exif_mod.read_orientation(exif), frames, xmp, dpi, {}
+    return arr, 8, icc, exif, exif_mod.read_orientation(exif), frames, xmp, dpi, {"jpeg_segments": segments}
 
 
 def _jfif_dpi(info: dict) -> tuple[float, float] | None:
@@ -452,6 +459,17 @@ def _tiff_is_raw(tif) -> bool:
     return False
 
 
+def _tiff_frames(tif) -> int:
+    """The pages of a TIFF that are images of their own: the first (the one read) and the
+    later ones that are not a reduced-resolution copy (a preview, a pyramid level) or a
+    transparency mask of an image (NewSubfileType bit 0 or 2)."""
+    pages = tif.pages
+    try:
+        return 1 + sum(1 for i in range(1, len(pages)) if not int(pages[i].subfiletype) & 0b101)
+    except Exception:  # a damaged later directory: counted as a page; only the first is read
+        return len(pages)
+
+
 def _read_tiff(src: _Src, max_pixels, raw_options):
     """TIFF via tifffile. May hand over to the RAW reader (DNG and other TIFF-based RAW)."""
     import tifffile
@@ -466,7 +484,7 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
         try:
             if not tif.pages:
                 raise ImageError(src.name, "TIFF has no images")
-            frames = len(tif.pages)
+            frames = _tiff_frames(tif)
             if _tiff_is_raw(tif):
                 return None  # caller develops it as RAW
             page = tif.pages.first
@@ -508,6 +526,7 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
         raise ImageError(src.name, "corrupt TIFF (decoded size differs from the header)")
     P = tifffile.PHOTOMETRIC
     clipped = 0
+    samples = arr.shape[2]
     if photometric == P.PALETTE:
         arr, depth = _apply_colormap(src, colormap, arr)  # RGB, extra samples dropped
     else:
@@ -522,10 +541,11 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
             arr[..., :color] = top - arr[..., :color]
         if alpha_kind == 1:  # associated (premultiplied) alpha -> straight
             arr = _unpremultiply(arr, depth)
+    dropped = samples - (1 if photometric == P.PALETTE else arr.shape[2])  # the palette index became RGB
     exif = None
     if has_exif:
         exif = _tiff_exif(src)
-    return arr, depth, icc, exif, orientation, frames, xmp, dpi, {"clipped_float_values": clipped}
+    return arr, depth, icc, exif, orientation, frames, xmp, dpi, {"clipped_float_values": clipped, "dropped_extra_samples": dropped}
 
 
 def _tiff_orientation(tags) -> int:
@@ -549,18 +569,24 @@ def _tiff_xmp(tags) -> bytes | None:
 
 
 def _tiff_color_and_alpha(arr: np.ndarray, color: int, extrasamples: tuple[int, ...]) -> tuple[np.ndarray, int]:
-    """The ``color`` colour samples plus the alpha one, and the alpha's ExtraSamples value.
+    """The ``color`` colour samples plus the alpha one, and the alpha's ExtraSamples value
+    (0: no alpha, or alpha from a file without the ExtraSamples tag).
 
-    Alpha is the first extra sample marked as alpha (1 associated, 2 unassociated), else the
-    first extra sample whatever it is; the other extra samples are dropped.
+    Alpha is the first extra sample marked as alpha (1 associated, 2 unassociated). Extra
+    samples marked 0, "unspecified data" (a stored selection, depth, a mask), are not alpha,
+    so a file whose extra samples are all unspecified has none. Without the tag, the first
+    extra sample is alpha, as Pillow and libtiff's RGBA reader take it. The other extra
+    samples are dropped.
     """
     extra = arr.shape[2] - color
     if extra <= 0:
         return arr[..., :color], 0
+    if not extrasamples:  # no ExtraSamples tag: some writers omit it for plain RGBA
+        return arr[..., : color + 1], 0
     kinds = extrasamples[:extra]
     marked = [i for i, kind in enumerate(kinds) if kind in (1, 2)]
     if not marked:
-        return arr[..., : color + 1], 0
+        return arr[..., :color], 0
     i = marked[0]
     keep = slice(0, color + 1) if i == 0 else [*range(color), color + i]
     return arr[..., keep], kinds[i]
@@ -1079,6 +1105,29 @@ JPEG_MAX_XMP = 65504
 #: bytes, Pillow's limit. EXIF has no multi-segment form, so larger EXIF is not written to JPEG.
 JPEG_MAX_EXIF = 65533
 
+#: JPEG segments carried verbatim from a JPEG input to a JPEG output (no other format has a
+#: place for them), by Pillow's name: COM (comments) and APP13 (Photoshop resources, where
+#: IPTC captions, keywords, credits and copyright live).
+JPEG_CARRIED_SEGMENTS = {"COM": 0xFE, "APP13": 0xED}
+
+
+def _jpeg_carried_segments(applist: Iterable[tuple[str, bytes]]) -> tuple[tuple[int, bytes], ...]:
+    """``(marker, payload)`` of the :data:`JPEG_CARRIED_SEGMENTS` among a JPEG's header
+    segments (Pillow's ``applist``: name and payload, in file order), in file order."""
+    return tuple((JPEG_CARRIED_SEGMENTS[name], bytes(data)) for name, data in applist if name in JPEG_CARRIED_SEGMENTS)
+
+
+def _with_jpeg_segments(jpeg: bytes, segments: Iterable[tuple[int, bytes]]) -> bytes:
+    """``jpeg`` (as Pillow writes it) with ``segments`` (``(marker, payload)``) added after
+    its own header segments (APPn, COM) and before the tables, in the order given."""
+    added = b"".join(struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload for marker, payload in segments)
+    if not added:
+        return jpeg
+    pos = 2  # after SOI
+    while pos + 4 <= len(jpeg) and jpeg[pos] == 0xFF and (0xE0 <= jpeg[pos + 1] <= 0xEF or jpeg[pos + 1] == 0xFE):
+        pos += 2 + struct.unpack(">H", jpeg[pos + 2 : pos + 4])[0]
+    return jpeg[:pos] + added + jpeg[pos:]
+
 
 def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int) -> bytes:
     """Encode integer (or float32 for depth 32) H x W x C to file bytes."""
@@ -1110,7 +1159,8 @@ def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int
             opts["xmp"] = xmp
         if dpi is not None and all(round(v) <= JPEG_MAX_DPI for v in dpi):
             opts["dpi"] = dpi  # Pillow rounds to whole dpi for the JFIF density
-        return _pillow_save(arr, "JPEG", icc=icc, exif=exif, quality=int(quality), subsampling=0, **opts)
+        data = _pillow_save(arr, "JPEG", icc=icc, exif=exif, quality=int(quality), subsampling=0, **opts)
+        return _with_jpeg_segments(data, info.jpeg_segments)
     return _encode_tiff(arr, depth, icc, exif, xmp, dpi)
 
 
