@@ -800,6 +800,24 @@ def test_a_write_error_names_the_output_not_its_temporary_file(tmp_path, tiny_mo
     assert "Errno" not in res.output
 
 
+def test_counting_images_below_reads_headers_of_sub_folder_files_only(tmp_path, monkeypatch):
+    """The note's count opens no top-level file (planning has read those already) and leaves
+    kpac's own maps out, as -r would."""
+    import kpac_cli.engine.batch as batch
+    from kpac_cli.blurmap.render import encode_map
+
+    photos = tmp_path / "photos"
+    (photos / "trip").mkdir(parents=True)
+    for name in ("a.png", "b.tif", "trip/c.png", "trip/d.jpg"):
+        _write(photos / name, np.random.default_rng(len(name)).random((8, 8, 3), dtype=np.float32), 8)
+    (photos / "trip" / "c_blurmap.png").write_bytes(encode_map(np.zeros((8, 8), np.float32), "png"))
+    opened = []
+    kind = batch.blurmap_kind
+    monkeypatch.setattr(batch, "blurmap_kind", lambda path: opened.append(path.name) or kind(path))
+    assert batch.images_below([str(photos), str(photos / "a.png")]) == 2
+    assert sorted(opened) == ["c.png", "c_blurmap.png", "d.jpg"]
+
+
 def test_images_in_sub_folders_left_out_without_r_are_said(tmp_path, tiny_models):
     photos = tmp_path / "photos"
     (photos / "trip").mkdir(parents=True)

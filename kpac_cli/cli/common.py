@@ -149,10 +149,9 @@ def print_error(message: str) -> None:
 def say_images_below(inputs: list[str], output: Path | None) -> None:
     """A note when input folders hold images in sub-folders, which only ``-r`` takes (the
     output folder, when it lies inside an input folder, is not counted)."""
-    from ..engine.batch import collect_inputs
+    from ..engine.batch import images_below
 
-    folders = [i for i in inputs if i != "-" and Path(i).is_dir()]
-    below = sum(rel.parent != Path(".") for _, rel in collect_inputs(folders, True, exclude=output))
+    below = images_below(inputs, exclude=output)
     if below:
         print_note(f"{below} image(s) in sub-folders of the input folders are left out (-r takes them, keeping the sub-folders)")
 

@@ -185,18 +185,11 @@ def collect_inputs(inputs: list[str], recursive: bool, exclude: Path | None = No
     """
     found: list[tuple[Path, Path]] = []
     maps = 0
-    skip = exclude.resolve() if exclude is not None else None
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            try:
-                files = list_images(p, recursive=recursive)
-            except OSError as e:
-                raise PlanError(f"cannot list {item} ({e.strerror or e})") from None
-            if skip is not None and skip != p.resolve() and skip.is_relative_to(p.resolve()):
-                files = [f for f in files if not f.resolve().is_relative_to(skip)]
-            photos = [f for f in files if blurmap_kind(f) is None]
-            maps += len(files) - len(photos)
+            photos, folder_maps = _folder_photos(p, recursive, exclude)
+            maps += folder_maps
             found += [(f, f.relative_to(p)) for f in photos]
         elif p.exists():
             found.append((p, Path(p.name)))
@@ -207,6 +200,28 @@ def collect_inputs(inputs: list[str], recursive: bool, exclude: Path | None = No
     if not found:
         _say_unread_images(inputs, recursive)
     return found
+
+
+def _folder_photos(folder: Path, recursive: bool, exclude: Path | None, below_only: bool = False) -> tuple[list[Path], int]:
+    """The photos :func:`collect_inputs` takes from ``folder`` (only those in its sub-folders
+    with ``below_only``), and how many of kpac's own maps it left out."""
+    try:
+        files = list_images(folder, recursive=recursive)
+    except OSError as e:
+        raise PlanError(f"cannot list {folder} ({e.strerror or e})") from None
+    skip = exclude.resolve() if exclude is not None else None
+    if skip is not None and skip != folder.resolve() and skip.is_relative_to(folder.resolve()):
+        files = [f for f in files if not f.resolve().is_relative_to(skip)]
+    if below_only:
+        files = [f for f in files if f.parent != folder]
+    photos = [f for f in files if blurmap_kind(f) is None]  # reads PNG/TIFF headers: after the cheap filters
+    return photos, len(files) - len(photos)
+
+
+def images_below(inputs: list[str], exclude: Path | None = None) -> int:
+    """How many photos lie in sub-folders of the input folders: what ``-r`` would add to a
+    run without it (the same photos :func:`collect_inputs` would take from there)."""
+    return sum(len(_folder_photos(Path(i), True, exclude, below_only=True)[0]) for i in inputs if i != STDIO and Path(i).is_dir())
 
 
 def _say_unread_images(inputs: list[str], recursive: bool) -> None:
