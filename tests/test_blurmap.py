@@ -531,6 +531,23 @@ def test_cli_rerun_never_maps_its_own_maps(cli, photo, tmp_path):
     assert (photos / "a_blurmap.png").read_bytes() == before
 
 
+def test_cli_a_photo_bearing_a_maps_name_is_a_photo(cli, photo, tmp_path):
+    """Only the metadata tells a map: a photo named a_blurmap.png beside a.png is mapped, and
+    never written over by a.png's map, even with --overwrite."""
+    img, _ = photo
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _save_rgb(photos / "a.png", img[:48, :64])
+    before = _save_rgb(photos / "a_blurmap.png", img[48:96, :64]).read_bytes()
+    res = cli(str(photos), "-o", str(photos), "--overwrite", "-q")
+    assert res.exit_code == 2 and "would be written over the input" in res.stderr and "a_blurmap.png" in res.stderr, res.output
+    assert (photos / "a_blurmap.png").read_bytes() == before
+    res = cli(str(photos), "-o", str(tmp_path / "o"), "--json", "-q")
+    assert res.exit_code == 0, res.output
+    assert [Path(r["input"]).name for r in _records(res)] == ["a.png", "a_blurmap.png"]
+    assert (tmp_path / "o" / "a_blurmap_blurmap.png").is_file()
+
+
 def test_cli_maps_ignore_colours_under_full_transparency(cli, photo, tmp_path):
     img, _ = photo
     rgb = img[:48, :64]
@@ -758,6 +775,17 @@ def test_cli_dual_pixel(tmp_path):
         assert im.size == (56, 40) and im.mode == "I;16"
 
 
+def test_cli_recursive_with_dual_pixel_views_refused(cli, tmp_path):
+    """Views pair within the --left/--right folders: -r would be ignored, so it is refused (as kpac deblur)."""
+    for side in "LR":
+        (tmp_path / side / "sub").mkdir(parents=True)
+        _save_rgb(tmp_path / side / "sub" / "005.png", np.zeros((16, 16, 3)))
+        _save_rgb(tmp_path / side / "006.png", np.zeros((16, 16, 3)))
+    res = cli("--left", str(tmp_path / "L"), "--right", str(tmp_path / "R"), "-r", "-o", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "--recursive applies to INPUTS folders" in res.stderr, res.output
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -919,6 +947,57 @@ def test_cli_recursive_masks_are_looked_up_at_the_photos_relative_path(cli, tmp_
     assert Path(rec["mask"]) == gt / "x.png" and rec["scores"]["auc"] > 0.85
 
 
+def test_cli_same_named_photos_of_two_folders_never_share_a_mask(cli, tmp_path):
+    """A/x.png and B/x.png are two photos: scoring both against gt/x.png would score one of
+    them against another photo's mask. Refused before any work, saying how to resolve it."""
+    img, radius = banded_photo(96, 160, seed=3)
+    gt = _mask_png(tmp_path / "gt" / "x.png", radius)
+    for sub, flip in (("A", False), ("B", True)):
+        (tmp_path / sub).mkdir()
+        _save_rgb(tmp_path / sub / "x.png", img[:, ::-1] if flip else img)
+    a, b = tmp_path / "A", tmp_path / "B"
+    calls = [
+        (str(a), str(b)),  # two folders
+        (str(a), str(b), "-r"),  # the same relative path below two folders
+        (str(a / "x.png"), str(b / "x.png"), "-o", str(tmp_path / "out")),  # two files
+    ]
+    for args in calls:
+        res = cli(*args, "--eval-masks", str(tmp_path / "gt"), "--json")
+        assert res.exit_code == 2 and res.stdout == "", res.output
+        assert _words(res.stderr) == (f"error: {a / 'x.png'} and {b / 'x.png'} would both be scored against the mask {gt} "
+                                      "(masks are paired by file name); score them in separate runs, one --eval-masks "
+                                      "folder each, or rename one"), res.stderr
+    assert not (tmp_path / "out").exists()
+    res = cli(str(a / "x.png"), str(a / "x.png"), "--eval-masks", str(tmp_path / "gt"))
+    assert res.exit_code == 2 and "given twice" in res.stderr, res.output
+    # one folder at a time: each photo is scored against the mask drawn for it
+    res = cli(str(a), "--eval-masks", str(tmp_path / "gt"), "--json", "-q")
+    assert res.exit_code == 0 and _records(res)[0]["scores"]["auc"] > 0.85, res.output
+
+
+def test_cli_masks_folder_inside_a_recursive_input_holds_masks_not_photos(cli, tmp_path):
+    """kpac blurmap cuhk/ -r --eval-masks cuhk/gt/: the masks under gt/ are no photos to map
+    (each would hide its own name from the photo it belongs to)."""
+    root = tmp_path / "cuhk"
+    root.mkdir()
+    imgs, masks = _banded_set(root)  # cuhk/img/scene.png, cuhk/gt/scene.png
+    res = cli(str(root), "-r", "--eval-masks", str(masks), "-o", str(tmp_path / "o"), "--json", "-q")
+    assert res.exit_code == 0, res.output
+    (rec,) = [r for r in _records(res) if "input" in r]
+    assert rec["input"] == str(imgs / "scene.png") and rec["mask"] == str(masks / "scene.png")
+    assert rec["scores"]["auc"] > 0.85
+    assert [p.relative_to(tmp_path / "o").as_posix() for p in (tmp_path / "o").rglob("*.png")] == ["img/scene_blurmap.png"]
+    # an input folder inside the masks folder holds photos
+    img, radius = banded_photo(96, 160, seed=4)
+    (masks / "more").mkdir()
+    _save_rgb(masks / "more" / "other.png", img)
+    _mask_png(masks / "other.png", radius)
+    res = cli(str(masks / "more"), "--eval-masks", str(masks), "--json", "-q")
+    assert res.exit_code == 0, res.output
+    (rec,) = [r for r in _records(res) if "input" in r]
+    assert rec["mask"] == str(masks / "other.png") and rec["scores"]["auc"] > 0.85
+
+
 def test_every_written_file_says_what_it_is(tmp_path):
     from kpac_cli.blurmap import blurmap_kind
     from kpac_cli.blurmap.render import encode_map, encode_mask, encode_rgb
@@ -1057,6 +1136,58 @@ def test_contact_sheet_of_a_strip_photo_shows_it():
     dark = (sheet < 0.1).all(axis=2)  # the photo and the low end of the colour map; labels are thin
     rows = np.flatnonzero(dark[:, 4:244].all(axis=1))  # the photo cell, 240 px wide
     assert rows.size == cfg.blocks, rows
+
+
+def test_cli_progress_shows_names_with_brackets(cli, tmp_path, monkeypatch):
+    """The bar's text is not markup: a name is shown as it is, with no escaping backslash."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    import kpac_cli.cli.blurmap as command
+    import kpac_cli.cli.common as common
+
+    imgs, _ = _banded_set(tmp_path)
+    (imgs / "scene.png").rename(imgs / "scene [draft].png")
+    monkeypatch.setattr(command, "show_progress", lambda quiet: True)
+    monkeypatch.setattr(common, "err_console", Console(file=io.StringIO(), force_terminal=True, width=120, color_system=None))
+    shown: list[str] = []
+    add_task = Progress.add_task
+
+    def add_and_render(self, description, *args, **kwargs):  # what the bar's line reads for the task
+        task = add_task(self, description, *args, **kwargs)
+        shown.append(self.columns[0].render(next(t for t in self.tasks if t.id == task)).plain)
+        return task
+
+    monkeypatch.setattr(Progress, "add_task", add_and_render)
+    res = cli(str(imgs), "-o", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    assert "  scene [draft]" in shown, shown
+
+
+def test_contact_sheet_of_a_large_photo_holds_one_full_size_map_at_a_time():
+    """The sheet shows thumbnails: its memory grows with one full-size map, not with a
+    block's five (a 24-megapixel photo took over a gigabyte more)."""
+    import tracemalloc
+
+    from kpac_cli.blurmap import contact_sheet
+
+    h, w = 1000, 1200
+    cfg = KPACConfig(levels=2, channels=16)
+    rng = np.random.default_rng(0)
+    low = [rng.random((len(cfg.dilations), -(-h // cfg.stride), -(-w // cfg.stride)), dtype=np.float32) for _ in range(cfg.blocks)]
+    maps = maps_from_attention(low, (h, w), cfg)
+    photo = rng.random((h, w, 3), dtype=np.float32)
+    tracemalloc.start()
+    try:
+        contact_sheet(photo, maps)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the photo's padded copy (12 bytes a pixel), one map and its resampling temporaries, the
+    # float64 blur-size estimate: about 38; a whole block of maps at once made it 89
+    assert peak < 56 * h * w, peak / (h * w)
 
 
 def test_cli_score_table_shows_names_with_brackets(cli, tmp_path):

@@ -145,8 +145,8 @@ def contact_sheet(photo: np.ndarray, maps: AttentionMaps, cell: int = 256, defoc
     dmin, dmax = min(maps.dilations), max(maps.dilations)
     rows: list[list[tuple[str, np.ndarray]]] = []
     for b in range(1, maps.blocks + 1):
-        low = maps.block(b)
-        cells = [("photo", thumb)] + [(f"block {b}  d={d}", apply_colormap(_thumbnail(low[i], cell))) for i, d in enumerate(maps.dilations)]
+        # one full-size map at a time: a block's maps together take gigabytes for a large photo
+        cells = [("photo", thumb)] + [(f"block {b}  d={d}", apply_colormap(_thumbnail(maps.map(b, d), cell))) for d in maps.dilations]
         if defocus:
             cells.append((f"block {b}  size", apply_colormap(_thumbnail(maps.defocus(b), cell), dmin, dmax)))
         rows.append(cells)

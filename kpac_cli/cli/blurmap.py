@@ -47,7 +47,7 @@ Each KPAC block weighs its atrous branches (dilations 1..5) per pixel; the first
 
 --format tiff writes the maps as float32 TIFF instead (the defocus map then in dilation units) and the mask as 8-bit TIFF. Every file written here says what it is in its metadata: a later run never takes it for a photo found in a folder, nor for a ground-truth mask.
 
---eval-masks DIR scores the detection map against ground-truth masks with the same file stem, or the stem and _gt or _mask (CUHK convention: white = blurred), and prints them beside the paper's CUHK figures. With --recursive a photo in a sub-folder (a/x.jpg) takes its mask from the same sub-folder of DIR (DIR/a/x.png), else from the top of DIR unless another photo of the run claims that mask too (it is then ambiguous and the photo fails).
+--eval-masks DIR scores the detection map against ground-truth masks with the same file stem, or the stem and _gt or _mask (CUHK convention: white = blurred), and prints them beside the paper's CUHK figures. With --recursive the files of a DIR inside an input folder are masks, not photos, and a photo in a sub-folder (a/x.jpg) takes its mask from the same sub-folder of DIR (DIR/a/x.png), else from the top of DIR unless another photo of the run claims that mask too (it is then ambiguous and the photo fails). Photos of one name from two input folders (A/x.jpg, B/x.jpg) would share one mask: that is refused; score each folder in its own run.
 
 Examples:
 
@@ -126,14 +126,29 @@ def _no_mask_message(it: _Item, folders: list[Path], predicted: list[Path]) -> s
     return msg
 
 
+class MaskClaimedTwice(ValueError):
+    """Two photos of one name (from two input folders, or one file named twice) would be
+    scored against one mask: a usage error, as masks are paired by name alone."""
+
+
+def _same_mask_message(owners: list[_Item], mask: Path) -> str:
+    first, second = owners[0].label, owners[1].label
+    if os.path.realpath(first) == os.path.realpath(second):
+        return f"{second} is given twice (as {first} too); name each input once"
+    return (f"{first} and {second} would both be scored against the mask {mask} (masks are paired by file name); "
+            "score them in separate runs, one --eval-masks folder each, or rename one")
+
+
 def _pair_masks(items: list[_Item], folder: Path, named: set[Path]) -> list[_Item]:
     """Give every item its ground-truth mask; return the items that are not themselves masks.
 
     A photo in a sub-folder looks in the same sub-folder of ``folder`` first, then at its
     top; a top-level mask that another photo claims too is ambiguous, and a photo that found
-    it only there gets none. When the masks lie among the inputs (``--eval-masks`` naming an input
-    folder), a file found in a folder listing that is another input's mask is ground truth,
-    not a photo to map; files named on the command line stay inputs.
+    it only there gets none. Two photos that find one mask in their own place (same-named
+    photos of two input folders) raise :class:`MaskClaimedTwice`: nothing tells which of
+    them the mask was drawn for. When the masks lie among the inputs (``--eval-masks`` naming
+    an input folder), a file found in a folder listing that is another input's mask is ground
+    truth, not a photo to map; files named on the command line stay inputs.
     """
     masks = _MaskFolder(folder)
     sources = {Path(it.label).resolve() for it in items}  # (a dual-pixel item's label is its left view)
@@ -151,7 +166,10 @@ def _pair_masks(items: list[_Item], folder: Path, named: set[Path]) -> list[_Ite
             it.no_mask = _no_mask_message(it, looked, predicted)
         else:
             claims.setdefault(it.mask.resolve(), []).append((it, fallback))
-    for owners in claims.values():
+    for mask, owners in claims.items():
+        direct = [it for it, fallback in owners if not fallback]
+        if len(direct) > 1:
+            raise MaskClaimedTwice(_same_mask_message(direct, direct[0].mask or mask))
         if len(owners) < 2:
             continue
         for it, fallback in owners:
@@ -161,6 +179,25 @@ def _pair_masks(items: list[_Item], folder: Path, named: set[Path]) -> list[_Ite
                               f"(also the mask of {others}); put its mask at {folder / it.rel.parent / it.mask.name}")
                 it.mask = None
     return [it for it in items if Path(it.label).resolve() not in claims or Path(os.path.abspath(it.label)) in named]
+
+
+def _not_below_masks(items: list[_Item], folder: Path, inputs: list[str], named: set[Path]) -> list[_Item]:
+    """The items but the files that a recursive listing of an input folder found in the
+    ``--eval-masks`` folder below it (``kpac blurmap cuhk/ -r --eval-masks cuhk/gt/``): those
+    are the masks, not photos. Files of an input folder that is the masks folder or lies in it
+    stay (photos and masks side by side, which :func:`_pair_masks` tells apart), and so do
+    files named on the command line.
+    """
+    masks = folder.resolve()
+    inner = [d for d in (Path(i).resolve() for i in inputs if Path(i).is_dir()) if d.is_relative_to(masks)]
+
+    def listed_mask(it: _Item) -> bool:
+        if not isinstance(it.source, Path) or Path(os.path.abspath(it.source)) in named:
+            return False  # (a dual-pixel item's views come from --left/--right, not from a listing)
+        source = it.source.resolve()
+        return source.is_relative_to(masks) and not any(source.is_relative_to(d) for d in inner)
+
+    return [it for it in items if not listed_mask(it)]
 
 
 def blurmap(
@@ -203,6 +240,8 @@ def blurmap(
     dual = dual_pixel_mode(inputs, left, right, center, "no inputs given (image files or folders)")
     if "-" in inputs:
         raise usage_error("blurmap reads files, not stdin")
+    if dual and recursive:  # views pair by name within the folders given, not in sub-folders (as kpac deblur)
+        raise usage_error("--recursive applies to INPUTS folders; dual-pixel views are paired within the --left/--right folders")
     if overwrite and skip_existing:
         raise usage_error("--overwrite and --skip-existing contradict each other")
     fmt = {"tif": "tiff"}.get(fmt.lower(), fmt.lower())
@@ -254,9 +293,11 @@ def blurmap(
     named = {Path(os.path.abspath(i)) for i in inputs if not Path(i).is_dir()}
     if eval_masks is not None:
         try:
-            items = _pair_masks(items, eval_masks, named)
+            items = _pair_masks(_not_below_masks(items, eval_masks, inputs, named), eval_masks, named)
         except OSError as e:
             raise usage_error(f"--eval-masks {eval_masks}: cannot list it ({e.strerror or e})") from None
+        except MaskClaimedTwice as e:
+            raise usage_error(str(e)) from None
         if not items:
             raise usage_error("no images found in the inputs (only the ground-truth masks of --eval-masks)")
 
@@ -299,12 +340,9 @@ def blurmap(
             it.outputs["overlay"] = Path(f"{base}_overlay.png")
         if sheet:
             it.outputs["sheet"] = Path(f"{base}_sheet.png")
-    # A previous run's maps found in an input folder are not inputs (every map's name has a
-    # suffix), so a rerun never maps its own maps; files named on the command line always are.
-    written = {Path(os.path.abspath(p)) for it in items for p in it.outputs.values()}
-    items = [it for it in items if dual or (key := Path(os.path.abspath(it.source))) not in written or key in named]
-    if not items:
-        raise usage_error("no images found in the inputs (only outputs of this command)")
+    # A previous run's maps found in an input folder are no inputs: their metadata says what
+    # they are (collect_inputs leaves them out). A file that merely bears a map's name is a
+    # photo, and the check below keeps it from being written over.
     outputs = [(it.label, p) for it in items for p in it.outputs.values()]
     for writer, p, first in outputs_claimed_twice(outputs):
         raise usage_error(describe_clash(writer, first, p, {it.label: Path(it.source) for it in items if not dual}))
@@ -375,7 +413,6 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
     from ..blurmap import blur_mask, contact_sheet, encode_map, encode_mask, encode_rgb, mask_from_image, score_detection, write_file
     from ..blurmap import overlay as make_overlay
     from ..images import DualPixelTriple, ImageError, fill_transparent, read_dual_pixel, read_image, read_image_codes
-    from rich.markup import escape
 
     t0 = time.perf_counter()
     rec: dict[str, Any] = {
@@ -398,7 +435,8 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
     if not todo and not evaluate:
         rec["status"] = "skipped"
         return rec
-    task = progress.add_task(f"  {escape(it.name[:30])}", total=None) if progress is not None else None
+    # shown as it is (the bar's text column reads no markup): a name with "[...]" stays whole
+    task = progress.add_task(f"  {it.name[:30]}", total=None) if progress is not None else None
     try:
         if isinstance(it.source, DualPixelTriple):
             image, center, info = read_dual_pixel(it.source, max_pixels=max_pixels)
