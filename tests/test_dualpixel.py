@@ -187,6 +187,25 @@ def test_a_grey_and_colour_pair_fails_alone_on_the_command_line(tmp_path):
     assert not (tmp_path / "out" / "b.png").exists()
 
 
+def test_maps_written_beside_the_views_are_no_views_on_a_rerun(tmp_path):
+    """``kpac blurmap --left L --right R -o L`` (or ``deblur --save-blurmap`` into a view folder)
+    twice: the second run pairs the views, not the maps the first wrote among them."""
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "dual.safetensors", build_model(KPACConfig(levels=2, channels=8, in_views=2)), {"name": "tiny-dual"})
+    for side, seed in (("L", 0), ("R", 1)):
+        _png(tmp_path / side / "a.png", seed)
+    args = ["blurmap", "--left", str(tmp_path / "L"), "--right", str(tmp_path / "R"), "-o", str(tmp_path / "L"), "--model", str(model), "-q"]
+    for run in ("first", "second"):
+        res = CliRunner().invoke(app, args + (["--overwrite"] if run == "second" else []), catch_exceptions=False)
+        assert res.exit_code == 0, (run, res.output)
+    assert sorted(p.name for p in (tmp_path / "L").iterdir()) == ["a.png", "a_blurmap.png"]
+    assert [t.name for t in pair_dual_pixel(tmp_path / "L", tmp_path / "R")] == ["a"]
+
+
 # ------------------------------------------------------------------------------------------
 # views stored with an EXIF orientation: deblurred in the sensor's frame
 

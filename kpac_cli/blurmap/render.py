@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..images import ImageInfo, luma, write_image, write_output
+from ..images.metadata import BLURMAP_KINDS, BLURMAP_MARK_KEY, blurmap_kind
 from .maps import BLUR_POLARITY, AttentionMaps, maps_from_attention
 
 #: Stops of the colour map (position, sRGB 0-255): an approximation of "inferno".
@@ -48,12 +49,9 @@ COLORMAP_STOPS: tuple[tuple[float, tuple[int, int, int]], ...] = (
 MAP_FORMATS = ("png", "tiff")
 _EXT = {"png": ".png", "tiff": ".tif"}
 
-#: The PNG text keyword (and TIFF ImageDescription prefix) that marks a file kpac's blur-map
-#: writers made, with its kind as the value.
-MARK_KEY = "kpac-blurmap"
-#: What a marked file holds: the detection map, a raw attention map (``--all``), the
-#: blur-size estimate, a predicted mask, an overlay, a contact sheet.
-KINDS = ("blurmap", "attention", "defocus", "mask", "overlay", "sheet")
+# The mark (a PNG text chunk or TIFF ImageDescription) and its reader live with the image
+# metadata, since listings and dual-pixel pairing leave marked files out too.
+MARK_KEY, KINDS = BLURMAP_MARK_KEY, BLURMAP_KINDS
 _SOFTWARE = "kpac"
 
 __all__ = [
@@ -229,29 +227,6 @@ def encode_rgb(image: np.ndarray, icc: bytes | None = None, kind: str = "overlay
     _check_kind(kind)
     info = _info(image.shape[:2], 3, 8, kind, _rgb_profile(icc), alpha)
     return write_image(None, image, info, format="png", bit_depth=8)
-
-
-def blurmap_kind(path: str | Path) -> str | None:
-    """What a file written by kpac's blur-map writers holds (one of :data:`KINDS`), read from
-    its metadata; None for any other file (a photo, a ground-truth mask, an unreadable file)."""
-    ext = Path(path).suffix.lower()
-    try:
-        if ext == ".png":
-            from PIL import Image
-
-            with Image.open(path) as im:  # text chunks before the image data: read on open
-                value = im.info.get(MARK_KEY)
-        elif ext in (".tif", ".tiff"):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                described = tif.pages.first.description or ""
-            value = described[len(MARK_KEY) + 2 :] if described.startswith(f"{MARK_KEY}: ") else None
-        else:
-            return None
-    except Exception:  # noqa: BLE001 - any unreadable file is simply not one of ours
-        return None
-    return value if value in KINDS else None
 
 
 def write_file(path: str | Path, data: bytes, overwrite: bool = False) -> Path:

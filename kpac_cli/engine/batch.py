@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..blurmap.render import blurmap_kind
+from ..images.metadata import blurmap_kind
 from ..images import (
     DEFAULT_MAX_PIXELS,
     DualPixelTriple,

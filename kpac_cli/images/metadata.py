@@ -1,4 +1,5 @@
-"""XMP packets and print resolution: the metadata copied from input to output as it is.
+"""XMP packets and print resolution: the metadata copied from input to output as it is; and
+the mark kpac's blur-map writers leave in what they write (:func:`blurmap_kind`).
 
 (EXIF, which is edited in place, has its own module :mod:`.exif`; ICC profiles are opaque bytes.)
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 #: XMP packets longer than this (bytes, after decompression) are ignored on read. Real
 #: packets are kilobytes to a few megabytes (edit histories); this stops zlib bombs and
@@ -108,3 +110,36 @@ def dpi_from_tiff_tags(x: object, y: object, unit: object) -> tuple[float, float
     if unit == 3:
         return normalize_dpi(x, y, 2.54)
     return None
+
+
+#: The PNG text keyword (and TIFF ImageDescription prefix) that marks a file kpac's blur-map
+#: writers made (:mod:`kpac_cli.blurmap.render`), with its kind as the value.
+BLURMAP_MARK_KEY = "kpac-blurmap"
+#: What a marked file holds: the detection map, a raw attention map (``--all``), the
+#: blur-size estimate, a predicted mask, an overlay, a contact sheet.
+BLURMAP_KINDS = ("blurmap", "attention", "defocus", "mask", "overlay", "sheet")
+
+
+def blurmap_kind(path: str | Path) -> str | None:
+    """What a file written by kpac's blur-map writers holds (one of :data:`BLURMAP_KINDS`), read
+    from its metadata; None for any other file (a photo, a ground-truth mask, an unreadable
+    file). Only PNG and TIFF files are opened (their header), others are judged by name."""
+    ext = Path(path).suffix.lower()
+    try:
+        if ext == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:  # text chunks before the image data: read on open
+                value = im.info.get(BLURMAP_MARK_KEY)
+        elif ext in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                described = tif.pages.first.description or ""
+            prefix = f"{BLURMAP_MARK_KEY}: "
+            value = described[len(prefix) :] if described.startswith(prefix) else None
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not one of ours
+        return None
+    return value if value in BLURMAP_KINDS else None

@@ -20,6 +20,7 @@ import numpy as np
 
 from .base import DEFAULT_MAX_PIXELS, ImageError, ImageInfo
 from .io import _probe_depth, list_images, read_image
+from .metadata import blurmap_kind
 from .raw import RawOptions
 
 _VIEW_SUFFIX = re.compile(r"[_-](l|r|c|left|right|center|centre)$", re.IGNORECASE)
@@ -71,6 +72,7 @@ def _index(folder: Path, view: str | None = None) -> dict[str, Path]:
         files = list_images(folder)
     except OSError as exc:
         raise ImageError(folder, f"cannot list folder ({exc.strerror or exc})") from None
+    files = [p for p in files if blurmap_kind(p) is None]  # maps a run wrote beside the views are no views
     if view is not None:
         files = [p for p in files if _view(p) == view]
         if not files:
