@@ -167,3 +167,55 @@ def test_onnxruntime_backend_without_onnx_is_left_out_or_refused(monkeypatch):
     res = CliRunner().invoke(app, ["bench", *QUICK, "--backends", "fast,onnxruntime", "-q"])
     assert res.exit_code == 2, res.output
     assert res.output.strip() == "error: --backends onnxruntime: onnx is not installed (pip install 'kpac[onnx]')"
+
+
+def _stub_measurements(monkeypatch, efficiencies: dict[str, float]) -> None:
+    """run_benchmark with made-up efficiencies per backend and no real timing."""
+    def efficiency(model, height, width, backends, device, rounds, warmup, *a, **k):
+        return {b: core.EfficiencyReport(efficiencies[b], 1.0, 1.0, 2.0, "torch_nchw", {"torch_nchw": 2.0}, 10, rounds,
+                                         [efficiencies[b]] * rounds) for b in backends}
+
+    monkeypatch.setattr(core, "measure_efficiency", efficiency)
+    monkeypatch.setattr(core, "config_throughput", lambda *a, **k: [])
+    monkeypatch.setattr(core, "tile_sweep", lambda *a, **k: [{"tile": "whole", "effective_tile": None, "seconds": 1.0,
+                                                              "megapixels_per_s": 1.0}])
+
+
+def test_headline_efficiency_is_the_path_kpac_deblur_runs_not_the_fastest_backend(monkeypatch):
+    # kpac deblur never runs onnxruntime: its efficiency is a comparison, not the headline
+    _stub_measurements(monkeypatch, {"fast": 0.8, "channels_last": 0.6, "onnxruntime": 0.9})
+    report = core.run_benchmark(32, 32, "cpu", 1, 0, [None], None, ["channels_last", "onnxruntime", "fast"])
+    assert report["efficiency"] == 0.8 and report["efficiency_backend"] == "fast"
+    assert report["engine_backend"] == "fast" and report["engine_backend_measured"] is True
+    assert report["backends"]["onnxruntime"]["efficiency"] == 0.9  # still listed, for comparison
+
+
+def test_headline_without_the_engine_path_says_it_was_not_measured(monkeypatch):
+    _stub_measurements(monkeypatch, {"eager": 0.4, "channels_last": 0.9})
+    report = core.run_benchmark(32, 32, "cpu", 1, 0, [None], None, ["eager", "channels_last"])
+    assert report["efficiency"] == 0.4 and report["efficiency_backend"] == "eager"  # the first given
+    assert report["engine_backend"] == "fast" and report["engine_backend_measured"] is False
+    res = CliRunner().invoke(app, ["bench", *QUICK, "--backends", "eager,channels_last", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "efficiency 0.40 (eager; kpac deblur runs fast on cpu, not measured: add it to --backends)" in res.stdout
+
+
+def test_printed_headline_names_kpac_deblurs_path(monkeypatch):
+    _stub_measurements(monkeypatch, {"fast": 0.8, "channels_last": 0.95})
+    res = CliRunner().invoke(app, ["bench", *QUICK, "--backends", "channels_last,fast", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "efficiency 0.80 (fast: what kpac deblur runs on cpu)" in res.stdout
+    res = CliRunner().invoke(app, ["bench", *QUICK, "--backends", "channels_last,fast", "--json", "-q"])
+    assert json.loads(res.stdout)["efficiency"] == 0.8
+
+
+@pytest.mark.parametrize("device,engine", [("cpu", "fast"), ("cuda", "channels_last"), ("mps", "channels_last")])
+def test_engine_backend_is_what_the_deblurrer_runs(device, engine):
+    from kpac_cli.engine.deblurrer import FastKPACNet
+
+    assert core.engine_backend(device) == engine
+    if device == "cpu":  # the engine's CPU network is the fused path the "fast" backend times
+        from kpac_cli.engine import Deblurrer, EngineOptions
+
+        d = Deblurrer(core.random_model(KPACConfig(levels=2, channels=8)), EngineOptions(device="cpu"))
+        assert isinstance(d.network, FastKPACNet)

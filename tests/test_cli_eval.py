@@ -516,6 +516,8 @@ def test_no_lpips_is_not_computed_everywhere(folders, tmp_path):
     assert res.exit_code == 0, res.output
     (all_row,) = [ln for ln in res.stdout.splitlines() if ln.strip("│ ").startswith("all ")]
     assert all_row.rstrip(" │").endswith("not computed") and "unavailable" not in res.stdout
+    (a_row,) = [ln for ln in res.stdout.splitlines() if ln.strip("│ ").startswith("a ")]  # per image, as in the Markdown
+    assert a_row.rstrip(" │").endswith("not computed")
     md = (tmp_path / "r.md").read_text()
     assert "LPIPS: not computed" in md and "unavailable" not in md
 
@@ -531,6 +533,55 @@ def test_markdown_report_shows_the_paper_rows_where_the_terminal_does(folders, d
     res = invoke("--data", dpdd, "--allow-subset", "--method", "identity", "--report", tmp_path / "d.md")
     assert res.exit_code == 0, res.output
     assert "Table 4" in res.stdout and "Table 4" in (tmp_path / "d.md").read_text()
+
+
+def test_paper_rows_come_with_their_note_in_every_report_that_shows_them(folders, dpdd, tmp_path):
+    reports = [tmp_path / "f.json", tmp_path / "f.md"]
+    res = invoke("--source", folders / "src", "--target", folders / "gt", "--method", "identity",
+                 *[a for r in reports for a in ("--report", r)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(reports[0].read_text())["paper"] is None  # not DPDD: no paper rows, as on the terminal
+    reports = [tmp_path / "d.json", tmp_path / "d.md"]
+    res = invoke("--data", dpdd, "--allow-subset", "--method", "identity", *[a for r in reports for a in ("--report", r)])
+    assert res.exit_code == 0, res.output
+    note = "ours are on 3 images, so they do not compare"
+    paper = json.loads(reports[0].read_text())["paper"]
+    assert paper["rows"] and note in paper["note"]
+    assert note in reports[1].read_text()
+    assert note in " ".join(res.stdout.split())  # the terminal's footer, however wrapped
+
+
+def test_a_mean_over_no_image_is_na_in_every_report(folders, tmp_path):
+    """Every pair failed: the terminal says n/a, and so do the files (null in JSON), never nan."""
+    (tmp_path / "short").mkdir()
+    for n in ("a", "b", "c"):
+        _write(tmp_path / "short" / f"{n}.png", np.zeros((H // 2, W, 3)))
+    reports = [tmp_path / "r.md", tmp_path / "r.json", tmp_path / "r.csv"]
+    args = ("--pred", tmp_path / "short", "--target", folders / "gt", "--no-lpips")
+    res = invoke(*args, *[a for r in reports for a in ("--report", r)])
+    assert res.exit_code == 1, res.output
+    (all_row,) = [ln for ln in res.stdout.splitlines() if ln.strip("│ ").startswith("all ")]
+    assert all_row.split("│")[3:6] == [" n/a ".rjust(len(c)) for c in all_row.split("│")[3:6]]
+    md = reports[0].read_text()
+    assert "| ours (all images) | measured | 0 | n/a | n/a | n/a | not computed |" in md and "nan" not in md
+    overall = json.loads(reports[1].read_text())["summary"]["overall"]
+    assert [overall[k] for k in ("psnr", "ssim", "mae")] == [None, None, None]
+    assert "nan" not in reports[2].read_text()
+    summary = records(invoke(*args, "--json"))[-1]
+    assert summary["count"] == 0 and [summary[k] for k in ("psnr", "ssim", "mae")] == [None, None, None]
+
+
+def test_a_per_image_table_left_out_for_length_is_said(folders, monkeypatch):
+    import kpac_cli.cli.eval as eval_cli
+
+    args = ("--pred", folders / "pred", "--target", folders / "gt", "--no-lpips")
+    res = invoke(*args)
+    assert "per image" in res.stdout and "not listed here" not in res.stdout
+    monkeypatch.setattr(eval_cli, "PER_IMAGE_TABLE_MAX", 2)  # three images: one too many to list
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    assert "per image" not in res.stdout and "summary" in res.stdout
+    assert "per-image scores of the 3 images are not listed here (more than 2): --report FILE.csv or --json gives every one" in res.stdout
 
 
 def test_speed_times_every_pass_of_the_ensemble(tiny_models):

@@ -626,6 +626,39 @@ def test_markdown_paper_rows_are_optional_and_lpips_off_is_not_computed(folder_r
     assert failed.lpips_status == "unavailable: LPIPS weights not available"
 
 
+def test_missing_values_are_said_one_way_in_every_format(tmp_path):
+    """A mean over no image (every one failed) and a metric without a value: n/a in Markdown as on
+    the terminal, null in JSON, an empty CSV field; never nan."""
+    from kpac_cli.metrics.report import LPIPS_NOT_REQUESTED, ImageResult
+
+    failed = M.Report(lpips_unavailable=LPIPS_NOT_REQUESTED, failures=[("a", "a.png: cannot decode PNG")])
+    md = failed.markdown(paper=False)
+    (ours,) = [ln for ln in md.splitlines() if ln.startswith("| ours (all images)")]
+    assert ours == "| ours (all images) | measured | 0 | n/a | n/a | n/a | not computed |"
+    failed.to_json(tmp_path / "f.json", paper=False)
+    overall = json.loads((tmp_path / "f.json").read_text())["summary"]["overall"]
+    assert overall == {"count": 0, "psnr": None, "ssim": None, "mae": None, "lpips": None}
+
+    no_ssim = M.Report(rows=[ImageResult("b", 30.0, math.nan, 0.1)], lpips_unavailable=LPIPS_NOT_REQUESTED)
+    assert "nan" not in no_ssim.markdown().lower()
+    assert "| b |  | 30.00 | n/a | 0.1000 | not computed |" in no_ssim.markdown()
+    assert no_ssim.csv_text().splitlines()[1] == "b,,30.0,,0.1,,"
+    d = no_ssim.to_dict()
+    assert d["images"][0]["ssim"] is None and d["summary"]["overall"]["ssim"] is None
+    json.dumps(d, allow_nan=False)
+
+
+def test_every_format_with_the_paper_rows_says_what_they_compare_with(folder_report, tmp_path):
+    report, _ = folder_report  # 5 images: not the 76 of the paper's test set
+    note = "ours are on 5 images, so they do not compare"
+    assert note in report.markdown()
+    d = report.to_dict()
+    assert d["paper"]["rows"] and note in d["paper"]["note"] and "76 images" in d["paper"]["note"]
+    assert report.to_dict(paper=False)["paper"] is None  # left out, as in the Markdown
+    full = M.Report(rows=[report.rows[0]] * 76)
+    assert "76 images" in full.markdown() and "do not compare" not in full.markdown()
+
+
 def test_paper_constants():
     rows = {r.method: r for r in M.PAPER_TABLE4_DPDD}
     assert rows["DPDNet (single)"] == ("DPDNet (single)", 24.39, 0.749, 0.041, 0.277)

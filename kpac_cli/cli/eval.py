@@ -89,11 +89,13 @@ def _size_option(value: str) -> tuple[int, int]:
 
 
 def _num(v: float | None) -> float | str | None:
-    """JSON-safe number (inf/nan as strings, like the report files)."""
+    """JSON-safe number, as in the report files: infinities as strings, NaN (no value) as None."""
     if v is None:
         return None
     v = float(v)
-    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+    if math.isnan(v):
+        return None
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
 
 
 def _si(n: float) -> str:
@@ -293,7 +295,7 @@ def _write_reports(paths: list[Path], report, run: dict[str, Any], speed: Any, s
     for path in paths:
         kind = REPORT_FORMATS[path.suffix.lower()]
         if kind == "json":
-            d = report.to_dict()
+            d = report.to_dict(paper=show_paper)
             d["run"] = run
             if speed is not None:
                 d["speed"] = speed.to_dict()
@@ -320,7 +322,7 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
     from rich.text import Text
 
     from ..metrics import PAPER_TABLE4_DPDD, PAPER_TABLE4_LABEL
-    from ..metrics.report import LPIPS_NOT_REQUESTED
+    from ..metrics.report import LPIPS_NOT_REQUESTED, PAPER_IMAGES, paper_note
 
     console = Console(highlight=False)
     lp_missing = report.lpips_unavailable
@@ -331,7 +333,7 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
             t.add_column(col, justify=j)
         for r in report.rows:
             t.add_row(Text(r.name), Text(r.split or ""), _fmt(r.psnr, 2), _fmt(r.ssim, 4), _fmt(r.mae, 4),
-                      _fmt(r.lpips, 4) if r.lpips is not None else "n/a")
+                      _fmt(r.lpips, 4) if r.lpips is not None else lp_short)  # as the summary and the Markdown say it
         console.print(t)
     if report.rows or report.failures:
         summ = report.summary()
@@ -350,7 +352,7 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
         if show_paper:
             t.add_section()
             for p in PAPER_TABLE4_DPDD:
-                t.add_row(f"[dim]{p.method}[/]", "[dim]76[/]", f"[dim]{p.psnr:.2f}[/]", f"[dim]{p.ssim:.3f}[/]",
+                t.add_row(f"[dim]{p.method}[/]", f"[dim]{PAPER_IMAGES}[/]", f"[dim]{p.psnr:.2f}[/]", f"[dim]{p.ssim:.3f}[/]",
                           f"[dim]{p.mae:.3f}[/]", f"[dim]{p.lpips:.3f}[/]")
         console.print(t)
         c = report.conventions
@@ -367,13 +369,16 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
         else:
             footer += f"; LPIPS: {report.lpips_status}" if lp_missing else f"; LPIPS: {c.get('LPIPS', '')}"
         if show_paper:
-            footer += f". Rows below the line: {PAPER_TABLE4_LABEL}, comparable only on all 76 test images."
+            footer += f". Rows below the line: {PAPER_TABLE4_LABEL}. {paper_note(len(report.rows))}"
         console.print(footer, style="dim", soft_wrap=True, markup=False)
         if report.failures:
             names = escape(", ".join(n for n, _ in report.failures[:10])) + (" ..." if len(report.failures) > 10 else "")
             console.print(f"[red]{len(report.failures)} failed (not in any mean):[/] {names}", soft_wrap=True)
         for note in report.notes:
             console.print(f"note: {note}", soft_wrap=True, markup=False)
+        if report.rows and not per_image:  # left out for length: say so, and where to find them
+            console.print(f"per-image scores of the {len(report.rows)} images are not listed here (more than "
+                          f"{PER_IMAGE_TABLE_MAX}): --report FILE.csv or --json gives every one", soft_wrap=True, markup=False)
     if speed is not None:
         from ..metrics.speed import PAPER_SIZE, describe_method
 

@@ -10,15 +10,20 @@ number is ever substituted.
 File formats:
 
 * JSON: ``{"title", "conventions", "lpips_unavailable", "summary", "images", "failures",
-  "notes"}``; ``summary`` is ``{"overall": {...}, "splits": {label: {...}}}`` with
-  ``count, psnr, ssim, mae, lpips`` each; non-finite numbers (PSNR of identical images)
-  are written as the strings ``"inf"``/``"nan"`` and missing LPIPS as ``null``.
+  "notes", "paper"}``; ``summary`` is ``{"overall": {...}, "splits": {label: {...}}}`` with
+  ``count, psnr, ssim, mae, lpips`` each; an infinite PSNR (identical images) is written as
+  the string ``"inf"``, and a missing value (no LPIPS; a mean over no image, when every one
+  failed) as ``null``. ``paper`` holds the paper's Table 4 rows and the note on what they
+  compare with, or ``null`` with ``paper=False``.
 * CSV: header ``name,split,psnr,ssim,mae,lpips,error`` and one row per image (empty field for
-  no split / no LPIPS; ``inf`` parses with ``float()``), then one row per failed image with
-  only its name and ``error`` (empty for the scored images).
+  no split / no LPIPS / any missing value; ``inf`` parses with ``float()``), then one row per
+  failed image with only its name and ``error`` (empty for the scored images).
 * Markdown: summary table (with the paper's Table 4 rows beside ours unless
-  ``paper=False``: they compare only on the full DPDD test set), per-split and per-image
-  tables, and the conventions used.
+  ``paper=False``: they compare only on the full DPDD test set, which the note under the
+  table says), per-split and per-image tables, and the conventions used.
+
+Every format says a missing value one way: ``n/a`` in text, ``null`` in JSON, an empty CSV
+field; never ``nan``.
 """
 
 from __future__ import annotations
@@ -34,12 +39,24 @@ from typing import Any, Iterable
 from ..images import atomic_write_bytes
 from .paper import PAPER_TABLE4_DPDD, PAPER_TABLE4_LABEL
 
-__all__ = ["ImageResult", "Report", "METRIC_NAMES", "LPIPS_NOT_REQUESTED"]
+__all__ = ["ImageResult", "Report", "METRIC_NAMES", "LPIPS_NOT_REQUESTED", "PAPER_IMAGES", "paper_note"]
 
 METRIC_NAMES = ("psnr", "ssim", "mae", "lpips")
 _CSV_FIELDS = ("name", "split", "psnr", "ssim", "mae", "lpips", "error")
 #: ``Report.lpips_unavailable`` when LPIPS was switched off rather than impossible to compute.
 LPIPS_NOT_REQUESTED = "not requested"
+#: Images in the DPDD test set, on which the paper's Table 4 was computed.
+PAPER_IMAGES = 76
+
+
+def paper_note(count: int) -> str:
+    """What the paper's Table 4 rows compare with, for ``count`` images of ours (every report
+    that shows those rows carries it)."""
+    note = (f"The paper's rows are the published numbers on the full DPDD test set ({PAPER_IMAGES} images); ours are "
+            f"comparable only when computed on those same {PAPER_IMAGES} images with the same conventions")
+    if count != PAPER_IMAGES:
+        note += f"; ours are on {count} image{'s' if count != 1 else ''}, so they do not compare"
+    return note + "."
 
 
 @dataclass(frozen=True)
@@ -55,9 +72,17 @@ class ImageResult:
 
 
 def _json_num(v: float | None) -> float | str | None:
-    if v is None:
+    """A number for JSON: infinities as strings, NaN (no value) as null like other missing values."""
+    if v is None or math.isnan(v):
         return None
-    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+
+
+def _csv_num(v: float | None) -> str:
+    """A number for CSV: exact (repr), ``inf`` as float() reads it, empty when there is no value."""
+    if v is None or math.isnan(v):
+        return ""
+    return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf")
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -66,7 +91,7 @@ def _mean(values: Iterable[float]) -> float:
 
 
 def _fmt(v: float | None, digits: int) -> str:
-    if v is None:
+    if v is None or math.isnan(v):  # as the terminal's tables say it
         return "n/a"
     if not math.isfinite(v):
         return "inf" if v > 0 else str(v)
@@ -136,8 +161,11 @@ class Report:
 
     # ------------------------------------------------------------------ writers
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary (non-finite numbers as strings, see the module doc)."""
+    def to_dict(self, paper: bool = True) -> dict[str, Any]:
+        """JSON-ready dictionary (infinities as strings, missing values as None, see the module doc).
+
+        ``paper=False`` leaves out the paper's Table 4 rows (``"paper": None``), as :meth:`markdown`.
+        """
         summ = self.summary()
 
         def conv(d: dict[str, Any]) -> dict[str, Any]:
@@ -156,11 +184,12 @@ class Report:
             "paper": {
                 "source": PAPER_TABLE4_LABEL,
                 "rows": [row._asdict() for row in PAPER_TABLE4_DPDD],
-            },
+                "note": paper_note(len(self.rows)),
+            } if paper else None,
         }
 
-    def to_json(self, path: str | os.PathLike) -> None:
-        _write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+    def to_json(self, path: str | os.PathLike, paper: bool = True) -> None:
+        _write_text(path, json.dumps(self.to_dict(paper), indent=2, allow_nan=False) + "\n")
 
     def csv_text(self) -> str:
         buf = io.StringIO()
@@ -171,10 +200,10 @@ class Report:
                 [
                     r.name,
                     r.split or "",
-                    repr(r.psnr) if math.isfinite(r.psnr) else ("inf" if r.psnr > 0 else "nan"),
-                    repr(r.ssim),
-                    repr(r.mae),
-                    "" if r.lpips is None else repr(r.lpips),
+                    _csv_num(r.psnr),
+                    _csv_num(r.ssim),
+                    _csv_num(r.mae),
+                    _csv_num(r.lpips),
                     "",
                 ]
             )
@@ -213,17 +242,13 @@ class Report:
             lines.append(our_row(f"ours ({lab})", m))
         for p in PAPER_TABLE4_DPDD if paper else ():
             lines.append(
-                f"| {p.method} | {PAPER_TABLE4_LABEL} | 76 | {p.psnr:.2f} | {p.ssim:.3f} | {p.mae:.3f} | {p.lpips:.3f} |"
+                f"| {p.method} | {PAPER_TABLE4_LABEL} | {PAPER_IMAGES} | {p.psnr:.2f} | {p.ssim:.3f} | {p.mae:.3f} | {p.lpips:.3f} |"
             )
         lines.append("")
         if lp_note:
             lines += [f"LPIPS: {_md_escape(lp_note)}", ""]
         if paper:
-            lines += [
-                "The paper's rows are the published numbers on the full DPDD test set; ours are comparable",
-                "only when computed on those same 76 images with the same conventions (listed below).",
-                "",
-            ]
+            lines += [_md_escape(paper_note(len(self.rows))) + " The conventions are listed below.", ""]
 
         lines += ["## Conventions", ""]
         for k, v in self.conventions.items():
