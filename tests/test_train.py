@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -1277,7 +1278,7 @@ def test_paired_resume_refuses_a_pair_that_changed(tmp_path, dpdd):
     shutil.copytree(dpdd, copy)
     with open(copy / "train_c/target" / target.name, "ab") as f:
         f.write(b"\0")  # trailing bytes: the same image, another file
-    with pytest.raises(D.DataError, match=r"1 changed in size \(IMG0001.png\)"):
+    with pytest.raises(D.DataError, match=r"1 changed \(IMG0001.png\)"):
         train(tiny_cfg(tmp_path / "run", copy, iterations=2, val_count=0, resume=True))
     assert train(tiny_cfg(tmp_path / "run", dpdd, iterations=2, val_count=0, resume=True)).step == 2
 
@@ -1303,6 +1304,7 @@ def test_a_committed_training_state_resumes_with_its_held_out_split(tmp_path, sh
     assert resumed["step"] == step + 1
     assert "from 70 sharp images" in resumed["provenance"]["trained_on"] and "7 held-out" in resumed["provenance"]["trained_on"]
     assert len(resumed["data_record"]["names"]) == 77 and resumed["data_record"]["legacy_holdout"] is True
+    assert len(resumed["data_record"]["digests"]) == 77 and None not in resumed["data_record"]["digests"]
 
 
 def test_cli_a_resume_of_nothing_says_so(tmp_path, cli):
@@ -1335,3 +1337,160 @@ def test_cli_a_run_that_never_starts_leaves_no_run_folder(tmp_path, cli):
     (kept / "old").mkdir(parents=True)
     r = CliRunner().invoke(cli, [*args, "--run-dir", str(kept / "old")])
     assert r.exit_code == 2 and (kept / "old").is_dir()  # it was there before
+
+
+# --------------------------------------------------------------------------------------
+# Edited photos and runs that are already complete
+# --------------------------------------------------------------------------------------
+
+
+def _stored_png(path: Path, img: np.ndarray) -> None:
+    """An uncompressed PNG: its size depends on the image's dimensions only, not on its content."""
+    from PIL import Image
+
+    Image.fromarray(img).save(path, compress_level=0)
+
+
+def _synth_cfg(out: Path, photos: Path, **kw) -> TrainConfig:
+    base = dict(out=out, synthetic=(photos,), model=TINY, iterations=2, batch=1, crop="32", max_radius=2, val_crop=32,
+                val_count=1, val_every=1000, workers=0, tensorboard=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_resume_refuses_a_photo_edited_to_the_same_size(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        _stored_png(photos / f"p{i}.png", (rng.random((40, 40, 3)) * 255).astype(np.uint8))
+    run = tmp_path / "run"
+    train(_synth_cfg(run, photos, iterations=1))
+    before = (run / "last.pt").read_bytes()
+    size = (photos / "p1.png").stat().st_size
+    _stored_png(photos / "p1.png", np.full((40, 40, 3), 90, np.uint8))  # retouched: same size, other pixels
+    assert (photos / "p1.png").stat().st_size == size
+    with pytest.raises(D.DataError, match=r"3 sharp images then, 3 now: 1 changed \(p1\)"):
+        train(_synth_cfg(run, photos, resume=True))
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_a_checkpoint_recording_sizes_only_resumes_as_before(tmp_path):
+    """Checkpoints written before runs kept digests compare names and sizes, resume bit for bit
+    and record digests from then on."""
+    photos = _photos(tmp_path / "photos", 3)
+    straight = train(_synth_cfg(tmp_path / "a", photos, iterations=3))
+    run = tmp_path / "b"
+    train(_synth_cfg(run, photos, iterations=1))
+    head = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    del head["data_record"]["digests"]
+    S.atomic_save(head, run / "last.pt")
+    done = train(_synth_cfg(run, photos, iterations=3, resume=True))
+    assert done.losses == straight.losses[1:]
+    assert_same_tensors(weights(tmp_path / "a/last.pt"), weights(run / "last.pt"))
+    assert len(load_state(run / "last.pt")["data_record"]["digests"]) == 3
+
+
+def test_data_record_digests_every_file_of_a_pair(tmp_path, dpdd):
+    pairs = dpdd_split(dpdd, "train", allow_count_mismatch=True)[:2]
+    record = D.data_record(D._pairs_items(pairs), legacy_holdout=False)
+    own = hashlib.sha256(b"".join(hashlib.sha256(p.read_bytes()).hexdigest().encode() for p in (pairs[0].source, pairs[0].target)))
+    assert record["digests"][0] == own.hexdigest() and record["digests"][0] != record["digests"][1]
+    assert record["sizes"][0] == pairs[0].source.stat().st_size + pairs[0].target.stat().st_size
+    assert D.data_record([("scene", ["procedural:0"])], legacy_holdout=False)["digests"] == [None]
+
+
+def test_resuming_a_complete_run_says_so_and_writes_nothing(tmp_path, cli):
+    photos = _photos(tmp_path / "photos", 3)
+    run = tmp_path / "run"
+    train(_synth_cfg(run, photos))
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run)])
+    assert r.exit_code == 0 and len(r.stderr.splitlines()) == 1, r.output
+    assert "already complete at 2 iterations" in r.stderr and "--iterations M (more than 2)" in r.stderr
+    assert "done:" not in r.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run), "--iterations", "2", "--json", "--quiet"])
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    rec = json.loads(r.stdout)
+    assert rec["already_complete"] is True and rec["step"] == 2 and rec["model_path"] == str(run / "model.safetensors")
+    # a model exported there since, from other weights, stays as it is, and the message says so
+    other = train(_synth_cfg(tmp_path / "other", photos, iterations=1)).model_path
+    r = CliRunner().invoke(cli, ["train", "--export-only", "--resume", str(run), "--blend-with", str(other), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    blended = (run / "model.safetensors").read_bytes()
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run)])
+    assert r.exit_code == 0 and len(r.stderr.splitlines()) == 1, r.output
+    assert "holds other weights than its last.pt" in r.stderr and r.stderr.startswith("warning: ")
+    assert r.stderr.rstrip().endswith(f"to export last.pt there: kpac train --export-only --resume {run} --overwrite")
+    assert (run / "model.safetensors").read_bytes() == blended
+    # a run stopped between its last checkpoint and its export: the resume exports it
+    (run / "model.safetensors").unlink()
+    result = train(_synth_cfg(run, photos, resume=True))
+    assert not result.already_complete and result.model_path == run / "model.safetensors"
+    assert_same_tensors(load_checkpoint(result.model_path).state_dict, weights(run / "last.pt"))
+
+
+def test_a_complete_run_stopped_before_its_export_is_finished_by_a_resume(tmp_path, monkeypatch):
+    """The model its training exported at fewer iterations is stale, not the user's: the resume
+    validates and exports the last iterations."""
+    photos = _photos(tmp_path / "photos", 3)
+    run = tmp_path / "run"
+    train(_synth_cfg(run, photos))
+    stale = (run / "model.safetensors").read_bytes()
+
+    def crash(*_args, **_kw):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(L, "save_checkpoint", crash)
+        with pytest.raises(OSError):
+            train(_synth_cfg(run, photos, iterations=3, resume=True))
+    assert load_state(run / "last.pt")["step"] == 3 and (run / "model.safetensors").read_bytes() == stale
+    result = train(_synth_cfg(run, photos, iterations=3, resume=True))
+    assert not result.already_complete and load_checkpoint(run / "model.safetensors").provenance["iterations"] == 3
+
+
+def test_a_new_description_for_a_complete_run_says_where_it_goes(tmp_path, cli):
+    photos = _photos(tmp_path / "photos", 3)
+    run = tmp_path / "run"
+    train(_synth_cfg(run, photos))
+    model = (run / "model.safetensors").read_bytes()
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run), "--description", "sharper"])
+    assert r.exit_code == 0 and len(r.stderr.splitlines()) == 1, r.output
+    assert f"kpac train --export-only --resume {run} --overwrite --description TEXT" in r.stderr
+    assert (run / "model.safetensors").read_bytes() == model
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_data_problem_met_mid_run_is_one_line_and_keeps_the_iterations_done(tmp_path, workers):
+    """Photos read as training needs them (--cache no) may fail late: the error reads as it was
+    raised, also from a worker process, and last.pt keeps what was trained."""
+    rng = np.random.default_rng(0)
+    names = [f"p{i}" for i in range(4)]
+    broken = names[D._EpochOrder(4, 0)(2)]  # the photo the third sample reads
+    for folder in ("src", "tgt"):
+        (tmp_path / folder).mkdir()
+    for name in names:
+        img = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
+        write_png(tmp_path / "src" / f"{name}.png", img)
+        write_png(tmp_path / "tgt" / f"{name}.png", img[:36] if name == broken else img)
+    run = tmp_path / "run"
+    cfg = TrainConfig(out=run, source=tmp_path / "src", target=tmp_path / "tgt", model=TINY, iterations=6, batch=1,
+                      crop="32", val_count=0, cache="no", workers=workers, tensorboard=False)
+    with pytest.raises(D.DataError) as caught:
+        train(cfg)
+    message = str(caught.value)
+    assert message.startswith(f"pair {broken}: image sizes differ") and "\n" not in message and "Traceback" not in message
+    assert message.endswith(f"(training stopped at iteration 2; {run / 'last.pt'} holds iteration 2)")
+    assert load_state(run / "last.pt")["step"] == 2
+    # no worker is left behind: one that ignores SIGTERM would hold the process at exit forever
+    assert not multiprocessing.active_children()
+
+
+def test_cli_export_of_best_from_a_run_without_validation_says_why_there_is_none(tmp_path, dpdd, cli):
+    run = tmp_path / "run"
+    train(tiny_cfg(run, dpdd, iterations=1, val_count=0))
+    r = CliRunner().invoke(cli, ["train", "--export-only", "--resume", str(run), "--from", "best"])
+    assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1, r.output
+    assert "without validation (--val-count 0)" in r.stderr and "--from last" in r.stderr
+    assert "nothing saved yet" not in r.stderr

@@ -432,7 +432,7 @@ def train_command(
                               f"continue with: kpac train --resume {shlex.quote(str(cfg.out))}",
                               markup=False, soft_wrap=True)
         raise typer.Exit(128 + (result.signal or signal.SIGINT))
-    if not quiet:
+    if not quiet and not result.already_complete:  # a complete run's resume said so in one line
         sc = result.scores
         score = f", validation PSNR {sc['psnr']:.3f} dB / SSIM {sc['ssim']:.4f}" if sc else ""
         err_console.print(f"done: {result.step} iterations in {_fmt_time(result.wall_clock_s)}{score}; model -> {result.model_path}",

@@ -20,6 +20,7 @@ Conventions
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -532,21 +533,56 @@ def _file_size(origin: str) -> int | None:
         return None
 
 
-def data_record(items: Sequence[tuple[str, int | None]], legacy_holdout: bool) -> dict[str, Any]:
+def _file_digest(origin: str) -> str | None:
+    """The SHA-256 of a source file's bytes (hex); None for what is no file or cannot be read
+    (reading it for training then says why)."""
+    if not os.path.isfile(origin):
+        return None
+    digest = hashlib.sha256()
+    try:
+        with open(origin, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _digests(origins: Sequence[Sequence[str]]) -> list[str | None]:
+    """One digest per item, of all its files (a pair's source, target, ...) in order; None when
+    one of them is no file. Threads: hashlib releases the GIL on large buffers (100 photos,
+    78 MB: 0.2 s on 2 cores, read from the page cache)."""
+    def item_digest(files: Sequence[str]) -> str | None:
+        parts = [_file_digest(f) for f in files]
+        known = [d for d in parts if d is not None]
+        if len(known) != len(parts):
+            return None
+        return known[0] if len(known) == 1 else hashlib.sha256("".join(known).encode()).hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
+        return list(ex.map(item_digest, origins))
+
+
+def data_record(items: Sequence[tuple[str, Sequence[str]]], legacy_holdout: bool) -> dict[str, Any]:
     """What a checkpoint keeps of the data it was trained on: each training item's name (in the
-    run's order, which sets its held-out split) and size in bytes, so that a resume notices a
-    folder that changed; ``legacy_holdout`` as in :data:`LEGACY_RECORD`."""
-    return {"names": [n for n, _ in items], "sizes": [s for _, s in items], "legacy_holdout": legacy_holdout}
+    run's order, which sets its held-out split), size in bytes and the SHA-256 of its bytes, so
+    that a resume notices a folder that changed, an edited photo of the same size included;
+    ``items`` are names with the files each item reads; ``legacy_holdout`` as in :data:`LEGACY_RECORD`."""
+    sizes = [_sizes_sum(files) for _, files in items]
+    return {"names": [n for n, _ in items], "sizes": sizes, "digests": _digests([files for _, files in items]),
+            "legacy_holdout": legacy_holdout}
 
 
-def _pairs_items(pairs: Sequence[PairFiles]) -> list[tuple[str, int | None]]:
-    """Each pair's name and the bytes of all its files."""
-    items: list[tuple[str, int | None]] = []
-    for pair in pairs:
-        sizes = [_file_size(str(p)) for p in pair.roles().values()]
-        known = [n for n in sizes if n is not None]
-        items.append((pair.source.name, sum(known) if len(known) == len(sizes) else None))
-    return items
+def _sizes_sum(files: Sequence[str]) -> int | None:
+    """The bytes of all of an item's files; None when one of them is no file."""
+    sizes = [_file_size(f) for f in files]
+    known = [n for n in sizes if n is not None]
+    return sum(known) if known and len(known) == len(sizes) else None
+
+
+def _pairs_items(pairs: Sequence[PairFiles]) -> list[tuple[str, list[str]]]:
+    """Each pair's name and all its files."""
+    return [(pair.source.name, [str(p) for p in pair.roles().values()]) for pair in pairs]
 
 
 def _list_some(names: Sequence[str], limit: int = 3) -> str:
@@ -556,19 +592,26 @@ def _list_some(names: Sequence[str], limit: int = 3) -> str:
 def check_same_data(saved: dict[str, Any], now: dict[str, Any], noun: str = "images", run: Path | str = "RUN") -> None:
     """Raise DataError naming what differs when a resumed run's training items are not those it
     was trained on (other folders, or photos added, removed or changed): its order and held-out
-    split would silently change. A record without names (:data:`LEGACY_RECORD`) matches anything."""
+    split would silently change. A record without names (:data:`LEGACY_RECORD`) matches anything;
+    one without digests (written before runs kept them) is compared by names and sizes only."""
     if saved.get("names") is None:
         return
-    if saved["names"] == now["names"] and list(saved["sizes"]) == now["sizes"]:
+    by_content = saved.get("digests") is not None
+
+    def fingerprints(record: dict[str, Any]) -> list[tuple[Any, ...]]:
+        digests = record["digests"] if by_content else [None] * len(record["names"])
+        return list(zip(record["sizes"], digests))
+
+    if saved["names"] == now["names"] and fingerprints(saved) == fingerprints(now):
         return
-    before = dict(zip(saved["names"], saved["sizes"]))
-    after = dict(zip(now["names"], now["sizes"]))
+    before = dict(zip(saved["names"], fingerprints(saved)))
+    after = dict(zip(now["names"], fingerprints(now)))
     missing = [n for n in saved["names"] if n not in after]
     new = [n for n in now["names"] if n not in before]
     changed = [n for n in saved["names"] if n in after and after[n] != before[n]]
     parts = [f"{len(missing)} missing ({_list_some(missing)})" if missing else "",
              f"{len(new)} new ({_list_some(new)})" if new else "",
-             f"{len(changed)} changed in size ({_list_some(changed)})" if changed else ""]
+             f"{len(changed)} changed ({_list_some(changed)})" if changed else ""]
     what = ", ".join(p for p in parts if p) or "in another order"
     raise DataError(f"the training data are not the run's ({len(before)} {noun} then, {len(after)} now: {what}); "
                     "resuming would change what it trains and validates on: give the run's own data (its folders may "
@@ -621,7 +664,7 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
     notes: list[str] = []
     legacy_holdout = bool(resumed and resumed.get("legacy_holdout"))
 
-    def record_of(items: Sequence[tuple[str, int | None]], noun: str) -> dict[str, Any]:
+    def record_of(items: Sequence[tuple[str, Sequence[str]]], noun: str) -> dict[str, Any]:
         record = data_record(items, legacy_holdout)
         if resumed is not None:
             check_same_data(resumed, record, noun, cfg.out)
@@ -638,7 +681,7 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
 
         settings = SynthSettings(max_radius=cfg.max_radius, aperture=cfg.aperture, dual_pixel=cfg.dual)
         sources = _synth_sources(cfg)
-        record = record_of([(s.name, _file_size(s.origin)) for s in sources], "sharp images")
+        record = record_of([(s.name, [s.origin]) for s in sources], "sharp images")
         # Without validation nothing is held out (runs made before held out all the same: they still do)
         held = split_holdout(len(sources)) if cfg.val_count > 0 or legacy_holdout else []
         train_src = [s for i, s in enumerate(sources) if i not in set(held)]

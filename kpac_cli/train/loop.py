@@ -14,7 +14,11 @@ Conventions
 * SIGINT/SIGTERM: the current iteration finishes, ``last.pt`` is saved, and :func:`train`
   returns with ``interrupted=True`` (a second SIGINT raises KeyboardInterrupt at once).
 * At the end the model is exported as ``OUT/model.safetensors`` (kpac's checkpoint format,
-  loadable by ``kpac deblur --model``) with the run's provenance in its metadata.
+  loadable by ``kpac deblur --model``) with the run's provenance in its metadata. Resuming a
+  run that has done its iterations trains and writes nothing and says so
+  (``TrainResult.already_complete``), unless it stopped before that export: then it finishes.
+* A data problem met mid-run (a photo that cannot be read; photos are read as training needs
+  them unless cached) saves ``last.pt`` at the iterations done before it is raised.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import signal
 import threading
 import time
@@ -37,17 +42,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
-from ..checkpoints import load_checkpoint, save_checkpoint
+from ..checkpoints import load_checkpoint, read_metadata, save_checkpoint
 from ..checkpoints.safetensors_io import load_state_dict_checked, trained_weights
 from ..engine.device import autocast, cpu_has_fast_bf16, cpu_name
 from ..engine.device import resolve_device as _engine_device
-from ..images import cleanup_stale_temps
+from ..images import ImageError, cleanup_stale_temps
 from ..metrics import psnr, ssim
 from ..model import KPACConfig, KPACNet, build_model, count_parameters, transfer_state
 from .. import distributed as D
 from .blur_ranking import attention_blur_loss
 from .config import STAGE_DEFAULTS, TrainConfig
-from .data import LEGACY_RECORD, DataBundle, StepBatchSampler, build_data, collate, worker_init
+from .data import LEGACY_RECORD, DataBundle, DataError, StepBatchSampler, build_data, collate, worker_init
 from .state import FORMAT, VERSION, capture_rng, load_state, resolve_checkpoint, restore_rng, save_state, weights_finite
 from .vgg import PerceptualLoss, find_vgg_weights, load_vgg19
 
@@ -93,6 +98,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per iteration of this call, nan when skipped
     skipped: int = 0
     model: KPACNet | None = field(default=None, repr=False)  # the trained network (unwrapped, on its device)
+    already_complete: bool = False  # a resume of a run that had done its iterations: nothing trained or written
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,7 +107,7 @@ class TrainResult:
             "last_checkpoint": None if self.last_checkpoint is None else str(self.last_checkpoint),
             "best_checkpoint": None if self.best_checkpoint is None else str(self.best_checkpoint),
             "scores": self.scores, "best_scores": self.best_scores, "wall_clock_s": round(self.wall_clock_s, 3),
-            "skipped": self.skipped,
+            "skipped": self.skipped, "already_complete": self.already_complete,
         }
 
 
@@ -293,6 +299,42 @@ def validate(model: KPACNet, samples: list[dict[str, np.ndarray]], device: torch
 # --------------------------------------------------------------------------------------
 
 
+def _worker_error_message(error: Exception) -> str:
+    """The message of an error a DataLoader worker raised, without the worker's traceback that
+    torch puts before it when it raises the error again in this process."""
+    text = str(error)
+    if "DataLoader worker" not in text:
+        return text
+    name = f"{type(error).__module__}.{type(error).__qualname__}: "
+    at = text.rfind(name)
+    return text[at + len(name):].strip() if at >= 0 else text
+
+
+def _batches(loader: Any, on_error: Callable[[], str]) -> Any:
+    """The loader's batches. A data problem met on the way (an unreadable photo, a pair whose
+    sizes differ; photos are read as training needs them unless cached) is raised as the
+    one-line error it was, also from a worker process, with what ``on_error`` adds: it keeps
+    the iterations done."""
+    batches = iter(loader)
+    try:
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (DataError, ImageError) as e:
+                kind = DataError if isinstance(e, DataError) else ImageError
+                raise kind(_worker_error_message(e) + on_error()) from None
+            yield batch
+    finally:
+        # The workers ignore SIGTERM (worker_init), so they are shut down here: an error raised
+        # from the loader keeps it alive in its traceback, and at exit multiprocessing would
+        # wait forever for workers that its SIGTERM does not end.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
 class _Log:
     """Rank 0's JSONL (+ optional TensorBoard) log."""
 
@@ -375,6 +417,10 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         if not last.is_file():
             raise TrainingError(f"nothing to resume: {last} does not exist")
         ckpt = load_state(last)
+        if int(ckpt["step"]) >= total and not _export_pending(out / "model.safetensors", int(ckpt["step"])):
+            # Done before: training on would be nothing, and re-exporting could replace a model
+            # exported otherwise since (--export-only --overwrite).
+            return _already_complete(out, ckpt, total, message, cfg.description)
     init_state: dict[str, Tensor] | None = None
     model_cfg = cfg.model
     if ckpt is not None:
@@ -505,7 +551,10 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
     def elapsed() -> float:
         return elapsed0 + time.monotonic() - t0
 
+    last_saved = start  # the iteration last.pt holds (a resume's, until the first save)
+
     def save(path: Path, step: int, kind_: str) -> None:
+        nonlocal last_saved
         if not main:
             return
         state = model.state_dict()
@@ -530,6 +579,8 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         if ema is not None:
             obj["ema"] = {k: v.detach().cpu() for k, v in ema.items()}
         save_state(obj, path)
+        if path == last_path:
+            last_saved = step
         log.write("checkpoint", step=step, path=str(path), kind=kind_)
         emit(TrainEvent("checkpoint", step, total, {"path": str(path), "kind": kind_}))
 
@@ -575,6 +626,14 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
     if cfg.blur_rank_weight > 0:
         model.blocks[0].register_forward_hook(lambda m, _i, out: first_alpha.append(out[1]) if m.training else None)
 
+    def keep_progress() -> str:
+        """On a data problem: save the iterations done since the last checkpoint; say where they are."""
+        if step > last_saved:
+            save(last_path, step, "last")
+        if not main or not last_path.is_file():
+            return ""
+        return f" (training stopped at iteration {step}; {last_path} holds iteration {last_saved})"
+
     model.train()
     consecutive = 0
     window: deque[float] = deque(maxlen=50)  # timestamps of recent iterations, for it/s
@@ -582,9 +641,10 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
     log_losses: list[float] = []
     log_rank: list[tuple[float, float]] = []  # the blur-ranking terms alone, when they are on
     step = start
+    batches = _batches(loader, keep_progress)
     try:
         with _Signals() as signals:
-            for step_i, batch in zip(range(start, total), loader):
+            for step_i, batch in zip(range(start, total), batches):
                 x = batch["input"].to(device, non_blocking=True) * 2 - 1
                 target = batch["target"].to(device, non_blocking=True) * 2 - 1
                 ref = batch["reference"].to(device, non_blocking=True) * 2 - 1 if "reference" in batch else None
@@ -680,7 +740,55 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
             emit(TrainEvent("end", step, total, {"result": result.to_dict()}))
         return result
     finally:
+        batches.close()  # its workers end now, whatever ended the loop
         log.close()
+
+
+def _export_pending(model_path: Path, step: int) -> bool:
+    """Whether a run whose last.pt is at ``step`` still has its end to do (final validation,
+    export): no model yet, or only the one its training exported at fewer iterations (it was
+    stopped at its last iteration, or between that checkpoint and the export)."""
+    if not model_path.exists():
+        return True
+    try:
+        _, prov = read_metadata(model_path)
+    except Exception:  # noqa: BLE001 - a file that is no kpac model is not this run's: left alone
+        return False
+    by_training = prov.get("source") == "kpac train" and "exported_from" not in prov  # not --export-only's
+    return by_training and isinstance(prov.get("iterations"), int) and prov["iterations"] < step
+
+
+def _holds_weights(path: Path, weights: dict[str, Tensor]) -> bool:
+    """Whether the model file at ``path`` holds exactly ``weights`` (as an export stores them: float32)."""
+    try:
+        stored = load_checkpoint(path).state_dict
+    except Exception:  # noqa: BLE001 - anything unreadable is not these weights
+        return False
+    return stored.keys() == weights.keys() and all(
+        torch.equal(stored[k], v.to(stored[k].dtype)) for k, v in weights.items())
+
+
+def _already_complete(out: Path, ckpt: dict[str, Any], total: int, message: Callable[..., None],
+                      description: str) -> TrainResult:
+    """A resumed run whose ``last.pt`` has done all its iterations and that was exported: say so
+    in one line, and how to train on; nothing is trained or written (a new ``description`` neither)."""
+    step = int(ckpt["step"])
+    model_path = out / "model.safetensors"
+    current = _holds_weights(model_path, trained_weights(ckpt))
+    export = f"kpac train --export-only --resume {shlex.quote(str(out))} --overwrite"
+    more = f"to train it further, resume with --iterations M (more than {step})"
+    if description != (ckpt.get("train_config") or {}).get("description", description):
+        more += f"; to describe its model anew: {export} --description TEXT"
+    if current:
+        message(f"{out} is already complete at {step} iterations (model: {model_path}); {more}")
+    else:
+        message(f"{out} is already complete at {step} iterations; {more}. {model_path} holds other weights than its "
+                f"last.pt (exported otherwise?) and is left as it is; to export last.pt there: {export}", "warning")
+    best = out / "best.pt"
+    return TrainResult(out_dir=out, step=step, total=total, model_path=model_path if current else None,
+                       last_checkpoint=out / "last.pt", best_checkpoint=best if best.is_file() else None,
+                       scores=dict(ckpt.get("scores") or {}), best_scores=dict(ckpt.get("best") or {}),
+                       wall_clock_s=float(ckpt.get("elapsed_s", 0.0)), already_complete=True)
 
 
 def export_model(run: str | Path, output: str | Path | None = None, which: str = "last",

@@ -18,9 +18,9 @@ as code). Keys:
 * ``sampler``: ``{"next_step", "seed", "batch", "world_size"}`` - the data pipeline's whole
   state, since every sample is a function of its global index (see :mod:`.data`)
 * ``train_config``: the :class:`~kpac_cli.train.TrainConfig` as a dict
-* ``data_record``: the training items' names (in the run's order) and sizes, which a resume
-  must find again (:func:`kpac_cli.train.data.check_same_data`); checkpoints of earlier
-  versions have none and resume as they always did
+* ``data_record``: the training items' names (in the run's order), sizes and SHA-256 digests,
+  which a resume must find again (:func:`kpac_cli.train.data.check_same_data`); checkpoints of
+  earlier versions have none (or sizes but no digests) and resume as they always did
 * ``scores`` (latest validation), ``best`` (best validation), ``elapsed_s`` (training
   wall-clock so far), ``provenance`` (what an exported model will carry)
 
@@ -127,6 +127,9 @@ def resolve_checkpoint(run: str | Path, which: str = "last") -> Path:
     if run.is_dir():
         path = run / f"{which}.pt"
         if not path.is_file():
+            if which == "best" and (run / "last.pt").is_file():  # best.pt is written by validation only
+                raise CheckpointError(f"{run} holds no best.pt: no validation has scored the run yet, or it runs "
+                                      "without validation (--val-count 0); its last.pt is there (--from last)")
             raise CheckpointError(f"{run} holds no {which}.pt (nothing saved yet?)")
         return path
     if run.is_file():
