@@ -1477,7 +1477,7 @@ def test_a_data_problem_met_mid_run_is_one_line_and_keeps_the_iterations_done(tm
     run = tmp_path / "run"
     cfg = TrainConfig(out=run, source=tmp_path / "src", target=tmp_path / "tgt", model=TINY, iterations=6, batch=1,
                       crop="32", val_count=0, cache="no", workers=workers, tensorboard=False)
-    with pytest.raises(D.DataError) as caught:
+    with pytest.raises(TrainingError) as caught:  # a failed run (exit 1), not a usage error
         train(cfg)
     message = str(caught.value)
     assert message.startswith(f"pair {broken}: image sizes differ") and "\n" not in message and "Traceback" not in message

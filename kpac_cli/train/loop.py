@@ -18,7 +18,8 @@ Conventions
   run that has done its iterations trains and writes nothing and says so
   (``TrainResult.already_complete``), unless it stopped before that export: then it finishes.
 * A data problem met mid-run (a photo that cannot be read; photos are read as training needs
-  them unless cached) saves ``last.pt`` at the iterations done before it is raised.
+  them unless cached) saves ``last.pt`` at the iterations done, then raises a
+  :class:`TrainingError` (the run failed; the same problem before the run is a DataError).
 """
 
 from __future__ import annotations
@@ -312,9 +313,10 @@ def _worker_error_message(error: Exception) -> str:
 
 def _batches(loader: Any, on_error: Callable[[], str]) -> Any:
     """The loader's batches. A data problem met on the way (an unreadable photo, a pair whose
-    sizes differ; photos are read as training needs them unless cached) is raised as the
-    one-line error it was, also from a worker process, with what ``on_error`` adds: it keeps
-    the iterations done."""
+    sizes differ; photos are read as training needs them unless cached) is raised as a
+    :class:`TrainingError` with the one-line message it had, also from a worker process, and
+    what ``on_error`` adds: it keeps the iterations done. (A failed run, not a usage error: the
+    same data passed the checks before the run.)"""
     batches = iter(loader)
     try:
         while True:
@@ -323,8 +325,7 @@ def _batches(loader: Any, on_error: Callable[[], str]) -> Any:
             except StopIteration:
                 return
             except (DataError, ImageError) as e:
-                kind = DataError if isinstance(e, DataError) else ImageError
-                raise kind(_worker_error_message(e) + on_error()) from None
+                raise TrainingError(_worker_error_message(e) + on_error()) from None
             yield batch
     finally:
         # The workers ignore SIGTERM (worker_init), so they are shut down here: an error raised
