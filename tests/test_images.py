@@ -916,6 +916,19 @@ def test_jpeg_comments_and_iptc_carried_to_jpeg_outputs():
     assert read_image(plain)[1].jpeg_segments == ()
 
 
+def test_a_tiff_of_many_wide_samples_is_held_to_the_limit_in_bytes():
+    """The pixel limit guards memory as float32 RGB would take it: 16 float64 samples per pixel
+    (10x that) are refused before decoding, with how to raise the limit; float32 RGB at the
+    limit reads."""
+    x = np.random.default_rng(0).random((100, 100, 16))
+    with pytest.raises(ImageError, match=r"too large to decode: 100x100 with 16 samples of 64 bits is 1\.3 MB, more than "
+                                         r"the limit of 20,000 pixels allows \(0\.2 MB, as float32 RGB\).*--max-pixels"):
+        read_image(tiff_bytes(x, photometric="minisblack", planarconfig="contig"), max_pixels=20_000)
+    img, _ = read_image(tiff_bytes(x[..., :3].astype(np.float32), photometric="rgb"), max_pixels=10_000)
+    assert img.shape == (100, 100, 3)
+    assert read_image(tiff_bytes(x, photometric="minisblack", planarconfig="contig"), max_pixels=None)[0].shape[:2] == (100, 100)
+
+
 def test_huge_exif_dropped_for_jpeg_only():
     ex = Image.Exif()
     ex[0x010E] = "x" * 70000  # ImageDescription larger than a JPEG APP1 segment

@@ -71,7 +71,7 @@ import struct
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -254,6 +254,22 @@ def _check_pixels(name, w: int, h: int, max_pixels: int | None) -> None:
         raise ImageError(name, f"image has zero size ({w}x{h})")
     if max_pixels is not None and w * h > max_pixels:
         raise too_large_error(name, f"{w}x{h}", w * h, max_pixels)
+
+
+#: What the pixel limit allows to decode, per pixel: float32 RGB, what the model takes. A
+#: TIFF may hold up to 16 samples of 64 bits each, 10x that at the same pixel count.
+_LIMIT_BYTES_PER_PIXEL = 12
+
+
+def _check_decoded_bytes(name, w: int, h: int, samples: int, dtype: Any, max_pixels: int | None) -> None:
+    """Refuse a TIFF whose decoded array would outgrow what ``max_pixels`` float32 RGB pixels
+    take (many samples, 64-bit floats): the pixel count alone would let it allocate gigabytes."""
+    itemsize = getattr(dtype, "itemsize", 1) or 1
+    needed, allowed = w * h * samples * itemsize, None if max_pixels is None else max_pixels * _LIMIT_BYTES_PER_PIXEL
+    if allowed is not None and needed > allowed:
+        raise ImageError(name, f"image is too large to decode: {w}x{h} with {samples} samples of {8 * itemsize} bits is "
+                               f"{needed / 1e6:,.1f} MB, more than the limit of {max_pixels:,} pixels allows "
+                               f"({allowed / 1e6:,.1f} MB, as float32 RGB) (raise it with --max-pixels, or max_pixels= from Python)")
 
 
 def _allow_pillow(pixels: int) -> None:
@@ -493,6 +509,7 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
             spp = int(page.samplesperpixel)
             if spp > 16:
                 raise ImageError(src.name, f"unsupported TIFF with {spp} samples per pixel")
+            _check_decoded_bytes(src.name, w, h, spp, page.dtype, max_pixels)
             photometric = page.photometric
             P = tifffile.PHOTOMETRIC
             if photometric == P.SEPARATED:
