@@ -975,6 +975,28 @@ def test_cli_same_named_photos_of_two_folders_never_share_a_mask(cli, tmp_path):
     assert res.exit_code == 0 and _records(res)[0]["scores"]["auc"] > 0.85, res.output
 
 
+def test_cli_two_ground_truth_masks_of_one_name_fail_the_photo_they_both_could_be(cli, tmp_path):
+    """gt/x.png and gt/x.jpg: nothing tells which one was drawn for x, so x fails naming both
+    (the first in name order was taken in silence); a NAME_gt beside a NAME is no rival, the
+    names are tried in order."""
+    img, radius = banded_photo(96, 160, seed=4)
+    (tmp_path / "photos").mkdir()
+    _save_rgb(tmp_path / "photos" / "x.png", img)
+    _save_rgb(tmp_path / "photos" / "y.png", img)
+    gt = tmp_path / "gt"
+    first = _mask_png(gt / "x.png", radius)
+    second = gt / "x.jpg"
+    second.write_bytes(first.read_bytes())  # (a PNG under a JPEG name: its name is what counts here)
+    _mask_png(gt / "y.png", radius)
+    _mask_png(gt / "y_gt.png", radius)
+    res = cli(str(tmp_path / "photos"), "--eval-masks", str(gt), "--json", "-q")
+    assert res.exit_code == 1, res.output
+    records = {Path(r["input"]).name: r for r in _records(res) if "input" in r}  # (the last line: the summary)
+    assert records["x.png"]["status"] == "failed"
+    assert records["x.png"]["error"] == f"{tmp_path / 'photos' / 'x.png'}: 2 ground-truth masks of one name: {second}, {first}; keep one"
+    assert records["y.png"]["status"] == "ok" and records["y.png"]["scores"]["auc"] > 0.85
+
+
 def test_cli_masks_folder_inside_a_recursive_input_holds_masks_not_photos(cli, tmp_path):
     """kpac blurmap cuhk/ -r --eval-masks cuhk/gt/: the masks under gt/ are no photos to map
     (each would hide its own name from the photo it belongs to)."""

@@ -96,25 +96,30 @@ class _MaskFolder:
         return self._indexes[sub]
 
 
-def _find_mask(index: dict[str, list[Path]], stem: str, source: Path, inputs: set[Path]) -> tuple[Path | None, list[Path]]:
+def _find_mask(index: dict[str, list[Path]], stem: str, source: Path, inputs: set[Path]) -> tuple[Path | None, list[Path], list[Path]]:
     """The ground truth of the input ``source`` (resolved) named ``stem``, never an input
-    itself nor a mask this command predicted; and the predicted masks passed over.
+    itself nor a mask this command predicted; the predicted masks passed over; and, when two
+    files of one name (``x.png``, ``x.jpg``) could both be it, both (the mask is then None).
 
     A file named NAME that is an input is another photo, not a mask (masks kept beside the
     photos are told apart by the names of :data:`MASK_NAMES`); a NAME_gt that is an input is
     the mask, and the caller takes it out of the inputs. A NAME_mask that an earlier run wrote
-    says so in its metadata (:func:`~kpac_cli.blurmap.blurmap_kind`).
+    says so in its metadata (:func:`~kpac_cli.blurmap.blurmap_kind`). Names are tried in that
+    order, the first with a ground-truth file wins.
     """
     from ..blurmap import blurmap_kind
 
-    candidates = [c for c in index.get(stem, []) if c.resolve() not in inputs]
-    candidates += [c for name in MASK_NAMES for c in index.get(name.format(stem), []) if c.resolve() != source]
-    predicted = []
-    for cand in candidates:
-        if blurmap_kind(cand) is None:
-            return cand, predicted
-        predicted.append(cand)
-    return None, predicted
+    tiers = [[c for c in index.get(stem, []) if c.resolve() not in inputs]]
+    tiers += [[c for c in index.get(name.format(stem), []) if c.resolve() != source] for name in MASK_NAMES]
+    predicted: list[Path] = []
+    for tier in tiers:
+        truth = [c for c in tier if blurmap_kind(c) is None]
+        predicted += [c for c in tier if c not in truth]
+        if len(truth) > 1:
+            return None, predicted, truth
+        if truth:
+            return truth[0], predicted, []
+    return None, predicted, []
 
 
 def _no_mask_message(it: _Item, folders: list[Path], predicted: list[Path]) -> str:
@@ -155,14 +160,16 @@ def _pair_masks(items: list[_Item], folder: Path, named: set[Path]) -> list[_Ite
     claims: dict[Path, list[tuple[_Item, bool]]] = {}  # mask -> (item, found at the top only after its own sub-folder)
     for it in items:
         source, sub = Path(it.label).resolve(), it.rel.parent
-        it.mask, predicted = _find_mask(masks.index(sub), it.name, source, sources)
+        it.mask, predicted, rivals = _find_mask(masks.index(sub), it.name, source, sources)
         looked = [folder / sub]
-        fallback = it.mask is None and sub != Path(".")
+        fallback = it.mask is None and not rivals and sub != Path(".")
         if fallback:
-            it.mask, more = _find_mask(masks.index(Path(".")), it.name, source, sources)
+            it.mask, more, rivals = _find_mask(masks.index(Path(".")), it.name, source, sources)
             predicted += more
             looked.append(folder)
-        if it.mask is None:
+        if rivals:  # nothing tells which of them was drawn for this photo
+            it.no_mask = f"{it.label}: {len(rivals)} ground-truth masks of one name: {', '.join(map(str, rivals))}; keep one"
+        elif it.mask is None:
             it.no_mask = _no_mask_message(it, looked, predicted)
         else:
             claims.setdefault(it.mask.resolve(), []).append((it, fallback))
