@@ -911,8 +911,11 @@ def test_jpeg_comments_and_iptc_carried_to_jpeg_outputs():
     with Image.open(io.BytesIO(write_image(None, img, info, format="jpeg"))) as im:
         assert [(n, d) for n, d in im.applist if n in ("APP13", "COM")] == [("APP13", IPTC_IRB), ("COM", b"a comment")]
         assert im.getexif().get(0x010F) == "Cam" and im.size == (16, 24)  # EXIF beside them, orientation applied
-    for fmt in ("png", "tiff"):  # no place for them: not written, and nothing else fails
+    for fmt in ("png", "tiff"):  # no place for them: not written, and that is said
         assert read_image(write_image(None, img, info, format=fmt))[1].jpeg_segments == ()
+        assert notes_for(info, fmt)[-1] == (f"{fmt.upper()} output does not carry the JPEG's IPTC/Photoshop block (APP13) "
+                                            "and comments (COM): dropped (--format jpeg keeps them)")
+    assert notes_for(info, "jpeg") == []
     assert read_image(plain)[1].jpeg_segments == ()
 
 
