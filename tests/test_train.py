@@ -1202,6 +1202,12 @@ def test_cli_architecture_flags_change_the_init_models_architecture(tmp_path, dp
     assert load_checkpoint(run / "model.safetensors").config == KPACConfig(levels=3, channels=8, scale_attention=False)
 
 
+def test_a_paired_run_without_validation_is_described_as_such(tmp_path, dpdd):
+    cfg = tiny_cfg(tmp_path / "run", dpdd)
+    assert D.build_data(cfg, 4).description.endswith("; validation: 2 image(s) (centre 32x32)")
+    assert D.build_data(cfg.replace(val_count=0), 4).description.endswith("; no validation")
+
+
 def test_synthetic_training_without_validation_holds_nothing_out(tmp_path):
     cfg = TrainConfig(out=tmp_path, synthetic=(_photos(tmp_path / "photos", 10),), crop="32", max_radius=2, val_crop=32)
     assert D.build_data(cfg.replace(val_count=0), 4).train_items == 10

@@ -759,5 +759,8 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
             raise DataError(f"val-crop {val_crop} is not a multiple of the model stride {model_stride}")
         vstore = PairStore(val_pairs, cfg.bit_depth)
         val = paired_validation(vstore, evenly_spaced(len(val_pairs), cfg.val_count), val_crop, cfg.dual)
-    desc += f", {cfg.bit_depth}-bit; validation: {len(val)} image(s)" + (f" (centre {val_crop}x{val_crop})" if val_crop else " (whole)")
+    if cfg.val_count > 0:
+        desc += f", {cfg.bit_depth}-bit; validation: {len(val)} image(s)" + (f" (centre {val_crop}x{val_crop})" if val_crop else " (whole)")
+    else:
+        desc += f", {cfg.bit_depth}-bit; no validation"
     return DataBundle(dataset, val, desc, len(pairs), notes, cached, record)
