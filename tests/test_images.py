@@ -268,6 +268,16 @@ def test_tiff_big_endian_planar_miniswhite_palette(tmp_path):
     img, info = read_image(p)
     assert info.bit_depth == 8 and info.channels == 3
     assert np.array_equal(as_int(img, 8), (cmap.T[idx] // 257).astype(np.int64))
+    # a palette of 16-bit colours reads as 16 bits, and the header probe (dual-pixel pairing) says so too
+    from kpac_cli.images.io import _probe_depth
+
+    assert _probe_depth(p)[1] == 8
+    cmap16 = RNG.integers(0, 65536, (3, 256)).astype(np.uint16)
+    cmap16[0, 0] = 1  # neither v * 257 nor v << 8
+    tifffile.imwrite(p, idx, photometric="palette", colormap=cmap16)
+    img, info = read_image(p)
+    assert info.bit_depth == 16 and _probe_depth(p) == ((8, 10), 16)
+    assert np.array_equal(as_int(img, 16), cmap16.T[idx].astype(np.int64))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])

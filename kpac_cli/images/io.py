@@ -651,12 +651,15 @@ def _apply_colormap(src: _Src, cmap, arr: np.ndarray) -> tuple[np.ndarray, int]:
         raise ImageError(src.name, "corrupt palette TIFF (bad colour map)")
     idx = np.minimum(arr[..., 0], cmap.shape[1] - 1)
     rgb = cmap.T[idx]
-    # 8-bit palettes are stored scaled to 16 bits, as v * 257 (libtiff) or v << 8 (Pillow).
-    if not (cmap % 257).any():
-        return (rgb // 257).astype(np.uint8), 8
-    if not (cmap & 0xFF).any():
-        return (rgb >> 8).astype(np.uint8), 8
-    return rgb, 16
+    if _palette_depth(cmap) == 16:
+        return rgb, 16
+    return ((rgb // 257) if not (cmap % 257).any() else (rgb >> 8)).astype(np.uint8), 8
+
+
+def _palette_depth(cmap: np.ndarray) -> int:
+    """8 for a TIFF colour map (always stored as 16-bit values) that holds 8-bit colours scaled
+    up, as v * 257 (libtiff) or v << 8 (Pillow) write them; else 16."""
+    return 8 if not (cmap % 257).any() or not (cmap & 0xFF).any() else 16
 
 
 def _unpremultiply(arr: np.ndarray, depth: int) -> np.ndarray:
@@ -989,6 +992,8 @@ def _probe_depth(source) -> tuple[tuple[int, int], int]:
                     page = tif.pages.first
                     if page.dtype is not None and page.dtype.kind == "f":
                         return size, 32
+                    if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
+                        return size, _palette_depth(np.asarray(page.colormap, dtype=np.uint16))  # as read
                     bits = page.bitspersample
                     return size, 8 if bits <= 8 else 16
         except Exception as exc:
