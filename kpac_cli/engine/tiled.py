@@ -74,7 +74,8 @@ def receptive_halos(config: KPACConfig) -> tuple[int, int]:
     k x k convolution widens it by (k-1)/2, a stride-2 convolution maps output i to inputs
     2i..2i+2, a stride-2 transposed convolution maps output o to inputs (o-2)/2..(o+1)/2.
     The encoder halo makes a tile's low-resolution encoder output exact; the decoder halo
-    makes the tile's output exact given the bottleneck features (computed on the whole map).
+    makes the tile's output exact given the bottleneck features (a whole low-resolution map,
+    computed first: see :func:`bottleneck_halos`).
     """
     s, levels = config.stride, config.levels
     tile = 4 * s  # any multiple of the stride gives the same halo (shift equivariance)
