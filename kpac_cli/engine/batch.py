@@ -44,7 +44,7 @@ from ..images import (
 )
 from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
 from ..images.exif import has_tags_beyond_descriptive
-from ..images.io import JPEG_MAX_DPI, JPEG_MAX_EXIF, JPEG_MAX_XMP
+from ..images.io import JPEG_MAX_DPI, JPEG_MAX_EXIF, JPEG_MAX_XMP, jpeg_segment_names
 from ..images.png import TEXT_CHUNKS, colour_other_than_srgb
 from .deblurrer import Deblurrer
 from .tiled import ProgressFn
@@ -628,10 +628,6 @@ def _kept_output(job: Job, options: OutputOptions) -> bool:
     return options.skip_existing and job.output is not None and job.output.exists()
 
 
-#: How notes name the JPEG segments carried JPEG to JPEG (``ImageInfo.jpeg_segments``).
-_JPEG_SEGMENT_NAMES = {0xFE: "comments (COM)", 0xED: "IPTC/Photoshop block (APP13)"}
-
-
 def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list[str]:
     """What of the input the output cannot carry, said rather than dropped silently."""
     notes = []
@@ -654,7 +650,7 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
     text = [bytes(data).split(b"\0", 1)[0].decode("latin-1") for ctype, data in info.png_chunks if bytes(ctype) in TEXT_CHUNKS]
     if job.format != "png" and text:
         notes.append(f"{job.format.upper()} cannot hold the PNG's text chunks ({', '.join(text)}): dropped")
-    segments = sorted({_JPEG_SEGMENT_NAMES.get(marker, f"0x{marker:02X}") for marker, _ in info.jpeg_segments})
+    segments = jpeg_segment_names(info.jpeg_segments)
     if job.format != "jpeg" and segments:  # JPEG segments with no place in PNG or TIFF
         notes.append(f"{job.format.upper()} output does not carry the JPEG's {' and '.join(segments)}: dropped "
                      "(--format jpeg keeps them)")

@@ -67,11 +67,14 @@ class ImageError(Exception):
         return (type(self), (str(self),))
 
 
+#: How to raise the pixel limit, said by every refusal of it.
+RAISE_PIXEL_LIMIT = "(raise it with --max-pixels, or max_pixels= from Python)"
+
+
 def too_large_error(name: object, size: str, pixels: int, max_pixels: int) -> ImageError:
     """The refusal of an image above the pixel limit (decompression-bomb guard), saying how to
     raise the limit."""
-    return ImageError(name, f"image is too large: {size} = {pixels:,} pixels exceeds the limit of {max_pixels:,} "
-                            "(raise it with --max-pixels, or max_pixels= from Python)")
+    return ImageError(name, f"image is too large: {size} = {pixels:,} pixels exceeds the limit of {max_pixels:,} {RAISE_PIXEL_LIMIT}")
 
 
 def describe(source: object) -> str:

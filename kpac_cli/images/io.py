@@ -87,6 +87,7 @@ from .base import (
     ImageError,
     ImageInfo,
     path_ext,
+    RAISE_PIXEL_LIMIT,
     quantize,
     to_float,
     too_large_error,
@@ -264,12 +265,14 @@ _LIMIT_BYTES_PER_PIXEL = 12
 def _check_decoded_bytes(name, w: int, h: int, samples: int, dtype: Any, max_pixels: int | None) -> None:
     """Refuse a TIFF whose decoded array would outgrow what ``max_pixels`` float32 RGB pixels
     take (many samples, 64-bit floats): the pixel count alone would let it allocate gigabytes."""
+    if max_pixels is None:
+        return
     itemsize = getattr(dtype, "itemsize", 1) or 1
-    needed, allowed = w * h * samples * itemsize, None if max_pixels is None else max_pixels * _LIMIT_BYTES_PER_PIXEL
-    if allowed is not None and needed > allowed:
+    needed, allowed = w * h * samples * itemsize, max_pixels * _LIMIT_BYTES_PER_PIXEL
+    if needed > allowed:
         raise ImageError(name, f"image is too large to decode: {w}x{h} with {samples} samples of {8 * itemsize} bits is "
                                f"{needed / 1e6:,.1f} MB, more than the limit of {max_pixels:,} pixels allows "
-                               f"({allowed / 1e6:,.1f} MB, as float32 RGB) (raise it with --max-pixels, or max_pixels= from Python)")
+                               f"({allowed / 1e6:,.1f} MB, as float32 RGB) {RAISE_PIXEL_LIMIT}")
 
 
 def _allow_pillow(pixels: int) -> None:
@@ -1128,15 +1131,21 @@ JPEG_MAX_XMP = 65504
 JPEG_MAX_EXIF = 65533
 
 #: JPEG segments carried verbatim from a JPEG input to a JPEG output (no other format has a
-#: place for them), by Pillow's name: COM (comments) and APP13 (Photoshop resources, where
-#: IPTC captions, keywords, credits and copyright live).
-JPEG_CARRIED_SEGMENTS = {"COM": 0xFE, "APP13": 0xED}
+#: place for them), by Pillow's name: their marker and how a note names them. COM (comments)
+#: and APP13 (Photoshop resources, where IPTC captions, keywords, credits and copyright live).
+JPEG_CARRIED_SEGMENTS = {"COM": (0xFE, "comments (COM)"), "APP13": (0xED, "IPTC/Photoshop block (APP13)")}
 
 
 def _jpeg_carried_segments(applist: Iterable[tuple[str, bytes]]) -> tuple[tuple[int, bytes], ...]:
     """``(marker, payload)`` of the :data:`JPEG_CARRIED_SEGMENTS` among a JPEG's header
     segments (Pillow's ``applist``: name and payload, in file order), in file order."""
-    return tuple((JPEG_CARRIED_SEGMENTS[name], bytes(data)) for name, data in applist if name in JPEG_CARRIED_SEGMENTS)
+    return tuple((JPEG_CARRIED_SEGMENTS[name][0], bytes(data)) for name, data in applist if name in JPEG_CARRIED_SEGMENTS)
+
+
+def jpeg_segment_names(segments: Iterable[tuple[int, bytes]]) -> list[str]:
+    """How notes name the kinds among carried JPEG segments (``ImageInfo.jpeg_segments``), sorted."""
+    names = {marker: name for marker, name in JPEG_CARRIED_SEGMENTS.values()}
+    return sorted({names[marker] for marker, _ in segments})
 
 
 def _with_jpeg_segments(jpeg: bytes, segments: Iterable[tuple[int, bytes]]) -> bytes:
