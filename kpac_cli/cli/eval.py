@@ -88,16 +88,6 @@ def _size_option(value: str) -> tuple[int, int]:
     return w, h
 
 
-def _num(v: float | None) -> float | str | None:
-    """JSON-safe number, as in the report files: infinities as strings, NaN (no value) as None."""
-    if v is None:
-        return None
-    v = float(v)
-    if math.isnan(v):
-        return None
-    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
-
-
 def _si(n: float) -> str:
     """1.23 G / 45.6 M / 789 k style."""
     for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -249,10 +239,12 @@ def _crop_info(shape: tuple[int, ...]):
 
 
 def _summary_record(report, run: dict[str, Any], speed: Any) -> dict[str, Any]:
+    from ..metrics.report import json_number
+
     summ = report.summary()
 
     def conv(m: dict[str, Any]) -> dict[str, Any]:
-        return {k: (_num(v) if isinstance(v, float) else v) for k, v in m.items()}
+        return {k: (json_number(v) if isinstance(v, float) else v) for k, v in m.items()}
 
     rec: dict[str, Any] = {"summary": True, **run}
     rec.update(conv(summ["overall"]))
@@ -782,6 +774,7 @@ def _evaluate_items(
 ):
     from ..images import ImageError
     from ..metrics.evaluate import Evaluator
+    from ..metrics.report import json_number
 
     ev = Evaluator(bit_depth=bit_depth, ssim_window=ssim_window, lpips_model=lpips_spec, labels=label_map, title=title)
     runner = _Runner(method, deblurrer, wiener_radius, wiener_snr)
@@ -813,8 +806,8 @@ def _evaluate_items(
                 rec.update(status="failed", error=msg)
                 print_error(msg)
             else:
-                rec.update(status="ok", split=row.split, psnr=_num(row.psnr), ssim=_num(row.ssim), mae=_num(row.mae),
-                           lpips=_num(row.lpips), **{k: (_num(v) if isinstance(v, float) else v) for k, v in extra.items()})
+                rec.update(status="ok", split=row.split, psnr=json_number(row.psnr), ssim=json_number(row.ssim), mae=json_number(row.mae),
+                           lpips=json_number(row.lpips), **{k: (json_number(v) if isinstance(v, float) else v) for k, v in extra.items()})
                 if save_crops is not None:
                     try:
                         if inp is None and item.source is not None:

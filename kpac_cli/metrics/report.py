@@ -39,7 +39,7 @@ from typing import Any, Iterable
 from ..images import atomic_write_bytes
 from .paper import PAPER_TABLE4_DPDD, PAPER_TABLE4_LABEL
 
-__all__ = ["ImageResult", "Report", "METRIC_NAMES", "LPIPS_NOT_REQUESTED", "PAPER_IMAGES", "paper_note"]
+__all__ = ["ImageResult", "Report", "METRIC_NAMES", "LPIPS_NOT_REQUESTED", "PAPER_IMAGES", "json_number", "paper_note"]
 
 METRIC_NAMES = ("psnr", "ssim", "mae", "lpips")
 _CSV_FIELDS = ("name", "split", "psnr", "ssim", "mae", "lpips", "error")
@@ -71,9 +71,13 @@ class ImageResult:
     split: str | None = None
 
 
-def _json_num(v: float | None) -> float | str | None:
-    """A number for JSON: infinities as strings, NaN (no value) as null like other missing values."""
-    if v is None or math.isnan(v):
+def json_number(v: float | None) -> float | str | None:
+    """A number for JSON (the report files and ``kpac eval --json``): a Python float,
+    infinities as strings, NaN (no value) as null like other missing values."""
+    if v is None:
+        return None
+    v = float(v)
+    if math.isnan(v):
         return None
     return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
 
@@ -169,7 +173,7 @@ class Report:
         summ = self.summary()
 
         def conv(d: dict[str, Any]) -> dict[str, Any]:
-            return {k: (_json_num(v) if isinstance(v, float) else v) for k, v in d.items()}
+            return {k: (json_number(v) if isinstance(v, float) else v) for k, v in d.items()}
 
         return {
             "title": self.title,
@@ -177,7 +181,7 @@ class Report:
             "lpips_unavailable": self.lpips_unavailable,
             "summary": {"overall": conv(summ["overall"]), "splits": {k: conv(v) for k, v in summ["splits"].items()}},
             "images": [
-                {k: (_json_num(v) if isinstance(v, float) else v) for k, v in asdict(r).items()} for r in self.rows
+                {k: (json_number(v) if isinstance(v, float) else v) for k, v in asdict(r).items()} for r in self.rows
             ],
             "failures": [{"name": n, "error": e} for n, e in self.failures],
             "notes": list(self.notes),
