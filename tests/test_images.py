@@ -929,6 +929,49 @@ def test_jpeg_comments_and_iptc_carried_to_jpeg_outputs():
     assert read_image(plain)[1].jpeg_segments == ()
 
 
+def photoshop_resource(resource_id: int, data: bytes, name: bytes = b"") -> bytes:
+    """One Photoshop image resource: '8BIM', id, Pascal name padded to even, size, data padded to even."""
+    pascal = bytes([len(name)]) + name
+    return (b"8BIM" + struct.pack(">H", resource_id) + pascal + b"\0" * (len(pascal) & 1)
+            + struct.pack(">I", len(data)) + data + b"\0" * (len(data) & 1))
+
+
+def test_photoshop_thumbnails_are_dropped_from_app13_when_the_pixels_are_turned():
+    iptc = photoshop_resource(0x0404, b"\x1c\x02\x78\x00\x0bA caption \xc2\xa9")  # odd size: padded
+    named = photoshop_resource(0x0BB7, b"named resource", name=b"ab")
+    thumbnail = photoshop_resource(1036, b"\0\0\0\1" + b"JFIF thumbnail data" * 20)
+    old_thumbnail = photoshop_resource(1033, b"old-style thumbnail")
+    app13 = b"Photoshop 3.0\x00" + iptc + thumbnail + named + old_thumbnail
+    only_thumbnail = b"Photoshop 3.0\x00" + thumbnail
+    segments = ((0xED, app13), (0xFE, b"a comment"), (0xED, only_thumbnail))
+    a = pil_bytes(Image.fromarray(rand((16, 24, 3))), "JPEG", quality=95, exif=make_exif(6, "Cam"))
+    source = a[:2] + b"".join(jpeg_segment(m, d) for m, d in segments) + a[2:]
+
+    img, info = read_image(source)
+    # the other resources byte for byte, in their order; a block of nothing but a thumbnail goes
+    assert info.jpeg_segments == ((0xED, b"Photoshop 3.0\x00" + iptc + named), (0xFE, b"a comment"))
+    with Image.open(io.BytesIO(write_image(None, img, info, format="jpeg"))) as im:
+        assert [d for n, d in im.applist if n == "APP13"] == [b"Photoshop 3.0\x00" + iptc + named]
+
+    upright = a[:2] + b"".join(jpeg_segment(m, d) for m, d in segments) + a[2:]
+    upright = upright.replace(make_exif(6, "Cam"), make_exif(1, "Cam"))
+    assert read_image(upright)[1].jpeg_segments == segments  # nothing turned: all carried as it was
+
+
+def test_a_damaged_app13_keeps_what_cannot_be_parsed():
+    from kpac_cli.images.io import _without_photoshop_thumbnails
+
+    iptc = photoshop_resource(0x0404, b"\x1c\x02\x78\x00\x02ab")
+    thumbnail = photoshop_resource(1036, b"thumb")
+    truncated = photoshop_resource(0x0404, b"x" * 40)[:-10]  # a block continued in the next segment
+    head = b"Photoshop 3.0\x00"
+    assert _without_photoshop_thumbnails(head + thumbnail + iptc + truncated) == head + iptc + truncated
+    assert _without_photoshop_thumbnails(head + truncated + thumbnail) == head + truncated + thumbnail
+    assert _without_photoshop_thumbnails(b"not Photoshop resources") == b"not Photoshop resources"
+    assert _without_photoshop_thumbnails(head + iptc) == head + iptc
+    assert _without_photoshop_thumbnails(head + thumbnail) is None
+
+
 def test_a_tiff_of_many_wide_samples_is_held_to_the_limit_in_bytes():
     """The pixel limit guards memory as float32 RGB would take it: 16 float64 samples per pixel
     (10x that) are refused before decoding, with how to raise the limit; float32 RGB at the

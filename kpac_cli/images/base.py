@@ -116,7 +116,10 @@ class ImageInfo:
     size : tuple of int
         ``(height, width)`` of the returned array, i.e. after orientation.
     frames : int
-        Frames/pages in the source (multi-page TIFF, APNG, MPO). Only the first is read.
+        Frames/pages in the source (multi-page TIFF, APNG, MPO), not counting the reduced
+        copies (previews, thumbnails, pyramid levels) and transparency masks some files
+        carry beside the image. Only the first is read (a TIFF's first page that is no such
+        copy or mask).
     xmp : bytes or None
         The raw XMP packet (UTF-8 XML), copied verbatim except that ``tiff:Orientation`` is
         reset to 1 when the pixels were rotated on read. See :mod:`.metadata`.
@@ -134,8 +137,9 @@ class ImageInfo:
         other sources.
     jpeg_segments : tuple of (int, bytes)
         ``(marker, payload)`` of a JPEG source's comments (COM) and Photoshop resources
-        (APP13, where IPTC lives), in file order, copied verbatim into JPEG outputs. Empty for
-        other sources.
+        (APP13, where IPTC lives), in file order, copied verbatim into JPEG outputs; when the
+        pixels were rotated on read, without the thumbnail resources (1033, 1036), which
+        would show turned. Empty for other sources.
     dropped_extra_samples : int
         Extra samples per pixel of a TIFF source that were left out on read: those beyond
         colour and alpha (stored selections, depth, masks). 0 for every other source.

@@ -144,8 +144,9 @@ def oriented_size(h: int, w: int, orientation: int) -> tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
-def exif_from_tiff(fh: BinaryIO) -> bytes | None:
-    """EXIF rebuilt from the first image directory of the TIFF file ``fh`` (at its start).
+def exif_from_tiff(fh: BinaryIO, ifd_offset: int | None = None) -> bytes | None:
+    """EXIF rebuilt from an image directory of the TIFF file ``fh`` (at its start): the one at
+    ``ifd_offset`` (bytes from the start; the page that is read), by default the first.
 
     Keeps the descriptive IFD0 tags plus the Exif and GPS sub-IFDs; drops structural tags and
     Orientation (the pixels are re-oriented on read). Returns None when nothing is left.
@@ -158,12 +159,13 @@ def exif_from_tiff(fh: BinaryIO) -> bytes | None:
         head = fh.read(16)
         order = "<" if head[:2] == b"II" else ">"
         big = head[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 64-bit offsets
-        (first_ifd,) = struct.unpack(order + "Q", head[8:16]) if big else struct.unpack(order + "I", head[4:8])
+        if ifd_offset is None:
+            (ifd_offset,) = struct.unpack(order + "Q", head[8:16]) if big else struct.unpack(order + "I", head[4:8])
         ex = Image.Exif()
         ex.endian, ex.bigtiff = order, big
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns about every damaged tag
-            ex.load_from_fp(fh, first_ifd)
+            ex.load_from_fp(fh, ifd_offset)
             for tag in _SUB_IFDS:  # load sub-IFDs while the file is still open
                 if tag in ex:
                     ex.get_ifd(tag)

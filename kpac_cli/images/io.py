@@ -22,9 +22,11 @@ TIFF
     sample marked as alpha (ExtraSamples 1 associated, un-premultiplied, or 2 unassociated);
     extra samples marked 0 (unspecified data: stored selections, depth, masks) are not alpha,
     and without the ExtraSamples tag the first extra sample is. Other extra samples are
-    dropped (``info.dropped_extra_samples`` counts them). Multi-page: the first page is read,
-    ``info.frames`` counts the pages other than reduced-resolution copies (previews, pyramid
-    levels) and transparency masks. CMYK, YCbCr and Lab are refused with an
+    dropped (``info.dropped_extra_samples`` counts them). Multi-page: the first page that is
+    not a reduced-resolution copy (a preview or thumbnail some writers put first, a pyramid
+    level) or a transparency mask is read, with its own metadata (else the first such SubIFD
+    of page 0, else page 0); ``info.frames`` counts the pages other than such copies and
+    masks. CMYK, YCbCr and Lab are refused with an
     :class:`ImageError` (no colour-managed conversion is available, and a naive one would
     silently shift colours).
     Every compression tifffile decodes with ``imagecodecs`` (a dependency: LZW, JPEG,
@@ -35,13 +37,15 @@ TIFF
     too); the EXIF sub-IFD is not written to TIFF.
 JPEG
     Pillow; 8-bit gray and RGB (CMYK/YCCK and 12-bit JPEG refused). MPO (multi-picture) reads
-    the first picture.
+    the first picture; ``info.frames`` counts the pictures other than large thumbnails (the
+    previews cameras store beside the photo).
     The main XMP packet is read (extended XMP segments are not). Written 8-bit, 4:4:4
     chroma, with ICC (APP2), EXIF (APP1; dropped if over :data:`JPEG_MAX_EXIF` bytes), XMP (APP1
     ``http://ns.adobe.com/xap/1.0/``; dropped if over 65504 bytes, as extended XMP is not
     written) and the resolution as JFIF density (whole dpi). The comments (COM) and Photoshop
     resources (APP13, IPTC) of a JPEG input (``info.jpeg_segments``) are copied verbatim into
-    JPEG outputs only: PNG and TIFF outputs go without them.
+    JPEG outputs only (less a Photoshop thumbnail when the orientation was applied): PNG and
+    TIFF outputs go without them.
 RAW
     :mod:`.raw` (LibRaw), developed to 16-bit RGB; written as 16-bit TIFF by default. The
     camera's EXIF of TIFF-based RAW (DNG, NEF, CR2, ARW, ...) is read as a TIFF's (descriptive
@@ -57,8 +61,9 @@ from the format's own field, else from EXIF's XResolution) are carried across fo
 
 EXIF orientation is applied to the pixels on read (``info.orientation_applied``) and the
 Orientation tag of the kept EXIF (and ``tiff:Orientation`` of the kept XMP) is reset to 1,
-so outputs display the same way; the dpi pair is swapped with the axes, and the EXIF
-thumbnail, which would show turned, is dropped.
+so outputs display the same way; the dpi pair is swapped with the axes, and the thumbnails,
+which would show turned, are dropped: EXIF's, and those among the Photoshop resources of a
+JPEG's APP13 block (resources 1033 and 1036; the others, IPTC included, stay byte for byte).
 """
 
 from __future__ import annotations
@@ -432,7 +437,7 @@ def _read_jpeg(src: _Src, max_pixels):
             if im.mode == "CMYK":
                 raise ImageError(src.name, "CMYK JPEG is not supported; convert it to RGB first")
             raise ImageError(src.name, f"unsupported JPEG pixel mode {im.mode}")
-        frames = int(getattr(im, "n_frames", 1) or 1)
+        frames = _jpeg_frames(im)
         icc = im.info.get("icc_profile") or None
         exif = exif_mod.normalize_exif(im.info.get("exif"))
         xmp = meta.normalize_xmp(im.info.get("xmp"))  # one APP1 segment: at most 64 KB
@@ -446,6 +451,24 @@ def _read_jpeg(src: _Src, max_pixels):
     if arr.ndim == 2:
         arr = arr[..., None]
     return arr, 8, icc, exif, exif_mod.read_orientation(exif), frames, xmp, dpi, {"jpeg_segments": segments}
+
+
+#: MP Types (CIPA DC-007) of an MPO picture that is a reduced copy of the first: the large
+#: thumbnails (VGA, Full HD) many cameras store in a JPEG photo for previews. Pillow gives a
+#: known type as its name, an unknown one as the number.
+_MPO_LARGE_THUMBNAILS = (0x010001, 0x010002, "Large Thumbnail (VGA Equivalent)", "Large Thumbnail (Full HD Equivalent)")
+
+
+def _jpeg_frames(im) -> int:
+    """The pictures of a JPEG that are images of their own: 1, or the pictures of an MPO other
+    than large thumbnails (which are no more another frame than a TIFF's preview page)."""
+    frames = int(getattr(im, "n_frames", 1) or 1)
+    try:
+        entries = im.mpinfo[0xB002]
+        thumbnails = sum(1 for e in entries[1:] if e["Attribute"]["MPType"] in _MPO_LARGE_THUMBNAILS)
+    except Exception:  # not MPO, or an MP index Pillow read only in part: every picture counts
+        return frames
+    return max(1, frames - thumbnails)
 
 
 def _jfif_dpi(info: dict) -> tuple[float, float] | None:
@@ -478,15 +501,44 @@ def _tiff_is_raw(tif) -> bool:
     return False
 
 
-def _tiff_frames(tif) -> int:
-    """The pages of a TIFF that are images of their own: the first (the one read) and the
-    later ones that are not a reduced-resolution copy (a preview, a pyramid level) or a
-    transparency mask of an image (NewSubfileType bit 0 or 2)."""
+#: NewSubfileType bits of a TIFF page that is no image of its own: a reduced-resolution copy
+#: of another (a preview, a thumbnail, a pyramid level; bit 0) or a transparency mask (bit 2).
+_NOT_OWN_IMAGE = 0b101
+
+
+def _is_own_image(page) -> bool:
+    return not int(page.subfiletype) & _NOT_OWN_IMAGE
+
+
+def _tiff_image_page(tif) -> tuple[Any, int]:
+    """The page of a TIFF that is read, and how many images the TIFF holds (``info.frames``).
+
+    The page read is the first one that is an image of its own, not a reduced-resolution copy
+    or a mask: scanners, Photoshop and camera exports may put a small preview first, and
+    reading it would silently lose the full image. Without such a top-level page, the first
+    such SubIFD of page 0 is read (a preview whose full image hangs below it), else page 0.
+    The count is that of the top-level pages that are images of their own (at least 1).
+    """
     pages = tif.pages
+    own: list[Any] = []
+    damaged = False
     try:
-        return 1 + sum(1 for i in range(1, len(pages)) if not int(pages[i].subfiletype) & 0b101)
-    except Exception:  # a damaged later directory: counted as a page; only the first is read
-        return len(pages)
+        for i in range(len(pages)):
+            page = pages[i]
+            if _is_own_image(page):
+                own.append(page)
+    except Exception:  # a damaged later directory: counted as a page, and the search stops there
+        damaged = True
+    page = own[0] if own else _own_subifd(pages.first)
+    return page, len(pages) if damaged else max(1, len(own))
+
+
+def _own_subifd(first) -> Any:
+    """The first SubIFD of ``first`` that is an image of its own, else ``first`` itself."""
+    try:
+        return next((sub for sub in first.pages or () if _is_own_image(sub)), first)
+    except Exception:  # a damaged SubIFD: the page itself is read, as before SubIFDs were looked at
+        return first
 
 
 def _read_tiff(src: _Src, max_pixels, raw_options):
@@ -503,10 +555,9 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
         try:
             if not tif.pages:
                 raise ImageError(src.name, "TIFF has no images")
-            frames = _tiff_frames(tif)
             if _tiff_is_raw(tif):
                 return None  # caller develops it as RAW
-            page = tif.pages.first
+            page, frames = _tiff_image_page(tif)
             h, w = int(page.imagelength), int(page.imagewidth)
             _check_pixels(src.name, w, h, max_pixels)
             spp = int(page.samplesperpixel)
@@ -531,6 +582,7 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
             has_exif = any(t in tags for t in (34665, 34853, *exif_mod.DESCRIPTIVE_TAGS))
             extrasamples = tuple(int(e) for e in (page.extrasamples or ()))
             colormap = page.colormap if photometric == P.PALETTE else None  # before the file closes
+            ifd_offset = int(page.offset)
             arr = page.asarray()
             axes = page.axes
         except ImageError:
@@ -564,7 +616,7 @@ def _read_tiff(src: _Src, max_pixels, raw_options):
     dropped = samples - (1 if photometric == P.PALETTE else arr.shape[2])  # the palette index became RGB
     exif = None
     if has_exif:
-        exif = _tiff_exif(src)
+        exif = _tiff_exif(src, ifd_offset)
     return arr, depth, icc, exif, orientation, frames, xmp, dpi, {"clipped_float_values": clipped, "dropped_extra_samples": dropped}
 
 
@@ -677,10 +729,11 @@ def _unpremultiply(arr: np.ndarray, depth: int) -> np.ndarray:
     return quantize(f, depth)
 
 
-def _tiff_exif(src: _Src) -> bytes | None:
+def _tiff_exif(src: _Src, ifd_offset: int | None = None) -> bytes | None:
+    """EXIF from the TIFF directory at ``ifd_offset`` (None: the first), the page read."""
     try:
         with src.open() as fh:
-            return exif_mod.exif_from_tiff(fh)
+            return exif_mod.exif_from_tiff(fh, ifd_offset)
     except ImageError:  # the file cannot be opened again: metadata is best-effort
         return None
 
@@ -744,6 +797,8 @@ def _decode(source, max_pixels, raw_options):
                 exif = exif_mod.drop_thumbnail(exif_mod.reset_orientation(exif))
             if xmp is not None:
                 xmp = meta.reset_xmp_orientation(xmp)
+            if extra.get("jpeg_segments"):  # a Photoshop thumbnail would show turned, as EXIF's would
+                extra = {**extra, "jpeg_segments": _without_turned_thumbnails(extra["jpeg_segments"])}
             if dpi is not None and orientation in (5, 6, 7, 8):  # axes swapped
                 dpi = (dpi[1], dpi[0])
     return src, fmt, arr, depth, icc, exif, orientation, frames, xmp, dpi, extra
@@ -969,7 +1024,7 @@ def _probe(src: _Src, fmt: str) -> tuple[int, int]:
             if not tif.pages:
                 raise ImageError(src.name, "TIFF has no images")
             if not _tiff_is_raw(tif):
-                page = tif.pages.first
+                page, _frames = _tiff_image_page(tif)
                 h, w = int(page.imagelength), int(page.imagewidth)
                 o = _tiff_orientation(page.tags)
                 _check_pixels(src.name, w, h, None)
@@ -992,7 +1047,7 @@ def _probe_depth(source) -> tuple[tuple[int, int], int]:
         try:
             with tifffile.TiffFile(src.lib_arg) as tif:
                 if not _tiff_is_raw(tif):
-                    page = tif.pages.first
+                    page, _frames = _tiff_image_page(tif)
                     if page.dtype is not None and page.dtype.kind == "f":
                         return size, 32
                     if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
@@ -1140,6 +1195,62 @@ def _jpeg_carried_segments(applist: Iterable[tuple[str, bytes]]) -> tuple[tuple[
     """``(marker, payload)`` of the :data:`JPEG_CARRIED_SEGMENTS` among a JPEG's header
     segments (Pillow's ``applist``: name and payload, in file order), in file order."""
     return tuple((JPEG_CARRIED_SEGMENTS[name][0], bytes(data)) for name, data in applist if name in JPEG_CARRIED_SEGMENTS)
+
+
+#: How an APP13 segment's Photoshop image resources begin, and the signatures a resource
+#: starts with ('8BIM'; the others from ImageReady and older tools).
+_PHOTOSHOP_HEADER = b"Photoshop 3.0\x00"
+_RESOURCE_SIGNATURES = (b"8BIM", b"MeSa", b"PHUT", b"AgHg", b"DCSR")
+#: Photoshop image resources holding a thumbnail of the image (1036, and 1033 of Photoshop 4).
+_PHOTOSHOP_THUMBNAILS = (1033, 1036)
+
+
+def _resource_end(payload: bytes, pos: int) -> int | None:
+    """End of the image resource at ``pos`` (signature, id, even-padded Pascal name, size,
+    even-padded data), or None where no complete resource starts there."""
+    if payload[pos : pos + 4] not in _RESOURCE_SIGNATURES or pos + 7 > len(payload):
+        return None
+    name_length = payload[pos + 6]
+    size_at = pos + 6 + ((1 + name_length + 1) & ~1)
+    if size_at + 4 > len(payload):
+        return None
+    (size,) = struct.unpack(">I", payload[size_at : size_at + 4])
+    end = size_at + 4 + size + (size & 1)
+    return end if end <= len(payload) + (size & 1) else None  # the last pad byte may be missing
+
+
+def _without_photoshop_thumbnails(payload: bytes) -> bytes | None:
+    """An APP13 payload without its thumbnail resources; None when nothing else is left.
+
+    For pixels turned on read, as the EXIF thumbnail is dropped: the thumbnail keeps the old
+    orientation. The other resources (IPTC, ...) stay byte for byte; from where the payload
+    cannot be parsed (damage, a block continued in the next segment) it is kept as it is.
+    """
+    if not payload.startswith(_PHOTOSHOP_HEADER):
+        return payload
+    kept, pos, dropped = [payload[: len(_PHOTOSHOP_HEADER)]], len(_PHOTOSHOP_HEADER), False
+    while (end := _resource_end(payload, pos)) is not None:
+        if struct.unpack(">H", payload[pos + 4 : pos + 6])[0] in _PHOTOSHOP_THUMBNAILS:
+            dropped = True
+        else:
+            kept.append(payload[pos:end])
+        pos = end
+    if not dropped:
+        return payload
+    kept.append(payload[pos:])
+    rest = b"".join(kept)
+    return None if rest == _PHOTOSHOP_HEADER else rest
+
+
+def _without_turned_thumbnails(segments: Iterable[tuple[int, bytes]]) -> tuple[tuple[int, bytes], ...]:
+    """Carried JPEG segments with the Photoshop thumbnails of their APP13 blocks dropped."""
+    out = []
+    for marker, payload in segments:
+        if marker == JPEG_CARRIED_SEGMENTS["APP13"][0]:
+            payload = _without_photoshop_thumbnails(payload)
+        if payload is not None:
+            out.append((marker, payload))
+    return tuple(out)
 
 
 def jpeg_segment_names(segments: Iterable[tuple[int, bytes]]) -> list[str]:
