@@ -197,13 +197,21 @@ def read_balance_views(model: str | Path | bytes) -> bool:
     return _balance_of(read_metadata(model))
 
 
+def require_onnxruntime() -> None:
+    """ImportError naming the extra to install when onnxruntime is missing (checked before an
+    export whose check needs it, so that no file is written by a command that then fails)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise ImportError("onnxruntime is not installed: pip install 'kpac[onnx]'") from e
+
+
 def make_session(model: str | Path | bytes, threads: int | None = None):
     """An onnxruntime CPU session with full graph optimisation and ``threads`` intra-op threads
     (default: PyTorch's thread count, so comparisons use the same threads)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ImportError("onnxruntime is not installed: pip install 'kpac[onnx]'") from e
+    require_onnxruntime()
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or torch.get_num_threads()
@@ -362,4 +370,4 @@ def check_export(
 
 
 __all__ = ["MIN_OPSET", "OnnxBackend", "bound_runner", "check_export", "check_static_size", "export_onnx", "make_session",
-           "max_opset", "read_balance_views", "read_config", "read_metadata"]
+           "max_opset", "read_balance_views", "read_config", "read_metadata", "require_onnxruntime"]

@@ -750,7 +750,7 @@ def test_an_authors_npz_given_as_a_model_says_to_convert_it(tmp_path, name):
     assert not (tmp_path / "b.png").exists()
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".PT", ".Pth"])
 def test_update_provenance_never_rewrites_a_torch_file(tmp_path, suffix):
     """A .pt training state would be replaced by a safetensors file of weights alone."""
     net = build_model(KPACConfig(levels=2, channels=8))
@@ -956,3 +956,52 @@ def test_a_half_downloaded_or_lfs_pointer_torch_file_says_so(tmp_path):
     path.write_text(LFS_POINTER)
     with pytest.raises(CheckpointMismatchError, match=r"last\.pt is a Git LFS pointer, not the weights: run `git lfs pull`"):
         load_checkpoint(path)
+
+
+def test_a_file_of_a_newer_checkpoint_format_is_refused_saying_to_upgrade(tmp_path):
+    """The format version is read: a newer format's tensors may mean something else, so such a
+    file is not loaded as if it were of this one."""
+    from kpac_cli import __version__
+
+    path = _with_metadata(save_checkpoint(tmp_path / "m.safetensors", build_model(KPACConfig(levels=2, channels=8)),
+                                          {"kpac_version": "9.0.0"}), format_version="2")
+    with pytest.raises(CheckpointMismatchError, match=rf"m.safetensors: written by kpac 9.0.0 in checkpoint format 2, "
+                                                      rf"which this kpac {re.escape(__version__)} does not read .*upgrade kpac"):
+        load_checkpoint(path)
+    _with_metadata(path, format_version="one")
+    with pytest.raises(CheckpointMismatchError, match=r"invalid kpac metadata \(unknown format_version 'one'\)"):
+        read_metadata(path)
+    _with_metadata(path, format_version="1")  # this format: read as ever
+    assert read_metadata(path)[0] == KPACConfig(levels=2, channels=8)
+
+
+def test_a_config_field_of_a_newer_kpac_says_to_upgrade_not_that_the_file_is_invalid(tmp_path):
+    model = build_model(KPACConfig(levels=2, channels=8))
+    config = {**model.config.to_dict(), "norm": "group"}  # a field a later version may add
+    newer = _with_metadata(save_checkpoint(tmp_path / "new.safetensors", model, {"kpac_version": "99.1"}),
+                           config=json.dumps(config))
+    with pytest.raises(CheckpointMismatchError, match=r"new.safetensors: written by kpac 99.1, newer than this kpac "
+                                                      r".*: upgrade kpac to load it \(unknown KPACConfig fields: \['norm'\]\)"):
+        load_checkpoint(newer)
+    torch.save({"config": config, "model": model.state_dict(), "provenance": {"kpac_version": "99.1"}}, tmp_path / "new.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"new.pt: written by kpac 99.1, newer .*upgrade kpac"):
+        load_checkpoint(tmp_path / "new.pt")
+    # written by this version (or an older one): the field is an error in the file, said as before
+    same = _with_metadata(save_checkpoint(tmp_path / "same.safetensors", model), config=json.dumps(config))
+    with pytest.raises(CheckpointMismatchError, match=r"same.safetensors: invalid kpac metadata \(unknown KPACConfig"):
+        load_checkpoint(same)
+
+
+@pytest.mark.parametrize("suffix", [".PT", ".Pth"])
+def test_a_torch_file_named_in_upper_case_loads_as_one(tmp_path, suffix):
+    """RUN.PT (a copy from a camera card or a Windows share) is a torch file, not a broken safetensors one."""
+    from kpac_cli.checkpoints.registry import resolve_model
+
+    model = build_model(KPACConfig(levels=2, channels=8))
+    path = tmp_path / f"RUN{suffix}"
+    torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, path)
+    loaded = load_checkpoint(path)
+    assert loaded.config == model.config
+    assert all(torch.equal(loaded.state_dict[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="model file not found"):  # not "unknown model"
+        resolve_model(tmp_path / f"MISSING{suffix}")

@@ -398,6 +398,20 @@ def test_export_without_the_onnx_package_is_one_line_naming_the_extra(tmp_path, 
     assert not out.exists()
 
 
+def test_check_without_onnxruntime_fails_before_writing_the_file(tmp_path, monkeypatch):
+    """--check needs onnxruntime: without it the command fails, and leaves no file that a rerun
+    would then call existing."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    out = tmp_path / "m.onnx"
+    res = invoke_export("--onnx", out, "--config", "single_2level", "--check", "--check-size", "32x32")
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert res.stderr.startswith("error: onnxruntime is not installed: pip install 'kpac[onnx]'")
+    assert len(res.stderr.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_a_static_graph_refuses_other_sizes_naming_its_own(tmp_path):
     """OnnxBackend pads to the stride; a static graph then takes only its own size, said as such."""
     model = make_model(KPACConfig(levels=2, channels=8))

@@ -823,3 +823,16 @@ def test_cli_synth_names_the_folder_without_images(runner_app, tmp_path):
     (tmp_path / "empty" / "notes.txt").write_text("no photo")
     res = runner.invoke(app, ["synth", str(tmp_path / "empty"), "-o", str(tmp_path / "x")])
     assert res.exit_code == 2 and f"no sharp images in {tmp_path / 'empty'}" in res.stderr, res.output
+
+
+def test_cli_synth_names_an_unreadable_source_once(runner_app, tmp_path):
+    runner, app = runner_app
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    iio.imwrite(photos / "good.png", (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
+    (photos / "bad.png").write_bytes(b"\x89PNG but no image")
+    res = runner.invoke(app, ["synth", str(photos), "-o", str(tmp_path / "ds"), "--count", "2", "-q"])
+    assert res.exit_code == 1, res.output  # one of the two samples could not be made
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {photos / 'bad.png'}: "), res.stderr
+    assert errors[0].count(str(photos / "bad.png")) == 1, errors[0]

@@ -158,7 +158,7 @@ def resolve_model(spec: str | Path, dual: bool = False) -> tuple[Path, str]:
         # model, say) does not hide that model; a training run folder is taken as given.
         if _is_run_folder(path) or spec_s not in _shipped_files():
             return _run_folder_model(path), path.resolve().name
-    elif path.suffix in (".safetensors", ".pt", ".pth", ".npz") or path.exists():
+    elif path.suffix.lower() in (".safetensors", ".pt", ".pth", ".npz") or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         return path, path.stem

@@ -2,7 +2,8 @@
 
 Loading never unpickles anything. The metadata (all strings, as safetensors requires):
 
-* ``format``: ``"kpac"``, and ``format_version``
+* ``format``: ``"kpac"``, and ``format_version`` (a file of a newer format is refused, saying
+  to upgrade kpac, rather than read as if it were of this one)
 * ``config``: the :class:`~kpac_cli.model.KPACConfig` as JSON - the model is built from it
 * ``provenance``: JSON, free-form but conventionally ``name``, ``description``,
   ``trained_on``, ``iterations``, ``scores``, ``kpac_version``, ``source``
@@ -157,7 +158,7 @@ def update_provenance(path: str | Path, **fields: Any) -> dict[str, Any]:
     Only kpac ``.safetensors`` files are rewritten: a ``.pt``/``.pth`` file (a training run's
     state, say) is refused, since rewriting it would replace it with weights alone."""
     path = Path(path)
-    if path.suffix in (".pt", ".pth"):
+    if _is_torch_file(path):
         raise CheckpointMismatchError(f"{path}: provenance is updated in kpac .safetensors files only, not in a torch "
                                       "file (export it first: kpac train --export-only)")
     ckpt = load_checkpoint(path)
@@ -166,6 +167,12 @@ def update_provenance(path: str | Path, **fields: Any) -> dict[str, Any]:
     dtype = next(iter(ckpt.state_dict.values())).dtype
     save_checkpoint(path, model, provenance, dtype=dtype)
     return provenance
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether ``path`` is named as a torch file (``.pt``/``.pth`` in any case: a file copied from
+    a camera card or a Windows share may be ``RUN.PT``)."""
+    return path.suffix.lower() in (".pt", ".pth")
 
 
 def is_lfs_pointer(path: Path) -> bool:
@@ -250,15 +257,57 @@ def read_metadata(path: str | Path) -> tuple[KPACConfig, dict[str, Any]]:
             f"{path}: safetensors file without kpac metadata (no architecture config); "
             "convert the authors' .npz with `kpac convert` or save with kpac_cli.checkpoints.save_checkpoint"
         )
+    _check_format_version(path, meta)
     try:
         config = KPACConfig.from_json(meta["config"])
         provenance = json.loads(meta.get("provenance", "{}"))
     except (ValueError, TypeError) as e:
+        newer = _newer_writer(_writer_version(meta))
+        if newer is not None:  # a field this kpac does not know yet, rather than a damaged file
+            raise CheckpointMismatchError(f"{path}: {newer}: upgrade kpac to load it ({e})") from None
         raise CheckpointMismatchError(f"{path}: invalid kpac metadata ({e})") from None
     if not isinstance(provenance, dict):  # every reader looks fields up in it
         raise CheckpointMismatchError(f"{path}: invalid kpac metadata (provenance must be a JSON object, "
                                       f"got {type(provenance).__name__})")
     return config, provenance
+
+
+def _check_format_version(path: Path, meta: dict[str, str]) -> None:
+    """Refuse a file of another checkpoint format version: what its tensors and metadata mean
+    may have changed, so reading it as this version's could load wrong weights without a word."""
+    version = meta.get("format_version", FORMAT_VERSION)  # files without it are version 1
+    if version == FORMAT_VERSION:
+        return
+    if version.isdigit() and int(version) > int(FORMAT_VERSION):
+        writer = _writer_version(meta)
+        by = f" by kpac {writer}" if writer else ""
+        raise CheckpointMismatchError(f"{path}: written{by} in checkpoint format {version}, which this kpac {__version__} "
+                                      f"does not read (it reads format {FORMAT_VERSION}): upgrade kpac to load it")
+    raise CheckpointMismatchError(f"{path}: invalid kpac metadata (unknown format_version {version!r})")
+
+
+def _writer_version(meta: dict[str, str]) -> str | None:
+    """The kpac version recorded in a file's provenance, if it can be read."""
+    try:
+        version = json.loads(meta.get("provenance", "{}")).get("kpac_version")
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return version if isinstance(version, str) else None
+
+
+def _version_key(version: object) -> tuple[int, ...] | None:
+    """'0.10.2' -> (0, 10, 2); the numeric release part only (None if there is none)."""
+    found = re.match(r"\d+(\.\d+)*", version.strip()) if isinstance(version, str) else None
+    return tuple(int(p) for p in found.group(0).split(".")) if found else None
+
+
+def _newer_writer(theirs: object) -> str | None:
+    """'written by kpac X, newer than this kpac Y' when ``theirs``, the kpac version a file
+    records, is newer than this one, else None."""
+    their_key, our_key = _version_key(theirs or ""), _version_key(__version__)
+    if their_key is None or our_key is None or their_key <= our_key:
+        return None
+    return f"written by kpac {theirs}, newer than this kpac {__version__}"
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -272,9 +321,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         found = f"{path} is a folder, not a model file" if path.is_dir() else f"model file not found: {path}"
         raise FileNotFoundError(found + _not_a_file_hint(path))
-    if path.suffix in (".pt", ".pth"):
+    if _is_torch_file(path):
         return _load_torch_weights_only(path)
-    if path.suffix == ".npz" or _is_official_npz(path):
+    if path.suffix.lower() == ".npz" or _is_official_npz(path):
         raise CheckpointMismatchError(
             f"{path}: an .npz file (the authors' release format) is not loaded directly: "
             f"convert it with `kpac convert {path} -o {path.stem}.safetensors` and use that file"
@@ -358,6 +407,11 @@ def _load_torch_weights_only(path: Path) -> Checkpoint:
         state = trained_weights(obj)
         provenance = dict(obj.get("provenance") or {})
     except (TypeError, ValueError) as e:
-        raise CheckpointMismatchError(f"{path}: invalid .pt checkpoint ({' '.join(str(e).split())})") from None
+        reason = " ".join(str(e).split())
+        prov = obj.get("provenance")
+        newer = _newer_writer(prov.get("kpac_version") if isinstance(prov, dict) else None)
+        if newer is not None:  # a field this kpac does not know yet, rather than a damaged file
+            raise CheckpointMismatchError(f"{path}: {newer}: upgrade kpac to load it ({reason})") from None
+        raise CheckpointMismatchError(f"{path}: invalid .pt checkpoint ({reason})") from None
     _check_weight_values(path, state)
     return Checkpoint(config, state, provenance, path)

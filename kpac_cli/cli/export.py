@@ -70,7 +70,7 @@ def export(
 
     Height and width of the dynamic graph must be multiples of the model's stride (8 for 3-level models, 4 for 2-level); pad first, as kpac's engine does. A dual-pixel model whose checkpoint asks for balanced views records that in the file's metadata (kpac_balance_views); balance the views before the graph, as kpac's engine does.
     """
-    from ..export import MIN_OPSET, check_export, check_static_size, export_onnx, max_opset
+    from ..export import MIN_OPSET, check_export, check_static_size, export_onnx, max_opset, require_onnxruntime
 
     if config is not None and "model" in given_options(ctx):
         # which of the two was meant is unknown: refused rather than one silently ignored
@@ -101,6 +101,12 @@ def export(
         raise usage_error("--check-size with --static: a static graph is checked at its own size (--static WxH)")
     sample = sizes["--static"] or (96, 64)
     cw, ch = sizes["--check-size"]
+    if check:  # before anything is written: a file left by a command that then fails would look like a result
+        try:
+            require_onnxruntime()
+        except ImportError as e:
+            print_error(f"{e} (--check runs the graph with it)")
+            raise typer.Exit(EXIT_FAILED) from None
     try:
         net, name, balance = _load_model(model, config)
         if static:

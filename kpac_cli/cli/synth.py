@@ -28,6 +28,13 @@ Example:
 """
 
 
+def _failure_line(origin: str, error: str) -> str:
+    """Why a source could not be used, naming it once: the reader's message ('ImageError: PATH:
+    not a recognised image') already starts with the path, after the error's type."""
+    at = error.find(f"{origin}: ")
+    return error[at:] if at >= 0 else f"{origin}: {error}"
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``synth`` command to ``app``."""
     app.command("synth", help=_HELP, no_args_is_help=True)(synth)
@@ -170,7 +177,7 @@ def synth(
     summary["elapsed_s"] = round(elapsed, 3)
 
     for f in summary["failed"]:
-        print_error(f"{f['origin']}: {f['error']}")
+        print_error(_failure_line(f["origin"], f["error"]))
     small = sorted({s["source"] for s in summary["samples"] if crop is not None and min(s["crop"][2:]) < crop})
     if small and not quiet:  # a training set of mixed sizes should not be a surprise
         err_console.print(f"note: {len(small)} source(s) smaller than --crop {crop} in a side gave smaller samples "
