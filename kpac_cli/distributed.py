@@ -6,8 +6,10 @@ process group (NCCL for CUDA, gloo for the CPU) and picks ``cuda:LOCAL_RANK``. W
 them, or with ``WORLD_SIZE=1``, training is single-process and nothing here does anything.
 
 Conventions: only rank 0 logs, validates and writes files; every rank must take the same
-decisions at the same step (skip a non-finite batch, stop on a signal), which
-:func:`agree` settles with one tiny all-reduce per step.
+decisions at the same step (skip a non-finite batch, stop on a signal or on a failure of one
+rank), which :func:`agree` settles with one tiny all-reduce per step. A rank that fails does
+not leave the others waiting in a collective: it says so at the next agreement, where every
+rank learns why with :func:`gather_object` and stops.
 """
 
 from __future__ import annotations
@@ -93,6 +95,15 @@ def agree(info: DistInfo, flags: list[bool], device: torch.device) -> list[bool]
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def gather_object(info: DistInfo, obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not info.enabled:
+        return [obj]
+    box: list[object] = [None] * info.world_size
+    dist.all_gather_object(box, obj)
+    return box
 
 
 def broadcast_object(info: DistInfo, obj: object) -> object:

@@ -1,21 +1,27 @@
-"""Multi-process training: 2 CPU ranks (gloo) end with identical weights; rank 0 alone writes."""
+"""Multi-process training: 2 CPU ranks (gloo) end with identical weights; rank 0 alone writes;
+a failure of one rank ends every rank, in bounded time, with one message."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from kpac_cli.model import KPACConfig
+from kpac_cli.train import load_state
+from kpac_cli.train.data import _EpochOrder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import make_dpdd  # noqa: E402
+from test_train import make_dpdd, write_png  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,12 +81,75 @@ def test_torchrun_cli(tmp_path):
            "-m", "kpac_cli", "train", "--data", str(data), "--allow-count-mismatch", "--run-dir", str(out), "--levels", "2",
            "--channels", "8", "--batch", "1", "--crop", "32", "--val-crop", "32", "--iterations", "3", "--device", "cpu",
            "--workers", "0", "--no-tensorboard", "-q"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+    r = subprocess.run([*cmd, "--json"], cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     from kpac_cli.checkpoints import load_checkpoint
 
     assert load_checkpoint(out / "model.safetensors").provenance["hardware"]["processes"] == 2
+    # rank 0 speaks for the run: one JSON record, the one with the model, not one per process
+    records = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 1 and records[0]["model_path"] == str(out / "model.safetensors"), r.stdout
+
+
+def _run_ranks(args: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """``kpac ARGS`` in 2 processes, as torchrun starts them (its environment, gloo on the CPU);
+    they must all end within ``timeout`` seconds (a rank left waiting for another fails the test)."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "kpac_cli", *args], cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    deadline = time.monotonic() + timeout
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the ranks did not end within {timeout:g} s (one waits for another)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
+
+
+def _pairs_with_one_broken(root: Path, broken_key: int) -> str:
+    """4 paired photos; the one the sample of ``broken_key`` reads (none: -1) has a target of another size."""
+    rng = np.random.default_rng(0)
+    names = [f"p{i}" for i in range(4)]
+    broken = names[_EpochOrder(4, 0)(broken_key)] if broken_key >= 0 else ""
+    for folder in ("src", "tgt"):
+        (root / folder).mkdir(parents=True)
+    for name in names:
+        img = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
+        write_png(root / "src" / f"{name}.png", img)
+        write_png(root / "tgt" / f"{name}.png", img[:36] if name == broken else img)
+    return broken
+
+
+_TINY_RUN = ["--levels", "2", "--channels", "8", "--batch", "1", "--crop", "32", "--device", "cpu", "--no-tensorboard"]
+
+
+@pytest.mark.slow
+def test_a_data_problem_of_one_rank_ends_every_rank_with_one_message(tmp_path):
+    """Rank 1 meets a broken pair at its second batch: both ranks stop (exit 1) instead of rank 0
+    waiting for it forever; rank 0 names the pair and where last.pt stands, rank 1 says nothing."""
+    # batch 1, 2 ranks: step s reads sample 2s + rank, so sample 3 is rank 1's second
+    broken = _pairs_with_one_broken(tmp_path, broken_key=3)
+    run = tmp_path / "run"
+    r0, r1 = _run_ranks(["train", "--source", str(tmp_path / "src"), "--target", str(tmp_path / "tgt"),
+                         "--run-dir", str(run), *_TINY_RUN, "--iterations", "6", "--val-count", "0", "--cache", "no",
+                         "--workers", "1", "-q"])
+    assert r0.returncode == 1 and r1.returncode == 1, (r0.stderr[-3000:], r1.stderr[-3000:])
+    assert r0.stderr.splitlines() == [f"error: pair {broken}: image sizes differ ({broken}.png 40x40, {broken}.png 40x36) "
+                                      f"(training stopped at iteration 1; {run / 'last.pt'} holds iteration 1)"], r0.stderr
+    assert r1.stderr == "", r1.stderr
+    assert load_state(run / "last.pt")["step"] == 1
 
 
 def test_each_rank_gets_its_own_gpu_for_auto_and_plain_cuda(monkeypatch):
@@ -95,3 +164,64 @@ def test_each_rank_gets_its_own_gpu_for_auto_and_plain_cuda(monkeypatch):
     assert device_for_rank("cuda", DistInfo()) == "cuda"  # a single process is unchanged
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert device_for_rank("auto", two_ranks) == "cpu"
+
+
+@pytest.mark.slow
+def test_a_set_up_failure_of_one_rank_ends_every_rank(tmp_path):
+    """Only rank 0 reads the validation photos: one that cannot be read is a usage error there
+    (exit 2, as with one process), and rank 1 stops with it (exit 1, silent) instead of waiting
+    for rank 0 in DDP's first broadcast. No run folder is left behind."""
+    _pairs_with_one_broken(tmp_path, broken_key=-1)
+    (tmp_path / "vs").mkdir()
+    (tmp_path / "vt").mkdir()
+    write_png(tmp_path / "vs" / "v.png", np.zeros((32, 32, 3), np.uint8))
+    (tmp_path / "vt" / "v.png").write_text("not an image")
+    run = tmp_path / "run"
+    r0, r1 = _run_ranks(["train", "--source", str(tmp_path / "src"), "--target", str(tmp_path / "tgt"),
+                         "--val-source", str(tmp_path / "vs"), "--val-target", str(tmp_path / "vt"), "--val-crop", "32",
+                         "--run-dir", str(run), *_TINY_RUN, "--iterations", "4", "--workers", "0", "-q"])
+    assert (r0.returncode, r1.returncode) == (2, 1), (r0.stderr[-3000:], r1.stderr[-3000:])
+    assert len(r0.stderr.splitlines()) == 1 and f"{tmp_path / 'vt' / 'v.png'}: not a recognised image" in r0.stderr
+    assert r1.stderr == "", r1.stderr
+    assert not run.exists()
+
+
+def _rank_whose_checkpoint_fails(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
+    """Rank 0 cannot write last.pt at iteration 2 (a full disk): what each rank raises goes to ``dump``."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from kpac_cli.train import TrainConfig, train
+    from kpac_cli.train import loop
+
+    def full_disk(_obj, _path):
+        raise OSError(28, "No space left on device")
+
+    loop.save_state = full_disk
+    cfg = TrainConfig(out=Path(out), data=Path(data), allow_count_mismatch=True, model=KPACConfig(levels=2, channels=8),
+                      iterations=6, save_every=2, batch=1, crop="32", val_count=0, workers=0, device="cpu",
+                      tensorboard=False)
+    try:
+        train(cfg)
+        raised = None
+    except Exception as e:  # noqa: BLE001 - what the rank raised is the result
+        raised = [type(e).__name__, str(e)]
+    (Path(dump) / f"rank{rank}.json").write_text(json.dumps(raised))
+
+
+def test_a_checkpoint_rank_0_cannot_write_ends_every_rank(tmp_path):
+    """Rank 0's failure after a step (writing last.pt) reaches rank 1 at the next step's agreement:
+    rank 0 raises its own error, rank 1 a RankFailed naming it; neither waits forever."""
+    data = make_dpdd(tmp_path / "dpdd", {"train": 4, "val": 1}, size=(32, 32))
+    ranks = mp.start_processes(_rank_whose_checkpoint_fails, args=(2, _free_port(), str(data), str(tmp_path / "run"), str(tmp_path)),
+                               nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ranks.processes:
+                p.kill()
+            pytest.fail("the ranks did not end (one waits for another)")
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0 == ["OSError", "[Errno 28] No space left on device"]
+    assert r1 == ["RankFailed", "process 0 stopped the run: [Errno 28] No space left on device"]

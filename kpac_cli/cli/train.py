@@ -249,7 +249,8 @@ def train_command(
     from ..images import ImageError
     from ..model import KPACConfig
     from ..train import (
-        CheckpointError, DataError, TrainConfig, TrainingError, VGGWeightsMissing, export_model, load_state, train,
+        CheckpointError, DataError, RankFailed, TrainConfig, TrainingError, VGGWeightsMissing, export_model, load_state,
+        train,
     )
     from ..train.data import procedural_scene_side
     from ..train.loop import new_run_architecture, resolve_device, resolve_precision
@@ -417,6 +418,10 @@ def train_command(
         if made is not None:  # the run never started: leave no empty run folder behind
             _remove_empty_up_to(cfg.out, made)
         raise typer.Exit(EXIT_USAGE) from None
+    except RankFailed:  # under torchrun: the process that failed says why, once for all
+        if made is not None:
+            _remove_empty_up_to(cfg.out, made)
+        raise typer.Exit(EXIT_FAILED) from None
     except (TrainingError, CheckpointError) as e:
         print_error(str(e))
         raise typer.Exit(EXIT_FAILED) from None
@@ -424,15 +429,16 @@ def train_command(
         print_error(f"{e.filename or cfg.out}: {e.strerror or e}")
         raise typer.Exit(EXIT_FAILED) from None
 
-    if json_out:
+    reports = env_info().is_main  # under torchrun, rank 0 speaks for the run: one result, not one per process
+    if json_out and reports:
         emit_json({"event": "train", **result.to_dict()})
     if result.interrupted:
-        if not quiet:
+        if not quiet and reports:
             err_console.print(f"stopped at iteration {result.step}; checkpoint {result.last_checkpoint}; "
                               f"continue with: kpac train --resume {shlex.quote(str(cfg.out))}",
                               markup=False, soft_wrap=True)
         raise typer.Exit(128 + (result.signal or signal.SIGINT))
-    if not quiet and not result.already_complete:  # a complete run's resume said so in one line
+    if not quiet and reports and not result.already_complete:  # a complete run's resume said so in one line
         sc = result.scores
         score = f", validation PSNR {sc['psnr']:.3f} dB / SSIM {sc['ssim']:.4f}" if sc else ""
         err_console.print(f"done: {result.step} iterations in {_fmt_time(result.wall_clock_s)}{score}; model -> {result.model_path}",

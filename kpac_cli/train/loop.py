@@ -20,6 +20,12 @@ Conventions
 * A data problem met mid-run (a photo that cannot be read; photos are read as training needs
   them unless cached) saves ``last.pt`` at the iterations done, then raises a
   :class:`TrainingError` (the run failed; the same problem before the run is a DataError).
+* Several processes (``torchrun``) stop together: a rank whose data fail, or whose set-up
+  fails, or rank 0 when its validation or a checkpoint fails, says so at the next point where
+  the ranks synchronise (the per-step agreement; one point at the end of the set-up), instead
+  of leaving the others waiting there forever. The failure is then raised on every rank: the
+  error itself where it is reported (rank 0 for data problems, with where ``last.pt`` stands;
+  else the first rank that failed), :class:`RankFailed` on the others.
 """
 
 from __future__ import annotations
@@ -60,6 +66,15 @@ from .vgg import PerceptualLoss, find_vgg_weights, load_vgg19
 
 class TrainingError(Exception):
     """Training cannot start or cannot go on; the message says why and what to do."""
+
+
+class RankFailed(TrainingError):
+    """Another process of a multi-process run failed, and that process reports why: this one
+    stops with it (``reporter``: the rank that says what went wrong)."""
+
+    def __init__(self, reporter: int, message: str) -> None:
+        super().__init__(f"process {reporter} stopped the run: {message}")
+        self.reporter = reporter
 
 
 @dataclass
@@ -311,12 +326,19 @@ def _worker_error_message(error: Exception) -> str:
     return text[at + len(name):].strip() if at >= 0 else text
 
 
-def _batches(loader: Any, on_error: Callable[[], str]) -> Any:
+@dataclass(frozen=True)
+class _DataProblem:
+    """What :func:`_batches` yields in place of a batch when the data fail: the one-line message."""
+
+    message: str
+
+
+def _batches(loader: Any) -> Any:
     """The loader's batches. A data problem met on the way (an unreadable photo, a pair whose
-    sizes differ; photos are read as training needs them unless cached) is raised as a
-    :class:`TrainingError` with the one-line message it had, also from a worker process, and
-    what ``on_error`` adds: it keeps the iterations done. (A failed run, not a usage error: the
-    same data passed the checks before the run.)"""
+    sizes differ; photos are read as training needs them unless cached) ends them with a
+    :class:`_DataProblem` holding the one-line message it had, also from a worker process: the
+    loop stops every rank with it. (A failed run, not a usage error: the same data passed the
+    checks before the run.)"""
     batches = iter(loader)
     try:
         while True:
@@ -325,7 +347,8 @@ def _batches(loader: Any, on_error: Callable[[], str]) -> Any:
             except StopIteration:
                 return
             except (DataError, ImageError) as e:
-                raise TrainingError(_worker_error_message(e) + on_error()) from None
+                yield _DataProblem(_worker_error_message(e))
+                return
             yield batch
     finally:
         # The workers ignore SIGTERM (worker_init), so they are shut down here: an error raised
@@ -334,6 +357,33 @@ def _batches(loader: Any, on_error: Callable[[], str]) -> Any:
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _first_failure(info: D.DistInfo, own: tuple[str, str] | None) -> tuple[int, str, str]:
+    """``(rank, kind, message)`` of the lowest rank that failed, on every rank: called by all
+    ranks once an agreement said that one did (``own``: this rank's ``(kind, message)``, or None)."""
+    reports = D.gather_object(info, own)
+    rank, (kind, message) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)  # type: ignore[misc]
+    return rank, kind, message
+
+
+def _start_together(info: D.DistInfo, device: torch.device, error: Exception | None) -> None:
+    """The end of a multi-process run's set-up, which every rank reaches or says why not: a rank
+    that failed (its data differ from the run's, rank 0's validation photos cannot be read...)
+    would otherwise leave the others waiting for it in DDP's first broadcast. When one failed,
+    its error is raised on it and :class:`RankFailed` on the others."""
+    (failed,) = D.agree(info, [error is not None], device)
+    if not failed:
+        return
+    rank, _, message = _first_failure(info, None if error is None else ("error", _one_line(error)))
+    if error is not None and rank == info.rank:
+        raise error
+    raise RankFailed(rank, message) from None
 
 
 class _Log:
@@ -386,14 +436,26 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     device = resolve_device(cfg.device, dist0)
     dist_info = D.setup(device)
     old_threads = torch.get_num_threads()
+    set_up = False
+
+    def all_set_up() -> None:
+        nonlocal set_up
+        set_up = True
+        _start_together(dist_info, device, None)
+
     try:
-        return _train(cfg, emit, device, dist_info)
+        return _train(cfg, emit, device, dist_info, all_set_up)
+    except Exception as e:
+        if dist_info.enabled and not set_up:  # tell the ranks waiting at the end of the set-up
+            _start_together(dist_info, device, e)
+        raise
     finally:
         torch.set_num_threads(old_threads)
         D.teardown(dist_info)
 
 
-def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.DistInfo) -> TrainResult:
+def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.DistInfo,
+           all_set_up: Callable[[], None]) -> TrainResult:
     main = dist_info.is_main
     out = cfg.out
     total = cfg.total_iterations
@@ -542,9 +604,10 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
     hw = {**hardware_summary(device, dist_info.world_size), "precision": precision}
     ddp_model: nn.Module = model
     if dist_info.enabled:
+        all_set_up()  # every rank is ready, or every rank stops here
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    log = _Log(out if main else None, cfg.tensorboard)
+    log = _Log(None, False)  # rank 0's is opened once every rank has set up
     last_path, best_path = out / "last.pt", out / "best.pt"
     result = TrainResult(out_dir=out, step=start, total=total, scores=scores, best_scores=dict(best), model=model)
     t0 = time.monotonic()
@@ -601,7 +664,26 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
             save(best_path, step, "best")
             result.best_checkpoint = best_path
 
-    if main:
+    failure: tuple[str, str] | None = None  # this rank's (kind, message), told the others at the next agreement
+    failed_with: Exception | None = None  # the error behind it, raised again here
+
+    def attempt(action: Callable[[], None]) -> None:
+        """Rank 0's log, validation or checkpoint. Under several processes a failure waits for the
+        next agreement, where the other ranks learn of it instead of waiting for rank 0 forever."""
+        nonlocal failure, failed_with
+        if failure is not None:
+            return
+        if not dist_info.enabled:
+            action()
+            return
+        try:
+            action()
+        except Exception as e:  # noqa: BLE001 - raised again, on this rank, once the others know
+            failure, failed_with = ("error", _one_line(e)), e
+
+    def start_log() -> None:
+        nonlocal log
+        log = _Log(out, cfg.tensorboard)
         for n in bundle.notes:
             log.write("note", text=n)
         log.write("start", step=start, total=total, resumed=ckpt is not None, data=bundle.description, device=str(device),
@@ -613,6 +695,9 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
             "channels_last": channels_last, "params": count_parameters(model), "world_size": dist_info.world_size, "resumed_from": start if ckpt else None,
             "workers": workers, "threads": torch.get_num_threads(), "cached": bundle.cached,
         }))
+
+    if main:
+        attempt(start_log)
 
     lr_at = cfg.lr_schedule.at
     sampler = StepBatchSampler(start, total, cfg.batch, cfg.crop_schedule.size_at, dist_info.rank, dist_info.world_size)
@@ -641,11 +726,38 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
     window.append(time.monotonic())
     log_losses: list[float] = []
     log_rank: list[tuple[float, float]] = []  # the blur-ranking terms alone, when they are on
+
+    def stop_together(reporter: int, kind: str, text: str) -> None:
+        """A rank failed (the agreement said so; ``reporter`` failed first): every rank stops. A data
+        problem is reported by rank 0, with where last.pt stands; another failure (rank 0's log,
+        validation or checkpoint) by the rank it happened on; the other ranks raise RankFailed."""
+        if kind == "data":
+            text += keep_progress()
+            raise TrainingError(text) if main else RankFailed(0, text)
+        if failed_with is not None and reporter == dist_info.rank:
+            raise failed_with
+        raise RankFailed(reporter, text)
+
+    def fetch() -> Any:
+        """The next batch; a data problem becomes this rank's failure, told at the next agreement."""
+        nonlocal failure
+        batch = next(batches, None)
+        if isinstance(batch, _DataProblem):
+            failure = failure or ("data", batch.message)
+            return None
+        return batch
+
     step = start
-    batches = _batches(loader, keep_progress)
+    # Batches are read one step ahead: under DDP the forward pass may itself be a collective
+    # (bucket rebuilding), so a rank cannot skip it; reading the next batch before the step's
+    # agreement lets a data problem travel with it while the step completes on every rank.
+    batches = _batches(loader)
     try:
         with _Signals() as signals:
-            for step_i, batch in zip(range(start, total), batches):
+            batch = fetch() if start < total else None
+            if start < total and D.agree(dist_info, [failure is not None], device)[0]:
+                stop_together(*_first_failure(dist_info, failure))
+            for step_i in range(start, total):
                 x = batch["input"].to(device, non_blocking=True) * 2 - 1
                 target = batch["target"].to(device, non_blocking=True) * 2 - 1
                 ref = batch["reference"].to(device, non_blocking=True) * 2 - 1 if "reference" in batch else None
@@ -663,8 +775,16 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                     detection, size = attention_blur_loss(first_alpha.pop(), radius, model_cfg.dilations, model_cfg.stride)
                     log_rank.append((float(detection.detach()), float(size.detach())))
                     loss = loss + cfg.blur_rank_weight * (detection + size)
+                batch = fetch() if step_i + 1 < total else None  # while the forward pass runs on a GPU
                 loss_value = float(loss.detach())
-                nonfinite, stop = D.agree(dist_info, [not math.isfinite(loss_value), signals.received is not None], device)
+                nonfinite, stop, failed = D.agree(
+                    dist_info, [not math.isfinite(loss_value), signals.received is not None, failure is not None], device)
+                data_problem = None
+                if failed:
+                    reporter, kind, text = _first_failure(dist_info, failure)
+                    if kind != "data":  # rank 0's validation or checkpoint failed: stop before this step's backward
+                        stop_together(reporter, kind, text)
+                    data_problem = (reporter, kind, text)  # with the next batch: this step completes first
                 if not nonfinite:
                     scaler.scale(loss).backward()
                     if cfg.grad_clip > 0:
@@ -688,12 +808,11 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                     if main:
                         log.write("nonfinite", step=step, loss=loss_value, consecutive=consecutive)
                         emit(TrainEvent("nonfinite", step, total, {"loss": loss_value, "consecutive": consecutive}))
-                    if consecutive >= cfg.max_nonfinite:
+                    if consecutive >= cfg.max_nonfinite:  # every rank at once: rank 0 says it
                         keep = f"; the last good checkpoint is {last_path}" if last_path.is_file() else ""
-                        raise TrainingError(
-                            f"stopped at iteration {step}: {consecutive} non-finite losses in a row "
-                            f"(try a lower --lr, --precision fp32 or --grad-clip){keep}"
-                        )
+                        text = (f"stopped at iteration {step}: {consecutive} non-finite losses in a row "
+                                f"(try a lower --lr, --precision fp32 or --grad-clip){keep}")
+                        raise TrainingError(text) if main else RankFailed(0, text)
                 else:
                     consecutive = 0
                     result.losses.append(loss_value)
@@ -711,16 +830,20 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                             log.write("train", step=step, loss=float(np.mean(log_losses)), lr=optimizer.param_groups[0]["lr"],
                                       it_s=round(it_s, 4), crop=int(x.shape[-1]), elapsed_s=round(elapsed(), 2), **extra)
                         log_losses, log_rank = [], []
+                if data_problem is not None:
+                    stop_together(*data_problem)
                 if step % cfg.val_every == 0 and step != total:
-                    run_validation(step)
+                    attempt(lambda: run_validation(step))
                 if stop:
                     result.interrupted = True
                     result.signal = signals.received
                     break
                 if step % cfg.save_every == 0 and step != total:
-                    save(last_path, step, "last")
+                    attempt(lambda: save(last_path, step, "last"))
                     result.last_checkpoint = last_path
 
+        if failed_with is not None:  # met after the last agreement: the others are at their end
+            raise failed_with
         result.wall_clock_s = elapsed()
         if result.interrupted:
             save(last_path, step, "last")
