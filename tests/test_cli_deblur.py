@@ -288,6 +288,22 @@ def test_dual_pixel_folders_matched_by_name(tmp_path, tiny_models):
     assert res.exit_code == 2 and "b.png" in res.output
 
 
+def test_dual_pixel_folders_to_an_image_file_name_are_refused_as_single_inputs_are(tmp_path, tiny_models):
+    rng = np.random.default_rng(4)
+    for side in ("L", "R"):
+        (tmp_path / side).mkdir()
+        _write(tmp_path / side / "a.png", rng.random((24, 32, 3), dtype=np.float32), 8)
+    res = invoke("deblur", "--left", tmp_path / "L", "--right", tmp_path / "R", "-o", tmp_path / "sharp.png", "--model", tiny_models[1])
+    assert res.exit_code == 2 and "looks like a file name" in res.stderr, res.output
+    assert not (tmp_path / "sharp.png").exists()  # no folder named like an image
+    _write(tmp_path / "L" / "b.png", rng.random((24, 32, 3), dtype=np.float32), 8)
+    _write(tmp_path / "R" / "b.png", rng.random((24, 32, 3), dtype=np.float32), 8)
+    res = invoke("deblur", "--left", tmp_path / "L", "--right", tmp_path / "R", "-o", tmp_path / "sharp.png", "--model", tiny_models[1])
+    assert res.exit_code == 2 and "there are 2 pairs" in res.stderr and not (tmp_path / "sharp.png").exists()
+    res = invoke("deblur", "--left", tmp_path / "L", "--right", tmp_path / "R", "-o", f"{tmp_path / 'sharp.png'}/", "--model", tiny_models[1])
+    assert res.exit_code == 0 and (tmp_path / "sharp.png" / "b.png").is_file()  # a trailing / asks for the folder
+
+
 def test_dual_pixel_names_keep_their_dots_and_recursive_is_refused(tmp_path, tiny_models):
     rng = np.random.default_rng(4)
     for side in ("L", "R"):

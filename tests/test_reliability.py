@@ -1173,6 +1173,34 @@ def test_a_pipe_is_read_once(tmp_path, models):
     assert read_image(tmp_path / "out.png")[1].size == (24, 32)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_an_endless_input_named_like_a_file_is_refused_as_stdin_is(tmp_path, models):
+    # `kpac deblur /dev/zero ...` (or an endless `<(cmd)`): read only what an image within --max-pixels takes
+    res = deblur(models["single"], "/dev/zero", "-o", tmp_path / "b.png", "--max-pixels", "100")
+    assert res.exit_code == 2 and "/dev/zero: more than 67110464 bytes" in res.stderr, res.stderr
+    assert not (tmp_path / "b.png").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs sockets and a pseudo-terminal")
+def test_an_input_that_is_a_socket_or_a_terminal_is_one_line_not_a_traceback(tmp_path, models, monkeypatch):
+    import pty
+    import socket
+
+    monkeypatch.chdir(tmp_path)  # a socket's path is short; a relative name keeps it so
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("s.png")
+        res = deblur(models["single"], "s.png", "-o", "b.png")
+    assert res.exit_code == 2 and error_lines(res) == ["error: cannot read s.png (No such device or address)"], res.stderr
+    main, secondary = pty.openpty()
+    try:  # read, a terminal would be waited on for an image typed in
+        res = deblur(models["single"], os.ttyname(secondary), "-o", "b.png")
+    finally:
+        os.close(main)
+        os.close(secondary)
+    assert res.exit_code == 2 and "is a terminal, not an image" in res.stderr, res.stderr
+    assert not (tmp_path / "b.png").exists()
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
 def test_image_bytes_are_never_sent_to_a_terminal(tmp_path, models):
     import pty
@@ -1281,6 +1309,19 @@ def test_records_on_a_full_disk_stop_the_batch_with_one_error_line(tmp_path, mod
         "stopped (stdout failed): 1 deblurred, 0 skipped, 0 failed, 2 not finished; rerun with --skip-existing to finish",
     ]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p00.png"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_an_image_for_a_full_disk_on_stdout_is_said_in_words(tmp_path, models):
+    src = write_png(tmp_path / "a.png", h=20, w=24)
+    env = {**os.environ, "COLUMNS": "10000", "OMP_NUM_THREADS": "1"}
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(_kpac_cmd("deblur", src, "-o", "-", "--model", models["single"], "--device", "cpu"),
+                              stdin=subprocess.DEVNULL, stdout=full, stderr=subprocess.PIPE, env=env, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err and "Exception ignored" not in err, err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "error: <stdout>: cannot write: No space left on device", "0 deblurred, 0 skipped, 1 failed"], err
 
 
 def test_a_closed_stdin_is_no_image_not_a_traceback(tmp_path, models):

@@ -12,7 +12,7 @@ import torch
 import typer
 
 from ..engine import Deblurrer, EngineOptions
-from ..engine.batch import STDIO, JobResult, OutputOptions, PlanError, plan_dual, plan_single, run_batch
+from ..engine.batch import STDIO, JobResult, OutputOptions, PlanError, plan_dual, plan_single, read_stream, run_batch, stream_limit
 from ..engine.compiled import CompileFailed
 from ..images import DEFAULT_MAX_PIXELS, ImageError, RawOptions
 from ..images.base import FORMAT_ALIASES, path_ext
@@ -151,7 +151,8 @@ def deblur(
             jobs = plan_dual(left, right, center, output, out_opts, companions=("blurmap",) if save_blurmap else ())
         else:
             stdin = _read_stdin(max_pixels) if inputs == [STDIO] else None
-            jobs = plan_single(inputs, output, recursive, out_opts, stdin, companions=("blurmap",) if save_blurmap else ())
+            jobs = plan_single(inputs, output, recursive, out_opts, stdin, companions=("blurmap",) if save_blurmap else (),
+                               max_pixels=max_pixels)
             if not quiet:
                 say_unread_images(inputs, recursive)
                 if not recursive:
@@ -235,6 +236,8 @@ def deblur(
             except BrokenPipeError:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), fd)  # no second complaint at exit
                 raise ImageError("<stdout>", "closed by the reader before the whole image was written") from None
+            except OSError as e:  # a full disk: in words, as for the --json records, not as "[Errno 28] ..."
+                raise ImageError("<stdout>", f"cannot write: {e.strerror or e}") from None
 
         try:
             with sigterm_raises():
@@ -289,37 +292,24 @@ def deblur(
     raise typer.Exit(exit_code)
 
 
-_STDIN_CHUNK = 1 << 20
-
-
 def _read_stdin(max_pixels: int) -> bytes:
     """All of stdin, for the input '-'; a closed stdin (``<&-``) reads as empty, which fails as such.
 
-    At most what an uncompressed image within ``max_pixels`` can take (four float32 samples a
-    pixel, plus 64 MiB of metadata): an endless stream (``cat /dev/zero |``) is refused, not
-    read until memory runs out.
+    At most what an image within ``max_pixels`` can take (:func:`stream_limit`): an endless
+    stream (``cat /dev/zero |``) is refused, not read until memory runs out.
     """
     if sys.stdin is None:
         return b""
-    limit = max_pixels * 16 + (64 << 20)
-    # read in chunks: one read of limit + 1 bytes would reserve them all at once, which fails
-    # (MemoryError) for a large --max-pixels, or under a memory limit with the default one
-    chunks: list[bytes] = []
-    size = 0
+    limit = stream_limit(max_pixels)
     try:
-        while size <= limit:
-            chunk = sys.stdin.buffer.read(min(_STDIN_CHUNK, limit + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        data = read_stream(sys.stdin.buffer, limit)
     except OSError as e:
         print_error(f"<stdin>: cannot read: {e.strerror or e}")
         raise typer.Exit(EXIT_FAILED) from None
-    if size > limit:
+    if len(data) > limit:
         print_error(f"<stdin>: more than {limit} bytes, more than any image within --max-pixels {max_pixels} takes; not read")
         raise typer.Exit(EXIT_FAILED)
-    return b"".join(chunks)
+    return data
 
 
 deblur.__doc__ = (deblur.__doc__ or "") + "\n" + EXAMPLES

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 
@@ -50,6 +50,9 @@ from .deblurrer import Deblurrer
 from .tiled import ProgressFn
 
 STDIO = "-"
+#: Streams are read in pieces of this size: one read of a whole limit would reserve it all at
+#: once, which fails (MemoryError) for a large --max-pixels, or under a memory limit.
+_STREAM_CHUNK = 1 << 20
 _EXT_FOR_FORMAT = {"png": ".png", "tiff": ".tif", "jpeg": ".jpg"}
 #: Companion files written beside an output (``--save-blurmap``): kind -> name suffix.
 COMPANIONS = {"blurmap": "_blurmap.png"}
@@ -166,9 +169,60 @@ def _output_name(rel: Path, source: Path | bytes, fmt: str, suffix: str) -> Path
     return rel.parent / f"{rel.stem}{suffix}{ext}"
 
 
+def _refuse_image_name_for_folder(output: str, several: str | None, source: str) -> None:
+    """PlanError when ``-o`` reads as an image file name but the outputs go into a folder:
+    ``several`` says how many (``"3 inputs"``), else there is one, from ``source``, a folder.
+    A folder named ``out.png`` would be made otherwise, and the user's file never written."""
+    if _names_folder(output) or path_ext(output) not in FORMAT_ALIASES:
+        return
+    if several is not None:
+        raise PlanError(f"-o {output} looks like a file name, but there are {several}; give a folder")
+    raise PlanError(f"-o {output} looks like a file name, but {source} is a folder; end it with / for a folder")
+
+
 def _check_suffix(suffix: str) -> None:
     if any(sep and sep in suffix for sep in ("/", os.sep, os.altsep)) or "\0" in suffix:
         raise PlanError(f"--suffix {suffix!r}: a suffix is part of a file name; it cannot hold a path separator")
+
+
+def stream_limit(max_pixels: int) -> int:
+    """The most bytes read from a stream (stdin, a pipe named as an input): what an
+    uncompressed image within ``max_pixels`` can take (four float32 samples a pixel) plus
+    64 MiB of metadata, so that an endless one (``/dev/zero``) is refused, not read until
+    memory runs out."""
+    return max_pixels * 16 + (64 << 20)
+
+
+def read_stream(stream: BinaryIO, limit: int) -> bytes:
+    """What ``stream`` holds, in pieces, up to ``limit`` + 1 bytes (more than ``limit``: the
+    caller refuses it)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = stream.read(min(_STREAM_CHUNK, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_named_stream(path: Path, max_pixels: int) -> bytes:
+    """An input that is not a regular file (``<(cmd)``, ``/dev/stdin``, a named pipe), read
+    once when planning, since its content decides the output's format; refused, as stdin
+    is, when it is a terminal or holds more than any image within ``max_pixels``, and named
+    when it cannot be read at all (a socket)."""
+    limit = stream_limit(max_pixels)
+    try:
+        with open(path, "rb") as stream:
+            if stream.isatty():
+                raise PlanError(f"{path} is a terminal, not an image; name an image file, or pipe one in")
+            data = read_stream(stream, limit)
+    except OSError as e:
+        raise PlanError(f"cannot read {path} ({e.strerror or e})") from None
+    if len(data) > limit:
+        raise PlanError(f"{path}: more than {limit} bytes, more than any image within --max-pixels {max_pixels} takes; not read")
+    return data
 
 
 def _names_folder(output: str) -> bool:
@@ -273,6 +327,7 @@ def plan_single(
     options: OutputOptions,
     stdin: bytes | None = None,
     companions: tuple[str, ...] = (),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[Job]:
     """Jobs for single-image deblurring, with output paths and formats decided up front.
 
@@ -281,7 +336,8 @@ def plan_single(
     this command would itself write (a previous run's outputs in the input folder or in an
     output folder inside it) are not taken as inputs, so a rerun never deblurs its own output.
     ``companions``: kinds of :data:`COMPANIONS` written beside each output; their names are
-    checked for clashes like the outputs'.
+    checked for clashes like the outputs'. An input that is a pipe or a device is read here,
+    at most what an image within ``max_pixels`` takes.
     """
     _check_suffix(options.suffix)
     if STDIO in inputs:
@@ -298,7 +354,7 @@ def plan_single(
     files = collect_inputs(inputs, recursive, exclude=None if output == STDIO else out)
     if not files:
         raise PlanError("no images found in the inputs")
-    sources: list[Path | bytes] = [src if src.is_file() else src.read_bytes() for src, _ in files]  # a pipe is read once
+    sources: list[Path | bytes] = [src if src.is_file() else _read_named_stream(src, max_pixels) for src, _ in files]  # a pipe is read once
     if output == STDIO:
         if len(files) != 1:
             raise PlanError("-o - (stdout) takes exactly one input image")
@@ -311,10 +367,7 @@ def plan_single(
         advice = ("an image file name (.png, .tif, .jpg) or a folder" if len(files) == 1
                   else f"a folder for the {len(files)} inputs")
         raise PlanError(f"-o {output} is {what}; give {advice}")
-    if not _names_folder(output) and path_ext(output) in FORMAT_ALIASES:
-        if len(files) > 1:
-            raise PlanError(f"-o {output} looks like a file name, but there are {len(files)} inputs; give a folder")
-        raise PlanError(f"-o {output} looks like a file name, but the input is a folder; end it with / for a folder")
+    _refuse_image_name_for_folder(output, f"{len(files)} inputs" if len(files) > 1 else None, "the input")
     jobs = []
     for (src, rel), source in zip(files, sources):
         fmt = _output_format(source, options)
@@ -413,6 +466,7 @@ def plan_dual(left: str, right: str | None, center: str | None, output: str, opt
         return [_with_companions(Job(triples[0].name, triples[0], out, str(triples[0].left), _file_target_format(output, options)), companions)]
     if out.exists() and not out.is_dir():
         raise PlanError(f"-o {output} is an existing file; give a folder for {len(triples)} pair(s)")
+    _refuse_image_name_for_folder(output, f"{len(triples)} pairs" if len(triples) > 1 else None, "--left")
     jobs = []
     for t in triples:
         fmt = _output_format(t.left, options)
