@@ -381,3 +381,21 @@ def test_two_processes_writing_one_folder(workload, tmp_path, mode):
                     assert re.search(r"exists|appeared while processing", line), line
     else:
         assert codes == [0, 0], errs
+
+
+def test_ctrl_c_while_the_command_line_is_imported_exits_130_without_a_traceback(monkeypatch):
+    """Importing the command line imports torch, which takes seconds: a Ctrl-C then ended with a
+    traceback of the import. It ends as one later does, with 130."""
+    import kpac_cli.__main__ as entry
+
+    class CtrlCWhileImporting:  # a meta-path finder: the interrupt lands inside the import
+        def find_spec(self, name, path=None, target=None):
+            if name == "kpac_cli.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "kpac_cli.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [CtrlCWhileImporting(), *sys.meta_path])
+    with pytest.raises(SystemExit) as stopped:
+        entry.main()
+    assert stopped.value.code == 130
