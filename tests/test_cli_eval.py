@@ -179,9 +179,30 @@ def test_wiener_beats_identity_on_a_disc_blurred_pair(tmp_path):
     est = records(invoke(*args, "--method", "wiener"))[0]
     assert given["wiener_radius"] == 3.0 and given["psnr"] > ident["psnr"] + 3
     assert abs(est["wiener_radius"] - 3.0) <= 0.5 and est["psnr"] > ident["psnr"] + 2
+    assert "notes" not in est  # a disc blur in range: the estimate is a fair one
     # the regularisation is chosen per image unless given, and recorded either way
     fixed = records(invoke(*args, "--method", "wiener", "--wiener-radius", "3", "--wiener-snr", "30"))[0]
     assert fixed["wiener_snr"] == 30.0 and given["wiener_snr"] != 30.0 and given["psnr"] > fixed["psnr"]
+
+
+def test_wiener_says_when_its_disc_estimate_hits_the_end_of_its_range(tmp_path):
+    """A blur the disc model cannot fit (16 px, beyond the candidate radii, in strong noise): the
+    baseline's low score is said not to be a fair comparison, in the image's record and the report."""
+    sharp = M.quantize(read_image(_write(tmp_path / "gt" / "far.png", _scene(np.random.default_rng(5), 128, 128)))[0])
+    linear = convolve(sharp**2.2, disc_psf(16.0)) + np.random.default_rng(4).normal(0, 0.2, sharp.shape)
+    _write(tmp_path / "src" / "far.png", np.clip(linear, 0, 1) ** (1 / 2.2))
+    args = ("--source", tmp_path / "src", "--target", tmp_path / "gt", "--method", "wiener", "--no-lpips")
+    res = invoke(*args, "--json", "--report", tmp_path / "r.md")
+    assert res.exit_code == 0, res.output
+    rec, summary = records(res)
+    assert rec["wiener_radius"] == 12.0 and rec["psnr"] is not None
+    (note,) = rec["notes"]
+    assert "radius 12 px is the largest candidate (1 to 12 px)" in note and "no fair measure" in note
+    (said,) = summary["notes"]
+    assert said.startswith("wiener: on 1 of 1 image(s) the disc radius or snr estimate is at the end of its range (far)")
+    assert f"- {said}" in (tmp_path / "r.md").read_text()
+    res = invoke(*args)
+    assert f"note: {said}" in " ".join(res.stdout.split())  # the text report, as one line
 
 
 def test_dpdd_single_and_dual_models(dpdd, tiny_models):
@@ -305,6 +326,40 @@ def test_lpips_weights_file_gives_numbers(folders, tmp_path):
     p, t = M.quantize(_read(folders / "pred" / "a.png")), M.quantize(_read(folders / "gt" / "a.png"))
     assert rec["lpips"] == pytest.approx(M.lpips(p, t, M.load_lpips(tmp_path / "lpips.pth")), rel=1e-6)
     assert records(res)[-1]["lpips_unavailable"] is None
+
+
+def test_an_image_too_small_for_lpips_keeps_its_other_scores(folders, tmp_path):
+    torch.manual_seed(1)
+    M.LPIPS().save(tmp_path / "lpips.pth")  # random weights: checks which images get a number
+    _write(folders / "pred" / "small.png", _read(folders / "pred" / "a.png")[:20, :24])
+    _write(folders / "gt" / "small.png", _read(folders / "gt" / "a.png")[:20, :24])
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--lpips-weights", tmp_path / "lpips.pth", "--json",
+                 "--report", tmp_path / "r.json", "--report", tmp_path / "r.csv")
+    assert res.exit_code == 0, res.output
+    recs = {r.get("name", "summary"): r for r in records(res)}
+    small, summary = recs["small"], recs["summary"]
+    assert small["status"] == "ok" and small["psnr"] > 20 and small["ssim"] > 0 and small["lpips"] is None
+    assert small["lpips_unavailable"] == "image too small for LPIPS (AlexNet needs at least 31 pixels a side): 24x20"
+    assert recs["a"]["lpips"] is not None and recs["a"]["lpips_unavailable"] is None
+    assert summary["count"] == 4 and summary["failed"] == 0 and summary["lpips_unavailable"] is None
+    assert summary["lpips"] == pytest.approx(np.mean([recs[n]["lpips"] for n in "abc"]), rel=1e-12)
+    assert summary["psnr"] == pytest.approx(np.mean([recs[n]["psnr"] for n in ("a", "b", "c", "small")]), rel=1e-12)
+    assert any("LPIPS n/a for 1 image(s)" in n and "small" in n and "other 3 image(s)" in n for n in summary["notes"])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["summary"]["overall"]["lpips"] == summary["lpips"] and report["notes"] == summary["notes"]
+    with open(tmp_path / "r.csv", newline="") as fh:
+        rows = {r["name"]: r for r in csv.DictReader(fh)}
+    assert rows["small"]["lpips"] == "" and rows["small"]["error"] == "" and rows["small"]["psnr"]
+
+
+def test_a_prediction_turned_by_90_degrees_is_said_to_be_turned(folders):
+    _write(folders / "pred" / "b.png", _read(folders / "gt" / "b.png").transpose(1, 0, 2))
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--no-lpips", "--json")
+    assert res.exit_code == 1
+    b = next(r for r in records(res) if r.get("name") == "b")
+    assert b["status"] == "failed" and b["error"] == (
+        f"b: prediction ({W}, {H}, 3) and target ({H}, {W}, 3) have different shapes: the prediction is the "
+        "target's size turned by 90 degrees: an EXIF orientation applied to one of them only?")
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -233,6 +233,30 @@ def test_deblur_disc_estimates_the_radius_on_linear_values():
     assert _psnr(result.image, sharp) > _psnr(blurred, sharp) + 2
 
 
+def test_deblur_disc_flags_estimates_at_the_end_of_their_range():
+    """A blur beyond the candidate radii (16 px > 12) in strong noise: the radius lands on the
+    largest candidate and the snr on the strongest regularisation, which the result says."""
+    sharp = data.astronaut()[100:228, 200:328] / 255.0
+    result = deblur_disc(_defocus_in_linear_light(sharp, 16.0, 0.2))
+    assert (result.radius, result.radius_at_limit) == (12.0, "largest")
+    assert (result.snr, result.snr_at_limit) == (1.0, "smallest")
+    assert "radius 12 px is the largest candidate" in result.limit_note
+    assert "snr 1 is the smallest candidate" in result.limit_note and "no fair measure" in result.limit_note
+    # values given are the user's, not estimates: nothing to flag
+    given = deblur_disc(_defocus_in_linear_light(sharp, 16.0, 0.2), 12.0, snr=1.0)
+    assert given.radius_at_limit is None and given.snr_at_limit is None and given.limit_note is None
+
+
+@pytest.mark.parametrize("radius", [3.0, 8.0])
+def test_deblur_disc_does_not_flag_a_disc_blur_in_range(radius):
+    sharp = data.rocket()[:256, :256] / 255.0
+    result = deblur_disc(_defocus_in_linear_light(sharp, radius, 0.0))
+    assert result.radius == pytest.approx(radius, abs=0.5)
+    assert result.radius_at_limit is None and result.snr_at_limit is None and result.limit_note is None
+    if radius == 8.0:  # a clean 8-bit disc blur rightly takes the largest snr: that end is not flagged
+        assert result.snr == 1e4
+
+
 def test_choose_snr_follows_the_noise_and_is_near_the_best(photo):
     k = disc_psf(3.0)
     clean = _defocus_in_linear_light(photo, 3.0, 0.0) ** 2.2

@@ -83,3 +83,78 @@ def test_a_data_range_that_is_no_range_is_refused(bad):
     pred, target = (a / 255.0 for a in _photo_pair())
     with pytest.raises(ValueError, match="data_range must be a positive number"):
         M.psnr(pred, target, data_range=bad)
+
+
+def test_a_target_in_0_255_floats_is_named_in_the_failure():
+    pred, target = _photo_pair()
+    report = M.evaluate([("cat", pred, target.astype(np.float32))], lpips_model=None, on_error="skip")
+    (name, message), = report.failures
+    assert name == "cat" and message.startswith(f"target values run from 0 to {target.max()}, far outside")
+
+
+def test_evaluate_records_a_signed_integer_pair_as_failed_not_a_crash():
+    """int32 arrays (a custom reader, PIL mode "I") have no scale to score them by: refused like
+    any bad pair, so one of them no longer stops the whole run with a TypeError."""
+    pred, target = _photo_pair()
+    pairs = [("signed", pred.astype(np.int32), target), ("fine", pred, target)]
+    report = M.evaluate(pairs, lpips_model=None, on_error="skip")
+    assert [r.name for r in report.rows] == ["fine"]
+    assert report.failures == [("signed", "prediction: unsupported image dtype int32: use unsigned integers or floats in [0, 1]")]
+    read_int32 = lambda path: np.asarray(target, dtype=np.int32)  # noqa: E731
+    with pytest.raises(ValueError, match="^cat: target: unsupported image dtype int32"):
+        M.evaluate([("cat", pred, "cat.png")], lpips_model=None, reader=read_int32)
+
+
+def test_a_prediction_turned_by_90_degrees_is_said_to_be_turned():
+    pred, target = _photo_pair()
+    report = M.evaluate([("cat", pred.transpose(1, 0, 2), target)], lpips_model=None, on_error="skip")
+    (_, message), = report.failures
+    assert message == (f"prediction {pred.shape[1::-1] + (3,)} and target {target.shape} have different shapes: the prediction "
+                       "is the target's size turned by 90 degrees: an EXIF orientation applied to one of them only?")
+    report = M.evaluate([("cat", pred[:-1], target)], lpips_model=None, on_error="skip")
+    assert report.failures[0][1].endswith("have different shapes")  # only a turned size is said to be turned
+
+
+def test_an_image_too_small_for_lpips_keeps_its_other_scores():
+    """A pair 7 to 30 pixels a side scores PSNR/SSIM/MAE; its LPIPS is n/a with the reason, and
+    the LPIPS means are over the images that have one, as the notes say."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = M.LPIPS()  # random weights: what is checked is which images get a number
+    pred, target = _photo_pair()
+    small = (pred[:20, :24], target[:20, :24])
+    report = M.evaluate([("big", pred, target), ("small", *small), ("big2", pred[:64, :64], target[:64, :64])],
+                        lpips_model=model, labels={"big": "a", "small": "b", "big2": "a"})
+    big, tiny, big2 = report.rows
+    assert tiny.psnr == pytest.approx(M.psnr(*small)) and tiny.ssim == pytest.approx(M.ssim(*small))
+    assert tiny.lpips is None and tiny.lpips_unavailable.startswith("image too small for LPIPS") and "24x20" in tiny.lpips_unavailable
+    assert big.lpips is not None and big.lpips_unavailable is None
+    summary = report.summary()
+    assert summary["overall"]["count"] == 3 and summary["overall"]["psnr"] == pytest.approx((big.psnr + tiny.psnr + big2.psnr) / 3)
+    assert summary["overall"]["lpips"] == pytest.approx((big.lpips + big2.lpips) / 2)
+    assert summary["splits"]["b"]["lpips"] is None and summary["splits"]["a"]["lpips"] is not None
+    assert report.lpips_unavailable is None
+    (note,) = [n for n in report.notes if "LPIPS" in n]
+    assert "1 image(s)" in note and "small" in note and "over the other 2 image(s)" in note
+    d = report.to_dict(paper=False)
+    assert d["images"][1]["lpips"] is None and "too small" in d["images"][1]["lpips_unavailable"]
+    assert d["summary"]["splits"]["b"]["lpips"] is None
+    assert report.csv_text().splitlines()[2].split(",")[5:] == ["", ""]  # no LPIPS, and no error: it was scored
+    assert "| small | b |" in report.markdown(paper=False) and "nan" not in report.markdown(paper=False).lower()
+
+
+def test_grey_arrays_get_lpips_as_grey_files_do():
+    """(H, W) arrays score without LPIPS weights; with them, the pair failed ("LPIPS needs (H, W, 3)
+    images"). Grey is replicated to RGB, as the reader does with grey files: the same scores."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = M.LPIPS()
+    pred, target = (a[:64, :64, 1] for a in _photo_pair())
+    rgb = (np.repeat(a[..., None], 3, axis=2) for a in (pred, target))
+    grey_row = M.evaluate([("grey", pred, target)], lpips_model=model).rows[0]
+    one_channel_row = M.evaluate([("grey", pred[..., None], target[..., None])], lpips_model=model).rows[0]
+    rgb_row = M.evaluate([("grey", *rgb)], lpips_model=model).rows[0]
+    for row in (one_channel_row, rgb_row):
+        for metric in ("psnr", "ssim", "mae", "lpips"):
+            assert getattr(row, metric) == pytest.approx(getattr(grey_row, metric), rel=1e-9)
+    assert grey_row.lpips is not None

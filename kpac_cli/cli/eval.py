@@ -187,6 +187,8 @@ class _Runner:
             result = deblur_disc(inp, self.wiener_radius, self.wiener_snr)
             out = result.image.astype(np.float32)
             extra["wiener_radius"], extra["wiener_snr"] = result.radius, result.snr
+            if result.limit_note is not None:  # said in the image's record and in the report's notes
+                extra["notes"] = [result.limit_note]
         extra["seconds"] = time.perf_counter() - t0
         if self.method == "kpac":
             extra.update(self._engine_notes())
@@ -324,8 +326,9 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
         for col, j in (("name", "left"), ("split", "left"), ("PSNR (dB)", "right"), ("SSIM", "right"), ("MAE", "right"), ("LPIPS", "right")):
             t.add_column(col, justify=j)
         for r in report.rows:
+            # as the summary and the Markdown say it; one image without LPIPS among others with it: n/a
             t.add_row(Text(r.name), Text(r.split or ""), _fmt(r.psnr, 2), _fmt(r.ssim, 4), _fmt(r.mae, 4),
-                      _fmt(r.lpips, 4) if r.lpips is not None else lp_short)  # as the summary and the Markdown say it
+                      _fmt(r.lpips, 4) if r.lpips is not None else (lp_short if lp_missing else "n/a"))
         console.print(t)
     if report.rows or report.failures:
         summ = report.summary()
@@ -785,6 +788,7 @@ def _evaluate_items(
             raise usage_error(f"--save-crops {save_crops}: cannot create the folder ({e.strerror or e})") from None
     errors = (ImageError, OSError, ValueError, RuntimeError, MemoryError)
     crop_errors: list[str] = []
+    off_limits: list[str] = []  # Wiener estimates at the end of their range
     with progress_bar(show_progress(quiet)) as progress:
         task = progress.add_task("evaluating", total=len(items)) if progress else None
         for item in items:
@@ -795,6 +799,7 @@ def _evaluate_items(
                 "target": str(item.target),
                 # status, error and the scores in every record, as in kpac deblur's: None where there is no value
                 "status": None, "error": None, "split": None, "psnr": None, "ssim": None, "mae": None, "lpips": None,
+                "lpips_unavailable": None,  # why a scored image has no LPIPS: its own reason, or the run's
             }
             try:
                 inp, out, extra = runner(item, ev.reader)
@@ -808,6 +813,10 @@ def _evaluate_items(
             else:
                 rec.update(status="ok", split=row.split, psnr=json_number(row.psnr), ssim=json_number(row.ssim), mae=json_number(row.mae),
                            lpips=json_number(row.lpips), **{k: (json_number(v) if isinstance(v, float) else v) for k, v in extra.items()})
+                if row.lpips is None:
+                    rec["lpips_unavailable"] = row.lpips_unavailable or ev.report.lpips_unavailable
+                if method == "wiener" and extra.get("notes"):
+                    off_limits.append(item.name)
                 if save_crops is not None:
                     try:
                         if inp is None and item.source is not None:
@@ -824,8 +833,19 @@ def _evaluate_items(
             if progress is not None:
                 progress.advance(task)
     report = ev.finish()
+    if off_limits:
+        report.notes.append(_wiener_note(off_limits, len(report.rows)))
     report.notes.extend(crop_errors)
     return report, crop_errors
+
+
+def _wiener_note(names: list[str], scored: int) -> str:
+    """The report's one line on the images where the Wiener baseline's disc estimate hit the end
+    of its range (each image's record says which estimate)."""
+    shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+    return (f"wiener: on {len(names)} of {scored} image(s) the disc radius or snr estimate is at the end of its range "
+            f"({shown}): the disc model does not fit them (e.g. blur varying with depth), so the baseline's scores "
+            "there are no fair comparison")
 
 
 def _one_line(err: BaseException, item: Item, *also: Path) -> str:

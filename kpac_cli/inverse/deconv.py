@@ -74,6 +74,8 @@ _PRIORS = ("flat", "gradient")
 # can take the quantisation of 8-bit photos for signal and pick a higher snr, which only
 # amplifies that noise (up to 3 dB worse in tests on linear-light disc blur).
 _SNR_GRID = np.logspace(0.0, 4.0, 17)
+# Candidate radii for estimate_disc_radius, in pixels.
+_RADII = np.arange(1.0, 12.01, 0.25)
 
 
 def _extend(img: np.ndarray, pad: int | None) -> tuple[np.ndarray, int]:
@@ -241,11 +243,35 @@ def _checked_photo(image: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class DiscDeblurResult:
     """Outcome of :func:`deblur_disc`: the deblurred ``image`` (clipped to [0, 1]), the disc
-    ``radius`` (pixels) and the Wiener ``snr`` that were used (given or chosen)."""
+    ``radius`` (pixels) and the Wiener ``snr`` that were used (given or chosen).
+
+    ``radius_at_limit`` is ``'smallest'`` or ``'largest'`` when the estimated radius is that
+    end of the candidate range; ``snr_at_limit`` is ``'smallest'`` when GCV chose the strongest
+    regularisation offered. Either means the model does not fit the image (blur varying with
+    depth or beyond the range, strong noise): the result is then no fair measure of the method. The
+    largest ``snr`` is not flagged, since a clean disc blur rightly takes it. Both are None for
+    values that were given.
+    """
 
     image: np.ndarray
     radius: float
     snr: float
+    radius_at_limit: str | None = None
+    snr_at_limit: str | None = None
+
+    @property
+    def limit_note(self) -> str | None:
+        """One sentence on the estimates at the end of their range, or None."""
+        parts = []
+        if self.radius_at_limit is not None:
+            parts.append(f"radius {self.radius:g} px is the {self.radius_at_limit} candidate ({_RADII[0]:g} to {_RADII[-1]:g} px)")
+        if self.snr_at_limit is not None:
+            parts.append(f"snr {self.snr:g} is the {self.snr_at_limit} candidate ({_SNR_GRID[0]:g} to {_SNR_GRID[-1]:g})")
+        if not parts:
+            return None
+        return ("estimate at the end of its range: " + "; ".join(parts)
+                + ": the disc model does not fit this image (a blur beyond the range or varying with depth, or strong "
+                "noise), so this result is no fair measure of the method")
 
 
 def deblur_disc(
@@ -283,6 +309,8 @@ def deblur_disc(
     Returns
     -------
     DiscDeblurResult
+        With the estimates that landed at the end of their candidate range flagged
+        (:attr:`DiscDeblurResult.limit_note`).
     """
     img = np.clip(_checked_photo(image), 0.0, 1.0)
     if not (math.isfinite(gamma) and gamma > 0):
@@ -299,7 +327,18 @@ def deblur_disc(
     psf = disc_psf(r)
     s = choose_snr(linear, psf, prior=prior) if snr is None else float(snr)
     out = np.clip(wiener_deconvolve(linear, psf, s, prior=prior), 0.0, 1.0) ** (1.0 / gamma)
-    return DiscDeblurResult(image=out, radius=r, snr=s)
+    radius_limit = _end_of_range(r, _RADII) if radius is None else None
+    snr_limit = "smallest" if snr is None and s == _SNR_GRID[0] else None
+    return DiscDeblurResult(image=out, radius=r, snr=s, radius_at_limit=radius_limit, snr_at_limit=snr_limit)
+
+
+def _end_of_range(value: float, candidates: np.ndarray) -> str | None:
+    """``'smallest'`` or ``'largest'`` when ``value`` is that end of ``candidates``, else None."""
+    if value == candidates[0]:
+        return "smallest"
+    if value == candidates[-1]:
+        return "largest"
+    return None
 
 
 def _radial_log_power(gray: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -370,7 +409,7 @@ def estimate_disc_radius(
     gray = img.mean(axis=2) if img.ndim == 3 else img
     if min(gray.shape) < 32:
         raise ValueError(f"image too small to estimate a blur radius: {gray.shape}")
-    cand = np.arange(1.0, 12.01, 0.25) if radii is None else np.asarray(radii, dtype=np.float64)
+    cand = _RADII if radii is None else np.asarray(radii, dtype=np.float64)
     if cand.ndim != 1 or cand.size == 0 or np.any(cand <= 0):
         raise ValueError("radii must be a non-empty 1-D array of positive values")
     n = min(gray.shape)

@@ -23,7 +23,7 @@ from ..images import ImageError
 from ..images import read_image as _images_read_image
 from .core import SSIM_WINDOWS, mae, psnr, quantize, ssim, to_float
 from .errors import MetricUnavailable
-from .lpips_net import LPIPS, describe, load_lpips, lpips
+from .lpips_net import LPIPS, MIN_SIDE, describe, load_lpips, lpips
 from .report import LPIPS_NOT_REQUESTED, ImageResult, Report
 
 __all__ = ["Evaluator", "conventions", "evaluate", "read_for_metrics"]
@@ -126,16 +126,33 @@ class Evaluator:
             title=title,
         )
         self._unlabelled: list[str] = []
+        self._no_lpips: list[str] = []  # scored, but too small for LPIPS (left out of its means only)
 
     def load(self, x: ImageLike) -> np.ndarray:
-        """A path (read with the reader) or an array, as float64 in [0, 1], not quantised."""
-        if isinstance(x, np.ndarray):
-            return to_float(x)
-        return to_float(self.reader(Path(x)))
+        """A path (read with the reader) or an array, as float64 in [0, 1], not quantised.
+
+        Raises
+        ------
+        ValueError
+            An array of a type no score is defined for (signed integers, complex...).
+        """
+        arr = x if isinstance(x, np.ndarray) else self.reader(Path(x))
+        try:
+            return to_float(arr)
+        except TypeError as e:  # a bad pair, like one of the wrong shape: recorded, not a crash of the run
+            raise ValueError(str(e)) from e
 
     def prepare(self, x: ImageLike) -> np.ndarray:
         """:meth:`load` then quantise to the evaluation bit depth."""
         return quantize(self.load(x), self.bit_depth)
+
+    def _prepared(self, x: ImageLike, what: str) -> np.ndarray:
+        """:meth:`prepare`, a refused array's message saying which side of the pair it is."""
+        try:
+            return self.prepare(x)
+        except ValueError as e:
+            msg = str(e)  # "image values run from ..." -> "prediction values run from ..."
+            raise ValueError(what + msg[len("image"):] if msg.startswith("image ") else f"{what}: {msg}") from e
 
     def score(self, name: str, pred: ImageLike, target: ImageLike) -> ImageResult:
         """Score one pair and add it to the report.
@@ -143,41 +160,81 @@ class Evaluator:
         Raises
         ------
         ValueError
-            Different shapes, an image too small for SSIM/LPIPS, or (with ``bit_depth=None``,
+            Different shapes, an image too small for SSIM (one too small for LPIPS only gets
+            no LPIPS: ``ImageResult.lpips_unavailable`` says why), an array of an unsupported
+            type or far outside [0, 1] (0-255 floats), or (with ``bit_depth=None``,
             where nothing maps them) NaN or infinite values, which no score can be made of.
         OSError, kpac_cli.images.ImageError
             A file cannot be read.
         """
-        p = self.prepare(pred)
-        t = self.prepare(target)
+        p = self._prepared(pred, "prediction")
+        t = self._prepared(target, "target")
         if p.shape != t.shape:
-            raise ValueError(f"prediction {p.shape} and target {t.shape} have different shapes")
+            raise ValueError(_shape_mismatch(p.shape, t.shape))
         for what, a in (("prediction", p), ("target", t)):
             if not np.isfinite(a).all():
                 raise ValueError(f"{what} has {int(a.size - np.isfinite(a).sum())} non-finite values (NaN or infinity)")
-        lp = lpips(p, t, self.lpips_model) if self.lpips_model is not None else None
+        scores = psnr(p, t), ssim(p, t, self.ssim_window), mae(p, t)  # an image too small for SSIM fails the pair
+        lp, lp_missing = self._lpips(p, t)
         split = None
         if self.labels is not None:
             split = self.labels.get(name)
             if split is None:
                 self._unlabelled.append(name)
-        row = ImageResult(name, psnr(p, t), ssim(p, t, self.ssim_window), mae(p, t), lp, split)
+        row = ImageResult(name, *scores, lp, split, lpips_unavailable=lp_missing)
         self.report.rows.append(row)
+        if lp_missing is not None:
+            self._no_lpips.append(name)
         return row
+
+    def _lpips(self, p: np.ndarray, t: np.ndarray) -> tuple[float | None, str | None]:
+        """(LPIPS, None), or (None, why) for an image too small for it: a metric missing for one
+        pair, like LPIPS without weights for all, costs that pair none of its other scores."""
+        if self.lpips_model is None:
+            return None, None
+        if min(p.shape[:2]) < MIN_SIDE:
+            h, w = p.shape[:2]
+            return None, f"image too small for LPIPS (AlexNet needs at least {MIN_SIDE} pixels a side): {w}x{h}"
+        return lpips(_rgb(p), _rgb(t), self.lpips_model), None
 
     def fail(self, name: str, message: str) -> None:
         """Record a pair that could not be scored (left out of every mean)."""
         self.report.failures.append((name, message))
 
     def finish(self) -> Report:
-        """The report, with a note listing images without a split label (when labels were given)."""
+        """The report, with notes listing images without a split label (when labels were given)
+        and images too small for LPIPS (left out of the LPIPS means only)."""
+        notes = []
         if self._unlabelled:
-            u = self._unlabelled
-            shown = ", ".join(u[:5]) + (f" (+{len(u) - 5} more)" if len(u) > 5 else "")
-            note = f"{len(u)} image(s) have no split label: {shown}"
-            if note not in self.report.notes:
-                self.report.notes.append(note)
+            notes.append(f"{len(self._unlabelled)} image(s) have no split label: {_names(self._unlabelled)}")
+        if self._no_lpips:
+            n, scored = len(self._no_lpips), len(self.report.rows) - len(self._no_lpips)
+            notes.append(f"LPIPS n/a for {n} image(s) smaller than {MIN_SIDE} pixels a side (too small for AlexNet): "
+                         f"{_names(self._no_lpips)}; the LPIPS means are over the other {scored} image(s)")
+        self.report.notes.extend(note for note in notes if note not in self.report.notes)
         return self.report
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """A grey ``(H, W)`` or ``(H, W, 1)`` image replicated to RGB, as the reader does with grey
+    files (PSNR, SSIM and MAE are the same either way; LPIPS takes RGB only); others as they are."""
+    if image.ndim == 2:
+        image = image[..., None]
+    return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+
+
+def _names(names: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` names, and how many more."""
+    return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
+
+
+def _shape_mismatch(pred: tuple[int, ...], target: tuple[int, ...]) -> str:
+    """The message for a pair of different shapes, with the likely cause when the prediction is
+    the target turned by 90 degrees (an EXIF orientation applied on one side only)."""
+    msg = f"prediction {pred} and target {target} have different shapes"
+    if pred[:2] == target[1::-1] and pred[2:] == target[2:]:
+        msg += ": the prediction is the target's size turned by 90 degrees: an EXIF orientation applied to one of them only?"
+    return msg
 
 
 def evaluate(

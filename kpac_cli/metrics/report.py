@@ -2,17 +2,18 @@
 
 Means are plain averages of the per-image values (the DPDD convention), overall and for
 every split label (e.g. indoor/outdoor read by :func:`~kpac_cli.metrics.read_labels`).
-LPIPS is either a number for every image or absent for all of them, in which case the
-report carries the reason (``lpips_unavailable``) and prints ``unavailable: <reason>``, or
-``not computed`` when LPIPS was switched off (reason :data:`LPIPS_NOT_REQUESTED`); no
-number is ever substituted.
+LPIPS absent for all images carries the reason (``lpips_unavailable``) and prints
+``unavailable: <reason>``, or ``not computed`` when LPIPS was switched off (reason
+:data:`LPIPS_NOT_REQUESTED`); no number is ever substituted. An image without LPIPS where the
+others have it (too small for AlexNet) carries its own reason (``ImageResult.lpips_unavailable``),
+and the LPIPS means are over the images that have a value (the report's notes say which not).
 
 File formats:
 
 * JSON: ``{"title", "conventions", "lpips_unavailable", "summary", "images", "failures",
   "notes", "paper"}``; ``summary`` is ``{"overall": {...}, "splits": {label: {...}}}`` with
-  ``count, psnr, ssim, mae, lpips`` each; an infinite PSNR (identical images) is written as
-  the string ``"inf"``, and a missing value (no LPIPS; a mean over no image, when every one
+  ``count, psnr, ssim, mae, lpips`` each (``lpips`` over the images that have one); an infinite
+  PSNR (identical images) is written as the string ``"inf"``, and a missing value (no LPIPS; a mean over no image, when every one
   failed) as ``null``. ``paper`` holds the paper's Table 4 rows and the note on what they
   compare with, or ``null`` with ``paper=False``.
 * CSV: header ``name,split,psnr,ssim,mae,lpips,error`` and one row per image (empty field for
@@ -61,7 +62,11 @@ def paper_note(count: int) -> str:
 
 @dataclass(frozen=True)
 class ImageResult:
-    """Metrics of one image (see :mod:`kpac_cli.metrics.core` for the conventions)."""
+    """Metrics of one image (see :mod:`kpac_cli.metrics.core` for the conventions).
+
+    ``lpips_unavailable`` says why this image has no LPIPS where the report's others may (e.g.
+    too small for AlexNet); None otherwise, and when LPIPS is missing for every image (the
+    report's ``lpips_unavailable`` says why)."""
 
     name: str
     psnr: float
@@ -69,6 +74,7 @@ class ImageResult:
     mae: float
     lpips: float | None = None
     split: str | None = None
+    lpips_unavailable: str | None = None
 
 
 def json_number(v: float | None) -> float | str | None:
@@ -152,7 +158,9 @@ class Report:
         out: dict[str, Any] = {"count": len(rows)}
         for m in ("psnr", "ssim", "mae"):
             out[m] = _mean(getattr(r, m) for r in rows)
-        out["lpips"] = _mean(r.lpips for r in rows) if rows and all(r.lpips is not None for r in rows) else None
+        # over the images that have LPIPS (the others are named in the notes); None when none has
+        lp = [r.lpips for r in rows if r.lpips is not None]
+        out["lpips"] = _mean(lp) if lp else None
         return out
 
     def summary(self) -> dict[str, Any]:
