@@ -1824,8 +1824,8 @@ def test_raw_dng_canon(shared_dir):
 def test_raw_dng_blackmagic_half_size(shared_dir):
     p = shared_dir / "samples" / "raw" / "Blackmagic.dng"
     img, info = read_image(p, raw_options=RawOptions(half_size=True, white_balance="auto", exposure=1.0))
-    assert info.format == "raw" and img.shape == (1088, 2064, 3)
-    assert probe_size(p) == (2176, 4128)
+    assert info.format == "raw" and img.shape == (1080, 2048, 3)  # the DNG's default crop of 4128x2176
+    assert probe_size(p) == (2160, 4096)
     with pytest.raises(ImageError, match="too large"):
         read_image(p, max_pixels=1_000_000)
 

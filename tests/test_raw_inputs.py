@@ -1,7 +1,9 @@
-"""Camera RAW input: half-size development and its pixel limit, RAW dual-pixel views."""
+"""Camera RAW input: half-size development and its pixel limit, a DNG's default crop, damaged
+files, RAW dual-pixel views."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -12,7 +14,8 @@ from typer.testing import CliRunner
 
 from kpac_cli.checkpoints import save_checkpoint
 from kpac_cli.cli import app
-from kpac_cli.images import DualPixelTriple, ImageError, RawOptions, read_dual_pixel, read_image, srgb_decode, srgb_encode
+from kpac_cli.images import DualPixelTriple, ImageError, RawOptions, probe_size, read_dual_pixel, read_image, srgb_decode, srgb_encode
+from kpac_cli.images.exif import apply_orientation
 from kpac_cli.model import KPACConfig, build_model
 
 
@@ -127,3 +130,110 @@ def test_raw_dual_pixel_on_the_command_line_develops_and_encodes_every_view(shar
     views, center, _ = read_dual_pixel(DualPixelTriple(left, right, None, "x"), raw_options=RawOptions(half_size=True, gamma="linear"))
     expected = srgb_decode(Deblurrer(model, EngineOptions(device="cpu")).deblur(srgb_encode(views), srgb_encode(center)))
     assert np.abs(got - expected).max() < 2 / 65535
+
+
+def _dng(cfa: np.ndarray, *, crop=None, active_area=None, orientation: int = 1, default_scale=None) -> bytes:
+    """A small Bayer (RGGB) DNG holding ``cfa`` (12-bit values); ``crop`` is
+    ``((x, y), (width, height))`` for DefaultCropOrigin / DefaultCropSize, ``active_area``
+    ``(top, left, bottom, right)``, ``default_scale`` ``(x, y)`` (non-square pixels)."""
+    import tifffile
+
+    tags = [
+        (50706, "B", 4, (1, 4, 0, 0), True),  # DNGVersion
+        (50708, "s", 0, "Test Camera", True),  # UniqueCameraModel
+        (274, "H", 1, orientation, True),
+        (33421, "H", 2, (2, 2), True),  # CFARepeatPatternDim
+        (33422, "B", 4, (0, 1, 1, 2), True),  # CFAPattern: RGGB
+        (50717, "H", 1, 4095, True),  # WhiteLevel
+        (50721, "2i", 9, (1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 1), True),  # ColorMatrix1: identity
+        (50778, "H", 1, 21, True),  # CalibrationIlluminant1: D65
+        (50728, "2I", 3, (1, 1, 1, 1, 1, 1), True),  # AsShotNeutral
+    ]
+    if crop is not None:
+        (x, y), (w, h) = crop
+        tags += [(50719, "2I", 2, (x, 1, y, 1), True), (50720, "2I", 2, (w, 1, h, 1), True)]
+    if active_area is not None:
+        tags.append((50829, "H", 4, active_area, True))
+    if default_scale is not None:
+        tags.append((50718, "2I", 2, (default_scale[0], 1, default_scale[1], 1), True))
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, cfa.astype(np.uint16), photometric=32803, extratags=tags, metadata=None)
+    return buf.getvalue()
+
+
+def _scene(h: int = 48, w: int = 64) -> np.ndarray:
+    """A mosaic with no symmetry (so a wrong turn or crop shows), a dark top border and a
+    clipped right border, as sensors' edge pixels often are."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    cfa = 200 + 40 * xx + 15 * yy + 300 * ((xx // 7 + yy // 5) % 2)
+    cfa[:3] = 0
+    cfa[:, -5:] = 4095
+    return cfa
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_a_dng_is_cut_to_its_default_crop_in_every_orientation(half):
+    # an odd origin, which LibRaw itself would move to the next even pixel
+    cfa, (x, y), (w, h) = _scene(), (5, 3), (52, 40)
+    opts = RawOptions(gamma="linear", half_size=half)
+    whole, _ = read_image(_dng(cfa), raw_options=opts)
+    # at half size each 2x2 cell is a pixel: the cells the crop touches are kept
+    box = whole[y // 2 : (y + h + 1) // 2, x // 2 : (x + w + 1) // 2] if half else whole[y : y + h, x : x + w]
+    for orientation in range(1, 9):
+        data = _dng(cfa, crop=((x, y), (w, h)), orientation=orientation)
+        img, info = read_image(data, raw_options=opts)
+        assert info.orientation_applied == orientation
+        np.testing.assert_array_equal(img, apply_orientation(box, orientation), err_msg=f"orientation {orientation}")
+        assert probe_size(data) == ((w, h) if orientation >= 5 else (h, w))
+
+
+def test_a_dng_default_crop_counts_from_the_active_area_and_may_reach_its_edge():
+    cfa = _scene()
+    area = (2, 4, 46, 62)  # top, left, bottom, right
+    whole, _ = read_image(_dng(cfa, active_area=area))
+    assert whole.shape == (44, 58, 3)
+    img, _ = read_image(_dng(cfa, crop=((3, 1), (50, 40)), active_area=area))
+    np.testing.assert_array_equal(img, whole[1:41, 3:53])
+    # a crop ending at the right and bottom edges (LibRaw's own crop box drops it)
+    img, _ = read_image(_dng(cfa, crop=((8, 8), (56, 40))))
+    np.testing.assert_array_equal(img, read_image(_dng(cfa))[0][8:, 8:])
+    # a crop covering the whole image changes nothing
+    np.testing.assert_array_equal(read_image(_dng(cfa, crop=((0, 0), (64, 48))))[0], read_image(_dng(cfa))[0])
+
+
+def test_non_square_pixels_are_sized_and_limited_as_developed():
+    # DefaultScale (2, 1): LibRaw develops twice the sensor's width
+    cfa = _scene()
+    whole, _ = read_image(_dng(cfa, default_scale=(2, 1)))
+    assert whole.shape == (48, 128, 3) and probe_size(_dng(cfa, default_scale=(2, 1))) == (48, 128)
+    data = _dng(cfa, crop=((4, 2), (52, 40)), default_scale=(2, 1), orientation=6)
+    img, _ = read_image(data)
+    np.testing.assert_array_equal(img, apply_orientation(whole[2:42, 8:112], 6))
+    assert probe_size(data) == (104, 40)
+    with pytest.raises(ImageError, match=r"too large: 128x48 = 6,144 pixels exceeds the limit of 4,000"):
+        read_image(_dng(cfa, default_scale=(2, 1)), max_pixels=4_000)
+
+
+@pytest.mark.shared
+def test_a_camera_dng_is_developed_to_the_image_the_camera_intends(shared_dir):
+    # Blackmagic.dng: a 4128x2176 sensor, DefaultCropOrigin (16, 8), DefaultCropSize 4096x2160;
+    # its outermost columns hold no image (black)
+    import rawpy
+
+    p = _raw(shared_dir, "Blackmagic.dng")
+    assert probe_size(p) == (2160, 4096)
+    img, info = read_image(p, raw_options=RawOptions(half_size=True, gamma="linear"))
+    assert img.shape == (1080, 2048, 3) and info.size == (1080, 2048)
+    with rawpy.imread(str(p)) as raw:
+        whole = raw.postprocess(output_bps=16, half_size=True, use_camera_wb=True, no_auto_bright=True, gamma=(1, 1))
+    assert whole.shape == (1088, 2064, 3) and not whole[:, -1].any()
+    np.testing.assert_array_equal(img, whole[4:1084, 8:2056] / np.float32(65535))
+    assert img[:, -1].mean() > 0.01  # the image reaches the right edge
+
+
+def test_a_truncated_raw_is_called_truncated(tmp_path):
+    # as an interrupted copy leaves it; LibRaw's own words, "Input/output error", read like a disk fault
+    data = _dng(_scene())
+    (tmp_path / "x.dng").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match=r"x\.dng: cannot decode camera RAW: the file is truncated or damaged \(LibRaw: "):
+        read_image(tmp_path / "x.dng")

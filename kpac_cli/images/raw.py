@@ -3,6 +3,8 @@
 RAW files are developed to 16-bit RGB (``ImageInfo.bit_depth == 16``, ``format == 'raw'``)
 with the camera's white balance, AHD demosaicing, sRGB primaries and the sRGB tone curve by
 default, without LibRaw's automatic brightening (so exposure is what the camera recorded).
+A DNG's default crop (DefaultCropOrigin / DefaultCropSize: the image the camera intends, as
+Adobe's tools show it, without the border pixels kept for demosaicing) is applied.
 LibRaw applies the camera's orientation itself; the value it applied is reported as
 ``orientation_applied``. No EXIF or ICC profile is produced: outputs are plain 16-bit TIFFs
 whose colour space is the one chosen by ``RawOptions.output_colorspace`` (untagged).
@@ -25,6 +27,11 @@ _SPACES = {"srgb": "sRGB", "adobe": "Adobe", "prophoto": "ProPhoto", "raw": "raw
 _GAMMA = {"srgb": (2.4, 12.92), "linear": (1.0, 1.0)}
 # LibRaw's flip code -> EXIF orientation (inverse of dcraw's "50132467" table).
 _FLIP_TO_EXIF = {0: 1, 1: 2, 2: 4, 3: 3, 4: 5, 5: 8, 6: 6, 7: 7}
+_DNG_VERSION_TAG = 50706
+_DEFAULT_CROP_ORIGIN, _DEFAULT_CROP_SIZE, _ACTIVE_AREA = 50719, 50720, 50829
+
+#: A crop rectangle ``(top, left, height, width)`` in pixels.
+_Box = tuple[int, int, int, int]
 
 
 @dataclass
@@ -83,6 +90,16 @@ def _libraw_message(exc: Exception) -> str:
     return str(msg) or type(exc).__name__
 
 
+def _decode_error(name, exc: Exception) -> ImageError:
+    """One line for a LibRaw failure; LibRaw's own words for a file that ends early (an
+    interrupted copy or download) are just "Input/output error", which reads like a disk fault."""
+    import rawpy
+
+    damaged = isinstance(exc, (rawpy.LibRawIOError, rawpy.LibRawDataError))
+    what = "cannot decode camera RAW: the file is truncated or damaged" if damaged else "cannot decode camera RAW"
+    return ImageError(name, f"{what} (LibRaw: {_libraw_message(exc)})")
+
+
 def _open(source: str | os.PathLike | bytes, name):
     import rawpy
 
@@ -94,7 +111,7 @@ def _open(source: str | os.PathLike | bytes, name):
             raw.open_file(os.fspath(source))
     except rawpy.LibRawError as exc:
         raw.close()
-        raise ImageError(name, f"cannot decode camera RAW (LibRaw: {_libraw_message(exc)})") from None
+        raise _decode_error(name, exc) from None
     return raw
 
 
@@ -104,23 +121,102 @@ def _dims(raw) -> tuple[int, int, int]:
     return int(s.height), int(s.width), orientation
 
 
+def _dng_default_crop(source: str | os.PathLike | bytes) -> _Box | None:
+    """A DNG's default crop (DefaultCropOrigin / DefaultCropSize of its main raw image, made
+    relative to the whole sensor: the spec counts it from the ActiveArea's corner); None for
+    other files and DNGs without one.
+
+    Read from the tags rather than from LibRaw, which moves an odd origin to the next even
+    pixel and drops a crop that reaches the sensor's right or bottom edge. Other RAW formats
+    keep LibRaw's full visible area: their maker notes' crop boxes vary by camera.
+    """
+    import tifffile
+
+    try:
+        fh = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+        with tifffile.TiffFile(fh) as tif:
+            first = tif.pages.first
+            if _DNG_VERSION_TAG not in first.tags:
+                return None
+            page = next((p for p in (first, *(first.pages or ())) if int(p.subfiletype) == 0), None)
+            if page is None:
+                return None
+            # in the raw image's directory; as LibRaw does, one put in IFD0 is also taken
+            origin = _tag_numbers(page, _DEFAULT_CROP_ORIGIN) or _tag_numbers(first, _DEFAULT_CROP_ORIGIN)
+            size = _tag_numbers(page, _DEFAULT_CROP_SIZE) or _tag_numbers(first, _DEFAULT_CROP_SIZE)
+            area = _tag_numbers(page, _ACTIVE_AREA) or (0, 0)
+    except Exception:  # not a TIFF (CR3, RAF, ...) or a damaged one: LibRaw has the last word
+        return None
+    if origin is None or size is None or len(origin) != 2 or len(size) != 2 or len(area) < 2:
+        return None
+    (x, y), (w, h) = (round(v) for v in origin), (round(v) for v in size)
+    return round(area[0]) + y, round(area[1]) + x, h, w
+
+
+def _tag_numbers(page, code: int) -> tuple[float, ...] | None:
+    """The values of a numeric TIFF tag, rationals as floats; None when absent or bad."""
+    tag = page.tags.get(code)
+    if tag is None:
+        return None
+    try:
+        values = tuple(float(v) for v in np.ravel(tag.value))
+    except (TypeError, ValueError):  # text or bytes where numbers belong
+        return None
+    if int(tag.dtype) in (5, 10):  # RATIONAL, SRATIONAL: numerator, denominator pairs
+        values = tuple(n / d if d else math.nan for n, d in zip(values[::2], values[1::2]))
+    return values if all(math.isfinite(v) for v in values) else None
+
+
+def _visible_crop(raw, crop: _Box | None) -> _Box | None:
+    """``crop`` (counted from the sensor's corner) within LibRaw's visible area, clipped to
+    it; None when there is none or it is the whole area."""
+    if crop is None:
+        return None
+    s = raw.sizes
+    h, w = int(s.height), int(s.width)
+    top = min(max(crop[0] - int(s.top_margin), 0), h)
+    left = min(max(crop[1] - int(s.left_margin), 0), w)
+    ch, cw = min(crop[2], h - top), min(crop[3], w - left)
+    if ch <= 0 or cw <= 0 or (ch, cw) == (h, w):
+        return None
+    return top, left, ch, cw
+
+
 def probe_raw(source, name) -> tuple[int, int]:
     """``(height, width)`` of the developed full-size RAW image, from its header only."""
     raw = _open(source, name)
     try:
         h, w, o = _dims(raw)
+        dev_h, dev_w = _stretched(raw, h, w)
+        crop = _visible_crop(raw, _dng_default_crop(source))
     finally:
         raw.close()
     if h <= 0 or w <= 0:
         raise ImageError(name, "camera RAW reports zero size")
-    return (w, h) if o in (5, 6, 7, 8) else (h, w)
+    if crop is not None:
+        r0, r1 = _scaled_span(crop[0], crop[0] + crop[2], h, dev_h)
+        c0, c1 = _scaled_span(crop[1], crop[1] + crop[3], w, dev_w)
+        dev_h, dev_w = r1 - r0, c1 - c0
+    return (dev_w, dev_h) if o in (5, 6, 7, 8) else (dev_h, dev_w)
+
+
+def _stretched(raw, h: int, w: int) -> tuple[int, int]:
+    """``(h, w)`` as LibRaw develops them: non-square pixels (a DNG's DefaultScale) stretch
+    one axis, rounded as LibRaw rounds it."""
+    aspect = float(raw.sizes.pixel_aspect)
+    if not math.isfinite(aspect) or aspect <= 0 or aspect == 1:
+        return h, w
+    if aspect < 1:
+        return int(h / aspect + 0.5), w
+    return h, int(w * aspect + 0.5)
 
 
 def read_raw(source, name, *, max_pixels: int | None, options: RawOptions | None) -> tuple[np.ndarray, int]:
     """Develop a RAW file to ``uint16`` H x W x 3 RGB.
 
-    Returns the array and the EXIF orientation LibRaw applied. The pixel limit is checked on
-    the header's sensor size before the sensor data are unpacked.
+    Returns the array and the EXIF orientation LibRaw applied. A DNG's default crop is
+    applied. The pixel limit is checked on the header's sensor size (what LibRaw develops,
+    crop borders included) before the sensor data are unpacked.
     """
     import rawpy
 
@@ -130,17 +226,20 @@ def read_raw(source, name, *, max_pixels: int | None, options: RawOptions | None
         h, w, orientation = _dims(raw)
         if h <= 0 or w <= 0:
             raise ImageError(name, "camera RAW reports zero size")
+        flip = int(raw.sizes.flip)
+        crop = _visible_crop(raw, _dng_default_crop(source))
+        dev_h, dev_w = _stretched(raw, h, w)
         # From the header, before the sensor data are unpacked: a Bayer file is developed at
         # half size when asked (whether the file has a mosaic is known only once unpacked).
-        _check_pixels(name, h, w, opts.half_size, max_pixels)
+        _check_pixels(name, dev_h, dev_w, opts.half_size, max_pixels)
         try:
             raw.unpack()  # before reading daylight_whitebalance: LibRaw needs the unpacked data
         except rawpy.LibRawError as exc:
-            raise ImageError(name, f"cannot decode camera RAW (LibRaw: {_libraw_message(exc)})") from None
+            raise _decode_error(name, exc) from None
         # LibRaw halves only mosaic (CFA) data; anything else is developed at full size.
         bin_after = opts.half_size and raw.raw_pattern is None
         if bin_after:
-            _check_pixels(name, h, w, False, max_pixels)
+            _check_pixels(name, dev_h, dev_w, False, max_pixels)
         kwargs: dict = dict(
             output_bps=16,
             half_size=opts.half_size,
@@ -162,15 +261,49 @@ def read_raw(source, name, *, max_pixels: int | None, options: RawOptions | None
         except rawpy.NotSupportedError as exc:
             raise ImageError(name, f"demosaic '{opts.demosaic}' is not supported by this LibRaw build ({exc})") from None
         except rawpy.LibRawError as exc:
-            raise ImageError(name, f"cannot decode camera RAW (LibRaw: {_libraw_message(exc)})") from None
+            raise _decode_error(name, exc) from None
     finally:
         raw.close()
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint16 or rgb.size == 0:
         raise ImageError(name, f"camera RAW developed to an unexpected array {rgb.shape} {rgb.dtype}")
-    if bin_after and rgb.shape[0] * rgb.shape[1] == h * w:
+    developed_full = rgb.shape[0] * rgb.shape[1] == dev_h * dev_w
+    if crop is not None:
+        rgb = _crop_developed(rgb, crop, (h, w), flip)
+    if bin_after and developed_full:
         rgb = _half_size(rgb, opts.gamma)
     return rgb, orientation
+
+
+def _crop_developed(rgb: np.ndarray, crop: _Box, visible: tuple[int, int], flip: int) -> np.ndarray:
+    """``rgb`` (LibRaw's development of the ``visible`` area, maybe at half size, turned by
+    LibRaw's ``flip``) cut to ``crop``, a box of the visible area before it was turned."""
+    top, left, ch, cw = crop
+    out_h, out_w = rgb.shape[:2]
+    dev_h, dev_w = (out_w, out_h) if flip & 4 else (out_h, out_w)  # before LibRaw turned it
+    r0, r1 = _scaled_span(top, top + ch, visible[0], dev_h)
+    c0, c1 = _scaled_span(left, left + cw, visible[1], dev_w)
+    # LibRaw's flip: bit 1 mirrors the rows, bit 0 the columns, then bit 2 transposes.
+    if flip & 2:
+        r0, r1 = dev_h - r1, dev_h - r0
+    if flip & 1:
+        c0, c1 = dev_w - c1, dev_w - c0
+    if flip & 4:
+        return np.ascontiguousarray(rgb[c0:c1, r0:r1])
+    return np.ascontiguousarray(rgb[r0:r1, c0:c1])
+
+
+def _scaled_span(start: int, stop: int, full: int, developed: int) -> tuple[int, int]:
+    """Pixel span ``[start, stop)`` of a ``full``-pixel axis on that axis developed at
+    ``developed`` pixels: the same, halved (2x2 cells, a cell the crop cuts is kept), or
+    stretched (a DNG's DefaultScale, non-square pixels)."""
+    if developed == full:
+        return start, stop
+    if developed == (full + 1) // 2:
+        return start // 2, (stop + 1) // 2
+    scale = developed / full
+    lo = min(round(start * scale), developed - 1)
+    return lo, max(min(round(stop * scale), developed), lo + 1)
 
 
 def _check_pixels(name, h: int, w: int, half: bool, max_pixels: int | None) -> None:
