@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import kpac_cli.engine.deblurrer as engine_deblurrer
 import kpac_cli.engine.device as engine_device
 import kpac_cli.engine.tiled as tiled
 from kpac_cli.engine import Deblurrer, EngineOptions, TiledInference, pad_to_multiple, plan_tiles, receptive_halos, skips_that_fit
@@ -136,6 +137,44 @@ def test_a_large_map_never_runs_the_bottleneck_whole(monkeypatch):
     block_halo, merge_halo = tiled.bottleneck_halos(cfg)
     assert len(calls) == cfg.blocks * 5 * 5  # a 100x120 map in 24-cell tiles
     assert max(max(c) for c in calls) <= 24 + 2 * (block_halo + merge_halo)  # the last block feeds the merge
+
+
+def test_the_low_resolution_maps_a_tiled_run_holds_are_those_the_planner_counts(monkeypatch):
+    """The memory planner leaves room for the maps a tiled run keeps whole
+    (``low_resolution_bytes``): every map on the low-resolution grid the run makes is counted."""
+    cfg = VARIANTS["2level"]
+    model, made = _model(cfg), []
+    empty_map = TiledInference._empty_map
+    monkeypatch.setattr(TiledInference, "_empty_map", lambda self, like, h, w: made.append(empty_map(self, like, h, w)) or made[-1])
+    _small_bottleneck_tiles(monkeypatch, 24)
+    height, width = 403, 477  # padded to 404 x 480: the maps are 101 x 120 cells
+    x = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    TiledInference(model, torch.device("cpu"), nullcontext, kept_skips=cfg.levels)(x, x, 128)
+    low = [m for m in made if tuple(m.shape[-2:]) == (101, 120)]
+    assert len(low) == cfg.blocks + 1 and all(m.shape[1] == 2 * cfg.channels for m in low)
+    assert sum(m.numel() * m.element_size() for m in low) == tiled.low_resolution_bytes(cfg, height, width)
+
+
+def test_a_large_photo_s_own_memory_is_left_out_of_the_planned_pools(monkeypatch):
+    """In a 4 GiB container a 24-megapixel photo's float copies and a 2-level model's
+    low-resolution maps take 2.3 GiB: pools planned from the whole 4 GiB (a quarter each)
+    put the run over the limit, where the process is killed rather than told."""
+    gib = 1 << 30
+    monkeypatch.setattr(engine_deblurrer, "available_memory", lambda device: 4 * gib)
+    cfg = KPACConfig(levels=2)
+    d = Deblurrer(build_model(cfg), EngineOptions(device="cpu"))
+    height, width = 4000, 6000
+    resident = d.resident_bytes(height, width)
+    # the caller's image, the network input, the output (a single image is its own reference)
+    assert resident == tiled.low_resolution_bytes(cfg, height, width) + 3 * 3 * 4 * height * width
+    assert d.resident_bytes(height + 1, width) > resident + 3 * 4 * height * width  # a padded input too
+    tile, kept = d.plan_tile(height, width), d.plan_kept_skips(height, width, torch.float32)
+    widened = tile + 2 * max(receptive_halos(cfg))
+    planned = widened**2 * d.bytes_per_pixel() + sum(skip_bytes(cfg, height, width)[cfg.levels - kept :])
+    assert planned + resident <= 4 * gib - (4 * gib - resident) // 2  # the pools take half of what is left
+    assert d.memory_budget() == gib  # the budget without a photo: 2 pools of it and the photo exceed 4 GiB
+    assert 2 * d.memory_budget() + resident > 4 * gib
+    assert d.memory_budget(720, 1280) > 2 * d.memory_budget(height, width)  # a small photo leaves room
 
 
 def _reach(output: torch.Tensor, inputs: list[torch.Tensor], cell: int) -> int:

@@ -36,7 +36,8 @@ from ..model.fast import FastKPACNet
 from .compiled import CompiledNetwork
 from .dualpixel import balance_views
 from .device import autocast, available_memory, cpu_has_fast_bf16, is_out_of_memory, resolve_device, resolve_precision
-from .tiled import InferenceResult, ProgressFn, TiledInference, receptive_halos, skips_that_fit, tile_that_runs
+from .tiled import (InferenceResult, ProgressFn, TiledInference, low_resolution_bytes, receptive_halos, skips_that_fit,
+                    tile_that_runs)
 
 MIN_TILE = 128
 #: Peak activation bytes per pixel of a widened tile, per channel of the model's width:
@@ -59,7 +60,10 @@ class EngineOptions:
     memory_budget : bytes the engine may plan for, twice over: the working set of one tile
         (``tile="auto"``) and, when tiling, the encoder's skip feature maps kept between the
         two passes instead of recomputed (the deepest, smallest first). Default: a share of
-        what is free (on the CPU a quarter, at most 1 GiB; on a GPU 40 %).
+        what is free once the photo's own memory is counted (:meth:`Deblurrer.resident_bytes`:
+        its float copies and the low-resolution maps; on the CPU a quarter of the rest, at
+        most 1 GiB; on a GPU 40 %), so that a large photo in a tight container gets smaller
+        tiles instead of the process being killed.
     compile : run the network's stages through ``torch.compile`` (static shapes, same-shaped
         tiles); the time spent compiling is reported in :attr:`RunStats.compile_seconds`.
         Pays on GPUs for many same-sized photos; on the CPU our hand-fused path is faster.
@@ -139,7 +143,8 @@ def ensemble_inputs(x: torch.Tensor, ref: torch.Tensor, n: int, dual: bool) -> I
         xk = dihedral(x, k)
         if k & 1 and dual:
             xk = torch.cat([xk[:, 3:], xk[:, :3]], dim=1)
-        yield k, xk, dihedral(ref, k)
+        # a single-image model's reference is its input: one tensor, not two equal copies
+        yield k, xk, (xk if ref is x else dihedral(ref, k))
 
 
 @dataclass
@@ -213,17 +218,35 @@ class Deblurrer:
     def bytes_per_pixel(self) -> int:
         return _BYTES_PER_PIXEL_PER_CHANNEL * self.config.channels
 
-    def memory_budget(self) -> int:
+    def resident_bytes(self, height: int, width: int) -> int:
+        """Bytes a run of a ``height`` x ``width`` photo holds besides the two planned pools:
+        the low-resolution maps of a tiled run (:func:`~kpac_cli.engine.tiled.low_resolution_bytes`)
+        and, when the device is the CPU, the photo's float32 copies: the caller's, the network
+        input (and its padded copy when the size is no multiple of the stride), a dual-pixel
+        model's balanced views and centre view, and the output."""
+        maps = low_resolution_bytes(self.config, height, width, torch.finfo(self.dtype).bits // 8)
+        if self.device.type != "cpu":
+            return maps  # the copies are in host memory, not the GPU's
+        padded = int(height % self.config.stride != 0 or width % self.config.stride != 0)
+        inputs = 2 + padded + int(self.balance_views)
+        references = (1 + padded) if self.config.in_views == 2 else 0  # a single image is its own
+        return maps + (inputs * self.config.in_channels + (references + 1) * 3) * 4 * height * width
+
+    def memory_budget(self, height: int | None = None, width: int | None = None) -> int:
+        """Bytes of each planned pool (see ``EngineOptions.memory_budget``), for a photo of
+        ``height`` x ``width`` when given (its :meth:`resident_bytes` are not the pools')."""
         if self.options.memory_budget is not None:
             return int(self.options.memory_budget)
         free = available_memory(self.device)
+        if height is not None and width is not None:
+            free = max(0, free - self.resident_bytes(height, width))
         # two pools of this size: one tile's working set and the kept skip maps
         return int(free * 0.4) if self.device.type == "cuda" else min(int(free * 0.25), 1 << 30)
 
     def plan_kept_skips(self, height: int, width: int, dtype: torch.dtype) -> int:
         """How many skip maps a tiled run keeps between its passes (see :class:`TiledInference`)."""
         itemsize = torch.finfo(dtype).bits // 8
-        return skips_that_fit(self.config, height, width, self.memory_budget(), itemsize)
+        return skips_that_fit(self.config, height, width, self.memory_budget(height, width), itemsize)
 
     def plan_tile(self, height: int, width: int) -> int | None:
         """Tile side for ``tile="auto"``: the whole image if it fits the budget, else the
@@ -233,7 +256,7 @@ class Deblurrer:
             return None
         if opt != "auto":
             return max(MIN_TILE, opt)
-        budget = self.memory_budget()
+        budget = self.memory_budget(height, width)
         bpp = self.bytes_per_pixel()
         # The widest tensor, the decoder's last concatenation, holds 2 x channels values per
         # pixel; at 2**31 elements PyTorch's CUDA kernels leave 32-bit indexing (slow paths or
@@ -381,8 +404,8 @@ class Deblurrer:
                 result = self.run(image, center, cb, orientation=orientation)
         else:
             result = self.run(image, center, progress or None, orientation=orientation)
-        out = ((result.output[0].permute(1, 2, 0) + 1) * 0.5).clamp_(0, 1)
-        return out.numpy()
+        with torch.inference_mode():  # in place (a 24-megapixel photo's float copies are 288 MB each)
+            return result.output.add_(1).mul_(0.5).clamp_(0, 1)[0].permute(1, 2, 0).numpy()
 
     def scale_attention(self, image: np.ndarray, center: np.ndarray | None = None) -> list[np.ndarray | None]:
         """Per KPAC block, the scale-attention maps alpha: (len(dilations), h, w) at the blocks'

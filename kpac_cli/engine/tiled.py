@@ -24,8 +24,8 @@ rounding, ~1e-6): tiling is an implementation detail, never an approximation. Ho
 Tiles and halos are multiples of the stride, so every stride-2 layer samples the same grid
 as it does on the whole image, and zero padding appears only at the true image border.
 Peak memory is bounded by one widened tile's activations plus the low-resolution maps (the
-encoder output, the outputs of all blocks but the last, the bottleneck output) and the kept
-skip maps.
+encoder output, the outputs of all blocks but the last, the bottleneck output:
+:func:`low_resolution_bytes`) and the kept skip maps.
 """
 
 from __future__ import annotations
@@ -244,17 +244,18 @@ class TiledInference:
             raise ValueError(f"reference must be (1, 3, {h}, {w}), got {tuple(reference.shape)}")
         stride = self.config.stride
         xp = pad_to_multiple(x.float(), stride)
-        refp = pad_to_multiple(reference.float(), stride)
+        refp = xp if reference is x else pad_to_multiple(reference.float(), stride)
         hp, wp = xp.shape[-2:]
         report = progress or (lambda stage, done, total: None)
         tile = tile_that_runs(tile, h, w, stride)
+        # The output is made at the image's own size: cropping a padded one would copy it.
         if tile is None:
-            out, alphas = self._whole(xp, refp, report, keep_attention)
+            out, alphas = self._whole(xp, refp, h, w, report, keep_attention)
         else:
-            out, alphas = self._tiled(xp, refp, tile, report, keep_attention)
-        return InferenceResult(out[..., :h, :w].contiguous(), alphas)
+            out, alphas = self._tiled(xp, refp, h, w, tile, report, keep_attention)
+        return InferenceResult(out.contiguous(), alphas)
 
-    def _whole(self, xp: Tensor, refp: Tensor, report: ProgressFn, keep_attention: bool):
+    def _whole(self, xp: Tensor, refp: Tensor, h: int, w: int, report: ProgressFn, keep_attention: bool):
         report("encode", 0, 1)
         with self.run_context():
             skips, encoded = self.model.encode(self._to_device(xp))
@@ -262,7 +263,7 @@ class TiledInference:
             mid = self.model.bottleneck(encoded)
             report("attention", 1, 1)
             residual = self.model.decode(mid.features, skips)
-        out = residual.float().cpu() + refp
+        out = residual.float().cpu()[..., :h, :w] + refp[..., :h, :w]
         report("decode", 1, 1)
         return out, self._alphas(mid, keep_attention)
 
@@ -271,7 +272,7 @@ class TiledInference:
             return []
         return [None if a is None else a.float().cpu() for a in mid.scale_attention]
 
-    def _tiled(self, xp: Tensor, refp: Tensor, tile: int, report: ProgressFn, keep_attention: bool):
+    def _tiled(self, xp: Tensor, refp: Tensor, h: int, w: int, tile: int, report: ProgressFn, keep_attention: bool):
         stride, levels = self.config.stride, self.config.levels
         hp, wp = xp.shape[-2:]
         enc_halo, dec_halo = self.halos
@@ -297,7 +298,7 @@ class TiledInference:
         del encoded
 
         # 4. decoder pass: the shallow skips recomputed per widened tile, the kept ones sliced
-        out = torch.empty_like(refp)
+        out = torch.empty((1, 3, h, w), dtype=torch.float32)
         dec_tiles = plan_tiles(hp, wp, tile, dec_halo, self.static_shapes)
         for i, t in enumerate(dec_tiles):
             with self.run_context():
@@ -308,9 +309,10 @@ class TiledInference:
                           for level in range(recompute, levels)]
                 f = features[..., t.iy0 // stride : t.iy1 // stride, t.ix0 // stride : t.ix1 // stride]
                 residual = self.model.decode(f, skips)
+            y1, x1 = min(t.y1, h), min(t.x1, w)  # a tile starts inside the image, may end in its padding
             oy, ox = t.y0 - t.iy0, t.x0 - t.ix0
-            ty, tx = t.y1 - t.y0, t.x1 - t.x0
-            out[..., t.y0 : t.y1, t.x0 : t.x1] = residual[..., oy : oy + ty, ox : ox + tx].float().cpu() + refp[..., t.y0 : t.y1, t.x0 : t.x1]
+            ty, tx = y1 - t.y0, x1 - t.x0
+            out[..., t.y0 : y1, t.x0 : x1] = residual[..., oy : oy + ty, ox : ox + tx].float().cpu() + refp[..., t.y0 : y1, t.x0 : x1]
             del skips, residual
             report("decode", i + 1, len(dec_tiles))
         return out, alphas
@@ -379,6 +381,14 @@ def skip_bytes(config: KPACConfig, height: int, width: int, itemsize: int = 4) -
     widths = [config.channels, config.channels, 2 * config.channels][: config.levels]
     h, w = -(-height // config.stride) * config.stride, -(-width // config.stride) * config.stride
     return [c * (h >> level) * (w >> level) * itemsize for level, c in enumerate(widths)]
+
+
+def low_resolution_bytes(config: KPACConfig, height: int, width: int, itemsize: int = 4) -> int:
+    """Bytes of the low-resolution maps a tiled run of a ``height`` x ``width`` image holds whole
+    at once (step 3 of the module docstring): the encoder output, the outputs of all KPAC blocks
+    but the last, and the bottleneck output being filled; each 2 x channels wide at 1/stride."""
+    cells = -(-height // config.stride) * -(-width // config.stride)
+    return (config.blocks + 1) * 2 * config.channels * cells * itemsize
 
 
 def skips_that_fit(config: KPACConfig, height: int, width: int, budget: int, itemsize: int = 4) -> int:
