@@ -743,6 +743,39 @@ def test_jpeg_orientation_probe_and_read(tmp_path):
     assert img.shape == (30, 10, 3) and info.orientation_applied == 6
 
 
+def exif_with_pixel_dimensions(width: int, height: int, orientation: int = 1, endian: str = "<") -> bytes:
+    """EXIF whose Exif sub-IFD records PixelXDimension and PixelYDimension, and the capture time."""
+    ex = Image.Exif()
+    ex.endian = endian
+    ex[0x0112] = orientation
+    sub = ex.get_ifd(0x8769)
+    sub[0xA002], sub[0xA003], sub[0x9003] = width, height, "2024:05:06 07:08:09"
+    return ex.tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_exif_pixel_dimensions_say_the_written_size(fmt):
+    # a camera JPEG stored 30 wide, 10 high, shown turned: its EXIF says 30 x 10, the output is 10 x 30
+    src = pil_bytes(Image.fromarray(rand((10, 30, 3))), "JPEG", exif=exif_with_pixel_dimensions(30, 10, orientation=6))
+    img, info = read_image(src)
+    assert img.shape[:2] == (30, 10)
+    with Image.open(io.BytesIO(write_image(None, img, info, format=fmt))) as im:
+        sub = im.getexif().get_ifd(0x8769)
+        assert im.size == (10, 30) and (sub[0xA002], sub[0xA003]) == im.size
+        assert sub[0x9003] == "2024:05:06 07:08:09"  # the rest of the Exif directory is as it was
+
+
+def test_exif_pixel_dimensions_edited_in_place_and_never_added():
+    from kpac_cli.images.exif import _parsed, normalize_exif, set_pixel_dimensions
+
+    exif = normalize_exif(exif_with_pixel_dimensions(300, 200, endian=">"))  # stored as SHORTs
+    wider = set_pixel_dimensions(exif, width=70000, height=5)  # too wide for a SHORT: a LONG
+    sub = _parsed(wider).get_ifd(0x8769)
+    assert len(wider) == len(exif) and (sub[0xA002], sub[0xA003], sub[0x9003]) == (70000, 5, "2024:05:06 07:08:09")
+    without = normalize_exif(make_exif(6, "KpacCam"))
+    assert set_pixel_dimensions(without, width=4, height=3) == without
+
+
 def test_tiff_orientation_tag(tmp_path):
     a = rand((3, 5, 3))
     p = tmp_path / "o.tif"

@@ -139,3 +139,47 @@ def test_a_camera_jpeg_s_large_thumbnail_is_no_other_frame(mp_type, frames):
     data = mpo_with_second_picture(mp_type)
     img, info = read_image(data)
     assert info.size == (32, 48) and info.frames == frames  # a stereo pair's second view does count
+
+
+RDF = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">%s</rdf:RDF></x:xmpmeta>'
+#: Primary-image XMP of gain-map JPEGs: Ultra HDR's attribute (which Pillow spots itself, and opens
+#: the file as a plain JPEG), Adobe's namespace as an element, a GContainer directory alone.
+GAIN_MAP_XMP = {
+    "ultra-hdr": RDF % b'<rdf:Description xmlns:hdrgm="http://ns.adobe.com/hdr-gain-map/1.0/" hdrgm:Version="1.0"/>',
+    "hdrgm-element": RDF % b'<rdf:Description xmlns:hdrgm="http://ns.adobe.com/hdr-gain-map/1.0/">'
+    b"<hdrgm:Version>1.0</hdrgm:Version></rdf:Description>",
+    "gcontainer": RDF % b'<rdf:Description xmlns:Container="http://ns.google.com/photos/1.0/container/" '
+    b'xmlns:Item="http://ns.google.com/photos/1.0/container/item/"><Container:Directory><rdf:Seq>'
+    b'<rdf:li rdf:parseType="Resource"><Container:Item Item:Semantic="Primary" Item:Mime="image/jpeg"/></rdf:li>'
+    b'<rdf:li rdf:parseType="Resource"><Container:Item Item:Semantic="GainMap" Item:Mime="image/jpeg"/></rdf:li>'
+    b"</rdf:Seq></Container:Directory></rdf:Description>",
+}
+
+
+def deblur_notes(info, fmt: str = "jpeg") -> list[str]:
+    """What ``kpac deblur`` says of what the output does not keep of an input described by ``info``."""
+    from pathlib import Path
+
+    from kpac_cli.engine.batch import Job, OutputOptions, _what_is_not_kept
+
+    return _what_is_not_kept(Job("in", Path("in.jpg"), Path(f"out.{fmt}"), "in.jpg", fmt), info, OutputOptions())
+
+
+@pytest.mark.parametrize("kind", [*GAIN_MAP_XMP, None])
+def test_an_hdr_gain_map_is_no_frame_and_its_loss_is_said(kind):
+    # a primary JPEG, its XMP, and an MPF index pointing at the gain map appended after it
+    photo = Image.fromarray(np.random.default_rng(5).integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    xmp = {} if kind is None else {"xmp": GAIN_MAP_XMP[kind]}
+    buf = io.BytesIO()
+    photo.save(buf, "MPO", save_all=True, append_images=[Image.new("L", (6, 4), 128)], **xmp)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        assert im.info["mp"]  # the MP index is there, however Pillow opens the file
+    img, info = read_image(buf.getvalue())
+    assert img.shape == (16, 24, 3)
+    notes = deblur_notes(info)
+    said = [n for n in notes if "HDR gain map was dropped" in n]
+    if kind is None:  # a plain two-picture MPO: its second picture is a frame
+        assert info.frames == 2 and not said and any("first of 2 frames" in n for n in notes)
+    else:
+        assert info.frames == 1 and len(said) == 1 and "SDR" in said[0]
+        assert not any("frames" in n for n in notes)

@@ -1,8 +1,8 @@
 """EXIF helpers: orientation read/reset on raw EXIF bytes, and pixel re-orientation.
 
 EXIF is kept as a JPEG APP1 payload (``b"Exif\\0\\0"`` + TIFF structure) and edited in place
-(only the Orientation value changes), so maker notes with absolute offsets stay valid; a
-full re-serialisation (e.g. ``PIL.Image.Exif.tobytes``) would break them.
+(only the Orientation and the pixel dimensions change), so maker notes with absolute offsets
+stay valid; a full re-serialisation (e.g. ``PIL.Image.Exif.tobytes``) would break them.
 """
 
 from __future__ import annotations
@@ -95,6 +95,67 @@ def reset_orientation(exif: bytes) -> bytes:
     off, bo, typ = found
     out = bytearray(exif)
     out[off : off + (2 if typ == 3 else 4)] = struct.pack(bo + ("H" if typ == 3 else "I"), 1)
+    return bytes(out)
+
+
+#: Exif sub-IFD tags that give the image's size: PixelXDimension (width), PixelYDimension (height).
+PIXEL_X_DIMENSION = 0xA002
+PIXEL_Y_DIMENSION = 0xA003
+_EXIF_IFD = 0x8769
+
+
+def _ifd_entries(exif: bytes, pos: int, bo: str) -> list[tuple[int, int, int, int]]:
+    """``(absolute offset, tag, type, count)`` of the entries of the directory at ``pos``
+    (absolute), as many as lie within ``exif``."""
+    if pos + 2 > len(exif):
+        return []
+    (n,) = struct.unpack(bo + "H", exif[pos : pos + 2])
+    entries = []
+    for i in range(n):
+        e = pos + 2 + 12 * i
+        if e + 12 > len(exif):
+            break
+        entries.append((e, *struct.unpack(bo + "HHI", exif[e : e + 8])))
+    return entries
+
+
+def _exif_ifd(exif: bytes) -> tuple[int, str] | None:
+    """Locate the Exif sub-IFD: (absolute offset of its entry count, byte order)."""
+    found = _first_ifd(exif)
+    if found is None:
+        return None
+    pos, bo, _n = found
+    base = 6 if exif.startswith(EXIF_PREFIX) else 0
+    for e, tag, typ, count in _ifd_entries(exif, pos, bo):
+        if tag == _EXIF_IFD and count == 1 and typ in (4, 13):  # LONG or IFD
+            (offset,) = struct.unpack(bo + "I", exif[e + 8 : e + 12])
+            return base + offset, bo
+    return None
+
+
+def set_pixel_dimensions(exif: bytes, width: int, height: int) -> bytes:
+    """Copy of ``exif`` whose PixelXDimension and PixelYDimension say ``width`` x ``height``
+    (the pixels written), where the Exif sub-IFD has them; tags that are absent are not added.
+
+    They describe the source's pixels, which the written ones need not match: turned upright
+    on read (the axes swap), a RAW developed at another size or cut to its crop. Edited in
+    place, as the Orientation is: a SHORT that cannot hold the value becomes a LONG, which
+    fits the same 4-byte value field.
+    """
+    found = _exif_ifd(exif)
+    if found is None:
+        return exif
+    pos, bo = found
+    out = bytearray(exif)
+    wanted = {PIXEL_X_DIMENSION: width, PIXEL_Y_DIMENSION: height}
+    for e, tag, typ, count in _ifd_entries(exif, pos, bo):
+        if tag in wanted and count == 1 and typ in (3, 4):  # SHORT or LONG
+            value = wanted[tag]
+            if typ == 3 and value <= 0xFFFF:
+                out[e + 8 : e + 10] = struct.pack(bo + "H", value)
+            else:
+                out[e + 2 : e + 4] = struct.pack(bo + "H", 4)
+                out[e + 8 : e + 12] = struct.pack(bo + "I", value)
     return bytes(out)
 
 

@@ -38,7 +38,9 @@ TIFF
 JPEG
     Pillow; 8-bit gray and RGB (CMYK/YCCK and 12-bit JPEG refused). MPO (multi-picture) reads
     the first picture; ``info.frames`` counts the pictures other than large thumbnails (the
-    previews cameras store beside the photo).
+    previews cameras store beside the photo) and an HDR gain map that the primary picture's
+    XMP declares (:func:`.metadata.declares_gain_map`; it is not read, and outputs are the
+    SDR image).
     The main XMP packet is read (extended XMP segments are not). Written 8-bit, 4:4:4
     chroma, with ICC (APP2), EXIF (APP1; dropped if over :data:`JPEG_MAX_EXIF` bytes), XMP (APP1
     ``http://ns.adobe.com/xap/1.0/``; dropped if over 65504 bytes, as extended XMP is not
@@ -437,10 +439,10 @@ def _read_jpeg(src: _Src, max_pixels):
             if im.mode == "CMYK":
                 raise ImageError(src.name, "CMYK JPEG is not supported; convert it to RGB first")
             raise ImageError(src.name, f"unsupported JPEG pixel mode {im.mode}")
-        frames = _jpeg_frames(im)
         icc = im.info.get("icc_profile") or None
         exif = exif_mod.normalize_exif(im.info.get("exif"))
         xmp = meta.normalize_xmp(im.info.get("xmp"))  # one APP1 segment: at most 64 KB
+        frames = _jpeg_frames(im, gain_map=meta.declares_gain_map(xmp))
         dpi = _jfif_dpi(im.info)
         segments = _jpeg_carried_segments(im.applist)
         try:
@@ -459,10 +461,14 @@ def _read_jpeg(src: _Src, max_pixels):
 _MPO_LARGE_THUMBNAILS = (0x010001, 0x010002, "Large Thumbnail (VGA Equivalent)", "Large Thumbnail (Full HD Equivalent)")
 
 
-def _jpeg_frames(im) -> int:
+def _jpeg_frames(im, gain_map: bool = False) -> int:
     """The pictures of a JPEG that are images of their own: 1, or the pictures of an MPO other
-    than large thumbnails (which are no more another frame than a TIFF's preview page)."""
+    than large thumbnails (which are no more another frame than a TIFF's preview page) and
+    the HDR gain map that ``gain_map`` says the primary picture's XMP declares (it is the
+    primary picture's HDR headroom, not an image; Pillow opens some such files as plain JPEG)."""
     frames = int(getattr(im, "n_frames", 1) or 1)
+    if gain_map and frames > 1:
+        frames -= 1
     try:
         entries = im.mpinfo[0xB002]
         thumbnails = sum(1 for e in entries[1:] if e["Attribute"]["MPType"] in _MPO_LARGE_THUMBNAILS)
@@ -1274,6 +1280,8 @@ def _with_jpeg_segments(jpeg: bytes, segments: Iterable[tuple[int, bytes]]) -> b
 def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int) -> bytes:
     """Encode integer (or float32 for depth 32) H x W x C to file bytes."""
     exif = exif_mod.normalize_exif(info.exif)
+    if exif is not None:  # the source's recorded size need not be the written one's
+        exif = exif_mod.set_pixel_dimensions(exif, width=arr.shape[1], height=arr.shape[0])
     icc = info.icc_profile or None
     xmp = meta.normalize_xmp(info.xmp)
     dpi = None if info.dpi is None else meta.normalize_dpi(*info.dpi)  # same rules as on read

@@ -9,7 +9,8 @@ XMP
     ``ImageInfo.xmp`` is the raw XMP packet, ``bytes`` (UTF-8 XML with the ``<?xpacket?>``
     wrapper and padding the source had), as stored in JPEG APP1 (``http://ns.adobe.com/xap/1.0/``),
     PNG iTXt (keyword ``XML:com.adobe.xmp``) and TIFF tag 700 (XMLPacket). It is never handed
-    to an XML parser (no untrusted XML is parsed); the only edit is :func:`reset_xmp_orientation`.
+    to an XML parser (no untrusted XML is parsed); the only edit is :func:`reset_xmp_orientation`,
+    the only search :func:`declares_gain_map`.
     A packet that is empty, not UTF-8, or longer than :data:`MAX_XMP` bytes is ignored.
 Resolution
     ``ImageInfo.dpi`` is the print resolution as ``(x, y)`` floats in pixels per inch (a pair:
@@ -73,6 +74,20 @@ def reset_xmp_orientation(xmp: bytes) -> bytes:
     A byte-level edit of one digit (no XML parsing), so the packet keeps its length.
     """
     return _XMP_ORIENTATION.sub(lambda m: m.group(1) + b"1", xmp)
+
+
+# An HDR gain map declared by the primary image's XMP: the Adobe/ISO gain map namespace
+# (hdrgm:Version, Ultra HDR too), or a GContainer directory item whose semantic is GainMap.
+_XMP_GAIN_MAP = re.compile(
+    rb"""http://ns\.adobe\.com/hdr-gain-map/1\.0/|Semantic\s*=\s*["']\s*GainMap\s*["']|Semantic>\s*GainMap\s*<"""
+)
+
+
+def declares_gain_map(xmp: bytes | None) -> bool:
+    """Whether ``xmp`` (a JPEG's primary XMP packet) declares an HDR gain map: the picture, stored
+    after the primary one (MPF), that lifts it to its HDR rendition (Android Ultra HDR, Adobe
+    and ISO 21496-1 gain maps). A byte-level search, no XML parsing."""
+    return xmp is not None and _XMP_GAIN_MAP.search(xmp) is not None
 
 
 def normalize_dpi(x: object, y: object, scale: float = 1.0) -> tuple[float, float] | None:
