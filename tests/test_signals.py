@@ -60,6 +60,10 @@ def _cmd(model: Path, *args, prelude: str | None, command: str) -> list[str]:
 
 def start(w: Workload, *args, prelude: str | None = None, env: dict[str, str] | None = None,
           command: str = "deblur") -> subprocess.Popen:
+    return launch(_cmd(w.model, *args, prelude=prelude, command=command), env=env)
+
+
+def launch(cmd: list[str], env: dict[str, str] | None = None, stdout=subprocess.PIPE) -> subprocess.Popen:
     # A test run started in the background by a shell (`cmd &`) ignores SIGINT, and a child
     # inherits an ignored signal through exec: kpac would then never see the test's SIGINT, as
     # any background job does not. The child is started with SIGINT at its default instead.
@@ -67,8 +71,8 @@ def start(w: Workload, *args, prelude: str | None = None, env: dict[str, str] | 
     if ignored:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        proc = subprocess.Popen(_cmd(w.model, *args, prelude=prelude, command=command), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**_env(), **(env or {})})
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                env={**_env(), **(env or {})})
     finally:
         if ignored:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -270,12 +274,28 @@ def test_interrupted_eval_and_blurmap_exit_with_the_signal_code(workload, tmp_pa
         assert temps(tmp_path / "maps") == []
 
 
+def test_interrupted_blurmap_overwrite_run_does_not_advise_keeping_stale_maps(workload, tmp_path):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for name in workload.reference:  # an earlier run's maps, e.g. made with another --block
+        (maps / f"{Path(name).stem}_blurmap.png").write_bytes(b"an earlier run's map")
+    env, held = hold(2, tmp_path)
+    proc = start(workload, workload.inputs, "-o", maps, "--overwrite", prelude=HOLD_ONE_IMAGE, env=env, command="blurmap")
+    wait_until(held.exists, proc, "the second image to be in inference")
+    proc.send_signal(signal.SIGINT)
+    err = finish(proc)
+    assert proc.returncode == 130, err
+    assert "interrupted: 1 done, 0 skipped, 0 failed" in summary(err), err
+    assert "rerun with --skip-existing to finish" not in summary(err), err
+    assert "rerun" in summary(err) and "older than this run" in summary(err), err
+
+
 # --------------------------------------------------------------------------------------------
 # SIGKILL half-way through writing a file
 
-# Runs kpac with the third output's write stalling half-way (as on a hung disk), so that the
-# test can SIGKILL it at exactly that point.
-STALL_THIRD_WRITE = r"""
+# Runs kpac with write number $KPAC_TEST_STALL_AT (of files written atomically) stalling half-way
+# (as on a hung disk), so that the test can signal it at exactly that point.
+STALL_A_WRITE = r"""
 import builtins, os, sys, time
 import kpac_cli.images.atomic as atomic
 
@@ -302,7 +322,7 @@ def stalling_open(file, mode="r", *args, **kwargs):
     fh = real_open(file, mode, *args, **kwargs)
     if "w" in mode and str(file).endswith(".kpac-tmp"):
         writes[0] += 1
-        if writes[0] == 3:
+        if writes[0] == int(os.environ["KPAC_TEST_STALL_AT"]):
             return Stalled(fh)
     return fh
 
@@ -313,7 +333,8 @@ atomic.open = stalling_open
 def test_sigkill_mid_write_leaves_only_a_hidden_temp_that_the_next_run_removes(workload, tmp_path):
     out = tmp_path / "out"
     stalled = tmp_path / "stalled"
-    proc = start(workload, workload.inputs, "-o", out, prelude=STALL_THIRD_WRITE, env={"KPAC_TEST_STALLED": str(stalled)})
+    proc = start(workload, workload.inputs, "-o", out, prelude=STALL_A_WRITE,
+                 env={"KPAC_TEST_STALLED": str(stalled), "KPAC_TEST_STALL_AT": "3"})
     wait_until(stalled.exists, proc, "the third output to be half written")
     proc.kill()
     proc.wait(TIMEOUT)
@@ -399,3 +420,102 @@ def test_ctrl_c_while_the_command_line_is_imported_exits_130_without_a_traceback
     with pytest.raises(SystemExit) as stopped:
         entry.main()
     assert stopped.value.code == 130
+
+
+# --------------------------------------------------------------------------------------------
+# the commands without a batch: kpac bench, kpac export, kpac convert
+
+# Runs kpac with the benchmark's measurements held until the test's signal arrives; the file
+# $KPAC_TEST_HELD is created once they are.
+HOLD_BENCH = r"""
+import os, time
+import kpac_cli.bench
+
+def held_benchmark(*args, **kwargs):
+    open(os.environ["KPAC_TEST_HELD"], "w").close()
+    time.sleep(120)
+    raise AssertionError("the test's signal did not arrive")
+
+kpac_cli.bench.run_benchmark = held_benchmark
+""" + RUN_KPAC
+
+
+def _kpac_with(prelude: str, *args) -> list[str]:
+    return [sys.executable, "-c", prelude, *map(str, args)]
+
+
+def _stderr_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_bench_exits_with_the_signal_code_and_one_line(tmp_path, sig, code):
+    held = tmp_path / "held"
+    proc = launch(_kpac_with(HOLD_BENCH, "bench", "--size", "64x64", "--device", "cpu", "--quiet"),
+                  env={"KPAC_TEST_HELD": str(held)})
+    wait_until(held.exists, proc, "the measurements to start")
+    proc.send_signal(sig)
+    out, err = finish_with_stdout(proc)
+    assert proc.returncode == code, err
+    assert out == ""
+    assert _stderr_lines(err) == ["interrupted while measuring setup"], err
+
+
+def _interrupt_mid_write(cmd: list[str], tmp_path: Path, sig: signal.Signals) -> tuple[int, str]:
+    """Run ``cmd`` (kpac's arguments) with its first atomic write stalled half-way, signal it there."""
+    stalled = tmp_path / "stalled"
+    proc = launch(_kpac_with(STALL_A_WRITE, *cmd), env={"KPAC_TEST_STALLED": str(stalled), "KPAC_TEST_STALL_AT": "1"})
+    wait_until(stalled.exists, proc, "the output to be half written")
+    proc.send_signal(sig)
+    err = finish(proc)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_export_interrupted_mid_write_leaves_no_file(tmp_path, sig, code):
+    out = tmp_path / "out"
+    code_seen, err = _interrupt_mid_write(["export", "--onnx", out / "net.onnx", "--config", "single_2level"], tmp_path, sig)
+    assert code_seen == code, err
+    assert _stderr_lines(err) == [f"interrupted: {out / 'net.onnx'} not written"], err
+    assert sorted(p.name for p in out.iterdir()) == []  # neither the file nor its temporary file
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_convert_interrupted_mid_write_leaves_no_file(shared_dir, tmp_path, sig, code):
+    npz = shared_dir / "reference" / "official-tf-2level" / "single_2level.npz"
+    if not npz.is_file():
+        pytest.skip(f"{npz.name} not in the reference material")
+    out = tmp_path / "out"
+    code_seen, err = _interrupt_mid_write(["convert", npz, "-o", out / "m.safetensors"], tmp_path, sig)
+    assert code_seen == code, err
+    assert _stderr_lines(err) == [f"interrupted: {out / 'm.safetensors'} not written"], err
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# tables on stdout whose reader went away (`kpac eval | head -1`)
+
+
+def _run_into_a_closed_pipe(cmd: list[str]) -> tuple[int, str]:
+    """Run ``python -m kpac_cli`` with ``cmd`` and a stdout whose reader has already gone."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = launch([sys.executable, "-m", "kpac_cli", *map(str, cmd)], stdout=write_end)
+    finally:
+        os.close(write_end)
+    err = finish(proc)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("command", ["eval", "models"])
+def test_a_table_whose_reader_went_away_exits_141(tmp_path, command):
+    if command == "eval":
+        for i in range(3):
+            (tmp_path / f"p{i}.png").write_bytes(png_bytes(smooth_rgb(32, 40, seed=i)))
+        cmd = ["eval", "--method", "identity", "--source", tmp_path, "--target", tmp_path, "--no-lpips", "--quiet"]
+    else:
+        cmd = ["models", "--quiet"]
+    code, err = _run_into_a_closed_pipe(cmd)
+    assert code == 141, err  # as a shell reports a writer that SIGPIPE ended, not 1 ("failed")
+    assert "Exception ignored" not in err and "Error" not in err, err

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import EXIT_FAILED, emit_json, err_console, print_error, usage_error, writing_stdout
+from .common import EXIT_FAILED, StdoutConsole, emit_json, err_console, print_error, stops_on_signals, usage_error, writing_stdout
 
 EXAMPLES = """
 Examples:
@@ -150,15 +150,17 @@ def bench(
     threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    try:
-        retained = retain_freed_memory() if (retain_memory and dev.type == "cpu") else False
-        report = core.run_benchmark(height, width, str(dev), rounds, warmup, tile_list, config_map, backend_list, say)
-    except (RuntimeError, ImportError, MemoryError) as e:  # e.g. torch.compile without a C++ compiler, out of memory
-        print_error(f"kpac bench failed while measuring {stage[0]}: {_first_line(e)}")
-        raise typer.Exit(EXIT_FAILED) from None
-    finally:  # process-wide: leave it as it was for whoever runs next in this process
-        if threads is not None:
-            torch.set_num_threads(threads_before)
+    # outside the try: the Exit it raises is a RuntimeError, which is no failed measurement
+    with stops_on_signals(lambda: f"interrupted while measuring {stage[0]}"):
+        try:
+            retained = retain_freed_memory() if (retain_memory and dev.type == "cpu") else False
+            report = core.run_benchmark(height, width, str(dev), rounds, warmup, tile_list, config_map, backend_list, say)
+        except (RuntimeError, ImportError, MemoryError) as e:  # e.g. torch.compile without a C++ compiler, out of memory
+            print_error(f"kpac bench failed while measuring {stage[0]}: {_first_line(e)}")
+            raise typer.Exit(EXIT_FAILED) from None
+        finally:  # process-wide: leave it as it was for whoever runs next in this process
+            if threads is not None:
+                torch.set_num_threads(threads_before)
     report["machine"]["retain_freed_memory"] = retained
     report["recommended_tile_option"] = deblur_tile_option(report["recommended_tile"])
     if json_out:
@@ -169,12 +171,11 @@ def bench(
 
 
 def _print_report(r: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from .. import bench as core
 
-    con = Console()
+    con = StdoutConsole()
     m = r["machine"]
     con.print(f"[bold]kpac bench[/] on {m['device']} ({m['cpu'] if m['device'] == 'cpu' else m.get('gpu', '')}), "
               f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}, torch {m['torch']}, image {r['size'][0]}x{r['size'][1]}")

@@ -406,7 +406,10 @@ def blurmap(
         exit_code = EXIT_FAILED
     if not quiet:
         done = f"{counts['ok']} done, {counts['skipped']} skipped, {counts['failed']} failed"
-        if exit_code in (130, 143):
+        if exit_code in (130, 143) and overwrite:  # the maps not reached are an earlier run's: --skip-existing would keep them
+            err_console.print(f"interrupted: {done}; rerun to finish (--skip-existing instead of --overwrite would keep "
+                              "the maps older than this run)", soft_wrap=True)
+        elif exit_code in (130, 143):
             err_console.print(f"interrupted: {done}; rerun with --skip-existing to finish")
         else:
             err_console.print(done)

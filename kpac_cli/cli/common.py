@@ -19,7 +19,7 @@ import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -142,6 +143,23 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def stops_on_signals(interrupted: Callable[[], str] = lambda: "interrupted") -> Iterator[None]:
+    """Within the block Ctrl-C and SIGTERM end the command with one line on stderr (what
+    ``interrupted()`` says of the work left) and exit code 130 or 143, after the cleanup that an
+    exception runs (an atomic write in flight leaves no temporary file), for a command with no
+    batch summary of its own to print."""
+    try:
+        with sigterm_raises():
+            yield
+    except KeyboardInterrupt:
+        err_console.print(one_line(interrupted()), soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Terminated:
+        err_console.print(one_line(interrupted()), soft_wrap=True)
+        raise typer.Exit(EXIT_TERMINATED) from None
+
+
 def print_error(message: str) -> None:
     err_console.print(f"[red]error:[/] {one_line(message)}", soft_wrap=True)
 
@@ -223,6 +241,17 @@ def writing_stdout() -> Iterator[None]:
         yield
     except OSError as e:
         raise stdout_failed(e) from None
+
+
+class StdoutConsole(Console):
+    """rich's console for tables of results on stdout, printed to within :func:`writing_stdout`.
+
+    Its reader going away is an OSError, as for any write to stdout: rich itself would exit
+    with status 1 and nothing said, not 141 as :func:`writing_stdout` ends.
+    """
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
 def emit_json(record: dict[str, Any]) -> None:

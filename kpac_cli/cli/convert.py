@@ -8,7 +8,7 @@ import typer
 
 from ..checkpoints import CheckpointMismatchError, UnsafeCheckpointError, load_official_npz, save_checkpoint
 from ..model import count_parameters
-from .common import EXIT_FAILED, emit_json, err_console, print_error, usage_error
+from .common import EXIT_FAILED, emit_json, err_console, print_error, stops_on_signals, usage_error
 
 
 def convert(
@@ -39,20 +39,21 @@ def convert(
         raise usage_error(f"-o {output}: the model is written as safetensors; give a name ending in .safetensors")
     if (output.exists() or output.is_symlink()) and not overwrite:
         raise usage_error(f"{output}: exists (use --overwrite)")
-    try:
-        model = load_official_npz(src)
-    except (UnsafeCheckpointError, CheckpointMismatchError, OSError) as e:
-        print_error(str(e))
-        raise typer.Exit(EXIT_FAILED) from None
-    cfg = model.config
-    variant = "dual" if cfg.in_views == 2 else f"single_{cfg.levels}level"
-    prov = {"name": name or output.stem, "source": f"converted from the authors' release format ({src.name})",
-            "variant": variant, "trained_on": "as released by the authors"}
-    try:
-        save_checkpoint(output, model, prov)
-    except OSError as e:  # e.g. a read-only or missing place: name the path asked for, not a temp file
-        print_error(f"cannot write {output}: {e.strerror or e}")
-        raise typer.Exit(EXIT_FAILED) from None
+    with stops_on_signals(lambda: f"interrupted: {output} not written"):  # written at the very end, atomically
+        try:
+            model = load_official_npz(src)
+        except (UnsafeCheckpointError, CheckpointMismatchError, OSError) as e:
+            print_error(str(e))
+            raise typer.Exit(EXIT_FAILED) from None
+        cfg = model.config
+        variant = "dual" if cfg.in_views == 2 else f"single_{cfg.levels}level"
+        prov = {"name": name or output.stem, "source": f"converted from the authors' release format ({src.name})",
+                "variant": variant, "trained_on": "as released by the authors"}
+        try:
+            save_checkpoint(output, model, prov)
+        except OSError as e:  # e.g. a read-only or missing place: name the path asked for, not a temp file
+            print_error(f"cannot write {output}: {e.strerror or e}")
+            raise typer.Exit(EXIT_FAILED) from None
     record = {"input": str(src), "output": str(output), "variant": variant, "parameters": count_parameters(model)}
     if json_out:
         emit_json(record)

@@ -15,6 +15,7 @@ import typer
 from .common import (
     EXIT_FAILED,
     EXIT_OK,
+    StdoutConsole,
     StdoutFailed,
     Terminated,
     check_ensemble,
@@ -310,7 +311,6 @@ def _write_reports(paths: list[Path], report, run: dict[str, Any], speed: Any, s
 
 
 def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per_image: bool) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
@@ -318,7 +318,7 @@ def _print_tables(report, run: dict[str, Any], speed: Any, show_paper: bool, per
     from ..metrics import PAPER_TABLE4_DPDD, PAPER_TABLE4_LABEL
     from ..metrics.report import LPIPS_NOT_REQUESTED, PAPER_IMAGES, paper_note
 
-    console = Console(highlight=False)
+    console = StdoutConsole(highlight=False)
     lp_missing = report.lpips_unavailable
     lp_short = "not computed" if lp_missing == LPIPS_NOT_REQUESTED else "unavailable"
     if report.rows and per_image:

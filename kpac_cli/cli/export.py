@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import EXIT_FAILED, emit_json, err_console, given_options, print_error, usage_error
+from .common import EXIT_FAILED, emit_json, err_console, given_options, print_error, stops_on_signals, usage_error
 
 EXAMPLES = """
 Examples:
@@ -107,37 +107,46 @@ def export(
         except ImportError as e:
             print_error(f"{e} (--check runs the graph with it)")
             raise typer.Exit(EXIT_FAILED) from None
-    try:
-        net, name, balance = _load_model(model, config)
-        if static:
-            check_static_size((sample[1], sample[0]), net.config.stride)
-    except (ValueError, FileNotFoundError) as e:
-        raise usage_error(str(e)) from None
-    try:
-        data = export_onnx(net, onnx_path, opset=opset, dynamic=static is None, sample_hw=(sample[1], sample[0]),
-                           balance_views=balance)
-    except ImportError as e:  # the message names the extra to install
-        print_error(str(e))
-        raise typer.Exit(EXIT_FAILED) from None
-    except ValueError as e:  # an opset this PyTorch's exporter refuses though max_opset() allowed it
-        raise usage_error(str(e)) from None
-    except OSError as e:  # e.g. no permission to write there
-        print_error(f"cannot write {onnx_path}: {e.strerror or e}")
-        raise typer.Exit(EXIT_FAILED) from None
-    record: dict = {"model": name, "onnx": str(onnx_path), "bytes": len(data), "opset": opset,
-                    "dynamic": static is None, "balance_views": balance and net.config.in_views == 2,
-                    "config": net.config.to_dict()}
-    if check:
-        if static:
-            cw, ch = sample
-        from ..model.fast import retain_freed_memory
+    written = False
 
-        retain_freed_memory()  # as for `kpac bench`: PyTorch is timed without per-pass page faults
+    def interrupted() -> str:  # the file is written before --check runs: said, as it is left in place
+        if not written:
+            return f"interrupted: {onnx_path} not written"
+        return f"interrupted: {onnx_path} was written" + (", its --check did not finish" if check else "")
+
+    with stops_on_signals(interrupted):
         try:
-            record["check"] = check_export(net, data, ch, cw)
-        except ImportError as e:
+            net, name, balance = _load_model(model, config)
+            if static:
+                check_static_size((sample[1], sample[0]), net.config.stride)
+        except (ValueError, FileNotFoundError) as e:
+            raise usage_error(str(e)) from None
+        try:
+            data = export_onnx(net, onnx_path, opset=opset, dynamic=static is None, sample_hw=(sample[1], sample[0]),
+                               balance_views=balance)
+        except ImportError as e:  # the message names the extra to install
             print_error(str(e))
             raise typer.Exit(EXIT_FAILED) from None
+        except ValueError as e:  # an opset this PyTorch's exporter refuses though max_opset() allowed it
+            raise usage_error(str(e)) from None
+        except OSError as e:  # e.g. no permission to write there
+            print_error(f"cannot write {onnx_path}: {e.strerror or e}")
+            raise typer.Exit(EXIT_FAILED) from None
+        written = True
+        record: dict = {"model": name, "onnx": str(onnx_path), "bytes": len(data), "opset": opset,
+                        "dynamic": static is None, "balance_views": balance and net.config.in_views == 2,
+                        "config": net.config.to_dict()}
+        if check:
+            if static:
+                cw, ch = sample
+            from ..model.fast import retain_freed_memory
+
+            retain_freed_memory()  # as for `kpac bench`: PyTorch is timed without per-pass page faults
+            try:
+                record["check"] = check_export(net, data, ch, cw)
+            except ImportError as e:
+                print_error(str(e))
+                raise typer.Exit(EXIT_FAILED) from None
     too_far = check and record["check"]["max_abs_diff"] > 1e-4
     if json_out:
         emit_json(record)

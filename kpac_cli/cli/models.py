@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from ..checkpoints.registry import survey_models, unsearched_weights_dir
 from ..model import build_model, count_parameters
 from .common import EXIT_FAILED, emit_json, print_error, print_note, writing_stdout
+from .common import StdoutConsole as Console  # rich's, with `| head -1` ending as any write to stdout does
 
 
 def _is_number(value: object) -> bool:
