@@ -519,3 +519,24 @@ def test_a_table_whose_reader_went_away_exits_141(tmp_path, command):
     code, err = _run_into_a_closed_pipe(cmd)
     assert code == 141, err  # as a shell reports a writer that SIGPIPE ended, not 1 ("failed")
     assert "Exception ignored" not in err and "Error" not in err, err
+
+
+def test_a_ctrl_c_that_typer_hands_on_as_abort_exits_130(monkeypatch):
+    """Typer before 0.13 (the range allows 0.12) turns a Ctrl-C in a command into click's Abort,
+    which printed "Aborted!" and exited 1 (a failure) instead of 130."""
+    import typer
+    from typer.core import TyperGroup
+
+    import kpac_cli.cli as cli
+
+    def ctrl_c_as_older_typer_hands_it_on(self, *args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise typer.Abort() from e
+
+    monkeypatch.setattr(TyperGroup, "main", ctrl_c_as_older_typer_hands_it_on)
+    monkeypatch.setattr(sys, "argv", ["kpac", "models"])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert stopped.value.code == 130

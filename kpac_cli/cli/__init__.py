@@ -17,6 +17,7 @@ import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
 from .. import __version__  # noqa: E402
+from ..__main__ import EXIT_INTERRUPTED  # noqa: E402
 
 try:  # newer Typer carries its own copy of click
     from typer._click import exceptions as click_exceptions  # noqa: E402
@@ -42,7 +43,9 @@ class _OneLineErrorsGroup(TyperGroup):
         except click_exceptions.ClickException as error:
             error.show()
             sys.exit(error.exit_code)
-        except typer.Abort:
+        except typer.Abort as error:
+            if isinstance(error.__cause__, KeyboardInterrupt):  # a Ctrl-C, as Typer before 0.13 hands it on
+                sys.exit(EXIT_INTERRUPTED)
             print("Aborted!", file=sys.stderr)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)

@@ -26,9 +26,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..__main__ import EXIT_INTERRUPTED
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE
-EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
+EXIT_TERMINATED = 143  # 128 + SIGTERM; 128 + SIGINT is EXIT_INTERRUPTED, defined where kpac starts
 
 err_console = Console(stderr=True, highlight=False)
 
