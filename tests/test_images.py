@@ -1977,3 +1977,30 @@ def test_srgb_curve_round_trips_and_extends_beyond_the_unit_range():
     assert np.abs(srgb_decode(srgb_encode(v)) - v).max() < 1e-6
     assert srgb_encode(np.float32(0.5)) == pytest.approx(0.735357, abs=1e-6)  # IEC 61966-2-1
     assert srgb_decode(np.float32(1.2)) > 1 and srgb_decode(np.float32(-0.1)) < 0  # float outputs keep their range
+
+
+def test_an_interrupt_just_after_the_temporary_file_is_made_leaves_none_at_exit(tmp_path):
+    """A Ctrl-C or SIGTERM raised between the temporary file's creation and the write's own
+    clean-up (a job scheduler stopping `kpac synth`) left a hidden ``.kpac-tmp`` file behind;
+    whatever a write has not committed or removed is removed when the interpreter exits."""
+    script = r"""
+import os, sys
+import kpac_cli.images.atomic as atomic
+
+real_close = os.close
+def close_then_interrupted(fd):
+    real_close(fd)
+    raise KeyboardInterrupt  # as a signal handler raises it, between two bytecodes
+atomic.os.close = close_then_interrupted
+try:
+    atomic.atomic_write_bytes(sys.argv[1], b"data")
+except KeyboardInterrupt:
+    pass
+atomic.os.close = real_close
+print(sorted(os.listdir(os.path.dirname(sys.argv[1]))))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.png")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    left_then = eval(proc.stdout)  # the temporary file existed while the process ran
+    assert len(left_then) == 1 and left_then[0].endswith(".kpac-tmp")
+    assert list(tmp_path.iterdir()) == []  # and is gone once it exited

@@ -11,6 +11,7 @@ A destination that is a symbolic link is written through: the file it points to 
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import re
@@ -53,20 +54,47 @@ def _through_symlink(dest: Path) -> Path:
 
 
 def _new_temp(dest: Path) -> Path:
-    """Create (O_EXCL) and return an empty temporary file next to ``dest``."""
+    """Create (O_EXCL) and return an empty temporary file next to ``dest``.
+
+    Registered before it is created: a Ctrl-C or SIGTERM raised between its creation and the
+    caller's ``try`` would otherwise leave it behind; :func:`_remove_unfinished_temps` removes
+    whatever is still registered when the interpreter exits."""
     folder = dest.parent
     base = _name_prefix(dest.name, _TEMP_NAME_BYTES)
     while True:
         tmp = folder / f".{base}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        with _active_lock:
+            _active.add(os.path.abspath(tmp))
         try:
             # 0o666 & ~umask, like an ordinary new file (mkstemp would give 0o600).
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        except FileExistsError:
-            continue
+        except BaseException as e:
+            with _active_lock:  # not ours (or not made): never to be removed at exit
+                _active.discard(os.path.abspath(tmp))
+            if isinstance(e, FileExistsError):
+                continue
+            raise
         os.close(fd)
-        with _active_lock:
-            _active.add(os.path.abspath(tmp))
         return tmp
+
+
+@atexit.register
+def _remove_unfinished_temps() -> None:
+    """At exit, the temporary files of writes an interrupt stopped before they were committed
+    or removed (nothing will finish them). Only this process's: a forked child inherits the
+    set, and its parent's writes are not its own."""
+    def own(name: str) -> bool:
+        m = _TEMP_RE.match(os.path.basename(name))
+        return m is not None and int(m.group(1)) == os.getpid()
+
+    with _active_lock:
+        left = [name for name in _active if own(name)]
+        _active.difference_update(left)
+    for name in left:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
 
 
 def _release(tmp: Path, remove: bool) -> None:
