@@ -842,9 +842,10 @@ def _evaluate_items(
 def _wiener_note(names: list[str], scored: int) -> str:
     """The report's one line on the images where the Wiener baseline's disc estimate hit the end
     of its range (each image's record says which estimate)."""
-    shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+    from ..metrics.pairing import quote_names
+
     return (f"wiener: on {len(names)} of {scored} image(s) the disc radius or snr estimate is at the end of its range "
-            f"({shown}): the disc model does not fit them (e.g. blur varying with depth), so the baseline's scores "
+            f"({quote_names(names)}): the disc model does not fit them (e.g. blur varying with depth), so the baseline's scores "
             "there are no fair comparison")
 
 

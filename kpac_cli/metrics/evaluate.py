@@ -24,6 +24,7 @@ from ..images import read_image as _images_read_image
 from .core import SSIM_WINDOWS, mae, psnr, quantize, ssim, to_float
 from .errors import MetricUnavailable
 from .lpips_net import LPIPS, MIN_SIDE, describe, load_lpips, lpips
+from .pairing import quote_names
 from .report import LPIPS_NOT_REQUESTED, ImageResult, Report
 
 __all__ = ["Evaluator", "conventions", "evaluate", "read_for_metrics"]
@@ -206,11 +207,11 @@ class Evaluator:
         and images too small for LPIPS (left out of the LPIPS means only)."""
         notes = []
         if self._unlabelled:
-            notes.append(f"{len(self._unlabelled)} image(s) have no split label: {_names(self._unlabelled)}")
+            notes.append(f"{len(self._unlabelled)} image(s) have no split label: {quote_names(self._unlabelled)}")
         if self._no_lpips:
             n, scored = len(self._no_lpips), len(self.report.rows) - len(self._no_lpips)
             notes.append(f"LPIPS n/a for {n} image(s) smaller than {MIN_SIDE} pixels a side (too small for AlexNet): "
-                         f"{_names(self._no_lpips)}; the LPIPS means are over the other {scored} image(s)")
+                         f"{quote_names(self._no_lpips)}; the LPIPS means are over the other {scored} image(s)")
         self.report.notes.extend(note for note in notes if note not in self.report.notes)
         return self.report
 
@@ -221,11 +222,6 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
         image = image[..., None]
     return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
-
-
-def _names(names: Sequence[str], shown: int = 5) -> str:
-    """The first ``shown`` names, and how many more."""
-    return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
 
 
 def _shape_mismatch(pred: tuple[int, ...], target: tuple[int, ...]) -> str:

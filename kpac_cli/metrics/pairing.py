@@ -15,7 +15,7 @@ import csv
 import os
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 from ..images import is_image_path, list_images
 from .errors import PairingError
@@ -113,7 +113,7 @@ def _no_images(folder: Path) -> PairingError:
         return PairingError(f"no images in {folder}")
     subs = sorted({p.relative_to(folder).parts[0] for p in nested})
     return PairingError(
-        f"no images in {folder} itself: its {len(nested)} image(s) are in sub-folders ({_quote(subs)}), "
+        f"no images in {folder} itself: its {len(nested)} image(s) are in sub-folders ({quote_names(subs)}), "
         "which are not searched; give a sub-folder"
     )
 
@@ -122,10 +122,11 @@ def _case_hint(a: list[str], b: list[str]) -> str:
     """" (...)" naming names that differ from a partner only in letter case, else ""."""
     lower_b = {n.lower(): n for n in b}
     clashes = [f"{n} / {lower_b[n.lower()]}" for n in a if n.lower() in lower_b]
-    return f" (names are case-sensitive: {_quote(clashes)})" if clashes else ""
+    return f" (names are case-sensitive: {quote_names(clashes)})" if clashes else ""
 
 
-def _quote(names: list[str]) -> str:
+def quote_names(names: Sequence[str]) -> str:
+    """The first few of ``names`` for a message, and how many more there are."""
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
 
@@ -199,9 +200,9 @@ def pair_folders(
         pred_role, target_role = roles
         parts = []
         if no_target:
-            parts.append(f"{len(no_target)} {pred_role}(s) without a {target_role} in {tdir}: {_quote(no_target)}")
+            parts.append(f"{len(no_target)} {pred_role}(s) without a {target_role} in {tdir}: {quote_names(no_target)}")
         if no_pred:
-            parts.append(f"{len(no_pred)} {target_role}(s) without a {pred_role} in {pdir}: {_quote(no_pred)}")
+            parts.append(f"{len(no_pred)} {target_role}(s) without a {pred_role} in {pdir}: {quote_names(no_pred)}")
         raise PairingError("cannot pair by name: " + "; ".join(parts) + _case_hint(no_target, no_pred))
     return [Pair(n, pmap[n], tmap[n]) for n in pmap]  # pmap keeps the natural order of preds
 
@@ -281,7 +282,7 @@ def pair_dpdd(
             store.update(_by_stem(_images_in(d), d))
             missing = sorted({s.stem for s in sources} - set(store))
             if missing:
-                raise PairingError(f"DPDD {split}: {len(missing)} source(s) without a view in {d}: {_quote(missing)}")
+                raise PairingError(f"DPDD {split}: {len(missing)} source(s) without a view in {d}: {quote_names(missing)}")
     return [
         DPDDPair(s.stem, s, t, lefts.get(s.stem), rights.get(s.stem))
         for s, t in zip(sources, targets)
@@ -312,9 +313,9 @@ def pair_predictions_dpdd(
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} DPDD {split} source(s) without a prediction in {pdir}: {_quote(missing)}")
+            parts.append(f"{len(missing)} DPDD {split} source(s) without a prediction in {pdir}: {quote_names(missing)}")
         if extra:
-            parts.append(f"{len(extra)} prediction(s) not named after a DPDD {split} source: {_quote(extra)}")
+            parts.append(f"{len(extra)} prediction(s) not named after a DPDD {split} source: {quote_names(extra)}")
         raise PairingError("; ".join(parts) + _case_hint(extra, missing))
     return [Pair(s.name, pmap[s.name], s.target) for s in samples]
 
