@@ -45,7 +45,6 @@ from ..images import (
 from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
 from ..images.exif import has_tags_beyond_descriptive
 from ..images.io import JPEG_MAX_DPI, JPEG_MAX_EXIF, JPEG_MAX_XMP, jpeg_segment_names
-from ..images.metadata import declares_gain_map
 from ..images.png import TEXT_CHUNKS, colour_other_than_srgb
 from .deblurrer import Deblurrer
 from .tiled import ProgressFn
@@ -691,7 +690,7 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
                      "CR2, ARW): the camera's tags are not copied to the developed image")
     if info.frames > 1:
         notes.append(f"only the first of {info.frames} frames (pages) was deblurred")
-    if info.format == "jpeg" and declares_gain_map(info.xmp):  # the reader counts it as no frame
+    if info.hdr_gain_map_dropped:  # the reader counts it as no frame
         notes.append("the JPEG's HDR gain map was dropped: the output is its SDR rendition")
     if info.dropped_extra_samples:  # neither colour nor alpha: no output format would know what they are
         n = info.dropped_extra_samples

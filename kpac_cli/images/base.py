@@ -143,6 +143,9 @@ class ImageInfo:
     dropped_extra_samples : int
         Extra samples per pixel of a TIFF source that were left out on read: those beyond
         colour and alpha (stored selections, depth, masks). 0 for every other source.
+    hdr_gain_map_dropped : bool
+        A JPEG source whose XMP declares an HDR gain map (:func:`.metadata.declares_gain_map`):
+        the gain map is not read (nor counted in ``frames``), so outputs are the SDR image.
     """
 
     path: str | None
@@ -161,6 +164,7 @@ class ImageInfo:
     png_chunks: tuple[tuple[bytes, bytes], ...] = ()
     jpeg_segments: tuple[tuple[int, bytes], ...] = ()
     dropped_extra_samples: int = 0
+    hdr_gain_map_dropped: bool = False
 
 
 def to_float(arr: np.ndarray, maxval: int | float) -> np.ndarray:

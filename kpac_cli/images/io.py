@@ -442,7 +442,8 @@ def _read_jpeg(src: _Src, max_pixels):
         icc = im.info.get("icc_profile") or None
         exif = exif_mod.normalize_exif(im.info.get("exif"))
         xmp = meta.normalize_xmp(im.info.get("xmp"))  # one APP1 segment: at most 64 KB
-        frames = _jpeg_frames(im, gain_map=meta.declares_gain_map(xmp))
+        gain_map = meta.declares_gain_map(xmp)
+        frames = _jpeg_frames(im, gain_map=gain_map)
         dpi = _jfif_dpi(im.info)
         segments = _jpeg_carried_segments(im.applist)
         try:
@@ -452,7 +453,8 @@ def _read_jpeg(src: _Src, max_pixels):
             raise _decode_error(src.name, "JPEG image data", exc) from None
     if arr.ndim == 2:
         arr = arr[..., None]
-    return arr, 8, icc, exif, exif_mod.read_orientation(exif), frames, xmp, dpi, {"jpeg_segments": segments}
+    extra = {"jpeg_segments": segments, "hdr_gain_map_dropped": gain_map}
+    return arr, 8, icc, exif, exif_mod.read_orientation(exif), frames, xmp, dpi, extra
 
 
 #: MP Types (CIPA DC-007) of an MPO picture that is a reduced copy of the first: the large
