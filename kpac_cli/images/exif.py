@@ -59,17 +59,28 @@ def _first_ifd(exif: bytes) -> tuple[int, str, int] | None:
     return pos, bo, n
 
 
+def _ifd_entries(exif: bytes, pos: int, bo: str) -> list[tuple[int, int, int, int]]:
+    """``(absolute offset, tag, type, count)`` of the entries of the directory at ``pos``
+    (absolute), as many as lie within ``exif``."""
+    if pos + 2 > len(exif):
+        return []
+    (n,) = struct.unpack(bo + "H", exif[pos : pos + 2])
+    entries = []
+    for i in range(n):
+        e = pos + 2 + 12 * i
+        if e + 12 > len(exif):
+            break
+        entries.append((e, *struct.unpack(bo + "HHI", exif[e : e + 8])))
+    return entries
+
+
 def _orientation_entry(exif: bytes) -> tuple[int, str, int] | None:
     """Locate IFD0's Orientation entry: (absolute offset of its value, byte order, type)."""
     found = _first_ifd(exif)
     if found is None:
         return None
-    pos, bo, n = found
-    for i in range(n):
-        e = pos + 2 + 12 * i
-        if e + 12 > len(exif):
-            return None
-        tag, typ, count = struct.unpack(bo + "HHI", exif[e : e + 8])
+    pos, bo, _n = found
+    for e, tag, typ, count in _ifd_entries(exif, pos, bo):
         if tag == ORIENTATION_TAG and count == 1 and typ in (3, 4):  # SHORT or LONG
             return e + 8, bo, typ
     return None
@@ -102,21 +113,6 @@ def reset_orientation(exif: bytes) -> bytes:
 PIXEL_X_DIMENSION = 0xA002
 PIXEL_Y_DIMENSION = 0xA003
 _EXIF_IFD = 0x8769
-
-
-def _ifd_entries(exif: bytes, pos: int, bo: str) -> list[tuple[int, int, int, int]]:
-    """``(absolute offset, tag, type, count)`` of the entries of the directory at ``pos``
-    (absolute), as many as lie within ``exif``."""
-    if pos + 2 > len(exif):
-        return []
-    (n,) = struct.unpack(bo + "H", exif[pos : pos + 2])
-    entries = []
-    for i in range(n):
-        e = pos + 2 + 12 * i
-        if e + 12 > len(exif):
-            break
-        entries.append((e, *struct.unpack(bo + "HHI", exif[e : e + 8])))
-    return entries
 
 
 def _exif_ifd(exif: bytes) -> tuple[int, str] | None:
