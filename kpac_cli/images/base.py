@@ -117,12 +117,15 @@ class ImageInfo:
         ``(height, width)`` of the returned array, i.e. after orientation.
     frames : int
         Frames/pages in the source (multi-page TIFF, APNG, MPO), not counting the reduced
-        copies (previews, thumbnails, pyramid levels) and transparency masks some files
-        carry beside the image. Only the first is read (a TIFF's first page that is no such
+        copies (previews, thumbnails, pyramid levels), transparency masks and other data
+        (a JPEG's HDR gain map, an iPhone's depth map and mattes) some files carry beside
+        the image. Only the first is read (a TIFF's first page that is no such
         copy or mask).
     xmp : bytes or None
         The raw XMP packet (UTF-8 XML), copied verbatim except that ``tiff:Orientation`` is
-        reset to 1 when the pixels were rotated on read. See :mod:`.metadata`.
+        reset to 1 when the pixels were rotated on read. Written without what describes media
+        stored beside the picture (an HDR gain map, a motion photo's video), which no output
+        holds. See :mod:`.metadata`.
     dpi : tuple of float or None
         Print resolution ``(x, y)`` in pixels per inch, of the returned array (swapped when
         the orientation swapped the axes); None when the source has none. See
@@ -144,8 +147,10 @@ class ImageInfo:
         Extra samples per pixel of a TIFF source that were left out on read: those beyond
         colour and alpha (stored selections, depth, masks). 0 for every other source.
     hdr_gain_map_dropped : bool
-        A JPEG source whose XMP declares an HDR gain map (:func:`.metadata.declares_gain_map`):
-        the gain map is not read (nor counted in ``frames``), so outputs are the SDR image.
+        A JPEG source that holds an HDR gain map: a picture of its MP index (MPF) that the
+        picture's own XMP or ISO 21496-1 segment, or the primary picture's, says is one. The
+        gain map is not read (nor counted in ``frames``), so outputs are the SDR image. False
+        for a JPEG whose XMP declares a gain map it does not hold.
     """
 
     path: str | None

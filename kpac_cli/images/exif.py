@@ -74,6 +74,17 @@ def _ifd_entries(exif: bytes, pos: int, bo: str) -> list[tuple[int, int, int, in
     return entries
 
 
+def ifd0_entries(data: bytes) -> tuple[str, list[tuple[int, int, int, int]]] | None:
+    """The byte order (``"<"`` or ``">"``) and the ``(absolute offset, tag, type, count)`` of the
+    IFD0 entries of TIFF-structured ``data``: an EXIF block (with or without its ``Exif\\0\\0``
+    prefix), a JPEG's MP index. None where no TIFF header or IFD0 is found."""
+    found = _first_ifd(data)
+    if found is None:
+        return None
+    pos, bo, _n = found
+    return bo, _ifd_entries(data, pos, bo)
+
+
 def _orientation_entry(exif: bytes) -> tuple[int, str, int] | None:
     """Locate IFD0's Orientation entry: (absolute offset of its value, byte order, type)."""
     found = _first_ifd(exif)

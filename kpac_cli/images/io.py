@@ -37,10 +37,14 @@ TIFF
     too); the EXIF sub-IFD is not written to TIFF.
 JPEG
     Pillow; 8-bit gray and RGB (CMYK/YCCK and 12-bit JPEG refused). MPO (multi-picture) reads
-    the first picture; ``info.frames`` counts the pictures other than large thumbnails (the
-    previews cameras store beside the photo) and an HDR gain map that the primary picture's
-    XMP declares (:func:`.metadata.declares_gain_map`; it is not read, and outputs are the
-    SDR image).
+    the first picture; ``info.frames`` counts the pictures of the MP index (MPF) other than
+    large thumbnails (the previews cameras store beside the photo), an iPhone's auxiliary
+    pictures (depth map, portrait mattes: Apple's ``apdi`` XMP) and an HDR gain map
+    (Android Ultra HDR, Adobe, Apple, ISO 21496-1: told by the gain map picture's XMP or ISO
+    21496-1 segment, or the primary picture's declaration). The gain map is not read
+    (``info.hdr_gain_map_dropped``): outputs are the SDR image. Every output's XMP is written
+    without what describes media stored beside the picture, which no output holds: a gain
+    map, a motion photo's video, GContainer items (:func:`.metadata.without_secondary_media`).
     The main XMP packet is read (extended XMP segments are not). Written 8-bit, 4:4:4
     chroma, with ICC (APP2), EXIF (APP1; dropped if over :data:`JPEG_MAX_EXIF` bytes), XMP (APP1
     ``http://ns.adobe.com/xap/1.0/``; dropped if over 65504 bytes, as extended XMP is not
@@ -442,8 +446,7 @@ def _read_jpeg(src: _Src, max_pixels):
         icc = im.info.get("icc_profile") or None
         exif = exif_mod.normalize_exif(im.info.get("exif"))
         xmp = meta.normalize_xmp(im.info.get("xmp"))  # one APP1 segment: at most 64 KB
-        gain_map = meta.declares_gain_map(xmp)
-        frames = _jpeg_frames(im, gain_map=gain_map)
+        frames, gain_map = _jpeg_frames(src, im, xmp)
         dpi = _jfif_dpi(im.info)
         segments = _jpeg_carried_segments(im.applist)
         try:
@@ -458,25 +461,109 @@ def _read_jpeg(src: _Src, max_pixels):
 
 
 #: MP Types (CIPA DC-007) of an MPO picture that is a reduced copy of the first: the large
-#: thumbnails (VGA, Full HD) many cameras store in a JPEG photo for previews. Pillow gives a
-#: known type as its name, an unknown one as the number.
-_MPO_LARGE_THUMBNAILS = (0x010001, 0x010002, "Large Thumbnail (VGA Equivalent)", "Large Thumbnail (Full HD Equivalent)")
+#: thumbnails (VGA, Full HD) many cameras store in a JPEG photo for previews.
+_MPO_LARGE_THUMBNAILS = (0x010001, 0x010002)
+#: How a JPEG's APP1 segment of XMP and its APP2 segment of the MP index (MPF) begin.
+_JPEG_XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
+_MPF_HEADER = b"MPF\x00"
+_MP_ENTRY_TAG = 0xB002  # the MP index's table of pictures, 16 bytes each
+_APP1, _APP2 = 0xE1, 0xE2
+_MP_PICTURES_EXAMINED = 32  # phones store 1-4 pictures beside the primary
 
 
-def _jpeg_frames(im, gain_map: bool = False) -> int:
-    """The pictures of a JPEG that are images of their own: 1, or the pictures of an MPO other
-    than large thumbnails (which are no more another frame than a TIFF's preview page) and
-    the HDR gain map that ``gain_map`` says the primary picture's XMP declares (it is the
-    primary picture's HDR headroom, not an image; Pillow opens some such files as plain JPEG)."""
-    frames = int(getattr(im, "n_frames", 1) or 1)
-    if gain_map and frames > 1:
-        frames -= 1
-    try:
-        entries = im.mpinfo[0xB002]
-        thumbnails = sum(1 for e in entries[1:] if e["Attribute"]["MPType"] in _MPO_LARGE_THUMBNAILS)
-    except Exception:  # not MPO, or an MP index Pillow read only in part: every picture counts
-        return frames
-    return max(1, frames - thumbnails)
+def _jpeg_frames(src: _Src, im, xmp: bytes | None) -> tuple[int, bool]:
+    """How many pictures of a JPEG are images of their own (``info.frames``), and whether one of
+    the others is an HDR gain map (``info.hdr_gain_map_dropped``).
+
+    Told by the primary picture's MP index (MPF) and the header of each picture it lists. Large
+    thumbnails are no more another frame than a TIFF's preview page, nor are an iPhone's
+    auxiliary pictures (depth, mattes) more than a TIFF's transparency mask; nor is a gain map, the
+    primary picture's HDR headroom rather than an image: the picture whose own XMP or ISO
+    21496-1 segment says it is one (Adobe, Android Ultra HDR, Apple, ISO 21496-1), else the
+    first other picture when the primary's XMP or ISO 21496-1 segment declares one. A gain map
+    declared but not in the file (the XMP a copy kept) is none. Without a readable MP index the
+    count is Pillow's.
+    """
+    with src.open() as fh:
+        primary = _jpeg_app_segments(fh, 0)
+        declared = meta.declares_gain_map(xmp) or any(_is_iso_gain_map(m, p) for m, _at, p in primary)
+        index = next(((at + len(_MPF_HEADER), p[len(_MPF_HEADER) :]) for m, at, p in primary
+                      if m == _APP2 and p.startswith(_MPF_HEADER)), None)
+        pictures = None if index is None else _mp_pictures(index[1])
+        if pictures is None:
+            return int(getattr(im, "n_frames", 1) or 1), False
+        # the headers of the first few pictures are read: an index may list thousands, all
+        # pointing at one picture with megabytes of header (the rest count as images)
+        kinds = [_picture_kind(fh, index[0] + offset, mp_type) if i < _MP_PICTURES_EXAMINED else "image"
+                 for i, (mp_type, offset) in enumerate(pictures)]
+    if declared and "gain map" not in kinds and "image" in kinds:
+        kinds[kinds.index("image")] = "gain map"
+    return 1 + kinds.count("image"), "gain map" in kinds
+
+
+def _jpeg_app_segments(fh: BinaryIO, start: int) -> list[tuple[int, int, bytes]]:
+    """``(marker, file offset of the payload, payload)`` of the APP1 and APP2 segments of the JPEG
+    picture whose SOI is at ``start``, up to its scan; empty where no picture starts there. The
+    other segments are skipped unread."""
+    fh.seek(start)
+    if fh.read(2) != b"\xff\xd8":
+        return []
+    found = []
+    while fh.read(1) == b"\xff":
+        m = fh.read(1)
+        while m == b"\xff":  # fill bytes before a marker
+            m = fh.read(1)
+        if not m or m[0] in (0xD9, 0xDA):  # EOI, SOS: the header is over
+            break
+        if m[0] == 0x01 or 0xD0 <= m[0] <= 0xD7:  # standalone markers
+            continue
+        head = fh.read(2)
+        if len(head) < 2 or (length := struct.unpack(">H", head)[0]) < 2:
+            break
+        if m[0] in (_APP1, _APP2):
+            found.append((m[0], fh.tell(), fh.read(length - 2)))
+        else:
+            fh.seek(length - 2, 1)
+    return found
+
+
+def _is_iso_gain_map(marker: int, payload: bytes) -> bool:
+    """Whether a JPEG segment is ISO 21496-1 gain map metadata (an APP2 headed by its URN)."""
+    return marker == _APP2 and payload.startswith(meta.ISO_GAIN_MAP_URN)
+
+
+def _mp_pictures(index: bytes) -> list[tuple[int, int]] | None:
+    """``(MP type, offset from the index's start)`` of each picture an MP index lists after the
+    first (``index``: an MPF APP2 payload after ``MPF\\0``); None where it cannot be read."""
+    found = exif_mod.ifd0_entries(index)
+    if found is None:
+        return None
+    bo, entries = found
+    for e, tag, typ, count in entries:
+        if tag == _MP_ENTRY_TAG and typ == 7 and count >= 16:  # UNDEFINED bytes
+            (at,) = struct.unpack(bo + "I", index[e + 8 : e + 12])
+            table = index[at : at + count - count % 16]
+            if len(table) < 16:
+                return None
+            listed = struct.iter_unpack(bo + "IIIHH", table)  # attribute, size, offset, dependents
+            return [(attribute & 0xFFFFFF, offset) for attribute, _size, offset, _dep1, _dep2 in listed][1:]
+    return None
+
+
+def _picture_kind(fh: BinaryIO, start: int, mp_type: int) -> str:
+    """What a picture an MP index lists is: a "thumbnail", a "gain map" (its own XMP or ISO
+    21496-1 segment says so), an "auxiliary" picture (an iPhone's depth map or portrait matte,
+    told by its XMP) or an "image" (anything else, unreadable included)."""
+    if mp_type in _MPO_LARGE_THUMBNAILS:
+        return "thumbnail"
+    segments = _jpeg_app_segments(fh, start)
+    if any(_is_iso_gain_map(marker, payload) for marker, _at, payload in segments):
+        return "gain map"
+    xmp = next((meta.normalize_xmp(payload[len(_JPEG_XMP_HEADER) :]) for marker, _at, payload in segments
+                if marker == _APP1 and payload.startswith(_JPEG_XMP_HEADER)), None)
+    if meta.declares_gain_map(xmp):
+        return "gain map"
+    return "auxiliary" if meta.describes_auxiliary_image(xmp) else "image"
 
 
 def _jfif_dpi(info: dict) -> tuple[float, float] | None:
@@ -1286,6 +1373,8 @@ def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int
         exif = exif_mod.set_pixel_dimensions(exif, width=arr.shape[1], height=arr.shape[0])
     icc = info.icc_profile or None
     xmp = meta.normalize_xmp(info.xmp)
+    if xmp is not None:  # the primary picture alone is written: no gain map, no motion photo video
+        xmp = meta.without_secondary_media(xmp)
     dpi = None if info.dpi is None else meta.normalize_dpi(*info.dpi)  # same rules as on read
     if fmt == "png":
         chunks = png_mod.chunks_to_copy(info.png_chunks, icc)

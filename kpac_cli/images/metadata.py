@@ -9,8 +9,9 @@ XMP
     ``ImageInfo.xmp`` is the raw XMP packet, ``bytes`` (UTF-8 XML with the ``<?xpacket?>``
     wrapper and padding the source had), as stored in JPEG APP1 (``http://ns.adobe.com/xap/1.0/``),
     PNG iTXt (keyword ``XML:com.adobe.xmp``) and TIFF tag 700 (XMLPacket). It is never handed
-    to an XML parser (no untrusted XML is parsed); the only edit is :func:`reset_xmp_orientation`,
-    the only search :func:`declares_gain_map`.
+    to an XML parser (no untrusted XML is parsed); the only edits are byte-level ones,
+    :func:`reset_xmp_orientation` and :func:`without_secondary_media`, the only search
+    :func:`declares_gain_map`.
     A packet that is empty, not UTF-8, or longer than :data:`MAX_XMP` bytes is ignored.
 Resolution
     ``ImageInfo.dpi`` is the print resolution as ``(x, y)`` floats in pixels per inch (a pair:
@@ -23,6 +24,7 @@ Resolution
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from pathlib import Path
@@ -76,18 +78,135 @@ def reset_xmp_orientation(xmp: bytes) -> bytes:
     return _XMP_ORIENTATION.sub(lambda m: m.group(1) + b"1", xmp)
 
 
-# An HDR gain map declared by the primary image's XMP: the Adobe/ISO gain map namespace
-# (hdrgm:Version, Ultra HDR too), or a GContainer directory item whose semantic is GainMap.
+#: XMP namespaces of HDR gain map metadata: Adobe's (Ultra HDR, and the XMP form of ISO 21496-1
+#: gain maps) and Apple's (iPhone photos).
+GAIN_MAP_NAMESPACES = (b"http://ns.adobe.com/hdr-gain-map/1.0/", b"http://ns.apple.com/HDRGainMap/1.0/")
+#: How a JPEG APP2 segment of ISO 21496-1 gain map metadata begins: the version alone in the
+#: primary picture, all of the metadata in the gain map picture.
+ISO_GAIN_MAP_URN = b"urn:iso:std:iso:ts:21496:-1"
+
+# An HDR gain map in XMP: a gain map namespace (the primary picture's hdrgm:Version, a gain map
+# picture's own metadata), or a GContainer directory item whose semantic is GainMap.
 _XMP_GAIN_MAP = re.compile(
-    rb"""http://ns\.adobe\.com/hdr-gain-map/1\.0/|Semantic\s*=\s*["']\s*GainMap\s*["']|Semantic>\s*GainMap\s*<"""
+    b"|".join(re.escape(ns) for ns in GAIN_MAP_NAMESPACES) + rb"""|Semantic\s*=\s*["']\s*GainMap\s*["']|Semantic>\s*GainMap\s*<"""
 )
 
 
 def declares_gain_map(xmp: bytes | None) -> bool:
-    """Whether ``xmp`` (a JPEG's primary XMP packet) declares an HDR gain map: the picture, stored
-    after the primary one (MPF), that lifts it to its HDR rendition (Android Ultra HDR, Adobe
-    and ISO 21496-1 gain maps). A byte-level search, no XML parsing."""
+    """Whether ``xmp`` speaks of an HDR gain map: a JPEG primary picture's XMP that declares one
+    (Android Ultra HDR, Adobe gain maps), or the gain map picture's own (Adobe, Ultra HDR, Apple).
+    The gain map is the picture, stored after the primary one (MPF), that lifts it to its HDR
+    rendition. A byte-level search, no XML parsing."""
     return xmp is not None and _XMP_GAIN_MAP.search(xmp) is not None
+
+
+#: Apple's XMP namespace of what an auxiliary picture stored beside an iPhone photo holds
+#: (``apdi:AuxiliaryImageType``: a depth map, a portrait matte, a gain map).
+APPLE_AUXILIARY_NAMESPACE = b"http://ns.apple.com/pixeldatainfo/1.0/"
+
+
+def describes_auxiliary_image(xmp: bytes | None) -> bool:
+    """Whether ``xmp`` is that of an auxiliary picture (Apple's ``apdi:AuxiliaryImageType``): data
+    about the photo beside it (depth, a matte), not an image to look at. A byte-level search."""
+    return xmp is not None and APPLE_AUXILIARY_NAMESPACE in xmp and b"AuxiliaryImageType" in xmp
+
+
+def _prefixes_of(namespace: bytes, xmp: bytes) -> set[bytes]:
+    """The prefixes that ``xmp`` binds to ``namespace`` (``xmlns:hdrgm="..."`` gives ``hdrgm``)."""
+    declaration = rb"""xmlns:([\w.-]+)\s*=\s*["']""" + re.escape(namespace) + rb"""["']"""
+    return set(re.findall(declaration, xmp))
+
+
+def _without_properties(xmp: bytes, namespace: bytes, names: bytes | None = None) -> bytes:
+    """``xmp`` without the properties of ``namespace`` (elements and attributes, under every prefix
+    bound to it) whose names match the pattern ``names``; with None, without all of them and
+    the declarations binding the namespace too."""
+    name = rb"[\w.-]+" if names is None else names
+    for prefix in _prefixes_of(namespace, xmp):
+        p = re.escape(prefix)
+        # one blank before an attribute goes with it; runs of blanks are never scanned from each
+        # of their bytes (XMP padding is kilobytes of them)
+        xmp = re.sub(b"<" + p + b":" + name + rb"\b[^<>]*/>", b"", xmp)  # <hdrgm:Version/>
+        xmp = _without_spans(xmp, _element_spans(xmp, p, name))  # <hdrgm:Version>1.0</hdrgm:Version>
+        xmp = re.sub(rb"\s" + p + b":" + name + rb"""\s*=\s*(?:"[^"]*"|'[^']*')""", b"", xmp)  # hdrgm:Version="1.0"
+        if names is None:
+            xmp = re.sub(rb"""\sxmlns:""" + p + rb"""\s*=\s*["']""" + re.escape(namespace) + rb"""["']""", b"", xmp)
+    return xmp
+
+
+def _element_spans(xmp: bytes, prefix: bytes, name: bytes) -> list[tuple[int, int]]:
+    """``(start, end)`` of each element ``<prefix:NAME ...>...</prefix:NAME>`` whose name matches
+    the pattern ``name``, each up to the first closing tag of its name after it. Every closing
+    tag is found once, then looked up: a pattern scanning ahead from each start tag takes time
+    quadratic in the packet's size when closing tags are missing (packets reach megabytes)."""
+    closing: dict[bytes, list[tuple[int, int]]] = {}
+    for m in re.finditer(b"</" + prefix + b":(" + name + rb")\s*>", xmp):
+        closing.setdefault(m.group(1), []).append((m.start(), m.end()))
+    spans = []
+    for m in re.finditer(b"<" + prefix + b":(" + name + rb")\b[^<>]*(?<!/)>", xmp):
+        ends = closing.get(m.group(1), [])
+        i = bisect.bisect_left(ends, (m.end(), 0))
+        if i < len(ends):
+            spans.append((m.start(), ends[i][1]))
+    return spans
+
+
+def _without_spans(xmp: bytes, spans: list[tuple[int, int]]) -> bytes:
+    """``xmp`` without the byte ranges ``spans`` (sorted by start; one inside another goes with it)."""
+    kept, at = [], 0
+    for start, end in spans:
+        if start >= at:
+            kept.append(xmp[at:start])
+            at = end
+        else:
+            at = max(at, end)
+    return b"".join(kept) + xmp[at:] if spans else xmp
+
+
+#: Google's camera namespace, whose MotionPhoto* and MicroVideo* properties say that a video
+#: follows the JPEG (a motion photo).
+GOOGLE_CAMERA_NAMESPACE = b"http://ns.google.com/photos/1.0/camera/"
+_MOTION_PHOTO_PROPERTIES = rb"(?:MotionPhoto|MicroVideo)[\w.-]*"
+
+# A GContainer directory item is an innermost rdf:li; what it holds is told by its Semantic
+_ITEM_START = re.compile(rb"<rdf:li\b")
+_ITEM_END = re.compile(rb"</rdf:li\s*>")
+_ITEM_SEMANTIC = re.compile(rb""":Semantic(?:\s*=\s*["']|>)\s*([\w.-]+)\s*["'<]""")
+
+
+def _secondary_item_spans(xmp: bytes) -> list[tuple[int, int]]:
+    """``(start, end)`` of each GContainer directory item (an innermost ``rdf:li``) of media other
+    than the primary picture: a gain map, a motion photo's video, a depth map, ... Each item is
+    searched between its start and the next item's start only (linear in the packet's size)."""
+    starts = [m.start() for m in _ITEM_START.finditer(xmp)] + [len(xmp)]
+    spans = []
+    for start, next_start in zip(starts, starts[1:]):
+        end = _ITEM_END.search(xmp, start, next_start)
+        if end is None:  # not innermost (another item starts first), or unclosed
+            continue
+        semantic = _ITEM_SEMANTIC.search(xmp, start, end.start())
+        if semantic is not None and semantic.group(1) != b"Primary":
+            spans.append((start, end.end()))
+    return spans
+
+
+def without_secondary_media(xmp: bytes) -> bytes:
+    """Copy of ``xmp`` that describes the primary picture alone, for a file that holds it alone
+    (kpac writes no HDR gain map, motion photo video or other media stored beside a photo).
+
+    Removed are the properties of the :data:`GAIN_MAP_NAMESPACES` (``hdrgm:Version`` ...) with
+    their namespace declarations, Google's motion photo properties (``GCamera:MotionPhoto*``,
+    ``GCamera:MicroVideo*``) and the GContainer directory items other than the primary
+    picture; every other byte stays as it was. Left in, they would send HDR-aware viewers
+    looking for a gain map, and photo apps for a video at the end of the file, that are not
+    there. A byte-level edit, no XML parsing.
+    """
+    if not (declares_gain_map(xmp) or GOOGLE_CAMERA_NAMESPACE in xmp or b"Semantic" in xmp):
+        return xmp
+    for namespace in GAIN_MAP_NAMESPACES:
+        xmp = _without_properties(xmp, namespace)
+    xmp = _without_properties(xmp, GOOGLE_CAMERA_NAMESPACE, _MOTION_PHOTO_PROPERTIES)
+    return _without_spans(xmp, _secondary_item_spans(xmp))
 
 
 def normalize_dpi(x: object, y: object, scale: float = 1.0) -> tuple[float, float] | None:
