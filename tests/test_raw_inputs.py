@@ -237,3 +237,17 @@ def test_a_truncated_raw_is_called_truncated(tmp_path):
     (tmp_path / "x.dng").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError, match=r"x\.dng: cannot decode camera RAW: the file is truncated or damaged \(LibRaw: "):
         read_image(tmp_path / "x.dng")
+
+
+def test_a_raw_developed_other_than_plain_srgb_is_tagged_with_its_profile(tmp_path):
+    # untagged, a linear or Adobe RGB development reads as sRGB: dark, or dull greens
+    from kpac_cli.images import icc, write_image
+
+    data = _dng(_scene())
+    assert read_image(data)[1].icc_profile is None  # plain sRGB: untagged means sRGB
+    for space, gamma in [("srgb", "linear"), ("adobe", "srgb"), ("prophoto", "linear")]:
+        img, info = read_image(data, raw_options=RawOptions(output_colorspace=space, gamma=gamma))
+        assert info.icc_profile == icc.developed_raw(space, gamma) is not None
+        write_image(tmp_path / "out.tif", img, info)
+        assert read_image(tmp_path / "out.tif")[1].icc_profile == info.icc_profile
+    assert read_image(data, raw_options=RawOptions(output_colorspace="raw"))[1].icc_profile is None

@@ -106,7 +106,10 @@ class ImageInfo:
         ``H x W`` float32 alpha in ``[0, 1]`` (same value rule as colour), split off the
         source and passed through unchanged; written back bit-exactly at the same bit depth.
     icc_profile : bytes or None
-        Embedded ICC profile, copied verbatim.
+        Embedded ICC profile, copied verbatim; else the profile of what the source says in
+        another way: Adobe RGB for a photo whose EXIF says so (camera JPEGs), the development's
+        colour space for a camera RAW developed other than to plain sRGB (see :mod:`.icc`).
+        None means sRGB.
     exif : bytes or None
         EXIF as a JPEG APP1 payload: ``b"Exif\\0\\0"`` + TIFF-structured data, with the
         Orientation tag reset to 1 (and the thumbnail, IFD1, unlinked) when the pixels were

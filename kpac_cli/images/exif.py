@@ -140,6 +140,36 @@ def _exif_ifd(exif: bytes) -> tuple[int, str] | None:
     return None
 
 
+_COLOR_SPACE = 0xA001  # 1: sRGB; 0xFFFF: uncalibrated (the Interoperability index then tells)
+_INTEROP_IFD = 0xA005
+_INTEROP_INDEX = 0x0001
+
+
+def declares_adobe_rgb(exif: bytes | None) -> bool:
+    """Whether ``exif`` says the pixels are Adobe RGB (1998), as cameras mark a JPEG shot in that
+    colour space (DCF's optional colour space, without an ICC profile): ColorSpace 0xFFFF
+    (uncalibrated) with the Interoperability index ``R03``, or ColorSpace 2 (some cameras)."""
+    found = None if not exif else _exif_ifd(bytes(exif))
+    if found is None:
+        return False
+    exif = bytes(exif)
+    pos, bo = found
+    base = 6 if exif.startswith(EXIF_PREFIX) else 0
+    colour_space, interop_at = None, None
+    for e, tag, typ, count in _ifd_entries(exif, pos, bo):
+        if tag == _COLOR_SPACE and typ == 3 and count == 1:
+            (colour_space,) = struct.unpack(bo + "H", exif[e + 8 : e + 10])
+        elif tag == _INTEROP_IFD and typ in (4, 13) and count == 1:
+            (offset,) = struct.unpack(bo + "I", exif[e + 8 : e + 12])
+            interop_at = base + offset
+    if colour_space == 2:
+        return True
+    if colour_space != 0xFFFF or interop_at is None:
+        return False
+    return any(tag == _INTEROP_INDEX and typ == 2 and count <= 4 and exif[e + 8 : e + 11] == b"R03"
+               for e, tag, typ, count in _ifd_entries(exif, interop_at, bo))
+
+
 def set_pixel_dimensions(exif: bytes, width: int, height: int) -> bytes:
     """Copy of ``exif`` whose PixelXDimension and PixelYDimension say ``width`` x ``height``
     (the pixels written), where the Exif sub-IFD has them; tags that are absent are not added.

@@ -55,7 +55,8 @@ JPEG
 RAW
     :mod:`.raw` (LibRaw), developed to 16-bit RGB; written as 16-bit TIFF by default. The
     camera's EXIF of TIFF-based RAW (DNG, NEF, CR2, ARW, ...) is read as a TIFF's (descriptive
-    tags, the Exif and GPS directories); no ICC, XMP or resolution.
+    tags, the Exif and GPS directories); no XMP or resolution. The ICC profile is that of the
+    development when it is not plain sRGB (:func:`.icc.developed_raw`).
 Others
     GIF, BMP, WebP, HEIC/HEIF, AVIF, JPEG 2000, ... are refused with an :class:`ImageError`
     naming the detected format (HEIC with how to get JPEG instead; an MP4 or MOV video as
@@ -64,6 +65,10 @@ Others
 XMP (``info.xmp``, the raw packet) and the print resolution (``info.dpi``, pixels per inch;
 from the format's own field, else from EXIF's XResolution) are carried across formats; see
 :mod:`.metadata` for the conventions and the limits that make bad values ignored, not fatal.
+
+A photo without an ICC profile whose EXIF says Adobe RGB (a camera JPEG shot in that colour
+space: :func:`.exif.declares_adobe_rgb`) is given an Adobe RGB profile (:func:`.icc.adobe_rgb`),
+so that every output, TIFF and PNG too, says so: untagged, readers would take it for sRGB.
 
 EXIF orientation is applied to the pixels on read (``info.orientation_applied``) and the
 Orientation tag of the kept EXIF (and ``tiff:Orientation`` of the kept XMP) is reset to 1,
@@ -87,6 +92,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from . import exif as exif_mod
+from . import icc as icc_mod
 from . import metadata as meta
 from . import png as png_mod
 from .atomic import atomic_write_bytes
@@ -849,7 +855,9 @@ def _dispatch(src: _Src, fmt: str, max_pixels, raw_options):
             return fmt, res
     arr, orientation = read_raw(src.raw_arg, src.name, max_pixels=max_pixels, options=raw_options)
     # LibRaw has already turned the pixels; the EXIF kept has no Orientation (exif_from_tiff drops it)
-    return "raw", (arr, 16, None, _raw_exif(src), orientation, 1, None, None, {})
+    options = raw_options or RawOptions()
+    profile = icc_mod.developed_raw(options.output_colorspace, options.gamma)  # sRGB: none, as untagged means
+    return "raw", (arr, 16, profile, _raw_exif(src), orientation, 1, None, None, {})
 
 
 def _raw_exif(src: _Src) -> bytes | None:
@@ -883,6 +891,8 @@ def _decode(source, max_pixels, raw_options):
     except Exception as exc:  # any other library failure on bad data is a bad-image error
         raise _decode_error(src.name, fmt.upper(), exc) from None
     fmt, (arr, depth, icc, exif, orientation, frames, xmp, dpi, extra) = res
+    if icc is None and fmt != "raw" and exif_mod.declares_adobe_rgb(exif):  # a camera JPEG shot in Adobe RGB
+        icc = icc_mod.adobe_rgb()
     if dpi is None:
         dpi = exif_mod.read_resolution(exif)
     if fmt != "raw":

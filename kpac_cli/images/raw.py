@@ -6,8 +6,11 @@ default, without LibRaw's automatic brightening (so exposure is what the camera 
 A DNG's default crop (DefaultCropOrigin / DefaultCropSize: the image the camera intends, as
 Adobe's tools show it, without the border pixels kept for demosaicing) is applied.
 LibRaw applies the camera's orientation itself; the value it applied is reported as
-``orientation_applied``. No EXIF or ICC profile is produced: outputs are plain 16-bit TIFFs
-whose colour space is the one chosen by ``RawOptions.output_colorspace`` (untagged).
+``orientation_applied``. The camera's EXIF is read beside it for TIFF-based RAW (see
+:mod:`.io`). A development other than plain sRGB (linear light, Adobe RGB or ProPhoto
+primaries) is given the ICC profile of what it made (:func:`.icc.developed_raw`), so outputs
+are tagged with it; the camera's own colour space (``output_colorspace='raw'``) stays
+untagged, as no profile describes it.
 """
 
 from __future__ import annotations
