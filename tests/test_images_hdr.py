@@ -288,3 +288,20 @@ def test_without_secondary_media_takes_linear_time_on_hostile_packets():
         "w(b'Semantic <rdf:li>' + b\":Semantic='X' \" * 150_000)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_outputs_do_not_point_to_extended_xmp_they_do_not_hold(tmp_path):
+    # a portrait from a Pixel: the depth map and the original picture are in extended XMP
+    # segments, which no output holds; the main packet's pointer and descriptions must go
+    portrait = RDF % (
+        b'<rdf:Description rdf:about="" xmlns:xmpNote="http://ns.adobe.com/xmp/note/" '
+        b'xmlns:GDepth="http://ns.google.com/photos/1.0/depthmap/" xmlns:GImage="http://ns.google.com/photos/1.0/image/" '
+        b'xmlns:dc="http://purl.org/dc/elements/1.1/" xmpNote:HasExtendedXMP="7F4A2C1E9B3D5F60718293A4B5C6D7E8" '
+        b'GDepth:Format="RangeInverse" GDepth:Near="0.5" GDepth:Far="4.2" GDepth:Mime="image/jpeg" '
+        b'GImage:Mime="image/jpeg"><dc:title>harbour</dc:title></rdf:Description>'
+    )
+    kept = RDF % (b'<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/">'
+                  b"<dc:title>harbour</dc:title></rdf:Description>")
+    img, info = read_image(jpeg(PHOTO, [xmp_segment(portrait)]))
+    write_image(tmp_path / "out.png", img, info)
+    assert read_image(tmp_path / "out.png")[1].xmp == kept

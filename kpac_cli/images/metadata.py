@@ -190,20 +190,29 @@ def _secondary_item_spans(xmp: bytes) -> list[tuple[int, int]]:
     return spans
 
 
+#: Namespaces whose properties all describe data a JPEG keeps outside its main XMP packet, in
+#: the extended XMP segments no output holds: the pointer to them (``xmpNote:HasExtendedXMP``),
+#: Google's depth map and the original picture of a portrait (``GDepth:*``, ``GImage:*``).
+EXTENDED_XMP_NAMESPACES = (b"http://ns.adobe.com/xmp/note/", b"http://ns.google.com/photos/1.0/depthmap/",
+                           b"http://ns.google.com/photos/1.0/image/")
+
+
 def without_secondary_media(xmp: bytes) -> bytes:
     """Copy of ``xmp`` that describes the primary picture alone, for a file that holds it alone
-    (kpac writes no HDR gain map, motion photo video or other media stored beside a photo).
+    (kpac writes no HDR gain map, motion photo video, extended XMP or other media stored
+    beside a photo).
 
-    Removed are the properties of the :data:`GAIN_MAP_NAMESPACES` (``hdrgm:Version`` ...) with
-    their namespace declarations, Google's motion photo properties (``GCamera:MotionPhoto*``,
-    ``GCamera:MicroVideo*``) and the GContainer directory items other than the primary
-    picture; every other byte stays as it was. Left in, they would send HDR-aware viewers
-    looking for a gain map, and photo apps for a video at the end of the file, that are not
-    there. A byte-level edit, no XML parsing.
+    Removed are the properties of the :data:`GAIN_MAP_NAMESPACES` (``hdrgm:Version`` ...) and
+    the :data:`EXTENDED_XMP_NAMESPACES` with their namespace declarations, Google's motion
+    photo properties (``GCamera:MotionPhoto*``, ``GCamera:MicroVideo*``) and the GContainer
+    directory items other than the primary picture; every other byte stays as it was. Left
+    in, they would send HDR-aware viewers looking for a gain map, and photo apps for a video
+    or a depth map, that are not there. A byte-level edit, no XML parsing.
     """
-    if not (declares_gain_map(xmp) or GOOGLE_CAMERA_NAMESPACE in xmp or b"Semantic" in xmp):
+    whole = GAIN_MAP_NAMESPACES + EXTENDED_XMP_NAMESPACES
+    if not (any(ns in xmp for ns in whole) or GOOGLE_CAMERA_NAMESPACE in xmp or b"Semantic" in xmp):
         return xmp
-    for namespace in GAIN_MAP_NAMESPACES:
+    for namespace in whole:
         xmp = _without_properties(xmp, namespace)
     xmp = _without_properties(xmp, GOOGLE_CAMERA_NAMESPACE, _MOTION_PHOTO_PROPERTIES)
     return _without_spans(xmp, _secondary_item_spans(xmp))
