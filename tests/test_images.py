@@ -1289,24 +1289,41 @@ def test_png_colour_and_text_chunks_kept_in_png_outputs():
     assert read_image(src)[1].png_chunks == ()
 
 
-def test_png_colour_chunks_other_formats_cannot_hold_are_said():
+def test_png_colour_chunks_other_formats_cannot_hold_become_an_icc_profile(tmp_path):
+    from PIL import ImageCms
+
+    from kpac_cli.images.base import srgb_encode
+
     a = rand((4, 4, 3))
     linear = (b"gAMA", struct.pack(">I", 100000))  # gamma 1.0: linear light, not sRGB
     wide = (b"cHRM", struct.pack(">8I", 31270, 32900, 70800, 29200, 17000, 79700, 13100, 4600))  # BT.2020 primaries
-    _, info = read_image(ref_png(a, 8, extra=b"".join(chunk(t, d) for t, d in [linear, wide] + TEXT_CHUNKS)))
-    said = "cannot hold the PNG's colour space (gAMA, cHRM, not sRGB): written untagged, which readers take for sRGB"
     text = "cannot hold the PNG's text chunks (Title, Comment, Author): dropped"
-    assert notes_for(info, "jpeg") == [f"JPEG {said}", f"JPEG {text}"]
-    assert notes_for(info, "tiff") == [f"TIFF {said}", f"TIFF {text}"]
+    # JPEG and TIFF outputs get the colour space as an ICC profile: nothing to say of it
+    _, info = read_image(ref_png(a, 8, extra=b"".join(chunk(t, d) for t, d in [linear, wide] + TEXT_CHUNKS)))
+    assert info.icc_profile is not None
+    assert notes_for(info, "jpeg") == [f"JPEG {text}"] and notes_for(info, "tiff") == [f"TIFF {text}"]
     assert notes_for(info, "png") == []
+    # the profile says what the chunks say: linear grey converts to sRGB's curve
+    grey = np.array([0, 16, 64, 128, 255], np.uint8)
+    src = ref_png(np.repeat(grey[None, :, None], 3, axis=2), 8, extra=chunk(*linear))
+    img, info = read_image(src)
+    write_image(tmp_path / "out.tif", img, info)
+    profile = read_image(tmp_path / "out.tif")[1].icc_profile
+    to_srgb = ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(profile)), ImageCms.createProfile("sRGB"), "RGB", "RGB")
+    shown = np.asarray(ImageCms.applyTransform(Image.fromarray(np.repeat(grey[None, :, None], 3, axis=2)), to_srgb))[0, :, 0]
+    np.testing.assert_allclose(shown, np.round(srgb_encode(grey / 255.0) * 255), atol=1)
     # sRGB said in chunks (the sRGB chunk, or sRGB's own gAMA and cHRM) is what untagged means
     for chunks in (COLOUR_CHUNKS, COLOUR_CHUNKS[:2], [COLOUR_CHUNKS[2], linear]):
         _, info = read_image(ref_png(a, 8, extra=b"".join(chunk(t, d) for t, d in chunks)))
-        assert notes_for(info, "jpeg") == [], chunks
-    # an ICC profile says the colour space in every format; text alone is not a colour chunk
-    _, info = read_image(ref_png(a, 8, extra=b"".join(chunk(t, d) for t, d in [linear, wide])))
-    with_icc = ImageInfo(None, "png", 8, 3, None, b"icc", None, 1, (4, 4), png_chunks=info.png_chunks)
-    assert notes_for(with_icc, "jpeg") == notes_for(with_icc, "tiff") == []
+        assert info.icc_profile is None and notes_for(info, "jpeg") == [], chunks
+    # an iCCP of the file's own wins; values no colour space has give none
+    own = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    _, info = read_image(ref_png(a, 8, extra=chunk(b"iCCP", b"sRGB\0\0" + zlib.compress(own)) + chunk(*linear)))
+    assert info.icc_profile == own
+    flat = (b"cHRM", struct.pack(">8I", 31270, 32900, 30000, 30000, 30000, 30000, 30000, 30000))  # one point
+    _, info = read_image(ref_png(a, 8, extra=chunk(*flat)))
+    assert info.icc_profile is None and notes_for(info, "tiff") == ["TIFF cannot hold the PNG's colour space (cHRM, not sRGB): "
+                                                                    "written untagged, which readers take for sRGB"]
     _, info = read_image(ref_png(a, 8, extra=b"".join(chunk(t, d) for t, d in TEXT_CHUNKS)))
     assert notes_for(info, "jpeg") == [f"JPEG {text}"] and notes_for(info, "tiff") == [f"TIFF {text}"]
 

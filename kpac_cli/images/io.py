@@ -13,7 +13,8 @@ PNG
     are read and written (by :mod:`.png`, at either depth). The colour space chunks (gAMA,
     cHRM, sRGB) and the text chunks (tEXt, zTXt, other iTXt) are kept verbatim in
     ``info.png_chunks`` and written back to PNG outputs only (JPEG and TIFF have no place for
-    them). APNG: the default image (what a non-animated viewer shows) is read, ``info.frames``
+    them); a colour space other than sRGB that gAMA/cHRM say, without an iCCP, is given as an
+    ICC profile (:func:`.png.implied_icc_profile`), which every output carries. APNG: the default image (what a non-animated viewer shows) is read, ``info.frames``
     tells how many frames exist.
 TIFF
     tifffile: 1-16-bit integer (2-7-bit rescaled to 8, 9-15-bit to 16), float (clipped to ``[0, 1]``,
@@ -328,7 +329,7 @@ def _read_png(src: _Src, max_pixels):
     with src.open() as fh:
         png = png_mod.parse(fh, src.name, max_pixels=max_pixels)
     png_mod.check_idat_size(png, src.name)
-    icc, exif = png.icc_profile, exif_mod.normalize_exif(png.exif)
+    icc, exif = png.icc_profile or png_mod.implied_icc_profile(png.kept_chunks), exif_mod.normalize_exif(png.exif)
     if png.bit_depth == 16:
         arr = png_mod.decode16(png, src.name)
         depth = 16

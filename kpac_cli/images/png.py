@@ -34,6 +34,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from . import icc
 from . import metadata as meta
 from .base import ImageError, too_large_error
 
@@ -367,6 +368,31 @@ def colour_other_than_srgb(chunks) -> list[str]:
     if b"cHRM" in found and max(abs(a - b) for a, b in zip(struct.unpack(">8I", found[b"cHRM"]), _SRGB_CHRM)) > 1000:
         other.append("cHRM")
     return other
+
+
+def implied_icc_profile(chunks) -> bytes | None:
+    """The ICC profile of the colour space the kept gAMA and cHRM chunks say, when it is not sRGB
+    (:func:`colour_other_than_srgb`), so that JPEG and TIFF outputs, which have no such chunks,
+    keep it (and PNG outputs say it the way every reader honours): the tone curve of gAMA
+    (else sRGB's), the primaries and white point of cHRM (else sRGB's). None for sRGB, and
+    for values no colour space has (a zero, primaries on one line)."""
+    if not colour_other_than_srgb(chunks):
+        return None
+    found = {bytes(t): bytes(d) for t, d in chunks if bytes(t) in COLOUR_CHUNKS}
+    curve: float | str = "srgb"
+    if b"gAMA" in found:
+        (encoding,) = struct.unpack(">I", found[b"gAMA"])  # the encoding exponent x 100000
+        if not 10_000 <= encoding <= 1_000_000:
+            return None
+        curve = round(100000 / encoding, 4)
+    chromaticities = struct.unpack(">8I", found[b"cHRM"]) if b"cHRM" in found else _SRGB_CHRM
+    white, *primaries = [(chromaticities[i] / 100000, chromaticities[i + 1] / 100000) for i in range(0, 8, 2)]
+    if any(y <= 0 or x < 0 or x + y > 1 for x, y in [white, *primaries]):
+        return None
+    try:
+        return icc.rgb_profile("PNG gAMA/cHRM colour space", tuple(primaries), white, curve)
+    except np.linalg.LinAlgError:
+        return None
 
 
 def chunks_to_copy(chunks, icc_profile: bytes | None) -> list[tuple[bytes, bytes]]:
