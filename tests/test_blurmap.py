@@ -1219,3 +1219,49 @@ def test_cli_score_table_shows_names_with_brackets(cli, tmp_path):
     res = cli(str(imgs), "--eval-masks", str(masks))
     assert res.exit_code == 0, res.output
     assert "scene [draft].png" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--eval-masks", "gt", "--overwrite"], "--overwrite is about the map files in -o OUT; without -o, --eval-masks only scores and writes none"),
+    (["--eval-masks", "gt", "--skip-existing"], "--skip-existing is about the map files in -o OUT; without -o, --eval-masks only scores and writes none"),
+    (["-o", "maps", "--masks-sharp-white"], "--masks-sharp-white describes the masks of --eval-masks; give it with --eval-masks DIR"),
+    (["-o", "-"], "-o -: kpac blurmap writes its maps as files in a folder, not to stdout; give the output folder"),
+    (["-o", "notes.txt/maps"], "-o notes.txt/maps: cannot create it: notes.txt is not a folder"),
+])
+def test_cli_options_that_cannot_apply_are_refused(cli, tmp_path, monkeypatch, flags, said):
+    """Known from the command line alone: refused before any work, and nothing is written
+    (no folder named '-': '-' is stdout elsewhere in kpac)."""
+    monkeypatch.chdir(tmp_path)
+    _save_rgb(tmp_path / "a.png", np.zeros((16, 16, 3)))
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "notes.txt").write_text("a file")
+    res = cli("a.png", *flags)
+    assert res.exit_code == 2 and " ".join(res.stderr.split()) == f"error: {said}", res.output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "gt", "notes.txt"]
+
+
+def test_cli_recursive_without_an_input_folder_is_noted(cli, tmp_path):
+    src = _save_rgb(tmp_path / "a.png", np.zeros((16, 16, 3)))
+    res = cli(str(src), "-o", str(tmp_path / "maps"), "-r")
+    assert res.exit_code == 0 and (tmp_path / "maps" / "a_blurmap.png").is_file(), res.output
+    assert ("note: --recursive: no input is a folder, so there are no sub-folders to descend into; it changes nothing here"
+            in res.stderr.splitlines())
+    res = cli(str(src), "-o", str(tmp_path / "maps2"), "-r", "-q")
+    assert res.exit_code == 0 and res.stderr == "", res.output
+    res = cli(str(tmp_path), "-o", str(tmp_path / "maps3"), "-r")
+    assert res.exit_code == 0 and "note:" not in res.stderr, res.output
+
+
+def test_cli_all_notes_the_options_that_choose_the_map_it_replaces(cli, tmp_path):
+    """--all writes raw attention maps: --invert does not flip them, --block/--dilation do not
+    choose among them. Given with nothing that uses the detection map, that is said."""
+    src = _save_rgb(tmp_path / "a.png", np.zeros((16, 16, 3)))
+    res = cli(str(src), "-o", str(tmp_path / "m1"), "--all", "--invert", "--dilation", "2")
+    assert res.exit_code == 0 and len(list((tmp_path / "m1").glob("a_blurmap_b*_d*.png"))) == 10, res.output
+    assert [" ".join(line.split()) for line in res.stderr.splitlines() if line.startswith("note:")] == [
+        "note: --invert, --dilation: --all writes every block's raw attention maps, which they neither choose nor flip; "
+        "they shape the detection map of --threshold, --overlay or --eval-masks, none given here"]
+    # where they apply, nothing is said: the overlay is the detection map, the defocus map is --block's
+    for extra in (["--invert", "--overlay"], ["--block", "2", "--defocus-map"]):
+        res = cli(str(src), "-o", str(tmp_path / extra[0].strip("-")), "--all", *extra)
+        assert res.exit_code == 0 and "note:" not in res.stderr, (extra, res.output)

@@ -934,3 +934,66 @@ def _drain(fd: int, into: bytearray) -> None:
         if not chunk:
             return
         into += chunk
+
+
+def test_options_that_no_input_uses_are_noted_not_silently_ignored(tmp_path, tiny_models):
+    # --raw-* develop camera RAW files, --recursive descends into folders, --jpeg-quality sets
+    # JPEG outputs: given where none is, each is said on stderr, and the run goes on
+    src = _write(tmp_path / "a.png", np.random.default_rng(2).random((16, 16, 3), dtype=np.float32), 8)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _write(photos / "b.png", np.random.default_rng(3).random((16, 16, 3), dtype=np.float32), 8)
+    res = invoke("deblur", src, "-o", tmp_path / "o", "--raw-wb", "auto", "--raw-linear", "-r", "--model", tiny_models[0], "--json")
+    assert res.exit_code == 0, res.output
+    assert [json.loads(line)["status"] for line in res.stdout.splitlines()] == ["ok"]  # stdout: the records alone
+    notes = [line for line in res.stderr.splitlines() if line.startswith("note:")]
+    assert notes == ["note: --recursive: no input is a folder, so there are no sub-folders to descend into; it changes nothing here",
+                     "note: --raw-wb, --raw-linear: no input is a camera RAW file, and these options develop RAW files only; "
+                     "they change nothing here"], res.stderr
+    res = invoke("deblur", photos, "-o", tmp_path / "o2", "--jpeg-quality", "80", "--model", tiny_models[0])
+    assert res.exit_code == 0 and (tmp_path / "o2" / "b.png").is_file(), res.output
+    assert "note: --jpeg-quality: no output is a JPEG (this run writes PNG); it changes nothing here" in res.stderr
+    res = invoke("deblur", photos, "-o", tmp_path / "o3", "--jpeg-quality", "80", "--raw-half-size", "-q", "--model", tiny_models[0])
+    assert res.exit_code == 0 and res.stderr == "", res.output  # --quiet: not said
+    # where they apply, nothing is said: a folder input with -r
+    res = invoke("deblur", photos, "-o", tmp_path / "o4", "-r", "--model", tiny_models[0])
+    assert res.exit_code == 0 and "note:" not in res.stderr, res.output
+
+
+def test_raw_and_jpeg_options_are_not_noted_where_one_input_takes_them():
+    from kpac_cli.engine.batch import Job, options_without_effect
+
+    jobs = [Job("a", Path("a.png"), Path("o/a.png"), "a.png", "png"), Job("b", Path("b.DNG"), Path("o/b.jpg"), "b.DNG", "jpeg")]
+    assert options_without_effect(jobs, ["a.png", "b.DNG"], recursive=False, overwrite=True,
+                                  raw_options=["--raw-wb"], jpeg_quality=True) == []
+    said = options_without_effect(jobs[:1], ["a.png"], recursive=False, overwrite=False, raw_options=["--raw-wb"], jpeg_quality=True)
+    assert [note.split(":")[0] for note in said] == ["--raw-wb", "--jpeg-quality"]
+
+
+def test_stdout_output_refuses_skip_existing_and_notes_overwrite(tmp_path, tiny_models):
+    # -o - has no output file: nothing to keep (a shell's "> FILE" has emptied it already), nothing to replace
+    src = _write(tmp_path / "a.png", np.random.default_rng(2).random((16, 16, 3), dtype=np.float32), 8)
+    res = invoke("deblur", src, "-o", "-", "--skip-existing", "--model", tiny_models[0])
+    assert res.exit_code == 2 and res.stdout == "", res.output
+    assert res.stderr == "error: --skip-existing keeps existing output files; -o - writes to stdout, where there is none to keep\n"
+    res = invoke("deblur", src, "-o", "-", "--overwrite", "--model", tiny_models[0])
+    assert res.exit_code == 0 and res.stdout_bytes.startswith(b"\x89PNG"), res.stderr
+    assert res.stderr == "note: --overwrite: -o - writes to stdout, with no output file to replace; it changes nothing here\n"
+
+
+def test_save_blurmap_with_a_model_without_scale_attention_is_refused_before_the_work(tmp_path, monkeypatch):
+    # every image used to be deblurred and then fail alone, one error per file, exit 1
+    from kpac_cli.engine import Deblurrer
+
+    model = save_checkpoint(tmp_path / "plain.safetensors", build_model(KPACConfig(levels=2, channels=8, scale_attention=False)),
+                            {"name": "plain"})
+    src = _write(tmp_path / "a.png", np.random.default_rng(2).random((16, 16, 3), dtype=np.float32), 8)
+    ran = []
+    monkeypatch.setattr(Deblurrer, "run", lambda *a, **k: ran.append(1))
+    res = invoke("deblur", src, "-o", tmp_path / "o", "--save-blurmap", "--model", model)
+    assert res.exit_code == 2 and not ran and not (tmp_path / "o").exists(), res.output
+    assert " ".join(res.stderr.split()) == ("error: --save-blurmap: model plain has no scale attention (built with "
+                                            "scale_attention=False), which the blur map is made of")
+    monkeypatch.undo()
+    res = invoke("deblur", src, "-o", tmp_path / "o", "--model", model)  # without it the model deblurs as ever
+    assert res.exit_code == 0 and (tmp_path / "o" / "a.png").is_file(), res.output

@@ -836,3 +836,67 @@ def test_cli_synth_names_an_unreadable_source_once(runner_app, tmp_path):
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {photos / 'bad.png'}: "), res.stderr
     assert errors[0].count(str(photos / "bad.png")) == 1, errors[0]
+
+
+@pytest.mark.parametrize("where,said", [
+    ("-", "-o -: kpac synth writes a dataset folder, not to stdout; give the folder to write"),
+    ("notes.txt", "-o {tmp}/notes.txt: is a file (give the dataset folder)"),
+    ("notes.txt/ds", "-o {tmp}/notes.txt/ds: cannot create it: {tmp}/notes.txt is not a folder"),
+])
+def test_cli_synth_refuses_an_output_that_cannot_be_the_dataset_folder(runner_app, tmp_path, monkeypatch, where, said):
+    """'-' is stdout elsewhere in kpac: never a folder named '-'; and a folder below a file is
+    refused before any rendering, as a file is."""
+    runner, app = runner_app
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("a file")
+    out = where if where == "-" else str(tmp_path / where)
+    res = runner.invoke(app, ["synth", "-o", out, "--procedural", "1", "--procedural-size", "16", "--count", "1"])
+    assert res.exit_code == 2, res.output
+    assert " ".join(res.stderr.split()) == "error: " + said.format(tmp=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_cli_synth_refuses_stdin_as_a_source(runner_app, tmp_path, monkeypatch):
+    runner, app = runner_app
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["synth", "-", "-o", "ds", "--count", "1"], input=b"\x89PNG")
+    assert res.exit_code == 2 and "kpac synth reads image files and folders, not stdin ('-')" in res.stderr, res.output
+    assert not (tmp_path / "ds").exists()
+
+
+def test_cli_synth_says_a_write_failure_in_words(runner_app, tmp_path, monkeypatch):
+    """A read-only -o folder: the path and the reason, not Python's "[Errno 13] ...: 'PATH'"."""
+    import kpac_cli.synth as synth
+
+    target = tmp_path / "ro" / "train_c" / "source"
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(target))
+
+    monkeypatch.setattr(synth, "write_dataset", read_only)
+    runner, app = runner_app
+    res = runner.invoke(app, ["synth", "-o", str(tmp_path / "ro"), "--procedural", "1", "--procedural-size", "16",
+                              "--count", "1", "-q"])
+    assert res.exit_code == 1, res.output
+    assert " ".join(res.stderr.split()) == f"error: cannot write the dataset: {target}: Permission denied"
+
+
+def test_cli_synth_overwrite_where_every_source_fails_keeps_the_earlier_dataset(runner_app, tmp_path):
+    """A run that could write no sample (exit 1) used to replace the earlier dataset by an empty one."""
+    runner, app = runner_app
+    out = tmp_path / "ds"
+    common = ["-o", str(out), "--count", "2", "--crop", "16", "--max-radius", "3"]
+    res = runner.invoke(app, ["synth", *map(str, _photos(tmp_path / "photos")), *common, "-q"])
+    assert res.exit_code == 0, res.output
+    before = {name: (out / name).read_bytes() for name in _files(out)}
+    bad = tmp_path / "bad" / "x.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG but no image")
+    res = runner.invoke(app, ["synth", str(bad.parent), *common, "--overwrite"])
+    assert res.exit_code == 1, res.output
+    assert {name: (out / name).read_bytes() for name in _files(out)} == before
+    assert "wrote no samples: every source failed; the --split train dataset already in" in " ".join(res.stderr.split())
+    # into a new folder: nothing is left behind, neither an empty manifest nor empty folders
+    res = runner.invoke(app, ["synth", str(bad.parent), "-o", str(tmp_path / "new"), "--count", "2", "--json", "-q"])
+    assert res.exit_code == 1 and json.loads(res.stdout)["count"] == 0, res.output
+    assert not (tmp_path / "new").exists()

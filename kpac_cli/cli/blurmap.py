@@ -21,10 +21,12 @@ from .common import (
     emit_json,
     err_console,
     fp32_option,
+    given_options,
     parse_tile,
     precision_option,
     precision_with_fp32,
     print_error,
+    print_note,
     print_setup_notes,
     progress_bar,
     say_images_below,
@@ -207,7 +209,21 @@ def _not_below_masks(items: list[_Item], folder: Path, inputs: list[str], named:
     return [it for it in items if not listed_mask(it)]
 
 
+def _unused_with_all(given: set[str], *, threshold: bool, overlay: bool, evaluate: bool, defocus: bool) -> list[str]:
+    """What to say of --invert, --block and --dilation given with --all, when no output uses
+    the one detection map they choose: the --all maps are every block's raw attention."""
+    if threshold or overlay or evaluate:
+        return []
+    unused = [f"--{name}" for name in ("invert", "block", "dilation") if name in given and not (name == "block" and defocus)]
+    if not unused:
+        return []
+    subject, verbs = ("they", "neither choose nor flip; they shape") if len(unused) > 1 else ("it", "neither chooses nor flips; it shapes")
+    return [f"{', '.join(unused)}: --all writes every block's raw attention maps, which {subject} {verbs} the "
+            "detection map of --threshold, --overlay or --eval-masks, none given here"]
+
+
 def blurmap(
+    ctx: typer.Context,
     inputs: Optional[List[str]] = typer.Argument(None, help="Image files or folders.", show_default=False),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (created). Optional with --eval-masks.", show_default=False),
     model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`), a .safetensors file, or a training run folder (its model.safetensors)."),
@@ -240,7 +256,8 @@ def blurmap(
     # Imported here so that `kpac --help` stays fast.
     from ..blurmap import PAPER_CUHK, attention_maps, model_polarity
     from ..engine import Deblurrer, EngineOptions
-    from ..engine.batch import PlanError, collect_inputs, describe_clash, inputs_written_over, outputs_claimed_twice
+    from ..engine.batch import (PlanError, collect_inputs, describe_clash, inputs_written_over, no_folder_to_recurse, not_a_folder,
+                                outputs_claimed_twice)
     from ..images import ImageError, pair_dual_pixel
 
     inputs = inputs or []
@@ -264,19 +281,32 @@ def blurmap(
     precision = precision_with_fp32(precision, fp32)
     if output is None and eval_masks is None:
         raise usage_error("-o OUT is required (it may be left out only with --eval-masks)")
+    if masks_sharp_white and eval_masks is None:  # it says how the ground-truth masks are drawn
+        raise usage_error("--masks-sharp-white describes the masks of --eval-masks; give it with --eval-masks DIR")
     if output is None:  # --eval-masks alone scores and writes nothing: options that only shape files would be ignored
         writers = {"--all": all_maps, "--overlay": overlay, "--sheet": sheet, "--defocus-map": defocus, "--format tiff": fmt == "tiff"}
         given = [name for name, on in writers.items() if on]
         if given:
             raise usage_error(f"{given[0]} writes files: give -o OUT (without it, --eval-masks only scores)")
+        for flag, on in (("--overwrite", overwrite), ("--skip-existing", skip_existing)):
+            if on:
+                raise usage_error(f"{flag} is about the map files in -o OUT; without -o, --eval-masks only scores and writes none")
+    if output is not None and str(output) == "-":  # kpac's name for stdout elsewhere: never a folder named '-'
+        raise usage_error("-o -: kpac blurmap writes its maps as files in a folder, not to stdout; give the output folder")
     if output is not None and output.exists() and not output.is_dir():
         raise usage_error(f"-o {output}: not a folder")
+    if output is not None and (blocker := not_a_folder(output)) is not None:  # every map would fail at its write
+        raise usage_error(f"-o {output}: cannot create it: {blocker} is not a folder")
     if eval_masks is not None and not eval_masks.is_dir():
         raise usage_error(f"--eval-masks {eval_masks}: not a folder")
     try:
         tile_value = parse_tile(tile)
     except ValueError as e:
         raise usage_error(f"--tile: {e}") from None
+    if all_maps and not quiet:
+        for note in _unused_with_all(given_options(ctx), threshold=threshold is not None, overlay=overlay,
+                                     evaluate=eval_masks is not None, defocus=defocus):
+            print_note(note)
 
     # -- plan ------------------------------------------------------------------------------
     items: list[_Item] = []
@@ -293,6 +323,8 @@ def blurmap(
                 items.append(_Item(rel.stem, str(src), src, None if output is None else output / rel.parent, rel=rel))
             if not quiet:
                 say_unread_images(inputs, recursive)
+                if recursive and (said := no_folder_to_recurse(inputs)):
+                    print_note(said)
     except (PlanError, ImageError) as e:
         raise usage_error(str(e)) from None
     if not items:

@@ -12,7 +12,8 @@ import torch
 import typer
 
 from ..engine import Deblurrer, EngineOptions
-from ..engine.batch import STDIO, JobResult, OutputOptions, PlanError, plan_dual, plan_single, read_stream, run_batch, stream_limit
+from ..engine.batch import (STDIO, JobResult, OutputOptions, PlanError, options_without_effect, plan_dual, plan_single, read_stream,
+                            run_batch, stream_limit)
 from ..engine.compiled import CompileFailed
 from ..images import DEFAULT_MAX_PIXELS, ImageError, RawOptions
 from ..images.base import FORMAT_ALIASES, path_ext
@@ -58,6 +59,10 @@ Examples:
 
   kpac deblur --left L/ --right R/ -o out/         # dual-pixel pairs matched by file name
 """
+
+#: The options that develop camera RAW files, by parameter name: said when no input is one.
+RAW_FLAGS = {"raw_wb": "--raw-wb", "raw_demosaic": "--raw-demosaic", "raw_half_size": "--raw-half-size",
+             "raw_exposure": "--raw-exposure", "raw_linear": "--raw-linear"}
 
 
 def deblur(
@@ -122,6 +127,8 @@ def deblur(
     # options that would be ignored where they cannot apply are refused, as elsewhere
     if suffix and output == STDIO:
         raise usage_error("--suffix names outputs in a folder; -o - writes to stdout")
+    if skip_existing and output == STDIO:  # nothing to keep: a shell's "> FILE" has emptied FILE before kpac starts
+        raise usage_error("--skip-existing keeps existing output files; -o - writes to stdout, where there is none to keep")
     if bit_depth not in (None, 8, 16, 32):
         raise usage_error("--bit-depth must be 8, 16 or 32 (float TIFF)")
     if bit_depth == 32 and fmt not in (None, "tiff"):
@@ -157,6 +164,12 @@ def deblur(
                 say_unread_images(inputs, recursive)
                 if not recursive:
                     say_images_below(inputs, None if output == STDIO else Path(output))
+        if not quiet:
+            given = given_options(ctx)
+            for note in options_without_effect(jobs, inputs, recursive=recursive, overwrite=overwrite,
+                                               jpeg_quality="jpeg_quality" in given,
+                                               raw_options=[flag for name, flag in RAW_FLAGS.items() if name in given]):
+                print_note(note)
         dist_info = env_info()
         device = device_for_rank(device, dist_info)  # under torchrun each rank takes its own GPU
         engine_opts = EngineOptions(device=device, precision=precision_with_fp32(precision, fp32), tile=tile_value, compile=compile_, strength=strength,
@@ -172,6 +185,9 @@ def deblur(
     if (deblurrer.config.in_views == 2) != dual:
         kind = "dual-pixel (use --left/--right)" if deblurrer.config.in_views == 2 else "single-image (use INPUTS, not --left/--right)"
         raise usage_error(f"model {deblurrer.name} is a {kind} model")
+    if save_blurmap and not deblurrer.config.scale_attention:  # every image would fail alike, after its work
+        raise usage_error(f"--save-blurmap: model {deblurrer.name} has no scale attention (built with scale_attention=False), "
+                          "which the blur map is made of")
     print_setup_notes(deblurrer, quiet)
 
     after_run = None

@@ -35,6 +35,26 @@ def _failure_line(origin: str, error: str) -> str:
     return error[at:] if at >= 0 else f"{origin}: {error}"
 
 
+def _check_output_folder(out: Path) -> None:
+    """Usage errors for a ``-o`` that cannot be the dataset folder, said before any rendering."""
+    from ..engine.batch import not_a_folder
+
+    if str(out) == "-":  # kpac's name for stdout elsewhere: never a folder named '-'
+        raise usage_error("-o -: kpac synth writes a dataset folder, not to stdout; give the folder to write")
+    if out.exists() and not out.is_dir():
+        raise usage_error(f"-o {out}: is a file (give the dataset folder)")
+    blocker = not_a_folder(out)
+    if blocker is not None:
+        raise usage_error(f"-o {out}: cannot create it: {blocker} is not a folder")
+
+
+def _error_text(exc: Exception) -> str:
+    """An error in words: ``PATH: Permission denied``, not ``[Errno 13] Permission denied: 'PATH'``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
+    return str(exc)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``synth`` command to ``app``."""
     app.command("synth", help=_HELP, no_args_is_help=True)(synth)
@@ -70,6 +90,8 @@ def synth(
     from ..synth import SynthSettings, sharp_sources, write_dataset
     from ..synth.dataset import DatasetExistsError, existing_files, repeated_samples
 
+    if any(str(source) == "-" for source in sources or []):  # kpac's name for stdin elsewhere
+        raise usage_error("kpac synth reads image files and folders, not stdin ('-')")
     if count < 1:
         raise usage_error(f"--count must be >= 1, got {count}")
     if crop is not None and crop < 8:
@@ -110,8 +132,7 @@ def synth(
                                  layers=layers, noise_sigma=noise, highlight_boost=highlight_boost, dual_pixel=dual)
     except ValueError as exc:
         raise usage_error(str(exc))
-    if out.exists() and not out.is_dir():
-        raise usage_error(f"-o {out}: is a file (give the dataset folder)")
+    _check_output_folder(out)
     # Checked before any rendering: a second dataset written over a first would mix their pairs.
     previous, others = existing_files(out, split)
     if others:
@@ -167,7 +188,7 @@ def synth(
     except DatasetExistsError as exc:  # appeared since the check above
         raise usage_error(str(exc))
     except (OSError, ValueError) as exc:
-        print_error(f"cannot write the dataset: {exc}")
+        print_error(f"cannot write the dataset: {_error_text(exc)}")
         raise typer.Exit(EXIT_FAILED)
     except MemoryError:  # the blur kernel grows with --max-radius squared, the layers with the source
         print_error(f"cannot write the dataset: out of memory (--max-radius {max_radius:g}: a smaller one, "
@@ -182,7 +203,10 @@ def synth(
     if small and not quiet:  # a training set of mixed sizes should not be a surprise
         err_console.print(f"note: {len(small)} source(s) smaller than --crop {crop} in a side gave smaller samples "
                           f"(never upscaled): {escape(', '.join(small[:5]))}{', ...' if len(small) > 5 else ''}", soft_wrap=True)
-    if not quiet:
+    if not quiet and not summary["count"]:  # nothing written: an earlier dataset was not replaced
+        kept = f"; the --split {split} dataset already in {out} is kept as it was" if previous else ""
+        err_console.print(f"wrote no samples: every source failed{escape(kept)}", soft_wrap=True)
+    elif not quiet:
         per = elapsed / max(summary["count"], 1)
         err_console.print(
             f"wrote {summary['count']}/{count} samples ({len(summary['files'])} files, {len(srcs)} sources) "

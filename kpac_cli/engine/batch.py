@@ -293,6 +293,42 @@ def unread_images_text(inputs: list[str], recursive: bool) -> str | None:
     return ", ".join(f"{n} {name} file{'s' if n != 1 else ''}" for name, n in counts.items()) or None
 
 
+def no_folder_to_recurse(inputs: list[str]) -> str | None:
+    """What to say of ``--recursive`` when no input is a folder (files, stdin): it has no
+    sub-folders to descend into; None when one is a folder."""
+    if any(i != STDIO and Path(i).is_dir() for i in inputs):
+        return None
+    return "--recursive: no input is a folder, so there are no sub-folders to descend into; it changes nothing here"
+
+
+def options_without_effect(jobs: list[Job], inputs: list[str], *, recursive: bool, overwrite: bool,
+                           raw_options: list[str], jpeg_quality: bool) -> list[str]:
+    """What to say of the options given that no job of the plan uses: ``--recursive`` with no
+    input folder, ``--overwrite`` with no output file, the ``raw_options`` given (their flags)
+    with no camera RAW input, a ``jpeg_quality`` given with no JPEG output. Notes rather than
+    usage errors: which inputs are RAW and which outputs JPEG is known only once the folders
+    are listed, and the run is the same without them."""
+    notes = []
+    if recursive and (said := no_folder_to_recurse(inputs)):
+        notes.append(said)
+    if overwrite and all(job.output is None for job in jobs):
+        notes.append("--overwrite: -o - writes to stdout, with no output file to replace; it changes nothing here")
+    if raw_options and not any(_input_format(source) == "raw" for job in jobs for source in _sources(job)):
+        notes.append(f"{', '.join(raw_options)}: no input is a camera RAW file, and these options develop RAW files "
+                     "only; they change nothing here")
+    if jpeg_quality and not any(job.format == "jpeg" for job in jobs):
+        written = " and ".join(sorted({job.format.upper() for job in jobs}))
+        notes.append(f"--jpeg-quality: no output is a JPEG (this run writes {written}); it changes nothing here")
+    return notes
+
+
+def _sources(job: Job) -> list[Path | bytes]:
+    """The files (or bytes) a job reads: its image, or the views of a dual-pixel pair."""
+    if isinstance(job.source, DualPixelTriple):
+        return [view for view in (job.source.left, job.source.right, job.source.center) if view is not None]
+    return [job.source]
+
+
 def _companion(output: Path, kind: str) -> Path:
     """Where the ``kind`` companion of ``output`` is written (``a.png`` -> ``a_blurmap.png``)."""
     return output.with_name(output.stem + COMPANIONS[kind])
@@ -487,7 +523,7 @@ def preflight(job: Job, options: OutputOptions) -> JobResult | None:
         return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: output path is the input file; refusing to overwrite the original")
     if job.output.is_dir():
         return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: output path is an existing directory")
-    blocker = _not_a_folder(job.output.parent)
+    blocker = not_a_folder(job.output.parent)
     if blocker is not None:  # the write would fail after the work: say it before
         return JobResult(job.input_label, str(job.output), "failed",
                          f"{job.output}: cannot create its folder: {blocker} is not a folder")
@@ -510,7 +546,7 @@ def preflight(job: Job, options: OutputOptions) -> JobResult | None:
     return None
 
 
-def _not_a_folder(folder: Path) -> Path | None:
+def not_a_folder(folder: Path) -> Path | None:
     """The existing path that keeps ``folder`` from being a folder (itself or the nearest
     ancestor that exists, when that is a file), or None."""
     for path in (folder, *folder.parents):

@@ -117,6 +117,19 @@ def _remove_stale(out_dir: Path, previous: list[str], written: set[str], dirs: d
                 break
 
 
+def _undo_setup(out_dir: Path, split: str, *, remove_marker: bool, remove_out_dir: bool) -> None:
+    """Take back what :func:`write_dataset` made before its first sample, when it wrote none:
+    its in-progress marker and the folders that are still empty."""
+    if remove_marker:
+        (out_dir / _in_progress_name(split)).unlink(missing_ok=True)
+    _remove_stale(out_dir, [], set(), {}, split)  # rmdir only: a folder that holds anything stays
+    if remove_out_dir:
+        try:
+            out_dir.rmdir()
+        except OSError:
+            pass
+
+
 def _write_image(path: Path, image: np.ndarray, bit_depth: int) -> None:
     """8- or 16-bit RGB PNG, written atomically by the project's image writer."""
     from ..images import ImageInfo, write_image
@@ -249,7 +262,9 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
         ``samples`` (name, source, crop box ``[y, x, h, w]`` in the source's pixels after the
         ``max_side`` downscale, focus, strength, rotation),
         ``failed`` (sources that could not be loaded: their samples are skipped) and
-        ``out_dir``.
+        ``out_dir``. When every source failed, no sample is written, nor a manifest: the
+        folders made for them are removed again, and a dataset already there (``overwrite``)
+        is kept as it was.
     """
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
@@ -281,9 +296,12 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
         for d in dataset_dirs(split, True).values():
             if (out_dir / d).is_dir():
                 cleanup_stale_temps(out_dir / d)  # left by a killed run
+    made_out_dir = not out_dir.exists()
+    marker = out_dir / _in_progress_name(split)
+    marker_was_there = marker.exists()  # a killed run's: its samples stay known as kpac's
     for d in dirs.values():
         (out_dir / d).mkdir(parents=True, exist_ok=True)
-    (out_dir / _in_progress_name(split)).touch()
+    marker.touch()
     ext = ".png"
     width = max(5, len(str(max(count - 1, 0))))
     margin = int(math.ceil(settings.max_radius)) + 1
@@ -362,6 +380,10 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
         "samples": [records[i] for i in order],
         "failed": failed,
     }
+    if count and not order:  # every source failed: nothing to replace an earlier dataset with, which stays whole
+        _undo_setup(out_dir, split, remove_marker=not marker_was_there, remove_out_dir=made_out_dir)
+        summary["out_dir"] = str(out_dir)
+        return summary
     # The manifest carries no time or absolute path, so reruns are byte-identical.
     text = json.dumps(summary, indent=1, sort_keys=True) + "\n"
     from ..images import atomic_write_bytes
