@@ -266,9 +266,11 @@ def test_a_motion_photo_s_video_is_not_declared_by_outputs(tmp_path):
     )
     video = b"\x00\x00\x00\x18ftypmp42" + bytes(2325)
     img, info = read_image(jpeg(PHOTO, [xmp_segment(motion)]) + video)
-    assert info.xmp == motion
+    assert info.xmp == motion and info.motion_photo_dropped and not info.hdr_gain_map_dropped
+    assert deblur_notes(info) == ["the motion photo's video was dropped: the output is the still picture"]
     write_image(tmp_path / "out.jpg", img, info)
-    assert read_image(tmp_path / "out.jpg")[1].xmp == kept
+    again = read_image(tmp_path / "out.jpg")[1]
+    assert again.xmp == kept and not again.motion_photo_dropped and deblur_notes(again) == []
 
 
 def test_without_secondary_media_leaves_other_packets_as_they_are():
@@ -305,3 +307,16 @@ def test_outputs_do_not_point_to_extended_xmp_they_do_not_hold(tmp_path):
     img, info = read_image(jpeg(PHOTO, [xmp_segment(portrait)]))
     write_image(tmp_path / "out.png", img, info)
     assert read_image(tmp_path / "out.png")[1].xmp == kept
+
+
+@pytest.mark.parametrize("xmp, said", [
+    (b'<rdf:Description GCamera:MotionPhoto="1"/>', True),
+    (b"<GCamera:MicroVideo>1</GCamera:MicroVideo>", True),  # the older form, as an element
+    (b'<Container:Item Item:Semantic="MotionPhoto" Item:Mime="video/mp4"/>', True),
+    (b'<rdf:Description GCamera:MotionPhoto="0"/>', False),  # a still, said so
+    (b"<dc:title>MotionPhoto 1</dc:title>", False),
+])
+def test_a_motion_photo_is_told_by_its_xmp(xmp, said):
+    from kpac_cli.images.metadata import declares_motion_photo
+
+    assert declares_motion_photo(xmp) is said

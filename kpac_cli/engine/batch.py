@@ -728,6 +728,8 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
         notes.append(f"only the first of {info.frames} frames (pages) was deblurred")
     if info.hdr_gain_map_dropped:  # the reader counts it as no frame
         notes.append("the JPEG's HDR gain map was dropped: the output is its SDR rendition")
+    if info.motion_photo_dropped:
+        notes.append("the motion photo's video was dropped: the output is the still picture")
     if info.dropped_extra_samples:  # neither colour nor alpha: no output format would know what they are
         n = info.dropped_extra_samples
         notes.append(f"{n} extra channel{'s' if n != 1 else ''} of the TIFF beyond colour and alpha (a stored selection, "

@@ -154,6 +154,10 @@ class ImageInfo:
         picture's own XMP or ISO 21496-1 segment, or the primary picture's, says is one. The
         gain map is not read (nor counted in ``frames``), so outputs are the SDR image. False
         for a JPEG whose XMP declares a gain map it does not hold.
+    motion_photo_dropped : bool
+        A JPEG source whose XMP says a video follows the picture (a motion photo,
+        :func:`.metadata.declares_motion_photo`): the video is not read, and outputs are the
+        still picture.
     """
 
     path: str | None
@@ -173,6 +177,7 @@ class ImageInfo:
     jpeg_segments: tuple[tuple[int, bytes], ...] = ()
     dropped_extra_samples: int = 0
     hdr_gain_map_dropped: bool = False
+    motion_photo_dropped: bool = False
 
 
 def to_float(arr: np.ndarray, maxval: int | float) -> np.ndarray:

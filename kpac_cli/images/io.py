@@ -463,7 +463,7 @@ def _read_jpeg(src: _Src, max_pixels):
             raise _decode_error(src.name, "JPEG image data", exc) from None
     if arr.ndim == 2:
         arr = arr[..., None]
-    extra = {"jpeg_segments": segments, "hdr_gain_map_dropped": gain_map}
+    extra = {"jpeg_segments": segments, "hdr_gain_map_dropped": gain_map, "motion_photo_dropped": meta.declares_motion_photo(xmp)}
     return arr, 8, icc, exif, exif_mod.read_orientation(exif), frames, xmp, dpi, extra
 
 

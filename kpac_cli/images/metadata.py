@@ -10,8 +10,8 @@ XMP
     wrapper and padding the source had), as stored in JPEG APP1 (``http://ns.adobe.com/xap/1.0/``),
     PNG iTXt (keyword ``XML:com.adobe.xmp``) and TIFF tag 700 (XMLPacket). It is never handed
     to an XML parser (no untrusted XML is parsed); the only edits are byte-level ones,
-    :func:`reset_xmp_orientation` and :func:`without_secondary_media`, the only search
-    :func:`declares_gain_map`.
+    :func:`reset_xmp_orientation` and :func:`without_secondary_media`, the only searches
+    :func:`declares_gain_map` and :func:`declares_motion_photo`.
     A packet that is empty, not UTF-8, or longer than :data:`MAX_XMP` bytes is ignored.
 Resolution
     ``ImageInfo.dpi`` is the print resolution as ``(x, y)`` floats in pixels per inch (a pair:
@@ -188,6 +188,19 @@ def _secondary_item_spans(xmp: bytes) -> list[tuple[int, int]]:
         if semantic is not None and semantic.group(1) != b"Primary":
             spans.append((start, end.end()))
     return spans
+
+
+# A motion photo's video declared: GCamera:MotionPhoto="1" (or the older MicroVideo), as an
+# attribute or an element, or a GContainer item whose semantic is MotionPhoto.
+_XMP_MOTION_PHOTO = re.compile(
+    rb"""(?:MotionPhoto|MicroVideo)(?:\s*=\s*["']|>)\s*1\s*["'<]|Semantic(?:\s*=\s*["']|>)\s*MotionPhoto\s*["'<]"""
+)
+
+
+def declares_motion_photo(xmp: bytes | None) -> bool:
+    """Whether ``xmp`` (a JPEG's) says a video follows the picture in the file (a motion photo:
+    Google's ``GCamera:MotionPhoto``/``MicroVideo``). A byte-level search, no XML parsing."""
+    return xmp is not None and _XMP_MOTION_PHOTO.search(xmp) is not None
 
 
 #: Namespaces whose properties all describe data a JPEG keeps outside its main XMP packet, in
