@@ -320,3 +320,21 @@ def test_a_motion_photo_is_told_by_its_xmp(xmp, said):
     from kpac_cli.images.metadata import declares_motion_photo
 
     assert declares_motion_photo(xmp) is said
+
+
+def test_outputs_xmp_says_the_size_written(tmp_path):
+    # turned upright on read, the photo is 32 wide and 48 high; its XMP said the stored 48 x 32
+    stored = RDF % (b'<rdf:Description xmlns:exif="http://ns.adobe.com/exif/1.0/" xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+                    b'exif:PixelXDimension="48" exif:PixelYDimension="32" tiff:Orientation="6">'
+                    b"<tiff:ImageWidth>48</tiff:ImageWidth><tiff:ImageLength> 32 </tiff:ImageLength></rdf:Description>")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(PHOTO).save(buf, "JPEG", quality=95, exif=exif.tobytes(), xmp=stored)
+    img, info = read_image(buf.getvalue())
+    assert img.shape[:2] == (48, 32)
+    write_image(tmp_path / "out.png", img, info)
+    assert read_image(tmp_path / "out.png")[1].xmp == RDF % (
+        b'<rdf:Description xmlns:exif="http://ns.adobe.com/exif/1.0/" xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+        b'exif:PixelXDimension="32" exif:PixelYDimension="48" tiff:Orientation="1">'
+        b"<tiff:ImageWidth>32</tiff:ImageWidth><tiff:ImageLength> 48 </tiff:ImageLength></rdf:Description>")

@@ -128,7 +128,7 @@ class ImageInfo:
         The raw XMP packet (UTF-8 XML), copied verbatim except that ``tiff:Orientation`` is
         reset to 1 when the pixels were rotated on read. Written without what describes media
         stored beside the picture (an HDR gain map, a motion photo's video), which no output
-        holds. See :mod:`.metadata`.
+        holds, and with its size properties saying the size written. See :mod:`.metadata`.
     dpi : tuple of float or None
         Print resolution ``(x, y)`` in pixels per inch, of the returned array (swapped when
         the orientation swapped the axes); None when the source has none. See

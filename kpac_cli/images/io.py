@@ -1384,8 +1384,8 @@ def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int
         exif = exif_mod.set_pixel_dimensions(exif, width=arr.shape[1], height=arr.shape[0])
     icc = info.icc_profile or None
     xmp = meta.normalize_xmp(info.xmp)
-    if xmp is not None:  # the primary picture alone is written: no gain map, no motion photo video
-        xmp = meta.without_secondary_media(xmp)
+    if xmp is not None:  # the primary picture alone is written, at its own size
+        xmp = meta.set_xmp_pixel_dimensions(meta.without_secondary_media(xmp), width=arr.shape[1], height=arr.shape[0])
     dpi = None if info.dpi is None else meta.normalize_dpi(*info.dpi)  # same rules as on read
     if fmt == "png":
         chunks = png_mod.chunks_to_copy(info.png_chunks, icc)

@@ -10,7 +10,8 @@ XMP
     wrapper and padding the source had), as stored in JPEG APP1 (``http://ns.adobe.com/xap/1.0/``),
     PNG iTXt (keyword ``XML:com.adobe.xmp``) and TIFF tag 700 (XMLPacket). It is never handed
     to an XML parser (no untrusted XML is parsed); the only edits are byte-level ones,
-    :func:`reset_xmp_orientation` and :func:`without_secondary_media`, the only searches
+    :func:`reset_xmp_orientation`, :func:`set_xmp_pixel_dimensions` and
+    :func:`without_secondary_media`, the only searches
     :func:`declares_gain_map` and :func:`declares_motion_photo`.
     A packet that is empty, not UTF-8, or longer than :data:`MAX_XMP` bytes is ignored.
 Resolution
@@ -84,6 +85,19 @@ GAIN_MAP_NAMESPACES = (b"http://ns.adobe.com/hdr-gain-map/1.0/", b"http://ns.app
 #: How a JPEG APP2 segment of ISO 21496-1 gain map metadata begins: the version alone in the
 #: primary picture, all of the metadata in the gain map picture.
 ISO_GAIN_MAP_URN = b"urn:iso:std:iso:ts:21496:-1"
+
+# The image's size in XMP, as an attribute (exif:PixelXDimension="6000") or an element: the
+# EXIF copies (exif:) and the TIFF ones (tiff:); group 1 is the name, group 2 what precedes the value
+_XMP_SIZE = re.compile(rb"""((exif:PixelXDimension|exif:PixelYDimension|tiff:ImageWidth|tiff:ImageLength)(?:\s*=\s*["']|>)\s*)\d+""")
+_WIDTH_NAMES = (b"exif:PixelXDimension", b"tiff:ImageWidth")
+
+
+def set_xmp_pixel_dimensions(xmp: bytes, width: int, height: int) -> bytes:
+    """Copy of ``xmp`` whose size properties (``exif:PixelX/YDimension``, ``tiff:ImageWidth/Length``)
+    say ``width`` x ``height``, the pixels written (turned upright on read, a RAW's crop); those
+    absent are not added. A byte-level edit of the digits, as EXIF's copies are edited."""
+    return _XMP_SIZE.sub(lambda m: m.group(1) + str(width if m.group(2) in _WIDTH_NAMES else height).encode(), xmp)
+
 
 # An HDR gain map in XMP: a gain map namespace (the primary picture's hdrgm:Version, a gain map
 # picture's own metadata), or a GContainer directory item whose semantic is GainMap.
