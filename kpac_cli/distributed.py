@@ -9,7 +9,9 @@ Conventions: only rank 0 logs, validates and writes files; every rank must take 
 decisions at the same step (skip a non-finite batch, stop on a signal or on a failure of one
 rank), which :func:`agree` settles with one tiny all-reduce per step. A rank that fails does
 not leave the others waiting in a collective: it says so at the next agreement, where every
-rank learns why with :func:`gather_object` and stops.
+rank learns why with :func:`gather_object` and stops. A rank that fails between two
+agreements leaves without joining another collective (:func:`teardown` with
+``together=False``), so that its exit ends the run rather than a hang until the group's timeout.
 """
 
 from __future__ import annotations
@@ -75,12 +77,49 @@ def setup(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), info.local_rank, info.local_world_size, True)
 
 
-def teardown(info: DistInfo) -> None:
-    if info.owns_group and dist.is_initialized():
-        # every rank leaves together: a rank that destroys the group while another still
-        # talks to it aborts in gloo's threads ("terminate called without an active exception")
-        dist.barrier()
-        dist.destroy_process_group()
+def teardown(info: DistInfo, together: bool = True) -> None:
+    """Leave the process group. ``together``: every rank leaves at this point (they agreed to
+    stop, or the run ended), so they wait for each other first. Otherwise this rank leaves on
+    its own (it failed, or lost another rank, between two agreements): the others may be
+    waiting in a collective it will never join, so it joins none, aborts its side of the group
+    and leaves at once; its exit, or the launcher's stopping the others on it, ends them."""
+    if not (info.owns_group and dist.is_initialized()):
+        return
+    if together:
+        try:
+            # a rank that destroys the group while another still talks to it aborts in gloo's
+            # threads ("terminate called without an active exception")
+            dist.barrier()
+            dist.destroy_process_group()
+            return
+        except Exception as e:
+            if not lost_contact(e):
+                raise
+            # another rank ended after the last agreement (killed): this one's work is done
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    try:
+        # aborting does not wait for pending work (NCCL's destroy may wait for a collective
+        # that the other ranks will never complete); torch without it: the process exit frees it
+        if abort is not None:
+            abort()
+    except Exception:  # noqa: BLE001 - leaving anyway: the failure that brought us here is what matters
+        pass
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Whether ``error`` came from the communication between the ranks (a collective whose peer
+    is gone or timed out: gloo's "Connection closed by peer", NCCL's and the store's errors)
+    rather than from this rank's own work."""
+    return isinstance(error, dist.DistError) or "gloo/transport" in str(error)
+
+
+def communication_error_summary(error: BaseException) -> str:
+    """The gist of a communication error: its first sentence, without gloo's source location
+    ("[.../pair.cc:553] Connection closed by peer [127.0.0.1]:6581. This is typically...")."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if text.startswith("[") and "] " in text:
+        text = text[text.index("] ") + 2:]
+    return text.split(". ")[0].rstrip(".")
 
 
 def agree(info: DistInfo, flags: list[bool], device: torch.device) -> list[bool]:

@@ -92,15 +92,17 @@ def test_torchrun_cli(tmp_path):
     assert len(records) == 1 and records[0]["model_path"] == str(out / "model.safetensors"), r.stdout
 
 
-def _run_ranks(args: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
+def _run_ranks(args: list[str], timeout: float = 240, program: tuple[str, ...] = ("-m", "kpac_cli")
+               ) -> list[subprocess.CompletedProcess]:
     """``kpac ARGS`` in 2 processes, as torchrun starts them (its environment, gloo on the CPU);
-    they must all end within ``timeout`` seconds (a rank left waiting for another fails the test)."""
+    they must all end within ``timeout`` seconds (a rank left waiting for another fails the test).
+    ``program``: what python runs instead of ``-m kpac_cli`` (``-c CODE`` that calls it)."""
     port = _free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "kpac_cli", *args], cwd=REPO, env=env, text=True,
+        procs.append(subprocess.Popen([sys.executable, *program, *args], cwd=REPO, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     deadline = time.monotonic() + timeout
     done = []
@@ -209,18 +211,24 @@ def _rank_whose_checkpoint_fails(rank: int, world: int, port: int, data: str, ou
     (Path(dump) / f"rank{rank}.json").write_text(json.dumps(raised))
 
 
-def test_a_checkpoint_rank_0_cannot_write_ends_every_rank(tmp_path):
-    """Rank 0's failure after a step (writing last.pt) reaches rank 1 at the next step's agreement:
-    rank 0 raises its own error, rank 1 a RankFailed naming it; neither waits forever."""
-    data = make_dpdd(tmp_path / "dpdd", {"train": 4, "val": 1}, size=(32, 32))
-    ranks = mp.start_processes(_rank_whose_checkpoint_fails, args=(2, _free_port(), str(data), str(tmp_path / "run"), str(tmp_path)),
-                               nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
+def _spawn_ranks(function, args: tuple, timeout: float) -> None:
+    """Run ``function(rank, *args)`` in 2 spawned processes and wait for both to end; a test
+    failure (and both killed) when they have not ended after ``timeout`` seconds (one waits for
+    another)."""
+    ranks = mp.start_processes(function, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
     while not ranks.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ranks.processes:
                 p.kill()
             pytest.fail("the ranks did not end (one waits for another)")
+
+
+def test_a_checkpoint_rank_0_cannot_write_ends_every_rank(tmp_path):
+    """Rank 0's failure after a step (writing last.pt) reaches rank 1 at the next step's agreement:
+    rank 0 raises its own error, rank 1 a RankFailed naming it; neither waits forever."""
+    data = make_dpdd(tmp_path / "dpdd", {"train": 4, "val": 1}, size=(32, 32))
+    _spawn_ranks(_rank_whose_checkpoint_fails, (2, _free_port(), str(data), str(tmp_path / "run"), str(tmp_path)), timeout=240)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0 == ["OSError", "[Errno 28] No space left on device"]

@@ -249,7 +249,7 @@ def train_command(
     from ..images import ImageError
     from ..model import KPACConfig
     from ..train import (
-        CheckpointError, DataError, RankFailed, TrainConfig, TrainingError, VGGWeightsMissing, export_model, load_state,
+        CheckpointError, DataError, ProcessLost, RankFailed, TrainConfig, TrainingError, VGGWeightsMissing, export_model, load_state,
         train,
     )
     from ..train.data import procedural_scene_side
@@ -419,6 +419,12 @@ def train_command(
             _remove_empty_up_to(cfg.out, made)
         raise typer.Exit(EXIT_USAGE) from None
     except RankFailed:  # under torchrun: the process that failed says why, once for all
+        if made is not None:
+            _remove_empty_up_to(cfg.out, made)
+        raise typer.Exit(EXIT_FAILED) from None
+    except ProcessLost as e:  # the process that failed says why; rank 0 says that the run lost it
+        if env_info().is_main:
+            print_error(str(e))
         if made is not None:
             _remove_empty_up_to(cfg.out, made)
         raise typer.Exit(EXIT_FAILED) from None

@@ -10,7 +10,7 @@ Core only: no typer/rich here; progress is reported through ``callback(TrainEven
 
 from .config import STAGE_DEFAULTS, CropSchedule, LRSchedule, TrainConfig
 from .data import DataError, dpdd_split, folder_pairs
-from .loop import RankFailed, TrainEvent, TrainingError, TrainResult, export_model, train, validate
+from .loop import ProcessLost, RankFailed, TrainEvent, TrainingError, TrainResult, export_model, train, validate
 from .state import CheckpointError, load_state
 from .vgg import VGG19Features, VGGWeightsMissing, default_weights_path, find_vgg_weights, load_vgg19
 
@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointError",
     "CropSchedule",
     "LRSchedule",
+    "ProcessLost",
     "RankFailed",
     "DataError",
     "STAGE_DEFAULTS",

@@ -12,7 +12,8 @@ Conventions
   ``max_nonfinite`` in a row training stops with :class:`TrainingError` and the previous
   checkpoint stays as it was. Weights are checked finite before every write.
 * SIGINT/SIGTERM: the current iteration finishes, ``last.pt`` is saved, and :func:`train`
-  returns with ``interrupted=True`` (a second SIGINT raises KeyboardInterrupt at once).
+  returns with ``interrupted=True`` (a second SIGINT raises KeyboardInterrupt at once). Under
+  several processes a signal to any one of them stops them all, each with that signal.
 * At the end the model is exported as ``OUT/model.safetensors`` (kpac's checkpoint format,
   loadable by ``kpac deblur --model``) with the run's provenance in its metadata. Resuming a
   run that has done its iterations trains and writes nothing and says so
@@ -21,11 +22,17 @@ Conventions
   them unless cached) saves ``last.pt`` at the iterations done, then raises a
   :class:`TrainingError` (the run failed; the same problem before the run is a DataError).
 * Several processes (``torchrun``) stop together: a rank whose data fail, or whose set-up
-  fails, or rank 0 when its validation or a checkpoint fails, says so at the next point where
-  the ranks synchronise (the per-step agreement; one point at the end of the set-up), instead
-  of leaving the others waiting there forever. The failure is then raised on every rank: the
-  error itself where it is reported (rank 0 for data problems, with where ``last.pt`` stands;
-  else the first rank that failed), :class:`RankFailed` on the others.
+  fails, or rank 0 when its log, validation, a checkpoint or the end of the run (final
+  validation, ``last.pt``, export) fails, says so at the next point where the ranks synchronise
+  (the per-step agreement; one point at the end of the set-up, one at the end of the run),
+  instead of leaving the others waiting there forever. The failure is then raised on every
+  rank: the error itself where it is reported (rank 0 for data problems, with where ``last.pt``
+  stands; else the first rank that failed), :class:`RankFailed` on the others.
+* A rank that fails between two such points (out of memory in its backward pass, while the
+  others wait for its gradients in DDP's all-reduce; a second Ctrl-C) cannot tell the others:
+  it joins no further collective and leaves at once (running out of memory is then a one-line
+  TrainingError). The others stop with :class:`ProcessLost` when they lose contact with it
+  (gloo), or when the launcher stops them on its exit (``torchrun``, whatever the backend).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import threading
@@ -75,6 +83,12 @@ class RankFailed(TrainingError):
     def __init__(self, reporter: int, message: str) -> None:
         super().__init__(f"process {reporter} stopped the run: {message}")
         self.reporter = reporter
+
+
+class ProcessLost(TrainingError):
+    """A multi-process run lost another of its processes between two agreements (it failed on
+    its own, or was killed): this one stops too. The process that failed says why itself (or its
+    exit status does, in the launcher's report)."""
 
 
 @dataclass
@@ -372,6 +386,13 @@ def _first_failure(info: D.DistInfo, own: tuple[str, str] | None) -> tuple[int, 
     return rank, kind, message
 
 
+def _signal_of_the_run(info: D.DistInfo, own: int | None) -> int | None:
+    """The signal that stops the run, the same on every rank (the lowest rank's that received
+    one): a signal sent to one process stops all of them, which then report and exit alike.
+    Called by every rank once an agreement said that one received a signal."""
+    return next((s for s in D.gather_object(info, own) if s is not None), None)  # type: ignore[misc]
+
+
 def _start_together(info: D.DistInfo, device: torch.device, error: Exception | None) -> None:
     """The end of a multi-process run's set-up, which every rank reaches or says why not: a rank
     that failed (its data differ from the run's, rank 0's validation photos cannot be read...)
@@ -436,26 +457,65 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     device = resolve_device(cfg.device, dist0)
     dist_info = D.setup(device)
     old_threads = torch.get_num_threads()
-    set_up = False
+    ranks = _Ranks()
 
     def all_set_up() -> None:
-        nonlocal set_up
-        set_up = True
+        ranks.set_up = True
         _start_together(dist_info, device, None)
+        ranks.together = False  # until the next agreement, a rank that fails fails alone
 
     try:
-        return _train(cfg, emit, device, dist_info, all_set_up)
+        return _train(cfg, emit, device, dist_info, all_set_up, ranks)
     except Exception as e:
-        if dist_info.enabled and not set_up:  # tell the ranks waiting at the end of the set-up
+        if dist_info.enabled and D.lost_contact(e):  # another rank is gone: no agreement can be reached
+            ranks.together = False
+            raise ProcessLost(f"process {dist_info.rank} stopped after {_iterations(ranks.step)}: it lost contact with "
+                              f"another process of the run ({D.communication_error_summary(e)}), which ended or "
+                              "stopped answering; that process's message, or its exit status, says why") from e
+        if dist_info.enabled and not ranks.set_up:  # tell the ranks waiting at the end of the set-up
             _start_together(dist_info, device, e)
+        lacking = _out_of_memory(e, dist_info, ranks.step)
+        if lacking is not None:
+            raise lacking from e
+        raise
+    except BaseException:  # KeyboardInterrupt (a second Ctrl-C), SystemExit: wherever this rank was
+        ranks.together = False
         raise
     finally:
         torch.set_num_threads(old_threads)
-        D.teardown(dist_info)
+        D.teardown(dist_info, together=ranks.together)
+
+
+@dataclass
+class _Ranks:
+    """Where the processes of a run stand, for :func:`train`'s clean-up."""
+
+    set_up: bool = False  # every rank reached the end of the set-up
+    # Every rank leaves train() at the same point (an agreement decided it), so they may wait
+    # for each other there. False between agreements: a rank that fails then fails alone, and
+    # the others wait for it in a collective (DDP's gradient all-reduce, the next agreement).
+    together: bool = True
+    step: int = 0  # iterations done
+
+
+def _iterations(n: int) -> str:
+    return f"{n} iteration{'s' if n != 1 else ''}"
+
+
+def _out_of_memory(error: Exception, info: D.DistInfo, step: int) -> TrainingError | None:
+    """A one-line TrainingError for running out of memory (GPU or CPU) mid-run; None for other errors."""
+    text = str(error)
+    if not isinstance(error, torch.OutOfMemoryError) and not any(m in text for m in ("can't allocate memory", "not enough memory")):
+        return None
+    size = re.search(r"allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)", text)
+    who = f"process {info.rank} " if info.enabled else ""
+    return TrainingError(f"{who}ran out of {'GPU ' if isinstance(error, torch.OutOfMemoryError) else ''}memory after "
+                         f"{_iterations(step)}{f' (allocating {size.group(1)})' if size else ''}; "
+                         "try a smaller --batch or --crop")
 
 
 def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.DistInfo,
-           all_set_up: Callable[[], None]) -> TrainResult:
+           all_set_up: Callable[[], None], ranks: _Ranks) -> TrainResult:
     main = dist_info.is_main
     out = cfg.out
     total = cfg.total_iterations
@@ -571,6 +631,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         start = int(ckpt["step"])
+        ranks.step = start
         elapsed0 = float(ckpt.get("elapsed_s", 0.0))
         best = dict(ckpt.get("best") or {})
         scores = dict(ckpt.get("scores") or {})
@@ -699,6 +760,10 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
     if main:
         attempt(start_log)
 
+    def log_nonfinite(step: int, loss_value: float, consecutive: int) -> None:
+        log.write("nonfinite", step=step, loss=loss_value, consecutive=consecutive)
+        emit(TrainEvent("nonfinite", step, total, {"loss": loss_value, "consecutive": consecutive}))
+
     lr_at = cfg.lr_schedule.at
     sampler = StepBatchSampler(start, total, cfg.batch, cfg.crop_schedule.size_at, dist_info.rank, dist_info.world_size)
     loader = torch.utils.data.DataLoader(
@@ -731,6 +796,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         """A rank failed (the agreement said so; ``reporter`` failed first): every rank stops. A data
         problem is reported by rank 0, with where last.pt stands; another failure (rank 0's log,
         validation or checkpoint) by the rank it happened on; the other ranks raise RankFailed."""
+        ranks.together = True
         if kind == "data":
             text += keep_progress()
             raise TrainingError(text) if main else RankFailed(0, text)
@@ -800,15 +866,15 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                                     avg.lerp_(w.float(), 1 - cfg.ema)
                 optimizer.zero_grad(set_to_none=True)
                 step = step_i + 1
-                result.step = step
+                result.step = ranks.step = step
                 if nonfinite:
                     consecutive += 1
                     result.skipped += 1
                     result.losses.append(float("nan"))
                     if main:
-                        log.write("nonfinite", step=step, loss=loss_value, consecutive=consecutive)
-                        emit(TrainEvent("nonfinite", step, total, {"loss": loss_value, "consecutive": consecutive}))
+                        attempt(lambda: log_nonfinite(step, loss_value, consecutive))
                     if consecutive >= cfg.max_nonfinite:  # every rank at once: rank 0 says it
+                        ranks.together = True
                         keep = f"; the last good checkpoint is {last_path}" if last_path.is_file() else ""
                         text = (f"stopped at iteration {step}: {consecutive} non-finite losses in a row "
                                 f"(try a lower --lr, --precision fp32 or --grad-clip){keep}")
@@ -827,8 +893,8 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                     if step % cfg.log_every == 0 or step == total:
                         if log_losses:
                             extra = dict(zip(("blur_rank", "blur_size_rank"), np.mean(log_rank, axis=0).tolist())) if log_rank else {}
-                            log.write("train", step=step, loss=float(np.mean(log_losses)), lr=optimizer.param_groups[0]["lr"],
-                                      it_s=round(it_s, 4), crop=int(x.shape[-1]), elapsed_s=round(elapsed(), 2), **extra)
+                            attempt(lambda: log.write("train", step=step, loss=float(np.mean(log_losses)), lr=optimizer.param_groups[0]["lr"],
+                                                      it_s=round(it_s, 4), crop=int(x.shape[-1]), elapsed_s=round(elapsed(), 2), **extra))
                         log_losses, log_rank = [], []
                 if data_problem is not None:
                     stop_together(*data_problem)
@@ -836,21 +902,21 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                     attempt(lambda: run_validation(step))
                 if stop:
                     result.interrupted = True
-                    result.signal = signals.received
+                    result.signal = _signal_of_the_run(dist_info, signals.received)
                     break
                 if step % cfg.save_every == 0 and step != total:
                     attempt(lambda: save(last_path, step, "last"))
                     result.last_checkpoint = last_path
 
-        if failed_with is not None:  # met after the last agreement: the others are at their end
-            raise failed_with
-        result.wall_clock_s = elapsed()
-        if result.interrupted:
-            save(last_path, step, "last")
-            result.last_checkpoint = last_path
-            if main:
-                log.write("interrupted", step=step, signal=result.signal)
-        else:
+        def finish() -> None:
+            """Rank 0's end of the run: last.pt and, when the iterations are done, the final validation and the export."""
+            result.wall_clock_s = elapsed()
+            if result.interrupted:
+                save(last_path, step, "last")
+                result.last_checkpoint = last_path
+                if main:
+                    log.write("interrupted", step=step, signal=result.signal)
+                return
             if step >= total and (not scores or scores.get("step") != step):
                 run_validation(step)
             save(last_path, step, "last")
@@ -859,6 +925,13 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                 prov = _provenance(cfg, bundle.description, step, scores, best, elapsed(), hw, model_cfg, dist_info.world_size)
                 result.model_path = save_checkpoint(out / "model.safetensors", exported_model(), prov)
                 log.write("end", step=step, model=str(result.model_path), scores=scores, wall_clock_s=round(elapsed(), 2))
+
+        attempt(finish)  # skipped when rank 0 failed after the last agreement
+        # The last agreement: a failure of rank 0's end (or one met after the loop's last
+        # agreement) ends every rank with it, rather than the others ending as if all went well.
+        if D.agree(dist_info, [failure is not None], device)[0]:
+            stop_together(*_first_failure(dist_info, failure))
+        ranks.together = True
         result.wall_clock_s = elapsed()
         if main:
             emit(TrainEvent("end", step, total, {"result": result.to_dict()}))
