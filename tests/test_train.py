@@ -1500,3 +1500,15 @@ def test_cli_export_of_best_from_a_run_without_validation_says_why_there_is_none
     assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1, r.output
     assert "without validation (--val-count 0)" in r.stderr and "--from last" in r.stderr
     assert "nothing saved yet" not in r.stderr
+
+
+def test_a_resume_names_what_changes_how_batches_are_drawn():
+    from kpac_cli.train.loop import _sampling_changes
+
+    cfg = TrainConfig(data=Path("x"), out=Path("y"), batch=4, seed=0)
+    assert _sampling_changes({"seed": 0, "batch": 4, "world_size": 1}, cfg, 1) is None
+    assert _sampling_changes({"seed": 0, "batch": 4, "world_size": 1}, cfg, 2) == \
+        "processes 1 -> 2, so the global batch (--batch x processes) 4 -> 8"
+    # the same global batch from other factors: the order still changes, the batch does not
+    assert _sampling_changes({"seed": 0, "batch": 8, "world_size": 1}, cfg, 2) == "--batch 8 -> 4, processes 1 -> 2"
+    assert _sampling_changes({"seed": 3}, cfg, 1) == "--seed 3 -> 0"

@@ -514,6 +514,20 @@ def _out_of_memory(error: Exception, info: D.DistInfo, step: int) -> TrainingErr
                          "try a smaller --batch or --crop")
 
 
+def _sampling_changes(saved: dict, cfg: TrainConfig, world_size: int) -> str | None:
+    """What a resume changes of how batches are drawn (``saved``: the checkpoint's sampler state),
+    in words, or None: the seed, ``--batch`` (per process) and the number of processes, and
+    with them the global batch each step averages over."""
+    now = {"seed": cfg.seed, "batch": cfg.batch, "world_size": world_size}
+    names = {"seed": "--seed", "batch": "--batch", "world_size": "processes"}
+    changes = [f"{names[k]} {saved[k]} -> {v}" for k, v in now.items() if k in saved and saved[k] != v]
+    if not changes:
+        return None
+    if {"batch", "world_size"} <= saved.keys() and saved["batch"] * saved["world_size"] != cfg.batch * world_size:
+        changes.append(f"so the global batch (--batch x processes) {saved['batch'] * saved['world_size']} -> {cfg.batch * world_size}")
+    return ", ".join(changes)
+
+
 def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.DistInfo,
            all_set_up: Callable[[], None], ranks: _Ranks) -> TrainResult:
     main = dist_info.is_main
@@ -636,9 +650,9 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         best = dict(ckpt.get("best") or {})
         scores = dict(ckpt.get("scores") or {})
         restore_rng(ckpt["rng"])
-        smp = ckpt.get("sampler") or {}
-        if smp and (smp.get("seed") != cfg.seed or smp.get("batch") != cfg.batch or smp.get("world_size") != dist_info.world_size):
-            message("seed, batch or number of processes differ from the interrupted run: the data order will not be the same", "warning")
+        changed = _sampling_changes(ckpt.get("sampler") or {}, cfg, dist_info.world_size)
+        if changed:
+            message(f"{changed} since the checkpoint was saved: the data order will not be the same", "warning")
 
     # An exponential moving average of the weights (--ema; not in the paper): checkpoints on a
     # plateau differ by several hundredths of a dB, and an average of three scored above each
