@@ -188,12 +188,24 @@ def test_a_set_up_failure_of_one_rank_ends_every_rank(tmp_path):
     assert not run.exists()
 
 
+def _train_and_dump(cfg, rank: int, dump: str) -> None:
+    """Run ``cfg`` on this rank and write what it raised (type and message, or null) to ``dump``/rank<N>.json."""
+    from kpac_cli.train import train
+
+    try:
+        train(cfg)
+        raised = None
+    except Exception as e:  # noqa: BLE001 - what the rank raised is the result
+        raised = [type(e).__name__, str(e)]
+    (Path(dump) / f"rank{rank}.json").write_text(json.dumps(raised))
+
+
 def _rank_whose_checkpoint_fails(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
     """Rank 0 cannot write last.pt at iteration 2 (a full disk): what each rank raises goes to ``dump``."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from kpac_cli.train import TrainConfig, train
+    from kpac_cli.train import TrainConfig
     from kpac_cli.train import loop
 
     def full_disk(_obj, _path):
@@ -203,12 +215,7 @@ def _rank_whose_checkpoint_fails(rank: int, world: int, port: int, data: str, ou
     cfg = TrainConfig(out=Path(out), data=Path(data), allow_count_mismatch=True, model=KPACConfig(levels=2, channels=8),
                       iterations=6, save_every=2, batch=1, crop="32", val_count=0, workers=0, device="cpu",
                       tensorboard=False)
-    try:
-        train(cfg)
-        raised = None
-    except Exception as e:  # noqa: BLE001 - what the rank raised is the result
-        raised = [type(e).__name__, str(e)]
-    (Path(dump) / f"rank{rank}.json").write_text(json.dumps(raised))
+    _train_and_dump(cfg, rank, dump)
 
 
 def _spawn_ranks(function, args: tuple, timeout: float) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import make_dpdd  # noqa: E402
-from test_train_ddp import REPO, _free_port, _run_ranks, _spawn_ranks, _TINY_RUN  # noqa: E402
+from test_train_ddp import REPO, _free_port, _run_ranks, _spawn_ranks, _TINY_RUN, _train_and_dump  # noqa: E402
 
 # The backward pass of one rank's given iteration raises an error (RANK, ITERATION, ERROR).
 _FAILING_BACKWARD = """
@@ -139,7 +139,7 @@ def _rank_whose_end_fails(rank: int, world: int, port: int, data: str, out: str,
 
     torch.set_num_threads(1)
     from kpac_cli.model import KPACConfig
-    from kpac_cli.train import TrainConfig, loop, train
+    from kpac_cli.train import TrainConfig, loop
 
     def full_disk(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
@@ -158,12 +158,7 @@ def _rank_whose_end_fails(rank: int, world: int, port: int, data: str, out: str,
     cfg = TrainConfig(out=Path(out), data=Path(data), allow_count_mismatch=True, model=KPACConfig(levels=2, channels=8),
                       iterations=4, batch=1, crop="32", val_count=1, val_crop=32, log_every=1, workers=0, device="cpu",
                       tensorboard=False)
-    try:
-        train(cfg)
-        raised = None
-    except Exception as e:  # noqa: BLE001 - what the rank raised is the result
-        raised = [type(e).__name__, str(e)]
-    (Path(dump) / f"rank{rank}.json").write_text(json.dumps(raised))
+    _train_and_dump(cfg, rank, dump)
 
 
 @pytest.mark.slow
