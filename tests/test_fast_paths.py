@@ -190,3 +190,17 @@ def test_torch_compile():
     except Exception as e:  # noqa: BLE001 - no compiler toolchain is a skip, not a failure
         pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {e}")
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_oneDNN_fused_ops_stay_out_of_torch_compile_traces(monkeypatch):
+    # inductor traces them with shape functions that disagree with their outputs (a crash):
+    # a compiled FastKPACNet runs the plain ops, which inductor fuses itself
+    from kpac_cli.model import fast
+
+    if not fast._fused_ops_available():
+        pytest.skip("this PyTorch build has no oneDNN fused ops")
+    x = torch.zeros(1, 3, 8, 8)
+    with torch.no_grad():
+        assert fast._mkldnn_ok(x)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not fast._mkldnn_ok(x)

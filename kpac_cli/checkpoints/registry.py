@@ -160,7 +160,9 @@ def resolve_model(spec: str | Path, dual: bool = False) -> tuple[Path, str]:
             return _run_folder_model(path), path.resolve().name
     elif path.suffix.lower() in (".safetensors", ".pt", ".pth", ".npz") or path.exists():
         if not path.is_file():
-            raise FileNotFoundError(f"model file not found: {path}")
+            shipped = path.stem in _shipped_files() and len(path.parts) == 1
+            hint = f" (the shipped model is named without its folder and suffix: {path.stem!r})" if shipped else ""
+            raise FileNotFoundError(f"model file not found: {path}{hint}")
         return path, path.stem
     shipped = _shipped_files().get(spec_s)
     if shipped is not None:

@@ -4,8 +4,9 @@
 >>> d = Deblurrer("kpac-3level")                      # doctest: +SKIP
 >>> sharp = d.deblur(image)                           # HxWx3 float32 in [0, 1]  # doctest: +SKIP
 
-Conventions: images are float ``HxWxC`` arrays, RGB, values in [0, 1], encoded for display
-(sRGB-like gamma, as photos are stored and as the models were trained: not linear light), as
+Conventions: images are float ``HxWxC`` arrays (NumPy, or torch tensors on any device), RGB,
+values in [0, 1], encoded for display (sRGB-like gamma, as photos are stored and as the models
+were trained: not linear light), as
 :func:`kpac_cli.images.read_image` returns them; integer arrays, values more than 0.25 outside
 [0, 1] and NaN/inf are refused with a ValueError (0-255 data: divide by 255). Single-image models
 take ``HxWx3``; dual-pixel models take ``HxWx6`` (left RGB then right RGB) and an optional
@@ -29,13 +30,15 @@ import torch
 
 from ..checkpoints import Checkpoint, load_checkpoint
 from ..checkpoints.registry import resolve_model
+from ..checkpoints.safetensors_io import bare_network
 from ..images.base import checked_photo
 from ..images.exif import apply_orientation
 from ..model import KPACNet
 from ..model.fast import FastKPACNet
 from .compiled import CompiledNetwork
 from .dualpixel import balance_views
-from .device import autocast, available_memory, cpu_has_fast_bf16, is_out_of_memory, resolve_device, resolve_precision
+from .device import (autocast, available_memory, cpu_has_fast_bf16, device_name, is_out_of_memory, precision_name, resolve_device,
+                     resolve_precision)
 from .tiled import (InferenceResult, ProgressFn, TiledInference, low_resolution_bytes, receptive_halos, skips_that_fit,
                     tile_that_runs)
 
@@ -50,8 +53,12 @@ _BYTES_PER_PIXEL_PER_CHANNEL = 24
 class EngineOptions:
     """How to run a model.
 
-    device : ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``
-    precision : ``auto`` (fp16 on CUDA, fp32 elsewhere) | ``fp32`` | ``fp16`` | ``bf16``
+    device : ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``, or a :class:`torch.device`
+    precision : ``auto`` (fp16 on CUDA, fp32 elsewhere) | ``fp32`` | ``fp16`` | ``bf16``, or
+        ``torch.float32`` / ``torch.float16`` / ``torch.bfloat16``
+
+    Every field is checked when the options are made: a value that cannot be used raises a
+    ValueError naming the field (whether a device exists here is checked by :class:`Deblurrer`).
     tile : ``"auto"`` (from the memory available), an int (tile side in pixels; at least
         128, smaller sizes are raised to it: the tile would be mostly overlap), or ``None``/0
         for the whole image at once. Tiling is exact: it never changes the output beyond
@@ -92,6 +99,20 @@ class EngineOptions:
     ensemble: int = 1
 
     def __post_init__(self) -> None:
+        # Every field is checked here, where it is given: a misspelt device or a string budget
+        # would otherwise fail later, deep in a run, without naming the option.
+        self.device = device_name(self.device)  # a torch.device too; availability: Deblurrer
+        self.precision = precision_name(self.precision)  # torch.float32 / bfloat16 / float16 too
+        for name in ("channels_last", "compile"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):  # the string "no" would switch it on
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+            setattr(self, name, bool(value))
+        budget = self.memory_budget
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not float(budget).is_integer() or budget < 0:
+                raise ValueError(f"memory_budget must be a number of bytes (an int >= 0, e.g. 8 << 30) or None, got {budget!r}")
+            self.memory_budget = int(budget)
         # one spelling per meaning from here on: "auto", None (the whole image) or an int
         tile = self.tile
         if isinstance(tile, str) and tile.strip().isdigit():
@@ -102,10 +123,13 @@ class EngineOptions:
             self.tile = None
         elif tile not in (None, "auto"):
             raise ValueError(f"tile must be 'auto', a size in pixels, or 0 / None for the whole image; got {self.tile!r}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+        strength = self.strength
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+        self.strength = float(strength)
         if isinstance(self.ensemble, bool) or not isinstance(self.ensemble, (int, np.integer)) or self.ensemble not in ENSEMBLE_SIZES:
-            raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLE_SIZES))}, got {self.ensemble}")
+            raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLE_SIZES))}, got {self.ensemble!r}")
+        self.ensemble = int(self.ensemble)
 
 
 ENSEMBLE_SIZES = (1, 2, 4, 8)
@@ -167,7 +191,9 @@ class Deblurrer:
     """A loaded model on a device, ready to deblur images of any size.
 
     ``model``: a shipped model's name, a weights file, a :class:`Checkpoint`, or a bare
-    :class:`KPACNet` (copied, so the caller's module is left as it was). A bare network carries
+    :class:`KPACNet` (copied, so the caller's module is left as it was; also inside
+    ``torch.compile``, DataParallel or :class:`FastKPACNet`, and of any float dtype: the copy's
+    parameters are float32, ``EngineOptions.precision`` says what it computes in). A bare network carries
     no provenance: it is named "model" and a dual-pixel one sees its views as given; load the
     file (:func:`kpac_cli.checkpoints.load_checkpoint`) to keep what its metadata says, such as
     a dual-pixel model's view balancing.
@@ -191,7 +217,7 @@ class Deblurrer:
             self.name = self.provenance.get("name", self.name)
             model = model.build()
         else:
-            model = copy.deepcopy(model)
+            model = _own_float32_copy(model)
         self.model = model.eval().to(self.device)
         if self.options.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -275,13 +301,13 @@ class Deblurrer:
         """The network's input and reference, in [-1, 1] units, turned back from the EXIF
         ``orientation`` they were shown upright by (1: as given)."""
         cin = self.config.in_channels
-        image = checked_photo(image, "image")
+        image = checked_photo(_host_array(image), "image")
         if center is not None and self.config.in_views != 2:
             raise ValueError("a centre view is for dual-pixel models; this model takes one RGB image")
-        center = None if center is None else checked_photo(center, "centre view")
+        center = None if center is None else checked_photo(_host_array(center), "centre view")
         if image.ndim != 3 or image.shape[2] != cin:
             kind = "HxWx3 RGB" if cin == 3 else "HxWx6 (left RGB, right RGB)"
-            raise ValueError(f"this model takes {kind} images, got shape {image.shape}")
+            raise ValueError(f"this model takes {kind} images, got shape {image.shape}{_layout_hint(image.shape, cin)}")
         if center is not None and center.shape != image.shape[:2] + (3,):
             raise ValueError(f"centre view must be {image.shape[:2] + (3,)}, got {center.shape}")
         if orientation != 1:
@@ -304,7 +330,7 @@ class Deblurrer:
         self,
         image: np.ndarray,
         center: np.ndarray | None = None,
-        progress: ProgressFn | None = None,
+        progress: ProgressFn | bool | None = None,
         keep_attention: bool = False,
         orientation: int = 1,
     ) -> InferenceResult:
@@ -313,7 +339,7 @@ class Deblurrer:
         Runs out-of-memory-safe (the tile is halved and the image retried) and half-precision-
         safe (non-finite values make it redo the image in fp32); :attr:`last_stats` says what
         happened. With ``options.ensemble`` > 1 the output is the mean over that many
-        flips/transposes of the image, each mapped back.
+        flips/transposes of the image, each mapped back. ``progress``: as for :meth:`deblur`.
 
         ``orientation`` is the EXIF orientation (1-8) the image was turned upright by when read
         (``ImageInfo.orientation_applied``). A dual-pixel model runs on the views as the sensor
@@ -324,9 +350,13 @@ class Deblurrer:
         """
         if orientation not in ORIENTATION_DIHEDRAL:
             raise ValueError(f"orientation must be an EXIF orientation, 1-8; got {orientation!r}")
+        if progress is True:
+            with tqdm_progress() as bars:
+                return self.run(image, center, bars, keep_attention, orientation)
         if self.config.in_views != 2:
             orientation = 1
         upright = ORIENTATION_DIHEDRAL[orientation]
+        progress = progress or None  # False: none
         x, ref = self._as_tensors(image, center, orientation)
         h, w = x.shape[-2:]
         stats = RunStats(tile=tile_that_runs(self.plan_tile(h, w), h, w, self.config.stride), precision=_DTYPE_NAMES[self.dtype])
@@ -399,22 +429,50 @@ class Deblurrer:
         ``(stage, done, total)``. ``orientation``: as for :meth:`run` (dual-pixel views read
         with :func:`~kpac_cli.images.read_dual_pixel` pass ``info.orientation_applied``).
         """
-        if progress is True:
-            with tqdm_progress() as cb:
-                result = self.run(image, center, cb, orientation=orientation)
-        else:
-            result = self.run(image, center, progress or None, orientation=orientation)
+        result = self.run(image, center, progress, orientation=orientation)
         with torch.inference_mode():  # in place (a 24-megapixel photo's float copies are 288 MB each)
             return result.output.add_(1).mul_(0.5).clamp_(0, 1)[0].permute(1, 2, 0).numpy()
 
     def scale_attention(self, image: np.ndarray, center: np.ndarray | None = None) -> list[np.ndarray | None]:
         """Per KPAC block, the scale-attention maps alpha: (len(dilations), h, w) at the blocks'
         resolution (1/stride of the image, cropped to ceil(H/stride) x ceil(W/stride))."""
-        x_h, x_w = image.shape[:2]
         result = self.run(image, center, keep_attention=True)
-        s = self.config.stride
+        s, (x_h, x_w) = self.config.stride, result.output.shape[-2:]
         hh, ww = -(-x_h // s), -(-x_w // s)
         return [None if a is None else a[0, :, :hh, :ww].numpy() for a in result.scale_attention]
+
+
+def _host_array(image: Any) -> Any:
+    """A torch tensor as a NumPy array (one on a GPU, or one that requires grad, included);
+    anything else as given."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        return (image.float() if image.dtype == torch.bfloat16 else image).numpy()  # NumPy has no bfloat16
+    return image
+
+
+def _layout_hint(shape: tuple[int, ...], channels: int) -> str:
+    """What to do with an image array of the wrong ``shape`` for a model of ``channels`` inputs."""
+    if channels != 3:
+        return ""
+    if len(shape) == 3 and shape[0] == 3 and shape[2] != 3:
+        return " (channels first? np.moveaxis(image, 0, -1))"
+    if len(shape) == 2 or (len(shape) == 3 and shape[2] == 1):
+        return " (grey? deblur np.dstack([image] * 3) and keep one channel)"
+    if len(shape) == 3 and shape[2] == 4:
+        return " (RGBA? deblur image[..., :3] and put the alpha back)"
+    return ""
+
+
+def _own_float32_copy(model: torch.nn.Module) -> KPACNet:
+    """A float32 copy of the :class:`KPACNet` in ``model``: the engine feeds float32 tensors
+    and runs other precisions through autocast, so a ``.half()`` or ``.double()`` module would
+    otherwise fail deep in the first convolution; a wrapper's network is unwrapped."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a shipped model's name, a weights file, a Checkpoint or a KPACNet, "
+                        f"got {type(model).__name__}")
+    network = bare_network(model)  # TypeError naming the module when it holds no KPACNet
+    return copy.deepcopy(network).float()
 
 
 def _pass_progress(progress: ProgressFn | None, k: int, n: int) -> ProgressFn | None:

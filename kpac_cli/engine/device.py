@@ -13,22 +13,46 @@ import torch
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+DEVICE_KINDS = ("cpu", "cuda", "mps")
+
+
+def device_name(name: str | torch.device | None) -> str:
+    """The lower-case spelling of a device (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; a
+    :class:`torch.device` or None, meaning ``auto``, too), whether or not it exists here.
+
+    Raises ValueError for anything else, so that a misspelt device is refused where it is given.
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name is None or name == "":
+        return "auto"
+    if not isinstance(name, str):
+        raise ValueError(f"device must be a name such as 'cpu' or 'cuda:0' (or a torch.device), got {name!r}")
+    name = name.strip().lower()
+    if name == "auto":
+        return name
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        kind = None
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
+    return name
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """``auto`` -> the first CUDA GPU, else Apple's MPS, else the CPU; or an explicit name.
 
     Raises ValueError for a device that is not available here, naming what is.
     """
-    name = (name or "auto").lower()
+    name = device_name(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from e
+    dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r} requested but CUDA is not available (this PyTorch build: {torch.__version__})")
@@ -37,16 +61,31 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif dev.type == "mps":
         if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
             raise ValueError("device 'mps' requested but Apple MPS is not available")
-    elif dev.type != "cpu":
-        raise ValueError(f"unsupported device {name!r}")
     return dev
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` = fp16 on CUDA, fp32 elsewhere; fp16 only where the device supports it."""
-    name = (name or "auto").lower()
-    if name not in PRECISIONS:
+#: The torch dtypes a precision may be given as, by the name they stand for.
+_PRECISION_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def precision_name(name: str | torch.dtype | None) -> str:
+    """The spelling of a precision among :data:`PRECISIONS` (a torch dtype such as
+    ``torch.bfloat16``, or None, meaning ``auto``, too). Raises ValueError for anything else."""
+    if isinstance(name, torch.dtype):
+        if name not in _PRECISION_DTYPES:
+            raise ValueError(f"unknown precision {name} (use one of {', '.join(PRECISIONS)}, or torch.float32, "
+                             "torch.float16 or torch.bfloat16)")
+        return _PRECISION_DTYPES[name]
+    if name is None or name == "":
+        return "auto"
+    if not isinstance(name, str) or name.strip().lower() not in PRECISIONS:
         raise ValueError(f"unknown precision {name!r} (use one of {', '.join(PRECISIONS)})")
+    return name.strip().lower()
+
+
+def resolve_precision(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto`` = fp16 on CUDA, fp32 elsewhere; fp16 only where the device supports it."""
+    name = precision_name(name)
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if name == "fp16" and device.type == "cpu":

@@ -22,6 +22,7 @@ DRBNet, LaKDNet):
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 from skimage.metrics import structural_similarity
@@ -68,8 +69,9 @@ def quantize(image: np.ndarray, bit_depth: int | None = 8) -> np.ndarray:
     img = to_float(image)
     if bit_depth is None:
         return img
-    if int(bit_depth) != bit_depth or not 1 <= bit_depth <= 32:
-        raise ValueError(f"bit_depth must be an integer in 1..32 or None, got {bit_depth}")
+    if isinstance(bit_depth, bool) or not isinstance(bit_depth, numbers.Real) or int(bit_depth) != bit_depth \
+            or not 1 <= bit_depth <= 32:
+        raise ValueError(f"bit_depth must be an integer in 1..32 or None, got {bit_depth!r}")
     if np.asarray(image).dtype.kind == "f":
         _check_range(img, "image", 1.0)  # clipping 0-255 data would turn every pixel white
     peak = float(2 ** int(bit_depth) - 1)
@@ -82,7 +84,10 @@ def _check_range(img: np.ndarray, what: str, data_range: float) -> None:
 
     Unclipped results overshoot a little (ringing, raw network outputs) and are scored as
     they are; values this far out are another convention (0-255 data scored with the data
-    range 1), which would give a wrong number without a word. NaN and infinity pass."""
+    range 1), which would give a wrong number without a word. NaN and infinity pass, and so
+    does an empty image (refused where its shape is checked)."""
+    if img.size == 0:
+        return
     lo, hi = float(np.min(img)), float(np.max(img))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         finite = img[np.isfinite(img)]
@@ -120,6 +125,8 @@ def _pair(pred: np.ndarray, target: np.ndarray, data_range: float = 1.0) -> tupl
         raise ValueError(f"prediction {p.shape} and target {t.shape} have different shapes")
     if p.ndim not in (2, 3):
         raise ValueError(f"images must be (H, W) or (H, W, C), got shape {p.shape}")
+    if p.size == 0:
+        raise ValueError(f"images are empty (shape {p.shape})")
     return p, t
 
 
@@ -183,6 +190,10 @@ def ssim(pred: np.ndarray, target: np.ndarray, window: str = "uniform", data_ran
     elif window != "uniform":
         raise ValueError(f"window must be one of {SSIM_WINDOWS}, got {window!r}")
     side = _SSIM_WINDOW_SIDE[window]
+    if p.ndim == 3 and p.shape[0] in (1, 3, 4) and p.shape[2] > 4:
+        # (C, H, W) read as (H, W, C) would be "too small": say what is wrong
+        raise ValueError(f"images must be channels last, (H, W, C); got shape {p.shape}, which looks channels "
+                         "first: np.moveaxis(image, 0, -1)")
     if min(p.shape[:2]) < side:  # scikit-image's own message advises arguments no user can pass
         h, w = p.shape[:2]
         raise ValueError(f"image too small for SSIM ({window} window {side}x{side} needs at least {side} pixels a side): {w}x{h}")

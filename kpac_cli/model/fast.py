@@ -20,9 +20,10 @@ parameters, so checkpoints and the tiled engine work unchanged. Why it is faster
   conv's input buffer, and the shape attention beta (one value per input channel of the
   fusion conv) is folded into the fusion kernel: no stacking, no extra passes.
 
-The oneDNN-specific calls are used for float32 CPU tensors outside autograd and outside
-autocast; anywhere else (CUDA, bf16 autocast, training) the same restructured computation
-runs on plain ``torch.nn.functional`` ops, which is still exact and differentiable.
+The oneDNN-specific calls are used for float32 CPU tensors outside autograd, autocast and
+``torch.compile``; anywhere else (CUDA, bf16 autocast, training, a compiled module) the same
+restructured computation runs on plain ``torch.nn.functional`` ops, which is still exact and
+differentiable.
 
 The single largest CPU cost, though, is not arithmetic: the C library's allocator (under
 PyTorch's CPU allocator) returns every large tensor to the OS, which zero-fills its pages
@@ -66,11 +67,19 @@ def _cpu_autocast() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def _compiling() -> bool:
+    """Inside a ``torch.compile`` trace (PyTorch >= 2.3 says so; older ones are taken as not)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def _mkldnn_ok(*tensors: Tensor) -> bool:
-    """oneDNN fused ops apply: fp32 CPU tensors, no autograd, no autocast."""
+    """oneDNN fused ops apply: fp32 CPU tensors, no autograd, no autocast, no ``torch.compile``
+    trace (the fused ops' shape functions disagree with their outputs there, and inductor fuses
+    the plain ops itself)."""
     if torch.is_grad_enabled() or not torch.backends.mkldnn.enabled or not _fused_ops_available():
         return False
-    if _cpu_autocast():
+    if _cpu_autocast() or _compiling():
         return False
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 

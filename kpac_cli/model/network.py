@@ -236,6 +236,10 @@ class KPACNet(nn.Module):
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"expected input of shape (N, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():  # .float() alone would feed 0-255 values to a [-1, 1] network
+            raise ValueError(f"expected a float input in [-1, 1], got {x.dtype} (8-bit images: x / 127.5 - 1)")
+        if reference is not None and not reference.is_floating_point():
+            raise ValueError(f"expected a float reference in [-1, 1], got {reference.dtype}")
         h, w = x.shape[-2:]
         if h % cfg.stride or w % cfg.stride:
             raise ValueError(
@@ -292,6 +296,9 @@ class KPACNet(nn.Module):
 def build_model(config: KPACConfig) -> KPACNet:
     """A float32 CPU network of this architecture with fresh random weights (no layer depends on
     train or eval mode); :meth:`KPACNet.forward` states its input and output conventions."""
+    if not isinstance(config, KPACConfig):  # a dict of fields would fail later on a missing attribute
+        hint = " (a dict of fields: KPACConfig.from_dict(d))" if isinstance(config, dict) else ""
+        raise TypeError(f"build_model takes a KPACConfig, got {type(config).__name__}{hint}")
     return KPACNet(config)
 
 
