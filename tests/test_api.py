@@ -168,3 +168,10 @@ def test_a_shipped_model_named_as_a_file_says_its_name(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as err:
         resolve_model("elsewhere.safetensors")
     assert str(err.value) == "model file not found: elsewhere.safetensors"
+
+
+def test_engine_options_tile_words_are_spelt_as_device_and_precision_are():
+    assert EngineOptions(tile=" AUTO ").tile == "auto" and EngineOptions(tile="Whole").tile is None
+    assert EngineOptions(tile="None").tile is None and EngineOptions(tile=" 256 ").tile == 256
+    with pytest.raises(ValueError, match="tile must be"):
+        EngineOptions(tile="big")

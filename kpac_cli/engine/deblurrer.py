@@ -115,13 +115,15 @@ class EngineOptions:
             self.memory_budget = int(budget)
         # one spelling per meaning from here on: "auto", None (the whole image) or an int
         tile = self.tile
-        if isinstance(tile, str) and tile.strip().isdigit():
-            tile = int(tile)
+        if isinstance(tile, str):  # spelt as device and precision are: any case, blanks around
+            tile = int(tile) if tile.strip().isdigit() else tile.strip().lower()
         if isinstance(tile, numbers.Real) and not isinstance(tile, bool) and float(tile).is_integer() and tile >= 0:
             self.tile = int(tile) or None  # 256.0, np.float32(256), "256" -> 256; 0, "00" -> whole
         elif tile in ("none", "whole"):
             self.tile = None
-        elif tile not in (None, "auto"):
+        elif tile == "auto":
+            self.tile = tile
+        elif tile is not None:
             raise ValueError(f"tile must be 'auto', a size in pixels, or 0 / None for the whole image; got {self.tile!r}")
         strength = self.strength
         if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
