@@ -244,14 +244,18 @@ def test_maps_kpac_blurmap_wrote_in_an_input_folder_are_not_deblurred(tmp_path, 
     assert res.exit_code == 2 and "only maps that kpac blurmap wrote" in res.output
 
 
-def test_a_folder_of_only_unread_formats_says_which(tmp_path):
+def test_a_folder_of_only_unread_formats_says_which(tmp_path, monkeypatch):
+    from kpac_cli.images import heif
+
+    monkeypatch.setattr(heif, "available", lambda: False)  # a kpac without the heic extra
     photos = tmp_path / "iphone"
     (photos / "sub").mkdir(parents=True)
     for name in ("IMG_0001.HEIC", "IMG_0002.heic", "sub/IMG_0003.HEIC", "shared.webp", ".hidden.heic", "notes.txt"):
         (photos / name).write_bytes(b"\0" * 16)
     res = invoke("deblur", photos, "-o", tmp_path / "out")
     assert res.exit_code == 2 and res.output.strip() == (
-        "error: no images kpac reads in the inputs, only 2 HEIC files, 1 WebP file: not supported; convert them to JPEG, PNG or TIFF")
+        "error: no images kpac reads in the inputs, only 2 HEIC files, 1 WebP file: not supported; convert them to JPEG, PNG or "
+        'TIFF (or, for HEIC, pip install "kpac[heic]")')
     assert "3 HEIC files" in invoke("deblur", photos, "-r", "-o", tmp_path / "out").output
     (photos / "shared.webp").unlink()
     (photos / "IMG_0001.HEIC").unlink()
@@ -260,7 +264,10 @@ def test_a_folder_of_only_unread_formats_says_which(tmp_path):
     assert res.exit_code == 2 and res.output.strip() == "error: no images found in the inputs"
 
 
-def test_unread_formats_beside_the_photos_are_said_to_be_left_out(tmp_path, tiny_models):
+def test_unread_formats_beside_the_photos_are_said_to_be_left_out(tmp_path, tiny_models, monkeypatch):
+    from kpac_cli.images import heif
+
+    monkeypatch.setattr(heif, "available", lambda: False)  # a kpac without the heic extra
     photos = tmp_path / "mixed"
     photos.mkdir()
     _write(photos / "a.png", np.random.default_rng(3).random((24, 32, 3), dtype=np.float32), 8)
@@ -269,7 +276,7 @@ def test_unread_formats_beside_the_photos_are_said_to_be_left_out(tmp_path, tiny
     res = invoke("deblur", photos, "-o", tmp_path / "out", "--model", tiny_models[0])
     assert res.exit_code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
     assert ("note: 1 AVIF file, 2 HEIC files in the input folders left out: formats kpac does not read "
-            "(convert them to JPEG, PNG or TIFF)") in " ".join(res.stderr.split())
+            '(convert them to JPEG, PNG or TIFF (or, for HEIC, pip install "kpac[heic]"))') in " ".join(res.stderr.split())
     res = invoke("deblur", photos, "-o", tmp_path / "out2", "--model", tiny_models[0], "-q")
     assert res.exit_code == 0 and "note" not in res.stderr
 

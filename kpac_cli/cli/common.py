@@ -179,11 +179,11 @@ def say_images_below(inputs: list[str], output: Path | None) -> None:
 def say_unread_images(inputs: list[str], recursive: bool) -> None:
     """A note naming the images of formats kpac does not read (an iPhone's HEIC photos, WebP,
     ...) that lie beside the photos a run takes: left out, but not in silence."""
-    from ..engine.batch import unread_images_text
+    from ..engine.batch import unread_images_said
 
-    unread = unread_images_text(inputs, recursive)
-    if unread:
-        print_note(f"{unread} in the input folders left out: formats kpac does not read (convert them to JPEG, PNG or TIFF)")
+    said = unread_images_said(inputs, recursive)
+    if said:
+        print_note(f"{said[0]} in the input folders left out: formats kpac does not read ({said[1]})")
 
 
 def print_setup_notes(deblurrer: Any, quiet: bool) -> None:

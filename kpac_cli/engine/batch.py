@@ -44,7 +44,8 @@ from ..images import (
 )
 from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
 from ..images.exif import has_tags_beyond_descriptive
-from ..images.io import JPEG_MAX_DPI, JPEG_MAX_EXIF, JPEG_MAX_XMP, jpeg_segment_names
+from ..images.heif import INSTALL_HINT as HEIC_INSTALL_HINT
+from ..images.io import JPEG_MAX_DPI, JPEG_MAX_EXIF, JPEG_MAX_XMP, default_format, jpeg_segment_names, probe_heif
 from ..images.png import TEXT_CHUNKS, colour_other_than_srgb
 from .deblurrer import Deblurrer
 from .tiled import ProgressFn
@@ -64,7 +65,7 @@ class PlanError(ValueError):
 
 @dataclass
 class OutputOptions:
-    format: str | None = None  # png | tiff | jpeg; default: the input's (RAW -> tiff)
+    format: str | None = None  # png | tiff | jpeg; default: the input's (RAW -> tiff, HEIC -> jpeg or png: _output_format)
     bit_depth: int | None = None  # 8 | 16 | 32 (float32 TIFF, unclipped); default: the input's
     suffix: str = ""
     overwrite: bool = False
@@ -133,13 +134,27 @@ def _input_format(source: Path | bytes) -> str:
 
 
 def _output_format(source: Path | bytes, options: OutputOptions) -> str:
-    """png | tiff | jpeg: --bit-depth 32 is TIFF, then --format, then the input's (RAW -> TIFF)."""
+    """png | tiff | jpeg: --bit-depth 32 is TIFF, then --format, then the input's own.
+
+    Inputs in a format kpac does not write take the one that keeps what they hold: camera RAW
+    16-bit TIFF (its development); HEIC/HEIF an 8-bit photo without alpha (an iPhone's) JPEG at
+    --jpeg-quality, as the phone's "Most Compatible" setting would have taken it, and a 10/12-bit
+    or transparent one 16-bit PNG, which keeps its depth, its alpha and all of its EXIF (TIFF
+    outputs keep only the descriptive tags). Told by the HEIF's header
+    (:func:`~kpac_cli.images.io.default_format`); a HEIF that cannot be probed fails when read.
+    """
     if options.bit_depth == 32:
         return "tiff"
     if options.format:
         return options.format
     fmt = _input_format(source)
-    return "tiff" if fmt == "raw" else fmt
+    if fmt == "heif":
+        try:
+            head = probe_heif(source)
+        except ImageError:  # damaged: the read fails later, with the reader's message
+            return "jpeg"
+        return default_format(fmt, head.bit_depth, head.alpha)
+    return default_format(fmt, 8, False)
 
 
 def _file_target_format(output: str, options: OutputOptions) -> str:
@@ -279,18 +294,24 @@ def images_below(inputs: list[str], exclude: Path | None = None) -> int:
 
 
 def _say_unread_images(inputs: list[str], recursive: bool) -> None:
-    """PlanError naming the images of formats kpac does not read (HEIC, WebP, ...) when the
-    input folders hold only such, rather than leave "no images found" unexplained."""
-    unread = unread_images_text(inputs, recursive)
-    if unread:
-        raise PlanError(f"no images kpac reads in the inputs, only {unread}: not supported; convert them to JPEG, PNG or TIFF")
+    """PlanError naming the images of formats kpac does not read (WebP, HEIC without the heic
+    extra, ...) when the input folders hold only such, rather than leave "no images found"
+    unexplained."""
+    said = unread_images_said(inputs, recursive)
+    if said:
+        raise PlanError(f"no images kpac reads in the inputs, only {said[0]}: not supported; {said[1]}")
 
 
-def unread_images_text(inputs: list[str], recursive: bool) -> str | None:
+def unread_images_said(inputs: list[str], recursive: bool) -> tuple[str, str] | None:
     """The images of formats kpac does not read in the input folders, as "2 HEIC files, 1 WebP
-    file"; None when there are none."""
+    file", and what to do about them (convert them; for HEIC, or install the heic extra); None
+    when there are none."""
     counts = unread_images([i for i in inputs if i != STDIO], recursive=recursive)
-    return ", ".join(f"{n} {name} file{'s' if n != 1 else ''}" for name, n in counts.items()) or None
+    if not counts:
+        return None
+    what = ", ".join(f"{n} {name} file{'s' if n != 1 else ''}" for name, n in counts.items())
+    heic = f" (or, for HEIC, {HEIC_INSTALL_HINT})" if {"HEIC", "HEIF"} & counts.keys() else ""
+    return what, f"convert them to JPEG, PNG or TIFF{heic}"
 
 
 def no_folder_to_recurse(inputs: list[str]) -> str | None:
@@ -724,10 +745,16 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
     if info.format == "raw" and info.exif is None:  # read from TIFF-based RAW only (images.io._raw_exif)
         notes.append("camera RAW: no EXIF was read from this file (kpac reads it from TIFF-based RAW such as DNG, NEF, "
                      "CR2, ARW): the camera's tags are not copied to the developed image")
-    if info.frames > 1:
+    if info.frames > 1 and info.format == "heif":
+        notes.append(f"only the primary image of the {info.frames} in the HEIF file (a burst, a collection) was deblurred")
+    elif info.frames > 1:
         notes.append(f"only the first of {info.frames} frames (pages) was deblurred")
     if info.hdr_gain_map_dropped:  # the reader counts it as no frame
-        notes.append("the JPEG's HDR gain map was dropped: the output is its SDR rendition")
+        kind = "HEIF" if info.format == "heif" else "JPEG"
+        notes.append(f"the {kind}'s HDR gain map was dropped: the output is its SDR rendition")
+    if info.color_space_dropped:
+        notes.append(f"no ICC profile can say the input's colour space ({info.color_space_dropped}): "
+                     f"the {job.format.upper()} is written untagged, which readers take for sRGB")
     if info.motion_photo_dropped:
         notes.append("the motion photo's video was dropped: the output is the still picture")
     if info.dropped_extra_samples:  # neither colour nor alpha: no output format would know what they are

@@ -1,4 +1,5 @@
-"""Image input/output for kpac: PNG, TIFF, JPEG and camera RAW, with bit depth and metadata.
+"""Image input/output for kpac: PNG, TIFF, JPEG, camera RAW and (read only, with the ``heic``
+extra) HEIC/HEIF, with bit depth and metadata.
 
 Conventions
 -----------

@@ -37,6 +37,10 @@ RAW_EXTENSIONS: frozenset[str] = frozenset(
 #: Windows save many JPEGs as).
 STANDARD_EXTENSIONS: frozenset[str] = frozenset({"png", "tif", "tiff", "jpg", "jpeg", "jfif", "jpe"})
 
+#: HEIC/HEIF file extensions (lowercase, no dot; ``.hif`` is what Canon and Fujifilm cameras
+#: name them), read with the optional ``heic`` extra (pillow-heif); never written.
+HEIF_EXTENSIONS: frozenset[str] = frozenset({"heic", "heif", "hif"})
+
 #: Output format names accepted by ``write_image`` (plus the aliases in ``FORMAT_ALIASES``).
 FORMATS = ("png", "tiff", "jpeg")
 FORMAT_ALIASES = {"tif": "tiff", "jpg": "jpeg", "png": "png", "tiff": "tiff", "jpeg": "jpeg"}
@@ -93,12 +97,14 @@ class ImageInfo:
     path : str or None
         Source path, or None for stdin bytes / arrays.
     format : str
-        Source format: ``'png'``, ``'tiff'``, ``'jpeg'`` or ``'raw'`` (lowercase).
+        Source format: ``'png'``, ``'tiff'``, ``'jpeg'``, ``'heif'`` (HEIC, with the ``heic``
+        extra) or ``'raw'`` (lowercase).
     bit_depth : int
         Bits per integer sample of the source: 8 or 16. Floating-point TIFF gives 32 (written
         as float32 TIFF by default; a PNG output defaults to 16-bit, JPEG is always 8-bit).
         RAW gives 16 (LibRaw develops to 16 bits). Sources with other integer depths are
-        rescaled: 1-7-bit -> 8 (``round(k * 255 / (2**b - 1))``), 9-15-bit TIFF -> 16.
+        rescaled: 1-7-bit -> 8 (``round(k * 255 / (2**b - 1))``), 9-15-bit TIFF and 10/12-bit
+        HEIF -> 16 (the pixels are then exactly ``k / (2**b - 1)``).
     channels : int
         Channels of the source: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA (palette images count as
         3 or 4 after expansion).
@@ -115,7 +121,9 @@ class ImageInfo:
         Orientation tag reset to 1 (and the thumbnail, IFD1, unlinked) when the pixels were
         rotated on read.
     orientation_applied : int
-        EXIF orientation (1-8) that was applied to the pixels on read (1 = none).
+        EXIF orientation (1-8) that was applied to the pixels on read (1 = none). For HEIF,
+        what its ``irot``/``imir`` transformations (which libheif applies) amount to: a HEIF's
+        EXIF Orientation tag is informative only, never applied, and reset to 1 all the same.
     size : tuple of int
         ``(height, width)`` of the returned array, i.e. after orientation.
     frames : int
@@ -123,7 +131,7 @@ class ImageInfo:
         copies (previews, thumbnails, pyramid levels), transparency masks and other data
         (a JPEG's HDR gain map, an iPhone's depth map and mattes) some files carry beside
         the image. Only the first is read (a TIFF's first page that is no such
-        copy or mask).
+        copy or mask; a HEIF's primary image, the one it shows, among its top-level images).
     xmp : bytes or None
         The raw XMP packet (UTF-8 XML), copied verbatim except that ``tiff:Orientation`` is
         reset to 1 when the pixels were rotated on read. Written without what describes media
@@ -151,13 +159,19 @@ class ImageInfo:
         colour and alpha (stored selections, depth, masks). 0 for every other source.
     hdr_gain_map_dropped : bool
         A JPEG source that holds an HDR gain map: a picture of its MP index (MPF) that the
-        picture's own XMP or ISO 21496-1 segment, or the primary picture's, says is one. The
-        gain map is not read (nor counted in ``frames``), so outputs are the SDR image. False
-        for a JPEG whose XMP declares a gain map it does not hold.
+        picture's own XMP or ISO 21496-1 segment, or the primary picture's, says is one; a
+        HEIF source with Apple's gain map auxiliary image. The gain map is not read (nor
+        counted in ``frames``), so outputs are the SDR image. False for a JPEG whose XMP
+        declares a gain map it does not hold.
     motion_photo_dropped : bool
-        A JPEG source whose XMP says a video follows the picture (a motion photo,
+        A JPEG or HEIF source whose XMP says a video follows the picture (a motion photo,
         :func:`.metadata.declares_motion_photo`): the video is not read, and outputs are the
         still picture.
+    color_space_dropped : str or None
+        The colour space a source declares that no ICC profile says, so that outputs go
+        untagged (read as sRGB): a HEIF's nclx colour information with an HDR transfer (PQ,
+        HLG), e.g. ``"the PQ (HDR, SMPTE ST 2084) transfer characteristics"``. None for every
+        other source (an nclx that a profile can say becomes ``icc_profile``).
     """
 
     path: str | None
@@ -178,6 +192,7 @@ class ImageInfo:
     dropped_extra_samples: int = 0
     hdr_gain_map_dropped: bool = False
     motion_photo_dropped: bool = False
+    color_space_dropped: str | None = None
 
 
 def to_float(arr: np.ndarray, maxval: int | float) -> np.ndarray:

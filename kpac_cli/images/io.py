@@ -1,4 +1,4 @@
-"""Read and write PNG, TIFF, JPEG and camera RAW images with their bit depth and metadata.
+"""Read and write PNG, TIFF, JPEG and camera RAW images (and read HEIC) with their bit depth and metadata.
 
 Pixel conventions (see :mod:`.base`): ``float32`` ``H x W x 3`` RGB in ``[0, 1]``; an integer
 sample ``k`` of a ``b``-bit source reads as ``float32(k) / (2**b - 1)``; writing uses
@@ -53,15 +53,28 @@ JPEG
     resources (APP13, IPTC) of a JPEG input (``info.jpeg_segments``) are copied verbatim into
     JPEG outputs only (less a Photoshop thumbnail when the orientation was applied): PNG and
     TIFF outputs go without them.
+HEIC/HEIF
+    :mod:`.heif` (pillow-heif, libheif), with the optional extra ``kpac[heic]`` (without it,
+    refused, saying how to get it). The primary image is read; ``info.frames`` counts the
+    top-level images (a burst, an image collection), not thumbnails, depth maps, alpha planes or
+    other auxiliary images; Apple's HDR gain map is not read (``info.hdr_gain_map_dropped``).
+    8-bit, or 10/12-bit rescaled to 16 as a 9-15-bit TIFF's; grey, RGB, alpha (premultiplied
+    alpha made straight). The orientation is the HEIF's own, the ``irot``/``imir``
+    transformations libheif applies on decoding (``info.orientation_applied`` says which); the
+    EXIF Orientation tag, informative only in HEIF and often stale, is never applied on top, and
+    reset to 1 in the EXIF kept (``tiff:Orientation`` in the XMP too). ICC profile (iPhones embed
+    Display P3), EXIF and XMP are read; ``nclx`` colour information without a profile is given
+    as an ICC profile when it is not sRGB (Display P3, BT.2020, linear, ...), and where no profile
+    can say it (PQ, HLG: HDR) ``info.color_space_dropped`` says so. Not written: an 8-bit opaque
+    HEIC's outputs default to JPEG, the others' to 16-bit PNG (:func:`default_format`).
 RAW
     :mod:`.raw` (LibRaw), developed to 16-bit RGB; written as 16-bit TIFF by default. The
     camera's EXIF of TIFF-based RAW (DNG, NEF, CR2, ARW, ...) is read as a TIFF's (descriptive
     tags, the Exif and GPS directories); no XMP or resolution. The ICC profile is that of the
     development when it is not plain sRGB (:func:`.icc.developed_raw`).
 Others
-    GIF, BMP, WebP, HEIC/HEIF, AVIF, JPEG 2000, ... are refused with an :class:`ImageError`
-    naming the detected format (HEIC with how to get JPEG instead; an MP4 or MOV video as
-    a video).
+    GIF, BMP, WebP, AVIF, JPEG 2000, ... are refused with an :class:`ImageError` naming the
+    detected format (an MP4 or MOV video as a video).
 
 XMP (``info.xmp``, the raw packet) and the print resolution (``info.dpi``, pixels per inch;
 from the format's own field, else from EXIF's XResolution) are carried across formats; see
@@ -93,6 +106,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from . import exif as exif_mod
+from . import heif as heif_mod
 from . import icc as icc_mod
 from . import metadata as meta
 from . import png as png_mod
@@ -100,6 +114,7 @@ from .atomic import atomic_write_bytes
 from .base import (
     DEFAULT_MAX_PIXELS,
     FORMAT_ALIASES,
+    HEIF_EXTENSIONS,
     RAW_EXTENSIONS,
     STANDARD_EXTENSIONS,
     ImageError,
@@ -198,7 +213,7 @@ class _Src:
 
 
 def _sniff(src: _Src) -> str:
-    """Format from the content's magic bytes: 'png' | 'jpeg' | 'tiff' | 'raw'.
+    """Format from the content's magic bytes: 'png' | 'jpeg' | 'tiff' | 'heif' | 'raw'.
 
     The extension only matters for camera RAW: a RAW extension sends TIFF-structured and
     unknown content to LibRaw (most RAW formats are TIFF-based).
@@ -224,6 +239,8 @@ def _sniff(src: _Src) -> str:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         raise ImageError(src.name, "WebP images are not supported (use PNG, TIFF, JPEG or camera RAW)")
     if head[4:8] == b"ftyp":
+        if heif_mod.available() and _iso_media_kind(head) == "heif":
+            return "heif"
         raise ImageError(src.name, _iso_media_problem(head))
     raise ImageError(src.name, "not a recognised image (content is not PNG, TIFF, JPEG or camera RAW)")
 
@@ -233,21 +250,34 @@ _HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", 
 _AVIF_BRANDS = frozenset({b"avif", b"avis"})
 
 
-def _iso_media_problem(head: bytes) -> str:
-    """Why ISO base media content (an ``ftyp`` box first; Canon CR3 is taken before) is refused,
-    told by its brands: the ``ftyp`` box of an MP4 or MOV video looks the same as a photo's."""
+def _iso_media_kind(head: bytes) -> str:
+    """What ISO base media content (an ``ftyp`` box first; Canon CR3 is taken before) is, told by
+    its brands: 'avif', 'heif' or 'video' (the ``ftyp`` box of an MP4 or MOV video looks the
+    same as a photo's). AVIF files name HEIF's brands too, so AVIF's are looked for first."""
     box_end = min(int.from_bytes(head[:4], "big"), len(head))
     brands = {head[8:12]} | {head[i : i + 4] for i in range(16, box_end - 3, 4)}
     if brands & _AVIF_BRANDS:
-        return "AVIF images are not supported (use PNG, TIFF, JPEG or camera RAW)"
+        return "avif"
     if brands & _HEIF_BRANDS:
+        return "heif"
+    return "video"
+
+
+def _iso_media_problem(head: bytes) -> str:
+    """Why ISO base media content is refused (HEIF only where the ``heic`` extra is missing)."""
+    kind = _iso_media_kind(head)
+    if kind == "avif":
+        return "AVIF images are not supported (use PNG, TIFF, JPEG or camera RAW)"
+    if kind == "heif":
         return ("HEIC/HEIF images are not supported; convert them to JPEG, PNG or TIFF first "
-                "(iPhones take JPEG photos with Settings > Camera > Formats > Most Compatible)")
+                "(iPhones take JPEG photos with Settings > Camera > Formats > Most Compatible), "
+                f"or install HEIC support: {heif_mod.INSTALL_HINT}")
     return "a video or other ISO media file (MP4, MOV, ...), not an image (use PNG, TIFF, JPEG or camera RAW)"
 
 
 def sniff_format(source: str | os.PathLike | bytes) -> str:
-    """The format :func:`read_image` would decode ``source`` as: 'png' | 'jpeg' | 'tiff' | 'raw'.
+    """The format :func:`read_image` would decode ``source`` as: 'png' | 'jpeg' | 'tiff' |
+    'heif' | 'raw' ('heif' only where the ``heic`` extra is installed).
 
     Looks at the first 64 bytes (and, for camera RAW, the extension); raises
     :class:`ImageError` for content that is not a supported image.
@@ -258,14 +288,15 @@ def sniff_format(source: str | os.PathLike | bytes) -> str:
 def is_image_path(path: str | os.PathLike) -> bool:
     """True when ``path`` has an image extension this package reads (case-insensitive).
 
-    PNG, TIF/TIFF, JPG/JPEG/JFIF/JPE and :data:`RAW_EXTENSIONS`. Hidden files (``.name``) and our
-    temporary files are excluded. Only the name is looked at, not the content.
+    PNG, TIF/TIFF, JPG/JPEG/JFIF/JPE, :data:`RAW_EXTENSIONS`, and HEIC/HEIF/HIF where the
+    ``heic`` extra is installed. Hidden files (``.name``) and our temporary files are excluded.
+    Only the name is looked at, not the content.
     """
     p = Path(path)
     if p.name.startswith("."):
         return False
     ext = path_ext(p)
-    return ext in STANDARD_EXTENSIONS or ext in RAW_EXTENSIONS
+    return ext in STANDARD_EXTENSIONS or ext in RAW_EXTENSIONS or (ext in HEIF_EXTENSIONS and heif_mod.available())
 
 
 def _check_pixels(name, w: int, h: int, max_pixels: int | None) -> None:
@@ -312,7 +343,7 @@ def _quiet_pil():
 
 
 def _decode_error(name, what: str, exc: Exception) -> ImageError:
-    msg = str(exc) or type(exc).__name__
+    msg = str(exc).strip() or type(exc).__name__
     if isinstance(exc, MemoryError):
         msg = "out of memory"
     return ImageError(name, f"cannot decode {what} ({msg})")
@@ -785,10 +816,18 @@ def _tiff_normalize(src: _Src, arr: np.ndarray, bps) -> tuple[np.ndarray, int, i
         return arr, 8, 0
     if kind == "u" and size == 2:
         arr = arr.astype(np.uint16)  # native byte order
-        if bits < 16:  # 9..15-bit samples: rescale (as float) to the 16-bit range
-            return to_float(np.minimum(arr, (1 << bits) - 1), (1 << bits) - 1), 16, 0
+        if bits < 16:
+            return _rescaled_to_16_bits(arr, bits), 16, 0
         return arr, 16, 0
     raise ImageError(src.name, f"unsupported TIFF sample format ({arr.dtype}, {bits}-bit)")
+
+
+def _rescaled_to_16_bits(arr: np.ndarray, bits: int) -> np.ndarray:
+    """9-15-bit codes (a TIFF's, a 10/12-bit HEIC's) -> float32 ``k / (2**bits - 1)`` in [0, 1]:
+    the exact values, which a 16-bit output then holds (``bit_depth`` 16). Codes above the top
+    one (a damaged file) count as white."""
+    top = (1 << bits) - 1
+    return to_float(np.minimum(arr, top), top)
 
 
 def _widen_to_8_bits(arr: np.ndarray, bits: int) -> np.ndarray:
@@ -840,6 +879,89 @@ def _tiff_exif(src: _Src, ifd_offset: int | None = None) -> bytes | None:
         return None
 
 
+def _open_heif(src: _Src, *, lazy: bool = False) -> Any:
+    """The pillow-heif file of a HEIF source, its header parsed (nothing decoded), with at
+    least one image."""
+    try:
+        heif_file = heif_mod.open_file(src.data if src.data is not None else src.path, lazy=lazy)
+    except Exception as exc:  # libheif's errors on damaged content: ValueError, RuntimeError, EOFError, ...
+        raise _decode_error(src.name, "HEIF", exc) from None
+    if len(heif_file) == 0:
+        raise ImageError(src.name, "HEIF file has no images")
+    return heif_file
+
+
+def _heif_header(src: _Src, heif_file: Any) -> heif_mod.HeifHeader:
+    try:
+        return heif_mod.header(heif_file)
+    except Exception as exc:
+        raise _decode_error(src.name, "HEIF header", exc) from None
+
+
+def _read_heif(src: _Src, max_pixels):
+    """HEIC/HEIF via pillow-heif: the primary image, upright as libheif turns it (its irot/imir
+    transformations; ``orientation`` says which they amount to, and :func:`_decode` does not turn
+    it again)."""
+    heif_file = _open_heif(src)
+    head = _heif_header(src, heif_file)
+    _check_pixels(src.name, head.width, head.height, max_pixels)  # from the header: before decoding
+    try:
+        arr = heif_mod.decode(heif_file)
+    except Exception as exc:
+        raise _decode_error(src.name, "HEIF image data", exc) from None
+    if arr.shape[:2] != (head.height, head.width) or arr.shape[2] not in (1, 2, 3, 4):
+        raise ImageError(src.name, f"corrupt HEIF (decoded {arr.shape} for a {head.width}x{head.height} image)")
+    arr, depth = _heif_samples(src, arr, head.bit_depth)
+    if head.premultiplied and arr.shape[2] in (2, 4):
+        arr = _unpremultiply(arr, depth)
+    raw_icc, raw_exif, raw_xmp, nclx = heif_mod.metadata(heif_file)
+    icc, color_space_dropped = (raw_icc, None) if raw_icc is not None else heif_mod.nclx_profile(nclx)
+    exif, xmp = _heif_upright_metadata(raw_exif, raw_xmp)
+    extra = {"hdr_gain_map_dropped": head.gain_map, "motion_photo_dropped": meta.declares_motion_photo(xmp),
+             "color_space_dropped": color_space_dropped}
+    return arr, depth, icc, exif, head.orientation, head.frames, xmp, None, extra
+
+
+def _heif_samples(src: _Src, arr: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
+    """libheif's samples -> (uint8 codes, 8) or (float32 in [0, 1], 16) for 10/12 bits."""
+    if bits == 8 and arr.dtype == np.uint8:
+        return arr, 8
+    if 8 < bits < 16 and arr.dtype == np.uint16:
+        return _rescaled_to_16_bits(arr, bits), 16
+    raise ImageError(src.name, f"unsupported HEIF sample format ({bits}-bit as {arr.dtype})")
+
+
+def _heif_upright_metadata(raw_exif: Any, raw_xmp: Any) -> tuple[bytes | None, bytes | None]:
+    """A HEIF's EXIF and XMP, checked, with their orientation reset to 1: the pixels come out as
+    the HEIF's transformations turn them, whatever the tags say (in HEIF they are informative,
+    and often stale); a viewer applying them again would turn the output twice. The EXIF
+    thumbnail goes with a reset orientation, as for other formats (it would show turned)."""
+    exif = exif_mod.normalize_exif(raw_exif if isinstance(raw_exif, (bytes, bytearray)) else None)
+    if exif is not None and exif_mod.read_orientation(exif) != 1:
+        exif = exif_mod.drop_thumbnail(exif_mod.reset_orientation(exif))
+    xmp = meta.normalize_xmp(raw_xmp if isinstance(raw_xmp, (bytes, bytearray, str)) else None)
+    if xmp is not None:
+        xmp = meta.reset_xmp_orientation(xmp)
+    return exif, xmp
+
+
+def probe_heif(source: str | os.PathLike | bytes) -> heif_mod.HeifHeader:
+    """The header of a HEIF's primary image (size upright, bit depth, alpha, orientation,
+    frames), read without decoding any pixel; for choosing an output format when planning.
+
+    Raises
+    ------
+    ImageError
+        ``source`` is no HEIF kpac reads (not HEIF, the ``heic`` extra missing, damaged).
+    """
+    src = _Src(source)
+    fmt = _sniff(src)
+    if fmt != "heif":
+        raise ImageError(src.name, f"not a HEIF image ({fmt.upper()})")
+    with _quiet_pil():
+        return _heif_header(src, _open_heif(src, lazy=True))
+
+
 # --------------------------------------------------------------------------------------------
 # public API
 
@@ -854,6 +976,8 @@ def _dispatch(src: _Src, fmt: str, max_pixels, raw_options):
         res = _read_tiff(src, max_pixels, raw_options)
         if res is not None:
             return fmt, res
+    if fmt == "heif":
+        return fmt, _read_heif(src, max_pixels)
     arr, orientation = read_raw(src.raw_arg, src.name, max_pixels=max_pixels, options=raw_options)
     # LibRaw has already turned the pixels; the EXIF kept has no Orientation (exif_from_tiff drops it)
     options = raw_options or RawOptions()
@@ -875,7 +999,8 @@ def _decode(source, max_pixels, raw_options):
 
     Returns ``(src, format, arr, bit_depth, icc, exif, orientation, frames, xmp, dpi, extra)`` with
     ``arr`` ``H x W x C`` as the format reader gave it (uint8 / uint16 codes, or float32 in
-    [0, 1] for float and 9-15-bit TIFF; alpha last when C is 2 or 4), EXIF orientation applied
+    [0, 1] for float and 9-15-bit TIFF and 10/12-bit HEIF; alpha last when C is 2 or 4), EXIF
+    orientation (a HEIF's transformations) applied
     (to the pixels, the EXIF and XMP orientation, and the dpi pair). ``dpi`` falls back to
     EXIF's XResolution / YResolution when the format's own field has none. ``extra`` holds
     the further :class:`ImageInfo` fields the format reader filled.
@@ -897,7 +1022,8 @@ def _decode(source, max_pixels, raw_options):
     if dpi is None:
         dpi = exif_mod.read_resolution(exif)
     if fmt != "raw":
-        arr = exif_mod.apply_orientation(arr, orientation)
+        if fmt != "heif":  # libheif turned a HEIF's pixels already (its irot/imir transformations)
+            arr = exif_mod.apply_orientation(arr, orientation)
         if orientation != 1:
             if exif is not None:
                 exif = exif_mod.drop_thumbnail(exif_mod.reset_orientation(exif))
@@ -1067,15 +1193,26 @@ def _entries(root: Path, recursive: bool) -> list[Path]:
     return found
 
 
-#: Extensions of image formats kpac does not read, with the format's name.
-UNREAD_IMAGE_EXTENSIONS = {"heic": "HEIC", "heif": "HEIF", "avif": "AVIF", "webp": "WebP", "gif": "GIF", "bmp": "BMP",
-                           "jp2": "JPEG 2000", "jxl": "JPEG XL"}
+#: Extensions of image formats kpac does not read, with the format's name (HEIC/HEIF ones
+#: only while the ``heic`` extra is missing: see :func:`unread_image_extensions`).
+UNREAD_IMAGE_EXTENSIONS = {"heic": "HEIC", "heif": "HEIF", "hif": "HEIF", "avif": "AVIF", "webp": "WebP", "gif": "GIF",
+                           "bmp": "BMP", "jp2": "JPEG 2000", "jxl": "JPEG XL"}
+
+
+def unread_image_extensions() -> dict[str, str]:
+    """:data:`UNREAD_IMAGE_EXTENSIONS` less those this installation reads (HEIC/HEIF with the
+    ``heic`` extra)."""
+    if not heif_mod.available():
+        return UNREAD_IMAGE_EXTENSIONS
+    return {ext: name for ext, name in UNREAD_IMAGE_EXTENSIONS.items() if ext not in HEIF_EXTENSIONS}
 
 
 def unread_images(paths: Iterable[str | os.PathLike], *, recursive: bool = False) -> dict[str, int]:
-    """How many files of each image format kpac does not read (HEIC, WebP, ...: by extension)
-    lie in the folders among ``paths`` where :func:`list_images` looks, by format name; to say
-    what a folder listing leaves out. Paths that are no folder, or cannot be listed, add none."""
+    """How many files of each image format kpac does not read (WebP, HEIC without the ``heic``
+    extra, ...: by extension) lie in the folders among ``paths`` where :func:`list_images`
+    looks, by format name; to say what a folder listing leaves out. Paths that are no folder,
+    or cannot be listed, add none."""
+    unread = unread_image_extensions()
     counts: dict[str, int] = {}
     for folder in paths:
         try:
@@ -1083,7 +1220,7 @@ def unread_images(paths: Iterable[str | os.PathLike], *, recursive: bool = False
         except OSError:
             continue
         for p in entries:
-            name = UNREAD_IMAGE_EXTENSIONS.get(p.suffix[1:].lower())
+            name = unread.get(p.suffix[1:].lower())
             if name is not None and not p.name.startswith("."):
                 counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))
@@ -1135,6 +1272,10 @@ def _probe(src: _Src, fmt: str) -> tuple[int, int]:
                 o = _tiff_orientation(page.tags)
                 _check_pixels(src.name, w, h, None)
                 return exif_mod.oriented_size(h, w, o)
+    if fmt == "heif":
+        head = _heif_header(src, _open_heif(src, lazy=True))
+        _check_pixels(src.name, head.width, head.height, None)
+        return head.height, head.width  # upright already: libheif's transformations applied
     return probe_raw(src.raw_arg, src.name)
 
 
@@ -1162,6 +1303,8 @@ def _probe_depth(source) -> tuple[tuple[int, int], int]:
                     return size, 8 if bits <= 8 else 16
         except Exception as exc:
             raise _decode_error(src.name, "TIFF header", exc) from None
+    if fmt == "heif":
+        return size, 8 if _heif_header(src, _open_heif(src, lazy=True)).bit_depth == 8 else 16
     return size, 8 if fmt == "jpeg" else 16
 
 
@@ -1174,6 +1317,8 @@ def _resolve_format(path, fmt: str | None, info: ImageInfo) -> str:
         key = str(fmt).lower().lstrip(".")
         if key == "raw" or key in RAW_EXTENSIONS:
             raise ImageError(path, "cannot write camera RAW; write TIFF (16-bit) instead")
+        if key in HEIF_EXTENSIONS:
+            raise ImageError(path, "cannot write HEIC/HEIF; write JPEG, or PNG (16-bit) instead")
         if key not in FORMAT_ALIASES:
             raise ValueError(f"unknown output format {fmt!r}; use png, tiff or jpeg")
         return FORMAT_ALIASES[key]
@@ -1183,7 +1328,22 @@ def _resolve_format(path, fmt: str | None, info: ImageInfo) -> str:
             return FORMAT_ALIASES[ext]
         if ext in RAW_EXTENSIONS:
             raise ImageError(path, f"cannot write camera RAW (.{ext}); use a .tif/.png/.jpg name")
-    return "tiff" if info.format == "raw" else FORMAT_ALIASES.get(info.format, "png")
+        if ext in HEIF_EXTENSIONS:
+            raise ImageError(path, f"cannot write HEIC/HEIF (.{ext}); use a .jpg/.png/.tif name")
+    return default_format(info.format, info.bit_depth, info.alpha is not None)
+
+
+def default_format(source_format: str, bit_depth: int, alpha: bool) -> str:
+    """The format an output is written in when nothing names one: the source's own, but 16-bit
+    TIFF for camera RAW, and for HEIC/HEIF (which kpac does not write) JPEG for an 8-bit
+    photo without alpha (an iPhone's: what its "Most Compatible" setting would have taken),
+    else 16-bit PNG (it holds the 10/12 bits, the alpha, and the whole EXIF, which TIFF
+    outputs do not)."""
+    if source_format == "raw":
+        return "tiff"
+    if source_format == "heif":
+        return "jpeg" if bit_depth == 8 and not alpha else "png"
+    return FORMAT_ALIASES.get(source_format, "png")
 
 
 def write_image(
@@ -1213,7 +1373,7 @@ def write_image(
         module notes).
     format : {'png', 'tiff', 'jpeg'}, optional
         Default: from the path's extension when it is one of png/tif/tiff/jpg/jpeg, else the
-        source format (RAW -> TIFF).
+        source format (RAW -> TIFF, HEIF -> JPEG or 16-bit PNG: :func:`default_format`).
     bit_depth : {8, 16, 32}, optional
         Default: the source's (float TIFF stays float32 as TIFF, 16 in PNG; RAW -> 16). JPEG
         is always 8. 32 writes a float32 TIFF (TIFF only) whose image values are not clipped.
