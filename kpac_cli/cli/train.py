@@ -432,7 +432,7 @@ def train_command(
         print_error(str(e))
         raise typer.Exit(EXIT_FAILED) from None
     except OSError as e:  # a checkpoint, the log or the model that cannot be written (a full disk ...)
-        print_error(f"{e.filename or cfg.out}: {e.strerror or e}")
+        print_error(f"{e.filename or cfg.out}: {e.strerror or e}{_where_the_run_stands(cfg.out)}")
         raise typer.Exit(EXIT_FAILED) from None
 
     reports = env_info().is_main  # under torchrun, rank 0 speaks for the run: one result, not one per process
@@ -440,15 +440,35 @@ def train_command(
         emit_json({"event": "train", **result.to_dict()})
     if result.interrupted:
         if not quiet and reports:
-            err_console.print(f"stopped at iteration {result.step}; checkpoint {result.last_checkpoint}; "
-                              f"continue with: kpac train --resume {shlex.quote(str(cfg.out))}",
-                              markup=False, soft_wrap=True)
+            err_console.print(_stopped_message(result, cfg.out), markup=False, soft_wrap=True)
         raise typer.Exit(128 + (result.signal or signal.SIGINT))
     if not quiet and reports and not result.already_complete:  # a complete run's resume said so in one line
         sc = result.scores
         score = f", validation PSNR {sc['psnr']:.3f} dB / SSIM {sc['ssim']:.4f}" if sc else ""
         err_console.print(f"done: {result.step} iterations in {_fmt_time(result.wall_clock_s)}{score}; model -> {result.model_path}",
                           markup=False, soft_wrap=True)
+
+
+def _stopped_message(result: Any, run: Path) -> str:
+    """What a signal stopped, where the run stands, and the command that goes on (one line to copy)."""
+    resume = f"kpac train --resume {shlex.quote(str(run))}"
+    if result.interrupted_during in (None, "training"):
+        return f"stopped at iteration {result.step}; checkpoint {result.last_checkpoint}; continue with: {resume}"
+    return (f"stopped during the {result.interrupted_during}, after all {result.step} iterations (saved in "
+            f"{result.last_checkpoint}); to finish it without training, continue with: {resume}")
+
+
+def _where_the_run_stands(run: Path) -> str:
+    """After a write that failed (a full disk): the iteration last.pt holds and how to go on from
+    there, or "" when the run has no readable last.pt."""
+    from ..train import CheckpointError, load_state
+
+    try:
+        step = int(load_state(run / "last.pt", optimizer=False)["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return ""
+    return (f"; {run / 'last.pt'} holds iteration {step}: make room, then continue with: "
+            f"kpac train --resume {shlex.quote(str(run))}")
 
 
 def _first_missing(folder: Path) -> Path | None:

@@ -13,7 +13,11 @@ Conventions
   checkpoint stays as it was. Weights are checked finite before every write.
 * SIGINT/SIGTERM: the current iteration finishes, ``last.pt`` is saved, and :func:`train`
   returns with ``interrupted=True`` (a second SIGINT raises KeyboardInterrupt at once). Under
-  several processes a signal to any one of them stops them all, each with that signal.
+  several processes a signal to any one of them stops them all, each with that signal. A
+  validation stops at its next image. At the end of the run a signal (to rank 0) before the
+  export stops it too (``interrupted_during``: "final validation" or "export"): ``last.pt``
+  holds every iteration, and a resume validates and exports without training; a signal during
+  the export itself (a moment) lets it complete.
 * At the end the model is exported as ``OUT/model.safetensors`` (kpac's checkpoint format,
   loadable by ``kpac deblur --model``) with the run's provenance in its metadata. Resuming a
   run that has done its iterations trains and writes nothing and says so
@@ -119,6 +123,9 @@ class TrainResult:
     total: int
     interrupted: bool = False
     signal: int | None = None
+    # what the signal stopped: "training", or the end of the run ("final validation", "export"),
+    # which a resume then finishes without training
+    interrupted_during: str | None = None
     model_path: Path | None = None
     last_checkpoint: Path | None = None
     best_checkpoint: Path | None = None
@@ -133,7 +140,7 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "out_dir": str(self.out_dir), "step": self.step, "total": self.total, "interrupted": self.interrupted,
-            "signal": self.signal, "model_path": None if self.model_path is None else str(self.model_path),
+            "interrupted_during": self.interrupted_during, "signal": self.signal, "model_path": None if self.model_path is None else str(self.model_path),
             "last_checkpoint": None if self.last_checkpoint is None else str(self.last_checkpoint),
             "best_checkpoint": None if self.best_checkpoint is None else str(self.best_checkpoint),
             "scores": self.scores, "best_scores": self.best_scores, "wall_clock_s": round(self.wall_clock_s, 3),
@@ -264,11 +271,15 @@ def _provenance(cfg: TrainConfig, bundle_desc: str, step: int, scores: dict, bes
 
 
 class _Signals:
-    """First SIGINT/SIGTERM asks the loop to stop; a second SIGINT interrupts at once."""
+    """First SIGINT/SIGTERM asks the run to stop (the loop, a validation, the end of the run);
+    a second SIGINT interrupts at once."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._old: dict[int, Any] = {}
+
+    def stop_requested(self) -> bool:
+        return self.received is not None
 
     def _handler(self, signum: int, _frame: Any) -> None:
         if self.received is not None and signum == signal.SIGINT:
@@ -298,8 +309,12 @@ def _pad_to(x: Tensor, stride: int) -> tuple[Tensor, int, int]:
 
 @torch.no_grad()
 def validate(model: KPACNet, samples: list[dict[str, np.ndarray]], device: torch.device, dtype: torch.dtype,
-             channels_last: bool = False) -> dict[str, float]:
-    """Mean PSNR/SSIM of the model's outputs (clipped to [0, 1]) over fixed samples."""
+             channels_last: bool = False, stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+    """Mean PSNR/SSIM of the model's outputs (clipped to [0, 1]) over fixed samples.
+
+    ``stop`` is asked before each sample: when it says so (a signal came), validation ends
+    there and returns None (a large validation set takes minutes).
+    """
     if not samples:
         return {}
     was_training = model.training
@@ -307,6 +322,9 @@ def validate(model: KPACNet, samples: list[dict[str, np.ndarray]], device: torch
     ps, ss = [], []
     stride = model.config.stride
     for s in samples:
+        if stop is not None and stop():
+            model.train(was_training)
+            return None
         x = torch.from_numpy(s["input"])[None].to(device) * 2 - 1
         x, h, w = _pad_to(x, stride)
         ref = None
@@ -723,11 +741,16 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         log.write("checkpoint", step=step, path=str(path), kind=kind_)
         emit(TrainEvent("checkpoint", step, total, {"path": str(path), "kind": kind_}))
 
-    def run_validation(step: int) -> None:
+    def run_validation(step: int) -> bool:
+        """Validate at ``step``: scores, best.pt. False when a signal stopped it: nothing is recorded."""
         nonlocal scores, best
         if not main or not bundle.val:
-            return
-        scores = validate(exported_model(), bundle.val, device, dtype, channels_last)
+            return True
+        new_scores = validate(exported_model(), bundle.val, device, dtype, channels_last, stop=signals.stop_requested)
+        if new_scores is None:
+            log.write("val_stopped", step=step)
+            return False
+        scores = new_scores
         scores["step"] = step
         improved = not best or scores["psnr"] > best.get("psnr", -math.inf)
         if improved:
@@ -738,6 +761,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         if improved:
             save(best_path, step, "best")
             result.best_checkpoint = best_path
+        return True
 
     failure: tuple[str, str] | None = None  # this rank's (kind, message), told the others at the next agreement
     failed_with: Exception | None = None  # the error behind it, raised again here
@@ -922,29 +946,55 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                     attempt(lambda: save(last_path, step, "last"))
                     result.last_checkpoint = last_path
 
-        def finish() -> None:
-            """Rank 0's end of the run: last.pt and, when the iterations are done, the final validation and the export."""
-            result.wall_clock_s = elapsed()
-            if result.interrupted:
+            # The end of the run keeps the signal handlers: a signal there (a final validation
+            # takes minutes on a large set) stops it cleanly too, and a resume finishes it.
+            def stop_at_end(during: str) -> None:
+                """Rank 0's end of the run, stopped by a signal: last.pt keeps every iteration done."""
+                result.interrupted, result.signal, result.interrupted_during = True, signals.received, during
+                if step > last_saved:
+                    save(last_path, step, "last")
+                result.last_checkpoint = last_path
+                log.write("interrupted", step=step, signal=result.signal, during=during)
+
+            def finish() -> None:
+                """Rank 0's end of the run: last.pt and, when the iterations are done, the final validation
+                and the export; a signal before the export stops it (a resume finishes it)."""
+                result.wall_clock_s = elapsed()
+                if result.interrupted:
+                    save(last_path, step, "last")
+                    result.last_checkpoint = last_path
+                    result.interrupted_during = "training"
+                    if main:
+                        log.write("interrupted", step=step, signal=result.signal, during="training")
+                    return
+                if main and signals.stop_requested():  # it came after the loop's last agreement
+                    return stop_at_end("final validation")
+                if step >= total and (not scores or scores.get("step") != step) and bundle.val:
+                    if step > last_saved:  # first: the validation takes minutes on a large set, and may fail
+                        save(last_path, step, "last")
+                    if not run_validation(step):
+                        return stop_at_end("final validation")
                 save(last_path, step, "last")
                 result.last_checkpoint = last_path
+                if main and signals.stop_requested():  # during last.pt's write: the export is left to a resume
+                    return stop_at_end("export")
                 if main:
-                    log.write("interrupted", step=step, signal=result.signal)
-                return
-            if step >= total and (not scores or scores.get("step") != step):
-                run_validation(step)
-            save(last_path, step, "last")
-            result.last_checkpoint = last_path
-            if main:
-                prov = _provenance(cfg, bundle.description, step, scores, best, elapsed(), hw, model_cfg, dist_info.world_size)
-                result.model_path = save_checkpoint(out / "model.safetensors", exported_model(), prov)
-                log.write("end", step=step, model=str(result.model_path), scores=scores, wall_clock_s=round(elapsed(), 2))
+                    prov = _provenance(cfg, bundle.description, step, scores, best, elapsed(), hw, model_cfg, dist_info.world_size)
+                    result.model_path = save_checkpoint(out / "model.safetensors", exported_model(), prov)
+                    log.write("end", step=step, model=str(result.model_path), scores=scores, wall_clock_s=round(elapsed(), 2))
 
-        attempt(finish)  # skipped when rank 0 failed after the last agreement
-        # The last agreement: a failure of rank 0's end (or one met after the loop's last
-        # agreement) ends every rank with it, rather than the others ending as if all went well.
-        if D.agree(dist_info, [failure is not None], device)[0]:
-            stop_together(*_first_failure(dist_info, failure))
+            stopped_in_training = result.interrupted  # the same on every rank (agreed in the loop)
+            attempt(finish)  # skipped when rank 0 failed after the last agreement
+            # The last agreement: a failure of rank 0's end (or one met after the loop's last
+            # agreement) ends every rank with it, rather than the others ending as if all went well;
+            # a signal that stopped rank 0's end stops every rank with it.
+            failed, stopped_at_end = D.agree(dist_info, [failure is not None, result.interrupted], device)
+            if failed:
+                stop_together(*_first_failure(dist_info, failure))
+            if stopped_at_end and not stopped_in_training:
+                result.interrupted = True
+                result.signal = _signal_of_the_run(dist_info, result.signal)
+                result.interrupted_during = result.interrupted_during or "end of the run"
         ranks.together = True
         result.wall_clock_s = elapsed()
         if main:
