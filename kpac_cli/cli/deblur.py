@@ -55,6 +55,8 @@ Examples:
 
   kpac deblur IMG_0042.CR2 -o sharp.tif            # camera RAW -> 16-bit TIFF
 
+  kpac deblur IMG_0043.HEIC -o out/                # HEIC -> JPEG (heic extra)
+
   cat a.png | kpac deblur - -o - > b.png           # in a pipeline
 
   kpac deblur --left L/ --right R/ -o out/         # dual-pixel pairs matched by file name
@@ -97,7 +99,7 @@ def deblur(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record per image to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ) -> None:
-    """Remove defocus blur from photos (PNG/TIFF 8/16-bit, JPEG, camera RAW, dual-pixel pairs)."""
+    """Remove defocus blur from photos (PNG/TIFF 8/16-bit, JPEG, camera RAW, HEIC, dual-pixel pairs)."""
     inputs = inputs or []
     dual = dual_pixel_mode(inputs, left, right, center, "no inputs given (files, folders, or '-' for stdin)")
     if overwrite and skip_existing:
