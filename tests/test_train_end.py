@@ -1,7 +1,7 @@
 """How a single-process training run ends: a signal during the final validation, while last.pt
-is written at the end or during a periodic validation; a final validation that fails. The run
-stops cleanly (last.pt holds every iteration done, the log says where it stopped) and a resume
-finishes what was left without training."""
+is written at the end or during a periodic validation; a validation that fails. The run stops
+cleanly (last.pt holds every iteration done, the log says where it stopped) and a resume
+finishes what was left without training. A run that fails says so last in its log."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import REPO, assert_same_tensors, make_dpdd, tiny_cfg, weights  # noqa: E402
 
 from kpac_cli.checkpoints import load_checkpoint  # noqa: E402
+from kpac_cli.distributed import DistInfo  # noqa: E402
 from kpac_cli.train import TrainingError, load_state, train  # noqa: E402
 from kpac_cli.train import loop as L  # noqa: E402
 
@@ -104,6 +107,15 @@ def _signalled_in_final_validation(tmp_path: Path, args: list[str], signals: lis
 
 def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _record(record: dict) -> dict:
+    """A log record without its time."""
+    return {k: v for k, v in record.items() if k != "time"}
+
+
+def _out_of_memory(*_args, **_kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB")
 
 
 def _since_the_last_start(run: Path) -> list[dict]:
@@ -215,8 +227,9 @@ def test_a_final_validation_that_fails_keeps_every_iteration(tmp_path, dpdd, mon
     run = tmp_path / "run"
     with monkeypatch.context() as m:
         m.setattr(L, "validate", fails)
-        with pytest.raises(TrainingError):
+        with pytest.raises(TrainingError) as raised:
             train(tiny_cfg(run, dpdd, iterations=6, save_every=4))
+    assert str(raised.value) == f"validation failed (training stopped at iteration 6; {run / 'last.pt'} holds iteration 6)"
     assert load_state(run / "last.pt")["step"] == 6 and not (run / "model.safetensors").exists()
     done = train(tiny_cfg(run, dpdd, iterations=6, save_every=4, resume=True))
     assert done.losses == [] and done.scores["step"] == 6 and done.model_path is not None
@@ -235,6 +248,7 @@ def test_a_full_disk_at_the_export_says_where_the_run_stands_and_a_resume_export
     assert failed.exit_code == 1, failed.output
     assert failed.stderr.splitlines() == [f"error: {run}: No space left on device; {run / 'last.pt'} holds iteration 6: "
                                           f"make room, then continue with: kpac train --resume {run}"]
+    assert _record(_log(run)[-1]) == {"event": "failed", "step": 6, "error": "[Errno 28] No space left on device"}
     resumed = CliRunner().invoke(cli, ["train", "--resume", str(run), "--json", "-q"])
     assert resumed.exit_code == 0, resumed.output
     record = json.loads(resumed.stdout)
@@ -276,3 +290,122 @@ def test_a_signal_to_rank_0_in_its_final_validation_stops_every_rank_with_its_st
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)] == [[True, signal.SIGTERM, 4]] * 2
     assert load_state(run / "last.pt")["step"] == 4 and not (run / "model.safetensors").exists()
     assert (_log(run)[-1]["event"], _log(run)[-1]["during"]) == ("interrupted", "final validation")
+
+
+@pytest.mark.parametrize("val_every, step", [(5, 5), (1000, 6)], ids=["periodic", "final"])
+def test_running_out_of_memory_in_a_validation_keeps_every_iteration_and_advises_on_the_validation(
+        tmp_path, dpdd, cli, monkeypatch, val_every, step):
+    """A periodic validation that failed lost the iterations since the last periodic save (last.pt
+    held 4 of 5), and running out of memory in any validation advised a smaller --batch or --crop,
+    which a validation does not use."""
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(L, "validate", _out_of_memory)
+        failed = CliRunner().invoke(cli, [*_cli_args(dpdd, run), "--val-every", str(val_every), "-q"])
+    message = (f"ran out of GPU memory in a validation after {step} iterations (allocating 2.00 GiB); try a --val-crop "
+               f"smaller than this run's 32 (training stopped at iteration {step}; {run / 'last.pt'} holds iteration {step})")
+    assert failed.exit_code == 1, failed.output
+    assert load_state(run / "last.pt")["step"] == step
+    assert failed.stderr.splitlines() == [f"error: {message}"]
+    assert _record(_log(run)[-1]) == {"event": "failed", "step": step, "error": message}
+    resumed = CliRunner().invoke(cli, ["train", "--resume", str(run), "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["step"] for r in _since_the_last_start(run) if r["event"] == "val"] == [6]
+
+
+def test_running_out_of_memory_validating_whole_images_says_to_crop_them():
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                       "to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)")
+    assert str(L._out_of_memory(cpu, DistInfo(rank=0, world_size=2), 7, val_crop=0)) == (
+        "process 0 ran out of memory in a validation after 7 iterations (allocating 1073741824 bytes); this run "
+        "validates whole images: try --val-crop SIZE (a centre crop of each), or smaller validation images")
+    assert str(L._out_of_memory(cpu, DistInfo(), 7)) == (
+        "ran out of memory after 7 iterations (allocating 1073741824 bytes); try a smaller --batch or --crop")
+
+
+def _nonfinite_losses(pred, target):
+    return (pred - target).abs().mean() * float("inf")
+
+
+def _out_of_memory_at_the_third_iteration():
+    calls = [0]
+    l1_loss = L.l1_loss
+
+    def l1_loss_until_out_of_memory(pred, target):
+        calls[0] += 1
+        if calls[0] == 3:
+            _out_of_memory()
+        return l1_loss(pred, target)
+
+    return l1_loss_until_out_of_memory
+
+
+@pytest.mark.parametrize("failure", ["non-finite losses", "out of memory"])
+def test_a_run_that_fails_says_so_last_in_its_log(tmp_path, dpdd, monkeypatch, failure):
+    """The log recorded the start, the steps and the checkpoints of a run that failed, then
+    nothing: read later, the run could not be told from one still going, or killed."""
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(L, "l1_loss", _nonfinite_losses if failure == "non-finite losses" else _out_of_memory_at_the_third_iteration())
+        with pytest.raises(TrainingError) as raised:
+            train(tiny_cfg(run, dpdd, iterations=6, max_nonfinite=2, log_every=1))
+    assert "\n" not in str(raised.value)  # the error's one line, not torch's message
+    assert _record(_log(run)[-1]) == {"event": "failed", "step": 2, "error": str(raised.value)}
+
+
+class _LogFileFailingOnce:
+    """A log file that cannot take one record (the disk was full for a moment); as a file's
+    buffer would, that record fails again when the file is closed."""
+
+    def __init__(self, f, fails: Callable[[dict], bool]) -> None:
+        self.f, self.fails, self.failed = f, fails, False
+
+    def write(self, text: str) -> int:
+        if not self.failed and self.fails(json.loads(text)):
+            self.failed = True
+            raise OSError(28, "No space left on device")
+        return self.f.write(text)
+
+    def close(self) -> None:
+        self.f.close()
+        if self.failed:
+            raise OSError(28, "No space left on device")
+
+
+def _log_failing_on(monkeypatch, fails: Callable[[dict], bool]) -> None:
+    """Runs from now on get a log that cannot take the first record for which ``fails`` is true."""
+    opened = L._Log.__init__
+
+    def opened_failing(self, out, tensorboard):
+        opened(self, out, tensorboard)
+        if self.f is not None:
+            self.f = _LogFileFailingOnce(self.f, fails)
+
+    monkeypatch.setattr(L._Log, "__init__", opened_failing)
+
+
+def test_a_run_whose_log_fails_writes_nothing_more_there(tmp_path, dpdd, monkeypatch):
+    """The failure of the log itself is not recorded in it: the record after one that could not be
+    written would make the log look whole."""
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _log_failing_on(m, lambda r: r["event"] == "train" and r["step"] == 2)
+        with pytest.raises(OSError, match="No space left"):
+            train(tiny_cfg(run, dpdd, iterations=6, log_every=1))
+    assert [(r["event"], r.get("step")) for r in _log(run)][-1] == ("train", 1)
+
+
+def test_a_failed_record_the_full_disk_refuses_leaves_the_runs_error_as_it_was(tmp_path, dpdd, monkeypatch):
+    """Writing the failed record on a full disk fails too, and again when the log is closed:
+    the run's own error (last.pt that cannot be written) is still the one raised."""
+    def full_disk(_obj, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(L, "save_state", full_disk)
+        _log_failing_on(m, lambda r: r["event"] == "failed")
+        with pytest.raises(OSError) as raised:
+            train(tiny_cfg(run, dpdd, iterations=6, save_every=4))
+    assert raised.value.filename == str(run / "last.pt")
+    assert "failed" not in [r["event"] for r in _log(run)]

@@ -24,7 +24,13 @@ Conventions
   (``TrainResult.already_complete``), unless it stopped before that export: then it finishes.
 * A data problem met mid-run (a photo that cannot be read; photos are read as training needs
   them unless cached) saves ``last.pt`` at the iterations done, then raises a
-  :class:`TrainingError` (the run failed; the same problem before the run is a DataError).
+  :class:`TrainingError` (the run failed; the same problem before the run is a DataError). So
+  does a validation that fails (out of memory on whole images, ``best.pt`` that cannot be
+  written), periodic or final: its error then says where ``last.pt`` stands (a full disk's
+  OSError is raised as it is), and running out of memory there names what helps a validation
+  (``--val-crop``), not what helps training.
+* A run that fails once its log is open ends the log with a ``failed`` record (the one-line
+  error, the iterations done), unless the log itself is what failed.
 * Several processes (``torchrun``) stop together: a rank whose data fail, or whose set-up
   fails, or rank 0 when its log, validation, a checkpoint or the end of the run (final
   validation, ``last.pt``, export) fails, says so at the next point where the ranks synchronise
@@ -431,6 +437,7 @@ class _Log:
     def __init__(self, out: Path | None, tensorboard: bool) -> None:
         self.f = None
         self.tb = None
+        self.broken = False  # a write failed (a full disk): nothing more is written
         if out is None:
             return
         self.f = open(out / "log.jsonl", "a", buffering=1, encoding="utf-8")
@@ -446,15 +453,35 @@ class _Log:
         if self.f is None:
             return
         rec = {"event": event, "time": round(time.time(), 3), **fields}
-        self.f.write(json.dumps(rec, default=str) + "\n")
-        if self.tb is not None and "step" in fields:
-            for k, v in fields.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"{event}/{k}", v, fields["step"])
+        try:
+            self.f.write(json.dumps(rec, default=str) + "\n")
+            if self.tb is not None and "step" in fields:
+                for k, v in fields.items():
+                    if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                        self.tb.add_scalar(f"{event}/{k}", v, fields["step"])
+        except Exception:
+            self.broken = True  # the record may be half written, or left in the buffer: nothing goes after it
+            raise
+
+    def failed(self, step: int, error: BaseException) -> None:
+        """The last record of a run that failed: at ``step`` iterations, with ``error``'s one line.
+        Not when the log itself failed; a write that fails too (the disk is full) is let go: the
+        error that ended the run is the one reported."""
+        if self.broken:
+            return
+        try:
+            self.write("failed", step=step, error=_one_line(error))
+        except Exception:  # noqa: BLE001 - see above
+            pass
 
     def close(self) -> None:
         if self.f is not None:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError:
+                # the lines a failed write left buffered fail again: that error was raised already
+                if not self.broken:
+                    raise
         if self.tb is not None:
             self.tb.close()
 
@@ -487,14 +514,11 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     except Exception as e:
         if dist_info.enabled and D.lost_contact(e):  # another rank is gone: no agreement can be reached
             ranks.together = False
-            raise ProcessLost(f"process {dist_info.rank} stopped after {_iterations(ranks.step)}: it lost contact with "
-                              f"another process of the run ({D.communication_error_summary(e)}), which ended or "
-                              "stopped answering; that process's message, or its exit status, says why") from e
-        if dist_info.enabled and not ranks.set_up:  # tell the ranks waiting at the end of the set-up
+        elif dist_info.enabled and not ranks.set_up:  # tell the ranks waiting at the end of the set-up
             _start_together(dist_info, device, e)
-        lacking = _out_of_memory(e, dist_info, ranks.step)
-        if lacking is not None:
-            raise lacking from e
+        raised = _as_raised(e, dist_info, ranks.step)
+        if raised is not e:
+            raise raised from e
         raise
     except BaseException:  # KeyboardInterrupt (a second Ctrl-C), SystemExit: wherever this rank was
         ranks.together = False
@@ -520,16 +544,40 @@ def _iterations(n: int) -> str:
     return f"{n} iteration{'s' if n != 1 else ''}"
 
 
-def _out_of_memory(error: Exception, info: D.DistInfo, step: int) -> TrainingError | None:
-    """A one-line TrainingError for running out of memory (GPU or CPU) mid-run; None for other errors."""
+def _as_raised(error: Exception, info: D.DistInfo, step: int) -> Exception:
+    """What :func:`train` raises for ``error``, met after ``step`` iterations: a one-line
+    TrainingError when another process was lost or memory ran out, else ``error`` itself."""
+    if info.enabled and D.lost_contact(error):
+        return ProcessLost(f"process {info.rank} stopped after {_iterations(step)}: it lost contact with "
+                           f"another process of the run ({D.communication_error_summary(error)}), which ended or "
+                           "stopped answering; that process's message, or its exit status, says why")
+    return _out_of_memory(error, info, step) or error
+
+
+def _out_of_memory(error: Exception, info: D.DistInfo, step: int, val_crop: int | None = None) -> TrainingError | None:
+    """A one-line TrainingError for running out of memory (GPU or CPU) mid-run, with what to change
+    where it happened: in training, or (``val_crop`` given: the run's --val-crop) in a validation;
+    None for other errors."""
     text = str(error)
+    if isinstance(error, TrainingError):  # said in one line already
+        return None
     if not isinstance(error, torch.OutOfMemoryError) and not any(m in text for m in ("can't allocate memory", "not enough memory")):
         return None
     size = re.search(r"allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)", text)
     who = f"process {info.rank} " if info.enabled else ""
-    return TrainingError(f"{who}ran out of {'GPU ' if isinstance(error, torch.OutOfMemoryError) else ''}memory after "
-                         f"{_iterations(step)}{f' (allocating {size.group(1)})' if size else ''}; "
-                         "try a smaller --batch or --crop")
+    where = "" if val_crop is None else " in a validation"
+    return TrainingError(f"{who}ran out of {'GPU ' if isinstance(error, torch.OutOfMemoryError) else ''}memory{where} after "
+                         f"{_iterations(step)}{f' (allocating {size.group(1)})' if size else ''}; {_memory_advice(val_crop)}")
+
+
+def _memory_advice(val_crop: int | None) -> str:
+    """What lowers the memory training (``val_crop`` None) or a validation at ``val_crop`` needs. A
+    validation runs one image at a time, whole or as a centre crop: its batch is no --batch."""
+    if val_crop is None:
+        return "try a smaller --batch or --crop"
+    if val_crop == 0:
+        return "this run validates whole images: try --val-crop SIZE (a centre crop of each), or smaller validation images"
+    return f"try a --val-crop smaller than this run's {val_crop}"
 
 
 def _sampling_changes(saved: dict, cfg: TrainConfig, world_size: int) -> str | None:
@@ -815,13 +863,39 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
     if cfg.blur_rank_weight > 0:
         model.blocks[0].register_forward_hook(lambda m, _i, out: first_alpha.append(out[1]) if m.training else None)
 
+    def where_last_stands() -> str:
+        """For a failure's message (rank 0): the iteration last.pt holds, "" when there is none."""
+        if not main or not last_path.is_file():
+            return ""
+        return f" (training stopped at iteration {step}; {last_path} holds iteration {last_saved})"
+
     def keep_progress() -> str:
         """On a data problem: save the iterations done since the last checkpoint; say where they are."""
         if step > last_saved:
             save(last_path, step, "last")
-        if not main or not last_path.is_file():
-            return ""
-        return f" (training stopped at iteration {step}; {last_path} holds iteration {last_saved})"
+        return where_last_stands()
+
+    def validate_keeping_progress() -> bool:
+        """This step's validation (:func:`run_validation`). Should it fail (out of memory on whole
+        images, a best.pt that cannot be written), last.pt first keeps the iterations done, as on a
+        data problem. Running out of memory becomes a TrainingError that says what helps a
+        validation, and a TrainingError says where last.pt stands; an OSError (a full disk: the
+        command line reads last.pt to say where it stands) or an unforeseen error is raised as it is."""
+        nonlocal scores, best
+        before = scores, best
+        try:
+            return run_validation(step)
+        except Exception as e:
+            scores, best = before  # last.pt holds no part of a validation that failed
+            if step > last_saved:
+                try:
+                    save(last_path, step, "last")
+                except Exception:  # noqa: BLE001 - last.pt stays as it was; the validation's error is reported
+                    pass
+            lacking = _out_of_memory(e, dist_info, step, cfg.val_crop)
+            if lacking is not None or isinstance(e, TrainingError):
+                raise TrainingError(f"{lacking or e}{where_last_stands()}") from e
+            raise
 
     model.train()
     consecutive = 0
@@ -937,7 +1011,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                 if data_problem is not None:
                     stop_together(*data_problem)
                 if step % cfg.val_every == 0 and step != total:
-                    attempt(lambda: run_validation(step))
+                    attempt(validate_keeping_progress)
                 if stop:
                     result.interrupted = True
                     result.signal = _signal_of_the_run(dist_info, signals.received)
@@ -972,7 +1046,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                 if step >= total and (not scores or scores.get("step") != step) and bundle.val:
                     if step > last_saved:  # first: the validation takes minutes on a large set, and may fail
                         save(last_path, step, "last")
-                    if not run_validation(step):
+                    if not validate_keeping_progress():
                         return stop_at_end("final validation")
                 save(last_path, step, "last")
                 result.last_checkpoint = last_path
@@ -1000,6 +1074,10 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         if main:
             emit(TrainEvent("end", step, total, {"result": result.to_dict()}))
         return result
+    except Exception as e:
+        # The log's last record says that the run failed, and why (rank 0's log: the others have none).
+        log.failed(ranks.step, _as_raised(e, dist_info, ranks.step))
+        raise
     finally:
         batches.close()  # its workers end now, whatever ended the loop
         log.close()
