@@ -384,7 +384,8 @@ def test_torchrun_ranks_share_the_files_and_match_a_single_process(tmp_path, tin
     assert single.exit_code == 0
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "kpac_cli", "deblur", str(photos), "-o", str(tmp_path / "multi"), "--model", str(tiny_models[0]), "--json"],
+         "-m", "kpac_cli", "deblur", str(photos), "-o", str(tmp_path / "multi"), "--model", str(tiny_models[0]), "--json",
+         "--jpeg-quality", "90"],
         capture_output=True, text=True, check=False, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -395,6 +396,7 @@ def test_torchrun_ranks_share_the_files_and_match_a_single_process(tmp_path, tin
         b, _ = read_image(tmp_path / "multi" / f"p{i}.png")
         assert np.array_equal(a, b)
     assert proc.stderr.count("5 deblurred, 0 skipped, 0 failed") == 1  # one summary, from rank 0, over all ranks
+    assert proc.stderr.count("note: --jpeg-quality: no output is a JPEG") == 1  # what is said of the plan: once
 
 
 def test_output_that_is_not_a_regular_file_is_refused(tmp_path, tiny_models):

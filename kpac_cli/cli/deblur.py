@@ -155,6 +155,8 @@ def deblur(
             message = message.replace(f"RawOptions.{field}", flag)
         raise usage_error(message) from None
 
+    # what is said of the plan, the same on every rank under torchrun, is said once, by rank 0
+    says_plan = not quiet and env_info().is_main
     try:
         if dual:
             jobs = plan_dual(left, right, center, output, out_opts, companions=("blurmap",) if save_blurmap else ())
@@ -162,11 +164,11 @@ def deblur(
             stdin = _read_stdin(max_pixels) if inputs == [STDIO] else None
             jobs = plan_single(inputs, output, recursive, out_opts, stdin, companions=("blurmap",) if save_blurmap else (),
                                max_pixels=max_pixels)
-            if not quiet:
+            if says_plan:
                 say_unread_images(inputs, recursive)
                 if not recursive:
                     say_images_below(inputs, None if output == STDIO else Path(output))
-        if not quiet:
+        if says_plan:
             given = given_options(ctx)
             for note in options_without_effect(jobs, inputs, recursive=recursive, overwrite=overwrite,
                                                jpeg_quality="jpeg_quality" in given,
