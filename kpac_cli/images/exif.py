@@ -126,17 +126,25 @@ PIXEL_Y_DIMENSION = 0xA003
 _EXIF_IFD = 0x8769
 
 
+def _pointed_ifd(exif: bytes, entry: tuple[int, int, int, int], bo: str) -> int | None:
+    """The absolute offset of the directory a pointer entry (the Exif or Interoperability IFD's:
+    one LONG or IFD value, counted from the TIFF header) points to; None for another entry."""
+    e, _tag, typ, count = entry
+    if count != 1 or typ not in (4, 13):  # LONG or IFD
+        return None
+    (offset,) = struct.unpack(bo + "I", exif[e + 8 : e + 12])
+    return (6 if exif.startswith(EXIF_PREFIX) else 0) + offset
+
+
 def _exif_ifd(exif: bytes) -> tuple[int, str] | None:
     """Locate the Exif sub-IFD: (absolute offset of its entry count, byte order)."""
     found = _first_ifd(exif)
     if found is None:
         return None
     pos, bo, _n = found
-    base = 6 if exif.startswith(EXIF_PREFIX) else 0
-    for e, tag, typ, count in _ifd_entries(exif, pos, bo):
-        if tag == _EXIF_IFD and count == 1 and typ in (4, 13):  # LONG or IFD
-            (offset,) = struct.unpack(bo + "I", exif[e + 8 : e + 12])
-            return base + offset, bo
+    for entry in _ifd_entries(exif, pos, bo):
+        if entry[1] == _EXIF_IFD and (at := _pointed_ifd(exif, entry, bo)) is not None:
+            return at, bo
     return None
 
 
@@ -154,14 +162,13 @@ def declares_adobe_rgb(exif: bytes | None) -> bool:
         return False
     exif = bytes(exif)
     pos, bo = found
-    base = 6 if exif.startswith(EXIF_PREFIX) else 0
     colour_space, interop_at = None, None
-    for e, tag, typ, count in _ifd_entries(exif, pos, bo):
+    for entry in _ifd_entries(exif, pos, bo):
+        e, tag, typ, count = entry
         if tag == _COLOR_SPACE and typ == 3 and count == 1:
             (colour_space,) = struct.unpack(bo + "H", exif[e + 8 : e + 10])
-        elif tag == _INTEROP_IFD and typ in (4, 13) and count == 1:
-            (offset,) = struct.unpack(bo + "I", exif[e + 8 : e + 12])
-            interop_at = base + offset
+        elif tag == _INTEROP_IFD:
+            interop_at = _pointed_ifd(exif, entry, bo)
     if colour_space == 2:
         return True
     if colour_space != 0xFFFF or interop_at is None:
