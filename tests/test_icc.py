@@ -130,3 +130,8 @@ def test_a_profile_of_the_photo_s_own_wins_and_srgb_stays_untagged(tmp_path):
     own = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     assert read_image(camera_jpeg(tmp_path / "a.jpg", exif_block(0xFFFF, b"R03"), own))[1].icc_profile == own
     assert read_image(camera_jpeg(tmp_path / "b.jpg", exif_block(1, b"R98")))[1].icc_profile is None
+
+
+def test_primaries_of_no_colour_space_are_a_value_error():
+    with pytest.raises(ValueError, match="span no colour space"):
+        icc.rgb_profile("flat", ((0.3, 0.3), (0.3, 0.3), (0.3, 0.3)), icc.D65, 1.0)

@@ -183,7 +183,7 @@ def nclx_profile(nclx: dict | None) -> tuple[bytes | None, str | None]:
     tone = "sRGB tone curve" if curve == "srgb" else ("linear" if curve == 1.0 else f"gamma {curve}")
     try:
         return icc_mod.rgb_profile(f"{name} primaries, {tone}", rgb, white, curve), None
-    except np.linalg.LinAlgError:  # primaries on one line: no colour space
+    except ValueError:  # primaries on one line: no colour space
         return None, f"colour primaries code {primaries}"
 
 

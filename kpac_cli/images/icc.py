@@ -49,9 +49,13 @@ def _xyz(xy: tuple[float, float]) -> np.ndarray:
 
 def colorants(primaries, white) -> np.ndarray:
     """3x3 matrix whose columns are the XYZ of the red, green and blue primaries at full value,
-    adapted from ``white`` to the D50 connection space (Bradford): the rXYZ/gXYZ/bXYZ tags."""
+    adapted from ``white`` to the D50 connection space (Bradford): the rXYZ/gXYZ/bXYZ tags.
+    Raises ValueError for primaries of no colour space (on one line)."""
     p = np.stack([_xyz(c) for c in primaries], axis=1)
-    scale = np.linalg.solve(p, _xyz(white))  # the primaries' luminances that sum to the white
+    try:
+        scale = np.linalg.solve(p, _xyz(white))  # the primaries' luminances that sum to the white
+    except np.linalg.LinAlgError:
+        raise ValueError(f"primaries {primaries} span no colour space") from None
     to_white = p * scale
     cone_src, cone_dst = _BRADFORD @ _xyz(white), _BRADFORD @ np.array(_PCS_WHITE)
     adapt = np.linalg.inv(_BRADFORD) @ np.diag(cone_dst / cone_src) @ _BRADFORD
@@ -89,7 +93,8 @@ def _text_tag(text: str) -> bytes:
 def rgb_profile(description: str, primaries, white, curve: float | str) -> bytes:
     """An ICC v2 RGB display profile (matrix/TRC) of the colour space given by the xy
     chromaticities of its ``primaries`` and ``white`` point and its tone ``curve`` (a gamma,
-    or ``"srgb"``). Deterministic: the same arguments give the same bytes."""
+    or ``"srgb"``). Deterministic: the same arguments give the same bytes. Raises ValueError
+    for primaries of no colour space (:func:`colorants`)."""
     matrix = colorants(primaries, white)
     trc = _curve_tag(curve)
     tags = [

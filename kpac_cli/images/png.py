@@ -391,7 +391,7 @@ def implied_icc_profile(chunks) -> bytes | None:
         return None
     try:
         return icc.rgb_profile("PNG gAMA/cHRM colour space", tuple(primaries), white, curve)
-    except np.linalg.LinAlgError:
+    except ValueError:  # primaries on one line
         return None
 
 
