@@ -14,7 +14,9 @@ import typer
 from ..images import DEFAULT_MAX_PIXELS
 from .common import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     Terminated,
     device_option,
     dual_pixel_mode,
@@ -420,9 +422,9 @@ def blurmap(
                 if progress is not None:
                     progress.advance(overall)
     except KeyboardInterrupt:
-        exit_code = 130
+        exit_code = EXIT_INTERRUPTED
     except Terminated:
-        exit_code = 143
+        exit_code = EXIT_TERMINATED
 
     if eval_masks is not None and exit_code == EXIT_OK:
         from ..blurmap import F_BETA2, summarize

@@ -22,8 +22,10 @@ from ..distributed import setup as setup_distributed
 from ..distributed import teardown as teardown_distributed
 from .common import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_STDOUT_CLOSED,
+    EXIT_TERMINATED,
     StdoutFailed,
     Terminated,
     check_ensemble,
@@ -266,9 +268,9 @@ def deblur(
                     on_result=on_result, on_start=on_start, stdout_sink=sink, after_run=after_run,
                 )
         except KeyboardInterrupt:
-            exit_code, stopped = 130, "interrupted"
+            exit_code, stopped = EXIT_INTERRUPTED, "interrupted"
         except Terminated:
-            exit_code, stopped = 143, "interrupted"
+            exit_code, stopped = EXIT_TERMINATED, "interrupted"
         except StdoutFailed as e:  # the --json records cannot be delivered: stop as on SIGPIPE
             why = "stdout was closed by its reader" if e.closed else "stdout failed"
             exit_code, stopped = e.exit_code, f"stopped ({why})"

@@ -14,7 +14,9 @@ import typer
 
 from .common import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     StdoutConsole,
     StdoutFailed,
     Terminated,
@@ -676,10 +678,10 @@ def eval_command(
                     exit_code = EXIT_FAILED
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except Terminated:
         err_console.print("terminated")
-        raise typer.Exit(143) from None
+        raise typer.Exit(EXIT_TERMINATED) from None
     except StdoutFailed as e:  # the --json records cannot be delivered: stop as on SIGPIPE
         if not quiet:
             why = "stdout was closed by its reader" if e.closed else "stdout failed"

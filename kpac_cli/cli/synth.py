@@ -11,8 +11,8 @@ import typer
 
 from rich.markup import escape
 
-from .common import (EXIT_FAILED, Terminated, emit_json, err_console, given_options, print_error, progress_bar,
-                     show_progress, sigterm_raises, usage_error)
+from .common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, emit_json, err_console, given_options,
+                     print_error, progress_bar, show_progress, sigterm_raises, usage_error)
 
 _HELP = """Synthesise defocused/sharp training pairs from sharp photos, in the DPDD layout.
 
@@ -181,10 +181,10 @@ def synth(
                                     bit_depth=bit_depth, max_side=max_side, overwrite=overwrite, progress=tick)
     except KeyboardInterrupt:  # files are written atomically: nothing half-written is left
         print_error("interrupted")
-        raise typer.Exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED)
     except Terminated:  # as on Ctrl-C: the file being written is removed, not left half-written
         print_error("terminated")
-        raise typer.Exit(143)
+        raise typer.Exit(EXIT_TERMINATED)
     except DatasetExistsError as exc:  # appeared since the check above
         raise usage_error(str(exc))
     except (OSError, ValueError) as exc:
