@@ -790,11 +790,26 @@ def test_an_output_folder_that_cannot_be_made_fails_before_the_work(tmp_path, ti
 
     ran = []
     monkeypatch.setattr(Deblurrer, "run", lambda *a, **k: ran.append(1))
-    res = invoke("deblur", photos, "-o", tmp_path / "notes.txt" / "out", "--model", tiny_models[0], "--json")
-    assert res.exit_code == 1 and not ran
-    recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
-    assert [r["status"] for r in recs if "status" in r] == ["failed", "failed"]
-    assert all("notes.txt is not a folder" in r["error"] for r in recs if "status" in r)
+    # a usage error, as blurmap and synth say it: no per-image failures, no image read
+    for out in (tmp_path / "notes.txt" / "out", tmp_path / "notes.txt" / "deeper" / "x.png"):
+        res = invoke("deblur", photos, "-o", out, "--model", tiny_models[0], "--json")
+        assert res.exit_code == 2 and not ran, res.output
+        assert res.stdout == ""
+        assert res.stderr == f"error: -o {out}: cannot create it: {tmp_path / 'notes.txt'} is not a folder\n"
+    res = invoke("deblur", photos / "p0.png", "-o", tmp_path / "notes.txt" / "p0.png", "--model", tiny_models[0])
+    assert res.exit_code == 2 and not ran and "notes.txt is not a folder" in res.stderr
+    # a subfolder of -o blocked by a file (only -r makes it) fails that image alone, before its work
+    (photos / "sub").mkdir()
+    _write(photos / "sub" / "q.png", np.random.default_rng(5).random((20, 24, 3), dtype=np.float32), 8)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sub").write_text("a file")
+    monkeypatch.undo()
+    res = invoke("deblur", photos, "-r", "-o", tmp_path / "out", "--model", tiny_models[0], "--json")
+    recs = {r["input"]: r for r in map(json.loads, res.stdout.splitlines()) if "status" in r}
+    assert res.exit_code == 1, res.output
+    assert recs[str(photos / "sub" / "q.png")]["error"] == (f"{tmp_path / 'out' / 'sub' / 'q.png'}: cannot create its folder: "
+                                                          f"{tmp_path / 'out' / 'sub'} is not a folder")
+    assert [recs[str(photos / f"p{i}.png")]["status"] for i in range(2)] == ["ok", "ok"]
 
 
 @pytest.mark.parametrize("fast", [False, True])

@@ -12,7 +12,7 @@ import torch
 import typer
 
 from ..engine import Deblurrer, EngineOptions
-from ..engine.batch import (STDIO, JobResult, OutputOptions, PlanError, options_without_effect, plan_dual, plan_single, read_stream,
+from ..engine.batch import (STDIO, JobResult, OutputOptions, PlanError, not_a_folder, options_without_effect, plan_dual, plan_single, read_stream,
                             run_batch, stream_limit)
 from ..engine.compiled import CompileFailed
 from ..images import DEFAULT_MAX_PIXELS, ImageError, RawOptions
@@ -144,6 +144,8 @@ def deblur(
         raise usage_error(f"--jpeg-quality applies to JPEG outputs; this run writes {target.upper()}")
     if save_blurmap and output == STDIO:
         raise usage_error("--save-blurmap needs an output file or folder to write the map beside, not -o -")
+    if output != STDIO and (blocker := not_a_folder(Path(output).parent)) is not None:  # every write would fail
+        raise usage_error(f"-o {output}: cannot create it: {blocker} is not a folder")
     try:
         tile_value = parse_tile(tile)
     except ValueError as e:
