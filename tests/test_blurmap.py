@@ -607,6 +607,33 @@ def test_cli_eval_masks_scores_and_summary(cli, tmp_path):
     assert json.loads(res2.stdout.splitlines()[0])["scores"]["auc"] == pytest.approx(per_image["0000.png"]["scores"]["auc"])
 
 
+def test_summary_counts_the_images_its_auc_is_a_mean_of():
+    """A mask of one class has no AUC: the mean AUC is over the others, and says how many."""
+    two_class = score_detection(np.array([0.9, 0.1, 0.8, 0.2]), np.array([1, 0, 1, 0], bool))
+    one_class = score_detection(np.array([0.9, 0.1]), np.array([0, 0], bool))
+    summary = summarize([two_class, one_class])
+    assert summary["images"] == 2 and summary["auc_images"] == 1 and summary["auc"] == pytest.approx(1.0)
+    assert summarize([two_class, two_class])["auc_images"] == 2
+
+
+def test_cli_says_what_the_mean_auc_is_over_when_a_mask_has_one_class(cli, tmp_path):
+    imgs, masks = tmp_path / "img", tmp_path / "gt"
+    imgs.mkdir()
+    masks.mkdir()
+    img, radius = banded_photo(96, 160, seed=3)
+    for name in ("both", "sharp"):
+        _save_rgb(imgs / f"{name}.png", img)
+    Image.fromarray(np.where(radius > 0, 255, 0).astype(np.uint8)).save(masks / "both.png")
+    Image.fromarray(np.zeros(radius.shape, np.uint8)).save(masks / "sharp.png")  # all sharp: no AUC
+    res = cli(str(imgs), "--eval-masks", str(masks), "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])["summary"]
+    assert (summary["images"], summary["auc_images"]) == (2, 1)
+    assert "AUC: mean of the 1 of 2 images whose mask holds both blurred and sharp pixels" in " ".join(res.stderr.split())
+    res = cli(str(imgs / "both.png"), "--eval-masks", str(masks))
+    assert res.exit_code == 0 and "AUC: mean of" not in " ".join(res.stderr.split())  # every image has one: nothing to say
+
+
 def test_polarity_declared_by_the_checkpoint(tmp_path, photo):
     """A checkpoint whose attention is high on sharp regions says so; detection maps follow."""
     from kpac_cli.checkpoints import save_checkpoint

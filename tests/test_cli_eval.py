@@ -244,6 +244,10 @@ def test_ensemble_scores_the_self_ensemble_and_says_so(dpdd, tiny_models, tmp_pa
     want = M.psnr(M.quantize(out), M.quantize(_read(dpdd / "test_c" / "target" / "1P0A0916.png")))
     assert records(res)[0]["psnr"] == pytest.approx(want, abs=1e-9)
     assert '"ensemble": 4' in report.read_text()  # the report states how the numbers were made
+    # and so does its description of the method, as it does of --strength
+    assert "self-ensemble of 4 passes" in json.loads(report.read_text())["conventions"]["method"]
+    assert "self-ensemble" not in records(invoke("--data", dpdd, "--allow-subset", "--model", single, "--device", "cpu",
+                                                 "--limit", "1", "--json"))[-1]["conventions"]["method"]
     assert invoke("--data", dpdd, "--allow-subset", "--model", dual, "--ensemble", "8").exit_code == 2
 
 
@@ -435,6 +439,7 @@ def test_failed_pair_exits_1_and_the_others_are_scored(folders):
         ["--pred", "pred", "--target", "gt", "--ssim", "box"],
         ["--pred", "pred", "--target", "gt", "--limit", "0"],
         ["--source", "src", "--target", "gt", "--method", "wiener", "--wiener-radius", "-1"],
+        ["--source", "src", "--target", "gt", "--method", "wiener", "--wiener-radius", "inf"],
         ["--pred", "pred", "--target", "nowhere"],
         ["--speed", "--model", "no-such-model"],
         ["--speed", "--model", "m.safetensors", "--speed-size", "big"],

@@ -16,7 +16,7 @@ Conventions
   statistic (Mann-Whitney U): ``(sum of ranks of blurred pixels - n1(n1+1)/2) / (n1*n0)``
   with tied scores given their average rank. It is NaN when the mask has only one class.
 * Over a data set, :func:`summarize` averages the per-image numbers (each image counts once,
-  whatever its size).
+  whatever its size); the AUC over the images where it is defined, which it counts.
 """
 
 from __future__ import annotations
@@ -157,10 +157,12 @@ def score_detection(scores: np.ndarray, blurred: np.ndarray, threshold: float = 
 
 
 def summarize(scores: Iterable[DetectionScores]) -> dict[str, Any]:
-    """Mean of each number over images (AUC over the images where it is defined)."""
+    """Mean of each number over images (AUC over the images where it is defined, which
+    ``auc_images`` counts: a mask of one class has none)."""
     items = list(scores)
     out: dict[str, Any] = {"images": len(items)}
     for key in ("precision", "recall", "f_measure", "accuracy", "auc"):
         vals = [getattr(s, key) for s in items if not math.isnan(getattr(s, key))]
         out[key] = float(np.mean(vals)) if vals else None
+    out["auc_images"] = sum(1 for s in items if not math.isnan(s.auc))
     return out

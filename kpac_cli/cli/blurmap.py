@@ -587,9 +587,19 @@ def _print_table(rows, summary, paper, beta2, block, dilation, invert, polarity,
     auc = summary.get("auc")
     note = (f"F-measure with beta^2 = {beta2}; means over images; the paper's figures use block 1, dilation 1. "
             "Masks: white = blurred unless --masks-sharp-white.")
+    note += _auc_count_note(summary)
     if auc is not None and auc < 0.5:
         note += _reversed_hint(polarity, invert, masks_sharp_white)
     err_console.print(note)
+
+
+def _auc_count_note(summary: dict[str, Any]) -> str:
+    """What the mean AUC is over when some masks hold one class only (no AUC there), else ""."""
+    n, k = summary["images"], summary.get("auc_images", summary["images"])
+    if k == n:
+        return ""
+    return (f" AUC: mean of the {k} of {n} images whose mask holds both blurred and sharp pixels "
+            "(a mask of one class has no AUC).")
 
 
 def register(app: typer.Typer) -> None:

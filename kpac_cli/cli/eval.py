@@ -226,9 +226,12 @@ def _method_text(method: str | None, deblurrer: Any, wiener_radius: float | None
     kind = "dual-pixel (left+right views, centre view as reference)" if deblurrer.config.in_views == 2 else "single image"
     strength = deblurrer.options.strength
     scaled = f", strength {strength:g} (the model's correction scaled by {strength:g})" if strength != 1.0 else ""
+    n = deblurrer.options.ensemble
+    # as strength: the output scored is not the model's single pass
+    passes = f", self-ensemble of {n} passes (flips/transposes, mapped back and averaged)" if n > 1 else ""
     return (
         f"KPAC model {deblurrer.name} ({deblurrer.config.levels}-level, {kind}) on {deblurrer.device}, "
-        f"{_precision_name(deblurrer)}, tile {deblurrer.options.tile}{scaled}; output scored in memory (float, clipped to [0, 1]) "
+        f"{_precision_name(deblurrer)}, tile {deblurrer.options.tile}{passes}{scaled}; output scored in memory (float, clipped to [0, 1]) "
         "and quantised as stated, i.e. as if written to a file of that bit depth"
     )
 
@@ -459,8 +462,8 @@ def eval_command(
         raise usage_error("--bit-depth must be 8 (the paper), 16, or 0 (no quantisation)")
     if limit is not None and limit < 1:
         raise usage_error("--limit must be at least 1")
-    if wiener_radius is not None and not wiener_radius > 0:
-        raise usage_error("--wiener-radius must be positive")
+    if wiener_radius is not None and not (math.isfinite(wiener_radius) and wiener_radius > 0):
+        raise usage_error("--wiener-radius must be positive")  # inf too: else every image failed on its own
     if wiener_snr is not None and not (math.isfinite(wiener_snr) and wiener_snr > 0):
         raise usage_error("--wiener-snr must be positive")
     if speed_runs < 1:
