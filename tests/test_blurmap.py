@@ -733,6 +733,13 @@ def test_mask_values_0_and_1_are_labels():
     assert mask_from_image(np.repeat(labels[..., None], 3, axis=2)).tolist() == [[False, True], [True, False]]
     # other masks keep the split at half the range: 1 and 2 of 255 are both dark
     assert not mask_from_image(np.array([[0, 1], [2, 0]], np.uint8)).any()
+    assert mask_from_image(np.array([[0, 1, 2], [40000, 1, 0]], np.uint16)).tolist() == [[False] * 3, [True, False, False]]
+    # an 8-bit mask saved as 16 bits (0 and 255) is a label image too, not all sharp
+    codes = np.array([[0, 255], [255, 0]], np.uint16)
+    assert mask_from_image(codes).tolist() == [[False, True], [True, False]]
+    assert mask_from_image(np.repeat(codes[..., None], 3, axis=2), blurred_value=0).tolist() == [[True, False], [False, True]]
+    assert mask_from_image(np.array([[0, 65535]], np.uint16)).tolist() == [[False, True]]
+    assert not mask_from_image(np.zeros((2, 2), np.uint16)).any() and mask_from_image(np.ones((2, 2), np.uint8)).all()
     assert mask_from_image(np.array([[0, 1]], np.float32)).tolist() == [[False, True]]
 
 

@@ -262,7 +262,7 @@ def test_interrupted_run_to_stdout_does_not_advise_skip_existing(workload, tmp_p
 @pytest.mark.parametrize("command", ["eval", "blurmap"])
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_eval_and_blurmap_exit_with_the_signal_code(workload, tmp_path, command, sig, code):
-    args = (["--source", workload.inputs, "--target", workload.inputs] if command == "eval"
+    args = (["--source", workload.inputs, "--target", workload.inputs, "--report", tmp_path / "scores.json"] if command == "eval"
             else [workload.inputs, "-o", tmp_path / "maps"])
     env, held = hold(2, tmp_path)
     proc = start(workload, *args, prelude=HOLD_ONE_IMAGE, env=env, command=command)
@@ -272,6 +272,10 @@ def test_interrupted_eval_and_blurmap_exit_with_the_signal_code(workload, tmp_pa
     assert proc.returncode == code, err
     if command == "blurmap":
         assert temps(tmp_path / "maps") == []
+    else:  # the report asked for is not there, and the last line says so
+        assert not (tmp_path / "scores.json").exists()
+        word = "interrupted" if sig == signal.SIGINT else "terminated"
+        assert err.strip().splitlines()[-1] == f"{word}; no report written", err
 
 
 def test_interrupted_blurmap_overwrite_run_does_not_advise_keeping_stale_maps(workload, tmp_path):

@@ -98,8 +98,10 @@ def mask_from_image(mask: np.ndarray, blurred_value: int = 255) -> np.ndarray:
     """A ground-truth mask image (``H x W`` or ``H x W x C``, integer codes or floats in
     [0, 1]) -> bool ``H x W``, True = blurred.
 
-    Integer codes are read on their type's full range, except that a mask holding only 0
-    and 1 is a label image: split at half of 255 it would be all sharp.
+    Integer codes are read on their type's full range, except in a label image: a mask of 0
+    and one other code (0/1, or 0/255 saved as 16 bits) has that code as its "high" class,
+    where split at half of the type's range it would be all sharp. A mask of 1s only is one
+    too (all high).
     """
     raw = np.asarray(mask)
     m = raw
@@ -107,8 +109,12 @@ def mask_from_image(mask: np.ndarray, blurred_value: int = 255) -> np.ndarray:
         m = m[..., :3].mean(axis=2) if m.shape[2] >= 3 else m[..., 0]
     m = m.astype(np.float64)
     if np.issubdtype(raw.dtype, np.integer):
-        top = 1 if raw.size and raw.max() == 1 and raw.min() >= 0 else np.iinfo(raw.dtype).max
-        m = m / float(top)
+        lo, hi = (float(m.min()), float(m.max())) if m.size else (0.0, 0.0)
+        if lo == 0 and hi > 0 and bool(np.all((m == 0) | (m == hi))):
+            top = hi
+        else:
+            top = 1.0 if hi == 1 and lo >= 0 else float(np.iinfo(raw.dtype).max)
+        m = m / top
     high = m >= 0.5
     return high if blurred_value else ~high
 

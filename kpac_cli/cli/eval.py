@@ -680,10 +680,10 @@ def eval_command(
                     print_error(f"speed measurement failed: {' '.join(str(e).split())}")
                     exit_code = EXIT_FAILED
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        err_console.print("interrupted" + ("; no report written" if reports else ""), soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except Terminated:
-        err_console.print("terminated")
+        err_console.print("terminated" + ("; no report written" if reports else ""), soft_wrap=True)
         raise typer.Exit(EXIT_TERMINATED) from None
     except StdoutFailed as e:  # the --json records cannot be delivered: stop as on SIGPIPE
         if not quiet:
