@@ -365,8 +365,9 @@ class TiledInference:
         return c.contiguous(memory_format=torch.channels_last) if self.channels_last else c.contiguous()
 
     def _empty_map(self, like: Tensor, height: int, width: int) -> Tensor:
-        m = torch.empty((1, like.shape[1], height, width), dtype=like.dtype, device=like.device)
-        return m.contiguous(memory_format=torch.channels_last) if self.channels_last else m
+        # allocated in its layout: converting an NCHW empty() would copy (and page in) a whole map
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return torch.empty((1, like.shape[1], height, width), dtype=like.dtype, device=like.device, memory_format=layout)
 
 
 def _put_interior(dst: Tensor, src: Tensor, t: Tile, scale: int) -> None:
