@@ -182,6 +182,25 @@ def test_png16_color_roundtrip_bit_exact(tmp_path, channels):
         assert np.array_equal(np.asarray(im), (a >> 8).astype(np.uint8))
 
 
+def test_png16_large_enough_to_deflate_in_pieces_decodes_exactly(tmp_path):
+    """A 16-bit PNG whose rows exceed one deflate piece is compressed on threads (pigz's
+    scheme); an independent decoder reads every value back, and the pieces cost no size."""
+    from kpac_cli.images import png as png_mod
+
+    yy, xx = np.mgrid[0:1000, 0:1500]
+    smooth = (yy * 37 + xx * 53) % 65536  # runs that cross the cuts between pieces
+    a = np.stack([smooth, rand((1000, 1500), 16), smooth[::-1]], axis=2).astype(np.uint16)
+    assert a.nbytes > 2 * png_mod._DEFLATE_PIECE
+    out = tmp_path / "big.png"
+    write_image(out, images_io.to_float(a, 65535), ImageInfo(None, "png", 16, 3, None, None, None, 1, (1000, 1500)))
+    imagecodecs = pytest.importorskip("imagecodecs")
+    assert np.array_equal(imagecodecs.png_decode(out.read_bytes()), a)
+    data = bytes(range(256)) * (3 * png_mod._DEFLATE_PIECE // 256) + b"tail"
+    pieces = png_mod._deflate(data, 6)
+    assert zlib.decompress(pieces) == data  # the stream, its checksum included
+    assert len(pieces) <= len(zlib.compress(data, 6)) * 1.01 + 64
+
+
 @pytest.mark.parametrize("channels", [1, 2])
 def test_png16_gray_roundtrip_and_pillow_agrees(tmp_path, channels):
     a = rand((17, 9, channels), 16)
