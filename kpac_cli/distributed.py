@@ -12,12 +12,16 @@ not leave the others waiting in a collective: it says so at the next agreement, 
 rank learns why with :func:`gather_object` and stops. A rank that fails between two
 agreements leaves without joining another collective (:func:`teardown` with
 ``together=False``), so that its exit ends the run rather than a hang until the group's timeout.
+A rank that hangs ends nothing: that timeout (:func:`setup`'s ``timeout``) is then what bounds
+the others' wait, when no launcher ends them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -63,8 +67,12 @@ def device_for_rank(name: str, info: DistInfo) -> str:
     return "cpu" if name == "auto" else name
 
 
-def setup(device: torch.device) -> DistInfo:
-    """Join the process group described by the environment (no-op for a single process)."""
+def setup(device: torch.device, timeout: float | None = None) -> DistInfo:
+    """Join the process group described by the environment (no-op for a single process).
+
+    ``timeout``: seconds a process waits for the others, in joining and in every collective,
+    before it raises (gloo) or is ended by torch's watchdog (NCCL); None: torch's default.
+    """
     info = env_info()
     if not info.enabled:
         return info
@@ -73,7 +81,7 @@ def setup(device: torch.device) -> DistInfo:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timedelta(seconds=timeout)}))
     return DistInfo(dist.get_rank(), dist.get_world_size(), info.local_rank, info.local_world_size, True)
 
 
@@ -111,6 +119,13 @@ def lost_contact(error: BaseException) -> bool:
     is gone or timed out: gloo's "Connection closed by peer", NCCL's and the store's errors)
     rather than from this rank's own work."""
     return isinstance(error, dist.DistError) or "gloo/transport" in str(error)
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether a communication error is the process group's timeout (gloo's "Timed out waiting
+    3000ms for send operation", the store's "Timed out after 4 seconds waiting for clients", a
+    socket's "has timed out"): the other processes did not answer, rather than went away."""
+    return lost_contact(error) and re.search(r"\btimed out\b", str(error), re.IGNORECASE) is not None
 
 
 def communication_error_summary(error: BaseException) -> str:

@@ -1082,6 +1082,51 @@ def test_cli_resume_keeps_the_procedural_scenes(tmp_path, cli):
     assert r.exit_code == 0, r.output  # the scenes are drawn at 512 px or more: a 64 px crop changes nothing
 
 
+def _log_records(run: Path, event: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def test_cli_resume_with_another_val_crop_starts_the_best_score_afresh(tmp_path, dpdd, cli, monkeypatch):
+    """Scores at another validation size compare with nothing before: the first validation after
+    the change makes best.pt, even below the earlier best; the log marks where it changed."""
+    monkeypatch.setattr(L, "psnr", lambda out, _target: 50.0 if out.shape[0] == 32 else 20.0)  # 32 px scores higher
+    run = tmp_path / "run"
+    train(tiny_cfg(run, dpdd, iterations=2, val_every=1, val_crop=32))
+    assert (load_state(run / "best.pt")["best"]["psnr"], load_state(run / "best.pt")["step"]) == (50.0, 1)
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run), "--iterations", "4", "--val-crop", "16", "--quiet"])
+    assert r.exit_code == 0, r.output
+    state = load_state(run / "last.pt")
+    assert (state["best"]["psnr"], state["best"]["step"], state["train_config"]["val_crop"]) == (20.0, 3, 16)
+    assert load_state(run / "best.pt")["step"] == 3
+    assert [(c["step"], c["previous_val_crop"], c["val_crop"]) for c in _log_records(run, "validation_changed")] == [(2, 32, 16)]
+    assert [v["best_psnr"] for v in _log_records(run, "val")] == [50.0, 50.0, 20.0, 20.0]
+    # resumed with the crop it now has: nothing changed, and nothing starts afresh
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run), "--iterations", "5", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert len(_log_records(run, "validation_changed")) == 1 and load_state(run / "best.pt")["step"] == 3
+
+
+def test_cli_resume_with_another_val_crop_keeps_the_procedural_scenes(tmp_path, cli):
+    """Procedural scenes are drawn for the run's --val-crop too: a smaller one on resume leaves them
+    as they were (the run trains on them); one larger than they were drawn for is refused."""
+    from kpac_cli.train import TrainConfig
+    from kpac_cli.train.data import procedural_scene_side
+
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--run-dir", str(run), "--iterations", "1", "--procedural", "1", "--levels", "2",
+                                 "--channels", "8", "--crop", "32", "--val-crop", "544", "--val-count", "1", "--workers", "0",
+                                 "--no-tensorboard", "--quiet"])
+    assert r.exit_code == 0, r.output
+    side = procedural_scene_side(TrainConfig.from_dict(load_state(run / "last.pt")["train_config"]))
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run), "--iterations", "2", "--val-crop", "32", "--quiet"])
+    assert r.exit_code == 0, r.output
+    resumed = TrainConfig.from_dict(load_state(run / "last.pt")["train_config"])
+    assert (resumed.val_crop, resumed.scenes_val_crop, procedural_scene_side(resumed)) == (32, 544, side)
+    r = CliRunner().invoke(cli, ["train", "--resume", str(run), "--iterations", "3", "--val-crop", "576"])
+    assert r.exit_code == 2 and "--val-crop 576: this run's procedural scenes are drawn for crops up to 544 px" in r.stderr, r.output
+    assert load_state(run / "last.pt")["step"] == 2
+
+
 def test_a_run_records_the_stage_defaults_it_used(tmp_path, dpdd, monkeypatch):
     """A resume continues with what the run used, even if a later kpac changed the defaults."""
     from kpac_cli.train import config as C

@@ -210,3 +210,67 @@ def test_a_sigterm_to_one_rank_stops_every_rank_with_its_status(dpdd, tmp_path):
     from kpac_cli.train import load_state
 
     assert load_state(run / "last.pt")["step"] == events[-1]["step"]
+
+
+@pytest.mark.slow
+def test_a_rank_stranded_by_one_that_hangs_gives_up_after_dist_timeout(dpdd, tmp_path):
+    """Ranks started without torchrun, whose launcher would end the others: rank 0 hangs (stopped)
+    mid-run, and rank 1 waited in its collective for the process group's default timeout (30 min
+    with gloo, 10 with NCCL). With --dist-timeout 3 it gives up within seconds, says so in one
+    line (rank 0, which would speak for the run, cannot) and exits 1."""
+    run = tmp_path / "run"
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "kpac_cli", *_train_args(dpdd, run, iterations=100_000),
+                                       "--log-every", "1", "--dist-timeout", "3"], cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        deadline = time.monotonic() + 180
+        log = run / "log.jsonl"
+        while not (log.is_file() and log.read_text().count('"event": "train"') >= 2):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
+            time.sleep(0.2)
+        procs[0].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, stranded = procs[1].communicate(timeout=60)
+        waited = time.monotonic() - stopped
+    except subprocess.TimeoutExpired:
+        pytest.fail("rank 1 did not give up on the rank that hung")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # also a stopped process
+            p.communicate()
+    assert procs[1].returncode == 1 and waited < 30, (waited, stranded[-3000:])
+    assert re.fullmatch(r"error: process 1 stopped after \d+ iterations: another process of the run did not answer within "
+                        r"--dist-timeout 3 s \(Timed out .*\): it hung, or ended without closing its connections\n",
+                        stranded), stranded
+
+
+def test_a_rank_that_no_other_joins_gives_up_after_dist_timeout_in_one_line(dpdd, tmp_path, monkeypatch):
+    """Rank 0 of two whose other process never starts: joining them failed after the timeout with a
+    traceback; now one line, exit 1, and no run folder. --dist-timeout is a usage error where it would
+    do nothing (a single process) or is no time."""
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    run = tmp_path / "run"
+    args = _train_args(dpdd, run)
+    single = CliRunner().invoke(app, [*args, "--dist-timeout", "1"])
+    assert single.exit_code == 2 and "--dist-timeout applies to runs of several processes" in single.stderr, single.output
+    for env, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+        monkeypatch.setenv(env, value)
+    for bad in ("0", "nan"):
+        r = CliRunner().invoke(app, [*args, "--dist-timeout", bad])
+        assert r.exit_code == 2 and "--dist-timeout must be a number of seconds > 0" in r.stderr, r.output
+    started = time.monotonic()
+    alone = CliRunner().invoke(app, [*args, "--dist-timeout", "1"])
+    assert alone.exit_code == 1 and time.monotonic() - started < 20, alone.output
+    assert re.fullmatch(r"error: process 0 could not join the other processes of the run \(Timed out .*\); are they all "
+                        r"started, with the same MASTER_ADDR and MASTER_PORT\?\n", alone.stderr), alone.stderr
+    assert not run.exists()

@@ -313,6 +313,46 @@ def test_running_out_of_memory_in_a_validation_keeps_every_iteration_and_advises
     assert [r["step"] for r in _since_the_last_start(run) if r["event"] == "val"] == [6]
 
 
+def _out_of_memory_above(size: int) -> Callable[..., dict]:
+    """``validate`` that runs out of memory on samples larger than ``size`` pixels a side."""
+    validate = L.validate
+
+    def validate_up_to(model, samples, *args, **kwargs):
+        if samples and samples[0]["input"].shape[-1] > size:
+            _out_of_memory()
+        return validate(model, samples, *args, **kwargs)
+
+    return validate_up_to
+
+
+def test_the_val_crop_the_memory_advice_names_works_on_resume(tmp_path, dpdd, cli, monkeypatch):
+    """A validation that ran out of memory advised a smaller --val-crop, which a resume refused
+    (the flag could not change): the advice only helped a new run, which lost the iterations done."""
+    run = tmp_path / "run"
+    monkeypatch.setattr(L, "validate", _out_of_memory_above(16))
+    failed = CliRunner().invoke(cli, [*_cli_args(dpdd, run), "--val-every", "5", "-q"])
+    assert failed.exit_code == 1 and "try a --val-crop smaller than this run's 32" in failed.stderr, failed.output
+    resumed = CliRunner().invoke(cli, ["train", "--resume", str(run), "--val-crop", "16", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [(r["event"], r["step"]) for r in _since_the_last_start(run) if r["event"].startswith("val")] == [
+        ("validation_changed", 5), ("val", 6)]
+    assert load_state(run / "last.pt")["train_config"]["val_crop"] == 16
+    assert load_checkpoint(run / "model.safetensors").provenance["iterations"] == 6
+
+
+def test_running_out_of_memory_validating_synthetic_renders_names_their_size(tmp_path, monkeypatch):
+    """Synthetic data render their validation pairs at 256 px for --val-crop 0, not whole images,
+    which the advice used to name."""
+    from kpac_cli.model import KPACConfig
+    from kpac_cli.train import TrainConfig
+
+    monkeypatch.setattr(L, "validate", _out_of_memory)
+    cfg = TrainConfig(out=tmp_path / "run", procedural=1, model=KPACConfig(levels=2, channels=8), iterations=1, batch=1,
+                      crop="32", max_radius=2, val_count=1, val_crop=0, workers=0, device="cpu", tensorboard=False)
+    with pytest.raises(TrainingError, match=r"in a validation after 1 iteration .*; try a --val-crop smaller than this run's 256 "):
+        train(cfg)
+
+
 def test_running_out_of_memory_validating_whole_images_says_to_crop_them():
     cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
                        "to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)")

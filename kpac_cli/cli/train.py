@@ -38,12 +38,15 @@ Examples:
 
 # Flags that may differ when resuming: they change how the run executes (data paths are
 # included because a dataset may have moved), or, for the lr and crop schedules, only the
-# iterations still to come; resuming without them continues the run bit for bit.
+# iterations still to come; resuming without them continues the run bit for bit. --val-crop
+# changes what the validations score (the advice to one that ran out of memory), not the
+# training: the best score, which decides best.pt, starts afresh there.
 _RESUMABLE = {
     "iterations", "save_every", "val_every", "log_every", "workers", "threads", "device", "precision",
-    "channels_last", "description", "tensorboard", "max_nonfinite", "data", "source", "target",
+    "channels_last", "description", "tensorboard", "max_nonfinite", "dist_timeout", "data", "source", "target",
     "val_source", "val_target", "synthetic", "cache",
     "vgg_weights",  # data and files may move
+    "val_crop",  # a smaller one for a validation that ran out of memory
     "lr", "crop", "blur_rank_weight", "ema", "rescale", "transpose", "saturation",  # the recipe may be retuned for the iterations still to come
 }
 _RUN_ONLY = {"resume", "export_only", "export_from", "output", "overwrite", "blend_with", "blend", "json_out", "quiet", "out"}
@@ -225,7 +228,7 @@ def train_command(
     out: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder \\[default: runs/kpac].", rich_help_panel="Run"),
     val_every: int = typer.Option(5000, "--val-every", help="Validate every N iterations.", rich_help_panel="Run"),
     val_count: int = typer.Option(8, "--val-count", help="Validation images (a fixed subset; 0: no validation, and nothing held out of the training data).", rich_help_panel="Run"),
-    val_crop: int = typer.Option(512, "--val-crop", help="Centre crop of validation images (0: whole images); synthetic data: the size of the validation renders (0: 256).", rich_help_panel="Run"),
+    val_crop: int = typer.Option(512, "--val-crop", help="Centre crop of validation images (0: whole images); synthetic data: the size of the validation renders (0: 256). May change on --resume: the best score starts afresh there.", rich_help_panel="Run"),
     save_every: int = typer.Option(1000, "--save-every", help="Write last.pt every N iterations.", rich_help_panel="Run"),
     log_every: int = typer.Option(100, "--log-every", help="Log the mean loss every N iterations.", rich_help_panel="Run"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last.pt.", rich_help_panel="Run"),
@@ -240,6 +243,7 @@ def train_command(
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Channels-last (NHWC) memory layout \\[default: on].", rich_help_panel="Run"),
     workers: int = typer.Option(-1, "--workers", help="DataLoader worker processes (-1: 1 on CPU, up to 8 on GPU).", rich_help_panel="Run"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the model \\[default: all cores, shared among local processes].", rich_help_panel="Run"),
+    dist_timeout: Optional[float] = typer.Option(None, "--dist-timeout", metavar="SECONDS", help="Several processes: how long one waits for the others before it gives up, e.g. for one that hung when no launcher ends the run (longer than rank 0's longest validation or checkpoint write) \\[default: torch's, 30 min; NCCL 10 min].", rich_help_panel="Run"),
     description: str = typer.Option("", "--description", help="Description stored in the exported model.", rich_help_panel="Run"),
     no_tensorboard: bool = typer.Option(False, "--no-tensorboard", help="Do not write TensorBoard logs even if it is installed.", rich_help_panel="Run"),
     json_out: bool = typer.Option(False, "--json", help="Print the result as a JSON record on stdout.", rich_help_panel="Run"),
@@ -252,7 +256,7 @@ def train_command(
         CheckpointError, DataError, ProcessLost, RankFailed, TrainConfig, TrainingError, VGGWeightsMissing, export_model, load_state,
         train,
     )
-    from ..train.data import procedural_scene_side
+    from ..train.data import procedural_scene_crop, procedural_scene_side, validation_crop
     from ..train.loop import new_run_architecture, resolve_device, resolve_precision
     from ..train.state import resolve_checkpoint
 
@@ -338,7 +342,7 @@ def train_command(
         flips=not no_flips, perceptual_weight=perceptual_weight, blur_rank_weight=blur_rank_weight, ema=ema, vgg_weights=vgg_weights, grad_clip=grad_clip,
         max_nonfinite=max_nonfinite, seed=seed, val_every=val_every, val_count=val_count, val_crop=val_crop,
         save_every=save_every, log_every=log_every, device=device, precision=precision, channels_last=channels_last,
-        workers=workers, threads=threads, description=description, tensorboard=not no_tensorboard,
+        workers=workers, threads=threads, dist_timeout=dist_timeout, description=description, tensorboard=not no_tensorboard,
     )
     if resume is not None:
         if out is not None and out.resolve() != resume.resolve():
@@ -373,10 +377,17 @@ def train_command(
                 f"{', '.join(changed)} cannot change when resuming (the run would no longer be what its checkpoint says); "
                 "start a new run with --init instead"
             )
+        if cfg.procedural and cfg.val_crop != started.val_crop and cfg.scenes_val_crop is None:
+            # the scenes were drawn for the run's --val-crop too: they stay as they were
+            cfg = cfg.replace(scenes_val_crop=started.val_crop)
         if cfg.procedural and procedural_scene_side(cfg) != procedural_scene_side(started):
             # the scenes are drawn at a size the largest crop sets: other scenes, other validation
             raise usage_error(f"--crop: the largest crop may not change when resuming a run with procedural scenes "
                               f"(they are drawn for it); keep its largest size, {started.crop_schedule.max_size}")
+        if cfg.procedural and validation_crop(cfg) > procedural_scene_crop(cfg):
+            # a validation render larger than the scenes would be padded with their mirror image
+            raise usage_error(f"--val-crop {cfg.val_crop}: this run's procedural scenes are drawn for crops up to "
+                              f"{procedural_scene_crop(cfg)} px; give at most that")
         done = int(state.get("step", 0))
         if cfg.total_iterations < done:
             raise usage_error(f"--iterations {cfg.total_iterations}: the run has done {done} iterations already; "
@@ -395,6 +406,8 @@ def train_command(
     except ValueError as e:
         raise usage_error(str(e)) from None
     _check_options_apply(given, cfg)
+    if "dist_timeout" in given and not env_info().enabled:
+        raise usage_error("--dist-timeout applies to runs of several processes (torchrun, or RANK and WORLD_SIZE set)")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise usage_error(f"--run-dir {cfg.out}: is a file (the run folder holds the checkpoints and the log)")
     if resume is None and (cfg.out / "last.pt").exists():
@@ -423,7 +436,7 @@ def train_command(
             _remove_empty_up_to(cfg.out, made)
         raise typer.Exit(EXIT_FAILED) from None
     except ProcessLost as e:  # the process that failed says why; rank 0 says that the run lost it
-        if env_info().is_main:
+        if env_info().is_main or e.timed_out:  # a process that hung says nothing: each one it strands does
             print_error(str(e))
         if made is not None:
             _remove_empty_up_to(cfg.out, made)

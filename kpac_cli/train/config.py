@@ -185,6 +185,9 @@ class TrainConfig:
     val_every: int = 5000
     val_count: int = 8
     val_crop: int = 512  # centre crop of each validation image; 0 = whole image
+    # The --val-crop a run's procedural scenes were drawn for, once a resume changed --val-crop
+    # (None: --val-crop itself): the scenes are what the run trains on, so they stay as they were.
+    scenes_val_crop: int | None = None
     save_every: int = 1000
     log_every: int = 100
     resume: bool = False
@@ -195,6 +198,10 @@ class TrainConfig:
     channels_last: bool | None = None  # None: on (NHWC is faster on CPUs and GPUs alike)
     workers: int = -1  # -1: automatic
     threads: int | None = None
+    # Seconds a process of a multi-process run waits for the others before it gives up (None:
+    # torch's default, 30 min; 10 for NCCL): what bounds the wait for one that hung, or died
+    # without its connections closing, when no launcher (torchrun) ends the others on its exit.
+    dist_timeout: float | None = None
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -277,6 +284,8 @@ class TrainConfig:
             raise ValueError(f"--workers must be >= 0, or -1 (automatic), got {self.workers}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.dist_timeout is not None and not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise ValueError(f"--dist-timeout must be a number of seconds > 0, got {self.dist_timeout:g}")
         if self.total_iterations < 0:
             raise ValueError("--iterations must be >= 0")
         try:

@@ -618,10 +618,30 @@ def check_same_data(saved: dict[str, Any], now: dict[str, Any], noun: str = "ima
                     f"have moved), or start a new run from its weights with --init {run}")
 
 
+# The size of a synthetic run's validation renders when --val-crop is 0 (whole images are for photo pairs).
+SYNTHETIC_VAL_SIZE = 256
+
+
+def validation_crop(cfg: Any) -> int:
+    """The size a run validates at: synthetic data render their validation pairs at --val-crop
+    (0: :data:`SYNTHETIC_VAL_SIZE`), photo pairs are centre-cropped to it (0: whole images)."""
+    if cfg.data_kind == "synthetic":
+        return cfg.val_crop or SYNTHETIC_VAL_SIZE
+    return cfg.val_crop
+
+
+def procedural_scene_crop(cfg: Any) -> int:
+    """The largest crop a run's procedural scenes are drawn for: its largest training crop, and the
+    --val-crop it had when the scenes were first drawn (a resume may lower --val-crop, as advice to
+    a validation that ran out of memory says, but the scenes it trains on stay the run's)."""
+    drawn_for = cfg.val_crop if cfg.scenes_val_crop is None else cfg.scenes_val_crop
+    return max(512, cfg.crop_schedule.max_size, drawn_for)
+
+
 def procedural_scene_side(cfg: Any) -> int:
-    """The side of a run's procedural scenes: big enough for its largest crop and the blur
-    margin, so that they never need mirror padding (so a run's scenes depend on that crop)."""
-    return max(512, cfg.crop_schedule.max_size, cfg.val_crop) + 2 * (int(math.ceil(cfg.max_radius)) + 2)
+    """The side of a run's procedural scenes: big enough for :func:`procedural_scene_crop` and the
+    blur margin, so that they never need mirror padding (so a run's scenes depend on that crop)."""
+    return procedural_scene_crop(cfg) + 2 * (int(math.ceil(cfg.max_radius)) + 2)
 
 
 def _synth_sources(cfg: Any) -> list[Any]:
@@ -694,7 +714,7 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
         val = []
         if rank == 0 and cfg.val_count > 0:
             vds = SyntheticDataset(val_src, settings, seed=cfg.seed, noise_max=0.0, flips=False, dual=cfg.dual, cache_bytes=0)
-            size = val_crop or 256
+            size = validation_crop(cfg)
             for i in range(cfg.val_count):
                 rng = np.random.default_rng([cfg.seed, STREAM_VAL, i])
                 views = vds.render(vds.source(i % len(val_src)), size, rng, flips=False)

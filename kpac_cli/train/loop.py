@@ -17,7 +17,9 @@ Conventions
   validation stops at its next image. At the end of the run a signal (to rank 0) before the
   export stops it too (``interrupted_during``: "final validation" or "export"): ``last.pt``
   holds every iteration, and a resume validates and exports without training; a signal during
-  the export itself (a moment) lets it complete.
+  the export itself (a moment) lets it complete. A signal to another rank then stops nothing:
+  that rank waits for rank 0 in the last agreement (its handler runs only once rank 0 joins),
+  and the run ends complete, exported, every rank as done, one final validation after the signal.
 * At the end the model is exported as ``OUT/model.safetensors`` (kpac's checkpoint format,
   loadable by ``kpac deblur --model``) with the run's provenance in its metadata. Resuming a
   run that has done its iterations trains and writes nothing and says so
@@ -28,7 +30,9 @@ Conventions
   does a validation that fails (out of memory on whole images, ``best.pt`` that cannot be
   written), periodic or final: its error then says where ``last.pt`` stands (a full disk's
   OSError is raised as it is), and running out of memory there names what helps a validation
-  (``--val-crop``), not what helps training.
+  (``--val-crop``), not what helps training. A resume may change ``--val-crop``: scores at
+  another size compare with none before, so the best score (best.pt) starts afresh there, and
+  the log says so (a ``validation_changed`` record).
 * A run that fails once its log is open ends the log with a ``failed`` record (the one-line
   error, the iterations done), unless the log itself is what failed.
 * Several processes (``torchrun``) stop together: a rank whose data fail, or whose set-up
@@ -43,6 +47,9 @@ Conventions
   it joins no further collective and leaves at once (running out of memory is then a one-line
   TrainingError). The others stop with :class:`ProcessLost` when they lose contact with it
   (gloo), or when the launcher stops them on its exit (``torchrun``, whatever the backend).
+  A rank that hangs, or dies without its connections closing (NCCL), ends neither: without a
+  launcher the others wait for the process group's timeout, which ``dist_timeout``
+  (``--dist-timeout``) shortens; each then says so itself (gloo; NCCL's watchdog ends them).
 """
 
 from __future__ import annotations
@@ -77,7 +84,7 @@ from ..model import KPACConfig, KPACNet, build_model, count_parameters, transfer
 from .. import distributed as D
 from .blur_ranking import attention_blur_loss
 from .config import STAGE_DEFAULTS, TrainConfig
-from .data import LEGACY_RECORD, DataBundle, DataError, StepBatchSampler, build_data, collate, worker_init
+from .data import LEGACY_RECORD, DataBundle, DataError, StepBatchSampler, build_data, collate, validation_crop, worker_init
 from .state import FORMAT, VERSION, capture_rng, load_state, resolve_checkpoint, restore_rng, save_state, weights_finite
 from .vgg import PerceptualLoss, find_vgg_weights, load_vgg19
 
@@ -98,7 +105,12 @@ class RankFailed(TrainingError):
 class ProcessLost(TrainingError):
     """A multi-process run lost another of its processes between two agreements (it failed on
     its own, or was killed): this one stops too. The process that failed says why itself (or its
-    exit status does, in the launcher's report)."""
+    exit status does, in the launcher's report). ``timed_out``: the others did not answer within
+    the process group's timeout (one hung, or could not join): none of them may ever say why."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 @dataclass
@@ -500,7 +512,14 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
 
     dist0 = D.env_info()
     device = resolve_device(cfg.device, dist0)
-    dist_info = D.setup(device)
+    try:
+        dist_info = D.setup(device, cfg.dist_timeout)
+    except Exception as e:
+        if not D.lost_contact(e):
+            raise
+        raise ProcessLost(f"process {dist0.rank} could not join the other processes of the run "
+                          f"({D.communication_error_summary(e)}); are they all started, with the same "
+                          "MASTER_ADDR and MASTER_PORT?", timed_out=D.timed_out(e)) from None
     old_threads = torch.get_num_threads()
     ranks = _Ranks()
 
@@ -516,7 +535,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
             ranks.together = False
         elif dist_info.enabled and not ranks.set_up:  # tell the ranks waiting at the end of the set-up
             _start_together(dist_info, device, e)
-        raised = _as_raised(e, dist_info, ranks.step)
+        raised = _as_raised(e, dist_info, ranks.step, cfg.dist_timeout)
         if raised is not e:
             raise raised from e
         raise
@@ -544,9 +563,15 @@ def _iterations(n: int) -> str:
     return f"{n} iteration{'s' if n != 1 else ''}"
 
 
-def _as_raised(error: Exception, info: D.DistInfo, step: int) -> Exception:
+def _as_raised(error: Exception, info: D.DistInfo, step: int, dist_timeout: float | None = None) -> Exception:
     """What :func:`train` raises for ``error``, met after ``step`` iterations: a one-line
-    TrainingError when another process was lost or memory ran out, else ``error`` itself."""
+    TrainingError when another process was lost (``dist_timeout``: the run's --dist-timeout) or
+    memory ran out, else ``error`` itself."""
+    if info.enabled and D.timed_out(error):
+        within = "the process group's timeout" if dist_timeout is None else f"--dist-timeout {dist_timeout:g} s"
+        return ProcessLost(f"process {info.rank} stopped after {_iterations(step)}: another process of the run did not "
+                           f"answer within {within} ({D.communication_error_summary(error)}): it hung, or ended "
+                           "without closing its connections", timed_out=True)
     if info.enabled and D.lost_contact(error):
         return ProcessLost(f"process {info.rank} stopped after {_iterations(step)}: it lost contact with "
                            f"another process of the run ({D.communication_error_summary(error)}), which ended or "
@@ -592,6 +617,17 @@ def _sampling_changes(saved: dict, cfg: TrainConfig, world_size: int) -> str | N
     if {"batch", "world_size"} <= saved.keys() and saved["batch"] * saved["world_size"] != cfg.batch * world_size:
         changes.append(f"so the global batch (--batch x processes) {saved['batch'] * saved['world_size']} -> {cfg.batch * world_size}")
     return ", ".join(changes)
+
+
+def _validation_change(ckpt: dict[str, Any], cfg: TrainConfig) -> tuple[int, int] | None:
+    """``(before, now)``: the --val-crop of the checkpoint a resume continues and this run's, when
+    they make validations of another size (scores that are not comparable); else None."""
+    saved = (ckpt.get("train_config") or {}).get("val_crop")
+    if saved is None or cfg.val_count == 0:
+        return None
+    if validation_crop(cfg.replace(val_crop=int(saved))) == validation_crop(cfg):  # synthetic: 0 is 256
+        return None
+    return int(saved), cfg.val_crop
 
 
 def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.DistInfo,
@@ -705,6 +741,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
     elapsed0 = 0.0
     best: dict[str, float] = {}
     scores: dict[str, float] = {}
+    validation_changed: tuple[int, int] | None = None
     if ckpt is not None:
         load_state_dict_checked(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -719,6 +756,14 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         changed = _sampling_changes(ckpt.get("sampler") or {}, cfg, dist_info.world_size)
         if changed:
             message(f"{changed} since the checkpoint was saved: the data order will not be the same", "warning")
+        validation_changed = _validation_change(ckpt, cfg)
+        if validation_changed is not None:
+            # Scores at another size compare with nothing before: the best one (which decides
+            # best.pt) starts afresh, and so does the last, which the final validation checks.
+            best, scores = {}, {}
+            message(f"--val-crop {validation_changed[0]} -> {validation_changed[1]}: validation scores from iteration "
+                    f"{start} on are not comparable with earlier ones; the best score starts afresh (best.pt is "
+                    "replaced at the next validation)")
 
     # An exponential moving average of the weights (--ema; not in the paper): checkpoints on a
     # plateau differ by several hundredths of a dB, and an average of three scored above each
@@ -837,6 +882,9 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                   precision=precision, channels_last=channels_last,
                   world_size=dist_info.world_size, workers=workers, threads=torch.get_num_threads(), config=cfg.replace(model=model_cfg).to_dict(),
                   params=count_parameters(model), kpac_version=__version__)
+        if validation_changed is not None:  # a reader of the log compares no scores across this record
+            log.write("validation_changed", step=start, previous_val_crop=validation_changed[0],
+                      val_crop=validation_changed[1])
         emit(TrainEvent("start", start, total, {
             "description": bundle.description, "device": str(device), "precision": precision,
             "channels_last": channels_last, "params": count_parameters(model), "world_size": dist_info.world_size, "resumed_from": start if ckpt else None,
@@ -892,7 +940,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
                     save(last_path, step, "last")
                 except Exception:  # noqa: BLE001 - last.pt stays as it was; the validation's error is reported
                     pass
-            lacking = _out_of_memory(e, dist_info, step, cfg.val_crop)
+            lacking = _out_of_memory(e, dist_info, step, validation_crop(cfg))
             if lacking is not None or isinstance(e, TrainingError):
                 raise TrainingError(f"{lacking or e}{where_last_stands()}") from e
             raise
@@ -1076,7 +1124,7 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
         return result
     except Exception as e:
         # The log's last record says that the run failed, and why (rank 0's log: the others have none).
-        log.failed(ranks.step, _as_raised(e, dist_info, ranks.step))
+        log.failed(ranks.step, _as_raised(e, dist_info, ranks.step, cfg.dist_timeout))
         raise
     finally:
         batches.close()  # its workers end now, whatever ended the loop
