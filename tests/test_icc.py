@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -135,3 +136,57 @@ def test_a_profile_of_the_photo_s_own_wins_and_srgb_stays_untagged(tmp_path):
 def test_primaries_of_no_colour_space_are_a_value_error():
     with pytest.raises(ValueError, match="span no colour space"):
         icc.rgb_profile("flat", ((0.3, 0.3), (0.3, 0.3), (0.3, 0.3)), icc.D65, 1.0)
+
+
+def grey_to_srgb(profile: bytes, grey8: np.ndarray) -> np.ndarray:
+    """``grey8`` (N uint8) in grey ``profile``, converted to sRGB by littleCMS (N x 3)."""
+    transform = ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(profile)), ImageCms.createProfile("sRGB"),
+                                        "L", "RGB", renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC)
+    image = Image.fromarray(grey8.astype(np.uint8).reshape(1, -1))
+    return np.asarray(ImageCms.applyTransform(image, transform)).reshape(-1, 3).astype(int)
+
+
+GREYS = np.arange(0, 256, 15)
+
+
+@pytest.mark.parametrize("made", [icc.adobe_rgb(), icc.developed_raw("prophoto", "linear"),
+                                  icc.rgb_profile("x", icc.SRGB_PRIMARIES, icc.D65, 1.8)])
+def test_the_grey_counterpart_shows_greys_as_the_rgb_profile_does(made):
+    grey = icc.grey_counterpart(made)
+    assert grey[16:20] == b"GRAY" and struct.unpack(">I", grey[:4])[0] == len(grey)
+    assert ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(grey))) == \
+        ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(made)))
+    want = to_srgb(made, np.repeat(GREYS[:, None], 3, axis=1))
+    np.testing.assert_allclose(grey_to_srgb(grey, GREYS), want, atol=1)
+
+
+def test_only_a_matrix_profile_has_a_grey_counterpart():
+    grey = icc.grey_counterpart(icc.adobe_rgb())
+    assert icc.grey_counterpart(grey) is None and icc.grey_counterpart(None) is None
+    assert icc.grey_counterpart(b"RGB " * 40) is None and icc.grey_counterpart(icc.adobe_rgb()[:200]) is None
+
+
+def png_chunk(ctype: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + ctype + data + struct.pack(">I", zlib.crc32(ctype + data))
+
+
+def test_a_grey_photo_in_a_colour_space_of_its_own_gets_a_grey_profile(tmp_path):
+    # a grey PNG in linear light (gAMA 1.0), and a grey JPEG whose EXIF says Adobe RGB: an RGB
+    # profile on their grey outputs would be rejected and the greys shown as sRGB
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(GREYS.astype(np.uint8), (4, 1))).save(buf, "PNG")
+    plain = buf.getvalue()
+    linear_png = plain[:33] + png_chunk(b"gAMA", struct.pack(">I", 100000)) + plain[33:]
+    Image.fromarray(np.tile(GREYS.astype(np.uint8), (4, 1))).save(tmp_path / "adobe.jpg", quality=100,
+                                                                  exif=exif_block(0xFFFF, b"R03"))
+    cases = {"linear": (linear_png, icc.developed_raw("srgb", "linear")), "adobe": (tmp_path / "adobe.jpg", icc.adobe_rgb())}
+    for name, (source, rgb) in cases.items():
+        image, info = read_image(source)
+        assert info.channels == 1 and info.icc_profile[16:20] == b"GRAY", name
+        for ext in ("png", "tif", "jpg"):
+            write_image(tmp_path / f"{name}.{ext}", image, info)
+            with Image.open(tmp_path / f"{name}.{ext}") as im:
+                assert im.mode == "L" and im.info["icc_profile"] == info.icc_profile
+                row = np.asarray(im)[0]
+            shown, want = grey_to_srgb(info.icc_profile, row), to_srgb(rgb, np.repeat(row[:, None], 3, axis=1))
+            np.testing.assert_allclose(shown, want, atol=1, err_msg=f"{name}.{ext}")

@@ -23,7 +23,7 @@ from kpac_cli.engine.batch import Job, OutputOptions, _what_is_not_kept
 from kpac_cli.images import ImageError, is_image_path, list_images, probe_size, read_image, read_image_codes, sniff_format, unread_images, write_image
 from kpac_cli.images import heif as heif_mod
 from kpac_cli.images import icc as icc_mod
-from kpac_cli.images.base import quantize
+from kpac_cli.images.base import quantize, srgb_encode
 from kpac_cli.images.exif import apply_orientation, read_orientation
 from kpac_cli.images.io import _probe_depth, default_format, probe_heif
 
@@ -154,6 +154,26 @@ def test_grey_heic_reads_as_grey():
     assert info.channels == 1
     np.testing.assert_array_equal(img, np.repeat(libheif_decode(data).reshape(16, 24, 1), 3, axis=2) / np.float32(255))
     assert Image.open(io.BytesIO(write_image(None, img, info, format="png"))).mode == "L"
+
+
+@needs_heif
+def test_a_grey_heic_s_nclx_colour_space_becomes_a_grey_profile():
+    # linear light (BT.2020, transfer 8): an RGB profile on the grey output would be rejected by
+    # readers, who would show the linear greys as sRGB (too dark)
+    from PIL import ImageCms
+
+    greys = np.tile(np.arange(0, 256, 15, dtype=np.uint8), (8, 1))
+    img, info = read_image(heic(greys, color_primaries=9, transfer_characteristics=8, matrix_coefficients=6))
+    assert info.channels == 1 and info.icc_profile[16:20] == b"GRAY" and info.color_space_dropped is None
+    to_srgb = ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(info.icc_profile)), ImageCms.createProfile("sRGB"),
+                                      "L", "RGB")
+    for fmt in ("png", "jpeg", "tiff"):
+        with Image.open(io.BytesIO(write_image(None, img, info, format=fmt))) as im:
+            assert im.mode == "L" and im.info["icc_profile"] == info.icc_profile
+            shown = ImageCms.applyTransform(im, to_srgb)
+            linear = np.asarray(im, np.float64) / 255
+        want = np.round(srgb_encode(linear) * 255)
+        np.testing.assert_allclose(np.asarray(shown)[..., 1], want, atol=2, err_msg=fmt)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ What libheif gives, and what kpac makes of it (:mod:`.io` applies the pixel conv
   type (:attr:`HeifHeader.gain_map`).
 * Colour: an ICC profile is kept as it is. ``nclx`` colour information (codes of ITU-T H.273)
   without a profile becomes one (:func:`nclx_profile`) when it is no plain sRGB and a matrix/TRC
-  profile can say it; HDR transfers (PQ, HLG) cannot, and are reported rather than mislabelled.
+  profile can say it (:mod:`.io` makes it a grey one for grey pixels); HDR transfers (PQ, HLG)
+  cannot, and are reported rather than mislabelled.
 
 AVIF is not read: the pillow-heif wheels carry no AV1 decoder.
 """

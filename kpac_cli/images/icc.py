@@ -15,7 +15,9 @@ colour spaces' own specifications define them: primaries, white point, transfer 
 made here: the primaries' XYZ colorants are adapted to the D50 connection space with the
 Bradford transform (ICC.1:2001-04, Annex E), the tone curves are a gamma or the sRGB curve
 sampled at 1024 points (as the IEC 61966-2.1 profile does). Descriptions say "compatible
-with": the names of Adobe's profiles are Adobe's.
+with": the names of Adobe's profiles are Adobe's. A grey photo gets the grey counterpart
+(:func:`grey_counterpart`: the tone curve and white point alone), as readers reject an RGB
+profile on grey pixels.
 """
 
 from __future__ import annotations
@@ -97,17 +99,52 @@ def rgb_profile(description: str, primaries, white, curve: float | str) -> bytes
     for primaries of no colour space (:func:`colorants`)."""
     matrix = colorants(primaries, white)
     trc = _curve_tag(curve)
-    tags = [
+    return _profile(b"RGB ", [
         (b"desc", _description_tag(description)),
         (b"cprt", _text_tag("No copyright, use freely")),
-        (b"wtpt", _xyz_tag(_xyz(white) if white != D50 else _PCS_WHITE)),
+        (b"wtpt", _white_tag(white)),
         (b"rXYZ", _xyz_tag(matrix[:, 0])),
         (b"gXYZ", _xyz_tag(matrix[:, 1])),
         (b"bXYZ", _xyz_tag(matrix[:, 2])),
         (b"rTRC", trc),
         (b"gTRC", trc),  # the three curves share their data, as in most matrix profiles
         (b"bTRC", trc),
-    ]
+    ])
+
+
+def grey_counterpart(profile: bytes | None) -> bytes | None:
+    """The grey display profile (a tone curve alone, ``kTRC``) of the colour space of a
+    matrix/TRC RGB ``profile`` (one :func:`rgb_profile` makes): its description, white point
+    and red tone curve. A grey photo needs it: readers reject an RGB profile on grey pixels
+    (littleCMS, the PNG specification), and would show them as sRGB. None where ``profile``
+    is none or not such a profile."""
+    tags = _tags_of(profile) if profile is not None and profile[16:20] == b"RGB " else {}
+    if not all(signature in tags for signature in (b"desc", b"wtpt", b"rTRC")):
+        return None
+    return _profile(b"GRAY", [(b"desc", tags[b"desc"]), (b"cprt", _text_tag("No copyright, use freely")),
+                              (b"wtpt", tags[b"wtpt"]), (b"kTRC", tags[b"rTRC"])])
+
+
+def _tags_of(profile: bytes) -> dict[bytes, bytes]:
+    """The tag data of an ICC profile by signature (those whose bounds lie in the profile)."""
+    if len(profile) < 132:
+        return {}
+    (count,) = struct.unpack(">I", profile[128:132])
+    tags = {}
+    for i in range(min(count, (len(profile) - 132) // 12)):
+        signature, offset, size = struct.unpack(">4sII", profile[132 + 12 * i : 144 + 12 * i])
+        if offset + size <= len(profile):
+            tags[signature] = profile[offset : offset + size]
+    return tags
+
+
+def _white_tag(white) -> bytes:
+    return _xyz_tag(_xyz(white) if white != D50 else _PCS_WHITE)
+
+
+def _profile(colour_space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """An ICC v2 display profile of ``colour_space`` (``b"RGB "``, ``b"GRAY"``) holding ``tags``
+    (``(signature, data)``); tags with the same data share it."""
     table_size = 4 + 12 * len(tags)
     offset = 128 + table_size
     entries, data, placed = [], b"", {}
@@ -118,7 +155,7 @@ def rgb_profile(description: str, primaries, white, curve: float | str) -> bytes
         entries.append(struct.pack(">4sII", signature, placed[body], len(body)))
     size = 128 + table_size + len(data)
     header = (
-        struct.pack(">I4sI4s4s4s", size, b"\0\0\0\0", 0x02100000, b"mntr", b"RGB ", b"XYZ ")
+        struct.pack(">I4sI4s4s4s", size, b"\0\0\0\0", 0x02100000, b"mntr", colour_space, b"XYZ ")
         + struct.pack(">6H", 2000, 1, 1, 0, 0, 0)  # a fixed date: same bytes on every run
         + b"acsp" + bytes(4 + 4 + 4 + 4 + 8) + struct.pack(">I", 0)  # platform, flags, maker, model, attributes, perceptual
         + b"".join(_s15(v) for v in _PCS_WHITE)
@@ -150,4 +187,4 @@ def developed_raw(primaries: str, curve: str) -> bytes | None:
     return rgb_profile(f"{name} primaries, sRGB tone curve", chosen, white, "srgb")
 
 
-__all__ = ["adobe_rgb", "colorants", "developed_raw", "rgb_profile"]
+__all__ = ["adobe_rgb", "colorants", "developed_raw", "grey_counterpart", "rgb_profile"]

@@ -66,7 +66,8 @@ HEIC/HEIF
     Display P3), EXIF and XMP are read; ``nclx`` colour information without a profile is given
     as an ICC profile when it is not sRGB (Display P3, BT.2020, linear, ...), and where no profile
     can say it (PQ, HLG: HDR) ``info.color_space_dropped`` says so. Not written: an 8-bit opaque
-    HEIC's outputs default to JPEG, the others' to 16-bit PNG (:func:`default_format`).
+    HEIC's outputs default to JPEG, the others' to PNG, 16-bit for 10/12 bits, 8-bit for a
+    transparent 8-bit HEIC (:func:`default_format`).
 RAW
     :mod:`.raw` (LibRaw), developed to 16-bit RGB; written as 16-bit TIFF by default. The
     camera's EXIF of TIFF-based RAW (DNG, NEF, CR2, ARW, ...) is read as a TIFF's (descriptive
@@ -83,6 +84,8 @@ from the format's own field, else from EXIF's XResolution) are carried across fo
 A photo without an ICC profile whose EXIF says Adobe RGB (a camera JPEG shot in that colour
 space: :func:`.exif.declares_adobe_rgb`) is given an Adobe RGB profile (:func:`.icc.adobe_rgb`),
 so that every output, TIFF and PNG too, says so: untagged, readers would take it for sRGB.
+Every profile made for a source (this one, a PNG's gAMA/cHRM, a HEIF's nclx) is a grey one
+for grey pixels (:func:`.icc.grey_counterpart`): readers reject an RGB profile on them.
 
 EXIF orientation is applied to the pixels on read (``info.orientation_applied``) and the
 Orientation tag of the kept EXIF (and ``tiff:Orientation`` of the kept XMP) is reset to 1,
@@ -360,13 +363,14 @@ def _read_png(src: _Src, max_pixels):
     with src.open() as fh:
         png = png_mod.parse(fh, src.name, max_pixels=max_pixels)
     png_mod.check_idat_size(png, src.name)
-    icc, exif = png.icc_profile or png_mod.implied_icc_profile(png.kept_chunks), exif_mod.normalize_exif(png.exif)
+    exif = exif_mod.normalize_exif(png.exif)
     if png.bit_depth == 16:
         arr = png_mod.decode16(png, src.name)
         depth = 16
     else:
         arr = _pillow_png(src, png)
         depth = 8
+    icc = png.icc_profile or _made_profile_for(arr, png_mod.implied_icc_profile(png.kept_chunks))
     extra = {"png_chunks": tuple(png.kept_chunks)}
     return arr, depth, icc, exif, exif_mod.read_orientation(exif), png.frames, png.xmp, png.dpi, extra
 
@@ -916,6 +920,8 @@ def _read_heif(src: _Src, max_pixels):
         arr = _unpremultiply(arr, depth)
     raw_icc, raw_exif, raw_xmp, nclx = heif_mod.metadata(heif_file)
     icc, color_space_dropped = (raw_icc, None) if raw_icc is not None else heif_mod.nclx_profile(nclx)
+    if raw_icc is None:
+        icc = _made_profile_for(arr, icc)
     exif, xmp = _heif_upright_metadata(raw_exif, raw_xmp)
     extra = {"hdr_gain_map_dropped": head.gain_map, "motion_photo_dropped": meta.declares_motion_photo(xmp),
              "color_space_dropped": color_space_dropped}
@@ -1018,7 +1024,7 @@ def _decode(source, max_pixels, raw_options):
         raise _decode_error(src.name, fmt.upper(), exc) from None
     fmt, (arr, depth, icc, exif, orientation, frames, xmp, dpi, extra) = res
     if icc is None and fmt != "raw" and exif_mod.declares_adobe_rgb(exif):  # a camera JPEG shot in Adobe RGB
-        icc = icc_mod.adobe_rgb()
+        icc = _made_profile_for(arr, icc_mod.adobe_rgb())
     if dpi is None:
         dpi = exif_mod.read_resolution(exif)
     if fmt != "raw":
@@ -1034,6 +1040,13 @@ def _decode(source, max_pixels, raw_options):
             if dpi is not None and orientation in (5, 6, 7, 8):  # axes swapped
                 dpi = (dpi[1], dpi[0])
     return src, fmt, arr, depth, icc, exif, orientation, frames, xmp, dpi, extra
+
+
+def _made_profile_for(arr: np.ndarray, profile: bytes | None) -> bytes | None:
+    """A profile kpac made for a source's colour space (:mod:`.icc`, always RGB), as the pixels
+    ``arr`` (``H x W x C``) need it: its grey counterpart for grey ones (1 or 2 channels), on
+    which an RGB profile is invalid and ignored by readers."""
+    return icc_mod.grey_counterpart(profile) if profile is not None and arr.shape[2] in (1, 2) else profile
 
 
 def _color(arr: np.ndarray) -> np.ndarray:
@@ -1337,7 +1350,7 @@ def default_format(source_format: str, bit_depth: int, alpha: bool) -> str:
     """The format an output is written in when nothing names one: the source's own, but 16-bit
     TIFF for camera RAW, and for HEIC/HEIF (which kpac does not write) JPEG for an 8-bit
     photo without alpha (an iPhone's: what its "Most Compatible" setting would have taken),
-    else 16-bit PNG (it holds the 10/12 bits, the alpha, and the whole EXIF, which TIFF
+    else PNG (it holds the 10/12 bits, as 16-bit, the alpha, and the whole EXIF, which TIFF
     outputs do not)."""
     if source_format == "raw":
         return "tiff"
@@ -1373,7 +1386,7 @@ def write_image(
         module notes).
     format : {'png', 'tiff', 'jpeg'}, optional
         Default: from the path's extension when it is one of png/tif/tiff/jpg/jpeg, else the
-        source format (RAW -> TIFF, HEIF -> JPEG or 16-bit PNG: :func:`default_format`).
+        source format (RAW -> TIFF, HEIF -> JPEG or PNG: :func:`default_format`).
     bit_depth : {8, 16, 32}, optional
         Default: the source's (float TIFF stays float32 as TIFF, 16 in PNG; RAW -> 16). JPEG
         is always 8. 32 writes a float32 TIFF (TIFF only) whose image values are not clipped.
