@@ -6,9 +6,10 @@ import importlib
 import importlib.util
 import os
 
-# Transparent huge pages for PyTorch's CPU allocator: ~10% faster inference with no memory
-# cost (measured in benchmarks/allocator.py). Read when torch is first imported, so it is set
-# here, before any command module imports torch; a user's own setting wins.
+# Transparent huge pages for PyTorch's CPU allocator: 17x fewer page faults, inference ~17%
+# faster at the same peak memory (benchmarks/allocator.py: 2.32 against 2.79 s per 1280x720).
+# PyTorch reads it once, at its first CPU allocation, so it is set here, before any command
+# module imports torch; a user's own setting wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import sys  # noqa: E402
