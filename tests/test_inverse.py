@@ -247,12 +247,31 @@ def test_deblur_disc_flags_estimates_at_the_end_of_their_range():
     assert given.radius_at_limit is None and given.snr_at_limit is None and given.limit_note is None
 
 
+def test_deblur_disc_lowers_an_snr_whose_result_rings_where_the_disc_does_not_fit():
+    """Blur growing from 1 to 10 px across the photo (depth, as in a real scene): no one disc
+    fits, GCV's premise fails and it picks the weakest regularisation, whose ringing wrecked
+    the result (13 dB for a 22 dB input). The snr is lowered until the result stays in range,
+    and the result says so."""
+    from kpac_cli.synth.render import render_defocus
+
+    sharp = data.astronaut()[:256, :256] / 255.0
+    radius = np.broadcast_to(1 + 9 * np.arange(256, dtype=np.float32) / 256, (256, 256))
+    blurred = np.round(np.clip(render_defocus(sharp**2.2, radius)[0], 0, 1) ** (1 / 2.2) * 255) / 255
+    result = deblur_disc(blurred)
+    assert result.snr_lowered_from == 1e4 and result.snr < 10
+    assert "snr lowered from 10000" in result.limit_note and "no fair measure" in result.limit_note
+    assert _psnr(result.image, sharp) > _psnr(blurred, sharp) - 0.5
+    rang = deblur_disc(blurred, result.radius, snr=result.snr_lowered_from)  # what GCV alone gave
+    assert _psnr(result.image, sharp) > _psnr(rang.image, sharp) + 5
+
+
 @pytest.mark.parametrize("radius", [3.0, 8.0])
 def test_deblur_disc_does_not_flag_a_disc_blur_in_range(radius):
     sharp = data.rocket()[:256, :256] / 255.0
     result = deblur_disc(_defocus_in_linear_light(sharp, radius, 0.0))
     assert result.radius == pytest.approx(radius, abs=0.5)
     assert result.radius_at_limit is None and result.snr_at_limit is None and result.limit_note is None
+    assert result.snr_lowered_from is None  # where the disc fits, GCV's choice stands
     if radius == 8.0:  # a clean 8-bit disc blur rightly takes the largest snr: that end is not flagged
         assert result.snr == 1e4
 

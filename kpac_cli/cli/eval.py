@@ -220,7 +220,8 @@ def _method_text(method: str | None, deblurrer: Any, wiener_radius: float | None
         return "identity: the blurry input itself" + (" (DPDD centre view)" if dual else "")
     if method == "wiener":
         r = f"radius {wiener_radius:g} px" if wiener_radius is not None else "radius estimated per image (estimate_disc_radius)"
-        snr = f"snr {wiener_snr:g}" if wiener_snr is not None else "snr chosen per image by generalised cross-validation"
+        snr = (f"snr {wiener_snr:g}" if wiener_snr is not None else "snr chosen per image by generalised cross-validation, "
+               "lowered where that result rings out of [0, 1]")
         return (f"Wiener deconvolution with a uniform disc PSF in linear light (inputs decoded with gamma 2.2, "
                 f"kpac_cli.inverse.deblur_disc), {r}, {snr}, gradient prior")
     kind = "dual-pixel (left+right views, centre view as reference)" if deblurrer.config.in_views == 2 else "single image"
@@ -423,7 +424,7 @@ def eval_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Shipped model name (see `kpac models`), a .safetensors file, or a training run folder (its model.safetensors)."),
     dual: bool = typer.Option(False, "--dual", help="Dual-pixel input (DPDD test_l/test_r, test_c as centre); default: from the model."),
     wiener_radius: Optional[float] = typer.Option(None, "--wiener-radius", help="Disc PSF radius in pixels for --method wiener (default: estimated per image)."),
-    wiener_snr: Optional[float] = typer.Option(None, "--wiener-snr", help="Signal-to-noise power ratio of the Wiener filter, with its gradient prior (default: chosen per image by generalised cross-validation).", show_default=False),
+    wiener_snr: Optional[float] = typer.Option(None, "--wiener-snr", help="Signal-to-noise power ratio of the Wiener filter, with its gradient prior (default: chosen per image by generalised cross-validation, lowered where that result rings out of range, which a note says).", show_default=False),
     bit_depth: int = typer.Option(8, "--bit-depth", help="Quantise both images to 8 bits (the paper) or 16 before scoring; 0 = no quantisation."),
     ssim_window: str = typer.Option("uniform", "--ssim", help="SSIM window: uniform (7x7, the DPDD literature) or gaussian (Wang et al.)."),
     lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="LPIPS weights (file or folder); default: $KPAC_LPIPS_WEIGHTS or the torch hub cache, else unavailable."),
