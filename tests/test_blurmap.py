@@ -780,6 +780,16 @@ def test_cli_overlay_and_sheet_carry_only_an_rgb_profile(cli, photo, tmp_path):
             assert im.mode == "RGB" and "icc_profile" not in im.info  # an RGB image with a grey profile is invalid
         with Image.open(out / f"colour_{kind}.png") as im:
             assert im.info["icc_profile"] == srgb
+    # a grey photo's display profile (a tone curve; here kpac's for a linear-light PNG) comes
+    # along as RGB: its curve, sRGB's primaries
+    from kpac_cli.images import icc
+
+    grey_linear = icc.grey_counterpart(icc.developed_raw("srgb", "linear"))
+    grey.save(tmp_path / "linear.png", icc_profile=grey_linear)
+    res = cli(str(tmp_path / "linear.png"), "-o", str(out), "--overlay", "-q")
+    assert res.exit_code == 0, res.output
+    with Image.open(out / "linear_overlay.png") as im:
+        assert im.info["icc_profile"] == icc.rgb_counterpart(grey_linear)
 
 
 def test_cli_dual_pixel(tmp_path):

@@ -166,6 +166,18 @@ def test_only_a_matrix_profile_has_a_grey_counterpart():
     assert icc.grey_counterpart(b"RGB " * 40) is None and icc.grey_counterpart(icc.adobe_rgb()[:200]) is None
 
 
+@pytest.mark.parametrize("made", [icc.adobe_rgb(), icc.developed_raw("prophoto", "linear"),
+                                  icc.rgb_profile("x", icc.SRGB_PRIMARIES, icc.D65, 1.8)])
+def test_the_rgb_counterpart_of_a_grey_profile_shows_its_greys_alike(made):
+    # what a blur map's RGB overlay of a grey photo carries: the grey profile is invalid there
+    grey = icc.grey_counterpart(made)
+    rgb = icc.rgb_counterpart(grey)
+    assert rgb[16:20] == b"RGB " and struct.unpack(">I", rgb[:4])[0] == len(rgb)
+    np.testing.assert_allclose(to_srgb(rgb, np.repeat(GREYS[:, None], 3, axis=1)), grey_to_srgb(grey, GREYS), atol=1)
+    assert icc.rgb_counterpart(made) is made  # an RGB profile is one already
+    assert icc.rgb_counterpart(None) is None and icc.rgb_counterpart(grey[:100]) is None
+
+
 def png_chunk(ctype: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + ctype + data + struct.pack(">I", zlib.crc32(ctype + data))
 

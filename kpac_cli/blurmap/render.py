@@ -215,9 +215,12 @@ def encode_mask(mask: np.ndarray, fmt: str = "png") -> bytes:
 
 def _rgb_profile(icc: bytes | None) -> bytes | None:
     """``icc`` if it describes RGB data (colour space ``'RGB '`` at bytes 16-19 of the
-    header), else None: a grey photo's profile does not fit an RGB overlay (the PNG
-    specification allows only RGB profiles on RGB images; readers drop or reject others)."""
-    return icc if icc is not None and icc[16:20] == b"RGB " else None
+    header); a grey photo's display profile made RGB (its tone curve, sRGB's primaries:
+    :func:`kpac_cli.images.icc.rgb_counterpart`), as the PNG specification allows only RGB
+    profiles on RGB images and readers drop others; else None."""
+    from ..images.icc import rgb_counterpart
+
+    return rgb_counterpart(icc)
 
 
 def encode_rgb(image: np.ndarray, icc: bytes | None = None, kind: str = "overlay", alpha: np.ndarray | None = None) -> bytes:

@@ -125,6 +125,32 @@ def grey_counterpart(profile: bytes | None) -> bytes | None:
                               (b"wtpt", tags[b"wtpt"]), (b"kTRC", tags[b"rTRC"])])
 
 
+def rgb_counterpart(profile: bytes | None) -> bytes | None:
+    """An RGB matrix/TRC profile that shows greys as the grey display ``profile`` (``kTRC``)
+    does: its white point and tone curve, with sRGB's primaries (a grey photo has no colours,
+    so colours drawn over it - a blur map's overlay - are taken as sRGB's). A grey photo's
+    profile does not fit RGB pixels; readers drop it there. None where ``profile`` is none or
+    not such a profile; ``profile`` itself where it is an RGB one already."""
+    if profile is not None and profile[16:20] == b"RGB ":
+        return profile
+    tags = _tags_of(profile) if profile is not None and profile[16:20] == b"GRAY" else {}
+    if not all(signature in tags for signature in (b"wtpt", b"kTRC")) or tags[b"kTRC"][:4] != b"curv":
+        return None  # a parametric curve (ICC v4) is no tag of a v2 profile
+    matrix = colorants(SRGB_PRIMARIES, D65)
+    trc = tags[b"kTRC"]
+    return _profile(b"RGB ", [
+        (b"desc", _description_tag("Grey tone curve, sRGB primaries")),
+        (b"cprt", _text_tag("No copyright, use freely")),
+        (b"wtpt", tags[b"wtpt"]),
+        (b"rXYZ", _xyz_tag(matrix[:, 0])),
+        (b"gXYZ", _xyz_tag(matrix[:, 1])),
+        (b"bXYZ", _xyz_tag(matrix[:, 2])),
+        (b"rTRC", trc),
+        (b"gTRC", trc),
+        (b"bTRC", trc),
+    ])
+
+
 def _tags_of(profile: bytes) -> dict[bytes, bytes]:
     """The tag data of an ICC profile by signature (those whose bounds lie in the profile)."""
     if len(profile) < 132:
@@ -187,4 +213,4 @@ def developed_raw(primaries: str, curve: str) -> bytes | None:
     return rgb_profile(f"{name} primaries, sRGB tone curve", chosen, white, "srgb")
 
 
-__all__ = ["adobe_rgb", "colorants", "developed_raw", "grey_counterpart", "rgb_profile"]
+__all__ = ["adobe_rgb", "colorants", "developed_raw", "grey_counterpart", "rgb_counterpart", "rgb_profile"]
