@@ -1246,6 +1246,19 @@ def test_what_jpeg_cannot_hold_is_dropped_for_jpeg_only():
     assert notes_for(info, "png") == notes_for(info, "tiff") == []
 
 
+def test_the_xmp_size_note_measures_the_packet_that_is_written():
+    # a packet over one APP1 segment only by a declaration the output drops (extended XMP it
+    # does not hold) fits once that is gone: kept in the JPEG, and no note says it was dropped
+    declared = XMP.replace(b'tiff:Orientation="1"', b'tiff:Orientation="1" xmlns:xmpNote="http://ns.adobe.com/xmp/note/" '
+                           b'xmpNote:HasExtendedXMP="0123456789ABCDEF0123456789ABCDEF"')
+    packet = declared.replace(b" " * 200, b" " * (200 + images_io.JPEG_MAX_XMP + 10 - len(declared)))
+    assert len(packet) == images_io.JPEG_MAX_XMP + 10
+    info = ImageInfo(None, "png", 8, 3, None, None, None, 1, (2, 2), xmp=packet)
+    assert notes_for(info, "jpeg") == []
+    _, binfo = read_image(write_image(None, np.zeros((2, 2, 3), np.float32), info, format="jpeg"))
+    assert binfo.xmp is not None and b"HasExtendedXMP" not in binfo.xmp and b"caf\xc3\xa9" in binfo.xmp
+
+
 def _itxt(text: bytes, *, compressed: bool = False, keyword: bytes = b"XML:com.adobe.xmp") -> bytes:
     return chunk(b"iTXt", keyword + b"\x00" + (b"\x01\x00" if compressed else b"\x00\x00") + b"\x00\x00" + text)
 

@@ -45,7 +45,7 @@ from ..images import (
 from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
 from ..images.exif import has_tags_beyond_descriptive
 from ..images.heif import INSTALL_HINT as HEIC_INSTALL_HINT
-from ..images.io import JPEG_MAX_DPI, JPEG_MAX_EXIF, JPEG_MAX_XMP, default_format, jpeg_segment_names, probe_heif
+from ..images.io import JPEG_MAX_DPI, JPEG_MAX_EXIF, JPEG_MAX_XMP, default_format, jpeg_segment_names, probe_heif, written_xmp
 from ..images.png import TEXT_CHUNKS, colour_other_than_srgb
 from .deblurrer import Deblurrer
 from .tiled import ProgressFn
@@ -792,8 +792,9 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
         if info.dpi is not None and any(round(v) > JPEG_MAX_DPI for v in info.dpi):
             notes.append(f"JPEG holds a print resolution of at most {JPEG_MAX_DPI:,} dpi: the input's "
                          f"{round(max(info.dpi)):,} dpi was dropped")
-        if info.xmp is not None and len(info.xmp) > JPEG_MAX_XMP:
-            notes.append(f"the XMP metadata ({len(info.xmp):,} bytes) is too large for a JPEG segment: dropped")
+        xmp = written_xmp(info.xmp, height=info.size[0], width=info.size[1])  # as the encoder will write it
+        if xmp is not None and len(xmp) > JPEG_MAX_XMP:
+            notes.append(f"the XMP metadata ({len(xmp):,} bytes) is too large for a JPEG segment: dropped")
     return notes
 
 

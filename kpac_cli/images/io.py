@@ -1460,6 +1460,16 @@ JPEG_MAX_DPI = 65535
 #: The most XMP one JPEG APP1 segment holds: 65535 - 2 (length) - 29 (namespace) bytes.
 #: Longer packets would need "extended XMP" (several segments), which Pillow does not write.
 JPEG_MAX_XMP = 65504
+
+
+def written_xmp(xmp: bytes | None, *, height: int, width: int) -> bytes | None:
+    """The XMP packet an output of ``height`` x ``width`` carries for a source's ``xmp``: the
+    primary picture alone is written, at its own size (no secondary media declared, the size
+    properties rewritten), so its length, not the source's, is what a JPEG segment must hold."""
+    xmp = meta.normalize_xmp(xmp)
+    if xmp is None:
+        return None
+    return meta.set_xmp_pixel_dimensions(meta.without_secondary_media(xmp), width=width, height=height)
 #: The most EXIF (``Exif\0\0`` + TIFF data) one JPEG APP1 segment holds: 65535 - 2 (length)
 #: bytes, Pillow's limit. EXIF has no multi-segment form, so larger EXIF is not written to JPEG.
 JPEG_MAX_EXIF = 65533
@@ -1556,9 +1566,7 @@ def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int
     if exif is not None:  # the source's recorded size need not be the written one's
         exif = exif_mod.set_pixel_dimensions(exif, width=arr.shape[1], height=arr.shape[0])
     icc = info.icc_profile or None
-    xmp = meta.normalize_xmp(info.xmp)
-    if xmp is not None:  # the primary picture alone is written, at its own size
-        xmp = meta.set_xmp_pixel_dimensions(meta.without_secondary_media(xmp), width=arr.shape[1], height=arr.shape[0])
+    xmp = written_xmp(info.xmp, height=arr.shape[0], width=arr.shape[1])
     dpi = None if info.dpi is None else meta.normalize_dpi(*info.dpi)  # same rules as on read
     if fmt == "png":
         chunks = png_mod.chunks_to_copy(info.png_chunks, icc)
