@@ -175,26 +175,37 @@ def test_a_failure_of_rank_0s_writes_ends_every_rank_alike(dpdd, tmp_path, what)
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
-@pytest.mark.slow
-def test_a_sigterm_to_one_rank_stops_every_rank_with_its_status(dpdd, tmp_path):
-    """SIGTERM to rank 1 alone: every rank stops at the same iteration, rank 0 saves last.pt, and
-    every rank exits 143 (rank 0, which received no signal, used to exit 130, and its log said
-    signal null)."""
-    run = tmp_path / "run"
+
+def _two_ranks_without_torchrun(dpdd, run: Path, *extra: str) -> list[subprocess.Popen]:
+    """Two training processes joined by RANK/WORLD_SIZE/MASTER_* alone (no launcher to end them)."""
     port = _free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, "-m", "kpac_cli", *_train_args(dpdd, run, iterations=100_000),
-                                       "--log-every", "1"], cwd=REPO, env=env, text=True,
+                                       "--log-every", "1", *extra], cwd=REPO, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def _wait_until_training(procs: list[subprocess.Popen], log: Path) -> None:
+    """Until the run has logged two training records (every rank past its set-up)."""
+    deadline = time.monotonic() + 180
+    while not (log.is_file() and log.read_text().count('"event": "train"') >= 2):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
+        time.sleep(0.2)
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_rank_stops_every_rank_with_its_status(dpdd, tmp_path):
+    """SIGTERM to rank 1 alone: every rank stops at the same iteration, rank 0 saves last.pt, and
+    every rank exits 143 (rank 0, which received no signal, used to exit 130, and its log said
+    signal null)."""
+    run = tmp_path / "run"
+    procs = _two_ranks_without_torchrun(dpdd, run)
+    log = run / "log.jsonl"
     try:
-        deadline = time.monotonic() + 180
-        log = run / "log.jsonl"
-        while not (log.is_file() and log.read_text().count('"event": "train"') >= 2):
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
-            time.sleep(0.2)
+        _wait_until_training(procs, log)
         procs[1].send_signal(signal.SIGTERM)
         ended = [p.communicate(timeout=120) for p in procs]
     except subprocess.TimeoutExpired:
@@ -219,20 +230,9 @@ def test_a_rank_stranded_by_one_that_hangs_gives_up_after_dist_timeout(dpdd, tmp
     with gloo, 10 with NCCL). With --dist-timeout 3 it gives up within seconds, says so in one
     line (rank 0, which would speak for the run, cannot) and exits 1."""
     run = tmp_path / "run"
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "kpac_cli", *_train_args(dpdd, run, iterations=100_000),
-                                       "--log-every", "1", "--dist-timeout", "3"], cwd=REPO, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    procs = _two_ranks_without_torchrun(dpdd, run, "--dist-timeout", "3")
     try:
-        deadline = time.monotonic() + 180
-        log = run / "log.jsonl"
-        while not (log.is_file() and log.read_text().count('"event": "train"') >= 2):
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
-            time.sleep(0.2)
+        _wait_until_training(procs, run / "log.jsonl")
         procs[0].send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         _, stranded = procs[1].communicate(timeout=60)
