@@ -339,7 +339,9 @@ def _filter_block(raw: np.ndarray, out: np.ndarray, y0: int, y1: int, bpp: int) 
 
 
 def _workers(tasks: int) -> int:
-    return max(1, min(tasks, os.cpu_count() or 1, 8))
+    # at most 4: each filtering thread holds ~30 MB of temporaries, and the writer runs beside
+    # the next photo's inference
+    return max(1, min(tasks, os.cpu_count() or 1, 4))
 
 
 def _deflate(data: bytes, level: int) -> bytes:
