@@ -133,6 +133,20 @@ def test_options_that_cannot_apply_are_refused_not_ignored(tmp_path, tiny_models
     assert res.exit_code == 0, res.output  # a folder: JPEG inputs would be written as JPEG
 
 
+def test_jpeg_quality_is_taken_for_an_output_folder_named_like_an_image(tmp_path, tiny_models):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _write(photos / "a.jpg", np.random.default_rng(2).random((48, 64, 3), dtype=np.float32), 8, fmt="jpeg")
+    (tmp_path / "existing.png").mkdir()
+    for folder, out in ((tmp_path / "shots.tif", f"{tmp_path / 'shots.tif'}/"), (tmp_path / "existing.png", tmp_path / "existing.png")):
+        sizes = []
+        for quality in ("30", "95"):  # the folder's name says nothing of the JPEG written in it
+            res = invoke("deblur", photos, "-o", out, "--jpeg-quality", quality, "--overwrite", "--model", tiny_models[0])
+            assert res.exit_code == 0, res.output
+            sizes.append((folder / "a.jpg").stat().st_size)
+        assert sizes[0] < sizes[1], out
+
+
 def test_stdin_to_stdout_pipeline(tmp_path, tiny_models):
     src = _write(tmp_path / "a.png", np.random.default_rng(2).random((30, 30, 3), dtype=np.float32), 8)
     proc = subprocess.run(
@@ -293,6 +307,26 @@ def test_dual_pixel_folders_matched_by_name(tmp_path, tiny_models):
     (tmp_path / "R" / "b.png").unlink()
     res = invoke("deblur", "--left", tmp_path / "L", "--right", tmp_path / "R", "-o", tmp_path / "out2", "--model", tiny_models[1])
     assert res.exit_code == 2 and "b.png" in res.output
+
+
+def test_dual_pixel_rerun_into_a_views_folder_does_not_take_its_outputs_for_views(tmp_path, tiny_models):
+    rng = np.random.default_rng(4)
+    for side, mark in (("L", "_l"), ("R", "_r")):
+        (tmp_path / side).mkdir()
+        _write(tmp_path / side / f"a{mark}.png", rng.random((24, 32, 3), dtype=np.float32), 8)
+    args = ("deblur", "--left", tmp_path / "L", "--right", tmp_path / "R", "--model", tiny_models[1], "--suffix", "_sharp", "--json")
+    for where in ("L", "R"):
+        res = invoke(*args, "-o", tmp_path / where)
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / where / "a_sharp.png").is_file()
+        for side in ("L", "R"):  # a new pair, then a resume
+            _write(tmp_path / side / f"b_{side.lower()}.png", rng.random((24, 32, 3), dtype=np.float32), 8)
+        res = invoke(*args, "-o", tmp_path / where, "--skip-existing")
+        assert res.exit_code == 0, res.output
+        records = [json.loads(line) for line in res.stdout.splitlines()]
+        assert [(Path(r["output"]).name, r["status"]) for r in records] == [("a_sharp.png", "skipped"), ("b_sharp.png", "ok")]
+        for made in (tmp_path / "L" / "b_l.png", tmp_path / "R" / "b_r.png", *(tmp_path / where).glob("*_sharp.png")):
+            made.unlink()  # back to the one pair, for the other folder
 
 
 def test_dual_pixel_folders_to_an_image_file_name_are_refused_as_single_inputs_are(tmp_path, tiny_models):

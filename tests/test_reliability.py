@@ -917,6 +917,18 @@ def test_a_rerun_never_deblurs_its_own_outputs(tmp_path, models):
     assert sorted(p.name for p in photos.glob("*_blurmap*")) == ["a_s_blurmap.png", "b_s_blurmap.png"]
 
 
+def test_a_rerun_through_a_link_to_the_input_folder_never_deblurs_its_own_outputs(tmp_path, models):
+    photos = tmp_path / "photos"
+    for i, n in enumerate("ab"):
+        write_png(photos / f"{n}.png", seed=i)
+    (tmp_path / "link").symlink_to(photos, target_is_directory=True)
+    for inputs, output in ((photos, tmp_path / "link"), (tmp_path / "link", photos)):
+        res = deblur(models["single"], inputs, "-o", output, "--suffix", "_s", "--skip-existing", "--json")
+        assert res.exit_code == 0, res.stderr
+        assert sorted(Path(r["input"]).name for r in map(json.loads, res.stdout.splitlines())) == ["a.png", "b.png"]
+    assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a_s.png", "b.png", "b_s.png"]
+
+
 def test_an_output_never_replaces_another_input(tmp_path, models):
     # a.tif -> a.jpg with --format jpeg would land on the photo a.jpg: refused before any work,
     # --overwrite or not, whichever order the inputs come in

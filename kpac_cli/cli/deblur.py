@@ -12,8 +12,8 @@ import torch
 import typer
 
 from ..engine import Deblurrer, EngineOptions
-from ..engine.batch import (STDIO, JobResult, OutputOptions, PlanError, not_a_folder, options_without_effect, plan_dual, plan_single, read_stream,
-                            run_batch, stream_limit)
+from ..engine.batch import (STDIO, JobResult, OutputOptions, PlanError, names_folder, not_a_folder, options_without_effect, plan_dual, plan_single,
+                            read_stream, run_batch, stream_limit)
 from ..engine.compiled import CompileFailed
 from ..images import DEFAULT_MAX_PIXELS, ImageError, RawOptions
 from ..images.base import FORMAT_ALIASES, path_ext
@@ -139,7 +139,9 @@ def deblur(
         raise usage_error("--bit-depth 32 (float) is written as TIFF only")
     if bit_depth == 16 and fmt == "jpeg":
         raise usage_error("--bit-depth 16 with --format jpeg: JPEG holds 8 bits (use png or tiff)")
-    target = "tiff" if bit_depth == 32 else fmt or FORMAT_ALIASES.get(path_ext(output))
+    # an output folder named like an image (shots.tif/) says nothing of the format of what goes in it
+    named_format = None if output == STDIO or names_folder(output) else FORMAT_ALIASES.get(path_ext(output))
+    target = "tiff" if bit_depth == 32 else fmt or named_format
     if "jpeg_quality" in given_options(ctx) and target in ("png", "tiff"):
         raise usage_error(f"--jpeg-quality applies to JPEG outputs; this run writes {target.upper()}")
     if save_blurmap and output == STDIO:

@@ -188,7 +188,7 @@ def _refuse_image_name_for_folder(output: str, several: str | None, source: str)
     """PlanError when ``-o`` reads as an image file name but the outputs go into a folder:
     ``several`` says how many (``"3 inputs"``), else there is one, from ``source``, a folder.
     A folder named ``out.png`` would be made otherwise, and the user's file never written."""
-    if _names_folder(output) or path_ext(output) not in FORMAT_ALIASES:
+    if names_folder(output) or path_ext(output) not in FORMAT_ALIASES:
         return
     if several is not None:
         raise PlanError(f"-o {output} looks like a file name, but there are {several}; give a folder")
@@ -240,7 +240,8 @@ def _read_named_stream(path: Path, max_pixels: int) -> bytes:
     return data
 
 
-def _names_folder(output: str) -> bool:
+def names_folder(output: str) -> bool:
+    """Whether ``-o`` names a folder: one that exists, or any name ending with a separator."""
     return output.endswith(("/", os.sep)) or Path(output).is_dir()
 
 
@@ -403,7 +404,7 @@ def plan_single(
         data = stdin if stdin is not None else b""
         if output == STDIO:
             return [Job("stdin", data, None, "<stdin>", _output_format(data, options))]
-        if _names_folder(output):
+        if names_folder(output):
             raise PlanError("with stdin input, -o must be '-' or a file path")
         job = Job("stdin", data, Path(output), "<stdin>", _file_target_format(output, options))
         return [_with_companions(job, companions)]
@@ -416,7 +417,7 @@ def plan_single(
         if len(files) != 1:
             raise PlanError("-o - (stdout) takes exactly one input image")
         return [Job(files[0][1].stem, sources[0], None, str(files[0][0]), _output_format(sources[0], options))]
-    if len(files) == 1 and not Path(inputs[0]).is_dir() and not _names_folder(output) and out.suffix != "":
+    if len(files) == 1 and not Path(inputs[0]).is_dir() and not names_folder(output) and out.suffix != "":
         job = Job(files[0][1].stem, sources[0], out, str(files[0][0]), _file_target_format(output, options))
         return [_with_companions(job, companions)]
     if out.exists() and not out.is_dir():
@@ -439,22 +440,29 @@ def plan_single(
     # run with --format png writing a_s.png): outputs are matched by name without extension.
     # Companions count whether this run writes them or not: an earlier run with --save-blurmap
     # left maps that a run without it must not take for photos.
-    named = {Path(os.path.abspath(i)) for i in inputs if not Path(i).is_dir()}
-    derived = {Path(os.path.abspath(p)): i for i, j in enumerate(jobs)
+    named = {_entry_key(Path(i)) for i in inputs if not Path(i).is_dir()}
+    derived = {_entry_key(p): i for i, j in enumerate(jobs)
                for p in ([j.output.with_suffix("")] if options.suffix else [])
                + [_companion(j.output, kind) for kind in COMPANIONS]}
 
     def writer_of(src: Path, i: int) -> int:
-        key = Path(os.path.abspath(src))
+        key = _entry_key(src)
         return derived.get(key, derived.get(key.with_suffix(""), i) if options.suffix else i)
 
-    keep = [writer_of(src, i) == i or Path(os.path.abspath(src)) in named for i, (src, _) in enumerate(files)]
+    keep = [writer_of(src, i) == i or _entry_key(src) in named for i, (src, _) in enumerate(files)]
     jobs = [j for j, k in zip(jobs, keep) if k]
     if not jobs:
         raise PlanError("no images found in the inputs (only outputs of this command)")
     _check_claims(jobs)
     _check_inputs_kept(jobs)
     return jobs
+
+
+def _entry_key(path: Path) -> Path:
+    """One key per folder entry, however the folder is spelt: the folder with every link
+    resolved (``-o`` may be a link to the input folder), and the entry's own name (a link
+    named as an input is not the file it points to)."""
+    return Path(os.path.realpath(path.parent)) / path.name
 
 
 def _check_inputs_kept(jobs: list[Job]) -> None:
@@ -510,7 +518,10 @@ def outputs_claimed_twice(outputs: Iterable[tuple[str, Path]]) -> list[tuple[str
 def plan_dual(left: str, right: str | None, center: str | None, output: str, options: OutputOptions, companions: tuple[str, ...] = ()) -> list[Job]:
     try:
         # sizes and bit depths are checked per pair when it is read: a bad pair fails alone
-        triples = pair_dual_pixel(Path(left), Path(right) if right else None, Path(center) if center else None, check=False)
+        # a previous run's outputs in a view's folder (-o L/ --suffix _s) are no views
+        outputs = (Path(output), options.suffix) if output != STDIO else None
+        triples = pair_dual_pixel(Path(left), Path(right) if right else None, Path(center) if center else None, check=False,
+                                  outputs=outputs)
     except ImageError as e:
         raise PlanError(str(e)) from None
     if output == STDIO:
@@ -519,7 +530,7 @@ def plan_dual(left: str, right: str | None, center: str | None, output: str, opt
         return [Job(triples[0].name, triples[0], None, str(triples[0].left), _output_format(triples[0].left, options))]
     _check_suffix(options.suffix)
     out = Path(output)
-    if len(triples) == 1 and Path(left).is_file() and not _names_folder(output) and out.suffix != "":
+    if len(triples) == 1 and Path(left).is_file() and not names_folder(output) and out.suffix != "":
         return [_with_companions(Job(triples[0].name, triples[0], out, str(triples[0].left), _file_target_format(output, options)), companions)]
     if out.exists() and not out.is_dir():
         raise PlanError(f"-o {output} is an existing file; give a folder for {len(triples)} pair(s)")

@@ -64,15 +64,17 @@ def dpdd_dual_dirs(root: str | Path, split: str = "test") -> tuple[Path, Path, P
     return (root / f"{split}_l" / "source", root / f"{split}_r" / "source", root / f"{split}_c" / "source")
 
 
-def _index(folder: Path, view: str | None = None) -> dict[str, Path]:
+def _index(folder: Path, view: str | None = None, outputs: tuple[Path, str] | None = None) -> dict[str, Path]:
     """Images of ``folder`` by key; with ``view``, only those whose name marks them as that
-    view (for a folder that holds several views)."""
+    view (for a folder that holds several views); ``outputs``: see :func:`pair_dual_pixel`."""
     out: dict[str, Path] = {}
     try:
         files = list_images(folder)
     except OSError as exc:
         raise ImageError(folder, f"cannot list folder ({exc.strerror or exc})") from None
     files = [p for p in files if blurmap_kind(p) is None]  # maps a run wrote beside the views are no views
+    if outputs is not None and outputs[1] and _same_folder(folder, outputs[0]):
+        files = _without_outputs(files, outputs[1])
     if view is not None:
         files = [p for p in files if _view(p) == view]
         if not files:
@@ -85,8 +87,17 @@ def _index(folder: Path, view: str | None = None) -> dict[str, Path]:
     return out
 
 
+def _without_outputs(files: list[Path], suffix: str) -> list[Path]:
+    """``files`` less those named as a pair's output with ``suffix`` (``005_s.png`` beside
+    ``005.png`` or ``005_l.png``): a previous run's outputs, matched by name without extension."""
+    keys = {_key(p) for p in files}
+    n = len(suffix)
+    return [p for p in files if not (p.stem.endswith(suffix) and p.stem[:-n].lower() in keys)]
+
+
 def pair_dual_pixel(
-    left: str | Path, right: str | Path | None = None, center: str | Path | None = None, *, check: bool = True
+    left: str | Path, right: str | Path | None = None, center: str | Path | None = None, *, check: bool = True,
+    outputs: tuple[Path, str] | None = None,
 ) -> list[DualPixelTriple]:
     """Pair dual-pixel views given as files or folders.
 
@@ -98,6 +109,10 @@ def pair_dual_pixel(
         ``test_r/source`` and (if present) ``test_c/source`` are used.
     center : path, optional
         A file or folder of centre (combined) images matched the same way.
+    outputs : (folder, suffix), optional
+        Where the outputs of the pairs go, named ``<name><suffix>.<ext>``: when that folder is
+        one of the views' folders, the files in it named so (a previous run's outputs) are no
+        views, so a rerun into the same folder pairs the views alone. No effect without a suffix.
 
     Returns
     -------
@@ -133,7 +148,7 @@ def pair_dual_pixel(
 
         def index(view: str) -> dict[str, Path]:  # a folder given for several views: by marker
             shared = any(_same_folder(folders[view], f) for v, f in folders.items() if v != view and f is not None)
-            return _index(folders[view], view if shared else None)
+            return _index(folders[view], view if shared else None, outputs)
 
         li, ri = index("left"), index("right")
         ci = index("center") if center is not None else None
