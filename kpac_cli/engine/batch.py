@@ -610,7 +610,8 @@ def run_batch(
     stdout_sink: Callable[[bytes], None] | None = None,
     after_run: Callable[[Job, Any, ImageInfo], dict[str, Any] | None] | None = None,
 ) -> list[JobResult]:
-    """Deblur every job; returns one result per job, in order.
+    """Deblur every job; returns one result per job: first those settled before any work
+    (skipped, refused by :func:`preflight`), then the others in the order of ``jobs``.
 
     Reading of job i+1 and writing of job i-1 overlap with the model running on job i.
     ``on_start(job)`` may return a per-image progress callback; ``after_run`` may write extra
