@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kpac_cli import Deblurrer, EngineOptions, KPACConfig, build_model
+from kpac_cli.engine import TiledInference
 from kpac_cli.metrics import mae, psnr, quantize, ssim
 
 TINY = KPACConfig(levels=2, channels=8, blocks=1)
@@ -98,6 +99,25 @@ def test_torch_tensors_are_taken_also_when_they_require_grad(model, image):
     np.testing.assert_array_equal(d.deblur(as_bf16), d.deblur(as_bf16.float().numpy()))
 
 
+@pytest.mark.parametrize("views", [1, 2])
+def test_a_read_only_array_is_taken_without_torch_s_undefined_behaviour_warning(image, views, monkeypatch):
+    """A memory map or a frozen array is never shared with a tensor: torch.from_numpy warns
+    (once per process, so the calls are watched here) that writing to one is undefined."""
+    torch.manual_seed(0)
+    d = Deblurrer(build_model(KPACConfig(levels=2, channels=8, blocks=1, in_views=views)), _cpu())
+    photo = np.concatenate([image] * views, axis=2)
+    centre = image[::-1].copy() if views == 2 else None
+    expected = d.deblur(photo, centre)
+    for array in (photo, centre):
+        if array is not None:
+            array.flags.writeable = False
+    handed: list[bool] = []
+    from_numpy = torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda array: handed.append(array.flags.writeable) or from_numpy(array))
+    np.testing.assert_array_equal(d.deblur(photo, centre), expected)
+    assert len(handed) == views and all(handed)
+
+
 @pytest.mark.parametrize("shape, hint", [
     ((3, 21, 26), "channels first? np.moveaxis(image, 0, -1)"),
     ((21, 26), "grey?"),
@@ -113,6 +133,18 @@ def test_an_image_of_the_wrong_layout_is_told_what_to_do(model, shape, hint):
 def test_scale_attention_takes_what_deblur_takes(model, image):
     maps = Deblurrer(model, _cpu()).scale_attention(image.tolist())
     assert [m.shape for m in maps] == [(len(TINY.dilations), 6, 7)]  # ceil(21 / 4) x ceil(26 / 4)
+
+
+def test_scale_attention_runs_one_pass_whatever_the_self_ensemble(model, image, monkeypatch):
+    """The maps are those of the image as given: an ensemble's other passes would be thrown away."""
+    expected = Deblurrer(model, _cpu()).scale_attention(image)
+    passes = []
+    engine_call = TiledInference.__call__
+    monkeypatch.setattr(TiledInference, "__call__", lambda self, *args, **kwargs: passes.append(1) or engine_call(self, *args, **kwargs))
+    maps = Deblurrer(model, _cpu(ensemble=8, strength=0.5)).scale_attention(image)
+    assert len(passes) == 1
+    for got, want in zip(maps, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_run_takes_progress_true_as_deblur_does(model, image, capsys):

@@ -204,3 +204,15 @@ def test_oneDNN_fused_ops_stay_out_of_torch_compile_traces(monkeypatch):
         assert fast._mkldnn_ok(x)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         assert not fast._mkldnn_ok(x)
+
+
+def test_compiled_shape_keys_tell_cpu_autocast_apart():
+    """A graph traced under autocast is another graph: the compiled network's shape keys say
+    whether autocast is on for the tensor's own device (CPU bf16 too, not CUDA's alone), so a
+    CPU bf16 pass and its fp32 redo are two compilations, each counted."""
+    from kpac_cli.engine.compiled import _autocast
+
+    x = torch.zeros(1)
+    assert not _autocast(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _autocast(x)

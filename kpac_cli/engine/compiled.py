@@ -65,21 +65,28 @@ class CompiledNetwork:
         return out
 
     def encode(self, x: Tensor, skip_levels: int | None = None):
-        return self._call("encode", ("encode", tuple(x.shape), x.dtype, skip_levels, torch.is_autocast_enabled()), x, skip_levels)
+        return self._call("encode", ("encode", tuple(x.shape), x.dtype, skip_levels, _autocast(x)), x, skip_levels)
 
     def bottleneck(self, encoded: Tensor):
-        return self._call("bottleneck", ("bottleneck", tuple(encoded.shape), encoded.dtype, torch.is_autocast_enabled()), encoded)
+        return self._call("bottleneck", ("bottleneck", tuple(encoded.shape), encoded.dtype, _autocast(encoded)), encoded)
 
     def run_block(self, index: int, x: Tensor, mean: Tensor | None = None):
-        key = ("run_block", index, tuple(x.shape), x.dtype, mean is None, torch.is_autocast_enabled())
+        key = ("run_block", index, tuple(x.shape), x.dtype, mean is None, _autocast(x))
         return self._call("run_block", key, index, x, mean)
 
     def merge(self, outs: list[Tensor]):
-        return self._call("merge", ("merge", tuple(tuple(o.shape) for o in outs), outs[0].dtype, torch.is_autocast_enabled()), outs)
+        return self._call("merge", ("merge", tuple(tuple(o.shape) for o in outs), outs[0].dtype, _autocast(outs[0])), outs)
 
     def decode(self, features: Tensor, skips: list[Tensor]):
-        key = ("decode", tuple(features.shape), tuple(tuple(s.shape) for s in skips), features.dtype, torch.is_autocast_enabled())
+        key = ("decode", tuple(features.shape), tuple(tuple(s.shape) for s in skips), features.dtype, _autocast(features))
         return self._call("decode", key, features, skips)
 
     def default_reference(self, x: Tensor) -> Tensor:
         return self.network.default_reference(x)
+
+
+def _autocast(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device: a shape key's part, as a graph traced under
+    autocast is another (``torch.is_autocast_enabled()`` alone says CUDA's only, so a CPU bf16
+    run and its fp32 redo shared keys and the redo's compile went uncounted)."""
+    return torch.is_autocast_enabled(x.device.type)

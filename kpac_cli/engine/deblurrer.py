@@ -321,9 +321,9 @@ class Deblurrer:
             if center is None:
                 center = image.reshape(image.shape[:2] + (2, 3)).mean(axis=2)  # the views as captured
             views = balance_views(image)
-        x = torch.from_numpy(np.ascontiguousarray(views, dtype=np.float32)).permute(2, 0, 1)[None] * 2 - 1
+        x = _network_units(views)
         if center is not None:
-            ref = torch.from_numpy(np.ascontiguousarray(center, dtype=np.float32)).permute(2, 0, 1)[None] * 2 - 1
+            ref = _network_units(center)
         else:
             ref = self.model.default_reference(x)
         return x, ref
@@ -350,11 +350,16 @@ class Deblurrer:
         not: :attr:`InferenceResult.orientation` says how to turn them); a single-image model
         runs on the image as given.
         """
+        return self._run(image, center, progress, keep_attention, orientation, self.options.ensemble)
+
+    def _run(self, image: np.ndarray, center: np.ndarray | None, progress: ProgressFn | bool | None, keep_attention: bool,
+             orientation: int, passes: int) -> InferenceResult:
+        """:meth:`run` with ``passes`` self-ensemble passes (the options' or, for attention maps alone, 1)."""
         if orientation not in ORIENTATION_DIHEDRAL:
             raise ValueError(f"orientation must be an EXIF orientation, 1-8; got {orientation!r}")
         if progress is True:
             with tqdm_progress() as bars:
-                return self.run(image, center, bars, keep_attention, orientation)
+                return self._run(image, center, bars, keep_attention, orientation, passes)
         if self.config.in_views != 2:
             orientation = 1
         upright = ORIENTATION_DIHEDRAL[orientation]
@@ -365,7 +370,7 @@ class Deblurrer:
         t0 = time.perf_counter()
         compiled_before = getattr(self.network, "compile_seconds", 0.0)
         stats.kept_skips = self.plan_kept_skips(h, w, self.dtype) if stats.tile is not None else 0
-        n = self.options.ensemble
+        n = passes
         # self-ensemble: every flip/transpose, mapped back and averaged (attention maps stay
         # those of the photo as given)
         for k, xk, refk in ensemble_inputs(x, ref, n, self.config.in_views == 2):
@@ -437,8 +442,9 @@ class Deblurrer:
 
     def scale_attention(self, image: np.ndarray, center: np.ndarray | None = None) -> list[np.ndarray | None]:
         """Per KPAC block, the scale-attention maps alpha: (len(dilations), h, w) at the blocks'
-        resolution (1/stride of the image, cropped to ceil(H/stride) x ceil(W/stride))."""
-        result = self.run(image, center, keep_attention=True)
+        resolution (1/stride of the image, cropped to ceil(H/stride) x ceil(W/stride)), from one
+        pass over the image as given, whatever ``options.ensemble`` (the maps are that pass's)."""
+        result = self._run(image, center, None, True, 1, passes=1)
         s, (x_h, x_w) = self.config.stride, result.output.shape[-2:]
         hh, ww = -(-x_h // s), -(-x_w // s)
         return [None if a is None else a[0, :, :hh, :ww].numpy() for a in result.scale_attention]
@@ -451,6 +457,17 @@ def _host_array(image: Any) -> Any:
         image = image.detach().cpu()
         return (image.float() if image.dtype == torch.bfloat16 else image).numpy()  # NumPy has no bfloat16
     return image
+
+
+def _network_units(image: np.ndarray) -> torch.Tensor:
+    """A [0, 1] ``HxWxC`` array as a (1, C, H, W) float32 tensor in the network's [-1, 1] units.
+
+    Scaled in NumPy into a new array, so that the tensor never shares the caller's memory: a
+    read-only array (a memory map, ``np.frombuffer``, a JAX array) would make ``torch.from_numpy``
+    warn of undefined behaviour, though nothing writes to it."""
+    scaled = np.ascontiguousarray(image, dtype=np.float32) * np.float32(2)
+    scaled -= 1
+    return torch.from_numpy(scaled).permute(2, 0, 1)[None]
 
 
 def _layout_hint(shape: tuple[int, ...], channels: int) -> str:
