@@ -1055,3 +1055,15 @@ def test_save_blurmap_with_a_model_without_scale_attention_is_refused_before_the
     monkeypatch.undo()
     res = invoke("deblur", src, "-o", tmp_path / "o", "--model", model)  # without it the model deblurs as ever
     assert res.exit_code == 0 and (tmp_path / "o" / "a.png").is_file(), res.output
+
+
+def test_format_may_be_given_as_an_extension(tmp_path, tiny_models):
+    # Real-ESRGAN's --ext habit: ".jpg" names the format as "jpg" does
+    _write(tmp_path / "a.png", np.random.default_rng(0).random((20, 24, 3), dtype=np.float32), 8)
+    for given, written in ((".jpg", "a.jpg"), ("TIF", "a.tif"), (".PNG", "a.png")):
+        out = tmp_path / f"out{written}"
+        res = invoke("deblur", tmp_path / "a.png", "-o", f"{out}/", "--ext", given, "--model", tiny_models[0])
+        assert res.exit_code == 0, res.output
+        assert [p.name for p in out.iterdir()] == [written]
+    res = invoke("deblur", tmp_path / "a.png", "-o", tmp_path / "o", "--ext", ".webp", "--model", tiny_models[0])
+    assert res.exit_code == 2 and "unknown --format 'webp'" in res.stderr

@@ -124,8 +124,9 @@ def deblur(
         raise stdout_failed(None)
     if output == STDIO and sys.stdout.isatty():
         raise usage_error("-o - writes the image's bytes to stdout, which is a terminal; redirect it (> out.png) or pipe it")
-    if fmt is not None:
-        fmt = FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
+    if fmt is not None:  # "png", "PNG" or ".png" (an extension, as --ext suggests), "jpg", "tif"
+        name = fmt.lower().removeprefix(".")
+        fmt = FORMAT_ALIASES.get(name, name)
         if fmt not in ("png", "tiff", "jpeg"):
             raise usage_error(f"unknown --format {fmt!r} (png, tiff or jpeg)")
     # options that would be ignored where they cannot apply are refused, as elsewhere
