@@ -915,3 +915,27 @@ def test_images_in_sub_folders_are_said_to_be_left_out(folders, tmp_path):
     assert len(report["images"]) == 3 and sum(said in n for n in report["notes"]) == 2
     res = invoke("--pred", folders / "pred" / "more", "--target", folders / "gt" / "more")
     assert res.exit_code == 0 and "not scored" not in res.output
+
+
+def test_the_model_sees_a_transparent_photo_as_kpac_deblur_does(tmp_path, tiny_models):
+    """Colours under alpha 0 (here black beside bright visible pixels) are not shown to the model
+    by kpac deblur; eval --method kpac ran the model on them, so its score was not that of the
+    photo kpac deblur writes. Now both score alike."""
+    rng = np.random.default_rng(11)
+    sharp = _scene(rng)
+    blurred = np.clip(convolve(sharp, disc_psf(2.0)) + 0.3, 0, 1)
+    alpha = np.ones((H, W), np.float32)
+    alpha[:, : W // 3] = 0.0
+    blurred[:, : W // 3] = 0.0  # what straight alpha often leaves under transparency
+    info = ImageInfo(path=None, format="png", bit_depth=8, channels=4, alpha=alpha, icc_profile=None, exif=None,
+                     orientation_applied=1, size=(H, W))
+    (tmp_path / "src").mkdir()
+    write_image(tmp_path / "src" / "a.png", blurred.astype(np.float32), info)
+    _write(tmp_path / "gt" / "a.png", sharp)
+    res = runner.invoke(app, ["deblur", str(tmp_path / "src" / "a.png"), "-o", str(tmp_path / "pred" / "a.png"),
+                              "--model", str(tiny_models[0])], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    via_file = records(invoke("--pred", tmp_path / "pred", "--target", tmp_path / "gt", "--no-lpips", "--json"))[0]
+    in_memory = records(invoke("--source", tmp_path / "src", "--target", tmp_path / "gt", "--model", tiny_models[0],
+                               "--device", "cpu", "--no-lpips", "--json"))[0]
+    assert in_memory["psnr"] == pytest.approx(via_file["psnr"], abs=1e-9)

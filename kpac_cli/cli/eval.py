@@ -178,10 +178,17 @@ class _Runner:
             extra["seconds"] = time.perf_counter() - t0
             extra.update(self._engine_notes())
             return centre, out, extra
-        inp = read(item.source)
+        inp, alpha = self._source(item.source, read)
         t0 = time.perf_counter()
         if self.method == "kpac":
-            out = self.deblurrer.deblur(inp)
+            # as kpac deblur runs it: colours under alpha 0 are not shown to the model (they would
+            # fringe the visible edge) and come back as they were
+            from ..images import fill_transparent
+
+            seen, hidden = fill_transparent(inp, alpha)
+            out = self.deblurrer.deblur(seen)
+            if hidden is not None:
+                out[hidden] = inp[hidden]
         elif self.method == "identity":
             out = inp
         else:
@@ -196,6 +203,16 @@ class _Runner:
         if self.method == "kpac":
             extra.update(self._engine_notes())
         return inp, out, extra
+
+    def _source(self, path: Path, read: Callable[[Path], np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The input's pixels (as the scores read them) and, for the model, its alpha."""
+        from ..images import read_image
+        from ..metrics.evaluate import read_for_metrics
+
+        if self.method != "kpac" or read is not read_for_metrics:
+            return read(path), None
+        image, info = read_image(path)  # read_for_metrics's pixels, and the alpha it drops
+        return image, info.alpha
 
     def _engine_notes(self) -> dict[str, Any]:
         stats = self.deblurrer.last_stats
