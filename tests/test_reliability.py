@@ -1135,7 +1135,10 @@ def test_blurmaps_are_added_to_a_finished_batch_without_touching_its_images(tmp_
     assert records[0]["notes"] == ["the output exists and was kept (--skip-existing); only a_blurmap.png was written beside it"]
     assert stderr_lines(res)[-1] == "0 deblurred, 2 skipped, 0 failed"
     res = deblur(models["single"], tmp_path / "in", "-o", out, "--save-blurmap", "--skip-existing", "--json")
-    assert [json.loads(line)["precision"] for line in res.stdout.splitlines()] == [None, None]  # nothing left to run
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["precision"] for r in records] == [None, None]  # nothing left to run
+    # and the records name the maps kept, as those of the run that wrote them did
+    assert [(r["status"], r["blurmap"]) for r in records] == [("skipped", str(out / f"{n}_blurmap.png")) for n in "ab"]
 
 
 def test_two_spellings_of_one_output_are_one_claim(tmp_path):

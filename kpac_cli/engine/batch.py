@@ -564,7 +564,9 @@ def preflight(job: Job, options: OutputOptions) -> JobResult | None:
         return JobResult(job.input_label, str(job.output), "failed", f"{job.output}: output path exists and is not a regular file")
     if job.output.exists():
         if options.skip_existing and all(path.exists() for path in job.companions.values()):
-            return JobResult(job.input_label, str(job.output), "skipped")
+            # the kept companions are named, as the record of a run that wrote them names them
+            return JobResult(job.input_label, str(job.output), "skipped",
+                             extra={kind: str(path) for kind, path in job.companions.items()})
         # with --skip-existing and a companion missing (an earlier run without --save-blurmap)
         # the job runs for the companion; run_batch keeps the output (_kept_output)
         if not (options.overwrite or options.skip_existing):
