@@ -631,7 +631,7 @@ def test_cli_says_what_the_mean_auc_is_over_when_a_mask_has_one_class(cli, tmp_p
     assert (summary["images"], summary["auc_images"]) == (2, 1)
     assert "AUC: mean of the 1 of 2 images whose mask holds both blurred and sharp pixels" in " ".join(res.stderr.split())
     res = cli(str(imgs / "both.png"), "--eval-masks", str(masks))
-    assert res.exit_code == 0 and "AUC: mean of" not in " ".join(res.stderr.split())  # every image has one: nothing to say
+    assert res.exit_code == 0 and "AUC: mean of" not in " ".join(res.stdout.split())  # every image has one: nothing to say
 
 
 def test_polarity_declared_by_the_checkpoint(tmp_path, photo):
@@ -674,7 +674,7 @@ def test_cli_reversed_auc_hint_follows_the_model_polarity(cli, tmp_path):
     imgs, masks = _banded_set(tmp_path)
     src = str(imgs / "scene.png")
     plain = cli(src, "--eval-masks", str(masks))
-    assert plain.exit_code == 0 and "AUC below 0.5" not in plain.stderr
+    assert plain.exit_code == 0 and "AUC below 0.5" not in plain.stdout
     # the detector's attention is high on blurred regions: a checkpoint declaring "sharp" is wrong
     declared = _cli_for(save_checkpoint(tmp_path / "rev.safetensors", detector_model(), {"blurmap_polarity": "sharp"}))
     res = declared(src, "--eval-masks", str(masks), "--json")
@@ -685,14 +685,14 @@ def test_cli_reversed_auc_hint_follows_the_model_polarity(cli, tmp_path):
     assert ("attention is high on blurred regions, not on sharp ones as its checkpoint declares "
             "(blurmap_polarity: sharp); try --invert") in note, note
     res = declared(src, "--eval-masks", str(masks), "--invert")
-    assert res.exit_code == 0 and "AUC below 0.5" not in res.stderr
+    assert res.exit_code == 0 and "AUC below 0.5" not in res.stdout
     # --invert on a model read the right way: the advice is to drop it, not to give it again
     res = cli(src, "--eval-masks", str(masks), "--invert")
-    note = _words(res.stderr)
+    note = _words(res.stdout)
     assert "not on sharp ones as --invert has it; drop --invert" in note and "try --invert" not in note, note
     # masks declared white-where-sharp that are not: the hint names that flag too
     res = cli(src, "--eval-masks", str(masks), "--masks-sharp-white")
-    assert "drop --masks-sharp-white if the masks are white where blurred" in _words(res.stderr)
+    assert "drop --masks-sharp-white if the masks are white where blurred" in _words(res.stdout)
 
 
 def test_cli_masks_kept_beside_the_photos(cli, tmp_path):
@@ -1262,7 +1262,22 @@ def test_cli_score_table_shows_names_with_brackets(cli, tmp_path):
         (folder / "scene.png").rename(folder / "scene [draft].png")
     res = cli(str(imgs), "--eval-masks", str(masks))
     assert res.exit_code == 0, res.output
-    assert "scene [draft].png" in res.stderr, res.stderr
+    assert "scene [draft].png" in res.stdout, res.stdout
+
+
+def test_cli_scores_are_the_result_on_stdout_quiet_or_not(cli, tmp_path):
+    # as kpac eval's tables: `kpac blurmap imgs --eval-masks gt > scores.txt` keeps them, and -q
+    # (no progress or summary) does not hide the result; with --json they go to stderr, -q hides them
+    imgs, masks = _banded_set(tmp_path)
+    for flags in ((), ("-q",)):
+        res = cli(str(imgs), "--eval-masks", str(masks), *flags)
+        assert res.exit_code == 0, res.output
+        assert "paper, CUHK" in res.stdout and "F-measure with beta^2" in _words(res.stdout)
+        assert "paper, CUHK" not in res.stderr
+    res = cli(str(imgs), "--eval-masks", str(masks), "--json")
+    assert "paper, CUHK" in res.stderr and all(line.startswith("{") for line in res.stdout.splitlines())
+    res = cli(str(imgs), "--eval-masks", str(masks), "--json", "-q")
+    assert "paper, CUHK" not in res.stderr + res.stdout
 
 
 @pytest.mark.parametrize("flags,said", [

@@ -17,6 +17,7 @@ from .common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TERMINATED,
+    StdoutConsole,
     Terminated,
     device_option,
     dual_pixel_mode,
@@ -36,6 +37,7 @@ from .common import (
     show_progress,
     sigterm_raises,
     usage_error,
+    writing_stdout,
 )
 
 _HELP = """Write the scale-attention maps of a KPAC model as blur-detection / blur-size maps.
@@ -430,12 +432,16 @@ def blurmap(
         from ..blurmap import F_BETA2, summarize
 
         summary = summarize(s for _, s in all_scores)
+        table = (all_scores, summary, PAPER_CUHK, F_BETA2, block, dilation, invert, polarity,
+                 0.5 if threshold is None else threshold, masks_sharp_white)
         if json_out:
             emit_json({"summary": summary, "paper_cuhk": PAPER_CUHK, "f_beta2": F_BETA2, "block": block, "dilation": dilation,
                        "invert": invert, "polarity": polarity, "upsample": upsample, "threshold": 0.5 if threshold is None else threshold, "model": deblurrer.name})
-        if not quiet:
-            _print_table(all_scores, summary, PAPER_CUHK, F_BETA2, block, dilation, invert, polarity,
-                         0.5 if threshold is None else threshold, masks_sharp_white)
+            if not quiet:  # for whoever watches: stdout holds the records
+                _print_table(*table, console=err_console)
+        else:  # the scores are the run's result: on stdout, as kpac eval's tables, -q or not
+            with writing_stdout():
+                _print_table(*table, console=StdoutConsole(highlight=False))
     if exit_code == EXIT_OK and counts["failed"]:
         exit_code = EXIT_FAILED
     if not quiet:
@@ -568,7 +574,7 @@ def _reversed_hint(polarity: str, invert: bool, masks_sharp_white: bool) -> str:
             f"{found} regions, not on {read_as} ones {why}; {fix} (or {masks}).")
 
 
-def _print_table(rows, summary, paper, beta2, block, dilation, invert, polarity, threshold, masks_sharp_white=False) -> None:
+def _print_table(rows, summary, paper, beta2, block, dilation, invert, polarity, threshold, masks_sharp_white, console) -> None:
     from rich.markup import escape  # file names may hold '[...]'
     from rich.table import Table
 
@@ -583,14 +589,14 @@ def _print_table(rows, summary, paper, beta2, block, dilation, invert, polarity,
     table.add_row(f"mean of {summary['images']} images", _fmt(summary["f_measure"]), _fmt(summary["accuracy"], True),
                   _fmt(summary["precision"]), _fmt(summary["recall"]), _fmt(summary["auc"]), style="bold")
     table.add_row("paper, CUHK", _fmt(paper["f_measure"]), _fmt(paper["accuracy"], True), "-", "-", "-", style="dim")
-    err_console.print(table)
+    console.print(table)
     auc = summary.get("auc")
     note = (f"F-measure with beta^2 = {beta2}; means over images; the paper's figures use block 1, dilation 1. "
             "Masks: white = blurred unless --masks-sharp-white.")
     note += _auc_count_note(summary)
     if auc is not None and auc < 0.5:
         note += _reversed_hint(polarity, invert, masks_sharp_white)
-    err_console.print(note)
+    console.print(note, soft_wrap=True)
 
 
 def _auc_count_note(summary: dict[str, Any]) -> str:
