@@ -683,6 +683,23 @@ def test_models_lists_a_model_whose_scores_are_not_numbers(tmp_path, monkeypatch
     assert records["mine"]["default_for"] is None
 
 
+def test_models_prints_metadata_with_brackets_verbatim(tmp_path, monkeypatch):
+    """A model's own metadata is text: '[/x]' in its scores or iterations is shown as written,
+    neither a crash on rich markup nor swallowed as a style tag."""
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    provenance = {"iterations": "[/i]", "scores": {"psnr": "[/x]", "ssim": "[b]0.9"}}
+    save_checkpoint(folder / "mine.safetensors", build_model(KPACConfig(levels=2, channels=8)), provenance)
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(folder))
+    res = CliRunner().invoke(app, ["models"])
+    assert res.exit_code == 0 and res.exception is None, res.output
+    assert "[/i]" in res.stdout and "psnr [/x]" in res.stdout and "ssim [b]0.9" in res.stdout, res.stdout
+
+
 def test_models_names_a_file_whose_weights_do_not_fit_its_declared_architecture(tmp_path, monkeypatch):
     """A listed model must load: metadata declaring 3 levels over 2-level weights is an error (exit 1)."""
     from typer.testing import CliRunner

@@ -351,6 +351,14 @@ def test_check_size_with_static_is_refused_not_ignored(tmp_path):
     assert res.exit_code == 2 and "--check-size with --static" in res.stderr and not out.exists(), res.output
 
 
+def test_check_size_without_check_is_refused_not_ignored(tmp_path):
+    """--check-size sizes the --check image: without --check nothing would use it."""
+    out = tmp_path / "s.onnx"
+    res = invoke_export("--onnx", out, "--config", "single_2level", "--check-size", "128x128")
+    assert res.exit_code == 2 and "--check-size applies to --check" in res.stderr, res.output
+    assert not out.exists()
+
+
 # --- kpac bench with the onnxruntime backend ---------------------------------------------
 
 

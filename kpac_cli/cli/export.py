@@ -99,6 +99,8 @@ def export(
             raise usage_error(f"{flag}: {e}") from None
     if static and "check_size" in given_options(ctx):  # it would be ignored: the graph takes one size
         raise usage_error("--check-size with --static: a static graph is checked at its own size (--static WxH)")
+    if not check and "check_size" in given_options(ctx):  # nothing is checked: it would be ignored
+        raise usage_error("--check-size applies to --check (the size of its test image); add --check or leave it out")
     sample = sizes["--static"] or (96, 64)
     cw, ch = sizes["--check-size"]
     if check:  # before anything is written: a file left by a command that then fails would look like a result

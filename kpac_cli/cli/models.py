@@ -90,9 +90,10 @@ def _print_table(infos: list) -> None:
         if "total_iterations" in p and p["total_iterations"] != p.get("iterations"):
             iterations = f"{p['total_iterations']} ({iterations} in its last run)"
         default = (" (default, dual-pixel)" if m.config.in_views == 2 else " (default)") if m.default else ""
-        table.add_row(Text(m.name + default), kind,  # a file name, verbatim
+        # a file's name and metadata, verbatim: '[' in them is text, not rich markup
+        table.add_row(Text(m.name + default), kind,
                       f"{count_parameters(build_model(m.config)) / 1e6:.2f} M",
-                      iterations, headline_scores(p.get("scores"), dual=m.config.in_views == 2))
+                      Text(iterations), Text(headline_scores(p.get("scores"), dual=m.config.in_views == 2)))
     Console().print(table)
 
 
