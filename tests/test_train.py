@@ -9,6 +9,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import struct
@@ -677,7 +678,8 @@ def test_paired_folders_16bit_uncached_with_holdout(tmp_path, dpdd):
     src.mkdir(), tgt.mkdir()
     files = sorted((dpdd / "train_c/source").iterdir())[:5] + sorted((dpdd / "val_c/source").iterdir())
     targets = sorted((dpdd / "train_c/target").iterdir())[:5] + sorted((dpdd / "val_c/target").iterdir())
-    for i, (a, b) in enumerate(zip(files * 2, targets * 2)):  # 14 pairs
+    # 14 pairs, none twice (a held-out pair must be no training pair): the second 7 take other targets
+    for i, (a, b) in enumerate(zip(files * 2, targets + targets[1:] + targets[:1])):
         (src / f"p{i:02d}.png").write_bytes(a.read_bytes())
         (tgt / f"p{i:02d}.png").write_bytes(b.read_bytes())
     notes = []
@@ -1518,8 +1520,9 @@ def test_a_new_description_for_a_complete_run_says_where_it_goes(tmp_path, cli):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_data_problem_met_mid_run_is_one_line_and_keeps_the_iterations_done(tmp_path, workers):
-    """Photos read as training needs them (--cache no) may fail late: the error reads as it was
-    raised, also from a worker process, and last.pt keeps what was trained."""
+    """Photos read as training needs them (--cache no) may fail late (a file whose header reads
+    but whose pixels do not): the error reads as it was raised, also from a worker process, and
+    last.pt keeps what was trained."""
     rng = np.random.default_rng(0)
     names = [f"p{i}" for i in range(4)]
     broken = names[D._EpochOrder(4, 0)(2)]  # the photo the third sample reads
@@ -1528,14 +1531,17 @@ def test_a_data_problem_met_mid_run_is_one_line_and_keeps_the_iterations_done(tm
     for name in names:
         img = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
         write_png(tmp_path / "src" / f"{name}.png", img)
-        write_png(tmp_path / "tgt" / f"{name}.png", img[:36] if name == broken else img)
+        write_png(tmp_path / "tgt" / f"{name}.png", img)
+    truncated = tmp_path / "tgt" / f"{broken}.png"
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2] + data[-12:])  # IDAT cut short, IEND kept
     run = tmp_path / "run"
     cfg = TrainConfig(out=run, source=tmp_path / "src", target=tmp_path / "tgt", model=TINY, iterations=6, batch=1,
                       crop="32", val_count=0, cache="no", workers=workers, tensorboard=False)
     with pytest.raises(TrainingError) as caught:  # a failed run (exit 1), not a usage error
         train(cfg)
     message = str(caught.value)
-    assert message.startswith(f"pair {broken}: image sizes differ") and "\n" not in message and "Traceback" not in message
+    assert message.startswith(f"{truncated}: PNG file is truncated") and "\n" not in message and "Traceback" not in message
     assert message.endswith(f"(training stopped at iteration 2; {run / 'last.pt'} holds iteration 2)")
     assert load_state(run / "last.pt")["step"] == 2
     # no worker is left behind: one that ignores SIGTERM would hold the process at exit forever
@@ -1561,3 +1567,57 @@ def test_a_resume_names_what_changes_how_batches_are_drawn():
     # the same global batch from other factors: the order still changes, the batch does not
     assert _sampling_changes({"seed": 0, "batch": 8, "world_size": 1}, cfg, 2) == "--batch 8 -> 4, processes 1 -> 2"
     assert _sampling_changes({"seed": 3}, cfg, 1) == "--seed 3 -> 0"
+
+
+def test_a_pair_of_different_sizes_fails_before_the_run_also_when_decoded_as_needed(tmp_path):
+    """--cache no decodes each sample as training needs it: the headers still show the mismatch first."""
+    rng = np.random.default_rng(0)
+    for folder in ("src", "tgt"):
+        (tmp_path / folder).mkdir()
+    for i in range(3):
+        img = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
+        write_png(tmp_path / "src" / f"p{i}.png", img)
+        write_png(tmp_path / "tgt" / f"p{i}.png", img[:36] if i == 2 else img)
+    cfg = TrainConfig(out=tmp_path / "run", source=tmp_path / "src", target=tmp_path / "tgt", model=TINY, crop="32",
+                      val_count=0, cache="no", workers=0)
+    with pytest.raises(DataError) as caught:
+        D.build_data(cfg, TINY.stride)
+    assert str(caught.value) == (f"pair p2: image sizes differ ({tmp_path / 'src' / 'p2.png'} 40x40, "
+                                 f"{tmp_path / 'tgt' / 'p2.png'} 40x36)")
+
+
+def test_validation_never_scores_an_image_the_run_trains_on(tmp_path):
+    photos = _photos(tmp_path / "photos", 10)
+    synthetic = dict(out=tmp_path / "run", model=TINY, crop="32", max_radius=2, val_crop=32, val_count=1, workers=0)
+    # a folder given twice: every photo twice (p0, p0_2, p1, ...), the held-out one (every 10th: p4_2) too
+    with pytest.raises(DataError, match=rf"^{re.escape(str(photos / 'p4.png'))} is both a training and a validation image "
+                                        r"\(given twice\)"):
+        D.build_data(TrainConfig(synthetic=(photos, photos), **synthetic), TINY.stride)
+    assert D.build_data(TrainConfig(synthetic=(photos, photos), **{**synthetic, "val_count": 0}), TINY.stride).val == []
+    shutil.copyfile(photos / "p8.png", photos / "copy.png")  # sorted first: the held-out photo is now p8
+    with pytest.raises(DataError, match=rf"^validation image {re.escape(str(photos / 'p8.png'))} has the same bytes as "
+                                        rf"training image {re.escape(str(photos / 'copy.png'))}:"):
+        D.build_data(TrainConfig(synthetic=(photos,), **synthetic), TINY.stride)
+    (photos / "copy.png").unlink()
+    assert len(D.build_data(TrainConfig(synthetic=(photos,), **synthetic), TINY.stride).val) == 1
+    # paired folders: validation folders that are the training folders
+    paired = dict(out=tmp_path / "run", source=photos, target=photos, model=TINY, crop="32", val_crop=32, val_count=1,
+                  workers=0)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(photos / 'p0.png'))} is both a training and a validation pair"):
+        D.build_data(TrainConfig(val_source=photos, val_target=photos, **paired), TINY.stride)
+
+
+@pytest.mark.parametrize("setting, flag", [
+    ({"saturation": float("inf"), "synthetic": (Path("photos"),)}, "--saturation"),
+    ({"blur_rank_weight": float("nan"), "synthetic": (Path("photos"),)}, "--blur-rank-weight"),
+    ({"perceptual_weight": -1.0, "stage": "perceptual"}, "--perceptual-weight"),
+    ({"grad_clip": float("nan")}, "--grad-clip"),
+])
+def test_weights_and_factors_that_are_no_numbers_are_refused(setting, flag):
+    """NaN passes every "< 0" test: it would silently switch a term off, poison the loss, or
+    (an infinite --saturation) crash the first sample."""
+    cfg = TrainConfig(**{"data": Path("dpdd"), "model": TINY, **setting})
+    if "synthetic" in setting:
+        cfg = cfg.replace(data=None)
+    with pytest.raises(ValueError, match=f"^{flag} must be a number "):
+        cfg.validate()

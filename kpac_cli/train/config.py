@@ -298,14 +298,17 @@ class TrainConfig:
             raise ValueError("--noise-max must be >= 0")
         if not 0 < self.rescale <= 1:
             raise ValueError(f"--rescale must lie in (0, 1], got {self.rescale}")
-        if not self.saturation >= 1:
-            raise ValueError(f"--saturation must be >= 1, got {self.saturation}")
+        if not (math.isfinite(self.saturation) and self.saturation >= 1):  # inf: no factor can be drawn
+            raise ValueError(f"--saturation must be a number >= 1, got {self.saturation}")
         if (self.rescale < 1 or self.transpose or self.saturation > 1) and self.data_kind != "synthetic":
             raise ValueError("--rescale, --transpose and --saturation apply to synthetic data (they change the sharp scene before rendering)")
         if not 0 <= self.ema < 1:
             raise ValueError(f"--ema must lie in [0, 1), got {self.ema}")
-        if self.blur_rank_weight < 0:
-            raise ValueError("--blur-rank-weight must be >= 0")
+        # NaN passes every "< 0" test and then silently switches the term off (or poisons the loss)
+        for name in ("blur_rank_weight", "perceptual_weight", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {value:g}")
         if self.blur_rank_weight > 0 and self.data_kind != "synthetic":
             raise ValueError("--blur-rank-weight needs synthetic data (it uses the true blur radius of every pixel)")
         if self.blur_rank_weight > 0 and self.model is not None and not self.model.scale_attention:

@@ -171,6 +171,13 @@ def _as_float(a: np.ndarray) -> np.ndarray:
     return _codes_to_float(a, np.iinfo(a.dtype).max)
 
 
+def _check_pair_sizes(pair: PairFiles, sizes: dict[str, tuple[int, ...]]) -> None:
+    """Raise DataError when the images of a pair (``(height, width)`` per role) differ in size."""
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{pair.roles()[r]} {s[1]}x{s[0]}" for r, s in sizes.items())  # paths: the names may be alike
+        raise DataError(f"pair {pair.name}: image sizes differ ({listing})")
+
+
 class PairStore:
     """Decoded image pairs at the training bit depth, in memory or read on demand.
 
@@ -185,19 +192,27 @@ class PairStore:
         self.pairs = list(pairs)
         self.bit_depth = bit_depth
         self._cache: list[dict[str, np.ndarray]] | None = None
+        self._header_sizes: list[dict[str, tuple[int, int]]] | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def header_sizes(self) -> list[dict[str, tuple[int, int]]]:
+        """Each pair's ``(height, width)`` per role, from the file headers (read once)."""
+        if self._header_sizes is None:
+            self._header_sizes = [{role: probe_size(p) for role, p in pair.roles().items()} for pair in self.pairs]
+        return self._header_sizes
+
+    def check_sizes(self) -> None:
+        """Raise DataError for the first pair whose images differ in size, from the headers: a
+        run that decodes each sample as it needs it would otherwise meet it mid-run."""
+        for pair, sizes in zip(self.pairs, self.header_sizes()):
+            _check_pair_sizes(pair, sizes)
+
     def estimate_bytes(self) -> int:
         """Memory the decoded pairs take (from the headers; 16-bit data counted at 2 bytes)."""
-        total = 0
         per = 1 if self.bit_depth == 8 else 2
-        for pair in self.pairs:
-            for p in pair.roles().values():
-                h, w = probe_size(p)
-                total += h * w * 3 * per
-        return total
+        return sum(h * w * 3 * per for sizes in self.header_sizes() for h, w in sizes.values())
 
     def decide_cache(self, mode: str, share: int = 1, log: Log = _silent) -> bool:
         """``yes``/``no``, or ``auto``: cache when it takes under half the available memory."""
@@ -220,10 +235,7 @@ class PairStore:
         pair = self.pairs[i]
         depth = 8 if self.bit_depth == 8 else None
         arrays = {role: read_image_codes(p, bit_depth=depth)[0] for role, p in pair.roles().items()}
-        shapes = {role: a.shape for role, a in arrays.items()}
-        if len(set(shapes.values())) > 1:
-            listing = ", ".join(f"{pair.roles()[r].name} {s[1]}x{s[0]}" for r, s in shapes.items())
-            raise DataError(f"pair {pair.name}: image sizes differ ({listing})")
+        _check_pair_sizes(pair, {role: a.shape[:2] for role, a in arrays.items()})
         return arrays
 
     def preload(self, threads: int = 0, progress: Callable[[int, int], None] | None = None) -> None:
@@ -585,6 +597,11 @@ def _pairs_items(pairs: Sequence[PairFiles]) -> list[tuple[str, list[str]]]:
     return [(pair.source.name, [str(p) for p in pair.roles().values()]) for pair in pairs]
 
 
+def _named_digests(pairs: Sequence[PairFiles], digests: Sequence[str | None]) -> list[tuple[str, str | None]]:
+    """Each pair, named by its source file, with its digest (see :func:`data_record`)."""
+    return [(str(pair.source), d) for pair, d in zip(pairs, digests)]
+
+
 def _list_some(names: Sequence[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
@@ -616,6 +633,28 @@ def check_same_data(saved: dict[str, Any], now: dict[str, Any], noun: str = "ima
     raise DataError(f"the training data are not the run's ({len(before)} {noun} then, {len(after)} now: {what}); "
                     "resuming would change what it trains and validates on: give the run's own data (its folders may "
                     f"have moved), or start a new run from its weights with --init {run}")
+
+
+def check_held_out(train: Sequence[tuple[str, str | None]], val: Sequence[tuple[str, str | None]], noun: str) -> None:
+    """Raise DataError when a validation item has the same bytes as a training item (a folder
+    given twice, a copy of a photo, validation folders that are the training folders): validation
+    would score what the model trained on. Items are ``(name, digest)``; a None digest (no file)
+    is never a match."""
+    trained = {digest: name for name, digest in train if digest is not None}
+    for name, digest in val:
+        if digest is None or digest not in trained:
+            continue
+        if trained[digest] == name:
+            raise DataError(f"{name} is both a training and a validation {noun} (given twice): validation would score "
+                            "what the model trained on; give it once")
+        raise DataError(f"validation {noun} {name} has the same bytes as training {noun} {trained[digest]}: validation "
+                        "would score what the model trained on; remove one of them")
+
+
+def _check_split(items: Sequence[tuple[str, str | None]], held: Sequence[int], noun: str) -> None:
+    """:func:`check_held_out` for items split by index: ``held`` validate, the others train."""
+    kept = set(held)
+    check_held_out([x for i, x in enumerate(items) if i not in kept], [items[i] for i in held], noun)
 
 
 # The size of a synthetic run's validation renders when --val-crop is 0 (whole images are for photo pairs).
@@ -706,6 +745,8 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
         held = split_holdout(len(sources)) if cfg.val_count > 0 or legacy_holdout else []
         train_src = [s for i, s in enumerate(sources) if i not in set(held)]
         val_src = [sources[i] for i in held] or sources
+        if held and cfg.val_count > 0:
+            _check_split([(s.origin, d) for s, d in zip(sources, record["digests"])], held, "image")
         if not held and cfg.val_count > 0:
             note("only one sharp source: validation renders it with other random draws (not held out)")
         dataset = SyntheticDataset(train_src, settings, seed=cfg.seed, noise_max=cfg.noise_max, flips=cfg.flips, dual=cfg.dual,
@@ -757,10 +798,14 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
         val_pairs = []
         if cfg.val_source is not None:
             val_pairs = folder_pairs(cfg.val_source, cfg.val_target, log=note)
+            if cfg.val_count > 0:
+                check_held_out(_named_digests(pairs, record["digests"]),
+                               _named_digests(val_pairs, _digests([files for _, files in _pairs_items(val_pairs)])), "pair")
         elif cfg.val_count > 0:
             held = split_holdout(len(pairs)) if len(pairs) >= 10 else []
             held = held[: cfg.val_count]
             if held:
+                _check_split(_named_digests(pairs, record["digests"]), held, "pair")
                 val_pairs = [pairs[i] for i in held]
                 pairs = [p for i, p in enumerate(pairs) if i not in set(held)]
                 note(f"holding out {len(val_pairs)} of the pairs for validation (every 10th); give val folders to choose them")
@@ -769,6 +814,7 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
         desc = f"paired folders {cfg.source} -> {cfg.target}: {len(pairs)} training pairs"
 
     store = PairStore(pairs, cfg.bit_depth)
+    store.check_sizes()  # before the run, also when samples are decoded as training needs them
     cached = store.decide_cache(cfg.cache, share=local_world, log=note)
     if cached:
         store.preload(progress=load_progress)
