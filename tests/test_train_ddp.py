@@ -121,7 +121,8 @@ def _run_ranks(args: list[str], timeout: float = 240, program: tuple[str, ...] =
 
 
 def _pairs_with_one_broken(root: Path, broken_key: int) -> str:
-    """4 paired photos; the one the sample of ``broken_key`` reads (none: -1) has a target of another size."""
+    """4 paired photos; the one the sample of ``broken_key`` reads (none: -1) has a target whose
+    header reads but whose pixels do not (a problem met only when the sample is decoded)."""
     rng = np.random.default_rng(0)
     names = [f"p{i}" for i in range(4)]
     broken = names[_EpochOrder(4, 0)(broken_key)] if broken_key >= 0 else ""
@@ -130,7 +131,11 @@ def _pairs_with_one_broken(root: Path, broken_key: int) -> str:
     for name in names:
         img = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
         write_png(root / "src" / f"{name}.png", img)
-        write_png(root / "tgt" / f"{name}.png", img[:36] if name == broken else img)
+        write_png(root / "tgt" / f"{name}.png", img)
+    if broken:
+        truncated = root / "tgt" / f"{broken}.png"
+        data = truncated.read_bytes()
+        truncated.write_bytes(data[: len(data) // 2] + data[-12:])  # IDAT cut short, IEND kept
     return broken
 
 
@@ -148,8 +153,9 @@ def test_a_data_problem_of_one_rank_ends_every_rank_with_one_message(tmp_path):
                          "--run-dir", str(run), *_TINY_RUN, "--iterations", "6", "--val-count", "0", "--cache", "no",
                          "--workers", "1", "-q"])
     assert r0.returncode == 1 and r1.returncode == 1, (r0.stderr[-3000:], r1.stderr[-3000:])
-    assert r0.stderr.splitlines() == [f"error: pair {broken}: image sizes differ ({broken}.png 40x40, {broken}.png 40x36) "
-                                      f"(training stopped at iteration 1; {run / 'last.pt'} holds iteration 1)"], r0.stderr
+    [line] = r0.stderr.splitlines()
+    assert line.startswith(f"error: {tmp_path / 'tgt' / broken}.png: PNG file is truncated"), r0.stderr
+    assert line.endswith(f"(training stopped at iteration 1; {run / 'last.pt'} holds iteration 1)"), r0.stderr
     assert r1.stderr == "", r1.stderr
     assert load_state(run / "last.pt")["step"] == 1
 
