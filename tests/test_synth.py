@@ -900,3 +900,23 @@ def test_cli_synth_overwrite_where_every_source_fails_keeps_the_earlier_dataset(
     res = runner.invoke(app, ["synth", str(bad.parent), "-o", str(tmp_path / "new"), "--count", "2", "--json", "-q"])
     assert res.exit_code == 1 and json.loads(res.stdout)["count"] == 0, res.output
     assert not (tmp_path / "new").exists()
+
+
+def test_a_photo_given_twice_is_refused_not_drawn_twice(tmp_path):
+    # a folder and one of its files, or a file twice: it would be two sources under two names
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray((np.random.default_rng(1).random((40, 40, 3)) * 255).astype(np.uint8)).save(photos / f"{name}.png")
+    runner = CliRunner()
+    for given in ([photos, photos / "a.png"], [photos / "a.png", tmp_path / "photos" / "." / "a.png"]):
+        res = runner.invoke(app, ["synth", *map(str, given), "-o", str(tmp_path / "ds"), "--count", "2", "--crop", "32"])
+        assert res.exit_code == 2 and "a.png is given twice" in res.stderr, res.output
+        assert not (tmp_path / "ds").exists()
+    res = runner.invoke(app, ["synth", str(photos), "-o", str(tmp_path / "ds"), "--count", "2", "--crop", "32", "-q"])
+    assert res.exit_code == 0, res.output

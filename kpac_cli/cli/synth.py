@@ -48,6 +48,17 @@ def _check_output_folder(out: Path) -> None:
         raise usage_error(f"-o {out}: cannot create it: {blocker} is not a folder")
 
 
+def _given_twice(paths: list[Path]) -> Path | None:
+    """The first photo among ``paths`` that is one file already listed, however it was spelt."""
+    seen: set[Path] = set()
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            return path
+        seen.add(key)
+    return None
+
+
 def _error_text(exc: Exception) -> str:
     """An error in words: ``PATH: Permission denied``, not ``[Errno 13] Permission denied: 'PATH'``."""
     if isinstance(exc, OSError) and exc.strerror:
@@ -157,6 +168,9 @@ def synth(
     from ..engine.batch import inputs_written_over
 
     files = [(s.name, Path(s.origin)) for s in srcs if not s.origin.startswith(("skimage:", "procedural:"))]
+    twice = _given_twice([path for _, path in files])
+    if twice is not None:  # it would be two sources, drawn twice as often, under two names
+        raise usage_error(f"{twice} is given twice (as a file and in a folder, or twice over); give each photo once")
     replaced = inputs_written_over([("--overwrite", out / rel) for rel in previous], files)
     if replaced:
         raise usage_error(f"{replaced[0][1]}: a source, but part of the --split {split} dataset that --overwrite "
