@@ -213,22 +213,15 @@ def encode_mask(mask: np.ndarray, fmt: str = "png") -> bytes:
     return write_image(None, m.astype(np.float32)[..., None], _info(m.shape, 1, 8, "mask"), format="png", bit_depth=8)
 
 
-def _rgb_profile(icc: bytes | None) -> bytes | None:
-    """``icc`` if it describes RGB data (colour space ``'RGB '`` at bytes 16-19 of the
-    header); a grey photo's display profile made RGB (its tone curve, sRGB's primaries:
-    :func:`kpac_cli.images.icc.rgb_counterpart`), as the PNG specification allows only RGB
-    profiles on RGB images and readers drop others; else None."""
-    from ..images.icc import rgb_counterpart
-
-    return rgb_counterpart(icc)
-
-
 def encode_rgb(image: np.ndarray, icc: bytes | None = None, kind: str = "overlay", alpha: np.ndarray | None = None) -> bytes:
     """``H x W x 3`` float RGB in [0, 1] -> 8-bit RGB PNG bytes (RGBA with ``alpha``, ``H x W``
-    in [0, 1]), with the ICC profile when it is an RGB one (see :func:`_rgb_profile`), marked
-    as ``kind`` (see :data:`KINDS`)."""
+    in [0, 1]), with the ICC profile as RGB pixels take it (an RGB one as it is, a grey photo's
+    made RGB, any other dropped: :func:`kpac_cli.images.icc.rgb_counterpart`), marked as ``kind``
+    (see :data:`KINDS`)."""
+    from ..images.icc import rgb_counterpart
+
     _check_kind(kind)
-    info = _info(image.shape[:2], 3, 8, kind, _rgb_profile(icc), alpha)
+    info = _info(image.shape[:2], 3, 8, kind, rgb_counterpart(icc), alpha)
     return write_image(None, image, info, format="png", bit_depth=8)
 
 

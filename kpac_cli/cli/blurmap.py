@@ -601,7 +601,7 @@ def _print_table(rows, summary, paper, beta2, block, dilation, invert, polarity,
 
 def _auc_count_note(summary: dict[str, Any]) -> str:
     """What the mean AUC is over when some masks hold one class only (no AUC there), else ""."""
-    n, k = summary["images"], summary.get("auc_images", summary["images"])
+    n, k = summary["images"], summary["auc_images"]
     if k == n:
         return ""
     return (f" AUC: mean of the {k} of {n} images whose mask holds both blurred and sharp pixels "

@@ -48,17 +48,6 @@ def _check_output_folder(out: Path) -> None:
         raise usage_error(f"-o {out}: cannot create it: {blocker} is not a folder")
 
 
-def _given_twice(paths: list[Path]) -> Path | None:
-    """The first photo among ``paths`` that is one file already listed, however it was spelt."""
-    seen: set[Path] = set()
-    for path in paths:
-        key = path.resolve()
-        if key in seen:
-            return path
-        seen.add(key)
-    return None
-
-
 def _error_text(exc: Exception) -> str:
     """An error in words: ``PATH: Permission denied``, not ``[Errno 13] Permission denied: 'PATH'``."""
     if isinstance(exc, OSError) and exc.strerror:
@@ -165,12 +154,13 @@ def synth(
     if not srcs:
         raise usage_error("no sharp sources: give image files/folders, --skimage, or --procedural N")
     # --overwrite replaces or deletes the previous dataset's files: none may be a source
-    from ..engine.batch import inputs_written_over
+    from ..engine.batch import inputs_written_over, outputs_claimed_twice
 
     files = [(s.name, Path(s.origin)) for s in srcs if not s.origin.startswith(("skimage:", "procedural:"))]
-    twice = _given_twice([path for _, path in files])
-    if twice is not None:  # it would be two sources, drawn twice as often, under two names
-        raise usage_error(f"{twice} is given twice (as a file and in a folder, or twice over); give each photo once")
+    # one file listed twice, however spelt (by its path with links resolved, as outputs are told apart)
+    twice = outputs_claimed_twice((str(path), path) for _, path in files)
+    if twice:  # it would be two sources, drawn twice as often, under two names
+        raise usage_error(f"{twice[0][1]} is given twice (as a file and in a folder, or twice over); give each photo once")
     replaced = inputs_written_over([("--overwrite", out / rel) for rel in previous], files)
     if replaced:
         raise usage_error(f"{replaced[0][1]}: a source, but part of the --split {split} dataset that --overwrite "

@@ -92,17 +92,25 @@ def _text_tag(text: str) -> bytes:
     return b"text" + bytes(4) + text.encode("ascii") + b"\0"
 
 
+_COPYRIGHT = _text_tag("No copyright, use freely")
+
+
 def rgb_profile(description: str, primaries, white, curve: float | str) -> bytes:
     """An ICC v2 RGB display profile (matrix/TRC) of the colour space given by the xy
     chromaticities of its ``primaries`` and ``white`` point and its tone ``curve`` (a gamma,
     or ``"srgb"``). Deterministic: the same arguments give the same bytes. Raises ValueError
     for primaries of no colour space (:func:`colorants`)."""
-    matrix = colorants(primaries, white)
-    trc = _curve_tag(curve)
+    white_tag = _xyz_tag(_xyz(white) if white != D50 else _PCS_WHITE)
+    return _matrix_profile(_description_tag(description), white_tag, colorants(primaries, white), _curve_tag(curve))
+
+
+def _matrix_profile(description: bytes, white: bytes, matrix: np.ndarray, trc: bytes) -> bytes:
+    """An ICC v2 RGB matrix/TRC profile from the data of its tags: ``desc``, ``wtpt``, the
+    colorant ``matrix`` (:func:`colorants`) and one tone curve for the three channels."""
     return _profile(b"RGB ", [
-        (b"desc", _description_tag(description)),
-        (b"cprt", _text_tag("No copyright, use freely")),
-        (b"wtpt", _white_tag(white)),
+        (b"desc", description),
+        (b"cprt", _COPYRIGHT),
+        (b"wtpt", white),
         (b"rXYZ", _xyz_tag(matrix[:, 0])),
         (b"gXYZ", _xyz_tag(matrix[:, 1])),
         (b"bXYZ", _xyz_tag(matrix[:, 2])),
@@ -121,8 +129,8 @@ def grey_counterpart(profile: bytes | None) -> bytes | None:
     tags = _tags_of(profile) if profile is not None and profile[16:20] == b"RGB " else {}
     if not all(signature in tags for signature in (b"desc", b"wtpt", b"rTRC")):
         return None
-    return _profile(b"GRAY", [(b"desc", tags[b"desc"]), (b"cprt", _text_tag("No copyright, use freely")),
-                              (b"wtpt", tags[b"wtpt"]), (b"kTRC", tags[b"rTRC"])])
+    return _profile(b"GRAY", [(b"desc", tags[b"desc"]), (b"cprt", _COPYRIGHT), (b"wtpt", tags[b"wtpt"]),
+                              (b"kTRC", tags[b"rTRC"])])
 
 
 def rgb_counterpart(profile: bytes | None) -> bytes | None:
@@ -136,19 +144,8 @@ def rgb_counterpart(profile: bytes | None) -> bytes | None:
     tags = _tags_of(profile) if profile is not None and profile[16:20] == b"GRAY" else {}
     if not all(signature in tags for signature in (b"wtpt", b"kTRC")) or tags[b"kTRC"][:4] != b"curv":
         return None  # a parametric curve (ICC v4) is no tag of a v2 profile
-    matrix = colorants(SRGB_PRIMARIES, D65)
-    trc = tags[b"kTRC"]
-    return _profile(b"RGB ", [
-        (b"desc", _description_tag("Grey tone curve, sRGB primaries")),
-        (b"cprt", _text_tag("No copyright, use freely")),
-        (b"wtpt", tags[b"wtpt"]),
-        (b"rXYZ", _xyz_tag(matrix[:, 0])),
-        (b"gXYZ", _xyz_tag(matrix[:, 1])),
-        (b"bXYZ", _xyz_tag(matrix[:, 2])),
-        (b"rTRC", trc),
-        (b"gTRC", trc),
-        (b"bTRC", trc),
-    ])
+    return _matrix_profile(_description_tag("Grey tone curve, sRGB primaries"), tags[b"wtpt"],
+                           colorants(SRGB_PRIMARIES, D65), tags[b"kTRC"])
 
 
 def _tags_of(profile: bytes) -> dict[bytes, bytes]:
@@ -162,10 +159,6 @@ def _tags_of(profile: bytes) -> dict[bytes, bytes]:
         if offset + size <= len(profile):
             tags[signature] = profile[offset : offset + size]
     return tags
-
-
-def _white_tag(white) -> bytes:
-    return _xyz_tag(_xyz(white) if white != D50 else _PCS_WHITE)
 
 
 def _profile(colour_space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:

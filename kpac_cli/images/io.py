@@ -919,9 +919,11 @@ def _read_heif(src: _Src, max_pixels):
     if head.premultiplied and arr.shape[2] in (2, 4):
         arr = _unpremultiply(arr, depth)
     raw_icc, raw_exif, raw_xmp, nclx = heif_mod.metadata(heif_file)
-    icc, color_space_dropped = (raw_icc, None) if raw_icc is not None else heif_mod.nclx_profile(nclx)
-    if raw_icc is None:
-        icc = _made_profile_for(arr, icc)
+    if raw_icc is not None:
+        icc, color_space_dropped = raw_icc, None
+    else:
+        made, color_space_dropped = heif_mod.nclx_profile(nclx)
+        icc = _made_profile_for(arr, made)
     exif, xmp = _heif_upright_metadata(raw_exif, raw_xmp)
     extra = {"hdr_gain_map_dropped": head.gain_map, "motion_photo_dropped": meta.declares_motion_photo(xmp),
              "color_space_dropped": color_space_dropped}
@@ -1461,6 +1463,15 @@ JPEG_MAX_DPI = 65535
 #: Longer packets would need "extended XMP" (several segments), which Pillow does not write.
 JPEG_MAX_XMP = 65504
 
+#: The most EXIF (``Exif\0\0`` + TIFF data) one JPEG APP1 segment holds: 65535 - 2 (length)
+#: bytes, Pillow's limit. EXIF has no multi-segment form, so larger EXIF is not written to JPEG.
+JPEG_MAX_EXIF = 65533
+
+#: JPEG segments carried verbatim from a JPEG input to a JPEG output (no other format has a
+#: place for them), by Pillow's name: their marker and how a note names them. COM (comments)
+#: and APP13 (Photoshop resources, where IPTC captions, keywords, credits and copyright live).
+JPEG_CARRIED_SEGMENTS = {"COM": (0xFE, "comments (COM)"), "APP13": (0xED, "IPTC/Photoshop block (APP13)")}
+
 
 def written_xmp(xmp: bytes | None, *, height: int, width: int) -> bytes | None:
     """The XMP packet an output of ``height`` x ``width`` carries for a source's ``xmp``: the
@@ -1470,14 +1481,6 @@ def written_xmp(xmp: bytes | None, *, height: int, width: int) -> bytes | None:
     if xmp is None:
         return None
     return meta.set_xmp_pixel_dimensions(meta.without_secondary_media(xmp), width=width, height=height)
-#: The most EXIF (``Exif\0\0`` + TIFF data) one JPEG APP1 segment holds: 65535 - 2 (length)
-#: bytes, Pillow's limit. EXIF has no multi-segment form, so larger EXIF is not written to JPEG.
-JPEG_MAX_EXIF = 65533
-
-#: JPEG segments carried verbatim from a JPEG input to a JPEG output (no other format has a
-#: place for them), by Pillow's name: their marker and how a note names them. COM (comments)
-#: and APP13 (Photoshop resources, where IPTC captions, keywords, credits and copyright live).
-JPEG_CARRIED_SEGMENTS = {"COM": (0xFE, "comments (COM)"), "APP13": (0xED, "IPTC/Photoshop block (APP13)")}
 
 
 def _jpeg_carried_segments(applist: Iterable[tuple[str, bytes]]) -> tuple[tuple[int, bytes], ...]:
