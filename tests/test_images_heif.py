@@ -307,6 +307,65 @@ def test_thumbnails_are_no_frames():
     assert info.frames == 1 and img.shape == (64, 96, 3) and not info.hdr_gain_map_dropped
 
 
+def _box(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I4s", 8 + len(body), kind) + body
+
+
+def iso_gain_map_heic(arr: np.ndarray, *, brand: bool = True) -> bytes:
+    """``arr`` as a HEIC laid out as an ISO 21496-1 HDR photo (iOS 18, Android): beside the primary
+    image, a ``tmap`` (tone-mapped) derived item made from it (``dimg``), offered as its
+    alternative (an ``altr`` group), and the ``tmap`` brand in ``ftyp`` (without it: ``brand``).
+    The item is the encoder's thumbnail, retyped; libheif lists neither it nor the gain map."""
+    data = bytearray(heic(arr, thumbnails=[16]))
+    second_infe = data.index(b"infe", data.index(b"infe") + 4)
+    at = data.index(b"hvc1", second_infe)
+    data[at : at + 4] = b"tmap"
+    at = data.index(b"thmb")  # the thumbnail's reference to the primary image becomes its input
+    data[at : at + 4] = b"dimg"
+    (ftyp_size,) = struct.unpack(">I", data[:4])
+    ftyp = _box(b"ftyp", bytes(data[8:ftyp_size]) + (b"tmap" if brand else b""))
+    (meta_size,) = struct.unpack(">I", data[ftyp_size : ftyp_size + 4])
+    altr = _box(b"altr", b"\0\0\0\0" + struct.pack(">IIII", 100, 2, 2, 1))  # group 100: items 2 and 1
+    meta = _box(b"meta", bytes(data[ftyp_size + 8 : ftyp_size + meta_size]) + _box(b"grpl", altr))
+    shift = len(ftyp) + len(meta) - ftyp_size - meta_size  # the media data moves by as much
+    out = bytearray(ftyp + meta + data[ftyp_size + meta_size :])
+    at = out.index(b"iloc") + 4
+    assert out[at : at + 6] == b"\0\0\0\0\x44\x40"  # version 0; offsets, lengths, base offsets of 4 bytes
+    (items,) = struct.unpack(">H", out[at + 6 : at + 8])
+    at += 8
+    for _ in range(items):  # item id, data reference index, base offset, extents
+        (base,) = struct.unpack(">I", out[at + 4 : at + 8])
+        out[at + 4 : at + 8] = struct.pack(">I", base + shift)
+        (extents,) = struct.unpack(">H", out[at + 8 : at + 10])
+        at += 10 + 8 * extents
+    return bytes(out)
+
+
+def test_ftyp_brands():
+    ftyp = _box(b"ftyp", b"heic\0\0\0\0mif1tmapheic")
+    assert heif_mod.ftyp_brands(ftyp + b"\0\0\0\x08free") == {b"heic", b"mif1", b"tmap"}
+    assert heif_mod.ftyp_brands(ftyp[:-4]) == {b"heic", b"mif1", b"tmap"}  # cut short: the brands read
+    assert heif_mod.ftyp_brands(b"\x89PNG\r\n\x1a\n" + bytes(16)) == frozenset() == heif_mod.ftyp_brands(b"")
+
+
+@needs_heif
+def test_iso_gain_map_is_recognised_by_the_tmap_brand(tmp_path):
+    photo = rgb8(32, 48, seed=9)
+    data = iso_gain_map_heic(photo)
+    path = tmp_path / "IMG_0002.HEIC"
+    path.write_bytes(data)
+    for source in (path, data):
+        img, info = read_image(source)
+        assert info.frames == 1 and info.hdr_gain_map_dropped  # the base image, and said
+        np.testing.assert_array_equal(img, read_image(heic(photo))[0])
+        assert probe_heif(source).gain_map
+    job = Job("x", path, Path("x.jpg"), str(path), "jpeg")
+    notes = _what_is_not_kept(job, read_image(path)[1], OutputOptions())
+    assert notes == ["the HEIF's HDR gain map was dropped: the output is its SDR rendition"]
+    unbranded = iso_gain_map_heic(photo, brand=False)
+    assert not read_image(unbranded)[1].hdr_gain_map_dropped and not probe_heif(unbranded).gain_map
+
+
 def test_apple_gain_map_is_recognised_by_its_auxiliary_type():
     assert heif_mod.has_gain_map({"urn:com:apple:photo:2020:aux:hdrgainmap": [5]})
     assert not heif_mod.has_gain_map({"urn:com:apple:photo:2018:aux:portraiteffectsmatte": [4]})

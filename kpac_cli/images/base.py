@@ -160,7 +160,8 @@ class ImageInfo:
     hdr_gain_map_dropped : bool
         A JPEG source that holds an HDR gain map: a picture of its MP index (MPF) that the
         picture's own XMP or ISO 21496-1 segment, or the primary picture's, says is one; a
-        HEIF source with Apple's gain map auxiliary image. The gain map is not read (nor
+        HEIF source with Apple's gain map auxiliary image or an ISO 21496-1 one (the file's
+        ``tmap`` brand). The gain map is not read (nor
         counted in ``frames``), so outputs are the SDR image. False for a JPEG whose XMP
         declares a gain map it does not hold.
     motion_photo_dropped : bool

@@ -14,8 +14,9 @@ What libheif gives, and what kpac makes of it (:mod:`.io` applies the pixel conv
   :mod:`.io` can scale them exactly as it scales a 9-15-bit TIFF's).
 * ``frames`` counts the top-level images (a burst, an image collection). Thumbnails, depth
   maps, alpha planes and other auxiliary images (portrait mattes, HDR gain maps) are none:
-  libheif lists them under their image. Apple's HDR gain map is recognised by its auxiliary
-  type (:attr:`HeifHeader.gain_map`).
+  libheif lists them under their image. An HDR gain map is recognised (:attr:`HeifHeader.gain_map`):
+  Apple's by its auxiliary type, an ISO 21496-1 one (iOS 18, Android) by the ``tmap`` brand of
+  its file, which holds it as the hidden input of a tone-mapped image that libheif does not list.
 * Colour: an ICC profile is kept as it is. ``nclx`` colour information (codes of ITU-T H.273)
   without a profile becomes one (:func:`nclx_profile`) when it is no plain sRGB and a matrix/TRC
   profile can say it (:mod:`.io` makes it a grey one for grey pixels); HDR transfers (PQ, HLG)
@@ -42,6 +43,16 @@ INSTALL_HINT = 'pip install "kpac[heic]"'
 
 #: Apple's auxiliary image type of the HDR gain map stored beside an iPhone photo.
 APPLE_GAIN_MAP_AUX_TYPE = "urn:com:apple:photo:2020:aux:hdrgainmap"
+
+#: The ``ftyp`` brand of a HEIF holding a tone-map derived image (``tmap``, ISO/IEC 23008-12
+#: Amd 1): the HDR rendition of the primary image by an ISO 21496-1 gain map.
+TONE_MAP_BRAND = b"tmap"
+
+#: How much of a file's start is read for its ``ftyp`` brands: the box comes first, and is short.
+_FTYP_HEAD_BYTES = 4096
+
+#: The attribute of an opened file (:func:`open_file`) that holds its ``ftyp`` brands.
+_BRANDS_ATTR = "kpac_ftyp_brands"
 
 #: Display P3 (SMPTE EG 432-1 primaries, D65 white; H.273 colour primaries 12): the colour space
 #: of iPhone photos.
@@ -82,7 +93,7 @@ class HeifHeader:
     premultiplied: bool  # the alpha plane says the colour is premultiplied by it
     orientation: int  # what the irot/imir transformations amount to, as an EXIF orientation
     frames: int  # top-level images
-    gain_map: bool  # an HDR gain map is stored beside the primary image
+    gain_map: bool  # an HDR gain map is stored beside the primary image (Apple's, or ISO 21496-1)
 
 
 def open_file(source: str | os.PathLike | bytes, *, lazy: bool = False) -> Any:
@@ -91,10 +102,30 @@ def open_file(source: str | os.PathLike | bytes, *, lazy: bool = False) -> Any:
     probes). Raises what libheif raises for damaged content (ValueError, RuntimeError, ...)."""
     import pillow_heif
 
-    arg = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
+    in_memory = isinstance(source, (bytes, bytearray, memoryview))
+    arg = io.BytesIO(source) if in_memory else os.fspath(source)
     lazy_read = lazy and isinstance(arg, str)
     # samples as stored: no conversion to 8 bits, no shift to the 16-bit range
-    return pillow_heif.open_heif(arg, convert_hdr_to_8bit=False, hdr_to_16bit=False, lazy_read=lazy_read)
+    heif_file = pillow_heif.open_heif(arg, convert_hdr_to_8bit=False, hdr_to_16bit=False, lazy_read=lazy_read)
+    head = bytes(source[:_FTYP_HEAD_BYTES]) if in_memory else _file_head(arg)
+    # libheif lists no tone-mapped image: its brand is what tells of an ISO 21496-1 gain map
+    setattr(heif_file, _BRANDS_ATTR, ftyp_brands(head))
+    return heif_file
+
+
+def _file_head(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(_FTYP_HEAD_BYTES)
+
+
+def ftyp_brands(head: bytes) -> frozenset[bytes]:
+    """The major and compatible brands of the ``ftyp`` box that ``head`` (a file's first bytes)
+    starts with; none where it starts with no such box."""
+    if len(head) < 16 or head[4:8] != b"ftyp":
+        return frozenset()
+    end = min(int.from_bytes(head[:4], "big"), len(head))
+    compatible = (head[at : at + 4] for at in range(16, end - 3, 4))  # after the major brand and minor version
+    return frozenset({head[8:12], *compatible})
 
 
 def header(heif_file: Any) -> HeifHeader:
@@ -109,7 +140,7 @@ def header(heif_file: Any) -> HeifHeader:
         premultiplied=bool(primary.premultiplied_alpha),
         orientation=orientation_of(getattr(primary._c_image, "transformations", ())),  # noqa: SLF001
         frames=len(heif_file),
-        gain_map=has_gain_map(primary.info.get("aux")),
+        gain_map=has_gain_map(primary.info.get("aux")) or TONE_MAP_BRAND in getattr(heif_file, _BRANDS_ATTR, ()),
     )
 
 
@@ -209,5 +240,6 @@ def _chromaticities(nclx: dict, primaries: int) -> tuple[tuple, tuple] | None:
     return tuple(xy[:3]), xy[3]
 
 
-__all__ = ["APPLE_GAIN_MAP_AUX_TYPE", "DISPLAY_P3_PRIMARIES", "INSTALL_HINT", "HeifHeader", "available", "decode",
-           "has_gain_map", "header", "metadata", "nclx_profile", "open_file", "orientation_of"]
+__all__ = ["APPLE_GAIN_MAP_AUX_TYPE", "DISPLAY_P3_PRIMARIES", "INSTALL_HINT", "TONE_MAP_BRAND", "HeifHeader",
+           "available", "decode", "ftyp_brands", "has_gain_map", "header", "metadata", "nclx_profile", "open_file",
+           "orientation_of"]

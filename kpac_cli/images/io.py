@@ -57,7 +57,8 @@ HEIC/HEIF
     :mod:`.heif` (pillow-heif, libheif), with the optional extra ``kpac[heic]`` (without it,
     refused, saying how to get it). The primary image is read; ``info.frames`` counts the
     top-level images (a burst, an image collection), not thumbnails, depth maps, alpha planes or
-    other auxiliary images; Apple's HDR gain map is not read (``info.hdr_gain_map_dropped``).
+    other auxiliary images; an HDR gain map (Apple's, or ISO 21496-1) is not read
+    (``info.hdr_gain_map_dropped``).
     8-bit, or 10/12-bit rescaled to 16 as a 9-15-bit TIFF's; grey, RGB, alpha (premultiplied
     alpha made straight). The orientation is the HEIF's own, the ``irot``/``imir``
     transformations libheif applies on decoding (``info.orientation_applied`` says which); the
@@ -891,7 +892,9 @@ def _open_heif(src: _Src, *, lazy: bool = False) -> Any:
     except Exception as exc:  # libheif's errors on damaged content: ValueError, RuntimeError, EOFError, ...
         raise _decode_error(src.name, "HEIF", exc) from None
     if len(heif_file) == 0:
-        raise ImageError(src.name, "HEIF file has no images")
+        # libheif lists only the images it can decode: an AV1 one without AVIF brands, JPEG- or
+        # uncompressed-coded ones with a build that lacks those codecs are not listed
+        raise ImageError(src.name, "HEIF file has no image that this HEIF support can decode")
     return heif_file
 
 
