@@ -16,7 +16,12 @@ Conventions of the exported graph (``export_onnx``):
   ``false``) says whether the left and right views are to be balanced before the graph
   (:func:`kpac_cli.engine.dualpixel.balance_views`, a dual-pixel model whose checkpoint asks
   for it), with the reference still the views as captured. The graph itself is the network
-  only; :class:`OnnxBackend` balances in numpy as the engine does.
+  only; :class:`OnnxBackend` balances in numpy as the engine does;
+* and the rest of the contract, in words, for a runtime that has nothing but the file
+  (:func:`contract_metadata`): ``kpac_stride`` (the multiple H and W must be, a number), and
+  ``kpac_input``, ``kpac_reference``, ``kpac_output`` (channel order, scaling, colour
+  encoding, padding, clipping), also joined as the model's ``doc_string``. The producer is
+  kpac at its own version.
 
 The graph is the whole network, not three sub-graphs (encoder, bottleneck, decoder): the
 engine tiles only images that do not fit in memory, and those run on PyTorch, whose tiled
@@ -49,6 +54,7 @@ from .model import KPACConfig, KPACNet
 INPUT, REFERENCE, OUTPUT = "input", "reference", "output"
 CONFIG_KEY = "kpac_config"
 BALANCE_KEY = "kpac_balance_views"
+STRIDE_KEY = "kpac_stride"
 #: The oldest opset ``kpac export`` offers (its lower bound since the command exists).
 MIN_OPSET = 13
 
@@ -95,6 +101,31 @@ def check_static_size(hw: tuple[int, int], stride: int) -> None:
     raise ValueError(f"static size {w}x{h}: width and height must be multiples of the model's stride {stride} (nearest: {nearest})")
 
 
+def contract_metadata(cfg: KPACConfig, balance_views: bool) -> dict[str, str]:
+    """What a runtime must do around the graph to get ``kpac deblur``'s output, in words
+    (metadata key -> text), as the engine does it (:class:`kpac_cli.engine.Deblurrer`)."""
+    s = cfg.stride
+    dual = cfg.in_views == 2
+    shape = f"(N, {cfg.in_channels}, H, W) float32, NCHW"
+    # the engine runs dual-pixel views unrotated (upright, a portrait capture's disparity is vertical)
+    channels = ("left view RGB then right view RGB, as the sensor recorded them (before any EXIF rotation:"
+                " defocus disparity horizontal)") if dual else "RGB"
+    balance = (" The left and right views are first balanced (kpac_balance_views: a smooth gain map per view,"
+               " kpac_cli.engine.dualpixel.balance_views).") if balance_views and dual else ""
+    centre = ("the mean of the left and right views as captured (before any balancing), or a centre view"
+              if dual else "the input itself")
+    return {
+        STRIDE_KEY: str(s),
+        "kpac_input": (f"{shape}, {channels}; pixel values v in [0, 1] encoded for display (sRGB gamma, as photos"
+                       f" are stored; not linear light) scaled to x = 2 * v - 1 (8-bit: u8 / 127.5 - 1). H and W"
+                       f" must be multiples of {s}: pad at the bottom and right by reflection (by replication"
+                       f" when a side is not longer than its padding), and crop the output back.{balance}"),
+        "kpac_reference": f"(N, 3, H, W) float32 in the same units: the image the residual is added to, {centre}.",
+        "kpac_output": ("(N, 3, H, W) float32 = residual + reference, RGB in the same units, unclipped:"
+                        " v = (output + 1) / 2, clipped to [0, 1]."),
+    }
+
+
 def _require_onnx() -> None:
     """ImportError naming the extra to install when the ``onnx`` package is missing: PyTorch's
     exporter needs it too, and says so only with its own error after tracing the whole graph."""
@@ -131,11 +162,18 @@ def _onnx_bytes(model: KPACNet, opset: int, dynamic: bool, sample_hw: tuple[int,
             raise ValueError(f"opset {opset}: {' '.join(str(e).split())}") from None
     import onnx
 
+    from . import __version__
+
     proto = onnx.load_from_string(buf.getvalue())
-    for key, value in ((CONFIG_KEY, cfg.to_json()), (BALANCE_KEY, json.dumps(balance_views and cfg.in_views == 2))):
+    balance = balance_views and cfg.in_views == 2
+    contract = contract_metadata(cfg, balance)
+    for key, value in ((CONFIG_KEY, cfg.to_json()), (BALANCE_KEY, json.dumps(balance)), *contract.items()):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.producer_name = "kpac"
+    proto.doc_string = "KPAC defocus deblurring network. " + " ".join(
+        f"{name}: {contract[f'kpac_{name}']}" for name in (INPUT, REFERENCE, OUTPUT))
+    # the exporter wrote PyTorch's version here, which beside producer_name read as kpac's
+    proto.producer_name, proto.producer_version = "kpac", __version__
     return proto.SerializeToString()
 
 
@@ -146,6 +184,7 @@ def export_onnx(
     dynamic: bool = True,
     sample_hw: tuple[int, int] = (64, 96),
     balance_views: bool = False,
+    replace: bool = True,
 ) -> bytes:
     """Export ``model`` (fp32, CPU copy) to ONNX at ``path``; returns the serialized model.
 
@@ -155,7 +194,9 @@ def export_onnx(
     are balanced before the network (a dual-pixel checkpoint's ``balance_views`` provenance;
     ignored for single-image models). ``path=None`` only returns the bytes. The file is written
     atomically, its folder created if needed (as :func:`kpac_cli.checkpoints.save_checkpoint`
-    does). ValueError for an opset newer than this PyTorch's exporter writes (:func:`max_opset`);
+    does). ``replace=False``: FileExistsError if ``path`` exists when the file is committed
+    (one that appeared while the graph was traced included), which is then left as it is.
+    ValueError for an opset newer than this PyTorch's exporter writes (:func:`max_opset`);
     ImportError when the ``onnx`` package is not installed.
     """
     data = _onnx_bytes(model, opset, dynamic, sample_hw, balance_views)
@@ -163,7 +204,7 @@ def export_onnx(
         from .images import atomic_write_bytes
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data, replace=replace)
     return data
 
 
@@ -282,14 +323,14 @@ class OnnxBackend:
 
     def run(self, x: np.ndarray | Tensor, reference: np.ndarray | Tensor | None = None) -> np.ndarray | Tensor:
         as_tensor = isinstance(x, Tensor)
-        xt = torch.as_tensor(x).float().cpu()
+        xt = _float_tensor(x, "input")
         cfg = self.config
         if xt.ndim != 4 or xt.shape[1] != cfg.in_channels:
             raise ValueError(f"expected input of shape (N, {cfg.in_channels}, H, W), got {tuple(xt.shape)}")
         if reference is None:  # taken before balancing: the engine's centre is the views as captured
             rt = xt if cfg.in_views == 1 else 0.5 * (xt[:, :3] + xt[:, 3:])
         else:
-            rt = torch.as_tensor(reference).float().cpu()
+            rt = _float_tensor(reference, "reference")
         if rt.shape != (xt.shape[0], 3) + tuple(xt.shape[-2:]):
             raise ValueError(f"reference must be {(xt.shape[0], 3) + tuple(xt.shape[-2:])}, got {tuple(rt.shape)}")
         if self.balance_views:
@@ -318,6 +359,23 @@ class OnnxBackend:
         fixed = "x".join("N" if f is None else str(f) for f in self.fixed_shape)
         raise ValueError(f"this graph was exported for input of shape {fixed} only (kpac export --static); got "
                          f"{'x'.join(map(str, given))}: export a dynamic graph to run other sizes")
+
+
+def is_allocation_failure(err: BaseException) -> bool:
+    """Whether ``err`` is PyTorch or onnxruntime running out of memory (a --check image too large)."""
+    from .engine.device import is_out_of_memory
+
+    msg = str(err).lower()
+    return is_out_of_memory(err) or "failed to allocate memory" in msg or "bad_alloc" in msg or "bad allocation" in msg
+
+
+def _float_tensor(array: np.ndarray | Tensor, name: str) -> Tensor:
+    """``array`` as a float32 CPU tensor out of any autograd graph; integer data is refused, as
+    the network refuses it (:meth:`KPACNet.check_input`): 0-255 values are not [-1, 1] units."""
+    t = torch.as_tensor(array).detach()
+    if not t.is_floating_point():
+        raise ValueError(f"expected a float {name} in [-1, 1], got {t.dtype} (8-bit images: x / 127.5 - 1)")
+    return t.float().cpu()
 
 
 def check_export(
@@ -369,5 +427,6 @@ def check_export(
     }
 
 
-__all__ = ["MIN_OPSET", "OnnxBackend", "bound_runner", "check_export", "check_static_size", "export_onnx", "make_session",
-           "max_opset", "read_balance_views", "read_config", "read_metadata", "require_onnxruntime"]
+__all__ = ["MIN_OPSET", "OnnxBackend", "bound_runner", "check_export", "check_static_size", "contract_metadata", "export_onnx",
+           "is_allocation_failure", "make_session", "max_opset", "read_balance_views", "read_config", "read_metadata",
+           "require_onnxruntime"]

@@ -432,3 +432,152 @@ def test_a_static_graph_refuses_other_sizes_naming_its_own(tmp_path):
     for shape in ((1, 3, 48, 56), (2, 3, 40, 56)):
         with pytest.raises(ValueError, match=rf"exported for input of shape 1x3x40x56 only .*got {'x'.join(map(str, shape))}"):
             backend.run(rand(shape))
+
+
+# --- what the file tells a runtime that has nothing else --------------------------------
+
+
+def run_as_the_file_says(path, image):
+    """Deblur an HxWxC [0, 1] image with onnxruntime, numpy and the file's metadata only."""
+    import onnxruntime as ort
+
+    meta = read_metadata(path)
+    stride = int(meta["kpac_stride"])
+    h, w = image.shape[:2]
+    x = (2 * image - 1).transpose(2, 0, 1)[None].astype(np.float32)  # kpac_input: x = 2 * v - 1, NCHW
+    x = np.pad(x, ((0, 0), (0, 0), (0, -h % stride), (0, -w % stride)), mode="reflect")  # bottom and right
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(["output"], {"input": x, "reference": x})[0][0, :, :h, :w]  # single-image: reference = input
+    return ((out + 1) / 2).clip(0, 1).transpose(1, 2, 0)  # kpac_output
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_the_metadata_alone_reproduces_the_engine_on_a_photo(tmp_path, levels):
+    """The contract written into the file (stride, scaling, layout, padding, clipping) is the
+    engine's: followed literally it gives Deblurrer.deblur's output on an odd-sized photo."""
+    from skimage import data
+
+    from kpac_cli import __version__
+    from kpac_cli.engine import Deblurrer, EngineOptions
+
+    model = make_model(KPACConfig(levels=levels, channels=8))
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path)
+    meta = read_metadata(path)
+    assert meta["kpac_stride"] == str(model.config.stride)
+    assert "RGB" in meta["kpac_input"] and "not linear" in meta["kpac_input"] and "2 * v - 1" in meta["kpac_input"]
+    assert "clipped to [0, 1]" in meta["kpac_output"] and "the input itself" in meta["kpac_reference"]
+    photo = data.astronaut()[100:145, 150:217].astype(np.float32) / 255  # 45x67: padded on both sides
+    expected = Deblurrer(model, EngineOptions(device="cpu", tile=None, precision="fp32")).deblur(photo)
+    np.testing.assert_allclose(run_as_the_file_says(path, photo), expected, atol=ATOL, rtol=0)
+    import onnx
+
+    proto = onnx.load(str(path))
+    assert proto.producer_name == "kpac" and proto.producer_version == __version__  # not PyTorch's version
+    assert meta["kpac_input"] in proto.doc_string and meta["kpac_output"] in proto.doc_string
+
+
+def test_the_dual_contract_names_the_views_and_their_balancing():
+    dual = make_model(PAPER_CONFIGS["dual"])
+    meta = read_metadata(export_onnx(dual, None, balance_views=True))
+    assert meta["kpac_stride"] == "8" and "(N, 6, H, W)" in meta["kpac_input"]
+    assert "left view RGB then right view RGB" in meta["kpac_input"] and "balanced" in meta["kpac_input"]
+    assert "mean of the left and right views as captured" in meta["kpac_reference"]
+    assert "balanced" not in read_metadata(export_onnx(dual, None))["kpac_input"]  # not asked: not said
+
+
+# --- the destination and running out of memory -------------------------------------------
+
+
+def test_a_file_created_while_exporting_is_not_replaced_without_overwrite(tmp_path, monkeypatch):
+    """The existence check runs before the graph is traced (seconds): a file another process
+    writes meanwhile is kept, and said to exist, unless --overwrite."""
+    import kpac_cli.cli.export as cli_export
+
+    out = tmp_path / "m.onnx"
+    load = cli_export._load_model
+
+    def load_while_someone_writes(*args):
+        out.write_bytes(b"someone else's")
+        return load(*args)
+
+    monkeypatch.setattr(cli_export, "_load_model", load_while_someone_writes)
+    res = invoke_export("--onnx", out, "--config", "single_2level")
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+    assert res.stderr.startswith(f"error: {out}: exists") and "--overwrite" in res.stderr
+    assert len(res.stderr.splitlines()) == 1 and out.read_bytes() == b"someone else's"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file left
+    out.unlink()
+    res = invoke_export("--onnx", out, "--config", "single_2level", "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert read_config(out) == PAPER_CONFIGS["single_2level"]
+
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+           "you tried to allocate 240000000000 bytes")
+ORT_OOM = "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : BFCArena::AllocateRawInternal Failed to allocate memory for requested buffer"
+
+
+@pytest.mark.parametrize("message", [CPU_OOM, ORT_OOM])
+def test_check_out_of_memory_is_one_line_saying_the_file_was_written(tmp_path, monkeypatch, message):
+    import kpac_cli.export as E
+
+    def too_large(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(E, "check_export", too_large)
+    out = tmp_path / "m.onnx"
+    res = invoke_export("--onnx", out, "--config", "single_2level", "--check", "--check-size", "200000x100000")
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert res.stderr.startswith("error: --check at 200000x100000: out of memory") and len(res.stderr.splitlines()) == 1
+    assert f"{out} was written" in res.stderr and read_config(out) == PAPER_CONFIGS["single_2level"]
+
+
+def test_other_check_errors_are_not_called_out_of_memory(tmp_path, monkeypatch):
+    import kpac_cli.export as E
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(E, "check_export", broken)
+    res = invoke_export("--onnx", tmp_path / "m.onnx", "--config", "single_2level", "--check", "--check-size", "32x32")
+    assert isinstance(res.exception, RuntimeError) and "out of memory" not in res.output
+
+
+def test_a_static_size_too_large_to_trace_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    import kpac_cli.export as E
+
+    sizes = []
+
+    def too_large(model, path, **kwargs):
+        sizes.append(kwargs["sample_hw"])
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(E, "export_onnx", too_large)
+    out = tmp_path / "m.onnx"
+    res = invoke_export("--onnx", out, "--config", "single_2level", "--static", "400000x200000")
+    assert sizes == [(200000, 400000)]
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert res.stderr.startswith("error: out of memory tracing the graph at 400000x200000") and "not written" in res.stderr
+    assert len(res.stderr.splitlines()) == 1 and not out.exists()
+
+
+def test_backend_refuses_integer_images_as_the_network_does():
+    """0-255 data is not [-1, 1] units: refused, not run into a wrong image."""
+    backend = OnnxBackend(make_model(KPACConfig(levels=2, channels=8)), threads=1)
+    photo = np.full((1, 3, 16, 24), 200, np.uint8)
+    with pytest.raises(ValueError, match=r"float input in \[-1, 1\], got torch.uint8 \(8-bit images: x / 127.5 - 1\)"):
+        backend.run(photo)
+    x = rand((1, 3, 16, 24))
+    with pytest.raises(ValueError, match="float reference"):
+        backend.run(x, torch.zeros(1, 3, 16, 24, dtype=torch.int64))
+
+
+def test_backend_takes_a_tensor_that_requires_grad():
+    model = make_model(KPACConfig(levels=2, channels=8))
+    x = rand((1, 3, 16, 24)).requires_grad_()
+    got = OnnxBackend(model, threads=1).run(x)
+    with torch.no_grad():
+        expected = model(x)
+    assert isinstance(got, torch.Tensor) and not got.requires_grad
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)

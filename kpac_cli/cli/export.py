@@ -59,7 +59,7 @@ def export(
     model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see `kpac models`), a .safetensors file, or a training run folder (its model.safetensors)."),
     config: Optional[str] = typer.Option(None, "--config", help="Export random weights of a paper config instead (single_2level, single_3level, dual)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version: 13 up to the newest this PyTorch's exporter writes."),
-    static: Optional[str] = typer.Option(None, "--static", help="Fix the input size to WxH instead of dynamic height/width (multiples of the model's stride: 8 for 3-level models, 4 for 2-level)."),
+    static: Optional[str] = typer.Option(None, "--static", help="Fix the input size to WxH and the batch to 1 instead of dynamic batch, height and width (multiples of the model's stride: 8 for 3-level models, 4 for 2-level)."),
     check: bool = typer.Option(False, "--check", help="Run onnxruntime and PyTorch on a random image: max abs diff and times."),
     check_size: str = typer.Option("1280x720", "--check-size", help="WxH of the --check image."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
@@ -68,9 +68,10 @@ def export(
 ) -> None:
     """Export a model to ONNX (inputs 'input' and 'reference', output 'output'; NCHW float32 in [-1, 1]).
 
-    Height and width of the dynamic graph must be multiples of the model's stride (8 for 3-level models, 4 for 2-level); pad first, as kpac's engine does. A dual-pixel model whose checkpoint asks for balanced views records that in the file's metadata (kpac_balance_views); balance the views before the graph, as kpac's engine does.
+    Height and width of the dynamic graph must be multiples of the model's stride (8 for 3-level models, 4 for 2-level); pad first, as kpac's engine does. A dual-pixel model whose checkpoint asks for balanced views records that in the file's metadata (kpac_balance_views); balance the views before the graph, as kpac's engine does. The file's metadata states the rest for a runtime that has only the file: kpac_stride, and kpac_input, kpac_reference and kpac_output (RGB, display-encoded, not linear; x = 2 v - 1; padding; clip the output to [0, 1] after (output + 1) / 2).
     """
-    from ..export import MIN_OPSET, check_export, check_static_size, export_onnx, max_opset, require_onnxruntime
+    from ..export import (MIN_OPSET, check_export, check_static_size, export_onnx, is_allocation_failure, max_opset,
+                          require_onnxruntime)
 
     if config is not None and "model" in given_options(ctx):
         # which of the two was meant is unknown: refused rather than one silently ignored
@@ -125,14 +126,23 @@ def export(
             raise usage_error(str(e)) from None
         try:
             data = export_onnx(net, onnx_path, opset=opset, dynamic=static is None, sample_hw=(sample[1], sample[0]),
-                               balance_views=balance)
+                               balance_views=balance, replace=overwrite)
         except ImportError as e:  # the message names the extra to install
             print_error(str(e))
             raise typer.Exit(EXIT_FAILED) from None
         except ValueError as e:  # an opset this PyTorch's exporter refuses though max_opset() allowed it
             raise usage_error(str(e)) from None
         except OSError as e:  # e.g. no permission to write there
+            if isinstance(e, FileExistsError) and (onnx_path.exists() or onnx_path.is_symlink()):
+                # created by someone else while the graph was traced: left as it is
+                raise usage_error(f"{onnx_path}: exists (created while exporting; use --overwrite)") from None
             print_error(f"cannot write {onnx_path}: {e.strerror or e}")
+            raise typer.Exit(EXIT_FAILED) from None
+        except (RuntimeError, MemoryError) as e:  # the graph is traced on an image of the --static size
+            if not is_allocation_failure(e):
+                raise
+            print_error(f"out of memory tracing the graph at {sample[0]}x{sample[1]}; {onnx_path} not written"
+                        + (" (give a smaller --static size)" if static else ""))
             raise typer.Exit(EXIT_FAILED) from None
         written = True
         record: dict = {"model": name, "onnx": str(onnx_path), "bytes": len(data), "opset": opset,
@@ -148,6 +158,12 @@ def export(
                 record["check"] = check_export(net, data, ch, cw)
             except ImportError as e:
                 print_error(str(e))
+                raise typer.Exit(EXIT_FAILED) from None
+            except Exception as e:  # noqa: BLE001 - only running out of memory is a user's size to say
+                if not is_allocation_failure(e):
+                    raise
+                smaller = "--static size" if static else "--check-size"
+                print_error(f"--check at {cw}x{ch}: out of memory; {onnx_path} was written (give a smaller {smaller})")
                 raise typer.Exit(EXIT_FAILED) from None
     too_far = check and record["check"]["max_abs_diff"] > 1e-4
     if json_out:
