@@ -123,11 +123,36 @@ def test_a_read_only_array_is_taken_without_torch_s_undefined_behaviour_warning(
     ((21, 26), "grey?"),
     ((21, 26, 1), "grey?"),
     ((21, 26, 4), "RGBA? deblur image[..., :3]"),
+    ((1, 3, 21, 26), "channels-first batch of one? image[0].permute(1, 2, 0)"),
+    ((1, 21, 26, 3), "a batch of one? image[0]"),
 ])
 def test_an_image_of_the_wrong_layout_is_told_what_to_do(model, shape, hint):
     with pytest.raises(ValueError) as err:
         Deblurrer(model, _cpu()).deblur(np.full(shape, 0.5, np.float32))
     assert "this model takes HxWx3 RGB images" in str(err.value) and hint in str(err.value)
+
+
+def test_a_dual_pixel_model_given_one_view_is_told_to_join_both():
+    d = Deblurrer(build_model(KPACConfig(levels=2, channels=8, blocks=1, in_views=2)), _cpu())
+    with pytest.raises(ValueError, match=r"HxWx6 \(left RGB, right RGB\) images, got shape \(21, 26, 3\) \(one view\? .*np.concatenate"):
+        d.deblur(np.full((21, 26, 3), 0.5, np.float32))
+
+
+@pytest.mark.parametrize("name", ["photo.png", "IMG_0042.CR2"])
+def test_a_file_name_for_an_image_is_refused_saying_how_to_read_it(model, name, tmp_path):
+    from pathlib import Path
+
+    d = Deblurrer(model, _cpu())
+    for given in (name, tmp_path / name):
+        with pytest.raises(TypeError, match=r"image must be an array, not a file name .*kpac_cli.read_image"):
+            d.deblur(given)
+        with pytest.raises(TypeError, match="not a file name"):
+            d.scale_attention(str(given) if isinstance(given, Path) else given)
+
+
+def test_options_given_as_a_dict_are_refused_by_name(model):
+    with pytest.raises(TypeError, match=r"options must be an EngineOptions \(EngineOptions\(\*\*fields\) for a dict\), got dict"):
+        Deblurrer(model, {"device": "cpu"})
 
 
 def test_scale_attention_takes_what_deblur_takes(model, image):

@@ -289,3 +289,25 @@ def test_views_stored_with_different_orientations_are_refused(tmp_path):
     with pytest.raises(ImageError, match="EXIF orientation 6 differs from its partner") as e:
         read_dual_pixel(DualPixelTriple(left, right, None, "a"))
     assert str(right) in str(e.value)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 7])
+def test_scale_attention_of_a_turned_pair_is_the_sensor_frame_s_turned_upright(orientation):
+    """As deblur does, scale_attention runs a dual-pixel model on the views in the sensor's
+    frame and hands the maps back upright; the views as shown would be another picture."""
+    from kpac_cli.images.exif import apply_orientation
+
+    torch.manual_seed(2)
+    d = Deblurrer(build_model(KPACConfig(levels=2, channels=8, in_views=2)), EngineOptions(tile=None))
+    s = _dual_sample(40, 56, seed=5)
+    sensor = np.concatenate([s.left, s.right], axis=2)
+    shown = apply_orientation(sensor, orientation)
+    upright = [apply_orientation(m.transpose(1, 2, 0), orientation).transpose(2, 0, 1) for m in d.scale_attention(sensor)]
+    turned = d.scale_attention(shown, orientation=orientation)
+    assert [m.shape for m in turned] == [m.shape for m in upright]
+    for got, want in zip(turned, upright, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    as_shown = d.scale_attention(shown)
+    assert max(np.abs(a - b).max() for a, b in zip(as_shown, upright)) > 1e-3
+    with pytest.raises(ValueError, match="orientation"):
+        d.scale_attention(shown, orientation=0)

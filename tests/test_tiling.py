@@ -177,6 +177,44 @@ def test_a_large_photo_s_own_memory_is_left_out_of_the_planned_pools(monkeypatch
     assert d.memory_budget(720, 1280) > 2 * d.memory_budget(height, width)  # a small photo leaves room
 
 
+def _live_image_bytes(smallest: int) -> int:
+    """Bytes of the arrays and tensors alive now that hold at least ``smallest`` bytes, each
+    buffer counted once (a NumPy view of a tensor, or a tensor of an array, shares it)."""
+    import gc
+
+    gc.collect()
+    buffers: dict[int, int] = {}
+    for obj in gc.get_objects():
+        kind = type(obj)  # not isinstance: it would ask deprecated objects for their __class__, which warns
+        if issubclass(kind, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            buffers[storage.data_ptr()] = storage.nbytes()
+        elif issubclass(kind, np.ndarray) and obj.base is None:
+            buffers[obj.ctypes.data] = obj.nbytes
+    return sum(size for size in buffers.values() if size >= smallest)
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_a_self_ensemble_s_copies_are_counted_in_the_photo_s_own_memory(views, monkeypatch):
+    """While a self-ensemble's later passes run, the flipped input (and a dual-pixel model's
+    flipped reference) and the sum of the passes so far are held besides the planned pools:
+    the planner leaves room for them, as it does for the photo's other copies."""
+    height, width = 64, 80  # a multiple of the stride: no padded copies
+    held: list[int] = []
+    engine_call = TiledInference.__call__
+    monkeypatch.setattr(TiledInference, "__call__",
+                        lambda self, *args, **kwargs: held.append(_live_image_bytes(4 * height * width)) or engine_call(self, *args, **kwargs))
+    model = _model(KPACConfig(levels=2, channels=8, blocks=1, in_views=views))
+    photo = np.random.default_rng(0).random((height, width, 3 * views), dtype=np.float32)
+    single, ensemble = (Deblurrer(model, EngineOptions(device="cpu", tile=None, ensemble=n)) for n in (1, 4))
+    single.deblur(photo)
+    ensemble.deblur(photo)
+    first, later = held[0], max(held[2:])
+    assert held[1] == first  # the ensemble's first pass holds what a single pass does
+    assert later > first
+    assert ensemble.resident_bytes(height, width) - single.resident_bytes(height, width) >= later - first
+
+
 def _reach(output: torch.Tensor, inputs: list[torch.Tensor], cell: int) -> int:
     """How many cells, along either axis, output cell (cell, cell) reads its inputs: the
     extent of the non-zero gradient (float64, so that no path's tiny product rounds to zero)."""

@@ -202,6 +202,8 @@ class Deblurrer:
     """
 
     def __init__(self, model: KPACNet | Checkpoint | str | Path = "default", options: EngineOptions | None = None) -> None:
+        if options is not None and not isinstance(options, EngineOptions):  # a dict would fail later, on a missing attribute
+            raise TypeError(f"options must be an EngineOptions (EngineOptions(**fields) for a dict), got {type(options).__name__}")
         self.options = options or EngineOptions()
         self.device = resolve_device(self.options.device)
         self.dtype = resolve_precision(self.options.precision, self.device)
@@ -251,14 +253,18 @@ class Deblurrer:
         the low-resolution maps of a tiled run (:func:`~kpac_cli.engine.tiled.low_resolution_bytes`)
         and, when the device is the CPU, the photo's float32 copies: the caller's, the network
         input (and its padded copy when the size is no multiple of the stride), a dual-pixel
-        model's balanced views and centre view, and the output."""
+        model's balanced views and centre view, and the output; with a self-ensemble, also the
+        flipped input (and reference) of the pass running and the sum of the passes before it."""
         maps = low_resolution_bytes(self.config, height, width, torch.finfo(self.dtype).bits // 8)
         if self.device.type != "cpu":
             return maps  # the copies are in host memory, not the GPU's
         padded = int(height % self.config.stride != 0 or width % self.config.stride != 0)
         inputs = 2 + padded + int(self.balance_views)
         references = (1 + padded) if self.config.in_views == 2 else 0  # a single image is its own
-        return maps + (inputs * self.config.in_channels + (references + 1) * 3) * 4 * height * width
+        outputs = 1
+        if self.options.ensemble > 1:  # held while every pass after the first runs
+            inputs, references, outputs = inputs + 1, references + int(references > 0), outputs + 1
+        return maps + (inputs * self.config.in_channels + (references + outputs) * 3) * 4 * height * width
 
     def memory_budget(self, height: int | None = None, width: int | None = None) -> int:
         """Bytes of each planned pool (see ``EngineOptions.memory_budget``), for a photo of
@@ -303,6 +309,9 @@ class Deblurrer:
         """The network's input and reference, in [-1, 1] units, turned back from the EXIF
         ``orientation`` they were shown upright by (1: as given)."""
         cin = self.config.in_channels
+        if isinstance(image, (str, Path)):  # it would read as an array of one string
+            raise TypeError(f"image must be an array, not a file name ({str(image)!r}): read it with kpac_cli.read_image, "
+                            "or deblur files with kpac_cli.engine.deblur_file")
         image = checked_photo(_host_array(image), "image")
         if center is not None and self.config.in_views != 2:
             raise ValueError("a centre view is for dual-pixel models; this model takes one RGB image")
@@ -380,6 +389,7 @@ class Deblurrer:
                 result = one
             else:
                 result.output = result.output + dihedral(one.output, k, inverse=True)
+            del one  # in the sum now: not held through the next pass besides it
         if n > 1:
             result.output = result.output / n
         if self.options.strength != 1.0:
@@ -440,14 +450,22 @@ class Deblurrer:
         with torch.inference_mode():  # in place (a 24-megapixel photo's float copies are 288 MB each)
             return result.output.add_(1).mul_(0.5).clamp_(0, 1)[0].permute(1, 2, 0).numpy()
 
-    def scale_attention(self, image: np.ndarray, center: np.ndarray | None = None) -> list[np.ndarray | None]:
+    def scale_attention(self, image: np.ndarray, center: np.ndarray | None = None, orientation: int = 1) -> list[np.ndarray | None]:
         """Per KPAC block, the scale-attention maps alpha: (len(dilations), h, w) at the blocks'
         resolution (1/stride of the image, cropped to ceil(H/stride) x ceil(W/stride)), from one
-        pass over the image as given, whatever ``options.ensemble`` (the maps are that pass's)."""
-        result = self._run(image, center, None, True, 1, passes=1)
+        pass over the image, whatever ``options.ensemble`` (the maps are that pass's).
+
+        ``orientation``: as for :meth:`deblur`. A dual-pixel model runs on the views in the
+        sensor's frame, and its maps come back turned upright, as the image was given (their
+        cells lie on the sensor's grid: where the sensor's last row or column of cells is
+        partial, it is the first of the upright maps' after a flip)."""
+        result = self._run(image, center, None, True, orientation, passes=1)
         s, (x_h, x_w) = self.config.stride, result.output.shape[-2:]
+        turned = ORIENTATION_DIHEDRAL[result.orientation]
+        if turned & 4:  # the output is upright; the maps are still in the frame the model ran in
+            x_h, x_w = x_w, x_h
         hh, ww = -(-x_h // s), -(-x_w // s)
-        return [None if a is None else a[0, :, :hh, :ww].numpy() for a in result.scale_attention]
+        return [None if a is None else dihedral(a[:, :, :hh, :ww], turned)[0].contiguous().numpy() for a in result.scale_attention]
 
 
 def _host_array(image: Any) -> Any:
@@ -472,7 +490,13 @@ def _network_units(image: np.ndarray) -> torch.Tensor:
 
 def _layout_hint(shape: tuple[int, ...], channels: int) -> str:
     """What to do with an image array of the wrong ``shape`` for a model of ``channels`` inputs."""
+    if len(shape) == 4 and shape[0] == 1:  # a batch of one, as torch code holds images
+        if shape[1] in (3, 6) and shape[3] not in (3, 6):
+            return " (a channels-first batch of one? image[0].permute(1, 2, 0) for a tensor, np.moveaxis(image[0], 0, -1) for an array)"
+        return " (a batch of one? image[0]: one image at a time)"
     if channels != 3:
+        if len(shape) == 3 and shape[2] == 3:
+            return " (one view? a dual-pixel model takes both: np.concatenate([left, right], axis=2))"
         return ""
     if len(shape) == 3 and shape[0] == 3 and shape[2] != 3:
         return " (channels first? np.moveaxis(image, 0, -1))"
