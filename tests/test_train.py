@@ -979,6 +979,13 @@ def test_export_blends_the_run_with_another_model_of_its_architecture(tmp_path, 
     r = runner.invoke(cli, ["train", "--export-only", "--resume", str(tmp_path / "a"), "--blend-with", str(tmp_path / "b"),
                             "-o", str(tmp_path / "plain.safetensors")])
     assert r.exit_code == 2 and "is a folder" in r.stderr and not (tmp_path / "plain.safetensors").exists()
+    # the wrong file to blend with is a usage error, as a wrong --init is
+    (tmp_path / "notes.txt").write_text("not a model")
+    for wrong, said in [(other.model_path, "another architecture"), (tmp_path / "notes.txt", "not a readable safetensors")]:
+        r = runner.invoke(cli, ["train", "--export-only", "--resume", str(tmp_path / "a"), "--blend-with", str(wrong),
+                                "-o", str(tmp_path / "plain.safetensors")])
+        assert r.exit_code == 2 and r.stderr.startswith("error: --blend-with") and said in r.stderr, r.output
+        assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "plain.safetensors").exists()
 
 
 _TINY_SYNTH = ["--procedural", "1", "--levels", "2", "--channels", "8", "--crop", "32", "--val-crop", "32", "--val-count", "1",
@@ -1147,9 +1154,9 @@ def test_a_run_records_the_stage_defaults_it_used(tmp_path, dpdd, monkeypatch):
     (["--procedural", "1", "--bit-depth", "16"], "--bit-depth applies to --data and --source/--target"),
     (["--procedural", "1", "--perceptual-weight", "1e-3"], "--perceptual-weight applies to --stage perceptual"),
     (["--procedural", "1", "--vgg-weights", "vgg.pth"], "--vgg-weights applies to --stage perceptual"),
-    (["--source", ".", "--target", ".", "--max-radius", "5"], "--max-radius applies to synthetic data"),
-    (["--source", ".", "--target", ".", "--aperture", "polygon"], "--aperture applies to synthetic data"),
-    (["--source", ".", "--target", ".", "--allow-count-mismatch"], "--allow-count-mismatch applies to --data"),
+    (["--source", "blurred", "--target", "sharp", "--max-radius", "5"], "--max-radius applies to synthetic data"),
+    (["--source", "blurred", "--target", "sharp", "--aperture", "polygon"], "--aperture applies to synthetic data"),
+    (["--source", "blurred", "--target", "sharp", "--allow-count-mismatch"], "--allow-count-mismatch applies to --data"),
     (["--procedural", "1", "--val-count", "0", "--val-crop", "64"], "--val-crop applies to validation, which --val-count 0 turns off"),
     (["--procedural", "1", "--val-count", "0", "--val-every", "10", "--val-crop", "64"],
      "--val-crop, --val-every apply to validation, which --val-count 0 turns off"),
@@ -1621,3 +1628,85 @@ def test_weights_and_factors_that_are_no_numbers_are_refused(setting, flag):
         cfg = cfg.replace(data=None)
     with pytest.raises(ValueError, match=f"^{flag} must be a number "):
         cfg.validate()
+
+
+def test_the_api_resume_refuses_what_would_change_the_run_as_the_command_does(tmp_path, monkeypatch):
+    """train(cfg) with resume=True makes the checks `kpac train --resume` makes, with its messages:
+    other procedural scenes, validation renders larger than them, fewer iterations than done."""
+    run = tmp_path / "run"
+    started = TrainConfig(out=run, procedural=1, model=TINY, iterations=4, crop="32", val_crop=544, val_count=1, workers=0)
+    checkpoint = {"step": 3, "train_config": started.to_dict()}
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")  # load_state gives the checkpoint: the checks come before any other use
+    monkeypatch.setattr(L, "load_state", lambda _path, **_kw: checkpoint)
+    for changes, error in [({"crop": "32:1,600"}, "--crop: the largest crop may not change when resuming"),
+                           ({"max_radius": 20.0}, "--max-radius: may not change when resuming"),
+                           ({"val_crop": 576}, "--val-crop 576: this run's procedural scenes are drawn for crops up to 544 px"),
+                           ({"iterations": 2}, "--iterations 2: the run has done 3 iterations already")]:
+        with pytest.raises(TrainingError, match=f"^{re.escape(error)}"):
+            train(started.replace(resume=True, **changes))
+    assert [p.name for p in run.iterdir()] == ["last.pt"]
+    # a smaller --val-crop keeps the scenes the run trains on, drawn for its --val-crop
+    resumed = L.resumed_config(started.replace(val_crop=32, resume=True), checkpoint)
+    assert (resumed.val_crop, resumed.scenes_val_crop) == (32, 544)
+    assert D.procedural_scene_side(resumed) == D.procedural_scene_side(started)
+
+
+def test_a_resume_keeps_the_pairs_a_run_holds_out_for_validation(tmp_path, monkeypatch):
+    """A run that holds out every 10th pair trains on the others: validation folders added on
+    resume (or dropped) would change what it trains on, and what its best score compares."""
+    run = tmp_path / "run"
+    started = TrainConfig(out=run, source=tmp_path / "src", target=tmp_path / "tgt", model=TINY, iterations=4, crop="32",
+                          val_crop=32, workers=0)
+    with_folders = started.replace(val_source=tmp_path / "vs", val_target=tmp_path / "vt")
+    record = {"names": [f"p{i}.png" for i in range(12)]}
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")
+    checkpoint = {"step": 3, "train_config": started.to_dict(), "data_record": record}
+    monkeypatch.setattr(L, "load_state", lambda _path, **_kw: checkpoint)
+    with pytest.raises(TrainingError, match=r"^--val-source and --val-target cannot be added when resuming: the run holds "
+                                            r"out every 10th pair"):
+        train(with_folders.replace(resume=True))
+    with pytest.raises(ValueError, match=r"cannot be dropped when resuming"):
+        L.resumed_config(started, {**checkpoint, "train_config": with_folders.to_dict()})
+    # fewer than 10 pairs hold none out: validation folders change nothing the run trains on
+    few = {**checkpoint, "data_record": {"names": record["names"][:9]}}
+    assert L.resumed_config(with_folders, few) == with_folders
+    assert L.resumed_config(with_folders, {**checkpoint, "train_config": with_folders.to_dict()}) == with_folders
+
+
+def test_a_new_run_through_the_api_never_replaces_a_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"a run's checkpoint")
+    with pytest.raises(TrainingError, match=f"^{re.escape(f'{run} already holds a run (last.pt); continue it with --resume')}"):
+        train(TrainConfig(out=run, procedural=1, model=TINY, iterations=1, crop="32", workers=0))
+    assert [p.name for p in run.iterdir()] == ["last.pt"] and (run / "last.pt").read_bytes() == b"a run's checkpoint"
+
+
+def test_inputs_that_are_their_targets_are_refused_before_the_run(tmp_path, cli):
+    """The same folder as inputs and targets (or a copy of it) would train the model to change nothing."""
+    photos = _photos(tmp_path / "photos", 3)
+    (tmp_path / "link").symlink_to(photos)
+    run = tmp_path / "run"
+    tiny = ["--run-dir", str(run), "--levels", "2", "--channels", "8", "--crop", "32", "--iterations", "1", "--workers", "0"]
+    for source, target in [(photos, photos), (photos, tmp_path / "link")]:
+        r = CliRunner().invoke(cli, ["train", "--source", str(source), "--target", str(target), *tiny])
+        assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1, r.output
+        assert r.stderr.startswith(f"error: --source and --target are the same folder ({source}): "), r.output
+    other = _photos(tmp_path / "other", 3)
+    r = CliRunner().invoke(cli, ["train", "--source", str(other), "--target", str(photos), "--val-source", str(photos),
+                                 "--val-target", str(tmp_path / "link"), *tiny])
+    assert r.exit_code == 2 and "--val-source and --val-target are the same folder" in r.stderr, r.output
+    # other folders with the same files: every pair is a photo and itself
+    copy = Path(shutil.copytree(photos, tmp_path / "copy"))
+    r = CliRunner().invoke(cli, ["train", "--source", str(copy), "--target", str(photos), *tiny])
+    assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1, r.output
+    assert "every one of the 3 pairs has an input with the same bytes as its target" in r.stderr, r.output
+    assert not run.exists()
+    # some such pairs (sharp photos among the inputs) may be meant: said, not refused
+    write_png(copy / "p1.png", np.full((40, 40, 3), 128, np.uint8))
+    bundle = D.build_data(TrainConfig(source=copy, target=photos, model=TINY, crop="32", val_count=0), TINY.stride)
+    assert bundle.train_items == 3 and bundle.notes == [
+        "2 of the 3 pairs have an input with the same bytes as its target (p0.png, p2.png): "
+        "the model learns to leave those as they are"]

@@ -130,7 +130,7 @@ def _pairs_with_one_broken(root: Path, broken_key: int) -> str:
         (root / folder).mkdir(parents=True)
     for name in names:
         img = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
-        write_png(root / "src" / f"{name}.png", img)
+        write_png(root / "src" / f"{name}.png", img // 2)  # an input that is its own target is refused
         write_png(root / "tgt" / f"{name}.png", img)
     if broken:
         truncated = root / "tgt" / f"{broken}.png"

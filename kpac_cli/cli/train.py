@@ -256,8 +256,7 @@ def train_command(
         CheckpointError, DataError, ProcessLost, RankFailed, TrainConfig, TrainingError, VGGWeightsMissing, export_model, load_state,
         train,
     )
-    from ..train.data import procedural_scene_crop, procedural_scene_side, validation_crop
-    from ..train.loop import new_run_architecture, resolve_device, resolve_precision
+    from ..train.loop import check_run_folder, new_run_architecture, resolve_device, resolve_precision, resumed_config
     from ..train.state import resolve_checkpoint
 
     given = given_options(ctx)
@@ -293,6 +292,8 @@ def train_command(
             raise usage_error(f"-o {output}: the model is written as safetensors; give a name ending in .safetensors")
         if (output.exists() or output.is_symlink()) and not overwrite:
             raise usage_error(f"{output}: exists (use --overwrite, or choose another -o)")
+        if blend_with is not None:
+            _check_blend_with(blend_with, source)
         try:
             path = export_model(source, output, export_from, blend_with, blend, description=description or None)
         except (CheckpointError, TrainingError) as e:
@@ -357,7 +358,7 @@ def train_command(
             state = load_state(resume / "last.pt" if resume.is_dir() else resume)
         except CheckpointError as e:
             raise usage_error(str(e)) from None
-        cfg = started = TrainConfig.from_dict(state["train_config"])
+        cfg = TrainConfig.from_dict(state["train_config"])
         saved = KPACConfig.from_dict(state["config"])
         # Map CLI names onto TrainConfig fields to see which were changed on this command line.
         cli_to_field = {"no_flips": "flips", "no_tensorboard": "tensorboard"}
@@ -377,22 +378,11 @@ def train_command(
                 f"{', '.join(changed)} cannot change when resuming (the run would no longer be what its checkpoint says); "
                 "start a new run with --init instead"
             )
-        if cfg.procedural and cfg.val_crop != started.val_crop and cfg.scenes_val_crop is None:
-            # the scenes were drawn for the run's --val-crop too: they stay as they were
-            cfg = cfg.replace(scenes_val_crop=started.val_crop)
-        if cfg.procedural and procedural_scene_side(cfg) != procedural_scene_side(started):
-            # the scenes are drawn at a size the largest crop sets: other scenes, other validation
-            raise usage_error(f"--crop: the largest crop may not change when resuming a run with procedural scenes "
-                              f"(they are drawn for it); keep its largest size, {started.crop_schedule.max_size}")
-        if cfg.procedural and validation_crop(cfg) > procedural_scene_crop(cfg):
-            # a validation render larger than the scenes would be padded with their mirror image
-            raise usage_error(f"--val-crop {cfg.val_crop}: this run's procedural scenes are drawn for crops up to "
-                              f"{procedural_scene_crop(cfg)} px; give at most that")
-        done = int(state.get("step", 0))
-        if cfg.total_iterations < done:
-            raise usage_error(f"--iterations {cfg.total_iterations}: the run has done {done} iterations already; "
-                              f"give more to continue it, or export it with --export-only")
         cfg = cfg.replace(out=resume if resume.is_dir() else resume.parent, resume=True)
+        try:  # what the run may not change: train() checks it too
+            cfg = resumed_config(cfg, state)
+        except ValueError as e:
+            raise usage_error(str(e)) from None
     else:
         try:
             cfg = TrainConfig(**values)
@@ -408,10 +398,10 @@ def train_command(
     _check_options_apply(given, cfg)
     if "dist_timeout" in given and not env_info().enabled:
         raise usage_error("--dist-timeout applies to runs of several processes (torchrun, or RANK and WORLD_SIZE set)")
-    if cfg.out.exists() and not cfg.out.is_dir():
-        raise usage_error(f"--run-dir {cfg.out}: is a file (the run folder holds the checkpoints and the log)")
-    if resume is None and (cfg.out / "last.pt").exists():
-        raise usage_error(f"{cfg.out} already holds a run (last.pt); continue it with --resume {cfg.out} or choose another --run-dir")
+    try:
+        check_run_folder(cfg)
+    except ValueError as e:
+        raise usage_error(str(e)) from None
 
     # Checked here, before train() creates the run folder: problems the user fixes are usage errors.
     for src in cfg.synthetic:
@@ -535,8 +525,8 @@ def _init_path(init: Path, strict: bool) -> Path:
         return init
 
 
-def _init_config(init: Path) -> Any:
-    """The architecture of the --init weights (a .safetensors, a last.pt/best.pt or a run folder's
+def _init_config(init: Path, flag: str = "--init") -> Any:
+    """The architecture of the ``flag`` weights (a .safetensors, a last.pt/best.pt or a run folder's
     last.pt); weights that cannot be read are a usage error, as --model's are."""
     from ..checkpoints import load_checkpoint
     from ..train.state import resolve_checkpoint
@@ -544,7 +534,23 @@ def _init_config(init: Path) -> Any:
     try:
         return load_checkpoint(resolve_checkpoint(init, "last") if init.is_dir() else init).config
     except Exception as e:  # noqa: BLE001 - any reason the file is no kpac model
-        raise usage_error(f"--init: {e}") from None
+        raise usage_error(f"{flag}: {e}") from None
+
+
+def _check_blend_with(blend_with: Path, checkpoint: Path) -> None:
+    """--blend-with weights that are no kpac model, or of another architecture than the run's
+    ``checkpoint``, are a usage error (the user named the wrong file), as --init's are."""
+    from ..model import KPACConfig
+    from ..train import CheckpointError, load_state
+
+    other = _init_config(blend_with, "--blend-with")
+    try:
+        run = KPACConfig.from_dict(load_state(checkpoint, optimizer=False)["config"])
+    except CheckpointError:
+        return  # the export says what is wrong with the run's checkpoint
+    if other != run:
+        raise usage_error(f"--blend-with {blend_with}: another architecture ({other.to_json()}) than the run's "
+                          f"({run.to_json()}); weights blend only within one architecture")
 
 
 def _requested_architecture(params: dict[str, Any], arch_given: set[str], dual: bool, init_cfg: Any) -> Any:

@@ -18,6 +18,7 @@ non-finite loss; ``crop`` is a :class:`CropSchedule` string (``"512"`` or
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,15 @@ class LRSchedule(StepSchedule):
     """Learning rate as a function of the iteration; see :class:`StepSchedule`."""
 
     what = "learning-rate schedule"
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    """Whether two paths name one folder (also through a symbolic link, or another spelling of the
+    name on a case-insensitive file system)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare the names
+        return a.resolve() == b.resolve()
 
 
 @dataclass
@@ -263,6 +273,12 @@ class TrainConfig:
                              "synthetic data on held-out sources)")
         if self.data_kind == "paired" and self.dual:
             raise ValueError("--dual needs the DPDD layout (left/right views) or synthetic data")
+        for inputs, targets, flags in ((self.source, self.target, "--source and --target"),
+                                       (self.val_source, self.val_target, "--val-source and --val-target")):
+            if inputs is not None and targets is not None and _same_folder(inputs, targets):
+                # every pair would be a photo and itself: the model would learn to change nothing
+                raise ValueError(f"{flags} are the same folder ({inputs}): give the folder of defocused photos "
+                                 "and the folder of their sharp counterparts")
         if self.stage not in STAGES:
             raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.bit_depth not in (8, 16):

@@ -560,28 +560,34 @@ def _file_digest(origin: str) -> str | None:
     return digest.hexdigest()
 
 
-def _digests(origins: Sequence[Sequence[str]]) -> list[str | None]:
-    """One digest per item, of all its files (a pair's source, target, ...) in order; None when
-    one of them is no file. Threads: hashlib releases the GIL on large buffers (100 photos,
-    78 MB: 0.2 s on 2 cores, read from the page cache)."""
-    def item_digest(files: Sequence[str]) -> str | None:
-        parts = [_file_digest(f) for f in files]
-        known = [d for d in parts if d is not None]
-        if len(known) != len(parts):
-            return None
-        return known[0] if len(known) == 1 else hashlib.sha256("".join(known).encode()).hexdigest()
-
+def _file_digests(origins: Sequence[Sequence[str]]) -> list[list[str | None]]:
+    """The digest of each file of each item (a pair's source, target, ...), in order. Threads:
+    hashlib releases the GIL on large buffers (100 photos, 78 MB: 0.2 s on 2 cores, read from
+    the page cache)."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
-        return list(ex.map(item_digest, origins))
+        flat = iter(list(ex.map(_file_digest, [f for files in origins for f in files])))
+    return [[next(flat) for _ in files] for files in origins]
 
 
-def data_record(items: Sequence[tuple[str, Sequence[str]]], legacy_holdout: bool) -> dict[str, Any]:
+def _item_digest(parts: Sequence[str | None]) -> str | None:
+    """One digest of all of an item's file digests; None when one of them is no file."""
+    known = [d for d in parts if d is not None]
+    if len(known) != len(parts):
+        return None
+    return known[0] if len(known) == 1 else hashlib.sha256("".join(known).encode()).hexdigest()
+
+
+def data_record(items: Sequence[tuple[str, Sequence[str]]], legacy_holdout: bool,
+                file_digests: Sequence[Sequence[str | None]] | None = None) -> dict[str, Any]:
     """What a checkpoint keeps of the data it was trained on: each training item's name (in the
     run's order, which sets its held-out split), size in bytes and the SHA-256 of its bytes, so
     that a resume notices a folder that changed, an edited photo of the same size included;
-    ``items`` are names with the files each item reads; ``legacy_holdout`` as in :data:`LEGACY_RECORD`."""
+    ``items`` are names with the files each item reads; ``legacy_holdout`` as in :data:`LEGACY_RECORD`;
+    ``file_digests``: :func:`_file_digests` of the items' files, when the caller has them already."""
     sizes = [_sizes_sum(files) for _, files in items]
-    return {"names": [n for n, _ in items], "sizes": sizes, "digests": _digests([files for _, files in items]),
+    if file_digests is None:
+        file_digests = _file_digests([files for _, files in items])
+    return {"names": [n for n, _ in items], "sizes": sizes, "digests": [_item_digest(d) for d in file_digests],
             "legacy_holdout": legacy_holdout}
 
 
@@ -604,6 +610,24 @@ def _named_digests(pairs: Sequence[PairFiles], digests: Sequence[str | None]) ->
 
 def _list_some(names: Sequence[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def check_pairs_differ(pairs: Sequence[PairFiles], file_digests: Sequence[Sequence[str | None]], what: str,
+                       log: Log = _silent) -> None:
+    """Pairs whose input has the very bytes of its target teach the model to change nothing:
+    raise DataError when every pair is one (the same files given as inputs and targets), say so
+    through ``log`` when some are (sharp photos among the inputs may be meant). ``file_digests``:
+    each pair's (source, target, ...) digests, as :func:`_file_digests` gives them."""
+    same = [pair.source.name for pair, (source, target, *_) in zip(pairs, file_digests)
+            if source is not None and source == target]
+    if not same:
+        return
+    if len(same) == len(pairs):
+        raise DataError(f"every one of the {len(pairs)} {what} has an input with the same bytes as its target "
+                        f"(e.g. {pairs[0].source} and {pairs[0].target}): the model would learn to change nothing; "
+                        "give the defocused photos as inputs and their sharp counterparts as targets")
+    log(f"{len(same)} of the {len(pairs)} {what} have an input with the same bytes as its target ({_list_some(same)}): "
+        "the model learns to leave those as they are")
 
 
 def check_same_data(saved: dict[str, Any], now: dict[str, Any], noun: str = "images", run: Path | str = "RUN") -> None:
@@ -723,11 +747,19 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
     notes: list[str] = []
     legacy_holdout = bool(resumed and resumed.get("legacy_holdout"))
 
-    def record_of(items: Sequence[tuple[str, Sequence[str]]], noun: str) -> dict[str, Any]:
-        record = data_record(items, legacy_holdout)
+    def record_of(items: Sequence[tuple[str, Sequence[str]]], noun: str,
+                  file_digests: Sequence[Sequence[str | None]] | None = None) -> dict[str, Any]:
+        record = data_record(items, legacy_holdout, file_digests)
         if resumed is not None:
             check_same_data(resumed, record, noun, cfg.out)
         return record
+
+    def pairs_record(pairs: Sequence[PairFiles], noun: str) -> tuple[dict[str, Any], list[list[str | None]]]:
+        """:func:`record_of` the pairs, and the digests of their files (for :func:`check_pairs_differ`:
+        each file is read once)."""
+        items = _pairs_items(pairs)
+        file_digests = _file_digests([files for _, files in items])
+        return record_of(items, noun, file_digests), file_digests
 
     def note(msg: str) -> None:
         notes.append(msg)
@@ -782,7 +814,8 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
 
     if kind == "dpdd":
         pairs = dpdd_split(cfg.data, "train", cfg.dual, cfg.allow_count_mismatch)
-        record = record_of(_pairs_items(pairs), "training pairs")
+        record, file_digests = pairs_record(pairs, "training pairs")
+        check_pairs_differ(pairs, file_digests, "training pairs", note)
         val_pairs: list[PairFiles] = []
         if cfg.val_count > 0:
             try:
@@ -794,14 +827,17 @@ def build_data(cfg: Any, model_stride: int, rank: int = 0, local_world: int = 1,
         desc = f"DPDD ({'dual-pixel' if cfg.dual else 'centre view'}) at {cfg.data}: {len(pairs)} training pairs"
     else:
         pairs = folder_pairs(cfg.source, cfg.target, log=note)
-        record = record_of(_pairs_items(pairs), "pairs")  # before the held-out pairs are split off
+        record, file_digests = pairs_record(pairs, "pairs")  # before the held-out pairs are split off
         val_pairs = []
         if cfg.val_source is not None:
             val_pairs = folder_pairs(cfg.val_source, cfg.val_target, log=note)
             if cfg.val_count > 0:
+                val_digests = _file_digests([files for _, files in _pairs_items(val_pairs)])
                 check_held_out(_named_digests(pairs, record["digests"]),
-                               _named_digests(val_pairs, _digests([files for _, files in _pairs_items(val_pairs)])), "pair")
-        elif cfg.val_count > 0:
+                               _named_digests(val_pairs, [_item_digest(d) for d in val_digests]), "pair")
+                check_pairs_differ(val_pairs, val_digests, "validation pairs", note)
+        check_pairs_differ(pairs, file_digests, "pairs", note)  # after the held-out check, which says more
+        if cfg.val_source is None and cfg.val_count > 0:
             held = split_holdout(len(pairs)) if len(pairs) >= 10 else []
             held = held[: cfg.val_count]
             if held:

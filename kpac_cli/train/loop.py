@@ -84,7 +84,10 @@ from ..model import KPACConfig, KPACNet, build_model, count_parameters, transfer
 from .. import distributed as D
 from .blur_ranking import attention_blur_loss
 from .config import STAGE_DEFAULTS, TrainConfig
-from .data import LEGACY_RECORD, DataBundle, DataError, StepBatchSampler, build_data, collate, validation_crop, worker_init
+from .data import (
+    LEGACY_RECORD, DataBundle, DataError, StepBatchSampler, build_data, collate, procedural_scene_crop, procedural_scene_side,
+    validation_crop, worker_init,
+)
 from .state import FORMAT, VERSION, capture_rng, load_state, resolve_checkpoint, restore_rng, save_state, weights_finite
 from .vgg import PerceptualLoss, find_vgg_weights, load_vgg19
 
@@ -630,6 +633,66 @@ def _validation_change(ckpt: dict[str, Any], cfg: TrainConfig) -> tuple[int, int
     return int(saved), cfg.val_crop
 
 
+def resumed_config(cfg: TrainConfig, checkpoint: dict[str, Any]) -> TrainConfig:
+    """``cfg`` as it continues the run that saved ``checkpoint`` (its last.pt): the procedural
+    scenes stay those the run trains on (drawn for its largest crop and its --val-crop, which a
+    resume may lower). Raises ValueError, naming the flag, for what would make the run other than
+    its checkpoint says: other scenes, validation renders larger than them, fewer iterations than done."""
+    saved = checkpoint.get("train_config")
+    if cfg.procedural and saved:
+        started = TrainConfig.from_dict(saved)
+        drawn_for = started.val_crop if started.scenes_val_crop is None else started.scenes_val_crop
+        if started.procedural and cfg.scenes_val_crop is None and cfg.val_crop != drawn_for:
+            cfg = cfg.replace(scenes_val_crop=drawn_for)
+        if started.procedural and procedural_scene_crop(cfg) != procedural_scene_crop(started):
+            # the scenes are drawn at a size the largest crop sets: other scenes, other validation
+            raise ValueError(f"--crop: the largest crop may not change when resuming a run with procedural scenes "
+                             f"(they are drawn for it); keep its largest size, {started.crop_schedule.max_size}")
+        if started.procedural and procedural_scene_side(cfg) != procedural_scene_side(started):
+            raise ValueError(f"--max-radius: may not change when resuming a run with procedural scenes (they are "
+                             f"drawn with a margin for it); keep {started.max_radius:g}")
+        if validation_crop(cfg) > procedural_scene_crop(cfg):
+            # a validation render larger than the scenes would be padded with their mirror image
+            raise ValueError(f"--val-crop {cfg.val_crop}: this run's procedural scenes are drawn for crops up to "
+                             f"{procedural_scene_crop(cfg)} px; give at most that")
+    if saved:
+        _check_held_out_pairs_stay(cfg, TrainConfig.from_dict(saved), checkpoint.get("data_record"))
+    done = int(checkpoint.get("step", 0))
+    if cfg.total_iterations < done:
+        raise ValueError(f"--iterations {cfg.total_iterations}: the run has done {_iterations(done)} already; "
+                         f"give more to continue it, or export it with --export-only")
+    return cfg
+
+
+def _check_held_out_pairs_stay(cfg: TrainConfig, started: TrainConfig, record: dict[str, Any] | None) -> None:
+    """Raise ValueError when a resume of a run on --source/--target pairs would add or drop its
+    validation folders while the run holds out pairs for validation without them (every 10th of
+    10 or more): the held-out pairs would join training, or other pairs leave it."""
+    if not (started.data_kind == cfg.data_kind == "paired" and started.val_count > 0 and cfg.val_count > 0):
+        return
+    if (started.val_source is None) == (cfg.val_source is None):
+        return
+    names = (record or {}).get("names")
+    if names is not None and len(names) < 10:  # nothing held out: the training pairs stay the same
+        return
+    if started.val_source is None:
+        raise ValueError("--val-source and --val-target cannot be added when resuming: the run holds out every 10th "
+                         "pair for validation, which would then join the training pairs; start a new run from its "
+                         f"weights with --init {cfg.out} to validate on folders")
+    raise ValueError(f"--val-source and --val-target ({started.val_source}, {started.val_target}) cannot be dropped "
+                     "when resuming: every 10th training pair would be held out for validation instead")
+
+
+def check_run_folder(cfg: TrainConfig) -> None:
+    """Raise ValueError when ``cfg.out`` cannot hold the run: a file, or, for a new run (not
+    ``resume``), a folder that holds a run already (its checkpoints and model would be replaced)."""
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise ValueError(f"--run-dir {cfg.out}: is a file (the run folder holds the checkpoints and the log)")
+    if not cfg.resume and (cfg.out / "last.pt").exists():
+        raise ValueError(f"{cfg.out} already holds a run (last.pt); continue it with --resume {cfg.out} or "
+                         "choose another --run-dir")
+
+
 def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.DistInfo,
            all_set_up: Callable[[], None], ranks: _Ranks) -> TrainResult:
     main = dist_info.is_main
@@ -651,11 +714,19 @@ def _train(cfg: TrainConfig, emit: Callback, device: torch.device, dist_info: D.
 
     # -- where we start from: a checkpoint to resume, weights to initialise from, or nothing
     ckpt: dict[str, Any] | None = None
+    try:
+        check_run_folder(cfg)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     if cfg.resume:
         last = out / "last.pt"
         if not last.is_file():
             raise TrainingError(f"nothing to resume: {last} does not exist")
         ckpt = load_state(last)
+        try:
+            cfg = resumed_config(cfg, ckpt)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         if int(ckpt["step"]) >= total and not _export_pending(out / "model.safetensors", int(ckpt["step"])):
             # Done before: training on would be nothing, and re-exporting could replace a model
             # exported otherwise since (--export-only --overwrite).
