@@ -132,10 +132,13 @@ def test_raw_dual_pixel_on_the_command_line_develops_and_encodes_every_view(shar
     assert np.abs(got - expected).max() < 2 / 65535
 
 
-def _dng(cfa: np.ndarray, *, crop=None, active_area=None, orientation: int = 1, default_scale=None) -> bytes:
+def _dng(cfa: np.ndarray, *, crop=None, active_area=None, orientation: int = 1, default_scale=None, user_crop=None,
+         as_shot=True) -> bytes:
     """A small Bayer (RGGB) DNG holding ``cfa`` (12-bit values); ``crop`` is
     ``((x, y), (width, height))`` for DefaultCropOrigin / DefaultCropSize, ``active_area``
-    ``(top, left, bottom, right)``, ``default_scale`` ``(x, y)`` (non-square pixels)."""
+    ``(top, left, bottom, right)``, ``default_scale`` ``(x, y)`` (non-square pixels),
+    ``user_crop`` DefaultUserCrop's ``(top, left, bottom, right)`` in 1/64ths of the default crop;
+    ``as_shot`` False leaves out the as-shot white balance (AsShotNeutral)."""
     import tifffile
 
     tags = [
@@ -147,8 +150,9 @@ def _dng(cfa: np.ndarray, *, crop=None, active_area=None, orientation: int = 1, 
         (50717, "H", 1, 4095, True),  # WhiteLevel
         (50721, "2i", 9, (1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 1), True),  # ColorMatrix1: identity
         (50778, "H", 1, 21, True),  # CalibrationIlluminant1: D65
-        (50728, "2I", 3, (1, 1, 1, 1, 1, 1), True),  # AsShotNeutral
     ]
+    if as_shot:
+        tags.append((50728, "2I", 3, (1, 1, 1, 1, 1, 1), True))  # AsShotNeutral
     if crop is not None:
         (x, y), (w, h) = crop
         tags += [(50719, "2I", 2, (x, 1, y, 1), True), (50720, "2I", 2, (w, 1, h, 1), True)]
@@ -156,6 +160,8 @@ def _dng(cfa: np.ndarray, *, crop=None, active_area=None, orientation: int = 1, 
         tags.append((50829, "H", 4, active_area, True))
     if default_scale is not None:
         tags.append((50718, "2I", 2, (default_scale[0], 1, default_scale[1], 1), True))
+    if user_crop is not None:
+        tags.append((51125, "2I", 4, tuple(v for n in user_crop for v in (n, 64)), True))
     buf = io.BytesIO()
     tifffile.imwrite(buf, cfa.astype(np.uint16), photometric=32803, extratags=tags, metadata=None)
     return buf.getvalue()
@@ -201,6 +207,34 @@ def test_a_dng_default_crop_counts_from_the_active_area_and_may_reach_its_edge()
     np.testing.assert_array_equal(read_image(_dng(cfa, crop=((0, 0), (64, 48))))[0], read_image(_dng(cfa))[0])
 
 
+@pytest.mark.parametrize("half", [False, True])
+def test_a_dng_user_crop_narrows_its_default_crop_in_every_orientation(half):
+    # DefaultUserCrop (DNG 1.5): the framing chosen in the camera (16:9, 1:1, ...), as
+    # fractions of the default crop; LibRaw ignores it
+    cfa, (x, y), (w, h) = _scene(), (5, 3), (52, 40)
+    opts = RawOptions(gamma="linear", half_size=half)
+    whole, _ = read_image(_dng(cfa), raw_options=opts)
+    # rows 3 + 40 * 8/64 = 8 to 3 + 40 * 56/64 = 38, columns 5 + 52 * 16/64 = 18 to 5 + 52 = 57
+    r0, r1, c0, c1 = 8, 38, 18, 57
+    box = whole[r0 // 2 : (r1 + 1) // 2, c0 // 2 : (c1 + 1) // 2] if half else whole[r0:r1, c0:c1]
+    for orientation in range(1, 9):
+        data = _dng(cfa, crop=((x, y), (w, h)), orientation=orientation, user_crop=(8, 16, 56, 64))
+        img, _ = read_image(data, raw_options=opts)
+        np.testing.assert_array_equal(img, apply_orientation(box, orientation), err_msg=f"orientation {orientation}")
+        assert probe_size(data) == ((c1 - c0, r1 - r0) if orientation >= 5 else (r1 - r0, c1 - c0))
+
+
+def test_a_dng_user_crop_without_a_default_crop_is_a_share_of_the_active_area():
+    cfa = _scene()
+    area = (2, 4, 46, 62)  # 44 x 58
+    whole, _ = read_image(_dng(cfa, active_area=area))
+    img, _ = read_image(_dng(cfa, active_area=area, user_crop=(16, 0, 48, 32)))
+    np.testing.assert_array_equal(img, whole[11:33, 0:29])
+    # the whole default crop, or a rectangle the spec does not allow, crops nothing more
+    for user_crop in [(0, 0, 64, 64), (48, 0, 16, 64), (0, 0, 64, 80)]:
+        np.testing.assert_array_equal(read_image(_dng(cfa, active_area=area, user_crop=user_crop))[0], whole)
+
+
 def test_non_square_pixels_are_sized_and_limited_as_developed():
     # DefaultScale (2, 1): LibRaw develops twice the sensor's width
     cfa = _scene()
@@ -229,6 +263,48 @@ def test_a_camera_dng_is_developed_to_the_image_the_camera_intends(shared_dir):
     assert whole.shape == (1088, 2064, 3) and not whole[:, -1].any()
     np.testing.assert_array_equal(img, whole[4:1084, 8:2056] / np.float32(65535))
     assert img[:, -1].mean() > 0.01  # the image reaches the right edge
+
+
+def test_camera_white_balance_falls_back_to_daylight_when_the_file_has_none():
+    # LibRaw's own fallback is its grey-world auto balance, which --raw-wb auto already gives
+    data = _dng(_scene(), as_shot=False)
+    camera = read_image(data, raw_options=RawOptions(gamma="linear"))[0]
+    daylight = read_image(data, raw_options=RawOptions(gamma="linear", white_balance="daylight"))[0]
+    auto = read_image(data, raw_options=RawOptions(gamma="linear", white_balance="auto"))[0]
+    np.testing.assert_array_equal(camera, daylight)
+    assert np.abs(camera - auto).max() > 0.01
+    # with an as-shot balance, that is the one used
+    shot = _dng(_scene())
+    assert np.abs(read_image(shot)[0] - read_image(shot, raw_options=RawOptions(white_balance="daylight"))[0]).max() > 0.01
+
+
+def _monochrome_dng(values: np.ndarray) -> bytes:
+    """A DNG of a monochrome sensor (LinearRaw, one sample per pixel, 12-bit ``values``), as
+    Leica's Monochrom cameras write."""
+    import tifffile
+
+    tags = [(50706, "B", 4, (1, 4, 0, 0), True), (50708, "s", 0, "Test Monochrome", True), (50717, "H", 1, 4095, True)]
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, values.astype(np.uint16), photometric="minisblack", extratags=tags, metadata=None)
+    # tifffile writes LinearRaw with three samples only: PhotometricInterpretation 1 -> 34892
+    entry = b"\x06\x01\x03\x00\x01\x00\x00\x00"
+    data = buf.getvalue()
+    assert data.count(entry + b"\x01\x00") == 1
+    return data.replace(entry + b"\x01\x00", entry + (34892).to_bytes(2, "little"))
+
+
+def test_a_monochrome_raw_is_developed_to_grey_at_full_and_half_size():
+    yy, xx = np.mgrid[0:48, 0:64]
+    data = _monochrome_dng(200 + 40 * xx + 15 * yy)
+    img, info = read_image(data, raw_options=RawOptions(gamma="linear"))
+    assert img.shape == (48, 64, 3) and info.format == "raw" and info.bit_depth == 16
+    np.testing.assert_array_equal(img[..., 0], img[..., 1])
+    np.testing.assert_array_equal(img[..., 0], img[..., 2])
+    assert (np.diff(img[..., 0], axis=1) > 0).all()  # the picture, not a constant
+    # LibRaw develops it at full size whatever is asked: binned afterwards, as a linear DNG is
+    half, _ = read_image(data, raw_options=RawOptions(gamma="linear", half_size=True))
+    assert half.shape == (24, 32, 3)
+    assert np.abs(half - _binned(img)).max() < 1e-4
 
 
 def test_a_truncated_raw_is_called_truncated(tmp_path):

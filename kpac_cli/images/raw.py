@@ -2,9 +2,12 @@
 
 RAW files are developed to 16-bit RGB (``ImageInfo.bit_depth == 16``, ``format == 'raw'``)
 with the camera's white balance, AHD demosaicing, sRGB primaries and the sRGB tone curve by
-default, without LibRaw's automatic brightening (so exposure is what the camera recorded).
+default, without LibRaw's automatic brightening (so exposure is what the camera recorded);
+a monochrome sensor's grey is given in all three channels.
 A DNG's default crop (DefaultCropOrigin / DefaultCropSize: the image the camera intends, as
-Adobe's tools show it, without the border pixels kept for demosaicing) is applied.
+Adobe's tools show it, without the border pixels kept for demosaicing) is applied, narrowed by
+its DefaultUserCrop where it has one (DNG 1.5: the framing chosen in the camera, such as a 16:9
+or 1:1 aspect ratio on a 3:2 sensor, which Adobe's tools open the file with).
 LibRaw applies the camera's orientation itself; the value it applied is reported as
 ``orientation_applied``. The camera's EXIF is read beside it for TIFF-based RAW (see
 :mod:`.io`). A development other than plain sRGB (linear light, Adobe RGB or ProPhoto
@@ -31,7 +34,7 @@ _GAMMA = {"srgb": (2.4, 12.92), "linear": (1.0, 1.0)}
 # LibRaw's flip code -> EXIF orientation (inverse of dcraw's "50132467" table).
 _FLIP_TO_EXIF = {0: 1, 1: 2, 2: 4, 3: 3, 4: 5, 5: 8, 6: 6, 7: 7}
 _DNG_VERSION_TAG = 50706
-_DEFAULT_CROP_ORIGIN, _DEFAULT_CROP_SIZE, _ACTIVE_AREA = 50719, 50720, 50829
+_DEFAULT_CROP_ORIGIN, _DEFAULT_CROP_SIZE, _ACTIVE_AREA, _DEFAULT_USER_CROP = 50719, 50720, 50829, 51125
 
 #: A crop rectangle ``(top, left, height, width)`` in pixels.
 _Box = tuple[int, int, int, int]
@@ -48,8 +51,9 @@ class RawOptions:
         camera's daylight multipliers.
     half_size : bool
         Skip demosaicing by binning each 2x2 Bayer cell: half the width and height, fast.
-        Files without a colour filter mosaic (linear DNGs, already demosaiced), which LibRaw
-        develops at full size whatever is asked, are binned 2x2 in linear light afterwards.
+        Files without a colour filter mosaic (linear DNGs, already demosaiced, and monochrome
+        sensors), which LibRaw develops at full size whatever is asked, are binned 2x2 in
+        linear light afterwards.
     demosaic : {'ahd', 'linear', 'vng', 'ppg', 'dht', 'aahd'}
         LibRaw demosaicing algorithm (ignored with ``half_size``).
     output_colorspace : {'srgb', 'adobe', 'prophoto', 'raw'}
@@ -125,13 +129,14 @@ def _dims(raw) -> tuple[int, int, int]:
 
 
 def _dng_default_crop(source: str | os.PathLike | bytes) -> _Box | None:
-    """A DNG's default crop (DefaultCropOrigin / DefaultCropSize of its main raw image, made
-    relative to the whole sensor: the spec counts it from the ActiveArea's corner); None for
-    other files and DNGs without one.
+    """A DNG's default crop (DefaultCropOrigin / DefaultCropSize of its main raw image),
+    narrowed by its DefaultUserCrop, made relative to the whole sensor (the spec counts it
+    from the ActiveArea's corner); None for other files and DNGs without one.
 
     Read from the tags rather than from LibRaw, which moves an odd origin to the next even
-    pixel and drops a crop that reaches the sensor's right or bottom edge. Other RAW formats
-    keep LibRaw's full visible area: their maker notes' crop boxes vary by camera.
+    pixel, drops a crop that reaches the sensor's right or bottom edge and ignores the user
+    crop. Other RAW formats keep LibRaw's full visible area: their maker notes' crop boxes
+    vary by camera.
     """
     import tifffile
 
@@ -145,15 +150,38 @@ def _dng_default_crop(source: str | os.PathLike | bytes) -> _Box | None:
             if page is None:
                 return None
             # in the raw image's directory; as LibRaw does, one put in IFD0 is also taken
-            origin = _tag_numbers(page, _DEFAULT_CROP_ORIGIN) or _tag_numbers(first, _DEFAULT_CROP_ORIGIN)
-            size = _tag_numbers(page, _DEFAULT_CROP_SIZE) or _tag_numbers(first, _DEFAULT_CROP_SIZE)
-            area = _tag_numbers(page, _ACTIVE_AREA) or (0, 0)
+            origin, size, user = (_tag_numbers(page, code) or _tag_numbers(first, code)
+                                  for code in (_DEFAULT_CROP_ORIGIN, _DEFAULT_CROP_SIZE, _DEFAULT_USER_CROP))
+            area = _tag_numbers(page, _ACTIVE_AREA) or (0, 0, int(page.imagelength), int(page.imagewidth))
     except Exception:  # not a TIFF (CR3, RAF, ...) or a damaged one: LibRaw has the last word
         return None
-    if origin is None or size is None or len(origin) != 2 or len(size) != 2 or len(area) < 2:
+    if len(area) != 4 or (origin is not None and len(origin) != 2) or (size is not None and len(size) != 2):
         return None
-    (x, y), (w, h) = (round(v) for v in origin), (round(v) for v in size)
-    return round(area[0]) + y, round(area[1]) + x, h, w
+    user_box = _user_crop(user)
+    if origin is None and size is None and user_box is None:
+        return None
+    # the spec's defaults: the crop starts at the active area's corner and fills it
+    x, y = (round(v) for v in origin or (0, 0))
+    w, h = (round(v) for v in size or (area[3] - area[1] - x, area[2] - area[0] - y))
+    top, left = round(area[0]) + y, round(area[1]) + x
+    if user_box is None or w <= 0 or h <= 0:
+        return top, left, h, w
+    top_f, left_f, bottom_f, right_f = user_box
+    # user crop edges on the pixel grid, at least one pixel kept
+    r0, c0 = min(round(top_f * h), h - 1), min(round(left_f * w), w - 1)
+    r1, c1 = max(round(bottom_f * h), r0 + 1), max(round(right_f * w), c0 + 1)
+    return top + r0, left + c0, r1 - r0, c1 - c0
+
+
+def _user_crop(values: tuple[float, ...] | None) -> tuple[float, float, float, float] | None:
+    """A DefaultUserCrop ``(top, left, bottom, right)``, fractions of the default crop; None
+    when absent, the whole default crop, or not the rectangle the spec allows."""
+    if values is None or len(values) != 4:
+        return None
+    top, left, bottom, right = values
+    if not (0 <= top < bottom <= 1 and 0 <= left < right <= 1) or values == (0, 0, 1, 1):
+        return None
+    return top, left, bottom, right
 
 
 def _tag_numbers(page, code: int) -> tuple[float, ...] | None:
@@ -217,9 +245,9 @@ def _stretched(raw, h: int, w: int) -> tuple[int, int]:
 def read_raw(source, name, *, max_pixels: int | None, options: RawOptions | None) -> tuple[np.ndarray, int]:
     """Develop a RAW file to ``uint16`` H x W x 3 RGB.
 
-    Returns the array and the EXIF orientation LibRaw applied. A DNG's default crop is
-    applied. The pixel limit is checked on the header's sensor size (what LibRaw develops,
-    crop borders included) before the sensor data are unpacked.
+    Returns the array and the EXIF orientation LibRaw applied. A DNG's default crop (and
+    user crop) is applied. The pixel limit is checked on the header's sensor size (what
+    LibRaw develops, crop borders included) before the sensor data are unpacked.
     """
     import rawpy
 
@@ -239,8 +267,9 @@ def read_raw(source, name, *, max_pixels: int | None, options: RawOptions | None
             raw.unpack()  # before reading daylight_whitebalance: LibRaw needs the unpacked data
         except rawpy.LibRawError as exc:
             raise _decode_error(name, exc) from None
-        # LibRaw halves only mosaic (CFA) data; anything else is developed at full size.
-        bin_after = opts.half_size and raw.raw_pattern is None
+        # LibRaw halves only colour mosaic (CFA) data; anything else (a linear DNG, a
+        # monochrome sensor) is developed at full size.
+        bin_after = opts.half_size and not _is_colour_mosaic(raw.raw_pattern)
         if bin_after:
             _check_pixels(name, dev_h, dev_w, False, max_pixels)
         kwargs: dict = dict(
@@ -253,12 +282,7 @@ def read_raw(source, name, *, max_pixels: int | None, options: RawOptions | None
         )
         if opts.exposure:
             kwargs["exp_shift"] = 2.0 ** opts.exposure
-        if opts.white_balance == "camera":
-            kwargs["use_camera_wb"] = True
-        elif opts.white_balance == "auto":
-            kwargs["use_auto_wb"] = True
-        else:
-            kwargs["user_wb"] = list(raw.daylight_whitebalance)
+        kwargs.update(_white_balance_args(raw, opts.white_balance))
         try:
             rgb = raw.postprocess(**kwargs)
         except rawpy.NotSupportedError as exc:
@@ -268,6 +292,8 @@ def read_raw(source, name, *, max_pixels: int | None, options: RawOptions | None
     finally:
         raw.close()
     rgb = np.asarray(rgb)
+    if rgb.ndim == 3 and rgb.shape[2] == 1:  # a monochrome sensor: grey, given as RGB as promised
+        rgb = np.repeat(rgb, 3, axis=2)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint16 or rgb.size == 0:
         raise ImageError(name, f"camera RAW developed to an unexpected array {rgb.shape} {rgb.dtype}")
     developed_full = rgb.shape[0] * rgb.shape[1] == dev_h * dev_w
@@ -276,6 +302,34 @@ def read_raw(source, name, *, max_pixels: int | None, options: RawOptions | None
     if bin_after and developed_full:
         rgb = _half_size(rgb, opts.gamma)
     return rgb, orientation
+
+
+def _is_colour_mosaic(pattern) -> bool:
+    """Whether LibRaw's ``raw_pattern`` is a colour filter mosaic (Bayer, X-Trans), which
+    LibRaw develops at half size when asked: not None (a linear DNG) nor the single cell of
+    a monochrome sensor."""
+    return pattern is not None and np.size(pattern) > 1
+
+
+def _white_balance_args(raw, white_balance: str) -> dict:
+    """LibRaw's white balance arguments for ``white_balance`` (needs the unpacked data).
+
+    A file without usable as-shot multipliers is developed with the daylight ones: asked for
+    the camera's, LibRaw would fall back to its grey-world auto balance instead, which tints
+    a scene of one dominant colour.
+    """
+    if white_balance == "auto":
+        return {"use_auto_wb": True}
+    if white_balance == "camera" and _usable_multipliers(raw.camera_whitebalance):
+        return {"use_camera_wb": True}
+    return {"user_wb": list(raw.daylight_whitebalance)}
+
+
+def _usable_multipliers(multipliers) -> bool:
+    """Whether white balance multipliers (R, G, B, G2; G2 0 when it is G's) give a balance:
+    LibRaw takes as-shot ones only when red and blue are set (positive)."""
+    r, g, b = (float(v) for v in list(multipliers)[:3])
+    return all(math.isfinite(v) and v > 0 for v in (r, g, b))
 
 
 def _crop_developed(rgb: np.ndarray, crop: _Box, visible: tuple[int, int], flip: int) -> np.ndarray:
