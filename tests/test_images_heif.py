@@ -508,6 +508,18 @@ def test_deblur_a_10_bit_heic_writes_16_bit_png(tmp_path):
     assert not re.search(r"frames|8 bits", res.output)
 
 
+@needs_heif
+def test_bit_depth_16_makes_an_8_bit_heic_s_output_a_16_bit_png(tmp_path):
+    """kpac chooses a HEIC's output format: with --bit-depth 16 it is one that holds 16 bits
+    (PNG), not the 8-bit photo's JPEG, which would be written as 8 bits with a note."""
+    (tmp_path / "IMG_0002.HEIC").write_bytes(heic(_photo()))
+    res = runner.invoke(app, ["deblur", str(tmp_path / "IMG_0002.HEIC"), "-o", str(tmp_path / "out") + "/", "--bit-depth", "16"])
+    assert res.exit_code == 0, res.output
+    img, info = read_image(tmp_path / "out" / "IMG_0002.png")
+    assert info.bit_depth == 16 and not (tmp_path / "out" / "IMG_0002.jpg").exists()
+    assert "8 bits" not in res.output
+
+
 def test_nclx_chromaticities_of_no_colour_space_give_no_profile():
     # every primary on one point: no profile can be made, and the colour space is said
     same = {f"color_primary_{c}_{a}": 0.3 for c in ("red", "green", "blue", "white") for a in ("x", "y")}

@@ -82,6 +82,30 @@ def test_raw_half_size_on_the_command_line(shared_dir, tmp_path):
     assert exif_ifd[36867] == "2019:06:06 07:29:51" and float(exif_ifd[37381]) == 4.0  # capture time, aperture value
 
 
+def test_a_dng_without_a_raw_extension_is_sniffed_as_raw(shared_dir, tmp_path):
+    """A DNG read from stdin or named .tif is developed as RAW: its format, and so which
+    options apply (``--raw-half-size``), must say so, not 'tiff'."""
+    from kpac_cli.images import sniff_format
+
+    dng = _raw(shared_dir, "canon_eos_6d.dng")
+    renamed = tmp_path / "shot.tif"
+    shutil.copyfile(dng, renamed)
+    assert sniff_format(dng) == sniff_format(dng.read_bytes()) == sniff_format(renamed) == "raw"
+    assert read_image(renamed, raw_options=RawOptions(half_size=True))[1].format == "raw"
+    plain = tmp_path / "plain.tif"
+    import tifffile
+
+    tifffile.imwrite(plain, np.zeros((4, 5, 3), np.uint16), photometric="rgb")
+    assert sniff_format(plain) == sniff_format(plain.read_bytes()) == "tiff"
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "tiny.safetensors", build_model(KPACConfig(levels=2, channels=8)), {"name": "tiny"})
+    res = CliRunner().invoke(app, ["deblur", "-", "-o", str(tmp_path / "out.tif"), "--model", str(model), "--raw-half-size",
+                                   "--json", "-q"], input=dng.read_bytes(), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "--raw-half-size" not in res.output  # no "changes nothing here" warning: it halved the photo
+    assert read_image(tmp_path / "out.tif")[0].shape == (408, 612, 3)
+
+
 @pytest.mark.shared
 def test_a_bayer_dng_keeps_what_exif_it_has(shared_dir):
     _, info = read_image(_raw(shared_dir, "Blackmagic.dng"), raw_options=RawOptions(half_size=True))

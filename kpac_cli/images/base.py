@@ -145,10 +145,11 @@ class ImageInfo:
         Float TIFF samples (colour and alpha) that were outside ``[0, 1]`` or NaN, and so were
         clipped to it (NaN read as 0) on read; 0 for every other source.
     png_chunks : tuple of (bytes, bytes)
-        ``(type, payload)`` of a PNG source's colour space chunks (gAMA, cHRM, sRGB: the first
-        well-formed one of each) and text chunks (tEXt, zTXt, iTXt other than XMP), in file
-        order, copied verbatim into PNG outputs (sRGB not beside an ICC profile). Empty for
-        other sources.
+        ``(type, payload)`` of a PNG source's colour space chunks (cICP, gAMA, cHRM, sRGB: the
+        first well-formed one of each) and text chunks (tEXt, zTXt, iTXt other than XMP), in
+        file order, copied verbatim into PNG outputs (sRGB not beside an ICC profile); for a
+        HEIF source with an HDR transfer (PQ, HLG), the cICP chunk that says its coding. Empty
+        for other sources.
     jpeg_segments : tuple of (int, bytes)
         ``(marker, payload)`` of a JPEG source's comments (COM) and Photoshop resources
         (APP13, where IPTC lives), in file order, copied verbatim into JPEG outputs; when the
@@ -170,9 +171,11 @@ class ImageInfo:
         still picture.
     color_space_dropped : str or None
         The colour space a source declares that no ICC profile says, so that outputs go
-        untagged (read as sRGB): a HEIF's nclx colour information with an HDR transfer (PQ,
-        HLG), e.g. ``"the PQ (HDR, SMPTE ST 2084) transfer characteristics"``. None for every
-        other source (an nclx that a profile can say becomes ``icc_profile``).
+        untagged (read as sRGB) unless they are PNG, which says it in a cICP chunk: a HEIF's
+        nclx colour information, or a PNG's cICP, with an HDR transfer (PQ, HLG), e.g. ``"the
+        PQ (HDR, SMPTE ST 2084) transfer characteristics"``, or a PNG's cICP of narrow-range
+        samples. None for every other source (an nclx or cICP that a profile can say becomes
+        ``icc_profile``).
     """
 
     path: str | None

@@ -14,8 +14,12 @@ PNG
     cHRM, sRGB) and the text chunks (tEXt, zTXt, other iTXt) are kept verbatim in
     ``info.png_chunks`` and written back to PNG outputs only (JPEG and TIFF have no place for
     them); a colour space other than sRGB that gAMA/cHRM say, without an iCCP, is given as an
-    ICC profile (:func:`.png.implied_icc_profile`), which every output carries. APNG: the default image (what a non-animated viewer shows) is read, ``info.frames``
-    tells how many frames exist.
+    ICC profile (:func:`.png.implied_icc_profile`), which every output carries. A cICP chunk
+    (PNG third edition: H.273 codes, HDR's PQ and HLG among them) is kept the same way, and comes
+    first, as the spec orders them: its colour space is given as an ICC profile where one can
+    say it (Display P3, BT.2020, ...), else ``info.color_space_dropped`` says so (TIFF and JPEG
+    outputs cannot hold it: :func:`color_space_note`). APNG: the default image (what a
+    non-animated viewer shows) is read, ``info.frames`` tells how many frames exist.
 TIFF
     tifffile: 1-16-bit integer (2-7-bit rescaled to 8, 9-15-bit to 16), float (clipped to ``[0, 1]``,
     NaN read as 0, ``bit_depth == 32``; ``info.clipped_float_values`` counts the samples that
@@ -59,14 +63,16 @@ HEIC/HEIF
     top-level images (a burst, an image collection), not thumbnails, depth maps, alpha planes or
     other auxiliary images; an HDR gain map (Apple's, or ISO 21496-1) is not read
     (``info.hdr_gain_map_dropped``).
-    8-bit, or 10/12-bit rescaled to 16 as a 9-15-bit TIFF's; grey, RGB, alpha (premultiplied
+    8-bit, 10/12-bit rescaled to 16 as a 9-15-bit TIFF's, or 16-bit; grey, RGB, alpha (premultiplied
     alpha made straight). The orientation is the HEIF's own, the ``irot``/``imir``
     transformations libheif applies on decoding (``info.orientation_applied`` says which); the
     EXIF Orientation tag, informative only in HEIF and often stale, is never applied on top, and
     reset to 1 in the EXIF kept (``tiff:Orientation`` in the XMP too). ICC profile (iPhones embed
     Display P3), EXIF and XMP are read; ``nclx`` colour information without a profile is given
     as an ICC profile when it is not sRGB (Display P3, BT.2020, linear, ...), and where no profile
-    can say it (PQ, HLG: HDR) ``info.color_space_dropped`` says so. Not written: an 8-bit opaque
+    can say it (PQ, HLG: HDR) ``info.color_space_dropped`` says so, and a PNG output says the HDR
+    coding in a cICP chunk (``info.png_chunks``: the nclx primaries and transfer, RGB, full
+    range as libheif hands the samples). Not written: an 8-bit opaque
     HEIC's outputs default to JPEG, the others' to PNG, 16-bit for 10/12 bits, 8-bit for a
     transparent 8-bit HEIC (:func:`default_format`).
 RAW
@@ -283,10 +289,26 @@ def sniff_format(source: str | os.PathLike | bytes) -> str:
     """The format :func:`read_image` would decode ``source`` as: 'png' | 'jpeg' | 'tiff' |
     'heif' | 'raw' ('heif' only where the ``heic`` extra is installed).
 
-    Looks at the first 64 bytes (and, for camera RAW, the extension); raises
-    :class:`ImageError` for content that is not a supported image.
+    Looks at the first 64 bytes (and, for camera RAW, the extension); TIFF content is looked
+    into further, for a DNG or other TIFF-based RAW without a RAW extension (read from stdin,
+    or named ``.tif``), which :func:`read_image` develops as RAW. Raises :class:`ImageError`
+    for content that is not a supported image.
     """
-    return _sniff(_Src(source))
+    src = _Src(source)
+    fmt = _sniff(src)
+    return "raw" if fmt == "tiff" and _tiff_content_is_raw(src) else fmt
+
+
+def _tiff_content_is_raw(src: _Src) -> bool:
+    """Whether TIFF content is a camera RAW (:func:`_tiff_is_raw`); False for one tifffile
+    cannot open (its reading says what is wrong)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(src.lib_arg) as tif:
+            return bool(tif.pages) and _tiff_is_raw(tif)
+    except Exception:  # noqa: BLE001 - damaged content: the read reports it
+        return False
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -371,9 +393,52 @@ def _read_png(src: _Src, max_pixels):
     else:
         arr = _pillow_png(src, png)
         depth = 8
-    icc = png.icc_profile or _made_profile_for(arr, png_mod.implied_icc_profile(png.kept_chunks))
-    extra = {"png_chunks": tuple(png.kept_chunks)}
+    icc, color_space_dropped = _png_colour(arr, png)
+    extra = {"png_chunks": tuple(png.kept_chunks), "color_space_dropped": color_space_dropped}
     return arr, depth, icc, exif, exif_mod.read_orientation(exif), png.frames, png.xmp, png.dpi, extra
+
+
+def _png_colour(arr: np.ndarray, png: png_mod.PngFile) -> tuple[bytes | None, str | None]:
+    """``(ICC profile, colour space left unsaid)`` of a PNG, for outputs other than PNG (a PNG
+    output carries the colour chunks themselves).
+
+    The file's own iCCP is kept. Else, by the precedence of PNG's third edition, a cICP's colour
+    space comes first: a profile where one can say it (BT.2020, Display P3, ...; none for sRGB),
+    else gAMA/cHRM's stand-in, if any, with the cICP's colour space said to be left unsaid (PQ,
+    HLG: HDR; narrow-range samples), rather than outputs claiming sRGB without a word.
+    """
+    codes = png_mod.cicp_codes(png.kept_chunks)
+    made, dropped = (None, None) if codes is None else _cicp_profile(codes)
+    if png.icc_profile:
+        return png.icc_profile, dropped
+    if codes is not None and dropped is None:
+        return _made_profile_for(arr, made), None
+    return _made_profile_for(arr, png_mod.implied_icc_profile(png.kept_chunks)), dropped
+
+
+def _cicp_profile(codes: tuple[int, int, int, int]) -> tuple[bytes | None, str | None]:
+    """:func:`.heif.nclx_profile` of a PNG's cICP codes; narrow-range (video) samples, which no
+    ICC profile says, are left unsaid."""
+    made, dropped = heif_mod.nclx_profile(png_mod.cicp_as_nclx(codes))
+    if dropped is None and not codes[3]:
+        return None, "narrow-range (video) samples"
+    return made, dropped
+
+
+#: H.273 transfer characteristics of HDR codings, which no ICC profile says but a PNG's cICP chunk
+#: does: PQ (SMPTE ST 2084) and HLG (ARIB STD-B67).
+HDR_TRANSFERS = (16, 18)
+
+
+def _heif_cicp(nclx: dict | None) -> tuple[bytes, bytes] | None:
+    """The cICP chunk that tells PNG readers a HEIF's HDR coding (:data:`HDR_TRANSFERS`), from its
+    nclx codes: primaries and transfer as stored; matrix coefficients 0 and full range, as
+    libheif hands the samples (RGB, converted from the stored range). None for other nclx."""
+    try:
+        primaries, transfer = int(nclx["color_primaries"]), int(nclx["transfer_characteristics"])
+        return png_mod.cicp_chunk(primaries, transfer) if transfer in HDR_TRANSFERS else None
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _pillow_png(src: _Src, png: png_mod.PngFile) -> np.ndarray:
@@ -927,16 +992,20 @@ def _read_heif(src: _Src, max_pixels):
     else:
         made, color_space_dropped = heif_mod.nclx_profile(nclx)
         icc = _made_profile_for(arr, made)
+    cicp = _heif_cicp(nclx) if color_space_dropped else None  # PNG outputs say the HDR coding with it
     exif, xmp = _heif_upright_metadata(raw_exif, raw_xmp)
     extra = {"hdr_gain_map_dropped": head.gain_map, "motion_photo_dropped": meta.declares_motion_photo(xmp),
-             "color_space_dropped": color_space_dropped}
+             "color_space_dropped": color_space_dropped, "png_chunks": () if cicp is None else (cicp,)}
     return arr, depth, icc, exif, head.orientation, head.frames, xmp, None, extra
 
 
 def _heif_samples(src: _Src, arr: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
-    """libheif's samples -> (uint8 codes, 8) or (float32 in [0, 1], 16) for 10/12 bits."""
+    """libheif's samples -> (uint8 codes, 8), (float32 in [0, 1], 16) for 10/12 bits, or
+    (uint16 codes, 16) for 16 bits (an uncompressed HEIF's), as a 16-bit TIFF's."""
     if bits == 8 and arr.dtype == np.uint8:
         return arr, 8
+    if bits == 16 and arr.dtype == np.uint16:
+        return arr, 16
     if 8 < bits < 16 and arr.dtype == np.uint16:
         return _rescaled_to_16_bits(arr, bits), 16
     raise ImageError(src.name, f"unsupported HEIF sample format ({bits}-bit as {arr.dtype})")
@@ -1548,6 +1617,30 @@ def _without_turned_thumbnails(segments: Iterable[tuple[int, bytes]]) -> tuple[t
     return tuple(out)
 
 
+def color_space_note(info: ImageInfo, fmt: str) -> str | None:
+    """What an output in ``fmt`` (png, tiff, jpeg) makes of the colour space its input declares
+    and no ICC profile says (``info.color_space_dropped``: PQ, HLG, ...), said rather than
+    dropped silently; None when there is nothing to say (none, or a PNG's cICP copied to a PNG).
+
+    A PNG output says an HDR coding in a cICP chunk (the input's, or one made of a HEIF's nclx);
+    TIFF and JPEG have no place for it, and are written untagged (read as sRGB), or with the
+    input's stand-in ICC profile (a PNG's iCCP or gAMA/cHRM beside its cICP).
+    """
+    if not info.color_space_dropped:
+        return None
+    fmt = FORMAT_ALIASES.get(fmt, fmt)
+    has_cicp = png_mod.cicp_codes(info.png_chunks) is not None
+    if has_cicp and fmt == "png" and info.format == "png":
+        return None  # the cICP chunk is copied as it is
+    said = f"no ICC profile can say the input's colour space ({info.color_space_dropped})"
+    if has_cicp and fmt == "png":
+        return f"{said}: the PNG says it in a cICP chunk, which HDR-capable browsers and viewers read"
+    how = ("written untagged, which readers take for sRGB" if info.icc_profile is None
+           else "written with the input's stand-in ICC profile, which does not say it")
+    keep = " (a PNG output keeps it in a cICP chunk: --format png)" if has_cicp else ""
+    return f"{said}: the {fmt.upper()} is {how}{keep}"
+
+
 def jpeg_segment_names(segments: Iterable[tuple[int, bytes]]) -> list[str]:
     """How notes name the kinds among carried JPEG segments (``ImageInfo.jpeg_segments``), sorted."""
     names = {marker: name for marker, name in JPEG_CARRIED_SEGMENTS.values()}
@@ -1583,13 +1676,13 @@ def _encode(fmt: str, arr: np.ndarray, depth: int, info: ImageInfo, quality: int
             from PIL.PngImagePlugin import PngInfo
 
             opts["pnginfo"] = PngInfo()
-            for ctype, data in chunks:  # written verbatim before IDAT, as encode16 does
+            for ctype, data in png_mod.without_cicp(chunks):  # written verbatim before IDAT, as encode16 does
                 opts["pnginfo"].add(ctype, data)
             if xmp is not None:
                 opts["pnginfo"].add_itxt(png_mod.XMP_KEYWORD, xmp)
         if dpi is not None:
             opts["dpi"] = dpi
-        return _pillow_save(arr, "PNG", icc=icc, exif=exif, compress_level=6, **opts)
+        return png_mod.with_cicp_first(_pillow_save(arr, "PNG", icc=icc, exif=exif, compress_level=6, **opts), chunks)
     if fmt == "jpeg":
         if exif is not None and len(exif) > JPEG_MAX_EXIF:
             exif = None  # too large for one APP1 segment: the rest is written without it

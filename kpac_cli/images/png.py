@@ -6,7 +6,8 @@ PNGs as 8-bit (it keeps only the high byte) and cannot write them at all. This m
 * parses the chunk structure itself (IHDR, PLTE, iCCP, eXIf, iTXt XMP, pHYs, tRNS, acTL, IDAT;
   CRCs checked), so the size is known and checked before any pixel memory is allocated, and
   metadata is read here, with its own limits, for every depth. The colour space chunks
-  (gAMA, cHRM, sRGB) and the text chunks (tEXt, zTXt, non-XMP iTXt) are kept as they are
+  (gAMA, cHRM, sRGB, and cICP, the coding-independent code points of PNG's third edition
+  that say HDR codings) and the text chunks (tEXt, zTXt, non-XMP iTXt) are kept as they are
   (:data:`COLOUR_CHUNKS`, :data:`TEXT_CHUNKS`), to be copied verbatim into a PNG output;
 * decodes 16-bit IDAT data with Pillow's own C zlib+unfilter decoder (the ``"zip"`` decoder
   behind ``Image.frombytes``), run twice with big- and little-endian 16-bit raw modes: each
@@ -50,7 +51,10 @@ _IDAT_PIECE = 1 << 23
 _VALID_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 #: Colour space chunks kept from a PNG input: payload size of each (PNG spec), at most one of each.
-COLOUR_CHUNKS = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1}
+COLOUR_CHUNKS = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"cICP": 4}
+#: The chunk type of the coding-independent code points (ITU-T H.273): colour primaries, transfer
+#: function, matrix coefficients (0: RGB, the only value PNG allows) and the full range flag.
+CICP = b"cICP"
 #: Text chunks kept from a PNG input (every one, except the XMP iTXt, which is ``xmp``).
 TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 
@@ -142,7 +146,8 @@ def parse(fh: BinaryIO, name, *, max_pixels: int | None, header_only: bool = Fal
             # ignores the others too)
             placed = png.plte is None and not seen_idat
             first = all(t != ctype for t, _ in png.kept_chunks)
-            if placed and first and len(data) == COLOUR_CHUNKS[ctype]:
+            valid = ctype != CICP or _valid_cicp(data)
+            if placed and first and valid and len(data) == COLOUR_CHUNKS[ctype]:
                 png.kept_chunks.append((ctype, bytes(data)))
         elif ctype == b"pHYs" and png.dpi is None:
             png.dpi = _phys(data)
@@ -175,6 +180,51 @@ def _ihdr(data: bytes, name, max_pixels: int | None) -> PngFile:
     if max_pixels is not None and w * h > max_pixels:
         raise too_large_error(name, f"{w}x{h}", w * h, max_pixels)
     return PngFile(width=w, height=h, bit_depth=depth, color_type=ctype, interlace=interlace)
+
+
+def _valid_cicp(data: bytes) -> bool:
+    """Whether a cICP payload is one the PNG spec allows: matrix coefficients 0 (RGB) and a full
+    range flag of 0 or 1 (readers ignore the others, so a PNG output does not carry them)."""
+    return len(data) == 4 and data[2] == 0 and data[3] in (0, 1)
+
+
+def cicp_chunk(primaries: int, transfer: int, *, full_range: bool = True) -> tuple[bytes, bytes]:
+    """The ``(type, payload)`` of a cICP chunk for RGB samples (matrix coefficients 0) with the
+    H.273 ``primaries`` and ``transfer`` codes."""
+    if not (0 <= primaries <= 255 and 0 <= transfer <= 255):
+        raise ValueError(f"H.273 codes are bytes; got primaries {primaries}, transfer {transfer}")
+    return CICP, bytes((primaries, transfer, 0, int(full_range)))
+
+
+#: xy chromaticities (red, green, blue, white) of the H.273 colour primaries codes that name RGB
+#: primaries other than sRGB's (1) and Display P3's (12), which :func:`.heif.nclx_profile` knows.
+H273_PRIMARIES = {
+    4: ((0.67, 0.33), (0.21, 0.71), (0.14, 0.08), (0.310, 0.316)),  # BT.470 M
+    5: ((0.64, 0.33), (0.29, 0.60), (0.15, 0.06), (0.3127, 0.3290)),  # BT.601 (625 lines)
+    6: ((0.630, 0.340), (0.310, 0.595), (0.155, 0.070), (0.3127, 0.3290)),  # BT.601 (525 lines)
+    7: ((0.630, 0.340), (0.310, 0.595), (0.155, 0.070), (0.3127, 0.3290)),  # SMPTE 240M
+    8: ((0.681, 0.319), (0.243, 0.692), (0.145, 0.049), (0.310, 0.316)),  # generic film
+    9: ((0.708, 0.292), (0.170, 0.797), (0.131, 0.046), (0.3127, 0.3290)),  # BT.2020
+    11: ((0.680, 0.320), (0.265, 0.690), (0.150, 0.060), (0.314, 0.351)),  # DCI-P3
+    22: ((0.630, 0.340), (0.295, 0.605), (0.155, 0.077), (0.3127, 0.3290)),  # EBU 3213
+}
+
+
+def cicp_as_nclx(codes: tuple[int, int, int, int]) -> dict:
+    """A cICP's codes as the nclx colour information :func:`.heif.nclx_profile` takes (the
+    chromaticities of :data:`H273_PRIMARIES` where the code names them)."""
+    primaries, transfer, _matrix, _full_range = codes
+    nclx: dict = {"color_primaries": primaries, "transfer_characteristics": transfer}
+    for colour, (x, y) in zip(("red", "green", "blue", "white"), H273_PRIMARIES.get(primaries, ())):
+        nclx[f"color_primary_{colour}_x"], nclx[f"color_primary_{colour}_y"] = x, y
+    return nclx
+
+
+def cicp_codes(chunks) -> tuple[int, int, int, int] | None:
+    """``(colour primaries, transfer function, matrix coefficients, full range flag)`` of the
+    first cICP among ``(type, payload)`` chunks, or None."""
+    data = next((bytes(d) for t, d in chunks if bytes(t) == CICP and len(d) == 4), None)
+    return None if data is None else (data[0], data[1], data[2], data[3])
 
 
 def _trns_fits(color_type: int, length: int) -> bool:
@@ -457,7 +507,8 @@ def encode16(arr: np.ndarray, *, icc_profile: bytes | None = None, exif: bytes |
 
     ``exif`` may carry the ``Exif\\0\\0`` prefix (it is stripped for the eXIf chunk);
     ``xmp`` (the packet) and ``dpi`` (pixels per inch) go in iTXt and pHYs chunks; ``chunks``
-    (``(type, payload)`` pairs, as :func:`chunks_to_copy` selects them) are written verbatim before IDAT.
+    (``(type, payload)`` pairs, as :func:`chunks_to_copy` selects them) are written verbatim before
+    IDAT, a cICP first of all, right after IHDR (as :func:`with_cicp_first` puts it in 8-bit PNG).
     """
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -469,9 +520,12 @@ def encode16(arr: np.ndarray, *, icc_profile: bytes | None = None, exif: bytes |
     buf = io.BytesIO()
     buf.write(SIGNATURE)
     buf.write(_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)))
+    cicp, others = _split_cicp(chunks)
+    for ctype, data in cicp:
+        buf.write(_chunk(ctype, data))
     if icc_profile:
         buf.write(_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile)))
-    for ctype, data in chunks:
+    for ctype, data in others:
         buf.write(_chunk(ctype, data))
     if exif:
         body = exif[6:] if exif.startswith(b"Exif\x00\x00") else exif
@@ -482,3 +536,25 @@ def encode16(arr: np.ndarray, *, icc_profile: bytes | None = None, exif: bytes |
         buf.write(_chunk(b"IDAT", comp[i : i + _IDAT_PIECE]))
     buf.write(_chunk(b"IEND", b""))
     return buf.getvalue()
+
+
+def _split_cicp(chunks) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """``chunks`` as (the cICP ones, the others), each in the order given."""
+    chunks = [(bytes(t), bytes(d)) for t, d in chunks]
+    return [c for c in chunks if c[0] == CICP], [c for c in chunks if c[0] != CICP]
+
+
+def without_cicp(chunks) -> list[tuple[bytes, bytes]]:
+    """``chunks`` less the cICP ones (which :func:`with_cicp_first` writes into an 8-bit PNG:
+    Pillow before 11.2 drops a cICP it is handed)."""
+    return _split_cicp(chunks)[1]
+
+
+def with_cicp_first(data: bytes, chunks) -> bytes:
+    """A PNG file's bytes (``data``, as Pillow writes it) with the cICP among ``chunks`` put right
+    after IHDR: before PLTE and IDAT, as the spec requires, where :func:`encode16` writes it."""
+    cicp = _split_cicp(chunks)[0]
+    if not cicp:
+        return data
+    ihdr_end = len(SIGNATURE) + 8 + 13 + 4  # IHDR: length, type, 13 bytes, CRC
+    return data[:ihdr_end] + b"".join(_chunk(t, d) for t, d in cicp) + data[ihdr_end:]
