@@ -6,7 +6,12 @@ Conventions (all subcommands):
   and progress go to stderr, and progress is shown only when stderr is a terminal.
 * Exit codes: 0 all succeeded, 1 some item failed (the others were still processed),
   2 usage error, 130/143 interrupted by SIGINT/SIGTERM, 141 stopped because stdout's reader
-  went away (``| head -1``), as a shell reports a command that SIGPIPE ended.
+  went away (``| head -1``), as a shell reports a command that SIGPIPE ended. A usage error
+  is anything the command line names that keeps the command from starting, found before any
+  work: an option's value, and a model (``--model``, ``kpac convert``'s SRC) that is missing,
+  damaged or of the wrong kind. 1 is for the work: an image, or an output that cannot be written.
+* A stderr that takes no more (``2>&-``, a full disk, its reader gone) loses the messages
+  only: the work goes on, and the exit code is still the work's.
 """
 
 from __future__ import annotations
@@ -32,7 +37,50 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE
 EXIT_TERMINATED = 143  # 128 + SIGTERM; 128 + SIGINT is EXIT_INTERRUPTED, defined where kpac starts
 
-err_console = Console(stderr=True, highlight=False)
+class _Stderr:
+    """The file of :data:`err_console`: ``sys.stderr`` as it is at each write (tests, and rich's
+    live display, put their own in its place), with a write that fails dropped.
+
+    Messages are not the work: a stderr that takes no more (closed with ``2>&-``, a full disk,
+    a log reader that went away in ``2>&1 | head``) loses them, while the batch goes on and its
+    exit status stays what its images make it. rich would otherwise end the process (status 1,
+    stdout sent to /dev/null) or raise out of the batch at the first message that failed.
+    """
+
+    _sys = sys  # the interpreter's module, bound once: stdout may be swapped through this module's name
+
+    def _stream(self) -> Any:
+        stream = self._sys.stderr
+        return getattr(stream, "rich_proxied_file", stream)  # under rich's live display, the real one
+
+    def write(self, text: str) -> int:
+        try:
+            self._stream().write(text)
+        except (AttributeError, OSError, ValueError):  # no stderr, one that fails, or a closed one
+            pass
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream().flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+    def isatty(self) -> bool:
+        try:
+            return bool(self._stream().isatty())
+        except (AttributeError, OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self._stream().fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self._stream(), "encoding", None) or "utf-8"
+
+
+err_console = Console(file=_Stderr(), highlight=False)  # type: ignore[arg-type]  # a file, as rich uses one
 
 
 # tifffile logs its own complaints about a damaged file (without naming it); kpac reports the

@@ -25,7 +25,9 @@ def convert(
     """
     from ..engine.batch import inputs_written_over
 
-    # Usage errors (2), as for `kpac export` and `kpac train --export-only`.
+    # Usage errors (2), as for `kpac export` and `kpac train --export-only`: SRC missing or
+    # unusable (damaged, not the authors' format) as well, as a damaged --model is for every
+    # command; 1 is for the work that failed (the output could not be written).
     if not src.exists():
         raise usage_error(f"{src}: no such file")
     if src.is_dir():
@@ -43,8 +45,7 @@ def convert(
         try:
             model = load_official_npz(src)
         except (UnsafeCheckpointError, CheckpointMismatchError, OSError) as e:
-            print_error(str(e))
-            raise typer.Exit(EXIT_FAILED) from None
+            raise usage_error(str(e)) from None
         cfg = model.config
         variant = "dual" if cfg.in_views == 2 else f"single_{cfg.levels}level"
         prov = {"name": name or output.stem, "source": f"converted from the authors' release format ({src.name})",

@@ -45,7 +45,8 @@ from ..images import (
 from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
 from ..images.exif import has_tags_beyond_descriptive
 from ..images.heif import INSTALL_HINT as HEIC_INSTALL_HINT
-from ..images.io import JPEG_MAX_DPI, JPEG_MAX_EXIF, JPEG_MAX_XMP, default_format, jpeg_segment_names, probe_heif, written_xmp
+from ..images.io import (JPEG_MAX_DPI, JPEG_MAX_EXIF, JPEG_MAX_XMP, color_space_note, default_format, jpeg_segment_names,
+                         probe_heif, written_xmp)
 from ..images.png import TEXT_CHUNKS, colour_other_than_srgb
 from .deblurrer import Deblurrer
 from .tiled import ProgressFn
@@ -140,8 +141,9 @@ def _output_format(source: Path | bytes, options: OutputOptions) -> str:
     16-bit TIFF (its development); HEIC/HEIF an 8-bit photo without alpha (an iPhone's) JPEG at
     --jpeg-quality, as the phone's "Most Compatible" setting would have taken it, and a 10/12-bit
     or transparent one 16-bit PNG, which keeps its depth, its alpha and all of its EXIF (TIFF
-    outputs keep only the descriptive tags). Told by the HEIF's header
-    (:func:`~kpac_cli.images.io.default_format`); a HEIF that cannot be probed fails when read.
+    outputs keep only the descriptive tags), as is an 8-bit one with ``--bit-depth 16``. Told by
+    the HEIF's header (:func:`~kpac_cli.images.io.default_format`); a HEIF that cannot be probed
+    fails when read.
     """
     if options.bit_depth == 32:
         return "tiff"
@@ -153,7 +155,8 @@ def _output_format(source: Path | bytes, options: OutputOptions) -> str:
             head = probe_heif(source)
         except ImageError:  # damaged: the read fails later, with the reader's message
             return "jpeg"
-        return default_format(fmt, head.bit_depth, head.alpha)
+        # --bit-depth 16 asks for a format that holds it: the HEIF's output is kpac's choice
+        return default_format(fmt, max(head.bit_depth, options.bit_depth or 8), head.alpha)
     return default_format(fmt, 8, False)
 
 
@@ -362,19 +365,39 @@ def _with_companions(job: Job, companions: tuple[str, ...]) -> Job:
     return job
 
 
-def _check_claims(jobs: list[Job]) -> None:
+def _check_claims(jobs: list[Job], options: OutputOptions) -> None:
     """No two jobs write one file (outputs and companions alike)."""
     sources = {job.input_label: job.source for job in jobs}
+    outputs = {job.output for job in jobs if job.output is not None}
     for writer, dst, first in outputs_claimed_twice((job.input_label, dst) for job in jobs for dst in job.destinations):
-        raise PlanError(describe_clash(writer, first, dst, sources))
+        hint = _forced_format_hint(sources[writer], sources[first], options) if dst in outputs else ""  # not a companion
+        raise PlanError(describe_clash(writer, first, dst, sources) + hint)
+
+
+def _forced_format_hint(a: Any, b: Any, options: OutputOptions) -> str:
+    """Advice for two outputs that --format (or --bit-depth 32, TIFF) gave one name, which
+    each input's own format would have kept apart; "" when the option is not the cause."""
+    flag = "--bit-depth 32" if options.bit_depth == 32 else f"--format {options.format}" if options.format else None
+    if flag is None or isinstance(a, DualPixelTriple) or isinstance(b, DualPixelTriple):
+        return ""
+    own = OutputOptions()
+    if _output_format(a, own) == _output_format(b, own):
+        return ""
+    return f"; or leave out {flag}, so that each keeps its own format"
 
 
 def describe_clash(writer: str, first: str, output: Path, sources: dict[str, Any]) -> str:
     """What to tell of two inputs (labels, with ``sources`` by label) that claim one ``output``:
-    one file named twice, or two files that need separate outputs."""
+    one file named twice, one name in two formats (a camera's RAW+JPEG pair), or two files
+    that need separate outputs."""
     a, b = sources.get(writer), sources.get(first)
     if writer == first or (isinstance(a, Path) and isinstance(b, Path) and os.path.realpath(a) == os.path.realpath(b)):
         return f"{writer} is given twice (as {first} too); name each input once"
+    if isinstance(a, Path) and isinstance(b, Path) and a.stem == b.stem and a.suffix.lower() != b.suffix.lower():
+        # renaming a camera's files is no answer: one run per format, each into its own folder
+        return (f"{writer} and {first} would both be written to {output}: one name in two formats (as a camera's "
+                f"RAW+JPEG pair) gives one output name; write each format to its own output folder, one run each "
+                f"(the *{b.suffix} files, then the *{a.suffix} files)")
     return f"{writer} and {first} would both be written to {output}; give them separate output folders or rename one"
 
 
@@ -453,7 +476,7 @@ def plan_single(
     jobs = [j for j, k in zip(jobs, keep) if k]
     if not jobs:
         raise PlanError("no images found in the inputs (only outputs of this command)")
-    _check_claims(jobs)
+    _check_claims(jobs, options)
     _check_inputs_kept(jobs)
     return jobs
 
@@ -541,7 +564,7 @@ def plan_dual(left: str, right: str | None, center: str | None, output: str, opt
         # t.name is the left view's stem without its view marker; dots in it are part of the name
         dst = out / _output_name(Path(t.name + t.left.suffix), t.left, fmt, options.suffix)
         jobs.append(_with_companions(Job(t.name, t, dst, str(t.left), fmt), companions))
-    _check_claims(jobs)
+    _check_claims(jobs, options)
     return jobs
 
 
@@ -766,9 +789,9 @@ def _what_is_not_kept(job: Job, info: ImageInfo, options: OutputOptions) -> list
     if info.hdr_gain_map_dropped:  # the reader counts it as no frame
         kind = "HEIF" if info.format == "heif" else "JPEG"
         notes.append(f"the {kind}'s HDR gain map was dropped: the output is its SDR rendition")
-    if info.color_space_dropped:
-        notes.append(f"no ICC profile can say the input's colour space ({info.color_space_dropped}): "
-                     f"the {job.format.upper()} is written untagged, which readers take for sRGB")
+    colour_space = color_space_note(info, job.format)
+    if colour_space:
+        notes.append(colour_space)
     if info.motion_photo_dropped:
         notes.append("the motion photo's video was dropped: the output is the still picture")
     if info.dropped_extra_samples:  # neither colour nor alpha: no output format would know what they are
