@@ -375,6 +375,8 @@ def test_models_names_every_shipped_file_it_cannot_use(tmp_path, monkeypatch):
     assert [json.loads(line)["name"] for line in res.stdout.splitlines()] == ["good"]
     (folder / "pointer.safetensors").unlink()
     (folder / "cut.safetensors").unlink()
+    sums = folder / "SHA256SUMS"  # a file SHA256SUMS still lists is missing, not gone
+    sums.write_text("".join(line for line in sums.read_text().splitlines(keepends=True) if "cut" not in line))
     res = CliRunner().invoke(app, ["models"])
     assert res.exit_code == 0 and res.stderr == "", res.output
 
@@ -436,7 +438,7 @@ def test_only_the_released_variants_convert_not_a_2level_dual_pixel_network(tmp_
         load_official_npz(dual2)
     out = tmp_path / "dual2.safetensors"
     res = _convert(dual2, "-o", out)
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     line = _one_error_line(res)
     assert str(dual2) in line and "match none" in line
     assert not out.exists()
@@ -458,7 +460,7 @@ def test_malformed_params_npy_is_one_line_naming_the_file(tmp_path, kind):
         read_official_npz(path)
     out = tmp_path / "bad.safetensors"
     res = _convert(path, "-o", out)
-    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output  # not an uncaught exception
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output  # not an uncaught exception
     assert str(path) in _one_error_line(res)
     assert not out.exists()
 
@@ -476,7 +478,7 @@ def test_npz_with_non_finite_or_integer_weights_is_refused_naming_the_array(tmp_
         read_official_npz(path)
     out = tmp_path / "m.safetensors"
     res = _convert(path, "-o", out)
-    assert res.exit_code == 1 and "item 5" in _one_error_line(res)
+    assert res.exit_code == 2 and "item 5" in _one_error_line(res)
     assert not out.exists()
 
 
@@ -616,7 +618,7 @@ def test_npz_with_a_malformed_header_or_member_is_one_line_naming_the_file(tmp_p
         read_official_npz(path)
     out = tmp_path / "bad.safetensors"
     res = _convert(path, "-o", out)
-    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
     assert str(path) in _one_error_line(res)
     assert not out.exists()
 
@@ -1022,3 +1024,163 @@ def test_a_torch_file_named_in_upper_case_loads_as_one(tmp_path, suffix):
     assert all(torch.equal(loaded.state_dict[k], v) for k, v in model.state_dict().items())
     with pytest.raises(FileNotFoundError, match="model file not found"):  # not "unknown model"
         resolve_model(tmp_path / f"MISSING{suffix}")
+
+
+# --- the default model, odd weights files, configs that do not fit -----------------------
+
+
+def test_the_default_model_is_the_shipped_one_whatever_the_current_folder_holds(tmp_path, monkeypatch):
+    """`kpac deblur a.png` in a folder holding a file or a run folder named kpac-3level (a run
+    made with --run-dir kpac-3level, say) still uses the shipped model: the user named none."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from kpac_cli.checkpoints.registry import resolve_model
+    from kpac_cli.cli import app
+
+    folder = tmp_path / "weights"
+    monkeypatch.setenv("KPAC_WEIGHTS_DIR", str(folder))
+    single, dual = _weights_folder(folder, "kpac-3level"), _weights_folder(folder, "kpac-dual")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "kpac-3level").write_text("notes, not a model")
+    run = _run_folder(tmp_path / "elsewhere", exported=True)
+    run.rename(work / "kpac-dual")
+    assert resolve_model("default") == (single, "kpac-3level")
+    assert resolve_model("default", dual=True) == (dual, "kpac-dual")
+    assert resolve_model("kpac-dual") == (Path("kpac-dual") / "model.safetensors", "kpac-dual")  # named: the run
+    Image.fromarray(np.full((24, 24, 3), 128, np.uint8)).save(work / "a.png")
+    res = CliRunner().invoke(app, ["deblur", "a.png", "-o", "b.png", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (work / "b.png").is_file()
+
+
+def test_a_shipped_model_listed_in_sha256sums_but_missing_is_named_as_missing(tmp_path, monkeypatch):
+    """A shipped file deleted or left out of a package: `kpac models` says so (exit 1) and
+    asking for it says the file is missing, not that no such model exists."""
+    import kpac_cli.checkpoints.registry as registry
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    folder = tmp_path / "weights"
+    monkeypatch.setattr(registry, "weights_dirs", lambda: [folder])
+    _weights_folder(folder, "kpac-3level")
+    _weights_folder(folder, "kpac-dual").unlink()
+    models, unusable = registry.survey_models()
+    assert [m.name for m in models] == ["kpac-3level"] and list(unusable) == ["kpac-dual"]
+    with pytest.raises(FileNotFoundError, match=r"kpac-dual\.safetensors is missing: .*SHA256SUMS lists it"):
+        registry.resolve_model("default", dual=True)
+    res = CliRunner().invoke(app, ["models"])
+    assert res.exit_code == 1 and "kpac-dual.safetensors is missing" in _one_error_line(res)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+def test_a_model_stored_in_a_smaller_float_type_loads_and_runs(tmp_path, dtype):
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "m.safetensors", build_model(KPACConfig(levels=2, channels=8)), dtype=dtype)
+    ckpt = load_checkpoint(path)
+    assert all(t.dtype == dtype for t in ckpt.state_dict.values())
+    model = ckpt.build()
+    for name, value in model.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, ckpt.state_dict[name].float()), name
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.zeros(1, 3, 8, 8))).all()
+
+
+def test_a_nan_in_an_8_bit_float_model_is_refused_naming_the_tensor(tmp_path):
+    name = "blocks.0.fuse.bias"
+    shape = build_model(KPACConfig(levels=2, channels=8)).state_dict()[name].shape
+    path = _safetensors_with(tmp_path, name, torch.full(shape, float("nan")).to(torch.float8_e4m3fn))
+    with pytest.raises(CheckpointMismatchError, match=f"tensor '{name}' holds non-finite values"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy pickle"])
+def test_a_torch_file_named_safetensors_says_what_it_is(tmp_path, monkeypatch, legacy):
+    """Not "header too large" (safetensors' reading of the first bytes as a length)."""
+    from kpac_cli.checkpoints import registry
+
+    model = build_model(KPACConfig(levels=2, channels=8))
+    path = tmp_path / "renamed.safetensors"
+    torch.save({"config": model.config.to_dict(), "model": model.state_dict()}, path,
+               _use_new_zipfile_serialization=not legacy)
+    for read in (load_checkpoint, read_metadata):
+        with pytest.raises(CheckpointMismatchError, match=r"renamed\.safetensors: a .*torch\.save writes.*not a safetensors file.*\.pt") as info:
+            read(path)
+        assert "header" not in str(info.value)
+    monkeypatch.setattr(registry, "weights_dirs", lambda: [tmp_path])
+    assert "torch.save writes" in registry.survey_models()[1]["renamed"]
+    path.unlink()  # the authors' .npz is a zip too: named as what it is
+    _official_npz(tmp_path / "npz.npz", _tf_arrays(KPACConfig(levels=2, channels=8))).rename(path)
+    assert "authors' release format" in registry.survey_models()[1]["renamed"]
+
+
+def _model_declaring(tmp_path, **config) -> Path:
+    """A tiny 2-level model file whose metadata declares ``config`` instead of its own."""
+    path = save_checkpoint(tmp_path / "m.safetensors", build_model(KPACConfig(levels=2, channels=8)))
+    _with_metadata(path, config=json.dumps({**KPACConfig(levels=2, channels=8).to_dict(), **config}))
+    return path
+
+
+@pytest.mark.parametrize("config, says", [({"channels": 4 * 10**9}, "too large"),
+                                          ({"kernel_size": 100001}, "wrong shapes"),
+                                          ({"dilations": list(range(1, 100_001))}, r"\.\.\. \(689,\d+ characters\)")])
+def test_a_config_declaring_a_huge_network_is_refused_before_it_is_allocated(tmp_path, config, says):
+    """channels 4e9 or a 100001-px kernel would be allocated (an out-of-memory traceback, or
+    minutes of initialisation) if the network were built before the shapes were compared."""
+    from kpac_cli.checkpoints.safetensors_io import check_weights_fit
+
+    path = _model_declaring(tmp_path, **config)
+    with pytest.raises(CheckpointMismatchError, match=f"m.safetensors: weights do not fit .*{says}") as info:
+        load_checkpoint(path).build()
+    assert len(str(info.value)) < 1000  # the declared config is cut short, not printed whole
+    with pytest.raises(CheckpointMismatchError, match="weights do not fit"):
+        check_weights_fit(path, read_metadata(path)[0])
+
+
+def test_a_config_declaring_more_blocks_than_the_file_has_tensors_is_refused_unbuilt(tmp_path, monkeypatch):
+    """100,000 blocks would take hours to build, even on the meta device."""
+    from kpac_cli.checkpoints import safetensors_io
+    from kpac_cli.checkpoints.safetensors_io import check_weights_fit
+
+    path = _model_declaring(tmp_path, blocks=100_000)
+
+    def never(config):
+        raise AssertionError(f"built a network of {config.blocks} blocks")
+
+    monkeypatch.setattr(safetensors_io, "build_model", never)
+    with pytest.raises(CheckpointMismatchError, match=r"100000 KPAC blocks declared, \d+ tensors stored"):
+        load_checkpoint(path).build()
+    with pytest.raises(CheckpointMismatchError, match="100000 KPAC blocks declared"):
+        check_weights_fit(path, read_metadata(path)[0])
+
+
+@pytest.mark.parametrize("stored", ["float64", "mixed"])
+def test_update_provenance_keeps_every_tensor_bit_for_bit_in_its_own_type(tmp_path, stored):
+    """Not rebuilt through a float32 network: float64 weights kept their float32 rounding, and
+    a file mixing types had every tensor cast to the type of its first."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_checkpoint(tmp_path / "m.safetensors", build_model(KPACConfig(levels=2, channels=8)))
+    meta = dict(_metadata_of(path))
+    state = load_file(str(path))
+    if stored == "float64":
+        state = {k: v.double() + 1e-12 for k, v in state.items()}  # not representable in float32
+    else:
+        state = {k: v.half() if k.endswith("bias") else v for k, v in state.items()}
+    save_file(state, str(path), metadata=meta)
+    assert update_provenance(path, note="scored")["note"] == "scored"
+    after = load_file(str(path))
+    assert after.keys() == state.keys()
+    for name, value in state.items():
+        assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
+    assert read_metadata(path)[1]["note"] == "scored"
+
+
+def _metadata_of(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()

@@ -130,3 +130,22 @@ def test_committed_training_state_exports_the_shipped_weights(name, tmp_path):
     assert exported.keys() == shipped.keys()
     for key in shipped:
         assert torch.equal(exported[key], shipped[key]), key
+
+
+def test_every_shipped_model_is_listed_in_sha256sums_and_matches_it():
+    """Loading a shipped model by name verifies it against SHA256SUMS, but only if listed: a
+    model file added without its line would be used unverified, and a line without its file
+    means a model is missing."""
+    from kpac_cli.checkpoints.registry import survey_models, verify_file
+
+    folder = REPO / "weights"
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        pytest.skip("no shipped weights in this checkout")
+    listed = dict(reversed(line.split(maxsplit=1)) for line in (folder / "SHA256SUMS").read_text().splitlines())
+    assert sorted(listed) == files
+    for name in files:
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == listed[name], name
+        verify_file(folder / name)
+    models, unusable = survey_models()
+    assert unusable == {} and {m.name for m in models} >= {Path(n).stem for n in files}

@@ -92,11 +92,29 @@ def _shipped_files() -> dict[str, Path]:
     return files
 
 
+def _listed_but_missing() -> dict[str, Path]:
+    """Model name -> where SHA256SUMS says its file is, for each model a weights folder's
+    SHA256SUMS lists but no weights folder holds (a file deleted, or left out of a package)."""
+    present = _shipped_files()
+    missing: dict[str, Path] = {}
+    for folder in weights_dirs():
+        for file_name in _expected_digests(folder):
+            stem = file_name.removesuffix(".safetensors")
+            # models are the folder's own *.safetensors, not those of its subfolders
+            if file_name.endswith(".safetensors") and "/" not in file_name and stem not in present:
+                missing.setdefault(stem, folder / file_name)
+    return missing
+
+
+def _missing_message(path: Path) -> str:
+    return f"{path} is missing: {path.parent / 'SHA256SUMS'} lists it, but the file is not there"
+
+
 def survey_models() -> tuple[list[ModelInfo], dict[str, str]]:
     """The shipped models that can be used, and name -> what is wrong for each that cannot
     (damaged against SHA256SUMS, a Git LFS pointer, unreadable, no kpac metadata, weights that
-    do not fit the architecture its metadata declares)."""
-    models, unusable = [], {}
+    do not fit the architecture its metadata declares, listed in SHA256SUMS but missing)."""
+    models, unusable = [], {name: _missing_message(path) for name, path in _listed_but_missing().items()}
     for name, path in _shipped_files().items():
         try:
             verify_file(path)
@@ -145,13 +163,14 @@ def _run_folder_model(folder: Path) -> Path:
 def resolve_model(spec: str | Path, dual: bool = False) -> tuple[Path, str]:
     """A model name (shipped), a file path or a training run folder -> (path, display name).
 
-    ``"default"`` is the default single-image model (or the dual-pixel one with ``dual``).
+    ``"default"`` is the default single-image model (or the dual-pixel one with ``dual``), always
+    the shipped file: a file or run folder of that model's name in the current folder is not it.
     A run folder (as ``kpac train --init`` accepts) stands for its exported
     ``model.safetensors``, displayed under the folder's name.
     """
     spec_s = str(spec)
-    if spec_s == "default":
-        spec_s = DEFAULT_DUAL_MODEL if dual else DEFAULT_MODEL
+    if spec_s == "default":  # the shipped model, whatever the current folder holds under its name
+        return _shipped_model(DEFAULT_DUAL_MODEL if dual else DEFAULT_MODEL)
     path = Path(spec_s)
     if path.is_dir():
         # A folder that merely shares a shipped model's name (an output folder named after the
@@ -164,12 +183,20 @@ def resolve_model(spec: str | Path, dual: bool = False) -> tuple[Path, str]:
             hint = f" (the shipped model is named without its folder and suffix: {path.stem!r})" if shipped else ""
             raise FileNotFoundError(f"model file not found: {path}{hint}")
         return path, path.stem
-    shipped = _shipped_files().get(spec_s)
+    return _shipped_model(spec_s)
+
+
+def _shipped_model(name: str) -> tuple[Path, str]:
+    """A shipped model's (verified file, name), or FileNotFoundError naming the models there are."""
+    shipped = _shipped_files().get(name)
     if shipped is not None:
         verify_file(shipped)  # what is wrong with a damaged file, rather than "unknown model"
-        return shipped, spec_s
+        return shipped, name
+    missing = _listed_but_missing().get(name)
+    if missing is not None:
+        raise FileNotFoundError(_missing_message(missing))
     names = ", ".join(m.name for m in list_models()) or "none installed"
     unsearched = unsearched_weights_dir()
     unused = f"; {unsearched}" if unsearched else ""
-    raise FileNotFoundError(f"unknown model {spec_s!r} (shipped models: {names}){unused}; "
+    raise FileNotFoundError(f"unknown model {name!r} (shipped models: {names}){unused}; "
                             "pass a .safetensors path to use your own")

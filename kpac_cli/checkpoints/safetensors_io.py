@@ -48,8 +48,13 @@ class Checkpoint:
         """The network with these weights, in eval mode, on the CPU, its parameters of ``dtype``
         (the file's own type does not matter). Inputs and outputs: see :meth:`KPACNet.forward`
         ([-1, 1] NCHW; :class:`kpac_cli.engine.Deblurrer` takes images in [0, 1])."""
-        model = build_model(self.config)
         try:
+            # shapes first: a config that disagrees with the weights (channels 4800 for 48, say)
+            # is refused before its network is allocated
+            _check_all_tensors(self.state_dict)
+            stored = {k: tuple(v.shape) for k, v in self.state_dict.items()}
+            _check_shapes(self.config, _declared_shapes(self.config, len(stored)), stored)
+            model = build_model(self.config)
             load_state_dict_checked(model, self.state_dict)
         except CheckpointMismatchError as e:
             if self.path is None:
@@ -60,12 +65,23 @@ class Checkpoint:
 
 def load_state_dict_checked(model: KPACNet, state: dict[str, torch.Tensor]) -> None:
     """Load weights, turning any mismatch into one clear error instead of a PyTorch traceback."""
-    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
-    if not_tensors:
-        raise CheckpointMismatchError(f"{len(not_tensors)} entries are not tensors (e.g. {not_tensors[0]!r})")
+    _check_all_tensors(state)
     own = dict(model.state_dict())
     _check_shapes(model.config, {k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in state.items()})
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def _check_all_tensors(state: dict[str, Any]) -> None:
+    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointMismatchError(f"{len(not_tensors)} entries are not tensors (e.g. {not_tensors[0]!r})")
+
+
+def _config_text(config: KPACConfig, limit: int = 400) -> str:
+    """The config as JSON for a message, cut short where a file declares absurd values (a list
+    of a hundred thousand dilations would otherwise fill the terminal)."""
+    text = config.to_json()
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def _check_shapes(config: KPACConfig, own: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]]) -> None:
@@ -81,7 +97,7 @@ def _check_shapes(config: KPACConfig, own: dict[str, tuple[int, ...]], stored: d
             parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
         if wrong:
             parts.append(f"{len(wrong)} wrong shapes (e.g. {wrong[0]})")
-        raise CheckpointMismatchError(f"weights do not fit the declared architecture {config.to_json()}: " + "; ".join(parts))
+        raise CheckpointMismatchError(f"weights do not fit the declared architecture {_config_text(config)}: " + "; ".join(parts))
 
 
 def check_weights_fit(path: str | Path, config: KPACConfig) -> None:
@@ -93,12 +109,26 @@ def check_weights_fit(path: str | Path, config: KPACConfig) -> None:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise unreadable_error(path, e) from None
-    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        own = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
     try:
-        _check_shapes(config, own, stored)
+        _check_shapes(config, _declared_shapes(config, len(stored)), stored)
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(f"{path}: {e}") from None
+
+
+def _declared_shapes(config: KPACConfig, stored_count: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the network ``config`` declares, built on the meta
+    device (nothing allocated), for a file holding ``stored_count`` tensors. A config whose
+    sizes cannot even be represented, or with more KPAC blocks than the file has tensors (each
+    block has several: building a hundred thousand of them would take hours), is refused."""
+    if config.blocks > stored_count:
+        raise CheckpointMismatchError(f"weights do not fit the declared architecture {_config_text(config)}: "
+                                      f"{config.blocks} KPAC blocks declared, {stored_count} tensors stored")
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+            return {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
+    except (RuntimeError, OverflowError) as e:  # e.g. "Storage size calculation overflowed"
+        raise CheckpointMismatchError(f"weights do not fit the declared architecture {_config_text(config)}: "
+                                      f"its tensors are too large ({' '.join(str(e).split())[:120]})") from None
 
 
 # Where the usual wrappers keep the network they wrap: torch.compile's module (_orig_mod),
@@ -134,17 +164,22 @@ def save_checkpoint(
     inside is saved, under the names :func:`load_checkpoint` expects. ``dtype``: the stored
     tensors' type (the weights are cast; float32 by default).
     """
-    path = Path(path)
     model = bare_network(model)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    return _write_checkpoint(Path(path), model.config, tensors, provenance)
+
+
+def _write_checkpoint(path: Path, config: KPACConfig, tensors: dict[str, torch.Tensor],
+                      provenance: dict[str, Any] | None) -> Path:
+    """Write ``tensors`` as they are, with kpac's metadata, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     prov = {"kpac_version": __version__, **(provenance or {})}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": model.config.to_json(),
+        "config": config.to_json(),
         "provenance": json.dumps(prov, sort_keys=True),
     }
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     # Serialised in memory (models are a few MB): safetensors' own save_file renames a 0600
     # temp file into place, and an exported model should have ordinary permissions.
     atomic_write_bytes(path, save(tensors, metadata=metadata))
@@ -162,10 +197,10 @@ def update_provenance(path: str | Path, **fields: Any) -> dict[str, Any]:
         raise CheckpointMismatchError(f"{path}: provenance is updated in kpac .safetensors files only, not in a torch "
                                       "file (export it first: kpac train --export-only)")
     ckpt = load_checkpoint(path)
-    model = ckpt.build()
+    ckpt.build()  # the weights fit their config: a file that would not load is left as it is
     provenance = {**ckpt.provenance, **fields}
-    dtype = next(iter(ckpt.state_dict.values())).dtype
-    save_checkpoint(path, model, provenance, dtype=dtype)
+    # the stored tensors, bit for bit and each of its own dtype (not rebuilt through a float32 network)
+    _write_checkpoint(path, ckpt.config, {k: v.contiguous() for k, v in ckpt.state_dict.items()}, provenance)
     return provenance
 
 
@@ -237,7 +272,28 @@ def unreadable_error(path: Path, error: Exception) -> CheckpointMismatchError:
     short = truncation(path)
     if short is not None:
         return _truncated_error(path, short)
+    if _is_official_npz(path):
+        return _npz_given_error(path)
+    torch_kind = _torch_save_kind(path)
+    if torch_kind is not None:  # safetensors' own words would be "header too large"
+        return CheckpointMismatchError(f"{path}: {torch_kind}, not a safetensors file: kpac reads torch files only "
+                                       "when named .pt or .pth (and then only plain weights)")
     return CheckpointMismatchError(f"{path}: not a readable safetensors file ({error})")
+
+
+def _torch_save_kind(path: Path) -> str | None:
+    """What a file is when it starts as ``torch.save`` writes (a zip, or a bare pickle in the
+    legacy format), else None. A guess from its first bytes, for a better message only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if head == b"PK\x03\x04":
+        return "a zip archive (what torch.save writes)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode, protocol 2-5
+        return "a Python pickle (what torch.save writes in its legacy format)"
+    return None
 
 
 def _truncated_error(path: Path, short: str) -> CheckpointMismatchError:
@@ -324,10 +380,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if _is_torch_file(path):
         return _load_torch_weights_only(path)
     if path.suffix.lower() == ".npz" or _is_official_npz(path):
-        raise CheckpointMismatchError(
-            f"{path}: an .npz file (the authors' release format) is not loaded directly: "
-            f"convert it with `kpac convert {path} -o {path.stem}.safetensors` and use that file"
-        )
+        raise _npz_given_error(path)
     config, provenance = read_metadata(path)
     try:
         state = load_file(str(path))
@@ -338,6 +391,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointMismatchError(f"{path}: truncated or corrupt safetensors file ({e})") from None
     _check_weight_values(path, state)
     return Checkpoint(config, state, provenance, path)
+
+
+def _npz_given_error(path: Path) -> CheckpointMismatchError:
+    return CheckpointMismatchError(
+        f"{path}: an .npz file (the authors' release format) is not loaded directly: "
+        f"convert it with `kpac convert {path} -o {path.stem}.safetensors` and use that file"
+    )
 
 
 def _not_a_file_hint(path: Path) -> str:
@@ -351,6 +411,9 @@ def _not_a_file_hint(path: Path) -> str:
             "into its file, and kpac_cli.engine.Deblurrer takes either)")
 
 
+_FLOAT_DTYPES_CHECKED_AS_IS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_weight_values(path: Path, state: dict[str, Any]) -> None:
     """Refuse weights that would load without complaint yet make every output black: integer
     tensors (cast to float when loaded) and NaN or infinite values. Entries that are not
@@ -360,7 +423,9 @@ def _check_weight_values(path: Path, state: dict[str, Any]) -> None:
             continue
         if not value.is_floating_point():
             raise CheckpointMismatchError(f"{path}: tensor {name!r} holds {value.dtype} values, not floating-point weights")
-        if not torch.isfinite(value).all():
+        # isfinite has no kernel for 8-bit floats (float8_e4m3fn, ...): those are checked as float32
+        checked = value if value.dtype in _FLOAT_DTYPES_CHECKED_AS_IS else value.float()
+        if not torch.isfinite(checked).all():
             raise CheckpointMismatchError(f"{path}: tensor {name!r} holds non-finite values (NaN or infinity)")
 
 

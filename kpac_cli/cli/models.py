@@ -52,7 +52,7 @@ def models(
 ) -> None:
     """List the shipped models with their architecture, training iterations and measured scores.
 
-    The default single-image model and the default dual-pixel model (used with --left/--right) are marked; --json adds each model's training data and every score. A shipped file that cannot be used (damaged, a Git LFS pointer) is named on stderr and the exit code is 1. A folder named by $KPAC_WEIGHTS_DIR is searched first (a model there takes the place of a shipped one of the same name).
+    The default single-image model and the default dual-pixel model (used with --left/--right) are marked; --json adds each model's training data and every score. A shipped file that cannot be used (damaged, a Git LFS pointer, or listed in SHA256SUMS but missing) is named on stderr and the exit code is 1. A folder named by $KPAC_WEIGHTS_DIR is searched first (a model there takes the place of a shipped one of the same name).
 
     Example: kpac models --json | jq .name
     """

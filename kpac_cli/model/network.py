@@ -234,13 +234,20 @@ class KPACNet(nn.Module):
 
     def check_input(self, x: Tensor, reference: Tensor | None = None) -> None:
         cfg = self.config
+        for name, value in (("input", x), ("reference", reference)):
+            if value is not None and not isinstance(value, Tensor):
+                hint = " (a NumPy array: torch.from_numpy(a))" if hasattr(value, "__array__") else ""
+                raise TypeError(f"expected a torch.Tensor {name}, got {type(value).__name__}{hint}")
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"expected input of shape (N, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():  # .float() alone would feed 0-255 values to a [-1, 1] network
             raise ValueError(f"expected a float input in [-1, 1], got {x.dtype} (8-bit images: x / 127.5 - 1)")
         if reference is not None and not reference.is_floating_point():
             raise ValueError(f"expected a float reference in [-1, 1], got {reference.dtype}")
+        self._check_dtype(x, reference)
         h, w = x.shape[-2:]
+        if h == 0 or w == 0:
+            raise ValueError(f"expected an input of shape (N, {cfg.in_channels}, H, W) with H and W > 0, got {tuple(x.shape)}")
         if h % cfg.stride or w % cfg.stride:
             raise ValueError(
                 f"height and width must be multiples of {cfg.stride} for a {cfg.levels}-level model, "
@@ -248,6 +255,17 @@ class KPACNet(nn.Module):
             )
         if reference is not None and (reference.shape[0] != x.shape[0] or reference.shape[1] != 3 or reference.shape[-2:] != x.shape[-2:]):
             raise ValueError(f"reference must be (N, 3, {h}, {w}), got {tuple(reference.shape)}")
+
+    def _check_dtype(self, x: Tensor, reference: Tensor | None) -> None:
+        """Outside autocast the input (and reference) must be of the parameters' dtype: PyTorch
+        would otherwise fail in the first convolution, or silently compute the output in float64."""
+        weight = self.encoder.c0.weight
+        if _autocast_enabled(x.device.type):
+            return
+        for name, value in (("input", x), ("reference", reference)):
+            if value is not None and value.dtype != weight.dtype:
+                raise ValueError(f"the {name} is {value.dtype} but the model's parameters are {weight.dtype}: "
+                                 f"convert one ({name}.to({weight.dtype}) or model.to({value.dtype}))")
 
     def encode(self, x: Tensor, skip_levels: int | None = None) -> tuple[list[Tensor], Tensor | None]:
         return self.encoder(x, skip_levels=skip_levels)
@@ -291,6 +309,14 @@ class KPACNet(nn.Module):
         skips, encoded = self.encode(x)
         residual = self.decode(self.bottleneck(encoded).features, skips)
         return residual + (self.default_reference(x) if reference is None else reference)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (it mixes dtypes itself)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # PyTorch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def build_model(config: KPACConfig) -> KPACNet:
