@@ -593,6 +593,10 @@ def test_markdown_report_shows_the_paper_rows_where_the_terminal_does(folders, d
     res = invoke("--data", dpdd, "--allow-subset", "--method", "identity", "--report", tmp_path / "d.md")
     assert res.exit_code == 0, res.output
     assert "Table 4" in res.stdout and "Table 4" in (tmp_path / "d.md").read_text()
+    # its SSIM column was scored with the uniform window: beside Gaussian-window SSIM it does not compare
+    res = invoke("--data", dpdd, "--allow-subset", "--method", "identity", "--ssim", "gaussian", "--report", tmp_path / "g.md")
+    assert res.exit_code == 0, res.output
+    assert "Table 4" not in res.stdout and "Table 4" not in (tmp_path / "g.md").read_text()
 
 
 def test_paper_rows_come_with_their_note_in_every_report_that_shows_them(folders, dpdd, tmp_path):
@@ -939,3 +943,36 @@ def test_the_model_sees_a_transparent_photo_as_kpac_deblur_does(tmp_path, tiny_m
     in_memory = records(invoke("--source", tmp_path / "src", "--target", tmp_path / "gt", "--model", tiny_models[0],
                                "--device", "cpu", "--no-lpips", "--json"))[0]
     assert in_memory["psnr"] == pytest.approx(via_file["psnr"], abs=1e-9)
+
+
+def test_images_in_formats_kpac_does_not_read_are_said_to_be_left_out(folders, tmp_path):
+    # a WebP of one name on both sides pairs with nothing and is passed over: the report must not
+    # hold a mean over fewer images than the folders without a word
+    from PIL import Image
+
+    for d in ("pred", "gt"):
+        Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(folders / d / "d.webp")
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    said = "1 image(s) in a format kpac does not read are not scored (d.webp)"
+    assert f"--pred {folders / 'pred'}: {said}" in res.output and f"--target {folders / 'gt'}: {said}" in res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["images"]) == 3 and sum(said in n for n in report["notes"]) == 2
+
+
+def test_reports_record_the_command_and_versions_that_made_them(folders, tmp_path):
+    import skimage
+
+    from kpac_cli import __version__
+
+    res = invoke("--pred", folders / "pred", "--target", folders / "gt", "--bit-depth", "16", "--ssim", "gaussian",
+                 "--no-lpips", "--report", tmp_path / "r.json", "--report", tmp_path / "r.md", "--json", "--quiet")
+    assert res.exit_code == 0, res.output
+    command = (f"kpac eval --pred {folders / 'pred'} --target {folders / 'gt'} --bit-depth 16 --ssim gaussian --no-lpips "
+               f"--report {tmp_path / 'r.json'} --report {tmp_path / 'r.md'} --json --quiet")
+    versions = {"kpac": __version__, "scikit-image": skimage.__version__, "numpy": np.__version__, "torch": str(torch.__version__)}
+    for run in (json.loads((tmp_path / "r.json").read_text())["run"], records(res)[-1]):
+        assert run["command"] == command
+        assert versions.items() <= run["versions"].items()
+    md = (tmp_path / "r.md").read_text()
+    assert f"- **command**: `{command}`" in md and f"scikit-image {skimage.__version__}" in md

@@ -470,6 +470,52 @@ def test_pair_folders_empty_or_missing(tmp_path):
         M.pair_folders(tmp_path / "t", tmp_path / "t", by="size")
 
 
+def _write_bmp(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(path)  # a format kpac does not read
+    return path
+
+
+def test_pair_folders_of_unread_formats_says_so_not_no_images(tmp_path):
+    for n in ("a", "b"):
+        _write_bmp(tmp_path / "p" / f"{n}.bmp")
+    _touch_images(tmp_path / "t", ["a.png", "b.png"])
+    with pytest.raises(M.PairingError) as exc:
+        M.pair_folders(tmp_path / "p", tmp_path / "t")
+    msg = str(exc.value)
+    assert "format kpac does not read" in msg and "BMP" in msg and "a.bmp" in msg
+
+
+def test_pair_folders_by_name_says_a_missing_partner_is_there_unread(tmp_path):
+    _touch_images(tmp_path / "p", ["a.png"])
+    _write_bmp(tmp_path / "p" / "b.bmp")
+    _touch_images(tmp_path / "t", ["a.png", "b.png"])
+    with pytest.raises(M.PairingError) as exc:
+        M.pair_folders(tmp_path / "p", tmp_path / "t")
+    msg = str(exc.value)
+    assert "1 target(s) without a prediction" in msg and "b.bmp" in msg and "does not read" in msg
+
+
+def test_pair_folders_by_order_refuses_folders_with_unread_images(tmp_path):
+    # equal counts of readable images, but the BMP on each side sits at a different place:
+    # the images passed over would pair 3 with gt_2 and 4 with gt_3 without a word
+    _touch_images(tmp_path / "p", ["1.png", "3.png", "4.png"])
+    _write_bmp(tmp_path / "p" / "2.bmp")
+    _touch_images(tmp_path / "t", ["gt_1.png", "gt_2.png", "gt_3.png"])
+    _write_bmp(tmp_path / "t" / "gt_4.bmp")
+    with pytest.raises(M.PairingError, match="cannot pair by order: .*2.bmp"):
+        M.pair_folders(tmp_path / "p", tmp_path / "t", by="order")
+
+
+def test_pair_predictions_dpdd_says_a_missing_prediction_is_there_unread(tmp_path):
+    names, _ = _dpdd_tree(tmp_path / "dpdd", "test", 2)
+    (tmp_path / "pred").mkdir()
+    save_png8(tmp_path / "pred" / f"{Path(names[0]).stem}.png", np.zeros((2, 2, 3)))
+    _write_bmp(tmp_path / "pred" / f"{Path(names[1]).stem}.bmp")
+    with pytest.raises(M.PairingError, match=f"{Path(names[1]).stem}.bmp"):
+        M.pair_predictions_dpdd(tmp_path / "pred", tmp_path / "dpdd", "test", expected_count=None)
+
+
 def _dpdd_tree(root, split, n, dual=False):
     # DPDD-like names: the target of source N is N-1 (a separate exposure)
     src = [f"1P0A{917 + 2 * i:04d}.png" for i in range(n)]
@@ -994,3 +1040,11 @@ def test_pairing_by_name_points_at_case_differences(tmp_path):
     _touch(tmp_path / "u", "a.b.c.tiff", "a.JPG")
     assert [(p.name, p.pred.name, p.target.name) for p in M.pair_folders(tmp_path / "q", tmp_path / "u")] == [
         ("a", "a.png", "a.JPG"), ("a.b.c", "a.b.c.png", "a.b.c.tiff")]
+
+
+def test_pair_predictions_dpdd_named_after_the_targets_says_so(tmp_path):
+    _, targets = _dpdd_tree(tmp_path / "dpdd", "test", 2)
+    _touch_images(tmp_path / "pred", targets)
+    with pytest.raises(M.PairingError, match="predictions are named after the targets in .*test_c.target"):
+        M.pair_predictions_dpdd(tmp_path / "pred", tmp_path / "dpdd", "test", expected_count=None)
+    assert len(M.pair_folders(tmp_path / "pred", tmp_path / "dpdd" / "test_c" / "target")) == 2

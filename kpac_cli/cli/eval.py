@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +112,47 @@ def _fmt(v: float | None, digits: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- planning
+
+
+def _command_line(ctx: typer.Context, given: set[str]) -> str:
+    """``kpac eval`` with the options the user gave, as a shell line (for the report's run record:
+    which command made these numbers). Options left to their defaults are not repeated."""
+    words = ["kpac", "eval"]
+    for param in ctx.command.params:
+        if param.name not in given or not param.opts:
+            continue
+        flag, value = param.opts[0], ctx.params[param.name]
+        if getattr(param, "is_flag", False) and isinstance(value, bool):
+            words += [flag] if value else (param.secondary_opts[:1] or [])
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            words += [flag, str(v)]
+    return shlex.join(words)
+
+
+def _versions() -> dict[str, str]:
+    """Versions of what computes the scores (SSIM's implementation is scikit-image's, which has
+    changed between releases), for the report's run record."""
+    import skimage
+    import torch
+
+    from .. import __version__
+
+    return {"kpac": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "scikit-image": skimage.__version__, "torch": str(torch.__version__)}
+
+
+def _run_markdown(run: dict[str, Any]) -> list[str]:
+    """The report's "Run" section: one line per recorded value (versions as ``name version, ...``)."""
+    lines = ["## Run", ""]
+    for k, v in run.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{name} {ver}" for name, ver in v.items())
+        elif k == "command":
+            v = f"`{v}`"
+        if v is not None:
+            lines.append(f"- **{k}**: {v}")
+    return lines + [""]
 
 
 def _check_dpdd_count(n: int, split: str, root: Path, allow_subset: bool) -> None:
@@ -321,7 +364,7 @@ def _write_reports(paths: list[Path], report, run: dict[str, Any], speed: Any, s
         elif kind == "csv":
             text = report.csv_text()
         else:
-            run_md = ["## Run", ""] + [f"- **{k}**: {v}" for k, v in run.items() if v is not None] + [""]
+            run_md = _run_markdown(run)
             text = report.markdown(paper=show_paper) + "\n" + "\n".join(run_md) + ("\n" + _speed_markdown(speed) if speed is not None else "")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -628,6 +671,7 @@ def eval_command(
                 if n:
                     unscored.append(f"{flag} {folder}: {n} image(s) in its sub-folders are not scored "
                                     "(only the folder's own images are paired; give a sub-folder to score those)")
+        unscored += _unread_notes((("--pred", pred), ("--target", target), ("--source", source)))
         if limit is not None:
             items = items[:limit]
         if save_crops is not None:
@@ -654,6 +698,9 @@ def eval_command(
     else:
         where = ""
     run: dict[str, Any] = {
+        # what reproduces these numbers: the command and the versions of what computed them
+        "command": _command_line(ctx, given),
+        "versions": _versions(),
         "method": (method or "predictions") if has_data else "kpac",  # --speed alone: the model, timed
         "method_label": mode_label,
         "model": deblurrer.name if deblurrer is not None else None,
@@ -709,9 +756,9 @@ def eval_command(
             err_console.print(f"stopped ({why})" + ("; no report written" if reports else ""), soft_wrap=True)
         raise
 
-    # the paper's Table 4 compares only on the DPDD test set at 8 bits: the terminal and the
-    # Markdown report show it by the same rule
-    show_paper = data is not None and split == "test" and bit_depth == 8
+    # the paper's Table 4 compares only on the DPDD test set at 8 bits with the uniform SSIM
+    # window it was scored with: the terminal and the reports show it by the same rule
+    show_paper = data is not None and split == "test" and bit_depth == 8 and ssim_window == "uniform"
     written: list[Path] = []
     if report_obj is not None:
         if report_obj.failures or crop_errors:
@@ -741,6 +788,20 @@ def eval_command(
     if not quiet and written:  # only the files that were written
         err_console.print("reports: " + ", ".join(str(p) for p in written), soft_wrap=True, markup=False)
     raise typer.Exit(exit_code)
+
+
+def _unread_notes(folders: tuple[tuple[str, Path | None], ...]) -> list[str]:
+    """One note per folder holding images in a format kpac does not read (WebP, BMP, ...): pairing
+    passes over them, so without a word the scored set would be smaller than the folder."""
+    from ..metrics.pairing import quote_names, unread_in
+
+    notes = []
+    for flag, folder in folders:
+        unread = list(unread_in(folder).values()) if folder is not None else []
+        if unread:
+            notes.append(f"{flag} {folder}: {len(unread)} image(s) in a format kpac does not read are not scored "
+                         f"({quote_names(unread)}); convert them to PNG or TIFF to score them")
+    return notes
 
 
 def _check_report_paths(reports: list[Path], overwrite: bool) -> None:

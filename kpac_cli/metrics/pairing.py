@@ -1,7 +1,8 @@
 """Pairing predictions with ground truth: plain folders, the DPDD layout, split labels.
 
 Names: a pair's ``name`` is the file stem (file name without its image extension).
-Images: the files :func:`kpac_cli.images.list_images` lists (the formats the reader reads).
+Images: the files :func:`kpac_cli.images.list_images` lists (the formats the reader reads);
+images in other formats (WebP, BMP, ...) are named in pairing errors, and refused when pairing by order.
 Sorting: plain folders (:func:`pair_folders`) are in *natural order* (:func:`natural_key`):
 by stem before extension, runs of digits by their value (``img2`` before ``img10``), letters
 regardless of case, as file browsers list them. The DPDD layout (:func:`pair_dpdd`) is in
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 from ..images import is_image_path, list_images
+from ..images.io import unread_image_extensions
 from .errors import PairingError
 
 __all__ = [
@@ -102,14 +104,43 @@ def images_in_sub_folders(folder: str | os.PathLike) -> int:
         return 0
 
 
+def unread_in(folder: str | os.PathLike) -> dict[str, str]:
+    """Stem -> file name of the images in ``folder`` (not its sub-folders) in a format kpac does
+    not read (WebP, BMP, GIF, ...: by extension), which pairing passes over; empty when there are
+    none or ``folder`` cannot be listed."""
+    d = Path(folder)
+    unread = unread_image_extensions()
+    try:
+        names = sorted(os.listdir(d))
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for name in names:
+        f = d / name
+        if not name.startswith(".") and f.suffix[1:].lower() in unread and f.is_file():
+            out.setdefault(f.stem, name)
+    return out
+
+
+def _unread_text(folder: Path, names: Sequence[str]) -> str:
+    """"N image(s) in ``folder`` in a format kpac does not read (a.webp, ...)" for messages."""
+    formats = sorted({unread_image_extensions()[Path(n).suffix[1:].lower()] for n in names})
+    return (f"{len(names)} image(s) in {folder} in a format kpac does not read ({', '.join(formats)}: "
+            f"{quote_names(list(names))}); convert them to PNG or TIFF")
+
+
 def _no_images(folder: Path) -> PairingError:
     """"No images in ``folder``", saying where images are when they sit in its sub-folders
-    (which are not searched: a ``kpac deblur --recursive`` output keeps its sub-folders)."""
+    (which are not searched: a ``kpac deblur --recursive`` output keeps its sub-folders), or
+    when it holds only images of formats kpac does not read."""
     try:
         nested = list_images(folder, recursive=True)
     except OSError:
         nested = []
     if not nested:
+        unread = list(unread_in(folder).values())
+        if unread:
+            return PairingError(f"no images kpac reads in {folder}: {_unread_text(folder, unread)}")
         return PairingError(f"no images in {folder}")
     subs = sorted({p.relative_to(folder).parts[0] for p in nested})
     return PairingError(
@@ -175,7 +206,9 @@ def pair_folders(
     PairingError
         A folder is missing or empty, counts differ (``'order'``), names are missing on
         one side (``'name'``) or appear twice in one folder (in the predictions with
-        ``'order'``). The message names them.
+        ``'order'``), or (``'order'``) a folder holds images in a format kpac does not read
+        (WebP, BMP, ...), which would shift the order. The message names them, and says
+        when a missing partner is there in such a format.
     """
     pdir, tdir = Path(pred_dir), Path(target_dir)
     preds = sorted(_images_in(pdir), key=natural_key)
@@ -185,6 +218,11 @@ def pair_folders(
     if not targets:
         raise _no_images(tdir)
     if by == "order":
+        for d in (pdir, tdir):
+            unread = list(unread_in(d).values())
+            if unread:  # passed over, they would shift the i-th image of one folder against the other's
+                raise PairingError(f"cannot pair by order: {_unread_text(d, unread)}, or move them out: "
+                                   "left out, they would shift the order of one folder against the other")
         if len(preds) != len(targets):
             raise PairingError(
                 f"cannot pair by order: {len(preds)} images in {pdir} but {len(targets)} in {tdir}"
@@ -203,8 +241,17 @@ def pair_folders(
             parts.append(f"{len(no_target)} {pred_role}(s) without a {target_role} in {tdir}: {quote_names(no_target)}")
         if no_pred:
             parts.append(f"{len(no_pred)} {target_role}(s) without a {pred_role} in {pdir}: {quote_names(no_pred)}")
-        raise PairingError("cannot pair by name: " + "; ".join(parts) + _case_hint(no_target, no_pred))
+        raise PairingError("cannot pair by name: " + "; ".join(parts) + _case_hint(no_target, no_pred)
+                           + _unread_hint(tdir, no_target) + _unread_hint(pdir, no_pred))
     return [Pair(n, pmap[n], tmap[n]) for n in pmap]  # pmap keeps the natural order of preds
+
+
+def _unread_hint(folder: Path, missing: Sequence[str]) -> str:
+    """"; ..." naming the files of ``missing`` names that ``folder`` holds in a format kpac does not
+    read (so "without a partner" does not read as "not there"), else ""."""
+    unread = unread_in(folder)
+    found = [unread[n] for n in missing if n in unread]
+    return f"; {_unread_text(folder, found)}" if found else ""
 
 
 def _split_dir(root: Path, split: str, view: str, kind: str) -> Path:
@@ -316,7 +363,11 @@ def pair_predictions_dpdd(
             parts.append(f"{len(missing)} DPDD {split} source(s) without a prediction in {pdir}: {quote_names(missing)}")
         if extra:
             parts.append(f"{len(extra)} prediction(s) not named after a DPDD {split} source: {quote_names(extra)}")
-        raise PairingError("; ".join(parts) + _case_hint(extra, missing))
+        targets = {s.target.stem for s in samples}
+        if extra and set(extra) <= targets:  # DPDD's targets have other names than their sources
+            tdir = samples[0].target.parent
+            parts.append(f"the predictions are named after the targets in {tdir}: pair them with that folder by name")
+        raise PairingError("; ".join(parts) + _case_hint(extra, missing) + _unread_hint(pdir, missing))
     return [Pair(s.name, pmap[s.name], s.target) for s in samples]
 
 
