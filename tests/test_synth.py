@@ -756,7 +756,8 @@ def test_cli_synth_sigterm_stops_like_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, err
-    assert err.strip().splitlines()[-1] == "error: terminated"
+    assert err.strip().splitlines()[-1] == (f"error: terminated: the --split train dataset in {out} is incomplete "
+                                            "(no synth_train.json); rerun with --overwrite to replace it")
     # only the in-progress marker, which says the samples are kpac's, stays hidden
     assert [p.name for p in out.rglob(".*")] == [".synth_train.incomplete"]
 
@@ -920,3 +921,96 @@ def test_a_photo_given_twice_is_refused_not_drawn_twice(tmp_path):
         assert not (tmp_path / "ds").exists()
     res = runner.invoke(app, ["synth", str(photos), "-o", str(tmp_path / "ds"), "--count", "2", "--crop", "32", "-q"])
     assert res.exit_code == 0, res.output
+
+
+def test_the_order_sources_are_listed_in_does_not_change_the_dataset(tmp_path):
+    """kpac synth c.png a.png b.png writes what kpac synth a.png b.png c.png writes (as kpac train
+    orders its sources by name): a benchmark regenerates from its photos, however they are listed."""
+    paths = _photos(tmp_path / "photos", ("c", "a", "b"))
+    kw = dict(count=4, crop=24, seed=0, settings=replace(CLEAN, max_radius=3))
+    write_dataset(sharp_sources(paths, include_skimage=False), tmp_path / "listed", **kw)
+    write_dataset(sharp_sources(sorted(paths), include_skimage=False), tmp_path / "sorted", **kw)
+    assert _tree(tmp_path / "listed") == _tree(tmp_path / "sorted")
+
+
+def test_manifest_records_the_kpac_version_and_each_source(tmp_path):
+    """What made the dataset, to regenerate and check it: kpac's version, and each source's name,
+    origin, size and (for a file) the SHA-256 of its bytes; no path, so reruns elsewhere match."""
+    from kpac_cli import __version__
+
+    (a,) = _photos(tmp_path / "photos", ("a",))
+    srcs = sharp_sources([a], include_skimage=False, procedural=1, procedural_size=(40, 56))
+    summary = write_dataset(srcs, tmp_path / "ds", count=2, crop=24, seed=0, settings=CLEAN)
+    manifest = json.loads((tmp_path / "ds" / "synth_train.json").read_text())
+    assert manifest["kpac_version"] == __version__ == summary["kpac_version"]
+    assert manifest["sources"] == [
+        {"name": "a", "origin": "file", "size": [48, 48], "sha256": hashlib.sha256(a.read_bytes()).hexdigest()},
+        {"name": "leaves_0000", "origin": "procedural:0", "size": [40, 56]},
+    ]
+    assert str(tmp_path) not in (tmp_path / "ds" / "synth_train.json").read_text()
+
+
+def _stop_after_first_sample(done: int, total: int) -> None:
+    raise KeyboardInterrupt
+
+
+def test_an_overwrite_stopped_midway_leaves_no_manifest_of_the_old_dataset(tmp_path):
+    """Ctrl-C during --overwrite: the old manifest would describe files the new run has already
+    replaced (another seed, other settings); it goes, the in-progress marker says what is left."""
+    srcs = sharp_sources(None, include_skimage=False, procedural=2, procedural_size=(40, 40))
+    kw = dict(count=3, crop=24, settings=CLEAN)
+    write_dataset(srcs, tmp_path / "ds", seed=0, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(srcs, tmp_path / "ds", seed=1, overwrite=True, progress=_stop_after_first_sample, **kw)
+    assert not (tmp_path / "ds" / "synth_train.json").exists()
+    from kpac_cli.synth.dataset import left_incomplete
+
+    assert left_incomplete(tmp_path / "ds")
+    write_dataset(srcs, tmp_path / "ds", seed=1, overwrite=True, **kw)  # rerun: the new dataset, whole
+    write_dataset(srcs, tmp_path / "fresh", seed=1, **kw)
+    assert _tree(tmp_path / "ds") == _tree(tmp_path / "fresh") and not left_incomplete(tmp_path / "ds")
+
+
+def _disk_full_after_first_sample(done: int, total: int) -> None:
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("stop, code, said", [
+    (_stop_after_first_sample, 130, "error: interrupted"),
+    (_disk_full_after_first_sample, 1, "error: cannot write the dataset: No space left on device"),
+])
+def test_cli_synth_stopped_says_the_split_is_incomplete(runner_app, tmp_path, monkeypatch, stop, code, said):
+    """A run stopped after some samples leaves them without a manifest: the error line says so,
+    and what reruns the command."""
+    import kpac_cli.synth as synth
+
+    runner, app = runner_app
+    (a,) = _photos(tmp_path / "photos", ("a",))
+    write = synth.write_dataset
+    monkeypatch.setattr(synth, "write_dataset", lambda *args, **kw: write(*args, **{**kw, "progress": stop}))
+    out = tmp_path / "ds"
+    res = runner.invoke(app, ["synth", str(a), "-o", str(out), "--count", "3", "--crop", "24", "-q"])
+    assert res.exit_code == code, res.output
+    assert " ".join(res.stderr.split()) == (f"{said}: the --split train dataset in {out} is incomplete "
+                                            "(no synth_train.json); rerun with --overwrite to replace it")
+
+
+def test_cli_synth_names_a_folder_it_cannot_list(runner_app, tmp_path, monkeypatch):
+    """A source folder without read permission: a one-line usage error that names it, no traceback."""
+    import os
+
+    photos = tmp_path / "photos"
+    _photos(photos)
+    listdir = os.listdir
+
+    def no_permission(path="."):
+        if Path(path) == photos:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", no_permission)
+    runner, app = runner_app
+    res = runner.invoke(app, ["synth", str(photos), "-o", str(tmp_path / "ds"), "--count", "1"])
+    assert res.exit_code == 2, res.output
+    assert " ".join(res.stderr.split()) == f"error: {photos}: cannot list folder (Permission denied)"
+    assert not (tmp_path / "ds").exists()

@@ -20,7 +20,7 @@ The blur is rendered the way a lens makes it: in linear light, with a disc or po
 
 SOURCES are image files or folders (searched recursively for the formats kpac reads: PNG, JPEG, TIFF and camera RAW, skipping the files of datasets kpac synth wrote there). --skimage adds scikit-image's bundled photos (as kpac train --skimage; they are kpac's held-out benchmark photos, so keep them out of training sets you evaluate on them); --procedural N adds N dead-leaves scenes (they depend on --seed).
 
-Writes OUT/{split}_c/source (blurred), OUT/{split}_c/target (sharp), OUT/{split}_c/radius (float32 TIFF: signed blur radius in pixels, positive behind focus), with --dual OUT/{split}_l/source and OUT/{split}_r/source, and the summary OUT/synth_{split}.json. The same --seed (with the same sources and options) gives byte-identical files, in any --split: give a held-out split its own --seed. OUT may hold other splits; a dataset of the same split is replaced only with --overwrite.
+Writes OUT/{split}_c/source (blurred), OUT/{split}_c/target (sharp), OUT/{split}_c/radius (float32 TIFF: signed blur radius in pixels, positive behind focus), with --dual OUT/{split}_l/source and OUT/{split}_r/source, and the summary OUT/synth_{split}.json (the options, the seed, kpac's version and each source's name, size and SHA-256). The same --seed (with the same sources, in any order, and options) gives byte-identical files on CPUs with the same vector instructions (numpy's vectorised sin, cos and power differ in the last bit between CPU generations, which can change a radius map or a 16-bit level), and in any --split: give a held-out split its own --seed. OUT may hold other splits; a dataset of the same split is replaced only with --overwrite.
 
 Example:
 
@@ -55,6 +55,16 @@ def _error_text(exc: Exception) -> str:
     return str(exc)
 
 
+def _stopped_note(out: Path, split: str) -> str:
+    """What a stopped run left, when it left samples without a manifest: the split is incomplete,
+    and the same command needs --overwrite to be run again."""
+    from ..synth.dataset import left_incomplete
+
+    if not left_incomplete(out, split):
+        return ""
+    return f": the --split {split} dataset in {out} is incomplete (no synth_{split}.json); rerun with --overwrite to replace it"
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``synth`` command to ``app``."""
     app.command("synth", help=_HELP, no_args_is_help=True)(synth)
@@ -87,6 +97,7 @@ def synth(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ) -> None:
     # Imported here so that `kpac --help` stays fast.
+    from ..images import ImageError
     from ..synth import SynthSettings, sharp_sources, write_dataset
     from ..synth.dataset import DatasetExistsError, existing_files, repeated_samples
 
@@ -148,6 +159,8 @@ def synth(
                              skip_datasets=True)
     except FileNotFoundError as exc:
         raise usage_error(str(exc))
+    except ImageError as exc:  # a folder that cannot be listed
+        raise usage_error(str(exc))
     if not srcs and sources:
         raise usage_error(f"no sharp images in {', '.join(map(str, sources))} (found none of the formats kpac reads, "
                           "or only the files of kpac synth datasets, which are skipped)")
@@ -184,19 +197,19 @@ def synth(
             summary = write_dataset(srcs, out, count=count, crop=crop, seed=seed, settings=settings, split=split,
                                     bit_depth=bit_depth, max_side=max_side, overwrite=overwrite, progress=tick)
     except KeyboardInterrupt:  # files are written atomically: nothing half-written is left
-        print_error("interrupted")
+        print_error("interrupted" + _stopped_note(out, split))
         raise typer.Exit(EXIT_INTERRUPTED)
     except Terminated:  # as on Ctrl-C: the file being written is removed, not left half-written
-        print_error("terminated")
+        print_error("terminated" + _stopped_note(out, split))
         raise typer.Exit(EXIT_TERMINATED)
     except DatasetExistsError as exc:  # appeared since the check above
         raise usage_error(str(exc))
     except (OSError, ValueError) as exc:
-        print_error(f"cannot write the dataset: {_error_text(exc)}")
+        print_error(f"cannot write the dataset: {_error_text(exc)}{_stopped_note(out, split)}")
         raise typer.Exit(EXIT_FAILED)
     except MemoryError:  # the blur kernel grows with --max-radius squared, the layers with the source
         print_error(f"cannot write the dataset: out of memory (--max-radius {max_radius:g}: a smaller one, "
-                    "--max-side or --crop needs less)")
+                    f"--max-side or --crop needs less){_stopped_note(out, split)}")
         raise typer.Exit(EXIT_FAILED)
     elapsed = time.perf_counter() - t0
     summary["elapsed_s"] = round(elapsed, 3)

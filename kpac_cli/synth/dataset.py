@@ -11,12 +11,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .. import __version__
 from .render import SynthSettings, synthesize
 from .scenes import resize_scene
 from .sources import Source
 
-__all__ = ["write_dataset", "dataset_dirs", "existing_files", "is_dataset_folder", "repeated_samples",
-           "DatasetExistsError"]
+__all__ = ["write_dataset", "dataset_dirs", "draw_order", "existing_files", "left_incomplete", "is_dataset_folder",
+           "repeated_samples", "DatasetExistsError"]
 
 
 class DatasetExistsError(FileExistsError):
@@ -63,6 +64,15 @@ def is_dataset_folder(folder: str | Path) -> bool:
         return False
     root = folder.parent.parent
     return (root / manifest_name(split)).is_file() or (root / _in_progress_name(split)).is_file()
+
+
+def left_incomplete(out_dir: str | Path, split: str = "train") -> bool:
+    """Whether a run of :func:`write_dataset` for ``split`` stopped in ``out_dir`` after writing
+    samples but before its manifest (a rerun needs ``overwrite``)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / _in_progress_name(split)).is_file() or (out_dir / manifest_name(split)).is_file():
+        return False
+    return bool(existing_files(out_dir, split)[0])
 
 
 def existing_files(out_dir: str | Path, split: str = "train") -> tuple[list[str], list[str]]:
@@ -162,6 +172,37 @@ def _fit(image: np.ndarray, depth: np.ndarray | None, max_side: int | None):
     return resize_scene(image, depth, (max(1, round(h * scale)), max(1, round(w * scale))))
 
 
+def draw_order(sources: Sequence[Source]) -> list[Source]:
+    """``sources`` in the order samples are assigned from them: by name (the name before a clash
+    was resolved first, as ``kpac train`` orders its sources), so that the same photos listed in
+    another order give the same dataset."""
+    return sorted(sources, key=lambda s: (s.sort_key or s.name, s.name))
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _source_record(src: Source, size: tuple[int, ...] | None) -> dict[str, Any]:
+    """What the manifest says of a source, so that the dataset can be regenerated and checked:
+    its name, ``file`` or where kpac made it (``skimage:NAME``, ``procedural:INDEX``), and for
+    a source that was loaded its size before ``max_side`` and, for a file, the SHA-256 of its
+    bytes. No path: a rerun elsewhere writes the same manifest."""
+    generated = src.origin.startswith(("skimage:", "procedural:"))
+    record: dict[str, Any] = {"name": src.name, "origin": src.origin if generated else "file"}
+    if size is not None:
+        record["size"] = [int(size[0]), int(size[1])]
+        if not generated:
+            record["sha256"] = _file_sha256(src.origin)
+    return record
+
+
 def _assign(n_sources: int, count: int, seed: int) -> list[int]:
     """Source index of each sample: every source is used once per round, rounds shuffled."""
     order: list[int] = []
@@ -182,6 +223,7 @@ def repeated_samples(out_dir: str | Path, split: str, sources: Sequence[Source],
     split. Returns ``{other split: number of indices whose source (by name) is the same}``, for
     the splits whose manifest records the same seed, crop and max_side; others are left out.
     """
+    sources = draw_order(sources)
     planned = {i: sources[s].name for i, s in enumerate(_assign(len(sources), count, seed))} if sources else {}
     repeats: dict[str, int] = {}
     for manifest in sorted(Path(out_dir).glob(manifest_name("*"))):
@@ -222,7 +264,8 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
     ----------
     sources : sequence of Source
         Sharp images (:func:`~kpac_cli.synth.sources.sharp_sources`). Each is used once per
-        round of ``len(sources)`` samples, in a shuffled order, and loaded once.
+        round of ``len(sources)`` samples, in a shuffled order, and loaded once. Their order
+        does not matter (they are taken in :func:`draw_order`).
     out_dir : Path
         Root of the dataset (created if needed). It may hold other splits, but no files where
         this split is written (see :func:`existing_files`), unless ``overwrite``.
@@ -258,13 +301,18 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
     -------
     dict
         ``count`` (written), ``requested``, ``seed``, ``split``, ``crop``, ``bit_depth``,
-        ``max_side``, ``settings`` (dict), ``dirs``, ``files`` (paths relative to ``out_dir``),
+        ``max_side``, ``settings`` (dict), ``kpac_version``, ``sources`` (in :func:`draw_order`: each
+        one's ``name``, ``origin`` (``file``, ``skimage:NAME`` or ``procedural:INDEX``) and, for
+        those loaded, their ``size`` before ``max_side`` and a file's ``sha256``), ``dirs``,
+        ``files`` (paths relative to ``out_dir``),
         ``samples`` (name, source, crop box ``[y, x, h, w]`` in the source's pixels after the
         ``max_side`` downscale, focus, strength, rotation),
         ``failed`` (sources that could not be loaded: their samples are skipped) and
         ``out_dir``. When every source failed, no sample is written, nor a manifest: the
         folders made for them are removed again, and a dataset already there (``overwrite``)
-        is kept as it was.
+        is kept as it was. Once a sample is written, the manifest of a dataset being replaced is
+        removed, so a run stopped before its end leaves no manifest that describes other files
+        (the in-progress marker keeps the samples known as kpac's, for ``overwrite``).
     """
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
@@ -282,6 +330,7 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
         raise ValueError(f"split must be a plain name, got {split!r}")
 
     out_dir = Path(out_dir)
+    sources = draw_order(sources)
     previous, others = existing_files(out_dir, split)
     if others:
         raise DatasetExistsError(f"{out_dir} holds files that write_dataset did not write where it writes the "
@@ -312,6 +361,8 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
         by_source.setdefault(s, []).append(i)
 
     records: dict[int, dict[str, Any]] = {}
+    source_records = [_source_record(src, None) for src in sources]
+    old_manifest = out_dir / manifest_name(split) if previous else None
     files: dict[int, list[str]] = {}
     failed: list[dict[str, str]] = []
     done = 0
@@ -322,6 +373,7 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
             image, depth = src.load_with_depth()
             if depth is not None and depth.shape != image.shape[:2]:
                 raise ValueError(f"depth map {depth.shape} does not match image {image.shape[:2]}")
+            source_records[s_idx] = _source_record(src, image.shape[:2])
             image, depth = _fit(image, depth, max_side)
         except Exception as exc:  # one unreadable source must not stop the set
             failed.append({"source": src.name, "origin": src.origin, "error": f"{type(exc).__name__}: {exc}"})
@@ -341,6 +393,9 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
             win = (slice(wy0, wy1), slice(wx0, wx1))
             sample = synthesize(image[win], rng, settings, None if depth is None else depth[win])
             keep = (slice(y0 - wy0, y0 - wy0 + ch), slice(x0 - wx0, x0 - wx0 + cw))
+            if old_manifest is not None:  # from this sample on, the folder no longer holds what it describes
+                old_manifest.unlink(missing_ok=True)
+                old_manifest = None
             name = f"{i:0{width}d}_{src.name}"
             rel = {
                 "blurred": f"{dirs['blurred']}/{name}{ext}",
@@ -375,6 +430,8 @@ def write_dataset(sources: Sequence[Source], out_dir: Path, *, count: int, crop:
         "bit_depth": bit_depth,
         "max_side": max_side,
         "settings": asdict(settings),
+        "kpac_version": __version__,
+        "sources": source_records,
         "dirs": dirs,
         "files": [f for i in order for f in files[i]],
         "samples": [records[i] for i in order],

@@ -71,6 +71,17 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "image"
 
 
+def _images_below(folder: Path) -> list[Path]:
+    """The image files below ``folder``; a folder that cannot be listed (no permission) raises
+    an ImageError that names it, as every image problem does."""
+    from ..images import ImageError, list_images
+
+    try:
+        return list_images(folder, recursive=True)
+    except OSError as exc:
+        raise ImageError(folder, f"cannot list folder ({exc.strerror or exc})") from None
+
+
 def _load_file(path: str) -> tuple[np.ndarray, None]:
     return read_rgb(path), None
 
@@ -137,6 +148,8 @@ def sharp_sources(paths_or_dirs: list[Path] | None, include_skimage: bool = True
     ------
     FileNotFoundError
         A given path does not exist.
+    kpac_cli.images.ImageError
+        A given directory cannot be listed.
     """
     out: list[Source] = []
     seen: dict[str, int] = {}
@@ -157,10 +170,8 @@ def sharp_sources(paths_or_dirs: list[Path] | None, include_skimage: bool = True
     for entry in paths_or_dirs or []:
         p = Path(entry)
         if p.is_dir():
-            from ..images import list_images
-
             skipped: dict[Path, bool] = {}
-            for f in list_images(p, recursive=True):
+            for f in _images_below(p):
                 if skip_datasets and f.parent != p:
                     if f.parent not in skipped:
                         from .dataset import is_dataset_folder
