@@ -82,6 +82,24 @@ def test_raw_half_size_on_the_command_line(shared_dir, tmp_path):
     assert exif_ifd[36867] == "2019:06:06 07:29:51" and float(exif_ifd[37381]) == 4.0  # capture time, aperture value
 
 
+def test_a_dng_s_xmp_is_carried_without_its_develop_settings(shared_dir, tmp_path):
+    """What describes the photo (Dublin Core, xmp:, photoshop:) reaches the output; Camera Raw's
+    develop settings do not (a reader would apply them to the developed pixels again)."""
+    import xml.dom.minidom
+
+    dng = _raw(shared_dir, "canon_eos_6d.dng")
+    _, info = read_image(dng, raw_options=RawOptions(half_size=True))
+    assert info.xmp is not None and b"crs:" not in info.xmp and b"camera-raw-settings" not in info.xmp
+    assert b'xmlns:dc="http://purl.org/dc/elements/1.1/"' in info.xmp and b"xmlns:photoshop=" in info.xmp
+    xml.dom.minidom.parseString(info.xmp.decode())  # still well-formed XML
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "tiny.safetensors", build_model(KPACConfig(levels=2, channels=8)), {"name": "tiny"})
+    res = CliRunner().invoke(app, ["deblur", str(dng), "-o", str(tmp_path / "out"), "--model", str(model), "--raw-half-size", "-q"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert read_image(tmp_path / "out" / "canon_eos_6d.tif")[1].xmp == info.xmp
+
+
 def test_a_dng_without_a_raw_extension_is_sniffed_as_raw(shared_dir, tmp_path):
     """A DNG read from stdin or named .tif is developed as RAW: its format, and so which
     options apply (``--raw-half-size``), must say so, not 'tiff'."""

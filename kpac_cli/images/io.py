@@ -78,7 +78,9 @@ HEIC/HEIF
 RAW
     :mod:`.raw` (LibRaw), developed to 16-bit RGB; written as 16-bit TIFF by default. The
     camera's EXIF of TIFF-based RAW (DNG, NEF, CR2, ARW, ...) is read as a TIFF's (descriptive
-    tags, the Exif and GPS directories); no XMP or resolution. The ICC profile is that of the
+    tags, the Exif and GPS directories), and its XMP (a DNG's, as Lightroom writes it: rating,
+    label, keywords) without the Camera Raw develop settings (``crs:``), which would develop
+    the output a second time; no resolution. The ICC profile is that of the
     development when it is not plain sRGB (:func:`.icc.developed_raw`).
 Others
     GIF, BMP, WebP, AVIF, JPEG 2000, ... are refused with an :class:`ImageError` naming the
@@ -1062,7 +1064,7 @@ def _dispatch(src: _Src, fmt: str, max_pixels, raw_options):
     # LibRaw has already turned the pixels; the EXIF kept has no Orientation (exif_from_tiff drops it)
     options = raw_options or RawOptions()
     profile = icc_mod.developed_raw(options.output_colorspace, options.gamma)  # sRGB: none, as untagged means
-    return "raw", (arr, 16, profile, _raw_exif(src), orientation, 1, None, None, {})
+    return "raw", (arr, 16, profile, _raw_exif(src), orientation, 1, _raw_xmp(src), None, {})
 
 
 def _raw_exif(src: _Src) -> bytes | None:
@@ -1072,6 +1074,22 @@ def _raw_exif(src: _Src) -> bytes | None:
     if src.head[:4] not in (b"II*\x00", b"MM\x00*"):
         return None
     return _tiff_exif(src)
+
+
+def _raw_xmp(src: _Src) -> bytes | None:
+    """The XMP of a TIFF-based RAW (a DNG's, as Lightroom writes it: rating, label, keywords,
+    title), without its Camera Raw develop settings, which would develop the output again;
+    None for other RAW containers and for a packet that cannot be read (the pixels matter more)."""
+    import tifffile
+
+    if src.head[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    try:
+        with tifffile.TiffFile(src.lib_arg) as tif:
+            xmp = _tiff_xmp(tif.pages.first.tags)
+    except Exception:  # noqa: BLE001 - LibRaw developed the file: its XMP is best-effort
+        return None
+    return None if xmp is None else meta.without_raw_develop_settings(xmp)
 
 
 def _decode(source, max_pixels, raw_options):

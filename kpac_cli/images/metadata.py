@@ -79,6 +79,19 @@ def reset_xmp_orientation(xmp: bytes) -> bytes:
     return _XMP_ORIENTATION.sub(lambda m: m.group(1) + b"1", xmp)
 
 
+#: XMP namespace of Adobe Camera Raw's develop settings (``crs:``), which a raw file's XMP holds:
+#: applied again to an already developed output (Lightroom reads them on TIFF and JPEG too), they
+#: would change it a second time.
+CAMERA_RAW_SETTINGS_NAMESPACE = b"http://ns.adobe.com/camera-raw-settings/1.0/"
+
+
+def without_raw_develop_settings(xmp: bytes) -> bytes:
+    """Copy of a raw file's ``xmp`` without its Camera Raw develop settings (``crs:``) and with
+    ``tiff:Orientation`` 1: what describes the photo (rating, label, keywords, title, creator,
+    rights, capture details) stays, for the developed output."""
+    return reset_xmp_orientation(_without_properties(xmp, CAMERA_RAW_SETTINGS_NAMESPACE))
+
+
 #: XMP namespaces of HDR gain map metadata: Adobe's (Ultra HDR, and the XMP form of ISO 21496-1
 #: gain maps) and Apple's (iPhone photos).
 GAIN_MAP_NAMESPACES = (b"http://ns.adobe.com/hdr-gain-map/1.0/", b"http://ns.apple.com/HDRGainMap/1.0/")
