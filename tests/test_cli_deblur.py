@@ -133,6 +133,15 @@ def test_options_that_cannot_apply_are_refused_not_ignored(tmp_path, tiny_models
     assert res.exit_code == 0, res.output  # a folder: JPEG inputs would be written as JPEG
 
 
+def test_an_output_named_in_a_format_kpac_only_reads_says_so(tmp_path, tiny_models):
+    src = _write(tmp_path / "a.png", np.random.default_rng(2).random((16, 16, 3), dtype=np.float32), 8)
+    for name, kind in (("x.heic", "HEIC/HEIF"), ("x.DNG", "camera RAW"), ("x.bmp", None)):
+        res = invoke("deblur", src, "-o", tmp_path / name, "--model", tiny_models[0])
+        said = f"kpac reads {kind} but does not write it" if kind else "not an image file name"
+        assert res.exit_code == 2 and said in res.stderr, (name, res.output)
+        assert not (tmp_path / name).exists()
+
+
 def test_jpeg_quality_is_taken_for_an_output_folder_named_like_an_image(tmp_path, tiny_models):
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -42,7 +42,7 @@ from ..images import (
     write_image,
     write_output,
 )
-from ..images.base import FORMAT_ALIASES, RAW_EXTENSIONS, path_ext
+from ..images.base import FORMAT_ALIASES, HEIF_EXTENSIONS, RAW_EXTENSIONS, path_ext
 from ..images.exif import has_tags_beyond_descriptive
 from ..images.heif import INSTALL_HINT as HEIC_INSTALL_HINT
 from ..images.io import (JPEG_MAX_DPI, JPEG_MAX_EXIF, JPEG_MAX_XMP, color_space_note, default_format, jpeg_segment_names,
@@ -166,6 +166,9 @@ def _file_target_format(output: str, options: OutputOptions) -> str:
     ext = path_ext(output)
     fmt = FORMAT_ALIASES.get(ext)
     if fmt is None:
+        if ext in HEIF_EXTENSIONS or ext in RAW_EXTENSIONS:  # read, not written: say so, not "no image name"
+            kind = "HEIC/HEIF" if ext in HEIF_EXTENSIONS else "camera RAW"
+            raise PlanError(f"-o {output}: kpac reads {kind} but does not write it; name a .png, .tif or .jpg output")
         raise PlanError(f"-o {output}: not an image file name (.png, .tif, .tiff, .jpg or .jpeg); end it with / for a folder")
     if options.bit_depth == 32 and fmt != "tiff":
         raise PlanError(f"-o {output}: --bit-depth 32 (float) is written as TIFF only")
