@@ -232,3 +232,14 @@ def test_engine_options_tile_words_are_spelt_as_device_and_precision_are():
     assert EngineOptions(tile="None").tile is None and EngineOptions(tile=" 256 ").tile == 256
     with pytest.raises(ValueError, match="tile must be"):
         EngineOptions(tile="big")
+
+
+def test_progress_that_is_neither_a_flag_nor_a_callable_is_refused_by_name():
+    d = Deblurrer(build_model(KPACConfig(levels=2, channels=8)))
+    image = np.zeros((8, 8, 3), np.float32)
+    for bad in ("yes", 1, np.True_):
+        with pytest.raises(TypeError, match="progress must be True, False, None or a callable"):
+            d.deblur(image, progress=bad)
+    seen = []
+    d.deblur(image, progress=lambda stage, done, total: seen.append((done, total)))
+    assert seen and seen[-1][0] == seen[-1][1]

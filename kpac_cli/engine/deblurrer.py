@@ -366,6 +366,9 @@ class Deblurrer:
         """:meth:`run` with ``passes`` self-ensemble passes (the options' or, for attention maps alone, 1)."""
         if orientation not in ORIENTATION_DIHEDRAL:
             raise ValueError(f"orientation must be an EXIF orientation, 1-8; got {orientation!r}")
+        if not (progress is None or isinstance(progress, bool) or callable(progress)):
+            # a truthy string or number would fail deep in the run, on calling it
+            raise TypeError(f"progress must be True, False, None or a callable, got {type(progress).__name__}")
         if progress is True:
             with tqdm_progress() as bars:
                 return self._run(image, center, bars, keep_attention, orientation, passes)
