@@ -562,6 +562,32 @@ def test_cli_maps_ignore_colours_under_full_transparency(cli, photo, tmp_path):
     assert np.array_equal(maps[0], maps[1])
 
 
+def test_cli_json_records_carry_the_numbers_for_sorting_shots(cli, tmp_path):
+    """A series of one scene blurred more and more: the records rank it as --help says, and
+    carry their numbers even where a rerun keeps the files they come with."""
+    sharp = texture(64, 96, seed=5)
+    radii = (0, 1, 3, 6)
+    (tmp_path / "in").mkdir()
+    for r in radii:
+        _save_rgb(tmp_path / "in" / f"r{r}.png", disc_blur(sharp, r))
+    args = (str(tmp_path / "in"), "-o", str(tmp_path / "o"), "--defocus-map", "--threshold", "0.5", "--json", "-q")
+    res = cli(*args)
+    assert res.exit_code == 0, res.output
+    first = {Path(r["input"]).stem: r for r in map(json.loads, res.stdout.splitlines())}
+    detection = [first[f"r{r}"]["mean_detection"] for r in radii]
+    defocus = [first[f"r{r}"]["mean_defocus"] for r in radii]
+    assert detection[0] < min(detection[1:]) and first["r0"]["blurred_fraction"] < first["r6"]["blurred_fraction"]
+    assert all(a < b for a, b in zip(defocus, defocus[1:])), defocus
+    (tmp_path / "o" / "r3_mask.png").unlink()  # a run cut short: the defocus map was written, the mask not
+    res = cli(*args[:-2], "--skip-existing", "--json", "-q")
+    again = {Path(r["input"]).stem: r for r in map(json.loads, res.stdout.splitlines())}
+    assert again["r3"]["written"] == {"mask": str(tmp_path / "o" / "r3_mask.png")}
+    for key in ("mean_detection", "mean_defocus", "blurred_fraction"):
+        assert again["r3"][key] == first["r3"][key]
+    said = " ".join(cli("--help").stdout.split())
+    assert all(name in said for name in ("mean_detection", "mean_defocus", "blurred_fraction"))
+
+
 def test_cli_two_inputs_one_map_refused_before_any_work(cli, photo, tmp_path):
     img, _ = photo
     photos = tmp_path / "photos"
@@ -817,6 +843,50 @@ def test_cli_dual_pixel(tmp_path):
     assert res.exit_code == 0, res.output
     with Image.open(tmp_path / "o" / "005_blurmap.png") as im:
         assert im.size == (56, 40) and im.mode == "I;16"
+
+
+@pytest.fixture(scope="module")
+def dual_cli(tmp_path_factory):
+    from kpac_cli.checkpoints import save_checkpoint
+
+    folder = tmp_path_factory.mktemp("dual-model")
+    return _cli_for(save_checkpoint(folder / "dual.safetensors", random_model(KPACConfig(levels=2, channels=16, in_views=2))))
+
+
+def test_cli_dual_pixel_maps_ignore_colours_under_full_transparency(dual_cli, tmp_path):
+    """As for a photo (and as kpac deblur shows the views to the model): what lies under
+    alpha 0 in the views is not part of them."""
+    rng = np.random.default_rng(3)
+    views = {side: (rng.random((40, 56, 3)) * 255).astype(np.uint8) for side in "LR"}
+    maps = []
+    for under in (0, 255):
+        run = tmp_path / str(under)
+        for side, rgb in views.items():
+            (run / side).mkdir(parents=True)
+            rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+            rgba[:, 36:] = (under, under, under, 0)
+            Image.fromarray(rgba, "RGBA").save(run / side / "p.png")
+        res = dual_cli("--left", str(run / "L"), "--right", str(run / "R"), "-o", str(run / "o"), "-q")
+        assert res.exit_code == 0, res.output
+        maps.append(_read_png(run / "o" / "p_blurmap.png"))
+    assert np.array_equal(maps[0], maps[1])
+
+
+def test_cli_never_writes_over_a_dual_pixel_view(dual_cli, tmp_path):
+    """A view folder as the output folder, where a view bears another pair's map name: refused
+    before any work, even with --overwrite, as a photo would be."""
+    rng = np.random.default_rng(0)
+    for side in "LR":
+        (tmp_path / side).mkdir()
+        _save_rgb(tmp_path / side / "x.png", rng.random((24, 32, 3)))
+        _save_rgb(tmp_path / side / "x_blurmap.png", rng.random((24, 32, 3)))  # the pair "x_blurmap"
+    view = tmp_path / "L" / "x_blurmap.png"
+    before = view.read_bytes()
+    res = dual_cli("--left", str(tmp_path / "L"), "--right", str(tmp_path / "R"), "-o", str(tmp_path / "L"), "--overwrite")
+    assert res.exit_code == 2, res.output
+    assert f"would be written over the input {view}" in " ".join(res.stderr.split()), res.stderr
+    assert view.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "L").iterdir()) == ["x.png", "x_blurmap.png"]
 
 
 def test_cli_recursive_with_dual_pixel_views_refused(cli, tmp_path):

@@ -251,6 +251,11 @@ def maps_from_attention(
     """Wrap the ``scale_attention`` of an inference result (tensors ``(1, n, h', w')`` on the
     padded grid, or arrays ``(n, h, w)``) as :class:`AttentionMaps` for an ``H x W`` image.
 
+    The maps must lie on the grid the model ran on, as :meth:`Deblurrer.run` leaves them
+    (with its result's ``orientation``). :meth:`Deblurrer.scale_attention` of a dual-pixel
+    model given an ``orientation`` other than 1 returns them turned upright, where a partial
+    edge cell may have moved to the first row or column: use :func:`attention_maps` instead.
+
     ``upsample`` is the factor the image was enlarged by before that inference (1 when the
     result comes from a plain deblurring run); ``polarity`` what a high weight means for the
     model (:func:`model_polarity`); ``orientation`` the result's

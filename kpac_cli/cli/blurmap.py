@@ -53,6 +53,8 @@ Each KPAC block weighs its atrous branches (dilations 1..5) per pixel; the first
 
 --format tiff writes the maps as float32 TIFF instead (the defocus map then in dilation units) and the mask as 8-bit TIFF. Every file written here says what it is in its metadata: a later run never takes it for a photo found in a folder, nor for a ground-truth mask.
 
+--json prints a record per image with its outputs, size and numbers for sorting shots: mean_detection (the detection map's mean, 0..1: how much of the photo reads as blurred, the lower the sharper; it tells blurred from sharp, not large blur from moderate), with --defocus-map mean_defocus (the blur-size estimate's mean, in dilation units: it grows with the blur), with --threshold blurred_fraction (the mask's share of blurred pixels), with --eval-masks the scores; then, with --eval-masks, a summary record.
+
 --eval-masks DIR scores the detection map against ground-truth masks with the same file stem, or the stem and _gt or _mask (CUHK convention: white = blurred), and prints them beside the paper's CUHK figures. With --recursive the files of a DIR inside an input folder are masks, not photos, and a photo in a sub-folder (a/x.jpg) takes its mask from the same sub-folder of DIR (DIR/a/x.png), else from the top of DIR unless another photo of the run claims that mask too (it is then ambiguous and the photo fails). Photos of one name from two input folders (A/x.jpg, B/x.jpg) would share one mask: that is refused; score each folder in its own run.
 
 Examples:
@@ -211,6 +213,14 @@ def _not_below_masks(items: list[_Item], folder: Path, inputs: list[str], named:
         return source.is_relative_to(masks) and not any(source.is_relative_to(d) for d in inner)
 
     return [it for it in items if not listed_mask(it)]
+
+
+def _source_files(it: _Item) -> list[Path]:
+    """The files an item is read from: its photo, or every view of a dual-pixel pair (a view
+    folder may be the output folder, and a view may bear another pair's map name)."""
+    if isinstance(it.source, Path):
+        return [it.source]
+    return [Path(p) for p in (it.source.left, it.source.right, it.source.center) if p is not None]
 
 
 def _unused_with_all(given: set[str], *, threshold: bool, overlay: bool, evaluate: bool, defocus: bool) -> list[str]:
@@ -389,7 +399,7 @@ def blurmap(
     outputs = [(it.label, p) for it in items for p in it.outputs.values()]
     for writer, p, first in outputs_claimed_twice(outputs):
         raise usage_error(describe_clash(writer, first, p, {it.label: Path(it.source) for it in items if not dual}))
-    inputs = [] if dual else [(it.label, Path(it.source)) for it in items]
+    inputs = [(str(p), p) for it in items for p in _source_files(it)]
     written_over = inputs_written_over(outputs, inputs)
     if written_over:  # even with --overwrite: an input is never replaced
         writer, _, owner = written_over[0]
@@ -460,6 +470,8 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
              defocus: bool, threshold: float | None, invert: bool, upsample: int, overwrite: bool, skip_existing: bool,
              evaluate: bool, blurred_value: int, progress) -> dict[str, Any]:
     """Maps, files and scores of one image; never raises for a per-image problem."""
+    import numpy as np
+
     from ..blurmap import blur_mask, contact_sheet, encode_map, encode_mask, encode_rgb, mask_from_image, score_detection, write_file
     from ..blurmap import overlay as make_overlay
     from ..images import DualPixelTriple, ImageError, fill_transparent, read_dual_pixel, read_image, read_image_codes
@@ -489,7 +501,10 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
     task = progress.add_task(f"  {it.name[:30]}", total=None) if progress is not None else None
     try:
         if isinstance(it.source, DualPixelTriple):
-            image, center, info = read_dual_pixel(it.source, max_pixels=max_pixels)
+            views, center, info = read_dual_pixel(it.source, max_pixels=max_pixels)
+            # as kpac deblur shows them to the model: the views and the centre view in one pass
+            seen = fill_transparent(np.concatenate([views, center], axis=2), info.alpha)[0]
+            image, center = seen[..., :-3], seen[..., -3:]
             photo = center
         else:
             photo, info = read_image(it.source, max_pixels=max_pixels)
@@ -505,6 +520,13 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
         rec["polarity"] = maps.polarity
         detect = maps.detection(block, dilation, invert=invert)
         rec["mean_detection"] = round(float(detect.mean()), 6)
+        # the record's numbers whether or not their file is written this time (--skip-existing, no -o)
+        blur_size = maps.defocus(block) if defocus else None
+        if blur_size is not None:
+            rec["mean_defocus"] = round(float(blur_size.mean()), 6)
+        predicted = None if threshold is None else blur_mask(detect, threshold)
+        if predicted is not None:
+            rec["blurred_fraction"] = round(float(predicted.mean()), 6)
         written: dict[str, str] = {}
         for key, path in todo.items():
             if key == "blurmap":
@@ -513,13 +535,9 @@ def _process(it: _Item, deblurrer, attention_maps, max_pixels: int, *, block: in
                 b, d = (int(v) for v in key[1:].split("_d"))
                 data = encode_map(maps.map(b, d), fmt, kind="attention")
             elif key == "defocus":
-                size = maps.defocus(block)
-                data = encode_map(size, fmt, scale=max(maps.dilations), kind="defocus")
-                rec["mean_defocus"] = round(float(size.mean()), 6)
+                data = encode_map(blur_size, fmt, scale=max(maps.dilations), kind="defocus")
             elif key == "mask":
-                m = blur_mask(detect, threshold)
-                rec["blurred_fraction"] = round(float(m.mean()), 6)
-                data = encode_mask(m, fmt)
+                data = encode_mask(predicted, fmt)
             elif key == "overlay":  # keeps the photo's alpha: what was transparent stays so
                 data = encode_rgb(make_overlay(photo, detect), info.icc_profile, kind="overlay", alpha=info.alpha)
             elif key == "sheet":
