@@ -405,8 +405,11 @@ def test_dual_pixel_dpdd_root_given_alone(tmp_path, tiny_models):
 
 def test_single_model_refuses_dual_input_and_vice_versa(tmp_path, tiny_models):
     src = _write(tmp_path / "x.png", np.zeros((16, 16, 3), np.float32), 8)
-    assert invoke("deblur", src, "-o", tmp_path / "o", "--model", tiny_models[1]).exit_code == 2
-    assert invoke("deblur", "--left", src, "--right", src, "-o", tmp_path / "o2", "--model", tiny_models[0]).exit_code == 2
+    other = _write(tmp_path / "y.png", np.zeros((16, 16, 3), np.float32), 8)
+    res = invoke("deblur", src, "-o", tmp_path / "o", "--model", tiny_models[1])
+    assert res.exit_code == 2 and "dual-pixel" in res.stderr, res.output
+    res = invoke("deblur", "--left", src, "--right", other, "-o", tmp_path / "o2", "--model", tiny_models[0])
+    assert res.exit_code == 2 and "single-image" in res.stderr, res.output
 
 
 def test_version_help_and_module_entry_point():

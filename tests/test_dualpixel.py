@@ -85,7 +85,8 @@ def test_the_engine_balances_only_for_models_whose_checkpoint_asks():
 @pytest.mark.slow
 def test_shipped_dual_model_improves_the_real_pixel4_capture(shared_dir):
     """kpac-dual on a real dual-pixel capture (green channel, linear, black level 1024; the
-    target is a centre crop at another brightness, so a gain is fitted before scoring)."""
+    target is a centre crop at another brightness, so a gain is fitted before scoring) scores
+    what its model file and model card say."""
     root = shared_dir / "samples" / "defocused" / "dp_pixel4"
     if not root.is_dir():
         pytest.skip("dp_pixel4 capture not in the reference material")
@@ -94,10 +95,14 @@ def test_shipped_dual_model_improves_the_real_pixel4_capture(shared_dir):
     gamma = GammaEncoding.for_combined(combined)
 
     torch.set_num_threads(2)
-    out = Deblurrer("kpac-dual", EngineOptions(tile=512)).deblur(np.concatenate([gamma.encode(2 * left), gamma.encode(2 * right)], 2), gamma.encode(combined))
+    dual = Deblurrer("kpac-dual", EngineOptions(tile=512))
+    out = dual.deblur(np.concatenate([gamma.encode(2 * left), gamma.encode(2 * right)], 2), gamma.encode(combined))
     torch.set_num_threads(1)
-    gained = psnr_with_gain(gamma.decode(out), target) - psnr_with_gain(combined, target)
-    assert gained > 0.1, f"kpac-dual changes PSNR by {gained:+.2f} dB on the real capture"
+    scored, before = psnr_with_gain(gamma.decode(out), target), psnr_with_gain(combined, target)
+    assert scored - before > 0.1, f"kpac-dual changes PSNR by {scored - before:+.2f} dB on the real capture"
+    recorded = dual.provenance["scores"]["pixel4_dual_pixel_capture"]  # the figures `kpac models` and the card give
+    assert before == pytest.approx(recorded["input_psnr"], abs=0.01)
+    assert scored == pytest.approx(recorded["dual_psnr"], abs=0.02)
 
 
 # ------------------------------------------------------------------------------------------
@@ -311,3 +316,67 @@ def test_scale_attention_of_a_turned_pair_is_the_sensor_frame_s_turned_upright(o
     assert max(np.abs(a - b).max() for a, b in zip(as_shown, upright)) > 1e-3
     with pytest.raises(ValueError, match="orientation"):
         d.scale_attention(shown, orientation=0)
+
+
+# ------------------------------------------------------------------------------------------
+# mismatched views: one clear message before any work, never a wrong pair
+
+
+def test_one_file_given_as_two_views_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from kpac_cli.cli import app
+
+    photo, other = _png(tmp_path / "a.png", 1), _png(tmp_path / "b.png", 2)
+    with pytest.raises(ImageError, match="the same file as the left view") as e:
+        pair_dual_pixel(photo, photo)
+    assert str(photo) in str(e.value)
+    link = tmp_path / "link.png"  # the same file under another name
+    link.symlink_to(photo)
+    with pytest.raises(ImageError, match="the same file as the left view"):
+        pair_dual_pixel(photo, link)
+    with pytest.raises(ImageError, match="the same file as the right view"):
+        pair_dual_pixel(photo, other, other)
+    assert pair_dual_pixel(photo, other)[0].right == other
+    model = save_checkpoint(tmp_path / "dual.safetensors", build_model(KPACConfig(levels=2, channels=8, in_views=2)), {"name": "tiny-dual"})
+    res = CliRunner().invoke(app, ["deblur", "--left", str(photo), "--right", str(photo), "-o", str(tmp_path / "out.png"),
+                                   "--model", str(model)], catch_exceptions=False)
+    assert res.exit_code == 2 and "the same file as the left view" in res.output, res.output
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_centre_image_without_views_is_refused(tmp_path):
+    # extra left or right views are refused; an extra centre image was left out without a word
+    for side in ("L", "R", "C"):
+        _png(tmp_path / side / "a.png", 1)
+    _png(tmp_path / "C" / "b.png", 2)
+    with pytest.raises(ImageError, match="no left and right views for it") as e:
+        pair_dual_pixel(tmp_path / "L", tmp_path / "R", tmp_path / "C")
+    assert str(tmp_path / "C" / "b.png") in str(e.value)
+    (tmp_path / "C" / "b.png").unlink()
+    assert [t.center.name for t in pair_dual_pixel(tmp_path / "L", tmp_path / "R", tmp_path / "C")] == ["a.png"]
+    # one folder holding every view: a centre image marked for a pair that is not there
+    d = tmp_path / "capture"
+    for i, name in enumerate(("005_l.png", "005_r.png", "005_c.png", "007_c.png")):
+        _png(d / name, i)
+    with pytest.raises(ImageError, match="no left and right views for it") as e:
+        pair_dual_pixel(d, d, d)
+    assert "007_c.png" in str(e.value)
+
+
+def test_views_named_as_other_views_are_refused(tmp_path):
+    # --right given the folder of centre images: the names say so
+    _png(tmp_path / "L" / "005_l.png", 1)
+    _png(tmp_path / "C" / "005_c.png", 2)
+    with pytest.raises(ImageError, match="named as a centre view, given as the right one") as e:
+        pair_dual_pixel(tmp_path / "L", tmp_path / "C")
+    assert str(tmp_path / "C" / "005_c.png") in str(e.value) and str(tmp_path / "L" / "005_l.png") in str(e.value)
+    left, right, centre = (_png(tmp_path / f"x_{v}.png", i) for i, v in enumerate("lrc"))
+    assert pair_dual_pixel(left, right, centre)[0].center == centre
+    with pytest.raises(ImageError, match="named as a centre view, given as the left one"):
+        pair_dual_pixel(centre, right)
+    with pytest.raises(ImageError, match="named as a right view, given as the centre one"):
+        pair_dual_pixel(left, _png(tmp_path / "y.png", 3), right)
+    # one marker on every file, or on one only, is part of a plain name
+    assert pair_dual_pixel(_png(tmp_path / "L2" / "car_c.png", 4), _png(tmp_path / "R2" / "car_c.png", 5))[0].name == "car"
+    assert pair_dual_pixel(left, _png(tmp_path / "z.png", 6))[0].left == left

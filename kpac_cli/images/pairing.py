@@ -5,7 +5,10 @@ Views are matched by file *stem* after removing a trailing view marker (``_l``, 
 so ``left/005.png`` pairs with ``right/005.png`` and ``005_left.png`` with ``005_right.png``.
 One folder may hold every view (``005_left.png``, ``005_right.png``, ``005_c.png``): given
 for several views, it yields to each only the files marked for that view. A left file marked
-as a right view whose partner is marked as a left view (the views swapped) is refused.
+as a right view whose partner is marked as a left view (the views swapped) is refused, and so
+is any pair whose names differ by their view markers unless each is marked as the view it is
+given for (``--right`` given a folder of ``_c`` images). One file given as two views, and a
+centre image with no views, are refused as well.
 The DPDD dataset layout (``<root>/<split>_l/source``, ``_r/source``, ``_c/source``) is
 recognised by :func:`dpdd_dual_dirs` and by :func:`pair_dual_pixel` when given the root.
 """
@@ -73,7 +76,7 @@ def _index(folder: Path, view: str | None = None, outputs: tuple[Path, str] | No
     except OSError as exc:
         raise ImageError(folder, f"cannot list folder ({exc.strerror or exc})") from None
     files = [p for p in files if blurmap_kind(p) is None]  # maps a run wrote beside the views are no views
-    if outputs is not None and outputs[1] and _same_folder(folder, outputs[0]):
+    if outputs is not None and outputs[1] and _same_path(folder, outputs[0]):
         files = _without_outputs(files, outputs[1])
     if view is not None:
         files = [p for p in files if _view(p) == view]
@@ -117,13 +120,14 @@ def pair_dual_pixel(
     Returns
     -------
     list of DualPixelTriple
-        Sorted by name. Sizes and bit depths are checked from the headers.
+        Sorted by name. With ``check``, sizes and bit depths are checked from the headers.
 
     Raises
     ------
     ImageError
-        Missing partner, size or bit-depth mismatch, empty folder, views named the other way
-        round; the message names the file(s).
+        Missing partner (a centre image without views included), size or bit-depth mismatch,
+        empty folder, views named the other way round or as other views, one file given as two
+        views; the message names the file(s).
     """
     left = Path(left)
     if right is None:
@@ -142,12 +146,13 @@ def pair_dual_pixel(
         raise ImageError(left, f"dual-pixel views must all be files or all be folders ({left}, {right})")
 
     if not left.is_dir():
+        _refuse_one_file_for_two_views(left, right, center)
         triples = [DualPixelTriple(left, right, center, _name(left))]
     else:
         folders = {"left": left, "right": right, "center": center}
 
         def index(view: str) -> dict[str, Path]:  # a folder given for several views: by marker
-            shared = any(_same_folder(folders[view], f) for v, f in folders.items() if v != view and f is not None)
+            shared = any(_same_path(folders[view], f) for v, f in folders.items() if v != view and f is not None)
             return _index(folders[view], view if shared else None, outputs)
 
         li, ri = index("left"), index("right")
@@ -166,16 +171,46 @@ def pair_dual_pixel(
                     raise ImageError(li[k], f"no centre image for it in {center}")
                 c = ci[k]
             triples.append(DualPixelTriple(li[k], ri[k], c, _name(li[k])))
+        if ci is not None:  # a centre image left out would be a photo silently not deblurred
+            unpaired = sorted(set(ci) - set(li))
+            if unpaired:
+                raise ImageError(ci[unpaired[0]], f"no left and right views for it in {left} and {right}")
     for t in triples:
-        if _view(t.left) == "right" and _view(t.right) == "left":
-            raise ImageError(t.left, f"named as a right view, given as the left one (its partner {t.right} is named as a left view): the views are swapped")
+        _check_markers(t)
     if check:  # with check=False, read_dual_pixel checks each pair, so a bad pair fails alone
         for t in triples:
             _check_partners(t)
     return triples
 
 
-def _same_folder(a: Path, b: Path) -> bool:
+def _refuse_one_file_for_two_views(left: Path, right: Path, center: Path | None) -> None:
+    """One file given as two views would be deblurred without a word as a pair with no disparity."""
+    if _same_path(left, right):
+        raise ImageError(right, f"the same file as the left view {left}: a dual-pixel pair is two views")
+    if center is not None:
+        for view, path in (("left", left), ("right", right)):
+            if _same_path(center, path):
+                raise ImageError(center, f"the same file as the {view} view {path}: the centre image is the combined photo")
+
+
+def _check_markers(t: DualPixelTriple) -> None:
+    """Refuse a pair whose names differ by their view markers unless each file is marked as the
+    view it is given for (names that carry the same marker are plain names: ``car_r.png``)."""
+    given = {"left": t.left, "right": t.right, "center": t.center}
+    marked = {slot: _view(path) for slot, path in given.items() if path is not None}
+    if len({m for m in marked.values() if m is not None}) < 2:
+        return
+    if marked["left"] == "right" and marked["right"] == "left":
+        raise ImageError(t.left, f"named as a right view, given as the left one (its partner {t.right} is named as a left view): the views are swapped")
+    said = {"left": "left", "right": "right", "center": "centre"}
+    for slot, mark in marked.items():
+        if mark is not None and mark != slot:
+            others = ", ".join(f"{given[s]} as the {said[s]} view" for s in marked if s != slot)
+            raise ImageError(given[slot], f"named as a {said[mark]} view, given as the {said[slot]} one (with {others})")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file or folder (a link, another spelling)."""
     try:
         return a.samefile(b)
     except OSError:
