@@ -85,7 +85,7 @@ def deblur(
     strength: float = typer.Option(1.0, "--strength", help="How much of the model's correction to apply: 1 = full (default), 0 = the input unchanged; lower tempers over-sharpening."),
     ensemble: int = typer.Option(1, "--ensemble", help="Self-ensemble: average the model over 1, 2, 4 or 8 flips/transposes of each photo; N times slower, slightly better on average (see the model card). Dual-pixel models: at most 4 (flips)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the network, all tiles one shape; pays on GPUs over many same-sized photos (on the CPU the default path is faster). Compile time is reported."),
-    fmt: Optional[str] = typer.Option(None, "--format", "--ext", help="Output format: png, tiff or jpeg (default: the input's; RAW -> 16-bit tiff; HEIC -> jpeg, or 16-bit png for a 10/12-bit or transparent one)."),
+    fmt: Optional[str] = typer.Option(None, "--format", "--ext", help="Output format: png, tiff or jpeg (default: the input's; RAW -> 16-bit tiff; HEIC -> jpeg, or png for a transparent one, 16-bit for 10/12 bits)."),
     bit_depth: Optional[int] = typer.Option(None, "--bit-depth", help="8 or 16 (default: the input's; JPEG is always 8); 32 = float32 TIFF of the unclipped network output."),
     suffix: str = typer.Option("", "--suffix", help="Added to output file names, e.g. _sharp."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),

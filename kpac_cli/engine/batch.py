@@ -140,8 +140,9 @@ def _output_format(source: Path | bytes, options: OutputOptions) -> str:
     Inputs in a format kpac does not write take the one that keeps what they hold: camera RAW
     16-bit TIFF (its development); HEIC/HEIF an 8-bit photo without alpha (an iPhone's) JPEG at
     --jpeg-quality, as the phone's "Most Compatible" setting would have taken it, and a 10/12-bit
-    or transparent one 16-bit PNG, which keeps its depth, its alpha and all of its EXIF (TIFF
-    outputs keep only the descriptive tags), as is an 8-bit one with ``--bit-depth 16``. Told by
+    or transparent one PNG (16-bit for 10/12 bits), which keeps its depth, its alpha and all of
+    its EXIF (TIFF outputs keep only the descriptive tags), as is an 8-bit one with
+    ``--bit-depth 16``. Told by
     the HEIF's header (:func:`~kpac_cli.images.io.default_format`); a HEIF that cannot be probed
     fails when read.
     """
