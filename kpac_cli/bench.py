@@ -59,6 +59,11 @@ EFFICIENCY_NOTE = (
     "and through round-to-round noise (see efficiency_per_round)"
 )
 
+#: Relative range of the per-round efficiencies, (max - min) / median, above which the report
+#: warns that the machine was busy: the interleaving keeps the median fair, but rounds that far
+#: apart mean other work competed for the cores.
+NOISY_SPREAD = 0.2
+
 Runner = Callable[[], object]
 
 
@@ -329,6 +334,14 @@ def engine_backend(device: torch.device | str) -> str:
     return "fast" if torch.device(device).type == "cpu" else "channels_last"
 
 
+def engine_precision(device: torch.device | str) -> str:
+    """The precision ``kpac deblur`` runs in on ``device`` by default (``--precision auto``)."""
+    from .engine import resolve_precision
+
+    dtype = resolve_precision("auto", torch.device(device))
+    return next(name for name, d in _DTYPES.items() if d == dtype)
+
+
 def headline_backend(measured: Sequence[str], device: torch.device | str) -> str:
     """The backend whose efficiency is the headline: the engine's path when it was measured,
     else the first one measured (the report then says the engine's path was not)."""
@@ -472,6 +485,51 @@ def recommend_tile(rows: Sequence[Mapping[str, Any]], tolerance: float = 0.05) -
     return min(ok, key=size)
 
 
+# --- memory and noise ------------------------------------------------------------------------
+def whole_image_bytes(configs: Sequence[KPACConfig], height: int, width: int) -> int:
+    """Peak activation bytes of one fp32 pass of the widest of ``configs`` on the whole
+    ``height x width`` image, as the engine plans a tile's: the efficiency and throughput runs
+    (and a ``whole`` tile-sweep row) are never tiled."""
+    from .engine.deblurrer import _BYTES_PER_PIXEL_PER_CHANNEL
+
+    def padded(n: int, stride: int) -> int:
+        return -(-n // stride) * stride
+
+    return max(_BYTES_PER_PIXEL_PER_CHANNEL * c.channels * padded(height, c.stride) * padded(width, c.stride)
+               for c in configs)
+
+
+def memory_problem(configs: Sequence[KPACConfig], height: int, width: int, device: torch.device | str) -> str | None:
+    """Why the untiled runs of a ``height x width`` image do not fit the memory free on
+    ``device`` now, or None when they do (past it the OS kills the process or swaps for minutes)."""
+    from .engine.device import available_memory
+
+    dev = torch.device(device)
+    need, free = whole_image_bytes(configs, height, width), available_memory(dev)
+    if need <= free:
+        return None
+    return (f"measuring {width}x{height} runs the whole image untiled, which needs about {need / 2**30:.1f} GiB; "
+            f"{free / 2**30:.1f} GiB is free on {dev}: use a smaller size (kpac deblur tiles large photos)")
+
+
+def relative_spread(values: Sequence[float]) -> float | None:
+    """(max - min) / median of per-round values; None for fewer than 2 rounds."""
+    if len(values) < 2:
+        return None
+    return (max(values) - min(values)) / median(values)
+
+
+def noise_warnings(per_round: Sequence[float], loadavg: Sequence[float] | None, cpu_count: int | None) -> list[str]:
+    """What the report must say when its rounds scattered too much to be an idle machine's figures."""
+    spread = relative_spread(per_round)
+    if spread is None or spread <= NOISY_SPREAD:
+        return []
+    load = f"; load average {loadavg[0]:.1f} on {cpu_count} CPUs at the start" if loadavg and cpu_count else ""
+    return [f"the efficiency's rounds spread by {spread:.0%} of their median (more than {NOISY_SPREAD:.0%}){load}: "
+            "other work was competing for the machine, so the figures are not an idle machine's; "
+            "rerun on an idle machine or with more rounds"]
+
+
 # --- everything, for `kpac bench` ---------------------------------------------------------------
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     dev = torch.device(device)
@@ -519,12 +577,20 @@ def run_benchmark(
     backend's is under ``backends``.
 
     The efficiency is measured over ``rounds`` rounds; the config throughput and the tile sweep,
-    which have more candidates, over ``max(2, rounds // 2)`` each (``report["rounds"]``).
+    which have more candidates, over ``max(2, rounds // 2)`` each (``report["rounds"]``), the
+    tile sweep in the precision ``kpac deblur`` runs on the device by default (``tiles_precision``).
+    ``warnings`` says when the efficiency's rounds scattered past :data:`NOISY_SPREAD`.
+
+    Raises MemoryError, before measuring, when the untiled runs would not fit the free memory.
     """
     from .engine import resolve_device
 
     say = progress or (lambda msg: None)
     dev = resolve_device(device)
+    model = random_model(PAPER_CONFIGS["single_3level"])
+    problem = memory_problem([model.config, *(PAPER_CONFIGS if configs is None else configs).values()], height, width, dev)
+    if problem is not None:  # refused before minutes of work, not killed by the OS midway
+        raise MemoryError(problem)
     sweep_rounds = max(2, rounds // 2)  # the configs and tiles: many candidates, fewer rounds each
     report: dict[str, Any] = {
         "machine": machine_info(dev),
@@ -534,7 +600,6 @@ def run_benchmark(
     }
 
     say("efficiency (3-level model vs the dense-conv ceiling)")
-    model = random_model(PAPER_CONFIGS["single_3level"])
     eff = measure_efficiency(model, height, width, backends, dev, rounds, warmup)
     headline = headline_backend(list(eff), dev)
     main = eff[headline]
@@ -542,7 +607,11 @@ def run_benchmark(
     report["efficiency_backend"] = headline
     report["engine_backend"] = engine_backend(dev)
     report["engine_backend_measured"] = report["engine_backend"] in eff
+    report["engine_precision"] = engine_precision(dev)
+    report["efficiency_precision"] = "fp32"  # the model's and the ceiling's
     report["efficiency_per_round"] = [round(v, 4) for v in main.per_round]
+    spread = relative_spread(main.per_round)
+    report["efficiency_spread"] = None if spread is None else round(spread, 4)
     report["efficiency_note"] = EFFICIENCY_NOTE
     report["ceiling"] = {
         "gflops_per_s": round(main.ceiling_gflops_per_s, 1),
@@ -560,8 +629,11 @@ def run_benchmark(
     report["configs"] = config_throughput(configs, height, width, dev, None, backends[0], sweep_rounds, warmup)
 
     say("tile sweep (3-level model, engine path)")
-    sweep = tile_sweep(model, height, width, tiles, str(dev), "fp32", sweep_rounds, warmup)
+    # in the precision kpac deblur runs there by default: the tile recommended is for it
+    sweep = tile_sweep(model, height, width, tiles, str(dev), report["engine_precision"], sweep_rounds, warmup)
     report["tiles"] = sweep
+    report["tiles_precision"] = report["engine_precision"]
     report["recommended_tile"] = recommend_tile(sweep)
     report["machine"]["loadavg_after"] = _loadavg()
+    report["warnings"] = noise_warnings(main.per_round, report["machine"]["loadavg"], report["machine"]["cpu_count"])
     return report

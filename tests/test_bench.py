@@ -28,6 +28,7 @@ def _full_report(recommended: str) -> dict:
         "ceiling": {"gflops_per_s": 100.0, "backend": "torch_nchw", "by_backend": {"torch_nchw": 100.0}},
         "model_flops": 10**9, "backends": {"eager": {"seconds": 0.1, "gflops_per_s": 10.0, "efficiency": 0.1}},
         "efficiency": 0.1, "efficiency_backend": "eager", "efficiency_note": core.EFFICIENCY_NOTE,
+        "efficiency_per_round": [0.1, 0.1], "efficiency_spread": 0.0, "efficiency_precision": "fp32", "warnings": [],
         "configs": [{"config": "single_2level", "precision": "fp32", "seconds": 0.1, "megapixels_per_s": 0.02}],
         "tiles": [{"tile": "whole", "effective_tile": None, "seconds": 0.1, "megapixels_per_s": 0.02},
                   {"tile": "256", "effective_tile": 256, "seconds": 0.1, "megapixels_per_s": 0.02}],
@@ -126,6 +127,7 @@ def test_auto_backends_start_with_the_path_kpac_deblur_runs_there(monkeypatch, d
 
     seen = []
     monkeypatch.setattr(engine, "resolve_device", lambda name: torch.device(device))
+    monkeypatch.setattr(core, "memory_problem", lambda *a: None)  # no GPU here to ask
     monkeypatch.setattr(core, "run_benchmark", lambda *a, **k: seen.append(a[7]) or _minimal_report())
     args = [a if a != "cpu" else device for a in QUICK]
     res = CliRunner().invoke(app, ["bench", *args, "--json", "-q"])
@@ -219,3 +221,94 @@ def test_engine_backend_is_what_the_deblurrer_runs(device, engine):
 
         d = Deblurrer(core.random_model(KPACConfig(levels=2, channels=8)), EngineOptions(device="cpu"))
         assert isinstance(d.network, FastKPACNet)
+
+
+def test_a_size_past_the_free_memory_is_one_usage_error_before_measuring(monkeypatch):
+    # the efficiency and throughput runs are untiled: past the free memory the OS kills the
+    # process (or it swaps for minutes), so the size is refused up front
+    import kpac_cli.engine.device as device
+
+    monkeypatch.setattr(device, "available_memory", lambda dev: 4 * 2**30)
+    _stub_measurements(monkeypatch, {"fast": 0.5})  # nothing of that size is ever allocated here
+    with pytest.raises(MemoryError, match="needs about"):  # the API refuses it too, before measuring
+        core.run_benchmark(4000, 6000, "cpu", 1, 0, [None], None, ["fast"])
+    ran = []
+    monkeypatch.setattr(core, "run_benchmark", lambda *a, **k: ran.append(a) or _minimal_report())
+    res = CliRunner().invoke(app, ["bench", *QUICK, "--size", "6000x4000", "-q"])
+    assert res.exit_code == 2, res.output
+    assert ran == []
+    need = core.whole_image_bytes([KPACConfig()], 4000, 6000) / 2**30
+    assert res.output.strip() == (f"error: --size: measuring 6000x4000 runs the whole image untiled, which needs about "
+                                  f"{need:.1f} GiB; 4.0 GiB is free on cpu: use a smaller size (kpac deblur tiles large photos)")
+    res = CliRunner().invoke(app, ["bench", *QUICK, "--size", "1280x720", "--json", "-q"])  # ~1 GiB: fits
+    assert res.exit_code == 0, res.output
+    assert len(ran) == 1
+
+
+def test_whole_image_bytes_are_what_the_engine_plans_for_the_widest_config():
+    from kpac_cli.engine import Deblurrer, EngineOptions
+
+    narrow, wide = KPACConfig(levels=2, channels=8), KPACConfig(levels=2, channels=16)
+    per_pixel = Deblurrer(core.random_model(wide), EngineOptions(device="cpu")).bytes_per_pixel()
+    # 100 x 30 padded to the stride (4): 100 x 32
+    assert core.whole_image_bytes([narrow, wide], 100, 30) == per_pixel * 100 * 32
+
+
+def _stub_rounds(monkeypatch, per_round: list[float]) -> None:
+    """run_benchmark whose efficiency rounds came out as ``per_round``."""
+    _stub_measurements(monkeypatch, {})
+
+    def efficiency(model, height, width, backends, device, rounds, warmup, *a, **k):
+        e = core.EfficiencyReport(core.median(per_round), 1.0, 1.0, 2.0, "torch_nchw", {"torch_nchw": 2.0}, 10,
+                                  len(per_round), per_round)
+        return {b: e for b in backends}
+
+    monkeypatch.setattr(core, "measure_efficiency", efficiency)
+
+
+def test_rounds_that_scatter_are_reported_as_a_busy_machine(monkeypatch):
+    _stub_rounds(monkeypatch, [0.5, 0.8, 0.45])
+    monkeypatch.setattr(core, "_loadavg", lambda: [3.5, 2.0, 1.0])
+    report = core.run_benchmark(32, 32, "cpu", 3, 0, [None], None, ["fast"])
+    assert report["efficiency_spread"] == pytest.approx(0.7)  # (0.8 - 0.45) / 0.5
+    [warning] = report["warnings"]
+    assert warning.startswith(f"the efficiency's rounds spread by 70% of their median (more than 20%); "
+                              f"load average 3.5 on {report['machine']['cpu_count']} CPUs at the start")
+    res = CliRunner().invoke(app, ["bench", *QUICK, "--backends", "fast", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "the median of 3 rounds, which spread by 70% of it" in res.stdout
+    assert "warning: the efficiency's rounds spread by 70%" in res.stdout
+    assert json.loads(CliRunner().invoke(app, ["bench", *QUICK, "--backends", "fast", "--json", "-q"]).stdout)["warnings"]
+
+
+def test_rounds_that_agree_carry_no_warning(monkeypatch):
+    _stub_rounds(monkeypatch, [0.50, 0.52, 0.49])
+    report = core.run_benchmark(32, 32, "cpu", 3, 0, [None], None, ["fast"])
+    assert report["warnings"] == [] and report["efficiency_spread"] == pytest.approx(0.06)
+    _stub_rounds(monkeypatch, [0.5])
+    report = core.run_benchmark(32, 32, "cpu", 1, 0, [None], None, ["fast"])
+    assert report["warnings"] == [] and report["efficiency_spread"] is None
+    res = CliRunner().invoke(app, ["bench", *QUICK, "--backends", "fast", "-q"])
+    assert "the median of 1 round (no spread with one round)" in res.stdout and "warning" not in res.stdout
+
+
+def test_tile_sweep_runs_in_the_precision_kpac_deblur_runs_on_the_device(monkeypatch):
+    # on CUDA kpac deblur runs fp16 by default: an fp32 sweep would recommend a tile for a run it never makes
+    import kpac_cli.engine as engine
+
+    _stub_measurements(monkeypatch, {"channels_last": 0.5})
+    swept = []
+    monkeypatch.setattr(core, "tile_sweep", lambda model, h, w, tiles, device, precision, *a: swept.append(precision) or
+                        [{"tile": "whole", "effective_tile": None, "seconds": 1.0, "megapixels_per_s": 1.0}])
+    monkeypatch.setattr(engine, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(core, "memory_problem", lambda *a: None)  # no GPU here to ask
+    monkeypatch.setattr(core, "machine_info", lambda dev: {"device": "cuda", "gpu": "test GPU", "threads": 1,
+                                                           "torch": torch.__version__, "loadavg": None, "cpu_count": 2})
+    report = core.run_benchmark(32, 32, "cuda", 1, 0, [None], None, ["channels_last"])
+    assert swept == ["fp16"] and report["tiles_precision"] == report["engine_precision"] == "fp16"
+    assert report["efficiency_precision"] == "fp32"
+    from kpac_cli.cli.bench import _headline_text
+
+    assert _headline_text(report) == ("channels_last: kpac deblur's path on cuda, which it runs in fp16 by default "
+                                      "(see the throughput table)")
+    assert core.engine_precision("cpu") == "fp32"

@@ -84,6 +84,8 @@ def bench(
     The ceiling is a dense 3x3 conv (96 -> 96 channels, 360x640), the best of PyTorch NCHW, channels_last and onnxruntime; efficiency = model GFLOP/s / ceiling GFLOP/s, FLOPs counted analytically (kpac_cli.model.flops). The headline efficiency is that of the path kpac deblur runs on the device (fast on the CPU, channels_last on a GPU); the other backends are listed as comparisons. Candidates run interleaved and every ratio is a median over rounds, so a busy machine slows both sides alike.
 
     The ceiling is a reference rate, not a hardware bound: efficiency can exceed 1 when the model's layers run faster than the reference conv (5x5 kernels on maps that stay in cache, above all at a small --size), and through round-to-round noise (--json gives efficiency_per_round and efficiency_note). It is reported as measured, never clipped.
+
+    The efficiency and throughput run the whole image untiled: a --size whose run does not fit the free memory is refused. Efficiency rounds that spread by more than 20% of their median end the report with a warning (and --json's warnings): other work was competing for the machine. The tile sweep runs in the precision kpac deblur uses on the device by default (fp16 on CUDA).
     """
     import torch
 
@@ -140,6 +142,10 @@ def bench(
         if bad:
             raise usage_error(f"unknown config(s) {', '.join(bad)}: use {', '.join(PAPER_CONFIGS)}")
         config_map = {c: PAPER_CONFIGS[c] for c in names}
+    # the untiled runs of a size past the free memory get the process killed (or swapping) midway
+    problem = core.memory_problem([PAPER_CONFIGS["single_3level"], *config_map.values()], height, width, dev)
+    if problem is not None:
+        raise usage_error(f"--size: {problem}")
     stage = ["setup"]  # what is being measured, for an error message
 
     def say(msg: str) -> None:
@@ -189,6 +195,7 @@ def _print_report(r: dict) -> None:
         t.add_row(b, f"{e['seconds']:.3f}", f"{e['gflops_per_s']:.0f}", f"{e['efficiency']:.2f}")
     con.print(t)
     con.print(f"[bold]efficiency {r['efficiency']:.2f}[/] ({_headline_text(r)})", soft_wrap=True)
+    con.print(_rounds_text(r), soft_wrap=True)
     if r["efficiency"] > 1:  # as measured; say what it means rather than clip it
         con.print(f"[dim]note: efficiency above 1: {r['efficiency_note']}[/]", soft_wrap=True)
     backend = r["configs"][0].get("backend") if r["configs"] else None  # the table's rows are of one backend
@@ -198,7 +205,7 @@ def _print_report(r: dict) -> None:
     for row in r["configs"]:
         t.add_row(row["config"], row["precision"], f"{row['seconds']:.3f}", f"{row['megapixels_per_s']:.2f}")
     con.print(t)
-    t = Table(title="tile sweep (engine, 3-level, fp32)")
+    t = Table(title=f"tile sweep (engine, 3-level, {r.get('tiles_precision', 'fp32')})")
     for col in ("tile", "seconds", "MP/s"):
         t.add_column(col)
     notes = []
@@ -212,14 +219,29 @@ def _print_report(r: dict) -> None:
         con.print(f"[dim]note: {note}[/]", soft_wrap=True)
     con.print(f"recommended tile: [bold]{r['recommended_tile']}[/] (kpac deblur {r['recommended_tile_option']}): "
               "the smallest that ran within 5% of the fastest")
+    for warning in r.get("warnings", []):  # in the report itself: a pasted report carries it
+        con.print(f"[yellow]warning: {warning}[/]", soft_wrap=True)
 
 
 def _headline_text(r: dict) -> str:
     """Whose efficiency the headline is: kpac deblur's path, or (not measured) the first backend's."""
     backend, engine, device = r["efficiency_backend"], r.get("engine_backend"), r["machine"]["device"]
+    measured, runs = r.get("efficiency_precision", "fp32"), r.get("engine_precision", "fp32")
     if engine is None or backend == engine:
+        if measured != runs:  # a GPU: kpac deblur's default there is half precision
+            return f"{backend}: kpac deblur's path on {device}, which it runs in {runs} by default (see the throughput table)"
         return f"{backend}: what kpac deblur runs on {device}"
     return f"{backend}; kpac deblur runs {engine} on {device}, not measured: add it to --backends"
+
+
+def _rounds_text(r: dict) -> str:
+    """The headline's precision and how many rounds its median is of, with their spread."""
+    rounds = len(r["efficiency_per_round"])
+    spread = r.get("efficiency_spread")
+    text = f"  in {r.get('efficiency_precision', 'fp32')}, the median of {rounds} round{'s' if rounds != 1 else ''}"
+    if spread is None:
+        return text + " (no spread with one round)"
+    return text + f", which spread by {spread:.0%} of it"
 
 
 def deblur_tile_option(tile: str) -> str:
