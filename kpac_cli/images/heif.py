@@ -121,7 +121,7 @@ def _file_head(path: str) -> bytes:
 def ftyp_brands(head: bytes) -> frozenset[bytes]:
     """The major and compatible brands of the ``ftyp`` box that ``head`` (a file's first bytes)
     starts with; none where it starts with no such box."""
-    if len(head) < 16 or head[4:8] != b"ftyp":
+    if len(head) < 12 or head[4:8] != b"ftyp":
         return frozenset()
     end = min(int.from_bytes(head[:4], "big"), len(head))
     compatible = (head[at : at + 4] for at in range(16, end - 3, 4))  # after the major brand and minor version

@@ -266,8 +266,7 @@ def _iso_media_kind(head: bytes) -> str:
     """What ISO base media content (an ``ftyp`` box first; Canon CR3 is taken before) is, told by
     its brands: 'avif', 'heif' or 'video' (the ``ftyp`` box of an MP4 or MOV video looks the
     same as a photo's). AVIF files name HEIF's brands too, so AVIF's are looked for first."""
-    box_end = min(int.from_bytes(head[:4], "big"), len(head))
-    brands = {head[8:12]} | {head[i : i + 4] for i in range(16, box_end - 3, 4)}
+    brands = heif_mod.ftyp_brands(head)
     if brands & _AVIF_BRANDS:
         return "avif"
     if brands & _HEIF_BRANDS:

@@ -14,7 +14,7 @@ import numpy as np
 from .. import __version__
 from .render import SynthSettings, synthesize
 from .scenes import resize_scene
-from .sources import Source
+from .sources import Source, file_sha256
 
 __all__ = ["write_dataset", "dataset_dirs", "draw_order", "existing_files", "left_incomplete", "is_dataset_folder",
            "repeated_samples", "DatasetExistsError"]
@@ -179,16 +179,6 @@ def draw_order(sources: Sequence[Source]) -> list[Source]:
     return sorted(sources, key=lambda s: (s.sort_key or s.name, s.name))
 
 
-def _file_sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _source_record(src: Source, size: tuple[int, ...] | None) -> dict[str, Any]:
     """What the manifest says of a source, so that the dataset can be regenerated and checked:
     its name, ``file`` or where kpac made it (``skimage:NAME``, ``procedural:INDEX``), and for
@@ -199,7 +189,7 @@ def _source_record(src: Source, size: tuple[int, ...] | None) -> dict[str, Any]:
     if size is not None:
         record["size"] = [int(size[0]), int(size[1])]
         if not generated:
-            record["sha256"] = _file_sha256(src.origin)
+            record["sha256"] = file_sha256(src.origin)
     return record
 
 

@@ -13,12 +13,24 @@ import numpy as np
 from .render import as_float_rgb
 from .scenes import dead_leaves
 
-__all__ = ["Source", "sharp_sources", "read_rgb", "SKIMAGE_PHOTOS"]
+__all__ = ["Source", "file_sha256", "sharp_sources", "read_rgb", "SKIMAGE_PHOTOS"]
 
 # Natural photographs bundled with scikit-image (no download needed). Grey ones are
 # replicated to RGB: they add texture variety (grass, gravel, brick) rather than colour.
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle",
                   "camera", "coins", "grass", "gravel", "brick")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in 1 MiB blocks: how datasets record their
+    sources (``kpac synth``'s manifest, a training run's data record). Raises OSError."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -548,16 +548,14 @@ def _file_size(origin: str) -> int | None:
 def _file_digest(origin: str) -> str | None:
     """The SHA-256 of a source file's bytes (hex); None for what is no file or cannot be read
     (reading it for training then says why)."""
+    from ..synth.sources import file_sha256
+
     if not os.path.isfile(origin):
         return None
-    digest = hashlib.sha256()
     try:
-        with open(origin, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        return file_sha256(origin)
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 def _file_digests(origins: Sequence[Sequence[str]]) -> list[list[str | None]]:

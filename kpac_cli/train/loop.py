@@ -639,8 +639,8 @@ def resumed_config(cfg: TrainConfig, checkpoint: dict[str, Any]) -> TrainConfig:
     resume may lower). Raises ValueError, naming the flag, for what would make the run other than
     its checkpoint says: other scenes, validation renders larger than them, fewer iterations than done."""
     saved = checkpoint.get("train_config")
-    if cfg.procedural and saved:
-        started = TrainConfig.from_dict(saved)
+    started = TrainConfig.from_dict(saved) if saved else None
+    if cfg.procedural and started is not None:
         drawn_for = started.val_crop if started.scenes_val_crop is None else started.scenes_val_crop
         if started.procedural and cfg.scenes_val_crop is None and cfg.val_crop != drawn_for:
             cfg = cfg.replace(scenes_val_crop=drawn_for)
@@ -655,8 +655,8 @@ def resumed_config(cfg: TrainConfig, checkpoint: dict[str, Any]) -> TrainConfig:
             # a validation render larger than the scenes would be padded with their mirror image
             raise ValueError(f"--val-crop {cfg.val_crop}: this run's procedural scenes are drawn for crops up to "
                              f"{procedural_scene_crop(cfg)} px; give at most that")
-    if saved:
-        _check_held_out_pairs_stay(cfg, TrainConfig.from_dict(saved), checkpoint.get("data_record"))
+    if started is not None:
+        _check_held_out_pairs_stay(cfg, started, checkpoint.get("data_record"))
     done = int(checkpoint.get("step", 0))
     if cfg.total_iterations < done:
         raise ValueError(f"--iterations {cfg.total_iterations}: the run has done {_iterations(done)} already; "
